@@ -1,0 +1,372 @@
+//! The session protocol's messages. Field numbers are the wire contract (see `docs/PROTOCOL.md`).
+//!
+//! Frames that carry a number or a payload have a hand-written `Debug` that prints neither, so a
+//! frame that ends up in a log line cannot leak one.
+
+use bytes::Bytes;
+
+/// One frame of the session protocol.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    #[prost(oneof = "Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30")]
+    pub kind: Option<Kind>,
+}
+
+/// What a frame carries.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Kind {
+    #[prost(message, tag = "1")]
+    Login(Login),
+    #[prost(message, tag = "2")]
+    Ping(Ping),
+    #[prost(message, tag = "3")]
+    Send(Send),
+    #[prost(message, tag = "4")]
+    Ack(Ack),
+    #[prost(message, tag = "5")]
+    ReceiptAck(ReceiptAck),
+    #[prost(message, tag = "6")]
+    Lookup(Lookup),
+    #[prost(message, tag = "7")]
+    Devices(DevicesRequest),
+    #[prost(message, tag = "8")]
+    Disable(Disable),
+    #[prost(message, tag = "20")]
+    LoginResult(LoginResult),
+    #[prost(message, tag = "21")]
+    Pong(Pong),
+    #[prost(message, tag = "22")]
+    SendResult(SendResult),
+    #[prost(message, tag = "23")]
+    Deliver(Deliver),
+    #[prost(message, tag = "24")]
+    AckResult(AckResult),
+    #[prost(message, tag = "25")]
+    Receipt(Receipt),
+    #[prost(message, tag = "26")]
+    LookupResult(LookupResult),
+    #[prost(message, tag = "27")]
+    DeviceList(DeviceList),
+    #[prost(message, tag = "28")]
+    DisableResult(DisableResult),
+    #[prost(message, tag = "29")]
+    SignedOut(SignedOut),
+    #[prost(message, tag = "30")]
+    Error(Error),
+}
+
+impl From<Kind> for Frame {
+    fn from(kind: Kind) -> Self {
+        Frame { kind: Some(kind) }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Login {
+    #[prost(bytes = "vec", tag = "1")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub listen: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LoginResult {
+    #[prost(uint64, tag = "1")]
+    pub server_time_ms: u64,
+    #[prost(uint32, tag = "2")]
+    pub heartbeat_seconds: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ping {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Pong {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum SendMode {
+    Queue = 0,
+    NowOrNever = 1,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Send {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub to: String,
+    #[prost(enumeration = "SendMode", tag = "3")]
+    pub mode: i32,
+    #[prost(uint32, tag = "4")]
+    pub ttl_seconds: u32,
+    #[prost(bytes = "bytes", tag = "5")]
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Send {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Send")
+            .field("mode", &self.mode)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum SendOutcome {
+    Accepted = 0,
+    Queued = 1,
+    RefusedNotReachable = 2,
+    NotAUser = 3,
+    RefusedQueueFull = 4,
+    RateLimited = 5,
+    Invalid = 6,
+}
+
+impl SendOutcome {
+    /// The name used in `--json` output, logs-free metrics labels and docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendOutcome::Accepted => "accepted",
+            SendOutcome::Queued => "queued",
+            SendOutcome::RefusedNotReachable => "refused_not_reachable",
+            SendOutcome::NotAUser => "not_a_user",
+            SendOutcome::RefusedQueueFull => "refused_queue_full",
+            SendOutcome::RateLimited => "rate_limited",
+            SendOutcome::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendResult {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    #[prost(enumeration = "SendOutcome", tag = "2")]
+    pub outcome: i32,
+    #[prost(string, tag = "3")]
+    pub detail: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Deliver {
+    #[prost(bytes = "vec", tag = "1")]
+    pub sender_device: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub id: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub sent_at_ms: u64,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Deliver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliver")
+            .field("sent_at_ms", &self.sent_at_ms)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(bytes = "vec", tag = "1")]
+    pub sender_device: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub id: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum AckStatus {
+    Confirmed = 0,
+    Unknown = 1,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AckResult {
+    #[prost(bytes = "vec", tag = "1")]
+    pub sender_device: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub id: Vec<u8>,
+    #[prost(enumeration = "AckStatus", tag = "3")]
+    pub status: i32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ReceiptKind {
+    Delivered = 0,
+    Expired = 1,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Receipt {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    #[prost(enumeration = "ReceiptKind", tag = "2")]
+    pub kind: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReceiptAck {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Presence {
+    NotAUser = 0,
+    Offline = 1,
+    Online = 2,
+}
+
+impl Presence {
+    /// The name used in `--json` output and docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Presence::NotAUser => "not_a_user",
+            Presence::Offline => "offline",
+            Presence::Online => "online",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Lookup {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, repeated, tag = "2")]
+    pub numbers: Vec<String>,
+}
+
+impl std::fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lookup")
+            .field("request_id", &self.request_id)
+            .field("count", &self.numbers.len())
+            .finish()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct LookupEntry {
+    #[prost(string, tag = "1")]
+    pub number: String,
+    #[prost(enumeration = "Presence", tag = "2")]
+    pub presence: i32,
+}
+
+impl std::fmt::Debug for LookupEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LookupEntry").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LookupResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub entries: Vec<LookupEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct DevicesRequest {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub number: String,
+}
+
+impl std::fmt::Debug for DevicesRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicesRequest")
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceList {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub device_ids: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Disable {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DisableResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignedOut {
+    #[prost(string, tag = "1")]
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Protocol = 0,
+    AuthFailed = 1,
+    RateLimited = 2,
+    InvalidRequest = 3,
+    Unavailable = 4,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Error {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(bool, tag = "3")]
+    pub fatal: bool,
+    #[prost(uint64, tag = "4")]
+    pub request_id: u64,
+}
+
+/// The client-side content of a message payload. The server never decodes it.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Content {
+    #[prost(string, tag = "1")]
+    pub from: String,
+    #[prost(string, tag = "2")]
+    pub text: String,
+    #[prost(uint64, tag = "3")]
+    pub sent_at_ms: u64,
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Content").field("sent_at_ms", &self.sent_at_ms).finish_non_exhaustive()
+    }
+}

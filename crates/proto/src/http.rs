@@ -1,0 +1,91 @@
+//! JSON bodies of the registration API. Unknown fields are ignored on purpose: a client that
+//! sends a stray field (say, an IMEI) gets its request served and the field dropped, never stored.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/registration/code`
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeRequest {
+    /// The phone number to verify, in international form.
+    pub number: String,
+}
+
+/// Answer to a code request that sent a code.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeSent {
+    /// Seconds the code stays valid.
+    pub expires_in: u64,
+}
+
+/// `POST /v1/registration/verify`
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyRequest {
+    /// The number the code was sent to.
+    pub number: String,
+    /// The 6-digit code from the SMS.
+    pub code: String,
+    /// The device's Ed25519 public key, 32 bytes, base64url.
+    pub device_key: String,
+    /// Ed25519 signature over the register transcript, 64 bytes, base64url.
+    pub signature: String,
+}
+
+/// Answer to a successful verification.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Verified {
+    /// The new device's id, 16 bytes, base64url.
+    pub device_id: String,
+    /// How many earlier devices of this number were signed out and deleted.
+    pub replaced_devices: u32,
+}
+
+/// Every error answer of the HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// A stable, machine-readable code such as `invalid_number` or `wrong_code`.
+    pub error: String,
+    /// What went wrong and what to do next, for a person.
+    pub message: String,
+    /// Seconds to wait before trying again, for `rate_limited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// Attempts left for this code, for `wrong_code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts_left: Option<u32>,
+}
+
+/// `GET /v1/health`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the server answers.
+    pub status: String,
+    /// The server's version.
+    pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stray_fields_are_dropped() {
+        let body = r#"{"number":"+4915112345678","imei":"356938035643809"}"#;
+        let parsed: CodeRequest = serde_json::from_str(body).expect("stray field is ignored");
+        let again = serde_json::to_string(&parsed).expect("serialises");
+        assert!(!again.contains("356938035643809"));
+    }
+}
+
+// Hand-written so that a number or code in a request can never reach a log through `{:?}`.
+impl std::fmt::Debug for CodeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeRequest").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for VerifyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest").finish_non_exhaustive()
+    }
+}

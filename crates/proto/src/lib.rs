@@ -1,0 +1,30 @@
+//! The Tidings wire protocol, as types. `docs/PROTOCOL.md` is the prose version of this crate.
+//!
+//! # Layout
+//! - [`frame`]: the session protocol's protobuf messages (`Frame` and everything inside it);
+//! - [`codec`]: turning bytes into frames and frames into bytes (length prefix, size bound);
+//! - [`http`]: the JSON bodies of the registration API;
+//! - [`transcript`]: the exact byte strings a device signs, shared by client and server;
+//! - [`number`]: parsing and normalising phone numbers to E.164;
+//! - [`id`]: fixed-size identifiers and their base64url text form.
+//!
+//! This crate performs no I/O and keeps no state. It must never grow a field for a hardware
+//! identifier (IMEI, IMSI, serial, MAC): unknown fields are dropped on decode, never kept.
+
+pub mod codec;
+pub mod frame;
+pub mod http;
+pub mod id;
+pub mod number;
+pub mod transcript;
+
+/// Largest message payload a client may send, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Largest encoded frame either side accepts: the payload plus room for headers.
+pub const MAX_FRAME_BYTES: usize = 80 * 1024;
+/// Largest number of numbers in one `Lookup`.
+pub const MAX_LOOKUP_NUMBERS: usize = 1000;
+/// The token in `Upgrade:` that opens a session.
+pub const UPGRADE_PROTOCOL: &str = "tidings/1";
+/// The response header that carries the login challenge.
+pub const CHALLENGE_HEADER: &str = "tidings-challenge";
