@@ -95,11 +95,20 @@ mod tests {
         check(&encoded[..encoded.len() - 1], Ok(None));
         check(&[0, 0, 0, 0], Err(CodecError::Empty));
         check(&[0, 2, 0, 0], Err(CodecError::TooLarge(0x20000)));
-        check(&[0xff, 0xff, 0xff, 0xff], Err(CodecError::TooLarge(u32::MAX as usize)));
+        check(
+            &[0xff, 0xff, 0xff, 0xff],
+            Err(CodecError::TooLarge(u32::MAX as usize)),
+        );
         let mut malformed = BytesMut::from(&[0u8, 0, 0, 2, 0xff, 0xff][..]);
-        assert!(matches!(decode(&mut malformed), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut malformed),
+            Err(CodecError::Malformed(_))
+        ));
         // A frame of only an unknown field (field 99, varint 1) decodes to nothing we know.
-        check(&[0, 0, 0, 3, 0x98, 0x06, 0x01], Err(CodecError::UnknownKind));
+        check(
+            &[0, 0, 0, 3, 0x98, 0x06, 0x01],
+            Err(CodecError::UnknownKind),
+        );
     }
 
     #[test]

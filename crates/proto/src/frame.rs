@@ -8,7 +8,10 @@ use bytes::Bytes;
 /// One frame of the session protocol.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
-    #[prost(oneof = "Kind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30")]
+    #[prost(
+        oneof = "Kind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
+    )]
     pub kind: Option<Kind>,
 }
 
@@ -367,6 +370,8 @@ pub struct Content {
 
 impl std::fmt::Debug for Content {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Content").field("sent_at_ms", &self.sent_at_ms).finish_non_exhaustive()
+        f.debug_struct("Content")
+            .field("sent_at_ms", &self.sent_at_ms)
+            .finish_non_exhaustive()
     }
 }

@@ -32,7 +32,9 @@ impl E164 {
         if !phonenumber::is_valid(&parsed) {
             return Err(NumberError::Invalid);
         }
-        Ok(Self(parsed.format().mode(phonenumber::Mode::E164).to_string()))
+        Ok(Self(
+            parsed.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
     }
 
     /// The E.164 text, `+` and digits only.
@@ -60,7 +62,11 @@ mod tests {
 
     fn check(input: &str, expected: Result<&str, NumberError>) {
         let got = E164::parse(input);
-        assert_eq!(got.as_ref().map(E164::as_str).map_err(Clone::clone), expected, "{input}");
+        assert_eq!(
+            got.as_ref().map(E164::as_str).map_err(Clone::clone),
+            expected,
+            "{input}"
+        );
     }
 
     #[test]

@@ -1,0 +1,31 @@
+//! The decisions Tidings makes, with no I/O and no clock of its own.
+//!
+//! Every function here takes the current time as an argument ([`Millis`], milliseconds since the
+//! Unix epoch) and returns a decision; the server and client carry the decisions out. That keeps
+//! each rule testable with a simulated clock and keeps the rules in one place.
+//!
+//! # Layout
+//! - [`limits`]: token buckets and sliding windows for every rate the service bounds;
+//! - [`verification`]: one-time codes: when one may be sent, how an attempt is judged;
+//! - [`routing`]: what a send is answered and whether anything is stored;
+//! - [`heartbeat`]: when a silent session counts as dead.
+//!
+//! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is
+//! handed pseudonyms, device ids and counts.
+
+pub mod heartbeat;
+pub mod limits;
+pub mod routing;
+pub mod verification;
+
+/// Milliseconds since the Unix epoch. Time always comes in from outside.
+pub type Millis = u64;
+
+/// One second, in [`Millis`].
+pub const SECOND: Millis = 1000;
+/// One minute, in [`Millis`].
+pub const MINUTE: Millis = 60 * SECOND;
+/// One hour, in [`Millis`].
+pub const HOUR: Millis = 60 * MINUTE;
+/// One day, in [`Millis`].
+pub const DAY: Millis = 24 * HOUR;

@@ -1,0 +1,128 @@
+//! Rate limits. A [`TokenBucket`] bounds a steady rate with bursts; a [`Window`] bounds how many
+//! events fall inside a sliding period (verification codes: "2 per 8 hours").
+
+use crate::Millis;
+
+/// A token bucket: `capacity` tokens, refilled continuously at `per_hour` tokens an hour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    capacity: f64,
+    refill_per_ms: f64,
+    tokens: f64,
+    updated: Millis,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(capacity: u32, refill_per_second: f64, now: Millis) -> Self {
+        Self {
+            capacity: f64::from(capacity),
+            refill_per_ms: refill_per_second / 1000.0,
+            tokens: f64::from(capacity),
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, now: Millis) {
+        let elapsed = now.saturating_sub(self.updated) as f64;
+        self.tokens = (self.tokens + elapsed * self.refill_per_ms).min(self.capacity);
+        self.updated = self.updated.max(now);
+    }
+
+    /// Takes `n` tokens if there are that many; otherwise takes none and says how long until
+    /// there will be (in milliseconds; `Millis::MAX` if `n` exceeds the capacity).
+    pub fn try_take(&mut self, n: u32, now: Millis) -> Result<(), Millis> {
+        self.refill(now);
+        let n = f64::from(n);
+        if n <= self.tokens {
+            self.tokens -= n;
+            return Ok(());
+        }
+        if n > self.capacity || self.refill_per_ms <= 0.0 {
+            return Err(Millis::MAX);
+        }
+        Err(((n - self.tokens) / self.refill_per_ms).ceil() as Millis)
+    }
+
+    /// True when the bucket is full again, so its entry can be forgotten.
+    pub fn is_full(&self, now: Millis) -> bool {
+        let mut copy = *self;
+        copy.refill(now);
+        copy.tokens >= copy.capacity
+    }
+}
+
+/// A sliding window: at most `max` events within any `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Events allowed per period.
+    pub max: usize,
+    /// The period, in milliseconds.
+    pub period: Millis,
+}
+
+impl Window {
+    /// Given the times of earlier events, whether one more may happen now; if not, how long until
+    /// the oldest event inside the window leaves it.
+    pub fn check(&self, earlier: &[Millis], now: Millis) -> Result<(), Millis> {
+        let mut inside: Vec<Millis> = earlier
+            .iter()
+            .copied()
+            .filter(|t| t.saturating_add(self.period) > now)
+            .collect();
+        if inside.len() < self.max {
+            return Ok(());
+        }
+        inside.sort_unstable();
+        let oldest_that_must_leave = inside[inside.len() - self.max];
+        Err(oldest_that_must_leave
+            .saturating_add(self.period)
+            .saturating_sub(now))
+    }
+
+    /// Drops the events that no longer count, so stored history stays bounded.
+    pub fn prune(&self, earlier: &mut Vec<Millis>, now: Millis) {
+        earlier.retain(|t| t.saturating_add(self.period) > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HOUR, MINUTE, SECOND};
+
+    #[test]
+    fn bucket_allows_burst_then_refills() {
+        let mut bucket = TokenBucket::new(3, 1.0, 0);
+        for _ in 0..3 {
+            assert_eq!(bucket.try_take(1, 0), Ok(()));
+        }
+        assert_eq!(bucket.try_take(1, 0), Err(SECOND));
+        assert_eq!(bucket.try_take(1, SECOND / 2), Err(SECOND / 2));
+        assert_eq!(bucket.try_take(1, SECOND), Ok(()));
+        assert_eq!(bucket.try_take(4, 100 * SECOND), Err(Millis::MAX));
+        assert!(bucket.is_full(100 * SECOND));
+    }
+
+    #[test]
+    fn window_counts_only_recent_events() {
+        let two_per_8h = Window {
+            max: 2,
+            period: 8 * HOUR,
+        };
+        let check = |earlier: &[Millis], now, expected| {
+            assert_eq!(
+                two_per_8h.check(earlier, now),
+                expected,
+                "{earlier:?} at {now}"
+            );
+        };
+        check(&[], 0, Ok(()));
+        check(&[0], MINUTE, Ok(()));
+        check(&[0, MINUTE], 2 * MINUTE, Err(8 * HOUR - 2 * MINUTE));
+        check(&[0, MINUTE], 8 * HOUR, Ok(()));
+        let mut history = vec![0, MINUTE, 9 * HOUR];
+        two_per_8h.prune(&mut history, 9 * HOUR);
+        assert_eq!(history, vec![9 * HOUR]);
+    }
+}
