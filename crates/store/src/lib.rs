@@ -1,0 +1,261 @@
+//! Where Tidings keeps what must survive a restart, behind one narrow trait.
+//!
+//! # Layout
+//! - this file: [`Store`], the only way the server reaches stored data, and its value types;
+//! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion).
+//!
+//! A PostgreSQL engine will sit beside `sqlite`; nothing above [`Store`] may assume that the
+//! store lives in this process or that every account fits in memory.
+//!
+//! What is stored, and nothing more: account pseudonyms (never numbers), device ids and public
+//! keys, undelivered message copies (opaque payloads), pending receipts (message ids), and
+//! verification-code records keyed by pseudonym. No lookup, no contact list, no delivered message.
+//! This crate never logs a pseudonym, key or payload.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use tidings_core::verification::CodeRecord;
+use tidings_core::Millis;
+use tidings_proto::frame::ReceiptKind;
+use tidings_proto::id::{DeviceId, MessageId};
+
+pub mod sqlite;
+
+/// A number's pseudonym: the VOPRF output under the server's key, truncated to 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pseudonym(pub [u8; 32]);
+
+impl std::fmt::Debug for Pseudonym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pseudonym(<redacted>)")
+    }
+}
+
+/// An account's internal id. Never leaves the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AccountId(pub i64);
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub account: AccountId,
+    pub public_key: [u8; 32],
+}
+
+/// An account's devices, as routing needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountDevices {
+    pub account: AccountId,
+    /// Each device and how many message copies wait in its queue.
+    pub devices: Vec<(DeviceId, u32)>,
+}
+
+/// The result of binding a device to a number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub account: AccountId,
+    /// Devices of the same account that were deleted (a replaced phone).
+    pub removed: Vec<DeviceId>,
+}
+
+/// A message to store, with one copy for each device the receiver has when it is stored.
+#[derive(Clone)]
+pub struct NewMessage {
+    pub sender_device: DeviceId,
+    pub id: MessageId,
+    pub receiver: AccountId,
+    pub sent_at: Millis,
+    pub expires_at: Millis,
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for NewMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewMessage")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What storing a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Stored and synced.
+    Stored,
+    /// This sender device already has a message with this id held; nothing new was stored.
+    Duplicate,
+    /// A receiver device's queue is at its limit; nothing was stored.
+    QueueFull,
+}
+
+/// One copy waiting for a device.
+#[derive(Clone)]
+pub struct Pending {
+    /// Position in the device's queue, for paging.
+    pub seq: i64,
+    pub sender_device: DeviceId,
+    pub id: MessageId,
+    pub sent_at: Millis,
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("seq", &self.seq)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What acknowledging a copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// No such copy for this device (a replay, or already deleted).
+    Unknown,
+    /// The copy is deleted. `first` is true for the message's first acknowledgement; a
+    /// `Delivered` receipt for the sender device was stored in the same transaction.
+    Confirmed { first: bool },
+}
+
+/// A receipt waiting for a sending device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingReceipt {
+    pub id: MessageId,
+    pub kind: ReceiptKind,
+}
+
+/// A receipt produced by expiry, addressed to the device that sent the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiredMessage {
+    pub sender_device: DeviceId,
+    pub id: MessageId,
+}
+
+/// What a storage sync covered, for tests and audits of durability (no content, no keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Counts syncs since the store opened.
+    pub seq: u64,
+    /// Operations committed by this sync.
+    pub operations: usize,
+    /// Ids of the messages this sync made durable.
+    pub messages: Vec<(DeviceId, MessageId)>,
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine failed: {0}")]
+    Engine(String),
+    #[error("storage is closed")]
+    Closed,
+    #[error("no such account")]
+    NoSuchAccount,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Engine(e.to_string())
+    }
+}
+
+/// Shorthand for storage results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything the server stores, as operations of the domain. Every write resolves only after
+/// the sync that made it durable.
+pub trait Store: Send + Sync + 'static {
+    /// The device with this id, if it is registered.
+    fn device(&self, id: DeviceId) -> impl Future<Output = Result<Option<Device>>> + Send;
+
+    /// The account behind a pseudonym and its devices.
+    fn account(
+        &self,
+        pseudonym: Pseudonym,
+    ) -> impl Future<Output = Result<Option<AccountDevices>>> + Send;
+
+    /// The devices of an account.
+    fn devices_of(&self, account: AccountId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
+
+    /// Binds a new device to the number's account (creating it), deleting every other device
+    /// of that account with its queue and receipts.
+    fn register_device(
+        &self,
+        pseudonym: Pseudonym,
+        device: DeviceId,
+        public_key: [u8; 32],
+        now: Millis,
+    ) -> impl Future<Output = Result<Registered>> + Send;
+
+    /// Deletes an account with everything that belongs to it; returns its devices.
+    fn delete_account(
+        &self,
+        account: AccountId,
+    ) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
+
+    /// Reads and rewrites a number's code record atomically. `update` gets the current record
+    /// (empty if none) and returns a value; the record it leaves is stored (deleted if `None`).
+    fn update_code_record<R, F>(
+        &self,
+        pseudonym: Pseudonym,
+        update: F,
+    ) -> impl Future<Output = Result<R>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static;
+
+    /// Stores a message with a copy per receiver device, refusing if a queue would exceed
+    /// `queue_limit`.
+    fn enqueue(
+        &self,
+        message: NewMessage,
+        queue_limit: u32,
+    ) -> impl Future<Output = Result<Enqueued>> + Send;
+
+    /// Copies waiting for a device, oldest first, after position `after`, not expired at `now`.
+    fn pending(
+        &self,
+        device: DeviceId,
+        after: i64,
+        limit: usize,
+        now: Millis,
+    ) -> impl Future<Output = Result<Vec<Pending>>> + Send;
+
+    /// Deletes a device's copy on its acknowledgement.
+    fn ack(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Acked>> + Send;
+
+    /// Deletes messages whose TTL ended at `now` (at most `limit`), storing `Expired` receipts for
+    /// the ones no device acknowledged. Returns those.
+    fn expire(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ExpiredMessage>>> + Send;
+
+    /// Receipts waiting for a sending device.
+    fn receipts(
+        &self,
+        device: DeviceId,
+    ) -> impl Future<Output = Result<Vec<PendingReceipt>>> + Send;
+
+    /// Deletes a receipt once its device has taken it.
+    fn ack_receipt(
+        &self,
+        device: DeviceId,
+        id: MessageId,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Deletes code records that no longer matter at `now`.
+    fn prune_codes(&self, now: Millis) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Makes deleted bytes unreadable in the data files (the bound on deletion latency).
+    fn scrub(&self) -> impl Future<Output = Result<()>> + Send;
+}

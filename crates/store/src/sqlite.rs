@@ -1,0 +1,791 @@
+//! The embedded engine: one SQLite database in the data directory.
+//!
+//! Writes go to a single writer thread that commits them in batches (group commit): every
+//! operation waiting when a transaction starts joins it, the transaction commits with one WAL
+//! sync (`synchronous = FULL`), and only then is each operation answered. Reads use a small pool
+//! of read connections, which WAL lets run beside the writer.
+//!
+//! Deletion: `secure_delete` overwrites deleted rows and freed pages with zeros, and [`Store::scrub`]
+//! checkpoints the WAL into the database and truncates it to zero bytes, so that the old frames
+//! holding deleted rows are gone too. The server scrubs on a fixed interval; that interval bounds
+//! how long deleted bytes can remain in the data files.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use tidings_core::verification::{CodeRecord, LiveCode};
+use tidings_core::Millis;
+use tidings_proto::frame::ReceiptKind;
+use tidings_proto::id::{DeviceId, MessageId};
+
+use crate::{
+    AccountDevices, AccountId, Acked, Device, Enqueued, ExpiredMessage, NewMessage, Pending,
+    PendingReceipt, Pseudonym, Registered, Result, Store, StoreError, SyncReport,
+};
+
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "tidings.sqlite";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    pseudonym BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id BLOB PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    public_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    queue_len INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS devices_by_account ON devices(account_id);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    sender_device BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    receiver_account INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    sent_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    UNIQUE (sender_device, msg_id)
+);
+CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages(expires_at);
+CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages(receiver_account);
+CREATE TABLE IF NOT EXISTS copies (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS copies_by_message ON copies(seq);
+CREATE TRIGGER IF NOT EXISTS copies_count_up AFTER INSERT ON copies BEGIN
+    UPDATE devices SET queue_len = queue_len + 1 WHERE id = NEW.device_id;
+END;
+CREATE TRIGGER IF NOT EXISTS copies_count_down AFTER DELETE ON copies BEGIN
+    UPDATE devices SET queue_len = queue_len - 1 WHERE id = OLD.device_id;
+END;
+CREATE TABLE IF NOT EXISTS receipts (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    msg_id BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    PRIMARY KEY (device_id, msg_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS codes (
+    pseudonym BLOB PRIMARY KEY,
+    live_hash BLOB,
+    live_expires_at INTEGER,
+    live_attempts INTEGER,
+    sent_at BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Called after every sync with what it covered. Used by tests and audits of durability.
+pub type SyncObserver = Arc<dyn Fn(&SyncReport) + Send + Sync>;
+
+/// How to open the engine.
+#[derive(Clone, Default)]
+pub struct SqliteOptions {
+    /// Most operations committed by one sync.
+    pub max_batch: usize,
+    /// Told about every sync, after it completed and before any operation in it is answered.
+    pub sync_observer: Option<SyncObserver>,
+}
+
+impl std::fmt::Debug for SqliteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteOptions")
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one operation noted for the sync report.
+#[derive(Default)]
+struct Notes {
+    messages: Vec<(DeviceId, MessageId)>,
+}
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Transaction<'_>, &mut Notes) -> Completion + Send>;
+
+enum Job {
+    Write(WriteJob),
+    Scrub(oneshot::Sender<Result<()>>),
+}
+
+/// The embedded SQLite engine. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: mpsc::Sender<Job>,
+    readers: Arc<ReaderPool>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA secure_delete = ON;
+         PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `data_dir` and starts the writer thread.
+    pub fn open(data_dir: &Path, options: SqliteOptions) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Engine(format!("{}: {e}", data_dir.display())))?;
+        let path = data_dir.join(DATABASE_FILE);
+        let conn = open_connection(&path)?;
+        conn.execute_batch(SCHEMA)?;
+        let (writer, jobs) = mpsc::channel(4096);
+        let max_batch = options.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("tidings-store-writer".into())
+            .spawn(move || run_writer(conn, jobs, max_batch, options.sync_observer))
+            .map_err(|e| StoreError::Engine(e.to_string()))?;
+        Ok(Self {
+            writer,
+            readers: Arc::new(ReaderPool {
+                path,
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(8),
+            }),
+        })
+    }
+
+    async fn write<R, F>(&self, operation: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |txn, notes| {
+            let outcome = in_savepoint(txn, notes, operation);
+            Box::new(move |committed: Result<()>| {
+                let _ = reply.send(committed.and(outcome));
+            })
+        });
+        self.writer
+            .send(Job::Write(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<R, F>(&self, query: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let pool = Arc::clone(&self.readers);
+        let _permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let worker_pool = Arc::clone(&pool);
+        tokio::task::spawn_blocking(move || {
+            let idle = worker_pool.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let conn = match idle {
+                Some(conn) => conn,
+                None => open_connection(&worker_pool.path)?,
+            };
+            let result = query(&conn);
+            if let Ok(mut idle) = worker_pool.idle.lock() {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+    }
+}
+
+/// Runs one operation inside a savepoint, so that a failing operation leaves its batch intact.
+fn in_savepoint<R>(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    operation: impl FnOnce(&Transaction<'_>, &mut Notes) -> Result<R>,
+) -> Result<R> {
+    txn.execute_batch("SAVEPOINT op")?;
+    let mut local = Notes::default();
+    match operation(txn, &mut local) {
+        Ok(value) => {
+            txn.execute_batch("RELEASE op")?;
+            notes.messages.extend(local.messages);
+            Ok(value)
+        }
+        Err(e) => {
+            txn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            Err(e)
+        }
+    }
+}
+
+fn run_writer(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    max_batch: usize,
+    observer: Option<SyncObserver>,
+) {
+    let mut seq = 0u64;
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut scrubs = Vec::new();
+        for job in batch {
+            match job {
+                Job::Write(write) => writes.push(write),
+                Job::Scrub(reply) => scrubs.push(reply),
+            }
+        }
+        if !writes.is_empty() {
+            seq += 1;
+            commit_batch(&mut conn, writes, seq, observer.as_ref());
+        }
+        if !scrubs.is_empty() {
+            let outcome = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map_err(StoreError::from)
+                .and_then(|busy| {
+                    if busy == 0 {
+                        Ok(())
+                    } else {
+                        Err(StoreError::Engine(
+                            "checkpoint blocked by a reader; will retry".into(),
+                        ))
+                    }
+                });
+            for reply in scrubs {
+                let _ = reply.send(match &outcome {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(StoreError::Engine(e.to_string())),
+                });
+            }
+        }
+    }
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    writes: Vec<WriteJob>,
+    seq: u64,
+    observer: Option<&SyncObserver>,
+) {
+    let operations = writes.len();
+    let mut notes = Notes::default();
+    let txn = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(txn) => txn,
+        Err(e) => {
+            // Nothing ran: answer every operation with the failure.
+            let message = e.to_string();
+            for write in writes {
+                drop(write);
+            }
+            tracing::error!(error = %message, "storage transaction could not start");
+            return;
+        }
+    };
+    let completions: Vec<Completion> = writes
+        .into_iter()
+        .map(|write| write(&txn, &mut notes))
+        .collect();
+    let committed = txn.commit().map_err(StoreError::from);
+    if committed.is_ok() {
+        if let Some(observer) = observer {
+            observer(&SyncReport {
+                seq,
+                operations,
+                messages: notes.messages,
+            });
+        }
+    } else {
+        tracing::error!("storage commit failed; {operations} operations answered with an error");
+    }
+    for complete in completions {
+        complete(match &committed {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::Engine(e.to_string())),
+        });
+    }
+}
+
+fn device_id(bytes: Vec<u8>) -> rusqlite::Result<DeviceId> {
+    DeviceId::from_slice(&bytes).ok_or(rusqlite::Error::InvalidQuery)
+}
+
+fn message_id(bytes: Vec<u8>) -> rusqlite::Result<MessageId> {
+    MessageId::from_slice(&bytes).ok_or(rusqlite::Error::InvalidQuery)
+}
+
+fn pack_times(times: &[Millis]) -> Vec<u8> {
+    times.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+fn unpack_times(bytes: &[u8]) -> Vec<Millis> {
+    bytes
+        .chunks_exact(8)
+        .filter_map(|chunk| <[u8; 8]>::try_from(chunk).ok().map(Millis::from_le_bytes))
+        .collect()
+}
+
+fn millis(value: i64) -> Millis {
+    Millis::try_from(value).unwrap_or(0)
+}
+
+fn sql_millis(value: Millis) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn receipt_kind(kind: i64) -> ReceiptKind {
+    if kind == ReceiptKind::Expired as i64 {
+        ReceiptKind::Expired
+    } else {
+        ReceiptKind::Delivered
+    }
+}
+
+impl Store for SqliteStore {
+    async fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        self.read(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT account_id, public_key FROM devices WHERE id = ?1",
+                    params![id.as_bytes()],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                )
+                .optional()?;
+            Ok(row.and_then(|(account, key)| {
+                let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
+                Some(Device {
+                    id,
+                    account: AccountId(account),
+                    public_key,
+                })
+            }))
+        })
+        .await
+    }
+
+    async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
+        self.read(move |conn| {
+            let account = conn
+                .query_row(
+                    "SELECT id FROM accounts WHERE pseudonym = ?1",
+                    params![&pseudonym.0[..]],
+                    |row| row.get::<_, i64>(0),
+                )
+                .optional()?;
+            let Some(account) = account else {
+                return Ok(None);
+            };
+            let mut statement =
+                conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
+            let devices = statement
+                .query_map(params![account], |row| {
+                    Ok((
+                        device_id(row.get(0)?)?,
+                        u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(AccountDevices {
+                account: AccountId(account),
+                devices,
+            }))
+        })
+        .await
+    }
+
+    async fn devices_of(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        self.read(move |conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+            let devices = statement
+                .query_map(params![account.0], |row| device_id(row.get(0)?))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(devices)
+        })
+        .await
+    }
+
+    async fn register_device(
+        &self,
+        pseudonym: Pseudonym,
+        device: DeviceId,
+        public_key: [u8; 32],
+        now: Millis,
+    ) -> Result<Registered> {
+        self.write(move |txn, _| {
+            txn.execute(
+                "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING",
+                params![&pseudonym.0[..], sql_millis(now)],
+            )?;
+            let account: i64 =
+                txn.query_row("SELECT id FROM accounts WHERE pseudonym = ?1", params![&pseudonym.0[..]], |row| {
+                    row.get(0)
+                })?;
+            let removed = {
+                let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+                let removed = statement
+                    .query_map(params![account], |row| device_id(row.get(0)?))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                removed
+            };
+            // The old devices go with their queues and receipts (cascades); messages queued for
+            // this account had copies only for those devices, so they go too.
+            txn.execute("DELETE FROM devices WHERE account_id = ?1", params![account])?;
+            txn.execute("DELETE FROM messages WHERE receiver_account = ?1", params![account])?;
+            txn.execute(
+                "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![device.as_bytes(), account, &public_key[..], sql_millis(now)],
+            )?;
+            Ok(Registered { account: AccountId(account), removed })
+        })
+        .await
+    }
+
+    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        self.write(move |txn, _| {
+            let devices = {
+                let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+                let devices = statement
+                    .query_map(params![account.0], |row| device_id(row.get(0)?))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                devices
+            };
+            // Undelivered messages this account sent go too: opting out leaves nothing behind.
+            for device in &devices {
+                txn.execute("DELETE FROM messages WHERE sender_device = ?1", params![device.as_bytes()])?;
+            }
+            txn.execute(
+                "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)",
+                params![account.0],
+            )?;
+            txn.execute("DELETE FROM messages WHERE receiver_account = ?1", params![account.0])?;
+            let deleted = txn.execute("DELETE FROM accounts WHERE id = ?1", params![account.0])?;
+            if deleted == 0 {
+                return Err(StoreError::NoSuchAccount);
+            }
+            Ok(devices)
+        })
+        .await
+    }
+
+    async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static,
+    {
+        self.write(move |txn, _| {
+            let mut record = txn
+                .query_row(
+                    "SELECT live_hash, live_expires_at, live_attempts, sent_at FROM codes WHERE pseudonym = ?1",
+                    params![&pseudonym.0[..]],
+                    |row| {
+                        let hash: Option<Vec<u8>> = row.get(0)?;
+                        let expires: Option<i64> = row.get(1)?;
+                        let attempts: Option<i64> = row.get(2)?;
+                        let sent: Vec<u8> = row.get(3)?;
+                        let live = match (hash, expires, attempts) {
+                            (Some(hash), Some(expires), Some(attempts)) => {
+                                <[u8; 32]>::try_from(hash.as_slice()).ok().map(|hash| LiveCode {
+                                    hash,
+                                    expires_at: millis(expires),
+                                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                                })
+                            }
+                            _ => None,
+                        };
+                        Ok(CodeRecord { live, sent_at: unpack_times(&sent) })
+                    },
+                )
+                .optional()?;
+            let value = update(&mut record);
+            match record {
+                None => {
+                    txn.execute("DELETE FROM codes WHERE pseudonym = ?1", params![&pseudonym.0[..]])?;
+                }
+                Some(record) => {
+                    let (hash, expires, attempts) = match &record.live {
+                        Some(live) => (
+                            Some(live.hash.to_vec()),
+                            Some(sql_millis(live.expires_at)),
+                            Some(i64::from(live.attempts)),
+                        ),
+                        None => (None, None, None),
+                    };
+                    txn.execute(
+                        "INSERT INTO codes (pseudonym, live_hash, live_expires_at, live_attempts, sent_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (pseudonym) DO UPDATE SET live_hash = ?2, live_expires_at = ?3,
+                             live_attempts = ?4, sent_at = ?5",
+                        params![&pseudonym.0[..], hash, expires, attempts, pack_times(&record.sent_at)],
+                    )?;
+                }
+            }
+            Ok(value)
+        })
+        .await
+    }
+
+    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+        self.write(move |txn, notes| {
+            let duplicate = txn
+                .query_row(
+                    "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                    params![message.sender_device.as_bytes(), message.id.as_bytes()],
+                    |_| Ok(()),
+                )
+                .optional()?;
+            if duplicate.is_some() {
+                return Ok(Enqueued::Duplicate);
+            }
+            let devices = {
+                let mut statement = txn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
+                let devices = statement
+                    .query_map(params![message.receiver.0], |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                devices
+            };
+            if devices.is_empty() {
+                return Err(StoreError::NoSuchAccount);
+            }
+            if devices.iter().any(|(_, len)| *len >= i64::from(queue_limit)) {
+                return Ok(Enqueued::QueueFull);
+            }
+            txn.execute(
+                "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    message.sender_device.as_bytes(),
+                    message.id.as_bytes(),
+                    message.receiver.0,
+                    sql_millis(message.sent_at),
+                    sql_millis(message.expires_at),
+                    &message.payload[..]
+                ],
+            )?;
+            let seq = txn.last_insert_rowid();
+            let mut insert = txn.prepare_cached("INSERT INTO copies (device_id, seq) VALUES (?1, ?2)")?;
+            for (device, _) in &devices {
+                insert.execute(params![device, seq])?;
+            }
+            notes.messages.push((message.sender_device, message.id));
+            Ok(Enqueued::Stored)
+        })
+        .await
+    }
+
+    async fn pending(
+        &self,
+        device: DeviceId,
+        after: i64,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<Pending>> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, m.payload
+                 FROM copies c JOIN messages m ON m.seq = c.seq
+                 WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3
+                 ORDER BY c.seq LIMIT ?4",
+            )?;
+            let rows = statement
+                .query_map(
+                    params![
+                        device.as_bytes(),
+                        after,
+                        sql_millis(now),
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    |row| {
+                        Ok(Pending {
+                            seq: row.get(0)?,
+                            sender_device: device_id(row.get(1)?)?,
+                            id: message_id(row.get(2)?)?,
+                            sent_at: millis(row.get(3)?),
+                            payload: Bytes::from(row.get::<_, Vec<u8>>(4)?),
+                        })
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
+        self.write(move |txn, _| {
+            let message = txn
+                .query_row(
+                    "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                    params![sender_device.as_bytes(), id.as_bytes()],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0)),
+                )
+                .optional()?;
+            let Some((seq, delivered)) = message else { return Ok(Acked::Unknown) };
+            let deleted =
+                txn.execute("DELETE FROM copies WHERE device_id = ?1 AND seq = ?2", params![device.as_bytes(), seq])?;
+            if deleted == 0 {
+                return Ok(Acked::Unknown);
+            }
+            if !delivered {
+                txn.execute("UPDATE messages SET delivered = 1 WHERE seq = ?1", params![seq])?;
+                txn.execute(
+                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
+                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                    params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64],
+                )?;
+            }
+            txn.execute(
+                "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                params![seq],
+            )?;
+            Ok(Acked::Confirmed { first: !delivered })
+        })
+        .await
+    }
+
+    async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
+        self.write(move |txn, _| {
+            let expired = {
+                let mut statement = txn.prepare_cached(
+                    "SELECT seq, sender_device, msg_id, delivered FROM messages WHERE expires_at <= ?1 LIMIT ?2",
+                )?;
+                let expired = statement
+                    .query_map(params![sql_millis(now), i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            device_id(row.get(1)?)?,
+                            message_id(row.get(2)?)?,
+                            row.get::<_, i64>(3)? != 0,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                expired
+            };
+            let mut receipts = Vec::new();
+            for (seq, sender_device, id, delivered) in expired {
+                txn.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;
+                if !delivered {
+                    let stored = txn.execute(
+                        "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
+                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                        params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Expired as i64],
+                    )?;
+                    if stored > 0 {
+                        receipts.push(ExpiredMessage { sender_device, id });
+                    }
+                }
+            }
+            Ok(receipts)
+        })
+        .await
+    }
+
+    async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT msg_id, kind FROM receipts WHERE device_id = ?1 LIMIT 1000",
+            )?;
+            let rows = statement
+                .query_map(params![device.as_bytes()], |row| {
+                    Ok(PendingReceipt {
+                        id: message_id(row.get(0)?)?,
+                        kind: receipt_kind(row.get(1)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
+        self.write(move |txn, _| {
+            txn.execute(
+                "DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2",
+                params![device.as_bytes(), id.as_bytes()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_codes(&self, now: Millis) -> Result<usize> {
+        let policy = tidings_core::verification::CodePolicy::default();
+        self.write(move |txn, _| {
+            let spent = {
+                let mut statement =
+                    txn.prepare_cached("SELECT pseudonym, live_expires_at, sent_at FROM codes")?;
+                let rows = statement
+                    .query_map([], |row| {
+                        Ok((
+                            row.get::<_, Vec<u8>>(0)?,
+                            row.get::<_, Option<i64>>(1)?,
+                            row.get::<_, Vec<u8>>(2)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows.into_iter()
+                    .filter(|(_, expires, sent)| {
+                        let live_until = expires.map(millis).unwrap_or(0);
+                        let record = CodeRecord {
+                            live: (live_until > now).then_some(LiveCode {
+                                hash: [0; 32],
+                                expires_at: live_until,
+                                attempts: 0,
+                            }),
+                            sent_at: unpack_times(sent),
+                        };
+                        record.is_spent(&policy, now)
+                    })
+                    .map(|(pseudonym, _, _)| pseudonym)
+                    .collect::<Vec<_>>()
+            };
+            for pseudonym in &spent {
+                txn.execute("DELETE FROM codes WHERE pseudonym = ?1", params![pseudonym])?;
+            }
+            Ok(spent.len())
+        })
+        .await
+    }
+
+    async fn scrub(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Job::Scrub(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
