@@ -136,6 +136,7 @@ pub enum SendOutcome {
     RefusedQueueFull = 4,
     RateLimited = 5,
     Invalid = 6,
+    Unavailable = 7,
 }
 
 impl SendOutcome {
@@ -149,6 +150,7 @@ impl SendOutcome {
             SendOutcome::RefusedQueueFull => "refused_queue_full",
             SendOutcome::RateLimited => "rate_limited",
             SendOutcome::Invalid => "invalid",
+            SendOutcome::Unavailable => "unavailable",
         }
     }
 }

@@ -1,0 +1,442 @@
+//! The operations a user asks for. Each opens what it needs and nothing more; an unregistered
+//! profile opens nothing at all.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::{Signer as _, SigningKey};
+use prost::Message as _;
+use rand::RngCore as _;
+use tidings_proto::frame::{
+    self, AckStatus, Content, Kind, Presence, ReceiptKind, SendMode, SendOutcome,
+};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_proto::number::E164;
+use tokio::time::Instant;
+
+use crate::inbox::{Inbox, Received};
+use crate::net::Endpoint;
+use crate::profile::{Profile, ProfileData, Trust};
+use crate::session::Session;
+use crate::{ClientError, Result};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn api_message(body: &serde_json::Value) -> String {
+    body.get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("no details")
+        .to_string()
+}
+
+/// Step one of opting in: stores the number and server in the profile, makes the device key, and
+/// asks the server to send a code by SMS. This is the first time the profile touches the network.
+pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
+    let number = E164::parse(number)?;
+    let endpoint = Endpoint::parse(server, trust.clone())?;
+    if let Some(existing) = profile.load()? {
+        if existing.device_id.is_some() && existing.number != number.as_str() {
+            return Err(ClientError::Profile(
+                "this profile is registered to another number: use another --profile, or `tidings disable` first".into(),
+            ));
+        }
+    }
+    profile.device_key()?;
+    profile.save(&ProfileData {
+        number: number.as_str().to_string(),
+        server: server.to_string(),
+        trust,
+        device_id: None,
+    })?;
+    let (status, body) = endpoint
+        .post_json(
+            "/v1/registration/code",
+            &serde_json::json!({ "number": number.as_str() }),
+        )
+        .await?;
+    if status != hyper::StatusCode::ACCEPTED {
+        return Err(ClientError::Refused(api_message(&body)));
+    }
+    Ok(number)
+}
+
+/// Step two: proves the code and binds the device key. Returns how many earlier devices of the
+/// number were signed out.
+pub async fn verify(profile: &Profile, code: &str) -> Result<u32> {
+    let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
+    let key = profile.device_key()?;
+    let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
+    let code = code.trim();
+    let public = key.verifying_key().to_bytes();
+    let signature = key.sign(&tidings_proto::transcript::register(
+        &data.number,
+        code,
+        &public,
+    ));
+    let body = serde_json::json!({
+        "number": data.number,
+        "code": code,
+        "device_key": tidings_proto::id::to_text(&public),
+        "signature": tidings_proto::id::to_text(&signature.to_bytes()),
+    });
+    let (status, body) = endpoint.post_json("/v1/registration/verify", &body).await?;
+    if status != hyper::StatusCode::OK {
+        let mut message = api_message(&body);
+        if let Some(left) = body
+            .get("attempts_left")
+            .and_then(serde_json::Value::as_u64)
+        {
+            message.push_str(&format!(" ({left} attempts left)"));
+        }
+        return Err(ClientError::Refused(message));
+    }
+    let device_id = body
+        .get("device_id")
+        .and_then(|d| d.as_str())
+        .and_then(DeviceId::from_text)
+        .ok_or_else(|| ClientError::Protocol("verify answered without a device id".into()))?;
+    data.device_id = Some(device_id.to_text());
+    profile.save(&data)?;
+    Ok(body
+        .get("replaced_devices")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+/// What happened to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReport {
+    pub id: MessageId,
+    pub outcome: SendOutcome,
+    /// The receipt, if one arrived while waiting.
+    pub receipt: Option<ReceiptKind>,
+}
+
+/// Something `listen` reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A message, shown for the first time.
+    Message(Received),
+    /// A receipt for a message this device sent.
+    Receipt { id: MessageId, kind: ReceiptKind },
+}
+
+/// A registered profile, ready to talk to its server.
+#[derive(Debug)]
+pub struct Client {
+    profile: Profile,
+    data: ProfileData,
+    device: DeviceId,
+    key: SigningKey,
+    endpoint: Endpoint,
+}
+
+impl Client {
+    /// Opens a registered profile. Fails, without touching the network, for a profile that has
+    /// not been registered and verified (promise P1).
+    pub fn open(profile: Profile) -> Result<Self> {
+        let data = profile.load()?.ok_or(ClientError::NotRegistered)?;
+        let device = data
+            .device_id
+            .as_deref()
+            .and_then(DeviceId::from_text)
+            .ok_or(ClientError::NotVerified)?;
+        let key = profile.device_key()?;
+        let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
+        Ok(Self {
+            profile,
+            data,
+            device,
+            key,
+            endpoint,
+        })
+    }
+
+    /// The profile's own number.
+    pub fn number(&self) -> &str {
+        &self.data.number
+    }
+
+    /// This device's id.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// Opens a session.
+    pub async fn session(&self, listen: bool) -> Result<Session> {
+        Session::open(&self.endpoint, self.device, &self.key, listen).await
+    }
+
+    /// Sends a text. Waits up to `wait` for the server's answer and, for an accepted message, for
+    /// its receipt.
+    pub async fn send(
+        &self,
+        to: &str,
+        text: &str,
+        mode: SendMode,
+        ttl_seconds: u32,
+        wait: Duration,
+    ) -> Result<SendReport> {
+        let to = E164::parse(to)?;
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let id = MessageId(id);
+        let content = Content {
+            from: self.data.number.clone(),
+            text: text.to_string(),
+            sent_at_ms: now_ms(),
+        };
+        let payload = Bytes::from(content.encode_to_vec());
+        if payload.len() > tidings_proto::MAX_PAYLOAD_BYTES {
+            return Err(ClientError::Refused(format!(
+                "the message is too long: at most {} bytes",
+                tidings_proto::MAX_PAYLOAD_BYTES - 64
+            )));
+        }
+        let mut session = self.session(false).await?;
+        session
+            .send(Kind::Send(frame::Send {
+                id: id.as_bytes().to_vec(),
+                to: to.as_str().to_string(),
+                mode: mode as i32,
+                ttl_seconds,
+                payload,
+            }))
+            .await?;
+        let deadline = Instant::now() + wait;
+        let mut outcome = None;
+        let mut receipt = None;
+        while let Some(kind) = session.recv(deadline).await? {
+            match kind {
+                Kind::SendResult(result) if result.id == id.as_bytes() => {
+                    let answered =
+                        SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid);
+                    outcome = Some(answered);
+                    if answered != SendOutcome::Accepted || receipt.is_some() {
+                        break;
+                    }
+                }
+                Kind::Receipt(r) => {
+                    session
+                        .send(Kind::ReceiptAck(frame::ReceiptAck { id: r.id.clone() }))
+                        .await?;
+                    if r.id == id.as_bytes() {
+                        receipt = ReceiptKind::try_from(r.kind).ok();
+                        if outcome.is_some() {
+                            break;
+                        }
+                    }
+                }
+                Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
+                Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+                _ => {}
+            }
+        }
+        let outcome = outcome.ok_or(ClientError::Timeout)?;
+        Ok(SendReport {
+            id,
+            outcome,
+            receipt,
+        })
+    }
+
+    /// Looks up numbers: online, offline or not a user. Order follows `numbers`.
+    pub async fn lookup(&self, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
+        let mut session = self.session(false).await?;
+        let request_id = session.request_id();
+        session
+            .send(Kind::Lookup(frame::Lookup {
+                request_id,
+                numbers: numbers.to_vec(),
+            }))
+            .await?;
+        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
+        while let Some(kind) = session.recv(deadline).await? {
+            match kind {
+                Kind::LookupResult(result) if result.request_id == request_id => {
+                    return Ok(result
+                        .entries
+                        .into_iter()
+                        .map(|e| {
+                            (
+                                e.number,
+                                Presence::try_from(e.presence).unwrap_or(Presence::NotAUser),
+                            )
+                        })
+                        .collect());
+                }
+                Kind::Error(e) if e.request_id == request_id || e.fatal => {
+                    return Err(ClientError::Refused(e.message))
+                }
+                Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
+                _ => {}
+            }
+        }
+        Err(ClientError::Timeout)
+    }
+
+    /// Opts out: the server deletes the account and everything of it; the profile forgets the
+    /// registration and the device key.
+    pub async fn disable(self) -> Result<()> {
+        let mut session = self.session(false).await?;
+        let request_id = session.request_id();
+        session
+            .send(Kind::Disable(frame::Disable { request_id }))
+            .await?;
+        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
+        while let Some(kind) = session.recv(deadline).await? {
+            match kind {
+                Kind::DisableResult(result) if result.request_id == request_id => {
+                    self.profile.forget_registration()?;
+                    return Ok(());
+                }
+                Kind::Error(e) if e.request_id == request_id || e.fatal => {
+                    return Err(ClientError::Refused(e.message))
+                }
+                _ => {}
+            }
+        }
+        Err(ClientError::Timeout)
+    }
+
+    /// Receives until `handle` returns false or `until` passes. Each message is stored, then
+    /// acknowledged, then shown once the server confirms the acknowledgement.
+    pub async fn listen(
+        &self,
+        until: Option<Instant>,
+        mut handle: impl FnMut(Event) -> bool,
+    ) -> Result<()> {
+        let inbox = Inbox::open(self.profile.dir())?;
+        let mut session = self.session(true).await?;
+        let mut directory: HashMap<String, Vec<DeviceId>> = HashMap::new();
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let deadline = until.unwrap_or(far);
+        while let Some(kind) = session.recv(deadline).await? {
+            match kind {
+                Kind::Deliver(deliver) => {
+                    let (Some(sender_device), Some(id)) = (
+                        DeviceId::from_slice(&deliver.sender_device),
+                        MessageId::from_slice(&deliver.id),
+                    ) else {
+                        continue;
+                    };
+                    if !inbox.contains(sender_device, id)? {
+                        let content = Content::decode(deliver.payload.clone()).unwrap_or_default();
+                        let verified = self
+                            .sender_belongs(
+                                &mut session,
+                                &mut directory,
+                                &content.from,
+                                sender_device,
+                            )
+                            .await?;
+                        inbox.store(&Received {
+                            sender_device,
+                            id,
+                            from: content.from,
+                            text: content.text,
+                            sent_at_ms: content.sent_at_ms,
+                            sender_verified: verified,
+                        })?;
+                    }
+                    session
+                        .send(Kind::Ack(frame::Ack {
+                            sender_device: deliver.sender_device,
+                            id: deliver.id,
+                        }))
+                        .await?;
+                }
+                Kind::AckResult(result) => {
+                    let (Some(sender_device), Some(id)) = (
+                        DeviceId::from_slice(&result.sender_device),
+                        MessageId::from_slice(&result.id),
+                    ) else {
+                        continue;
+                    };
+                    // CONFIRMED: the server deleted our copy. UNKNOWN: an earlier acknowledgement
+                    // (ours, before a restart) already did. Either way it is ours to show once.
+                    let _ = AckStatus::try_from(result.status);
+                    if let Some(message) = inbox.take_to_show(sender_device, id)? {
+                        if !handle(Event::Message(message)) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Kind::Receipt(receipt) => {
+                    session
+                        .send(Kind::ReceiptAck(frame::ReceiptAck {
+                            id: receipt.id.clone(),
+                        }))
+                        .await?;
+                    if let (Some(id), Ok(kind)) = (
+                        MessageId::from_slice(&receipt.id),
+                        ReceiptKind::try_from(receipt.kind),
+                    ) {
+                        if !handle(Event::Receipt { id, kind }) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
+                Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `device` is one of the devices the server lists for `claimed`.
+    async fn sender_belongs(
+        &self,
+        session: &mut Session,
+        directory: &mut HashMap<String, Vec<DeviceId>>,
+        claimed: &str,
+        device: DeviceId,
+    ) -> Result<bool> {
+        if directory
+            .get(claimed)
+            .is_some_and(|devices| devices.contains(&device))
+        {
+            return Ok(true);
+        }
+        let request_id = session.request_id();
+        session
+            .send(Kind::Devices(frame::DevicesRequest {
+                request_id,
+                number: claimed.to_string(),
+            }))
+            .await?;
+        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
+        // Other frames that arrive meanwhile are deferred, in order, for the caller's loop.
+        let mut others = Vec::new();
+        let answer = loop {
+            let Some(kind) = session.recv_fresh(deadline).await? else {
+                break Err(ClientError::Timeout);
+            };
+            match kind {
+                Kind::DeviceList(list) if list.request_id == request_id => {
+                    let devices: Vec<DeviceId> = list
+                        .device_ids
+                        .iter()
+                        .filter_map(|d| DeviceId::from_slice(d))
+                        .collect();
+                    let belongs = devices.contains(&device);
+                    directory.insert(claimed.to_string(), devices);
+                    break Ok(belongs);
+                }
+                Kind::Error(e) if e.request_id == request_id => break Ok(false),
+                other => others.push(other),
+            }
+        };
+        for other in others {
+            session.defer(other);
+        }
+        answer
+    }
+}

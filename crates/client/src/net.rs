@@ -1,0 +1,326 @@
+//! Reaching the server: TCP or TLS, JSON requests, and the upgrade to a session.
+//!
+//! Only [`crate::client::Client`] calls into this module, and only for a profile its user has
+//! registered (or is registering): this is where the opt-in promise would break, so nothing else
+//! may open a connection.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::profile::Trust;
+use crate::{ClientError, Result};
+
+/// Time allowed for connecting and for each HTTP exchange.
+pub const NETWORK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest HTTP response body read.
+const MAX_RESPONSE: usize = 256 * 1024;
+
+/// A byte stream to the server, plain or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Where the server is and how to trust it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    tls: bool,
+    host: String,
+    port: u16,
+    trust: Trust,
+}
+
+impl Endpoint {
+    /// Parses `http://host:port` or `https://host:port`. A plain-HTTP server that is not on this
+    /// machine is refused unless `trust.insecure` is set.
+    pub fn parse(url: &str, trust: Trust) -> Result<Self> {
+        let uri: hyper::Uri = url.parse().map_err(|_| {
+            ClientError::Profile(format!(
+                "`{url}` is not a URL such as https://tidings.example:7433"
+            ))
+        })?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(ClientError::Profile(
+                    "the server URL must start with http:// or https://".into(),
+                ))
+            }
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Profile("the server URL has no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let endpoint = Self {
+            tls,
+            host,
+            port,
+            trust,
+        };
+        if !tls && !endpoint.is_loopback() && !endpoint.trust.insecure {
+            return Err(ClientError::Profile(
+                "refusing plain HTTP to a server that is not on this machine: use https://, or pass --insecure".into(),
+            ));
+        }
+        Ok(endpoint)
+    }
+
+    fn is_loopback(&self) -> bool {
+        self.host == "localhost" || self.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Opens a byte stream (TCP, then TLS if the URL says https).
+    pub async fn connect(&self) -> Result<Box<dyn Stream>> {
+        let tcp = tokio::time::timeout(
+            NETWORK_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(|e| ClientError::Network(format!("{}: {e}", self.authority())))?;
+        let _ = tcp.set_nodelay(true);
+        if !self.tls {
+            return Ok(Box::new(tcp));
+        }
+        let config = tls_config(&self.trust)?;
+        let name = ServerName::try_from(self.host.clone()).map_err(|_| {
+            ClientError::Profile(format!("`{}` is not a valid server name", self.host))
+        })?;
+        let tls = tokio::time::timeout(
+            NETWORK_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout)?
+        .map_err(|e| ClientError::Network(format!("TLS with {}: {e}", self.authority())))?;
+        Ok(Box::new(tls))
+    }
+
+    /// Sends one JSON request and returns the status and the JSON body.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(StatusCode, serde_json::Value)> {
+        let stream = self.connect().await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, self.authority())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?;
+            let status = response.status();
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?
+                .to_bytes();
+            let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            Ok::<_, ClientError>((status, json))
+        };
+        let result = tokio::time::timeout(NETWORK_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)?;
+        driver.abort();
+        result
+    }
+
+    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/1`. Returns the
+    /// upgraded stream and the login challenge.
+    pub async fn upgrade(&self) -> Result<(Box<dyn Stream>, Vec<u8>)> {
+        let stream = self.connect().await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?;
+        tokio::spawn(connection.with_upgrades());
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri("/v1/connect")
+            .header(hyper::header::HOST, self.authority())
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(hyper::header::UPGRADE, tidings_proto::UPGRADE_PROTOCOL)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let exchange = async {
+            let mut response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?;
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ClientError::Protocol(format!(
+                    "expected 101 from /v1/connect, got {}",
+                    response.status()
+                )));
+            }
+            let challenge = response
+                .headers()
+                .get(tidings_proto::CHALLENGE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(tidings_proto::id::from_text)
+                .filter(|c| c.len() == 32)
+                .ok_or_else(|| {
+                    ClientError::Protocol("the upgrade carried no valid challenge".into())
+                })?;
+            let upgraded = hyper::upgrade::on(&mut response)
+                .await
+                .map_err(|e| ClientError::Network(e.to_string()))?;
+            Ok::<_, ClientError>((
+                Box::new(TokioIo::new(upgraded)) as Box<dyn Stream>,
+                challenge,
+            ))
+        };
+        tokio::time::timeout(NETWORK_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Profile(e.to_string()))?;
+    let config = if let Some(pin) = &trust.pin_sha256 {
+        let pin = parse_pin(pin)?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                pin,
+                provider: provider(),
+            }))
+            .with_no_client_auth()
+    } else if let Some(ca_file) = &trust.ca_file {
+        let file = std::fs::File::open(ca_file).map_err(|e| {
+            ClientError::Profile(format!("cannot open CA file {}: {e}", ca_file.display()))
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+            let cert = cert
+                .map_err(|e| ClientError::Profile(format!("CA file {}: {e}", ca_file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Profile(format!("CA file {}: {e}", ca_file.display())))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        return Err(ClientError::Profile(
+            "an https server needs --ca <file> or --pin <sha256 of its certificate>".into(),
+        ));
+    };
+    Ok(Arc::new(config))
+}
+
+/// Parses 64 hex digits (colons allowed) into a SHA-256 pin.
+pub fn parse_pin(text: &str) -> Result<[u8; 32]> {
+    let hex: String = text.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 {
+        return Err(ClientError::Profile(
+            "a pin is the SHA-256 of the certificate: 64 hex digits".into(),
+        ));
+    }
+    let mut pin = [0u8; 32];
+    for (i, byte) in pin.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| {
+            ClientError::Profile("a pin is the SHA-256 of the certificate: 64 hex digits".into())
+        })?;
+    }
+    Ok(pin)
+}
+
+/// Trusts exactly one certificate, named by its SHA-256. Signatures are still checked.
+#[derive(Debug)]
+struct PinnedCertificate {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let digest: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if digest == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the server certificate does not match the pinned fingerprint".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

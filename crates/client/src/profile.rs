@@ -1,0 +1,153 @@
+//! The profile: one directory per user of this machine, holding everything the device knows.
+//!
+//! - `profile.json`: the number, the server address and how to trust it, the device id;
+//! - `device.key`: the Ed25519 private key, readable only by its owner;
+//! - `inbox.sqlite`: received messages (see [`crate::inbox`]).
+//!
+//! Files are written to a temporary name and renamed, so a crash leaves the old or the new
+//! version, never half of one.
+
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+
+use crate::{ClientError, Result};
+
+/// How the client trusts the server's certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// A PEM file with the CA certificate(s) to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the server's certificate (DER), as 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sha256: Option<String>,
+    /// Allow plain HTTP to a server that is not on this machine.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// What `profile.json` holds.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileData {
+    /// The user's own number, E.164.
+    pub number: String,
+    /// The server's base URL, `http://` or `https://`.
+    pub server: String,
+    /// How to trust the server.
+    #[serde(default)]
+    pub trust: Trust,
+    /// The device id, once verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+}
+
+impl std::fmt::Debug for ProfileData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProfileData")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A profile directory.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    dir: PathBuf,
+}
+
+const DATA_FILE: &str = "profile.json";
+const KEY_FILE: &str = "device.key";
+
+fn io_error(path: &Path, e: std::io::Error) -> ClientError {
+    ClientError::Profile(format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically, readable only by the owner.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(|e| io_error(&temp, e))?;
+    file.write_all(bytes).map_err(|e| io_error(&temp, e))?;
+    file.sync_all().map_err(|e| io_error(&temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| io_error(path, e))
+}
+
+impl Profile {
+    /// The profile in `dir` (which need not exist yet). Opening touches nothing.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The profile directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The stored data, or `None` for a profile that was never registered.
+    pub fn load(&self) -> Result<Option<ProfileData>> {
+        let path = self.dir.join(DATA_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ClientError::Profile(format!("{} is damaged: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// Stores the data.
+    pub fn save(&self, data: &ProfileData) -> Result<()> {
+        self.ensure_dir()?;
+        let bytes =
+            serde_json::to_vec_pretty(data).map_err(|e| ClientError::Profile(e.to_string()))?;
+        write_atomic(&self.dir.join(DATA_FILE), &bytes)
+    }
+
+    fn ensure_dir(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_error(&self.dir, e))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_error(&self.dir, e))
+    }
+
+    /// The device key, made on this device the first time it is needed.
+    pub fn device_key(&self) -> Result<SigningKey> {
+        let path = self.dir.join(KEY_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let secret = <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| ClientError::Profile(format!("{} is damaged", path.display())))?;
+                Ok(SigningKey::from_bytes(&secret))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.ensure_dir()?;
+                let key = SigningKey::generate(&mut rand::rngs::OsRng);
+                write_atomic(&path, key.as_bytes())?;
+                Ok(key)
+            }
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// Forgets the registration and the device key (after opting out).
+    pub fn forget_registration(&self) -> Result<()> {
+        for name in [DATA_FILE, KEY_FILE] {
+            let path = self.dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, e)),
+            }
+        }
+        Ok(())
+    }
+}

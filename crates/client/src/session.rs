@@ -1,0 +1,144 @@
+//! A logged-in session: frames in and out over the upgraded connection, with heartbeats.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ed25519_dalek::{Signer as _, SigningKey};
+use tidings_proto::codec;
+use tidings_proto::frame::{self, Frame, Kind};
+use tidings_proto::id::DeviceId;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::time::Instant;
+
+use crate::net::{Endpoint, Stream, NETWORK_TIMEOUT};
+use crate::{ClientError, Result};
+
+/// A session with the server.
+pub struct Session {
+    stream: Box<dyn Stream>,
+    buf: BytesMut,
+    heartbeat: Duration,
+    last_sent: Instant,
+    next_request: u64,
+    deferred: std::collections::VecDeque<Kind>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Connects, upgrades and logs in with the device key. `listen` asks for deliveries and makes
+    /// the account show as online while the session lives.
+    pub async fn open(
+        endpoint: &Endpoint,
+        device: DeviceId,
+        key: &SigningKey,
+        listen: bool,
+    ) -> Result<Self> {
+        let (stream, challenge) = endpoint.upgrade().await?;
+        let mut session = Self {
+            stream,
+            buf: BytesMut::new(),
+            heartbeat: Duration::from_secs(10),
+            last_sent: Instant::now(),
+            next_request: 1,
+            deferred: std::collections::VecDeque::new(),
+        };
+        let signature = key.sign(&tidings_proto::transcript::login(
+            &challenge,
+            device.as_bytes(),
+        ));
+        session
+            .send(Kind::Login(frame::Login {
+                device_id: device.as_bytes().to_vec(),
+                signature: signature.to_bytes().to_vec(),
+                listen,
+            }))
+            .await?;
+        match session.recv(Instant::now() + NETWORK_TIMEOUT).await? {
+            Some(Kind::LoginResult(result)) => {
+                session.heartbeat = Duration::from_secs(u64::from(result.heartbeat_seconds.max(1)));
+                Ok(session)
+            }
+            Some(Kind::Error(error)) if error.code == frame::ErrorCode::AuthFailed as i32 => {
+                Err(ClientError::Refused(format!(
+                    "{}; this device is no longer registered (replaced, removed or disabled)",
+                    error.message
+                )))
+            }
+            Some(Kind::Error(error)) => Err(ClientError::Refused(error.message)),
+            Some(_) => Err(ClientError::Protocol("expected LoginResult".into())),
+            None => Err(ClientError::Timeout),
+        }
+    }
+
+    /// A fresh request id for this session.
+    pub fn request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
+    }
+
+    /// Puts a frame back, to be returned by the next [`Session::recv`] (in arrival order), for a
+    /// caller that waits for one particular answer while other frames arrive.
+    pub fn defer(&mut self, kind: Kind) {
+        self.deferred.push_back(kind);
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, kind: Kind) -> Result<()> {
+        let bytes = codec::encode_to_bytes(&Frame::from(kind));
+        let write = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(NETWORK_TIMEOUT, write)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// The next frame from the server, or `None` when `deadline` passes first. Sends heartbeats
+    /// while it waits. A closed connection is an error.
+    pub async fn recv(&mut self, deadline: Instant) -> Result<Option<Kind>> {
+        if let Some(kind) = self.deferred.pop_front() {
+            return Ok(Some(kind));
+        }
+        self.recv_fresh(deadline).await
+    }
+
+    /// Like [`Session::recv`], but only frames from the wire, not deferred ones.
+    pub async fn recv_fresh(&mut self, deadline: Instant) -> Result<Option<Kind>> {
+        loop {
+            match codec::decode(&mut self.buf) {
+                Ok(Some(Frame { kind: Some(kind) })) => return Ok(Some(kind)),
+                Ok(Some(Frame { kind: None })) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            let ping_at = self.last_sent + self.heartbeat;
+            tokio::select! {
+                read = self.stream.read_buf(&mut self.buf) => {
+                    match read {
+                        Ok(0) => return Err(ClientError::Network("the server closed the connection".into())),
+                        Ok(_) => {}
+                        Err(e) => return Err(ClientError::Network(e.to_string())),
+                    }
+                }
+                () = tokio::time::sleep_until(deadline.min(ping_at)) => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                    self.send(Kind::Ping(frame::Ping { nonce: 0 })).await?;
+                }
+            }
+        }
+    }
+}

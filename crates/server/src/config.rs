@@ -1,0 +1,211 @@
+//! Server configuration: defaults, a TOML file, environment variables and flags.
+//!
+//! Precedence, highest first: command-line flag, environment variable (`TIDINGS_*`), config file
+//! (`--config`, `TIDINGS_CONFIG`, or `$XDG_CONFIG_HOME/tidings/server.toml` if it exists),
+//! built-in default. Every setting has all four forms; `docs/CONFIGURATION.md` lists them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// Settings as given by flags and environment; each is optional so that the file and the
+/// defaults can fill what is not given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// Config file (TOML). Default: $XDG_CONFIG_HOME/tidings/server.toml, if it exists
+    #[arg(long, env = "TIDINGS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7433]
+    #[arg(long, env = "TIDINGS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding all server state [default: $XDG_DATA_HOME/tidings/server]
+    #[arg(long, env = "TIDINGS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The server's secret key file (OPRF and code keys), kept outside the data directory
+    /// [default: $XDG_CONFIG_HOME/tidings/server.key]
+    #[arg(long, env = "TIDINGS_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks only TLS
+    #[arg(long, env = "TIDINGS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, env = "TIDINGS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// SMS gateway for verification codes: `outbox` [default: outbox]
+    #[arg(long, env = "TIDINGS_SMS_GATEWAY")]
+    pub sms_gateway: Option<String>,
+    /// Directory the `outbox` gateway writes each SMS to [default: $XDG_DATA_HOME/tidings/outbox]
+    #[arg(long, env = "TIDINGS_OUTBOX_DIR")]
+    pub outbox_dir: Option<PathBuf>,
+    /// Seconds between client heartbeats; a session silent for three is closed [default: 10]
+    #[arg(long, env = "TIDINGS_HEARTBEAT_SECONDS")]
+    pub heartbeat_seconds: Option<u32>,
+    /// Most simultaneous connections [default: 100000]
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
+    #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
+    pub scrub_interval_ms: Option<u64>,
+    /// Numbers a device may look up at once before the rate limit [default: 5000]
+    #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
+    pub lookup_burst: Option<u32>,
+    /// Numbers a device's lookup budget regains per hour [default: 1000]
+    #[arg(long, env = "TIDINGS_LOOKUP_PER_HOUR")]
+    pub lookup_per_hour: Option<u32>,
+    /// Append a line per storage sync to this file (durability audits and tests)
+    #[arg(long, env = "TIDINGS_SYNC_TRACE")]
+    pub sync_trace: Option<PathBuf>,
+}
+
+/// The same settings in the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    sms_gateway: Option<String>,
+    outbox_dir: Option<PathBuf>,
+    heartbeat_seconds: Option<u32>,
+    max_connections: Option<usize>,
+    scrub_interval_ms: Option<u64>,
+    lookup_burst: Option<u32>,
+    lookup_per_hour: Option<u32>,
+    sync_trace: Option<PathBuf>,
+}
+
+/// The SMS gateway for verification codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayConfig {
+    /// Writes each SMS as a JSON file into a directory (development and tests).
+    Outbox(PathBuf),
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub key_file: PathBuf,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub gateway: GatewayConfig,
+    pub heartbeat_seconds: u32,
+    pub max_connections: usize,
+    pub scrub_interval_ms: u64,
+    pub lookup_burst: u32,
+    pub lookup_per_hour: u32,
+    pub sync_trace: Option<PathBuf>,
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// `$XDG_CONFIG_HOME/tidings`, or `~/.config/tidings`.
+pub fn config_home() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"))
+        .join("tidings")
+}
+
+/// `$XDG_DATA_HOME/tidings`, or `~/.local/share/tidings`.
+pub fn data_home() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/share"))
+        .join("tidings")
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+impl ServerArgs {
+    /// Applies the precedence rules: flags and environment, then the file, then defaults.
+    pub fn resolve(&self) -> anyhow::Result<ServerConfig> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => {
+                let default = config_home().join("server.toml");
+                if default.exists() {
+                    read_file(&default)?
+                } else {
+                    FileConfig::default()
+                }
+            }
+        };
+        let tls = match (
+            self.tls_cert.clone().or(file.tls_cert),
+            self.tls_key.clone().or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => anyhow::bail!("TLS needs both a certificate and a key: set tls_cert and tls_key"),
+        };
+        let gateway = match self
+            .sms_gateway
+            .clone()
+            .or(file.sms_gateway)
+            .as_deref()
+            .unwrap_or("outbox")
+        {
+            "outbox" => GatewayConfig::Outbox(
+                self.outbox_dir
+                    .clone()
+                    .or(file.outbox_dir)
+                    .unwrap_or_else(|| data_home().join("outbox")),
+            ),
+            other => anyhow::bail!("unknown SMS gateway `{other}`: this version supports `outbox`"),
+        };
+        let heartbeat_seconds = self
+            .heartbeat_seconds
+            .or(file.heartbeat_seconds)
+            .unwrap_or(10);
+        if heartbeat_seconds == 0 {
+            anyhow::bail!("heartbeat_seconds must be at least 1");
+        }
+        Ok(ServerConfig {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7433))),
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| data_home().join("server")),
+            key_file: self
+                .key_file
+                .clone()
+                .or(file.key_file)
+                .unwrap_or_else(|| config_home().join("server.key")),
+            tls,
+            gateway,
+            heartbeat_seconds,
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(100_000),
+            scrub_interval_ms: self
+                .scrub_interval_ms
+                .or(file.scrub_interval_ms)
+                .unwrap_or(2000)
+                .max(10),
+            lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(5000),
+            lookup_per_hour: self
+                .lookup_per_hour
+                .or(file.lookup_per_hour)
+                .unwrap_or(1000),
+            sync_trace: self.sync_trace.clone().or(file.sync_trace),
+        })
+    }
+}

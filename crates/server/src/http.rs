@@ -1,0 +1,487 @@
+//! The HTTP API: registration, health, metrics, the OpenAPI document, and the upgrade that opens
+//! a session. Routes and their OpenAPI entries are declared together (utoipa-axum), so the
+//! document cannot drift from the router.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use ed25519_dalek::{Signature, VerifyingKey};
+use rand::{Rng as _, RngCore as _};
+use tidings_core::verification::{self, Attempt};
+use tidings_proto::http::{ApiError, CodeRequest, CodeSent, Health, Verified, VerifyRequest};
+use tidings_proto::id::DeviceId;
+use tidings_proto::number::E164;
+use tidings_store::Store as _;
+use tokio::sync::OwnedSemaphorePermit;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::metrics::Outcome;
+use crate::state::{check_window, now_ms, Shared, CODES_PER_ADDRESS, VERIFIES_PER_ADDRESS};
+
+/// The client address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The connection's slot in the connection limit; a session keeps it after the upgrade.
+#[derive(Debug, Clone)]
+pub struct Slot(pub Arc<OwnedSemaphorePermit>);
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tidings", description = "Opt-in phone-number messaging. See docs/PROTOCOL.md for the session protocol behind /v1/connect."),
+    tags((name = "registration", description = "Proving a number and binding a device key"),
+         (name = "session", description = "The upgrade to the binary session protocol"),
+         (name = "operations", description = "Health, metrics and this document"))
+)]
+struct ApiDoc;
+
+fn api_error(status: StatusCode, error: &str, message: &str) -> Response {
+    api_error_with(
+        status,
+        ApiError {
+            error: error.into(),
+            message: message.into(),
+            retry_after: None,
+            attempts_left: None,
+        },
+    )
+}
+
+fn api_error_with(status: StatusCode, body: ApiError) -> Response {
+    let mut response = (status, Json(body.clone())).into_response();
+    if let Some(seconds) = body.retry_after {
+        if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+    }
+    response
+}
+
+fn rate_limited(wait_ms: u64, message: &str) -> Response {
+    api_error_with(
+        StatusCode::TOO_MANY_REQUESTS,
+        ApiError {
+            error: "rate_limited".into(),
+            message: message.into(),
+            retry_after: Some(wait_ms.div_ceil(1000)),
+            attempts_left: None,
+        },
+    )
+}
+
+fn bad_json(rejection: JsonRejection) -> Response {
+    api_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        &format!(
+            "the body is not the expected JSON: {}",
+            rejection.body_text()
+        ),
+    )
+}
+
+/// Builds the router and the OpenAPI document it serves.
+pub fn router(state: Shared) -> Router {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(request_code))
+        .routes(routes!(verify))
+        .routes(routes!(connect))
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+        .split_for_parts();
+    let json = api.to_pretty_json().unwrap_or_else(|_| "{}".into());
+    let _ = state.openapi_json.set(json);
+    router
+        .layer(DefaultBodyLimit::max(16 * 1024))
+        .with_state(state)
+}
+
+/// Sends a one-time code to a number.
+#[utoipa::path(post, path = "/v1/registration/code", tag = "registration",
+    request_body = CodeRequest,
+    responses(
+        (status = 202, description = "A code was sent", body = CodeSent),
+        (status = 400, description = "Not a valid phone number or not JSON", body = ApiError),
+        (status = 429, description = "Too many codes for this number or address", body = ApiError),
+        (status = 503, description = "The SMS gateway failed", body = ApiError),
+    ))]
+async fn request_code(
+    State(state): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Json<CodeRequest>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_json(rejection),
+    };
+    let number = match E164::parse(&request.number) {
+        Ok(number) => number,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()),
+    };
+    let now = now_ms();
+    if let Err(wait) = check_window(&state.code_requests, CODES_PER_ADDRESS, peer.0.ip(), now) {
+        state
+            .metrics
+            .registrations
+            .get_or_create(&Outcome {
+                outcome: "address_limited",
+            })
+            .inc();
+        return rate_limited(
+            wait,
+            "too many code requests from this address: wait and try again",
+        );
+    }
+    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "try again shortly",
+        );
+    };
+    let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
+    let hash = state.keys.code_hash(&pseudonym, &code);
+    let policy = state.code_policy;
+    let issued = state
+        .store
+        .update_code_record(pseudonym, move |record| {
+            let current = record.get_or_insert_with(Default::default);
+            let allowed = verification::may_send(&policy, current, now);
+            if allowed.is_ok() {
+                verification::issue(&policy, current, hash, now);
+            }
+            allowed
+        })
+        .await;
+    match issued {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            state
+                .metrics
+                .registrations
+                .get_or_create(&Outcome {
+                    outcome: "number_limited",
+                })
+                .inc();
+            return rate_limited(
+                wait,
+                "a code was sent to this number recently: use it, or wait and try again",
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a code request");
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage unavailable: try again shortly",
+            );
+        }
+    }
+    let text = format!("Your Tidings code is {code}. It expires in 10 minutes. Do not share it.");
+    if let Err(e) = state.gateway.send(&number, &text).await {
+        tracing::warn!(error = %e, "SMS gateway failed to send a code");
+        // Give the number its allowance back: the user never got this code.
+        let _ = state
+            .store
+            .update_code_record(pseudonym, move |record| {
+                if let Some(current) = record.as_mut() {
+                    current.sent_at.retain(|t| *t != now);
+                    current.live = None;
+                }
+            })
+            .await;
+        state
+            .metrics
+            .registrations
+            .get_or_create(&Outcome {
+                outcome: "gateway_failed",
+            })
+            .inc();
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gateway_failed",
+            "the SMS gateway failed: try again later",
+        );
+    }
+    state
+        .metrics
+        .registrations
+        .get_or_create(&Outcome {
+            outcome: "code_sent",
+        })
+        .inc();
+    (
+        StatusCode::ACCEPTED,
+        Json(CodeSent {
+            expires_in: state.code_policy.code_ttl / 1000,
+        }),
+    )
+        .into_response()
+}
+
+/// Checks a code and registers the device key; replaces every other device of the number.
+#[utoipa::path(post, path = "/v1/registration/verify", tag = "registration",
+    request_body = VerifyRequest,
+    responses(
+        (status = 200, description = "The device is registered", body = Verified),
+        (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
+        (status = 401, description = "Wrong code", body = ApiError),
+        (status = 410, description = "No live code for this number", body = ApiError),
+        (status = 429, description = "Attempts used up, or too many requests from this address", body = ApiError),
+    ))]
+async fn verify(
+    State(state): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Json<VerifyRequest>, JsonRejection>,
+) -> Response {
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return bad_json(rejection),
+    };
+    let number = match E164::parse(&request.number) {
+        Ok(number) => number,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()),
+    };
+    if request.code.len() != 6 || !request.code.bytes().all(|b| b.is_ascii_digit()) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the code is the 6 digits from the SMS",
+        );
+    }
+    let Some(key_bytes) = tidings_proto::id::from_text(&request.device_key)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+    else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "device_key must be 32 bytes of base64url",
+        );
+    };
+    let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "device_key is not an Ed25519 public key",
+        );
+    };
+    let signature = tidings_proto::id::from_text(&request.signature)
+        .and_then(|s| Signature::from_slice(&s).ok());
+    let transcript =
+        tidings_proto::transcript::register(number.as_str(), &request.code, &key_bytes);
+    if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "signature does not match device_key",
+        );
+    }
+    let now = now_ms();
+    if let Err(wait) = check_window(
+        &state.verify_requests,
+        VERIFIES_PER_ADDRESS,
+        peer.0.ip(),
+        now,
+    ) {
+        return rate_limited(
+            wait,
+            "too many verification attempts from this address: wait and try again",
+        );
+    }
+    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "try again shortly",
+        );
+    };
+    let presented = state.keys.code_hash(&pseudonym, &request.code);
+    let policy = state.code_policy;
+    let attempt = state
+        .store
+        .update_code_record(pseudonym, move |record| match record.as_mut() {
+            Some(current) => verification::attempt(&policy, current, &presented, now),
+            None => Attempt::NoCode,
+        })
+        .await;
+    let attempt = match attempt {
+        Ok(attempt) => attempt,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during verification");
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage unavailable: try again shortly",
+            );
+        }
+    };
+    let label = match attempt {
+        Attempt::Accepted => "verified",
+        Attempt::Wrong { .. } => "wrong_code",
+        Attempt::NoCode => "no_code",
+        Attempt::TooManyAttempts => "too_many_attempts",
+    };
+    state
+        .metrics
+        .registrations
+        .get_or_create(&Outcome { outcome: label })
+        .inc();
+    match attempt {
+        Attempt::Accepted => {}
+        Attempt::Wrong { attempts_left } => {
+            return api_error_with(
+                StatusCode::UNAUTHORIZED,
+                ApiError {
+                    error: "wrong_code".into(),
+                    message: "that code is not right: check the SMS and try again".into(),
+                    retry_after: None,
+                    attempts_left: Some(attempts_left),
+                },
+            )
+        }
+        Attempt::NoCode => {
+            return api_error(
+                StatusCode::GONE,
+                "no_code",
+                "no live code for this number: request a new one",
+            )
+        }
+        Attempt::TooManyAttempts => {
+            return api_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "attempts used up: request a new code",
+            )
+        }
+    }
+    let mut device = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut device);
+    let device = DeviceId(device);
+    match state
+        .store
+        .register_device(pseudonym, device, key_bytes, now)
+        .await
+    {
+        Ok(registered) => {
+            state.hub.sign_out(
+                &registered.removed,
+                "this number was registered on another device",
+            );
+            tracing::info!(
+                replaced = registered.removed.len(),
+                "a device was registered"
+            );
+            let replaced_devices = u32::try_from(registered.removed.len()).unwrap_or(u32::MAX);
+            Json(Verified {
+                device_id: device.to_text(),
+                replaced_devices,
+            })
+            .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed while registering a device");
+            api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage unavailable: verify again",
+            )
+        }
+    }
+}
+
+/// Upgrades to the session protocol (`Upgrade: tidings/1`); see docs/PROTOCOL.md.
+#[utoipa::path(get, path = "/v1/connect", tag = "session",
+    responses(
+        (status = 101, description = "Switching to the session protocol; the Tidings-Challenge header carries the login challenge"),
+        (status = 426, description = "The request did not ask to upgrade to tidings/1", body = ApiError),
+    ))]
+async fn connect(
+    State(state): State<Shared>,
+    slot: Option<Extension<Slot>>,
+    mut request: Request,
+) -> Response {
+    let wants_upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(tidings_proto::UPGRADE_PROTOCOL));
+    if !wants_upgrade {
+        let mut response = api_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint opens a session: send Connection: Upgrade and Upgrade: tidings/1",
+        );
+        response.headers_mut().insert(
+            header::UPGRADE,
+            HeaderValue::from_static(tidings_proto::UPGRADE_PROTOCOL),
+        );
+        return response;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let mut challenge = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut challenge);
+    let session_state = state.clone();
+    let slot = slot.map(|Extension(slot)| slot);
+    state.tasks.spawn(async move {
+        let _slot = slot;
+        if let Ok(upgraded) = on_upgrade.await {
+            crate::session::run(
+                session_state,
+                hyper_util::rt::TokioIo::new(upgraded),
+                challenge,
+            )
+            .await;
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(
+        header::UPGRADE,
+        HeaderValue::from_static(tidings_proto::UPGRADE_PROTOCOL),
+    );
+    if let Ok(value) = HeaderValue::from_str(&tidings_proto::id::to_text(&challenge)) {
+        headers.insert(tidings_proto::CHALLENGE_HEADER, value);
+    }
+    response
+}
+
+/// Answers while the server runs.
+#[utoipa::path(get, path = "/v1/health", tag = "operations",
+    responses((status = 200, description = "The server is up", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// Prometheus metrics (text exposition format). No label carries a number or an id.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(state): State<Shared>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of this API", content_type = "application/json")))]
+async fn openapi(State(state): State<Shared>) -> Response {
+    let json = state.openapi_json.get().cloned().unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+}

@@ -1,0 +1,184 @@
+//! Live sessions on this node: which devices are online, and how to reach their sessions.
+//!
+//! Only sessions are kept here, never accounts or numbers: the hub is as large as the number of
+//! open connections. A multi-node deployment replaces the reach-a-device half with a bus; the
+//! server only uses the methods below.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tidings_proto::frame::Frame;
+use tidings_proto::id::DeviceId;
+use tokio::sync::mpsc;
+
+/// Frames queued per session before the session counts as slow.
+pub const SESSION_QUEUE: usize = 1024;
+
+/// What a session is asked to do.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Write this frame.
+    Frame(Frame),
+    /// Write a delivery; `seq` is its place in the device's stored queue.
+    Deliver { seq: i64, frame: Frame },
+    /// The device was signed out (replaced, removed or disabled): say so and close.
+    SignOut(&'static str),
+}
+
+#[derive(Debug)]
+struct Entry {
+    session: u64,
+    listen: bool,
+    tx: mpsc::Sender<Outbound>,
+    /// Set when a delivery did not fit in the session's queue; the session re-reads the store.
+    behind: Arc<AtomicBool>,
+}
+
+/// A session's registration, removed from the hub when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    hub: Arc<Hub>,
+    device: DeviceId,
+    session: u64,
+    /// Set when a delivery was dropped for lack of room.
+    pub behind: Arc<AtomicBool>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.remove(self.device, self.session);
+    }
+}
+
+/// The live sessions of this node.
+#[derive(Debug, Default)]
+pub struct Hub {
+    sessions: Mutex<HashMap<DeviceId, Vec<Entry>>>,
+    next: AtomicU64,
+}
+
+impl Hub {
+    /// Registers a logged-in session.
+    pub fn add(
+        self: &Arc<Self>,
+        device: DeviceId,
+        listen: bool,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Registration {
+        let session = self.next.fetch_add(1, Ordering::Relaxed);
+        let behind = Arc::new(AtomicBool::new(false));
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.entry(device).or_default().push(Entry {
+                session,
+                listen,
+                tx,
+                behind: Arc::clone(&behind),
+            });
+        }
+        Registration {
+            hub: Arc::clone(self),
+            device,
+            session,
+            behind,
+        }
+    }
+
+    fn remove(&self, device: DeviceId, session: u64) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            if let Some(entries) = sessions.get_mut(&device) {
+                entries.retain(|entry| entry.session != session);
+                if entries.is_empty() {
+                    sessions.remove(&device);
+                }
+            }
+        }
+    }
+
+    /// Whether the device holds a live listening session.
+    pub fn is_online(&self, device: &DeviceId) -> bool {
+        self.sessions
+            .lock()
+            .map(|sessions| {
+                sessions
+                    .get(device)
+                    .is_some_and(|entries| entries.iter().any(|e| e.listen))
+            })
+            .unwrap_or(false)
+    }
+
+    /// How many of these devices are online.
+    pub fn count_online<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceId>) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        devices
+            .into_iter()
+            .filter(|device| {
+                sessions
+                    .get(device)
+                    .is_some_and(|entries| entries.iter().any(|e| e.listen))
+            })
+            .count()
+    }
+
+    /// Offers a delivery to every listening session of a device; returns how many took it.
+    pub fn deliver(&self, device: &DeviceId, seq: i64, frame: &Frame) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        let Some(entries) = sessions.get(device) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for entry in entries.iter().filter(|e| e.listen) {
+            match entry.tx.try_send(Outbound::Deliver {
+                seq,
+                frame: frame.clone(),
+            }) {
+                Ok(()) => delivered += 1,
+                Err(_) => entry.behind.store(true, Ordering::Release),
+            }
+        }
+        delivered
+    }
+
+    /// Sends a frame to every session of a device (listening or not), dropping it for a session
+    /// whose queue is full (receipts stay stored and are sent again at the next login).
+    pub fn notify(&self, device: &DeviceId, frame: &Frame) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        if let Some(entries) = sessions.get(device) {
+            for entry in entries {
+                let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
+            }
+        }
+    }
+
+    /// Signs out every session of these devices.
+    pub fn sign_out(&self, devices: &[DeviceId], reason: &'static str) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        for device in devices {
+            if let Some(entries) = sessions.get(device) {
+                for entry in entries {
+                    // A full queue must not keep a signed-out session alive: close it the hard
+                    // way by marking it behind too; the session checks its device on re-read.
+                    if entry.tx.try_send(Outbound::SignOut(reason)).is_err() {
+                        entry.behind.store(true, Ordering::Release);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Live sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .map(|s| s.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics. Labels are fixed words (outcomes, kinds); none ever carries a number, a
+//! device id, a message id or a payload.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label with one fixed word.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: Counter,
+    pub sessions_active: Gauge,
+    pub sends: Family<Outcome, Counter>,
+    pub deliveries: Counter,
+    pub acks: Family<Outcome, Counter>,
+    pub lookups: Counter,
+    pub registrations: Family<Outcome, Counter>,
+    pub syncs: Counter,
+    pub sync_batch: Histogram,
+    pub expired: Counter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tidings");
+        let metrics = Self {
+            connections: Counter::default(),
+            sessions_active: Gauge::default(),
+            sends: Family::default(),
+            deliveries: Counter::default(),
+            acks: Family::default(),
+            lookups: Counter::default(),
+            registrations: Family::default(),
+            syncs: Counter::default(),
+            sync_batch: Histogram::new(
+                [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0].into_iter(),
+            ),
+            expired: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "TCP connections accepted",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "Logged-in sessions now",
+            metrics.sessions_active.clone(),
+        );
+        registry.register("sends", "Sends by outcome", metrics.sends.clone());
+        registry.register(
+            "deliveries",
+            "Deliver frames pushed to sessions",
+            metrics.deliveries.clone(),
+        );
+        registry.register("acks", "Acknowledgements by result", metrics.acks.clone());
+        registry.register(
+            "lookup_numbers",
+            "Numbers looked up",
+            metrics.lookups.clone(),
+        );
+        registry.register(
+            "registrations",
+            "Registration requests by outcome",
+            metrics.registrations.clone(),
+        );
+        registry.register(
+            "store_syncs",
+            "Storage syncs (group commits)",
+            metrics.syncs.clone(),
+        );
+        registry.register(
+            "store_sync_batch_operations",
+            "Operations per storage sync",
+            metrics.sync_batch.clone(),
+        );
+        registry.register(
+            "expired_messages",
+            "Messages deleted at the end of their TTL",
+            metrics.expired.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

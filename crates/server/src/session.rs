@@ -1,0 +1,411 @@
+//! One upgraded connection: login, then frames in both directions until the client leaves, the
+//! heartbeat lapses, the device is signed out, or the server shuts down.
+//!
+//! Requests that touch storage run as tasks of the session (bounded in number), so a send waiting
+//! for its sync does not hold up the next frame. Everything the session writes goes through one
+//! bounded queue and is coalesced into as few writes as the socket allows.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ed25519_dalek::{Signature, VerifyingKey};
+use tidings_proto::codec::{self, CodecError};
+use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
+use tidings_proto::id::DeviceId;
+use tidings_store::{AccountId, Store as _};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::hub::{Outbound, SESSION_QUEUE};
+use crate::requests;
+use crate::state::{now_ms, Shared};
+
+/// Time a client has to log in after the upgrade.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests of one session being served at once; past this the session stops reading.
+const MAX_IN_FLIGHT: usize = 256;
+/// How long a shutdown waits for a session's requests to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries read from the store per page.
+const PAGE: usize = 256;
+
+/// Who is logged in.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    pub device: DeviceId,
+    pub account: AccountId,
+}
+
+fn error_frame(code: ErrorCode, message: &str, fatal: bool, request_id: u64) -> Frame {
+    Kind::Error(frame::Error {
+        code: code as i32,
+        message: message.into(),
+        fatal,
+        request_id,
+    })
+    .into()
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
+    writer.write_all(&codec::encode_to_bytes(frame)).await?;
+    writer.flush().await
+}
+
+/// Reads until one whole frame is buffered. `Ok(None)` is a clean end of stream.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame>, CodecError> {
+    loop {
+        if let Some(frame) = codec::decode(buf)? {
+            return Ok(Some(frame));
+        }
+        if let Some(needed) = codec::needed(buf)? {
+            buf.reserve(needed.saturating_sub(buf.len()));
+        } else {
+            buf.reserve(64);
+        }
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Runs a session on an upgraded connection.
+pub async fn run<IO>(state: Shared, io: IO, challenge: [u8; 32])
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let mut buf = BytesMut::new();
+    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(&mut reader, &mut buf)).await {
+        Ok(Ok(Some(Frame {
+            kind: Some(Kind::Login(login)),
+        }))) => login,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            let _ = write_frame(
+                &mut writer,
+                &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
+            )
+            .await;
+            return;
+        }
+        Ok(Ok(Some(_))) => {
+            let _ = write_frame(
+                &mut writer,
+                &error_frame(
+                    ErrorCode::Protocol,
+                    "the first frame must be Login",
+                    true,
+                    0,
+                ),
+            )
+            .await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let identity = match authenticate(&state, &login, &challenge).await {
+        Ok(identity) => identity,
+        Err((code, message)) => {
+            let _ = write_frame(&mut writer, &error_frame(code, message, true, 0)).await;
+            return;
+        }
+    };
+    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
+    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
+        server_time_ms: now_ms(),
+        heartbeat_seconds: state.config.heartbeat_seconds,
+    })
+    .into();
+    if write_frame(&mut writer, &login_result).await.is_err() {
+        return;
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Outbound>(SESSION_QUEUE);
+    let registration = state.hub.add(identity.device, login.listen, tx.clone());
+    state.metrics.sessions_active.inc();
+    tracing::debug!(listen = login.listen, "session started");
+
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    tasks.spawn(requests::send_pending_receipts(
+        state.clone(),
+        identity.device,
+        tx.clone(),
+    ));
+    if login.listen {
+        tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
+    }
+
+    let mut out = BytesMut::new();
+    let mut deadline = Instant::now() + heartbeat * 3;
+    let mut signed_out = false;
+    loop {
+        if buf.is_empty() && buf.capacity() > 0 && tasks.is_empty() {
+            // An idle session keeps no read buffer.
+            buf = BytesMut::new();
+        }
+        tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => break,
+            message = rx.recv() => {
+                let Some(message) = message else { break };
+                if encode_outbound(message, &mut out, &state) {
+                    signed_out = true;
+                }
+                while out.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(message) => {
+                            if encode_outbound(message, &mut out, &state) {
+                                signed_out = true;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+                    break;
+                }
+                out.clear();
+                if signed_out {
+                    break;
+                }
+                if registration.behind.swap(false, Ordering::AcqRel) && login.listen {
+                    tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
+                }
+            }
+            read = reader.read_buf(&mut buf), if tasks.len() < MAX_IN_FLIGHT => {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                deadline = Instant::now() + heartbeat * 3;
+                loop {
+                    match codec::decode(&mut buf) {
+                        Ok(Some(frame)) => {
+                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks) {
+                                codec::encode(&reply, &mut out);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            codec::encode(&error_frame(ErrorCode::Protocol, &e.to_string(), true, 0), &mut out);
+                            let _ = writer.write_all(&out).await;
+                            let _ = writer.shutdown().await;
+                            finish(&state, tasks).await;
+                            return;
+                        }
+                    }
+                }
+                if let Ok(Some(needed)) = codec::needed(&buf) {
+                    buf.reserve(needed.saturating_sub(buf.len()));
+                }
+                if !out.is_empty() {
+                    if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+                        break;
+                    }
+                    out.clear();
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::debug!("session closed: heartbeat lapsed");
+                break;
+            }
+            Some(_) = tasks.join_next() => {}
+        }
+    }
+    // The device no longer counts as online from here on.
+    drop(registration);
+    // Let requests already read finish (their answers are written if the socket still takes
+    // them), so a shutdown loses nothing that was in flight.
+    let drain = async {
+        while !tasks.is_empty() || !rx.is_empty() {
+            tokio::select! {
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(message) = rx.recv() => {
+                    encode_outbound(message, &mut out, &state);
+                    let _ = writer.write_all(&out).await;
+                    out.clear();
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+    state.metrics.sessions_active.dec();
+}
+
+async fn finish(state: &Shared, mut tasks: JoinSet<()>) {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    state.metrics.sessions_active.dec();
+}
+
+/// Encodes an outbound message; true when the session must close after writing it.
+fn encode_outbound(message: Outbound, out: &mut BytesMut, state: &Shared) -> bool {
+    match message {
+        Outbound::Frame(frame) => {
+            codec::encode(&frame, out);
+            false
+        }
+        Outbound::Deliver { frame, .. } => {
+            state.metrics.deliveries.inc();
+            codec::encode(&frame, out);
+            false
+        }
+        Outbound::SignOut(reason) => {
+            codec::encode(
+                &Kind::SignedOut(frame::SignedOut {
+                    reason: reason.into(),
+                })
+                .into(),
+                out,
+            );
+            true
+        }
+    }
+}
+
+async fn authenticate(
+    state: &Shared,
+    login: &frame::Login,
+    challenge: &[u8; 32],
+) -> Result<Identity, (ErrorCode, &'static str)> {
+    const FAILED: (ErrorCode, &str) = (
+        ErrorCode::AuthFailed,
+        "unknown device or bad signature: register again",
+    );
+    let device = DeviceId::from_slice(&login.device_id).ok_or(FAILED)?;
+    let signature = Signature::from_slice(&login.signature).map_err(|_| FAILED)?;
+    let stored = state
+        .store
+        .device(device)
+        .await
+        .map_err(|_| {
+            (
+                ErrorCode::Unavailable,
+                "storage unavailable: try again shortly",
+            )
+        })?
+        .ok_or(FAILED)?;
+    let key = VerifyingKey::from_bytes(&stored.public_key).map_err(|_| FAILED)?;
+    key.verify_strict(
+        &tidings_proto::transcript::login(challenge, device.as_bytes()),
+        &signature,
+    )
+    .map_err(|_| FAILED)?;
+    Ok(Identity {
+        device,
+        account: stored.account,
+    })
+}
+
+/// Handles one frame. Cheap frames are answered inline; the rest become session tasks.
+fn handle(
+    state: &Shared,
+    identity: Identity,
+    frame: Frame,
+    tx: &mpsc::Sender<Outbound>,
+    tasks: &mut JoinSet<()>,
+) -> Option<Frame> {
+    let kind = frame.kind?;
+    match kind {
+        Kind::Ping(ping) => Some(Kind::Pong(frame::Pong { nonce: ping.nonce }).into()),
+        Kind::Send(send) => {
+            tasks.spawn(requests::send(state.clone(), identity, send, tx.clone()));
+            None
+        }
+        Kind::Ack(ack) => {
+            tasks.spawn(requests::ack(state.clone(), identity, ack, tx.clone()));
+            None
+        }
+        Kind::ReceiptAck(receipt) => {
+            tasks.spawn(requests::receipt_ack(state.clone(), identity, receipt));
+            None
+        }
+        Kind::Lookup(lookup) => {
+            tasks.spawn(requests::lookup(
+                state.clone(),
+                identity,
+                lookup,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::Devices(request) => {
+            tasks.spawn(requests::devices(
+                state.clone(),
+                identity,
+                request,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::Disable(request) => {
+            tasks.spawn(requests::disable(
+                state.clone(),
+                identity,
+                request,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::Login(_) => Some(error_frame(
+            ErrorCode::Protocol,
+            "already logged in",
+            false,
+            0,
+        )),
+        _ => Some(error_frame(
+            ErrorCode::Protocol,
+            "this frame is sent by servers, not clients",
+            false,
+            0,
+        )),
+    }
+}
+
+/// Sends every stored copy waiting for the device, oldest first.
+async fn drain_queue(state: Shared, device: DeviceId, tx: mpsc::Sender<Outbound>) {
+    let mut after = 0;
+    loop {
+        let page = match state.store.pending(device, after, PAGE, now_ms()).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a device queue");
+                return;
+            }
+        };
+        let full = page.len() == PAGE;
+        for pending in page {
+            after = pending.seq;
+            let frame = requests::deliver_frame(
+                pending.sender_device,
+                pending.id,
+                pending.sent_at,
+                pending.payload,
+            );
+            if tx
+                .send(Outbound::Deliver {
+                    seq: pending.seq,
+                    frame,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if !full {
+            return;
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! What every handler shares: configuration, store, keys, live sessions, limits and metrics.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tidings_core::limits::{TokenBucket, Window};
+use tidings_core::routing::Retention;
+use tidings_core::verification::CodePolicy;
+use tidings_core::{Millis, MINUTE};
+use tidings_proto::id::DeviceId;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerConfig;
+use crate::gateway::Gateway;
+use crate::hub::Hub;
+use crate::keys::ServerKeys;
+use crate::metrics::Metrics;
+
+/// The storage engine this build runs on. Handlers use it only through `tidings_store::Store`.
+pub type Db = tidings_store::sqlite::SqliteStore;
+
+/// Per-device message budget: 100 a second, bursts of 200.
+pub const SEND_BURST: u32 = 200;
+/// See [`SEND_BURST`].
+pub const SEND_PER_SECOND: f64 = 100.0;
+/// Most message copies waiting for one device.
+pub const QUEUE_LIMIT: u32 = 10_000;
+/// Code requests per client address: 5 per 5 minutes.
+pub const CODES_PER_ADDRESS: Window = Window {
+    max: 5,
+    period: 5 * MINUTE,
+};
+/// Verification attempts per client address: 30 per 5 minutes.
+pub const VERIFIES_PER_ADDRESS: Window = Window {
+    max: 30,
+    period: 5 * MINUTE,
+};
+/// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
+pub const LIMITER_CAPACITY: usize = 1_000_000;
+
+/// Shared server state.
+#[derive(Debug)]
+pub struct State {
+    pub config: ServerConfig,
+    pub store: Db,
+    pub keys: ServerKeys,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub gateway: Gateway,
+    pub retention: Retention,
+    pub code_policy: CodePolicy,
+    pub code_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
+    pub verify_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
+    pub lookup_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
+    pub send_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    pub openapi_json: std::sync::OnceLock<String>,
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
+        .unwrap_or(0)
+}
+
+/// Records an event for `address` in a sliding-window limiter; `Err` carries the wait.
+pub fn check_window(
+    limiter: &Mutex<HashMap<IpAddr, Vec<Millis>>>,
+    window: Window,
+    address: IpAddr,
+    now: Millis,
+) -> Result<(), Millis> {
+    let Ok(mut map) = limiter.lock() else {
+        return Err(MINUTE);
+    };
+    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&address) {
+        map.retain(|_, times| times.iter().any(|t| t + window.period > now));
+        if map.len() >= LIMITER_CAPACITY {
+            return Err(window.period);
+        }
+    }
+    let times = map.entry(address).or_default();
+    window.prune(times, now);
+    window.check(times, now)?;
+    times.push(now);
+    Ok(())
+}
+
+/// Takes `n` from a device's token bucket, creating a full one on first use.
+pub fn take_budget(
+    budgets: &Mutex<HashMap<DeviceId, TokenBucket>>,
+    device: DeviceId,
+    n: u32,
+    capacity: u32,
+    per_second: f64,
+    now: Millis,
+) -> Result<(), Millis> {
+    let Ok(mut map) = budgets.lock() else {
+        return Err(MINUTE);
+    };
+    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&device) {
+        map.retain(|_, bucket| !bucket.is_full(now));
+    }
+    map.entry(device)
+        .or_insert_with(|| TokenBucket::new(capacity, per_second, now))
+        .try_take(n, now)
+}
+
+impl State {
+    /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
+    pub fn prune_limiters(&self, now: Millis) {
+        for (limiter, window) in [
+            (&self.code_requests, CODES_PER_ADDRESS),
+            (&self.verify_requests, VERIFIES_PER_ADDRESS),
+        ] {
+            if let Ok(mut map) = limiter.lock() {
+                map.retain(|_, times| times.iter().any(|t| t + window.period > now));
+            }
+        }
+        for budgets in [&self.lookup_budgets, &self.send_budgets] {
+            if let Ok(mut map) = budgets.lock() {
+                map.retain(|_, bucket| !bucket.is_full(now));
+            }
+        }
+    }
+}
+
+/// Shared state as handlers hold it.
+pub type Shared = Arc<State>;

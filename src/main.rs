@@ -1,0 +1,420 @@
+//! `tidings`: the server and the command-line client in one binary. This file only parses
+//! arguments, installs logging and maps results to output and exit codes; the work is in the
+//! `tidings-server` and `tidings-client` crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tidings_client::client::{self, Client, Event, SendReport};
+use tidings_client::profile::{Profile, Trust};
+use tidings_client::ClientError;
+use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
+use tidings_server::config::ServerArgs;
+
+/// Exit code: the message was not taken (not a user, not reachable, refused, rate-limited).
+const EXIT_NOT_TAKEN: u8 = 3;
+/// Exit code: the profile is not registered, so nothing was sent anywhere.
+const EXIT_NOT_REGISTERED: u8 = 4;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Opt-in phone-number messaging over IP",
+    long_about = "Tidings sends text messages over IP between people identified by phone number.\n\
+        Nothing leaves this machine until you register; numbers reach the server only as\n\
+        pseudonyms it cannot reverse; disabling deletes everything the server had.\n\n\
+        Start a server:        tidings server\n\
+        Opt in:                tidings register +4915112345678 --server http://127.0.0.1:7433\n\
+                               tidings verify 123456\n\
+        Who can I reach?       tidings lookup +4915187654321\n\
+        Send and receive:      tidings send +4915187654321 'Hello'   /   tidings listen\n\
+        Opt out:               tidings disable",
+    after_help = "Exit codes: 0 done; 1 failed (see the message); 2 bad usage; 3 the message was not taken\n\
+        (not a user, not reachable, queue full, rate-limited); 4 this profile is not registered."
+)]
+struct Cli {
+    /// Profile directory: one per user of this machine [default: $XDG_DATA_HOME/tidings/profile]
+    #[arg(long, env = "TIDINGS_PROFILE", global = true)]
+    profile: Option<PathBuf>,
+    /// Print results as JSON (one object per line)
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log filter, such as `info` or `tidings_server=debug` [default: info for the server, warn otherwise]
+    #[arg(long, env = "TIDINGS_LOG", global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Keep it on the server until a device of the receiver takes it, or until its TTL ends
+    Queue,
+    /// Only if a device of the receiver is online now; otherwise nothing is stored
+    NowOrNever,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (embedded storage; see docs/CONFIGURATION.md)
+    Server(ServerArgs),
+    /// Opt in: save the server in this profile and have a code sent to your number by SMS
+    Register {
+        /// Your phone number in international form, such as +4915112345678
+        number: String,
+        /// The server's URL, such as https://tidings.example:7433
+        #[arg(long, env = "TIDINGS_SERVER")]
+        server: String,
+        /// Trust the server's certificate through this CA file (PEM)
+        #[arg(long, conflicts_with = "pin")]
+        ca: Option<PathBuf>,
+        /// Trust exactly the server certificate with this SHA-256 fingerprint (hex)
+        #[arg(long)]
+        pin: Option<String>,
+        /// Allow plain http:// to a server that is not on this machine
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Finish opting in with the 6-digit code from the SMS
+    Verify {
+        /// The code
+        code: String,
+    },
+    /// Send a text message
+    Send {
+        /// The receiver's phone number
+        number: String,
+        /// The text
+        text: String,
+        /// Delivery mode
+        #[arg(long, value_enum, default_value_t = Mode::Queue)]
+        mode: Mode,
+        /// Seconds a queued message is kept (0: the server's default, 7 days)
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+        /// Seconds to wait for the answer and the receipt
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Receive messages and receipts as they arrive (and be shown online while running)
+    Listen {
+        /// Stop after this many messages
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Show whether numbers are online, offline or not users
+    Lookup {
+        /// Phone numbers
+        #[arg(required = true)]
+        numbers: Vec<String>,
+    },
+    /// Opt out: delete your account, devices, keys and queued messages from the server
+    Disable,
+    /// Show this profile's state (no network)
+    Status,
+}
+
+fn default_profile() -> PathBuf {
+    tidings_server::config::data_home().join("profile")
+}
+
+fn init_logging(filter: Option<&str>, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_server = matches!(cli.command, Command::Server(_));
+    init_logging(cli.log.as_deref(), if is_server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let not_registered = matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::NotRegistered | ClientError::NotVerified)
+            );
+            if json {
+                println!("{}", json!({ "error": e.to_string() }));
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            if not_registered {
+                ExitCode::from(EXIT_NOT_REGISTERED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let profile = Profile::at(cli.profile.clone().unwrap_or_else(default_profile));
+    let json = cli.json;
+    match cli.command {
+        Command::Server(args) => serve(args).await,
+        Command::Register {
+            number,
+            server,
+            ca,
+            pin,
+            insecure,
+        } => {
+            let trust = Trust {
+                ca_file: ca,
+                pin_sha256: pin,
+                insecure,
+            };
+            let number = client::register(&profile, &number, &server, trust).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({ "status": "code_sent", "number": number.as_str() })
+                );
+            } else {
+                println!(
+                    "A code was sent by SMS to {}. Run: tidings verify <code>",
+                    number.as_str()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { code } => {
+            let replaced = client::verify(&profile, &code).await?;
+            let client = Client::open(profile)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({ "status": "registered", "device_id": client.device().to_text(), "replaced_devices": replaced })
+                );
+            } else {
+                println!("Registered {} on this device.", client.number());
+                if replaced > 0 {
+                    println!("{replaced} earlier device(s) of this number were signed out.");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            number,
+            text,
+            mode,
+            ttl,
+            wait,
+        } => {
+            let client = Client::open(profile)?;
+            let mode = match mode {
+                Mode::Queue => SendMode::Queue,
+                Mode::NowOrNever => SendMode::NowOrNever,
+            };
+            let report = client
+                .send(&number, &text, mode, ttl, Duration::from_secs(wait))
+                .await?;
+            print_send(&report, json);
+            Ok(match report.outcome {
+                SendOutcome::Accepted | SendOutcome::Queued => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_NOT_TAKEN),
+            })
+        }
+        Command::Listen { count, timeout } => {
+            let client = Client::open(profile)?;
+            let until = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+            let mut shown = 0usize;
+            client
+                .listen(until, |event| {
+                    print_event(&event, json);
+                    if matches!(event, Event::Message(_)) {
+                        shown += 1;
+                    }
+                    count.is_none_or(|count| shown < count)
+                })
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lookup { numbers } => {
+            let client = Client::open(profile)?;
+            for (number, presence) in client.lookup(&numbers).await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "number": number, "presence": presence.as_str() })
+                    );
+                } else {
+                    println!("{number}\t{}", presence.as_str().replace('_', " "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Disable => {
+            let client = Client::open(profile)?;
+            client.disable().await?;
+            if json {
+                println!("{}", json!({ "status": "disabled" }));
+            } else {
+                println!(
+                    "Disabled. The server deleted your account, devices, keys and queued messages."
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let data = profile.load()?;
+            let registered = data.is_some();
+            let verified = data.as_ref().is_some_and(|d| d.device_id.is_some());
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "registered": registered,
+                        "verified": verified,
+                        "number": data.as_ref().map(|d| d.number.clone()),
+                        "server": data.as_ref().map(|d| d.server.clone()),
+                    })
+                );
+            } else if let Some(data) = data {
+                let state = if verified {
+                    "registered"
+                } else {
+                    "waiting for `tidings verify <code>`"
+                };
+                println!("{} at {}: {state}", data.number, data.server);
+            } else {
+                println!(
+                    "Not registered: nothing is sent anywhere until you run `tidings register`."
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_send(report: &SendReport, json: bool) {
+    let receipt = report.receipt.map(|kind| match kind {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Expired => "expired",
+    });
+    if json {
+        println!(
+            "{}",
+            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt })
+        );
+        return;
+    }
+    let text = match (report.outcome, receipt) {
+        (SendOutcome::Accepted, Some("delivered")) => "delivered",
+        (SendOutcome::Accepted, _) => {
+            "accepted: a device of the receiver is online; no receipt yet"
+        }
+        (SendOutcome::Queued, _) => "queued: it will be delivered when the receiver comes online",
+        (SendOutcome::RefusedNotReachable, _) => {
+            "not sent: the receiver is not online now (nothing was stored)"
+        }
+        (SendOutcome::NotAUser, _) => "not sent: that number does not use Tidings",
+        (SendOutcome::RefusedQueueFull, _) => "not sent: the receiver's queue is full",
+        (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
+        (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
+        (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
+    };
+    println!("{text}");
+}
+
+fn print_event(event: &Event, json: bool) {
+    match event {
+        Event::Message(message) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "type": "message",
+                        "id": message.id.to_text(),
+                        "sender_device": message.sender_device.to_text(),
+                        "from": message.from,
+                        "text": message.text,
+                        "sent_at_ms": message.sent_at_ms,
+                        "sender_verified": message.sender_verified,
+                    })
+                );
+            } else if message.sender_verified {
+                println!("{}: {}", message.from, message.text);
+            } else {
+                println!(
+                    "WARNING: this message claims to be from {} but was sent by a device that is not theirs: {}",
+                    message.from, message.text
+                );
+            }
+        }
+        Event::Receipt { id, kind } => {
+            let kind = match kind {
+                ReceiptKind::Delivered => "delivered",
+                ReceiptKind::Expired => "expired",
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "receipt", "id": id.to_text(), "kind": kind })
+                );
+            } else {
+                println!("receipt: message {id} {kind}");
+            }
+        }
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+}
+
+async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let config = args.resolve()?;
+    let server = tidings_server::Server::bind(config).await?;
+    let address = server.local_addr()?;
+    let scheme = if server_tls(&args) { "https" } else { "http" };
+    println!("tidings server listening on {scheme}://{address}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(terminate) => terminate,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received");
+        signal.cancel();
+    });
+    server.run(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn server_tls(args: &ServerArgs) -> bool {
+    args.resolve().map(|c| c.tls.is_some()).unwrap_or(false)
+}
