@@ -54,6 +54,12 @@ pub struct ServerArgs {
     /// Numbers a device's lookup budget regains per hour [default: 1000]
     #[arg(long, env = "TIDINGS_LOOKUP_PER_HOUR")]
     pub lookup_per_hour: Option<u32>,
+    /// Code requests allowed per client address per 5 minutes [default: 5]
+    #[arg(long, env = "TIDINGS_CODES_PER_ADDRESS")]
+    pub codes_per_address: Option<usize>,
+    /// Verification attempts allowed per client address per 5 minutes [default: 30]
+    #[arg(long, env = "TIDINGS_VERIFIES_PER_ADDRESS")]
+    pub verifies_per_address: Option<usize>,
     /// Append a line per storage sync to this file (durability audits and tests)
     #[arg(long, env = "TIDINGS_SYNC_TRACE")]
     pub sync_trace: Option<PathBuf>,
@@ -75,6 +81,8 @@ struct FileConfig {
     scrub_interval_ms: Option<u64>,
     lookup_burst: Option<u32>,
     lookup_per_hour: Option<u32>,
+    codes_per_address: Option<usize>,
+    verifies_per_address: Option<usize>,
     sync_trace: Option<PathBuf>,
 }
 
@@ -98,6 +106,8 @@ pub struct ServerConfig {
     pub scrub_interval_ms: u64,
     pub lookup_burst: u32,
     pub lookup_per_hour: u32,
+    pub codes_per_address: usize,
+    pub verifies_per_address: usize,
     pub sync_trace: Option<PathBuf>,
 }
 
@@ -205,6 +215,14 @@ impl ServerArgs {
                 .lookup_per_hour
                 .or(file.lookup_per_hour)
                 .unwrap_or(1000),
+            codes_per_address: self
+                .codes_per_address
+                .or(file.codes_per_address)
+                .unwrap_or(5),
+            verifies_per_address: self
+                .verifies_per_address
+                .or(file.verifies_per_address)
+                .unwrap_or(30),
             sync_trace: self.sync_trace.clone().or(file.sync_trace),
         })
     }

@@ -23,7 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::metrics::Outcome;
-use crate::state::{check_window, now_ms, Shared, CODES_PER_ADDRESS, VERIFIES_PER_ADDRESS};
+use crate::state::{check_window, now_ms, Shared};
 
 /// The client address of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +127,12 @@ async fn request_code(
         Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()),
     };
     let now = now_ms();
-    if let Err(wait) = check_window(&state.code_requests, CODES_PER_ADDRESS, peer.0.ip(), now) {
+    if let Err(wait) = check_window(
+        &state.code_requests,
+        state.codes_per_address(),
+        peer.0.ip(),
+        now,
+    ) {
         state
             .metrics
             .registrations
@@ -287,7 +292,7 @@ async fn verify(
     let now = now_ms();
     if let Err(wait) = check_window(
         &state.verify_requests,
-        VERIFIES_PER_ADDRESS,
+        state.verifies_per_address(),
         peer.0.ip(),
         now,
     ) {

@@ -27,16 +27,8 @@ pub const SEND_BURST: u32 = 200;
 pub const SEND_PER_SECOND: f64 = 100.0;
 /// Most message copies waiting for one device.
 pub const QUEUE_LIMIT: u32 = 10_000;
-/// Code requests per client address: 5 per 5 minutes.
-pub const CODES_PER_ADDRESS: Window = Window {
-    max: 5,
-    period: 5 * MINUTE,
-};
-/// Verification attempts per client address: 30 per 5 minutes.
-pub const VERIFIES_PER_ADDRESS: Window = Window {
-    max: 30,
-    period: 5 * MINUTE,
-};
+/// The period of the per-address registration limits.
+pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
 
@@ -112,14 +104,27 @@ pub fn take_budget(
 }
 
 impl State {
+    /// The limit on code requests per client address.
+    pub fn codes_per_address(&self) -> Window {
+        Window {
+            max: self.config.codes_per_address,
+            period: ADDRESS_WINDOW,
+        }
+    }
+
+    /// The limit on verification attempts per client address.
+    pub fn verifies_per_address(&self) -> Window {
+        Window {
+            max: self.config.verifies_per_address,
+            period: ADDRESS_WINDOW,
+        }
+    }
+
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
-        for (limiter, window) in [
-            (&self.code_requests, CODES_PER_ADDRESS),
-            (&self.verify_requests, VERIFIES_PER_ADDRESS),
-        ] {
+        for limiter in [&self.code_requests, &self.verify_requests] {
             if let Ok(mut map) = limiter.lock() {
-                map.retain(|_, times| times.iter().any(|t| t + window.period > now));
+                map.retain(|_, times| times.iter().any(|t| t + ADDRESS_WINDOW > now));
             }
         }
         for budgets in [&self.lookup_budgets, &self.send_budgets] {
