@@ -61,7 +61,7 @@ enum Mode {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (embedded storage; see docs/CONFIGURATION.md)
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Opt in: save the server in this profile and have a code sent to your number by SMS
     Register {
         /// Your phone number in international form, such as +4915112345678
@@ -175,7 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let profile = Profile::at(cli.profile.clone().unwrap_or_else(default_profile));
     let json = cli.json;
     match cli.command {
-        Command::Server(args) => serve(args).await,
+        Command::Server(args) => serve(*args).await,
         Command::Register {
             number,
             server,

@@ -77,6 +77,11 @@ impl Session {
         }
     }
 
+    /// The heartbeat interval the server asked for at login.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
     /// A fresh request id for this session.
     pub fn request_id(&mut self) -> u64 {
         let id = self.next_request;

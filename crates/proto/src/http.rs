@@ -64,19 +64,6 @@ pub struct Health {
     pub version: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stray_fields_are_dropped() {
-        let body = r#"{"number":"+4915112345678","imei":"356938035643809"}"#;
-        let parsed: CodeRequest = serde_json::from_str(body).expect("stray field is ignored");
-        let again = serde_json::to_string(&parsed).expect("serialises");
-        assert!(!again.contains("356938035643809"));
-    }
-}
-
 // Hand-written so that a number or code in a request can never reach a log through `{:?}`.
 impl std::fmt::Debug for CodeRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,5 +74,18 @@ impl std::fmt::Debug for CodeRequest {
 impl std::fmt::Debug for VerifyRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifyRequest").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stray_fields_are_dropped() {
+        let body = r#"{"number":"+4915112345678","imei":"356938035643809"}"#;
+        let parsed: CodeRequest = serde_json::from_str(body).expect("stray field is ignored");
+        let again = serde_json::to_string(&parsed).expect("serialises");
+        assert!(!again.contains("356938035643809"));
     }
 }

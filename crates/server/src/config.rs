@@ -60,6 +60,12 @@ pub struct ServerArgs {
     /// Verification attempts allowed per client address per 5 minutes [default: 30]
     #[arg(long, env = "TIDINGS_VERIFIES_PER_ADDRESS")]
     pub verifies_per_address: Option<usize>,
+    /// Seconds between two codes for the same number [default: 120]
+    #[arg(long, env = "TIDINGS_CODE_INTERVAL_SECONDS")]
+    pub code_interval_seconds: Option<u64>,
+    /// Codes per number per 8 hours [default: 2]
+    #[arg(long, env = "TIDINGS_CODES_PER_NUMBER")]
+    pub codes_per_number: Option<usize>,
     /// Append a line per storage sync to this file (durability audits and tests)
     #[arg(long, env = "TIDINGS_SYNC_TRACE")]
     pub sync_trace: Option<PathBuf>,
@@ -83,6 +89,8 @@ struct FileConfig {
     lookup_per_hour: Option<u32>,
     codes_per_address: Option<usize>,
     verifies_per_address: Option<usize>,
+    code_interval_seconds: Option<u64>,
+    codes_per_number: Option<usize>,
     sync_trace: Option<PathBuf>,
 }
 
@@ -108,6 +116,7 @@ pub struct ServerConfig {
     pub lookup_per_hour: u32,
     pub codes_per_address: usize,
     pub verifies_per_address: usize,
+    pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
 }
 
@@ -223,6 +232,16 @@ impl ServerArgs {
                 .verifies_per_address
                 .or(file.verifies_per_address)
                 .unwrap_or(30),
+            code_policy: {
+                let mut policy = tidings_core::verification::CodePolicy::default();
+                if let Some(seconds) = self.code_interval_seconds.or(file.code_interval_seconds) {
+                    policy.per_number_short.period = seconds.saturating_mul(1000);
+                }
+                if let Some(count) = self.codes_per_number.or(file.codes_per_number) {
+                    policy.per_number_long.max = count.max(1);
+                }
+                policy
+            },
             sync_trace: self.sync_trace.clone().or(file.sync_trace),
         })
     }

@@ -77,9 +77,17 @@ fn rate_limited(wait_ms: u64, message: &str) -> Response {
 }
 
 fn bad_json(rejection: JsonRejection) -> Response {
+    // Keep the extractor's status (413 for an oversized body, 415 for a missing content type,
+    // 400 or 422 for bad JSON) and say what was wrong.
+    let status = rejection.status();
+    let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "too_large"
+    } else {
+        "invalid_request"
+    };
     api_error(
-        StatusCode::BAD_REQUEST,
-        "invalid_request",
+        status,
+        error,
         &format!(
             "the body is not the expected JSON: {}",
             rejection.body_text()
@@ -110,6 +118,8 @@ pub fn router(state: Shared) -> Router {
     responses(
         (status = 202, description = "A code was sent", body = CodeSent),
         (status = 400, description = "Not a valid phone number or not JSON", body = ApiError),
+        (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many codes for this number or address", body = ApiError),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
@@ -238,6 +248,8 @@ async fn request_code(
     responses(
         (status = 200, description = "The device is registered", body = Verified),
         (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
+        (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
         (status = 410, description = "No live code for this number", body = ApiError),
         (status = 429, description = "Attempts used up, or too many requests from this address", body = ApiError),

@@ -36,7 +36,6 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tidings_core::routing::Retention;
-use tidings_core::verification::CodePolicy;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{Store as _, SyncReport};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -181,6 +180,7 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let listener = socket.listen(BACKLOG)?;
         let state = Arc::new(State {
+            code_policy: config.code_policy,
             config,
             store,
             keys,
@@ -188,7 +188,6 @@ impl Server {
             metrics,
             gateway,
             retention: Retention::default(),
-            code_policy: CodePolicy::default(),
             code_requests: Mutex::default(),
             verify_requests: Mutex::default(),
             lookup_budgets: Mutex::default(),

@@ -43,9 +43,7 @@ impl Metrics {
             lookups: Counter::default(),
             registrations: Family::default(),
             syncs: Counter::default(),
-            sync_batch: Histogram::new(
-                [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0].into_iter(),
-            ),
+            sync_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
             expired: Counter::default(),
             registry: Registry::default(),
         };

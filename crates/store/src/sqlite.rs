@@ -676,6 +676,22 @@ impl Store for SqliteStore {
     }
 
     async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
+        // Most sweeps find nothing: look first, so that an idle server writes nothing.
+        let any = self
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1",
+                        params![sql_millis(now)],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+            })
+            .await?;
+        if !any {
+            return Ok(Vec::new());
+        }
         self.write(move |txn, _| {
             let expired = {
                 let mut statement = txn.prepare_cached(
@@ -743,6 +759,17 @@ impl Store for SqliteStore {
 
     async fn prune_codes(&self, now: Millis) -> Result<usize> {
         let policy = tidings_core::verification::CodePolicy::default();
+        let any = self
+            .read(|conn| {
+                Ok(conn
+                    .query_row("SELECT 1 FROM codes LIMIT 1", [], |_| Ok(()))
+                    .optional()?
+                    .is_some())
+            })
+            .await?;
+        if !any {
+            return Ok(0);
+        }
         self.write(move |txn, _| {
             let spent = {
                 let mut statement =

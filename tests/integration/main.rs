@@ -1,0 +1,10 @@
+//! Integration tests: a real `tidings server` on a real port, real `tidings` commands and the
+//! client library against it. One test binary; each test starts its own server.
+
+mod support;
+
+mod messaging;
+mod operations;
+mod privacy;
+mod registration;
+mod robustness;

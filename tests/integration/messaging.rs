@@ -1,0 +1,254 @@
+//! Lookup, send, deliver, receipts, queues, restarts and duplicates (flows 3–5, promise P9).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use tidings_proto::frame::{self, Content, Kind, SendMode, SendOutcome};
+use tokio::time::Instant;
+
+use crate::support::{block_on, eventually, number, signal, Server, User};
+
+#[test]
+fn lookup_in_all_three_states_and_accepted_with_receipt() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, stranger) = (number(), number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+
+    let states = alice.lookup(&[&bob_number, &stranger, "not a number"]);
+    assert_eq!(states[0], (bob_number.clone(), "offline".into()));
+    assert_eq!(states[1].1, "not_a_user");
+    assert_eq!(states[2].1, "not_a_user");
+
+    let mut listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", "20"]);
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "online"));
+
+    let (answer, code) = alice.send(&bob_number, "hello bob", &[]);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(answer["outcome"], "accepted");
+    assert_eq!(answer["receipt"], "delivered");
+
+    let out = listener.wait_with_output().expect("listener");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let message: serde_json::Value =
+        serde_json::from_str(line.lines().next().expect("a message")).expect("json");
+    assert_eq!(message["text"], "hello bob");
+    assert_eq!(message["from"], alice_number.as_str());
+    assert_eq!(message["sender_verified"], true);
+    listener = bob.spawn(&["listen", "--timeout", "1"]);
+    let _ = listener.wait();
+}
+
+#[test]
+fn queued_then_delivered_and_refused_stores_nothing() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, stranger) = (number(), number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+
+    let (answer, code) = alice.send(&bob_number, "kept for later", &[]);
+    assert_eq!((answer["outcome"].as_str(), code), (Some("queued"), 0));
+    let (answer, code) = alice.send(&bob_number, "only if online", &["--mode", "now-or-never"]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("refused_not_reachable"), 3)
+    );
+    let (answer, code) = alice.send(&stranger, "nobody there", &[]);
+    assert_eq!((answer["outcome"].as_str(), code), (Some("not_a_user"), 3));
+
+    let received = bob.receive(1, 10);
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["text"], "kept for later");
+    // The refused messages were never stored, so nothing more arrives.
+    assert!(bob.receive(1, 2).is_empty());
+    // Alice gets her delivery receipt the next time she listens.
+    let out = alice.ok(&["--json", "listen", "--timeout", "2"]);
+    assert!(out.contains(r#""kind":"delivered""#), "{out}");
+}
+
+#[test]
+fn queued_message_survives_kill_9_and_restart() {
+    let mut server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    for i in 0..5 {
+        let (answer, _) = alice.send(&bob_number, &format!("durable {i}"), &[]);
+        assert_eq!(answer["outcome"], "queued");
+    }
+    server.restart();
+    let received = bob.receive(5, 15);
+    let mut texts: Vec<String> = received
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        (0..5).map(|i| format!("durable {i}")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn queued_answers_come_only_after_their_sync() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    let client = alice.client();
+    block_on(async {
+        let mut session = client.session(false).await.expect("session");
+        let ids: Vec<[u8; 16]> = (0..50u8).map(|i| [i; 16]).collect();
+        for id in &ids {
+            session
+                .send(Kind::Send(frame::Send {
+                    id: id.to_vec(),
+                    to: bob_number.clone(),
+                    mode: SendMode::Queue as i32,
+                    ttl_seconds: 0,
+                    payload: Bytes::from_static(b"sync check"),
+                }))
+                .await
+                .expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut answered = 0;
+        while answered < ids.len() {
+            let Some(kind) = session.recv(deadline).await.expect("recv") else {
+                panic!("answers missing")
+            };
+            if let Kind::SendResult(result) = kind {
+                assert_eq!(result.outcome, SendOutcome::Queued as i32);
+                // The sync that covers this message must already be recorded when its answer
+                // arrives: the trace line is written after the fsync and before any answer.
+                let trace = std::fs::read_to_string(server.sync_trace()).expect("trace");
+                let id = tidings_proto::id::to_text(&result.id);
+                assert!(
+                    trace.contains(&id),
+                    "answer for {id} arrived before its sync was recorded"
+                );
+                answered += 1;
+            }
+        }
+        // Group commit: 50 pipelined sends needed fewer syncs than messages.
+        let trace = std::fs::read_to_string(server.sync_trace()).expect("trace");
+        let ours: Vec<String> = ids
+            .iter()
+            .map(|id| tidings_proto::id::to_text(id))
+            .collect();
+        let syncs_with_messages = trace
+            .lines()
+            .filter(|line| ours.iter().any(|id| line.contains(id.as_str())))
+            .count();
+        assert!(
+            syncs_with_messages < ids.len(),
+            "{syncs_with_messages} syncs for {} messages",
+            ids.len()
+        );
+    });
+}
+
+#[test]
+fn no_duplicate_after_client_restart_or_resend() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let content = Content {
+        from: alice_number.clone(),
+        text: "exactly once".into(),
+        sent_at_ms: 1,
+    };
+    let client = alice.client();
+    let bob_client = bob.client();
+    block_on(async {
+        // The same message id sent twice (a retry after a lost answer) is held once.
+        let mut session = client.session(false).await.expect("session");
+        for _ in 0..2 {
+            session
+                .send(Kind::Send(frame::Send {
+                    id: vec![7; 16],
+                    to: bob_number.clone(),
+                    mode: SendMode::Queue as i32,
+                    ttl_seconds: 0,
+                    payload: Bytes::from(content.encode_to_vec()),
+                }))
+                .await
+                .expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut answers = 0;
+        while answers < 2 {
+            if let Some(Kind::SendResult(r)) = session.recv(deadline).await.expect("recv") {
+                assert_eq!(r.outcome, SendOutcome::Queued as i32);
+                answers += 1;
+            }
+        }
+        // Bob's device takes the delivery but "crashes" before acknowledging it.
+        let mut bob_session = bob_client.session(true).await.expect("bob session");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match bob_session.recv(deadline).await.expect("recv") {
+                Some(Kind::Deliver(_)) => break,
+                Some(_) => continue,
+                None => panic!("no delivery"),
+            }
+        }
+        drop(bob_session);
+    });
+    // The client is restarted: the message is delivered again and shown once.
+    let first = bob.receive(5, 4);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["text"], "exactly once");
+    assert!(bob.receive(5, 2).is_empty(), "shown twice");
+}
+
+#[test]
+fn a_dead_connection_stops_counting_as_online() {
+    let server = Server::start(&["--heartbeat-seconds", "1"]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let mut listener = bob.spawn(&["listen", "--timeout", "60"]);
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "online"));
+    // Freeze the listener: its socket stays open but it no longer speaks.
+    signal(listener.id(), "STOP");
+    let started = std::time::Instant::now();
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "offline"));
+    let took = started.elapsed();
+    signal(listener.id(), "CONT");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    // Three silent heartbeat intervals, not less.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed after {took:?}, before three silent intervals"
+    );
+}
+
+#[test]
+fn an_expired_message_yields_an_expired_receipt() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (answer, _) = alice.send(&bob_number, "short-lived", &["--ttl", "1"]);
+    assert_eq!(answer["outcome"], "queued");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        bob.receive(1, 2).is_empty(),
+        "an expired message was delivered"
+    );
+    let out = alice.ok(&["--json", "listen", "--timeout", "2"]);
+    assert!(out.contains(r#""kind":"expired""#), "{out}");
+}

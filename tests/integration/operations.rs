@@ -1,0 +1,282 @@
+//! What an operator relies on: TLS, configuration precedence, metrics, the OpenAPI document,
+//! graceful shutdown.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::Digest as _;
+use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::time::Instant;
+
+use crate::support::{block_on, number, text, Server, TempDir, User};
+
+/// A raw HTTP/1.1 request over loopback; returns the status code and body.
+async fn http(port: u16, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let response = text(&response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    block_on(http(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    ))
+}
+
+#[test]
+fn tls_with_a_pinned_certificate() {
+    let dir = TempDir::new("tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("cert");
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).expect("write key");
+    let pin: String = sha2::Sha256::digest(cert.cert.der())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let server = Server::start(&[
+        "--tls-cert",
+        cert_path.to_str().expect("utf8"),
+        "--tls-key",
+        key_path.to_str().expect("utf8"),
+    ]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &["--pin", &pin]);
+    let bob = User::register(
+        &bob_number,
+        &server,
+        &["--ca", cert_path.to_str().expect("utf8")],
+    );
+    let (answer, _) = alice.send(&bob_number, "over tls", &[]);
+    assert_eq!(answer["outcome"], "queued");
+    assert_eq!(bob.receive(1, 10)[0]["text"], "over tls");
+
+    // A wrong pin, no trust anchor, or plain HTTP against the TLS port all fail clearly.
+    let wrong = "00".repeat(32);
+    let out = User::new(&number()).run(&[
+        "register",
+        &number(),
+        "--server",
+        &server.url,
+        "--pin",
+        &wrong,
+    ]);
+    assert!(
+        text(&out.stderr).contains("does not match the pinned"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = User::new(&number()).run(&["register", &number(), "--server", &server.url]);
+    assert!(text(&out.stderr).contains("--ca"), "{}", text(&out.stderr));
+    let plain = server.url.replace("https://", "http://");
+    let out = User::new(&number()).run(&["register", &number(), "--server", &plain]);
+    assert_eq!(out.status.code(), Some(1));
+    // Plain HTTP to another machine needs --insecure (refused before any connection).
+    let out =
+        User::new(&number()).run(&["register", &number(), "--server", "http://192.0.2.1:7433"]);
+    assert!(
+        text(&out.stderr).contains("--insecure"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The heartbeat interval the server announces at login.
+fn announced_heartbeat(user: &User) -> u64 {
+    let client = user.client();
+    block_on(async {
+        client
+            .session(false)
+            .await
+            .expect("session")
+            .heartbeat()
+            .as_secs()
+    })
+}
+
+#[test]
+fn configuration_precedence_flag_env_file_default() {
+    let dir = TempDir::new("config");
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "heartbeat_seconds = 7\n").expect("config");
+    let n = number();
+    let check = |flag: Option<&str>, env: Option<&str>, file: bool, expected: u64| {
+        let mut extra = vec![];
+        if file {
+            extra.extend(["--config", config.to_str().expect("utf8")]);
+        }
+        if let Some(flag) = flag {
+            extra.extend(["--heartbeat-seconds", flag]);
+        }
+        if let Some(env) = env {
+            std::env::set_var("TIDINGS_HEARTBEAT_SECONDS", env);
+        } else {
+            std::env::remove_var("TIDINGS_HEARTBEAT_SECONDS");
+        }
+        let server = Server::start(&extra);
+        std::env::remove_var("TIDINGS_HEARTBEAT_SECONDS");
+        let user = User::register(&n, &server, &[]);
+        assert_eq!(
+            announced_heartbeat(&user),
+            expected,
+            "flag {flag:?} env {env:?} file {file}"
+        );
+    };
+    check(Some("9"), Some("8"), true, 9);
+    check(None, Some("8"), true, 8);
+    check(None, None, true, 7);
+    check(None, None, false, 10);
+    // A config file with an unknown setting is refused with its name.
+    std::fs::write(&config, "heartbeat_secs = 7\n").expect("config");
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("heartbeat_secs"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn metrics_count_events_without_identifiers() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    alice.send(&bob_number, "counted", &[]);
+    let (status, body) = get(server.port, "/metrics");
+    assert_eq!(status, 200);
+    for metric in [
+        r#"tidings_sends_total{outcome="queued"} 1"#,
+        r#"tidings_registrations_total{outcome="verified"} 2"#,
+        "tidings_store_syncs_total",
+        "tidings_sessions_active",
+    ] {
+        assert!(body.contains(metric), "missing {metric} in\n{body}");
+    }
+    assert!(
+        !body.contains(&alice_number[1..]) && !body.contains(&bob_number[1..]),
+        "a number in metrics"
+    );
+}
+
+#[test]
+fn openapi_document_matches_the_routes() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/v1/openapi.json");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("openapi json");
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("item").keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let expected: BTreeSet<(String, String)> = [
+        ("POST", "/v1/registration/code"),
+        ("POST", "/v1/registration/verify"),
+        ("GET", "/v1/connect"),
+        ("GET", "/v1/health"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/openapi.json"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(documented, expected);
+    // Every documented route is served (no 404/405), and an undocumented one is not.
+    for (method, path) in &documented {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        let (status, _) = block_on(http(server.port, &request));
+        assert!(
+            status != 404 && status != 405 && status != 0,
+            "{method} {path} answered {status}"
+        );
+    }
+    assert_eq!(get(server.port, "/v1/undocumented").0, 404);
+}
+
+#[test]
+fn sigterm_mid_flow_loses_no_accepted_message() {
+    let mut server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let client = alice.client();
+    let pid = server.pid();
+    let queued = block_on(async {
+        let mut session = client.session(false).await.expect("session");
+        for i in 0..150u8 {
+            let content = tidings_proto::frame::Content {
+                from: alice_number.clone(),
+                text: format!("m{i}"),
+                sent_at_ms: 0,
+            };
+            session
+                .send(Kind::Send(frame::Send {
+                    id: vec![i; 16],
+                    to: bob_number.clone(),
+                    mode: SendMode::Queue as i32,
+                    ttl_seconds: 0,
+                    payload: Bytes::from(prost::Message::encode_to_vec(&content)),
+                }))
+                .await
+                .expect("send");
+            if i == 75 {
+                crate::support::signal(pid, "TERM");
+            }
+        }
+        let mut queued = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Ok(Some(kind)) = session.recv(deadline).await {
+            if let Kind::SendResult(result) = kind {
+                if result.outcome == SendOutcome::Queued as i32 {
+                    queued.insert(format!("m{}", result.id[0]));
+                }
+            }
+        }
+        queued
+    });
+    assert!(
+        server.sigterm() || server.child.is_none(),
+        "the server did not exit cleanly after SIGTERM"
+    );
+    assert!(
+        queued.len() >= 76,
+        "only {} answers before shutdown",
+        queued.len()
+    );
+    server.restart();
+    let received: BTreeSet<String> = bob
+        .receive(150, 15)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let lost: Vec<&String> = queued.difference(&received).collect();
+    assert!(lost.is_empty(), "answered `queued` but lost: {lost:?}");
+}

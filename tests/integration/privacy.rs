@@ -1,0 +1,220 @@
+//! The privacy promises, each checked where it could break: P1 (nothing before opt-in), P3 (no
+//! number at the server), P4 (lookups write nothing), P5 (delivered content gone), P6 (opt-out
+//! deletes everything).
+
+use std::path::Path;
+use std::time::Duration;
+
+use sha1::Digest as _;
+
+use crate::support::{eventually, files_containing, number, text, Server, User};
+
+/// Every form in which a number could leak: plain, and SHA-1 / SHA-256 as raw bytes and hex.
+fn leak_forms(number: &str) -> Vec<Vec<u8>> {
+    let digits = number.trim_start_matches('+');
+    let mut forms = Vec::new();
+    for plain in [number, digits] {
+        forms.push(plain.as_bytes().to_vec());
+        let sha1 = sha1::Sha1::digest(plain.as_bytes()).to_vec();
+        let sha256 = sha2::Sha256::digest(plain.as_bytes()).to_vec();
+        for digest in [sha1, sha256] {
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            forms.push(hex.as_bytes().to_vec());
+            forms.push(hex.to_uppercase().into_bytes());
+            forms.push(digest);
+        }
+    }
+    forms
+}
+
+fn assert_absent(dir: &Path, needle: &[u8], what: &str) {
+    let found = files_containing(dir, needle);
+    assert!(found.is_empty(), "{what} found in {found:?}");
+}
+
+#[test]
+fn p1_an_unregistered_profile_opens_no_connection() {
+    let which = std::process::Command::new("strace").arg("-V").output();
+    assert!(
+        which.is_ok_and(|o| o.status.success()),
+        "strace is needed for this test: apt-get install strace (the test command installs it)"
+    );
+    let user = User::new(&number());
+    let stranger = number();
+    for args in [
+        vec!["send", stranger.as_str(), "hello"],
+        vec!["lookup", stranger.as_str()],
+        vec!["listen", "--timeout", "1"],
+        vec!["disable"],
+        vec!["verify", "123456"],
+        vec!["status"],
+    ] {
+        let trace = user.profile.path().join("strace.out");
+        let out = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=socket,connect,sendto,sendmsg",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(crate::support::BIN)
+            .arg("--profile")
+            .arg(user.profile.path())
+            .args(&args)
+            .output()
+            .expect("strace");
+        let calls = std::fs::read_to_string(&trace).unwrap_or_default();
+        let network: Vec<&str> = calls
+            .lines()
+            .filter(|l| l.contains("AF_INET") || l.contains("connect(") || l.contains("sendto("))
+            .collect();
+        assert!(
+            network.is_empty(),
+            "{args:?} touched the network before opt-in: {network:?}"
+        );
+        if args[0] != "status" {
+            assert_eq!(
+                out.status.code(),
+                Some(4),
+                "{args:?}: {}",
+                text(&out.stderr)
+            );
+            assert!(
+                text(&out.stderr).contains("not registered"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn p3_p5_no_number_or_delivered_content_in_data_files_or_logs() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, stranger) = (number(), number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    alice.lookup(&[&bob_number, &stranger]);
+    let secret = "the eagle lands at midnight 7f3a";
+    for _ in 0..5 {
+        let (answer, _) = alice.send(&bob_number, secret, &[]);
+        assert_eq!(answer["outcome"], "queued");
+    }
+    // Queued and not yet delivered, the text is in storage (no end-to-end encryption yet):
+    // this shows the scan can see it.
+    assert!(
+        !files_containing(&server.data_dir(), secret.as_bytes()).is_empty(),
+        "the scan is blind"
+    );
+    assert_eq!(bob.receive(5, 10).len(), 5);
+    // Within the scrub interval (200 ms here) the delivered copies are gone from every file.
+    assert!(
+        eventually(Duration::from_secs(5), || files_containing(
+            &server.data_dir(),
+            secret.as_bytes()
+        )
+        .is_empty()),
+        "delivered content still in {:?}",
+        files_containing(&server.data_dir(), secret.as_bytes())
+    );
+    for n in [&alice_number, &bob_number, &stranger] {
+        for form in leak_forms(n) {
+            assert_absent(&server.data_dir(), &form, "a number");
+            assert!(
+                !server
+                    .log()
+                    .as_bytes()
+                    .windows(form.len())
+                    .any(|w| w == form.as_slice()),
+                "a number in the log"
+            );
+        }
+    }
+    assert!(!server.log().contains(secret), "message text in the log");
+}
+
+#[test]
+fn p4_lookups_write_nothing() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    std::thread::sleep(Duration::from_millis(600));
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .expect("data dir")
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                )
+            })
+            .filter(|(name, _)| !name.ends_with("-shm"))
+            .collect();
+        files.sort();
+        files
+    };
+    let trace_before = std::fs::read_to_string(server.sync_trace()).unwrap_or_default();
+    let before = snapshot(&server.data_dir());
+    let many: Vec<String> = (0..50).map(|_| number()).collect();
+    let mut numbers: Vec<&str> = many.iter().map(String::as_str).collect();
+    numbers.push(&bob_number);
+    for _ in 0..3 {
+        alice.lookup(&numbers);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        before,
+        snapshot(&server.data_dir()),
+        "a lookup changed the data files"
+    );
+    assert_eq!(
+        trace_before,
+        std::fs::read_to_string(server.sync_trace()).unwrap_or_default(),
+        "a lookup wrote"
+    );
+}
+
+#[test]
+fn p6_disable_deletes_everything_and_the_number_looks_unused() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let marker = "queued for alice before she left 91c2";
+    let (answer, _) = bob.send(&alice_number, marker, &[]);
+    assert_eq!(answer["outcome"], "queued");
+    let outbound = "sent by alice, never delivered 5d1e";
+    let (answer, _) = alice.send(&bob_number, outbound, &[]);
+    assert_eq!(answer["outcome"], "queued");
+
+    let keys =
+        tidings_server::keys::ServerKeys::load_or_create(&server.key_file()).expect("server keys");
+    let pseudonym = keys
+        .pseudonym(&tidings_proto::number::E164::parse(&alice_number).expect("number"))
+        .expect("pseudonym");
+    assert!(
+        !files_containing(&server.data_dir(), &pseudonym.0).is_empty(),
+        "the scan cannot see the pseudonym"
+    );
+
+    alice.ok(&["disable"]);
+    assert_eq!(bob.lookup(&[&alice_number])[0].1, "not_a_user");
+    let (answer, code) = bob.send(&alice_number, "anyone there?", &[]);
+    assert_eq!((answer["outcome"].as_str(), code), (Some("not_a_user"), 3));
+    // Locally the profile forgot its registration: nothing is sent anywhere any more.
+    assert_eq!(alice.run(&["lookup", &bob_number]).status.code(), Some(4));
+    // Her undelivered outbound message is gone too.
+    assert!(bob.receive(1, 2).is_empty());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            files_containing(&server.data_dir(), &pseudonym.0).is_empty()
+                && files_containing(&server.data_dir(), marker.as_bytes()).is_empty()
+                && files_containing(&server.data_dir(), outbound.as_bytes()).is_empty()
+        }),
+        "something of the disabled account is still in the data files"
+    );
+}

@@ -1,0 +1,216 @@
+//! Opting in: codes, their limits, device keys, replaced devices (flows 1–2, promise P2).
+
+use serde_json::json;
+
+use crate::support::{files_containing, number, text, Server, User};
+
+/// Posts JSON to the server with the client library's HTTP path, returning status and body.
+fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let endpoint =
+        tidings_client::net::Endpoint::parse(&server.url, Default::default()).expect("endpoint");
+    let (status, body) =
+        crate::support::block_on(endpoint.post_json(path, &body)).expect("request");
+    (status.as_u16(), body)
+}
+
+fn signed_verify(number: &str, code: &str, extra: Option<(&str, &str)>) -> serde_json::Value {
+    use ed25519_dalek::Signer as _;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let public = key.verifying_key().to_bytes();
+    let signature = key.sign(&tidings_proto::transcript::register(number, code, &public));
+    let mut body = json!({
+        "number": number,
+        "code": code,
+        "device_key": tidings_proto::id::to_text(&public),
+        "signature": tidings_proto::id::to_text(&signature.to_bytes()),
+    });
+    if let Some((field, value)) = extra {
+        body[field] = json!(value);
+    }
+    body
+}
+
+#[test]
+fn codes_attempts_and_limits() {
+    let server = Server::start(&[]);
+    let n = number();
+    let check = |path: &str, body: serde_json::Value, status: u16, error: Option<&str>| {
+        let (got, answer) = post(&server, path, body);
+        assert_eq!(got, status, "{path}: {answer}");
+        if let Some(error) = error {
+            assert_eq!(answer["error"], error, "{answer}");
+        }
+        answer
+    };
+    check(
+        "/v1/registration/code",
+        json!({"number": "12"}),
+        400,
+        Some("invalid_number"),
+    );
+    check(
+        "/v1/registration/verify",
+        signed_verify(&n, "123456", None),
+        410,
+        Some("no_code"),
+    );
+    check("/v1/registration/code", json!({"number": n}), 202, None);
+    // One code per number per 2 minutes.
+    let limited = check(
+        "/v1/registration/code",
+        json!({"number": n}),
+        429,
+        Some("rate_limited"),
+    );
+    assert!(
+        limited["retry_after"]
+            .as_u64()
+            .is_some_and(|s| s > 0 && s <= 120),
+        "{limited}"
+    );
+    let right = server.code_for(&n);
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for left in (1..5).rev() {
+        let answer = check(
+            "/v1/registration/verify",
+            signed_verify(&n, wrong, None),
+            401,
+            Some("wrong_code"),
+        );
+        assert_eq!(answer["attempts_left"], left);
+    }
+    check(
+        "/v1/registration/verify",
+        signed_verify(&n, wrong, None),
+        429,
+        Some("too_many_attempts"),
+    );
+    // Used up: even the right code no longer works.
+    check(
+        "/v1/registration/verify",
+        signed_verify(&n, &right, None),
+        429,
+        Some("too_many_attempts"),
+    );
+    // A signature that does not match the key is refused before the code is even looked at.
+    let mut forged = signed_verify(&n, &right, None);
+    forged["code"] = json!("999999");
+    check(
+        "/v1/registration/verify",
+        forged,
+        400,
+        Some("invalid_request"),
+    );
+    check(
+        "/v1/registration/verify",
+        json!({"number": n}),
+        400,
+        Some("invalid_request"),
+    );
+    check(
+        "/v1/registration/code",
+        json!("not an object"),
+        400,
+        Some("invalid_request"),
+    );
+    // Five code requests per address per 5 minutes: three more distinct numbers pass, then 429.
+    for _ in 0..3 {
+        check(
+            "/v1/registration/code",
+            json!({"number": number()}),
+            202,
+            None,
+        );
+    }
+    check(
+        "/v1/registration/code",
+        json!({"number": number()}),
+        429,
+        Some("rate_limited"),
+    );
+}
+
+#[test]
+fn stray_hardware_fields_are_dropped_not_stored() {
+    let server = Server::start(&[]);
+    let n = number();
+    let imei = "356938035643809";
+    let (status, _) = post(
+        &server,
+        "/v1/registration/code",
+        json!({"number": n, "imei": imei, "imsi": "262019876543210"}),
+    );
+    assert_eq!(status, 202);
+    let code = server.code_for(&n);
+    let (status, answer) = post(
+        &server,
+        "/v1/registration/verify",
+        signed_verify(&n, &code, Some(("imei", imei))),
+    );
+    assert_eq!(status, 200, "{answer}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(files_containing(&server.data_dir(), imei.as_bytes()).is_empty());
+    assert!(files_containing(&server.data_dir(), b"262019876543210").is_empty());
+    assert!(!server.log().contains(imei));
+}
+
+#[test]
+fn invalid_numbers_get_a_clear_error() {
+    let server = Server::start(&[]);
+    let user = User::new(&number());
+    let out = user.run(&["register", "+1 555 0100", "--server", &server.url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not a valid phone number"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = user.run(&["register", "hello", "--server", &server.url]);
+    assert!(
+        text(&out.stderr).contains("international form"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn registering_again_replaces_the_old_device_and_its_queue() {
+    let server = Server::start(&["--code-interval-seconds", "1", "--codes-per-number", "10"]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let old_phone = User::register(&bob_number, &server, &[]);
+    let (answer, _) = alice.send(&bob_number, "for the old phone", &[]);
+    assert_eq!(answer["outcome"], "queued");
+
+    // The phone is lost: the number is verified again on a new device.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let new_phone = User::register(&bob_number, &server, &[]);
+    // The old device is signed out and its queue is gone with it.
+    let out = old_phone.run(&["listen", "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no longer registered"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        new_phone.receive(1, 2).is_empty(),
+        "the old device's queue was handed to the new one"
+    );
+    let (answer, _) = alice.send(&bob_number, "for the new phone", &[]);
+    assert_eq!(answer["outcome"], "queued");
+    let received = new_phone.receive(1, 10);
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["text"], "for the new phone");
+
+    // A live session of a replaced device is told so and closed.
+    let mut listener = new_phone.spawn(&["listen", "--timeout", "30"]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let _third = User::register(&bob_number, &server, &[]);
+    let out = crate::support::wait_output(&mut listener, std::time::Duration::from_secs(10));
+    assert!(out.contains("signed out"), "{out}");
+}

@@ -1,0 +1,280 @@
+//! Bad input: malformed and oversized frames, unknown frames, replayed acknowledgements, spoofed
+//! senders, bodies that are not JSON, connections that never speak. Each gets a clear error or a
+//! clean close, and the server keeps serving everyone else.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use tidings_proto::frame::{self, AckStatus, Content, ErrorCode, Frame, Kind, SendMode};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::support::{block_on, number, Server, User};
+
+/// Opens a raw upgraded connection, without logging in.
+async fn raw_session(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.expect("101 response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// Writes `bytes`, then reads what the server answers until it closes (or 5 s pass).
+async fn answer_to(port: u16, bytes: &[u8]) -> (Vec<Frame>, bool) {
+    let mut stream = raw_session(port).await;
+    stream.write_all(bytes).await.expect("write");
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .is_ok();
+    let mut buf = bytes::BytesMut::from(&received[..]);
+    let mut frames = Vec::new();
+    while let Ok(Some(frame)) = tidings_proto::codec::decode(&mut buf) {
+        frames.push(frame);
+    }
+    (frames, closed)
+}
+
+fn is_fatal_protocol_error(frames: &[Frame]) -> bool {
+    frames.iter().any(|f| {
+        matches!(&f.kind, Some(Kind::Error(e)) if e.fatal && (e.code == ErrorCode::Protocol as i32 || e.code == ErrorCode::AuthFailed as i32))
+    })
+}
+
+#[test]
+fn malformed_oversized_and_unknown_frames_close_cleanly() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let mut unknown_only = vec![0, 0, 0, 3];
+    unknown_only.extend_from_slice(&[0x98, 0x06, 0x01]);
+    let ping_first =
+        tidings_proto::codec::encode_to_bytes(&Kind::Ping(frame::Ping { nonce: 1 }).into());
+    let bad_login = tidings_proto::codec::encode_to_bytes(
+        &Kind::Login(frame::Login {
+            device_id: vec![1; 16],
+            signature: vec![2; 64],
+            listen: true,
+        })
+        .into(),
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
+        ("oversized length", vec![0x7f, 0xff, 0xff, 0xff]),
+        ("zero length", vec![0, 0, 0, 0]),
+        ("unknown frame type", unknown_only),
+        ("not a login first", ping_first.to_vec()),
+        ("login with a bad signature", bad_login.to_vec()),
+    ];
+    block_on(async {
+        for (name, bytes) in cases {
+            let (frames, closed) = answer_to(server.port, &bytes).await;
+            assert!(closed, "{name}: the connection stayed open");
+            assert!(
+                is_fatal_protocol_error(&frames),
+                "{name}: no fatal error frame in {frames:?}"
+            );
+        }
+    });
+    // Everyone else is still served.
+    let (answer, _) = alice.send(&bob_number, "still here", &[]);
+    assert_eq!(answer["outcome"], "queued");
+    assert_eq!(bob.receive(1, 10).len(), 1);
+}
+
+#[test]
+fn replayed_acks_and_a_spoofed_sender() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, carol_number) = (number(), number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    User::register(&carol_number, &server, &[]);
+    let alice_client = alice.client();
+    let bob_client = bob.client();
+    block_on(async {
+        // Alice claims to be Carol inside the payload; the server stamps Alice's device.
+        let mut session = alice_client.session(false).await.expect("alice");
+        let spoof = Content {
+            from: carol_number.clone(),
+            text: "it is me, carol".into(),
+            sent_at_ms: 0,
+        };
+        session
+            .send(Kind::Send(frame::Send {
+                id: vec![9; 16],
+                to: bob_number.clone(),
+                mode: SendMode::Queue as i32,
+                ttl_seconds: 0,
+                payload: Bytes::from(spoof.encode_to_vec()),
+            }))
+            .await
+            .expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(
+            session.recv(deadline).await.expect("recv"),
+            Some(Kind::SendResult(_))
+        ) {}
+
+        // Bob acknowledges a message that does not exist.
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let bogus = frame::Ack {
+            sender_device: vec![0; 16],
+            id: vec![0; 16],
+        };
+        bob_session.send(Kind::Ack(bogus)).await.expect("ack");
+        let mut statuses = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while statuses.is_empty() {
+            if let Some(Kind::AckResult(r)) = bob_session.recv(deadline).await.expect("recv") {
+                statuses.push(r.status);
+            }
+        }
+        assert_eq!(statuses, vec![AckStatus::Unknown as i32]);
+    });
+    // The spoofed message is shown flagged, not as a normal message from Carol.
+    let shown = bob.receive(1, 10);
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0]["from"], carol_number.as_str());
+    assert_eq!(shown[0]["sender_verified"], false);
+    let out = {
+        let (answer, _) = alice.send(&bob_number, "spoof two", &[]);
+        assert_eq!(answer["outcome"], "queued");
+        bob.ok(&["listen", "--count", "1", "--timeout", "10"])
+    };
+    assert!(
+        !out.contains("WARNING"),
+        "a genuine message was flagged: {out}"
+    );
+    // Replaying the acknowledgement of a delivered message changes nothing.
+    block_on(async {
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let real = frame::Ack {
+            sender_device: alice_client.device().as_bytes().to_vec(),
+            id: vec![9; 16],
+        };
+        bob_session.send(Kind::Ack(real)).await.expect("ack");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(Kind::AckResult(r)) = bob_session.recv(deadline).await.expect("recv") {
+                assert_eq!(r.status, AckStatus::Unknown as i32);
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn spoofed_sender_is_printed_as_a_warning() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, carol_number) = (number(), number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    User::register(&carol_number, &server, &[]);
+    let client = alice.client();
+    block_on(async {
+        let mut session = client.session(false).await.expect("alice");
+        let spoof = Content {
+            from: carol_number.clone(),
+            text: "pay this invoice".into(),
+            sent_at_ms: 0,
+        };
+        session
+            .send(Kind::Send(frame::Send {
+                id: vec![3; 16],
+                to: bob_number.clone(),
+                mode: SendMode::Queue as i32,
+                ttl_seconds: 0,
+                payload: Bytes::from(spoof.encode_to_vec()),
+            }))
+            .await
+            .expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(
+            session.recv(deadline).await.expect("recv"),
+            Some(Kind::SendResult(_))
+        ) {}
+    });
+    let out = bob.ok(&["listen", "--count", "1", "--timeout", "10"]);
+    assert!(out.starts_with("WARNING"), "{out}");
+}
+
+#[test]
+fn bodies_that_are_not_json_or_too_large() {
+    let server = Server::start(&[]);
+    block_on(async {
+        let check = |body: String, status: &'static str| {
+            let port = server.port;
+            async move {
+                let mut stream = TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connect");
+                let request = format!(
+                    "POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(request.as_bytes()).await.expect("write");
+                let mut response = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+                        .await;
+                let response = String::from_utf8_lossy(&response).into_owned();
+                assert!(
+                    response.starts_with(&format!("HTTP/1.1 {status}")),
+                    "{body:.40}: {response:.200}"
+                );
+            }
+        };
+        check("{not json".into(), "400").await;
+        check(format!(r#"{{"number": "{}"}}"#, "9".repeat(100_000)), "413").await;
+        check(r#"{"number": 5}"#.into(), "422").await;
+    });
+}
+
+#[test]
+fn connections_that_never_speak_are_closed_and_do_not_block_others() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    block_on(async {
+        // Silent before the HTTP request, and silent after the upgrade (no login).
+        let mut silent = TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .expect("connect");
+        let mut upgraded = raw_session(server.port).await;
+        let started = Instant::now();
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || alice.send(&bob_number, "not blocked", &[]))
+                .await
+                .expect("send");
+        assert_eq!(answer["outcome"], "queued");
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut sink))
+            .await
+            .is_ok();
+        assert!(closed, "a connection that never sent a request stayed open");
+        let closed = tokio::time::timeout(Duration::from_secs(20), upgraded.read_to_end(&mut sink))
+            .await
+            .is_ok();
+        assert!(closed, "a session that never logged in stayed open");
+        assert!(started.elapsed() < Duration::from_secs(20));
+    });
+}

@@ -1,0 +1,404 @@
+//! What every integration test needs: a real `tidings server` process on a real port, real
+//! `tidings` client commands against it, and scans of files for things that must not be there.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tidings");
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("tidings-it-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running `tidings server`.
+#[derive(Debug)]
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: TempDir,
+    pub port: u16,
+    pub url: String,
+    pub extra: Vec<String>,
+    pub scheme: &'static str,
+}
+
+impl Server {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("keys/server.key")
+    }
+    pub fn outbox(&self) -> PathBuf {
+        self.dir.path().join("outbox")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+    pub fn sync_trace(&self) -> PathBuf {
+        self.dir.path().join("sync.trace")
+    }
+
+    /// Starts a server with a short heartbeat and scrub interval, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut server = Self {
+            child: None,
+            dir: TempDir::new("server"),
+            port: free_port(),
+            url: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            scheme: if extra.contains(&"--tls-cert") {
+                "https"
+            } else {
+                "http"
+            },
+        };
+        server.url = format!("{}://127.0.0.1:{}", server.scheme, server.port);
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .expect("log file");
+        let mut command = Command::new(BIN);
+        command
+            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--key-file")
+            .arg(self.key_file())
+            .arg("--outbox-dir")
+            .arg(self.outbox())
+            .arg("--sync-trace")
+            .arg(self.sync_trace())
+            .args(["--scrub-interval-ms", "200", "--log", "debug"])
+            .args(&self.extra)
+            .env_remove("TIDINGS_CONFIG")
+            .env("HOME", self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = command.spawn().expect("start tidings server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listening line");
+        assert!(
+            line.contains("listening on"),
+            "server did not start: {line:?}\n{}",
+            self.log()
+        );
+        self.child = Some(child);
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9`, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM; returns whether it exited successfully within 20 seconds.
+    pub fn sigterm(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same port with the same directories.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// The newest code the outbox holds for `number`.
+    pub fn code_for(&self, number: &str) -> String {
+        let mut newest: Option<(String, String)> = None;
+        for entry in std::fs::read_dir(self.outbox()).expect("outbox") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let sms: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("sms")).expect("json");
+            if sms["to"] == number && newest.as_ref().is_none_or(|(n, _)| *n < name) {
+                let text = sms["text"].as_str().expect("text");
+                let code: String = text.chars().filter(char::is_ascii_digit).take(6).collect();
+                newest = Some((name, code));
+            }
+        }
+        newest.expect("no SMS for that number in the outbox").1
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
+/// A user: a profile directory and a number.
+#[derive(Debug)]
+pub struct User {
+    pub profile: TempDir,
+    pub number: String,
+}
+
+impl User {
+    pub fn new(number: &str) -> Self {
+        Self {
+            profile: TempDir::new("profile"),
+            number: number.into(),
+        }
+    }
+
+    /// Runs `tidings --profile <dir> <args>`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--profile")
+            .arg(self.profile.path())
+            .args(args)
+            .env_remove("TIDINGS_SERVER")
+            .output()
+            .expect("run tidings")
+    }
+
+    /// Runs a command that must succeed, returning its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "tidings {args:?} failed: {}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// Starts a long-running command such as `listen`.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .arg("--profile")
+            .arg(self.profile.path())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tidings")
+    }
+
+    /// Registers and verifies on `server`, reading the code from its outbox.
+    pub fn register(number: &str, server: &Server, trust: &[&str]) -> Self {
+        let user = Self::new(number);
+        let mut args = vec!["register", number, "--server", &server.url];
+        args.extend_from_slice(trust);
+        user.ok(&args);
+        let code = server.code_for(number);
+        user.ok(&["verify", &code]);
+        user
+    }
+
+    /// `tidings lookup --json` as a list of (number, presence).
+    pub fn lookup(&self, numbers: &[&str]) -> Vec<(String, String)> {
+        let mut args = vec!["--json", "lookup"];
+        args.extend_from_slice(numbers);
+        self.ok(&args)
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+                (
+                    v["number"].as_str().unwrap_or_default().to_string(),
+                    v["presence"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// `tidings send --json`, returning the parsed answer and the exit code.
+    pub fn send(&self, to: &str, text_: &str, extra: &[&str]) -> (serde_json::Value, i32) {
+        let mut args = vec!["--json", "send", to, text_];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        let value =
+            serde_json::from_str(text(&out.stdout).trim()).unwrap_or(serde_json::Value::Null);
+        (value, out.status.code().unwrap_or(-1))
+    }
+
+    /// `tidings listen --json` until `count` messages or `timeout` seconds; the message texts.
+    pub fn receive(&self, count: usize, timeout: u64) -> Vec<serde_json::Value> {
+        let out = self.run(&[
+            "--json",
+            "listen",
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            &timeout.to_string(),
+        ]);
+        assert!(out.status.success(), "listen failed: {}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["type"] == "message")
+            .collect()
+    }
+
+    pub fn client(&self) -> tidings_client::client::Client {
+        tidings_client::client::Client::open(tidings_client::profile::Profile::at(
+            self.profile.path(),
+        ))
+        .expect("open client")
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every file below `dir` (recursively) whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Polls `condition` every 50 ms for up to `limit`.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+/// Runs a future on a fresh runtime (tests mix blocking CLI calls and async library calls).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// Distinct valid German mobile numbers, one per call in a test binary.
+pub fn number() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "+49151{:08}",
+        10_000_000 + std::process::id() % 1000 * 10_000 + n
+    )
+}
+
+/// Waits for a spawned command to exit (killing it after `limit`) and returns stdout + stderr.
+pub fn wait_output(child: &mut Child, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+    }
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut out);
+    }
+    out
+}
