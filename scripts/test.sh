@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, installing first what the tests need beyond Rust:
+#   - strace (the opt-in test watches a client's system calls),
+#   - python-gsmmodem-new in a private virtualenv (the independent SMS PDU codec the SMS tests
+#     compare against).
+# Usage: scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v strace >/dev/null || missing+=(strace)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages)"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+venv=target/test-venv
+if ! "$venv/bin/python" -c 'import gsmmodem.pdu' 2>/dev/null; then
+  echo "installing python-gsmmodem-new into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q python-gsmmodem-new==0.13.0
+fi
+export TIDINGS_SMS_PYTHON="$PWD/$venv/bin/python"
+
+cargo test --workspace --locked "$@"
