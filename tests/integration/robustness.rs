@@ -100,6 +100,37 @@ fn malformed_oversized_and_unknown_frames_close_cleanly() {
     assert_eq!(bob.receive(1, 10).len(), 1);
 }
 
+/// Sends, as `sender`, a message whose payload claims to come from `claimed`.
+async fn send_claiming(
+    sender: &tidings_client::client::Client,
+    to: &str,
+    claimed: &str,
+    text: &str,
+    id: u8,
+) {
+    let mut session = sender.session(false).await.expect("session");
+    let spoof = Content {
+        from: claimed.to_string(),
+        text: text.into(),
+        sent_at_ms: 0,
+    };
+    session
+        .send(Kind::Send(frame::Send {
+            id: vec![id; 16],
+            to: to.to_string(),
+            mode: SendMode::Queue as i32,
+            ttl_seconds: 0,
+            payload: Bytes::from(spoof.encode_to_vec()),
+        }))
+        .await
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        session.recv(deadline).await.expect("recv"),
+        Some(Kind::SendResult(_))
+    ) {}
+}
+
 #[test]
 fn replayed_acks_and_a_spoofed_sender() {
     let server = Server::start(&[]);
@@ -111,27 +142,14 @@ fn replayed_acks_and_a_spoofed_sender() {
     let bob_client = bob.client();
     block_on(async {
         // Alice claims to be Carol inside the payload; the server stamps Alice's device.
-        let mut session = alice_client.session(false).await.expect("alice");
-        let spoof = Content {
-            from: carol_number.clone(),
-            text: "it is me, carol".into(),
-            sent_at_ms: 0,
-        };
-        session
-            .send(Kind::Send(frame::Send {
-                id: vec![9; 16],
-                to: bob_number.clone(),
-                mode: SendMode::Queue as i32,
-                ttl_seconds: 0,
-                payload: Bytes::from(spoof.encode_to_vec()),
-            }))
-            .await
-            .expect("send");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !matches!(
-            session.recv(deadline).await.expect("recv"),
-            Some(Kind::SendResult(_))
-        ) {}
+        send_claiming(
+            &alice_client,
+            &bob_number,
+            &carol_number,
+            "it is me, carol",
+            9,
+        )
+        .await;
 
         // Bob acknowledges a message that does not exist.
         let mut bob_session = bob_client.session(false).await.expect("bob");
@@ -189,29 +207,13 @@ fn spoofed_sender_is_printed_as_a_warning() {
     let bob = User::register(&bob_number, &server, &[]);
     User::register(&carol_number, &server, &[]);
     let client = alice.client();
-    block_on(async {
-        let mut session = client.session(false).await.expect("alice");
-        let spoof = Content {
-            from: carol_number.clone(),
-            text: "pay this invoice".into(),
-            sent_at_ms: 0,
-        };
-        session
-            .send(Kind::Send(frame::Send {
-                id: vec![3; 16],
-                to: bob_number.clone(),
-                mode: SendMode::Queue as i32,
-                ttl_seconds: 0,
-                payload: Bytes::from(spoof.encode_to_vec()),
-            }))
-            .await
-            .expect("send");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !matches!(
-            session.recv(deadline).await.expect("recv"),
-            Some(Kind::SendResult(_))
-        ) {}
-    });
+    block_on(send_claiming(
+        &client,
+        &bob_number,
+        &carol_number,
+        "pay this invoice",
+        3,
+    ));
     let out = bob.ok(&["listen", "--count", "1", "--timeout", "10"]);
     assert!(out.starts_with("WARNING"), "{out}");
 }

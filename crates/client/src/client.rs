@@ -250,35 +250,26 @@ impl Client {
     pub async fn lookup(&self, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
         let mut session = self.session(false).await?;
         let request_id = session.request_id();
-        session
-            .send(Kind::Lookup(frame::Lookup {
-                request_id,
-                numbers: numbers.to_vec(),
-            }))
-            .await?;
-        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
-        while let Some(kind) = session.recv(deadline).await? {
-            match kind {
-                Kind::LookupResult(result) if result.request_id == request_id => {
-                    return Ok(result
-                        .entries
-                        .into_iter()
-                        .map(|e| {
-                            (
-                                e.number,
-                                Presence::try_from(e.presence).unwrap_or(Presence::NotAUser),
-                            )
-                        })
-                        .collect());
-                }
-                Kind::Error(e) if e.request_id == request_id || e.fatal => {
-                    return Err(ClientError::Refused(e.message))
-                }
-                Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
-                _ => {}
-            }
+        let request = Kind::Lookup(frame::Lookup {
+            request_id,
+            numbers: numbers.to_vec(),
+        });
+        match session.call(request, request_id).await? {
+            Kind::LookupResult(result) => Ok(result
+                .entries
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.number,
+                        Presence::try_from(e.presence).unwrap_or(Presence::NotAUser),
+                    )
+                })
+                .collect()),
+            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            _ => Err(ClientError::Protocol(
+                "unexpected answer to a lookup".into(),
+            )),
         }
-        Err(ClientError::Timeout)
     }
 
     /// Opts out: the server deletes the account and everything of it; the profile forgets the
@@ -286,23 +277,14 @@ impl Client {
     pub async fn disable(self) -> Result<()> {
         let mut session = self.session(false).await?;
         let request_id = session.request_id();
-        session
-            .send(Kind::Disable(frame::Disable { request_id }))
-            .await?;
-        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
-        while let Some(kind) = session.recv(deadline).await? {
-            match kind {
-                Kind::DisableResult(result) if result.request_id == request_id => {
-                    self.profile.forget_registration()?;
-                    return Ok(());
-                }
-                Kind::Error(e) if e.request_id == request_id || e.fatal => {
-                    return Err(ClientError::Refused(e.message))
-                }
-                _ => {}
-            }
+        match session
+            .call(Kind::Disable(frame::Disable { request_id }), request_id)
+            .await?
+        {
+            Kind::DisableResult(_) => self.profile.forget_registration(),
+            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            _ => Err(ClientError::Protocol("unexpected answer to disable".into())),
         }
-        Err(ClientError::Timeout)
     }
 
     /// Receives until `handle` returns false or `until` passes. Each message is stored, then
@@ -406,37 +388,23 @@ impl Client {
             return Ok(true);
         }
         let request_id = session.request_id();
-        session
-            .send(Kind::Devices(frame::DevicesRequest {
-                request_id,
-                number: claimed.to_string(),
-            }))
-            .await?;
-        let deadline = Instant::now() + crate::net::NETWORK_TIMEOUT;
-        // Other frames that arrive meanwhile are deferred, in order, for the caller's loop.
-        let mut others = Vec::new();
-        let answer = loop {
-            let Some(kind) = session.recv_fresh(deadline).await? else {
-                break Err(ClientError::Timeout);
-            };
-            match kind {
-                Kind::DeviceList(list) if list.request_id == request_id => {
-                    let devices: Vec<DeviceId> = list
-                        .device_ids
-                        .iter()
-                        .filter_map(|d| DeviceId::from_slice(d))
-                        .collect();
-                    let belongs = devices.contains(&device);
-                    directory.insert(claimed.to_string(), devices);
-                    break Ok(belongs);
-                }
-                Kind::Error(e) if e.request_id == request_id => break Ok(false),
-                other => others.push(other),
+        let request = Kind::Devices(frame::DevicesRequest {
+            request_id,
+            number: claimed.to_string(),
+        });
+        match session.call(request, request_id).await? {
+            Kind::DeviceList(list) => {
+                let devices: Vec<DeviceId> = list
+                    .device_ids
+                    .iter()
+                    .filter_map(|d| DeviceId::from_slice(d))
+                    .collect();
+                let belongs = devices.contains(&device);
+                directory.insert(claimed.to_string(), devices);
+                Ok(belongs)
             }
-        };
-        for other in others {
-            session.defer(other);
+            // A directory error (such as the lookup budget) leaves the sender unverified.
+            _ => Ok(false),
         }
-        answer
     }
 }

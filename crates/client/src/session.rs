@@ -89,6 +89,29 @@ impl Session {
         id
     }
 
+    /// Sends a request carrying `request_id` and returns the frame that answers it (its result or
+    /// an `Error` with the same id). Frames that arrive meanwhile are deferred, in order, for the
+    /// caller's next [`Session::recv`]; a sign-out or a fatal error ends the wait.
+    pub async fn call(&mut self, request: Kind, request_id: u64) -> Result<Kind> {
+        self.send(request).await?;
+        let deadline = Instant::now() + NETWORK_TIMEOUT;
+        let mut others = Vec::new();
+        let answer = loop {
+            match self.recv_fresh(deadline).await {
+                Err(e) => break Err(e),
+                Ok(None) => break Err(ClientError::Timeout),
+                Ok(Some(kind)) if kind.answer_to() == Some(request_id) => break Ok(kind),
+                Ok(Some(Kind::SignedOut(s))) => break Err(ClientError::SignedOut(s.reason)),
+                Ok(Some(Kind::Error(e))) if e.fatal => break Err(ClientError::Refused(e.message)),
+                Ok(Some(other)) => others.push(other),
+            }
+        };
+        for other in others {
+            self.defer(other);
+        }
+        answer
+    }
+
     /// Puts a frame back, to be returned by the next [`Session::recv`] (in arrival order), for a
     /// caller that waits for one particular answer while other frames arrive.
     pub fn defer(&mut self, kind: Kind) {

@@ -58,6 +58,19 @@ pub enum Kind {
     Error(Error),
 }
 
+impl Kind {
+    /// The request id an answer carries (lookup, device list, disable, error), if any.
+    pub fn answer_to(&self) -> Option<u64> {
+        match self {
+            Kind::LookupResult(r) => Some(r.request_id),
+            Kind::DeviceList(r) => Some(r.request_id),
+            Kind::DisableResult(r) => Some(r.request_id),
+            Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
+            _ => None,
+        }
+    }
+}
+
 impl From<Kind> for Frame {
     fn from(kind: Kind) -> Self {
         Frame { kind: Some(kind) }

@@ -2,6 +2,10 @@
 //! a session. Routes and their OpenAPI entries are declared together (utoipa-axum), so the
 //! document cannot drift from the router.
 
+// Handlers return `Result<Response, Response>`: an error answer is a whole HTTP response, built
+// once per failed request, so the size of the `Err` variant costs nothing that matters.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -95,6 +99,28 @@ fn bad_json(rejection: JsonRejection) -> Response {
     )
 }
 
+/// The body, or the error answer for a body that is not the expected JSON.
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+    body.map(|Json(value)| value).map_err(bad_json)
+}
+
+/// The number normalised to E.164, or a 400 answer that says what is wrong with it.
+fn e164(text: &str) -> Result<E164, Response> {
+    E164::parse(text)
+        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()))
+}
+
+/// The number's pseudonym, or a 503 answer.
+fn pseudonym_of(state: &Shared, number: &E164) -> Result<tidings_store::Pseudonym, Response> {
+    state.keys.pseudonym(number).map_err(|_| {
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "try again shortly",
+        )
+    })
+}
+
 /// Builds the router and the OpenAPI document it serves.
 pub fn router(state: Shared) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -127,15 +153,9 @@ async fn request_code(
     State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     body: Result<Json<CodeRequest>, JsonRejection>,
-) -> Response {
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_json(rejection),
-    };
-    let number = match E164::parse(&request.number) {
-        Ok(number) => number,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()),
-    };
+) -> Result<Response, Response> {
+    let request = json_body(body)?;
+    let number = e164(&request.number)?;
     let now = now_ms();
     if let Err(wait) = check_window(
         &state.code_requests,
@@ -150,18 +170,12 @@ async fn request_code(
                 outcome: "address_limited",
             })
             .inc();
-        return rate_limited(
+        return Err(rate_limited(
             wait,
             "too many code requests from this address: wait and try again",
-        );
+        ));
     }
-    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "try again shortly",
-        );
-    };
+    let pseudonym = pseudonym_of(&state, &number)?;
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
     let hash = state.keys.code_hash(&pseudonym, &code);
     let policy = state.code_policy;
@@ -186,18 +200,18 @@ async fn request_code(
                     outcome: "number_limited",
                 })
                 .inc();
-            return rate_limited(
+            return Err(rate_limited(
                 wait,
                 "a code was sent to this number recently: use it, or wait and try again",
-            );
+            ));
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a code request");
-            return api_error(
+            return Err(api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "storage unavailable: try again shortly",
-            );
+            ));
         }
     }
     let text = format!("Your Tidings code is {code}. It expires in 10 minutes. Do not share it.");
@@ -220,11 +234,11 @@ async fn request_code(
                 outcome: "gateway_failed",
             })
             .inc();
-        return api_error(
+        return Err(api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "gateway_failed",
             "the SMS gateway failed: try again later",
-        );
+        ));
     }
     state
         .metrics
@@ -233,13 +247,13 @@ async fn request_code(
             outcome: "code_sent",
         })
         .inc();
-    (
+    Ok((
         StatusCode::ACCEPTED,
         Json(CodeSent {
             expires_in: state.code_policy.code_ttl / 1000,
         }),
     )
-        .into_response()
+        .into_response())
 }
 
 /// Checks a code and registers the device key; replaces every other device of the number.
@@ -258,48 +272,42 @@ async fn verify(
     State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     body: Result<Json<VerifyRequest>, JsonRejection>,
-) -> Response {
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => return bad_json(rejection),
-    };
-    let number = match E164::parse(&request.number) {
-        Ok(number) => number,
-        Err(e) => return api_error(StatusCode::BAD_REQUEST, "invalid_number", &e.to_string()),
-    };
+) -> Result<Response, Response> {
+    let request = json_body(body)?;
+    let number = e164(&request.number)?;
     if request.code.len() != 6 || !request.code.bytes().all(|b| b.is_ascii_digit()) {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "the code is the 6 digits from the SMS",
-        );
+        ));
     }
     let Some(key_bytes) = tidings_proto::id::from_text(&request.device_key)
         .and_then(|k| <[u8; 32]>::try_from(k).ok())
     else {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "device_key must be 32 bytes of base64url",
-        );
+        ));
     };
     let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "device_key is not an Ed25519 public key",
-        );
+        ));
     };
     let signature = tidings_proto::id::from_text(&request.signature)
         .and_then(|s| Signature::from_slice(&s).ok());
     let transcript =
         tidings_proto::transcript::register(number.as_str(), &request.code, &key_bytes);
     if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
-        return api_error(
+        return Err(api_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "signature does not match device_key",
-        );
+        ));
     }
     let now = now_ms();
     if let Err(wait) = check_window(
@@ -308,18 +316,12 @@ async fn verify(
         peer.0.ip(),
         now,
     ) {
-        return rate_limited(
+        return Err(rate_limited(
             wait,
             "too many verification attempts from this address: wait and try again",
-        );
+        ));
     }
-    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "try again shortly",
-        );
-    };
+    let pseudonym = pseudonym_of(&state, &number)?;
     let presented = state.keys.code_hash(&pseudonym, &request.code);
     let policy = state.code_policy;
     let attempt = state
@@ -333,11 +335,11 @@ async fn verify(
         Ok(attempt) => attempt,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during verification");
-            return api_error(
+            return Err(api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "storage unavailable: try again shortly",
-            );
+            ));
         }
     };
     let label = match attempt {
@@ -354,7 +356,7 @@ async fn verify(
     match attempt {
         Attempt::Accepted => {}
         Attempt::Wrong { attempts_left } => {
-            return api_error_with(
+            return Err(api_error_with(
                 StatusCode::UNAUTHORIZED,
                 ApiError {
                     error: "wrong_code".into(),
@@ -362,21 +364,21 @@ async fn verify(
                     retry_after: None,
                     attempts_left: Some(attempts_left),
                 },
-            )
+            ))
         }
         Attempt::NoCode => {
-            return api_error(
+            return Err(api_error(
                 StatusCode::GONE,
                 "no_code",
                 "no live code for this number: request a new one",
-            )
+            ))
         }
         Attempt::TooManyAttempts => {
-            return api_error(
+            return Err(api_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_attempts",
                 "attempts used up: request a new code",
-            )
+            ))
         }
     }
     let mut device = [0u8; 16];
@@ -397,19 +399,19 @@ async fn verify(
                 "a device was registered"
             );
             let replaced_devices = u32::try_from(registered.removed.len()).unwrap_or(u32::MAX);
-            Json(Verified {
+            Ok(Json(Verified {
                 device_id: device.to_text(),
                 replaced_devices,
             })
-            .into_response()
+            .into_response())
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while registering a device");
-            api_error(
+            Err(api_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "storage unavailable: verify again",
-            )
+            ))
         }
     }
 }

@@ -338,59 +338,55 @@ where
     }
 }
 
+/// Runs `work` every `period` until shutdown.
+fn every<F, Fut>(state: &Shared, period: Duration, mut work: F)
+where
+    F: FnMut(Shared) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let state_for_task = state.clone();
+    state.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                () = state_for_task.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            work(state_for_task.clone()).await;
+        }
+    });
+}
+
 /// Expiry, code pruning, limiter pruning and scrubbing, each on its own interval.
 fn spawn_sweeps(state: &Shared) {
-    let expiry = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = expiry.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match expiry.store.expire(now_ms(), 1000).await {
-                Ok(expired) => {
-                    expiry.metrics.expired.inc_by(expired.len() as u64);
-                    for message in expired {
-                        let receipt =
-                            tidings_proto::frame::Kind::Receipt(tidings_proto::frame::Receipt {
-                                id: message.id.as_bytes().to_vec(),
-                                kind: tidings_proto::frame::ReceiptKind::Expired as i32,
-                            })
-                            .into();
-                        expiry.hub.notify(&message.sender_device, &receipt);
-                    }
+    every(state, Duration::from_secs(1), |state| async move {
+        match state.store.expire(now_ms(), 1000).await {
+            Ok(expired) => {
+                state.metrics.expired.inc_by(expired.len() as u64);
+                for message in expired {
+                    let receipt =
+                        tidings_proto::frame::Kind::Receipt(tidings_proto::frame::Receipt {
+                            id: message.id.as_bytes().to_vec(),
+                            kind: tidings_proto::frame::ReceiptKind::Expired as i32,
+                        })
+                        .into();
+                    state.hub.notify(&message.sender_device, &receipt);
                 }
-                Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
             }
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }
     });
-    let housekeeping = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tokio::select! {
-                () = housekeeping.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let now = now_ms();
-            housekeeping.prune_limiters(now);
-            if let Err(e) = housekeeping.store.prune_codes(now).await {
-                tracing::warn!(error = %e, "code pruning failed");
-            }
+    every(state, Duration::from_secs(60), |state| async move {
+        let now = now_ms();
+        state.prune_limiters(now);
+        if let Err(e) = state.store.prune_codes(now).await {
+            tracing::warn!(error = %e, "code pruning failed");
         }
     });
-    let scrub = state.clone();
-    state.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(scrub.config.scrub_interval_ms));
-        loop {
-            tokio::select! {
-                () = scrub.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = scrub.store.scrub().await {
-                tracing::debug!(error = %e, "scrub deferred");
-            }
+    let scrub_interval = Duration::from_millis(state.config.scrub_interval_ms);
+    every(state, scrub_interval, |state| async move {
+        if let Err(e) = state.store.scrub().await {
+            tracing::debug!(error = %e, "scrub deferred");
         }
     });
 }
