@@ -108,13 +108,13 @@ fn codes_attempts_and_limits() {
     check(
         "/v1/registration/verify",
         json!({"number": n}),
-        400,
+        422,
         Some("invalid_request"),
     );
     check(
         "/v1/registration/code",
         json!("not an object"),
-        400,
+        422,
         Some("invalid_request"),
     );
     // Five code requests per address per 5 minutes: three more distinct numbers pass, then 429.
