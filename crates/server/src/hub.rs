@@ -4,13 +4,13 @@
 //! open connections. A multi-node deployment replaces the reach-a-device half with a bus; the
 //! server only uses the methods below.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// Frames queued per session before the session counts as slow.
 pub const SESSION_QUEUE: usize = 1024;
@@ -26,11 +26,108 @@ pub enum Outbound {
     SignOut(&'static str),
 }
 
+/// A session's queue of frames to write: bounded, and holding no allocation while empty, so an
+/// idle session costs only this struct. (A channel would keep a block of slots per session.)
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Outbound>>,
+    closed: AtomicBool,
+    arrived: Notify,
+    room: Notify,
+}
+
+/// The session is gone; nothing more can be queued for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+impl Mailbox {
+    /// An empty mailbox.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Queues a message if there is room; gives it back if the mailbox is full or closed.
+    pub fn try_send(&self, message: Outbound) -> Result<(), Outbound> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(message);
+        }
+        {
+            let Ok(mut queue) = self.queue.lock() else {
+                return Err(message);
+            };
+            if queue.len() >= SESSION_QUEUE {
+                return Err(message);
+            }
+            queue.push_back(message);
+        }
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Queues a message, waiting for room.
+    pub async fn send(&self, mut message: Outbound) -> Result<(), Closed> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_send(message) {
+                Ok(()) => return Ok(()),
+                Err(back) if self.closed.load(Ordering::Acquire) => {
+                    drop(back);
+                    return Err(Closed);
+                }
+                Err(back) => message = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Takes the oldest message, if any; frees the queue's memory once it is empty.
+    pub fn try_recv(&self) -> Option<Outbound> {
+        let message = {
+            let mut queue = self.queue.lock().ok()?;
+            let message = queue.pop_front();
+            if queue.is_empty() && queue.capacity() > 0 {
+                *queue = VecDeque::new();
+            }
+            message
+        };
+        if message.is_some() {
+            self.room.notify_waiters();
+        }
+        message
+    }
+
+    /// Waits for the next message. Cancel-safe: a message is only taken when it is returned.
+    pub async fn recv(&self) -> Outbound {
+        loop {
+            if let Some(message) = self.try_recv() {
+                return message;
+            }
+            self.arrived.notified().await;
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
+    }
+
+    /// Refuses further messages and wakes anyone waiting for room.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.room.notify_waiters();
+    }
+}
+
+/// A session's mailbox, shared by the session and everything that answers it.
+pub type Outbox = Arc<Mailbox>;
+
 #[derive(Debug)]
 struct Entry {
     session: u64,
     listen: bool,
-    tx: mpsc::Sender<Outbound>,
+    tx: Outbox,
     /// Set when a delivery did not fit in the session's queue; the session re-reads the store.
     behind: Arc<AtomicBool>,
 }
@@ -60,12 +157,7 @@ pub struct Hub {
 
 impl Hub {
     /// Registers a logged-in session.
-    pub fn add(
-        self: &Arc<Self>,
-        device: DeviceId,
-        listen: bool,
-        tx: mpsc::Sender<Outbound>,
-    ) -> Registration {
+    pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         let behind = Arc::new(AtomicBool::new(false));
         if let Ok(mut sessions) = self.sessions.lock() {

@@ -13,9 +13,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
 use tidings_proto::{MAX_LOOKUP_NUMBERS, MAX_PAYLOAD_BYTES};
 use tidings_store::{Acked, Enqueued, NewMessage, Store as _, StoreError};
-use tokio::sync::mpsc;
 
-use crate::hub::Outbound;
+use crate::hub::{Outbound, Outbox};
 use crate::metrics::Outcome;
 use crate::session::Identity;
 use crate::state::{now_ms, take_budget, Shared, QUEUE_LIMIT, SEND_BURST, SEND_PER_SECOND};
@@ -48,17 +47,12 @@ fn error(code: ErrorCode, message: &str, request_id: u64) -> Outbound {
     )
 }
 
-async fn answer(tx: &mpsc::Sender<Outbound>, frame: Frame) {
+async fn answer(tx: &Outbox, frame: Frame) {
     let _ = tx.send(Outbound::Frame(frame)).await;
 }
 
 /// Handles `Send`.
-pub async fn send(
-    state: Shared,
-    identity: Identity,
-    send: frame::Send,
-    tx: mpsc::Sender<Outbound>,
-) {
+pub async fn send(state: Shared, identity: Identity, send: frame::Send, tx: Outbox) {
     let id_bytes = send.id.clone();
     let (outcome, detail) = decide_and_store(&state, identity, send).await;
     state
@@ -185,7 +179,7 @@ async fn decide_and_store(
 }
 
 /// Handles `Ack`.
-pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: mpsc::Sender<Outbound>) {
+pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox) {
     let (Some(sender_device), Some(id)) = (
         DeviceId::from_slice(&ack.sender_device),
         MessageId::from_slice(&ack.id),
@@ -257,7 +251,7 @@ pub async fn receipt_ack(state: Shared, identity: Identity, receipt: frame::Rece
 }
 
 /// Sends the receipts stored for a device that just logged in.
-pub async fn send_pending_receipts(state: Shared, device: DeviceId, tx: mpsc::Sender<Outbound>) {
+pub async fn send_pending_receipts(state: Shared, device: DeviceId, tx: Outbox) {
     match state.store.receipts(device).await {
         Ok(receipts) => {
             for receipt in receipts {
@@ -290,12 +284,7 @@ fn take_lookup_budget(state: &Shared, device: DeviceId, n: usize) -> bool {
 }
 
 /// Handles `Lookup`. Reads only; nothing about it is written or logged.
-pub async fn lookup(
-    state: Shared,
-    identity: Identity,
-    lookup: frame::Lookup,
-    tx: mpsc::Sender<Outbound>,
-) {
+pub async fn lookup(state: Shared, identity: Identity, lookup: frame::Lookup, tx: Outbox) {
     if lookup.numbers.len() > MAX_LOOKUP_NUMBERS {
         let message = format!("at most {MAX_LOOKUP_NUMBERS} numbers per lookup");
         let _ = tx
@@ -374,7 +363,7 @@ pub async fn devices(
     state: Shared,
     identity: Identity,
     request: frame::DevicesRequest,
-    tx: mpsc::Sender<Outbound>,
+    tx: Outbox,
 ) {
     if !take_lookup_budget(&state, identity.device, 1) {
         let _ = tx
@@ -424,12 +413,7 @@ pub async fn devices(
 }
 
 /// Handles `Disable`: everything of the account goes at once.
-pub async fn disable(
-    state: Shared,
-    identity: Identity,
-    request: frame::Disable,
-    tx: mpsc::Sender<Outbound>,
-) {
+pub async fn disable(state: Shared, identity: Identity, request: frame::Disable, tx: Outbox) {
     match state.store.delete_account(identity.account).await {
         Ok(devices) => {
             answer(

@@ -15,11 +15,10 @@ use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Store as _};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::hub::{Outbound, SESSION_QUEUE};
+use crate::hub::{Mailbox, Outbound, Outbox};
 use crate::requests;
 use crate::state::{now_ms, Shared};
 
@@ -127,7 +126,7 @@ where
         return;
     }
 
-    let (tx, mut rx) = mpsc::channel::<Outbound>(SESSION_QUEUE);
+    let tx = Mailbox::new();
     let registration = state.hub.add(identity.device, login.listen, tx.clone());
     state.metrics.sessions_active.inc();
     tracing::debug!(listen = login.listen, "session started");
@@ -146,26 +145,30 @@ where
     let mut deadline = Instant::now() + heartbeat * 3;
     let mut signed_out = false;
     loop {
-        if buf.is_empty() && buf.capacity() > 0 && tasks.is_empty() {
-            // An idle session keeps no read buffer.
-            buf = BytesMut::new();
+        if tasks.is_empty() && tx.is_empty() {
+            // An idle session holds no buffers: they are allocated again when traffic comes.
+            if buf.is_empty() && buf.capacity() > 0 {
+                buf = BytesMut::new();
+            }
+            if out.capacity() > 0 {
+                out = BytesMut::new();
+            }
         }
         tokio::select! {
             biased;
             () = state.shutdown.cancelled() => break,
-            message = rx.recv() => {
-                let Some(message) = message else { break };
+            message = tx.recv() => {
                 if encode_outbound(message, &mut out, &state) {
                     signed_out = true;
                 }
                 while out.len() < 64 * 1024 {
-                    match rx.try_recv() {
-                        Ok(message) => {
+                    match tx.try_recv() {
+                        Some(message) => {
                             if encode_outbound(message, &mut out, &state) {
                                 signed_out = true;
                             }
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
@@ -197,6 +200,8 @@ where
                             codec::encode(&error_frame(ErrorCode::Protocol, &e.to_string(), true, 0), &mut out);
                             let _ = writer.write_all(&out).await;
                             let _ = writer.shutdown().await;
+                            // The connection is being dropped: answers have nowhere to go.
+                            tx.close();
                             finish(&state, tasks).await;
                             return;
                         }
@@ -224,10 +229,10 @@ where
     // Let requests already read finish (their answers are written if the socket still takes
     // them), so a shutdown loses nothing that was in flight.
     let drain = async {
-        while !tasks.is_empty() || !rx.is_empty() {
+        while !tasks.is_empty() || !tx.is_empty() {
             tokio::select! {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                Some(message) = rx.recv() => {
+                message = tx.recv() => {
                     encode_outbound(message, &mut out, &state);
                     let _ = writer.write_all(&out).await;
                     out.clear();
@@ -236,6 +241,7 @@ where
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    tx.close();
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     state.metrics.sessions_active.dec();
@@ -313,7 +319,7 @@ fn handle(
     state: &Shared,
     identity: Identity,
     frame: Frame,
-    tx: &mpsc::Sender<Outbound>,
+    tx: &Outbox,
     tasks: &mut JoinSet<()>,
 ) -> Option<Frame> {
     let kind = frame.kind?;
@@ -374,7 +380,7 @@ fn handle(
 }
 
 /// Sends every stored copy waiting for the device, oldest first.
-async fn drain_queue(state: Shared, device: DeviceId, tx: mpsc::Sender<Outbound>) {
+async fn drain_queue(state: Shared, device: DeviceId, tx: Outbox) {
     let mut after = 0;
     loop {
         let page = match state.store.pending(device, after, PAGE, now_ms()).await {
