@@ -34,6 +34,8 @@ pub enum Kind {
     Devices(DevicesRequest),
     #[prost(message, tag = "8")]
     Disable(Disable),
+    #[prost(message, tag = "9")]
+    Withdraw(Withdraw),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
     #[prost(message, tag = "21")]
@@ -56,6 +58,8 @@ pub enum Kind {
     SignedOut(SignedOut),
     #[prost(message, tag = "30")]
     Error(Error),
+    #[prost(message, tag = "31")]
+    WithdrawResult(WithdrawResult),
 }
 
 impl Kind {
@@ -213,6 +217,8 @@ pub struct Ack {
 pub enum AckStatus {
     Confirmed = 0,
     Unknown = 1,
+    /// The sender withdrew the message before this acknowledgement: never show it.
+    Withdrawn = 2,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -223,6 +229,32 @@ pub struct AckResult {
     pub id: Vec<u8>,
     #[prost(enumeration = "AckStatus", tag = "3")]
     pub status: i32,
+}
+
+/// Asks the server to withdraw a message this device sent and no receiver device has taken.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Withdraw {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum WithdrawState {
+    /// A receiver device acknowledged it first.
+    Delivered = 0,
+    /// Every copy is deleted; no device will show it.
+    Withdrawn = 1,
+    /// The server holds no such message (never stored, or expired).
+    Unknown = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WithdrawResult {
+    #[prost(bytes = "vec", tag = "1")]
+    pub id: Vec<u8>,
+    #[prost(enumeration = "WithdrawState", tag = "2")]
+    pub state: i32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

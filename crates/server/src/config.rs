@@ -33,12 +33,24 @@ pub struct ServerArgs {
     /// TLS private key (PEM)
     #[arg(long, env = "TIDINGS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// SMS gateway for verification codes: `outbox` [default: outbox]
+    /// SMS gateway for verification codes: `outbox` or `kannel` [default: outbox]
     #[arg(long, env = "TIDINGS_SMS_GATEWAY")]
     pub sms_gateway: Option<String>,
     /// Directory the `outbox` gateway writes each SMS to [default: $XDG_DATA_HOME/tidings/outbox]
     #[arg(long, env = "TIDINGS_OUTBOX_DIR")]
     pub outbox_dir: Option<PathBuf>,
+    /// Kannel's sendsms interface, such as http://127.0.0.1:13013 (with --sms-gateway kannel)
+    #[arg(long, env = "TIDINGS_KANNEL_URL")]
+    pub kannel_url: Option<String>,
+    /// Kannel sendsms-user name
+    #[arg(long, env = "TIDINGS_KANNEL_USERNAME")]
+    pub kannel_username: Option<String>,
+    /// Kannel sendsms-user password (prefer the environment variable or the config file)
+    #[arg(long, env = "TIDINGS_KANNEL_PASSWORD", hide_env_values = true)]
+    pub kannel_password: Option<String>,
+    /// Sender id on verification SMS [default: Tidings]
+    #[arg(long, env = "TIDINGS_SMS_FROM")]
+    pub sms_from: Option<String>,
     /// Seconds between client heartbeats; a session silent for three is closed [default: 10]
     #[arg(long, env = "TIDINGS_HEARTBEAT_SECONDS")]
     pub heartbeat_seconds: Option<u32>,
@@ -82,6 +94,10 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     sms_gateway: Option<String>,
     outbox_dir: Option<PathBuf>,
+    kannel_url: Option<String>,
+    kannel_username: Option<String>,
+    kannel_password: Option<String>,
+    sms_from: Option<String>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
     scrub_interval_ms: Option<u64>,
@@ -94,13 +110,6 @@ struct FileConfig {
     sync_trace: Option<PathBuf>,
 }
 
-/// The SMS gateway for verification codes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GatewayConfig {
-    /// Writes each SMS as a JSON file into a directory (development and tests).
-    Outbox(PathBuf),
-}
-
 /// Resolved configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -108,7 +117,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub key_file: PathBuf,
     pub tls: Option<(PathBuf, PathBuf)>,
-    pub gateway: GatewayConfig,
+    pub gateway: tidings_gateway::TransportConfig,
+    pub sms_from: String,
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
     pub scrub_interval_ms: u64,
@@ -177,13 +187,29 @@ impl ServerArgs {
             .as_deref()
             .unwrap_or("outbox")
         {
-            "outbox" => GatewayConfig::Outbox(
-                self.outbox_dir
+            "outbox" => tidings_gateway::TransportConfig::Outbox {
+                dir: self
+                    .outbox_dir
                     .clone()
                     .or(file.outbox_dir)
                     .unwrap_or_else(|| data_home().join("outbox")),
-            ),
-            other => anyhow::bail!("unknown SMS gateway `{other}`: this version supports `outbox`"),
+            },
+            "kannel" => tidings_gateway::TransportConfig::Kannel {
+                url: self.kannel_url.clone().or(file.kannel_url).context(
+                    "the kannel gateway needs kannel_url (such as http://127.0.0.1:13013)",
+                )?,
+                username: self
+                    .kannel_username
+                    .clone()
+                    .or(file.kannel_username)
+                    .context("the kannel gateway needs kannel_username")?,
+                password: self
+                    .kannel_password
+                    .clone()
+                    .or(file.kannel_password)
+                    .context("the kannel gateway needs kannel_password")?,
+            },
+            other => anyhow::bail!("unknown SMS gateway `{other}`: use `outbox` or `kannel`"),
         };
         let heartbeat_seconds = self
             .heartbeat_seconds
@@ -209,6 +235,11 @@ impl ServerArgs {
                 .unwrap_or_else(|| config_home().join("server.key")),
             tls,
             gateway,
+            sms_from: self
+                .sms_from
+                .clone()
+                .or(file.sms_from)
+                .unwrap_or_else(|| "Tidings".into()),
             heartbeat_seconds,
             max_connections: self
                 .max_connections

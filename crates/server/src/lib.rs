@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-use crate::config::{GatewayConfig, ServerConfig};
+use crate::config::ServerConfig;
 use crate::http::{Peer, Slot};
 use crate::metrics::Metrics;
 use crate::state::{now_ms, Shared, State};
@@ -161,9 +161,7 @@ impl Server {
             },
         )
         .context("cannot open the data store")?;
-        let gateway = match &config.gateway {
-            GatewayConfig::Outbox(dir) => gateway::Gateway::outbox(dir.clone())?,
-        };
+        let gateway = gateway::Gateway::new(config.gateway.clone(), config.sms_from.clone());
         let tls = match &config.tls {
             Some((cert, key)) => Some(load_tls(cert, key)?),
             None => None,

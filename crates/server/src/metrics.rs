@@ -28,6 +28,7 @@ pub struct Metrics {
     pub syncs: Counter,
     pub sync_batch: Histogram,
     pub expired: Counter,
+    pub withdrawals: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -45,6 +46,7 @@ impl Metrics {
             syncs: Counter::default(),
             sync_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
             expired: Counter::default(),
+            withdrawals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(

@@ -4,10 +4,12 @@
 //! Nothing here logs a number, a payload or a key; a lookup writes nothing at all.
 
 use bytes::Bytes;
+use tidings_core::fallback::Withdrawal;
 use tidings_core::routing::{self, Decision, Receiver};
 use tidings_core::{Millis, HOUR};
 use tidings_proto::frame::{
     self, AckStatus, ErrorCode, Frame, Kind, Presence, ReceiptKind, SendMode, SendOutcome,
+    WithdrawState,
 };
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
@@ -206,6 +208,7 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
             AckStatus::Confirmed
         }
         Ok(Acked::Unknown) => AckStatus::Unknown,
+        Ok(Acked::Withdrawn) => AckStatus::Withdrawn,
         Err(e) => {
             tracing::warn!(error = %e, "storage write failed during an ack");
             let _ = tx
@@ -222,10 +225,10 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
         .metrics
         .acks
         .get_or_create(&Outcome {
-            outcome: if status == AckStatus::Confirmed {
-                "confirmed"
-            } else {
-                "unknown"
+            outcome: match status {
+                AckStatus::Confirmed => "confirmed",
+                AckStatus::Unknown => "unknown",
+                AckStatus::Withdrawn => "withdrawn",
             },
         })
         .inc();
@@ -438,4 +441,52 @@ pub async fn disable(state: Shared, identity: Identity, request: frame::Disable,
                 .await;
         }
     }
+}
+
+/// Handles `Withdraw`: ends in delivered, withdrawn or unknown, decided by the store in one
+/// transaction so that it cannot interleave with an acknowledgement.
+pub async fn withdraw(state: Shared, identity: Identity, request: frame::Withdraw, tx: Outbox) {
+    let Some(id) = MessageId::from_slice(&request.id) else {
+        let _ = tx
+            .send(error(
+                ErrorCode::InvalidRequest,
+                "withdraw needs a 16-byte id",
+                0,
+            ))
+            .await;
+        return;
+    };
+    let withdrawal = match state.store.withdraw(identity.device, id).await {
+        Ok(withdrawal) => withdrawal,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage write failed during a withdraw");
+            let _ = tx
+                .send(error(
+                    ErrorCode::Unavailable,
+                    "storage unavailable: withdraw again",
+                    0,
+                ))
+                .await;
+            return;
+        }
+    };
+    let (label, wire) = match withdrawal {
+        Withdrawal::Delivered => ("delivered", WithdrawState::Delivered),
+        Withdrawal::Withdrawn => ("withdrawn", WithdrawState::Withdrawn),
+        Withdrawal::Unknown => ("unknown", WithdrawState::Unknown),
+    };
+    state
+        .metrics
+        .withdrawals
+        .get_or_create(&Outcome { outcome: label })
+        .inc();
+    answer(
+        &tx,
+        Kind::WithdrawResult(frame::WithdrawResult {
+            id: request.id,
+            state: wire as i32,
+        })
+        .into(),
+    )
+    .await;
 }

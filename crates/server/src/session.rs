@@ -364,6 +364,15 @@ fn handle(
             ));
             None
         }
+        Kind::Withdraw(request) => {
+            tasks.spawn(requests::withdraw(
+                state.clone(),
+                identity,
+                request,
+                tx.clone(),
+            ));
+            None
+        }
         Kind::Login(_) => Some(error_frame(
             ErrorCode::Protocol,
             "already logged in",

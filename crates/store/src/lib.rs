@@ -15,6 +15,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
+use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -118,6 +119,8 @@ pub enum Acked {
     /// The copy is deleted. `first` is true for the message's first acknowledgement; a
     /// `Delivered` receipt for the sender device was stored in the same transaction.
     Confirmed { first: bool },
+    /// The sender withdrew the message; the device must not show it.
+    Withdrawn,
 }
 
 /// A receipt waiting for a sending device.
@@ -231,6 +234,15 @@ pub trait Store: Send + Sync + 'static {
         sender_device: DeviceId,
         id: MessageId,
     ) -> impl Future<Output = Result<Acked>> + Send;
+
+    /// Withdraws a message its sender no longer wants delivered over IP. Ends in exactly one
+    /// state: delivered (an acknowledgement came first), withdrawn (every copy deleted, and later
+    /// acknowledgements are told so until the message's TTL ends), or unknown.
+    fn withdraw(
+        &self,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Withdrawal>> + Send;
 
     /// Deletes messages whose TTL ended at `now` (at most `limit`), storing `Expired` receipts for
     /// the ones no device acknowledged. Returns those.

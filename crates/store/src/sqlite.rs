@@ -17,6 +17,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodeRecord, LiveCode};
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -74,6 +75,12 @@ CREATE TABLE IF NOT EXISTS receipts (
     msg_id BLOB NOT NULL,
     kind INTEGER NOT NULL,
     PRIMARY KEY (device_id, msg_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS withdrawn (
+    sender_device BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (sender_device, msg_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS codes (
     pseudonym BLOB PRIMARY KEY,
@@ -485,6 +492,7 @@ impl Store for SqliteStore {
             // Undelivered messages this account sent go too: opting out leaves nothing behind.
             for device in &devices {
                 txn.execute("DELETE FROM messages WHERE sender_device = ?1", params![device.as_bytes()])?;
+                txn.execute("DELETE FROM withdrawn WHERE sender_device = ?1", params![device.as_bytes()])?;
             }
             txn.execute(
                 "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)",
@@ -652,7 +660,16 @@ impl Store for SqliteStore {
                     |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0)),
                 )
                 .optional()?;
-            let Some((seq, delivered)) = message else { return Ok(Acked::Unknown) };
+            let Some((seq, delivered)) = message else {
+                let withdrawn = txn
+                    .query_row(
+                        "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2",
+                        params![sender_device.as_bytes(), id.as_bytes()],
+                        |_| Ok(()),
+                    )
+                    .optional()?;
+                return Ok(if withdrawn.is_some() { Acked::Withdrawn } else { Acked::Unknown });
+            };
             let deleted =
                 txn.execute("DELETE FROM copies WHERE device_id = ?1 AND seq = ?2", params![device.as_bytes(), seq])?;
             if deleted == 0 {
@@ -671,6 +688,58 @@ impl Store for SqliteStore {
                 params![seq],
             )?;
             Ok(Acked::Confirmed { first: !delivered })
+        })
+        .await
+    }
+
+    async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
+        self.write(move |txn, _| {
+            let message = txn
+                .query_row(
+                    "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                    params![sender_device.as_bytes(), id.as_bytes()],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0, row.get::<_, i64>(2)?)),
+                )
+                .optional()?;
+            match message {
+                Some((_, true, _)) => Ok(Withdrawal::Delivered),
+                Some((seq, false, expires_at)) => {
+                    // Copies go with the message (cascade). The tombstone names only the sending
+                    // device and the id, never the receiver, and lives until the TTL would have
+                    // ended: an acknowledgement racing the withdraw is told not to show it.
+                    txn.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;
+                    txn.execute(
+                        "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)",
+                        params![sender_device.as_bytes(), id.as_bytes(), expires_at],
+                    )?;
+                    Ok(Withdrawal::Withdrawn)
+                }
+                None => {
+                    let delivered = txn
+                        .query_row(
+                            "SELECT 1 FROM receipts WHERE device_id = ?1 AND msg_id = ?2 AND kind = ?3",
+                            params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some();
+                    let withdrawn = txn
+                        .query_row(
+                            "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2",
+                            params![sender_device.as_bytes(), id.as_bytes()],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some();
+                    Ok(if delivered {
+                        Withdrawal::Delivered
+                    } else if withdrawn {
+                        Withdrawal::Withdrawn
+                    } else {
+                        Withdrawal::Unknown
+                    })
+                }
+            }
         })
         .await
     }
@@ -709,6 +778,7 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 expired
             };
+            txn.execute("DELETE FROM withdrawn WHERE expires_at <= ?1", params![sql_millis(now)])?;
             let mut receipts = Vec::new();
             for (seq, sender_device, id, delivered) in expired {
                 txn.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;

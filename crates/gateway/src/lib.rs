@@ -1,0 +1,267 @@
+//! SMS transports: how an SMS leaves a Tidings client (fallback) or server (verification codes).
+//!
+//! One type, [`Transport`], chosen by configuration:
+//! - `outbox` writes each SMS as a JSON file into a directory (development and tests);
+//! - `kannel` hands it to Kannel's HTTP `sendsms` interface.
+//!
+//! Every failure is a [`SendError`] that says whether trying again is safe: a request that may
+//! have reached the gateway is never retried here, so an SMS is not sent twice. The message text
+//! is checked against the part limit with the shared encoder (`tidings-sms`) before anything is
+//! sent. This crate never logs; callers must not log the numbers or texts they pass in.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tidings_sms::{DataCoding, SplitOptions};
+
+/// Time allowed for one gateway request.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection attempts to a gateway that refuses connections (safe: nothing was sent).
+const CONNECT_ATTEMPTS: u32 = 3;
+
+/// One SMS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sms {
+    /// Sender id: the user's own number for a fallback, the operator's name for codes.
+    pub from: String,
+    /// Receiver, E.164.
+    pub to: String,
+    /// The text, any Unicode.
+    pub text: String,
+}
+
+impl std::fmt::Debug for Sms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sms")
+            .field("chars", &self.text.chars().count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an SMS was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The text needs more parts than allowed.
+    #[error("the message needs {needed} SMS parts; at most {limit} are allowed: shorten it")]
+    TooLong { needed: usize, limit: u8 },
+    /// The gateway refused it for good (bad number, bad credentials, bad request).
+    #[error("the SMS gateway refused the message: {0}")]
+    Rejected(String),
+    /// The gateway is down or throttling; the message was not sent and may be retried.
+    #[error("the SMS gateway is unavailable: {0}; the message is kept and will be retried")]
+    Unavailable(String),
+    /// The outcome is unknown (the request may have reached the gateway); retrying could send twice.
+    #[error("the SMS gateway did not answer: {0}")]
+    Unknown(String),
+}
+
+impl SendError {
+    /// Whether sending again is safe and may succeed.
+    pub fn retry_is_safe(&self) -> bool {
+        matches!(self, SendError::Unavailable(_))
+    }
+}
+
+/// A transport as it is configured (profile or server config).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "transport", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TransportConfig {
+    /// Files in a directory.
+    Outbox { dir: PathBuf },
+    /// Kannel's `sendsms` interface, such as `http://127.0.0.1:13013`.
+    Kannel {
+        url: String,
+        username: String,
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for TransportConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportConfig::Outbox { dir } => f.debug_struct("Outbox").field("dir", dir).finish(),
+            TransportConfig::Kannel { url, .. } => f
+                .debug_struct("Kannel")
+                .field("url", url)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// A ready transport.
+#[derive(Debug)]
+pub struct Transport {
+    config: TransportConfig,
+    max_parts: u8,
+    counter: AtomicU64,
+}
+
+impl Transport {
+    /// A transport for `config`, refusing texts longer than `max_parts` SMS parts.
+    pub fn new(config: TransportConfig, max_parts: u8) -> Self {
+        Self {
+            config,
+            max_parts,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransportConfig {
+        &self.config
+    }
+
+    /// Checks the length, then sends.
+    pub async fn send(&self, sms: &Sms) -> Result<(), SendError> {
+        let options = SplitOptions {
+            max_parts: self.max_parts,
+            ..SplitOptions::default()
+        };
+        let parts = tidings_sms::split(&sms.text, &options).map_err(|e| match e {
+            tidings_sms::EncodeError::TooManyParts { needed, limit } => {
+                SendError::TooLong { needed, limit }
+            }
+            other => SendError::Rejected(other.to_string()),
+        })?;
+        let coding = parts.first().map_or(DataCoding::Gsm7, |part| part.coding);
+        match &self.config {
+            TransportConfig::Outbox { dir } => self.write_outbox(dir, sms, parts.len()).await,
+            TransportConfig::Kannel {
+                url,
+                username,
+                password,
+            } => send_kannel(url, username, password, sms, coding).await,
+        }
+    }
+
+    async fn write_outbox(
+        &self,
+        dir: &std::path::Path,
+        sms: &Sms,
+        parts: usize,
+    ) -> Result<(), SendError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let name = format!("{stamp}-{}-{n}.json", std::process::id());
+        let body =
+            serde_json::json!({ "from": sms.from, "to": sms.to, "text": sms.text, "parts": parts })
+                .to_string();
+        let temp = dir.join(format!(".{name}.tmp"));
+        tokio::fs::write(&temp, body)
+            .await
+            .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))?;
+        tokio::fs::rename(&temp, dir.join(&name))
+            .await
+            .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))
+    }
+}
+
+/// Kannel's `sendsms`: `GET /cgi-bin/sendsms?username&password&from&to&text&coding&charset`.
+/// Kannel answers 202 ("0: Accepted for delivery" or "3: Queued for later delivery"); it splits
+/// long texts into concatenated parts itself.
+async fn send_kannel(
+    url: &str,
+    username: &str,
+    password: &str,
+    sms: &Sms,
+    coding: DataCoding,
+) -> Result<(), SendError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| SendError::Rejected(format!("`{url}` is not a Kannel URL")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| SendError::Rejected("the Kannel URL has no host".into()))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let coding = match coding {
+        DataCoding::Gsm7 => "0",
+        DataCoding::Ucs2 => "2",
+    };
+    let query = serde_urlencoded::to_string([
+        ("username", username),
+        ("password", password),
+        ("from", sms.from.as_str()),
+        ("to", sms.to.as_str()),
+        ("text", sms.text.as_str()),
+        ("charset", "UTF-8"),
+        ("coding", coding),
+    ])
+    .map_err(|e| SendError::Rejected(e.to_string()))?;
+    let path = format!(
+        "{}/cgi-bin/sendsms?{query}",
+        uri.path().trim_end_matches('/')
+    );
+
+    // Connecting is retried: a refused connection means nothing was sent.
+    let mut attempt = 0;
+    let stream = loop {
+        attempt += 1;
+        match tokio::time::timeout(
+            TIMEOUT,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => break stream,
+            Ok(Err(e)) if attempt >= CONNECT_ATTEMPTS => {
+                return Err(SendError::Unavailable(format!(
+                    "cannot connect to Kannel at {host}:{port}: {e}"
+                )))
+            }
+            Err(_) if attempt >= CONNECT_ATTEMPTS => {
+                return Err(SendError::Unavailable(format!(
+                    "connecting to Kannel at {host}:{port} timed out"
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await,
+        }
+    };
+    let exchange = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| SendError::Unavailable(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, format!("{host}:{port}"))
+            .body(Empty::new())
+            .map_err(|e| SendError::Rejected(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| SendError::Unknown(e.to_string()))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), 4096)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        driver.abort();
+        Ok::<_, SendError>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| SendError::Unknown("Kannel did not answer in time".into()))??;
+    if status.is_success() {
+        Ok(())
+    } else if status == hyper::StatusCode::SERVICE_UNAVAILABLE
+        || status == hyper::StatusCode::TOO_MANY_REQUESTS
+    {
+        // Kannel refuses before queueing anything when it is throttling or its queue is full.
+        Err(SendError::Unavailable(format!("{status}: {body}")))
+    } else {
+        Err(SendError::Rejected(format!("{status}: {body}")))
+    }
+}
