@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tidings_client::client::{self, Client, Event, SendReport};
 use tidings_client::profile::{Profile, Trust};
+use tidings_client::route;
 use tidings_client::ClientError;
+use tidings_core::fallback::Route;
+use tidings_gateway::TransportConfig;
 use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
 use tidings_server::config::ServerArgs;
 
@@ -18,6 +21,9 @@ use tidings_server::config::ServerArgs;
 const EXIT_NOT_TAKEN: u8 = 3;
 /// Exit code: the profile is not registered, so nothing was sent anywhere.
 const EXIT_NOT_REGISTERED: u8 = 4;
+/// Exit code: not through yet (SMS gateway down, server unreachable for a withdraw, a delayed
+/// fallback waiting); kept in the profile and carried on by `tidings listen`.
+const EXIT_PENDING: u8 = 5;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,7 +40,8 @@ const EXIT_NOT_REGISTERED: u8 = 4;
         Send and receive:      tidings send +4915187654321 'Hello'   /   tidings listen\n\
         Opt out:               tidings disable",
     after_help = "Exit codes: 0 done; 1 failed (see the message); 2 bad usage; 3 the message was not taken\n\
-        (not a user, not reachable, queue full, rate-limited); 4 this profile is not registered."
+        (not a user, not reachable, queue full, rate-limited); 4 this profile is not registered;\n\
+        5 not through yet: kept, and carried on while `tidings listen` runs."
 )]
 struct Cli {
     /// Profile directory: one per user of this machine [default: $XDG_DATA_HOME/tidings/profile]
@@ -90,7 +97,15 @@ enum Command {
         number: String,
         /// The text
         text: String,
-        /// Delivery mode
+        /// Route: auto (IP if the receiver is online, else SMS), ip-only, sms-only, or
+        /// queue-then-sms (IP, then SMS if undelivered after --fallback-after) [default: the
+        /// profile's; auto needs an SMS transport, without one messages queue over IP]
+        #[arg(long, value_parser = ["auto", "ip-only", "sms-only", "queue-then-sms"])]
+        route: Option<String>,
+        /// For queue-then-sms: how long to wait for delivery over IP, such as 90s, 10m or 1h
+        #[arg(long, value_parser = parse_duration)]
+        fallback_after: Option<u64>,
+        /// For ip-only: keep the message until delivered (queue), or only if a device is online now
         #[arg(long, value_enum, default_value_t = Mode::Queue)]
         mode: Mode,
         /// Seconds a queued message is kept (0: the server's default, 7 days)
@@ -119,6 +134,55 @@ enum Command {
     Disable,
     /// Show this profile's state (no network)
     Status,
+    /// Show or change how this profile routes messages and sends SMS (no network)
+    Settings {
+        /// Default route: auto, ip-only, sms-only or queue-then-sms
+        #[arg(long, value_parser = ["auto", "ip-only", "sms-only", "queue-then-sms"])]
+        route: Option<String>,
+        /// For queue-then-sms: how long to wait for delivery over IP, such as 10m
+        #[arg(long, value_parser = parse_duration)]
+        fallback_after: Option<u64>,
+        /// For auto: seconds to wait for the receipt of an accepted message before the SMS
+        #[arg(long)]
+        receipt_timeout: Option<u64>,
+        /// Most SMS parts one message may take
+        #[arg(long)]
+        max_sms_parts: Option<u8>,
+        /// Send fallback SMS as files into this directory (for testing)
+        #[arg(long, conflicts_with = "sms_kannel")]
+        sms_outbox: Option<PathBuf>,
+        /// Send fallback SMS through Kannel's sendsms interface at this URL
+        #[arg(long, requires_all = ["sms_username", "sms_password"])]
+        sms_kannel: Option<String>,
+        /// Kannel sendsms user
+        #[arg(long)]
+        sms_username: Option<String>,
+        /// Kannel sendsms password
+        #[arg(long, env = "TIDINGS_SMS_PASSWORD", hide_env_values = true)]
+        sms_password: Option<String>,
+        /// Remove the SMS transport
+        #[arg(long)]
+        no_sms: bool,
+    },
+}
+
+/// Parses `90`, `90s`, `10m` or `1h` into seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 90s, 10m or 1h"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("`{text}` is not a duration such as 90s, 10m or 1h")),
+    };
+    Ok(value.saturating_mul(factor))
 }
 
 fn default_profile() -> PathBuf {
@@ -221,23 +285,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send {
             number,
             text,
+            route,
+            fallback_after,
             mode,
             ttl,
             wait,
         } => {
             let client = Client::open(profile)?;
-            let mode = match mode {
-                Mode::Queue => SendMode::Queue,
-                Mode::NowOrNever => SendMode::NowOrNever,
+            let routing = client.routing().clone();
+            // `auto` needs an SMS transport; a profile without one queues over IP instead.
+            let route_name = match route {
+                Some(route) => route,
+                None if routing.route == "auto" && routing.sms.is_none() => "ip-only".to_string(),
+                None => routing.route.clone(),
             };
-            let report = client
-                .send(&number, &text, mode, ttl, Duration::from_secs(wait))
+            let route = route::parse_route(
+                &route_name,
+                fallback_after.unwrap_or(routing.fallback_after_seconds),
+            )?;
+            if route == Route::IpOnly {
+                let mode = match mode {
+                    Mode::Queue => SendMode::Queue,
+                    Mode::NowOrNever => SendMode::NowOrNever,
+                };
+                let report = client
+                    .send(&number, &text, mode, ttl, Duration::from_secs(wait))
+                    .await?;
+                print_send(&report, json);
+                return Ok(match report.outcome {
+                    SendOutcome::Accepted | SendOutcome::Queued => ExitCode::SUCCESS,
+                    _ => ExitCode::from(EXIT_NOT_TAKEN),
+                });
+            }
+            let status = client
+                .send_routed(&number, &text, route, Duration::from_secs(wait))
                 .await?;
-            print_send(&report, json);
-            Ok(match report.outcome {
-                SendOutcome::Accepted | SendOutcome::Queued => ExitCode::SUCCESS,
-                _ => ExitCode::from(EXIT_NOT_TAKEN),
-            })
+            Ok(print_routed(&route_name, &status, json))
         }
         Command::Listen { count, timeout } => {
             let client = Client::open(profile)?;
@@ -276,6 +359,74 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "Disabled. The server deleted your account, devices, keys and queued messages."
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Settings {
+            route,
+            fallback_after,
+            receipt_timeout,
+            max_sms_parts,
+            sms_outbox,
+            sms_kannel,
+            sms_username,
+            sms_password,
+            no_sms,
+        } => {
+            let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
+            let routing = &mut data.routing;
+            if let Some(route) = route {
+                routing.route = route;
+            }
+            if let Some(seconds) = fallback_after {
+                routing.fallback_after_seconds = seconds;
+            }
+            if let Some(seconds) = receipt_timeout {
+                routing.receipt_timeout_seconds = seconds;
+            }
+            if let Some(parts) = max_sms_parts {
+                routing.max_sms_parts = parts.max(1);
+            }
+            if let Some(dir) = sms_outbox {
+                routing.sms = Some(TransportConfig::Outbox { dir });
+            }
+            if let (Some(url), Some(username), Some(password)) =
+                (sms_kannel, sms_username, sms_password)
+            {
+                routing.sms = Some(TransportConfig::Kannel {
+                    url,
+                    username,
+                    password,
+                });
+            }
+            if no_sms {
+                routing.sms = None;
+            }
+            profile.save(&data)?;
+            let routing = &data.routing;
+            let sms = match &routing.sms {
+                None => "none".to_string(),
+                Some(TransportConfig::Outbox { dir }) => format!("outbox {}", dir.display()),
+                Some(TransportConfig::Kannel { url, username, .. }) => {
+                    format!("kannel {url} (user {username})")
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "route": routing.route,
+                        "fallback_after_seconds": routing.fallback_after_seconds,
+                        "receipt_timeout_seconds": routing.receipt_timeout_seconds,
+                        "max_sms_parts": routing.max_sms_parts,
+                        "sms": sms,
+                    })
+                );
+            } else {
+                println!(
+                    "route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
+                    routing.route, routing.fallback_after_seconds, routing.receipt_timeout_seconds, routing.max_sms_parts
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -341,8 +492,60 @@ fn print_send(report: &SendReport, json: bool) {
     println!("{text}");
 }
 
+fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
+    let outcome = status.outcome.map(route::outcome_name);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "id": status.id.to_text(),
+                "route": route,
+                "outcome": outcome,
+                "pending": outcome.is_none(),
+                "detail": status.detail,
+            })
+        );
+    } else {
+        let text = match outcome {
+            Some("delivered") => "delivered over IP".to_string(),
+            Some("sent_as_sms") => "sent as SMS".to_string(),
+            Some("expired") => "not delivered: it expired on the server".to_string(),
+            Some("sms_rejected") => format!("not sent: {}", status.detail),
+            Some(refused) => format!("not sent: {}", refused.replace('_', " ")),
+            None if status.detail.is_empty() => {
+                "not through yet: it is kept and carried on while `tidings listen` runs".to_string()
+            }
+            None => format!(
+                "not through yet ({}): it is kept and retried while `tidings listen` runs",
+                status.detail
+            ),
+        };
+        println!("{text}");
+    }
+    match outcome {
+        Some("delivered" | "sent_as_sms") => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(EXIT_NOT_TAKEN),
+        None => ExitCode::from(EXIT_PENDING),
+    }
+}
+
 fn print_event(event: &Event, json: bool) {
     match event {
+        Event::Routed {
+            id,
+            outcome,
+            detail,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "routed", "id": id.to_text(), "outcome": outcome, "detail": detail })
+                );
+            } else {
+                println!("message {id}: {}", outcome.replace('_', " "));
+            }
+        }
+
         Event::Message(message) => {
             if json {
                 println!(

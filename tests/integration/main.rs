@@ -8,3 +8,4 @@ mod operations;
 mod privacy;
 mod registration;
 mod robustness;
+mod sms;

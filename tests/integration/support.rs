@@ -402,3 +402,258 @@ pub fn wait_output(child: &mut Child, limit: Duration) -> String {
     }
     out
 }
+
+/// A real Kannel on loopback: bearerbox, smsbox, and the test SMSC `fakesmsc` that records
+/// every SMS it is handed.
+#[derive(Debug)]
+pub struct Kannel {
+    pub dir: TempDir,
+    pub sendsms_url: String,
+    bearerbox: Option<Child>,
+    smsbox: Option<Child>,
+    fakesmsc: Option<Child>,
+    config: PathBuf,
+}
+
+/// One SMS part as fakesmsc printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmsPart {
+    pub from: String,
+    pub to: String,
+    /// `text`, `ucs-2` or `data`.
+    pub kind: String,
+    pub udh: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+fn url_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            other => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+pub const KANNEL_USER: &str = "tidings";
+pub const KANNEL_PASSWORD: &str = "kannel-test-pw";
+
+impl Kannel {
+    pub fn start() -> Self {
+        let dir = TempDir::new("kannel");
+        let (admin, smsbox_port, smsc, sendsms) =
+            (free_port(), free_port(), free_port(), free_port());
+        let config = dir.path().join("kannel.conf");
+        let text = format!(
+            "group = core\nadmin-port = {admin}\nadmin-password = admin-pw\nadmin-interface = 127.0.0.1\n\
+             admin-allow-ip = 127.0.0.1\nsmsbox-port = {smsbox_port}\nsmsbox-interface = 127.0.0.1\n\
+             box-allow-ip = 127.0.0.1\nlog-file = {dir}/bearerbox.log\nlog-level = 1\n\n\
+             group = smsc\nsmsc = fake\nsmsc-id = fake\nport = {smsc}\nconnect-allow-ip = 127.0.0.1\n\n\
+             group = smsbox\nbearerbox-host = 127.0.0.1\nbearerbox-port = {smsbox_port}\n\
+             sendsms-port = {sendsms}\nsendsms-interface = 127.0.0.1\nlog-file = {dir}/smsbox.log\nlog-level = 1\n\n\
+             group = sendsms-user\nusername = {KANNEL_USER}\npassword = {KANNEL_PASSWORD}\nmax-messages = 10\nconcatenation = true\n\n\
+             group = sms-service\nkeyword = default\ntext = \"No service\"\ncatch-all = true\n",
+            dir = dir.path().display()
+        );
+        std::fs::write(&config, text).expect("kannel config");
+        let mut kannel = Self {
+            sendsms_url: format!("http://127.0.0.1:{sendsms}"),
+            dir,
+            bearerbox: None,
+            smsbox: None,
+            fakesmsc: None,
+            config,
+        };
+        kannel.bearerbox = Some(kannel.spawn("bearerbox", &[]));
+        assert!(
+            eventually(Duration::from_secs(20), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                smsbox_port
+            ))
+            .is_ok()),
+            "bearerbox did not start: {}",
+            kannel.log()
+        );
+        kannel.start_smsbox();
+        let log =
+            std::fs::File::create(kannel.dir.path().join("fakesmsc.out")).expect("fakesmsc log");
+        let fakesmsc = Command::new("/usr/lib/kannel/test/fakesmsc")
+            .args(["-H", "127.0.0.1", "-r", &smsc.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("fakesmsc (Debian package kannel-extras)");
+        kannel.fakesmsc = Some(fakesmsc);
+        kannel
+    }
+
+    fn spawn(&self, program: &str, _extra: &[&str]) -> Child {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{program}.out"))).expect("log");
+        Command::new(program)
+            .arg(&self.config)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} (Debian package kannel): {e}"))
+    }
+
+    /// Starts (again) the HTTP side of Kannel.
+    pub fn start_smsbox(&mut self) {
+        self.smsbox = Some(self.spawn("smsbox", &[]));
+        let port: u16 = self
+            .sendsms_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        assert!(eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+    }
+
+    /// Stops the HTTP side: sendsms requests are refused.
+    pub fn stop_smsbox(&mut self) {
+        if let Some(mut child) = self.smsbox.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The flags that point a profile's SMS fallback at this Kannel.
+    pub fn settings_args(&self) -> Vec<String> {
+        vec![
+            "settings".into(),
+            "--sms-kannel".into(),
+            self.sendsms_url.clone(),
+            "--sms-username".into(),
+            KANNEL_USER.into(),
+            "--sms-password".into(),
+            KANNEL_PASSWORD.into(),
+        ]
+    }
+
+    /// The flags that make a server send its codes through this Kannel.
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--sms-gateway".into(),
+            "kannel".into(),
+            "--kannel-url".into(),
+            self.sendsms_url.clone(),
+            "--kannel-username".into(),
+            KANNEL_USER.into(),
+            "--kannel-password".into(),
+            KANNEL_PASSWORD.into(),
+        ]
+    }
+
+    /// Every SMS part fakesmsc has received so far.
+    pub fn parts(&self) -> Vec<SmsPart> {
+        let log = std::fs::read_to_string(self.dir.path().join("fakesmsc.out")).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let body = line
+                    .split_once("Got message ")?
+                    .1
+                    .split_once(": <")?
+                    .1
+                    .strip_suffix('>')?;
+                let mut fields = body.splitn(4, ' ');
+                let (from, to, kind, rest) = (
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                    fields.next()?,
+                );
+                let (kind, udh, data) = if kind == "udh" {
+                    let (udh, rest) = rest.split_once(' ')?;
+                    let (kind, data) = rest.split_once(' ')?;
+                    (kind.to_string(), url_decode(udh), url_decode(data))
+                } else if kind == "text" {
+                    (kind.to_string(), Vec::new(), rest.as_bytes().to_vec())
+                } else {
+                    (kind.to_string(), Vec::new(), url_decode(rest))
+                };
+                Some(SmsPart {
+                    from: from.into(),
+                    to: to.into(),
+                    kind,
+                    udh,
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    /// The whole messages (concatenated parts joined in order) sent to `to`, as raw user data.
+    pub fn messages_to(&self, to: &str) -> Vec<(String, Vec<u8>, usize)> {
+        let mut whole: Vec<(String, Vec<u8>, usize)> = Vec::new();
+        let mut pending: std::collections::BTreeMap<u8, Vec<(u8, Vec<u8>, String)>> =
+            Default::default();
+        for part in self.parts().into_iter().filter(|p| p.to == to) {
+            if part.udh.len() >= 6 && part.udh[1] == 0 {
+                let (reference, total, sequence) = (part.udh[3], part.udh[4], part.udh[5]);
+                let parts = pending.entry(reference).or_default();
+                parts.push((sequence, part.data, part.from));
+                if parts.len() == usize::from(total) {
+                    parts.sort_by_key(|(sequence, _, _)| *sequence);
+                    let from = parts[0].2.clone();
+                    let data = parts.iter().flat_map(|(_, d, _)| d.clone()).collect();
+                    whole.push((from, data, usize::from(total)));
+                    pending.remove(&reference);
+                }
+            } else {
+                whole.push((part.from, part.data, 1));
+            }
+        }
+        whole
+    }
+
+    pub fn log(&self) -> String {
+        ["bearerbox.out", "smsbox.out", "fakesmsc.out"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Kannel {
+    fn drop(&mut self) {
+        for child in [
+            self.fakesmsc.take(),
+            self.smsbox.take(),
+            self.bearerbox.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// UTF-16BE bytes of a text, as UCS-2 SMS carry it.
+pub fn ucs2(text: &str) -> Vec<u8> {
+    text.encode_utf16()
+        .flat_map(|unit| unit.to_be_bytes())
+        .collect()
+}

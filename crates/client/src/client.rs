@@ -28,6 +28,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `Instant` at which the wall-clock time `at` (Unix milliseconds) is reached.
+fn instant_at(at: tidings_core::Millis) -> Instant {
+    let now = crate::route::now_ms();
+    Instant::now() + Duration::from_millis(at.saturating_sub(now).min(365 * 24 * 3600 * 1000))
+}
+
 fn api_message(body: &serde_json::Value) -> String {
     body.get("message")
         .and_then(|m| m.as_str())
@@ -40,7 +46,12 @@ fn api_message(body: &serde_json::Value) -> String {
 pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
     let number = E164::parse(number)?;
     let endpoint = Endpoint::parse(server, trust.clone())?;
-    if let Some(existing) = profile.load()? {
+    let existing = profile.load()?;
+    let existing_routing = existing
+        .as_ref()
+        .map(|d| d.routing.clone())
+        .unwrap_or_default();
+    if let Some(existing) = existing {
         if existing.device_id.is_some() && existing.number != number.as_str() {
             return Err(ClientError::Profile(
                 "this profile is registered to another number: use another --profile, or `tidings disable` first".into(),
@@ -53,6 +64,7 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         server: server.to_string(),
         trust,
         device_id: None,
+        routing: existing_routing,
     })?;
     let (status, body) = endpoint
         .post_json(
@@ -125,6 +137,12 @@ pub enum Event {
     Message(Received),
     /// A receipt for a message this device sent.
     Receipt { id: MessageId, kind: ReceiptKind },
+    /// A routed message (SMS fallback) finished: `outcome` as in `route::outcome_name`.
+    Routed {
+        id: MessageId,
+        outcome: &'static str,
+        detail: String,
+    },
 }
 
 /// A registered profile, ready to talk to its server.
@@ -161,6 +179,11 @@ impl Client {
     /// The profile's own number.
     pub fn number(&self) -> &str {
         &self.data.number
+    }
+
+    /// How this profile routes messages.
+    pub fn routing(&self) -> &crate::profile::Routing {
+        &self.data.routing
     }
 
     /// This device's id.
@@ -246,6 +269,49 @@ impl Client {
         })
     }
 
+    /// Sends a text along `route` (IP, SMS fallback, or both in turn), waiting up to `wait` for
+    /// it to finish. What is still pending then is kept in the profile and carried on by
+    /// `listen`.
+    pub async fn send_routed(
+        &self,
+        to: &str,
+        text: &str,
+        route: tidings_core::fallback::Route,
+        wait: Duration,
+    ) -> Result<crate::route::Status> {
+        let to = E164::parse(to)?;
+        let inbox = Inbox::open(self.profile.dir())?;
+        let mut router = crate::route::Router::new(self, &inbox, &self.data.routing, false)?;
+        let mut session = None;
+        let id = router.start(&mut session, to.as_str(), text, route).await?;
+        let deadline = Instant::now() + wait;
+        while router.status(id).outcome.is_none() && Instant::now() < deadline {
+            let wake = router
+                .next_wake()
+                .map_or(deadline, |at| instant_at(at).min(deadline));
+            match session.as_mut() {
+                Some(open) => match open.recv(wake).await {
+                    Ok(Some(kind)) => {
+                        if let Kind::Receipt(receipt) = &kind {
+                            open.send(Kind::ReceiptAck(frame::ReceiptAck {
+                                id: receipt.id.clone(),
+                            }))
+                            .await?;
+                        }
+                        router.on_frame(&kind, &mut session).await?;
+                    }
+                    Ok(None) => router.tick(&mut session).await?,
+                    Err(_) => router.on_session_lost(&mut session).await?,
+                },
+                None => {
+                    tokio::time::sleep_until(wake).await;
+                    router.tick(&mut session).await?;
+                }
+            }
+        }
+        Ok(router.status(id))
+    }
+
     /// Looks up numbers: online, offline or not a user. Order follows `numbers`.
     pub async fn lookup(&self, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
         let mut session = self.session(false).await?;
@@ -295,11 +361,51 @@ impl Client {
         mut handle: impl FnMut(Event) -> bool,
     ) -> Result<()> {
         let inbox = Inbox::open(self.profile.dir())?;
-        let mut session = self.session(true).await?;
+        let mut router = crate::route::Router::new(self, &inbox, &self.data.routing, true)?;
         let mut directory: HashMap<String, Vec<DeviceId>> = HashMap::new();
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let deadline = until.unwrap_or(far);
-        while let Some(kind) = session.recv(deadline).await? {
+        let user_deadline = until.unwrap_or(far);
+        let mut session = Some(self.session(true).await?);
+        // Messages left pending by an earlier run (a delayed fallback, an SMS to retry) go on.
+        router.tick(&mut session).await?;
+        loop {
+            for (id, outcome, detail) in router.take_finished() {
+                let outcome = crate::route::outcome_name(outcome);
+                if !handle(Event::Routed {
+                    id,
+                    outcome,
+                    detail,
+                }) {
+                    return Ok(());
+                }
+            }
+            let deadline = router
+                .next_wake()
+                .map_or(user_deadline, |at| instant_at(at).min(user_deadline));
+            let Some(open) = session.as_mut() else {
+                return Err(ClientError::Network(
+                    "the session ended; pending messages resume at the next listen".into(),
+                ));
+            };
+            let Some(kind) = open.recv(deadline).await? else {
+                if Instant::now() >= user_deadline {
+                    return Ok(());
+                }
+                router.tick(&mut session).await?;
+                continue;
+            };
+            if let Kind::Receipt(receipt) = &kind {
+                open.send(Kind::ReceiptAck(frame::ReceiptAck {
+                    id: receipt.id.clone(),
+                }))
+                .await?;
+            }
+            if router.on_frame(&kind, &mut session).await? {
+                continue;
+            }
+            let Some(open) = session.as_mut() else {
+                continue;
+            };
             match kind {
                 Kind::Deliver(deliver) => {
                     let (Some(sender_device), Some(id)) = (
@@ -311,12 +417,7 @@ impl Client {
                     if !inbox.contains(sender_device, id)? {
                         let content = Content::decode(deliver.payload.clone()).unwrap_or_default();
                         let verified = self
-                            .sender_belongs(
-                                &mut session,
-                                &mut directory,
-                                &content.from,
-                                sender_device,
-                            )
+                            .sender_belongs(open, &mut directory, &content.from, sender_device)
                             .await?;
                         inbox.store(&Received {
                             sender_device,
@@ -327,12 +428,11 @@ impl Client {
                             sender_verified: verified,
                         })?;
                     }
-                    session
-                        .send(Kind::Ack(frame::Ack {
-                            sender_device: deliver.sender_device,
-                            id: deliver.id,
-                        }))
-                        .await?;
+                    open.send(Kind::Ack(frame::Ack {
+                        sender_device: deliver.sender_device,
+                        id: deliver.id,
+                    }))
+                    .await?;
                 }
                 Kind::AckResult(result) => {
                     let (Some(sender_device), Some(id)) = (
@@ -341,9 +441,13 @@ impl Client {
                     ) else {
                         continue;
                     };
+                    if AckStatus::try_from(result.status) == Ok(AckStatus::Withdrawn) {
+                        // The sender withdrew it (and sends it as SMS): never show it here.
+                        inbox.discard(sender_device, id)?;
+                        continue;
+                    }
                     // CONFIRMED: the server deleted our copy. UNKNOWN: an earlier acknowledgement
                     // (ours, before a restart) already did. Either way it is ours to show once.
-                    let _ = AckStatus::try_from(result.status);
                     if let Some(message) = inbox.take_to_show(sender_device, id)? {
                         if !handle(Event::Message(message)) {
                             return Ok(());
@@ -351,11 +455,6 @@ impl Client {
                     }
                 }
                 Kind::Receipt(receipt) => {
-                    session
-                        .send(Kind::ReceiptAck(frame::ReceiptAck {
-                            id: receipt.id.clone(),
-                        }))
-                        .await?;
                     if let (Some(id), Ok(kind)) = (
                         MessageId::from_slice(&receipt.id),
                         ReceiptKind::try_from(receipt.kind),
@@ -370,7 +469,6 @@ impl Client {
                 _ => {}
             }
         }
-        Ok(())
     }
 
     /// Whether `device` is one of the devices the server lists for `claimed`.

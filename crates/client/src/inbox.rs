@@ -58,6 +58,13 @@ impl Inbox {
                  sender_verified INTEGER NOT NULL,
                  shown INTEGER NOT NULL DEFAULT 0,
                  PRIMARY KEY (sender_device, msg_id)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS outgoing (
+                 msg_id BLOB PRIMARY KEY,
+                 receiver TEXT NOT NULL,
+                 body TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 done INTEGER NOT NULL DEFAULT 0
              ) WITHOUT ROWID;",
         )?;
         Ok(Self { conn })
@@ -108,6 +115,55 @@ impl Inbox {
             )
             .optional()?;
         Ok(row)
+    }
+
+    /// Records an outgoing message's routing state (see [`crate::route`]).
+    pub fn save_outgoing(
+        &self,
+        id: MessageId,
+        receiver: &str,
+        body: &str,
+        state: &str,
+        done: bool,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO outgoing (msg_id, receiver, body, state, done) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (msg_id) DO UPDATE SET state = ?4, done = ?5",
+            params![id.as_bytes(), receiver, body, state, done],
+        )?;
+        Ok(())
+    }
+
+    /// Outgoing messages whose route is not finished: (id, receiver, body, state).
+    pub fn pending_outgoing(&self) -> Result<Vec<(MessageId, String, String, String)>> {
+        let mut statement = self.conn.prepare(
+            "SELECT msg_id, receiver, body, state FROM outgoing WHERE done = 0 LIMIT 10000",
+        )?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, to, body, state)| {
+                MessageId::from_slice(&id).map(|id| (id, to, body, state))
+            })
+            .collect())
+    }
+
+    /// Forgets a stored delivery that the server says was withdrawn, so it is never shown.
+    pub fn discard(&self, sender_device: DeviceId, id: MessageId) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM received WHERE sender_device = ?1 AND msg_id = ?2 AND shown = 0",
+            params![sender_device.as_bytes(), id.as_bytes()],
+        )?;
+        Ok(())
     }
 
     /// Whether this message is already stored.

@@ -6,6 +6,7 @@
 //!   requests and the upgrade to a session;
 //! - [`session`]: a logged-in session: frames in and out, heartbeats;
 //! - [`inbox`]: received messages, stored before they are acknowledged so each is shown once;
+//! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them);
 //! - [`client`]: the operations a user asks for: register, verify, send, listen, look up, disable.
 //!
 //! Promise P1 lives here: nothing in this crate opens a socket or resolves a name for a profile
@@ -16,6 +17,7 @@ pub mod client;
 pub mod inbox;
 pub mod net;
 pub mod profile;
+pub mod route;
 pub mod session;
 
 /// Why a client operation failed. Each message says what to do next.

@@ -28,6 +28,35 @@ pub struct Trust {
     pub insecure: bool,
 }
 
+/// How this profile routes messages (issue: SMS fallback). Stored in `profile.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Routing {
+    /// `auto`, `ip-only`, `sms-only` or `queue-then-sms`. `auto` needs an SMS transport; without
+    /// one, messages queue over IP.
+    pub route: String,
+    /// For `queue-then-sms`: seconds before an undelivered message is withdrawn and sent as SMS.
+    pub fallback_after_seconds: u64,
+    /// For `auto`: seconds to wait for the receipt of an accepted message before falling back.
+    pub receipt_timeout_seconds: u64,
+    /// Most SMS parts one fallback message may take.
+    pub max_sms_parts: u8,
+    /// The SMS transport for fallback, if any.
+    pub sms: Option<tidings_gateway::TransportConfig>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            route: "auto".into(),
+            fallback_after_seconds: 600,
+            receipt_timeout_seconds: 5,
+            max_sms_parts: 10,
+            sms: None,
+        }
+    }
+}
+
 /// What `profile.json` holds.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileData {
@@ -41,6 +70,9 @@ pub struct ProfileData {
     /// The device id, once verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
+    /// How messages are routed.
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 impl std::fmt::Debug for ProfileData {

@@ -1,0 +1,512 @@
+//! Sending with SMS fallback: carries out what `tidings_core::fallback::Outgoing` decides, over a
+//! session and the profile's SMS transport, and stores each message's state in the profile so a
+//! restarted client (`tidings listen`) resumes what was pending.
+//!
+//! The core decides; this module only performs the actions (send, withdraw, SMS) and reports the
+//! events back. A withdrawn message is never sent as SMS before the server has answered the
+//! withdraw, so the receiver never gets a message twice.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize};
+use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
+use tidings_core::{Millis, SECOND};
+use tidings_gateway::{Sms, Transport};
+use tidings_proto::frame::{
+    self, Content, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState,
+};
+use tidings_proto::id::MessageId;
+
+use crate::client::Client;
+use crate::inbox::Inbox;
+use crate::profile::Routing;
+use crate::session::Session;
+use crate::{ClientError, Result};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
+        .unwrap_or(0)
+}
+
+/// Parses a route name from the profile or the command line.
+pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
+    Ok(match name {
+        "auto" => Route::Auto,
+        "ip-only" => Route::IpOnly,
+        "sms-only" => Route::SmsOnly,
+        "queue-then-sms" => Route::QueueThenSms {
+            after: fallback_after_seconds.saturating_mul(SECOND),
+        },
+        other => {
+            return Err(ClientError::Profile(format!(
+                "unknown route `{other}`: use auto, ip-only, sms-only or queue-then-sms"
+            )))
+        }
+    })
+}
+
+/// The name of an outcome in output and JSON.
+pub fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::SentAsSms => "sent_as_sms",
+        Outcome::NotSent(refused) => refused.as_str(),
+        Outcome::Expired => "expired",
+        Outcome::SmsRejected => "sms_rejected",
+    }
+}
+
+/// A message's state as stored in the profile.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    route: StoredRoute,
+    created: Millis,
+    phase: StoredPhase,
+    /// The last problem seen (gateway down, ...), for the user.
+    #[serde(default)]
+    detail: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StoredRoute {
+    Auto,
+    IpOnly,
+    SmsOnly,
+    QueueThenSms { after: Millis },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StoredPhase {
+    SendIp,
+    AwaitingAnswer,
+    AwaitingReceipt { until: Millis },
+    Withdraw { at: Millis, attempt: u32 },
+    Withdrawing { attempt: u32 },
+    Sms { at: Millis, attempt: u32 },
+    SendingSms { attempt: u32 },
+    Done { outcome: String },
+}
+
+fn store_state(outgoing: &Outgoing, detail: &str) -> String {
+    let route = match outgoing.route {
+        Route::Auto => StoredRoute::Auto,
+        Route::IpOnly => StoredRoute::IpOnly,
+        Route::SmsOnly => StoredRoute::SmsOnly,
+        Route::QueueThenSms { after } => StoredRoute::QueueThenSms { after },
+    };
+    let phase = match outgoing.phase {
+        Phase::SendIp => StoredPhase::SendIp,
+        Phase::AwaitingAnswer => StoredPhase::AwaitingAnswer,
+        Phase::AwaitingReceipt { until } => StoredPhase::AwaitingReceipt { until },
+        Phase::Withdraw { at, attempt } => StoredPhase::Withdraw { at, attempt },
+        Phase::Withdrawing { attempt } => StoredPhase::Withdrawing { attempt },
+        Phase::Sms { at, attempt } => StoredPhase::Sms { at, attempt },
+        Phase::SendingSms { attempt } => StoredPhase::SendingSms { attempt },
+        Phase::Done(outcome) => StoredPhase::Done {
+            outcome: outcome_name(outcome).into(),
+        },
+    };
+    let stored = Stored {
+        route,
+        created: outgoing.created,
+        phase,
+        detail: detail.to_string(),
+    };
+    serde_json::to_string(&stored).unwrap_or_default()
+}
+
+/// Restores a stored state. Steps that were under way when the client stopped are made safe:
+/// an unanswered send or withdraw is withdrawn (again); an SMS handed to the transport is sent
+/// again (a stop exactly then may send it twice; it is never lost).
+fn load_state(text: &str, policy: &Policy, now: Millis) -> Option<Outgoing> {
+    let stored: Stored = serde_json::from_str(text).ok()?;
+    let route = match stored.route {
+        StoredRoute::Auto => Route::Auto,
+        StoredRoute::IpOnly => Route::IpOnly,
+        StoredRoute::SmsOnly => Route::SmsOnly,
+        StoredRoute::QueueThenSms { after } => Route::QueueThenSms { after },
+    };
+    let phase = match stored.phase {
+        StoredPhase::SendIp => Phase::SendIp,
+        StoredPhase::AwaitingAnswer => Phase::AwaitingAnswer,
+        StoredPhase::AwaitingReceipt { until } => Phase::AwaitingReceipt { until },
+        StoredPhase::Withdraw { at, attempt } => Phase::Withdraw { at, attempt },
+        StoredPhase::Withdrawing { attempt } => Phase::Withdrawing { attempt },
+        StoredPhase::Sms { at, attempt } => Phase::Sms { at, attempt },
+        StoredPhase::SendingSms { attempt } => Phase::Sms { at: now, attempt },
+        StoredPhase::Done { .. } => return None,
+    };
+    let mut outgoing = Outgoing {
+        route,
+        phase,
+        created: stored.created,
+    };
+    if matches!(phase, Phase::AwaitingAnswer | Phase::Withdrawing { .. }) {
+        outgoing.handle(policy, Event::Unreachable { maybe_stored: true }, now);
+    }
+    Some(outgoing)
+}
+
+struct Entry {
+    outgoing: Outgoing,
+    to: String,
+    text: String,
+    detail: String,
+}
+
+/// Where one message stands, for reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub id: MessageId,
+    /// The final outcome, or `None` while it is still pending.
+    pub outcome: Option<Outcome>,
+    /// What is happening or went wrong, for the user.
+    pub detail: String,
+}
+
+/// The outgoing messages of one profile and the means to move them along.
+pub struct Router<'a> {
+    client: &'a Client,
+    inbox: &'a Inbox,
+    policy: Policy,
+    transport: Option<Transport>,
+    pending: HashMap<MessageId, Entry>,
+    finished: HashMap<MessageId, (Outcome, String)>,
+}
+
+impl std::fmt::Debug for Router<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Router<'a> {
+    /// A router with the profile's settings and its stored pending messages.
+    pub fn new(
+        client: &'a Client,
+        inbox: &'a Inbox,
+        routing: &Routing,
+        resume: bool,
+    ) -> Result<Self> {
+        let policy = Policy {
+            receipt_timeout: routing.receipt_timeout_seconds.saturating_mul(SECOND),
+            ..Policy::default()
+        };
+        let transport = routing
+            .sms
+            .clone()
+            .map(|config| Transport::new(config, routing.max_sms_parts));
+        let now = now_ms();
+        let mut pending = HashMap::new();
+        let stored = if resume {
+            inbox.pending_outgoing()?
+        } else {
+            Vec::new()
+        };
+        for (id, to, text, state) in stored {
+            if let Some(outgoing) = load_state(&state, &policy, now) {
+                pending.insert(
+                    id,
+                    Entry {
+                        outgoing,
+                        to,
+                        text,
+                        detail: String::new(),
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            client,
+            inbox,
+            policy,
+            transport,
+            pending,
+            finished: HashMap::new(),
+        })
+    }
+
+    /// Whether an SMS transport is configured.
+    pub fn has_transport(&self) -> bool {
+        self.transport.is_some()
+    }
+
+    /// Starts a new message and takes its first steps.
+    pub async fn start(
+        &mut self,
+        session: &mut Option<Session>,
+        to: &str,
+        text: &str,
+        route: Route,
+    ) -> Result<MessageId> {
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let id = MessageId(id);
+        let outgoing = Outgoing::new(route, now_ms());
+        self.pending.insert(
+            id,
+            Entry {
+                outgoing,
+                to: to.to_string(),
+                text: text.to_string(),
+                detail: String::new(),
+            },
+        );
+        self.persist(id)?;
+        self.advance(id, session, None).await?;
+        Ok(id)
+    }
+
+    /// Where a message stands.
+    pub fn status(&self, id: MessageId) -> Status {
+        if let Some((outcome, detail)) = self.finished.get(&id) {
+            return Status {
+                id,
+                outcome: Some(*outcome),
+                detail: detail.clone(),
+            };
+        }
+        let detail = self
+            .pending
+            .get(&id)
+            .map(|e| e.detail.clone())
+            .unwrap_or_default();
+        Status {
+            id,
+            outcome: None,
+            detail,
+        }
+    }
+
+    /// Messages that finished since the last call.
+    pub fn take_finished(&mut self) -> Vec<(MessageId, Outcome, String)> {
+        self.finished
+            .drain()
+            .map(|(id, (outcome, detail))| (id, outcome, detail))
+            .collect()
+    }
+
+    /// The earliest time a pending message needs attention without an event.
+    pub fn next_wake(&mut self) -> Option<Millis> {
+        let now = now_ms();
+        self.pending
+            .values()
+            .filter_map(|entry| match entry.outgoing.clone().next(now) {
+                Action::Wait { until } if until != Millis::MAX => Some(until),
+                Action::Wait { .. } => None,
+                _ => Some(now),
+            })
+            .min()
+    }
+
+    /// Moves every message whose time has come.
+    pub async fn tick(&mut self, session: &mut Option<Session>) -> Result<()> {
+        let ids: Vec<MessageId> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.advance(id, session, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Offers a frame from the server; returns true if it belonged to a routed message.
+    pub async fn on_frame(&mut self, kind: &Kind, session: &mut Option<Session>) -> Result<bool> {
+        let (id, event) = match kind {
+            Kind::SendResult(result) => (
+                &result.id,
+                Event::Answer(
+                    SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid),
+                ),
+            ),
+            Kind::Receipt(receipt) => match ReceiptKind::try_from(receipt.kind) {
+                Ok(kind) => (&receipt.id, Event::Receipt(kind)),
+                Err(_) => return Ok(false),
+            },
+            Kind::WithdrawResult(result) => (
+                &result.id,
+                Event::Withdrawn(match WithdrawState::try_from(result.state) {
+                    Ok(WithdrawState::Delivered) => Withdrawal::Delivered,
+                    Ok(WithdrawState::Withdrawn) => Withdrawal::Withdrawn,
+                    _ => Withdrawal::Unknown,
+                }),
+            ),
+            _ => return Ok(false),
+        };
+        let Some(id) = MessageId::from_slice(id) else {
+            return Ok(false);
+        };
+        if !self.pending.contains_key(&id) {
+            return Ok(false);
+        }
+        self.advance(id, session, Some(event)).await?;
+        Ok(true)
+    }
+
+    /// The session was lost: whatever waited for the server's answer must be made safe.
+    pub async fn on_session_lost(&mut self, session: &mut Option<Session>) -> Result<()> {
+        *session = None;
+        let waiting: Vec<MessageId> = self
+            .pending
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e.outgoing.phase,
+                    Phase::AwaitingAnswer | Phase::Withdrawing { .. }
+                )
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.advance(id, session, Some(Event::Unreachable { maybe_stored: true }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn persist(&self, id: MessageId) -> Result<()> {
+        if let Some(entry) = self.pending.get(&id) {
+            let state = store_state(&entry.outgoing, &entry.detail);
+            self.inbox.save_outgoing(
+                id,
+                &entry.to,
+                &entry.text,
+                &state,
+                entry.outgoing.is_done(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Feeds `event` (if any) and performs actions until the message waits or is finished. The
+    /// state is stored before every action, so a stop at any point resumes safely.
+    async fn advance(
+        &mut self,
+        id: MessageId,
+        session: &mut Option<Session>,
+        mut event: Option<Event>,
+    ) -> Result<()> {
+        loop {
+            let now = now_ms();
+            let Some(entry) = self.pending.get_mut(&id) else {
+                return Ok(());
+            };
+            let action = match event.take() {
+                Some(event) => entry.outgoing.handle(&self.policy, event, now),
+                None => entry.outgoing.next(now),
+            };
+            self.persist(id)?;
+            let Some(entry) = self.pending.get_mut(&id) else {
+                return Ok(());
+            };
+            match action {
+                Action::Wait { .. } => return Ok(()),
+                Action::Finished(outcome) => {
+                    let detail = std::mem::take(&mut entry.detail);
+                    self.pending.remove(&id);
+                    self.finished.insert(id, (outcome, detail));
+                    return Ok(());
+                }
+                Action::SendIp(mode) => {
+                    let content = Content {
+                        from: self.client.number().to_string(),
+                        text: entry.text.clone(),
+                        sent_at_ms: now,
+                    };
+                    let send = Kind::Send(frame::Send {
+                        id: id.as_bytes().to_vec(),
+                        to: entry.to.clone(),
+                        mode: mode as i32,
+                        ttl_seconds: 0,
+                        payload: Bytes::from(content.encode_to_vec()),
+                    });
+                    event = Some(match ensure_session(self.client, session).await {
+                        Err(e) => {
+                            entry.detail = e.to_string();
+                            Event::Unreachable {
+                                maybe_stored: false,
+                            }
+                        }
+                        Ok(open) => match open.send(send).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => {
+                                entry.detail = e.to_string();
+                                *session = None;
+                                Event::Unreachable { maybe_stored: true }
+                            }
+                        },
+                    });
+                }
+                Action::Withdraw => {
+                    let withdraw = Kind::Withdraw(frame::Withdraw {
+                        id: id.as_bytes().to_vec(),
+                    });
+                    let sent = match ensure_session(self.client, session).await {
+                        Ok(open) => open.send(withdraw).await,
+                        Err(e) => Err(e),
+                    };
+                    match sent {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            entry.detail =
+                                format!("{e}; the withdraw will be retried before any SMS is sent");
+                            *session = None;
+                            event = Some(Event::Unreachable { maybe_stored: true });
+                        }
+                    }
+                }
+                Action::SendSms => {
+                    let result = match &self.transport {
+                        None => Err(tidings_gateway::SendError::Rejected(
+                            "no SMS transport is configured: see `tidings settings --help`".into(),
+                        )),
+                        Some(transport) => {
+                            let sms = Sms {
+                                from: self.client.number().to_string(),
+                                to: entry.to.clone(),
+                                text: entry.text.clone(),
+                            };
+                            transport.send(&sms).await
+                        }
+                    };
+                    event = Some(match result {
+                        Ok(()) => Event::SmsSent,
+                        Err(e) => {
+                            entry.detail = e.to_string();
+                            Event::SmsFailed {
+                                retry: e.retry_is_safe(),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The open session, opening one if there is none.
+async fn ensure_session<'s>(
+    client: &Client,
+    session: &'s mut Option<Session>,
+) -> Result<&'s mut Session> {
+    if session.is_none() {
+        *session = Some(client.session(false).await?);
+    }
+    session.as_mut().ok_or(ClientError::Timeout)
+}
+
+/// The IP-only mode for a route, for callers that bypass the router.
+pub fn ip_mode(route: Route) -> Option<SendMode> {
+    match route {
+        Route::IpOnly => Some(SendMode::Queue),
+        _ => None,
+    }
+}

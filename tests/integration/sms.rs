@@ -1,0 +1,278 @@
+//! SMS fallback through a real Kannel (bearerbox, smsbox, fakesmsc on loopback): a message gets
+//! through over IP or as SMS, exactly once, and the sender learns which way it went.
+
+use std::time::Duration;
+
+use tidings_proto::frame::{self, AckStatus, Kind};
+use tokio::time::Instant;
+
+use crate::support::{block_on, eventually, files_containing, number, ucs2, Kannel, Server, User};
+
+/// A registered user whose profile sends fallback SMS through `kannel`.
+fn with_kannel(number: &str, server: &Server, kannel: &Kannel, extra: &[&str]) -> User {
+    let user = User::register(number, server, &[]);
+    let mut args: Vec<String> = kannel.settings_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    user.ok(&args);
+    user
+}
+
+fn routed_send(user: &User, to: &str, body: &str, extra: &[&str]) -> (serde_json::Value, i32) {
+    user.send(to, body, extra)
+}
+
+#[test]
+fn a_registration_code_arrives_through_kannel() {
+    let kannel = Kannel::start();
+    let args = kannel.server_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let n = number();
+    let user = User::new(&n);
+    user.ok(&["register", &n, "--server", &server.url]);
+    assert!(
+        eventually(Duration::from_secs(10), || !kannel
+            .messages_to(&n)
+            .is_empty()),
+        "{}",
+        kannel.log()
+    );
+    let (from, data, parts) = kannel.messages_to(&n).remove(0);
+    assert_eq!((from.as_str(), parts), ("Tidings", 1));
+    let sms = String::from_utf8(data).expect("GSM text");
+    let code: String = sms.chars().filter(char::is_ascii_digit).take(6).collect();
+    assert!(sms.starts_with("Your Tidings code is "), "{sms}");
+    user.ok(&["verify", &code]);
+}
+
+#[test]
+fn offline_receiver_gets_an_sms_and_nothing_is_stored() {
+    let kannel = Kannel::start();
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = with_kannel(&alice_number, &server, &kannel, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+
+    let short = "Running late, start without me";
+    let long =
+        "A long one: ".to_string() + &"the quick brown fox jumps over the lazy dog. ".repeat(6);
+    let cyrillic = "Привет! Встречаемся у входа в восемь.";
+    for body in [short, long.as_str(), cyrillic] {
+        let (answer, code) = routed_send(&alice, &bob_number, body, &[]);
+        assert_eq!(
+            (answer["outcome"].as_str(), code),
+            (Some("sent_as_sms"), 0),
+            "{answer}"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || kannel
+            .messages_to(&bob_number)
+            .len()
+            == 3),
+        "{}",
+        kannel.log()
+    );
+    let messages = kannel.messages_to(&bob_number);
+    assert!(
+        messages.iter().all(|(from, _, _)| from == &alice_number),
+        "the sender id is the user's own number"
+    );
+    assert_eq!(messages[0].1, short.as_bytes());
+    assert_eq!(messages[1].1, long.as_bytes());
+    assert!(
+        messages[1].2 >= 2,
+        "the long text went as a concatenated SMS"
+    );
+    assert_eq!(messages[2].1, ucs2(cyrillic));
+    // Refused over IP, so nothing was ever stored; Bob's device will not show it twice.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(files_containing(&server.data_dir(), short.as_bytes()).is_empty());
+    assert!(bob.receive(1, 2).is_empty());
+}
+
+#[test]
+fn online_receiver_gets_it_over_ip_and_no_sms() {
+    let kannel = Kannel::start();
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, stranger) = (number(), number(), number());
+    let alice = with_kannel(&alice_number, &server, &kannel, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let mut listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", "20"]);
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "online"));
+    let (answer, code) = routed_send(&alice, &bob_number, "over ip please", &[]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("delivered"), 0),
+        "{answer}"
+    );
+    let out = crate::support::wait_output(&mut listener, Duration::from_secs(10));
+    assert!(out.contains("over ip please"), "{out}");
+    // Not a user: straight to SMS.
+    let (answer, _) = routed_send(&alice, &stranger, "are you there?", &[]);
+    assert_eq!(answer["outcome"], "sent_as_sms");
+    assert!(
+        eventually(Duration::from_secs(10), || kannel
+            .messages_to(&stranger)
+            .len()
+            == 1),
+        "{}",
+        kannel.log()
+    );
+    assert!(
+        kannel.messages_to(&bob_number).is_empty(),
+        "an SMS was sent although IP delivered"
+    );
+}
+
+#[test]
+fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
+    let kannel = Kannel::start();
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = with_kannel(&alice_number, &server, &kannel, &["--receipt-timeout", "1"]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let bob_client = bob.client();
+    let secret = "withdrawn before anyone saw it";
+    block_on(async {
+        // Bob's device is online but slow: it takes the delivery and acknowledges only later.
+        let mut session = bob_client.session(true).await.expect("bob");
+        let sender = {
+            let alice_number = bob_number.clone();
+            let profile = alice.profile.path().to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(crate::support::BIN)
+                    .arg("--profile")
+                    .arg(profile)
+                    .args(["--json", "send", &alice_number, secret])
+                    .output()
+                    .expect("send")
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let deliver = loop {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::Deliver(deliver)) => break deliver,
+                Some(_) => continue,
+                None => panic!("no delivery"),
+            }
+        };
+        let out = sender.await.expect("join");
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(answer["outcome"], "sent_as_sms", "{answer}");
+        // Now the late acknowledgement: the server says the message was withdrawn.
+        session
+            .send(Kind::Ack(frame::Ack {
+                sender_device: deliver.sender_device,
+                id: deliver.id,
+            }))
+            .await
+            .expect("ack");
+        loop {
+            if let Some(Kind::AckResult(result)) = session.recv(deadline).await.expect("recv") {
+                assert_eq!(result.status, AckStatus::Withdrawn as i32);
+                break;
+            }
+        }
+    });
+    assert!(eventually(Duration::from_secs(10), || kannel
+        .messages_to(&bob_number)
+        .len()
+        == 1));
+    // Bob's real client, connecting later, never shows the withdrawn message.
+    assert!(bob.receive(1, 2).is_empty());
+    assert!(eventually(Duration::from_secs(5), || files_containing(
+        &server.data_dir(),
+        secret.as_bytes()
+    )
+    .is_empty()));
+}
+
+#[test]
+fn ip_only_queues_and_delayed_fallback_fires_later() {
+    let kannel = Kannel::start();
+    let server = Server::start(&[]);
+    let (alice_number, bob_number, carol_number) = (number(), number(), number());
+    let alice = with_kannel(&alice_number, &server, &kannel, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+
+    let (answer, code) = routed_send(
+        &alice,
+        &bob_number,
+        "ip only, please",
+        &["--route", "ip-only"],
+    );
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("queued"), 0),
+        "{answer}"
+    );
+    assert_eq!(bob.receive(1, 10)[0]["text"], "ip only, please");
+
+    // Queue over IP, fall back to SMS if still undelivered after 2 seconds. The send command
+    // returns before that; the long-running `listen` carries the fallback out.
+    let (answer, code) = routed_send(
+        &alice,
+        &carol_number,
+        "fall back later",
+        &[
+            "--route",
+            "queue-then-sms",
+            "--fallback-after",
+            "2s",
+            "--wait",
+            "1",
+        ],
+    );
+    assert_eq!(
+        (answer["pending"].as_bool(), code),
+        (Some(true), 5),
+        "{answer}"
+    );
+    assert!(kannel.messages_to(&carol_number).is_empty());
+    let out = alice.ok(&["--json", "listen", "--timeout", "8"]);
+    assert!(out.contains(r#""outcome":"sent_as_sms""#), "{out}");
+    assert!(eventually(Duration::from_secs(5), || kannel
+        .messages_to(&carol_number)
+        .len()
+        == 1));
+    // Carol, connecting later, never sees the withdrawn IP copy.
+    assert!(carol.receive(1, 2).is_empty());
+}
+
+#[test]
+fn kannel_down_is_a_clear_failure_and_the_message_is_kept_for_retry() {
+    let mut kannel = Kannel::start();
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = with_kannel(&alice_number, &server, &kannel, &[]);
+    User::register(&bob_number, &server, &[]);
+    kannel.stop_smsbox();
+    let (answer, code) = routed_send(&alice, &bob_number, "kept for retry", &["--wait", "3"]);
+    assert_eq!(code, 5, "{answer}");
+    assert_eq!(answer["pending"], true);
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unavailable"),
+        "{answer}"
+    );
+    kannel.start_smsbox();
+    let out = alice.ok(&["--json", "listen", "--timeout", "8"]);
+    assert!(out.contains(r#""outcome":"sent_as_sms""#), "{out}");
+    assert!(
+        eventually(Duration::from_secs(10), || kannel
+            .messages_to(&bob_number)
+            .len()
+            == 1),
+        "{}",
+        kannel.log()
+    );
+    assert_eq!(kannel.messages_to(&bob_number)[0].1, b"kept for retry");
+}
