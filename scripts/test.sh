@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, installing first what the tests need beyond Rust:
 #   - strace (the opt-in test watches a client's system calls),
+#   - Kannel and its test SMSC fakesmsc (the SMS fallback tests run a real Kannel on loopback),
 #   - python-gsmmodem-new in a private virtualenv (the independent SMS PDU codec the SMS tests
 #     compare against).
 # Usage: scripts/test.sh [extra cargo test arguments]
@@ -11,12 +12,14 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v strace >/dev/null || missing+=(strace)
+command -v bearerbox >/dev/null || missing+=(kannel)
+[ -x /usr/lib/kannel/test/fakesmsc ] || missing+=(kannel-extras)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
-  as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 venv=target/test-venv

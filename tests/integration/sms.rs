@@ -276,3 +276,58 @@ fn kannel_down_is_a_clear_failure_and_the_message_is_kept_for_retry() {
     );
     assert_eq!(kannel.messages_to(&bob_number)[0].1, b"kept for retry");
 }
+
+#[test]
+fn sms_only_through_the_outbox_and_the_part_limit() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let outbox = alice.profile.path().join("sms-outbox");
+    alice.ok(&[
+        "settings",
+        "--sms-outbox",
+        outbox.to_str().expect("utf8"),
+        "--max-sms-parts",
+        "2",
+    ]);
+    let (answer, code) = alice.send(&bob_number, "by SMS only", &["--route", "sms-only"]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("sent_as_sms"), 0),
+        "{answer}"
+    );
+    let files: Vec<_> = std::fs::read_dir(&outbox)
+        .expect("outbox")
+        .flatten()
+        .collect();
+    assert_eq!(files.len(), 1);
+    let sms: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(files[0].path()).expect("sms")).expect("json");
+    assert_eq!(
+        (
+            sms["from"].as_str(),
+            sms["to"].as_str(),
+            sms["text"].as_str()
+        ),
+        (
+            Some(alice_number.as_str()),
+            Some(bob_number.as_str()),
+            Some("by SMS only")
+        )
+    );
+    // Three parts' worth of text against a limit of two: a clear error, nothing sent.
+    let (answer, code) = alice.send(&bob_number, &"x".repeat(400), &["--route", "sms-only"]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("sms_rejected"), 3),
+        "{answer}"
+    );
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("needs 3 SMS parts; at most 2"),
+        "{answer}"
+    );
+    assert_eq!(std::fs::read_dir(&outbox).expect("outbox").count(), 1);
+}
