@@ -30,4 +30,4 @@ if ! "$venv/bin/python" -c 'import gsmmodem.pdu' 2>/dev/null; then
 fi
 export TIDINGS_SMS_PYTHON="$PWD/$venv/bin/python"
 
-cargo test --workspace --locked "$@"
+cargo test --workspace "$@"
