@@ -350,7 +350,7 @@ fn smpp_throttling_is_retried_and_persistent_throttling_keeps_the_message() {
     let (answer, code) = carol.send(
         &bob_number,
         "throttled",
-        &["--route", "sms-only", "--wait", "1"],
+        &["--route", "sms-only", "--wait", "0"],
     );
     assert_eq!(code, 5, "{answer}");
     assert_eq!(answer["pending"], true, "{answer}");
@@ -486,7 +486,8 @@ fn modem_pdus_decode_to_the_sent_texts() {
 
 #[test]
 fn modem_errors_are_clear_route_results_and_nothing_is_lost_or_doubled() {
-    // +CMS ERROR 42 (congestion): kept and retried; the retry goes through once.
+    // +CMS ERROR 42 (congestion): kept and retried; the retry goes through once. (`--wait 0`
+    // returns after the first attempt, so the kept state is seen before any retry.)
     let modem = ModemSim::start(&["--cms-error", "1:42", "--cms-error", "3:1"]);
     let server = Server::start(&[]);
     let (alice_number, bob_number) = (number(), number());
@@ -495,7 +496,7 @@ fn modem_errors_are_clear_route_results_and_nothing_is_lost_or_doubled() {
     let (answer, code) = alice.send(
         &bob_number,
         "congested",
-        &["--route", "sms-only", "--wait", "1"],
+        &["--route", "sms-only", "--wait", "0"],
     );
     assert_eq!(
         (code, answer["pending"].as_bool()),
@@ -525,7 +526,7 @@ fn modem_errors_are_clear_route_results_and_nothing_is_lost_or_doubled() {
     let (answer, code) = alice.send(
         &bob_number,
         "no modem",
-        &["--route", "sms-only", "--wait", "1"],
+        &["--route", "sms-only", "--wait", "0"],
     );
     assert_eq!(code, 5, "{answer}");
     assert!(detail(&answer).contains("no modem at"), "{answer}");
