@@ -13,6 +13,8 @@ use tidings_client::profile::{Profile, Trust};
 use tidings_client::route;
 use tidings_client::ClientError;
 use tidings_core::fallback::Route;
+use tidings_gateway::modem::ModemConfig;
+use tidings_gateway::smpp::{BindMode, Concatenation, SmppConfig};
 use tidings_gateway::TransportConfig;
 use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
 use tidings_server::config::ServerArgs;
@@ -135,35 +137,66 @@ enum Command {
     /// Show this profile's state (no network)
     Status,
     /// Show or change how this profile routes messages and sends SMS (no network)
-    Settings {
-        /// Default route: auto, ip-only, sms-only or queue-then-sms
-        #[arg(long, value_parser = ["auto", "ip-only", "sms-only", "queue-then-sms"])]
-        route: Option<String>,
-        /// For queue-then-sms: how long to wait for delivery over IP, such as 10m
-        #[arg(long, value_parser = parse_duration)]
-        fallback_after: Option<u64>,
-        /// For auto: seconds to wait for the receipt of an accepted message before the SMS
-        #[arg(long)]
-        receipt_timeout: Option<u64>,
-        /// Most SMS parts one message may take
-        #[arg(long)]
-        max_sms_parts: Option<u8>,
-        /// Send fallback SMS as files into this directory (for testing)
-        #[arg(long, conflicts_with = "sms_kannel")]
-        sms_outbox: Option<PathBuf>,
-        /// Send fallback SMS through Kannel's sendsms interface at this URL
-        #[arg(long, requires_all = ["sms_username", "sms_password"])]
-        sms_kannel: Option<String>,
-        /// Kannel sendsms user
-        #[arg(long)]
-        sms_username: Option<String>,
-        /// Kannel sendsms password
-        #[arg(long, env = "TIDINGS_SMS_PASSWORD", hide_env_values = true)]
-        sms_password: Option<String>,
-        /// Remove the SMS transport
-        #[arg(long)]
-        no_sms: bool,
-    },
+    Settings(Box<SettingsArgs>),
+}
+
+/// The flags of `tidings settings`.
+#[derive(Debug, clap::Args)]
+struct SettingsArgs {
+    /// Default route: auto, ip-only, sms-only or queue-then-sms
+    #[arg(long, value_parser = ["auto", "ip-only", "sms-only", "queue-then-sms"])]
+    route: Option<String>,
+    /// For queue-then-sms: how long to wait for delivery over IP, such as 10m
+    #[arg(long, value_parser = parse_duration)]
+    fallback_after: Option<u64>,
+    /// For auto: seconds to wait for the receipt of an accepted message before the SMS
+    #[arg(long)]
+    receipt_timeout: Option<u64>,
+    /// Most SMS parts one message may take
+    #[arg(long)]
+    max_sms_parts: Option<u8>,
+    /// Send fallback SMS as files into this directory (for testing)
+    #[arg(long, conflicts_with = "sms_kannel")]
+    sms_outbox: Option<PathBuf>,
+    /// Send fallback SMS through Kannel's sendsms interface at this URL
+    #[arg(long, requires_all = ["sms_username", "sms_password"])]
+    sms_kannel: Option<String>,
+    /// Kannel sendsms user
+    #[arg(long)]
+    sms_username: Option<String>,
+    /// Kannel or SMPP password
+    #[arg(long, env = "TIDINGS_SMS_PASSWORD", hide_env_values = true)]
+    sms_password: Option<String>,
+    /// Send fallback SMS over SMPP to this SMSC or aggregator, host:port
+    #[arg(long, requires_all = ["sms_system_id", "sms_password"], conflicts_with_all = ["sms_outbox", "sms_kannel"])]
+    sms_smpp: Option<String>,
+    /// SMPP account system_id
+    #[arg(long)]
+    sms_system_id: Option<String>,
+    /// SMPP system_type, if the provider asks for one
+    #[arg(long, requires = "sms_smpp")]
+    sms_system_type: Option<String>,
+    /// SMPP bind: transceiver (receives delivery receipts) or transmitter
+    #[arg(long, requires = "sms_smpp", value_parser = ["transceiver", "transmitter"])]
+    sms_bind: Option<String>,
+    /// How SMPP marks the parts of a long message: udh (most SMSCs) or sar
+    #[arg(long, requires = "sms_smpp", value_parser = ["udh", "sar"])]
+    sms_concatenation: Option<String>,
+    /// Seconds a send waits for the SMSC's delivery receipt (0: none requested)
+    #[arg(long, requires = "sms_smpp")]
+    sms_receipt_wait: Option<u64>,
+    /// Send fallback SMS through a GSM/LTE modem on this serial port, such as /dev/ttyUSB0
+    #[arg(long, conflicts_with_all = ["sms_outbox", "sms_kannel", "sms_smpp"])]
+    sms_modem: Option<PathBuf>,
+    /// The modem's line speed
+    #[arg(long, requires = "sms_modem", default_value_t = 115_200)]
+    sms_baud: u32,
+    /// Seconds the modem may take to send one SMS part
+    #[arg(long, requires = "sms_modem", default_value_t = 60)]
+    sms_modem_timeout: u64,
+    /// Remove the SMS transport
+    #[arg(long)]
+    no_sms: bool,
 }
 
 /// Parses `90`, `90s`, `10m` or `1h` into seconds.
@@ -363,17 +396,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Settings {
-            route,
-            fallback_after,
-            receipt_timeout,
-            max_sms_parts,
-            sms_outbox,
-            sms_kannel,
-            sms_username,
-            sms_password,
-            no_sms,
-        } => {
+        Command::Settings(settings) => {
+            let SettingsArgs {
+                route,
+                fallback_after,
+                receipt_timeout,
+                max_sms_parts,
+                sms_outbox,
+                sms_kannel,
+                sms_username,
+                sms_password,
+                sms_smpp,
+                sms_system_id,
+                sms_system_type,
+                sms_bind,
+                sms_concatenation,
+                sms_receipt_wait,
+                sms_modem,
+                sms_baud,
+                sms_modem_timeout,
+                no_sms,
+            } = *settings;
             let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
             let routing = &mut data.routing;
             if let Some(route) = route {
@@ -390,6 +433,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(dir) = sms_outbox {
                 routing.sms = Some(TransportConfig::Outbox { dir });
+            }
+            if let (Some(address), Some(system_id), Some(password)) =
+                (sms_smpp, sms_system_id, sms_password.clone())
+            {
+                routing.sms = Some(TransportConfig::Smpp(SmppConfig {
+                    address,
+                    system_id,
+                    password,
+                    system_type: sms_system_type.unwrap_or_default(),
+                    bind: match sms_bind.as_deref() {
+                        Some("transmitter") => BindMode::Transmitter,
+                        _ => BindMode::Transceiver,
+                    },
+                    concatenation: match sms_concatenation.as_deref() {
+                        Some("sar") => Concatenation::Sar,
+                        _ => Concatenation::Udh,
+                    },
+                    enquire_link_seconds: 30,
+                    receipt_wait_seconds: sms_receipt_wait.unwrap_or(0),
+                }));
+            }
+            if let Some(port) = sms_modem {
+                routing.sms = Some(TransportConfig::Modem(ModemConfig {
+                    port,
+                    baud: sms_baud,
+                    timeout_seconds: sms_modem_timeout,
+                }));
             }
             if let (Some(url), Some(username), Some(password)) =
                 (sms_kannel, sms_username, sms_password)
@@ -410,6 +480,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(TransportConfig::Outbox { dir }) => format!("outbox {}", dir.display()),
                 Some(TransportConfig::Kannel { url, username, .. }) => {
                     format!("kannel {url} (user {username})")
+                }
+                Some(TransportConfig::Smpp(smpp)) => {
+                    format!("smpp {} (system_id {})", smpp.address, smpp.system_id)
+                }
+                Some(TransportConfig::Modem(modem)) => {
+                    format!("modem {} at {} baud", modem.port.display(), modem.baud)
                 }
             };
             if json {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod gateways;
 mod messaging;
 mod operations;
 mod privacy;

@@ -478,7 +478,11 @@ impl<'a> Router<'a> {
                         }
                     };
                     event = Some(match result {
-                        Ok(()) => Event::SmsSent,
+                        Ok(sent) => {
+                            // What the gateway learned beyond "sent", such as an SMPP receipt.
+                            entry.detail = sent.note();
+                            Event::SmsSent
+                        }
                         Err(e) => {
                             entry.detail = e.to_string();
                             Event::SmsFailed {

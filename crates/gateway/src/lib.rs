@@ -2,15 +2,21 @@
 //!
 //! One type, [`Transport`], chosen by configuration:
 //! - `outbox` writes each SMS as a JSON file into a directory (development and tests);
-//! - `kannel` hands it to Kannel's HTTP `sendsms` interface.
+//! - `kannel` hands it to Kannel's HTTP `sendsms` interface;
+//! - `smpp` submits it over SMPP 3.4 to an SMSC or aggregator ([`smpp`]);
+//! - `modem` sends it through a GSM/LTE modem on a serial port with AT commands ([`modem`]).
 //!
 //! Every failure is a [`SendError`] that says whether trying again is safe: a request that may
 //! have reached the gateway is never retried here, so an SMS is not sent twice. The message text
 //! is checked against the part limit with the shared encoder (`tidings-sms`) before anything is
 //! sent. This crate never logs; callers must not log the numbers or texts they pass in.
 
+pub mod modem;
+pub mod smpp;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,6 +73,25 @@ impl SendError {
     }
 }
 
+/// What a transport learned about an SMS it sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// SMS parts handed over.
+    pub parts: usize,
+    /// The SMSC's delivery receipt, if one arrived while the send waited for it (SMPP only).
+    pub receipt: Option<smpp::Receipt>,
+}
+
+impl Sent {
+    /// A short note for the user about what is known beyond "sent", or an empty string.
+    pub fn note(&self) -> String {
+        match &self.receipt {
+            Some(receipt) => format!("the SMSC reports the SMS {}", receipt.describe()),
+            None => String::new(),
+        }
+    }
+}
+
 /// A transport as it is configured (profile or server config).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "transport", rename_all = "lowercase", deny_unknown_fields)]
@@ -79,6 +104,10 @@ pub enum TransportConfig {
         username: String,
         password: String,
     },
+    /// An SMPP 3.4 account at an SMSC or aggregator.
+    Smpp(smpp::SmppConfig),
+    /// A GSM/LTE modem on a serial port.
+    Modem(modem::ModemConfig),
 }
 
 impl std::fmt::Debug for TransportConfig {
@@ -89,6 +118,8 @@ impl std::fmt::Debug for TransportConfig {
                 .debug_struct("Kannel")
                 .field("url", url)
                 .finish_non_exhaustive(),
+            TransportConfig::Smpp(config) => config.fmt(f),
+            TransportConfig::Modem(config) => config.fmt(f),
         }
     }
 }
@@ -99,15 +130,30 @@ pub struct Transport {
     config: TransportConfig,
     max_parts: u8,
     counter: AtomicU64,
+    /// The concatenation reference of the next long message. It starts from the clock so that
+    /// two processes (two `tidings send` commands) rarely pick the same one for one receiver.
+    reference: AtomicU64,
+    /// The SMPP session, kept between sends (and kept alive) when the transport is SMPP.
+    smpp: Option<Arc<smpp::Link>>,
 }
 
 impl Transport {
     /// A transport for `config`, refusing texts longer than `max_parts` SMS parts.
     pub fn new(config: TransportConfig, max_parts: u8) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()) ^ d.as_secs())
+            .unwrap_or(0);
+        let smpp = match &config {
+            TransportConfig::Smpp(settings) => Some(Arc::new(smpp::Link::new(settings.clone()))),
+            _ => None,
+        };
         Self {
             config,
             max_parts,
             counter: AtomicU64::new(0),
+            reference: AtomicU64::new(seed),
+            smpp,
         }
     }
 
@@ -117,10 +163,12 @@ impl Transport {
     }
 
     /// Checks the length, then sends.
-    pub async fn send(&self, sms: &Sms) -> Result<(), SendError> {
+    pub async fn send(&self, sms: &Sms) -> Result<Sent, SendError> {
+        let reference = self.reference.fetch_add(1, Ordering::Relaxed);
         let options = SplitOptions {
             max_parts: self.max_parts,
-            ..SplitOptions::default()
+            // Truncation is the point: the header holds 8 bits (16 for SMPP's SAR).
+            reference: reference as u8,
         };
         let parts = tidings_sms::split(&sms.text, &options).map_err(|e| match e {
             tidings_sms::EncodeError::TooManyParts { needed, limit } => {
@@ -129,13 +177,27 @@ impl Transport {
             other => SendError::Rejected(other.to_string()),
         })?;
         let coding = parts.first().map_or(DataCoding::Gsm7, |part| part.coding);
+        let count = parts.len();
+        let sent = Sent {
+            parts: count,
+            receipt: None,
+        };
         match &self.config {
-            TransportConfig::Outbox { dir } => self.write_outbox(dir, sms, parts.len()).await,
+            TransportConfig::Outbox { dir } => {
+                self.write_outbox(dir, sms, count).await.map(|()| sent)
+            }
             TransportConfig::Kannel {
                 url,
                 username,
                 password,
-            } => send_kannel(url, username, password, sms, coding).await,
+            } => send_kannel(url, username, password, sms, coding)
+                .await
+                .map(|()| sent),
+            TransportConfig::Smpp(_) => match &self.smpp {
+                Some(link) => link.send(sms, parts, reference as u16).await,
+                None => Err(SendError::Rejected("the SMPP link is missing".into())),
+            },
+            TransportConfig::Modem(settings) => modem::send(settings.clone(), sms, &options).await,
         }
     }
 

@@ -33,7 +33,7 @@ pub struct ServerArgs {
     /// TLS private key (PEM)
     #[arg(long, env = "TIDINGS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// SMS gateway for verification codes: `outbox` or `kannel` [default: outbox]
+    /// SMS gateway for verification codes: `outbox`, `kannel`, `smpp` or `modem` [default: outbox]
     #[arg(long, env = "TIDINGS_SMS_GATEWAY")]
     pub sms_gateway: Option<String>,
     /// Directory the `outbox` gateway writes each SMS to [default: $XDG_DATA_HOME/tidings/outbox]
@@ -48,6 +48,33 @@ pub struct ServerArgs {
     /// Kannel sendsms-user password (prefer the environment variable or the config file)
     #[arg(long, env = "TIDINGS_KANNEL_PASSWORD", hide_env_values = true)]
     pub kannel_password: Option<String>,
+    /// SMSC address host:port (with --sms-gateway smpp)
+    #[arg(long, env = "TIDINGS_SMPP_ADDRESS")]
+    pub smpp_address: Option<String>,
+    /// SMPP system_id of the account
+    #[arg(long, env = "TIDINGS_SMPP_SYSTEM_ID")]
+    pub smpp_system_id: Option<String>,
+    /// SMPP password (prefer the environment variable or the config file)
+    #[arg(long, env = "TIDINGS_SMPP_PASSWORD", hide_env_values = true)]
+    pub smpp_password: Option<String>,
+    /// SMPP system_type, if the provider asks for one [default: empty]
+    #[arg(long, env = "TIDINGS_SMPP_SYSTEM_TYPE")]
+    pub smpp_system_type: Option<String>,
+    /// SMPP bind: `transceiver` or `transmitter` [default: transceiver]
+    #[arg(long, env = "TIDINGS_SMPP_BIND")]
+    pub smpp_bind: Option<String>,
+    /// Seconds of silence before an SMPP enquire_link [default: 30]
+    #[arg(long, env = "TIDINGS_SMPP_ENQUIRE_LINK_SECONDS")]
+    pub smpp_enquire_link_seconds: Option<u64>,
+    /// Serial port of the modem, such as /dev/ttyUSB0 (with --sms-gateway modem)
+    #[arg(long, env = "TIDINGS_MODEM_PORT")]
+    pub modem_port: Option<PathBuf>,
+    /// Modem line speed in baud [default: 115200]
+    #[arg(long, env = "TIDINGS_MODEM_BAUD")]
+    pub modem_baud: Option<u32>,
+    /// Seconds the modem may take to send one SMS part [default: 60]
+    #[arg(long, env = "TIDINGS_MODEM_TIMEOUT_SECONDS")]
+    pub modem_timeout_seconds: Option<u64>,
     /// Sender id on verification SMS [default: Tidings]
     #[arg(long, env = "TIDINGS_SMS_FROM")]
     pub sms_from: Option<String>,
@@ -97,6 +124,15 @@ struct FileConfig {
     kannel_url: Option<String>,
     kannel_username: Option<String>,
     kannel_password: Option<String>,
+    smpp_address: Option<String>,
+    smpp_system_id: Option<String>,
+    smpp_password: Option<String>,
+    smpp_system_type: Option<String>,
+    smpp_bind: Option<String>,
+    smpp_enquire_link_seconds: Option<u64>,
+    modem_port: Option<PathBuf>,
+    modem_baud: Option<u32>,
+    modem_timeout_seconds: Option<u64>,
     sms_from: Option<String>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
@@ -209,7 +245,64 @@ impl ServerArgs {
                     .or(file.kannel_password)
                     .context("the kannel gateway needs kannel_password")?,
             },
-            other => anyhow::bail!("unknown SMS gateway `{other}`: use `outbox` or `kannel`"),
+            "smpp" => tidings_gateway::TransportConfig::Smpp(tidings_gateway::smpp::SmppConfig {
+                address: self.smpp_address.clone().or(file.smpp_address).context(
+                    "the smpp gateway needs smpp_address (such as smpp.example.net:2775)",
+                )?,
+                system_id: self
+                    .smpp_system_id
+                    .clone()
+                    .or(file.smpp_system_id)
+                    .context("the smpp gateway needs smpp_system_id")?,
+                password: self
+                    .smpp_password
+                    .clone()
+                    .or(file.smpp_password)
+                    .context("the smpp gateway needs smpp_password")?,
+                system_type: self
+                    .smpp_system_type
+                    .clone()
+                    .or(file.smpp_system_type)
+                    .unwrap_or_default(),
+                bind: match self
+                    .smpp_bind
+                    .clone()
+                    .or(file.smpp_bind)
+                    .as_deref()
+                    .unwrap_or("transceiver")
+                {
+                    "transceiver" => tidings_gateway::smpp::BindMode::Transceiver,
+                    "transmitter" => tidings_gateway::smpp::BindMode::Transmitter,
+                    other => anyhow::bail!(
+                        "unknown SMPP bind `{other}`: use `transceiver` or `transmitter`"
+                    ),
+                },
+                // Codes are one part, so the concatenation style does not matter here.
+                concatenation: tidings_gateway::smpp::Concatenation::Udh,
+                enquire_link_seconds: self
+                    .smpp_enquire_link_seconds
+                    .or(file.smpp_enquire_link_seconds)
+                    .unwrap_or(30),
+                // The code's fate is the user's to see; the server does not wait for receipts.
+                receipt_wait_seconds: 0,
+            }),
+            "modem" => {
+                tidings_gateway::TransportConfig::Modem(tidings_gateway::modem::ModemConfig {
+                    port: self
+                        .modem_port
+                        .clone()
+                        .or(file.modem_port)
+                        .context("the modem gateway needs modem_port (such as /dev/ttyUSB0)")?,
+                    baud: self.modem_baud.or(file.modem_baud).unwrap_or(115_200),
+                    timeout_seconds: self
+                        .modem_timeout_seconds
+                        .or(file.modem_timeout_seconds)
+                        .unwrap_or(60),
+                })
+            }
+            other => anyhow::bail!(
+                "unknown SMS gateway `{other}`: use `outbox`, `kannel`, `smpp` or `modem`"
+            ),
         };
         let heartbeat_seconds = self
             .heartbeat_seconds

@@ -32,6 +32,6 @@ impl Gateway {
             to: to.as_str().to_string(),
             text: text.to_string(),
         };
-        self.transport.send(&sms).await
+        self.transport.send(&sms).await.map(|_| ())
     }
 }
