@@ -3,6 +3,7 @@
 
 mod support;
 
+mod e2e;
 mod messaging;
 mod operations;
 mod privacy;
