@@ -11,12 +11,14 @@ use serde_json::json;
 use tidings_client::client::{self, Client, Event, SendReport};
 use tidings_client::profile::{Profile, Trust};
 use tidings_client::route;
+use tidings_client::vault::Passphrase;
 use tidings_client::ClientError;
 use tidings_core::fallback::Route;
 use tidings_gateway::modem::ModemConfig;
 use tidings_gateway::smpp::{BindMode, Concatenation, SmppConfig};
 use tidings_gateway::TransportConfig;
 use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
+use tidings_proto::id::DeviceId;
 use tidings_server::config::ServerArgs;
 
 /// Exit code: the message was not taken (not a user, not reachable, refused, rate-limited).
@@ -40,7 +42,11 @@ const EXIT_PENDING: u8 = 5;
                                tidings verify 123456\n\
         Who can I reach?       tidings lookup +4915187654321\n\
         Send and receive:      tidings send +4915187654321 'Hello'   /   tidings listen\n\
-        Opt out:               tidings disable",
+        Check who it is:       tidings fingerprint +4915187654321\n\
+        Another device:        tidings link   (on this one)   /   tidings link <number> <code> --server <url>\n\
+        Opt out:               tidings disable\n\n\
+        Keys and messages in the profile are encrypted under a passphrase: from --passphrase-file,\n\
+        else TIDINGS_PASSPHRASE, else a prompt.",
     after_help = "Exit codes: 0 done; 1 failed (see the message); 2 bad usage; 3 the message was not taken\n\
         (not a user, not reachable, queue full, rate-limited); 4 this profile is not registered;\n\
         5 not through yet: kept, and carried on while `tidings listen` runs."
@@ -55,6 +61,9 @@ struct Cli {
     /// Log filter, such as `info` or `tidings_server=debug` [default: info for the server, warn otherwise]
     #[arg(long, env = "TIDINGS_LOG", global = true)]
     log: Option<String>,
+    /// Read the profile's passphrase from this file (else TIDINGS_PASSPHRASE, else a prompt)
+    #[arg(long, env = "TIDINGS_PASSPHRASE_FILE", global = true)]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,6 +134,46 @@ enum Command {
         /// Stop after this many seconds
         #[arg(long)]
         timeout: Option<u64>,
+    },
+    /// Add a device to your number. On a registered device, with no arguments: show a one-time
+    /// link code and wait for the new device. On the new device: `tidings link <number> <code>
+    /// --server <url>`
+    Link {
+        /// The number to join (on the new device)
+        number: Option<String>,
+        /// The link code shown on the registered device
+        code: Option<String>,
+        /// The server's URL (on the new device)
+        #[arg(long, env = "TIDINGS_SERVER")]
+        server: Option<String>,
+        /// Trust the server's certificate through this CA file (PEM)
+        #[arg(long, conflicts_with = "pin")]
+        ca: Option<PathBuf>,
+        /// Trust exactly the server certificate with this SHA-256 fingerprint (hex)
+        #[arg(long)]
+        pin: Option<String>,
+        /// Allow plain http:// to a server that is not on this machine
+        #[arg(long)]
+        insecure: bool,
+        /// Seconds the registered device waits for the new one
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+    },
+    /// List your number's devices (at most 6), or remove one
+    Devices {
+        /// Remove the device with this id: its keys and queued messages are deleted
+        #[arg(long, value_name = "ID")]
+        remove: Option<String>,
+    },
+    /// Show the safety number to compare with a contact (in person or on a call)
+    Fingerprint {
+        /// The contact's phone number
+        number: String,
+    },
+    /// Trust a contact's current keys, after comparing safety numbers
+    Trust {
+        /// The contact's phone number
+        number: String,
     },
     /// Show whether numbers are online, offline or not users
     Lookup {
@@ -268,9 +317,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The profile's passphrase: from `--passphrase-file`, else `TIDINGS_PASSPHRASE`, else a prompt
+/// on the terminal.
+fn passphrase(file: Option<&PathBuf>) -> anyhow::Result<Passphrase> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            anyhow::anyhow!("cannot read the passphrase file {}: {e}", file.display())
+        })?;
+        return Ok(Passphrase::new(text));
+    }
+    if let Ok(text) = std::env::var("TIDINGS_PASSPHRASE") {
+        return Ok(Passphrase::new(text));
+    }
+    rpassword::prompt_password("Passphrase for this profile: ")
+        .map(Passphrase::new)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no passphrase: there is no terminal to ask on ({e}); set TIDINGS_PASSPHRASE or pass --passphrase-file"
+            )
+        })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let profile = Profile::at(cli.profile.clone().unwrap_or_else(default_profile));
     let json = cli.json;
+    let secret = || passphrase(cli.passphrase_file.as_ref());
+    let unlocked = |profile: Profile| -> anyhow::Result<Client> {
+        let client = Client::open(profile)?;
+        Ok(client.with_passphrase(secret()?))
+    };
     match cli.command {
         Command::Server(args) => serve(*args).await,
         Command::Register {
@@ -300,7 +375,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { code } => {
-            let replaced = client::verify(&profile, &code).await?;
+            // Not registered: say so before asking for anything (and touch nothing).
+            if profile.load()?.is_none() {
+                return Err(ClientError::NotRegistered.into());
+            }
+            let replaced = client::verify(&profile, &code, &secret()?).await?;
             let client = Client::open(profile)?;
             if json {
                 println!(
@@ -324,7 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ttl,
             wait,
         } => {
-            let client = Client::open(profile)?;
+            let client = unlocked(profile)?;
             let routing = client.routing().clone();
             // `auto` needs an SMS transport; a profile without one queues over IP instead.
             let route_name = match route {
@@ -356,18 +435,152 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(print_routed(&route_name, &status, json))
         }
         Command::Listen { count, timeout } => {
-            let client = Client::open(profile)?;
+            let client = unlocked(profile)?;
             let until = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
             let mut shown = 0usize;
+            let own = client.number().to_string();
             client
                 .listen(until, |event| {
-                    print_event(&event, json);
+                    print_event(&event, json, &own);
                     if matches!(event, Event::Message(_)) {
                         shown += 1;
                     }
                     count.is_none_or(|count| shown < count)
                 })
                 .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Link {
+            number,
+            code,
+            server,
+            ca,
+            pin,
+            insecure,
+            wait,
+        } => match (number, code) {
+            (None, None) => {
+                let client = unlocked(profile)?;
+                let joined = client
+                    .approve_link(
+                        |code, expires_in| {
+                            if json {
+                                println!(
+                                    "{}",
+                                    json!({ "status": "code", "code": code, "expires_in": expires_in })
+                                );
+                            } else {
+                                println!(
+                                    "On the new device run:\n  tidings link {} {code} --server <url>\nThe code is valid for {} minutes and works once. Waiting...",
+                                    client.number(),
+                                    expires_in / 60
+                                );
+                            }
+                            use std::io::Write as _;
+                            let _ = std::io::stdout().flush();
+                        },
+                        Duration::from_secs(wait),
+                    )
+                    .await?;
+                match joined {
+                    Some(device) if json => {
+                        println!("{}", json!({ "status": "linked", "device_id": device.to_text() }))
+                    }
+                    Some(device) => println!("Device {device} joined this number."),
+                    None => anyhow::bail!("no device joined in time: run `tidings link` again for a new code"),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            (Some(number), Some(code)) => {
+                let Some(server) = server else {
+                    anyhow::bail!("the new device needs the server: add --server <url>");
+                };
+                let trust = Trust {
+                    ca_file: ca,
+                    pin_sha256: pin,
+                    insecure,
+                };
+                let device =
+                    client::link(&profile, &number, &code, &server, trust, &secret()?).await?;
+                if json {
+                    println!("{}", json!({ "status": "linked", "device_id": device.to_text() }));
+                } else {
+                    println!("This device joined {number}; the number's other devices stay signed in.");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => anyhow::bail!(
+                "give both the number and the link code (new device), or neither (registered device)"
+            ),
+        },
+        Command::Devices { remove } => {
+            let client = Client::open(profile)?;
+            if let Some(id) = remove {
+                let Some(device) = DeviceId::from_text(&id) else {
+                    anyhow::bail!("that is not a device id: copy one from `tidings devices`");
+                };
+                client.remove_device(device).await?;
+                if json {
+                    println!("{}", json!({ "status": "removed", "device_id": device.to_text() }));
+                } else {
+                    println!("Removed device {device}: its keys and queued messages are deleted.");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            for device in client.devices().await? {
+                let key = device
+                    .identity_key
+                    .map(|k| tidings_proto::id::to_text(&k))
+                    .unwrap_or_else(|| "(no keys published yet)".into());
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "device_id": device.id.to_text(), "identity_key": key, "this_device": device.this_device })
+                    );
+                } else {
+                    let this = if device.this_device { "\t(this device)" } else { "" };
+                    println!("{}\t{key}{this}", device.id);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fingerprint { number } => {
+            let client = unlocked(profile)?;
+            let print = client.fingerprint(&number).await?;
+            let status = if !print.known {
+                "not yet trusted (trusted on first message)"
+            } else if print.untrusted > 0 {
+                "CHANGED: keys you have not trusted; compare, then `tidings trust`"
+            } else {
+                "trusted"
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "number": print.number,
+                        "safety_number": print.safety_number,
+                        "devices": print.devices,
+                        "untrusted_keys": print.untrusted,
+                        "known": print.known,
+                    })
+                );
+            } else {
+                println!(
+                    "Safety number with {} ({} device(s), {status}):\n  {}\nCompare it with theirs; equal means nobody is in between.",
+                    print.number, print.devices, print.safety_number
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trust { number } => {
+            let client = unlocked(profile)?;
+            let keys = client.trust(&number).await?;
+            if json {
+                println!("{}", json!({ "status": "trusted", "keys": keys }));
+            } else {
+                println!("Trusted the {keys} current key(s) of {number}.");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Lookup { numbers } => {
@@ -546,7 +759,7 @@ fn print_send(report: &SendReport, json: bool) {
     if json {
         println!(
             "{}",
-            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt })
+            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt, "copies": report.copies })
         );
         return;
     }
@@ -564,6 +777,9 @@ fn print_send(report: &SendReport, json: bool) {
         (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
         (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
         (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
+        (SendOutcome::DevicesChanged, _) => {
+            "not sent: the receiver's devices changed while sending; try again"
+        }
     };
     println!("{text}");
 }
@@ -605,7 +821,7 @@ fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
     }
 }
 
-fn print_event(event: &Event, json: bool) {
+fn print_event(event: &Event, json: bool, own: &str) {
     match event {
         Event::Routed {
             id,
@@ -632,17 +848,35 @@ fn print_event(event: &Event, json: bool) {
                         "sender_device": message.sender_device.to_text(),
                         "from": message.from,
                         "text": message.text,
+                        "to": message.to,
                         "sent_at_ms": message.sent_at_ms,
                         "sender_verified": message.sender_verified,
+                        "warning": message.warning,
                     })
                 );
-            } else if message.sender_verified {
-                println!("{}: {}", message.from, message.text);
-            } else {
+            } else if let Some(warning) = &message.warning {
+                println!("WARNING: {warning}: {}", message.text);
+            } else if message.from == own && !message.to.is_empty() && message.to != own {
                 println!(
-                    "WARNING: this message claims to be from {} but was sent by a device that is not theirs: {}",
-                    message.from, message.text
+                    "(you, from another device) to {}: {}",
+                    message.to, message.text
                 );
+            } else {
+                println!("{}: {}", message.from, message.text);
+            }
+        }
+        Event::Rejected {
+            sender_device,
+            id,
+            reason,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "rejected", "id": id.to_text(), "sender_device": sender_device.to_text(), "reason": reason })
+                );
+            } else {
+                eprintln!("rejected a message from device {sender_device}: {reason}");
             }
         }
         Event::Receipt { id, kind } => {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod e2e;
 mod gateways;
 mod messaging;
 mod operations;

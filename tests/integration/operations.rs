@@ -4,9 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use bytes::Bytes;
 use sha2::Digest as _;
-use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
+use tidings_proto::frame::{Kind, SendOutcome};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
@@ -198,6 +197,7 @@ fn openapi_document_matches_the_routes() {
     let expected: BTreeSet<(String, String)> = [
         ("POST", "/v1/registration/code"),
         ("POST", "/v1/registration/verify"),
+        ("POST", "/v1/registration/link"),
         ("GET", "/v1/connect"),
         ("GET", "/v1/health"),
         ("GET", "/metrics"),
@@ -230,21 +230,18 @@ fn sigterm_mid_flow_loses_no_accepted_message() {
     let client = alice.client();
     let pid = server.pid();
     let queued = block_on(async {
+        let batch: Vec<(tidings_proto::id::MessageId, String)> = (0..150u8)
+            .map(|i| (tidings_proto::id::MessageId([i; 16]), format!("m{i}")))
+            .collect();
+        let sends: Vec<Kind> = client
+            .prepare_sends(&bob_number, &batch)
+            .await
+            .expect("encrypt")
+            .into_iter()
+            .map(Kind::Send)
+            .collect();
         let mut session = client.session(false).await.expect("session");
-        let send = |i: u8| {
-            let content = tidings_proto::frame::Content {
-                from: alice_number.clone(),
-                text: format!("m{i}"),
-                sent_at_ms: 0,
-            };
-            Kind::Send(frame::Send {
-                id: vec![i; 16],
-                to: bob_number.clone(),
-                mode: SendMode::Queue as i32,
-                ttl_seconds: 0,
-                payload: Bytes::from(prost::Message::encode_to_vec(&content)),
-            })
-        };
+        let send = |i: u8| sends[usize::from(i)].clone();
         let mut queued = BTreeSet::new();
         let record = |kind: Kind, queued: &mut BTreeSet<String>| {
             if let Kind::SendResult(result) = kind {

@@ -201,6 +201,10 @@ fn registering_again_replaces_the_old_device_and_its_queue() {
         new_phone.receive(1, 2).is_empty(),
         "the old device's queue was handed to the new one"
     );
+    // The new phone has new keys: Alice's client refuses until she accepts them.
+    let (answer, code) = alice.send(&bob_number, "for the new phone", &[]);
+    assert_ne!(code, 0, "{answer}");
+    alice.ok(&["trust", &bob_number]);
     let (answer, _) = alice.send(&bob_number, "for the new phone", &[]);
     assert_eq!(answer["outcome"], "queued");
     let received = new_phone.receive(1, 10);

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use prost::Message as _;
-use tidings_proto::frame::{self, AckStatus, Content, ErrorCode, Frame, Kind, SendMode};
+use tidings_proto::frame::{self, AckStatus, ErrorCode, Frame, Kind};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -100,7 +98,7 @@ fn malformed_oversized_and_unknown_frames_close_cleanly() {
     assert_eq!(bob.receive(1, 10).len(), 1);
 }
 
-/// Sends, as `sender`, a message whose payload claims to come from `claimed`.
+/// Sends, as `sender`, a message whose encrypted content claims to come from `claimed`.
 async fn send_claiming(
     sender: &tidings_client::client::Client,
     to: &str,
@@ -108,22 +106,12 @@ async fn send_claiming(
     text: &str,
     id: u8,
 ) {
-    let mut session = sender.session(false).await.expect("session");
-    let spoof = Content {
-        from: claimed.to_string(),
-        text: text.into(),
-        sent_at_ms: 0,
-    };
-    session
-        .send(Kind::Send(frame::Send {
-            id: vec![id; 16],
-            to: to.to_string(),
-            mode: SendMode::Queue as i32,
-            ttl_seconds: 0,
-            payload: Bytes::from(spoof.encode_to_vec()),
-        }))
+    let send = sender
+        .danger_prepare_send_claiming(claimed, to, text, tidings_proto::id::MessageId([id; 16]))
         .await
-        .expect("send");
+        .expect("encrypt");
+    let mut session = sender.session(false).await.expect("session");
+    session.send(Kind::Send(send)).await.expect("send");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !matches!(
         session.recv(deadline).await.expect("recv"),

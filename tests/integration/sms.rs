@@ -149,6 +149,7 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
                     .arg("--profile")
                     .arg(profile)
                     .args(["--json", "send", &alice_number, secret])
+                    .env("TIDINGS_PASSPHRASE", crate::support::PASSPHRASE)
                     .output()
                     .expect("send")
             })

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
+/// The passphrase every test profile is encrypted under (given as scripts give it).
+pub const PASSPHRASE: &str = "correct horse battery staple";
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -236,6 +239,7 @@ impl User {
             .arg(self.profile.path())
             .args(args)
             .env_remove("TIDINGS_SERVER")
+            .env("TIDINGS_PASSPHRASE", PASSPHRASE)
             .output()
             .expect("run tidings")
     }
@@ -258,6 +262,7 @@ impl User {
             .arg("--profile")
             .arg(self.profile.path())
             .args(args)
+            .env("TIDINGS_PASSPHRASE", PASSPHRASE)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -319,11 +324,51 @@ impl User {
             .collect()
     }
 
+    /// The texts `receive` returns, sorted.
+    pub fn receive_texts(&self, count: usize, timeout: u64) -> Vec<String> {
+        let mut texts: Vec<String> = self
+            .receive(count, timeout)
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        texts.sort();
+        texts
+    }
+
+    /// The client library on this user's profile, unlocked with the test passphrase.
     pub fn client(&self) -> tidings_client::client::Client {
         tidings_client::client::Client::open(tidings_client::profile::Profile::at(
             self.profile.path(),
         ))
         .expect("open client")
+        .with_passphrase(tidings_client::vault::Passphrase::new(PASSPHRASE))
+    }
+
+    /// Adds a device to this user's number: `tidings link` here shows a code, `tidings link
+    /// <number> <code>` on a new profile joins with it. Returns the new device's user.
+    pub fn link_device(&self, server: &Server) -> Self {
+        let mut approver = self.spawn(&["--json", "link", "--wait", "30"]);
+        let stdout = approver.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().expect("a line").expect("read");
+        let shown: serde_json::Value = serde_json::from_str(&first).expect("json");
+        let code = shown["code"].as_str().expect("a link code").to_string();
+        let device = Self::new(&self.number);
+        device.ok(&["link", &self.number, &code, "--server", &server.url]);
+        let done = lines.next().expect("a second line").expect("read");
+        assert!(done.contains("linked"), "{done}");
+        let _ = approver.wait();
+        device
+    }
+
+    /// This user's device id, from `tidings devices`.
+    pub fn device_id(&self) -> String {
+        self.ok(&["--json", "devices"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["this_device"] == true)
+            .and_then(|v| v["device_id"].as_str().map(str::to_string))
+            .expect("this device in the list")
     }
 }
 

@@ -1,16 +1,28 @@
-//! Received messages, kept in the profile so that each is shown exactly once.
+//! The profile's local store (`inbox.sqlite`): the sealed end-to-end state and the received
+//! messages, each sealed under the passphrase's key (see [`crate::vault`]).
+//!
+//! Why one SQLite file: decrypting a message advances its Olm session, and the new session state
+//! and the message must become durable together, before the message is acknowledged. One
+//! `BEGIN IMMEDIATE` transaction does that, and also serialises several processes working on one
+//! profile (a `listen` and a `send` at once): each reads the newest state, changes it and writes
+//! it back before the next may start. A process killed at any point leaves the state before or
+//! after a whole change: never a session that was used but not saved (a reused message key), and
+//! never a message acknowledged but not kept.
 //!
 //! A delivery is stored *before* it is acknowledged, keyed by (sending device, message id). A
 //! redelivery after a crash or a restart finds the row and is acknowledged again without being
-//! shown again. SQLite in WAL mode lets several processes share one profile safely.
+//! decrypted or shown again.
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension as _};
+use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
+use serde::{Deserialize, Serialize};
 use tidings_proto::id::{DeviceId, MessageId};
 
-use crate::Result;
+use crate::e2e::Crypto;
+use crate::vault::{Passphrase, Vault, VaultHeader};
+use crate::{ClientError, Result};
 
 /// A message as the inbox keeps it.
 #[derive(Clone, PartialEq, Eq)]
@@ -19,10 +31,15 @@ pub struct Received {
     pub id: MessageId,
     /// The sender's number as the message claims it.
     pub from: String,
+    /// The receiver's number (differs from this profile's for a copy sent by another of its own
+    /// devices).
+    pub to: String,
     pub text: String,
     pub sent_at_ms: u64,
-    /// Whether `sender_device` belongs to `from` according to the server's directory.
+    /// Whether the sending device's identity key is the one the directory lists for `from`.
     pub sender_verified: bool,
+    /// Why the message must not be taken at face value, if it must not.
+    pub warning: Option<String>,
 }
 
 impl std::fmt::Debug for Received {
@@ -33,91 +50,326 @@ impl std::fmt::Debug for Received {
     }
 }
 
-/// The profile's message store.
+#[derive(Serialize, Deserialize)]
+struct SealedMessage {
+    from: String,
+    to: String,
+    text: String,
+    sent_at_ms: u64,
+    sender_verified: bool,
+    warning: Option<String>,
+}
+
+const CRYPTO_NAME: &str = "crypto-state";
+
+fn message_name(sender_device: DeviceId, id: MessageId) -> String {
+    format!("message:{}:{}", sender_device.to_text(), id.to_text())
+}
+
+fn outgoing_name(id: MessageId) -> String {
+    format!("outgoing:{}", id.to_text())
+}
+
+fn open_connection(profile_dir: &Path) -> Result<Connection> {
+    std::fs::create_dir_all(profile_dir).map_err(|e| ClientError::Inbox(e.to_string()))?;
+    let conn = Connection::open(profile_dir.join("inbox.sqlite"))?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA secure_delete = ON;
+         CREATE TABLE IF NOT EXISTS vault (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             header TEXT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS crypto (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             version INTEGER NOT NULL,
+             sealed BLOB NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS messages (
+             sender_device BLOB NOT NULL,
+             msg_id BLOB NOT NULL,
+             sealed BLOB NOT NULL,
+             shown INTEGER NOT NULL DEFAULT 0,
+             PRIMARY KEY (sender_device, msg_id)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS outgoing (
+             msg_id BLOB PRIMARY KEY,
+             sealed BLOB NOT NULL,
+             done INTEGER NOT NULL DEFAULT 0
+         ) WITHOUT ROWID;",
+    )?;
+    Ok(conn)
+}
+
+/// The profile's local store, unlocked.
 #[derive(Debug)]
 pub struct Inbox {
     conn: Connection,
+    vault: Vault,
+    /// The end-to-end state as of `version`: reused while no other process changed it, so a
+    /// busy `listen` does not unseal and parse the whole state for every message.
+    cache: Option<(i64, Crypto)>,
+}
+
+/// What a change to the end-to-end state asks for.
+#[derive(Debug)]
+pub enum Change<R> {
+    /// Save the changed state with the rest of the transaction.
+    Save(R),
+    /// Nothing was changed: commit the rest of the transaction, keep the state as it was.
+    Unchanged(R),
+    /// Roll everything back, including changes already made to the state.
+    Abandon(R),
+}
+
+/// One local transaction: read and change the end-to-end state and the messages together.
+#[derive(Debug)]
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    vault: &'a Vault,
 }
 
 impl Inbox {
-    /// Opens (creating) `inbox.sqlite` in the profile directory.
-    pub fn open(profile_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(profile_dir)
-            .map_err(|e| crate::ClientError::Inbox(e.to_string()))?;
-        let conn = Connection::open(profile_dir.join("inbox.sqlite"))?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS received (
-                 sender_device BLOB NOT NULL,
-                 msg_id BLOB NOT NULL,
-                 sender TEXT NOT NULL,
-                 body TEXT NOT NULL,
-                 sent_at INTEGER NOT NULL,
-                 sender_verified INTEGER NOT NULL,
-                 shown INTEGER NOT NULL DEFAULT 0,
-                 PRIMARY KEY (sender_device, msg_id)
-             ) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS outgoing (
-                 msg_id BLOB PRIMARY KEY,
-                 receiver TEXT NOT NULL,
-                 body TEXT NOT NULL,
-                 state TEXT NOT NULL,
-                 done INTEGER NOT NULL DEFAULT 0
-             ) WITHOUT ROWID;",
-        )?;
-        Ok(Self { conn })
+    /// Opens (creating) the store and unlocks it with `passphrase`. The first open of a profile
+    /// sets the passphrase.
+    pub fn open(profile_dir: &Path, passphrase: &Passphrase) -> Result<Self> {
+        if passphrase.is_empty() {
+            return Err(ClientError::Passphrase(
+                "the passphrase is empty: set TIDINGS_PASSPHRASE, pass --passphrase-file, or type one at the prompt".into(),
+            ));
+        }
+        let conn = open_connection(profile_dir)?;
+        let stored: Option<String> = conn
+            .query_row("SELECT header FROM vault WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let vault = match stored {
+            Some(header) => {
+                let header: VaultHeader = serde_json::from_str(&header)
+                    .map_err(|e| ClientError::Inbox(format!("vault header is damaged: {e}")))?;
+                Vault::unlock(passphrase, &header)?
+            }
+            None => {
+                let (vault, header) = Vault::create(passphrase)?;
+                let text = serde_json::to_string(&header)
+                    .map_err(|e| ClientError::Inbox(e.to_string()))?;
+                let inserted = conn.execute(
+                    "INSERT OR IGNORE INTO vault (id, header) VALUES (1, ?1)",
+                    params![text],
+                )?;
+                if inserted == 0 {
+                    // Another process set the passphrase first: use that one.
+                    return Self::open(profile_dir, passphrase);
+                }
+                vault
+            }
+        };
+        Ok(Self {
+            conn,
+            vault,
+            cache: None,
+        })
     }
 
-    /// Stores a delivery unless it is already there. Durable when this returns.
-    pub fn store(&self, message: &Received) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO received (sender_device, msg_id, sender, body, sent_at, sender_verified)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                message.sender_device.as_bytes(),
-                message.id.as_bytes(),
-                message.from,
-                message.text,
-                i64::try_from(message.sent_at_ms).unwrap_or(i64::MAX),
-                message.sender_verified
-            ],
+    /// Opens the store with a key already derived (see [`Inbox::vault`]): no second KDF run.
+    pub fn open_unlocked(profile_dir: &Path, vault: Vault) -> Result<Self> {
+        Ok(Self {
+            conn: open_connection(profile_dir)?,
+            vault,
+            cache: None,
+        })
+    }
+
+    /// The unlocked key, to open the store again without the KDF.
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    fn version(conn: &Connection) -> Result<Option<i64>> {
+        Ok(conn
+            .query_row("SELECT version FROM crypto WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?)
+    }
+
+    /// The current state: the cached one if no process changed it since, else unsealed anew.
+    fn current(
+        conn: &Connection,
+        vault: &Vault,
+        cache: &mut Option<(i64, Crypto)>,
+    ) -> Result<Crypto> {
+        let Some(version) = Self::version(conn)? else {
+            return Err(ClientError::Profile(
+                "this profile has no encryption keys: register again (`tidings register`, then `tidings verify`)".into(),
+            ));
+        };
+        if let Some((cached, crypto)) = cache.take() {
+            if cached == version {
+                return Ok(crypto);
+            }
+        }
+        let sealed: Vec<u8> =
+            conn.query_row("SELECT sealed FROM crypto WHERE id = 1", [], |row| {
+                row.get(0)
+            })?;
+        let bytes = vault.open(CRYPTO_NAME, &sealed)?;
+        Ok(Crypto::from_bytes(&bytes)?)
+    }
+
+    /// Changes the end-to-end state (and, through the [`Tx`], the messages) in one immediate
+    /// transaction that commits only as `change` asks.
+    pub fn update<R>(
+        &mut self,
+        change: impl FnOnce(&Tx<'_>, &mut Crypto) -> Result<Change<R>>,
+    ) -> Result<R> {
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = Self::version(&txn)?.unwrap_or(0);
+        let mut crypto = Self::current(&txn, &self.vault, &mut self.cache)?;
+        let tx = Tx {
+            conn: &txn,
+            vault: &self.vault,
+        };
+        // On an error the state may be half changed: it is dropped, and the cache with it.
+        match change(&tx, &mut crypto)? {
+            Change::Save(value) => {
+                let bytes = crypto.to_bytes()?;
+                let sealed = self.vault.seal(CRYPTO_NAME, &bytes);
+                txn.execute(
+                    "UPDATE crypto SET version = ?1, sealed = ?2 WHERE id = 1",
+                    params![version + 1, sealed],
+                )?;
+                txn.commit()?;
+                self.cache = Some((version + 1, crypto));
+                Ok(value)
+            }
+            Change::Unchanged(value) => {
+                txn.commit()?;
+                self.cache = Some((version, crypto));
+                Ok(value)
+            }
+            Change::Abandon(value) => Ok(value),
+        }
+    }
+
+    /// A look at the current state without changing it.
+    pub fn look<R>(&mut self, look: impl FnOnce(&Crypto) -> R) -> Result<R> {
+        let crypto = Self::current(&self.conn, &self.vault, &mut self.cache)?;
+        let value = look(&crypto);
+        if let Some(version) = Self::version(&self.conn)? {
+            self.cache = Some((version, crypto));
+        }
+        Ok(value)
+    }
+
+    /// A copy of the current state, to try something on and throw away.
+    pub fn snapshot(&mut self) -> Result<Crypto> {
+        self.look(Crypto::duplicate)
+    }
+
+    /// Replaces the end-to-end state with what `make` builds from the old one (a registration).
+    pub fn replace_crypto(
+        &mut self,
+        make: impl FnOnce(Option<Crypto>) -> Crypto,
+    ) -> Result<Crypto> {
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let old = match Self::version(&txn)? {
+            Some(_) => Some(Self::current(&txn, &self.vault, &mut self.cache)?),
+            None => None,
+        };
+        let crypto = make(old);
+        let bytes = crypto.to_bytes()?;
+        let sealed = self.vault.seal(CRYPTO_NAME, &bytes);
+        txn.execute(
+            "INSERT INTO crypto (id, version, sealed) VALUES (1, 1, ?1)
+             ON CONFLICT (id) DO UPDATE SET version = version + 1, sealed = ?1",
+            params![sealed],
         )?;
-        Ok(())
+        txn.commit()?;
+        self.cache = None;
+        Ok(crypto)
+    }
+
+    /// A read of the messages.
+    pub fn read<R>(&self, look: impl FnOnce(&Tx<'_>) -> Result<R>) -> Result<R> {
+        look(&Tx {
+            conn: &self.conn,
+            vault: &self.vault,
+        })
+    }
+
+    /// Received messages stored but not yet shown (a process stopped between storing and
+    /// showing them), marked as shown now: each is returned once.
+    pub fn take_unshown(&self) -> Result<Vec<Received>> {
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = {
+            let mut statement = self
+                .conn
+                .prepare("SELECT sender_device, msg_id FROM messages WHERE shown = 0")?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let mut shown = Vec::new();
+        for (sender_device, id) in keys {
+            let (Some(sender_device), Some(id)) = (
+                DeviceId::from_slice(&sender_device),
+                MessageId::from_slice(&id),
+            ) else {
+                continue;
+            };
+            if let Some(message) = self.take_to_show(sender_device, id)? {
+                shown.push(message);
+            }
+        }
+        Ok(shown)
     }
 
     /// Marks a stored message as shown and returns it, exactly once: a second call for the same
     /// message (from this or another process) returns `None`.
     pub fn take_to_show(&self, sender_device: DeviceId, id: MessageId) -> Result<Option<Received>> {
         let changed = self.conn.execute(
-            "UPDATE received SET shown = 1 WHERE sender_device = ?1 AND msg_id = ?2 AND shown = 0",
+            "UPDATE messages SET shown = 1 WHERE sender_device = ?1 AND msg_id = ?2 AND shown = 0",
             params![sender_device.as_bytes(), id.as_bytes()],
         )?;
         if changed == 0 {
             return Ok(None);
         }
-        let row = self
+        let sealed: Option<Vec<u8>> = self
             .conn
             .query_row(
-                "SELECT sender, body, sent_at, sender_verified FROM received WHERE sender_device = ?1 AND msg_id = ?2",
+                "SELECT sealed FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
                 params![sender_device.as_bytes(), id.as_bytes()],
-                |row| {
-                    Ok(Received {
-                        sender_device,
-                        id,
-                        from: row.get(0)?,
-                        text: row.get(1)?,
-                        sent_at_ms: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
-                        sender_verified: row.get(3)?,
-                    })
-                },
+                |row| row.get(0),
             )
             .optional()?;
-        Ok(row)
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let plain = self.vault.open(&message_name(sender_device, id), &sealed)?;
+        let message: SealedMessage =
+            serde_json::from_slice(&plain).map_err(|e| ClientError::Inbox(e.to_string()))?;
+        Ok(Some(Received {
+            sender_device,
+            id,
+            from: message.from,
+            to: message.to,
+            text: message.text,
+            sent_at_ms: message.sent_at_ms,
+            sender_verified: message.sender_verified,
+            warning: message.warning,
+        }))
     }
 
-    /// Records an outgoing message's routing state (see [`crate::route`]).
+    /// Records an outgoing message's routing state (see [`crate::route`]), sealed under the
+    /// passphrase like everything else the profile keeps of messages.
     pub fn save_outgoing(
         &self,
         id: MessageId,
@@ -126,56 +378,98 @@ impl Inbox {
         state: &str,
         done: bool,
     ) -> Result<()> {
+        let record =
+            serde_json::json!({ "receiver": receiver, "body": body, "state": state }).to_string();
+        let sealed = self.vault.seal(&outgoing_name(id), record.as_bytes());
         self.conn.execute(
-            "INSERT INTO outgoing (msg_id, receiver, body, state, done) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (msg_id) DO UPDATE SET state = ?4, done = ?5",
-            params![id.as_bytes(), receiver, body, state, done],
+            "INSERT INTO outgoing (msg_id, sealed, done) VALUES (?1, ?2, ?3)
+             ON CONFLICT (msg_id) DO UPDATE SET sealed = ?2, done = ?3",
+            params![id.as_bytes(), sealed, done],
         )?;
         Ok(())
     }
 
     /// Outgoing messages whose route is not finished: (id, receiver, body, state).
     pub fn pending_outgoing(&self) -> Result<Vec<(MessageId, String, String, String)>> {
-        let mut statement = self.conn.prepare(
-            "SELECT msg_id, receiver, body, state FROM outgoing WHERE done = 0 LIMIT 10000",
-        )?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT msg_id, sealed FROM outgoing WHERE done = 0 LIMIT 10000")?;
         let rows = statement
             .query_map([], |row| {
-                Ok((
-                    row.get::<_, Vec<u8>>(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                ))
+                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(id, to, body, state)| {
-                MessageId::from_slice(&id).map(|id| (id, to, body, state))
-            })
-            .collect())
+        let mut pending = Vec::with_capacity(rows.len());
+        for (id, sealed) in rows {
+            let Some(id) = MessageId::from_slice(&id) else {
+                continue;
+            };
+            let plain = self.vault.open(&outgoing_name(id), &sealed)?;
+            let record: serde_json::Value =
+                serde_json::from_slice(&plain).map_err(|e| ClientError::Inbox(e.to_string()))?;
+            let field = |name: &str| record[name].as_str().unwrap_or_default().to_string();
+            pending.push((id, field("receiver"), field("body"), field("state")));
+        }
+        Ok(pending)
     }
 
     /// Forgets a stored delivery that the server says was withdrawn, so it is never shown.
     pub fn discard(&self, sender_device: DeviceId, id: MessageId) -> Result<()> {
         self.conn.execute(
-            "DELETE FROM received WHERE sender_device = ?1 AND msg_id = ?2 AND shown = 0",
+            "DELETE FROM messages WHERE sender_device = ?1 AND msg_id = ?2 AND shown = 0",
             params![sender_device.as_bytes(), id.as_bytes()],
         )?;
         Ok(())
     }
 
+    /// Deletes the end-to-end state (after opting out), without needing the passphrase.
+    pub fn forget_keys(profile_dir: &Path) -> Result<()> {
+        if !profile_dir.join("inbox.sqlite").exists() {
+            return Ok(());
+        }
+        let conn = open_connection(profile_dir)?;
+        conn.execute("DELETE FROM crypto", [])?;
+        Ok(())
+    }
+}
+
+impl Tx<'_> {
     /// Whether this message is already stored.
     pub fn contains(&self, sender_device: DeviceId, id: MessageId) -> Result<bool> {
         Ok(self
             .conn
             .query_row(
-                "SELECT 1 FROM received WHERE sender_device = ?1 AND msg_id = ?2",
+                "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
                 params![sender_device.as_bytes(), id.as_bytes()],
                 |_| Ok(()),
             )
             .optional()?
             .is_some())
+    }
+
+    /// Stores a received message, sealed, unless it is already there.
+    pub fn store(&self, message: &Received) -> Result<()> {
+        let plain = serde_json::to_vec(&SealedMessage {
+            from: message.from.clone(),
+            to: message.to.clone(),
+            text: message.text.clone(),
+            sent_at_ms: message.sent_at_ms,
+            sender_verified: message.sender_verified,
+            warning: message.warning.clone(),
+        })
+        .map_err(|e| ClientError::Inbox(e.to_string()))?;
+        let plain = zeroize::Zeroizing::new(plain);
+        let sealed = self
+            .vault
+            .seal(&message_name(message.sender_device, message.id), &plain);
+        self.conn.execute(
+            "INSERT OR IGNORE INTO messages (sender_device, msg_id, sealed) VALUES (?1, ?2, ?3)",
+            params![
+                message.sender_device.as_bytes(),
+                message.id.as_bytes(),
+                sealed
+            ],
+        )?;
+        Ok(())
     }
 }

@@ -5,20 +5,29 @@
 //! - [`net`]: connecting to the server (TCP or TLS with a CA or a pinned certificate), HTTP
 //!   requests and the upgrade to a session;
 //! - [`session`]: a logged-in session: frames in and out, heartbeats;
-//! - [`inbox`]: received messages, stored before they are acknowledged so each is shown once;
+//! - [`vault`]: the passphrase-derived key (Argon2id) and sealing (XChaCha20-Poly1305);
+//! - [`e2e`]: end-to-end encryption: the Olm account and sessions, trust, safety numbers;
+//! - [`inbox`]: the local store: the sealed end-to-end state and received messages, changed
+//!   together in one transaction so each message is decrypted once and shown once; and the state
+//!   of each routed outgoing message;
 //! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them);
-//! - [`client`]: the operations a user asks for: register, verify, send, listen, look up, disable.
+//! - [`client`]: the operations a user asks for: register, verify, link, send, listen, look up,
+//!   devices, fingerprint, trust, disable.
 //!
 //! Promise P1 lives here: nothing in this crate opens a socket or resolves a name for a profile
 //! that has not been registered by its user ([`client::Client::open`] refuses). The device key
-//! never leaves the profile directory; nothing here logs a number, a message or a key.
+//! never leaves the profile directory; nothing here logs a number, a message or a key. Promise
+//! P5 lives here too: a message leaves this crate only as Olm ciphertext, one per device, and
+//! what the profile keeps of messages and keys is sealed under the user's passphrase.
 
 pub mod client;
+pub mod e2e;
 pub mod inbox;
 pub mod net;
 pub mod profile;
 pub mod route;
 pub mod session;
+pub mod vault;
 
 /// Why a client operation failed. Each message says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +56,14 @@ pub enum ClientError {
     Timeout,
     #[error("local message store failed: {0}")]
     Inbox(String),
+    #[error("{0}")]
+    Passphrase(String),
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
+    #[error(transparent)]
+    Crypto(#[from] e2e::CryptoError),
+    #[error("the safety number with {number} changed: it has {count} new identity key(s) (a new phone, a re-registration, a new device, or someone in between). Nothing was sent. Compare `tidings fingerprint {number}` with them, then run `tidings trust {number}`")]
+    IdentityChanged { number: String, count: usize },
 }
 
 impl From<rusqlite::Error> for ClientError {

@@ -8,16 +8,12 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use prost::Message as _;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
-use tidings_proto::frame::{
-    self, Content, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState,
-};
+use tidings_proto::frame::{self, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState};
 use tidings_proto::id::MessageId;
 
 use crate::client::Client;
@@ -160,7 +156,12 @@ struct Entry {
     to: String,
     text: String,
     detail: String,
+    /// Times the server answered that the receiver's devices changed since the copies were made.
+    reencrypted: u32,
 }
+
+/// Times a send is encrypted again for a changed device list before it counts as refused.
+const MAX_REENCRYPT: u32 = 3;
 
 /// Where one message stands, for reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +176,8 @@ pub struct Status {
 /// The outgoing messages of one profile and the means to move them along.
 pub struct Router<'a> {
     client: &'a Client,
-    inbox: &'a Inbox,
+    /// Its own handle on the profile's store (the caller keeps another for receiving).
+    inbox: Inbox,
     policy: Policy,
     transport: Option<Transport>,
     pending: HashMap<MessageId, Entry>,
@@ -192,12 +194,8 @@ impl std::fmt::Debug for Router<'_> {
 
 impl<'a> Router<'a> {
     /// A router with the profile's settings and its stored pending messages.
-    pub fn new(
-        client: &'a Client,
-        inbox: &'a Inbox,
-        routing: &Routing,
-        resume: bool,
-    ) -> Result<Self> {
+    pub fn new(client: &'a Client, routing: &Routing, resume: bool) -> Result<Self> {
+        let inbox = client.inbox()?;
         let policy = Policy {
             receipt_timeout: routing.receipt_timeout_seconds.saturating_mul(SECOND),
             ..Policy::default()
@@ -222,6 +220,7 @@ impl<'a> Router<'a> {
                         to,
                         text,
                         detail: String::new(),
+                        reencrypted: 0,
                     },
                 );
             }
@@ -260,6 +259,7 @@ impl<'a> Router<'a> {
                 to: to.to_string(),
                 text: text.to_string(),
                 detail: String::new(),
+                reencrypted: 0,
             },
         );
         self.persist(id)?;
@@ -344,8 +344,20 @@ impl<'a> Router<'a> {
         let Some(id) = MessageId::from_slice(id) else {
             return Ok(false);
         };
-        if !self.pending.contains_key(&id) {
+        let Some(entry) = self.pending.get_mut(&id) else {
             return Ok(false);
+        };
+        // The receiver's devices changed between encrypting and sending: nothing was stored, so
+        // encrypt for the current list and send again (a few times at most).
+        if event == Event::Answer(SendOutcome::DevicesChanged)
+            && entry.outgoing.phase == Phase::AwaitingAnswer
+        {
+            entry.reencrypted += 1;
+            if entry.reencrypted <= MAX_REENCRYPT {
+                entry.outgoing.phase = Phase::SendIp;
+                self.advance(id, session, None).await?;
+                return Ok(true);
+            }
         }
         self.advance(id, session, Some(event)).await?;
         Ok(true)
@@ -416,33 +428,39 @@ impl<'a> Router<'a> {
                     return Ok(());
                 }
                 Action::SendIp(mode) => {
-                    let content = Content {
-                        from: self.client.number().to_string(),
-                        text: entry.text.clone(),
-                        sent_at_ms: now,
+                    let (to, text) = (entry.to.clone(), entry.text.clone());
+                    // Encrypted for every device of the receiver and this number's others,
+                    // claiming keys first; the server only ever sees the copies.
+                    let prepared = self.client.prepare_send(&to, &text, id).await;
+                    let Some(entry) = self.pending.get_mut(&id) else {
+                        return Ok(());
                     };
-                    let send = Kind::Send(frame::Send {
-                        id: id.as_bytes().to_vec(),
-                        to: entry.to.clone(),
-                        mode: mode as i32,
-                        ttl_seconds: 0,
-                        payload: Bytes::from(content.encode_to_vec()),
-                    });
-                    event = Some(match ensure_session(self.client, session).await {
+                    event = Some(match prepared {
                         Err(e) => {
                             entry.detail = e.to_string();
                             Event::Unreachable {
                                 maybe_stored: false,
                             }
                         }
-                        Ok(open) => match open.send(send).await {
-                            Ok(()) => return Ok(()),
-                            Err(e) => {
-                                entry.detail = e.to_string();
-                                *session = None;
-                                Event::Unreachable { maybe_stored: true }
+                        Ok(mut send) => {
+                            send.mode = mode as i32;
+                            match ensure_session(self.client, session).await {
+                                Err(e) => {
+                                    entry.detail = e.to_string();
+                                    Event::Unreachable {
+                                        maybe_stored: false,
+                                    }
+                                }
+                                Ok(open) => match open.send(Kind::Send(send)).await {
+                                    Ok(()) => return Ok(()),
+                                    Err(e) => {
+                                        entry.detail = e.to_string();
+                                        *session = None;
+                                        Event::Unreachable { maybe_stored: true }
+                                    }
+                                },
                             }
-                        },
+                        }
                     });
                 }
                 Action::Withdraw => {

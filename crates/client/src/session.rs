@@ -21,6 +21,14 @@ pub struct Session {
     last_sent: Instant,
     next_request: u64,
     deferred: std::collections::VecDeque<Kind>,
+    keys: KeySupply,
+}
+
+/// What the server holds of this device's keys, as its login answer reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeySupply {
+    pub one_time_keys: u32,
+    pub published: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -48,6 +56,7 @@ impl Session {
             last_sent: Instant::now(),
             next_request: 1,
             deferred: std::collections::VecDeque::new(),
+            keys: KeySupply::default(),
         };
         let signature = key.sign(&tidings_proto::transcript::login(
             &challenge,
@@ -63,6 +72,10 @@ impl Session {
         match session.recv(Instant::now() + NETWORK_TIMEOUT).await? {
             Some(Kind::LoginResult(result)) => {
                 session.heartbeat = Duration::from_secs(u64::from(result.heartbeat_seconds.max(1)));
+                session.keys = KeySupply {
+                    one_time_keys: result.one_time_keys,
+                    published: result.keys_published,
+                };
                 Ok(session)
             }
             Some(Kind::Error(error)) if error.code == frame::ErrorCode::AuthFailed as i32 => {
@@ -78,6 +91,16 @@ impl Session {
     }
 
     /// The heartbeat interval the server asked for at login.
+    /// This device's keys on the server, as of the login.
+    pub fn key_supply(&self) -> KeySupply {
+        self.keys
+    }
+
+    /// Records the server's count after an upload.
+    pub fn set_key_supply(&mut self, keys: KeySupply) {
+        self.keys = keys;
+    }
+
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat
     }
@@ -116,6 +139,24 @@ impl Session {
     /// caller that waits for one particular answer while other frames arrive.
     pub fn defer(&mut self, kind: Kind) {
         self.deferred.push_back(kind);
+    }
+
+    /// Sends several frames in one write, so that they reach the server together (pipelining).
+    pub async fn send_many(&mut self, kinds: impl IntoIterator<Item = Kind>) -> Result<()> {
+        let mut bytes = bytes::BytesMut::new();
+        for kind in kinds {
+            codec::encode(&Frame::from(kind), &mut bytes);
+        }
+        let write = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(NETWORK_TIMEOUT, write)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|e| ClientError::Network(e.to_string()))?;
+        self.last_sent = Instant::now();
+        Ok(())
     }
 
     /// Sends one frame.

@@ -120,6 +120,7 @@ mod tests {
             mode: SendMode::Queue as i32,
             ttl_seconds: 0,
             payload: Bytes::from_static(b"x"),
+            copies: Vec::new(),
         };
         let mut body = prost::Message::encode_to_vec(&Frame::from(Kind::Send(send.clone())));
         let stray = b"356938035643809";

@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36"
     )]
     pub kind: Option<Kind>,
 }
@@ -35,6 +35,14 @@ pub enum Kind {
     #[prost(message, tag = "8")]
     Disable(Disable),
     #[prost(message, tag = "9")]
+    KeysUpload(KeysUpload),
+    #[prost(message, tag = "10")]
+    KeysClaim(KeysClaim),
+    #[prost(message, tag = "11")]
+    LinkCodeRequest(LinkCodeRequest),
+    #[prost(message, tag = "12")]
+    RemoveDevice(RemoveDevice),
+    #[prost(message, tag = "13")]
     Withdraw(Withdraw),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
@@ -59,6 +67,16 @@ pub enum Kind {
     #[prost(message, tag = "30")]
     Error(Error),
     #[prost(message, tag = "31")]
+    KeysUploadResult(KeysUploadResult),
+    #[prost(message, tag = "32")]
+    KeysClaimResult(KeysClaimResult),
+    #[prost(message, tag = "33")]
+    LinkCode(LinkCode),
+    #[prost(message, tag = "34")]
+    LinkCompleted(LinkCompleted),
+    #[prost(message, tag = "35")]
+    RemoveDeviceResult(RemoveDeviceResult),
+    #[prost(message, tag = "36")]
     WithdrawResult(WithdrawResult),
 }
 
@@ -69,6 +87,10 @@ impl Kind {
             Kind::LookupResult(r) => Some(r.request_id),
             Kind::DeviceList(r) => Some(r.request_id),
             Kind::DisableResult(r) => Some(r.request_id),
+            Kind::KeysUploadResult(r) => Some(r.request_id),
+            Kind::KeysClaimResult(r) => Some(r.request_id),
+            Kind::LinkCode(r) => Some(r.request_id),
+            Kind::RemoveDeviceResult(r) => Some(r.request_id),
             Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
             _ => None,
         }
@@ -97,6 +119,12 @@ pub struct LoginResult {
     pub server_time_ms: u64,
     #[prost(uint32, tag = "2")]
     pub heartbeat_seconds: u32,
+    /// Unclaimed one-time keys the server holds for this device.
+    #[prost(uint32, tag = "3")]
+    pub one_time_keys: u32,
+    /// Whether this device has published its identity keys and a fallback key.
+    #[prost(bool, tag = "4")]
+    pub keys_published: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -129,8 +157,13 @@ pub struct Send {
     pub mode: i32,
     #[prost(uint32, tag = "4")]
     pub ttl_seconds: u32,
+    /// Unused since end-to-end encryption: a send carries `copies`. Kept so old field numbers
+    /// keep their meaning.
     #[prost(bytes = "bytes", tag = "5")]
     pub payload: Bytes,
+    /// One encrypted copy per device that must receive the message.
+    #[prost(message, repeated, tag = "6")]
+    pub copies: Vec<Copy>,
 }
 
 impl std::fmt::Debug for Send {
@@ -138,6 +171,25 @@ impl std::fmt::Debug for Send {
         f.debug_struct("Send")
             .field("mode", &self.mode)
             .field("ttl_seconds", &self.ttl_seconds)
+            .field("payload_len", &self.payload.len())
+            .field("copies", &self.copies.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The copy of a message for one device: that device's Olm ciphertext (an `Envelope`).
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Copy {
+    #[prost(bytes = "vec", tag = "1")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub payload: Bytes,
+}
+
+impl std::fmt::Debug for Copy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Copy")
             .field("payload_len", &self.payload.len())
             .finish_non_exhaustive()
     }
@@ -154,6 +206,7 @@ pub enum SendOutcome {
     RateLimited = 5,
     Invalid = 6,
     Unavailable = 7,
+    DevicesChanged = 8,
 }
 
 impl SendOutcome {
@@ -168,6 +221,7 @@ impl SendOutcome {
             SendOutcome::RateLimited => "rate_limited",
             SendOutcome::Invalid => "invalid",
             SendOutcome::Unavailable => "unavailable",
+            SendOutcome::DevicesChanged => "devices_changed",
         }
     }
 }
@@ -180,6 +234,15 @@ pub struct SendResult {
     pub outcome: i32,
     #[prost(string, tag = "3")]
     pub detail: String,
+    /// `DEVICES_CHANGED`: receiver devices that need a copy and got none.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub missing_devices: Vec<Vec<u8>>,
+    /// `DEVICES_CHANGED`: the sender's own other devices that need a copy and got none.
+    #[prost(bytes = "vec", repeated, tag = "5")]
+    pub missing_own_devices: Vec<Vec<u8>>,
+    /// `DEVICES_CHANGED`: copies addressed to devices that must not get one (gone, or unknown).
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub extra_devices: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -361,6 +424,154 @@ pub struct DeviceList {
     pub request_id: u64,
     #[prost(bytes = "vec", repeated, tag = "2")]
     pub device_ids: Vec<Vec<u8>>,
+    /// The same devices with their published identity keys (devices that have not published
+    /// any are listed in `device_ids` only).
+    #[prost(message, repeated, tag = "3")]
+    pub devices: Vec<DeviceKeys>,
+}
+
+/// A device's public identity keys, as its owner published them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceKeys {
+    #[prost(bytes = "vec", tag = "1")]
+    pub device_id: Vec<u8>,
+    /// Olm Curve25519 identity key, 32 bytes.
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+    /// Olm Ed25519 signing key, 32 bytes.
+    #[prost(bytes = "vec", tag = "3")]
+    pub signing_key: Vec<u8>,
+}
+
+/// A Curve25519 one-time or fallback key with the device's Ed25519 signature over
+/// `transcript::one_time_key`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignedKey {
+    #[prost(bytes = "vec", tag = "1")]
+    pub public_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+/// Publishes the device's identity keys (first time only; they never change), one-time keys and
+/// a fallback key (replacing the previous one).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeysUpload {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signing_key: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub one_time_keys: Vec<SignedKey>,
+    #[prost(message, optional, tag = "5")]
+    pub fallback_key: Option<SignedKey>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeysUploadResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// Unclaimed one-time keys the server now holds for this device.
+    #[prost(uint32, tag = "2")]
+    pub one_time_keys: u32,
+}
+
+/// Claims one key per device of `number` (all its devices, or the ones in `device_ids`).
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct KeysClaim {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub number: String,
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub device_ids: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeysClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysClaim")
+            .field("request_id", &self.request_id)
+            .field("devices", &self.device_ids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One claimed key: a one-time key (handed out once) or, when none is left, the fallback key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClaimedKey {
+    #[prost(bytes = "vec", tag = "1")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signing_key: Vec<u8>,
+    #[prost(message, optional, tag = "4")]
+    pub key: Option<SignedKey>,
+    #[prost(bool, tag = "5")]
+    pub fallback: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeysClaimResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub devices: Vec<ClaimedKey>,
+}
+
+/// Asks for a one-time code that lets a new device join this device's number.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkCodeRequest {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct LinkCode {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub code: String,
+    #[prost(uint32, tag = "3")]
+    pub expires_in: u32,
+}
+
+impl std::fmt::Debug for LinkCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkCode")
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tells the device that asked for a link code that a device joined with it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkCompleted {
+    #[prost(bytes = "vec", tag = "1")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signing_key: Vec<u8>,
+}
+
+/// Removes a device of the logged-in device's own number, with its keys and queue.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveDevice {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub device_id: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveDeviceResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -413,6 +624,31 @@ pub struct Content {
     pub text: String,
     #[prost(uint64, tag = "3")]
     pub sent_at_ms: u64,
+    /// The message id, so a server cannot pass a ciphertext off under another id.
+    #[prost(bytes = "vec", tag = "4")]
+    pub id: Vec<u8>,
+    /// The receiver's number, so the sender's other devices can show where it went.
+    #[prost(string, tag = "5")]
+    pub to: String,
+}
+
+/// What a copy's payload holds: one Olm message. The server never decodes it.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Envelope {
+    /// Olm message type: 0 pre-key (opens a session), 1 normal.
+    #[prost(uint32, tag = "1")]
+    pub olm_type: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("olm_type", &self.olm_type)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Content {
@@ -445,6 +681,7 @@ mod tests {
                 mode: 1,
                 ttl_seconds: 2,
                 payload: Bytes::from_static(b"p"),
+                ..Default::default()
             }),
             Kind::Ack(Ack {
                 sender_device: id.clone(),
@@ -464,12 +701,14 @@ mod tests {
             Kind::LoginResult(LoginResult {
                 server_time_ms: 1,
                 heartbeat_seconds: 10,
+                ..Default::default()
             }),
             Kind::Pong(Pong { nonce: 1 }),
             Kind::SendResult(SendResult {
                 id: id.clone(),
                 outcome: 1,
                 detail: "d".into(),
+                ..Default::default()
             }),
             Kind::Deliver(Deliver {
                 sender_device: id.clone(),
@@ -496,6 +735,7 @@ mod tests {
             Kind::DeviceList(DeviceList {
                 request_id: 1,
                 device_ids: vec![id.clone()],
+                ..Default::default()
             }),
             Kind::DisableResult(DisableResult { request_id: 1 }),
             Kind::SignedOut(SignedOut { reason: "r".into() }),
@@ -506,6 +746,15 @@ mod tests {
                 request_id: 3,
             }),
             Kind::WithdrawResult(WithdrawResult { id, state: 1 }),
+            Kind::KeysUpload(Default::default()),
+            Kind::KeysClaim(Default::default()),
+            Kind::LinkCodeRequest(Default::default()),
+            Kind::RemoveDevice(Default::default()),
+            Kind::KeysUploadResult(Default::default()),
+            Kind::KeysClaimResult(Default::default()),
+            Kind::LinkCode(Default::default()),
+            Kind::LinkCompleted(Default::default()),
+            Kind::RemoveDeviceResult(Default::default()),
         ];
         for kind in kinds {
             // Also the empty message of each kind: its tag alone must select it.

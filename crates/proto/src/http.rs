@@ -40,6 +40,31 @@ pub struct Verified {
     pub replaced_devices: u32,
 }
 
+/// `POST /v1/registration/link`: a new device joins a number with a link code shown on one of
+/// its devices.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkRequest {
+    /// The number to join.
+    pub number: String,
+    /// The link code shown by `tidings link` on a device of that number.
+    pub code: String,
+    /// The new device's Ed25519 public key, 32 bytes, base64url.
+    pub device_key: String,
+    /// The new device's Olm Curve25519 identity key, 32 bytes, base64url.
+    pub identity_key: String,
+    /// The new device's Olm Ed25519 signing key, 32 bytes, base64url.
+    pub signing_key: String,
+    /// Ed25519 signature by `device_key` over the link transcript, 64 bytes, base64url.
+    pub signature: String,
+}
+
+/// Answer to a successful link.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Linked {
+    /// The new device's id, 16 bytes, base64url.
+    pub device_id: String,
+}
+
 /// Every error answer of the HTTP API.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
@@ -68,6 +93,12 @@ pub struct Health {
 impl std::fmt::Debug for CodeRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CodeRequest").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LinkRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkRequest").finish_non_exhaustive()
     }
 }
 

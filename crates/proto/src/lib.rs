@@ -22,6 +22,14 @@ pub mod transcript;
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Largest encoded frame either side accepts: the payload plus room for headers.
 pub const MAX_FRAME_BYTES: usize = 80 * 1024;
+/// Most devices one number may have.
+pub const MAX_DEVICES: usize = 6;
+/// Most copies in one `Send`: every device of the receiver and the sender's other devices.
+pub const MAX_COPIES: usize = 2 * MAX_DEVICES - 1;
+/// Most one-time keys in one `KeysUpload`.
+pub const MAX_ONE_TIME_KEYS_PER_UPLOAD: usize = 100;
+/// Most unclaimed one-time keys the server keeps for one device.
+pub const MAX_ONE_TIME_KEYS_STORED: u32 = 100;
 /// Largest number of numbers in one `Lookup`.
 pub const MAX_LOOKUP_NUMBERS: usize = 1000;
 /// The token in `Upgrade:` that opens a session.

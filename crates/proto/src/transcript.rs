@@ -20,3 +20,34 @@ pub fn login(challenge: &[u8], device_id: &[u8]) -> Vec<u8> {
     out.extend_from_slice(device_id);
     out
 }
+
+/// What a device signs (with its Olm Ed25519 key) to vouch for a one-time or fallback key. Olm
+/// itself does not sign these keys; without this a server could hand out keys of its own.
+pub fn one_time_key(device_id: &[u8], fallback: bool, public_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + device_id.len() + 1 + public_key.len());
+    out.extend_from_slice(b"tidings-otk-v1\n");
+    out.extend_from_slice(device_id);
+    out.push(u8::from(fallback));
+    out.extend_from_slice(public_key);
+    out
+}
+
+/// What a new device signs (with its device key) to join a number through a link code.
+pub fn link(
+    number_e164: &str,
+    code: &str,
+    device_key: &[u8; 32],
+    identity_key: &[u8],
+    signing_key: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + number_e164.len() + code.len());
+    out.extend_from_slice(b"tidings-link-v1\n");
+    out.extend_from_slice(number_e164.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(code.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(device_key);
+    out.extend_from_slice(identity_key);
+    out.extend_from_slice(signing_key);
+    out
+}

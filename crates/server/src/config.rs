@@ -93,6 +93,12 @@ pub struct ServerArgs {
     /// Numbers a device's lookup budget regains per hour [default: 1000]
     #[arg(long, env = "TIDINGS_LOOKUP_PER_HOUR")]
     pub lookup_per_hour: Option<u32>,
+    /// Other users' one-time keys a device may claim at once before the rate limit [default: 100]
+    #[arg(long, env = "TIDINGS_KEY_CLAIM_BURST")]
+    pub key_claim_burst: Option<u32>,
+    /// Other users' one-time keys a device's claim budget regains per hour [default: 100]
+    #[arg(long, env = "TIDINGS_KEY_CLAIMS_PER_HOUR")]
+    pub key_claims_per_hour: Option<u32>,
     /// Code requests allowed per client address per 5 minutes [default: 5]
     #[arg(long, env = "TIDINGS_CODES_PER_ADDRESS")]
     pub codes_per_address: Option<usize>,
@@ -139,6 +145,8 @@ struct FileConfig {
     scrub_interval_ms: Option<u64>,
     lookup_burst: Option<u32>,
     lookup_per_hour: Option<u32>,
+    key_claim_burst: Option<u32>,
+    key_claims_per_hour: Option<u32>,
     codes_per_address: Option<usize>,
     verifies_per_address: Option<usize>,
     code_interval_seconds: Option<u64>,
@@ -160,6 +168,8 @@ pub struct ServerConfig {
     pub scrub_interval_ms: u64,
     pub lookup_burst: u32,
     pub lookup_per_hour: u32,
+    pub key_claim_burst: u32,
+    pub key_claims_per_hour: u32,
     pub codes_per_address: usize,
     pub verifies_per_address: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
@@ -348,6 +358,11 @@ impl ServerArgs {
                 .lookup_per_hour
                 .or(file.lookup_per_hour)
                 .unwrap_or(1000),
+            key_claim_burst: self.key_claim_burst.or(file.key_claim_burst).unwrap_or(100),
+            key_claims_per_hour: self
+                .key_claims_per_hour
+                .or(file.key_claims_per_hour)
+                .unwrap_or(100),
             codes_per_address: self
                 .codes_per_address
                 .or(file.codes_per_address)

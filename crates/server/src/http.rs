@@ -17,7 +17,10 @@ use axum::{Extension, Json, Router};
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::{Rng as _, RngCore as _};
 use tidings_core::verification::{self, Attempt};
-use tidings_proto::http::{ApiError, CodeRequest, CodeSent, Health, Verified, VerifyRequest};
+use tidings_proto::frame::{self, Kind};
+use tidings_proto::http::{
+    ApiError, CodeRequest, CodeSent, Health, LinkRequest, Linked, Verified, VerifyRequest,
+};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
 use tidings_store::Store as _;
@@ -126,6 +129,7 @@ pub fn router(state: Shared) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(request_code))
         .routes(routes!(verify))
+        .routes(routes!(link))
         .routes(routes!(connect))
         .routes(routes!(health))
         .routes(routes!(metrics))
@@ -412,6 +416,145 @@ async fn verify(
                 "unavailable",
                 "storage unavailable: verify again",
             ))
+        }
+    }
+}
+
+/// Adds a device to a number with a link code shown on one of its devices; the number's other
+/// devices stay signed in.
+#[utoipa::path(post, path = "/v1/registration/link", tag = "registration",
+    request_body = LinkRequest,
+    responses(
+        (status = 200, description = "The device joined the number", body = Linked),
+        (status = 400, description = "Invalid number, key or signature", body = ApiError),
+        (status = 401, description = "No live link code for this number matches", body = ApiError),
+        (status = 409, description = "The number already has 6 devices", body = ApiError),
+        (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape", body = ApiError),
+        (status = 429, description = "Too many attempts from this address", body = ApiError),
+    ))]
+async fn link(
+    State(state): State<Shared>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Json<LinkRequest>, JsonRejection>,
+) -> Result<Response, Response> {
+    let request = json_body(body)?;
+    let number = e164(&request.number)?;
+    let bad = |message: &str| api_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+    let Some(key_bytes) = tidings_proto::id::from_text(&request.device_key)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+    else {
+        return Err(bad("device_key must be 32 bytes of base64url"));
+    };
+    let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
+        return Err(bad("device_key is not an Ed25519 public key"));
+    };
+    let identity_key = tidings_proto::id::from_text(&request.identity_key).unwrap_or_default();
+    let signing_key = tidings_proto::id::from_text(&request.signing_key).unwrap_or_default();
+    let Some(identity) = crate::directory::identity_keys(&identity_key, &signing_key) else {
+        return Err(bad(
+            "identity_key and signing_key must be a 32-byte Curve25519 key and a 32-byte Ed25519 key",
+        ));
+    };
+    let signature = tidings_proto::id::from_text(&request.signature)
+        .and_then(|s| Signature::from_slice(&s).ok());
+    let transcript = tidings_proto::transcript::link(
+        number.as_str(),
+        &request.code,
+        &key_bytes,
+        &identity_key,
+        &signing_key,
+    );
+    if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
+        return Err(bad("signature does not match device_key"));
+    }
+    let now = now_ms();
+    if let Err(wait) = check_window(
+        &state.verify_requests,
+        state.verifies_per_address(),
+        peer.0.ip(),
+        now,
+    ) {
+        return Err(rate_limited(
+            wait,
+            "too many attempts from this address: wait and try again",
+        ));
+    }
+    let pseudonym = pseudonym_of(&state, &number)?;
+    let unavailable = || {
+        api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "storage unavailable: try again shortly",
+        )
+    };
+    let account = state.store.account(pseudonym).await.map_err(|e| {
+        tracing::warn!(error = %e, "storage failed during a link");
+        unavailable()
+    })?;
+    // The same answer whether the number is not a user or the code is wrong: a link attempt
+    // reveals nothing about a number.
+    let wrong_code = || {
+        api_error(
+            StatusCode::UNAUTHORIZED,
+            "wrong_code",
+            "no live link code for this number matches: run `tidings link` on a device of the number for a new one",
+        )
+    };
+    let offer = {
+        let hash = crate::directory::link_code_hash(&request.code);
+        let Ok(mut offers) = state.link_offers.lock() else {
+            return Err(unavailable());
+        };
+        match (offers.get(&hash), &account) {
+            (Some(offer), Some(account))
+                if offer.account == account.account && offer.expires_at > now =>
+            {
+                offers.remove(&hash)
+            }
+            _ => None,
+        }
+    };
+    let Some(offer) = offer else {
+        return Err(wrong_code());
+    };
+    let mut device = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut device);
+    let device = DeviceId(device);
+    match state
+        .store
+        .add_device(
+            offer.account,
+            device,
+            key_bytes,
+            identity,
+            tidings_proto::MAX_DEVICES,
+            now,
+        )
+        .await
+    {
+        Ok(tidings_store::Linked::Added) => {
+            let completed = Kind::LinkCompleted(frame::LinkCompleted {
+                device_id: device.as_bytes().to_vec(),
+                identity_key,
+                signing_key,
+            })
+            .into();
+            state.hub.notify(&offer.approver, &completed);
+            tracing::info!("a device was linked");
+            Ok(Json(Linked {
+                device_id: device.to_text(),
+            })
+            .into_response())
+        }
+        Ok(tidings_store::Linked::TooManyDevices) => Err(api_error(
+            StatusCode::CONFLICT,
+            "too_many_devices",
+            "this number already has 6 devices: remove one with `tidings devices --remove <id>` first",
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed while linking a device");
+            Err(unavailable())
         }
     }
 }

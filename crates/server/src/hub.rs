@@ -47,6 +47,8 @@ impl Mailbox {
     }
 
     /// Queues a message if there is room; gives it back if the mailbox is full or closed.
+    // Giving the message back is the point of the `Err`; it is moved once, never stored there.
+    #[allow(clippy::result_large_err)]
     pub fn try_send(&self, message: Outbound) -> Result<(), Outbound> {
         if self.closed.load(Ordering::Acquire) {
             return Err(message);

@@ -8,6 +8,7 @@
 //! - [`http`]: the HTTP routes and their OpenAPI document;
 //! - [`session`]: one upgraded connection, from login to close;
 //! - [`requests`]: what a session's frames ask for (send, ack, lookup, devices, disable);
+//! - [`directory`]: device keys (publish, claim), link codes, removing a device;
 //! - [`hub`]: the live sessions of this node;
 //! - [`state`]: what handlers share, and the in-memory rate limiters;
 //! - [`metrics`]: Prometheus counters;
@@ -17,6 +18,7 @@
 //! clear; numbers become pseudonyms at the edge and are dropped.
 
 pub mod config;
+pub mod directory;
 pub mod gateway;
 pub mod http;
 pub mod hub;
@@ -189,6 +191,8 @@ impl Server {
             code_requests: Mutex::default(),
             verify_requests: Mutex::default(),
             lookup_budgets: Mutex::default(),
+            claim_budgets: Mutex::default(),
+            link_offers: Mutex::default(),
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -3,6 +3,9 @@
 //!
 //! Nothing here logs a number, a payload or a key; a lookup writes nothing at all.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::routing::{self, Decision, Receiver};
@@ -13,8 +16,9 @@ use tidings_proto::frame::{
 };
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
-use tidings_proto::{MAX_LOOKUP_NUMBERS, MAX_PAYLOAD_BYTES};
-use tidings_store::{Acked, Enqueued, NewMessage, Store as _, StoreError};
+use tidings_proto::{MAX_COPIES, MAX_LOOKUP_NUMBERS, MAX_PAYLOAD_BYTES};
+use tidings_store::{Acked, DeviceDifference, Enqueued, NewMessage, Store as _, StoreError};
+use tokio::sync::Notify;
 
 use crate::hub::{Outbound, Outbox};
 use crate::metrics::Outcome;
@@ -53,10 +57,86 @@ async fn answer(tx: &Outbox, frame: Frame) {
     let _ = tx.send(Outbound::Frame(frame)).await;
 }
 
-/// Handles `Send`.
-pub async fn send(state: Shared, identity: Identity, send: frame::Send, tx: Outbox) {
+/// Keeps a session's sends in the order their frames arrived where order matters: when each is
+/// handed to storage (so the receiver's queue holds them in the sender's order) and when each is
+/// pushed to the receiver's live sessions. End-to-end encryption needs it: a receiver's Olm
+/// session keeps only a few dozen skipped message keys, so messages reordered further than that
+/// could no longer be decrypted. The syncs themselves are still shared (group commit).
+#[derive(Debug, Default)]
+pub struct SendOrder {
+    issued: AtomicU64,
+    hand_over: Lane,
+    push: Lane,
+}
+
+/// One ordered step: tickets pass it one after the other.
+#[derive(Debug, Default)]
+struct Lane {
+    current: AtomicU64,
+    passed: Notify,
+}
+
+impl Lane {
+    async fn wait(&self, ticket: u64) -> Turn<'_> {
+        loop {
+            let passed = self.passed.notified();
+            tokio::pin!(passed);
+            passed.as_mut().enable();
+            if self.current.load(Ordering::Acquire) == ticket {
+                return Turn { lane: self };
+            }
+            passed.await;
+        }
+    }
+}
+
+impl SendOrder {
+    /// The place of a send frame, taken when the frame is read.
+    pub fn ticket(&self) -> u64 {
+        self.issued.fetch_add(1, Ordering::AcqRel)
+    }
+}
+
+/// A send's turn in a lane; the next send's turn begins when this is dropped (on every path,
+/// early answers included).
+struct Turn<'a> {
+    lane: &'a Lane,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.lane.current.fetch_add(1, Ordering::AcqRel);
+        self.lane.passed.notify_waiters();
+    }
+}
+
+/// Handles `Send`, in its turn among the session's sends (see [`SendOrder`]).
+pub async fn send(
+    state: Shared,
+    identity: Identity,
+    send: frame::Send,
+    tx: Outbox,
+    order: Arc<SendOrder>,
+    ticket: u64,
+) {
     let id_bytes = send.id.clone();
-    let (outcome, detail) = decide_and_store(&state, identity, send).await;
+    let turn = order.hand_over.wait(ticket).await;
+    let push = async { order.push.wait(ticket).await };
+    let stored = decide_and_store(&state, identity, send, turn, push).await;
+    let (outcome, detail, difference) = match stored {
+        Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
+        Stored::DevicesChanged(difference) => (
+            SendOutcome::DevicesChanged,
+            format!(
+                "the copies do not match the devices: {} of the receiver and {} of yours have none, {} are not wanted",
+                difference.missing.len(),
+                difference.missing_own.len(),
+                difference.extra.len()
+            ),
+            difference,
+        ),
+    };
+    let ids = |devices: &[DeviceId]| devices.iter().map(|d| d.as_bytes().to_vec()).collect();
     state
         .metrics
         .sends
@@ -70,33 +150,107 @@ pub async fn send(state: Shared, identity: Identity, send: frame::Send, tx: Outb
             id: id_bytes,
             outcome: outcome as i32,
             detail,
+            missing_devices: ids(&difference.missing),
+            missing_own_devices: ids(&difference.missing_own),
+            extra_devices: ids(&difference.extra),
         })
         .into(),
     )
     .await;
 }
 
-async fn decide_and_store(
+/// What deciding and storing a send came to.
+enum Stored {
+    Answer(SendOutcome, String),
+    DevicesChanged(DeviceDifference),
+}
+
+/// Checks the copies' shape: device ids, no device twice, the bounds.
+fn parse_copies(send: &frame::Send) -> Result<Vec<(DeviceId, Bytes)>, String> {
+    if !send.payload.is_empty() {
+        return Err(
+            "plaintext payloads are not accepted: send one encrypted copy per device (update the client)"
+                .into(),
+        );
+    }
+    if send.copies.len() > MAX_COPIES {
+        return Err(format!("at most {MAX_COPIES} copies per message"));
+    }
+    let total: usize = send.copies.iter().map(|c| c.payload.len()).sum();
+    if total > MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "the copies together exceed {MAX_PAYLOAD_BYTES} bytes"
+        ));
+    }
+    let mut copies: Vec<(DeviceId, Bytes)> = Vec::with_capacity(send.copies.len());
+    for copy in &send.copies {
+        let Some(device) = DeviceId::from_slice(&copy.device_id) else {
+            return Err("copy device ids must be 16 bytes".into());
+        };
+        if copies.iter().any(|(d, _)| *d == device) {
+            return Err("a device appears twice among the copies".into());
+        }
+        copies.push((device, copy.payload.clone()));
+    }
+    Ok(copies)
+}
+
+async fn decide_and_store<'a>(
     state: &Shared,
     identity: Identity,
     send: frame::Send,
-) -> (SendOutcome, String) {
-    let Some(id) = MessageId::from_slice(&send.id) else {
-        return (SendOutcome::Invalid, "id must be 16 bytes".into());
-    };
-    if send.payload.len() > MAX_PAYLOAD_BYTES {
-        return (
-            SendOutcome::Invalid,
-            format!("payload exceeds {MAX_PAYLOAD_BYTES} bytes"),
-        );
+    turn: Turn<'a>,
+    push_turn: impl std::future::Future<Output = Turn<'a>>,
+) -> Stored {
+    // The push turn is taken even when nothing is pushed, so later sends do not wait for it.
+    let (stored, push) = decide_and_store_in_turn(state, identity, send, turn).await;
+    let _push_turn = push_turn.await;
+    if let Some((sender, id, sent_at, copies)) = push {
+        for (device, payload) in copies {
+            state
+                .hub
+                .deliver(&device, 0, &deliver_frame(sender, id, sent_at, payload));
+        }
     }
+    stored
+}
+
+/// Copies to push to live sessions once stored: sender device, id, time, copies.
+type Push = (DeviceId, MessageId, Millis, Vec<(DeviceId, Bytes)>);
+
+async fn decide_and_store_in_turn(
+    state: &Shared,
+    identity: Identity,
+    send: frame::Send,
+    turn: Turn<'_>,
+) -> (Stored, Option<Push>) {
+    match decide_store_once(state, identity, send, turn).await {
+        Ok((stored, push)) => (stored, Some(push)),
+        Err(stored) => (stored, None),
+    }
+}
+
+async fn decide_store_once(
+    state: &Shared,
+    identity: Identity,
+    send: frame::Send,
+    turn: Turn<'_>,
+) -> Result<(Stored, Push), Stored> {
+    let answer = |outcome, detail: &str| Err(Stored::Answer(outcome, detail.to_string()));
+    let Some(id) = MessageId::from_slice(&send.id) else {
+        return answer(SendOutcome::Invalid, "id must be 16 bytes");
+    };
+    let copies = match parse_copies(&send) {
+        Ok(copies) => copies,
+        Err(detail) => return Err(Stored::Answer(SendOutcome::Invalid, detail)),
+    };
     let Ok(mode) = SendMode::try_from(send.mode) else {
-        return (SendOutcome::Invalid, "unknown send mode".into());
+        return answer(SendOutcome::Invalid, "unknown send mode");
     };
     let Ok(number) = E164::parse(&send.to) else {
-        return (
+        return answer(
             SendOutcome::Invalid,
-            "the receiver is not a valid phone number".into(),
+            "the receiver is not a valid phone number",
         );
     };
     let now = now_ms();
@@ -110,25 +264,19 @@ async fn decide_and_store(
     )
     .is_err()
     {
-        return (
-            SendOutcome::RateLimited,
-            "too many messages: slow down".into(),
-        );
+        return answer(SendOutcome::RateLimited, "too many messages: slow down");
     }
     let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-        return (
+        return answer(
             SendOutcome::Unavailable,
-            "the receiver cannot be looked up now".into(),
+            "the receiver cannot be looked up now",
         );
     };
     let account = match state.store.account(pseudonym).await {
         Ok(account) => account,
         Err(e) => {
             tracing::warn!(error = %e, "storage read failed during a send");
-            return (
-                SendOutcome::Unavailable,
-                "storage unavailable: try again".into(),
-            );
+            return answer(SendOutcome::Unavailable, "storage unavailable: try again");
         }
     };
     let receiver = match &account {
@@ -142,42 +290,54 @@ async fn decide_and_store(
     };
     let (outcome, expires_at) =
         match routing::decide(&state.retention, mode, send.ttl_seconds, receiver, now) {
-            Decision::Refuse(outcome) => return (outcome, String::new()),
+            Decision::Refuse(outcome) => return answer(outcome, ""),
             Decision::Store {
                 outcome,
                 expires_at,
             } => (outcome, expires_at),
         };
     let Some(account) = account else {
-        return (SendOutcome::NotAUser, String::new());
+        return answer(SendOutcome::NotAUser, "");
     };
     let message = NewMessage {
         sender_device: identity.device,
+        sender_account: identity.account,
         id,
         receiver: account.account,
         sent_at: now,
         expires_at,
-        payload: send.payload.clone(),
+        copies: copies.clone(),
     };
-    match state.store.enqueue(message, QUEUE_LIMIT).await {
-        Ok(Enqueued::Stored) | Ok(Enqueued::Duplicate) => {}
-        Ok(Enqueued::QueueFull) => return (SendOutcome::RefusedQueueFull, String::new()),
-        Err(StoreError::NoSuchAccount) => return (SendOutcome::NotAUser, String::new()),
+    let submitted = state.store.enqueue_submit(message, QUEUE_LIMIT).await;
+    // Handed over in order: the session's next send may go ahead while this one syncs.
+    drop(turn);
+    let enqueued = match submitted {
+        Ok(submitted) => submitted.outcome().await,
+        Err(e) => Err(e),
+    };
+    match enqueued {
+        Ok(Enqueued::Stored) => {}
+        // The same id again: the copies were stored (and pushed) the first time.
+        Ok(Enqueued::Duplicate) => return answer(outcome, ""),
+        Ok(Enqueued::QueueFull) => return answer(SendOutcome::RefusedQueueFull, ""),
+        Ok(Enqueued::DevicesChanged(difference)) => return Err(Stored::DevicesChanged(difference)),
+        Err(StoreError::NoSuchAccount) => {
+            return answer(
+                SendOutcome::Unavailable,
+                "the receiver has no device with published keys yet: try again later",
+            )
+        }
         Err(e) => {
             tracing::warn!(error = %e, "storage write failed during a send");
-            return (
-                SendOutcome::Unavailable,
-                "storage unavailable: try again".into(),
-            );
+            return answer(SendOutcome::Unavailable, "storage unavailable: try again");
         }
     }
-    // Durable now: push to the receiver's live sessions. A device not online, or a session
-    // without room, gets the copy from its stored queue instead.
-    let frame = deliver_frame(identity.device, id, now, send.payload);
-    for (device, _) in &account.devices {
-        state.hub.deliver(device, 0, &frame);
-    }
-    (outcome, String::new())
+    // Durable now: each copy goes to its device's live sessions (in the session's order). A
+    // device not online, or a session without room, gets its copy from its stored queue.
+    Ok((
+        Stored::Answer(outcome, String::new()),
+        (identity.device, id, now, copies),
+    ))
 }
 
 /// Handles `Ack`.
@@ -379,18 +539,36 @@ pub async fn devices(
         return;
     }
     let mut device_ids = Vec::new();
+    let mut devices = Vec::new();
     if let Ok(number) = E164::parse(&request.number) {
         let Ok(pseudonym) = state.keys.pseudonym(&number) else {
             return;
         };
         match state.store.account(pseudonym).await {
-            Ok(Some(account)) => {
-                device_ids = account
-                    .devices
-                    .iter()
-                    .map(|(d, _)| d.as_bytes().to_vec())
-                    .collect()
-            }
+            Ok(Some(account)) => match state.store.device_keys(account.account).await {
+                Ok(listed) => {
+                    for (device, keys) in listed {
+                        device_ids.push(device.as_bytes().to_vec());
+                        if let Some(keys) = keys {
+                            devices.push(frame::DeviceKeys {
+                                device_id: device.as_bytes().to_vec(),
+                                identity_key: keys.identity_key.to_vec(),
+                                signing_key: keys.signing_key.to_vec(),
+                            });
+                        }
+                    }
+                }
+                Err(_) => {
+                    let _ = tx
+                        .send(error(
+                            ErrorCode::Unavailable,
+                            "storage unavailable: try again",
+                            request.request_id,
+                        ))
+                        .await;
+                    return;
+                }
+            },
             Ok(None) => {}
             Err(_) => {
                 let _ = tx
@@ -409,6 +587,7 @@ pub async fn devices(
         Kind::DeviceList(frame::DeviceList {
             request_id: request.request_id,
             device_ids,
+            devices,
         })
         .into(),
     )

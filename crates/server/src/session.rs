@@ -6,6 +6,7 @@
 //! bounded queue and is coalesced into as few writes as the socket allows.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -19,8 +20,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::hub::{Mailbox, Outbound, Outbox};
-use crate::requests;
 use crate::state::{now_ms, Shared};
+use crate::{directory, requests};
 
 /// Time a client has to log in after the upgrade.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,9 +118,18 @@ where
         }
     };
     let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
+    // Tells the client whether to publish or replenish its keys; a storage error reads as "none
+    // left", which at worst makes the client upload keys it did not need to.
+    let keys = state
+        .store
+        .key_status(identity.device)
+        .await
+        .unwrap_or_default();
     let login_result: Frame = Kind::LoginResult(frame::LoginResult {
         server_time_ms: now_ms(),
         heartbeat_seconds: state.config.heartbeat_seconds,
+        one_time_keys: keys.one_time_keys,
+        keys_published: keys.published,
     })
     .into();
     if write_frame(&mut writer, &login_result).await.is_err() {
@@ -141,6 +151,7 @@ where
         tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
     }
 
+    let send_order = Arc::new(requests::SendOrder::default());
     let mut out = BytesMut::new();
     let mut deadline = Instant::now() + heartbeat * 3;
     let mut signed_out = false;
@@ -191,7 +202,7 @@ where
                 loop {
                     match codec::decode(&mut buf) {
                         Ok(Some(frame)) => {
-                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks) {
+                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks, &send_order) {
                                 codec::encode(&reply, &mut out);
                             }
                         }
@@ -321,12 +332,21 @@ fn handle(
     frame: Frame,
     tx: &Outbox,
     tasks: &mut JoinSet<()>,
+    order: &Arc<requests::SendOrder>,
 ) -> Option<Frame> {
     let kind = frame.kind?;
     match kind {
         Kind::Ping(ping) => Some(Kind::Pong(frame::Pong { nonce: ping.nonce }).into()),
         Kind::Send(send) => {
-            tasks.spawn(requests::send(state.clone(), identity, send, tx.clone()));
+            let ticket = order.ticket();
+            tasks.spawn(requests::send(
+                state.clone(),
+                identity,
+                send,
+                tx.clone(),
+                Arc::clone(order),
+                ticket,
+            ));
             None
         }
         Kind::Ack(ack) => {
@@ -366,6 +386,37 @@ fn handle(
         }
         Kind::Withdraw(request) => {
             tasks.spawn(requests::withdraw(
+                state.clone(),
+                identity,
+                request,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::KeysUpload(upload) => {
+            tasks.spawn(directory::upload(
+                state.clone(),
+                identity,
+                upload,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::KeysClaim(claim) => {
+            tasks.spawn(directory::claim(state.clone(), identity, claim, tx.clone()));
+            None
+        }
+        Kind::LinkCodeRequest(request) => {
+            tasks.spawn(directory::link_code(
+                state.clone(),
+                identity,
+                request,
+                tx.clone(),
+            ));
+            None
+        }
+        Kind::RemoveDevice(request) => {
+            tasks.spawn(directory::remove(
                 state.clone(),
                 identity,
                 request,

@@ -9,6 +9,7 @@ use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
 use tidings_core::{Millis, MINUTE};
 use tidings_proto::id::DeviceId;
+use tidings_store::AccountId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,10 +48,25 @@ pub struct State {
     pub verify_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
     pub lookup_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
     pub send_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
+    pub claim_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
+    /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
+    pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub openapi_json: std::sync::OnceLock<String>,
 }
+
+/// A link code waiting for the device that will use it.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkOffer {
+    pub account: AccountId,
+    /// The device that asked for the code; told when a device joins with it.
+    pub approver: DeviceId,
+    pub expires_at: Millis,
+}
+
+/// How long a link code stays valid.
+pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> Millis {
@@ -127,7 +143,14 @@ impl State {
                 map.retain(|_, times| times.iter().any(|t| t + ADDRESS_WINDOW > now));
             }
         }
-        for budgets in [&self.lookup_budgets, &self.send_budgets] {
+        if let Ok(mut offers) = self.link_offers.lock() {
+            offers.retain(|_, offer| offer.expires_at > now);
+        }
+        for budgets in [
+            &self.lookup_budgets,
+            &self.send_budgets,
+            &self.claim_budgets,
+        ] {
             if let Ok(mut map) = budgets.lock() {
                 map.retain(|_, bucket| !bucket.is_full(now));
             }

@@ -8,7 +8,8 @@
 //! store lives in this process or that every account fits in memory.
 //!
 //! What is stored, and nothing more: account pseudonyms (never numbers), device ids and public
-//! keys, undelivered message copies (opaque payloads), pending receipts (message ids), and
+//! keys (login key, Olm identity keys, unclaimed one-time keys and a fallback key), undelivered
+//! message copies (opaque ciphertexts, one per device), pending receipts (message ids), and
 //! verification-code records keyed by pseudonym. No lookup, no contact list, no delivered message.
 //! This crate never logs a pseudonym, key or payload.
 
@@ -61,15 +62,79 @@ pub struct Registered {
     pub removed: Vec<DeviceId>,
 }
 
-/// A message to store, with one copy for each device the receiver has when it is stored.
+/// A device's public Olm identity keys. They never change for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityKeys {
+    /// Curve25519 identity key.
+    pub identity_key: [u8; 32],
+    /// Ed25519 signing key.
+    pub signing_key: [u8; 32],
+}
+
+/// A published one-time or fallback key with its owner's signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedKey {
+    pub public_key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+/// What publishing keys did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored; the device now has this many unclaimed one-time keys.
+    Stored { one_time_keys: u32 },
+    /// The device already published different identity keys; nothing was stored.
+    IdentityMismatch,
+    /// Storing these would leave more unclaimed one-time keys than allowed; nothing was stored.
+    TooMany,
+}
+
+/// A device's key supply, as a login reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyStatus {
+    pub one_time_keys: u32,
+    /// Identity keys and a fallback key are published.
+    pub published: bool,
+}
+
+/// One device's key, handed out by a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimedKey {
+    pub device: DeviceId,
+    pub identity: IdentityKeys,
+    pub key: SignedKey,
+    /// No one-time key was left: this is the device's fallback key.
+    pub fallback: bool,
+}
+
+/// What a claim did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Claimed {
+    /// One key per device that has published keys (a one-time key is deleted as it is handed out).
+    pub keys: Vec<ClaimedKey>,
+    /// Requested devices that are not devices of the account.
+    pub unknown: Vec<DeviceId>,
+}
+
+/// What linking a device to an account did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linked {
+    Added,
+    /// The account already has the most devices allowed; nothing was stored.
+    TooManyDevices,
+}
+
+/// A message to store: one copy (ciphertext) per device. The copies must name exactly the
+/// receiver's devices that have published keys and the sender's other such devices.
 #[derive(Clone)]
 pub struct NewMessage {
     pub sender_device: DeviceId,
+    pub sender_account: AccountId,
     pub id: MessageId,
     pub receiver: AccountId,
     pub sent_at: Millis,
     pub expires_at: Millis,
-    pub payload: Bytes,
+    pub copies: Vec<(DeviceId, Bytes)>,
 }
 
 impl std::fmt::Debug for NewMessage {
@@ -81,7 +146,7 @@ impl std::fmt::Debug for NewMessage {
 }
 
 /// What storing a message did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     /// Stored and synced.
     Stored,
@@ -89,6 +154,19 @@ pub enum Enqueued {
     Duplicate,
     /// A receiver device's queue is at its limit; nothing was stored.
     QueueFull,
+    /// The copies do not match the devices that must get one; nothing was stored.
+    DevicesChanged(DeviceDifference),
+}
+
+/// How a message's copies differ from the devices that must receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceDifference {
+    /// Receiver devices without a copy.
+    pub missing: Vec<DeviceId>,
+    /// The sender's other devices without a copy.
+    pub missing_own: Vec<DeviceId>,
+    /// Copies for devices that must not get one.
+    pub extra: Vec<DeviceId>,
 }
 
 /// One copy waiting for a device.
@@ -168,6 +246,18 @@ impl From<rusqlite::Error> for StoreError {
 /// Shorthand for storage results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A write handed to the engine, in the order it was handed over, whose outcome comes later
+/// (after the sync that makes it durable).
+#[derive(Debug)]
+pub struct Submitted<T>(pub tokio::sync::oneshot::Receiver<Result<T>>);
+
+impl<T> Submitted<T> {
+    /// Waits for the outcome.
+    pub async fn outcome(self) -> Result<T> {
+        self.0.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
 /// Everything the server stores, as operations of the domain. Every write resolves only after
 /// the sync that made it durable.
 pub trait Store: Send + Sync + 'static {
@@ -193,6 +283,56 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Registered>> + Send;
 
+    /// Adds a device to an existing account (a link), keeping the others, unless the account
+    /// already has `max_devices`.
+    fn add_device(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        public_key: [u8; 32],
+        identity: IdentityKeys,
+        max_devices: usize,
+        now: Millis,
+    ) -> impl Future<Output = Result<Linked>> + Send;
+
+    /// Removes one device of an account with its keys, queue and receipts. False if the device
+    /// is not one of the account's.
+    fn remove_device(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Publishes a device's identity keys (stored once, never changed), one-time keys and
+    /// fallback key (replacing the previous one).
+    fn publish_keys(
+        &self,
+        device: DeviceId,
+        identity: IdentityKeys,
+        one_time_keys: Vec<SignedKey>,
+        fallback: Option<SignedKey>,
+        max_stored: u32,
+    ) -> impl Future<Output = Result<Published>> + Send;
+
+    /// How many one-time keys a device has left, and whether its keys are published.
+    fn key_status(&self, device: DeviceId) -> impl Future<Output = Result<KeyStatus>> + Send;
+
+    /// Hands out one key per device of the account (or of `only`, if not empty): a one-time key,
+    /// deleted as it is handed out, or the fallback key when none is left. If `only` names a
+    /// device that is not the account's, nothing is handed out and `unknown` names it.
+    fn claim_keys(
+        &self,
+        account: AccountId,
+        only: Vec<DeviceId>,
+    ) -> impl Future<Output = Result<Claimed>> + Send;
+
+    /// The account's devices with their identity keys (`None` for a device that has not
+    /// published any yet).
+    fn device_keys(
+        &self,
+        account: AccountId,
+    ) -> impl Future<Output = Result<Vec<(DeviceId, Option<IdentityKeys>)>>> + Send;
+
     /// Deletes an account with everything that belongs to it; returns its devices.
     fn delete_account(
         &self,
@@ -210,13 +350,22 @@ pub trait Store: Send + Sync + 'static {
         R: Send + 'static,
         F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static;
 
-    /// Stores a message with a copy per receiver device, refusing if a queue would exceed
-    /// `queue_limit`.
+    /// Stores a message with its copies, refusing if they do not match the devices that must get
+    /// one or if a queue would exceed `queue_limit`.
     fn enqueue(
         &self,
         message: NewMessage,
         queue_limit: u32,
     ) -> impl Future<Output = Result<Enqueued>> + Send;
+
+    /// [`Store::enqueue`] in two steps: resolves once the write is handed to the engine, so
+    /// writes handed over one after the other are stored in that order (a sender's pipelined
+    /// messages keep their order in the receiver's queue, which its Olm ratchet needs).
+    fn enqueue_submit(
+        &self,
+        message: NewMessage,
+        queue_limit: u32,
+    ) -> impl Future<Output = Result<Submitted<Enqueued>>> + Send;
 
     /// Copies waiting for a device, oldest first, after position `after`, not expired at `now`.
     fn pending(

@@ -24,8 +24,9 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Device, Enqueued, ExpiredMessage, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Registered, Result, Store, StoreError, SyncReport,
+    AccountDevices, AccountId, Acked, Claimed, ClaimedKey, Device, DeviceDifference, Enqueued,
+    ExpiredMessage, IdentityKeys, KeyStatus, Linked, NewMessage, Pending, PendingReceipt,
+    Pseudonym, Published, Registered, Result, SignedKey, Store, StoreError, Submitted, SyncReport,
 };
 
 /// The database file inside the data directory.
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS withdrawn (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (sender_device, msg_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    fallback INTEGER NOT NULL,
+    public_key BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (device_id, fallback, public_key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS codes (
     pseudonym BLOB PRIMARY KEY,
     live_hash BLOB,
@@ -90,6 +98,32 @@ CREATE TABLE IF NOT EXISTS codes (
     sent_at BLOB NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// Columns added after the first schema, with their definitions; added on open where missing.
+/// `copies.payload` holds each device's own ciphertext (end-to-end encryption gives every device
+/// a different one); `messages.payload` stays empty for such messages.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("devices", "identity_key", "BLOB"),
+    ("devices", "signing_key", "BLOB"),
+    ("copies", "payload", "BLOB"),
+    ("copies", "to_receiver", "INTEGER NOT NULL DEFAULT 1"),
+];
+
+fn add_missing_columns(conn: &Connection) -> Result<()> {
+    for (table, column, definition) in ADDED_COLUMNS {
+        let present = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists(params![column])?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 /// Called after every sync with what it covered. Used by tests and audits of durability.
 pub type SyncObserver = Arc<dyn Fn(&SyncReport) + Send + Sync>;
@@ -164,6 +198,7 @@ impl SqliteStore {
         let path = data_dir.join(DATABASE_FILE);
         let conn = open_connection(&path)?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
         let (writer, jobs) = mpsc::channel(4096);
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
@@ -185,6 +220,15 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
+        self.submit(operation).await?.outcome().await
+    }
+
+    /// Hands a write to the writer thread; the outcome comes through the returned handle.
+    async fn submit<R, F>(&self, operation: F) -> Result<Submitted<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: WriteJob = Box::new(move |txn, notes| {
             let outcome = in_savepoint(txn, notes, operation);
@@ -196,7 +240,7 @@ impl SqliteStore {
             .send(Job::Write(job))
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(Submitted(answer))
     }
 
     async fn read<R, F>(&self, query: F) -> Result<R>
@@ -349,6 +393,43 @@ fn device_id(bytes: Vec<u8>) -> rusqlite::Result<DeviceId> {
     DeviceId::from_slice(&bytes).ok_or(rusqlite::Error::InvalidQuery)
 }
 
+fn identity_of(
+    identity_key: Option<Vec<u8>>,
+    signing_key: Option<Vec<u8>>,
+) -> Option<IdentityKeys> {
+    Some(IdentityKeys {
+        identity_key: <[u8; 32]>::try_from(identity_key?.as_slice()).ok()?,
+        signing_key: <[u8; 32]>::try_from(signing_key?.as_slice()).ok()?,
+    })
+}
+
+fn signed_key(public_key: Vec<u8>, signature: Vec<u8>) -> Option<SignedKey> {
+    Some(SignedKey {
+        public_key: <[u8; 32]>::try_from(public_key.as_slice()).ok()?,
+        signature: <[u8; 64]>::try_from(signature.as_slice()).ok()?,
+    })
+}
+
+/// The devices of an account with their identity keys, inside a transaction.
+fn keyed_devices(
+    conn: &Connection,
+    account: AccountId,
+) -> rusqlite::Result<Vec<(DeviceId, Option<IdentityKeys>, i64)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id, identity_key, signing_key, queue_len FROM devices WHERE account_id = ?1",
+    )?;
+    let rows = statement
+        .query_map(params![account.0], |row| {
+            Ok((
+                device_id(row.get(0)?)?,
+                identity_of(row.get(1)?, row.get(2)?),
+                row.get::<_, i64>(3)?,
+            ))
+        })?
+        .collect();
+    rows
+}
+
 fn message_id(bytes: Vec<u8>) -> rusqlite::Result<MessageId> {
     MessageId::from_slice(&bytes).ok_or(rusqlite::Error::InvalidQuery)
 }
@@ -480,6 +561,219 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn add_device(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        public_key: [u8; 32],
+        identity: IdentityKeys,
+        max_devices: usize,
+        now: Millis,
+    ) -> Result<Linked> {
+        self.write(move |txn, _| {
+            let count: i64 = txn.query_row(
+                "SELECT COUNT(*) FROM devices WHERE account_id = ?1",
+                params![account.0],
+                |row| row.get(0),
+            )?;
+            if count == 0 {
+                return Err(StoreError::NoSuchAccount);
+            }
+            if usize::try_from(count).unwrap_or(usize::MAX) >= max_devices {
+                return Ok(Linked::TooManyDevices);
+            }
+            txn.execute(
+                "INSERT INTO devices (id, account_id, public_key, created_at, identity_key, signing_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    device.as_bytes(),
+                    account.0,
+                    &public_key[..],
+                    sql_millis(now),
+                    &identity.identity_key[..],
+                    &identity.signing_key[..]
+                ],
+            )?;
+            Ok(Linked::Added)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+        self.write(move |txn, _| {
+            let seqs = {
+                let mut statement = txn.prepare_cached("SELECT seq FROM copies WHERE device_id = ?1")?;
+                let seqs = statement
+                    .query_map(params![device.as_bytes()], |row| row.get::<_, i64>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                seqs
+            };
+            // Keys, queued copies and receipts go with the device (cascades).
+            let deleted = txn.execute(
+                "DELETE FROM devices WHERE id = ?1 AND account_id = ?2",
+                params![device.as_bytes(), account.0],
+            )?;
+            if deleted == 0 {
+                return Ok(false);
+            }
+            for seq in seqs {
+                txn.execute(
+                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                    params![seq],
+                )?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn publish_keys(
+        &self,
+        device: DeviceId,
+        identity: IdentityKeys,
+        one_time_keys: Vec<SignedKey>,
+        fallback: Option<SignedKey>,
+        max_stored: u32,
+    ) -> Result<Published> {
+        self.write(move |txn, _| {
+            let stored = txn
+                .query_row(
+                    "SELECT identity_key, signing_key FROM devices WHERE id = ?1",
+                    params![device.as_bytes()],
+                    |row| Ok(identity_of(row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            match stored {
+                None => return Err(StoreError::NoSuchAccount),
+                Some(Some(existing)) if existing != identity => return Ok(Published::IdentityMismatch),
+                Some(Some(_)) => {}
+                Some(None) => {
+                    txn.execute(
+                        "UPDATE devices SET identity_key = ?2, signing_key = ?3 WHERE id = ?1",
+                        params![device.as_bytes(), &identity.identity_key[..], &identity.signing_key[..]],
+                    )?;
+                }
+            }
+            let count_keys = || -> rusqlite::Result<u32> {
+                let count: i64 = txn.query_row(
+                    "SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?1 AND fallback = 0",
+                    params![device.as_bytes()],
+                    |row| row.get(0),
+                )?;
+                Ok(u32::try_from(count).unwrap_or(u32::MAX))
+            };
+            let new = u32::try_from(one_time_keys.len()).unwrap_or(u32::MAX);
+            if count_keys()?.saturating_add(new) > max_stored {
+                return Ok(Published::TooMany);
+            }
+            let mut insert = txn.prepare_cached(
+                "INSERT OR IGNORE INTO one_time_keys (device_id, fallback, public_key, signature) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for key in &one_time_keys {
+                insert.execute(params![device.as_bytes(), false, &key.public_key[..], &key.signature[..]])?;
+            }
+            let count = count_keys()?;
+            if let Some(key) = fallback {
+                txn.execute(
+                    "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 1",
+                    params![device.as_bytes()],
+                )?;
+                insert.execute(params![device.as_bytes(), true, &key.public_key[..], &key.signature[..]])?;
+            }
+            Ok(Published::Stored { one_time_keys: count })
+        })
+        .await
+    }
+
+    async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
+        self.read(move |conn| {
+            let (one_time_keys, fallback): (i64, i64) = conn.query_row(
+                "SELECT COALESCE(SUM(fallback = 0), 0), COALESCE(SUM(fallback = 1), 0) FROM one_time_keys WHERE device_id = ?1",
+                params![device.as_bytes()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            let has_identity = conn
+                .query_row(
+                    "SELECT 1 FROM devices WHERE id = ?1 AND identity_key IS NOT NULL",
+                    params![device.as_bytes()],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            Ok(KeyStatus {
+                one_time_keys: u32::try_from(one_time_keys).unwrap_or(u32::MAX),
+                published: has_identity && fallback > 0,
+            })
+        })
+        .await
+    }
+
+    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
+        self.write(move |txn, _| {
+            let devices = keyed_devices(txn, account)?;
+            let mut claimed = Claimed {
+                keys: Vec::new(),
+                unknown: only.iter().copied().filter(|d| !devices.iter().any(|(id, _, _)| id == d)).collect(),
+            };
+            // A claim naming a device that is not there hands out nothing at all.
+            if !claimed.unknown.is_empty() {
+                return Ok(claimed);
+            }
+            for (device, identity, _) in devices {
+                let Some(identity) = identity else { continue };
+                if !only.is_empty() && !only.contains(&device) {
+                    continue;
+                }
+                // One-time keys first, each handed out once; the fallback key only when none is
+                // left, and it stays (new sessions keep working while the device is offline).
+                let one_time = txn
+                    .query_row(
+                        "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 LIMIT 1",
+                        params![device.as_bytes()],
+                        |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                    )
+                    .optional()?;
+                let (key, fallback) = match one_time {
+                    Some((public_key, signature)) => {
+                        txn.execute(
+                            "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 AND public_key = ?2",
+                            params![device.as_bytes(), &public_key],
+                        )?;
+                        (signed_key(public_key, signature), false)
+                    }
+                    None => {
+                        let fallback = txn
+                            .query_row(
+                                "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 1",
+                                params![device.as_bytes()],
+                                |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                            )
+                            .optional()?;
+                        (fallback.and_then(|(k, s)| signed_key(k, s)), true)
+                    }
+                };
+                if let Some(key) = key {
+                    claimed.keys.push(ClaimedKey { device, identity, key, fallback });
+                }
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn device_keys(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<(DeviceId, Option<IdentityKeys>)>> {
+        self.read(move |conn| {
+            Ok(keyed_devices(conn, account)?
+                .into_iter()
+                .map(|(device, keys, _)| (device, keys))
+                .collect())
+        })
+        .await
+    }
+
     async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
         self.write(move |txn, _| {
             let devices = {
@@ -566,7 +860,18 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
-        self.write(move |txn, notes| {
+        self.enqueue_submit(message, queue_limit)
+            .await?
+            .outcome()
+            .await
+    }
+
+    async fn enqueue_submit(
+        &self,
+        message: NewMessage,
+        queue_limit: u32,
+    ) -> Result<Submitted<Enqueued>> {
+        self.submit(move |txn, notes| {
             let duplicate = txn
                 .query_row(
                     "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
@@ -577,35 +882,63 @@ impl Store for SqliteStore {
             if duplicate.is_some() {
                 return Ok(Enqueued::Duplicate);
             }
-            let devices = {
-                let mut statement = txn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
-                let devices = statement
-                    .query_map(params![message.receiver.0], |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                devices
-            };
-            if devices.is_empty() {
+            let receiver = keyed_devices(txn, message.receiver)?;
+            if receiver.is_empty() {
                 return Err(StoreError::NoSuchAccount);
             }
-            if devices.iter().any(|(_, len)| *len >= i64::from(queue_limit)) {
+            let own = if message.sender_account == message.receiver {
+                Vec::new()
+            } else {
+                keyed_devices(txn, message.sender_account)?
+            };
+            // Checked inside the transaction that stores the copies, so a device linked or
+            // removed at the same moment cannot slip between the check and the write.
+            let must_get = |devices: &[(DeviceId, Option<IdentityKeys>, i64)]| {
+                devices
+                    .iter()
+                    .filter(|(id, keys, _)| keys.is_some() && *id != message.sender_device)
+                    .map(|(id, _, len)| (*id, *len))
+                    .collect::<Vec<_>>()
+            };
+            let receiver_needs = must_get(&receiver);
+            let own_needs = must_get(&own);
+            let addressed: Vec<DeviceId> = message.copies.iter().map(|(d, _)| *d).collect();
+            let difference = DeviceDifference {
+                missing: receiver_needs.iter().map(|(d, _)| *d).filter(|d| !addressed.contains(d)).collect(),
+                missing_own: own_needs.iter().map(|(d, _)| *d).filter(|d| !addressed.contains(d)).collect(),
+                extra: addressed
+                    .iter()
+                    .copied()
+                    .filter(|d| !receiver_needs.iter().chain(&own_needs).any(|(n, _)| n == d))
+                    .collect(),
+            };
+            if difference != DeviceDifference::default() {
+                return Ok(Enqueued::DevicesChanged(difference));
+            }
+            if receiver_needs.is_empty() {
+                return Err(StoreError::NoSuchAccount);
+            }
+            if receiver_needs.iter().chain(&own_needs).any(|(_, len)| *len >= i64::from(queue_limit)) {
                 return Ok(Enqueued::QueueFull);
             }
             txn.execute(
                 "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, x'')",
                 params![
                     message.sender_device.as_bytes(),
                     message.id.as_bytes(),
                     message.receiver.0,
                     sql_millis(message.sent_at),
                     sql_millis(message.expires_at),
-                    &message.payload[..]
                 ],
             )?;
             let seq = txn.last_insert_rowid();
-            let mut insert = txn.prepare_cached("INSERT INTO copies (device_id, seq) VALUES (?1, ?2)")?;
-            for (device, _) in &devices {
-                insert.execute(params![device, seq])?;
+            let mut insert = txn.prepare_cached(
+                "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (device, payload) in &message.copies {
+                let to_receiver = receiver_needs.iter().any(|(d, _)| d == device);
+                insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
             }
             notes.messages.push((message.sender_device, message.id));
             Ok(Enqueued::Stored)
@@ -622,7 +955,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Pending>> {
         self.read(move |conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, m.payload
+                "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, COALESCE(c.payload, m.payload)
                  FROM copies c JOIN messages m ON m.seq = c.seq
                  WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3
                  ORDER BY c.seq LIMIT ?4",
@@ -660,7 +993,9 @@ impl Store for SqliteStore {
                     |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0)),
                 )
                 .optional()?;
-            let Some((seq, delivered)) = message else {
+            // No copy for this device: a replay, or a message its sender withdrew (then the
+            // device must be told not to show it).
+            let gone = |txn: &Transaction<'_>| -> Result<Acked> {
                 let withdrawn = txn
                     .query_row(
                         "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2",
@@ -668,12 +1003,24 @@ impl Store for SqliteStore {
                         |_| Ok(()),
                     )
                     .optional()?;
-                return Ok(if withdrawn.is_some() { Acked::Withdrawn } else { Acked::Unknown });
+                Ok(if withdrawn.is_some() { Acked::Withdrawn } else { Acked::Unknown })
             };
-            let deleted =
-                txn.execute("DELETE FROM copies WHERE device_id = ?1 AND seq = ?2", params![device.as_bytes(), seq])?;
-            if deleted == 0 {
-                return Ok(Acked::Unknown);
+            let Some((seq, delivered)) = message else { return gone(txn) };
+            let deleted = txn
+                .query_row(
+                    "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver",
+                    params![device.as_bytes(), seq],
+                    |row| row.get::<_, bool>(0),
+                )
+                .optional()?;
+            let Some(to_receiver) = deleted else { return gone(txn) };
+            // The sender's own other devices taking their copies is not a delivery.
+            if !to_receiver {
+                txn.execute(
+                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                    params![seq],
+                )?;
+                return Ok(Acked::Confirmed { first: false });
             }
             if !delivered {
                 txn.execute("UPDATE messages SET delivered = 1 WHERE seq = ?1", params![seq])?;
@@ -704,10 +1051,15 @@ impl Store for SqliteStore {
             match message {
                 Some((_, true, _)) => Ok(Withdrawal::Delivered),
                 Some((seq, false, expires_at)) => {
-                    // Copies go with the message (cascade). The tombstone names only the sending
-                    // device and the id, never the receiver, and lives until the TTL would have
-                    // ended: an acknowledgement racing the withdraw is told not to show it.
-                    txn.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;
+                    // The receiver's copies go; the sender's own other devices keep theirs (the
+                    // message was sent, as SMS). The tombstone names only the sending device and
+                    // the id, never the receiver, and lives until the TTL would have ended: an
+                    // acknowledgement racing the withdraw is told not to show it.
+                    txn.execute("DELETE FROM copies WHERE seq = ?1 AND to_receiver = 1", params![seq])?;
+                    txn.execute(
+                        "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                        params![seq],
+                    )?;
                     txn.execute(
                         "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)",
                         params![sender_device.as_bytes(), id.as_bytes(), expires_at],

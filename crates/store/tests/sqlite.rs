@@ -8,7 +8,10 @@ use bytes::Bytes;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
-use tidings_store::{Acked, Enqueued, NewMessage, PendingReceipt, Pseudonym, Store, SyncReport};
+use tidings_store::{
+    AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
+    Pseudonym, Published, SignedKey, Store, SyncReport,
+};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tidings-store-{name}-{}", std::process::id()));
@@ -24,18 +27,36 @@ fn files_contain(dir: &Path, needle: &[u8]) -> bool {
 }
 
 fn message(
-    sender: DeviceId,
+    (sender, sender_account): (DeviceId, AccountId),
     id: u8,
-    receiver: tidings_store::AccountId,
-    payload: &[u8],
+    receiver: AccountId,
+    copies: &[(DeviceId, &[u8])],
 ) -> NewMessage {
     NewMessage {
         sender_device: sender,
+        sender_account,
         id: MessageId([id; 16]),
         receiver,
         sent_at: 1,
         expires_at: 1_000,
-        payload: Bytes::copy_from_slice(payload),
+        copies: copies
+            .iter()
+            .map(|(device, payload)| (*device, Bytes::copy_from_slice(payload)))
+            .collect(),
+    }
+}
+
+fn identity(n: u8) -> IdentityKeys {
+    IdentityKeys {
+        identity_key: [n; 32],
+        signing_key: [n + 1; 32],
+    }
+}
+
+fn key(n: u8) -> SignedKey {
+    SignedKey {
+        public_key: [n; 32],
+        signature: [n; 64],
     }
 }
 
@@ -59,10 +80,12 @@ async fn queue_ack_receipt_and_residue() {
     let bob_laptop = DeviceId([3; 16]);
     let alice = Pseudonym([0xA1; 32]);
     let bob = Pseudonym([0xB0; 32]);
-    store
+    let alice_account = store
         .register_device(alice, alice_device, [9; 32], 0)
         .await
-        .expect("alice");
+        .expect("alice")
+        .account;
+    let alice_ = (alice_device, alice_account);
     let bob_account = store
         .register_device(bob, bob_phone, [8; 32], 0)
         .await
@@ -75,10 +98,17 @@ async fn queue_ack_receipt_and_residue() {
         .expect("bob again");
     assert_eq!(replaced.removed, vec![bob_phone]);
     assert!(store.device(bob_phone).await.expect("read").is_none());
+    for (device, n) in [(alice_device, 10), (bob_laptop, 20)] {
+        let published = store
+            .publish_keys(device, identity(n), vec![key(n)], Some(key(n + 5)), 100)
+            .await
+            .expect("publish");
+        assert_eq!(published, Published::Stored { one_time_keys: 1 });
+    }
 
     let secret = b"PAYLOAD-MARKER-0123456789-abcdef";
     let first = store
-        .enqueue(message(alice_device, 1, bob_account, secret), 10)
+        .enqueue(message(alice_, 1, bob_account, &[(bob_laptop, secret)]), 10)
         .await
         .expect("enqueue");
     assert_eq!(first, Enqueued::Stored);
@@ -88,16 +118,28 @@ async fn queue_ack_receipt_and_residue() {
         .iter()
         .any(|r| r.messages.contains(&(alice_device, MessageId([1; 16])))));
     let again = store
-        .enqueue(message(alice_device, 1, bob_account, secret), 10)
+        .enqueue(message(alice_, 1, bob_account, &[(bob_laptop, secret)]), 10)
         .await
         .expect("enqueue");
     assert_eq!(again, Enqueued::Duplicate);
     assert_eq!(
         store
-            .enqueue(message(alice_device, 2, bob_account, b"x"), 1)
+            .enqueue(message(alice_, 2, bob_account, &[(bob_laptop, b"x")]), 1)
             .await
             .expect("full"),
         Enqueued::QueueFull
+    );
+    // Copies that do not match the devices are refused with the difference named.
+    assert_eq!(
+        store
+            .enqueue(message(alice_, 2, bob_account, &[(bob_phone, b"x")]), 10)
+            .await
+            .expect("mismatch"),
+        Enqueued::DevicesChanged(DeviceDifference {
+            missing: vec![bob_laptop],
+            missing_own: vec![],
+            extra: vec![bob_phone],
+        })
     );
 
     let pending = store.pending(bob_laptop, 0, 10, 2).await.expect("pending");
@@ -138,7 +180,10 @@ async fn queue_ack_receipt_and_residue() {
 
     // Expiry: an unacknowledged message past its TTL yields an Expired receipt.
     store
-        .enqueue(message(alice_device, 3, bob_account, b"late"), 10)
+        .enqueue(
+            message(alice_, 3, bob_account, &[(bob_laptop, b"late")]),
+            10,
+        )
         .await
         .expect("enqueue");
     let expired = store.expire(5_000, 100).await.expect("expire");
@@ -147,6 +192,48 @@ async fn queue_ack_receipt_and_residue() {
         store.receipts(alice_device).await.expect("receipts")[0].kind,
         ReceiptKind::Expired
     );
+
+    // Keys: one-time keys are handed out once, then the fallback key, again and again.
+    let claim = |only: Vec<DeviceId>| store.claim_keys(bob_account, only);
+    let first = claim(vec![]).await.expect("claim");
+    assert_eq!(
+        (first.keys[0].key, first.keys[0].fallback),
+        (key(20), false)
+    );
+    for _ in 0..2 {
+        let next = claim(vec![bob_laptop]).await.expect("claim");
+        assert_eq!((next.keys[0].key, next.keys[0].fallback), (key(25), true));
+    }
+    assert_eq!(
+        claim(vec![alice_device]).await.expect("claim").unknown,
+        vec![alice_device]
+    );
+    assert_eq!(
+        store
+            .publish_keys(bob_laptop, identity(99), vec![], None, 100)
+            .await
+            .expect("publish"),
+        Published::IdentityMismatch
+    );
+
+    // A linked device joins without signing the other out, up to the limit; removing it takes
+    // its keys and queue.
+    let linked = DeviceId([4; 16]);
+    let add = |device| store.add_device(bob_account, device, [6; 32], identity(40), 2, 0);
+    assert_eq!(add(linked).await.expect("link"), Linked::Added);
+    assert_eq!(
+        add(DeviceId([5; 16])).await.expect("link"),
+        Linked::TooManyDevices
+    );
+    assert!(store
+        .remove_device(bob_account, linked)
+        .await
+        .expect("remove"));
+    assert!(!store
+        .remove_device(bob_account, linked)
+        .await
+        .expect("again"));
+    assert!(store.device(linked).await.expect("read").is_none());
 
     // Disable bob: nothing with his pseudonym remains after a scrub.
     store.delete_account(bob_account).await.expect("delete");
@@ -157,6 +244,47 @@ async fn queue_ack_receipt_and_residue() {
     assert!(
         files_contain(&dir, &alice.0),
         "the scan must be able to see what is still stored"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_syncs() {
+    let dir = temp_dir("group-commit");
+    let reports: Arc<Mutex<Vec<SyncReport>>> = Arc::default();
+    let seen = Arc::clone(&reports);
+    let store = SqliteStore::open(
+        &dir,
+        SqliteOptions {
+            max_batch: 1024,
+            sync_observer: Some(Arc::new(move |report: &SyncReport| {
+                seen.lock().expect("lock").push(report.clone())
+            })),
+        },
+    )
+    .expect("open");
+    // Fifty writes in flight at once: each is answered only after a sync, and they share syncs.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..50u8 {
+        let store = store.clone();
+        writes.spawn(async move {
+            store
+                .update_code_record(Pseudonym([i; 32]), |record| {
+                    *record = Some(Default::default());
+                })
+                .await
+        });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.expect("join").expect("write");
+    }
+    let reports = reports.lock().expect("lock");
+    let operations: usize = reports.iter().map(|r| r.operations).sum();
+    assert_eq!(operations, 50);
+    assert!(
+        reports.len() < 50,
+        "{} syncs for 50 concurrent writes",
+        reports.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

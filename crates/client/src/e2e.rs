@@ -1,0 +1,623 @@
+//! End-to-end encryption: this device's Olm account, its sessions with other devices, what it
+//! knows of other devices, and whose keys it trusts. No I/O: the caller loads and stores the
+//! state (sealed, see [`crate::vault`]) around each change, in one local transaction.
+//!
+//! - Each device has an Olm account (vodozemac): a Curve25519 identity key, an Ed25519 signing
+//!   key, one-time keys and a fallback key. Olm does not sign one-time keys; we sign each with the
+//!   Ed25519 key over [`tidings_proto::transcript::one_time_key`] and check that signature on
+//!   every claimed key, so a server cannot slip in a key of its own.
+//! - A message is encrypted once per receiving device, each with its own Olm session.
+//! - Trust is per number: the set of identity keys accepted for it. The first keys seen are
+//!   accepted (trust on first use); a key outside the set afterwards is a change the user must
+//!   look at before anything more is sent to that number.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha512};
+use tidings_proto::frame::{self, Envelope};
+use tidings_proto::id::DeviceId;
+use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
+use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
+use zeroize::Zeroizing;
+
+use crate::session::KeySupply;
+
+/// Sessions kept per peer device (the newest first); older ones are dropped.
+const MAX_SESSIONS_PER_DEVICE: usize = 4;
+/// Replenish one-time keys when the server holds fewer than this.
+pub const REPLENISH_BELOW: u32 = 25;
+
+/// What went wrong with encryption or decryption. Each message says what it means for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("a key of device {0} has a bad signature: refusing to use it (the server handed out a key its owner did not sign)")]
+    BadKeySignature(DeviceId),
+    #[error("device {0} published malformed keys")]
+    BadKeys(DeviceId),
+    #[error("the message is not a valid encrypted envelope")]
+    Malformed,
+    #[error("no session with the sending device, and the message cannot open one")]
+    NoSession,
+    #[error("the message could not be decrypted ({0}): it was tampered with, replayed, or made for a key this device does not have")]
+    Decrypt(String),
+    #[error("no session with device {0}: claim its keys first")]
+    UnknownDevice(DeviceId),
+    #[error("the stored encryption state is damaged: {0}")]
+    State(String),
+}
+
+/// Shorthand for crypto results.
+pub type Result<T, E = CryptoError> = std::result::Result<T, E>;
+
+/// What this device knows about another device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownDevice {
+    /// The number the server's directory lists the device under; `None` until checked.
+    pub number: Option<String>,
+    pub identity_key: [u8; 32],
+    pub signing_key: Option<[u8; 32]>,
+}
+
+/// How a number's current keys compare with the ones trusted for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustCheck {
+    /// Nothing was trusted for this number yet; these keys are now.
+    FirstUse,
+    /// Every key is trusted.
+    Trusted,
+    /// These keys are not trusted (a new phone, a re-registration, a new device, or an attack).
+    Changed(Vec<[u8; 32]>),
+}
+
+/// The device's end-to-end state.
+pub struct Crypto {
+    account: Account,
+    /// Sessions by the peer's Curve25519 identity key, newest first.
+    sessions: BTreeMap<[u8; 32], Vec<Session>>,
+    devices: BTreeMap<DeviceId, KnownDevice>,
+    trusted: BTreeMap<String, BTreeSet<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for Crypto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crypto")
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Pickle {
+    account: AccountPickle,
+    sessions: Vec<([u8; 32], Vec<SessionPickle>)>,
+    devices: Vec<(DeviceIdText, KnownDevice)>,
+    trusted: Vec<(String, Vec<[u8; 32]>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceIdText(String);
+
+fn curve(bytes: &[u8]) -> Option<Curve25519PublicKey> {
+    Curve25519PublicKey::from_slice(bytes).ok()
+}
+
+impl Default for Crypto {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crypto {
+    /// A new account with fresh identity keys and a fallback key.
+    pub fn new() -> Self {
+        let mut account = Account::new();
+        account.generate_fallback_key();
+        Self {
+            account,
+            sessions: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            trusted: BTreeMap::new(),
+        }
+    }
+
+    /// A new account that keeps what `old` trusted (a re-registration of this profile).
+    pub fn replacing(old: Option<Crypto>) -> Self {
+        let mut new = Self::new();
+        if let Some(old) = old {
+            new.trusted = old.trusted;
+        }
+        new
+    }
+
+    /// An independent copy (to try a decryption on and throw away).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            account: Account::from_pickle(self.account.pickle()),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(key, list)| {
+                    (
+                        *key,
+                        list.iter()
+                            .map(|s| Session::from_pickle(s.pickle()))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            devices: self.devices.clone(),
+            trusted: self.trusted.clone(),
+        }
+    }
+
+    /// The state as bytes, to be sealed.
+    pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>> {
+        let pickle = Pickle {
+            account: self.account.pickle(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(key, list)| (*key, list.iter().map(Session::pickle).collect()))
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|(id, known)| (DeviceIdText(id.to_text()), known.clone()))
+                .collect(),
+            trusted: self
+                .trusted
+                .iter()
+                .map(|(number, keys)| (number.clone(), keys.iter().copied().collect()))
+                .collect(),
+        };
+        serde_json::to_vec(&pickle)
+            .map(Zeroizing::new)
+            .map_err(|e| CryptoError::State(e.to_string()))
+    }
+
+    /// The state from bytes made by [`Crypto::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let pickle: Pickle =
+            serde_json::from_slice(bytes).map_err(|e| CryptoError::State(e.to_string()))?;
+        let mut devices = BTreeMap::new();
+        for (id, known) in pickle.devices {
+            let id = DeviceId::from_text(&id.0)
+                .ok_or_else(|| CryptoError::State("bad device id".into()))?;
+            devices.insert(id, known);
+        }
+        Ok(Self {
+            account: Account::from_pickle(pickle.account),
+            sessions: pickle
+                .sessions
+                .into_iter()
+                .map(|(key, list)| (key, list.into_iter().map(Session::from_pickle).collect()))
+                .collect(),
+            devices,
+            trusted: pickle
+                .trusted
+                .into_iter()
+                .map(|(number, keys)| (number, keys.into_iter().collect()))
+                .collect(),
+        })
+    }
+
+    /// This device's identity keys: Curve25519 and Ed25519.
+    pub fn identity_keys(&self) -> ([u8; 32], [u8; 32]) {
+        let keys = self.account.identity_keys();
+        (keys.curve25519.to_bytes(), *keys.ed25519.as_bytes())
+    }
+
+    fn signed(
+        &self,
+        device: DeviceId,
+        fallback: bool,
+        key: Curve25519PublicKey,
+    ) -> frame::SignedKey {
+        let transcript =
+            tidings_proto::transcript::one_time_key(device.as_bytes(), fallback, key.as_bytes());
+        frame::SignedKey {
+            public_key: key.to_vec(),
+            signature: self.account.sign(&transcript).to_bytes().to_vec(),
+        }
+    }
+
+    /// The keys to upload so the server holds enough: identity keys, new one-time keys when it
+    /// holds fewer than [`REPLENISH_BELOW`], and a fallback key when it has none (or when keys
+    /// are replenished, so one fallback key is not used forever). `None` when nothing is needed.
+    /// The keys count as published from here on: if the upload fails, the next login reports
+    /// the server's count again and more are made.
+    pub fn keys_to_publish(
+        &mut self,
+        device: DeviceId,
+        supply: KeySupply,
+        request_id: u64,
+    ) -> Option<frame::KeysUpload> {
+        let replenish = supply.one_time_keys < REPLENISH_BELOW;
+        if supply.published && !replenish {
+            return None;
+        }
+        if replenish {
+            let target = self.account.max_number_of_one_time_keys();
+            let have = usize::try_from(supply.one_time_keys).unwrap_or(target);
+            self.account
+                .generate_one_time_keys(target.saturating_sub(have));
+            self.account.generate_fallback_key();
+        } else if self.account.fallback_key().is_empty() {
+            self.account.generate_fallback_key();
+        }
+        let one_time_keys = self
+            .account
+            .one_time_keys()
+            .values()
+            .map(|key| self.signed(device, false, *key))
+            .collect();
+        let fallback_key = self
+            .account
+            .fallback_key()
+            .values()
+            .next()
+            .map(|key| self.signed(device, true, *key));
+        self.account.mark_keys_as_published();
+        let (identity_key, signing_key) = self.identity_keys();
+        Some(frame::KeysUpload {
+            request_id,
+            identity_key: identity_key.to_vec(),
+            signing_key: signing_key.to_vec(),
+            one_time_keys,
+            fallback_key,
+        })
+    }
+
+    /// Opens an outbound session with a claimed key, after checking the key's signature.
+    pub fn open_session(&mut self, number: &str, claimed: &frame::ClaimedKey) -> Result<DeviceId> {
+        let device = DeviceId::from_slice(&claimed.device_id).ok_or(CryptoError::Malformed)?;
+        let identity = curve(&claimed.identity_key).ok_or(CryptoError::BadKeys(device))?;
+        let signing_bytes = <[u8; 32]>::try_from(claimed.signing_key.as_slice())
+            .map_err(|_| CryptoError::BadKeys(device))?;
+        let signing = Ed25519PublicKey::from_slice(&signing_bytes)
+            .map_err(|_| CryptoError::BadKeys(device))?;
+        let key = claimed.key.as_ref().ok_or(CryptoError::BadKeys(device))?;
+        let one_time = curve(&key.public_key).ok_or(CryptoError::BadKeys(device))?;
+        let signature = Ed25519Signature::from_slice(&key.signature)
+            .map_err(|_| CryptoError::BadKeySignature(device))?;
+        let transcript = tidings_proto::transcript::one_time_key(
+            device.as_bytes(),
+            claimed.fallback,
+            one_time.as_bytes(),
+        );
+        signing
+            .verify(&transcript, &signature)
+            .map_err(|_| CryptoError::BadKeySignature(device))?;
+        let session =
+            self.account
+                .create_outbound_session(SessionConfig::version_2(), identity, one_time);
+        let list = self.sessions.entry(identity.to_bytes()).or_default();
+        list.insert(0, session);
+        list.truncate(MAX_SESSIONS_PER_DEVICE);
+        self.devices.insert(
+            device,
+            KnownDevice {
+                number: Some(number.to_string()),
+                identity_key: identity.to_bytes(),
+                signing_key: Some(signing_bytes),
+            },
+        );
+        Ok(device)
+    }
+
+    /// Records what the directory says about a device.
+    pub fn learn_device(&mut self, device: DeviceId, number: &str, keys: &frame::DeviceKeys) {
+        let (Ok(identity_key), Ok(signing_key)) = (
+            <[u8; 32]>::try_from(keys.identity_key.as_slice()),
+            <[u8; 32]>::try_from(keys.signing_key.as_slice()),
+        ) else {
+            return;
+        };
+        self.devices.insert(
+            device,
+            KnownDevice {
+                number: Some(number.to_string()),
+                identity_key,
+                signing_key: Some(signing_key),
+            },
+        );
+    }
+
+    /// What this device knows of another.
+    pub fn device(&self, device: DeviceId) -> Option<&KnownDevice> {
+        self.devices.get(&device)
+    }
+
+    /// The devices known to belong to `number` that this device has a session with.
+    pub fn devices_of(&self, number: &str) -> Vec<DeviceId> {
+        self.devices
+            .iter()
+            .filter(|(_, known)| known.number.as_deref() == Some(number))
+            .filter(|(_, known)| self.sessions.contains_key(&known.identity_key))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Forgets a device the server no longer lists (removed or replaced).
+    pub fn forget_device(&mut self, device: DeviceId) {
+        self.devices.remove(&device);
+    }
+
+    /// Encrypts `plaintext` for one device with the newest session.
+    pub fn encrypt(&mut self, device: DeviceId, plaintext: &[u8]) -> Result<Envelope> {
+        let identity = self
+            .devices
+            .get(&device)
+            .map(|known| known.identity_key)
+            .ok_or(CryptoError::UnknownDevice(device))?;
+        let session = self
+            .sessions
+            .get_mut(&identity)
+            .and_then(|list| list.first_mut())
+            .ok_or(CryptoError::UnknownDevice(device))?;
+        let (olm_type, ciphertext) = session.encrypt(plaintext).to_parts();
+        Ok(Envelope {
+            olm_type: u32::try_from(olm_type).unwrap_or(u32::MAX),
+            ciphertext,
+        })
+    }
+
+    /// Decrypts a copy sent by `sender_device`. Returns the plaintext and the sender's identity
+    /// key, which Olm has authenticated (only its holder could have made this ciphertext).
+    pub fn decrypt(
+        &mut self,
+        sender_device: DeviceId,
+        envelope: &Envelope,
+    ) -> Result<(Zeroizing<Vec<u8>>, [u8; 32])> {
+        let message = OlmMessage::from_parts(
+            usize::try_from(envelope.olm_type).map_err(|_| CryptoError::Malformed)?,
+            &envelope.ciphertext,
+        )
+        .map_err(|_| CryptoError::Malformed)?;
+        match message {
+            OlmMessage::PreKey(pre_key) => {
+                let identity = pre_key.identity_key();
+                let list = self.sessions.entry(identity.to_bytes()).or_default();
+                if let Some(index) = list
+                    .iter()
+                    .position(|s| s.session_id() == pre_key.session_id())
+                {
+                    let plaintext = list[index]
+                        .decrypt(&OlmMessage::PreKey(pre_key))
+                        .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
+                    let session = list.remove(index);
+                    list.insert(0, session);
+                    return Ok((Zeroizing::new(plaintext), identity.to_bytes()));
+                }
+                let created = self
+                    .account
+                    .create_inbound_session(identity, &pre_key)
+                    .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
+                let list = self.sessions.entry(identity.to_bytes()).or_default();
+                list.insert(0, created.session);
+                list.truncate(MAX_SESSIONS_PER_DEVICE);
+                self.devices.entry(sender_device).or_insert(KnownDevice {
+                    number: None,
+                    identity_key: identity.to_bytes(),
+                    signing_key: None,
+                });
+                Ok((Zeroizing::new(created.plaintext), identity.to_bytes()))
+            }
+            OlmMessage::Normal(_) => {
+                let identity = self
+                    .devices
+                    .get(&sender_device)
+                    .map(|known| known.identity_key)
+                    .ok_or(CryptoError::NoSession)?;
+                let list = self
+                    .sessions
+                    .get_mut(&identity)
+                    .ok_or(CryptoError::NoSession)?;
+                let mut last_error = String::from("no session");
+                for index in 0..list.len() {
+                    match list[index].decrypt(&message) {
+                        Ok(plaintext) => {
+                            let session = list.remove(index);
+                            list.insert(0, session);
+                            return Ok((Zeroizing::new(plaintext), identity));
+                        }
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                Err(CryptoError::Decrypt(last_error))
+            }
+        }
+    }
+
+    /// Compares a number's current identity keys with the trusted ones; on first use, trusts
+    /// them.
+    pub fn check_trust(&mut self, number: &str, keys: &[[u8; 32]]) -> TrustCheck {
+        match self.trusted.get(number) {
+            None => {
+                self.trusted
+                    .insert(number.to_string(), keys.iter().copied().collect());
+                TrustCheck::FirstUse
+            }
+            Some(trusted) => {
+                let new: Vec<[u8; 32]> = keys
+                    .iter()
+                    .filter(|key| !trusted.contains(*key))
+                    .copied()
+                    .collect();
+                if new.is_empty() {
+                    TrustCheck::Trusted
+                } else {
+                    TrustCheck::Changed(new)
+                }
+            }
+        }
+    }
+
+    /// Whether `key` is trusted for `number` (without trusting anything new).
+    pub fn is_trusted(&self, number: &str, key: &[u8; 32]) -> Option<bool> {
+        self.trusted.get(number).map(|keys| keys.contains(key))
+    }
+
+    /// Trusts these keys for `number` from now on (after the user compared safety numbers, or
+    /// approved a device link).
+    pub fn trust(&mut self, number: &str, keys: &[[u8; 32]]) {
+        self.trusted
+            .entry(number.to_string())
+            .or_default()
+            .extend(keys.iter().copied());
+    }
+}
+
+/// The safety number of two parties: 60 digits that both sides compute from their numbers and
+/// the identity keys of all their devices; equal on both screens means nobody is in between.
+/// It changes when either side adds, removes or replaces a device.
+pub fn safety_number(a: (&str, &[[u8; 32]]), b: (&str, &[[u8; 32]])) -> String {
+    fn half(number: &str, keys: &[[u8; 32]]) -> String {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        let mut digest = Sha512::new();
+        digest.update(b"tidings-safety-number-v1\n");
+        digest.update(number.as_bytes());
+        digest.update(b"\n");
+        for key in &keys {
+            digest.update(key);
+        }
+        let mut hash = digest.finalize();
+        // Iterated like other messengers' safety numbers, so that finding a key whose number
+        // matches a victim's costs more.
+        for _ in 0..5200 {
+            let mut next = Sha512::new();
+            next.update(hash);
+            for key in &keys {
+                next.update(key);
+            }
+            hash = next.finalize();
+        }
+        hash[..30]
+            .chunks(5)
+            .map(|chunk| {
+                let value = chunk.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+                format!("{:05}", value % 100_000)
+            })
+            .collect()
+    }
+    let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+    let digits = half(first.0, first.1) + &half(second.0, second.1);
+    digits
+        .as_bytes()
+        .chunks(5)
+        .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {
+        let upload = crypto
+            .keys_to_publish(device, KeySupply::default(), 1)
+            .expect("keys");
+        frame::ClaimedKey {
+            device_id: device.as_bytes().to_vec(),
+            identity_key: upload.identity_key,
+            signing_key: upload.signing_key,
+            key: upload.one_time_keys.into_iter().next(),
+            fallback: false,
+        }
+    }
+
+    #[test]
+    fn a_session_round_trip_and_what_is_refused() {
+        let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let mut alice = Crypto::new();
+        let mut bob = Crypto::new();
+        let claimed = claim_from(&mut bob, bob_device);
+
+        let mut forged = claimed.clone();
+        if let Some(key) = forged.key.as_mut() {
+            key.public_key[0] ^= 1;
+        }
+        assert!(matches!(
+            alice.open_session("+1", &forged),
+            Err(CryptoError::BadKeySignature(_))
+        ));
+
+        alice.open_session("+1", &claimed).expect("session");
+        let first = alice.encrypt(bob_device, b"hello").expect("encrypt");
+        let (plaintext, sender_key) = bob.decrypt(alice_device, &first).expect("decrypt");
+        assert_eq!(&plaintext[..], b"hello");
+        assert_eq!(sender_key, alice.identity_keys().0);
+        // Replayed: the message key is used up.
+        assert!(bob.decrypt(alice_device, &first).is_err());
+        // Tampered.
+        let mut tampered = alice.encrypt(bob_device, b"again").expect("encrypt");
+        if let Some(byte) = tampered.ciphertext.last_mut() {
+            *byte ^= 1;
+        }
+        assert!(bob.decrypt(alice_device, &tampered).is_err());
+        // The state survives a round trip through bytes.
+        let mut bob = Crypto::from_bytes(&bob.to_bytes().expect("bytes")).expect("restore");
+        let reply = bob.encrypt(alice_device, b"hi").expect("reply");
+        assert_eq!(
+            &alice.decrypt(bob_device, &reply).expect("decrypt").0[..],
+            b"hi"
+        );
+    }
+
+    #[test]
+    fn a_pre_key_message_for_a_key_this_device_does_not_have_is_refused() {
+        let (alice_device, carol_device) = (DeviceId([1; 16]), DeviceId([3; 16]));
+        let mut alice = Crypto::new();
+        let mut bob = Crypto::new();
+        let mut carol = Crypto::new();
+        // Made with one of Carol's keys, delivered to Bob.
+        let claimed = claim_from(&mut carol, carol_device);
+        alice.open_session("+3", &claimed).expect("session");
+        let first = alice.encrypt(carol_device, b"for carol").expect("encrypt");
+        assert!(matches!(
+            bob.decrypt(alice_device, &first),
+            Err(CryptoError::Decrypt(_))
+        ));
+        // A normal message from a device without a session, and garbage, are refused too.
+        let again = alice.encrypt(carol_device, b"again").expect("encrypt");
+        let normal = Envelope {
+            olm_type: 1,
+            ciphertext: again.ciphertext,
+        };
+        assert!(bob.decrypt(DeviceId([9; 16]), &normal).is_err());
+        let garbage = Envelope {
+            olm_type: 0,
+            ciphertext: vec![1, 2, 3],
+        };
+        assert!(matches!(
+            bob.decrypt(alice_device, &garbage),
+            Err(CryptoError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn trust_on_first_use_then_changes_are_named() {
+        let mut crypto = Crypto::new();
+        assert_eq!(crypto.check_trust("+1", &[[1; 32]]), TrustCheck::FirstUse);
+        assert_eq!(crypto.check_trust("+1", &[[1; 32]]), TrustCheck::Trusted);
+        assert_eq!(
+            crypto.check_trust("+1", &[[1; 32], [2; 32]]),
+            TrustCheck::Changed(vec![[2; 32]])
+        );
+        crypto.trust("+1", &[[2; 32]]);
+        assert_eq!(crypto.check_trust("+1", &[[2; 32]]), TrustCheck::Trusted);
+    }
+
+    #[test]
+    fn safety_numbers_agree_on_both_sides_and_change_with_keys() {
+        let alice = ("+491511", &[[1u8; 32]][..]);
+        let bob = ("+491512", &[[2u8; 32], [3u8; 32]][..]);
+        let number = safety_number(alice, bob);
+        assert_eq!(number, safety_number(bob, alice));
+        assert_eq!(number.replace(' ', "").len(), 60);
+        assert_ne!(number, safety_number(alice, ("+491512", &[[2u8; 32]][..])));
+    }
+}

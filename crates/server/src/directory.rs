@@ -1,0 +1,422 @@
+//! Device keys and the devices of a number: publishing identity, one-time and fallback keys,
+//! claiming them to open end-to-end sessions, link codes that add a device, removing a device.
+//!
+//! The server checks every key's signature before storing it, so a client never receives a key
+//! its owner did not sign; the client checks again, so a server cannot forge one either. Nothing
+//! here logs a number, a key or a code.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use rand::Rng as _;
+use sha2::{Digest as _, Sha256};
+use tidings_core::HOUR;
+use tidings_proto::frame::{self, ErrorCode, Kind};
+use tidings_proto::id::DeviceId;
+use tidings_proto::number::E164;
+use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS_STORED};
+use tidings_store::{IdentityKeys, Published, SignedKey, Store as _};
+
+use crate::hub::{Outbound, Outbox};
+use crate::session::Identity;
+use crate::state::{now_ms, take_budget, LinkOffer, Shared, LINK_CODE_LIFETIME};
+
+async fn answer(tx: &Outbox, kind: Kind) {
+    let _ = tx.send(Outbound::Frame(kind.into())).await;
+}
+
+async fn refuse(tx: &Outbox, code: ErrorCode, message: &str, request_id: u64) {
+    answer(
+        tx,
+        Kind::Error(frame::Error {
+            code: code as i32,
+            message: message.into(),
+            fatal: false,
+            request_id,
+        }),
+    )
+    .await;
+}
+
+/// Parses identity keys: a 32-byte Curve25519 key and a valid Ed25519 key.
+pub fn identity_keys(identity_key: &[u8], signing_key: &[u8]) -> Option<IdentityKeys> {
+    let identity_key = <[u8; 32]>::try_from(identity_key).ok()?;
+    let signing_key = <[u8; 32]>::try_from(signing_key).ok()?;
+    VerifyingKey::from_bytes(&signing_key).ok()?;
+    Some(IdentityKeys {
+        identity_key,
+        signing_key,
+    })
+}
+
+/// Parses a signed key and checks its signature by the device's signing key.
+fn signed_key(
+    device: DeviceId,
+    signing_key: &VerifyingKey,
+    fallback: bool,
+    key: &frame::SignedKey,
+) -> Option<SignedKey> {
+    let public_key = <[u8; 32]>::try_from(key.public_key.as_slice()).ok()?;
+    let signature = <[u8; 64]>::try_from(key.signature.as_slice()).ok()?;
+    let transcript =
+        tidings_proto::transcript::one_time_key(device.as_bytes(), fallback, &public_key);
+    signing_key
+        .verify_strict(&transcript, &Signature::from_bytes(&signature))
+        .ok()?;
+    Some(SignedKey {
+        public_key,
+        signature,
+    })
+}
+
+/// Handles `KeysUpload`.
+pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload, tx: Outbox) {
+    let request_id = upload.request_id;
+    if upload.one_time_keys.len() > MAX_ONE_TIME_KEYS_PER_UPLOAD {
+        let message = format!("at most {MAX_ONE_TIME_KEYS_PER_UPLOAD} one-time keys per upload");
+        return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+    }
+    let Some(keys) = identity_keys(&upload.identity_key, &upload.signing_key) else {
+        return refuse(
+            &tx,
+            ErrorCode::InvalidRequest,
+            "identity keys must be a 32-byte Curve25519 key and a 32-byte Ed25519 key",
+            request_id,
+        )
+        .await;
+    };
+    let Ok(verifier) = VerifyingKey::from_bytes(&keys.signing_key) else {
+        return;
+    };
+    let mut one_time = Vec::with_capacity(upload.one_time_keys.len());
+    for key in &upload.one_time_keys {
+        match signed_key(identity.device, &verifier, false, key) {
+            Some(key) => one_time.push(key),
+            None => return refuse(
+                &tx,
+                ErrorCode::InvalidRequest,
+                "a one-time key is malformed or its signature does not verify: nothing was stored",
+                request_id,
+            )
+            .await,
+        }
+    }
+    let fallback = match &upload.fallback_key {
+        None => None,
+        Some(key) => match signed_key(identity.device, &verifier, true, key) {
+            Some(key) => Some(key),
+            None => {
+                return refuse(
+                    &tx,
+                    ErrorCode::InvalidRequest,
+                    "the fallback key is malformed or its signature does not verify: nothing was stored",
+                    request_id,
+                )
+                .await
+            }
+        },
+    };
+    match state
+        .store
+        .publish_keys(
+            identity.device,
+            keys,
+            one_time,
+            fallback,
+            MAX_ONE_TIME_KEYS_STORED,
+        )
+        .await
+    {
+        Ok(Published::Stored { one_time_keys }) => {
+            answer(
+                &tx,
+                Kind::KeysUploadResult(frame::KeysUploadResult {
+                    request_id,
+                    one_time_keys,
+                }),
+            )
+            .await;
+        }
+        Ok(Published::IdentityMismatch) => {
+            refuse(
+                &tx,
+                ErrorCode::InvalidRequest,
+                "this device's identity keys are already published and cannot change: register the device again",
+                request_id,
+            )
+            .await;
+        }
+        Ok(Published::TooMany) => {
+            let message = format!(
+                "at most {MAX_ONE_TIME_KEYS_STORED} unclaimed one-time keys per device: upload fewer"
+            );
+            refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed while publishing keys");
+            refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: upload again",
+                request_id,
+            )
+            .await;
+        }
+    }
+}
+
+/// Handles `KeysClaim`. Claims of another number's keys draw from a per-device budget, so one
+/// device cannot drain a user's one-time keys; the fallback key keeps sessions possible anyway.
+pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, tx: Outbox) {
+    let request_id = claim.request_id;
+    if claim.device_ids.len() > MAX_DEVICES {
+        let message = format!("at most {MAX_DEVICES} devices per claim");
+        return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+    }
+    let Some(only) = claim
+        .device_ids
+        .iter()
+        .map(|d| DeviceId::from_slice(d))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return refuse(
+            &tx,
+            ErrorCode::InvalidRequest,
+            "device ids are 16 bytes",
+            request_id,
+        )
+        .await;
+    };
+    let account = match E164::parse(&claim.number) {
+        Err(_) => None,
+        Ok(number) => {
+            let Ok(pseudonym) = state.keys.pseudonym(&number) else {
+                return refuse(&tx, ErrorCode::Unavailable, "try again", request_id).await;
+            };
+            match state.store.account(pseudonym).await {
+                Ok(account) => account,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storage failed during a key claim");
+                    return refuse(
+                        &tx,
+                        ErrorCode::Unavailable,
+                        "storage unavailable: try again",
+                        request_id,
+                    )
+                    .await;
+                }
+            }
+        }
+    };
+    // Every claim of another number's keys costs at least one from the budget, including a
+    // claim for a number that is not a user: otherwise claims would be a free lookup.
+    if account
+        .as_ref()
+        .is_none_or(|a| a.account != identity.account)
+    {
+        let cost = match &account {
+            Some(account) if only.is_empty() => account.devices.len(),
+            _ => only.len(),
+        }
+        .max(1);
+        let per_second = f64::from(state.config.key_claims_per_hour) / (HOUR as f64 / 1000.0);
+        if take_budget(
+            &state.claim_budgets,
+            identity.device,
+            u32::try_from(cost).unwrap_or(u32::MAX),
+            state.config.key_claim_burst,
+            per_second,
+            now_ms(),
+        )
+        .is_err()
+        {
+            return refuse(
+                &tx,
+                ErrorCode::RateLimited,
+                "too many key claims: try again later",
+                request_id,
+            )
+            .await;
+        }
+    }
+    // A number that is not a user has no devices: the same empty answer a device list gives.
+    let Some(account) = account else {
+        return answer(
+            &tx,
+            Kind::KeysClaimResult(frame::KeysClaimResult {
+                request_id,
+                devices: Vec::new(),
+            }),
+        )
+        .await;
+    };
+    let claimed = match state.store.claim_keys(account.account, only).await {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a key claim");
+            return refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: try again",
+                request_id,
+            )
+            .await;
+        }
+    };
+    if !claimed.unknown.is_empty() {
+        return refuse(
+            &tx,
+            ErrorCode::InvalidRequest,
+            "no such device for that number: fetch its device list again",
+            request_id,
+        )
+        .await;
+    }
+    let devices = claimed
+        .keys
+        .into_iter()
+        .map(|key| frame::ClaimedKey {
+            device_id: key.device.as_bytes().to_vec(),
+            identity_key: key.identity.identity_key.to_vec(),
+            signing_key: key.identity.signing_key.to_vec(),
+            key: Some(frame::SignedKey {
+                public_key: key.key.public_key.to_vec(),
+                signature: key.key.signature.to_vec(),
+            }),
+            fallback: key.fallback,
+        })
+        .collect();
+    answer(
+        &tx,
+        Kind::KeysClaimResult(frame::KeysClaimResult {
+            request_id,
+            devices,
+        }),
+    )
+    .await;
+}
+
+/// The SHA-256 of a link code: the form in which the server holds it.
+pub fn link_code_hash(code: &str) -> [u8; 32] {
+    let normalised: String = code.chars().filter(char::is_ascii_digit).collect();
+    Sha256::digest(normalised.as_bytes()).into()
+}
+
+/// Handles `LinkCodeRequest`: a fresh 12-digit code, valid 10 minutes, that lets one new device
+/// join this device's number. A new request replaces this device's earlier code.
+pub async fn link_code(
+    state: Shared,
+    identity: Identity,
+    request: frame::LinkCodeRequest,
+    tx: Outbox,
+) {
+    let request_id = request.request_id;
+    match state.store.devices_of(identity.account).await {
+        Ok(devices) if devices.len() >= MAX_DEVICES => {
+            let message = format!(
+                "this number already has {MAX_DEVICES} devices: remove one with `tidings devices --remove <id>` first"
+            );
+            return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a link request");
+            return refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: try again",
+                request_id,
+            )
+            .await;
+        }
+    }
+    let digits: String = {
+        let mut rng = rand::rngs::OsRng;
+        (0..12)
+            .map(|_| char::from(b'0' + rng.gen_range(0..10u8)))
+            .collect()
+    };
+    let code = format!("{}-{}-{}", &digits[0..4], &digits[4..8], &digits[8..12]);
+    let now = now_ms();
+    let stored = match state.link_offers.lock() {
+        Ok(mut offers) => {
+            offers.retain(|_, offer| offer.approver != identity.device && offer.expires_at > now);
+            let room = offers.len() < crate::state::LIMITER_CAPACITY;
+            if room {
+                offers.insert(
+                    link_code_hash(&code),
+                    LinkOffer {
+                        account: identity.account,
+                        approver: identity.device,
+                        expires_at: now + LINK_CODE_LIFETIME,
+                    },
+                );
+            }
+            room
+        }
+        Err(_) => false,
+    };
+    if !stored {
+        return refuse(
+            &tx,
+            ErrorCode::Unavailable,
+            "too many link codes pending: try again later",
+            request_id,
+        )
+        .await;
+    }
+    answer(
+        &tx,
+        Kind::LinkCode(frame::LinkCode {
+            request_id,
+            code,
+            expires_in: u32::try_from(LINK_CODE_LIFETIME / 1000).unwrap_or(600),
+        }),
+    )
+    .await;
+}
+
+/// Handles `RemoveDevice`: the device, its keys, its queue and its receipts go at once, and its
+/// sessions are signed out.
+pub async fn remove(state: Shared, identity: Identity, request: frame::RemoveDevice, tx: Outbox) {
+    let request_id = request.request_id;
+    let Some(device) = DeviceId::from_slice(&request.device_id) else {
+        return refuse(
+            &tx,
+            ErrorCode::InvalidRequest,
+            "device ids are 16 bytes",
+            request_id,
+        )
+        .await;
+    };
+    match state.store.remove_device(identity.account, device).await {
+        Ok(true) => {
+            answer(
+                &tx,
+                Kind::RemoveDeviceResult(frame::RemoveDeviceResult { request_id }),
+            )
+            .await;
+            state
+                .hub
+                .sign_out(&[device], "this device was removed from its number");
+            tracing::info!("a device was removed");
+        }
+        Ok(false) => {
+            refuse(
+                &tx,
+                ErrorCode::InvalidRequest,
+                "no such device on your number: list them with `tidings devices`",
+                request_id,
+            )
+            .await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed while removing a device");
+            refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: remove again",
+                request_id,
+            )
+            .await;
+        }
+    }
+}
