@@ -411,17 +411,6 @@ impl Client {
         ttl_seconds: u32,
         wait: Duration,
     ) -> Result<SendReport> {
-        self.send_content(to, text, mode, ttl_seconds, wait).await
-    }
-
-    async fn send_content(
-        &self,
-        to: &str,
-        text: &str,
-        mode: SendMode,
-        ttl_seconds: u32,
-        wait: Duration,
-    ) -> Result<SendReport> {
         let to = E164::parse(to)?;
         let to = to.as_str().to_string();
         let own = self.data.number.clone();

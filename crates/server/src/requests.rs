@@ -200,35 +200,27 @@ async fn decide_and_store<'a>(
     turn: Turn<'a>,
     push_turn: impl std::future::Future<Output = Turn<'a>>,
 ) -> Stored {
+    let decided = decide_and_enqueue(state, identity, send, turn).await;
     // The push turn is taken even when nothing is pushed, so later sends do not wait for it.
-    let (stored, push) = decide_and_store_in_turn(state, identity, send, turn).await;
     let _push_turn = push_turn.await;
-    if let Some((sender, id, sent_at, copies)) = push {
-        for (device, payload) in copies {
-            state
-                .hub
-                .deliver(&device, 0, &deliver_frame(sender, id, sent_at, payload));
+    match decided {
+        Ok((stored, (sender, id, sent_at, copies))) => {
+            for (device, payload) in copies {
+                let frame = deliver_frame(sender, id, sent_at, payload);
+                state.hub.deliver(&device, 0, &frame);
+            }
+            stored
         }
+        Err(stored) => stored,
     }
-    stored
 }
 
-/// Copies to push to live sessions once stored: sender device, id, time, copies.
+/// A stored message's copies, to push to live sessions: sender device, id, time, copies.
 type Push = (DeviceId, MessageId, Millis, Vec<(DeviceId, Bytes)>);
 
-async fn decide_and_store_in_turn(
-    state: &Shared,
-    identity: Identity,
-    send: frame::Send,
-    turn: Turn<'_>,
-) -> (Stored, Option<Push>) {
-    match decide_store_once(state, identity, send, turn).await {
-        Ok((stored, push)) => (stored, Some(push)),
-        Err(stored) => (stored, None),
-    }
-}
-
-async fn decide_store_once(
+/// Decides a send and stores it. `Ok` holds what to push; `Err` the answer when nothing is
+/// pushed (refused, a duplicate, or failed).
+async fn decide_and_enqueue(
     state: &Shared,
     identity: Identity,
     send: frame::Send,
