@@ -25,6 +25,7 @@ fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {
         signing_key: upload.signing_key,
         key: upload.one_time_keys.into_iter().next(),
         fallback: false,
+        ..Default::default()
     }
 }
 
