@@ -435,17 +435,6 @@ impl Client {
         ttl_seconds: u32,
         wait: Duration,
     ) -> Result<SendReport> {
-        self.send_content(to, text, mode, ttl_seconds, wait).await
-    }
-
-    async fn send_content(
-        &self,
-        to: &str,
-        text: &str,
-        mode: SendMode,
-        ttl_seconds: u32,
-        wait: Duration,
-    ) -> Result<SendReport> {
         let to = E164::parse(to)?;
         let to = to.as_str().to_string();
         let own = self.data.number.clone();
@@ -567,10 +556,14 @@ impl Client {
                     continue;
                 }
                 if let TrustCheck::Changed(new) = crypto.check_trust(number, &keys) {
-                    return Err(ClientError::IdentityChanged {
-                        number: number.to_string(),
-                        count: new.len(),
-                    });
+                    // A new device vouched for by a trusted device of the number is accepted.
+                    let untrusted = crypto.accept_vouched(number, &new);
+                    if !untrusted.is_empty() {
+                        return Err(ClientError::IdentityChanged {
+                            number: number.to_string(),
+                            count: untrusted.len(),
+                        });
+                    }
                 }
             }
             let mut targets = crypto.devices_of(to);
@@ -903,15 +896,35 @@ impl Client {
                         device_id: done.device_id.clone(),
                         identity_key: done.identity_key.clone(),
                         signing_key: done.signing_key.clone(),
+                        ..Default::default()
                     };
                     let own = self.data.number.clone();
-                    inbox.update(|_, crypto| {
+                    let signature = inbox.update(|_, crypto| {
                         crypto.learn_device(device, &own, &keys);
                         if let Some(key) = key_of(&done.identity_key) {
                             crypto.trust(&own, &[key]);
                         }
-                        Ok(Change::Save(()))
+                        let signature =
+                            crypto.vouch_for(device, &done.identity_key, &done.signing_key);
+                        Ok(Change::Save(signature))
                     })?;
+                    // Vouching lets this number's contacts accept the new device without a
+                    // safety-number check: it was approved by a device they already trust.
+                    let request_id = session.request_id();
+                    let vouch = Kind::Vouch(frame::Vouch {
+                        request_id,
+                        device_id: done.device_id.clone(),
+                        signature,
+                    });
+                    match session.call(vouch, request_id).await? {
+                        Kind::VouchResult(_) => {}
+                        Kind::Error(e) => return Err(ClientError::Refused(e.message)),
+                        _ => {
+                            return Err(ClientError::Protocol(
+                                "unexpected answer to a vouch".into(),
+                            ))
+                        }
+                    }
                     return Ok(Some(device));
                 }
                 Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
@@ -1209,9 +1222,16 @@ impl Client {
                 )),
             );
         };
+        // Every listed device is learnt: a voucher's signing key may be needed below.
+        for listed_device in listed {
+            if let Some(device) = DeviceId::from_slice(&listed_device.device_id) {
+                crypto.learn_device(device, claimed, listed_device);
+            }
+        }
         crypto.learn_device(sender_device, claimed, entry);
         let trusted = match crypto.is_trusted(claimed, &sender_key) {
-            Some(trusted) => trusted,
+            Some(false) => crypto.accept_vouched(claimed, &[sender_key]).is_empty(),
+            Some(true) => true,
             None => {
                 let keys: Vec<[u8; 32]> = listed
                     .iter()

@@ -57,6 +57,15 @@ pub struct KnownDevice {
     pub number: Option<String>,
     pub identity_key: [u8; 32],
     pub signing_key: Option<[u8; 32]>,
+    /// The device of the same number that vouched for this one (approved its link) and its
+    /// signature, as the directory lists them.
+    #[serde(default)]
+    pub voucher: Option<([u8; 16], Vec<u8>)>,
+}
+
+fn voucher_of(by: &[u8], signature: &[u8]) -> Option<([u8; 16], Vec<u8>)> {
+    let by = <[u8; 16]>::try_from(by).ok()?;
+    (signature.len() == 64).then(|| (by, signature.to_vec()))
 }
 
 /// How a number's current keys compare with the ones trusted for it.
@@ -301,6 +310,7 @@ impl Crypto {
                 number: Some(number.to_string()),
                 identity_key: identity.to_bytes(),
                 signing_key: Some(signing_bytes),
+                voucher: voucher_of(&claimed.voucher, &claimed.voucher_signature),
             },
         );
         Ok(device)
@@ -320,8 +330,62 @@ impl Crypto {
                 number: Some(number.to_string()),
                 identity_key,
                 signing_key: Some(signing_key),
+                voucher: voucher_of(&keys.voucher, &keys.voucher_signature),
             },
         );
+    }
+
+    /// This device's signature vouching for a device it approved joining its number.
+    pub fn vouch_for(&self, device: DeviceId, identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {
+        let transcript =
+            tidings_proto::transcript::vouch(device.as_bytes(), identity_key, signing_key);
+        self.account.sign(&transcript).to_bytes().to_vec()
+    }
+
+    /// Trusts those of `keys` (new for `number`) whose device was vouched for by a device of
+    /// `number` whose key is trusted, the signature checked; returns the keys still untrusted.
+    /// This is how a contact's newly linked device is accepted without a safety-number check,
+    /// while a re-registration (no trusted device left to vouch) is not.
+    pub fn accept_vouched(&mut self, number: &str, keys: &[[u8; 32]]) -> Vec<[u8; 32]> {
+        let mut untrusted = Vec::new();
+        for key in keys {
+            let vouched = self.devices.iter().any(|(device, known)| {
+                known.identity_key == *key
+                    && known.number.as_deref() == Some(number)
+                    && self.vouch_holds(number, *device, known)
+            });
+            if vouched {
+                self.trust(number, &[*key]);
+            } else {
+                untrusted.push(*key);
+            }
+        }
+        untrusted
+    }
+
+    fn vouch_holds(&self, number: &str, device: DeviceId, known: &KnownDevice) -> bool {
+        let (Some((by, signature)), Some(signing_key)) = (&known.voucher, known.signing_key) else {
+            return false;
+        };
+        let Some(voucher) = self.devices.get(&DeviceId(*by)) else {
+            return false;
+        };
+        if voucher.number.as_deref() != Some(number)
+            || self.is_trusted(number, &voucher.identity_key) != Some(true)
+        {
+            return false;
+        }
+        let (Some(voucher_key), Ok(signature)) = (
+            voucher
+                .signing_key
+                .and_then(|k| Ed25519PublicKey::from_slice(&k).ok()),
+            Ed25519Signature::from_slice(signature),
+        ) else {
+            return false;
+        };
+        let transcript =
+            tidings_proto::transcript::vouch(device.as_bytes(), &known.identity_key, &signing_key);
+        voucher_key.verify(&transcript, &signature).is_ok()
     }
 
     /// What this device knows of another.
@@ -401,6 +465,7 @@ impl Crypto {
                     number: None,
                     identity_key: identity.to_bytes(),
                     signing_key: None,
+                    voucher: None,
                 });
                 Ok((Zeroizing::new(created.plaintext), identity.to_bytes()))
             }
@@ -526,6 +591,7 @@ mod tests {
             signing_key: upload.signing_key,
             key: upload.one_time_keys.into_iter().next(),
             fallback: false,
+            ..Default::default()
         }
     }
 
@@ -609,6 +675,62 @@ mod tests {
         );
         crypto.trust("+1", &[[2; 32]]);
         assert_eq!(crypto.check_trust("+1", &[[2; 32]]), TrustCheck::Trusted);
+    }
+
+    #[test]
+    fn a_new_device_vouched_for_by_a_trusted_one_is_accepted_and_no_other() {
+        let (phone_id, laptop_id) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let phone = Crypto::new();
+        let laptop = Crypto::new();
+        let stranger = Crypto::new();
+        let mut contact = Crypto::new();
+        let listed = |crypto: &Crypto, id: DeviceId, voucher: Option<(DeviceId, Vec<u8>)>| {
+            let (identity_key, signing_key) = crypto.identity_keys();
+            frame::DeviceKeys {
+                device_id: id.as_bytes().to_vec(),
+                identity_key: identity_key.to_vec(),
+                signing_key: signing_key.to_vec(),
+                voucher: voucher
+                    .as_ref()
+                    .map(|v| v.0.as_bytes().to_vec())
+                    .unwrap_or_default(),
+                voucher_signature: voucher.map(|v| v.1).unwrap_or_default(),
+            }
+        };
+        let (laptop_identity, laptop_signing) = laptop.identity_keys();
+        let signature = phone.vouch_for(laptop_id, &laptop_identity, &laptop_signing);
+        contact.learn_device(phone_id, "+1", &listed(&phone, phone_id, None));
+        contact.check_trust("+1", &[phone.identity_keys().0]);
+        // Vouched for by the trusted phone: accepted.
+        contact.learn_device(
+            laptop_id,
+            "+1",
+            &listed(&laptop, laptop_id, Some((phone_id, signature.clone()))),
+        );
+        assert!(contact.accept_vouched("+1", &[laptop_identity]).is_empty());
+        // The same signature over another device's keys, or by a key that is not trusted: not.
+        let stranger_id = DeviceId([3; 16]);
+        contact.learn_device(
+            stranger_id,
+            "+1",
+            &listed(&stranger, stranger_id, Some((phone_id, signature))),
+        );
+        let stranger_key = stranger.identity_keys().0;
+        assert_eq!(
+            contact.accept_vouched("+1", &[stranger_key]),
+            vec![stranger_key]
+        );
+        let (stranger_identity, stranger_signing) = stranger.identity_keys();
+        let self_vouched = stranger.vouch_for(stranger_id, &stranger_identity, &stranger_signing);
+        contact.learn_device(
+            stranger_id,
+            "+1",
+            &listed(&stranger, stranger_id, Some((stranger_id, self_vouched))),
+        );
+        assert_eq!(
+            contact.accept_vouched("+1", &[stranger_key]),
+            vec![stranger_key]
+        );
     }
 
     #[test]

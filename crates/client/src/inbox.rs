@@ -353,10 +353,38 @@ impl Inbox {
         let Some(sealed) = sealed else {
             return Ok(None);
         };
-        let plain = self.vault.open(&message_name(sender_device, id), &sealed)?;
+        self.unseal(sender_device, id, &sealed).map(Some)
+    }
+
+    /// Every received message kept in the profile, shown or not (the history).
+    pub fn history(&self) -> Result<Vec<Received>> {
+        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = {
+            let mut statement = self
+                .conn
+                .prepare("SELECT sender_device, msg_id, sealed FROM messages")?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let mut history = Vec::with_capacity(rows.len());
+        for (sender_device, id, sealed) in rows {
+            let (Some(sender_device), Some(id)) = (
+                DeviceId::from_slice(&sender_device),
+                MessageId::from_slice(&id),
+            ) else {
+                continue;
+            };
+            history.push(self.unseal(sender_device, id, &sealed)?);
+        }
+        Ok(history)
+    }
+
+    fn unseal(&self, sender_device: DeviceId, id: MessageId, sealed: &[u8]) -> Result<Received> {
+        let plain = self.vault.open(&message_name(sender_device, id), sealed)?;
         let message: SealedMessage =
             serde_json::from_slice(&plain).map_err(|e| ClientError::Inbox(e.to_string()))?;
-        Ok(Some(Received {
+        Ok(Received {
             sender_device,
             id,
             from: message.from,
@@ -365,7 +393,7 @@ impl Inbox {
             sent_at_ms: message.sent_at_ms,
             sender_verified: message.sender_verified,
             warning: message.warning,
-        }))
+        })
     }
 
     /// Records an outgoing message's routing state (see [`crate::route`]), sealed under the

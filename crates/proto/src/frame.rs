@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37"
     )]
     pub kind: Option<Kind>,
 }
@@ -43,6 +43,8 @@ pub enum Kind {
     #[prost(message, tag = "12")]
     RemoveDevice(RemoveDevice),
     #[prost(message, tag = "13")]
+    Vouch(Vouch),
+    #[prost(message, tag = "14")]
     Withdraw(Withdraw),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
@@ -77,6 +79,8 @@ pub enum Kind {
     #[prost(message, tag = "35")]
     RemoveDeviceResult(RemoveDeviceResult),
     #[prost(message, tag = "36")]
+    VouchResult(VouchResult),
+    #[prost(message, tag = "37")]
     WithdrawResult(WithdrawResult),
 }
 
@@ -91,6 +95,7 @@ impl Kind {
             Kind::KeysClaimResult(r) => Some(r.request_id),
             Kind::LinkCode(r) => Some(r.request_id),
             Kind::RemoveDeviceResult(r) => Some(r.request_id),
+            Kind::VouchResult(r) => Some(r.request_id),
             Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
             _ => None,
         }
@@ -441,6 +446,12 @@ pub struct DeviceKeys {
     /// Olm Ed25519 signing key, 32 bytes.
     #[prost(bytes = "vec", tag = "3")]
     pub signing_key: Vec<u8>,
+    /// The device of the same number that approved this one's link, if one did.
+    #[prost(bytes = "vec", tag = "4")]
+    pub voucher: Vec<u8>,
+    /// The voucher's Ed25519 signature over `transcript::vouch` for this device.
+    #[prost(bytes = "vec", tag = "5")]
+    pub voucher_signature: Vec<u8>,
 }
 
 /// A Curve25519 one-time or fallback key with the device's Ed25519 signature over
@@ -512,6 +523,11 @@ pub struct ClaimedKey {
     pub key: Option<SignedKey>,
     #[prost(bool, tag = "5")]
     pub fallback: bool,
+    /// As in [`DeviceKeys`].
+    #[prost(bytes = "vec", tag = "6")]
+    pub voucher: Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub voucher_signature: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -566,6 +582,24 @@ pub struct RemoveDevice {
     pub request_id: u64,
     #[prost(bytes = "vec", tag = "2")]
     pub device_id: Vec<u8>,
+}
+
+/// The logged-in device vouches for a device it approved: its signature over
+/// `transcript::vouch`, which lets contacts accept the new device's keys.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Vouch {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VouchResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -755,6 +789,8 @@ mod tests {
             Kind::LinkCode(Default::default()),
             Kind::LinkCompleted(Default::default()),
             Kind::RemoveDeviceResult(Default::default()),
+            Kind::Vouch(Default::default()),
+            Kind::VouchResult(Default::default()),
         ];
         for kind in kinds {
             // Also the empty message of each kind: its tag alone must select it.

@@ -51,3 +51,14 @@ pub fn link(
     out.extend_from_slice(signing_key);
     out
 }
+
+/// What a device signs (with its Olm Ed25519 key) to vouch for a device it approved joining its
+/// number: the new device's id and identity keys.
+pub fn vouch(device_id: &[u8], identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17 + device_id.len() + 64);
+    out.extend_from_slice(b"tidings-vouch-v1\n");
+    out.extend_from_slice(device_id);
+    out.extend_from_slice(identity_key);
+    out.extend_from_slice(signing_key);
+    out
+}

@@ -13,7 +13,7 @@ use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
 use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS_STORED};
-use tidings_store::{IdentityKeys, Published, SignedKey, Store as _};
+use tidings_store::{IdentityKeys, Published, SignedKey, Store as _, Voucher};
 
 use crate::hub::{Outbound, Outbox};
 use crate::session::Identity;
@@ -282,6 +282,14 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
                 signature: key.key.signature.to_vec(),
             }),
             fallback: key.fallback,
+            voucher: key
+                .voucher
+                .map(|v| v.by.as_bytes().to_vec())
+                .unwrap_or_default(),
+            voucher_signature: key
+                .voucher
+                .map(|v| v.signature.to_vec())
+                .unwrap_or_default(),
         })
         .collect();
     answer(
@@ -414,6 +422,77 @@ pub async fn remove(state: Shared, identity: Identity, request: frame::RemoveDev
                 &tx,
                 ErrorCode::Unavailable,
                 "storage unavailable: remove again",
+                request_id,
+            )
+            .await;
+        }
+    }
+}
+
+/// Handles `Vouch`: the logged-in device signs for another device of its number (one it approved
+/// linking). The signature is checked with the voucher's own signing key; the first voucher of a
+/// device is kept.
+pub async fn vouch(state: Shared, identity: Identity, vouch: frame::Vouch, tx: Outbox) {
+    let request_id = vouch.request_id;
+    let invalid = |message: &'static str| {
+        let tx = tx.clone();
+        async move { refuse(&tx, ErrorCode::InvalidRequest, message, request_id).await }
+    };
+    let (Some(device), Ok(signature)) = (
+        DeviceId::from_slice(&vouch.device_id),
+        <[u8; 64]>::try_from(vouch.signature.as_slice()),
+    ) else {
+        return invalid("a vouch needs a 16-byte device id and a 64-byte signature").await;
+    };
+    let listed = match state.store.device_keys(identity.account).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a vouch");
+            return refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: try again",
+                request_id,
+            )
+            .await;
+        }
+    };
+    let keys_of = |id: DeviceId| listed.iter().find(|d| d.id == id).and_then(|d| d.identity);
+    let (Some(voucher), Some(target)) = (keys_of(identity.device), keys_of(device)) else {
+        return invalid("both devices must be of your number and have published keys").await;
+    };
+    let Ok(verifier) = VerifyingKey::from_bytes(&voucher.signing_key) else {
+        return;
+    };
+    let transcript = tidings_proto::transcript::vouch(
+        device.as_bytes(),
+        &target.identity_key,
+        &target.signing_key,
+    );
+    if verifier
+        .verify_strict(&transcript, &Signature::from_bytes(&signature))
+        .is_err()
+    {
+        return invalid("the vouch signature does not verify").await;
+    }
+    let voucher = Voucher {
+        by: identity.device,
+        signature,
+    };
+    match state
+        .store
+        .set_voucher(identity.account, device, voucher)
+        .await
+    {
+        Ok(_) => {
+            answer(&tx, Kind::VouchResult(frame::VouchResult { request_id })).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a vouch");
+            refuse(
+                &tx,
+                ErrorCode::Unavailable,
+                "storage unavailable: try again",
                 request_id,
             )
             .await;

@@ -120,9 +120,7 @@ pub async fn send(
     ticket: u64,
 ) {
     let id_bytes = send.id.clone();
-    let turn = order.hand_over.wait(ticket).await;
-    let push = async { order.push.wait(ticket).await };
-    let stored = decide_and_store(&state, identity, send, turn, push).await;
+    let stored = decide_and_store(&state, identity, send, &order, ticket).await;
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
         Stored::DevicesChanged(difference) => (
@@ -195,46 +193,46 @@ fn parse_copies(send: &frame::Send) -> Result<Vec<(DeviceId, Bytes)>, String> {
     Ok(copies)
 }
 
-async fn decide_and_store<'a>(
+async fn decide_and_store(
     state: &Shared,
     identity: Identity,
     send: frame::Send,
-    turn: Turn<'a>,
-    push_turn: impl std::future::Future<Output = Turn<'a>>,
+    order: &SendOrder,
+    ticket: u64,
 ) -> Stored {
-    // The push turn is taken even when nothing is pushed, so later sends do not wait for it.
-    let (stored, push) = decide_and_store_in_turn(state, identity, send, turn).await;
-    let _push_turn = push_turn.await;
-    if let Some((sender, id, sent_at, copies)) = push {
-        for (device, payload) in copies {
-            state
-                .hub
-                .deliver(&device, 0, &deliver_frame(sender, id, sent_at, payload));
-        }
+    // Sends are decided concurrently; only the hand-over to storage and the push wait for
+    // their turn. A send answered before storage still passes its turns, so later sends do not
+    // wait for it.
+    let mut handed_over = false;
+    let decided = decide_and_enqueue(state, identity, send, order, ticket, &mut handed_over).await;
+    if !handed_over {
+        drop(order.hand_over.wait(ticket).await);
     }
-    stored
+    let _push_turn = order.push.wait(ticket).await;
+    match decided {
+        Ok((stored, (sender, id, sent_at, copies))) => {
+            for (device, payload) in copies {
+                let frame = deliver_frame(sender, id, sent_at, payload);
+                state.hub.deliver(&device, 0, &frame);
+            }
+            stored
+        }
+        Err(stored) => stored,
+    }
 }
 
-/// Copies to push to live sessions once stored: sender device, id, time, copies.
+/// A stored message's copies, to push to live sessions: sender device, id, time, copies.
 type Push = (DeviceId, MessageId, Millis, Vec<(DeviceId, Bytes)>);
 
-async fn decide_and_store_in_turn(
+/// Decides a send and stores it. `Ok` holds what to push; `Err` the answer when nothing is
+/// pushed (refused, a duplicate, or failed).
+async fn decide_and_enqueue(
     state: &Shared,
     identity: Identity,
     send: frame::Send,
-    turn: Turn<'_>,
-) -> (Stored, Option<Push>) {
-    match decide_store_once(state, identity, send, turn).await {
-        Ok((stored, push)) => (stored, Some(push)),
-        Err(stored) => (stored, None),
-    }
-}
-
-async fn decide_store_once(
-    state: &Shared,
-    identity: Identity,
-    send: frame::Send,
-    turn: Turn<'_>,
+    order: &SendOrder,
+    ticket: u64,
+    handed_over: &mut bool,
 ) -> Result<(Stored, Push), Stored> {
     let answer = |outcome, detail: &str| Err(Stored::Answer(outcome, detail.to_string()));
     let Some(id) = MessageId::from_slice(&send.id) else {
@@ -308,8 +306,10 @@ async fn decide_store_once(
         expires_at,
         copies: copies.clone(),
     };
+    let turn = order.hand_over.wait(ticket).await;
     let submitted = state.store.enqueue_submit(message, QUEUE_LIMIT).await;
     // Handed over in order: the session's next send may go ahead while this one syncs.
+    *handed_over = true;
     drop(turn);
     let enqueued = match submitted {
         Ok(submitted) => submitted.outcome().await,
@@ -547,13 +547,21 @@ pub async fn devices(
         match state.store.account(pseudonym).await {
             Ok(Some(account)) => match state.store.device_keys(account.account).await {
                 Ok(listed) => {
-                    for (device, keys) in listed {
-                        device_ids.push(device.as_bytes().to_vec());
-                        if let Some(keys) = keys {
+                    for device in listed {
+                        device_ids.push(device.id.as_bytes().to_vec());
+                        if let Some(keys) = device.identity {
                             devices.push(frame::DeviceKeys {
-                                device_id: device.as_bytes().to_vec(),
+                                device_id: device.id.as_bytes().to_vec(),
                                 identity_key: keys.identity_key.to_vec(),
                                 signing_key: keys.signing_key.to_vec(),
+                                voucher: device
+                                    .voucher
+                                    .map(|v| v.by.as_bytes().to_vec())
+                                    .unwrap_or_default(),
+                                voucher_signature: device
+                                    .voucher
+                                    .map(|v| v.signature.to_vec())
+                                    .unwrap_or_default(),
                             });
                         }
                     }

@@ -424,6 +424,10 @@ fn handle(
             ));
             None
         }
+        Kind::Vouch(vouch) => {
+            tasks.spawn(directory::vouch(state.clone(), identity, vouch, tx.clone()));
+            None
+        }
         Kind::Login(_) => Some(error_frame(
             ErrorCode::Protocol,
             "already logged in",

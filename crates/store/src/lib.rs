@@ -71,6 +71,23 @@ pub struct IdentityKeys {
     pub signing_key: [u8; 32],
 }
 
+/// A device of the same account that vouched for a device (it approved its link), with its
+/// signature over the device's id and identity keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Voucher {
+    pub by: DeviceId,
+    pub signature: [u8; 64],
+}
+
+/// A device's published keys, as the directory lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedDevice {
+    pub id: DeviceId,
+    /// `None` until the device publishes its identity keys.
+    pub identity: Option<IdentityKeys>,
+    pub voucher: Option<Voucher>,
+}
+
 /// A published one-time or fallback key with its owner's signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignedKey {
@@ -105,6 +122,7 @@ pub struct ClaimedKey {
     pub key: SignedKey,
     /// No one-time key was left: this is the device's fallback key.
     pub fallback: bool,
+    pub voucher: Option<Voucher>,
 }
 
 /// What a claim did.
@@ -326,12 +344,20 @@ pub trait Store: Send + Sync + 'static {
         only: Vec<DeviceId>,
     ) -> impl Future<Output = Result<Claimed>> + Send;
 
-    /// The account's devices with their identity keys (`None` for a device that has not
-    /// published any yet).
+    /// The account's devices with their identity keys and vouchers.
     fn device_keys(
         &self,
         account: AccountId,
-    ) -> impl Future<Output = Result<Vec<(DeviceId, Option<IdentityKeys>)>>> + Send;
+    ) -> impl Future<Output = Result<Vec<ListedDevice>>> + Send;
+
+    /// Records that another device of the account vouched for `device` (first voucher only).
+    /// False if `device` is not the account's or already has a voucher.
+    fn set_voucher(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Deletes an account with everything that belongs to it; returns its devices.
     fn delete_account(

@@ -25,8 +25,9 @@ use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
     AccountDevices, AccountId, Acked, Claimed, ClaimedKey, Device, DeviceDifference, Enqueued,
-    ExpiredMessage, IdentityKeys, KeyStatus, Linked, NewMessage, Pending, PendingReceipt,
-    Pseudonym, Published, Registered, Result, SignedKey, Store, StoreError, Submitted, SyncReport,
+    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    PendingReceipt, Pseudonym, Published, Registered, Result, SignedKey, Store, StoreError,
+    Submitted, SyncReport, Voucher,
 };
 
 /// The database file inside the data directory.
@@ -105,6 +106,8 @@ CREATE TABLE IF NOT EXISTS codes (
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "identity_key", "BLOB"),
     ("devices", "signing_key", "BLOB"),
+    ("devices", "voucher", "BLOB"),
+    ("devices", "voucher_signature", "BLOB"),
     ("copies", "payload", "BLOB"),
     ("copies", "to_receiver", "INTEGER NOT NULL DEFAULT 1"),
 ];
@@ -410,19 +413,41 @@ fn signed_key(public_key: Vec<u8>, signature: Vec<u8>) -> Option<SignedKey> {
     })
 }
 
-/// The devices of an account with their identity keys, inside a transaction.
+fn voucher_of(by: Option<Vec<u8>>, signature: Option<Vec<u8>>) -> Option<Voucher> {
+    Some(Voucher {
+        by: DeviceId::from_slice(&by?)?,
+        signature: <[u8; 64]>::try_from(signature?.as_slice()).ok()?,
+    })
+}
+
+/// The devices of an account with their identity keys and queue lengths.
 fn keyed_devices(
     conn: &Connection,
     account: AccountId,
 ) -> rusqlite::Result<Vec<(DeviceId, Option<IdentityKeys>, i64)>> {
+    Ok(listed_devices(conn, account)?
+        .into_iter()
+        .map(|(listed, len)| (listed.id, listed.identity, len))
+        .collect())
+}
+
+/// The devices of an account as the directory lists them, with their queue lengths.
+fn listed_devices(
+    conn: &Connection,
+    account: AccountId,
+) -> rusqlite::Result<Vec<(ListedDevice, i64)>> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, identity_key, signing_key, queue_len FROM devices WHERE account_id = ?1",
+        "SELECT id, identity_key, signing_key, queue_len, voucher, voucher_signature
+         FROM devices WHERE account_id = ?1",
     )?;
     let rows = statement
         .query_map(params![account.0], |row| {
             Ok((
-                device_id(row.get(0)?)?,
-                identity_of(row.get(1)?, row.get(2)?),
+                ListedDevice {
+                    id: device_id(row.get(0)?)?,
+                    identity: identity_of(row.get(1)?, row.get(2)?),
+                    voucher: voucher_of(row.get(4)?, row.get(5)?),
+                },
                 row.get::<_, i64>(3)?,
             ))
         })?
@@ -710,17 +735,18 @@ impl Store for SqliteStore {
 
     async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
         self.write(move |txn, _| {
-            let devices = keyed_devices(txn, account)?;
+            let devices = listed_devices(txn, account)?;
             let mut claimed = Claimed {
                 keys: Vec::new(),
-                unknown: only.iter().copied().filter(|d| !devices.iter().any(|(id, _, _)| id == d)).collect(),
+                unknown: only.iter().copied().filter(|d| !devices.iter().any(|(l, _)| l.id == *d)).collect(),
             };
             // A claim naming a device that is not there hands out nothing at all.
             if !claimed.unknown.is_empty() {
                 return Ok(claimed);
             }
-            for (device, identity, _) in devices {
-                let Some(identity) = identity else { continue };
+            for (listed, _) in devices {
+                let (device, voucher) = (listed.id, listed.voucher);
+                let Some(identity) = listed.identity else { continue };
                 if !only.is_empty() && !only.contains(&device) {
                     continue;
                 }
@@ -753,7 +779,7 @@ impl Store for SqliteStore {
                     }
                 };
                 if let Some(key) = key {
-                    claimed.keys.push(ClaimedKey { device, identity, key, fallback });
+                    claimed.keys.push(ClaimedKey { device, identity, key, fallback, voucher });
                 }
             }
             Ok(claimed)
@@ -761,15 +787,35 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn device_keys(
+    async fn device_keys(&self, account: AccountId) -> Result<Vec<ListedDevice>> {
+        self.read(move |conn| {
+            Ok(listed_devices(conn, account)?
+                .into_iter()
+                .map(|(listed, _)| listed)
+                .collect())
+        })
+        .await
+    }
+
+    async fn set_voucher(
         &self,
         account: AccountId,
-    ) -> Result<Vec<(DeviceId, Option<IdentityKeys>)>> {
-        self.read(move |conn| {
-            Ok(keyed_devices(conn, account)?
-                .into_iter()
-                .map(|(device, keys, _)| (device, keys))
-                .collect())
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> Result<bool> {
+        self.write(move |txn, _| {
+            let changed = txn.execute(
+                "UPDATE devices SET voucher = ?3, voucher_signature = ?4
+                 WHERE id = ?1 AND account_id = ?2 AND voucher IS NULL
+                   AND EXISTS (SELECT 1 FROM devices WHERE id = ?3 AND account_id = ?2)",
+                params![
+                    device.as_bytes(),
+                    account.0,
+                    voucher.by.as_bytes(),
+                    &voucher.signature[..]
+                ],
+            )?;
+            Ok(changed > 0)
         })
         .await
     }

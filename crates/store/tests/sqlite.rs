@@ -10,7 +10,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
-    Pseudonym, Published, SignedKey, Store, SyncReport,
+    Pseudonym, Published, SignedKey, Store, SyncReport, Voucher,
 };
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -221,6 +221,18 @@ async fn queue_ack_receipt_and_residue() {
     let linked = DeviceId([4; 16]);
     let add = |device| store.add_device(bob_account, device, [6; 32], identity(40), 2, 0);
     assert_eq!(add(linked).await.expect("link"), Linked::Added);
+    let voucher = Voucher {
+        by: bob_laptop,
+        signature: [3; 64],
+    };
+    let vouch = |device| store.set_voucher(bob_account, device, voucher);
+    assert!(vouch(linked).await.expect("vouch"));
+    assert!(!vouch(linked).await.expect("only the first voucher"));
+    assert!(!vouch(alice_device).await.expect("not bob's device"));
+    let listed = store.device_keys(bob_account).await.expect("list");
+    assert!(listed
+        .iter()
+        .any(|d| d.id == linked && d.voucher == Some(voucher)));
     assert_eq!(
         add(DeviceId([5; 16])).await.expect("link"),
         Linked::TooManyDevices
