@@ -41,13 +41,18 @@ impl Drop for TempDir {
     }
 }
 
-/// A free TCP port on loopback (bound and released; good enough for tests on one machine).
+/// A free TCP port on loopback, below the ephemeral range (32768 and up here), so that no
+/// outgoing connection on this machine can take it between this check and the server's bind.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 500) * 24;
+    loop {
+        let offset = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(base + offset % 12_000).unwrap_or(20_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running `tidings server`.
