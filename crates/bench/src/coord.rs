@@ -67,7 +67,7 @@ impl Sizes {
             relay_rates: vec![
                 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5,
             ],
-            relay_max_steps: 10,
+            relay_max_steps: 12,
             step_secs: 5.0,
             grace_secs: 5.0,
             window: 1000,

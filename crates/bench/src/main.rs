@@ -84,7 +84,7 @@ struct RunArgs {
     #[arg(long, env = "TIDINGS_BIN")]
     tidings_bin: Option<PathBuf>,
     /// Scratch directory for server state and logs (its contents are replaced)
-    #[arg(long, default_value = "/tmp/tidings-bench")]
+    #[arg(long, default_value = "/var/tmp/tidings-bench")]
     work_dir: PathBuf,
     /// Idle clients [default: 19000, smoke 200]
     #[arg(long)]

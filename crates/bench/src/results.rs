@@ -124,6 +124,11 @@ impl RelayResult {
         self.steps.first()
     }
 
+    /// The highest step the target sustained (the last one not saturated).
+    pub fn sustained(&self) -> Option<&StepResult> {
+        self.steps.iter().rev().find(|s| !s.saturated)
+    }
+
     /// Server CPU seconds per million delivered messages at the peak step.
     pub fn cpu_per_million(&self) -> Option<f64> {
         let peak = self.peak()?;

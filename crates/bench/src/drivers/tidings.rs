@@ -144,7 +144,7 @@ pub async fn register(
         .collect();
     // Step 1: codes.
     let done = Rc::new(std::cell::Cell::new(0u64));
-    let total = u64::from(count) * 2;
+    let total = u64::from(count) * 3;
     let mut tasks = Vec::new();
     for chunk in chunks.clone() {
         let ctx = ctx.clone();
@@ -272,6 +272,39 @@ pub async fn register(
             ids.insert(index, id);
         }
     }
+    // Step 4: each device publishes its identity keys and a fallback key, as a client does at its
+    // first login; a receiver none of whose devices has published keys cannot be sent to.
+    let ids = Rc::new(ids);
+    let mut tasks = Vec::new();
+    for chunk in indices
+        .chunks(indices.len().div_ceil(concurrency.max(1)).max(1))
+        .map(<[u32]>::to_vec)
+    {
+        let ctx = ctx.clone();
+        let ids = Rc::clone(&ids);
+        let done = Rc::clone(&done);
+        tasks.push(tokio::task::spawn_local(async move {
+            for index in chunk {
+                let device = ids
+                    .get(&index)
+                    .copied()
+                    .ok_or_else(|| anyhow!("user {index} not verified"))?;
+                publish_keys(&ctx, index, device).await?;
+                done.set(done.get() + 1);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        while !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if last.elapsed() > Duration::from_secs(1) {
+                progress(done.get(), total);
+                last = Instant::now();
+            }
+        }
+        task.await.map_err(|e| anyhow!("{e}"))??;
+    }
     indices
         .iter()
         .map(|i| {
@@ -307,9 +340,79 @@ pub struct Session {
     pub buf: BytesMut,
 }
 
+/// The Olm keys user `index` publishes: an Ed25519 signing key, its Curve25519 form as the
+/// identity key, and a fallback key signed as the protocol requires. Derived from the index, so
+/// they are the same in every run. The harness's senders open no Olm sessions (the server never
+/// reads a copy), so no one-time keys are published or claimed.
+fn olm_keys(index: u32, device: [u8; 16]) -> frame::KeysUpload {
+    use sha2::Digest as _;
+    let derive = |label: &[u8]| {
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(label);
+        hasher.update(index.to_be_bytes());
+        ed25519_dalek::SigningKey::from_bytes(&hasher.finalize().into())
+    };
+    let signing = derive(b"tidings-bench olm signing key\n");
+    let fallback = derive(b"tidings-bench olm fallback key\n")
+        .verifying_key()
+        .to_montgomery()
+        .to_bytes();
+    let signature = signing.sign(&tidings_proto::transcript::one_time_key(
+        &device, true, &fallback,
+    ));
+    frame::KeysUpload {
+        request_id: 1,
+        identity_key: signing.verifying_key().to_montgomery().to_bytes().to_vec(),
+        signing_key: signing.verifying_key().to_bytes().to_vec(),
+        one_time_keys: Vec::new(),
+        fallback_key: Some(frame::SignedKey {
+            public_key: fallback.to_vec(),
+            signature: signature.to_bytes().to_vec(),
+        }),
+    }
+}
+
+/// Logs the new device in and publishes its keys.
+async fn publish_keys(ctx: &Ctx, index: u32, device: [u8; 16]) -> anyhow::Result<()> {
+    let mut session = login_as(ctx, index, device, false).await?;
+    let upload: Frame = Kind::KeysUpload(olm_keys(index, device)).into();
+    session
+        .writer
+        .write_all(&codec::encode_to_bytes(&upload))
+        .await?;
+    session.writer.flush().await?;
+    tokio::time::timeout(LOGIN_TIMEOUT, async {
+        loop {
+            while let Some(frame) = codec::decode(&mut session.buf)? {
+                match frame.kind {
+                    Some(Kind::KeysUploadResult(_)) => return anyhow::Ok(()),
+                    Some(Kind::Error(e)) => bail!("key upload for user {index}: {}", e.message),
+                    _ => {}
+                }
+            }
+            if session.reader.read_buf(&mut session.buf).await? == 0 {
+                bail!("the server closed the session during the key upload");
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("key upload for user {index} timed out"))??;
+    let _ = session.writer.shutdown().await;
+    Ok(())
+}
+
 /// Connects, upgrades and logs in user `index`.
 pub async fn login(ctx: &Ctx, index: u32, listen: bool) -> anyhow::Result<Session> {
-    let device = device(ctx, index)?;
+    login_as(ctx, index, device(ctx, index)?, listen).await
+}
+
+/// Connects, upgrades and logs in user `index` as device `device`.
+async fn login_as(
+    ctx: &Ctx,
+    index: u32,
+    device: [u8; 16],
+    listen: bool,
+) -> anyhow::Result<Session> {
     let key = common::device_key(index);
     let mut io = open(ctx).await?;
     let request = format!(
