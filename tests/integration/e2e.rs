@@ -197,7 +197,7 @@ fn one_time_keys_are_handed_out_once_then_the_fallback_key_and_claims_are_limite
     // With no one-time key left, a new session opens on the fallback key and decrypts.
     let (answer, _) = alice.send(&bob.number, "on the fallback key", &[]);
     assert_eq!(answer["outcome"], "queued", "{answer}");
-    assert_eq!(bob.receive_texts(1, 10), vec!["on the fallback key"]);
+    assert_eq!(bob.receive_texts(1, 30), vec!["on the fallback key"]);
     // Bob's device replenished its one-time keys when it came online.
     let alice_client = alice.client();
     block_on(async {
