@@ -162,7 +162,7 @@ enum Command {
     /// List your number's devices (at most 6), or remove one
     Devices {
         /// Remove the device with this id: its keys and queued messages are deleted
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         remove: Option<String>,
     },
     /// Show the safety number to compare with a contact (in person or on a call)

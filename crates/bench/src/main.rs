@@ -83,9 +83,12 @@ struct RunArgs {
     /// The release `tidings` binary [default: next to this binary]
     #[arg(long, env = "TIDINGS_BIN")]
     tidings_bin: Option<PathBuf>,
-    /// Scratch directory for server state and logs (its contents are replaced)
+    /// Scratch directory: each invocation works in its own subdirectory, removed at the end
     #[arg(long, default_value = "/var/tmp/tidings-bench")]
     work_dir: PathBuf,
+    /// Keep this invocation's scratch subdirectory (server state and logs) at the end
+    #[arg(long)]
+    keep_work: bool,
     /// Idle clients [default: 19000, smoke 200]
     #[arg(long)]
     idle_clients: Option<u32>,
@@ -266,19 +269,29 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     if let Some(wrapper) = &args.tidings_wrapper {
         programs.tidings_wrapper = wrapper.split_whitespace().map(str::to_string).collect();
     }
-    // The scratch directory: only what this harness creates in it is removed.
-    say(&format!(
-        "tidings-bench: clearing the scratch directory {}",
-        args.work_dir.display()
-    ));
+    // The scratch directory: a subdirectory of our own (named by our pid), so that concurrent
+    // invocations never touch each other's state; those of invocations that are gone are removed.
     std::fs::create_dir_all(&args.work_dir)?;
     for entry in std::fs::read_dir(&args.work_dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == "prepare" || name.starts_with("run-") {
-            std::fs::remove_dir_all(entry.path())?;
+        if let Ok(pid) = name.parse::<u32>() {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
+    let work_dir = args.work_dir.join(std::process::id().to_string());
+    if work_dir.exists() {
+        std::fs::remove_dir_all(&work_dir)?;
+    }
+    std::fs::create_dir_all(&work_dir)?;
+    say(&format!(
+        "tidings-bench: scratch directory {}",
+        work_dir.display()
+    ));
+    servers::choose_ports()?;
     std::fs::create_dir_all(&args.out)?;
     let options = Options {
         quiet_below: args
@@ -287,12 +300,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
             .filter(|q| *q > 0.0),
         phases: phases.clone(),
         sizes: sizes.clone(),
-        work: args.work_dir.clone(),
+        work: work_dir.clone(),
         programs,
         exe,
     };
     let mut machine = sys::machine();
-    machine.disk = sys::disk_of(&args.work_dir);
+    machine.disk = sys::disk_of(&work_dir);
     let tidings_version = command_output(&tidings_bin.to_string_lossy(), &["--version"]);
     let git = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let mut versions = vec![(
@@ -381,6 +394,9 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         failures.push(format!("plot: {e:#}"));
     }
     println!("{markdown}");
+    if !args.keep_work {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
     say(&format!(
         "wrote {}, {} and {}",
         args.out.join("results.json").display(),

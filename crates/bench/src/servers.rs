@@ -26,15 +26,39 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a server has to stop after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 
-/// The loopback port each target listens on (none of them a default port).
-pub fn port(target: Target) -> u16 {
-    match target {
-        Target::Tidings => 17_433,
-        Target::TidingsTls => 17_434,
-        Target::Mosquitto => 11_883,
-        Target::Ejabberd => 15_222,
-        Target::Nats => 14_222,
+/// The first of this invocation's ports (see [`choose_ports`]).
+static PORT_BASE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(17_430);
+
+/// Picks a block of free loopback ports below the ephemeral range (so that no client connection
+/// can take one first), different for concurrent invocations: none is a target's default port.
+pub fn choose_ports() -> anyhow::Result<()> {
+    let start = (std::process::id() % 1000) as u16;
+    for k in 0..1000u16 {
+        let base = 20_000 + ((start + k) % 1000) * 10;
+        let free = Target::ALL
+            .iter()
+            .all(|t| !sys::port_in_use(SocketAddr::from(([127, 0, 0, 1], base + offset(*t)))));
+        if free {
+            PORT_BASE.store(base, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
     }
+    bail!("no free block of loopback ports between 20000 and 30000")
+}
+
+fn offset(target: Target) -> u16 {
+    match target {
+        Target::Tidings => 1,
+        Target::TidingsTls => 2,
+        Target::Mosquitto => 3,
+        Target::Ejabberd => 4,
+        Target::Nats => 5,
+    }
+}
+
+/// The loopback port a target listens on in this invocation.
+pub fn port(target: Target) -> u16 {
+    PORT_BASE.load(std::sync::atomic::Ordering::Relaxed) + offset(target)
 }
 
 pub fn addr(target: Target) -> SocketAddr {
