@@ -87,6 +87,12 @@ pub struct ServerArgs {
     /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
+    /// Messages a device may send at once before the rate limit [default: 200]
+    #[arg(long, env = "TIDINGS_SEND_BURST")]
+    pub send_burst: Option<u32>,
+    /// Messages a device's send budget regains per second [default: 100]
+    #[arg(long, env = "TIDINGS_SEND_PER_SECOND")]
+    pub send_per_second: Option<u32>,
     /// Numbers a device may look up at once before the rate limit [default: 5000]
     #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
     pub lookup_burst: Option<u32>,
@@ -143,6 +149,8 @@ struct FileConfig {
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
     scrub_interval_ms: Option<u64>,
+    send_burst: Option<u32>,
+    send_per_second: Option<u32>,
     lookup_burst: Option<u32>,
     lookup_per_hour: Option<u32>,
     key_claim_burst: Option<u32>,
@@ -166,6 +174,8 @@ pub struct ServerConfig {
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
     pub scrub_interval_ms: u64,
+    pub send_burst: u32,
+    pub send_per_second: u32,
     pub lookup_burst: u32,
     pub lookup_per_hour: u32,
     pub key_claim_burst: u32,
@@ -353,6 +363,11 @@ impl ServerArgs {
                 .or(file.scrub_interval_ms)
                 .unwrap_or(2000)
                 .max(10),
+            send_burst: self.send_burst.or(file.send_burst).unwrap_or(200),
+            send_per_second: self
+                .send_per_second
+                .or(file.send_per_second)
+                .unwrap_or(100),
             lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(5000),
             lookup_per_hour: self
                 .lookup_per_hour

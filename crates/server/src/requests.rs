@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::hub::{Outbound, Outbox};
 use crate::metrics::Outcome;
 use crate::session::Identity;
-use crate::state::{now_ms, take_budget, Shared, QUEUE_LIMIT, SEND_BURST, SEND_PER_SECOND};
+use crate::state::{now_ms, take_budget, Shared, QUEUE_LIMIT};
 
 /// The frame that delivers one stored copy.
 pub fn deliver_frame(
@@ -256,8 +256,8 @@ async fn decide_and_enqueue(
         &state.send_budgets,
         identity.device,
         1,
-        SEND_BURST,
-        SEND_PER_SECOND,
+        state.config.send_burst,
+        f64::from(state.config.send_per_second),
         now,
     )
     .is_err()

@@ -22,10 +22,6 @@ use crate::metrics::Metrics;
 /// The storage engine this build runs on. Handlers use it only through `tidings_store::Store`.
 pub type Db = tidings_store::sqlite::SqliteStore;
 
-/// Per-device message budget: 100 a second, bursts of 200.
-pub const SEND_BURST: u32 = 200;
-/// See [`SEND_BURST`].
-pub const SEND_PER_SECOND: f64 = 100.0;
 /// Most message copies waiting for one device.
 pub const QUEUE_LIMIT: u32 = 10_000;
 /// The period of the per-address registration limits.
