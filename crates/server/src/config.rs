@@ -364,10 +364,7 @@ impl ServerArgs {
                 .unwrap_or(2000)
                 .max(10),
             send_burst: self.send_burst.or(file.send_burst).unwrap_or(200),
-            send_per_second: self
-                .send_per_second
-                .or(file.send_per_second)
-                .unwrap_or(100),
+            send_per_second: self.send_per_second.or(file.send_per_second).unwrap_or(100),
             lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(5000),
             lookup_per_hour: self
                 .lookup_per_hour

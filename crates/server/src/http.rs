@@ -595,12 +595,7 @@ async fn connect(
     state.tasks.spawn(async move {
         let _slot = slot;
         if let Ok(upgraded) = on_upgrade.await {
-            crate::session::run(
-                session_state,
-                hyper_util::rt::TokioIo::new(upgraded),
-                challenge,
-            )
-            .await;
+            crate::session::start(session_state, upgraded, challenge).await;
         }
     });
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();

@@ -32,6 +32,8 @@ pub enum Outbound {
 pub struct Mailbox {
     queue: Mutex<VecDeque<Outbound>>,
     closed: AtomicBool,
+    /// Set when a delivery did not fit; the session re-reads the store.
+    behind: AtomicBool,
     arrived: Notify,
     room: Notify,
 }
@@ -115,6 +117,11 @@ impl Mailbox {
         self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
     }
 
+    /// Whether a delivery was dropped for lack of room since the last call (and clears it).
+    pub fn take_behind(&self) -> bool {
+        self.behind.swap(false, Ordering::AcqRel)
+    }
+
     /// Refuses further messages and wakes anyone waiting for room.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -130,8 +137,6 @@ struct Entry {
     session: u64,
     listen: bool,
     tx: Outbox,
-    /// Set when a delivery did not fit in the session's queue; the session re-reads the store.
-    behind: Arc<AtomicBool>,
 }
 
 /// A session's registration, removed from the hub when dropped.
@@ -140,8 +145,6 @@ pub struct Registration {
     hub: Arc<Hub>,
     device: DeviceId,
     session: u64,
-    /// Set when a delivery was dropped for lack of room.
-    pub behind: Arc<AtomicBool>,
 }
 
 impl Drop for Registration {
@@ -161,20 +164,17 @@ impl Hub {
     /// Registers a logged-in session.
     pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
         let session = self.next.fetch_add(1, Ordering::Relaxed);
-        let behind = Arc::new(AtomicBool::new(false));
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.entry(device).or_default().push(Entry {
                 session,
                 listen,
                 tx,
-                behind: Arc::clone(&behind),
             });
         }
         Registration {
             hub: Arc::clone(self),
             device,
             session,
-            behind,
         }
     }
 
@@ -231,7 +231,7 @@ impl Hub {
                 frame: frame.clone(),
             }) {
                 Ok(()) => delivered += 1,
-                Err(_) => entry.behind.store(true, Ordering::Release),
+                Err(_) => entry.tx.behind.store(true, Ordering::Release),
             }
         }
         delivered
@@ -261,7 +261,7 @@ impl Hub {
                     // A full queue must not keep a signed-out session alive: close it the hard
                     // way by marking it behind too; the session checks its device on re-read.
                     if entry.tx.try_send(Outbound::SignOut(reason)).is_err() {
-                        entry.behind.store(true, Ordering::Release);
+                        entry.tx.behind.store(true, Ordering::Release);
                     }
                 }
             }

@@ -245,12 +245,6 @@ async fn decide_and_enqueue(
     let Ok(mode) = SendMode::try_from(send.mode) else {
         return answer(SendOutcome::Invalid, "unknown send mode");
     };
-    let Ok(number) = E164::parse(&send.to) else {
-        return answer(
-            SendOutcome::Invalid,
-            "the receiver is not a valid phone number",
-        );
-    };
     let now = now_ms();
     if take_budget(
         &state.send_budgets,
@@ -264,11 +258,20 @@ async fn decide_and_enqueue(
     {
         return answer(SendOutcome::RateLimited, "too many messages: slow down");
     }
-    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-        return answer(
-            SendOutcome::Unavailable,
-            "the receiver cannot be looked up now",
-        );
+    let pseudonym = match state.keys.pseudonym_of(&send.to) {
+        Ok(Some(pseudonym)) => pseudonym,
+        Ok(None) => {
+            return answer(
+                SendOutcome::Invalid,
+                "the receiver is not a valid phone number",
+            )
+        }
+        Err(_) => {
+            return answer(
+                SendOutcome::Unavailable,
+                "the receiver cannot be looked up now",
+            )
+        }
     };
     let account = match state.store.account(pseudonym).await {
         Ok(account) => account,
@@ -470,26 +473,25 @@ pub async fn lookup(state: Shared, identity: Identity, lookup: frame::Lookup, tx
         return;
     }
     state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
-    let mut entries = Vec::with_capacity(lookup.numbers.len());
-    for number in lookup.numbers {
-        let presence = match presence_of(&state, &number).await {
-            Ok(presence) => presence,
-            Err(()) => {
-                let _ = tx
-                    .send(error(
-                        ErrorCode::Unavailable,
-                        "storage unavailable: try again",
-                        lookup.request_id,
-                    ))
-                    .await;
-                return;
-            }
-        };
-        entries.push(frame::LookupEntry {
+    let Ok(presences) = presences(&state, &lookup.numbers).await else {
+        let _ = tx
+            .send(error(
+                ErrorCode::Unavailable,
+                "storage unavailable: try again",
+                lookup.request_id,
+            ))
+            .await;
+        return;
+    };
+    let entries = lookup
+        .numbers
+        .into_iter()
+        .zip(presences)
+        .map(|(number, presence)| frame::LookupEntry {
             number,
             presence: presence as i32,
-        });
-    }
+        })
+        .collect();
     answer(
         &tx,
         Kind::LookupResult(frame::LookupResult {
@@ -501,24 +503,38 @@ pub async fn lookup(state: Shared, identity: Identity, lookup: frame::Lookup, tx
     .await;
 }
 
-async fn presence_of(state: &Shared, number: &str) -> Result<Presence, ()> {
-    let Ok(number) = E164::parse(number) else {
-        return Ok(Presence::NotAUser);
-    };
-    let pseudonym = state.keys.pseudonym(&number).map_err(|_| ())?;
-    let account = state.store.account(pseudonym).await.map_err(|_| ())?;
-    Ok(match account {
-        None => Presence::NotAUser,
-        Some(account)
-            if state
-                .hub
-                .count_online(account.devices.iter().map(|(d, _)| d))
-                > 0 =>
-        {
-            Presence::Online
-        }
-        Some(_) => Presence::Offline,
-    })
+/// The presence of each number, in order: the pseudonyms are computed here and the accounts
+/// read from the store in one go.
+async fn presences(state: &Shared, numbers: &[String]) -> Result<Vec<Presence>, ()> {
+    let pseudonyms: Vec<Option<_>> = numbers
+        .iter()
+        .map(|number| state.keys.pseudonym_of(number))
+        .collect::<Result<_, _>>()
+        .map_err(|_| ())?;
+    let wanted: Vec<_> = pseudonyms.iter().flatten().copied().collect();
+    let mut accounts = state
+        .store
+        .accounts(wanted)
+        .await
+        .map_err(|_| ())?
+        .into_iter();
+    Ok(pseudonyms
+        .iter()
+        .map(
+            |pseudonym| match pseudonym.and_then(|_| accounts.next().flatten()) {
+                None => Presence::NotAUser,
+                Some(account)
+                    if state
+                        .hub
+                        .count_online(account.devices.iter().map(|(d, _)| d))
+                        > 0 =>
+                {
+                    Presence::Online
+                }
+                Some(_) => Presence::Offline,
+            },
+        )
+        .collect())
 }
 
 /// Handles `DevicesRequest`.

@@ -5,7 +5,6 @@
 //! for its sync does not hold up the next frame. Everything the session writes goes through one
 //! bounded queue and is coalesced into as few writes as the socket allows.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,13 +74,35 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Runs a session on an upgraded connection.
-pub async fn run<IO>(state: Shared, io: IO, challenge: [u8; 32])
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// Runs a session on an upgraded connection. A plain TCP connection is taken back from hyper
+/// and split into its owned halves (bytes hyper read past the upgrade request go first), so an
+/// idle session holds no boxed stream and no lock around it; TLS runs on hyper's upgraded stream.
+pub async fn start(state: Shared, upgraded: hyper::upgrade::Upgraded, challenge: [u8; 32]) {
+    use hyper_util::rt::TokioIo;
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            let (reader, writer) = parts.io.into_inner().into_split();
+            let read = BytesMut::from(&parts.read_buf[..]);
+            run(state, reader, writer, read, challenge).await;
+        }
+        Err(upgraded) => {
+            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+            run(state, reader, writer, BytesMut::new(), challenge).await;
+        }
+    }
+}
+
+/// Runs a session on the two halves of an upgraded connection; `buf` holds bytes already read.
+async fn run<R, W>(
+    state: Shared,
+    mut reader: R,
+    mut writer: W,
+    mut buf: BytesMut,
+    challenge: [u8; 32],
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(io);
-    let mut buf = BytesMut::new();
     let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(&mut reader, &mut buf)).await {
         Ok(Ok(Some(Frame {
             kind: Some(Kind::Login(login)),
@@ -110,21 +131,17 @@ where
         }
         Err(_) => return,
     };
-    let identity = match authenticate(&state, &login, &challenge).await {
-        Ok(identity) => identity,
+    // The key status tells the client whether to publish or replenish its keys.
+    let (identity, keys) = match authenticate(&state, &login, &challenge).await {
+        Ok(authenticated) => authenticated,
         Err((code, message)) => {
             let _ = write_frame(&mut writer, &error_frame(code, message, true, 0)).await;
             return;
         }
     };
+    let listen = login.listen;
+    drop(login);
     let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
-    // Tells the client whether to publish or replenish its keys; a storage error reads as "none
-    // left", which at worst makes the client upload keys it did not need to.
-    let keys = state
-        .store
-        .key_status(identity.device)
-        .await
-        .unwrap_or_default();
     let login_result: Frame = Kind::LoginResult(frame::LoginResult {
         server_time_ms: now_ms(),
         heartbeat_seconds: state.config.heartbeat_seconds,
@@ -137,9 +154,9 @@ where
     }
 
     let tx = Mailbox::new();
-    let registration = state.hub.add(identity.device, login.listen, tx.clone());
+    let registration = state.hub.add(identity.device, listen, tx.clone());
     state.metrics.sessions_active.inc();
-    tracing::debug!(listen = login.listen, "session started");
+    tracing::debug!(listen = listen, "session started");
 
     let mut tasks: JoinSet<()> = JoinSet::new();
     tasks.spawn(requests::send_pending_receipts(
@@ -147,11 +164,12 @@ where
         identity.device,
         tx.clone(),
     ));
-    if login.listen {
+    if listen {
         tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
     }
 
-    let send_order = Arc::new(requests::SendOrder::default());
+    // Made at the first send: a session that only listens never needs one.
+    let mut send_order: Option<Arc<requests::SendOrder>> = None;
     let mut out = BytesMut::new();
     let mut deadline = Instant::now() + heartbeat * 3;
     let mut signed_out = false;
@@ -189,7 +207,7 @@ where
                 if signed_out {
                     break;
                 }
-                if registration.behind.swap(false, Ordering::AcqRel) && login.listen {
+                if tx.take_behind() && listen {
                     tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
                 }
             }
@@ -202,7 +220,7 @@ where
                 loop {
                     match codec::decode(&mut buf) {
                         Ok(Some(frame)) => {
-                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks, &send_order) {
+                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks, &mut send_order) {
                                 codec::encode(&reply, &mut out);
                             }
                         }
@@ -295,16 +313,16 @@ async fn authenticate(
     state: &Shared,
     login: &frame::Login,
     challenge: &[u8; 32],
-) -> Result<Identity, (ErrorCode, &'static str)> {
+) -> Result<(Identity, tidings_store::KeyStatus), (ErrorCode, &'static str)> {
     const FAILED: (ErrorCode, &str) = (
         ErrorCode::AuthFailed,
         "unknown device or bad signature: register again",
     );
     let device = DeviceId::from_slice(&login.device_id).ok_or(FAILED)?;
     let signature = Signature::from_slice(&login.signature).map_err(|_| FAILED)?;
-    let stored = state
+    let (stored, keys) = state
         .store
-        .device(device)
+        .login_device(device)
         .await
         .map_err(|_| {
             (
@@ -319,10 +337,13 @@ async fn authenticate(
         &signature,
     )
     .map_err(|_| FAILED)?;
-    Ok(Identity {
-        device,
-        account: stored.account,
-    })
+    Ok((
+        Identity {
+            device,
+            account: stored.account,
+        },
+        keys,
+    ))
 }
 
 /// Handles one frame. Cheap frames are answered inline; the rest become session tasks.
@@ -332,12 +353,13 @@ fn handle(
     frame: Frame,
     tx: &Outbox,
     tasks: &mut JoinSet<()>,
-    order: &Arc<requests::SendOrder>,
+    order: &mut Option<Arc<requests::SendOrder>>,
 ) -> Option<Frame> {
     let kind = frame.kind?;
     match kind {
         Kind::Ping(ping) => Some(Kind::Pong(frame::Pong { nonce: ping.nonce }).into()),
         Kind::Send(send) => {
+            let order = order.get_or_insert_with(Arc::default);
             let ticket = order.ticket();
             tasks.spawn(requests::send(
                 state.clone(),

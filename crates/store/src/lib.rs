@@ -282,11 +282,23 @@ pub trait Store: Send + Sync + 'static {
     /// The device with this id, if it is registered.
     fn device(&self, id: DeviceId) -> impl Future<Output = Result<Option<Device>>> + Send;
 
+    /// [`Store::device`] and [`Store::key_status`] in one read, as a login needs them.
+    fn login_device(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<(Device, KeyStatus)>>> + Send;
+
     /// The account behind a pseudonym and its devices.
     fn account(
         &self,
         pseudonym: Pseudonym,
     ) -> impl Future<Output = Result<Option<AccountDevices>>> + Send;
+
+    /// [`Store::account`] for many pseudonyms in one read, answers in the same order.
+    fn accounts(
+        &self,
+        pseudonyms: Vec<Pseudonym>,
+    ) -> impl Future<Output = Result<Vec<Option<AccountDevices>>>> + Send;
 
     /// The devices of an account.
     fn devices_of(&self, account: AccountId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;

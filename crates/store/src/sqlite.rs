@@ -184,6 +184,9 @@ struct ReaderPool {
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Every statement is prepared once per connection and kept (see docs/BENCHMARKS.md: a
+    // message's statements were parsed anew each time before).
+    conn.set_prepared_statement_cache_capacity(128);
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -191,6 +194,70 @@ fn open_connection(path: &Path) -> Result<Connection> {
          PRAGMA foreign_keys = ON;",
     )?;
     Ok(conn)
+}
+
+/// A registered device, read on `conn`.
+fn device_in(conn: &Connection, id: DeviceId) -> Result<Option<Device>> {
+    let row = conn
+        .prepare_cached("SELECT account_id, public_key FROM devices WHERE id = ?1")?
+        .query_row(params![id.as_bytes()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    Ok(row.and_then(|(account, key)| {
+        let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
+        Some(Device {
+            id,
+            account: AccountId(account),
+            public_key,
+        })
+    }))
+}
+
+/// A device's key supply, read on `conn`.
+fn key_status_in(conn: &Connection, device: DeviceId) -> Result<KeyStatus> {
+    let (one_time_keys, fallback): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT COALESCE(SUM(fallback = 0), 0), COALESCE(SUM(fallback = 1), 0)
+             FROM one_time_keys WHERE device_id = ?1",
+        )?
+        .query_row(params![device.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    let has_identity = conn
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1 AND identity_key IS NOT NULL")?
+        .query_row(params![device.as_bytes()], |_| Ok(()))
+        .optional()?
+        .is_some();
+    Ok(KeyStatus {
+        one_time_keys: u32::try_from(one_time_keys).unwrap_or(u32::MAX),
+        published: has_identity && fallback > 0,
+    })
+}
+
+/// The account behind a pseudonym and its devices, read on `conn`.
+fn account_in(conn: &Connection, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
+    let account = conn
+        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
+        .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
+        .optional()?;
+    let Some(account) = account else {
+        return Ok(None);
+    };
+    let mut statement =
+        conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
+    let devices = statement
+        .query_map(params![account], |row| {
+            Ok((
+                device_id(row.get(0)?)?,
+                u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(AccountDevices {
+        account: AccountId(account),
+        devices,
+    }))
 }
 
 impl SqliteStore {
@@ -488,52 +555,29 @@ fn receipt_kind(kind: i64) -> ReceiptKind {
 
 impl Store for SqliteStore {
     async fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        self.read(move |conn| device_in(conn, id)).await
+    }
+
+    async fn login_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
         self.read(move |conn| {
-            let row = conn
-                .query_row(
-                    "SELECT account_id, public_key FROM devices WHERE id = ?1",
-                    params![id.as_bytes()],
-                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
-                )
-                .optional()?;
-            Ok(row.and_then(|(account, key)| {
-                let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
-                Some(Device {
-                    id,
-                    account: AccountId(account),
-                    public_key,
-                })
-            }))
+            let Some(device) = device_in(conn, id)? else {
+                return Ok(None);
+            };
+            Ok(Some((device, key_status_in(conn, id)?)))
         })
         .await
     }
 
     async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
+        self.read(move |conn| account_in(conn, pseudonym)).await
+    }
+
+    async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
         self.read(move |conn| {
-            let account = conn
-                .query_row(
-                    "SELECT id FROM accounts WHERE pseudonym = ?1",
-                    params![&pseudonym.0[..]],
-                    |row| row.get::<_, i64>(0),
-                )
-                .optional()?;
-            let Some(account) = account else {
-                return Ok(None);
-            };
-            let mut statement =
-                conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
-            let devices = statement
-                .query_map(params![account], |row| {
-                    Ok((
-                        device_id(row.get(0)?)?,
-                        u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
-                    ))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some(AccountDevices {
-                account: AccountId(account),
-                devices,
-            }))
+            pseudonyms
+                .into_iter()
+                .map(|pseudonym| account_in(conn, pseudonym))
+                .collect()
         })
         .await
     }
@@ -558,12 +602,12 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Registered> {
         self.write(move |txn, _| {
-            txn.execute(
-                "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING",
+            txn.prepare_cached(
+                "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING")?.execute(
                 params![&pseudonym.0[..], sql_millis(now)],
             )?;
             let account: i64 =
-                txn.query_row("SELECT id FROM accounts WHERE pseudonym = ?1", params![&pseudonym.0[..]], |row| {
+                txn.prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?.query_row( params![&pseudonym.0[..]], |row| {
                     row.get(0)
                 })?;
             let removed = {
@@ -575,10 +619,10 @@ impl Store for SqliteStore {
             };
             // The old devices go with their queues and receipts (cascades); messages queued for
             // this account had copies only for those devices, so they go too.
-            txn.execute("DELETE FROM devices WHERE account_id = ?1", params![account])?;
-            txn.execute("DELETE FROM messages WHERE receiver_account = ?1", params![account])?;
-            txn.execute(
-                "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+            txn.prepare_cached("DELETE FROM devices WHERE account_id = ?1")?.execute( params![account])?;
+            txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account])?;
+            txn.prepare_cached(
+                "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
                 params![device.as_bytes(), account, &public_key[..], sql_millis(now)],
             )?;
             Ok(Registered { account: AccountId(account), removed })
@@ -596,8 +640,8 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Linked> {
         self.write(move |txn, _| {
-            let count: i64 = txn.query_row(
-                "SELECT COUNT(*) FROM devices WHERE account_id = ?1",
+            let count: i64 = txn.prepare_cached(
+                "SELECT COUNT(*) FROM devices WHERE account_id = ?1")?.query_row(
                 params![account.0],
                 |row| row.get(0),
             )?;
@@ -607,9 +651,9 @@ impl Store for SqliteStore {
             if usize::try_from(count).unwrap_or(usize::MAX) >= max_devices {
                 return Ok(Linked::TooManyDevices);
             }
-            txn.execute(
+            txn.prepare_cached(
                 "INSERT INTO devices (id, account_id, public_key, created_at, identity_key, signing_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(
                 params![
                     device.as_bytes(),
                     account.0,
@@ -634,16 +678,16 @@ impl Store for SqliteStore {
                 seqs
             };
             // Keys, queued copies and receipts go with the device (cascades).
-            let deleted = txn.execute(
-                "DELETE FROM devices WHERE id = ?1 AND account_id = ?2",
+            let deleted = txn.prepare_cached(
+                "DELETE FROM devices WHERE id = ?1 AND account_id = ?2")?.execute(
                 params![device.as_bytes(), account.0],
             )?;
             if deleted == 0 {
                 return Ok(false);
             }
             for seq in seqs {
-                txn.execute(
-                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                txn.prepare_cached(
+                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
                     params![seq],
                 )?;
             }
@@ -662,8 +706,8 @@ impl Store for SqliteStore {
     ) -> Result<Published> {
         self.write(move |txn, _| {
             let stored = txn
-                .query_row(
-                    "SELECT identity_key, signing_key FROM devices WHERE id = ?1",
+                .prepare_cached(
+                    "SELECT identity_key, signing_key FROM devices WHERE id = ?1")?.query_row(
                     params![device.as_bytes()],
                     |row| Ok(identity_of(row.get(0)?, row.get(1)?)),
                 )
@@ -673,15 +717,15 @@ impl Store for SqliteStore {
                 Some(Some(existing)) if existing != identity => return Ok(Published::IdentityMismatch),
                 Some(Some(_)) => {}
                 Some(None) => {
-                    txn.execute(
-                        "UPDATE devices SET identity_key = ?2, signing_key = ?3 WHERE id = ?1",
+                    txn.prepare_cached(
+                        "UPDATE devices SET identity_key = ?2, signing_key = ?3 WHERE id = ?1")?.execute(
                         params![device.as_bytes(), &identity.identity_key[..], &identity.signing_key[..]],
                     )?;
                 }
             }
             let count_keys = || -> rusqlite::Result<u32> {
-                let count: i64 = txn.query_row(
-                    "SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?1 AND fallback = 0",
+                let count: i64 = txn.prepare_cached(
+                    "SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?1 AND fallback = 0")?.query_row(
                     params![device.as_bytes()],
                     |row| row.get(0),
                 )?;
@@ -699,8 +743,8 @@ impl Store for SqliteStore {
             }
             let count = count_keys()?;
             if let Some(key) = fallback {
-                txn.execute(
-                    "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 1",
+                txn.prepare_cached(
+                    "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 1")?.execute(
                     params![device.as_bytes()],
                 )?;
                 insert.execute(params![device.as_bytes(), true, &key.public_key[..], &key.signature[..]])?;
@@ -711,26 +755,7 @@ impl Store for SqliteStore {
     }
 
     async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
-        self.read(move |conn| {
-            let (one_time_keys, fallback): (i64, i64) = conn.query_row(
-                "SELECT COALESCE(SUM(fallback = 0), 0), COALESCE(SUM(fallback = 1), 0) FROM one_time_keys WHERE device_id = ?1",
-                params![device.as_bytes()],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )?;
-            let has_identity = conn
-                .query_row(
-                    "SELECT 1 FROM devices WHERE id = ?1 AND identity_key IS NOT NULL",
-                    params![device.as_bytes()],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
-            Ok(KeyStatus {
-                one_time_keys: u32::try_from(one_time_keys).unwrap_or(u32::MAX),
-                published: has_identity && fallback > 0,
-            })
-        })
-        .await
+        self.read(move |conn| key_status_in(conn, device)).await
     }
 
     async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
@@ -753,24 +778,24 @@ impl Store for SqliteStore {
                 // One-time keys first, each handed out once; the fallback key only when none is
                 // left, and it stays (new sessions keep working while the device is offline).
                 let one_time = txn
-                    .query_row(
-                        "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 LIMIT 1",
+                    .prepare_cached(
+                        "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 LIMIT 1")?.query_row(
                         params![device.as_bytes()],
                         |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
                     )
                     .optional()?;
                 let (key, fallback) = match one_time {
                     Some((public_key, signature)) => {
-                        txn.execute(
-                            "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 AND public_key = ?2",
+                        txn.prepare_cached(
+                            "DELETE FROM one_time_keys WHERE device_id = ?1 AND fallback = 0 AND public_key = ?2")?.execute(
                             params![device.as_bytes(), &public_key],
                         )?;
                         (signed_key(public_key, signature), false)
                     }
                     None => {
                         let fallback = txn
-                            .query_row(
-                                "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 1",
+                            .prepare_cached(
+                                "SELECT public_key, signature FROM one_time_keys WHERE device_id = ?1 AND fallback = 1")?.query_row(
                                 params![device.as_bytes()],
                                 |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)),
                             )
@@ -804,17 +829,18 @@ impl Store for SqliteStore {
         voucher: Voucher,
     ) -> Result<bool> {
         self.write(move |txn, _| {
-            let changed = txn.execute(
-                "UPDATE devices SET voucher = ?3, voucher_signature = ?4
+            let changed = txn
+                .prepare_cached(
+                    "UPDATE devices SET voucher = ?3, voucher_signature = ?4
                  WHERE id = ?1 AND account_id = ?2 AND voucher IS NULL
                    AND EXISTS (SELECT 1 FROM devices WHERE id = ?3 AND account_id = ?2)",
-                params![
+                )?
+                .execute(params![
                     device.as_bytes(),
                     account.0,
                     voucher.by.as_bytes(),
                     &voucher.signature[..]
-                ],
-            )?;
+                ])?;
             Ok(changed > 0)
         })
         .await
@@ -831,15 +857,15 @@ impl Store for SqliteStore {
             };
             // Undelivered messages this account sent go too: opting out leaves nothing behind.
             for device in &devices {
-                txn.execute("DELETE FROM messages WHERE sender_device = ?1", params![device.as_bytes()])?;
-                txn.execute("DELETE FROM withdrawn WHERE sender_device = ?1", params![device.as_bytes()])?;
+                txn.prepare_cached("DELETE FROM messages WHERE sender_device = ?1")?.execute( params![device.as_bytes()])?;
+                txn.prepare_cached("DELETE FROM withdrawn WHERE sender_device = ?1")?.execute( params![device.as_bytes()])?;
             }
-            txn.execute(
-                "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)",
+            txn.prepare_cached(
+                "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)")?.execute(
                 params![account.0],
             )?;
-            txn.execute("DELETE FROM messages WHERE receiver_account = ?1", params![account.0])?;
-            let deleted = txn.execute("DELETE FROM accounts WHERE id = ?1", params![account.0])?;
+            txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account.0])?;
+            let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
                 return Err(StoreError::NoSuchAccount);
             }
@@ -855,8 +881,8 @@ impl Store for SqliteStore {
     {
         self.write(move |txn, _| {
             let mut record = txn
-                .query_row(
-                    "SELECT live_hash, live_expires_at, live_attempts, sent_at FROM codes WHERE pseudonym = ?1",
+                .prepare_cached(
+                    "SELECT live_hash, live_expires_at, live_attempts, sent_at FROM codes WHERE pseudonym = ?1")?.query_row(
                     params![&pseudonym.0[..]],
                     |row| {
                         let hash: Option<Vec<u8>> = row.get(0)?;
@@ -880,7 +906,7 @@ impl Store for SqliteStore {
             let value = update(&mut record);
             match record {
                 None => {
-                    txn.execute("DELETE FROM codes WHERE pseudonym = ?1", params![&pseudonym.0[..]])?;
+                    txn.prepare_cached("DELETE FROM codes WHERE pseudonym = ?1")?.execute( params![&pseudonym.0[..]])?;
                 }
                 Some(record) => {
                     let (hash, expires, attempts) = match &record.live {
@@ -891,11 +917,11 @@ impl Store for SqliteStore {
                         ),
                         None => (None, None, None),
                     };
-                    txn.execute(
+                    txn.prepare_cached(
                         "INSERT INTO codes (pseudonym, live_hash, live_expires_at, live_attempts, sent_at)
                          VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (pseudonym) DO UPDATE SET live_hash = ?2, live_expires_at = ?3,
-                             live_attempts = ?4, sent_at = ?5",
+                             live_attempts = ?4, sent_at = ?5")?.execute(
                         params![&pseudonym.0[..], hash, expires, attempts, pack_times(&record.sent_at)],
                     )?;
                 }
@@ -919,8 +945,8 @@ impl Store for SqliteStore {
     ) -> Result<Submitted<Enqueued>> {
         self.submit(move |txn, notes| {
             let duplicate = txn
-                .query_row(
-                    "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                .prepare_cached(
+                    "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
                     params![message.sender_device.as_bytes(), message.id.as_bytes()],
                     |_| Ok(()),
                 )
@@ -967,9 +993,9 @@ impl Store for SqliteStore {
             if receiver_needs.iter().chain(&own_needs).any(|(_, len)| *len >= i64::from(queue_limit)) {
                 return Ok(Enqueued::QueueFull);
             }
-            txn.execute(
+            txn.prepare_cached(
                 "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
-                 VALUES (?1, ?2, ?3, ?4, ?5, x'')",
+                 VALUES (?1, ?2, ?3, ?4, ?5, x'')")?.execute(
                 params![
                     message.sender_device.as_bytes(),
                     message.id.as_bytes(),
@@ -1033,8 +1059,8 @@ impl Store for SqliteStore {
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
         self.write(move |txn, _| {
             let message = txn
-                .query_row(
-                    "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                .prepare_cached(
+                    "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
                     params![sender_device.as_bytes(), id.as_bytes()],
                     |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0)),
                 )
@@ -1043,8 +1069,8 @@ impl Store for SqliteStore {
             // device must be told not to show it).
             let gone = |txn: &Transaction<'_>| -> Result<Acked> {
                 let withdrawn = txn
-                    .query_row(
-                        "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2",
+                    .prepare_cached(
+                        "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
                         params![sender_device.as_bytes(), id.as_bytes()],
                         |_| Ok(()),
                     )
@@ -1053,8 +1079,8 @@ impl Store for SqliteStore {
             };
             let Some((seq, delivered)) = message else { return gone(txn) };
             let deleted = txn
-                .query_row(
-                    "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver",
+                .prepare_cached(
+                    "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver")?.query_row(
                     params![device.as_bytes(), seq],
                     |row| row.get::<_, bool>(0),
                 )
@@ -1062,22 +1088,22 @@ impl Store for SqliteStore {
             let Some(to_receiver) = deleted else { return gone(txn) };
             // The sender's own other devices taking their copies is not a delivery.
             if !to_receiver {
-                txn.execute(
-                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                txn.prepare_cached(
+                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
                     params![seq],
                 )?;
                 return Ok(Acked::Confirmed { first: false });
             }
             if !delivered {
-                txn.execute("UPDATE messages SET delivered = 1 WHERE seq = ?1", params![seq])?;
-                txn.execute(
+                txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?.execute( params![seq])?;
+                txn.prepare_cached(
                     "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)")?.execute(
                     params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64],
                 )?;
             }
-            txn.execute(
-                "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+            txn.prepare_cached(
+                "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
                 params![seq],
             )?;
             Ok(Acked::Confirmed { first: !delivered })
@@ -1088,8 +1114,8 @@ impl Store for SqliteStore {
     async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
         self.write(move |txn, _| {
             let message = txn
-                .query_row(
-                    "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+                .prepare_cached(
+                    "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
                     params![sender_device.as_bytes(), id.as_bytes()],
                     |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0, row.get::<_, i64>(2)?)),
                 )
@@ -1101,29 +1127,29 @@ impl Store for SqliteStore {
                     // message was sent, as SMS). The tombstone names only the sending device and
                     // the id, never the receiver, and lives until the TTL would have ended: an
                     // acknowledgement racing the withdraw is told not to show it.
-                    txn.execute("DELETE FROM copies WHERE seq = ?1 AND to_receiver = 1", params![seq])?;
-                    txn.execute(
-                        "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                    txn.prepare_cached("DELETE FROM copies WHERE seq = ?1 AND to_receiver = 1")?.execute( params![seq])?;
+                    txn.prepare_cached(
+                        "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
                         params![seq],
                     )?;
-                    txn.execute(
-                        "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)",
+                    txn.prepare_cached(
+                        "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)")?.execute(
                         params![sender_device.as_bytes(), id.as_bytes(), expires_at],
                     )?;
                     Ok(Withdrawal::Withdrawn)
                 }
                 None => {
                     let delivered = txn
-                        .query_row(
-                            "SELECT 1 FROM receipts WHERE device_id = ?1 AND msg_id = ?2 AND kind = ?3",
+                        .prepare_cached(
+                            "SELECT 1 FROM receipts WHERE device_id = ?1 AND msg_id = ?2 AND kind = ?3")?.query_row(
                             params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64],
                             |_| Ok(()),
                         )
                         .optional()?
                         .is_some();
                     let withdrawn = txn
-                        .query_row(
-                            "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2",
+                        .prepare_cached(
+                            "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
                             params![sender_device.as_bytes(), id.as_bytes()],
                             |_| Ok(()),
                         )
@@ -1147,11 +1173,8 @@ impl Store for SqliteStore {
         let any = self
             .read(move |conn| {
                 Ok(conn
-                    .query_row(
-                        "SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1",
-                        params![sql_millis(now)],
-                        |_| Ok(()),
-                    )
+                    .prepare_cached("SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1")?
+                    .query_row(params![sql_millis(now)], |_| Ok(()))
                     .optional()?
                     .is_some())
             })
@@ -1176,14 +1199,14 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 expired
             };
-            txn.execute("DELETE FROM withdrawn WHERE expires_at <= ?1", params![sql_millis(now)])?;
+            txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?.execute( params![sql_millis(now)])?;
             let mut receipts = Vec::new();
             for (seq, sender_device, id, delivered) in expired {
-                txn.execute("DELETE FROM messages WHERE seq = ?1", params![seq])?;
+                txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?.execute( params![seq])?;
                 if !delivered {
-                    let stored = txn.execute(
+                    let stored = txn.prepare_cached(
                         "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                         SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)")?.execute(
                         params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Expired as i64],
                     )?;
                     if stored > 0 {
@@ -1216,10 +1239,8 @@ impl Store for SqliteStore {
 
     async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
         self.write(move |txn, _| {
-            txn.execute(
-                "DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2",
-                params![device.as_bytes(), id.as_bytes()],
-            )?;
+            txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2")?
+                .execute(params![device.as_bytes(), id.as_bytes()])?;
             Ok(())
         })
         .await
@@ -1230,7 +1251,8 @@ impl Store for SqliteStore {
         let any = self
             .read(|conn| {
                 Ok(conn
-                    .query_row("SELECT 1 FROM codes LIMIT 1", [], |_| Ok(()))
+                    .prepare_cached("SELECT 1 FROM codes LIMIT 1")?
+                    .query_row([], |_| Ok(()))
                     .optional()?
                     .is_some())
             })
@@ -1268,7 +1290,8 @@ impl Store for SqliteStore {
                     .collect::<Vec<_>>()
             };
             for pseudonym in &spent {
-                txn.execute("DELETE FROM codes WHERE pseudonym = ?1", params![pseudonym])?;
+                txn.prepare_cached("DELETE FROM codes WHERE pseudonym = ?1")?
+                    .execute(params![pseudonym])?;
             }
             Ok(spent.len())
         })
