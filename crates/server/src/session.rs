@@ -82,7 +82,10 @@ pub async fn start(state: Shared, upgraded: hyper::upgrade::Upgraded, challenge:
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
             let (reader, writer) = parts.io.into_inner().into_split();
+            // Copied out, so that hyper's whole read buffer (which `read_buf` is a view of) is
+            // freed now rather than held for the life of the session.
             let read = BytesMut::from(&parts.read_buf[..]);
+            drop(parts.read_buf);
             run(state, reader, writer, read, challenge).await;
         }
         Err(upgraded) => {
@@ -103,55 +106,18 @@ async fn run<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(&mut reader, &mut buf)).await {
-        Ok(Ok(Some(Frame {
-            kind: Some(Kind::Login(login)),
-        }))) => login,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            let _ = write_frame(
-                &mut writer,
-                &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
-            )
-            .await;
-            return;
-        }
-        Ok(Ok(Some(_))) => {
-            let _ = write_frame(
-                &mut writer,
-                &error_frame(
-                    ErrorCode::Protocol,
-                    "the first frame must be Login",
-                    true,
-                    0,
-                ),
-            )
-            .await;
-            return;
-        }
-        Err(_) => return,
-    };
-    // The key status tells the client whether to publish or replenish its keys.
-    let (identity, keys) = match authenticate(&state, &login, &challenge).await {
-        Ok(authenticated) => authenticated,
-        Err((code, message)) => {
-            let _ = write_frame(&mut writer, &error_frame(code, message, true, 0)).await;
-            return;
-        }
-    };
-    let listen = login.listen;
-    drop(login);
-    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
-    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
-        server_time_ms: now_ms(),
-        heartbeat_seconds: state.config.heartbeat_seconds,
-        one_time_keys: keys.one_time_keys,
-        keys_published: keys.published,
-    })
-    .into();
-    if write_frame(&mut writer, &login_result).await.is_err() {
+    let Some((identity, listen)) = Box::pin(log_in(
+        &state,
+        &mut reader,
+        &mut writer,
+        &mut buf,
+        &challenge,
+    ))
+    .await
+    else {
         return;
-    }
+    };
+    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
 
     let tx = Mailbox::new();
     let registration = state.hub.add(identity.device, listen, tx.clone());
@@ -231,7 +197,7 @@ async fn run<R, W>(
                             let _ = writer.shutdown().await;
                             // The connection is being dropped: answers have nowhere to go.
                             tx.close();
-                            finish(&state, tasks).await;
+                            Box::pin(finish(&state, tasks)).await;
                             return;
                         }
                     }
@@ -269,11 +235,75 @@ async fn run<R, W>(
             }
         }
     };
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    // Boxed: its state would otherwise widen the future every idle session keeps.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, Box::pin(drain)).await;
     tx.close();
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     state.metrics.sessions_active.dec();
+}
+
+/// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
+/// is done (refused, timed out or gone). Runs boxed, so that its state does not widen the
+/// session future that every idle connection keeps.
+async fn log_in<R, W>(
+    state: &Shared,
+    reader: &mut R,
+    writer: &mut W,
+    buf: &mut BytesMut,
+    challenge: &[u8; 32],
+) -> Option<(Identity, bool)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(reader, buf)).await {
+        Ok(Ok(Some(Frame {
+            kind: Some(Kind::Login(login)),
+        }))) => login,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            let _ = write_frame(
+                writer,
+                &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
+            )
+            .await;
+            return None;
+        }
+        Ok(Ok(Some(_))) => {
+            let _ = write_frame(
+                writer,
+                &error_frame(
+                    ErrorCode::Protocol,
+                    "the first frame must be Login",
+                    true,
+                    0,
+                ),
+            )
+            .await;
+            return None;
+        }
+        Err(_) => return None,
+    };
+    // The key status tells the client whether to publish or replenish its keys.
+    let (identity, keys) = match authenticate(state, &login, challenge).await {
+        Ok(authenticated) => authenticated,
+        Err((code, message)) => {
+            let _ = write_frame(writer, &error_frame(code, message, true, 0)).await;
+            return None;
+        }
+    };
+    let listen = login.listen;
+    drop(login);
+    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
+        server_time_ms: now_ms(),
+        heartbeat_seconds: state.config.heartbeat_seconds,
+        one_time_keys: keys.one_time_keys,
+        keys_published: keys.published,
+    })
+    .into();
+    write_frame(writer, &login_result).await.ok()?;
+    Some((identity, listen))
 }
 
 async fn finish(state: &Shared, mut tasks: JoinSet<()>) {

@@ -1094,18 +1094,24 @@ impl Store for SqliteStore {
                 )?;
                 return Ok(Acked::Confirmed { first: false });
             }
+            // The last copy takes the message with it; otherwise it is marked delivered, so that a
+            // withdraw racing the other devices' acknowledgements answers DELIVERED.
+            let message_gone = txn
+                .prepare_cached(
+                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+                )?
+                .execute(params![seq])?
+                > 0;
             if !delivered {
-                txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?.execute( params![seq])?;
+                if !message_gone {
+                    txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?.execute(params![seq])?;
+                }
                 txn.prepare_cached(
                     "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)")?.execute(
-                    params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64],
-                )?;
+                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                )?
+                .execute(params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64])?;
             }
-            txn.prepare_cached(
-                "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
-                params![seq],
-            )?;
             Ok(Acked::Confirmed { first: !delivered })
         })
         .await
