@@ -1,7 +1,7 @@
 #!/bin/sh
 # The full benchmark run, as recorded in docs/BENCHMARKS.md: installs the peers from Debian's
 # packages if they are missing, builds the release server and harness, and runs every target
-# through every phase three times (each figure the median). About an hour on a 2-core machine.
+# through every phase three times (each figure the median). About 45 minutes on a 2-core machine.
 # Writes results.{md,json} and latency.svg to docs/bench (or to $BENCH_OUT).
 #
 # Usage: bench/run.sh [tidings-bench run options, e.g. --targets tidings,mosquitto]

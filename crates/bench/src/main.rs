@@ -35,8 +35,8 @@ use crate::wire::{Phase, Target};
     version,
     about = "Measures Tidings beside Mosquitto, ejabberd and nats-server on the same workload, in the same run",
     long_about = "Measures Tidings beside Mosquitto, ejabberd and nats-server on the same workload, in the same run.\n\n\
-        Full run (about an hour here):   tidings-bench run --out docs/bench\n\
-        CI smoke run (under 3 minutes):  tidings-bench run --smoke --out target/bench-smoke\n\n\
+        Full run (about 45 minutes here): tidings-bench run --out docs/bench\n\
+        CI smoke run (under 3 minutes):   tidings-bench run --smoke --out target/bench-smoke\n\n\
         Install the peers first with bench/install-peers.sh; build the server with\n\
         `cargo build --release -p tidings` (the harness looks for it next to itself)."
 )]

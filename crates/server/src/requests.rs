@@ -503,14 +503,21 @@ pub async fn lookup(state: Shared, identity: Identity, lookup: frame::Lookup, tx
     .await;
 }
 
-/// The presence of each number, in order: the pseudonyms are computed here and the accounts
-/// read from the store in one go.
+/// The presence of each number, in order. The pseudonyms are computed on the blocking pool (up
+/// to 1,000 parses and OPRF evaluations when none is cached: tens of milliseconds that must not
+/// hold up the sessions sharing a runtime thread) and the accounts read in one store call.
 async fn presences(state: &Shared, numbers: &[String]) -> Result<Vec<Presence>, ()> {
-    let pseudonyms: Vec<Option<_>> = numbers
-        .iter()
-        .map(|number| state.keys.pseudonym_of(number))
-        .collect::<Result<_, _>>()
-        .map_err(|_| ())?;
+    let computing = state.clone();
+    let numbers = numbers.to_vec();
+    let pseudonyms: Vec<Option<_>> = tokio::task::spawn_blocking(move || {
+        numbers
+            .iter()
+            .map(|number| computing.keys.pseudonym_of(number))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|_| ())?
+    .map_err(|_| ())?;
     let wanted: Vec<_> = pseudonyms.iter().flatten().copied().collect();
     let mut accounts = state
         .store

@@ -348,11 +348,11 @@ fn in_savepoint<R>(
     notes: &mut Notes,
     operation: impl FnOnce(&Transaction<'_>, &mut Notes) -> Result<R>,
 ) -> Result<R> {
-    txn.execute_batch("SAVEPOINT op")?;
+    txn.prepare_cached("SAVEPOINT op")?.execute([])?;
     let mut local = Notes::default();
     match operation(txn, &mut local) {
         Ok(value) => {
-            txn.execute_batch("RELEASE op")?;
+            txn.prepare_cached("RELEASE op")?.execute([])?;
             notes.messages.extend(local.messages);
             Ok(value)
         }
@@ -487,15 +487,26 @@ fn voucher_of(by: Option<Vec<u8>>, signature: Option<Vec<u8>>) -> Option<Voucher
     })
 }
 
-/// The devices of an account with their identity keys and queue lengths.
+/// The devices of an account: whether each has published identity keys, and its queue length.
 fn keyed_devices(
     conn: &Connection,
     account: AccountId,
-) -> rusqlite::Result<Vec<(DeviceId, Option<IdentityKeys>, i64)>> {
-    Ok(listed_devices(conn, account)?
-        .into_iter()
-        .map(|(listed, len)| (listed.id, listed.identity, len))
-        .collect())
+) -> rusqlite::Result<Vec<(DeviceId, bool, i64)>> {
+    // Whether identity keys are published, as `identity_of` reads them, without reading them.
+    let mut statement = conn.prepare_cached(
+        "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len
+         FROM devices WHERE account_id = ?1",
+    )?;
+    let rows = statement
+        .query_map(params![account.0], |row| {
+            Ok((
+                device_id(row.get(0)?)?,
+                row.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                row.get::<_, i64>(2)?,
+            ))
+        })?
+        .collect();
+    rows
 }
 
 /// The devices of an account as the directory lists them, with their queue lengths.
@@ -965,10 +976,10 @@ impl Store for SqliteStore {
             };
             // Checked inside the transaction that stores the copies, so a device linked or
             // removed at the same moment cannot slip between the check and the write.
-            let must_get = |devices: &[(DeviceId, Option<IdentityKeys>, i64)]| {
+            let must_get = |devices: &[(DeviceId, bool, i64)]| {
                 devices
                     .iter()
-                    .filter(|(id, keys, _)| keys.is_some() && *id != message.sender_device)
+                    .filter(|(id, keyed, _)| *keyed && *id != message.sender_device)
                     .map(|(id, _, len)| (*id, *len))
                     .collect::<Vec<_>>()
             };
