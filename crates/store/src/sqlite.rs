@@ -1097,22 +1097,19 @@ impl Store for SqliteStore {
                 )
                 .optional()?;
             let Some(to_receiver) = deleted else { return gone(txn) };
-            // The sender's own other devices taking their copies is not a delivery.
-            if !to_receiver {
-                txn.prepare_cached(
-                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
-                    params![seq],
-                )?;
-                return Ok(Acked::Confirmed { first: false });
-            }
-            // The last copy takes the message with it; otherwise it is marked delivered, so that a
-            // withdraw racing the other devices' acknowledgements answers DELIVERED.
+            // The last copy takes the message with it.
             let message_gone = txn
                 .prepare_cached(
                     "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
                 )?
                 .execute(params![seq])?
                 > 0;
+            // The sender's own other devices taking their copies is not a delivery.
+            if !to_receiver {
+                return Ok(Acked::Confirmed { first: false });
+            }
+            // A message still held is marked delivered, so that a withdraw racing the other
+            // devices' acknowledgements answers DELIVERED.
             if !delivered {
                 if !message_gone {
                     txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?.execute(params![seq])?;
