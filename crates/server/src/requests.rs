@@ -358,9 +358,18 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
             .await;
         return;
     };
-    let status = match state.store.ack(identity.device, sender_device, id).await {
-        Ok(Acked::Confirmed { first }) => {
-            if first {
+    // The sender's receipt goes as soon as the acknowledgement has executed; the receiver's
+    // `CONFIRMED` (after which it shows the message) only once it is durable. The message itself
+    // was durable before it was pushed, so a crash between the two loses nothing: the copy is
+    // delivered again, acknowledged again, and the receipt sent again (the sender ignores a
+    // second one), while a withdraw in between still finds the message undelivered.
+    let acked = match state
+        .store
+        .ack_staged(identity.device, sender_device, id)
+        .await
+    {
+        Ok(mut staged) => {
+            if let Some(Acked::Confirmed { first: true }) = staged.executed().await {
                 let receipt: Frame = Kind::Receipt(frame::Receipt {
                     id: id.as_bytes().to_vec(),
                     kind: ReceiptKind::Delivered as i32,
@@ -368,8 +377,12 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
                 .into();
                 state.hub.notify(&sender_device, &receipt);
             }
-            AckStatus::Confirmed
+            staged.durable().await
         }
+        Err(e) => Err(e),
+    };
+    let status = match acked {
+        Ok(Acked::Confirmed { .. }) => AckStatus::Confirmed,
         Ok(Acked::Unknown) => AckStatus::Unknown,
         Ok(Acked::Withdrawn) => AckStatus::Withdrawn,
         Err(e) => {

@@ -276,6 +276,36 @@ impl<T> Submitted<T> {
     }
 }
 
+/// A write whose outcome is known twice: once it has executed inside its batch (visible to no
+/// other connection yet, and lost if the server stops before the sync), then once the sync has
+/// made it durable. A caller may act early on the first where acting on a lost write is safe.
+#[derive(Debug)]
+pub struct Staged<T> {
+    executed: Option<tokio::sync::oneshot::Receiver<T>>,
+    durable: Submitted<T>,
+}
+
+impl<T> Staged<T> {
+    /// Wraps the two answers of a staged write.
+    pub fn new(executed: tokio::sync::oneshot::Receiver<T>, durable: Submitted<T>) -> Self {
+        Self {
+            executed: Some(executed),
+            durable,
+        }
+    }
+
+    /// The outcome once the write has executed, not yet durable; `None` if it failed (then
+    /// [`Staged::durable`] says why) or was already taken.
+    pub async fn executed(&mut self) -> Option<T> {
+        self.executed.take()?.await.ok()
+    }
+
+    /// Waits for the sync; the outcome as committed.
+    pub async fn durable(self) -> Result<T> {
+        self.durable.outcome().await
+    }
+}
+
 /// Everything the server stores, as operations of the domain. Every write resolves only after
 /// the sync that made it durable.
 pub trait Store: Send + Sync + 'static {
@@ -422,6 +452,16 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> impl Future<Output = Result<Acked>> + Send;
 
+    /// [`Store::ack`], answered also once it has executed, before its sync: a `Delivered`
+    /// receipt may go to the sender then, because the message itself is already durable (a
+    /// crash before the sync delivers it again and the receipt with it; nothing is shown twice).
+    fn ack_staged(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Staged<Acked>>> + Send;
+
     /// Withdraws a message its sender no longer wants delivered over IP. Ends in exactly one
     /// state: delivered (an acknowledgement came first), withdrawn (every copy deleted, and later
     /// acknowledgements are told so until the message's TTL ends), or unknown.
@@ -445,7 +485,8 @@ pub trait Store: Send + Sync + 'static {
         device: DeviceId,
     ) -> impl Future<Output = Result<Vec<PendingReceipt>>> + Send;
 
-    /// Deletes a receipt once its device has taken it.
+    /// Deletes a receipt once its device has taken it. Answered without waiting for a sync: a
+    /// deletion lost in a crash only means the receipt is sent again.
     fn ack_receipt(
         &self,
         device: DeviceId,

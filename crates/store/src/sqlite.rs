@@ -2,15 +2,22 @@
 //!
 //! Writes go to a single writer thread that commits them in batches (group commit): every
 //! operation waiting when a transaction starts joins it, the transaction commits with one WAL
-//! sync (`synchronous = FULL`), and only then is each operation answered. Reads use a small pool
-//! of read connections, which WAL lets run beside the writer.
+//! sync (`synchronous = FULL`), and only then is each operation answered. A write nobody waits on
+//! (deleting a receipt its device has taken) is *lazy*: a batch of only lazy writes commits
+//! without a sync of its own and becomes durable with the next synced batch (WAL frames are
+//! synced in order), so it never holds the writer for a sync. Reads run beside the writer, as WAL
+//! allows: point reads by key on the calling thread, with a read connection of that thread's
+//! own (handing a read of a few rows to another thread costs two thread switches, more than the
+//! read itself); longer reads on the blocking pool.
 //!
 //! Deletion: `secure_delete` overwrites deleted rows and freed pages with zeros, and [`Store::scrub`]
 //! checkpoints the WAL into the database and truncates it to zero bytes, so that the old frames
 //! holding deleted rows are gone too. The server scrubs on a fixed interval; that interval bounds
 //! how long deleted bytes can remain in the data files.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -26,7 +33,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use crate::{
     AccountDevices, AccountId, Acked, Claimed, ClaimedKey, Device, DeviceDifference, Enqueued,
     ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, Registered, Result, SignedKey, Store, StoreError,
+    PendingReceipt, Pseudonym, Published, Registered, Result, SignedKey, Staged, Store, StoreError,
     Submitted, SyncReport, Voucher,
 };
 
@@ -158,8 +165,20 @@ type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 type WriteJob = Box<dyn FnOnce(&Transaction<'_>, &mut Notes) -> Completion + Send>;
 
 enum Job {
-    Write(WriteJob),
+    /// A write; `lazy` when nobody waits on its durability.
+    Write {
+        job: WriteJob,
+        lazy: bool,
+    },
     Scrub(oneshot::Sender<Result<()>>),
+}
+
+/// Numbers open stores, so that a thread's point-read connections are told apart.
+static STORES: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's point-read connections, one per open store (by its number).
+    static HERE: RefCell<Vec<(usize, Connection)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The embedded SQLite engine. Cheap to clone.
@@ -176,6 +195,7 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 struct ReaderPool {
+    store: usize,
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     permits: Semaphore,
@@ -278,6 +298,7 @@ impl SqliteStore {
         Ok(Self {
             writer,
             readers: Arc::new(ReaderPool {
+                store: STORES.fetch_add(1, Ordering::Relaxed),
                 path,
                 idle: Mutex::new(Vec::new()),
                 permits: Semaphore::new(8),
@@ -299,6 +320,24 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
+        self.hand_over(operation, false).await
+    }
+
+    /// A write nobody waits on: answered once it has executed, durable with the next synced
+    /// batch (see the module's documentation).
+    async fn write_lazily<R, F>(&self, operation: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
+    {
+        self.hand_over(operation, true).await?.outcome().await
+    }
+
+    async fn hand_over<R, F>(&self, operation: F, lazy: bool) -> Result<Submitted<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: WriteJob = Box::new(move |txn, notes| {
             let outcome = in_savepoint(txn, notes, operation);
@@ -307,10 +346,50 @@ impl SqliteStore {
             })
         });
         self.writer
-            .send(Job::Write(job))
+            .send(Job::Write { job, lazy })
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(Submitted(answer))
+    }
+
+    /// Hands a write to the writer thread; its outcome is answered once it has executed and
+    /// again once the sync has made it durable (see [`Staged`]).
+    async fn submit_staged<R, F>(&self, operation: F) -> Result<Staged<R>>
+    where
+        R: Clone + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
+    {
+        let (executed, early) = oneshot::channel();
+        let durable = self
+            .submit(move |txn, notes| {
+                let outcome = operation(txn, notes);
+                if let Ok(value) = &outcome {
+                    let _ = executed.send(value.clone());
+                }
+                outcome
+            })
+            .await?;
+        Ok(Staged::new(early, durable))
+    }
+
+    /// A point read (a few rows by key) on the calling thread; see the module's documentation.
+    fn read_here<R>(&self, query: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        HERE.with(|here| {
+            let mut here = here
+                .try_borrow_mut()
+                .map_err(|_| StoreError::Engine("a point read inside a point read".into()))?;
+            let at = match here
+                .iter()
+                .position(|(store, _)| *store == self.readers.store)
+            {
+                Some(at) => at,
+                None => {
+                    here.push((self.readers.store, open_connection(&self.readers.path)?));
+                    here.len() - 1
+                }
+            };
+            query(&here[at].1)
+        })
     }
 
     async fn read<R, F>(&self, query: F) -> Result<R>
@@ -380,15 +459,19 @@ fn run_writer(
         }
         let mut writes = Vec::with_capacity(batch.len());
         let mut scrubs = Vec::new();
+        let mut all_lazy = true;
         for job in batch {
             match job {
-                Job::Write(write) => writes.push(write),
+                Job::Write { job, lazy } => {
+                    all_lazy &= lazy;
+                    writes.push(job);
+                }
                 Job::Scrub(reply) => scrubs.push(reply),
             }
         }
         if !writes.is_empty() {
             seq += 1;
-            commit_batch(&mut conn, writes, seq, observer.as_ref());
+            commit_batch(&mut conn, writes, seq, all_lazy, observer.as_ref());
         }
         if !scrubs.is_empty() {
             let outcome = conn
@@ -419,8 +502,23 @@ fn commit_batch(
     conn: &mut Connection,
     writes: Vec<WriteJob>,
     seq: u64,
+    lazy: bool,
     observer: Option<&SyncObserver>,
 ) {
+    // Lazy batches commit without a sync; the next synced commit syncs their frames too.
+    let mode = if lazy {
+        "PRAGMA synchronous = NORMAL"
+    } else {
+        "PRAGMA synchronous = FULL"
+    };
+    if let Err(e) = conn
+        .prepare_cached(mode)
+        .and_then(|mut statement| statement.execute([]))
+    {
+        // Nothing ran: every operation is answered with the failure (its reply is dropped).
+        tracing::error!(error = %e, "storage sync mode could not be set");
+        return;
+    }
     let operations = writes.len();
     let mut notes = Notes::default();
     let txn = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -440,7 +538,7 @@ fn commit_batch(
         .map(|write| write(&txn, &mut notes))
         .collect();
     let committed = txn.commit().map_err(StoreError::from);
-    if committed.is_ok() {
+    if committed.is_ok() && !lazy {
         if let Some(observer) = observer {
             observer(&SyncReport {
                 seq,
@@ -457,6 +555,78 @@ fn commit_batch(
             Err(e) => Err(StoreError::Engine(e.to_string())),
         });
     }
+}
+
+/// Deletes a device's copy on its acknowledgement; on a message's first acknowledgement by a
+/// receiver device, marks it delivered and stores the sender's `Delivered` receipt.
+fn ack_in(
+    txn: &Transaction<'_>,
+    device: DeviceId,
+    sender_device: DeviceId,
+    id: MessageId,
+) -> Result<Acked> {
+    let message = txn
+        .prepare_cached(
+            "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+        )?
+        .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0))
+        })
+        .optional()?;
+    // No copy for this device: a replay, or a message its sender withdrew (then the
+    // device must be told not to show it).
+    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
+        let withdrawn = txn
+            .prepare_cached("SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
+            .query_row(params![sender_device.as_bytes(), id.as_bytes()], |_| Ok(()))
+            .optional()?;
+        Ok(if withdrawn.is_some() {
+            Acked::Withdrawn
+        } else {
+            Acked::Unknown
+        })
+    };
+    let Some((seq, delivered)) = message else {
+        return gone(txn);
+    };
+    let deleted = txn
+        .prepare_cached(
+            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver",
+        )?
+        .query_row(params![device.as_bytes(), seq], |row| row.get::<_, bool>(0))
+        .optional()?;
+    let Some(to_receiver) = deleted else {
+        return gone(txn);
+    };
+    // The last copy takes the message with it.
+    let message_gone = txn
+        .prepare_cached(
+            "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+        )?
+        .execute(params![seq])?
+        > 0;
+    // The sender's own other devices taking their copies is not a delivery.
+    if !to_receiver {
+        return Ok(Acked::Confirmed { first: false });
+    }
+    // A message still held is marked delivered, so that a withdraw racing the other
+    // devices' acknowledgements answers DELIVERED.
+    if !delivered {
+        if !message_gone {
+            txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
+                .execute(params![seq])?;
+        }
+        txn.prepare_cached(
+            "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+        )?
+        .execute(params![
+            sender_device.as_bytes(),
+            id.as_bytes(),
+            ReceiptKind::Delivered as i64
+        ])?;
+    }
+    Ok(Acked::Confirmed { first: !delivered })
 }
 
 fn device_id(bytes: Vec<u8>) -> rusqlite::Result<DeviceId> {
@@ -566,21 +736,20 @@ fn receipt_kind(kind: i64) -> ReceiptKind {
 
 impl Store for SqliteStore {
     async fn device(&self, id: DeviceId) -> Result<Option<Device>> {
-        self.read(move |conn| device_in(conn, id)).await
+        self.read_here(|conn| device_in(conn, id))
     }
 
     async fn login_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
-        self.read(move |conn| {
+        self.read_here(|conn| {
             let Some(device) = device_in(conn, id)? else {
                 return Ok(None);
             };
             Ok(Some((device, key_status_in(conn, id)?)))
         })
-        .await
     }
 
     async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
-        self.read(move |conn| account_in(conn, pseudonym)).await
+        self.read_here(|conn| account_in(conn, pseudonym))
     }
 
     async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
@@ -766,7 +935,7 @@ impl Store for SqliteStore {
     }
 
     async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
-        self.read(move |conn| key_status_in(conn, device)).await
+        self.read_here(|conn| key_status_in(conn, device))
     }
 
     async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
@@ -1068,61 +1237,18 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
-        self.write(move |txn, _| {
-            let message = txn
-                .prepare_cached(
-                    "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
-                    params![sender_device.as_bytes(), id.as_bytes()],
-                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0)),
-                )
-                .optional()?;
-            // No copy for this device: a replay, or a message its sender withdrew (then the
-            // device must be told not to show it).
-            let gone = |txn: &Transaction<'_>| -> Result<Acked> {
-                let withdrawn = txn
-                    .prepare_cached(
-                        "SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
-                        params![sender_device.as_bytes(), id.as_bytes()],
-                        |_| Ok(()),
-                    )
-                    .optional()?;
-                Ok(if withdrawn.is_some() { Acked::Withdrawn } else { Acked::Unknown })
-            };
-            let Some((seq, delivered)) = message else { return gone(txn) };
-            let deleted = txn
-                .prepare_cached(
-                    "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver")?.query_row(
-                    params![device.as_bytes(), seq],
-                    |row| row.get::<_, bool>(0),
-                )
-                .optional()?;
-            let Some(to_receiver) = deleted else { return gone(txn) };
-            // The last copy takes the message with it.
-            let message_gone = txn
-                .prepare_cached(
-                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
-                )?
-                .execute(params![seq])?
-                > 0;
-            // The sender's own other devices taking their copies is not a delivery.
-            if !to_receiver {
-                return Ok(Acked::Confirmed { first: false });
-            }
-            // A message still held is marked delivered, so that a withdraw racing the other
-            // devices' acknowledgements answers DELIVERED.
-            if !delivered {
-                if !message_gone {
-                    txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?.execute(params![seq])?;
-                }
-                txn.prepare_cached(
-                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
-                )?
-                .execute(params![sender_device.as_bytes(), id.as_bytes(), ReceiptKind::Delivered as i64])?;
-            }
-            Ok(Acked::Confirmed { first: !delivered })
-        })
-        .await
+        self.write(move |txn, _| ack_in(txn, device, sender_device, id))
+            .await
+    }
+
+    async fn ack_staged(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> Result<Staged<Acked>> {
+        self.submit_staged(move |txn, _| ack_in(txn, device, sender_device, id))
+            .await
     }
 
     async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
@@ -1252,7 +1378,8 @@ impl Store for SqliteStore {
     }
 
     async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
-        self.write(move |txn, _| {
+        // Lazy: a receipt whose deletion is lost in a crash is only sent again.
+        self.write_lazily(move |txn, _| {
             txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2")?
                 .execute(params![device.as_bytes(), id.as_bytes()])?;
             Ok(())

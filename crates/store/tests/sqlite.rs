@@ -300,3 +300,105 @@ async fn concurrent_writes_share_syncs() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn an_acknowledgement_is_known_before_its_sync() {
+    let dir = temp_dir("staged");
+    // While armed, the writer waits inside the observer: after its commit, before answering.
+    let gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>> = Arc::default();
+    let held = Arc::clone(&gate);
+    let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&syncs);
+    let store = SqliteStore::open(
+        &dir,
+        SqliteOptions {
+            max_batch: 64,
+            sync_observer: Some(Arc::new(move |_: &SyncReport| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(release) = held.lock().expect("lock").take() {
+                    let _ = release.recv();
+                }
+            })),
+        },
+    )
+    .expect("open");
+    let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    let alice_account = store
+        .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
+        .await
+        .expect("alice")
+        .account;
+    let bob_account = store
+        .register_device(Pseudonym([0xB0; 32]), bob_device, [8; 32], 0)
+        .await
+        .expect("bob")
+        .account;
+    for (device, n) in [(alice_device, 10), (bob_device, 20)] {
+        store
+            .publish_keys(device, identity(n), vec![key(n)], None, 100)
+            .await
+            .expect("publish");
+    }
+    let sent = message(
+        (alice_device, alice_account),
+        1,
+        bob_account,
+        &[(bob_device, b"x")],
+    );
+    assert_eq!(
+        store.enqueue(sent, 10).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+
+    let (release, wait) = std::sync::mpsc::channel();
+    *gate.lock().expect("lock") = Some(wait);
+    let mut staged = store
+        .ack_staged(bob_device, alice_device, MessageId([1; 16]))
+        .await
+        .expect("submit");
+    assert_eq!(
+        staged.executed().await,
+        Some(Acked::Confirmed { first: true })
+    );
+    assert_eq!(staged.executed().await, None, "answered once");
+    let durable = tokio::spawn(staged.durable());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !durable.is_finished(),
+        "answered as durable before its sync was through"
+    );
+    release.send(()).expect("release");
+    assert_eq!(
+        durable.await.expect("join").expect("ack"),
+        Acked::Confirmed { first: true }
+    );
+    // A replay is known as such at once too (and takes no receipt with it).
+    let mut unknown = store
+        .ack_staged(bob_device, alice_device, MessageId([1; 16]))
+        .await
+        .expect("submit");
+    assert_eq!(unknown.executed().await, Some(Acked::Unknown));
+    assert_eq!(unknown.durable().await.expect("replay"), Acked::Unknown);
+
+    // Taking the receipt is a lazy write: done at once, without a sync of its own.
+    let receipt = vec![PendingReceipt {
+        id: MessageId([1; 16]),
+        kind: ReceiptKind::Delivered,
+    }];
+    assert_eq!(
+        store.receipts(alice_device).await.expect("receipts"),
+        receipt
+    );
+    let before = syncs.load(std::sync::atomic::Ordering::SeqCst);
+    store
+        .ack_receipt(alice_device, MessageId([1; 16]))
+        .await
+        .expect("receipt ack");
+    assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), before);
+    assert!(store
+        .receipts(alice_device)
+        .await
+        .expect("receipts")
+        .is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
