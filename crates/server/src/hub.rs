@@ -112,6 +112,13 @@ impl Mailbox {
         }
     }
 
+    /// Waits until something is queued, without taking it.
+    pub async fn ready(&self) {
+        while self.is_empty() {
+            self.arrived.notified().await;
+        }
+    }
+
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
@@ -238,16 +245,19 @@ impl Hub {
     }
 
     /// Sends a frame to every session of a device (listening or not), dropping it for a session
-    /// whose queue is full (receipts stay stored and are sent again at the next login).
-    pub fn notify(&self, device: &DeviceId, frame: &Frame) {
+    /// whose queue is full (receipts stay stored and are sent again at the next login). Returns
+    /// how many sessions the device has.
+    pub fn notify(&self, device: &DeviceId, frame: &Frame) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
-            return;
+            return 0;
         };
-        if let Some(entries) = sessions.get(device) {
-            for entry in entries {
-                let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
-            }
+        let Some(entries) = sessions.get(device) else {
+            return 0;
+        };
+        for entry in entries {
+            let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
         }
+        entries.len()
     }
 
     /// Signs out every session of these devices.

@@ -363,21 +363,34 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
     // was durable before it was pushed, so a crash between the two loses nothing: the copy is
     // delivered again, acknowledged again, and the receipt sent again (the sender ignores a
     // second one), while a withdraw in between still finds the message undelivered.
+    //
+    // A sender device with no session at that moment gets the receipt from the store when it
+    // next logs in; one that logs in before the sync might read the store too early, so it is
+    // offered the receipt again after the sync (a second copy is ignored).
     let acked = match state
         .store
         .ack_staged(identity.device, sender_device, id)
         .await
     {
         Ok(mut staged) => {
-            if let Some(Acked::Confirmed { first: true }) = staged.executed().await {
-                let receipt: Frame = Kind::Receipt(frame::Receipt {
+            let receipt = || -> Frame {
+                Kind::Receipt(frame::Receipt {
                     id: id.as_bytes().to_vec(),
                     kind: ReceiptKind::Delivered as i32,
                 })
-                .into();
-                state.hub.notify(&sender_device, &receipt);
+                .into()
+            };
+            let early = match staged.executed().await {
+                Some(Acked::Confirmed { first: true }) => {
+                    Some(state.hub.notify(&sender_device, &receipt()))
+                }
+                _ => None,
+            };
+            let durable = staged.durable().await;
+            if early == Some(0) && durable.is_ok() {
+                state.hub.notify(&sender_device, &receipt());
             }
-            staged.durable().await
+            durable
         }
         Err(e) => Err(e),
     };

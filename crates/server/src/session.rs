@@ -13,7 +13,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use tidings_proto::codec::{self, CodecError};
 use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
 use tidings_proto::id::DeviceId;
-use tidings_store::{AccountId, Store as _};
+use tidings_store::{AccountId, Backlog, Store as _};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -77,8 +77,16 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// Runs a session on an upgraded connection. A plain TCP connection is taken back from hyper
 /// and split into its owned halves (bytes hyper read past the upgrade request go first), so an
 /// idle session holds no boxed stream and no lock around it; TLS runs on hyper's upgraded stream.
-pub async fn start(state: Shared, upgraded: hyper::upgrade::Upgraded, challenge: [u8; 32]) {
+pub fn start(
+    state: Shared,
+    upgraded: hyper::upgrade::Upgraded,
+    challenge: [u8; 32],
+) -> impl std::future::Future<Output = ()> + Send {
     use hyper_util::rt::TokioIo;
+    use tokio_util::either::Either;
+    // Not an `async fn`: the session's task holds the session's future itself, not also the
+    // upgrade's parts beside it. TLS sessions (rarer, and heavier anyway) are boxed so that
+    // plain ones are not sized for them.
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
             let (reader, writer) = parts.io.into_inner().into_split();
@@ -86,11 +94,17 @@ pub async fn start(state: Shared, upgraded: hyper::upgrade::Upgraded, challenge:
             // freed now rather than held for the life of the session.
             let read = BytesMut::from(&parts.read_buf[..]);
             drop(parts.read_buf);
-            run(state, reader, writer, read, challenge).await;
+            Either::Left(run(state, reader, writer, read, challenge))
         }
         Err(upgraded) => {
             let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            run(state, reader, writer, BytesMut::new(), challenge).await;
+            Either::Right(Box::pin(run(
+                state,
+                reader,
+                writer,
+                BytesMut::new(),
+                challenge,
+            )))
         }
     }
 }
@@ -117,130 +131,271 @@ async fn run<R, W>(
     else {
         return;
     };
-    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
-
     let tx = Mailbox::new();
     let registration = state.hub.add(identity.device, listen, tx.clone());
     state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
-
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    tasks.spawn(requests::send_pending_receipts(
-        state.clone(),
-        identity.device,
-        tx.clone(),
-    ));
-    if listen {
-        tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
+    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
+    let mut live = Live {
+        state,
+        identity,
+        listen,
+        reader,
+        writer,
+        buf,
+        out: BytesMut::new(),
+        tx,
+        tasks: JoinSet::new(),
+        send_order: None,
+        heartbeat,
+        deadline: Instant::now() + heartbeat * 3,
+    };
+    // What waits for the device is read once it is registered, so that nothing stored after the
+    // read can miss it (that is pushed); a session with nothing waiting starts no reader.
+    let backlog = live
+        .state
+        .store
+        .backlog(identity.device)
+        .await
+        .unwrap_or(Backlog {
+            queued: true,
+            receipts: true,
+        });
+    if backlog.receipts {
+        live.tasks.spawn(requests::send_pending_receipts(
+            live.state.clone(),
+            identity.device,
+            live.tx.clone(),
+        ));
+    }
+    if listen && backlog.queued {
+        live.spawn_drain();
     }
 
-    // Made at the first send: a session that only listens never needs one.
-    let mut send_order: Option<Arc<requests::SendOrder>> = None;
-    let mut out = BytesMut::new();
-    let mut deadline = Instant::now() + heartbeat * 3;
-    let mut signed_out = false;
-    loop {
-        if tasks.is_empty() && tx.is_empty() {
-            // An idle session holds no buffers: they are allocated again when traffic comes.
-            if buf.is_empty() && buf.capacity() > 0 {
-                buf = BytesMut::new();
-            }
-            if out.capacity() > 0 {
-                out = BytesMut::new();
+    // An idle session waits in a small future of its own; everything a busy stretch needs runs
+    // boxed, allocated while traffic flows. So an idle session's task holds little more than
+    // its socket, its mailbox and its heartbeat timer.
+    let ended = loop {
+        if live.is_idle() {
+            live.release_buffers();
+            if !live.idle_wait().await {
+                break End::Close;
             }
         }
-        tokio::select! {
-            biased;
-            () = state.shutdown.cancelled() => break,
-            message = tx.recv() => {
-                if encode_outbound(message, &mut out, &state) {
-                    signed_out = true;
-                }
-                while out.len() < 64 * 1024 {
-                    match tx.try_recv() {
-                        Some(message) => {
-                            if encode_outbound(message, &mut out, &state) {
-                                signed_out = true;
-                            }
-                        }
-                        None => break,
-                    }
-                }
-                if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
-                    break;
-                }
-                out.clear();
-                if signed_out {
-                    break;
-                }
-                if tx.take_behind() && listen {
-                    tasks.spawn(drain_queue(state.clone(), identity.device, tx.clone()));
-                }
-            }
-            read = reader.read_buf(&mut buf), if tasks.len() < MAX_IN_FLIGHT => {
-                match read {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                deadline = Instant::now() + heartbeat * 3;
-                loop {
-                    match codec::decode(&mut buf) {
-                        Ok(Some(frame)) => {
-                            if let Some(reply) = handle(&state, identity, frame, &tx, &mut tasks, &mut send_order) {
-                                codec::encode(&reply, &mut out);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            codec::encode(&error_frame(ErrorCode::Protocol, &e.to_string(), true, 0), &mut out);
-                            let _ = writer.write_all(&out).await;
-                            let _ = writer.shutdown().await;
-                            // The connection is being dropped: answers have nowhere to go.
-                            tx.close();
-                            Box::pin(finish(&state, tasks)).await;
-                            return;
-                        }
-                    }
-                }
-                if let Ok(Some(needed)) = codec::needed(&buf) {
-                    buf.reserve(needed.saturating_sub(buf.len()));
-                }
-                if !out.is_empty() {
-                    if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
-                        break;
-                    }
-                    out.clear();
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                tracing::debug!("session closed: heartbeat lapsed");
-                break;
-            }
-            Some(_) = tasks.join_next() => {}
-        }
-    }
-    // The device no longer counts as online from here on.
-    drop(registration);
-    // Let requests already read finish (their answers are written if the socket still takes
-    // them), so a shutdown loses nothing that was in flight.
-    let drain = async {
-        while !tasks.is_empty() || !tx.is_empty() {
-            tokio::select! {
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                message = tx.recv() => {
-                    encode_outbound(message, &mut out, &state);
-                    let _ = writer.write_all(&out).await;
-                    out.clear();
-                }
-            }
+        match Box::pin(live.busy()).await {
+            None => {}
+            Some(end) => break end,
         }
     };
-    // Boxed: its state would otherwise widen the future every idle session keeps.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, Box::pin(drain)).await;
-    tx.close();
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
-    state.metrics.sessions_active.dec();
+    // The device no longer counts as online from here on.
+    drop(registration);
+    match ended {
+        End::Close => Box::pin(live.close()).await,
+        End::Abort => {
+            // The connection is being dropped: answers have nowhere to go.
+            live.tx.close();
+            Box::pin(finish(&live.state, live.tasks)).await;
+        }
+    }
+}
+
+/// How a session ends: closed in order (requests already read finish and are answered), or
+/// aborted after a protocol error.
+enum End {
+    Close,
+    Abort,
+}
+
+/// A logged-in session's state, kept across its idle waits and busy stretches.
+struct Live<R, W> {
+    state: Shared,
+    identity: Identity,
+    listen: bool,
+    reader: R,
+    writer: W,
+    /// Bytes read and not yet decoded.
+    buf: BytesMut,
+    /// Bytes encoded and not yet written.
+    out: BytesMut,
+    tx: Outbox,
+    tasks: JoinSet<()>,
+    /// Made at the first send: a session that only listens never needs one.
+    send_order: Option<Arc<requests::SendOrder>>,
+    heartbeat: Duration,
+    deadline: Instant,
+}
+
+impl<R, W> Live<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    fn is_idle(&self) -> bool {
+        self.tasks.is_empty() && self.tx.is_empty() && self.buf.is_empty()
+    }
+
+    /// An idle session holds no buffers: they are allocated again when traffic comes.
+    fn release_buffers(&mut self) {
+        if self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+    }
+
+    fn spawn_drain(&mut self) {
+        self.tasks.spawn(drain_queue(
+            self.state.clone(),
+            self.identity.device,
+            self.tx.clone(),
+        ));
+    }
+
+    /// Waits, with nothing in flight, for a frame, a message to write, the heartbeat's end or
+    /// the server's shutdown. False when the session is to end.
+    async fn idle_wait(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            () = self.state.shutdown.cancelled() => false,
+            () = self.tx.ready() => true,
+            read = self.reader.read_buf(&mut self.buf) => match read {
+                Ok(0) | Err(_) => false,
+                Ok(_) => {
+                    self.deadline = Instant::now() + self.heartbeat * 3;
+                    true
+                }
+            },
+            () = tokio::time::sleep_until(self.deadline) => {
+                tracing::debug!("session closed: heartbeat lapsed");
+                false
+            }
+        }
+    }
+
+    /// Serves frames and writes until the session is idle again (`None`) or ends.
+    async fn busy(&mut self) -> Option<End> {
+        if !self.buf.is_empty() {
+            if let Some(end) = self.serve_input().await {
+                return Some(end);
+            }
+        }
+        loop {
+            if self.is_idle() {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                () = self.state.shutdown.cancelled() => return Some(End::Close),
+                message = self.tx.recv() => {
+                    if self.write_mail(message).await {
+                        return Some(End::Close);
+                    }
+                }
+                read = self.reader.read_buf(&mut self.buf), if self.tasks.len() < MAX_IN_FLIGHT => {
+                    match read {
+                        Ok(0) | Err(_) => return Some(End::Close),
+                        Ok(_) => {}
+                    }
+                    self.deadline = Instant::now() + self.heartbeat * 3;
+                    if let Some(end) = self.serve_input().await {
+                        return Some(end);
+                    }
+                }
+                () = tokio::time::sleep_until(self.deadline) => {
+                    tracing::debug!("session closed: heartbeat lapsed");
+                    return Some(End::Close);
+                }
+                Some(_) = self.tasks.join_next() => {}
+            }
+        }
+    }
+
+    /// Writes a message from the mailbox and whatever else is queued behind it (up to 64 KiB
+    /// at once). True when the session must close (written, signed out, or the socket failed).
+    async fn write_mail(&mut self, message: Outbound) -> bool {
+        let mut signed_out = encode_outbound(message, &mut self.out, &self.state);
+        while self.out.len() < 64 * 1024 {
+            match self.tx.try_recv() {
+                Some(message) => signed_out |= encode_outbound(message, &mut self.out, &self.state),
+                None => break,
+            }
+        }
+        if self.writer.write_all(&self.out).await.is_err() || self.writer.flush().await.is_err() {
+            return true;
+        }
+        self.out.clear();
+        if signed_out {
+            return true;
+        }
+        if self.tx.take_behind() && self.listen {
+            self.spawn_drain();
+        }
+        false
+    }
+
+    /// Handles every whole frame read so far and writes the inline answers.
+    async fn serve_input(&mut self) -> Option<End> {
+        loop {
+            match codec::decode(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    if let Some(reply) = handle(
+                        &self.state,
+                        self.identity,
+                        frame,
+                        &self.tx,
+                        &mut self.tasks,
+                        &mut self.send_order,
+                    ) {
+                        codec::encode(&reply, &mut self.out);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    codec::encode(
+                        &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
+                        &mut self.out,
+                    );
+                    let _ = self.writer.write_all(&self.out).await;
+                    let _ = self.writer.shutdown().await;
+                    return Some(End::Abort);
+                }
+            }
+        }
+        if let Ok(Some(needed)) = codec::needed(&self.buf) {
+            self.buf.reserve(needed.saturating_sub(self.buf.len()));
+        }
+        if !self.out.is_empty() {
+            if self.writer.write_all(&self.out).await.is_err() || self.writer.flush().await.is_err()
+            {
+                return Some(End::Close);
+            }
+            self.out.clear();
+        }
+        None
+    }
+
+    /// Lets requests already read finish (their answers are written if the socket still takes
+    /// them), so a shutdown loses nothing that was in flight; then closes the connection.
+    async fn close(mut self) {
+        let drain = async {
+            while !self.tasks.is_empty() || !self.tx.is_empty() {
+                tokio::select! {
+                    Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                    message = self.tx.recv() => {
+                        encode_outbound(message, &mut self.out, &self.state);
+                        let _ = self.writer.write_all(&self.out).await;
+                        self.out.clear();
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        self.tx.close();
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
+        self.state.metrics.sessions_active.dec();
+    }
 }
 
 /// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection

@@ -106,6 +106,15 @@ pub enum Published {
     TooMany,
 }
 
+/// Whether a device has anything waiting, as a session checks when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Copies are queued for it.
+    pub queued: bool,
+    /// Receipts are waiting for it.
+    pub receipts: bool,
+}
+
 /// A device's key supply, as a login reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyStatus {
@@ -478,6 +487,10 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<ExpiredMessage>>> + Send;
+
+    /// Whether copies or receipts wait for a device (a point read: a session that has nothing
+    /// waiting starts no reader for either).
+    fn backlog(&self, device: DeviceId) -> impl Future<Output = Result<Backlog>> + Send;
 
     /// Receipts waiting for a sending device.
     fn receipts(

@@ -31,8 +31,8 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Claimed, ClaimedKey, Device, DeviceDifference, Enqueued,
-    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Device, DeviceDifference,
+    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
     PendingReceipt, Pseudonym, Published, Registered, Result, SignedKey, Staged, Store, StoreError,
     Submitted, SyncReport, Voucher,
 };
@@ -1357,6 +1357,20 @@ impl Store for SqliteStore {
             Ok(receipts)
         })
         .await
+    }
+
+    async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
+        self.read_here(|conn| {
+            let queued = conn
+                .prepare_cached("SELECT queue_len > 0 FROM devices WHERE id = ?1")?
+                .query_row(params![device.as_bytes()], |row| row.get::<_, bool>(0))
+                .optional()?
+                .unwrap_or(false);
+            let receipts = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM receipts WHERE device_id = ?1)")?
+                .query_row(params![device.as_bytes()], |row| row.get::<_, bool>(0))?;
+            Ok(Backlog { queued, receipts })
+        })
     }
 
     async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {
