@@ -293,3 +293,29 @@ fn sigterm_mid_flow_loses_no_accepted_message() {
     let lost: Vec<&String> = queued.difference(&received).collect();
     assert!(lost.is_empty(), "answered `queued` but lost: {lost:?}");
 }
+
+#[test]
+fn sigterm_closes_idle_sessions_without_waiting_out_the_grace_period() {
+    // An idle session keeps no cancellation future of its own: shutdown reaches it through its
+    // mailbox. If it did not, the server would wait its whole grace period and say so.
+    let mut server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let mut listener = bob.spawn(&["listen", "--timeout", "60"]);
+    assert!(crate::support::eventually(Duration::from_secs(10), || {
+        alice.lookup(&[&bob_number])[0].1 == "online"
+    }));
+    // Frozen, the listener sends no heartbeat that would wake its session either.
+    crate::support::signal(listener.id(), "STOP");
+    assert!(server.sigterm(), "the server did not exit cleanly");
+    crate::support::signal(listener.id(), "CONT");
+    let log = server.log();
+    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        !log.contains("did not finish in time"),
+        "an idle session held up the shutdown: {log}"
+    );
+    let _ = listener.kill();
+    let _ = listener.wait();
+}

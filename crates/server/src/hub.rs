@@ -31,6 +31,8 @@ pub enum Outbound {
 #[derive(Debug, Default)]
 pub struct Mailbox {
     queue: Mutex<VecDeque<Outbound>>,
+    /// The session's heartbeat deadline (ms since the epoch), for the hub's sweep.
+    heard_until: AtomicU64,
     closed: AtomicBool,
     /// Set when a delivery did not fit; the session re-reads the store.
     behind: AtomicBool,
@@ -112,11 +114,27 @@ impl Mailbox {
         }
     }
 
-    /// Waits until something is queued, without taking it.
-    pub async fn ready(&self) {
-        while self.is_empty() {
+    /// Waits until something is queued or the session is woken to look at its state again
+    /// (which may be spuriously); takes nothing.
+    pub async fn woken(&self) {
+        if self.is_empty() {
             self.arrived.notified().await;
         }
+    }
+
+    /// Wakes the session's idle wait without a message.
+    pub fn wake(&self) {
+        self.arrived.notify_one();
+    }
+
+    /// Moves the session's heartbeat deadline.
+    pub fn heard_until(&self, deadline_ms: u64) {
+        self.heard_until.store(deadline_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the heartbeat deadline has passed at `now_ms`.
+    pub fn lapsed(&self, now_ms: u64) -> bool {
+        now_ms >= self.heard_until.load(Ordering::Relaxed)
     }
 
     /// Whether nothing is queued.
@@ -192,6 +210,19 @@ impl Hub {
                 if entries.is_empty() {
                     sessions.remove(&device);
                 }
+            }
+        }
+    }
+
+    /// Wakes every session whose heartbeat deadline has passed at `now_ms` (or every session),
+    /// so that an idle one notices and closes: one sweep instead of a timer per session.
+    pub fn wake_lapsed(&self, now_ms: Option<u64>) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        for entry in sessions.values().flatten() {
+            if now_ms.is_none_or(|now| entry.tx.lapsed(now)) {
+                entry.tx.wake();
             }
         }
     }

@@ -252,6 +252,8 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: finishing sessions");
         state.shutdown.cancel();
+        // Idle sessions wait on their mailbox only: wake them to see the shutdown.
+        state.hub.wake_lapsed(None);
         state.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, state.tasks.wait())
             .await
@@ -377,6 +379,10 @@ fn spawn_sweeps(state: &Shared) {
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }
+    });
+    // The heartbeat sweep: an idle session keeps no timer of its own.
+    every(state, Duration::from_millis(500), |state| async move {
+        state.hub.wake_lapsed(Some(now_ms()));
     });
     every(state, Duration::from_secs(60), |state| async move {
         let now = now_ms();

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::hub::{Mailbox, Outbound, Outbox};
+use crate::hub::{Mailbox, Outbound, Outbox, Registration};
 use crate::state::{now_ms, Shared};
 use crate::{directory, requests};
 
@@ -110,32 +110,48 @@ pub fn start(
 }
 
 /// Runs a session on the two halves of an upgraded connection; `buf` holds bytes already read.
-async fn run<R, W>(
+/// Not an `async fn` either: the opening (login, registration) runs boxed and is gone once the
+/// session is open, so the session's future holds only the open session.
+fn run<R, W>(
+    state: Shared,
+    reader: R,
+    writer: W,
+    buf: BytesMut,
+    challenge: [u8; 32],
+) -> impl std::future::Future<Output = ()> + Send
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let opening = Box::pin(open(state, reader, writer, buf, challenge));
+    async move {
+        // `let … else`, not `if let`: the `Option` is not kept beside the session's future.
+        let Some(live) = opening.await else {
+            return;
+        };
+        live.serve().await;
+    }
+}
+
+/// Logs the client in and registers its session. `None`: the connection is done.
+async fn open<R, W>(
     state: Shared,
     mut reader: R,
     mut writer: W,
     mut buf: BytesMut,
     challenge: [u8; 32],
-) where
+) -> Option<Live<R, W>>
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Some((identity, listen)) = Box::pin(log_in(
-        &state,
-        &mut reader,
-        &mut writer,
-        &mut buf,
-        &challenge,
-    ))
-    .await
-    else {
-        return;
-    };
+    let (identity, listen) = log_in(&state, &mut reader, &mut writer, &mut buf, &challenge).await?;
     let tx = Mailbox::new();
+    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
+    tx.heard_until(now_ms() + 3 * heartbeat.as_millis() as u64);
     let registration = state.hub.add(identity.device, listen, tx.clone());
     state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
-    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
     let mut live = Live {
         state,
         identity,
@@ -145,6 +161,7 @@ async fn run<R, W>(
         buf,
         out: BytesMut::new(),
         tx,
+        registration: Some(registration),
         tasks: JoinSet::new(),
         send_order: None,
         heartbeat,
@@ -171,32 +188,7 @@ async fn run<R, W>(
     if listen && backlog.queued {
         live.spawn_drain();
     }
-
-    // An idle session waits in a small future of its own; everything a busy stretch needs runs
-    // boxed, allocated while traffic flows. So an idle session's task holds little more than
-    // its socket, its mailbox and its heartbeat timer.
-    let ended = loop {
-        if live.is_idle() {
-            live.release_buffers();
-            if !live.idle_wait().await {
-                break End::Close;
-            }
-        }
-        match Box::pin(live.busy()).await {
-            None => {}
-            Some(end) => break end,
-        }
-    };
-    // The device no longer counts as online from here on.
-    drop(registration);
-    match ended {
-        End::Close => Box::pin(live.close()).await,
-        End::Abort => {
-            // The connection is being dropped: answers have nowhere to go.
-            live.tx.close();
-            Box::pin(finish(&live.state, live.tasks)).await;
-        }
-    }
+    Some(live)
 }
 
 /// How a session ends: closed in order (requests already read finish and are answered), or
@@ -218,6 +210,8 @@ struct Live<R, W> {
     /// Bytes encoded and not yet written.
     out: BytesMut,
     tx: Outbox,
+    /// Dropped when the session stops counting as online.
+    registration: Option<Registration>,
     tasks: JoinSet<()>,
     /// Made at the first send: a session that only listens never needs one.
     send_order: Option<Arc<requests::SendOrder>>,
@@ -230,6 +224,42 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    /// Serves the session until it ends. An idle session waits in a small future of its own;
+    /// everything a busy stretch needs runs boxed, allocated while traffic flows. So an idle
+    /// session's task holds little more than its socket and its mailbox: its heartbeat deadline
+    /// is checked by the hub's sweep and shutdown reaches it through the mailbox, so it keeps no
+    /// timer and no cancellation future of its own.
+    async fn serve(mut self) {
+        let ended = loop {
+            if self.is_idle() {
+                self.release_buffers();
+                if !self.idle_wait().await {
+                    break End::Close;
+                }
+            }
+            if let Some(end) = Box::pin(self.busy()).await {
+                break end;
+            }
+        };
+        // The device no longer counts as online from here on.
+        self.registration = None;
+        match ended {
+            End::Close => Box::pin(self.close()).await,
+            End::Abort => {
+                // The connection is being dropped: answers have nowhere to go.
+                self.tx.close();
+                Box::pin(finish(&self.state, self.tasks)).await;
+            }
+        }
+    }
+
+    /// A frame was read: the heartbeat deadline moves on.
+    fn heard(&mut self) {
+        self.deadline = Instant::now() + self.heartbeat * 3;
+        self.tx
+            .heard_until(now_ms() + 3 * self.heartbeat.as_millis() as u64);
+    }
+
     fn is_idle(&self) -> bool {
         self.tasks.is_empty() && self.tx.is_empty() && self.buf.is_empty()
     }
@@ -252,23 +282,31 @@ where
         ));
     }
 
-    /// Waits, with nothing in flight, for a frame, a message to write, the heartbeat's end or
-    /// the server's shutdown. False when the session is to end.
+    /// Waits, with nothing in flight, for a frame or a message to write; the hub's wake-up
+    /// (heartbeat sweep, shutdown) makes it look again. False when the session is to end.
     async fn idle_wait(&mut self) -> bool {
-        tokio::select! {
-            biased;
-            () = self.state.shutdown.cancelled() => false,
-            () = self.tx.ready() => true,
-            read = self.reader.read_buf(&mut self.buf) => match read {
-                Ok(0) | Err(_) => false,
-                Ok(_) => {
-                    self.deadline = Instant::now() + self.heartbeat * 3;
-                    true
-                }
-            },
-            () = tokio::time::sleep_until(self.deadline) => {
+        loop {
+            if self.state.shutdown.is_cancelled() {
+                return false;
+            }
+            if self.tx.lapsed(now_ms()) {
                 tracing::debug!("session closed: heartbeat lapsed");
-                false
+                return false;
+            }
+            tokio::select! {
+                biased;
+                () = self.tx.woken() => {
+                    if !self.tx.is_empty() {
+                        return true;
+                    }
+                }
+                read = self.reader.read_buf(&mut self.buf) => return match read {
+                    Ok(0) | Err(_) => false,
+                    Ok(_) => {
+                        self.heard();
+                        true
+                    }
+                },
             }
         }
     }
@@ -297,7 +335,7 @@ where
                         Ok(0) | Err(_) => return Some(End::Close),
                         Ok(_) => {}
                     }
-                    self.deadline = Instant::now() + self.heartbeat * 3;
+                    self.heard();
                     if let Some(end) = self.serve_input().await {
                         return Some(end);
                     }
