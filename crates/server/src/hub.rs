@@ -31,13 +31,21 @@ pub enum Outbound {
 #[derive(Debug, Default)]
 pub struct Mailbox {
     queue: Mutex<VecDeque<Outbound>>,
-    /// The session's heartbeat deadline (ms since the epoch), for the hub's sweep.
+    /// The session's heartbeat deadline (on [`clock_ms`]), for the hub's sweep.
     heard_until: AtomicU64,
     closed: AtomicBool,
     /// Set when a delivery did not fit; the session re-reads the store.
     behind: AtomicBool,
     arrived: Notify,
     room: Notify,
+}
+
+/// Milliseconds on a monotonic clock that starts with the process, for heartbeat deadlines:
+/// a step of the wall clock must neither close every idle session nor keep dead ones.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The session is gone; nothing more can be queued for it.
@@ -186,15 +194,19 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Registers a logged-in session.
+    /// Registers a logged-in session. Session numbers are drawn under the lock, so they grow
+    /// in the order sessions become visible (see [`Hub::notify`]).
     pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
-        let session = self.next.fetch_add(1, Ordering::Relaxed);
+        let session;
         if let Ok(mut sessions) = self.sessions.lock() {
+            session = self.next.fetch_add(1, Ordering::Relaxed);
             sessions.entry(device).or_default().push(Entry {
                 session,
                 listen,
                 tx,
             });
+        } else {
+            session = self.next.fetch_add(1, Ordering::Relaxed);
         }
         Registration {
             hub: Arc::clone(self),
@@ -276,19 +288,24 @@ impl Hub {
     }
 
     /// Sends a frame to every session of a device (listening or not), dropping it for a session
-    /// whose queue is full (receipts stay stored and are sent again at the next login). Returns
-    /// how many sessions the device has.
-    pub fn notify(&self, device: &DeviceId, frame: &Frame) -> usize {
+    /// whose queue is full (receipts stay stored and are sent again at the next login).
+    pub fn notify(&self, device: &DeviceId, frame: &Frame) {
+        self.notify_from(device, frame, 0);
+    }
+
+    /// [`Hub::notify`] for the sessions registered from `first` on; returns the number the
+    /// next session will get, so that a caller can later reach exactly the sessions that
+    /// registered after this call.
+    pub fn notify_from(&self, device: &DeviceId, frame: &Frame, first: u64) -> u64 {
         let Ok(sessions) = self.sessions.lock() else {
-            return 0;
+            return first;
         };
-        let Some(entries) = sessions.get(device) else {
-            return 0;
-        };
-        for entry in entries {
-            let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
+        if let Some(entries) = sessions.get(device) {
+            for entry in entries.iter().filter(|entry| entry.session >= first) {
+                let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
+            }
         }
-        entries.len()
+        self.next.load(Ordering::Relaxed)
     }
 
     /// Signs out every session of these devices.

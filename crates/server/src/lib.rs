@@ -382,7 +382,7 @@ fn spawn_sweeps(state: &Shared) {
     });
     // The heartbeat sweep: an idle session keeps no timer of its own.
     every(state, Duration::from_millis(500), |state| async move {
-        state.hub.wake_lapsed(Some(now_ms()));
+        state.hub.wake_lapsed(Some(hub::clock_ms()));
     });
     every(state, Duration::from_secs(60), |state| async move {
         let now = now_ms();

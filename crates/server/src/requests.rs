@@ -364,9 +364,9 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
     // delivered again, acknowledged again, and the receipt sent again (the sender ignores a
     // second one), while a withdraw in between still finds the message undelivered.
     //
-    // A sender device with no session at that moment gets the receipt from the store when it
-    // next logs in; one that logs in before the sync might read the store too early, so it is
-    // offered the receipt again after the sync (a second copy is ignored).
+    // A sender session that registers after the early receipt but before the sync may read the
+    // store too early to see the receipt, so the sessions registered since are offered it again
+    // after the sync (a second copy would be ignored).
     let acked = match state
         .store
         .ack_staged(identity.device, sender_device, id)
@@ -380,15 +380,15 @@ pub async fn ack(state: Shared, identity: Identity, ack: frame::Ack, tx: Outbox)
                 })
                 .into()
             };
-            let early = match staged.executed().await {
+            let newer = match staged.executed().await {
                 Some(Acked::Confirmed { first: true }) => {
-                    Some(state.hub.notify(&sender_device, &receipt()))
+                    Some(state.hub.notify_from(&sender_device, &receipt(), 0))
                 }
                 _ => None,
             };
             let durable = staged.durable().await;
-            if early == Some(0) && durable.is_ok() {
-                state.hub.notify(&sender_device, &receipt());
+            if let (Some(newer), Ok(_)) = (newer, &durable) {
+                state.hub.notify_from(&sender_device, &receipt(), newer);
             }
             durable
         }

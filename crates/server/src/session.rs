@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::hub::{Mailbox, Outbound, Outbox, Registration};
+use crate::hub::{clock_ms, Mailbox, Outbound, Outbox, Registration};
 use crate::state::{now_ms, Shared};
 use crate::{directory, requests};
 
@@ -148,7 +148,7 @@ where
     let (identity, listen) = log_in(&state, &mut reader, &mut writer, &mut buf, &challenge).await?;
     let tx = Mailbox::new();
     let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
-    tx.heard_until(now_ms() + 3 * heartbeat.as_millis() as u64);
+    tx.heard_until(clock_ms() + 3 * heartbeat.as_millis() as u64);
     let registration = state.hub.add(identity.device, listen, tx.clone());
     state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
@@ -257,7 +257,7 @@ where
     fn heard(&mut self) {
         self.deadline = Instant::now() + self.heartbeat * 3;
         self.tx
-            .heard_until(now_ms() + 3 * self.heartbeat.as_millis() as u64);
+            .heard_until(clock_ms() + 3 * self.heartbeat.as_millis() as u64);
     }
 
     fn is_idle(&self) -> bool {
@@ -289,7 +289,7 @@ where
             if self.state.shutdown.is_cancelled() {
                 return false;
             }
-            if self.tx.lapsed(now_ms()) {
+            if self.tx.lapsed(clock_ms()) {
                 tracing::debug!("session closed: heartbeat lapsed");
                 return false;
             }

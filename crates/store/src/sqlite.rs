@@ -538,8 +538,9 @@ fn commit_batch(
         .map(|write| write(&txn, &mut notes))
         .collect();
     let committed = txn.commit().map_err(StoreError::from);
-    if committed.is_ok() && !lazy {
-        if let Some(observer) = observer {
+    if committed.is_ok() {
+        // Told about syncs only: a lazy batch made nothing durable yet.
+        if let (Some(observer), false) = (observer, lazy) {
             observer(&SyncReport {
                 seq,
                 operations,
