@@ -162,7 +162,7 @@ where
         out: BytesMut::new(),
         tx,
         registration: Some(registration),
-        tasks: JoinSet::new(),
+        tasks: None,
         send_order: None,
         heartbeat,
         deadline: Instant::now() + heartbeat * 3,
@@ -179,11 +179,9 @@ where
             receipts: true,
         });
     if backlog.receipts {
-        live.tasks.spawn(requests::send_pending_receipts(
-            live.state.clone(),
-            identity.device,
-            live.tx.clone(),
-        ));
+        let receipts =
+            requests::send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
+        live.tasks().spawn(receipts);
     }
     if listen && backlog.queued {
         live.spawn_drain();
@@ -212,7 +210,9 @@ struct Live<R, W> {
     tx: Outbox,
     /// Dropped when the session stops counting as online.
     registration: Option<Registration>,
-    tasks: JoinSet<()>,
+    /// The session's requests in flight; made when the first one starts and dropped while idle
+    /// (an empty `JoinSet` still holds an allocation).
+    tasks: Option<JoinSet<()>>,
     /// Made at the first send: a session that only listens never needs one.
     send_order: Option<Arc<requests::SendOrder>>,
     heartbeat: Duration,
@@ -248,7 +248,7 @@ where
             End::Abort => {
                 // The connection is being dropped: answers have nowhere to go.
                 self.tx.close();
-                Box::pin(finish(&self.state, self.tasks)).await;
+                Box::pin(finish(&self.state, self.tasks.unwrap_or_default())).await;
             }
         }
     }
@@ -261,11 +261,20 @@ where
     }
 
     fn is_idle(&self) -> bool {
-        self.tasks.is_empty() && self.tx.is_empty() && self.buf.is_empty()
+        self.tasks.as_ref().is_none_or(JoinSet::is_empty)
+            && self.tx.is_empty()
+            && self.buf.is_empty()
     }
 
-    /// An idle session holds no buffers: they are allocated again when traffic comes.
+    fn tasks(&mut self) -> &mut JoinSet<()> {
+        self.tasks.get_or_insert_with(JoinSet::new)
+    }
+
+    /// An idle session holds no buffers and no task set: they are made again when traffic comes.
     fn release_buffers(&mut self) {
+        if self.tasks.as_ref().is_some_and(JoinSet::is_empty) {
+            self.tasks = None;
+        }
         if self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
@@ -275,11 +284,8 @@ where
     }
 
     fn spawn_drain(&mut self) {
-        self.tasks.spawn(drain_queue(
-            self.state.clone(),
-            self.identity.device,
-            self.tx.clone(),
-        ));
+        let drain = drain_queue(self.state.clone(), self.identity.device, self.tx.clone());
+        self.tasks().spawn(drain);
     }
 
     /// Waits, with nothing in flight, for a frame or a message to write; the hub's wake-up
@@ -330,7 +336,7 @@ where
                         return Some(End::Close);
                     }
                 }
-                read = self.reader.read_buf(&mut self.buf), if self.tasks.len() < MAX_IN_FLIGHT => {
+                read = self.reader.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
                     match read {
                         Ok(0) | Err(_) => return Some(End::Close),
                         Ok(_) => {}
@@ -344,7 +350,7 @@ where
                     tracing::debug!("session closed: heartbeat lapsed");
                     return Some(End::Close);
                 }
-                Some(_) = self.tasks.join_next() => {}
+                Some(_) = join_next(&mut self.tasks) => {}
             }
         }
     }
@@ -382,7 +388,7 @@ where
                         self.identity,
                         frame,
                         &self.tx,
-                        &mut self.tasks,
+                        self.tasks.get_or_insert_with(JoinSet::new),
                         &mut self.send_order,
                     ) {
                         codec::encode(&reply, &mut self.out);
@@ -416,10 +422,11 @@ where
     /// Lets requests already read finish (their answers are written if the socket still takes
     /// them), so a shutdown loses nothing that was in flight; then closes the connection.
     async fn close(mut self) {
+        let mut tasks = self.tasks.take().unwrap_or_default();
         let drain = async {
-            while !self.tasks.is_empty() || !self.tx.is_empty() {
+            while !tasks.is_empty() || !self.tx.is_empty() {
                 tokio::select! {
-                    Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     message = self.tx.recv() => {
                         encode_outbound(message, &mut self.out, &self.state);
                         let _ = self.writer.write_all(&self.out).await;
@@ -497,6 +504,14 @@ where
     .into();
     write_frame(writer, &login_result).await.ok()?;
     Some((identity, listen))
+}
+
+/// The next finished request of a session, if it has any in flight; never ready otherwise.
+async fn join_next(tasks: &mut Option<JoinSet<()>>) -> Option<()> {
+    match tasks {
+        Some(tasks) => tasks.join_next().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
 }
 
 async fn finish(state: &Shared, mut tasks: JoinSet<()>) {
