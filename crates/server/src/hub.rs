@@ -40,12 +40,16 @@ pub struct Mailbox {
     room: Notify,
 }
 
-/// Milliseconds on a monotonic clock that starts with the process, for heartbeat deadlines:
-/// a step of the wall clock must neither close every idle session nor keep dead ones.
-pub fn clock_ms() -> u64 {
+/// The start of the monotonic clock that heartbeat deadlines are kept on: a step of the wall
+/// clock must neither close every idle session nor keep dead ones.
+fn clock_start() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
-    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    *START.get_or_init(std::time::Instant::now)
+}
+
+/// Milliseconds on the heartbeat clock.
+pub fn clock_ms() -> u64 {
+    u64::try_from(clock_start().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The session is gone; nothing more can be queued for it.
@@ -145,6 +149,12 @@ impl Mailbox {
         now_ms >= self.heard_until.load(Ordering::Relaxed)
     }
 
+    /// The heartbeat deadline as an instant, for a session that waits on a timer of its own.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        let after = std::time::Duration::from_millis(self.heard_until.load(Ordering::Relaxed));
+        tokio::time::Instant::from_std(clock_start() + after)
+    }
+
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
@@ -197,17 +207,16 @@ impl Hub {
     /// Registers a logged-in session. Session numbers are drawn under the lock, so they grow
     /// in the order sessions become visible (see [`Hub::notify`]).
     pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
-        let session;
-        if let Ok(mut sessions) = self.sessions.lock() {
-            session = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut sessions = self.sessions.lock().ok();
+        let session = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(sessions) = sessions.as_mut() {
             sessions.entry(device).or_default().push(Entry {
                 session,
                 listen,
                 tx,
             });
-        } else {
-            session = self.next.fetch_add(1, Ordering::Relaxed);
         }
+        drop(sessions);
         Registration {
             hub: Arc::clone(self),
             device,

@@ -16,7 +16,6 @@ use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Backlog, Store as _};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 
 use crate::hub::{clock_ms, Mailbox, Outbound, Outbox, Registration};
 use crate::state::{now_ms, Shared};
@@ -146,12 +145,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (identity, listen) = log_in(&state, &mut reader, &mut writer, &mut buf, &challenge).await?;
-    let tx = Mailbox::new();
-    let heartbeat = Duration::from_secs(u64::from(state.config.heartbeat_seconds));
-    tx.heard_until(clock_ms() + 3 * heartbeat.as_millis() as u64);
-    let registration = state.hub.add(identity.device, listen, tx.clone());
-    state.metrics.sessions_active.inc();
-    tracing::debug!(listen = listen, "session started");
+    let silence_ms = 3_000 * u64::from(state.config.heartbeat_seconds);
     let mut live = Live {
         state,
         identity,
@@ -160,13 +154,17 @@ where
         writer,
         buf,
         out: BytesMut::new(),
-        tx,
-        registration: Some(registration),
+        tx: Mailbox::new(),
+        registration: None,
         tasks: None,
         send_order: None,
-        heartbeat,
-        deadline: Instant::now() + heartbeat * 3,
+        silence_ms,
     };
+    // The deadline is set before the hub's sweep can see the session.
+    live.heard();
+    live.registration = Some(live.state.hub.add(identity.device, listen, live.tx.clone()));
+    live.state.metrics.sessions_active.inc();
+    tracing::debug!(listen = listen, "session started");
     // What waits for the device is read once it is registered, so that nothing stored after the
     // read can miss it (that is pushed); a session with nothing waiting starts no reader.
     let backlog = live
@@ -215,8 +213,9 @@ struct Live<R, W> {
     tasks: Option<JoinSet<()>>,
     /// Made at the first send: a session that only listens never needs one.
     send_order: Option<Arc<requests::SendOrder>>,
-    heartbeat: Duration,
-    deadline: Instant,
+    /// How long the session may stay silent: three heartbeat intervals. Its deadline is kept in
+    /// its mailbox, where the hub's sweep reads it.
+    silence_ms: u64,
 }
 
 impl<R, W> Live<R, W>
@@ -255,9 +254,7 @@ where
 
     /// A frame was read: the heartbeat deadline moves on.
     fn heard(&mut self) {
-        self.deadline = Instant::now() + self.heartbeat * 3;
-        self.tx
-            .heard_until(clock_ms() + 3 * self.heartbeat.as_millis() as u64);
+        self.tx.heard_until(clock_ms() + self.silence_ms);
     }
 
     fn is_idle(&self) -> bool {
@@ -346,7 +343,7 @@ where
                         return Some(end);
                     }
                 }
-                () = tokio::time::sleep_until(self.deadline) => {
+                () = tokio::time::sleep_until(self.tx.deadline()) => {
                     tracing::debug!("session closed: heartbeat lapsed");
                     return Some(End::Close);
                 }

@@ -449,6 +449,8 @@ fn run_writer(
     observer: Option<SyncObserver>,
 ) {
     let mut seq = 0u64;
+    // The connection's `synchronous` setting: FULL as opened, NORMAL after a lazy batch.
+    let mut lazy_mode = false;
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -471,7 +473,13 @@ fn run_writer(
         }
         if !writes.is_empty() {
             seq += 1;
-            commit_batch(&mut conn, writes, seq, all_lazy, observer.as_ref());
+            commit_batch(
+                &mut conn,
+                writes,
+                seq,
+                (all_lazy, &mut lazy_mode),
+                observer.as_ref(),
+            );
         }
         if !scrubs.is_empty() {
             let outcome = conn
@@ -502,22 +510,26 @@ fn commit_batch(
     conn: &mut Connection,
     writes: Vec<WriteJob>,
     seq: u64,
-    lazy: bool,
+    (lazy, lazy_mode): (bool, &mut bool),
     observer: Option<&SyncObserver>,
 ) {
-    // Lazy batches commit without a sync; the next synced commit syncs their frames too.
-    let mode = if lazy {
-        "PRAGMA synchronous = NORMAL"
-    } else {
-        "PRAGMA synchronous = FULL"
-    };
-    if let Err(e) = conn
-        .prepare_cached(mode)
-        .and_then(|mut statement| statement.execute([]))
-    {
-        // Nothing ran: every operation is answered with the failure (its reply is dropped).
-        tracing::error!(error = %e, "storage sync mode could not be set");
-        return;
+    // Lazy batches commit without a sync; the next synced commit syncs their frames too. The
+    // setting is changed only when the kind of batch changes.
+    if lazy != *lazy_mode {
+        let mode = if lazy {
+            "PRAGMA synchronous = NORMAL"
+        } else {
+            "PRAGMA synchronous = FULL"
+        };
+        if let Err(e) = conn
+            .prepare_cached(mode)
+            .and_then(|mut statement| statement.execute([]))
+        {
+            // Nothing ran: every operation is answered with the failure (its reply is dropped).
+            tracing::error!(error = %e, "storage sync mode could not be set");
+            return;
+        }
+        *lazy_mode = lazy;
     }
     let operations = writes.len();
     let mut notes = Notes::default();
