@@ -13,7 +13,9 @@
 //! Deletion: `secure_delete` overwrites deleted rows and freed pages with zeros, and [`Store::scrub`]
 //! checkpoints the WAL into the database and truncates it to zero bytes, so that the old frames
 //! holding deleted rows are gone too. The server scrubs on a fixed interval; that interval bounds
-//! how long deleted bytes can remain in the data files.
+//! how long deleted bytes can remain in the data files. Temporary data (a savepoint's undo copies
+//! of the pages it changes) stays in memory, so no copy of a message page is ever written
+//! outside the data directory.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -211,6 +213,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
+         PRAGMA temp_store = MEMORY;
          PRAGMA foreign_keys = ON;",
     )?;
     Ok(conn)
@@ -1473,5 +1476,26 @@ impl Store for SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A savepoint's undo copies of the pages it changes (the sub-journal) go to a temporary
+    /// file unless temporary data stays in memory: outside the data directory, beyond the reach
+    /// of `secure_delete` and the scrub, and a file write for every page an operation touches.
+    #[test]
+    fn temporary_data_stays_in_memory() {
+        let dir = std::env::temp_dir().join(format!("tidings-temp-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let conn = open_connection(&dir.join(DATABASE_FILE)).expect("open");
+        let mode: i64 = conn
+            .query_row("PRAGMA temp_store", [], |row| row.get(0))
+            .expect("pragma");
+        assert_eq!(mode, 2, "temp_store is not MEMORY");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
