@@ -64,10 +64,12 @@ impl Sizes {
             idle_concurrency: 256,
             idle_settle_secs: 3.0,
             relay_pairs: vec![1, 100, 1000],
+            // 1-2-5 steps, with 30,000 and 40,000 between 20,000 and 50,000, where the
+            // servers that store what they relay saturate.
             relay_rates: vec![
-                100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5,
+                100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 3e4, 4e4, 5e4, 1e5, 2e5, 5e5,
             ],
-            relay_max_steps: 12,
+            relay_max_steps: 14,
             step_secs: 5.0,
             grace_secs: 5.0,
             window: 1000,
