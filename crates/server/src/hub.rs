@@ -210,11 +210,15 @@ impl Hub {
         let mut sessions = self.sessions.lock().ok();
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         if let Some(sessions) = sessions.as_mut() {
-            sessions.entry(device).or_default().push(Entry {
-                session,
-                listen,
-                tx,
-            });
+            // Room for one session: most devices hold one (an empty `Vec` would grow to four).
+            sessions
+                .entry(device)
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(Entry {
+                    session,
+                    listen,
+                    tx,
+                });
         }
         drop(sessions);
         Registration {
