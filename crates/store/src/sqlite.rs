@@ -220,8 +220,8 @@ fn open_connection(path: &Path) -> Result<Connection> {
 }
 
 /// A read connection: [`open_connection`] with a small page cache. A point read touches a few
-/// pages and the operating system's file cache holds the rest, while SQLite's default of 2 MiB
-/// per connection, kept by every runtime thread and pooled reader, grew with the devices read
+/// pages and the operating system's file cache holds the rest, while SQLite's default of about
+/// 2 MB per connection, kept by every runtime thread and pooled reader, grew with the devices read
 /// at login into a few megabytes that only the writer needs.
 fn open_reader(path: &Path) -> Result<Connection> {
     let conn = open_connection(path)?;
@@ -1493,9 +1493,10 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    /// A savepoint's undo copies of the pages it changes (the sub-journal) go to a temporary
-    /// file unless temporary data stays in memory: outside the data directory, beyond the reach
-    /// of `secure_delete` and the scrub, and a file write for every page an operation touches.
+    /// Checks that every connection asks for temporary data in memory. Otherwise a savepoint's
+    /// undo copies of the pages it changes (the sub-journal) go to a temporary file: outside the
+    /// data directory, beyond the reach of `secure_delete` and the scrub, and a file write for
+    /// every page an operation touches.
     #[test]
     fn temporary_data_stays_in_memory() {
         let dir = std::env::temp_dir().join(format!("tidings-temp-store-{}", std::process::id()));
@@ -1504,8 +1505,8 @@ mod tests {
         let mode: i64 = conn
             .query_row("PRAGMA temp_store", [], |row| row.get(0))
             .expect("pragma");
-        assert_eq!(mode, 2, "temp_store is not MEMORY");
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(mode, 2, "temp_store is not MEMORY");
     }
 }
