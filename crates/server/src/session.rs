@@ -362,10 +362,9 @@ where
                 None => break,
             }
         }
-        if self.writer.write_all(&self.out).await.is_err() || self.writer.flush().await.is_err() {
+        if !self.write_out().await {
             return true;
         }
-        self.out.clear();
         if signed_out {
             return true;
         }
@@ -406,14 +405,18 @@ where
         if let Ok(Some(needed)) = codec::needed(&self.buf) {
             self.buf.reserve(needed.saturating_sub(self.buf.len()));
         }
-        if !self.out.is_empty() {
-            if self.writer.write_all(&self.out).await.is_err() || self.writer.flush().await.is_err()
-            {
-                return Some(End::Close);
-            }
-            self.out.clear();
+        if !self.out.is_empty() && !self.write_out().await {
+            return Some(End::Close);
         }
         None
+    }
+
+    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
+    async fn write_out(&mut self) -> bool {
+        let written =
+            self.writer.write_all(&self.out).await.is_ok() && self.writer.flush().await.is_ok();
+        self.out.clear();
+        written
     }
 
     /// Lets requests already read finish (their answers are written if the socket still takes

@@ -490,7 +490,8 @@ fn run_writer(
                 &mut conn,
                 writes,
                 seq,
-                (all_lazy, &mut lazy_mode),
+                all_lazy,
+                &mut lazy_mode,
                 observer.as_ref(),
             );
         }
@@ -523,7 +524,8 @@ fn commit_batch(
     conn: &mut Connection,
     writes: Vec<WriteJob>,
     seq: u64,
-    (lazy, lazy_mode): (bool, &mut bool),
+    lazy: bool,
+    lazy_mode: &mut bool,
     observer: Option<&SyncObserver>,
 ) {
     // Lazy batches commit without a sync; the next synced commit syncs their frames too. The
@@ -1387,15 +1389,19 @@ impl Store for SqliteStore {
 
     async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
         self.read_here(|conn| {
-            let queued = conn
-                .prepare_cached("SELECT queue_len > 0 FROM devices WHERE id = ?1")?
-                .query_row(params![device.as_bytes()], |row| row.get::<_, bool>(0))
-                .optional()?
-                .unwrap_or(false);
-            let receipts = conn
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM receipts WHERE device_id = ?1)")?
-                .query_row(params![device.as_bytes()], |row| row.get::<_, bool>(0))?;
-            Ok(Backlog { queued, receipts })
+            // One statement for both; `queued` is NULL for an unknown device.
+            let (queued, receipts) = conn
+                .prepare_cached(
+                    "SELECT (SELECT queue_len > 0 FROM devices WHERE id = ?1),
+                            EXISTS (SELECT 1 FROM receipts WHERE device_id = ?1)",
+                )?
+                .query_row(params![device.as_bytes()], |row| {
+                    Ok((row.get::<_, Option<bool>>(0)?, row.get::<_, bool>(1)?))
+                })?;
+            Ok(Backlog {
+                queued: queued.unwrap_or(false),
+                receipts,
+            })
         })
     }
 
