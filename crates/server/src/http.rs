@@ -592,12 +592,12 @@ async fn connect(
     rand::rngs::OsRng.fill_bytes(&mut challenge);
     let session_state = state.clone();
     let slot = slot.map(|Extension(slot)| slot);
-    state.tasks.spawn(async move {
-        let _slot = slot;
-        if let Ok(upgraded) = on_upgrade.await {
-            crate::session::start(session_state, upgraded, challenge).await;
-        }
-    });
+    state.tasks.spawn(crate::session::start(
+        session_state,
+        on_upgrade,
+        challenge,
+        slot,
+    ));
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

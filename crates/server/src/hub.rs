@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
@@ -28,16 +29,38 @@ pub enum Outbound {
 
 /// A session's queue of frames to write: bounded, and holding no allocation while empty, so an
 /// idle session costs only this struct. (A channel would keep a block of slots per session.)
+/// Its one reader is the session's task, whose waker it keeps (no wait list is needed).
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Outbound>>,
+    inner: Mutex<Inner>,
     /// The session's heartbeat deadline (on [`clock_ms`]), for the hub's sweep.
     heard_until: AtomicU64,
     closed: AtomicBool,
     /// Set when a delivery did not fit; the session re-reads the store.
     behind: AtomicBool,
-    arrived: Notify,
     room: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Outbound>,
+    /// The session's task while it waits for a message or a wake-up.
+    reader: Option<Waker>,
+    /// Woken without a message (heartbeat sweep, shutdown) since the session last looked.
+    woken: bool,
+}
+
+impl Inner {
+    /// Keeps the waiting task's waker (cloned only when it changed).
+    fn wait(&mut self, cx: &Context<'_>) {
+        if !self
+            .reader
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            self.reader = Some(cx.waker().clone());
+        }
+    }
 }
 
 /// The start of the monotonic clock that heartbeat deadlines are kept on: a step of the wall
@@ -69,16 +92,19 @@ impl Mailbox {
         if self.closed.load(Ordering::Acquire) {
             return Err(message);
         }
-        {
-            let Ok(mut queue) = self.queue.lock() else {
+        let reader = {
+            let Ok(mut inner) = self.inner.lock() else {
                 return Err(message);
             };
-            if queue.len() >= SESSION_QUEUE {
+            if inner.queue.len() >= SESSION_QUEUE {
                 return Err(message);
             }
-            queue.push_back(message);
+            inner.queue.push_back(message);
+            inner.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
         }
-        self.arrived.notify_one();
         Ok(())
     }
 
@@ -102,11 +128,20 @@ impl Mailbox {
 
     /// Takes the oldest message, if any; frees the queue's memory once it is empty.
     pub fn try_recv(&self) -> Option<Outbound> {
+        self.take(None)
+    }
+
+    /// Takes the oldest message, or (with a context) leaves the task's waker to be woken by
+    /// the next one.
+    fn take(&self, cx: Option<&Context<'_>>) -> Option<Outbound> {
         let message = {
-            let mut queue = self.queue.lock().ok()?;
-            let message = queue.pop_front();
-            if queue.is_empty() && queue.capacity() > 0 {
-                *queue = VecDeque::new();
+            let mut inner = self.inner.lock().ok()?;
+            let message = inner.queue.pop_front();
+            if inner.queue.is_empty() && inner.queue.capacity() > 0 {
+                inner.queue = VecDeque::new();
+            }
+            if let (None, Some(cx)) = (&message, cx) {
+                inner.wait(cx);
             }
             message
         };
@@ -118,25 +153,38 @@ impl Mailbox {
 
     /// Waits for the next message. Cancel-safe: a message is only taken when it is returned.
     pub async fn recv(&self) -> Outbound {
-        loop {
-            if let Some(message) = self.try_recv() {
-                return message;
-            }
-            self.arrived.notified().await;
-        }
+        std::future::poll_fn(|cx| match self.take(Some(cx)) {
+            Some(message) => Poll::Ready(message),
+            None => Poll::Pending,
+        })
+        .await
     }
 
-    /// Waits until something is queued or the session is woken to look at its state again
-    /// (which may be spuriously); takes nothing.
-    pub async fn woken(&self) {
-        if self.is_empty() {
-            self.arrived.notified().await;
+    /// Ready when something is queued or the session was woken to look at its state again
+    /// (which may be spuriously); takes nothing. Otherwise the task is woken by either.
+    pub fn poll_woken(&self, cx: &Context<'_>) -> Poll<()> {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Poll::Ready(());
+        };
+        if !inner.queue.is_empty() || std::mem::take(&mut inner.woken) {
+            return Poll::Ready(());
         }
+        inner.wait(cx);
+        Poll::Pending
     }
 
     /// Wakes the session's idle wait without a message.
     pub fn wake(&self) {
-        self.arrived.notify_one();
+        let reader = match self.inner.lock() {
+            Ok(mut inner) => {
+                inner.woken = true;
+                inner.reader.take()
+            }
+            Err(_) => None,
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
     }
 
     /// Moves the session's heartbeat deadline.
@@ -157,7 +205,10 @@ impl Mailbox {
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
+        self.inner
+            .lock()
+            .map(|inner| inner.queue.is_empty())
+            .unwrap_or(true)
     }
 
     /// Whether a delivery was dropped for lack of room since the last call (and clears it).

@@ -5,7 +5,9 @@
 //! for its sync does not hold up the next frame. Everything the session writes goes through one
 //! bounded queue and is coalesced into as few writes as the socket allows.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,7 +18,9 @@ use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Backlog, Store as _};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
+use tokio_util::io::poll_read_buf;
 
+use crate::http::Slot;
 use crate::hub::{clock_ms, Mailbox, Outbound, Outbox, Registration};
 use crate::state::{now_ms, Shared};
 use crate::{directory, requests};
@@ -73,63 +77,59 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Runs a session on an upgraded connection. A plain TCP connection is taken back from hyper
-/// and split into its owned halves (bytes hyper read past the upgrade request go first), so an
-/// idle session holds no boxed stream and no lock around it; TLS runs on hyper's upgraded stream.
+/// Runs a session on a connection being upgraded: waits for the upgrade, logs the client in,
+/// then serves it; `slot` (the connection's place under the limit) is held until it ends. Not
+/// an `async fn`: the opening (upgrade, login, registration) runs boxed and is gone once the
+/// session is open, so the task of an idle connection holds the open session once and little
+/// else (an `async fn` keeps its arguments beside what they are moved into).
 pub fn start(
     state: Shared,
-    upgraded: hyper::upgrade::Upgraded,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     challenge: [u8; 32],
+    slot: Option<Slot>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    use hyper_util::rt::TokioIo;
-    use tokio_util::either::Either;
-    // Not an `async fn`: the session's task holds the session's future itself, not also the
-    // upgrade's parts beside it. TLS sessions (rarer, and heavier anyway) are boxed so that
-    // plain ones are not sized for them.
-    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-        Ok(parts) => {
-            let (reader, writer) = parts.io.into_inner().into_split();
-            // Copied out, so that hyper's whole read buffer (which `read_buf` is a view of) is
-            // freed now rather than held for the life of the session.
-            let read = BytesMut::from(&parts.read_buf[..]);
-            drop(parts.read_buf);
-            Either::Left(run(state, reader, writer, read, challenge))
-        }
-        Err(upgraded) => {
-            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            Either::Right(Box::pin(run(
-                state,
-                reader,
-                writer,
-                BytesMut::new(),
-                challenge,
-            )))
-        }
+    let opening = Box::pin(open_upgraded(state, on_upgrade, challenge, slot));
+    async move {
+        // `let … else`: the opening's result is not kept beside the session it holds.
+        let Some(serving) = opening.await else {
+            return;
+        };
+        serving.await;
     }
 }
 
-/// Runs a session on the two halves of an upgraded connection; `buf` holds bytes already read.
-/// Not an `async fn` either: the opening (login, registration) runs boxed and is gone once the
-/// session is open, so the session's future holds only the open session.
-fn run<R, W>(
+/// Waits for the upgrade and opens the session on it; the answer is the open session's future.
+/// A plain TCP connection is taken back from hyper and split into its owned halves (bytes hyper
+/// read past the upgrade request go first), so an idle session holds no boxed stream and no lock
+/// around it; TLS runs on hyper's upgraded stream, and its sessions (rarer, and heavier anyway)
+/// are boxed so that plain ones are not sized for them. `None`: the connection is done.
+async fn open_upgraded(
     state: Shared,
-    reader: R,
-    writer: W,
-    buf: BytesMut,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     challenge: [u8; 32],
-) -> impl std::future::Future<Output = ()> + Send
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let opening = Box::pin(open(state, reader, writer, buf, challenge));
-    async move {
-        // `let … else`, not `if let`: the `Option` is not kept beside the session's future.
-        let Some(live) = opening.await else {
-            return;
-        };
-        live.serve().await;
-    }
+    slot: Option<Slot>,
+) -> Option<impl std::future::Future<Output = ()> + Send> {
+    use hyper_util::rt::TokioIo;
+    use tokio_util::either::Either;
+    let upgraded = on_upgrade.await.ok()?;
+    Some(
+        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) => {
+                let (reader, writer) = parts.io.into_inner().into_split();
+                // Copied out, so that hyper's whole read buffer (which `read_buf` is a view of) is
+                // freed now rather than held for the life of the session.
+                let read = BytesMut::from(&parts.read_buf[..]);
+                drop(parts.read_buf);
+                let live = open(state, reader, writer, read, challenge, slot).await?;
+                Either::Left(live.run())
+            }
+            Err(upgraded) => {
+                let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+                let live = open(state, reader, writer, BytesMut::new(), challenge, slot).await?;
+                Either::Right(Box::pin(live.run()))
+            }
+        },
+    )
 }
 
 /// Logs the client in and registers its session. `None`: the connection is done.
@@ -139,6 +139,7 @@ async fn open<R, W>(
     mut writer: W,
     mut buf: BytesMut,
     challenge: [u8; 32],
+    slot: Option<Slot>,
 ) -> Option<Live<R, W>>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -153,12 +154,12 @@ where
         reader,
         writer,
         buf,
-        out: BytesMut::new(),
         tx: Mailbox::new(),
         registration: None,
         tasks: None,
         send_order: None,
         silence_ms,
+        _slot: slot,
     };
     // The deadline is set before the hub's sweep can see the session.
     live.heard();
@@ -203,8 +204,6 @@ struct Live<R, W> {
     writer: W,
     /// Bytes read and not yet decoded.
     buf: BytesMut,
-    /// Bytes encoded and not yet written.
-    out: BytesMut,
     tx: Outbox,
     /// Dropped when the session stops counting as online.
     registration: Option<Registration>,
@@ -216,6 +215,8 @@ struct Live<R, W> {
     /// How long the session may stay silent: three heartbeat intervals. Its deadline is kept in
     /// its mailbox, where the hub's sweep reads it.
     silence_ms: u64,
+    /// The connection's place under the connection limit, given back when the session ends.
+    _slot: Option<Slot>,
 }
 
 impl<R, W> Live<R, W>
@@ -223,31 +224,42 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    /// Serves the session, then ends it. Not an `async fn` taking `self`: that would keep the
+    /// session twice in the task (the argument and the local it is moved into); the block below
+    /// owns it once and lends it to [`Live::serve`].
+    fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        let mut live = self;
+        async move {
+            let ended = live.serve().await;
+            // The device no longer counts as online from here on.
+            live.registration = None;
+            match ended {
+                End::Close => Box::pin(live.close()).await,
+                End::Abort => {
+                    // The connection is being dropped: answers have nowhere to go.
+                    live.tx.close();
+                    let tasks = live.tasks.take().unwrap_or_default();
+                    Box::pin(finish(&live.state, tasks)).await;
+                }
+            }
+        }
+    }
+
     /// Serves the session until it ends. An idle session waits in a small future of its own;
     /// everything a busy stretch needs runs boxed, allocated while traffic flows. So an idle
     /// session's task holds little more than its socket and its mailbox: its heartbeat deadline
     /// is checked by the hub's sweep and shutdown reaches it through the mailbox, so it keeps no
     /// timer and no cancellation future of its own.
-    async fn serve(mut self) {
-        let ended = loop {
+    async fn serve(&mut self) -> End {
+        loop {
             if self.is_idle() {
                 self.release_buffers();
                 if !self.idle_wait().await {
-                    break End::Close;
+                    return End::Close;
                 }
             }
             if let Some(end) = Box::pin(self.busy()).await {
-                break end;
-            }
-        };
-        // The device no longer counts as online from here on.
-        self.registration = None;
-        match ended {
-            End::Close => Box::pin(self.close()).await,
-            End::Abort => {
-                // The connection is being dropped: answers have nowhere to go.
-                self.tx.close();
-                Box::pin(finish(&self.state, self.tasks.unwrap_or_default())).await;
+                return end;
             }
         }
     }
@@ -275,9 +287,6 @@ where
         if self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
-        if self.out.capacity() > 0 {
-            self.out = BytesMut::new();
-        }
     }
 
     fn spawn_drain(&mut self) {
@@ -287,37 +296,48 @@ where
 
     /// Waits, with nothing in flight, for a frame or a message to write; the hub's wake-up
     /// (heartbeat sweep, shutdown) makes it look again. False when the session is to end.
-    async fn idle_wait(&mut self) -> bool {
-        loop {
-            if self.state.shutdown.is_cancelled() {
-                return false;
-            }
-            if self.tx.lapsed(clock_ms()) {
-                tracing::debug!("session closed: heartbeat lapsed");
-                return false;
-            }
-            tokio::select! {
-                biased;
-                () = self.tx.woken() => {
-                    if !self.tx.is_empty() {
-                        return true;
-                    }
+    /// Polled by hand: an idle session's task holds this future, so it keeps no `select!` state,
+    /// no wait-list entry and no read buffer (one is made when bytes arrive).
+    fn idle_wait(&mut self) -> impl std::future::Future<Output = bool> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            loop {
+                if self.state.shutdown.is_cancelled() {
+                    return Poll::Ready(false);
                 }
-                read = self.reader.read_buf(&mut self.buf) => return match read {
-                    Ok(0) | Err(_) => false,
-                    Ok(_) => {
-                        self.heard();
-                        true
-                    }
-                },
+                if self.tx.lapsed(clock_ms()) {
+                    tracing::debug!("session closed: heartbeat lapsed");
+                    return Poll::Ready(false);
+                }
+                match self.tx.poll_woken(cx) {
+                    Poll::Ready(()) if !self.tx.is_empty() => return Poll::Ready(true),
+                    // Woken to look at the deadline and the shutdown again.
+                    Poll::Ready(()) => {}
+                    Poll::Pending => break,
+                }
             }
-        }
+            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buf) {
+                Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(false),
+                Poll::Ready(Ok(_)) => {
+                    self.heard();
+                    Poll::Ready(true)
+                }
+                Poll::Pending => {
+                    // Nothing came: the buffer the read made room in is not kept while idle.
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    Poll::Pending
+                }
+            }
+        })
     }
 
-    /// Serves frames and writes until the session is idle again (`None`) or ends.
+    /// Serves frames and writes until the session is idle again (`None`) or ends. The output
+    /// buffer lives here: an idle session has none.
     async fn busy(&mut self) -> Option<End> {
+        let mut out = BytesMut::new();
         if !self.buf.is_empty() {
-            if let Some(end) = self.serve_input().await {
+            if let Some(end) = self.serve_input(&mut out).await {
                 return Some(end);
             }
         }
@@ -329,7 +349,7 @@ where
                 biased;
                 () = self.state.shutdown.cancelled() => return Some(End::Close),
                 message = self.tx.recv() => {
-                    if self.write_mail(message).await {
+                    if self.write_mail(message, &mut out).await {
                         return Some(End::Close);
                     }
                 }
@@ -339,7 +359,7 @@ where
                         Ok(_) => {}
                     }
                     self.heard();
-                    if let Some(end) = self.serve_input().await {
+                    if let Some(end) = self.serve_input(&mut out).await {
                         return Some(end);
                     }
                 }
@@ -354,15 +374,15 @@ where
 
     /// Writes a message from the mailbox and whatever else is queued behind it (up to 64 KiB
     /// at once). True when the session must close (written, signed out, or the socket failed).
-    async fn write_mail(&mut self, message: Outbound) -> bool {
-        let mut signed_out = encode_outbound(message, &mut self.out, &self.state);
-        while self.out.len() < 64 * 1024 {
+    async fn write_mail(&mut self, message: Outbound, out: &mut BytesMut) -> bool {
+        let mut signed_out = encode_outbound(message, out, &self.state);
+        while out.len() < 64 * 1024 {
             match self.tx.try_recv() {
-                Some(message) => signed_out |= encode_outbound(message, &mut self.out, &self.state),
+                Some(message) => signed_out |= encode_outbound(message, out, &self.state),
                 None => break,
             }
         }
-        if !self.write_out().await {
+        if !self.write_out(out).await {
             return true;
         }
         if signed_out {
@@ -375,7 +395,7 @@ where
     }
 
     /// Handles every whole frame read so far and writes the inline answers.
-    async fn serve_input(&mut self) -> Option<End> {
+    async fn serve_input(&mut self, out: &mut BytesMut) -> Option<End> {
         loop {
             match codec::decode(&mut self.buf) {
                 Ok(Some(frame)) => {
@@ -387,16 +407,16 @@ where
                         self.tasks.get_or_insert_with(JoinSet::new),
                         &mut self.send_order,
                     ) {
-                        codec::encode(&reply, &mut self.out);
+                        codec::encode(&reply, out);
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     codec::encode(
                         &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
-                        &mut self.out,
+                        out,
                     );
-                    let _ = self.writer.write_all(&self.out).await;
+                    let _ = self.writer.write_all(out).await;
                     let _ = self.writer.shutdown().await;
                     return Some(End::Abort);
                 }
@@ -405,17 +425,16 @@ where
         if let Ok(Some(needed)) = codec::needed(&self.buf) {
             self.buf.reserve(needed.saturating_sub(self.buf.len()));
         }
-        if !self.out.is_empty() && !self.write_out().await {
+        if !out.is_empty() && !self.write_out(out).await {
             return Some(End::Close);
         }
         None
     }
 
     /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
-    async fn write_out(&mut self) -> bool {
-        let written =
-            self.writer.write_all(&self.out).await.is_ok() && self.writer.flush().await.is_ok();
-        self.out.clear();
+    async fn write_out(&mut self, out: &mut BytesMut) -> bool {
+        let written = self.writer.write_all(out).await.is_ok() && self.writer.flush().await.is_ok();
+        out.clear();
         written
     }
 
@@ -423,14 +442,15 @@ where
     /// them), so a shutdown loses nothing that was in flight; then closes the connection.
     async fn close(mut self) {
         let mut tasks = self.tasks.take().unwrap_or_default();
+        let mut out = BytesMut::new();
         let drain = async {
             while !tasks.is_empty() || !self.tx.is_empty() {
                 tokio::select! {
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     message = self.tx.recv() => {
-                        encode_outbound(message, &mut self.out, &self.state);
-                        let _ = self.writer.write_all(&self.out).await;
-                        self.out.clear();
+                        encode_outbound(message, &mut out, &self.state);
+                        let _ = self.writer.write_all(&out).await;
+                        out.clear();
                     }
                 }
             }
