@@ -99,10 +99,10 @@ pub fn start(
 }
 
 /// Waits for the upgrade and opens the session on it; the answer is the open session's future.
-/// A plain TCP connection is taken back from hyper and split into its owned halves (bytes hyper
-/// read past the upgrade request go first), so an idle session holds no boxed stream and no lock
-/// around it; TLS runs on hyper's upgraded stream, and its sessions (rarer, and heavier anyway)
-/// are boxed so that plain ones are not sized for them. `None`: the connection is done.
+/// A plain TCP connection is taken back from hyper (bytes hyper read past the upgrade request go
+/// first), so an idle session holds no boxed stream; TLS runs on hyper's upgraded stream, and
+/// its sessions (rarer, and heavier anyway) are boxed so that plain ones are not sized for them.
+/// `None`: the connection is done.
 async fn open_upgraded(
     state: Shared,
     on_upgrade: hyper::upgrade::OnUpgrade,
@@ -115,17 +115,23 @@ async fn open_upgraded(
     Some(
         match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
             Ok(parts) => {
-                let (reader, writer) = parts.io.into_inner().into_split();
+                let io = parts.io.into_inner();
                 // Copied out, so that hyper's whole read buffer (which `read_buf` is a view of) is
                 // freed now rather than held for the life of the session.
                 let read = BytesMut::from(&parts.read_buf[..]);
                 drop(parts.read_buf);
-                let live = open(state, reader, writer, read, challenge, slot).await?;
+                let live = open(state, io, read, challenge, slot).await?;
                 Either::Left(live.run())
             }
             Err(upgraded) => {
-                let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-                let live = open(state, reader, writer, BytesMut::new(), challenge, slot).await?;
+                let live = open(
+                    state,
+                    TokioIo::new(upgraded),
+                    BytesMut::new(),
+                    challenge,
+                    slot,
+                )
+                .await?;
                 Either::Right(Box::pin(live.run()))
             }
         },
@@ -133,26 +139,23 @@ async fn open_upgraded(
 }
 
 /// Logs the client in and registers its session. `None`: the connection is done.
-async fn open<R, W>(
+async fn open<S>(
     state: Shared,
-    mut reader: R,
-    mut writer: W,
+    mut io: S,
     mut buf: BytesMut,
     challenge: [u8; 32],
     slot: Option<Slot>,
-) -> Option<Live<R, W>>
+) -> Option<Live<S>>
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (identity, listen) = log_in(&state, &mut reader, &mut writer, &mut buf, &challenge).await?;
+    let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
     let silence_ms = 3_000 * u64::from(state.config.heartbeat_seconds);
     let mut live = Live {
         state,
         identity,
         listen,
-        reader,
-        writer,
+        io,
         buf,
         tx: Mailbox::new(),
         registration: None,
@@ -196,12 +199,13 @@ enum End {
 }
 
 /// A logged-in session's state, kept across its idle waits and busy stretches.
-struct Live<R, W> {
+struct Live<S> {
     state: Shared,
     identity: Identity,
     listen: bool,
-    reader: R,
-    writer: W,
+    /// The connection, whole: reads wait in the select and writes run in its arms, never both
+    /// at once, so it needs no split (whose shared half would cost an allocation per session).
+    io: S,
     /// Bytes read and not yet decoded.
     buf: BytesMut,
     tx: Outbox,
@@ -219,10 +223,9 @@ struct Live<R, W> {
     _slot: Option<Slot>,
 }
 
-impl<R, W> Live<R, W>
+impl<S> Live<S>
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Serves the session, then ends it. Not an `async fn` taking `self`: that would keep the
     /// session twice in the task (the argument and the local it is moved into); the block below
@@ -315,7 +318,7 @@ where
                     Poll::Pending => break,
                 }
             }
-            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buf) {
+            match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                 Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(false),
                 Poll::Ready(Ok(_)) => {
                     self.heard();
@@ -353,7 +356,7 @@ where
                         return Some(End::Close);
                     }
                 }
-                read = self.reader.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
+                read = self.io.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
                     match read {
                         Ok(0) | Err(_) => return Some(End::Close),
                         Ok(_) => {}
@@ -416,8 +419,8 @@ where
                         &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
                         out,
                     );
-                    let _ = self.writer.write_all(out).await;
-                    let _ = self.writer.shutdown().await;
+                    let _ = self.io.write_all(out).await;
+                    let _ = self.io.shutdown().await;
                     return Some(End::Abort);
                 }
             }
@@ -433,7 +436,7 @@ where
 
     /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
-        let written = self.writer.write_all(out).await.is_ok() && self.writer.flush().await.is_ok();
+        let written = self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok();
         out.clear();
         written
     }
@@ -449,7 +452,7 @@ where
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     message = self.tx.recv() => {
                         encode_outbound(message, &mut out, &self.state);
-                        let _ = self.writer.write_all(&out).await;
+                        let _ = self.io.write_all(&out).await;
                         out.clear();
                     }
                 }
@@ -457,8 +460,8 @@ where
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         self.tx.close();
-        let _ = self.writer.flush().await;
-        let _ = self.writer.shutdown().await;
+        let _ = self.io.flush().await;
+        let _ = self.io.shutdown().await;
         self.state.metrics.sessions_active.dec();
     }
 }
@@ -466,25 +469,23 @@ where
 /// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
 /// is done (refused, timed out or gone). Runs boxed, so that its state does not widen the
 /// session future that every idle connection keeps.
-async fn log_in<R, W>(
+async fn log_in<S>(
     state: &Shared,
-    reader: &mut R,
-    writer: &mut W,
+    io: &mut S,
     buf: &mut BytesMut,
     challenge: &[u8; 32],
 ) -> Option<(Identity, bool)>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(reader, buf)).await {
+    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(io, buf)).await {
         Ok(Ok(Some(Frame {
             kind: Some(Kind::Login(login)),
         }))) => login,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
             let _ = write_frame(
-                writer,
+                io,
                 &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
             )
             .await;
@@ -492,7 +493,7 @@ where
         }
         Ok(Ok(Some(_))) => {
             let _ = write_frame(
-                writer,
+                io,
                 &error_frame(
                     ErrorCode::Protocol,
                     "the first frame must be Login",
@@ -509,7 +510,7 @@ where
     let (identity, keys) = match authenticate(state, &login, challenge).await {
         Ok(authenticated) => authenticated,
         Err((code, message)) => {
-            let _ = write_frame(writer, &error_frame(code, message, true, 0)).await;
+            let _ = write_frame(io, &error_frame(code, message, true, 0)).await;
             return None;
         }
     };
@@ -522,7 +523,7 @@ where
         keys_published: keys.published,
     })
     .into();
-    write_frame(writer, &login_result).await.ok()?;
+    write_frame(io, &login_result).await.ok()?;
     Some((identity, listen))
 }
 
