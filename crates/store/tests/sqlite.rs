@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use tidings_core::fallback::Withdrawal;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
@@ -400,5 +401,108 @@ async fn an_acknowledgement_is_known_before_its_sync() {
         .await
         .expect("receipts")
         .is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn acknowledgements_of_a_message_with_several_copies() {
+    let dir = temp_dir("copies");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let (alice_phone, alice_tablet) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    let (bob_phone, bob_laptop) = (DeviceId([3; 16]), DeviceId([4; 16]));
+    let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
+    let alice_account = register(Pseudonym([0xA1; 32]), alice_phone)
+        .await
+        .expect("alice")
+        .account;
+    let bob_account = register(Pseudonym([0xB0; 32]), bob_phone)
+        .await
+        .expect("bob")
+        .account;
+    for (account, device, n) in [
+        (alice_account, alice_tablet, 30),
+        (bob_account, bob_laptop, 40),
+    ] {
+        let linked = store.add_device(account, device, [6; 32], identity(n), 6, 0);
+        assert_eq!(linked.await.expect("link"), Linked::Added);
+    }
+    for (device, n) in [
+        (alice_phone, 10),
+        (alice_tablet, 30),
+        (bob_phone, 20),
+        (bob_laptop, 40),
+    ] {
+        store
+            .publish_keys(device, identity(n), vec![key(n)], Some(key(n + 5)), 100)
+            .await
+            .expect("publish");
+    }
+    let copies: &[(DeviceId, &[u8])] =
+        &[(bob_phone, b"1"), (bob_laptop, b"2"), (alice_tablet, b"3")];
+    let send = |id| {
+        store.enqueue(
+            message((alice_phone, alice_account), id, bob_account, copies),
+            10,
+        )
+    };
+    let ack = |device, id| store.ack(device, alice_phone, MessageId([id; 16]));
+    assert_eq!(send(1).await.expect("enqueue"), Enqueued::Stored);
+
+    // The sender's own other device taking its copy is not a delivery.
+    assert_eq!(
+        ack(alice_tablet, 1).await.expect("ack"),
+        Acked::Confirmed { first: false }
+    );
+    assert!(store
+        .receipts(alice_phone)
+        .await
+        .expect("receipts")
+        .is_empty());
+    // The first receiver device is; the message, still held for the other, answers a withdraw
+    // with DELIVERED.
+    assert_eq!(
+        ack(bob_phone, 1).await.expect("ack"),
+        Acked::Confirmed { first: true }
+    );
+    let delivered = vec![PendingReceipt {
+        id: MessageId([1; 16]),
+        kind: ReceiptKind::Delivered,
+    }];
+    assert_eq!(
+        store.receipts(alice_phone).await.expect("receipts"),
+        delivered
+    );
+    let withdrawal = store.withdraw(alice_phone, MessageId([1; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Delivered);
+    // The last copy takes the message with it; a replay is unknown.
+    assert_eq!(
+        ack(bob_laptop, 1).await.expect("ack"),
+        Acked::Confirmed { first: false }
+    );
+    assert!(store
+        .pending(bob_laptop, 0, 10, 2)
+        .await
+        .expect("pending")
+        .is_empty());
+    assert_eq!(ack(bob_laptop, 1).await.expect("replay"), Acked::Unknown);
+    assert_eq!(
+        store.receipts(alice_phone).await.expect("receipts"),
+        delivered
+    );
+
+    // A withdrawn message: the receiver's devices are told not to show it; the sender's own
+    // device keeps its copy (the message went as SMS) and takes it as before.
+    assert_eq!(send(2).await.expect("enqueue"), Enqueued::Stored);
+    let withdrawal = store.withdraw(alice_phone, MessageId([2; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    assert_eq!(ack(bob_phone, 2).await.expect("ack"), Acked::Withdrawn);
+    assert_eq!(
+        ack(alice_tablet, 2).await.expect("ack"),
+        Acked::Confirmed { first: false }
+    );
+    assert_eq!(
+        store.receipts(alice_phone).await.expect("receipts"),
+        delivered
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
