@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use tidings_proto::frame::Frame;
@@ -93,9 +93,7 @@ impl Mailbox {
             return Err(message);
         }
         let reader = {
-            let Ok(mut inner) = self.inner.lock() else {
-                return Err(message);
-            };
+            let mut inner = self.inner();
             if inner.queue.len() >= SESSION_QUEUE {
                 return Err(message);
             }
@@ -135,7 +133,7 @@ impl Mailbox {
     /// the next one.
     fn take(&self, cx: Option<&Context<'_>>) -> Option<Outbound> {
         let message = {
-            let mut inner = self.inner.lock().ok()?;
+            let mut inner = self.inner();
             let message = inner.queue.pop_front();
             if inner.queue.is_empty() && inner.queue.capacity() > 0 {
                 inner.queue = VecDeque::new();
@@ -152,6 +150,7 @@ impl Mailbox {
     }
 
     /// Waits for the next message. Cancel-safe: a message is only taken when it is returned.
+    /// Only the session's own task waits on its mailbox (one waker is kept, not a list).
     pub async fn recv(&self) -> Outbound {
         std::future::poll_fn(|cx| match self.take(Some(cx)) {
             Some(message) => Poll::Ready(message),
@@ -161,11 +160,10 @@ impl Mailbox {
     }
 
     /// Ready when something is queued or the session was woken to look at its state again
-    /// (which may be spuriously); takes nothing. Otherwise the task is woken by either.
+    /// (which may be spuriously); takes nothing. Otherwise the task is woken by either. Only
+    /// the session's own task polls it, as for [`Mailbox::recv`].
     pub fn poll_woken(&self, cx: &Context<'_>) -> Poll<()> {
-        let Ok(mut inner) = self.inner.lock() else {
-            return Poll::Ready(());
-        };
+        let mut inner = self.inner();
         if !inner.queue.is_empty() || std::mem::take(&mut inner.woken) {
             return Poll::Ready(());
         }
@@ -175,12 +173,10 @@ impl Mailbox {
 
     /// Wakes the session's idle wait without a message.
     pub fn wake(&self) {
-        let reader = match self.inner.lock() {
-            Ok(mut inner) => {
-                inner.woken = true;
-                inner.reader.take()
-            }
-            Err(_) => None,
+        let reader = {
+            let mut inner = self.inner();
+            inner.woken = true;
+            inner.reader.take()
         };
         if let Some(reader) = reader {
             reader.wake();
@@ -205,10 +201,7 @@ impl Mailbox {
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.inner
-            .lock()
-            .map(|inner| inner.queue.is_empty())
-            .unwrap_or(true)
+        self.inner().queue.is_empty()
     }
 
     /// Whether a delivery was dropped for lack of room since the last call (and clears it).
@@ -216,10 +209,19 @@ impl Mailbox {
         self.behind.swap(false, Ordering::AcqRel)
     }
 
-    /// Refuses further messages and wakes anyone waiting for room.
+    /// Refuses further messages and wakes anyone waiting for room. The session's waker is
+    /// dropped, so that answers still holding the mailbox do not keep its task's memory.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.room.notify_waiters();
+        let reader = self.inner().reader.take();
+        drop(reader);
+    }
+
+    /// The queue and the reader's waker. Nothing panics while holding the lock, so a poisoned
+    /// lock (which could only come from an allocation failure) still holds a whole queue.
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -203,8 +203,9 @@ struct Live<S> {
     state: Shared,
     identity: Identity,
     listen: bool,
-    /// The connection, whole: reads wait in the select and writes run in its arms, never both
-    /// at once, so it needs no split (whose shared half would cost an allocation per session).
+    /// The connection, whole: a read waits (in the idle wait or the busy stretch's select) and
+    /// writes run after it, never both at once, so it needs no split (whose shared half would
+    /// cost an allocation per session).
     io: S,
     /// Bytes read and not yet decoded.
     buf: BytesMut,
@@ -300,7 +301,8 @@ where
     /// Waits, with nothing in flight, for a frame or a message to write; the hub's wake-up
     /// (heartbeat sweep, shutdown) makes it look again. False when the session is to end.
     /// Polled by hand: an idle session's task holds this future, so it keeps no `select!` state,
-    /// no wait-list entry and no read buffer (one is made when bytes arrive).
+    /// no wait-list entry and no read buffer (a read makes room for 64 bytes; when nothing came,
+    /// they are freed at once).
     fn idle_wait(&mut self) -> impl std::future::Future<Output = bool> + Send + '_ {
         std::future::poll_fn(move |cx| {
             loop {
@@ -467,8 +469,8 @@ where
 }
 
 /// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
-/// is done (refused, timed out or gone). Runs boxed, so that its state does not widen the
-/// session future that every idle connection keeps.
+/// is done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
+/// its state does not widen the session future that every idle connection keeps.
 async fn log_in<S>(
     state: &Shared,
     io: &mut S,
