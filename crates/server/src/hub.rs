@@ -63,6 +63,13 @@ impl Inner {
     }
 }
 
+/// Wakes the session's task taken from its mailbox, outside the mailbox's lock.
+fn wake_reader(reader: Option<Waker>) {
+    if let Some(reader) = reader {
+        reader.wake();
+    }
+}
+
 /// The start of the monotonic clock that heartbeat deadlines are kept on: a step of the wall
 /// clock must neither close every idle session nor keep dead ones.
 fn clock_start() -> std::time::Instant {
@@ -100,9 +107,7 @@ impl Mailbox {
             inner.queue.push_back(message);
             inner.reader.take()
         };
-        if let Some(reader) = reader {
-            reader.wake();
-        }
+        wake_reader(reader);
         Ok(())
     }
 
@@ -159,13 +164,16 @@ impl Mailbox {
         .await
     }
 
-    /// Ready when something is queued or the session was woken to look at its state again
-    /// (which may be spuriously); takes nothing. Otherwise the task is woken by either. Only
-    /// the session's own task polls it, as for [`Mailbox::recv`].
-    pub fn poll_woken(&self, cx: &Context<'_>) -> Poll<()> {
+    /// Ready with `true` when something is queued, with `false` when the session was woken to
+    /// look at its state again (which may be spuriously); takes nothing. Otherwise the task is
+    /// woken by either. Only the session's own task polls it, as for [`Mailbox::recv`].
+    pub fn poll_woken(&self, cx: &Context<'_>) -> Poll<bool> {
         let mut inner = self.inner();
-        if !inner.queue.is_empty() || std::mem::take(&mut inner.woken) {
-            return Poll::Ready(());
+        if !inner.queue.is_empty() {
+            return Poll::Ready(true);
+        }
+        if std::mem::take(&mut inner.woken) {
+            return Poll::Ready(false);
         }
         inner.wait(cx);
         Poll::Pending
@@ -178,9 +186,7 @@ impl Mailbox {
             inner.woken = true;
             inner.reader.take()
         };
-        if let Some(reader) = reader {
-            reader.wake();
-        }
+        wake_reader(reader);
     }
 
     /// Moves the session's heartbeat deadline.

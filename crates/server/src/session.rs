@@ -314,9 +314,9 @@ where
                     return Poll::Ready(false);
                 }
                 match self.tx.poll_woken(cx) {
-                    Poll::Ready(()) if !self.tx.is_empty() => return Poll::Ready(true),
+                    Poll::Ready(true) => return Poll::Ready(true),
                     // Woken to look at the deadline and the shutdown again.
-                    Poll::Ready(()) => {}
+                    Poll::Ready(false) => {}
                     Poll::Pending => break,
                 }
             }
