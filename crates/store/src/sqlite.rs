@@ -5,7 +5,10 @@
 //! sync (`synchronous = FULL`), and only then is each operation answered. A write nobody waits on
 //! (deleting a receipt its device has taken) is *lazy*: a batch of only lazy writes commits
 //! without a sync of its own and becomes durable with the next synced batch (WAL frames are
-//! synced in order), so it never holds the writer for a sync. Reads run beside the writer, as WAL
+//! synced in order), so it never holds the writer for a sync. Each operation runs in a savepoint
+//! of its own, so that one failing on its input leaves the rest of its batch intact, except for
+//! the acknowledgements, the most frequent writes, which fail only when the engine does: they
+//! run without one, and their failure rolls back their whole batch (see [`Undo`]). Reads run beside the writer, as WAL
 //! allows: point reads by key on the calling thread, with a read connection of that thread's
 //! own (handing a read of a few rows to another thread costs two thread switches, more than the
 //! read itself); longer reads on the blocking pool.
@@ -161,6 +164,22 @@ impl std::fmt::Debug for SqliteOptions {
 #[derive(Default)]
 struct Notes {
     messages: Vec<(DeviceId, MessageId)>,
+    /// An operation run without a savepoint failed: its batch must be rolled back whole.
+    batch_failed: bool,
+}
+
+/// What a failing write takes back with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Undo {
+    /// The operation runs in a savepoint of its own, so that its failure undoes only its own
+    /// changes: for operations that can fail on their input after they have written.
+    Operation,
+    /// The operation runs without a savepoint, and its failure rolls back its whole batch, which
+    /// is then answered as a failed commit. Only for operations that check their input before
+    /// they write, so that they fail only when the engine does. A savepoint costs the writer a
+    /// copy of every page the operation touches; for an acknowledgement that was a quarter of
+    /// the writer's time.
+    Batch,
 }
 
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
@@ -319,41 +338,48 @@ impl SqliteStore {
         })
     }
 
-    async fn write<R, F>(&self, operation: F) -> Result<R>
+    async fn write<R, F>(&self, undo: Undo, operation: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.submit(operation).await?.outcome().await
+        self.submit(undo, operation).await?.outcome().await
     }
 
     /// Hands a write to the writer thread; the outcome comes through the returned handle.
-    async fn submit<R, F>(&self, operation: F) -> Result<Submitted<R>>
+    async fn submit<R, F>(&self, undo: Undo, operation: F) -> Result<Submitted<R>>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.hand_over(operation, false).await
+        self.hand_over(operation, false, undo).await
     }
 
     /// A write nobody waits on: answered once it has executed, durable with the next synced
     /// batch (see the module's documentation).
-    async fn write_lazily<R, F>(&self, operation: F) -> Result<R>
+    async fn write_lazily<R, F>(&self, undo: Undo, operation: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.hand_over(operation, true).await?.outcome().await
+        self.hand_over(operation, true, undo).await?.outcome().await
     }
 
-    async fn hand_over<R, F>(&self, operation: F, lazy: bool) -> Result<Submitted<R>>
+    async fn hand_over<R, F>(&self, operation: F, lazy: bool, undo: Undo) -> Result<Submitted<R>>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job: WriteJob = Box::new(move |txn, notes| {
-            let outcome = in_savepoint(txn, notes, operation);
+            let outcome = match undo {
+                Undo::Operation => in_savepoint(txn, notes, operation),
+                Undo::Batch => {
+                    let outcome = operation(txn, notes);
+                    notes.batch_failed |= outcome.is_err();
+                    outcome
+                }
+            };
             Box::new(move |committed: Result<()>| {
                 let _ = reply.send(committed.and(outcome));
             })
@@ -367,14 +393,14 @@ impl SqliteStore {
 
     /// Hands a write to the writer thread; its outcome is answered once it has executed and
     /// again once the sync has made it durable (see [`Staged`]).
-    async fn submit_staged<R, F>(&self, operation: F) -> Result<Staged<R>>
+    async fn submit_staged<R, F>(&self, undo: Undo, operation: F) -> Result<Staged<R>>
     where
         R: Clone + Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
         let (executed, early) = oneshot::channel();
         let durable = self
-            .submit(move |txn, notes| {
+            .submit(undo, move |txn, notes| {
                 let outcome = operation(txn, notes);
                 if let Ok(value) = &outcome {
                     let _ = executed.send(value.clone());
@@ -564,7 +590,18 @@ fn commit_batch(
         .into_iter()
         .map(|write| write(&txn, &mut notes))
         .collect();
-    let committed = txn.commit().map_err(StoreError::from);
+    let committed = if notes.batch_failed {
+        // An operation without a savepoint of its own failed part-way: nothing of the batch
+        // may stay. Every operation is answered as if the commit had failed.
+        if let Err(e) = txn.rollback() {
+            tracing::error!(error = %e, "storage rollback failed");
+        }
+        Err(StoreError::Engine(
+            "a write failed and its batch was rolled back; try again".into(),
+        ))
+    } else {
+        txn.commit().map_err(StoreError::from)
+    };
     if committed.is_ok() {
         // Told about syncs only: a lazy batch made nothing durable yet.
         if let (Some(observer), false) = (observer, lazy) {
@@ -586,7 +623,9 @@ fn commit_batch(
 }
 
 /// Deletes a device's copy on its acknowledgement; on a message's first acknowledgement by a
-/// receiver device, marks it delivered and stores the sender's `Delivered` receipt.
+/// receiver device, marks it delivered and stores the sender's `Delivered` receipt. Every
+/// answer it gives comes from what it reads; it fails only when the engine does, so it runs
+/// without a savepoint of its own ([`Undo::Batch`]).
 fn ack_in(
     txn: &Transaction<'_>,
     device: DeviceId,
@@ -809,7 +848,7 @@ impl Store for SqliteStore {
         public_key: [u8; 32],
         now: Millis,
     ) -> Result<Registered> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             txn.prepare_cached(
                 "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING")?.execute(
                 params![&pseudonym.0[..], sql_millis(now)],
@@ -847,7 +886,7 @@ impl Store for SqliteStore {
         max_devices: usize,
         now: Millis,
     ) -> Result<Linked> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let count: i64 = txn.prepare_cached(
                 "SELECT COUNT(*) FROM devices WHERE account_id = ?1")?.query_row(
                 params![account.0],
@@ -877,7 +916,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let seqs = {
                 let mut statement = txn.prepare_cached("SELECT seq FROM copies WHERE device_id = ?1")?;
                 let seqs = statement
@@ -912,7 +951,7 @@ impl Store for SqliteStore {
         fallback: Option<SignedKey>,
         max_stored: u32,
     ) -> Result<Published> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let stored = txn
                 .prepare_cached(
                     "SELECT identity_key, signing_key FROM devices WHERE id = ?1")?.query_row(
@@ -967,7 +1006,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let devices = listed_devices(txn, account)?;
             let mut claimed = Claimed {
                 keys: Vec::new(),
@@ -1036,7 +1075,7 @@ impl Store for SqliteStore {
         device: DeviceId,
         voucher: Voucher,
     ) -> Result<bool> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let changed = txn
                 .prepare_cached(
                     "UPDATE devices SET voucher = ?3, voucher_signature = ?4
@@ -1055,7 +1094,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let devices = {
                 let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
                 let devices = statement
@@ -1087,7 +1126,7 @@ impl Store for SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static,
     {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let mut record = txn
                 .prepare_cached(
                     "SELECT live_hash, live_expires_at, live_attempts, sent_at FROM codes WHERE pseudonym = ?1")?.query_row(
@@ -1151,7 +1190,7 @@ impl Store for SqliteStore {
         message: NewMessage,
         queue_limit: u32,
     ) -> Result<Submitted<Enqueued>> {
-        self.submit(move |txn, notes| {
+        self.submit(Undo::Operation, move |txn, notes| {
             let duplicate = txn
                 .prepare_cached(
                     "SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
@@ -1265,8 +1304,10 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
-        self.write(move |txn, _| ack_in(txn, device, sender_device, id))
-            .await
+        self.write(Undo::Batch, move |txn, _| {
+            ack_in(txn, device, sender_device, id)
+        })
+        .await
     }
 
     async fn ack_staged(
@@ -1275,12 +1316,14 @@ impl Store for SqliteStore {
         sender_device: DeviceId,
         id: MessageId,
     ) -> Result<Staged<Acked>> {
-        self.submit_staged(move |txn, _| ack_in(txn, device, sender_device, id))
-            .await
+        self.submit_staged(Undo::Batch, move |txn, _| {
+            ack_in(txn, device, sender_device, id)
+        })
+        .await
     }
 
     async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let message = txn
                 .prepare_cached(
                     "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
@@ -1350,7 +1393,7 @@ impl Store for SqliteStore {
         if !any {
             return Ok(Vec::new());
         }
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let expired = {
                 let mut statement = txn.prepare_cached(
                     "SELECT seq, sender_device, msg_id, delivered FROM messages WHERE expires_at <= ?1 LIMIT ?2",
@@ -1425,7 +1468,7 @@ impl Store for SqliteStore {
 
     async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
         // Lazy: a receipt whose deletion is lost in a crash is only sent again.
-        self.write_lazily(move |txn, _| {
+        self.write_lazily(Undo::Batch, move |txn, _| {
             txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2")?
                 .execute(params![device.as_bytes(), id.as_bytes()])?;
             Ok(())
@@ -1447,7 +1490,7 @@ impl Store for SqliteStore {
         if !any {
             return Ok(0);
         }
-        self.write(move |txn, _| {
+        self.write(Undo::Operation, move |txn, _| {
             let spent = {
                 let mut statement =
                     txn.prepare_cached("SELECT pseudonym, live_expires_at, sent_at FROM codes")?;

@@ -61,21 +61,56 @@ fn key(n: u8) -> SignedKey {
     }
 }
 
-#[tokio::test]
-async fn queue_ack_receipt_and_residue() {
-    let dir = temp_dir("queue");
+/// Opens a store that records every sync's report, then calls `after` inside the observer (a
+/// test can hold the writer there).
+fn open_recording(
+    dir: &Path,
+    max_batch: usize,
+    after: impl Fn() + Send + Sync + 'static,
+) -> (SqliteStore, Arc<Mutex<Vec<SyncReport>>>) {
     let reports: Arc<Mutex<Vec<SyncReport>>> = Arc::default();
     let seen = Arc::clone(&reports);
     let store = SqliteStore::open(
-        &dir,
+        dir,
         SqliteOptions {
-            max_batch: 64,
+            max_batch,
             sync_observer: Some(Arc::new(move |report: &SyncReport| {
-                seen.lock().expect("lock").push(report.clone())
+                seen.lock().expect("lock").push(report.clone());
+                after();
             })),
         },
     )
     .expect("open");
+    (store, reports)
+}
+
+/// Registers alice and bob with one device each, with published keys: ((device, account) of
+/// alice, (device, account) of bob).
+async fn alice_and_bob(store: &SqliteStore) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
+    let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    let alice_account = store
+        .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
+        .await
+        .expect("alice")
+        .account;
+    let bob_account = store
+        .register_device(Pseudonym([0xB0; 32]), bob_device, [8; 32], 0)
+        .await
+        .expect("bob")
+        .account;
+    for (device, n) in [(alice_device, 10), (bob_device, 20)] {
+        store
+            .publish_keys(device, identity(n), vec![key(n)], None, 100)
+            .await
+            .expect("publish");
+    }
+    ((alice_device, alice_account), (bob_device, bob_account))
+}
+
+#[tokio::test]
+async fn queue_ack_receipt_and_residue() {
+    let dir = temp_dir("queue");
+    let (store, reports) = open_recording(&dir, 64, || {});
     let alice_device = DeviceId([1; 16]);
     let bob_phone = DeviceId([2; 16]);
     let bob_laptop = DeviceId([3; 16]);
@@ -264,18 +299,7 @@ async fn queue_ack_receipt_and_residue() {
 #[tokio::test]
 async fn concurrent_writes_share_syncs() {
     let dir = temp_dir("group-commit");
-    let reports: Arc<Mutex<Vec<SyncReport>>> = Arc::default();
-    let seen = Arc::clone(&reports);
-    let store = SqliteStore::open(
-        &dir,
-        SqliteOptions {
-            max_batch: 1024,
-            sync_observer: Some(Arc::new(move |report: &SyncReport| {
-                seen.lock().expect("lock").push(report.clone())
-            })),
-        },
-    )
-    .expect("open");
+    let (store, reports) = open_recording(&dir, 1024, || {});
     // Fifty writes in flight at once: each is answered only after a sync, and they share syncs.
     let mut writes = tokio::task::JoinSet::new();
     for i in 0..50u8 {
@@ -323,23 +347,7 @@ async fn an_acknowledgement_is_known_before_its_sync() {
         },
     )
     .expect("open");
-    let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
-    let alice_account = store
-        .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
-        .await
-        .expect("alice")
-        .account;
-    let bob_account = store
-        .register_device(Pseudonym([0xB0; 32]), bob_device, [8; 32], 0)
-        .await
-        .expect("bob")
-        .account;
-    for (device, n) in [(alice_device, 10), (bob_device, 20)] {
-        store
-            .publish_keys(device, identity(n), vec![key(n)], None, 100)
-            .await
-            .expect("publish");
-    }
+    let ((alice_device, alice_account), (bob_device, bob_account)) = alice_and_bob(&store).await;
     let sent = message(
         (alice_device, alice_account),
         1,
@@ -503,6 +511,134 @@ async fn acknowledgements_of_a_message_with_several_copies() {
     assert_eq!(
         store.receipts(alice_phone).await.expect("receipts"),
         delivered
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A write that fails undoes as much as its kind allows, and no more: a send (which can fail on
+/// its input after it has written) takes back only its own changes, while an acknowledgement
+/// (which runs without a savepoint of its own) takes back its whole batch, answered as a failed
+/// commit, so that nothing of it stays half done. The failures come from the engine itself: a
+/// trigger installed through a second connection aborts the statement.
+#[tokio::test]
+async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
+    type Gate = Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>;
+    let dir = temp_dir("undo");
+    // While armed, the writer waits inside the observer after a commit, so that the writes
+    // handed over meanwhile are taken as one batch when it is released.
+    let gate: Arc<Mutex<Gate>> = Arc::default();
+    let held = Arc::clone(&gate);
+    let (store, reports) = open_recording(&dir, 64, move || {
+        if let Some((entered, release)) = held.lock().expect("lock").take() {
+            let _ = entered.send(());
+            let _ = release.recv();
+        }
+    });
+    let ((alice_device, alice_account), (bob_device, bob_account)) = alice_and_bob(&store).await;
+    let to_bob = |id: u8| {
+        message(
+            (alice_device, alice_account),
+            id,
+            bob_account,
+            &[(bob_device, b"x")],
+        )
+    };
+    for id in [1, 2] {
+        assert_eq!(
+            store.enqueue(to_bob(id), 10).await.expect("enqueue"),
+            Enqueued::Stored
+        );
+    }
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("second connection");
+    // Holds the writer after the commit of a write of its own, until `release` is sent.
+    let hold_writer = || async {
+        let (entered, entered_wait) = std::sync::mpsc::channel();
+        let (release, release_wait) = std::sync::mpsc::channel();
+        *gate.lock().expect("lock") = Some((entered, release_wait));
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .update_code_record(Pseudonym([7; 32]), |record| {
+                    *record = Some(Default::default());
+                })
+                .await
+        });
+        tokio::task::spawn_blocking(move || entered_wait.recv())
+            .await
+            .expect("join")
+            .expect("writer held");
+        release
+    };
+
+    // A send that fails in the batch of an acknowledgement: the acknowledgement stands.
+    database
+        .execute_batch(
+            "CREATE TRIGGER fail_insert BEFORE INSERT ON copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .expect("trigger");
+    let release = hold_writer().await;
+    let send = store.enqueue_submit(to_bob(3), 10).await.expect("submit");
+    let ack = store
+        .ack_staged(bob_device, alice_device, MessageId([1; 16]))
+        .await
+        .expect("submit");
+    let synced_before = reports.lock().expect("lock").len();
+    release.send(()).expect("release");
+    assert!(send.outcome().await.is_err(), "the send failed");
+    assert_eq!(
+        ack.durable().await.expect("the acknowledgement stands"),
+        Acked::Confirmed { first: true }
+    );
+    {
+        let reports = reports.lock().expect("lock");
+        assert_eq!(reports.len(), synced_before + 1);
+        assert_eq!(reports[synced_before].operations, 2, "one batch");
+    }
+    database
+        .execute_batch("DROP TRIGGER fail_insert")
+        .expect("drop");
+
+    // An acknowledgement that fails in the batch of a send: the send is taken back with it.
+    database
+        .execute_batch(
+            "CREATE TRIGGER fail_delete BEFORE DELETE ON copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .expect("trigger");
+    let release = hold_writer().await;
+    let send = store.enqueue_submit(to_bob(3), 10).await.expect("submit");
+    let mut ack = store
+        .ack_staged(bob_device, alice_device, MessageId([2; 16]))
+        .await
+        .expect("submit");
+    release.send(()).expect("release");
+    assert!(send.outcome().await.is_err(), "taken back with its batch");
+    assert_eq!(ack.executed().await, None, "no early answer for a failure");
+    assert!(ack.durable().await.is_err(), "the acknowledgement failed");
+    database
+        .execute_batch("DROP TRIGGER fail_delete")
+        .expect("drop");
+
+    // Nothing of the failed batch stayed: message 2 is still queued and message 3 was never
+    // stored, so both go through when tried again.
+    let queued: Vec<MessageId> = store
+        .pending(bob_device, 0, 10, 0)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|pending| pending.id)
+        .collect();
+    assert_eq!(queued, vec![MessageId([2; 16])]);
+    assert_eq!(
+        store.enqueue(to_bob(3), 10).await.expect("again"),
+        Enqueued::Stored
+    );
+    assert_eq!(
+        store
+            .ack(bob_device, alice_device, MessageId([2; 16]))
+            .await
+            .expect("again"),
+        Acked::Confirmed { first: true }
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
