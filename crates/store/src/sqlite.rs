@@ -7,8 +7,9 @@
 //! without a sync of its own and becomes durable with the next synced batch (WAL frames are
 //! synced in order), so it never holds the writer for a sync. Each operation runs in a savepoint
 //! of its own, so that one failing on its input leaves the rest of its batch intact, except for
-//! the acknowledgements, the most frequent writes, which fail only when the engine does: they
-//! run without one, and their failure rolls back their whole batch (see [`Undo`]). Reads run beside the writer, as WAL
+//! the most frequent writes: an acknowledgement fails only when the engine does, so it runs
+//! without one and its failure rolls back its whole batch, and a receipt's deletion is one
+//! statement, which SQLite undoes by itself (see [`Undo`]). Reads run beside the writer, as WAL
 //! allows: point reads by key on the calling thread, with a read connection of that thread's
 //! own (handing a read of a few rows to another thread costs two thread switches, more than the
 //! read itself); longer reads on the blocking pool.
@@ -174,6 +175,9 @@ enum Undo {
     /// The operation runs in a savepoint of its own, so that its failure undoes only its own
     /// changes: for operations that can fail on their input after they have written.
     Operation,
+    /// The operation is one statement: SQLite undoes a statement that fails by itself, so it
+    /// needs no savepoint, and its failure fails only itself.
+    Statement,
     /// The operation runs without a savepoint, and its failure rolls back its whole batch, which
     /// is then answered as a failed commit. Only for operations that check their input before
     /// they write, so that they fail only when the engine does. A savepoint costs the writer a
@@ -372,12 +376,26 @@ impl SqliteStore {
     {
         let (reply, answer) = oneshot::channel();
         let job: WriteJob = Box::new(move |txn, notes| {
-            let outcome = match undo {
-                Undo::Operation => in_savepoint(txn, notes, operation),
-                Undo::Batch => {
-                    let outcome = operation(txn, notes);
-                    notes.batch_failed |= outcome.is_err();
-                    outcome
+            let outcome = if notes.batch_failed || txn.is_autocommit() {
+                // The batch is lost already (a write without a savepoint failed, or the engine
+                // rolled the transaction back by itself): nothing more runs in it, so that
+                // nothing commits on its own and no early answer goes out for it.
+                notes.batch_failed = true;
+                Err(StoreError::Engine(
+                    "an earlier write in its batch failed; try again".into(),
+                ))
+            } else {
+                match undo {
+                    Undo::Operation => in_savepoint(txn, notes, operation),
+                    Undo::Statement => operation(txn, notes),
+                    Undo::Batch => {
+                        let outcome = operation(txn, notes);
+                        if let Err(e) = &outcome {
+                            tracing::error!(error = %e, "a write failed; its batch is rolled back");
+                            notes.batch_failed = true;
+                        }
+                        outcome
+                    }
                 }
             };
             Box::new(move |committed: Result<()>| {
@@ -466,16 +484,35 @@ fn in_savepoint<R>(
     notes: &mut Notes,
     operation: impl FnOnce(&Transaction<'_>, &mut Notes) -> Result<R>,
 ) -> Result<R> {
-    txn.prepare_cached("SAVEPOINT op")?.execute([])?;
+    // A savepoint that cannot be opened, released or rolled back to leaves the operation's
+    // changes in an unknown state: its whole batch is rolled back.
+    let lost = |notes: &mut Notes, e: rusqlite::Error| {
+        tracing::error!(error = %e, "a savepoint failed; its batch is rolled back");
+        notes.batch_failed = true;
+        StoreError::from(e)
+    };
+    if let Err(e) = txn
+        .prepare_cached("SAVEPOINT op")
+        .and_then(|mut statement| statement.execute([]))
+    {
+        return Err(lost(notes, e));
+    }
     let mut local = Notes::default();
     match operation(txn, &mut local) {
         Ok(value) => {
-            txn.prepare_cached("RELEASE op")?.execute([])?;
+            if let Err(e) = txn
+                .prepare_cached("RELEASE op")
+                .and_then(|mut statement| statement.execute([]))
+            {
+                return Err(lost(notes, e));
+            }
             notes.messages.extend(local.messages);
             Ok(value)
         }
         Err(e) => {
-            txn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            if let Err(undo) = txn.execute_batch("ROLLBACK TO op; RELEASE op") {
+                return Err(lost(notes, undo));
+            }
             Err(e)
         }
     }
@@ -590,9 +627,12 @@ fn commit_batch(
         .into_iter()
         .map(|write| write(&txn, &mut notes))
         .collect();
+    // The engine may have rolled the transaction back by itself (a full disk, say).
+    notes.batch_failed |= txn.is_autocommit();
     let committed = if notes.batch_failed {
-        // An operation without a savepoint of its own failed part-way: nothing of the batch
-        // may stay. Every operation is answered as if the commit had failed.
+        // An operation without a savepoint of its own failed part-way, or the engine gave the
+        // transaction up: nothing of the batch may stay. Every operation is answered as if the
+        // commit had failed.
         if let Err(e) = txn.rollback() {
             tracing::error!(error = %e, "storage rollback failed");
         }
@@ -1468,7 +1508,7 @@ impl Store for SqliteStore {
 
     async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
         // Lazy: a receipt whose deletion is lost in a crash is only sent again.
-        self.write_lazily(Undo::Batch, move |txn, _| {
+        self.write_lazily(Undo::Statement, move |txn, _| {
             txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1 AND msg_id = ?2")?
                 .execute(params![device.as_bytes(), id.as_bytes()])?;
             Ok(())

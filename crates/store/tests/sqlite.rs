@@ -564,10 +564,12 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
                 })
                 .await
         });
-        tokio::task::spawn_blocking(move || entered_wait.recv())
-            .await
-            .expect("join")
-            .expect("writer held");
+        tokio::task::spawn_blocking(move || {
+            entered_wait.recv_timeout(std::time::Duration::from_secs(30))
+        })
+        .await
+        .expect("join")
+        .expect("writer held");
         release
     };
 
@@ -599,10 +601,12 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .execute_batch("DROP TRIGGER fail_insert")
         .expect("drop");
 
-    // An acknowledgement that fails in the batch of a send: the send is taken back with it.
+    // An acknowledgement that fails in the batch of a send, at its last statement (the sender's
+    // receipt, after the copy and the message are deleted): the send is taken back with it,
+    // and so are the acknowledgement's own deletions.
     database
         .execute_batch(
-            "CREATE TRIGGER fail_delete BEFORE DELETE ON copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            "CREATE TRIGGER fail_receipt BEFORE INSERT ON receipts BEGIN SELECT RAISE(ABORT, 'injected'); END;",
         )
         .expect("trigger");
     let release = hold_writer().await;
@@ -611,12 +615,20 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .ack_staged(bob_device, alice_device, MessageId([2; 16]))
         .await
         .expect("submit");
+    // Behind the failure in the same batch: not run at all, so no early answer either (run, a
+    // replay of an unknown message would have been answered `Unknown` at once).
+    let mut behind = store
+        .ack_staged(bob_device, alice_device, MessageId([9; 16]))
+        .await
+        .expect("submit");
     release.send(()).expect("release");
     assert!(send.outcome().await.is_err(), "taken back with its batch");
     assert_eq!(ack.executed().await, None, "no early answer for a failure");
     assert!(ack.durable().await.is_err(), "the acknowledgement failed");
+    assert_eq!(behind.executed().await, None, "not run after the failure");
+    assert!(behind.durable().await.is_err(), "failed with its batch");
     database
-        .execute_batch("DROP TRIGGER fail_delete")
+        .execute_batch("DROP TRIGGER fail_receipt")
         .expect("drop");
 
     // Nothing of the failed batch stayed: message 2 is still queued and message 3 was never
