@@ -486,33 +486,29 @@ fn in_savepoint<R>(
 ) -> Result<R> {
     // A savepoint that cannot be opened, released or rolled back to leaves the operation's
     // changes in an unknown state: its whole batch is rolled back.
-    let lost = |notes: &mut Notes, e: rusqlite::Error| {
-        tracing::error!(error = %e, "a savepoint failed; its batch is rolled back");
-        notes.batch_failed = true;
-        StoreError::from(e)
+    let checked = |notes: &mut Notes, done: rusqlite::Result<()>| {
+        done.map_err(|e| {
+            tracing::error!(error = %e, "a savepoint failed; its batch is rolled back");
+            notes.batch_failed = true;
+            StoreError::from(e)
+        })
     };
-    if let Err(e) = txn
-        .prepare_cached("SAVEPOINT op")
-        .and_then(|mut statement| statement.execute([]))
-    {
-        return Err(lost(notes, e));
-    }
+    // Kept prepared: opening and releasing run for every such operation.
+    let cached = |sql| {
+        txn.prepare_cached(sql)
+            .and_then(|mut statement| statement.execute([]))
+            .map(drop)
+    };
+    checked(notes, cached("SAVEPOINT op"))?;
     let mut local = Notes::default();
     match operation(txn, &mut local) {
         Ok(value) => {
-            if let Err(e) = txn
-                .prepare_cached("RELEASE op")
-                .and_then(|mut statement| statement.execute([]))
-            {
-                return Err(lost(notes, e));
-            }
+            checked(notes, cached("RELEASE op"))?;
             notes.messages.extend(local.messages);
             Ok(value)
         }
         Err(e) => {
-            if let Err(undo) = txn.execute_batch("ROLLBACK TO op; RELEASE op") {
-                return Err(lost(notes, undo));
-            }
+            checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
         }
     }
