@@ -931,3 +931,6 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
 fn server_tls(args: &ServerArgs) -> bool {
     args.resolve().map(|c| c.tls.is_some()).unwrap_or(false)
 }
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -672,7 +672,9 @@ async fn idle(
 ) -> anyhow::Result<IdleResult> {
     let sizes = &options.sizes;
     with_server(options, prepared, target, dir, async |server| {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Before and after are read after the same quiet time, so that memory a server gives
+        // back some time after a burst (its start-up's, or the logins') counts alike in both.
+        tokio::time::sleep(Duration::from_secs_f64(sizes.idle_settle_secs)).await;
         let before = server.usage();
         let specs = ranges(sizes.idle_clients, sizes.idle_workers)
             .into_iter()
