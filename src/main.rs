@@ -932,5 +932,8 @@ fn server_tls(args: &ServerArgs) -> bool {
     args.resolve().map(|c| c.tls.is_some()).unwrap_or(false)
 }
 
+/// jemalloc, for the Rust code and (its `malloc` unprefixed) for SQLite's C code: sizes kept
+/// apart in slabs, and freed pages given back by its background thread (settings in
+/// `.cargo/config.toml`). Why: docs/ARCHITECTURE.md, dependencies.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

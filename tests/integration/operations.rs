@@ -319,3 +319,21 @@ fn sigterm_closes_idle_sessions_without_waiting_out_the_grace_period() {
     let _ = listener.kill();
     let _ = listener.wait();
 }
+
+/// The binary runs on the allocator its memory figures were measured with (docs/ARCHITECTURE.md):
+/// jemalloc, whose background thread gives freed pages back. The setting is compiled in through
+/// the workspace's `.cargo/config.toml`; a build that missed it would still run, silently holding
+/// more memory per idle connection.
+#[test]
+fn the_binary_allocates_with_jemalloc_set_to_give_freed_memory_back() {
+    let output = std::process::Command::new(crate::support::BIN)
+        .arg("--help")
+        .env("MALLOC_CONF", "confirm_conf:true")
+        .output()
+        .expect("run tidings --help");
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let compiled_in = "<jemalloc>: malloc_conf #1 (string specified via --with-malloc-conf): \
+                       \"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\"";
+    assert!(stderr.contains(compiled_in), "{stderr}");
+}

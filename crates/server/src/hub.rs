@@ -175,16 +175,24 @@ impl Mailbox {
     /// Takes the oldest message, or (with a context) leaves the task's waker to be woken by
     /// the next one.
     fn take(&self, cx: Option<&Context<'_>>) -> Option<Outbound> {
-        let mut inner = self.inner();
-        let message = inner.queue.pop_front();
-        if inner.queue.is_empty() && inner.queue.capacity() > 0 {
-            inner.queue = VecDeque::new();
-        }
-        match (&message, &inner.room, cx) {
-            // One place freed: one waiting sender (or the next to wait) may take it.
-            (Some(_), Some(room), _) => room.notify_one(),
-            (None, _, Some(cx)) => inner.wait(cx),
-            _ => {}
+        let (message, room) = {
+            let mut inner = self.inner();
+            let message = inner.queue.pop_front();
+            if inner.queue.is_empty() && inner.queue.capacity() > 0 {
+                inner.queue = VecDeque::new();
+            }
+            match (&message, cx) {
+                (Some(_), _) => (message, inner.room.clone()),
+                (None, Some(cx)) => {
+                    inner.wait(cx);
+                    (None, None)
+                }
+                (None, None) => (None, None),
+            }
+        };
+        // One place freed: one waiting sender (or the next to wait) may take it.
+        if let Some(room) = room {
+            room.notify_one();
         }
         message
     }
@@ -253,15 +261,15 @@ impl Mailbox {
     /// Refuses further messages and wakes anyone waiting for room. The session's waker is
     /// dropped, so that answers still holding the mailbox do not keep its task's memory.
     pub fn close(&self) {
-        let reader = {
+        let (reader, room) = {
             let mut inner = self.inner();
             inner.closed = true;
-            if let Some(room) = &inner.room {
-                room.notify_waiters();
-            }
-            inner.reader.take()
+            (inner.reader.take(), inner.room.clone())
         };
         drop(reader);
+        if let Some(room) = room {
+            room.notify_waiters();
+        }
     }
 
     /// The queue and the reader's waker. Nothing panics while holding the lock, so a poisoned
@@ -597,15 +605,15 @@ mod tests {
             "a session that does not listen is not online"
         );
 
-        // The first session ends (another takes its place), then one of the others.
-        for (ended, left) in [(0, 2), (2, 1)] {
+        // A session kept beside the first ends, then the first (the other takes its place).
+        for (ended, left) in [(1, 2), (0, 1)] {
             registrations[ended] = None;
             assert_eq!(hub.session_count(), left + 1);
             assert_eq!(hub.deliver(&device, 1, &frame), left);
             assert!(hub.is_online(&device));
             assert_eq!(hub.count_online([&device, &other]), 1);
         }
-        registrations[1] = None;
+        registrations[2] = None;
         assert!(!hub.is_online(&device));
         assert_eq!(hub.deliver(&device, 1, &frame), 0);
         assert_eq!(hub.session_count(), 1);
@@ -615,6 +623,6 @@ mod tests {
             .iter()
             .map(|mailbox| std::iter::from_fn(|| mailbox.try_recv()).count())
             .collect();
-        assert_eq!(counts, [1, 3, 2]);
+        assert_eq!(counts, [2, 1, 3]);
     }
 }
