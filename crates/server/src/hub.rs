@@ -66,12 +66,16 @@ impl Inner {
         }
     }
 
+    fn is_full(&self) -> bool {
+        self.queue.len() >= SESSION_QUEUE
+    }
+
     /// Queues a message if the mailbox is open and has room; gives it back otherwise. The
     /// answer on success is the reader to wake, once the lock is released.
     // Giving the message back is the point of the `Err`; it is moved once, never stored there.
     #[allow(clippy::result_large_err)]
     fn push(&mut self, message: Outbound) -> Result<Option<Waker>, Outbound> {
-        if self.closed || self.queue.len() >= SESSION_QUEUE {
+        if self.closed || self.is_full() {
             return Err(message);
         }
         self.queue.push_back(message);
@@ -120,33 +124,24 @@ impl Mailbox {
     /// Queues a message if there is room; otherwise marks the session behind, so that it reads
     /// its device's queue from the store again. Whether the message was queued.
     fn offer(&self, message: Outbound) -> bool {
-        let mut inner = self.inner();
-        match inner.push(message) {
-            Ok(reader) => {
-                drop(inner);
-                wake_reader(reader);
-                true
-            }
-            Err(_) => {
-                inner.behind = true;
-                false
-            }
+        let queued = self.try_send(message).is_ok();
+        if !queued {
+            self.inner().behind = true;
         }
+        queued
     }
 
     /// Queues a message, waiting for room.
     pub async fn send(&self, mut message: Outbound) -> Result<(), Closed> {
         loop {
+            message = match self.try_send(message) {
+                Ok(()) => return Ok(()),
+                Err(back) => back,
+            };
             let room = {
                 let mut inner = self.inner();
-                match inner.push(message) {
-                    Ok(reader) => {
-                        drop(inner);
-                        wake_reader(reader);
-                        return Ok(());
-                    }
-                    Err(_) if inner.closed => return Err(Closed),
-                    Err(back) => message = back,
+                if inner.closed {
+                    return Err(Closed);
                 }
                 Arc::clone(inner.room.get_or_insert_with(Arc::default))
             };
@@ -154,17 +149,14 @@ impl Mailbox {
             // Registered before the mailbox is looked at again: a message taken or a close from
             // here on wakes it.
             room.as_mut().enable();
-            if self.has_room() {
-                continue;
+            let still_full = {
+                let inner = self.inner();
+                !inner.closed && inner.is_full()
+            };
+            if still_full {
+                room.await;
             }
-            room.await;
         }
-    }
-
-    /// Whether a message would fit, or the mailbox closed (which a waiting sender must see).
-    fn has_room(&self) -> bool {
-        let inner = self.inner();
-        inner.closed || inner.queue.len() < SESSION_QUEUE
     }
 
     /// Takes the oldest message, if any; frees the queue's memory once it is empty.
