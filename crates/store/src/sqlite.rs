@@ -22,6 +22,7 @@
 //! outside the data directory.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,12 +80,11 @@ CREATE TABLE IF NOT EXISTS copies (
     PRIMARY KEY (device_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS copies_by_message ON copies(seq);
-CREATE TRIGGER IF NOT EXISTS copies_count_up AFTER INSERT ON copies BEGIN
-    UPDATE devices SET queue_len = queue_len + 1 WHERE id = NEW.device_id;
-END;
-CREATE TRIGGER IF NOT EXISTS copies_count_down AFTER DELETE ON copies BEGIN
-    UPDATE devices SET queue_len = queue_len - 1 WHERE id = OLD.device_id;
-END;
+-- `devices.queue_len` was kept by these triggers, one update of the device's row for every copy
+-- stored or deleted; the writer now counts a batch's copies and updates each device once (see
+-- `Notes::queued`).
+DROP TRIGGER IF EXISTS copies_count_up;
+DROP TRIGGER IF EXISTS copies_count_down;
 CREATE TABLE IF NOT EXISTS receipts (
     device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
     msg_id BLOB NOT NULL,
@@ -165,8 +165,55 @@ impl std::fmt::Debug for SqliteOptions {
 #[derive(Default)]
 struct Notes {
     messages: Vec<(DeviceId, MessageId)>,
+    /// Copies stored (+1) and deleted (−1) per device in this batch, not yet in
+    /// `devices.queue_len`: added to it once per device before the batch commits, so that a
+    /// device whose copy is stored and another acknowledged in the same batch (the relay's
+    /// steady state) costs no write at all. Every statement that stores or deletes a copy
+    /// records it here; copies that a deletion of their message or device would take by a
+    /// cascade are deleted and counted before it ([`delete_copies`]).
+    queued: QueueCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     batch_failed: bool,
+}
+
+/// A batch's changes to queue lengths: the total per device, and the log of each change so that
+/// an operation rolled back to its savepoint takes its own back.
+#[derive(Default)]
+struct QueueCounts {
+    totals: HashMap<DeviceId, i64>,
+    log: Vec<(DeviceId, i64)>,
+}
+
+impl QueueCounts {
+    fn add(&mut self, device: DeviceId, change: i64) {
+        *self.totals.entry(device).or_default() += change;
+        self.log.push((device, change));
+    }
+
+    /// Copies stored or deleted for `device` earlier in this batch.
+    fn pending(&self, device: DeviceId) -> i64 {
+        self.totals.get(&device).copied().unwrap_or(0)
+    }
+
+    /// Takes back every change after the `mark`-th.
+    fn undo_to(&mut self, mark: usize) {
+        for (device, change) in self.log.drain(mark..) {
+            *self.totals.entry(device).or_default() -= change;
+        }
+    }
+
+    /// Adds the batch's changes to `devices.queue_len`, one statement per device whose
+    /// length changed.
+    fn write(&self, txn: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut update =
+            txn.prepare_cached("UPDATE devices SET queue_len = queue_len + ?2 WHERE id = ?1")?;
+        for (device, change) in &self.totals {
+            if *change != 0 {
+                update.execute(params![device.as_bytes(), change])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a failing write takes back with it.
@@ -506,14 +553,16 @@ fn in_savepoint<R>(
             .map(drop)
     };
     checked(notes, cached("SAVEPOINT op"))?;
-    let mut local = Notes::default();
-    match operation(txn, &mut local) {
+    // What the operation notes is taken back with its changes.
+    let (messages, queued) = (notes.messages.len(), notes.queued.log.len());
+    match operation(txn, notes) {
         Ok(value) => {
             checked(notes, cached("RELEASE op"))?;
-            notes.messages.extend(local.messages);
             Ok(value)
         }
         Err(e) => {
+            notes.messages.truncate(messages);
+            notes.queued.undo_to(queued);
             checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
         }
@@ -629,6 +678,12 @@ fn commit_batch(
         .into_iter()
         .map(|write| write(&txn, &mut notes))
         .collect();
+    if !notes.batch_failed && !txn.is_autocommit() {
+        if let Err(e) = notes.queued.write(&txn) {
+            tracing::error!(error = %e, "queue lengths could not be written; the batch is rolled back");
+            notes.batch_failed = true;
+        }
+    }
     // The engine may have rolled the transaction back by itself (a full disk, say).
     notes.batch_failed |= txn.is_autocommit();
     let committed = if notes.batch_failed {
@@ -670,6 +725,7 @@ fn commit_batch(
 /// without a savepoint of its own ([`Undo::Batch`]).
 fn ack_in(
     txn: &Transaction<'_>,
+    notes: &mut Notes,
     device: DeviceId,
     sender_device: DeviceId,
     id: MessageId,
@@ -707,6 +763,7 @@ fn ack_in(
     let Some(to_receiver) = deleted else {
         return gone(txn);
     };
+    notes.queued.add(device, -1);
     // The last copy takes the message with it.
     let message_gone = txn
         .prepare_cached(
@@ -736,6 +793,25 @@ fn ack_in(
         ])?;
     }
     Ok(Acked::Confirmed { first: !delivered })
+}
+
+/// Deletes the copies `condition` selects (an SQL condition on `copies`, with `params`) and
+/// counts them off their devices' queues. Runs before a deletion of messages or devices, whose
+/// cascade would delete their copies without counting them.
+fn delete_copies(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<()> {
+    let mut statement = txn.prepare_cached(&format!(
+        "DELETE FROM copies WHERE {condition} RETURNING device_id"
+    ))?;
+    let mut rows = statement.query(params)?;
+    while let Some(row) = rows.next()? {
+        notes.queued.add(device_id(row.get(0)?)?, -1);
+    }
+    Ok(())
 }
 
 fn device_id(bytes: Vec<u8>) -> rusqlite::Result<DeviceId> {
@@ -890,7 +966,7 @@ impl Store for SqliteStore {
         public_key: [u8; 32],
         now: Millis,
     ) -> Result<Registered> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             txn.prepare_cached(
                 "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING")?.execute(
                 params![&pseudonym.0[..], sql_millis(now)],
@@ -907,7 +983,9 @@ impl Store for SqliteStore {
                 removed
             };
             // The old devices go with their queues and receipts (cascades); messages queued for
-            // this account had copies only for those devices, so they go too.
+            // this account go too, with the copies their senders' other devices hold.
+            delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account])?;
+            delete_copies(txn, notes, "device_id IN (SELECT id FROM devices WHERE account_id = ?1)", params![account])?;
             txn.prepare_cached("DELETE FROM devices WHERE account_id = ?1")?.execute( params![account])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account])?;
             txn.prepare_cached(
@@ -958,7 +1036,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             let seqs = {
                 let mut statement = txn.prepare_cached("SELECT seq FROM copies WHERE device_id = ?1")?;
                 let seqs = statement
@@ -966,7 +1044,13 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 seqs
             };
-            // Keys, queued copies and receipts go with the device (cascades).
+            // Keys and receipts go with the device (cascades), its copies before it.
+            delete_copies(
+                txn,
+                notes,
+                "device_id = ?1 AND EXISTS (SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2)",
+                params![device.as_bytes(), account.0],
+            )?;
             let deleted = txn.prepare_cached(
                 "DELETE FROM devices WHERE id = ?1 AND account_id = ?2")?.execute(
                 params![device.as_bytes(), account.0],
@@ -1136,7 +1220,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             let devices = {
                 let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
                 let devices = statement
@@ -1146,6 +1230,7 @@ impl Store for SqliteStore {
             };
             // Undelivered messages this account sent go too: opting out leaves nothing behind.
             for device in &devices {
+                delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE sender_device = ?1)", params![device.as_bytes()])?;
                 txn.prepare_cached("DELETE FROM messages WHERE sender_device = ?1")?.execute( params![device.as_bytes()])?;
                 txn.prepare_cached("DELETE FROM withdrawn WHERE sender_device = ?1")?.execute( params![device.as_bytes()])?;
             }
@@ -1153,6 +1238,8 @@ impl Store for SqliteStore {
                 "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)")?.execute(
                 params![account.0],
             )?;
+            delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account.0])?;
+            delete_copies(txn, notes, "device_id IN (SELECT id FROM devices WHERE account_id = ?1)", params![account.0])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account.0])?;
             let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
@@ -1258,7 +1345,7 @@ impl Store for SqliteStore {
                 devices
                     .iter()
                     .filter(|(id, keyed, _)| *keyed && *id != message.sender_device)
-                    .map(|(id, _, len)| (*id, *len))
+                    .map(|(id, _, len)| (*id, *len + notes.queued.pending(*id)))
                     .collect::<Vec<_>>()
             };
             let receiver_needs = must_get(&receiver);
@@ -1300,6 +1387,7 @@ impl Store for SqliteStore {
             for (device, payload) in &message.copies {
                 let to_receiver = receiver_needs.iter().any(|(d, _)| d == device);
                 insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
+                notes.queued.add(*device, 1);
             }
             notes.messages.push((message.sender_device, message.id));
             Ok(Enqueued::Stored)
@@ -1346,8 +1434,8 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
-        self.write(Undo::Batch, move |txn, _| {
-            ack_in(txn, device, sender_device, id)
+        self.write(Undo::Batch, move |txn, notes| {
+            ack_in(txn, notes, device, sender_device, id)
         })
         .await
     }
@@ -1358,14 +1446,14 @@ impl Store for SqliteStore {
         sender_device: DeviceId,
         id: MessageId,
     ) -> Result<Staged<Acked>> {
-        self.submit_staged(Undo::Batch, move |txn, _| {
-            ack_in(txn, device, sender_device, id)
+        self.submit_staged(Undo::Batch, move |txn, notes| {
+            ack_in(txn, notes, device, sender_device, id)
         })
         .await
     }
 
     async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             let message = txn
                 .prepare_cached(
                     "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
@@ -1380,7 +1468,7 @@ impl Store for SqliteStore {
                     // message was sent, as SMS). The tombstone names only the sending device and
                     // the id, never the receiver, and lives until the TTL would have ended: an
                     // acknowledgement racing the withdraw is told not to show it.
-                    txn.prepare_cached("DELETE FROM copies WHERE seq = ?1 AND to_receiver = 1")?.execute( params![seq])?;
+                    delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
                     txn.prepare_cached(
                         "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
                         params![seq],
@@ -1435,7 +1523,7 @@ impl Store for SqliteStore {
         if !any {
             return Ok(Vec::new());
         }
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             let expired = {
                 let mut statement = txn.prepare_cached(
                     "SELECT seq, sender_device, msg_id, delivered FROM messages WHERE expires_at <= ?1 LIMIT ?2",
@@ -1455,6 +1543,7 @@ impl Store for SqliteStore {
             txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?.execute( params![sql_millis(now)])?;
             let mut receipts = Vec::new();
             for (seq, sender_device, id, delivered) in expired {
+                delete_copies(txn, notes, "seq = ?1", params![seq])?;
                 txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?.execute( params![seq])?;
                 if !delivered {
                     let stored = txn.prepare_cached(

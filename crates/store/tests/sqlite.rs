@@ -84,6 +84,57 @@ fn open_recording(
     (store, reports)
 }
 
+type Gate = Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>;
+
+/// A store whose writer can be held after a commit, so that the writes handed over meanwhile are
+/// taken as one batch when it is released.
+struct Held {
+    store: SqliteStore,
+    reports: Arc<Mutex<Vec<SyncReport>>>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+impl Held {
+    fn open(dir: &Path) -> Self {
+        let gate: Arc<Mutex<Gate>> = Arc::default();
+        let held = Arc::clone(&gate);
+        let (store, reports) = open_recording(dir, 64, move || {
+            if let Some((entered, release)) = held.lock().expect("lock").take() {
+                let _ = entered.send(());
+                let _ = release.recv();
+            }
+        });
+        Self {
+            store,
+            reports,
+            gate,
+        }
+    }
+
+    /// Holds the writer after the commit of a write of its own, until the returned sender is
+    /// sent to.
+    async fn hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (entered, entered_wait) = std::sync::mpsc::channel();
+        let (release, release_wait) = std::sync::mpsc::channel();
+        *self.gate.lock().expect("lock") = Some((entered, release_wait));
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            store
+                .update_code_record(Pseudonym([7; 32]), |record| {
+                    *record = Some(Default::default());
+                })
+                .await
+        });
+        tokio::task::spawn_blocking(move || {
+            entered_wait.recv_timeout(std::time::Duration::from_secs(30))
+        })
+        .await
+        .expect("join")
+        .expect("writer held");
+        release
+    }
+}
+
 /// Registers alice and bob with one device each, with published keys: ((device, account) of
 /// alice, (device, account) of bob).
 async fn alice_and_bob(store: &SqliteStore) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
@@ -522,18 +573,9 @@ async fn acknowledgements_of_a_message_with_several_copies() {
 /// trigger installed through a second connection aborts the statement.
 #[tokio::test]
 async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
-    type Gate = Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>;
     let dir = temp_dir("undo");
-    // While armed, the writer waits inside the observer after a commit, so that the writes
-    // handed over meanwhile are taken as one batch when it is released.
-    let gate: Arc<Mutex<Gate>> = Arc::default();
-    let held = Arc::clone(&gate);
-    let (store, reports) = open_recording(&dir, 64, move || {
-        if let Some((entered, release)) = held.lock().expect("lock").take() {
-            let _ = entered.send(());
-            let _ = release.recv();
-        }
-    });
+    let held = Held::open(&dir);
+    let (store, reports) = (&held.store, &held.reports);
     let ((alice_device, alice_account), (bob_device, bob_account)) = alice_and_bob(&store).await;
     let to_bob = |id: u8| {
         message(
@@ -551,27 +593,6 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
     }
     let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
         .expect("second connection");
-    // Holds the writer after the commit of a write of its own, until `release` is sent.
-    let hold_writer = || async {
-        let (entered, entered_wait) = std::sync::mpsc::channel();
-        let (release, release_wait) = std::sync::mpsc::channel();
-        *gate.lock().expect("lock") = Some((entered, release_wait));
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .update_code_record(Pseudonym([7; 32]), |record| {
-                    *record = Some(Default::default());
-                })
-                .await
-        });
-        tokio::task::spawn_blocking(move || {
-            entered_wait.recv_timeout(std::time::Duration::from_secs(30))
-        })
-        .await
-        .expect("join")
-        .expect("writer held");
-        release
-    };
 
     // A send that fails in the batch of an acknowledgement: the acknowledgement stands.
     database
@@ -579,7 +600,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
             "CREATE TRIGGER fail_insert BEFORE INSERT ON copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
         )
         .expect("trigger");
-    let release = hold_writer().await;
+    let release = held.hold().await;
     let send = store.enqueue_submit(to_bob(3), 10).await.expect("submit");
     let ack = store
         .ack_staged(bob_device, alice_device, MessageId([1; 16]))
@@ -609,7 +630,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
             "CREATE TRIGGER fail_receipt BEFORE INSERT ON receipts BEGIN SELECT RAISE(ABORT, 'injected'); END;",
         )
         .expect("trigger");
-    let release = hold_writer().await;
+    let release = held.hold().await;
     let send = store.enqueue_submit(to_bob(3), 10).await.expect("submit");
     let mut ack = store
         .ack_staged(bob_device, alice_device, MessageId([2; 16]))
@@ -652,5 +673,155 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
             .expect("again"),
         Acked::Confirmed { first: true }
     );
+    assert_queue_lengths(store, &database, "after failed batches").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Checks that every device of alice's and bob's accounts reports as its queue length the number
+/// of copies it holds, and that no copy is held for a device outside them.
+async fn assert_queue_lengths(store: &SqliteStore, database: &rusqlite::Connection, when: &str) {
+    let mut listed = 0;
+    for pseudonym in [Pseudonym([0xA1; 32]), Pseudonym([0xB0; 32])] {
+        let Some(account) = store.account(pseudonym).await.expect("account") else {
+            continue;
+        };
+        for (device, length) in account.devices {
+            let held: u32 = database
+                .query_row(
+                    "SELECT count(*) FROM copies WHERE device_id = ?1",
+                    [device.as_bytes()],
+                    |row| row.get(0),
+                )
+                .expect("count");
+            assert_eq!(length, held, "queue length of {device:?} {when}");
+            listed += held;
+        }
+    }
+    let all: u32 = database
+        .query_row("SELECT count(*) FROM copies", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(all, listed, "copies of devices no account lists {when}");
+}
+
+/// The queue length that the queue limit and lookups read stays the number of copies each device
+/// holds through every write that stores or deletes copies (the writer adds up a batch's changes
+/// and writes each device's once), and a send sees the copies stored earlier in its own batch.
+#[tokio::test]
+async fn queue_lengths_follow_every_write() {
+    let dir = temp_dir("queue-lengths");
+    let held = Held::open(&dir);
+    let store = &held.store;
+    let ((alice_phone, alice_account), (bob_phone, bob_account)) = alice_and_bob(store).await;
+    let (alice_tablet, bob_laptop) = (DeviceId([5; 16]), DeviceId([6; 16]));
+    for (account, device, n) in [
+        (alice_account, alice_tablet, 30),
+        (bob_account, bob_laptop, 40),
+    ] {
+        let linked = store.add_device(account, device, [6; 32], identity(n), 6, 0);
+        assert_eq!(linked.await.expect("link"), Linked::Added);
+    }
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("second connection");
+    let alice = (alice_phone, alice_account);
+    let to_bob = |id| {
+        let copies: &[(DeviceId, &[u8])] =
+            &[(bob_phone, b"1"), (bob_laptop, b"2"), (alice_tablet, b"3")];
+        message(alice, id, bob_account, copies)
+    };
+    let to_alice = |from: (DeviceId, AccountId), id, copies: &[(DeviceId, &[u8])]| {
+        message(from, id, alice_account, copies)
+    };
+
+    // One batch: three sends to bob under a limit of two, and one from bob. The third is refused
+    // on the copies the first two stored in the same batch.
+    let release = held.hold().await;
+    let mut sends = Vec::new();
+    for id in [1, 2, 3] {
+        sends.push(store.enqueue_submit(to_bob(id), 2).await.expect("submit"));
+    }
+    let from_bob = to_alice(
+        (bob_phone, bob_account),
+        1,
+        &[
+            (alice_phone, b"4"),
+            (alice_tablet, b"5"),
+            (bob_laptop, b"6"),
+        ],
+    );
+    sends.push(store.enqueue_submit(from_bob, 10).await.expect("submit"));
+    release.send(()).expect("release");
+    let mut outcomes = Vec::new();
+    for send in sends {
+        outcomes.push(send.outcome().await.expect("send"));
+    }
+    use Enqueued::{QueueFull, Stored};
+    assert_eq!(outcomes, vec![Stored, Stored, QueueFull, Stored]);
+    assert_queue_lengths(store, &database, "after a batch of sends").await;
+
+    // One batch: a copy taken and one stored for the same device, and another taken.
+    let release = held.hold().await;
+    let ack = |device, sender, id| store.ack_staged(device, sender, MessageId([id; 16]));
+    let first = ack(bob_phone, alice_phone, 1).await.expect("submit");
+    let send = store.enqueue_submit(to_bob(4), 10).await.expect("submit");
+    let second = ack(alice_tablet, alice_phone, 1).await.expect("submit");
+    release.send(()).expect("release");
+    assert_eq!(send.outcome().await.expect("send"), Stored);
+    for ack in [first, second] {
+        assert!(matches!(ack.durable().await, Ok(Acked::Confirmed { .. })));
+    }
+    assert_queue_lengths(store, &database, "after acknowledgements").await;
+
+    // A withdraw takes the receiver's copies and leaves the sender's other device its own.
+    let withdrawal = store.withdraw(alice_phone, MessageId([2; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    assert_queue_lengths(store, &database, "after a withdraw").await;
+
+    // Registering alice anew replaces her devices: their copies go, and so do the messages
+    // queued for her with the copies bob's laptop held of them.
+    let alice_new = DeviceId([7; 16]);
+    store
+        .register_device(Pseudonym([0xA1; 32]), alice_new, [9; 32], 0)
+        .await
+        .expect("register again");
+    assert_queue_lengths(store, &database, "after a new registration").await;
+
+    // Expiry deletes the messages left with every copy of them.
+    store.expire(2_000, 100).await.expect("expire");
+    assert_queue_lengths(store, &database, "after expiry").await;
+
+    // A removed device's copies go with it.
+    let alice = (alice_new, alice_account);
+    store
+        .publish_keys(alice_new, identity(50), vec![key(50)], None, 100)
+        .await
+        .expect("publish");
+    assert_eq!(
+        store
+            .enqueue(
+                message(
+                    alice,
+                    5,
+                    bob_account,
+                    &[(bob_phone, b"7"), (bob_laptop, b"8")]
+                ),
+                10
+            )
+            .await
+            .expect("send"),
+        Stored
+    );
+    assert!(store
+        .remove_device(bob_account, bob_laptop)
+        .await
+        .expect("remove"));
+    assert_queue_lengths(store, &database, "after a device's removal").await;
+
+    // Opting out takes the messages bob sent and their copies on alice's device.
+    let from_bob = to_alice((bob_phone, bob_account), 2, &[(alice_new, b"9")]);
+    assert_eq!(store.enqueue(from_bob, 10).await.expect("send"), Stored);
+    store.delete_account(bob_account).await.expect("opt out");
+    assert_queue_lengths(store, &database, "after an opt-out").await;
+    let alice_queue = store.account(Pseudonym([0xA1; 32])).await.expect("account");
+    assert_eq!(alice_queue.expect("alice").devices, vec![(alice_new, 0)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
