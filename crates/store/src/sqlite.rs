@@ -161,7 +161,7 @@ impl std::fmt::Debug for SqliteOptions {
     }
 }
 
-/// What one operation noted for the sync report.
+/// What a batch's operations noted: for the sync report, and the queue lengths to write.
 #[derive(Default)]
 struct Notes {
     messages: Vec<(DeviceId, MessageId)>,
@@ -195,6 +195,13 @@ impl QueueCounts {
         self.totals.get(&device).copied().unwrap_or(0)
     }
 
+    /// A deleted device's row is gone with its length: a row made again with the same id in
+    /// this batch starts from zero, so the changes noted for the old one must not reach it.
+    fn forget(&mut self, device: DeviceId) {
+        let pending = self.pending(device);
+        self.add(device, -pending);
+    }
+
     /// Takes back every change after the `mark`-th.
     fn undo_to(&mut self, mark: usize) {
         for (device, change) in self.log.drain(mark..) {
@@ -205,6 +212,9 @@ impl QueueCounts {
     /// Adds the batch's changes to `devices.queue_len`, one statement per device whose
     /// length changed.
     fn write(&self, txn: &Transaction<'_>) -> rusqlite::Result<()> {
+        if self.totals.is_empty() {
+            return Ok(());
+        }
         let mut update =
             txn.prepare_cached("UPDATE devices SET queue_len = queue_len + ?2 WHERE id = ?1")?;
         for (device, change) in &self.totals {
@@ -801,7 +811,7 @@ fn ack_in(
 fn delete_copies(
     txn: &Transaction<'_>,
     notes: &mut Notes,
-    condition: &str,
+    condition: &'static str,
     params: impl rusqlite::Params,
 ) -> Result<()> {
     let mut statement = txn.prepare_cached(&format!(
@@ -987,6 +997,9 @@ impl Store for SqliteStore {
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account])?;
             delete_copies(txn, notes, "device_id IN (SELECT id FROM devices WHERE account_id = ?1)", params![account])?;
             txn.prepare_cached("DELETE FROM devices WHERE account_id = ?1")?.execute( params![account])?;
+            for device in &removed {
+                notes.queued.forget(*device);
+            }
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account])?;
             txn.prepare_cached(
                 "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
@@ -1058,6 +1071,7 @@ impl Store for SqliteStore {
             if deleted == 0 {
                 return Ok(false);
             }
+            notes.queued.forget(device);
             for seq in seqs {
                 txn.prepare_cached(
                     "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
@@ -1244,6 +1258,9 @@ impl Store for SqliteStore {
             let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
                 return Err(StoreError::NoSuchAccount);
+            }
+            for device in &devices {
+                notes.queued.forget(*device);
             }
             Ok(devices)
         })

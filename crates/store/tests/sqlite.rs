@@ -756,7 +756,30 @@ async fn queue_lengths_follow_every_write() {
     }
     use Enqueued::{QueueFull, Stored};
     assert_eq!(outcomes, vec![Stored, Stored, QueueFull, Stored]);
+    let last = held
+        .reports
+        .lock()
+        .expect("lock")
+        .last()
+        .map(|r| r.operations);
+    assert_eq!(last, Some(4), "the four sends took one batch");
     assert_queue_lengths(store, &database, "after a batch of sends").await;
+
+    // A send that fails at its second copy takes back the count of its first.
+    database
+        .execute_batch(
+            "CREATE TRIGGER fail_laptop BEFORE INSERT ON copies WHEN NEW.device_id = x'06060606060606060606060606060606'
+             BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .expect("trigger");
+    assert!(
+        store.enqueue(to_bob(9), 10).await.is_err(),
+        "the send failed"
+    );
+    database
+        .execute_batch("DROP TRIGGER fail_laptop")
+        .expect("drop");
+    assert_queue_lengths(store, &database, "after a failed send").await;
 
     // One batch: a copy taken and one stored for the same device, and another taken.
     let release = held.hold().await;
@@ -815,6 +838,21 @@ async fn queue_lengths_follow_every_write() {
         .await
         .expect("remove"));
     assert_queue_lengths(store, &database, "after a device's removal").await;
+
+    // Registering bob anew with the same device id: the device's row, made again, starts with
+    // an empty queue.
+    let queued = store.account(Pseudonym([0xB0; 32])).await.expect("account");
+    assert_eq!(queued.expect("bob").devices, vec![(bob_phone, 1)]);
+    store
+        .register_device(Pseudonym([0xB0; 32]), bob_phone, [8; 32], 0)
+        .await
+        .expect("register again");
+    assert_queue_lengths(
+        store,
+        &database,
+        "after a registration that keeps the device",
+    )
+    .await;
 
     // Opting out takes the messages bob sent and their copies on alice's device.
     let from_bob = to_alice((bob_phone, bob_account), 2, &[(alice_new, b"9")]);
