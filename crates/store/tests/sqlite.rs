@@ -576,7 +576,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
     let dir = temp_dir("undo");
     let held = Held::open(&dir);
     let (store, reports) = (&held.store, &held.reports);
-    let ((alice_device, alice_account), (bob_device, bob_account)) = alice_and_bob(&store).await;
+    let ((alice_device, alice_account), (bob_device, bob_account)) = alice_and_bob(store).await;
     let to_bob = |id: u8| {
         message(
             (alice_device, alice_account),
