@@ -169,8 +169,9 @@ struct Notes {
     /// `devices.queue_len`: added to it once per device before the batch commits, so that a
     /// device whose copy is stored and another acknowledged in the same batch (the relay's
     /// steady state) costs no write at all. Every statement that stores or deletes a copy
-    /// records it here; copies that a deletion of their message or device would take by a
-    /// cascade are deleted and counted before it ([`delete_copies`]).
+    /// records it here; copies that a deletion of their message would take by a cascade are
+    /// deleted and counted before it ([`delete_copies`]). A deleted device's copies go with its
+    /// row, and so do its changes ([`QueueCounts::forget`]).
     queued: QueueCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     batch_failed: bool,
@@ -195,8 +196,9 @@ impl QueueCounts {
         self.totals.get(&device).copied().unwrap_or(0)
     }
 
-    /// A deleted device's row is gone with its length: a row made again with the same id in
-    /// this batch starts from zero, so the changes noted for the old one must not reach it.
+    /// A deleted device's row is gone with its length and its copies (by the cascade): a row
+    /// made again with the same id in this batch starts from zero, so the changes noted for the
+    /// old one must not reach it.
     fn forget(&mut self, device: DeviceId) {
         let pending = self.pending(device);
         self.add(device, -pending);
@@ -806,8 +808,8 @@ fn ack_in(
 }
 
 /// Deletes the copies `condition` selects (an SQL condition on `copies`, with `params`) and
-/// counts them off their devices' queues. Runs before a deletion of messages or devices, whose
-/// cascade would delete their copies without counting them.
+/// counts them off their devices' queues. Runs before a deletion of messages, whose cascade
+/// would delete their copies without counting them.
 fn delete_copies(
     txn: &Transaction<'_>,
     notes: &mut Notes,
@@ -995,7 +997,6 @@ impl Store for SqliteStore {
             // The old devices go with their queues and receipts (cascades); messages queued for
             // this account go too, with the copies their senders' other devices hold.
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account])?;
-            delete_copies(txn, notes, "device_id IN (SELECT id FROM devices WHERE account_id = ?1)", params![account])?;
             txn.prepare_cached("DELETE FROM devices WHERE account_id = ?1")?.execute( params![account])?;
             for device in &removed {
                 notes.queued.forget(*device);
@@ -1057,13 +1058,7 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 seqs
             };
-            // Keys and receipts go with the device (cascades), its copies before it.
-            delete_copies(
-                txn,
-                notes,
-                "device_id = ?1 AND EXISTS (SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2)",
-                params![device.as_bytes(), account.0],
-            )?;
+            // Keys, queued copies and receipts go with the device (cascades).
             let deleted = txn.prepare_cached(
                 "DELETE FROM devices WHERE id = ?1 AND account_id = ?2")?.execute(
                 params![device.as_bytes(), account.0],
@@ -1253,7 +1248,6 @@ impl Store for SqliteStore {
                 params![account.0],
             )?;
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account.0])?;
-            delete_copies(txn, notes, "device_id IN (SELECT id FROM devices WHERE account_id = ?1)", params![account.0])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account.0])?;
             let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
