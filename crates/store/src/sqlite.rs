@@ -47,6 +47,14 @@ use crate::{
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "tidings.sqlite";
 
+/// The tables. Their `REFERENCES` clauses say what refers to what, and `ON DELETE CASCADE` what
+/// goes with a deleted row; SQLite does not enforce them (see [`open_connection`]): the writer
+/// does, in the same transaction. Every insertion first reads what it refers to (a send the
+/// receiver's and the sender's devices, a receipt its device, keys theirs, a device its account),
+/// and every deletion deletes what refers to the rows it deletes (a device's copies, receipts and
+/// keys in [`delete_devices`], a message's copies before it, an account's devices and the
+/// messages queued for it before its row). The store tests check the whole database with
+/// `PRAGMA foreign_key_check` after each kind of write.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
     id INTEGER PRIMARY KEY,
@@ -169,9 +177,8 @@ struct Notes {
     /// `devices.queue_len`: added to it once per device before the batch commits, so that a
     /// device whose copy is stored and another acknowledged in the same batch (the relay's
     /// steady state) costs no write at all. Every statement that stores or deletes a copy
-    /// records it here; copies that a deletion of their message would take by a cascade are
-    /// deleted and counted before it ([`delete_copies`]). A deleted device's copies go with its
-    /// row, and so do its changes ([`QueueCounts::forget`]).
+    /// records it here ([`delete_copies`] before a deletion of messages); a deleted device's
+    /// copies go with its row, and so do its changes ([`QueueCounts::forget`]).
     queued: QueueCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     batch_failed: bool,
@@ -196,7 +203,7 @@ impl QueueCounts {
         self.totals.get(&device).copied().unwrap_or(0)
     }
 
-    /// A deleted device's row is gone with its length and its copies (by the cascade): a row
+    /// A deleted device's row is gone with its length and its copies ([`delete_devices`]): a row
     /// made again with the same id in this batch starts from zero, so the changes noted for the
     /// old one must not reach it.
     fn forget(&mut self, device: DeviceId) {
@@ -296,13 +303,17 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // and synced; at 1,000 relay pairs smaller pages cut the server's CPU per message by about a
     // fifth (docs/BENCHMARKS.md, change 17). Takes effect when the database is created; an
     // existing database keeps the page size it was made with.
+    // Foreign keys are not enforced by SQLite but by the writer (see [`SCHEMA`]): enforcing them
+    // made every insertion look up each row it refers to and every deletion of a message search
+    // for its copies, which the writer has just deleted itself; without, the durable drain ran
+    // about a quarter faster (docs/BENCHMARKS.md, change 20).
     conn.execute_batch(
         "PRAGMA page_size = 1024;
          PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
          PRAGMA temp_store = MEMORY;
-         PRAGMA foreign_keys = ON;",
+         PRAGMA foreign_keys = OFF;",
     )?;
     Ok(conn)
 }
@@ -794,12 +805,7 @@ fn ack_in(
     };
     notes.queued.add(device, -1);
     // The last copy takes the message with it.
-    let message_gone = txn
-        .prepare_cached(
-            "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
-        )?
-        .execute(params![seq])?
-        > 0;
+    let message_gone = delete_if_no_copies(txn, seq)?;
     // The sender's own other devices taking their copies is not a delivery.
     if !to_receiver {
         return Ok(Acked::Confirmed { first: false });
@@ -825,8 +831,8 @@ fn ack_in(
 }
 
 /// Deletes the copies `condition` selects (an SQL condition on `copies`, with `params`) and
-/// counts them off their devices' queues. Runs before a deletion of messages, whose cascade
-/// would delete their copies without counting them.
+/// counts them off their devices' queues. Runs before a deletion of messages, which must not
+/// leave their copies behind (see [`SCHEMA`]).
 fn delete_copies(
     txn: &Transaction<'_>,
     notes: &mut Notes,
@@ -839,6 +845,45 @@ fn delete_copies(
     let mut rows = statement.query(params)?;
     while let Some(row) = rows.next()? {
         notes.queued.add(device_id(row.get(0)?)?, -1);
+    }
+    Ok(())
+}
+
+/// Deletes a message once no copy of it is left; true if it did.
+fn delete_if_no_copies(txn: &Transaction<'_>, seq: i64) -> Result<bool> {
+    let deleted = txn
+        .prepare_cached(
+            "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+        )?
+        .execute(params![seq])?;
+    Ok(deleted > 0)
+}
+
+/// Deletes devices with everything that refers to them: their queued copies (and each message
+/// left with no copy), their receipts and their keys. The schema's cascades, done by the writer
+/// (see [`SCHEMA`]). The devices' queue-length changes noted in the batch go with their rows, so
+/// that a device made again with the same id starts from zero.
+fn delete_devices(txn: &Transaction<'_>, notes: &mut Notes, devices: &[DeviceId]) -> Result<()> {
+    for device in devices {
+        let id = device.as_bytes();
+        let seqs = {
+            let mut statement =
+                txn.prepare_cached("DELETE FROM copies WHERE device_id = ?1 RETURNING seq")?;
+            let seqs = statement
+                .query_map(params![id], |row| row.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            seqs
+        };
+        for seq in seqs {
+            delete_if_no_copies(txn, seq)?;
+        }
+        txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1")?
+            .execute(params![id])?;
+        txn.prepare_cached("DELETE FROM one_time_keys WHERE device_id = ?1")?
+            .execute(params![id])?;
+        txn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
+            .execute(params![id])?;
+        notes.queued.forget(*device);
     }
     Ok(())
 }
@@ -1011,14 +1056,11 @@ impl Store for SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 removed
             };
-            // The old devices go with their queues and receipts (cascades); messages queued for
-            // this account go too, with the copies their senders' other devices hold.
+            // Messages queued for this account go, with the copies their senders' other devices
+            // hold; then the old devices, with their queues, receipts and keys.
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account])?;
-            txn.prepare_cached("DELETE FROM devices WHERE account_id = ?1")?.execute( params![account])?;
-            for device in &removed {
-                notes.queued.forget(*device);
-            }
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account])?;
+            delete_devices(txn, notes, &removed)?;
             txn.prepare_cached(
                 "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
                 params![device.as_bytes(), account, &public_key[..], sql_millis(now)],
@@ -1068,28 +1110,16 @@ impl Store for SqliteStore {
 
     async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
         self.write(Undo::Operation, move |txn, notes| {
-            let seqs = {
-                let mut statement = txn.prepare_cached("SELECT seq FROM copies WHERE device_id = ?1")?;
-                let seqs = statement
-                    .query_map(params![device.as_bytes()], |row| row.get::<_, i64>(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                seqs
-            };
-            // Keys, queued copies and receipts go with the device (cascades).
-            let deleted = txn.prepare_cached(
-                "DELETE FROM devices WHERE id = ?1 AND account_id = ?2")?.execute(
-                params![device.as_bytes(), account.0],
-            )?;
-            if deleted == 0 {
+            let theirs = txn
+                .prepare_cached("SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2")?
+                .query_row(params![device.as_bytes(), account.0], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if !theirs {
                 return Ok(false);
             }
-            notes.queued.forget(device);
-            for seq in seqs {
-                txn.prepare_cached(
-                    "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
-                    params![seq],
-                )?;
-            }
+            // Keys, queued copies and receipts go with the device.
+            delete_devices(txn, notes, &[device])?;
             Ok(true)
         })
         .await
@@ -1266,12 +1296,10 @@ impl Store for SqliteStore {
             )?;
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account.0])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account.0])?;
+            delete_devices(txn, notes, &devices)?;
             let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
                 return Err(StoreError::NoSuchAccount);
-            }
-            for device in &devices {
-                notes.queued.forget(*device);
             }
             Ok(devices)
         })
@@ -1497,10 +1525,7 @@ impl Store for SqliteStore {
                     // the id, never the receiver, and lives until the TTL would have ended: an
                     // acknowledgement racing the withdraw is told not to show it.
                     delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
-                    txn.prepare_cached(
-                        "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)")?.execute(
-                        params![seq],
-                    )?;
+                    delete_if_no_copies(txn, seq)?;
                     txn.prepare_cached(
                         "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)")?.execute(
                         params![sender_device.as_bytes(), id.as_bytes(), expires_at],

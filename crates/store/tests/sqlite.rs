@@ -333,10 +333,15 @@ async fn queue_ack_receipt_and_residue() {
         .await
         .expect("again"));
     assert!(store.device(linked).await.expect("read").is_none());
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("second connection");
+    assert_references_hold(&database, "after a device's removal");
 
     // Disable bob: nothing with his pseudonym remains after a scrub.
     store.delete_account(bob_account).await.expect("delete");
     assert!(store.account(bob).await.expect("read").is_none());
+    assert_references_hold(&database, "after an opt-out");
+    drop(database);
     store.scrub().await.expect("scrub");
     assert!(!files_contain(&dir, secret), "payload left in data files");
     assert!(!files_contain(&dir, &bob.0), "pseudonym left in data files");
@@ -701,6 +706,33 @@ async fn assert_queue_lengths(store: &SqliteStore, database: &rusqlite::Connecti
         .query_row("SELECT count(*) FROM copies", [], |row| row.get(0))
         .expect("count");
     assert_eq!(all, listed, "copies of devices no account lists {when}");
+    assert_references_hold(database, when);
+}
+
+/// SQLite does not enforce the schema's references; the writer does (every deletion deletes what
+/// refers to what it deletes). So no row may refer to one that is gone, and no message may be
+/// left without a copy.
+fn assert_references_hold(database: &rusqlite::Connection, when: &str) {
+    let mut check = database
+        .prepare("PRAGMA foreign_key_check")
+        .expect("foreign key check");
+    let dangling: Vec<(String, String)> = check
+        .query_map([], |row| Ok((row.get(0)?, row.get(2)?)))
+        .expect("check")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows");
+    assert!(
+        dangling.is_empty(),
+        "rows referring to deleted ones {when}: {dangling:?}"
+    );
+    let bare: u32 = database
+        .query_row(
+            "SELECT count(*) FROM messages WHERE NOT EXISTS (SELECT 1 FROM copies WHERE copies.seq = messages.seq)",
+            [],
+            |row| row.get(0),
+        )
+        .expect("count");
+    assert_eq!(bare, 0, "messages without a copy {when}");
 }
 
 /// The queue length that the queue limit and lookups read stays the number of copies each device
