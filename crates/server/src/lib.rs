@@ -155,7 +155,10 @@ impl Server {
         let store = SqliteStore::open(
             &config.data_dir,
             SqliteOptions {
-                max_batch: 1024,
+                // As many as the writer's queue holds: under load a batch's one sync is shared
+                // by more writes (at 1,024 the relay's peaks were 14-17 % lower, the durable
+                // store's 21 %; docs/BENCHMARKS.md, change 21).
+                max_batch: tidings_store::sqlite::WRITER_QUEUE,
                 sync_observer: Some(sync_observer(
                     Arc::clone(&metrics),
                     config.sync_trace.clone(),

@@ -47,6 +47,10 @@ use crate::{
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "tidings.sqlite";
 
+/// Writes waiting for the writer at most; past this, handing one over waits. Each holds its
+/// operation's data (a send's copies, up to 64 KiB), so this bounds the memory they take.
+pub const WRITER_QUEUE: usize = 4096;
+
 /// The tables. Their `REFERENCES` clauses say what refers to what, and `ON DELETE CASCADE` what
 /// goes with a deleted row; SQLite does not enforce them (see [`open_connection`]): the writer
 /// does, in the same transaction. Every insertion first reads what it refers to (a send the
@@ -418,7 +422,7 @@ impl SqliteStore {
         let conn = open_writer(&path)?;
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn)?;
-        let (writer, jobs) = mpsc::channel(4096);
+        let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name("tidings-store-writer".into())
