@@ -307,6 +307,7 @@ fn open_connection(path: &Path) -> Result<Connection> {
     // and synced; at 1,000 relay pairs smaller pages cut the server's CPU per message by about a
     // fifth (docs/BENCHMARKS.md, change 17). Takes effect when the database is created; an
     // existing database keeps the page size it was made with.
+    //
     // Foreign keys are not enforced by SQLite but by the writer (see [`SCHEMA`]): enforcing them
     // made every insertion look up each row it refers to and every deletion of a message search
     // for its copies, which the writer has just deleted itself; without, the durable drain ran
