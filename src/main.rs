@@ -281,14 +281,30 @@ fn init_logging(filter: Option<&str>, default: &str) {
         .init();
 }
 
+/// The server's runtime threads: one fewer than the cores (at least one), because the store's
+/// writer is a thread of its own that a busy server keeps running. With one runtime thread per
+/// core the two kinds took turns on the same cores: on two cores, one runtime thread served the
+/// relay with 9-11 % less CPU per message (docs/BENCHMARKS.md, change 22). `None` when
+/// `TOKIO_WORKER_THREADS` is set: tokio then takes that count.
+fn server_worker_threads() -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Some(cores.saturating_sub(1).max(1))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_server = matches!(cli.command, Command::Server(_));
     init_logging(cli.log.as_deref(), if is_server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if is_server {
+        if let Some(threads) = server_worker_threads() {
+            builder.worker_threads(threads);
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -182,6 +182,21 @@ fn metrics_count_events_without_identifiers() {
     );
 }
 
+/// The store's writer has a thread of its own, busy under load: the server runs its connections
+/// on one thread fewer than the cores (at least one), or on what `TOKIO_WORKER_THREADS` says.
+#[test]
+fn the_server_leaves_a_core_to_its_storage_writer() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/metrics");
+    assert_eq!(status, 200);
+    let expected = format!(
+        "tidings_runtime_worker_threads {}",
+        cores.saturating_sub(1).max(1)
+    );
+    assert!(body.contains(&expected), "missing {expected} in\n{body}");
+}
+
 #[test]
 fn openapi_document_matches_the_routes() {
     let server = Server::start(&[]);

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub connections: Counter,
     pub sessions_active: Gauge,
+    /// The async runtime's worker threads (the store's writer runs on a thread of its own).
+    pub runtime_workers: Gauge,
     pub sends: Family<Outcome, Counter>,
     pub deliveries: Counter,
     pub acks: Family<Outcome, Counter>,
@@ -38,13 +40,14 @@ impl Metrics {
         let metrics = Self {
             connections: Counter::default(),
             sessions_active: Gauge::default(),
+            runtime_workers: Gauge::default(),
             sends: Family::default(),
             deliveries: Counter::default(),
             acks: Family::default(),
             lookups: Counter::default(),
             registrations: Family::default(),
             syncs: Counter::default(),
-            sync_batch: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            sync_batch: Histogram::new((0..=12).map(|power| f64::from(1u32 << power))),
             expired: Counter::default(),
             withdrawals: Family::default(),
             registry: Registry::default(),
@@ -58,6 +61,15 @@ impl Metrics {
             "sessions_active",
             "Logged-in sessions now",
             metrics.sessions_active.clone(),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let workers = i64::try_from(runtime.metrics().num_workers()).unwrap_or(i64::MAX);
+            metrics.runtime_workers.set(workers);
+        }
+        registry.register(
+            "runtime_worker_threads",
+            "Threads of the async runtime",
+            metrics.runtime_workers.clone(),
         );
         registry.register("sends", "Sends by outcome", metrics.sends.clone());
         registry.register(
