@@ -144,6 +144,12 @@ impl Server {
         }
         let keys = keys::ServerKeys::load_or_create(&config.key_file)?;
         let metrics = Arc::new(Metrics::new());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let workers = runtime.metrics().num_workers();
+            metrics
+                .runtime_workers
+                .set(i64::try_from(workers).unwrap_or(i64::MAX));
+        }
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;

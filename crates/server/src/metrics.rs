@@ -20,7 +20,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub connections: Counter,
     pub sessions_active: Gauge,
-    /// The async runtime's worker threads (the store's writer runs on a thread of its own).
+    /// The async runtime's worker threads (the store's writer runs on a thread of its own); set
+    /// by the server when it starts on its runtime.
     pub runtime_workers: Gauge,
     pub sends: Family<Outcome, Counter>,
     pub deliveries: Counter,
@@ -62,10 +63,6 @@ impl Metrics {
             "Logged-in sessions now",
             metrics.sessions_active.clone(),
         );
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let workers = i64::try_from(runtime.metrics().num_workers()).unwrap_or(i64::MAX);
-            metrics.runtime_workers.set(workers);
-        }
         registry.register(
             "runtime_worker_threads",
             "Threads of the async runtime",
