@@ -33,12 +33,9 @@ impl Default for Retention {
 pub enum Receiver {
     /// No account has this number.
     NotAUser,
-    /// An account: how many of its devices hold a live listening session, and whether any of its
-    /// devices' queues is full.
-    User {
-        devices_online: usize,
-        queue_full: bool,
-    },
+    /// An account, and how many of its devices hold a live listening session. Whether a queue is
+    /// full is decided by the write that stores the message, in the same transaction.
+    User { devices_online: usize },
 }
 
 /// What to do with a send.
@@ -62,12 +59,9 @@ pub fn decide(
     receiver: Receiver,
     now: Millis,
 ) -> Decision {
-    let (devices_online, queue_full) = match receiver {
+    let devices_online = match receiver {
         Receiver::NotAUser => return Decision::Refuse(SendOutcome::NotAUser),
-        Receiver::User {
-            devices_online,
-            queue_full,
-        } => (devices_online, queue_full),
+        Receiver::User { devices_online } => devices_online,
     };
     let ttl = match mode {
         SendMode::NowOrNever if devices_online == 0 => {
@@ -77,10 +71,6 @@ pub fn decide(
         SendMode::Queue if ttl_seconds == 0 => retention.default_ttl,
         SendMode::Queue => (Millis::from(ttl_seconds) * SECOND).min(retention.max_ttl),
     };
-    // A full queue refuses the new message; it never makes room by dropping an old one.
-    if queue_full {
-        return Decision::Refuse(SendOutcome::RefusedQueueFull);
-    }
     let outcome = if devices_online > 0 {
         SendOutcome::Accepted
     } else {
@@ -98,10 +88,7 @@ mod tests {
     use SendMode::{NowOrNever, Queue};
 
     fn user(devices_online: usize) -> Receiver {
-        Receiver::User {
-            devices_online,
-            queue_full: false,
-        }
+        Receiver::User { devices_online }
     }
 
     #[test]
@@ -168,15 +155,6 @@ mod tests {
                 outcome: SendOutcome::Queued,
                 expires_at: now + 30 * DAY,
             },
-        );
-        check(
-            Queue,
-            0,
-            Receiver::User {
-                devices_online: 1,
-                queue_full: true,
-            },
-            Decision::Refuse(SendOutcome::RefusedQueueFull),
         );
     }
 }

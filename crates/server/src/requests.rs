@@ -273,20 +273,17 @@ async fn decide_and_enqueue(
             )
         }
     };
-    let account = match state.store.account(pseudonym).await {
-        Ok(account) => account,
+    let route = match state.store.route(pseudonym).await {
+        Ok(route) => route,
         Err(e) => {
             tracing::warn!(error = %e, "storage read failed during a send");
             return answer(SendOutcome::Unavailable, "storage unavailable: try again");
         }
     };
-    let receiver = match &account {
+    let receiver = match &route {
         None => Receiver::NotAUser,
-        Some(account) => Receiver::User {
-            devices_online: state
-                .hub
-                .count_online(account.devices.iter().map(|(device, _)| device)),
-            queue_full: account.devices.iter().any(|(_, len)| *len >= QUEUE_LIMIT),
+        Some(route) => Receiver::User {
+            devices_online: state.hub.count_online(&route.devices),
         },
     };
     let (outcome, expires_at) =
@@ -297,14 +294,14 @@ async fn decide_and_enqueue(
                 expires_at,
             } => (outcome, expires_at),
         };
-    let Some(account) = account else {
+    let Some(route) = route else {
         return answer(SendOutcome::NotAUser, "");
     };
     let message = NewMessage {
         sender_device: identity.device,
         sender_account: identity.account,
         id,
-        receiver: account.account,
+        receiver: route.account,
         sent_at: now,
         expires_at,
         copies: copies.clone(),

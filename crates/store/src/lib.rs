@@ -54,6 +54,14 @@ pub struct AccountDevices {
     pub devices: Vec<(DeviceId, u32)>,
 }
 
+/// An account's devices, as a send routes on them: no queue lengths (the write that stores a
+/// message checks those), so that an engine can answer from memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub account: AccountId,
+    pub devices: Vec<DeviceId>,
+}
+
 /// The result of binding a device to a number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -332,6 +340,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         pseudonym: Pseudonym,
     ) -> impl Future<Output = Result<Option<AccountDevices>>> + Send;
+
+    /// The account behind a pseudonym and its devices, as a send needs them. Engines may answer
+    /// from memory; an answer never lags a device change that has been answered.
+    fn route(&self, pseudonym: Pseudonym) -> impl Future<Output = Result<Option<Route>>> + Send;
 
     /// [`Store::account`] for many pseudonyms in one read, answers in the same order.
     fn accounts(

@@ -40,8 +40,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use crate::{
     AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Device, DeviceDifference,
     Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, Registered, Result, SignedKey, Staged, Store, StoreError,
-    Submitted, SyncReport, Voucher,
+    PendingReceipt, Pseudonym, Published, Registered, Result, Route, SignedKey, Staged, Store,
+    StoreError, Submitted, SyncReport, Voucher,
 };
 
 /// The database file inside the data directory.
@@ -186,6 +186,9 @@ struct Notes {
     queued: QueueCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     batch_failed: bool,
+    /// Devices were added or deleted: the routes held in memory are dropped once the batch has
+    /// committed, before any of its operations is answered.
+    devices_changed: bool,
 }
 
 /// A batch's changes to queue lengths: the total per device, and the log of each change so that
@@ -281,6 +284,62 @@ thread_local! {
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
     readers: Arc<ReaderPool>,
+    routes: Arc<RouteCache>,
+}
+
+/// Routes held in memory at most; past this the cache starts again from empty.
+pub const ROUTE_CACHE_ENTRIES: usize = 65_536;
+
+/// The routes of accounts that sends went to, so that a send reads no table: device ids only,
+/// which change only when a device is added or deleted. The writer drops every route once a
+/// batch that changed devices has committed, before it answers the batch. A route read from the
+/// database is kept only if no such batch committed since the read began: a read that began
+/// before a change and ended after it could otherwise keep the old devices.
+#[derive(Default)]
+struct RouteCache {
+    inner: Mutex<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    /// Counts the times the routes were dropped.
+    generation: u64,
+    routes: HashMap<Pseudonym, Route>,
+}
+
+impl RouteCache {
+    /// The route held for a pseudonym, and the generation to insert a route read now under.
+    fn get(&self, pseudonym: &Pseudonym) -> (u64, Option<Route>) {
+        match self.inner.lock() {
+            Ok(inner) => (inner.generation, inner.routes.get(pseudonym).cloned()),
+            Err(_) => (u64::MAX, None),
+        }
+    }
+
+    /// Keeps a route read from the database, unless devices changed since `generation`.
+    fn insert(&self, generation: u64, pseudonym: Pseudonym, route: Route) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if inner.generation != generation {
+            return;
+        }
+        if inner.routes.len() >= ROUTE_CACHE_ENTRIES {
+            inner.routes.clear();
+        }
+        inner.routes.insert(pseudonym, route);
+    }
+
+    /// Drops every route (devices were added or deleted).
+    fn invalidate(&self) {
+        // A poisoned lock still holds the map: clear it all the same.
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.generation = inner.generation.wrapping_add(1);
+        inner.routes.clear();
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -424,13 +483,18 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn)?;
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
+        let routes = Arc::new(RouteCache::default());
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name("tidings-store-writer".into())
-            .spawn(move || run_writer(conn, jobs, max_batch, options.sync_observer))
+            .spawn({
+                let routes = Arc::clone(&routes);
+                move || run_writer(conn, jobs, max_batch, options.sync_observer, &routes)
+            })
             .map_err(|e| StoreError::Engine(e.to_string()))?;
         Ok(Self {
             writer,
+            routes,
             readers: Arc::new(ReaderPool {
                 store: STORES.fetch_add(1, Ordering::Relaxed),
                 path,
@@ -619,6 +683,7 @@ fn run_writer(
     mut jobs: mpsc::Receiver<Job>,
     max_batch: usize,
     observer: Option<SyncObserver>,
+    routes: &RouteCache,
 ) {
     let mut seq = 0u64;
     // The connection's `synchronous` setting: FULL as opened, NORMAL after a lazy batch.
@@ -652,6 +717,7 @@ fn run_writer(
                 all_lazy,
                 &mut lazy_mode,
                 observer.as_ref(),
+                routes,
             );
         }
         if !scrubs.is_empty() {
@@ -686,6 +752,7 @@ fn commit_batch(
     lazy: bool,
     lazy_mode: &mut bool,
     observer: Option<&SyncObserver>,
+    routes: &RouteCache,
 ) {
     // Lazy batches commit without a sync; the next synced commit syncs their frames too. The
     // setting is changed only when the kind of batch changes.
@@ -755,6 +822,10 @@ fn commit_batch(
         }
     } else {
         tracing::error!("storage commit failed; {operations} operations answered with an error");
+    }
+    // Dropped whether or not the batch committed: a route read later reads the outcome.
+    if notes.devices_changed {
+        routes.invalidate();
     }
     for complete in completions {
         complete(match &committed {
@@ -889,6 +960,7 @@ fn delete_devices(txn: &Transaction<'_>, notes: &mut Notes, devices: &[DeviceId]
         txn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
             .execute(params![id])?;
         notes.queued.forget(*device);
+        notes.devices_changed = true;
     }
     Ok(())
 }
@@ -1016,6 +1088,23 @@ impl Store for SqliteStore {
         self.read_here(|conn| account_in(conn, pseudonym))
     }
 
+    async fn route(&self, pseudonym: Pseudonym) -> Result<Option<Route>> {
+        let (generation, held) = self.routes.get(&pseudonym);
+        if held.is_some() {
+            return Ok(held);
+        }
+        // Not a user is not held: the number may register at any moment.
+        let Some(account) = self.read_here(|conn| account_in(conn, pseudonym))? else {
+            return Ok(None);
+        };
+        let route = Route {
+            account: account.account,
+            devices: account.devices.into_iter().map(|(id, _)| id).collect(),
+        };
+        self.routes.insert(generation, pseudonym, route.clone());
+        Ok(Some(route))
+    }
+
     async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
         self.read(move |conn| {
             pseudonyms
@@ -1066,6 +1155,7 @@ impl Store for SqliteStore {
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account])?;
             delete_devices(txn, notes, &removed)?;
+            notes.devices_changed = true;
             txn.prepare_cached(
                 "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)")?.execute(
                 params![device.as_bytes(), account, &public_key[..], sql_millis(now)],
@@ -1084,7 +1174,7 @@ impl Store for SqliteStore {
         max_devices: usize,
         now: Millis,
     ) -> Result<Linked> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
             let count: i64 = txn.prepare_cached(
                 "SELECT COUNT(*) FROM devices WHERE account_id = ?1")?.query_row(
                 params![account.0],
@@ -1096,6 +1186,7 @@ impl Store for SqliteStore {
             if usize::try_from(count).unwrap_or(usize::MAX) >= max_devices {
                 return Ok(Linked::TooManyDevices);
             }
+            notes.devices_changed = true;
             txn.prepare_cached(
                 "INSERT INTO devices (id, account_id, public_key, created_at, identity_key, signing_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(
@@ -1302,6 +1393,7 @@ impl Store for SqliteStore {
             delete_copies(txn, notes, "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)", params![account.0])?;
             txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?.execute( params![account.0])?;
             delete_devices(txn, notes, &devices)?;
+            notes.devices_changed = true;
             let deleted = txn.prepare_cached("DELETE FROM accounts WHERE id = ?1")?.execute( params![account.0])?;
             if deleted == 0 {
                 return Err(StoreError::NoSuchAccount);

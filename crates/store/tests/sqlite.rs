@@ -895,3 +895,67 @@ async fn queue_lengths_follow_every_write() {
     assert_eq!(alice_queue.expect("alice").devices, vec![(alice_new, 0)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A send routes on `route`, which the engine answers from memory: after every kind of device
+/// change it must name exactly the devices the database holds, although each check before the
+/// change had put the old route in memory.
+#[tokio::test]
+async fn routes_follow_every_device_change() {
+    let dir = temp_dir("routes");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let pseudonym = Pseudonym([0xC3; 32]);
+    let check = |when: &'static str, expected: Vec<DeviceId>| {
+        let store = store.clone();
+        async move {
+            // Twice: the first read may come from the database, the second from memory.
+            for _ in 0..2 {
+                let mut devices = store
+                    .route(pseudonym)
+                    .await
+                    .expect("route")
+                    .map(|route| route.devices)
+                    .unwrap_or_default();
+                devices.sort_by_key(|d| d.0);
+                assert_eq!(devices, expected, "{when}");
+            }
+        }
+    };
+    check("before registration", vec![]).await;
+    let (phone, laptop, tablet) = (DeviceId([1; 16]), DeviceId([2; 16]), DeviceId([3; 16]));
+    let account = store
+        .register_device(pseudonym, phone, [9; 32], 0)
+        .await
+        .expect("register")
+        .account;
+    check("registered", vec![phone]).await;
+    let linked = store
+        .add_device(account, laptop, [6; 32], identity(40), 6, 0)
+        .await
+        .expect("link");
+    assert_eq!(linked, Linked::Added);
+    check("linked", vec![phone, laptop]).await;
+    assert!(store.remove_device(account, phone).await.expect("remove"));
+    check("removed", vec![laptop]).await;
+    let replaced = store
+        .register_device(pseudonym, tablet, [5; 32], 0)
+        .await
+        .expect("register again");
+    assert_eq!(replaced.removed, vec![laptop]);
+    check("registered again", vec![tablet]).await;
+    store
+        .delete_account(replaced.account)
+        .await
+        .expect("opt out");
+    check("opted out", vec![]).await;
+    assert_eq!(
+        store.route(pseudonym).await.expect("route"),
+        None,
+        "an opted-out number routes like a non-user"
+    );
+    store
+        .register_device(pseudonym, phone, [9; 32], 0)
+        .await
+        .expect("register after opting out");
+    check("registered after opting out", vec![phone]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
