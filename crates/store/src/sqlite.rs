@@ -308,19 +308,23 @@ struct Routes {
 }
 
 impl RouteCache {
+    /// The routes. Every change to them is one map operation, so a panic elsewhere while the
+    /// lock was held leaves them whole: a poisoned lock is taken as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The route held for a pseudonym, and the generation to insert a route read now under.
     fn get(&self, pseudonym: &Pseudonym) -> (u64, Option<Route>) {
-        match self.inner.lock() {
-            Ok(inner) => (inner.generation, inner.routes.get(pseudonym).cloned()),
-            Err(_) => (u64::MAX, None),
-        }
+        let inner = self.lock();
+        (inner.generation, inner.routes.get(pseudonym).cloned())
     }
 
     /// Keeps a route read from the database, unless devices changed since `generation`.
     fn insert(&self, generation: u64, pseudonym: Pseudonym, route: Route) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
+        let mut inner = self.lock();
         if inner.generation != generation {
             return;
         }
@@ -332,11 +336,7 @@ impl RouteCache {
 
     /// Drops every route (devices were added or deleted).
     fn invalidate(&self) {
-        // A poisoned lock still holds the map: clear it all the same.
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self.lock();
         inner.generation = inner.generation.wrapping_add(1);
         inner.routes.clear();
     }
