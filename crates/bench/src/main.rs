@@ -1,8 +1,8 @@
 //! `tidings-bench` is the instrument that measures Tidings beside Mosquitto, ejabberd and
 //! nats-server on the same workload in the same run: it starts each server on loopback with a
-//! configuration of its own (`bench/`), drives it through worker processes (this binary,
-//! re-executed as `tidings-bench worker`) that speak each server's real client protocol, measures
-//! the server's CPU and memory from `/proc`, stops it by its process id, and writes
+//! configuration of its own (`crates/bench/peers/`), drives it through worker processes (this
+//! binary, re-executed as `tidings-bench worker`) that speak each server's real client protocol,
+//! measures the server's CPU and memory from `/proc`, stops it by its process id, and writes
 //! `results.json`, `results.md` (with Tidings/peer ratios) and `latency.svg`. It must never take a
 //! path into Tidings that a real client could not take (no benchmark-only protocol, no shortcut
 //! around login, storage or rate limits), never use or stop the system's own services or their
@@ -37,7 +37,7 @@ use crate::wire::{Phase, Target};
     long_about = "Measures Tidings beside Mosquitto, ejabberd and nats-server on the same workload, in the same run.\n\n\
         Full run (about 45 minutes here): tidings-bench run --out docs/bench\n\
         CI smoke run (under 3 minutes):   tidings-bench run --smoke --out target/bench-smoke\n\n\
-        Install the peers first with bench/install-peers.sh; build the server with\n\
+        Install the peers first with crates/bench/install-peers.sh; build the server with\n\
         `cargo build --release -p tidings` (the harness looks for it next to itself)."
 )]
 struct Cli {
