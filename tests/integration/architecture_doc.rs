@@ -43,7 +43,9 @@ struct Workspace {
 }
 
 /// The item keywords whose next identifier is a definition (rule 4).
-const ITEM_KEYWORDS: [&str; 9] = ["fn", "struct", "enum", "trait", "type", "const", "static", "mod", "union"];
+const ITEM_KEYWORDS: [&str; 9] = [
+    "fn", "struct", "enum", "trait", "type", "const", "static", "mod", "union",
+];
 /// Of those, the ones that define a type or a module (an earlier segment may name them).
 const CONTAINER_KEYWORDS: [&str; 6] = ["struct", "enum", "trait", "type", "mod", "union"];
 /// Words that may stand before an item keyword.
@@ -52,7 +54,10 @@ const QUALIFIERS: [&str; 6] = ["async", "unsafe", "extern", "\"C\"", "default", 
 impl Workspace {
     /// Reads every `.rs` file under `crates/`, `src/` and `tests/`, and every package's name.
     fn index(root: &Path) -> Workspace {
-        let mut workspace = Workspace { root: root.to_path_buf(), ..Workspace::default() };
+        let mut workspace = Workspace {
+            root: root.to_path_buf(),
+            ..Workspace::default()
+        };
         let mut manifests = vec![root.join("Cargo.toml")];
         let crates = std::fs::read_dir(root.join("crates")).expect("crates/ is readable");
         for entry in crates {
@@ -80,7 +85,11 @@ impl Workspace {
     /// The package's name (its first `name = "..."` line), with `-` read as `_`.
     fn add_package(&mut self, manifest: &str) {
         let name = manifest.lines().find_map(|line| {
-            let value = line.trim().strip_prefix("name")?.trim_start().strip_prefix('=')?;
+            let value = line
+                .trim()
+                .strip_prefix("name")?
+                .trim_start()
+                .strip_prefix('=')?;
             Some(value.trim().trim_matches('"').replace('-', "_"))
         });
         if let Some(name) = name {
@@ -91,7 +100,9 @@ impl Workspace {
 
     /// A file is a module of its own name, and so is each folder it sits in below the root.
     fn add_module_names(&mut self, file: &Path) {
-        let relative = file.strip_prefix(&self.root).expect("a file under the root");
+        let relative = file
+            .strip_prefix(&self.root)
+            .expect("a file under the root");
         for component in relative.components() {
             let name = component.as_os_str().to_string_lossy();
             let name = name.strip_suffix(".rs").unwrap_or(&name);
@@ -109,29 +120,26 @@ impl Workspace {
             return;
         }
         let text = strip_visibility(text);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let mut index = 0;
-        while words.get(index).is_some_and(|word| QUALIFIERS.contains(word)) {
-            index += 1;
-        }
-        if let Some(keyword) = words.get(index).map(|word| identifier_prefix(word)) {
-            if ITEM_KEYWORDS.contains(&keyword) {
-                // `const fn name`, `static mut NAME`: the name is after the last keyword.
-                let mut next = index + 1;
-                while words.get(next).is_some_and(|w| w == &"fn" || w == &"mut") {
-                    next += 1;
-                }
-                let keyword = if next > index + 1 { words[next - 1] } else { keyword };
-                if let Some(name) = words.get(next).map(|word| identifier_prefix(word)) {
-                    if !name.is_empty() {
-                        self.defined.insert(name.to_string());
-                        if CONTAINER_KEYWORDS.contains(&keyword) {
-                            self.containers.insert(name.to_string());
-                        }
-                    }
-                }
-                return;
+        // Item keywords and qualifiers in any order (`const fn`, `static mut`, `pub async fn`),
+        // then the name, after the last keyword.
+        let mut keyword = None;
+        let mut words = text.split_whitespace();
+        let next = loop {
+            match words.next() {
+                Some(word) if ITEM_KEYWORDS.contains(&word) => keyword = Some(word),
+                Some(word) if QUALIFIERS.contains(&word) => {}
+                next => break next,
             }
+        };
+        if let (Some(keyword), Some(next)) = (keyword, next) {
+            let name = identifier_prefix(next);
+            if !name.is_empty() {
+                self.defined.insert(name.to_string());
+                if CONTAINER_KEYWORDS.contains(&keyword) {
+                    self.containers.insert(name.to_string());
+                }
+            }
+            return;
         }
         let name = identifier_prefix(text);
         if name.is_empty() {
@@ -150,10 +158,15 @@ impl Workspace {
 
 /// Every `.rs` file below `dir`, leaving out build output (`target`) and hidden folders.
 fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries {
         let path = entry.expect("a directory entry").path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if path.is_dir() {
             if name != "target" && !name.starts_with('.') {
                 rust_files(&path, files);
@@ -166,9 +179,13 @@ fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
 
 /// `pub`, `pub(crate)`, `pub(super)`, `pub(in path)` taken off the front.
 fn strip_visibility(text: &str) -> &str {
-    let Some(rest) = text.strip_prefix("pub") else { return text };
+    let Some(rest) = text.strip_prefix("pub") else {
+        return text;
+    };
     if let Some(inside) = rest.strip_prefix('(') {
-        return inside.split_once(')').map_or(text, |(_, after)| after.trim_start());
+        return inside
+            .split_once(')')
+            .map_or(text, |(_, after)| after.trim_start());
     }
     if rest.starts_with(char::is_whitespace) {
         rest.trim_start()
@@ -186,7 +203,9 @@ fn identifier_prefix(text: &str) -> &str {
     if !text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
         return "";
     }
-    let end = text.find(|c: char| !is_identifier_char(c)).unwrap_or(text.len());
+    let end = text
+        .find(|c: char| !is_identifier_char(c))
+        .unwrap_or(text.len());
     &text[..end]
 }
 
@@ -228,7 +247,11 @@ fn check(document: &str, workspace: &Workspace) -> Vec<Problem> {
     let mut in_fence = false;
     for (number, line) in document.lines().enumerate() {
         let mut report = |span: &str, why: String| {
-            problems.push(Problem { line: number + 1, span: span.to_string(), why });
+            problems.push(Problem {
+                line: number + 1,
+                span: span.to_string(),
+                why,
+            });
         };
         if line.trim_start().starts_with("```") {
             in_fence = !in_fence;
@@ -238,7 +261,10 @@ fn check(document: &str, workspace: &Workspace) -> Vec<Problem> {
             continue;
         }
         if line.matches('`').count() % 2 == 1 {
-            report(line.trim(), "an odd number of backticks: a span must close on its line".into());
+            report(
+                line.trim(),
+                "an odd number of backticks: a span must close on its line".into(),
+            );
             continue;
         }
         for span in line.split('`').skip(1).step_by(2) {
@@ -317,7 +343,10 @@ fn the_checker_accepts_what_exists_and_lists_what_does_not() {
         ("`NoSuchThing` and `no_such_function`", &["NoSuchThing", "no_such_function"]),
     ];
     for (document, expected) in cases {
-        let reported: Vec<String> = check(document, &workspace).into_iter().map(|p| p.span).collect();
+        let reported: Vec<String> = check(document, &workspace)
+            .into_iter()
+            .map(|p| p.span)
+            .collect();
         assert_eq!(&reported, expected, "for the document {document:?}");
     }
 }
