@@ -9,6 +9,24 @@
 //! default ports, never listen or connect beyond loopback, never run a loop without a bound in
 //! count and time, and never be run as a timed test: speed is measured here, by one command, and
 //! quoted as ratios from the same run.
+//!
+//! # Layout
+//! - `coord`: the harness side: prepares, starts and stops each target, runs each phase through
+//!   worker processes and measures the server;
+//! - `worker`: a load-generator worker (`tidings-bench worker`), one thread, driven over stdin;
+//! - `drivers`: one client driver per target, each speaking the target's real protocol;
+//! - `common`: what every driver shares (identities, message tags, sockets, TLS, counters);
+//! - `wire`: what the harness and its workers say to each other, one JSON object per line;
+//! - `servers`: the systems under test, started on loopback from the templates in `peers/`;
+//! - `sys`: the operating system as the harness sees it (`/proc`, stopping a process, backlogs);
+//! - `results`: what a run measured, as written to `results.json`;
+//! - `report`: the figures, the Markdown tables with the bar, and the latency plot;
+//! - this file: the command line (`run`, `render`, `worker`).
+//!
+//! Beside the sources: `peers/` (each target's configuration template), `run.sh` (the full run),
+//! `install-peers.sh` (the peers, from Debian's packages) and `storage-engines/` (the comparison
+//! of embedded engines behind the choice of SQLite; a workspace of its own, excluded from this
+//! one). docs/BENCHMARKS.md has the method and the figures.
 
 mod common;
 mod coord;
