@@ -1,14 +1,32 @@
 //! `tidings-bench` is the instrument that measures Tidings beside Mosquitto, ejabberd and
 //! nats-server on the same workload in the same run: it starts each server on loopback with a
-//! configuration of its own (`bench/`), drives it through worker processes (this binary,
-//! re-executed as `tidings-bench worker`) that speak each server's real client protocol, measures
-//! the server's CPU and memory from `/proc`, stops it by its process id, and writes
+//! configuration of its own (`crates/bench/peers/`), drives it through worker processes (this
+//! binary, re-executed as `tidings-bench worker`) that speak each server's real client protocol,
+//! measures the server's CPU and memory from `/proc`, stops it by its process id, and writes
 //! `results.json`, `results.md` (with Tidings/peer ratios) and `latency.svg`. It must never take a
 //! path into Tidings that a real client could not take (no benchmark-only protocol, no shortcut
 //! around login, storage or rate limits), never use or stop the system's own services or their
 //! default ports, never listen or connect beyond loopback, never run a loop without a bound in
 //! count and time, and never be run as a timed test: speed is measured here, by one command, and
 //! quoted as ratios from the same run.
+//!
+//! # Layout
+//! - `coord`: the harness side: prepares, starts and stops each target, runs each phase through
+//!   worker processes and measures the server;
+//! - `worker`: a load-generator worker (`tidings-bench worker`), one thread, driven over stdin;
+//! - `drivers`: one client driver per target, each speaking the target's real protocol;
+//! - `common`: what every driver shares (identities, message tags, sockets, TLS, counters);
+//! - `wire`: what the harness and its workers say to each other, one JSON object per line;
+//! - `servers`: the systems under test, started on loopback from the templates in `peers/`;
+//! - `sys`: the operating system as the harness sees it (`/proc`, stopping a process, backlogs);
+//! - `results`: what a run measured, as written to `results.json`;
+//! - `report`: the figures, the Markdown tables with the bar, and the latency plot;
+//! - this file: the command line (`run`, `render`, `worker`).
+//!
+//! Beside the sources: `peers/` (each target's configuration template), `run.sh` (the full run),
+//! `install-peers.sh` (the peers, from Debian's packages) and `storage-engines/` (the comparison
+//! of embedded engines behind the choice of SQLite; a workspace of its own, excluded from this
+//! one). docs/BENCHMARKS.md has the method and the figures.
 
 mod common;
 mod coord;
@@ -37,7 +55,7 @@ use crate::wire::{Phase, Target};
     long_about = "Measures Tidings beside Mosquitto, ejabberd and nats-server on the same workload, in the same run.\n\n\
         Full run (about 45 minutes here): tidings-bench run --out docs/bench\n\
         CI smoke run (under 3 minutes):   tidings-bench run --smoke --out target/bench-smoke\n\n\
-        Install the peers first with bench/install-peers.sh; build the server with\n\
+        Install the peers first with crates/bench/install-peers.sh; build the server with\n\
         `cargo build --release -p tidings` (the harness looks for it next to itself)."
 )]
 struct Cli {

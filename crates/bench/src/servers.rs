@@ -1,6 +1,6 @@
 //! The systems under test: each started by the harness on loopback with a configuration of its
-//! own (templates in `bench/`), checked to listen on loopback only with a backlog of at least
-//! 4096, and stopped by its process id.
+//! own (templates in `crates/bench/peers/`), checked to listen on loopback only with a backlog of
+//! at least 4096, and stopped by its process id.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,10 +14,10 @@ use tokio::time::Instant;
 use crate::sys;
 use crate::wire::Target;
 
-const TIDINGS_TEMPLATE: &str = include_str!("../../../bench/tidings-server.toml");
-const MOSQUITTO_TEMPLATE: &str = include_str!("../../../bench/mosquitto.conf");
-const EJABBERD_TEMPLATE: &str = include_str!("../../../bench/ejabberd.yml");
-const NATS_TEMPLATE: &str = include_str!("../../../bench/nats.conf");
+const TIDINGS_TEMPLATE: &str = include_str!("../peers/tidings-server.toml");
+const MOSQUITTO_TEMPLATE: &str = include_str!("../peers/mosquitto.conf");
+const EJABBERD_TEMPLATE: &str = include_str!("../peers/ejabberd.yml");
+const NATS_TEMPLATE: &str = include_str!("../peers/nats.conf");
 
 /// The listen backlog every listener must have.
 pub const BACKLOG: u64 = 4096;
@@ -106,7 +106,7 @@ impl Programs {
             match find(name) {
                 Some(path) => Ok(path),
                 None if !wanted => Ok(PathBuf::from(name)),
-                None => bail!("`{name}` is not installed: run bench/install-peers.sh"),
+                None => bail!("`{name}` is not installed: run crates/bench/install-peers.sh"),
             }
         };
         let has = |t: Target| targets.contains(&t);
@@ -125,7 +125,7 @@ impl Programs {
                 })
                 .unwrap_or(false)
         {
-            bail!("ejabberd is not installed: run bench/install-peers.sh");
+            bail!("ejabberd is not installed: run crates/bench/install-peers.sh");
         }
         Ok(Programs {
             tidings,

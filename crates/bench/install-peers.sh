@@ -2,12 +2,12 @@
 # Installs the benchmark peers from Debian's packages, idempotently.
 #
 # The harness never uses the system services these packages may start: it runs its own
-# instances on non-default loopback ports with configurations from bench/ and stops each by
+# instances on non-default loopback ports with configurations from crates/bench/peers/ and stops each by
 # its process id. This script only makes sure the programs are installed, and that the
 # ejabberd package's own service (which listens on ALL interfaces with its default
 # configuration) is not left running.
 #
-# Usage: bench/install-peers.sh      (as root, or a user who may sudo)
+# Usage: crates/bench/install-peers.sh    (as root, or a user who may sudo)
 set -eu
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
