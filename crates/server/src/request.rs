@@ -18,6 +18,9 @@ use crate::send::SendOrder;
 use crate::state::Shared;
 use crate::{delivery, directory, lookup, send};
 
+#[cfg(test)]
+mod tests;
+
 /// A request of a logged-in client.
 #[derive(Debug)]
 pub enum Request {
