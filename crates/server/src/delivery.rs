@@ -19,6 +19,9 @@ use crate::metrics::Outcome;
 use crate::reply::{error, reply};
 use crate::state::Shared;
 
+#[cfg(test)]
+mod tests;
+
 /// Deliveries read from the store per page.
 const PAGE: usize = 256;
 

@@ -22,6 +22,9 @@ use crate::identity::Identity;
 use crate::reply::{error, reply};
 use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
+#[cfg(test)]
+mod tests;
+
 /// Parses identity keys: a 32-byte Curve25519 key and a valid Ed25519 key.
 pub fn identity_keys(identity_key: &[u8], signing_key: &[u8]) -> Option<IdentityKeys> {
     let identity_key = <[u8; 32]>::try_from(identity_key).ok()?;

@@ -2,7 +2,8 @@
 //! delivery over a [`tidings_store::Store`].
 //!
 //! # Layout
-//! Modules depend one way: nothing below `session` uses it, and no two modules use each other.
+//! Modules depend one way: no two of them use each other, directly or through a third. Only
+//! [`config`], [`keys`] (read by the privacy tests) and [`Server`] are public.
 //! - this file: [`Server`], generic over the storage engine: binding, the accept loop and
 //!   graceful shutdown; the engine itself is opened by the caller (the binary);
 //! - [`config`]: settings from flags, environment, file and defaults;
@@ -24,7 +25,9 @@
 //! - `state`: what handlers share, and the in-memory rate limiters;
 //! - `sweeps`: expiry, the heartbeat sweep, pruning and scrubbing on intervals;
 //! - `clock`: the wall clock and the monotonic session clock;
-//! - `metrics`: Prometheus counters.
+//! - `metrics`: Prometheus counters;
+//! - `testing` (tests only): a state over a store in a temporary directory and logged-in
+//!   devices, for the unit tests of request handling beside each handler module (`*/tests.rs`).
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear; numbers become pseudonyms at the edge and are dropped.
@@ -47,6 +50,8 @@ mod send;
 mod session;
 mod state;
 mod sweeps;
+#[cfg(test)]
+mod testing;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -18,6 +18,9 @@ use crate::identity::Identity;
 use crate::reply::{error, reply};
 use crate::state::{take_budget, Shared};
 
+#[cfg(test)]
+mod tests;
+
 const BUDGET_USED_UP: &str = "lookup budget used up: try again later";
 const UNAVAILABLE: &str = "storage unavailable: try again";
 

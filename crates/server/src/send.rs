@@ -26,6 +26,9 @@ use crate::metrics::Outcome;
 use crate::reply::reply;
 use crate::state::{take_budget, Shared, QUEUE_LIMIT};
 
+#[cfg(test)]
+mod tests;
+
 /// Keeps a session's sends in the order their frames arrived where order matters: when each is
 /// handed to storage (so the receiver's queue holds them in the sender's order) and when each is
 /// pushed to the receiver's live sessions. End-to-end encryption needs it: a receiver's Olm
