@@ -16,7 +16,7 @@ use crate::clock::now_ms;
 use crate::hub::{Outbound, Outbox};
 use crate::identity::Identity;
 use crate::metrics::Outcome;
-use crate::reply::{error, reply};
+use crate::reply::{error, reply, storage_unavailable};
 use crate::state::Shared;
 
 #[cfg(test)]
@@ -146,8 +146,7 @@ pub async fn ack<S: Store>(
         Ok(Acked::Withdrawn) => AckStatus::Withdrawn,
         Err(e) => {
             tracing::warn!(error = %e, "storage write failed during an ack");
-            let message = "storage unavailable: acknowledge again";
-            return reply(outbox, error(ErrorCode::Unavailable, message, 0)).await;
+            return reply(outbox, storage_unavailable("acknowledge again", 0)).await;
         }
     };
     state
@@ -201,8 +200,7 @@ pub async fn withdraw<S: Store>(
         Ok(withdrawal) => withdrawal,
         Err(e) => {
             tracing::warn!(error = %e, "storage write failed during a withdraw");
-            let message = "storage unavailable: withdraw again";
-            return reply(outbox, error(ErrorCode::Unavailable, message, 0)).await;
+            return reply(outbox, storage_unavailable("withdraw again", 0)).await;
         }
     };
     let (label, wire) = match withdrawal {

@@ -19,7 +19,7 @@ use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::reply::{error, reply};
+use crate::reply::{error, reply, storage_unavailable};
 use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
 #[cfg(test)]
@@ -141,15 +141,7 @@ pub async fn upload<S: Store>(
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while publishing keys");
-            reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: upload again",
-                    request_id,
-                ),
-            )
-            .await;
+            reply(outbox, storage_unavailable("upload again", request_id)).await;
         }
     }
 }
@@ -201,15 +193,7 @@ pub async fn claim<S: Store>(
                 Ok(account) => account,
                 Err(e) => {
                     tracing::warn!(error = %e, "storage failed during a key claim");
-                    return reply(
-                        outbox,
-                        error(
-                            ErrorCode::Unavailable,
-                            "storage unavailable: try again",
-                            request_id,
-                        ),
-                    )
-                    .await;
+                    return reply(outbox, storage_unavailable("try again", request_id)).await;
                 }
             }
         }
@@ -262,15 +246,7 @@ pub async fn claim<S: Store>(
         Ok(claimed) => claimed,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a key claim");
-            return reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: try again",
-                    request_id,
-                ),
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     };
     if !claimed.unknown.is_empty() {
@@ -345,15 +321,7 @@ pub async fn link_code<S: Store>(
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a link request");
-            return reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: try again",
-                    request_id,
-                ),
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     }
     let digits: String = {
@@ -449,15 +417,7 @@ pub async fn remove<S: Store>(
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while removing a device");
-            reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: remove again",
-                    request_id,
-                ),
-            )
-            .await;
+            reply(outbox, storage_unavailable("remove again", request_id)).await;
         }
     }
 }
@@ -488,15 +448,7 @@ pub async fn vouch<S: Store>(
         Ok(listed) => listed,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a vouch");
-            return reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: try again",
-                    request_id,
-                ),
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     };
     let keys_of = |id: DeviceId| listed.iter().find(|d| d.id == id).and_then(|d| d.identity);
@@ -531,15 +483,7 @@ pub async fn vouch<S: Store>(
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a vouch");
-            reply(
-                outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: try again",
-                    request_id,
-                ),
-            )
-            .await;
+            reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     }
 }
@@ -567,11 +511,7 @@ pub async fn disable<S: Store>(
             tracing::warn!(error = %e, "could not delete an account");
             reply(
                 outbox,
-                error(
-                    ErrorCode::Unavailable,
-                    "storage unavailable: disable again",
-                    request.request_id,
-                ),
+                storage_unavailable("disable again", request.request_id),
             )
             .await;
         }

@@ -15,14 +15,13 @@ use tidings_store::Store;
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::reply::{error, reply};
+use crate::reply::{error, reply, storage_unavailable};
 use crate::state::{take_budget, Shared};
 
 #[cfg(test)]
 mod tests;
 
 const BUDGET_USED_UP: &str = "lookup budget used up: try again later";
-const UNAVAILABLE: &str = "storage unavailable: try again";
 
 fn take_lookup_budget<S: Store>(state: &Shared<S>, device: DeviceId, n: usize) -> bool {
     let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
@@ -63,11 +62,7 @@ pub async fn lookup<S: Store>(
     }
     state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
     let Ok(presences) = presences(state, &lookup.numbers).await else {
-        return reply(
-            outbox,
-            error(ErrorCode::Unavailable, UNAVAILABLE, request_id),
-        )
-        .await;
+        return reply(outbox, storage_unavailable("try again", request_id)).await;
     };
     let entries = lookup
         .numbers
@@ -157,11 +152,7 @@ pub async fn devices<S: Store>(
             Err(e) => Err(e),
         };
         let Ok(listed) = listed else {
-            return reply(
-                outbox,
-                error(ErrorCode::Unavailable, UNAVAILABLE, request_id),
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         };
         for device in listed.into_iter().flatten() {
             device_ids.push(device.id.as_bytes().to_vec());

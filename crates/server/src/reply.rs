@@ -19,6 +19,16 @@ pub fn error(code: ErrorCode, message: impl Into<String>, request_id: u64) -> Fr
     error_frame(code, message.into(), false, request_id)
 }
 
+/// The answer to a request that storage could not serve; `retry` says what to do next, such as
+/// "try again" or "upload again".
+pub fn storage_unavailable(retry: &str, request_id: u64) -> Frame {
+    error(
+        ErrorCode::Unavailable,
+        format!("storage unavailable: {retry}"),
+        request_id,
+    )
+}
+
 /// An error after which the session ends.
 pub fn fatal(code: ErrorCode, message: impl Into<String>) -> Frame {
     error_frame(code, message.into(), true, 0)

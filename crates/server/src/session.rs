@@ -2,7 +2,8 @@
 //! heartbeat lapses, the device is signed out, or the server shuts down.
 //!
 //! Requests that touch storage run as tasks of the session (bounded in number), so a send waiting
-//! for its sync does not hold up the next frame. Everything the session writes goes through one
+//! for its sync does not hold up the next frame. The session decides no request itself: each
+//! frame becomes a `Request` that `request` dispatches to its handler. Everything the session writes goes through one
 //! bounded queue and is coalesced into as few writes as the socket allows.
 
 use std::pin::Pin;
