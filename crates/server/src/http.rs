@@ -31,6 +31,9 @@ use crate::directory::{identity_keys, link_code_hash};
 use crate::metrics::Outcome;
 use crate::state::{check_window, Shared};
 
+#[cfg(test)]
+mod tests;
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tidings", description = "Opt-in phone-number messaging. See docs/PROTOCOL.md for the session protocol behind /v1/connect."),

@@ -27,7 +27,7 @@
 //! - `clock`: the wall clock and the monotonic session clock;
 //! - `metrics`: Prometheus counters;
 //! - `testing` (tests only): a state over a store in a temporary directory and logged-in
-//!   devices, for the unit tests of request handling beside each handler module (`*/tests.rs`).
+//!   devices, for the unit tests beside each handler module and `http` (`*/tests.rs`).
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear; numbers become pseudonyms at the edge and are dropped.

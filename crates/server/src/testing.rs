@@ -63,6 +63,7 @@ impl World {
             config: Some(config_file),
             data_dir: Some(dir.join("data")),
             key_file: Some(dir.join("server.key")),
+            // Read back by `sms_dir`.
             outbox_dir: Some(dir.join("sms")),
             ..ServerArgs::default()
         };
@@ -77,6 +78,11 @@ impl World {
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(State::new(config, store, keys, metrics));
         Self { state, dir }
+    }
+
+    /// Where the outbox gateway writes the SMS it sends, one JSON file each.
+    pub fn sms_dir(&self) -> PathBuf {
+        self.dir.join("sms")
     }
 
     /// Registers `number` with `devices` devices, each with published identity keys (so each
