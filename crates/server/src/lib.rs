@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! Modules depend one way: no two of them use each other, directly or through a third. Only
-//! [`config`], [`keys`] (read by the privacy tests) and [`Server`] are public.
+//! [`config`], [`keys`] (read by the privacy tests), [`Server`] and [`SyncObserver`] are public.
 //! - this file: [`Server`], generic over the storage engine: binding, the accept loop and
 //!   graceful shutdown; the engine itself is opened by the caller (the binary);
 //! - [`config`]: settings from flags, environment, file and defaults;
@@ -27,7 +27,7 @@
 //! - `clock`: the wall clock and the monotonic session clock;
 //! - `metrics`: Prometheus counters;
 //! - `testing` (tests only): a state over a store in a temporary directory and logged-in
-//!   devices, for the unit tests beside each handler module and `http` (`*/tests.rs`).
+//!   devices, for the unit tests beside `session`, `http` and each handler (`*/tests.rs`).
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear; numbers become pseudonyms at the edge and are dropped.

@@ -32,6 +32,9 @@ use crate::request::Request;
 use crate::send::SendOrder;
 use crate::state::Shared;
 
+#[cfg(test)]
+mod tests;
+
 /// Time a client has to log in after the upgrade.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests of one session being served at once; past this the session stops reading.

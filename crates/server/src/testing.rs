@@ -41,6 +41,8 @@ impl Drop for World {
 pub struct Device {
     pub identity: Identity,
     pub number: String,
+    /// The key it logs in with (registered with the device).
+    pub login: SigningKey,
     /// Its Olm identity keys, published, and the Ed25519 key that signs with them.
     pub keys: IdentityKeys,
     pub signing: SigningKey,
@@ -93,20 +95,22 @@ impl World {
         let mut made = Vec::new();
         for n in 0..devices {
             let id = random_device();
+            let login = SigningKey::generate(&mut rand::rngs::OsRng);
+            let login_key = login.verifying_key().to_bytes();
             let signing = SigningKey::generate(&mut rand::rngs::OsRng);
             let keys = IdentityKeys {
                 identity_key: rand::random(),
                 signing_key: signing.verifying_key().to_bytes(),
             };
             let account = if n == 0 {
-                let registered = store.register_device(pseudonym, id, [1; 32], now_ms());
+                let registered = store.register_device(pseudonym, id, login_key, now_ms());
                 registered.await.expect("register").account
             } else {
                 let account: Identity = made
                     .first()
                     .map(|first: &Device| first.identity)
                     .expect("the first device");
-                let linked = store.add_device(account.account, id, [1; 32], keys, 6, now_ms());
+                let linked = store.add_device(account.account, id, login_key, keys, 6, now_ms());
                 linked.await.expect("link");
                 account.account
             };
@@ -120,6 +124,7 @@ impl World {
                     account,
                 },
                 number: number.into(),
+                login,
                 keys,
                 signing,
                 outbox,
