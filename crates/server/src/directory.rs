@@ -90,8 +90,14 @@ pub async fn upload<S: Store>(
     for key in &upload.one_time_keys {
         match signed_key(identity.device, &verifier, false, key) {
             Some(key) => one_time.push(key),
-            None => return reply(outbox, error(ErrorCode::InvalidRequest, "a one-time key is malformed or its signature does not verify: nothing was stored", request_id))
-            .await,
+            None => {
+                let message = "a one-time key is malformed or its signature does not verify: nothing was stored";
+                return reply(
+                    outbox,
+                    error(ErrorCode::InvalidRequest, message, request_id),
+                )
+                .await;
+            }
         }
     }
     let fallback = match &upload.fallback_key {
@@ -99,8 +105,12 @@ pub async fn upload<S: Store>(
         Some(key) => match signed_key(identity.device, &verifier, true, key) {
             Some(key) => Some(key),
             None => {
-                return reply(outbox, error(ErrorCode::InvalidRequest, "the fallback key is malformed or its signature does not verify: nothing was stored", request_id))
-                .await
+                let message = "the fallback key is malformed or its signature does not verify: nothing was stored";
+                return reply(
+                    outbox,
+                    error(ErrorCode::InvalidRequest, message, request_id),
+                )
+                .await;
             }
         },
     };
@@ -126,7 +136,11 @@ pub async fn upload<S: Store>(
             .await;
         }
         Ok(Published::IdentityMismatch) => {
-            reply(outbox, error(ErrorCode::InvalidRequest, "this device's identity keys are already published and cannot change: register the device again", request_id))
+            let message = "this device's identity keys are already published and cannot change: register the device again";
+            reply(
+                outbox,
+                error(ErrorCode::InvalidRequest, message, request_id),
+            )
             .await;
         }
         Ok(Published::TooMany) => {

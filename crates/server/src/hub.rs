@@ -35,7 +35,8 @@ pub enum Outbound {
 #[derive(Debug, Default)]
 pub struct Mailbox {
     inner: Mutex<Inner>,
-    /// The session's heartbeat deadline (on the session clock, [`crate::clock::session_ms`]), for the hub's sweep.
+    /// The session's heartbeat deadline on the session clock ([`crate::clock::session_ms`]), for
+    /// the hub's sweep.
     heard_until: AtomicU64,
 }
 

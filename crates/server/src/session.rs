@@ -3,8 +3,8 @@
 //!
 //! Requests that touch storage run as tasks of the session (bounded in number), so a send waiting
 //! for its sync does not hold up the next frame. The session decides no request itself: each
-//! frame becomes a `Request` that `request` dispatches to its handler. Everything the session writes goes through one
-//! bounded queue and is coalesced into as few writes as the socket allows.
+//! frame becomes a `Request` that `request` dispatches to its handler. Everything the session
+//! writes goes through one bounded queue and is coalesced into as few writes as the socket allows.
 
 use std::pin::Pin;
 use std::sync::Arc;
