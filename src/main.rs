@@ -916,7 +916,21 @@ fn print_event(event: &Event, json: bool, own: &str) {
 
 async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
-    let server = tidings_server::Server::bind(config).await?;
+    // The one place the server's storage engine is named.
+    let data_dir = config.data_dir.clone();
+    let server = tidings_server::Server::bind(config, |observer| {
+        let options = tidings_store::sqlite::SqliteOptions {
+            // As many as the writer's queue holds: under load a batch's one sync is shared by
+            // more writes (at 1,024 the relay's peaks were 14-17 % lower, the durable store's
+            // 21 %; docs/BENCHMARKS.md, change 21).
+            max_batch: tidings_store::sqlite::WRITER_QUEUE,
+            sync_observer: Some(observer),
+        };
+        Ok(tidings_store::sqlite::SqliteStore::open(
+            &data_dir, options,
+        )?)
+    })
+    .await?;
     let address = server.local_addr()?;
     let scheme = if server_tls(&args) { "https" } else { "http" };
     println!("tidings server listening on {scheme}://{address}");

@@ -2,7 +2,8 @@
 //!
 //! Clients ping every `interval`; a session from which nothing at all has arrived for
 //! [`MISSED_BEATS`] intervals is closed, so it stops counting as online within about three
-//! intervals (30 seconds with the default of 10).
+//! intervals (30 seconds with the default of 10). The server's session moves its deadline with
+//! [`deadline`] on every frame it reads, and closes once the deadline has passed.
 
 use crate::{Millis, SECOND};
 

@@ -1,5 +1,6 @@
 //! Device keys and the devices of a number: publishing identity, one-time and fallback keys,
-//! claiming them to open end-to-end sessions, link codes that add a device, removing a device.
+//! claiming them to open end-to-end sessions, link codes that add a device, vouching for one,
+//! removing a device, and disabling the whole account.
 //!
 //! The server checks every key's signature before storing it, so a client never receives a key
 //! its owner did not sign; the client checks again, so a server cannot forge one either. Nothing
@@ -13,28 +14,16 @@ use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
 use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS_STORED};
-use tidings_store::{IdentityKeys, Published, SignedKey, Store as _, Voucher};
+use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 
-use crate::hub::{Outbound, Outbox};
-use crate::session::Identity;
-use crate::state::{now_ms, take_budget, LinkOffer, Shared, LINK_CODE_LIFETIME};
+use crate::clock::now_ms;
+use crate::hub::Outbox;
+use crate::identity::Identity;
+use crate::reply::{error, reply, storage_unavailable};
+use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
-async fn answer(tx: &Outbox, kind: Kind) {
-    let _ = tx.send(Outbound::Frame(kind.into())).await;
-}
-
-async fn refuse(tx: &Outbox, code: ErrorCode, message: &str, request_id: u64) {
-    answer(
-        tx,
-        Kind::Error(frame::Error {
-            code: code as i32,
-            message: message.into(),
-            fatal: false,
-            request_id,
-        }),
-    )
-    .await;
-}
+#[cfg(test)]
+mod tests;
 
 /// Parses identity keys: a 32-byte Curve25519 key and a valid Ed25519 key.
 pub fn identity_keys(identity_key: &[u8], signing_key: &[u8]) -> Option<IdentityKeys> {
@@ -68,18 +57,29 @@ fn signed_key(
 }
 
 /// Handles `KeysUpload`.
-pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload, tx: Outbox) {
+pub async fn upload<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    upload: frame::KeysUpload,
+    outbox: &Outbox,
+) {
     let request_id = upload.request_id;
     if upload.one_time_keys.len() > MAX_ONE_TIME_KEYS_PER_UPLOAD {
         let message = format!("at most {MAX_ONE_TIME_KEYS_PER_UPLOAD} one-time keys per upload");
-        return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+        return reply(
+            outbox,
+            error(ErrorCode::InvalidRequest, &message, request_id),
+        )
+        .await;
     }
     let Some(keys) = identity_keys(&upload.identity_key, &upload.signing_key) else {
-        return refuse(
-            &tx,
-            ErrorCode::InvalidRequest,
-            "identity keys must be a 32-byte Curve25519 key and a 32-byte Ed25519 key",
-            request_id,
+        return reply(
+            outbox,
+            error(
+                ErrorCode::InvalidRequest,
+                "identity keys must be a 32-byte Curve25519 key and a 32-byte Ed25519 key",
+                request_id,
+            ),
         )
         .await;
     };
@@ -90,13 +90,14 @@ pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload
     for key in &upload.one_time_keys {
         match signed_key(identity.device, &verifier, false, key) {
             Some(key) => one_time.push(key),
-            None => return refuse(
-                &tx,
-                ErrorCode::InvalidRequest,
-                "a one-time key is malformed or its signature does not verify: nothing was stored",
-                request_id,
-            )
-            .await,
+            None => {
+                let message = "a one-time key is malformed or its signature does not verify: nothing was stored";
+                return reply(
+                    outbox,
+                    error(ErrorCode::InvalidRequest, message, request_id),
+                )
+                .await;
+            }
         }
     }
     let fallback = match &upload.fallback_key {
@@ -104,13 +105,12 @@ pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload
         Some(key) => match signed_key(identity.device, &verifier, true, key) {
             Some(key) => Some(key),
             None => {
-                return refuse(
-                    &tx,
-                    ErrorCode::InvalidRequest,
-                    "the fallback key is malformed or its signature does not verify: nothing was stored",
-                    request_id,
+                let message = "the fallback key is malformed or its signature does not verify: nothing was stored";
+                return reply(
+                    outbox,
+                    error(ErrorCode::InvalidRequest, message, request_id),
                 )
-                .await
+                .await;
             }
         },
     };
@@ -126,8 +126,8 @@ pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload
         .await
     {
         Ok(Published::Stored { one_time_keys }) => {
-            answer(
-                &tx,
+            reply(
+                outbox,
                 Kind::KeysUploadResult(frame::KeysUploadResult {
                     request_id,
                     one_time_keys,
@@ -136,11 +136,10 @@ pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload
             .await;
         }
         Ok(Published::IdentityMismatch) => {
-            refuse(
-                &tx,
-                ErrorCode::InvalidRequest,
-                "this device's identity keys are already published and cannot change: register the device again",
-                request_id,
+            let message = "this device's identity keys are already published and cannot change: register the device again";
+            reply(
+                outbox,
+                error(ErrorCode::InvalidRequest, message, request_id),
             )
             .await;
         }
@@ -148,28 +147,35 @@ pub async fn upload(state: Shared, identity: Identity, upload: frame::KeysUpload
             let message = format!(
                 "at most {MAX_ONE_TIME_KEYS_STORED} unclaimed one-time keys per device: upload fewer"
             );
-            refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+            reply(
+                outbox,
+                error(ErrorCode::InvalidRequest, &message, request_id),
+            )
+            .await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while publishing keys");
-            refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: upload again",
-                request_id,
-            )
-            .await;
+            reply(outbox, storage_unavailable("upload again", request_id)).await;
         }
     }
 }
 
 /// Handles `KeysClaim`. Claims of another number's keys draw from a per-device budget, so one
 /// device cannot drain a user's one-time keys; the fallback key keeps sessions possible anyway.
-pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, tx: Outbox) {
+pub async fn claim<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    claim: frame::KeysClaim,
+    outbox: &Outbox,
+) {
     let request_id = claim.request_id;
     if claim.device_ids.len() > MAX_DEVICES {
         let message = format!("at most {MAX_DEVICES} devices per claim");
-        return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+        return reply(
+            outbox,
+            error(ErrorCode::InvalidRequest, &message, request_id),
+        )
+        .await;
     }
     let Some(only) = claim
         .device_ids
@@ -177,11 +183,13 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
         .map(|d| DeviceId::from_slice(d))
         .collect::<Option<Vec<_>>>()
     else {
-        return refuse(
-            &tx,
-            ErrorCode::InvalidRequest,
-            "device ids are 16 bytes",
-            request_id,
+        return reply(
+            outbox,
+            error(
+                ErrorCode::InvalidRequest,
+                "device ids are 16 bytes",
+                request_id,
+            ),
         )
         .await;
     };
@@ -189,19 +197,17 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
         Err(_) => None,
         Ok(number) => {
             let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-                return refuse(&tx, ErrorCode::Unavailable, "try again", request_id).await;
+                return reply(
+                    outbox,
+                    error(ErrorCode::Unavailable, "try again", request_id),
+                )
+                .await;
             };
             match state.store.account(pseudonym).await {
                 Ok(account) => account,
                 Err(e) => {
                     tracing::warn!(error = %e, "storage failed during a key claim");
-                    return refuse(
-                        &tx,
-                        ErrorCode::Unavailable,
-                        "storage unavailable: try again",
-                        request_id,
-                    )
-                    .await;
+                    return reply(outbox, storage_unavailable("try again", request_id)).await;
                 }
             }
         }
@@ -228,19 +234,21 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
         )
         .is_err()
         {
-            return refuse(
-                &tx,
-                ErrorCode::RateLimited,
-                "too many key claims: try again later",
-                request_id,
+            return reply(
+                outbox,
+                error(
+                    ErrorCode::RateLimited,
+                    "too many key claims: try again later",
+                    request_id,
+                ),
             )
             .await;
         }
     }
     // A number that is not a user has no devices: the same empty answer a device list gives.
     let Some(account) = account else {
-        return answer(
-            &tx,
+        return reply(
+            outbox,
             Kind::KeysClaimResult(frame::KeysClaimResult {
                 request_id,
                 devices: Vec::new(),
@@ -252,21 +260,17 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
         Ok(claimed) => claimed,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a key claim");
-            return refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: try again",
-                request_id,
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     };
     if !claimed.unknown.is_empty() {
-        return refuse(
-            &tx,
-            ErrorCode::InvalidRequest,
-            "no such device for that number: fetch its device list again",
-            request_id,
+        return reply(
+            outbox,
+            error(
+                ErrorCode::InvalidRequest,
+                "no such device for that number: fetch its device list again",
+                request_id,
+            ),
         )
         .await;
     }
@@ -292,8 +296,8 @@ pub async fn claim(state: Shared, identity: Identity, claim: frame::KeysClaim, t
                 .unwrap_or_default(),
         })
         .collect();
-    answer(
-        &tx,
+    reply(
+        outbox,
         Kind::KeysClaimResult(frame::KeysClaimResult {
             request_id,
             devices,
@@ -310,11 +314,11 @@ pub fn link_code_hash(code: &str) -> [u8; 32] {
 
 /// Handles `LinkCodeRequest`: a fresh 12-digit code, valid 10 minutes, that lets one new device
 /// join this device's number. A new request replaces this device's earlier code.
-pub async fn link_code(
-    state: Shared,
+pub async fn link_code<S: Store>(
+    state: &Shared<S>,
     identity: Identity,
     request: frame::LinkCodeRequest,
-    tx: Outbox,
+    outbox: &Outbox,
 ) {
     let request_id = request.request_id;
     match state.store.devices_of(identity.account).await {
@@ -322,18 +326,16 @@ pub async fn link_code(
             let message = format!(
                 "this number already has {MAX_DEVICES} devices: remove one with `tidings devices --remove <id>` first"
             );
-            return refuse(&tx, ErrorCode::InvalidRequest, &message, request_id).await;
+            return reply(
+                outbox,
+                error(ErrorCode::InvalidRequest, &message, request_id),
+            )
+            .await;
         }
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a link request");
-            return refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: try again",
-                request_id,
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     }
     let digits: String = {
@@ -347,7 +349,7 @@ pub async fn link_code(
     let stored = match state.link_offers.lock() {
         Ok(mut offers) => {
             offers.retain(|_, offer| offer.approver != identity.device && offer.expires_at > now);
-            let room = offers.len() < crate::state::LIMITER_CAPACITY;
+            let room = offers.len() < LIMITER_CAPACITY;
             if room {
                 offers.insert(
                     link_code_hash(&code),
@@ -363,16 +365,18 @@ pub async fn link_code(
         Err(_) => false,
     };
     if !stored {
-        return refuse(
-            &tx,
-            ErrorCode::Unavailable,
-            "too many link codes pending: try again later",
-            request_id,
+        return reply(
+            outbox,
+            error(
+                ErrorCode::Unavailable,
+                "too many link codes pending: try again later",
+                request_id,
+            ),
         )
         .await;
     }
-    answer(
-        &tx,
+    reply(
+        outbox,
         Kind::LinkCode(frame::LinkCode {
             request_id,
             code,
@@ -384,21 +388,28 @@ pub async fn link_code(
 
 /// Handles `RemoveDevice`: the device, its keys, its queue and its receipts go at once, and its
 /// sessions are signed out.
-pub async fn remove(state: Shared, identity: Identity, request: frame::RemoveDevice, tx: Outbox) {
+pub async fn remove<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    request: frame::RemoveDevice,
+    outbox: &Outbox,
+) {
     let request_id = request.request_id;
     let Some(device) = DeviceId::from_slice(&request.device_id) else {
-        return refuse(
-            &tx,
-            ErrorCode::InvalidRequest,
-            "device ids are 16 bytes",
-            request_id,
+        return reply(
+            outbox,
+            error(
+                ErrorCode::InvalidRequest,
+                "device ids are 16 bytes",
+                request_id,
+            ),
         )
         .await;
     };
     match state.store.remove_device(identity.account, device).await {
         Ok(true) => {
-            answer(
-                &tx,
+            reply(
+                outbox,
                 Kind::RemoveDeviceResult(frame::RemoveDeviceResult { request_id }),
             )
             .await;
@@ -408,23 +419,19 @@ pub async fn remove(state: Shared, identity: Identity, request: frame::RemoveDev
             tracing::info!("a device was removed");
         }
         Ok(false) => {
-            refuse(
-                &tx,
-                ErrorCode::InvalidRequest,
-                "no such device on your number: list them with `tidings devices`",
-                request_id,
+            reply(
+                outbox,
+                error(
+                    ErrorCode::InvalidRequest,
+                    "no such device on your number: list them with `tidings devices`",
+                    request_id,
+                ),
             )
             .await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while removing a device");
-            refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: remove again",
-                request_id,
-            )
-            .await;
+            reply(outbox, storage_unavailable("remove again", request_id)).await;
         }
     }
 }
@@ -432,11 +439,18 @@ pub async fn remove(state: Shared, identity: Identity, request: frame::RemoveDev
 /// Handles `Vouch`: the logged-in device signs for another device of its number (one it approved
 /// linking). The signature is checked with the voucher's own signing key; the first voucher of a
 /// device is kept.
-pub async fn vouch(state: Shared, identity: Identity, vouch: frame::Vouch, tx: Outbox) {
+pub async fn vouch<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    vouch: frame::Vouch,
+    outbox: &Outbox,
+) {
     let request_id = vouch.request_id;
     let invalid = |message: &'static str| {
-        let tx = tx.clone();
-        async move { refuse(&tx, ErrorCode::InvalidRequest, message, request_id).await }
+        reply(
+            outbox,
+            error(ErrorCode::InvalidRequest, message, request_id),
+        )
     };
     let (Some(device), Ok(signature)) = (
         DeviceId::from_slice(&vouch.device_id),
@@ -448,13 +462,7 @@ pub async fn vouch(state: Shared, identity: Identity, vouch: frame::Vouch, tx: O
         Ok(listed) => listed,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a vouch");
-            return refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: try again",
-                request_id,
-            )
-            .await;
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     };
     let keys_of = |id: DeviceId| listed.iter().find(|d| d.id == id).and_then(|d| d.identity);
@@ -485,15 +493,39 @@ pub async fn vouch(state: Shared, identity: Identity, vouch: frame::Vouch, tx: O
         .await
     {
         Ok(_) => {
-            answer(&tx, Kind::VouchResult(frame::VouchResult { request_id })).await;
+            reply(outbox, Kind::VouchResult(frame::VouchResult { request_id })).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a vouch");
-            refuse(
-                &tx,
-                ErrorCode::Unavailable,
-                "storage unavailable: try again",
-                request_id,
+            reply(outbox, storage_unavailable("try again", request_id)).await;
+        }
+    }
+}
+
+/// Handles `Disable`: everything of the account goes at once, and its sessions are signed out.
+pub async fn disable<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    request: frame::Disable,
+    outbox: &Outbox,
+) {
+    match state.store.delete_account(identity.account).await {
+        Ok(devices) => {
+            reply(
+                outbox,
+                Kind::DisableResult(frame::DisableResult {
+                    request_id: request.request_id,
+                }),
+            )
+            .await;
+            state.hub.sign_out(&devices, "the account was disabled");
+            tracing::info!("an account was disabled and deleted");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not delete an account");
+            reply(
+                outbox,
+                storage_unavailable("disable again", request.request_id),
             )
             .await;
         }

@@ -6,9 +6,6 @@
 // once per failed request, so the size of the `Err` variant costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -23,22 +20,19 @@ use tidings_proto::http::{
 };
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
-use tidings_store::Store as _;
-use tokio::sync::OwnedSemaphorePermit;
+use tidings_store::Store;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::clock::now_ms;
+use crate::connection::{Peer, Slot};
+use crate::directory::{identity_keys, link_code_hash};
 use crate::metrics::Outcome;
-use crate::state::{check_window, now_ms, Shared};
+use crate::state::{check_window, Shared};
 
-/// The client address of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-/// The connection's slot in the connection limit; a session keeps it after the upgrade.
-#[derive(Debug, Clone)]
-pub struct Slot(pub Arc<OwnedSemaphorePermit>);
+#[cfg(test)]
+mod tests;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -114,7 +108,10 @@ fn e164(text: &str) -> Result<E164, Response> {
 }
 
 /// The number's pseudonym, or a 503 answer.
-fn pseudonym_of(state: &Shared, number: &E164) -> Result<tidings_store::Pseudonym, Response> {
+fn pseudonym_of<S: Store>(
+    state: &Shared<S>,
+    number: &E164,
+) -> Result<tidings_store::Pseudonym, Response> {
     state.keys.pseudonym(number).map_err(|_| {
         api_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -125,7 +122,7 @@ fn pseudonym_of(state: &Shared, number: &E164) -> Result<tidings_store::Pseudony
 }
 
 /// Builds the router and the OpenAPI document it serves.
-pub fn router(state: Shared) -> Router {
+pub fn router<S: Store>(state: Shared<S>) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(request_code))
         .routes(routes!(verify))
@@ -153,8 +150,8 @@ pub fn router(state: Shared) -> Router {
         (status = 429, description = "Too many codes for this number or address", body = ApiError),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
-async fn request_code(
-    State(state): State<Shared>,
+async fn request_code<S: Store>(
+    State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
     body: Result<Json<CodeRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
@@ -272,8 +269,8 @@ async fn request_code(
         (status = 410, description = "No live code for this number", body = ApiError),
         (status = 429, description = "Attempts used up, or too many requests from this address", body = ApiError),
     ))]
-async fn verify(
-    State(state): State<Shared>,
+async fn verify<S: Store>(
+    State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
     body: Result<Json<VerifyRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
@@ -433,8 +430,8 @@ async fn verify(
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many attempts from this address", body = ApiError),
     ))]
-async fn link(
-    State(state): State<Shared>,
+async fn link<S: Store>(
+    State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
     body: Result<Json<LinkRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
@@ -451,7 +448,7 @@ async fn link(
     };
     let identity_key = tidings_proto::id::from_text(&request.identity_key).unwrap_or_default();
     let signing_key = tidings_proto::id::from_text(&request.signing_key).unwrap_or_default();
-    let Some(identity) = crate::directory::identity_keys(&identity_key, &signing_key) else {
+    let Some(identity) = identity_keys(&identity_key, &signing_key) else {
         return Err(bad(
             "identity_key and signing_key must be a 32-byte Curve25519 key and a 32-byte Ed25519 key",
         ));
@@ -502,7 +499,7 @@ async fn link(
         )
     };
     let offer = {
-        let hash = crate::directory::link_code_hash(&request.code);
+        let hash = link_code_hash(&request.code);
         let Ok(mut offers) = state.link_offers.lock() else {
             return Err(unavailable());
         };
@@ -565,8 +562,8 @@ async fn link(
         (status = 101, description = "Switching to the session protocol; the Tidings-Challenge header carries the login challenge"),
         (status = 426, description = "The request did not ask to upgrade to tidings/1", body = ApiError),
     ))]
-async fn connect(
-    State(state): State<Shared>,
+async fn connect<S: Store>(
+    State(state): State<Shared<S>>,
     slot: Option<Extension<Slot>>,
     mut request: Request,
 ) -> Response {
@@ -624,7 +621,7 @@ async fn health() -> Json<Health> {
 /// Prometheus metrics (text exposition format). No label carries a number or an id.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics(State(state): State<Shared>) -> Response {
+async fn metrics<S: Store>(State(state): State<Shared<S>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -638,7 +635,7 @@ async fn metrics(State(state): State<Shared>) -> Response {
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document of this API", content_type = "application/json")))]
-async fn openapi(State(state): State<Shared>) -> Response {
+async fn openapi<S: Store>(State(state): State<Shared<S>>) -> Response {
     let json = state.openapi_json.get().cloned().unwrap_or_default();
     ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }

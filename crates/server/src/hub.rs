@@ -21,8 +21,8 @@ pub const SESSION_QUEUE: usize = 1024;
 pub enum Outbound {
     /// Write this frame.
     Frame(Frame),
-    /// Write a delivery; `seq` is its place in the device's stored queue.
-    Deliver { seq: i64, frame: Frame },
+    /// Write a delivery (counted as one).
+    Deliver(Frame),
     /// The device was signed out (replaced, removed or disabled): say so and close.
     SignOut(&'static str),
 }
@@ -35,7 +35,8 @@ pub enum Outbound {
 #[derive(Debug, Default)]
 pub struct Mailbox {
     inner: Mutex<Inner>,
-    /// The session's heartbeat deadline (on [`clock_ms`]), for the hub's sweep.
+    /// The session's heartbeat deadline on the session clock ([`crate::clock::session_ms`]), for
+    /// the hub's sweep.
     heard_until: AtomicU64,
 }
 
@@ -88,18 +89,6 @@ fn wake_reader(reader: Option<Waker>) {
     if let Some(reader) = reader {
         reader.wake();
     }
-}
-
-/// The start of the monotonic clock that heartbeat deadlines are kept on: a step of the wall
-/// clock must neither close every idle session nor keep dead ones.
-fn clock_start() -> std::time::Instant {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *START.get_or_init(std::time::Instant::now)
-}
-
-/// Milliseconds on the heartbeat clock.
-pub fn clock_ms() -> u64 {
-    u64::try_from(clock_start().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The session is gone; nothing more can be queued for it.
@@ -236,8 +225,7 @@ impl Mailbox {
 
     /// The heartbeat deadline as an instant, for a session that waits on a timer of its own.
     pub fn deadline(&self) -> tokio::time::Instant {
-        let after = std::time::Duration::from_millis(self.heard_until.load(Ordering::Relaxed));
-        tokio::time::Instant::from_std(clock_start() + after)
+        crate::clock::session_instant(self.heard_until.load(Ordering::Relaxed))
     }
 
     /// Whether nothing is queued.
@@ -351,6 +339,7 @@ impl Sessions {
         self.first.values().chain(self.more.values().flatten())
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.first.len() + self.more.values().map(Vec::len).sum::<usize>()
     }
@@ -407,6 +396,7 @@ impl Hub {
     }
 
     /// Whether the device holds a live listening session.
+    #[cfg(test)]
     pub fn is_online(&self, device: &DeviceId) -> bool {
         self.sessions
             .lock()
@@ -426,16 +416,13 @@ impl Hub {
     }
 
     /// Offers a delivery to every listening session of a device; returns how many took it.
-    pub fn deliver(&self, device: &DeviceId, seq: i64, frame: &Frame) -> usize {
+    pub fn deliver(&self, device: &DeviceId, frame: &Frame) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;
         };
         let mut delivered = 0;
         for entry in sessions.of(device).filter(|e| e.listen) {
-            if entry.tx.offer(Outbound::Deliver {
-                seq,
-                frame: frame.clone(),
-            }) {
+            if entry.tx.offer(Outbound::Deliver(frame.clone())) {
                 delivered += 1;
             }
         }
@@ -474,6 +461,7 @@ impl Hub {
     }
 
     /// Live sessions on this node.
+    #[cfg(test)]
     pub fn session_count(&self) -> usize {
         self.sessions
             .lock()
@@ -573,7 +561,7 @@ mod tests {
         let mailbox = full_mailbox();
         let _registration = hub.add(device, true, Arc::clone(&mailbox));
         let frame: Frame = Kind::Ping(Ping { nonce: 1 }).into();
-        assert_eq!(hub.deliver(&device, 1, &frame), 0);
+        assert_eq!(hub.deliver(&device, &frame), 0);
         assert!(mailbox.take_behind());
         assert!(!mailbox.take_behind(), "taken once");
     }
@@ -591,7 +579,7 @@ mod tests {
             .collect();
         let _other = hub.add(other, false, Mailbox::new());
         assert_eq!(hub.session_count(), 4);
-        assert_eq!(hub.deliver(&device, 1, &frame), 3);
+        assert_eq!(hub.deliver(&device, &frame), 3);
         assert!(
             !hub.is_online(&other),
             "a session that does not listen is not online"
@@ -601,13 +589,13 @@ mod tests {
         for (ended, left) in [(1, 2), (0, 1)] {
             registrations[ended] = None;
             assert_eq!(hub.session_count(), left + 1);
-            assert_eq!(hub.deliver(&device, 1, &frame), left);
+            assert_eq!(hub.deliver(&device, &frame), left);
             assert!(hub.is_online(&device));
             assert_eq!(hub.count_online([&device, &other]), 1);
         }
         registrations[2] = None;
         assert!(!hub.is_online(&device));
-        assert_eq!(hub.deliver(&device, 1, &frame), 0);
+        assert_eq!(hub.deliver(&device, &frame), 0);
         assert_eq!(hub.session_count(), 1);
 
         // Each mailbox got exactly the deliveries made while its session was registered.

@@ -2,8 +2,9 @@
 //! heartbeat lapses, the device is signed out, or the server shuts down.
 //!
 //! Requests that touch storage run as tasks of the session (bounded in number), so a send waiting
-//! for its sync does not hold up the next frame. Everything the session writes goes through one
-//! bounded queue and is coalesced into as few writes as the socket allows.
+//! for its sync does not hold up the next frame. The session decides no request itself: each
+//! frame becomes a `Request` that `request` dispatches to its handler. Everything the session
+//! writes goes through one bounded queue and is coalesced into as few writes as the socket allows.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,18 +13,27 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ed25519_dalek::{Signature, VerifyingKey};
+use tidings_core::{heartbeat, Millis, SECOND};
 use tidings_proto::codec::{self, CodecError};
 use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
 use tidings_proto::id::DeviceId;
-use tidings_store::{AccountId, Backlog, Store as _};
+use tidings_store::{Backlog, Store};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::io::poll_read_buf;
 
-use crate::http::Slot;
-use crate::hub::{clock_ms, Mailbox, Outbound, Outbox, Registration};
-use crate::state::{now_ms, Shared};
-use crate::{directory, requests};
+use crate::clock::{now_ms, session_ms};
+use crate::connection::Slot;
+use crate::delivery::{drain_queue, send_pending_receipts};
+use crate::hub::{Mailbox, Outbound, Outbox, Registration};
+use crate::identity::Identity;
+use crate::reply::{error, fatal};
+use crate::request::Request;
+use crate::send::SendOrder;
+use crate::state::Shared;
+
+#[cfg(test)]
+mod tests;
 
 /// Time a client has to log in after the upgrade.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,25 +41,6 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a shutdown waits for a session's requests to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deliveries read from the store per page.
-const PAGE: usize = 256;
-
-/// Who is logged in.
-#[derive(Debug, Clone, Copy)]
-pub struct Identity {
-    pub device: DeviceId,
-    pub account: AccountId,
-}
-
-fn error_frame(code: ErrorCode, message: &str, fatal: bool, request_id: u64) -> Frame {
-    Kind::Error(frame::Error {
-        code: code as i32,
-        message: message.into(),
-        fatal,
-        request_id,
-    })
-    .into()
-}
 
 async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
     writer.write_all(&codec::encode_to_bytes(frame)).await?;
@@ -82,8 +73,8 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// an `async fn`: the opening (upgrade, login, registration) runs boxed and is gone once the
 /// session is open, so the task of an idle connection holds the open session once and little
 /// else (an `async fn` keeps its arguments beside what they are moved into).
-pub fn start(
-    state: Shared,
+pub fn start<S: Store>(
+    state: Shared<S>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     challenge: [u8; 32],
     slot: Option<Slot>,
@@ -103,8 +94,8 @@ pub fn start(
 /// first), so an idle session holds no boxed stream; TLS runs on hyper's upgraded stream, and
 /// its sessions (rarer, and heavier anyway) are boxed so that plain ones are not sized for them.
 /// `None`: the connection is done.
-async fn open_upgraded(
-    state: Shared,
+async fn open_upgraded<S: Store>(
+    state: Shared<S>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     challenge: [u8; 32],
     slot: Option<Slot>,
@@ -139,18 +130,19 @@ async fn open_upgraded(
 }
 
 /// Logs the client in and registers its session. `None`: the connection is done.
-async fn open<S>(
-    state: Shared,
-    mut io: S,
+async fn open<S, Io>(
+    state: Shared<S>,
+    mut io: Io,
     mut buf: BytesMut,
     challenge: [u8; 32],
     slot: Option<Slot>,
-) -> Option<Live<S>>
+) -> Option<Live<S, Io>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Store,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
-    let silence_ms = 3_000 * u64::from(state.config.heartbeat_seconds);
+    let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
     let mut live = Live {
         state,
         identity,
@@ -161,7 +153,7 @@ where
         registration: None,
         tasks: None,
         send_order: None,
-        silence_ms,
+        heartbeat_interval,
         _slot: slot,
     };
     // The deadline is set before the hub's sweep can see the session.
@@ -181,8 +173,7 @@ where
             receipts: true,
         });
     if backlog.receipts {
-        let receipts =
-            requests::send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
+        let receipts = send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
         live.tasks().spawn(receipts);
     }
     if listen && backlog.queued {
@@ -199,14 +190,14 @@ enum End {
 }
 
 /// A logged-in session's state, kept across its idle waits and busy stretches.
-struct Live<S> {
-    state: Shared,
+struct Live<S: Store, Io> {
+    state: Shared<S>,
     identity: Identity,
     listen: bool,
     /// The connection, whole: a read waits (in the idle wait or the busy stretch's select) and
     /// writes run after it, never both at once, so it needs no split (whose shared half would
     /// cost an allocation per session).
-    io: S,
+    io: Io,
     /// Bytes read and not yet decoded.
     buf: BytesMut,
     tx: Outbox,
@@ -216,17 +207,19 @@ struct Live<S> {
     /// (an empty `JoinSet` still holds an allocation).
     tasks: Option<JoinSet<()>>,
     /// Made at the first send: a session that only listens never needs one.
-    send_order: Option<Arc<requests::SendOrder>>,
-    /// How long the session may stay silent: three heartbeat intervals. Its deadline is kept in
-    /// its mailbox, where the hub's sweep reads it.
-    silence_ms: u64,
+    send_order: Option<Arc<SendOrder>>,
+    /// The interval between the client's heartbeats; the session may stay silent for
+    /// [`heartbeat::MISSED_BEATS`] of them. Its deadline is kept in its mailbox, where the hub's
+    /// sweep reads it.
+    heartbeat_interval: Millis,
     /// The connection's place under the connection limit, given back when the session ends.
     _slot: Option<Slot>,
 }
 
-impl<S> Live<S>
+impl<S, Io> Live<S, Io>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Store,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     /// Serves the session, then ends it. Not an `async fn` taking `self`: that would keep the
     /// session twice in the task (the argument and the local it is moved into); the block below
@@ -270,7 +263,8 @@ where
 
     /// A frame was read: the heartbeat deadline moves on.
     fn heard(&mut self) {
-        self.tx.heard_until(clock_ms() + self.silence_ms);
+        let deadline = heartbeat::deadline(session_ms(), self.heartbeat_interval);
+        self.tx.heard_until(deadline);
     }
 
     fn is_idle(&self) -> bool {
@@ -309,7 +303,7 @@ where
                 if self.state.shutdown.is_cancelled() {
                     return Poll::Ready(false);
                 }
-                if self.tx.lapsed(clock_ms()) {
+                if self.tx.lapsed(session_ms()) {
                     tracing::debug!("session closed: heartbeat lapsed");
                     return Poll::Ready(false);
                 }
@@ -403,24 +397,10 @@ where
     async fn serve_input(&mut self, out: &mut BytesMut) -> Option<End> {
         loop {
             match codec::decode(&mut self.buf) {
-                Ok(Some(frame)) => {
-                    if let Some(reply) = handle(
-                        &self.state,
-                        self.identity,
-                        frame,
-                        &self.tx,
-                        self.tasks.get_or_insert_with(JoinSet::new),
-                        &mut self.send_order,
-                    ) {
-                        codec::encode(&reply, out);
-                    }
-                }
+                Ok(Some(frame)) => self.dispatch(frame, out),
                 Ok(None) => break,
                 Err(e) => {
-                    codec::encode(
-                        &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
-                        out,
-                    );
+                    codec::encode(&fatal(ErrorCode::Protocol, e.to_string()), out);
                     let _ = self.io.write_all(out).await;
                     let _ = self.io.shutdown().await;
                     return Some(End::Abort);
@@ -434,6 +414,31 @@ where
             return Some(End::Close);
         }
         None
+    }
+
+    /// Serves one frame: answered at once into `out` when that needs nothing else (a ping, a
+    /// frame that is not a request), otherwise run as a task of the session.
+    fn dispatch(&mut self, frame: Frame, out: &mut BytesMut) {
+        let request = match Request::from_frame(frame) {
+            Ok(request) => request,
+            Err(not_a_request) => {
+                if let Some(complaint) = not_a_request.complaint() {
+                    codec::encode(&error(ErrorCode::Protocol, complaint, 0), out);
+                }
+                return;
+            }
+        };
+        if let Some(answer) = request.inline_answer() {
+            codec::encode(&answer, out);
+            return;
+        }
+        let task = request.run(
+            self.state.clone(),
+            self.identity,
+            self.tx.clone(),
+            &mut self.send_order,
+        );
+        self.tasks().spawn(task);
     }
 
     /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
@@ -471,14 +476,15 @@ where
 /// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
 /// is done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
 /// its state does not widen the session future that every idle connection keeps.
-async fn log_in<S>(
-    state: &Shared,
-    io: &mut S,
+async fn log_in<S, Io>(
+    state: &Shared<S>,
+    io: &mut Io,
     buf: &mut BytesMut,
     challenge: &[u8; 32],
 ) -> Option<(Identity, bool)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Store,
+    Io: AsyncRead + AsyncWrite + Unpin,
 {
     let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(io, buf)).await {
         Ok(Ok(Some(Frame {
@@ -486,24 +492,12 @@ where
         }))) => login,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
-            let _ = write_frame(
-                io,
-                &error_frame(ErrorCode::Protocol, &e.to_string(), true, 0),
-            )
-            .await;
+            let _ = write_frame(io, &fatal(ErrorCode::Protocol, e.to_string())).await;
             return None;
         }
         Ok(Ok(Some(_))) => {
-            let _ = write_frame(
-                io,
-                &error_frame(
-                    ErrorCode::Protocol,
-                    "the first frame must be Login",
-                    true,
-                    0,
-                ),
-            )
-            .await;
+            let complaint = fatal(ErrorCode::Protocol, "the first frame must be Login");
+            let _ = write_frame(io, &complaint).await;
             return None;
         }
         Err(_) => return None,
@@ -512,7 +506,7 @@ where
     let (identity, keys) = match authenticate(state, &login, challenge).await {
         Ok(authenticated) => authenticated,
         Err((code, message)) => {
-            let _ = write_frame(io, &error_frame(code, message, true, 0)).await;
+            let _ = write_frame(io, &fatal(code, message)).await;
             return None;
         }
     };
@@ -537,7 +531,7 @@ async fn join_next(tasks: &mut Option<JoinSet<()>>) -> Option<()> {
     }
 }
 
-async fn finish(state: &Shared, mut tasks: JoinSet<()>) {
+async fn finish<S: Store>(state: &Shared<S>, mut tasks: JoinSet<()>) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -546,13 +540,13 @@ async fn finish(state: &Shared, mut tasks: JoinSet<()>) {
 }
 
 /// Encodes an outbound message; true when the session must close after writing it.
-fn encode_outbound(message: Outbound, out: &mut BytesMut, state: &Shared) -> bool {
+fn encode_outbound<S: Store>(message: Outbound, out: &mut BytesMut, state: &Shared<S>) -> bool {
     match message {
         Outbound::Frame(frame) => {
             codec::encode(&frame, out);
             false
         }
-        Outbound::Deliver { frame, .. } => {
+        Outbound::Deliver(frame) => {
             state.metrics.deliveries.inc();
             codec::encode(&frame, out);
             false
@@ -570,8 +564,8 @@ fn encode_outbound(message: Outbound, out: &mut BytesMut, state: &Shared) -> boo
     }
 }
 
-async fn authenticate(
-    state: &Shared,
+async fn authenticate<S: Store>(
+    state: &Shared<S>,
     login: &frame::Login,
     challenge: &[u8; 32],
 ) -> Result<(Identity, tidings_store::KeyStatus), (ErrorCode, &'static str)> {
@@ -605,160 +599,4 @@ async fn authenticate(
         },
         keys,
     ))
-}
-
-/// Handles one frame. Cheap frames are answered inline; the rest become session tasks.
-fn handle(
-    state: &Shared,
-    identity: Identity,
-    frame: Frame,
-    tx: &Outbox,
-    tasks: &mut JoinSet<()>,
-    order: &mut Option<Arc<requests::SendOrder>>,
-) -> Option<Frame> {
-    let kind = frame.kind?;
-    match kind {
-        Kind::Ping(ping) => Some(Kind::Pong(frame::Pong { nonce: ping.nonce }).into()),
-        Kind::Send(send) => {
-            let order = order.get_or_insert_with(Arc::default);
-            let ticket = order.ticket();
-            tasks.spawn(requests::send(
-                state.clone(),
-                identity,
-                send,
-                tx.clone(),
-                Arc::clone(order),
-                ticket,
-            ));
-            None
-        }
-        Kind::Ack(ack) => {
-            tasks.spawn(requests::ack(state.clone(), identity, ack, tx.clone()));
-            None
-        }
-        Kind::ReceiptAck(receipt) => {
-            tasks.spawn(requests::receipt_ack(state.clone(), identity, receipt));
-            None
-        }
-        Kind::Lookup(lookup) => {
-            tasks.spawn(requests::lookup(
-                state.clone(),
-                identity,
-                lookup,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::Devices(request) => {
-            tasks.spawn(requests::devices(
-                state.clone(),
-                identity,
-                request,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::Disable(request) => {
-            tasks.spawn(requests::disable(
-                state.clone(),
-                identity,
-                request,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::Withdraw(request) => {
-            tasks.spawn(requests::withdraw(
-                state.clone(),
-                identity,
-                request,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::KeysUpload(upload) => {
-            tasks.spawn(directory::upload(
-                state.clone(),
-                identity,
-                upload,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::KeysClaim(claim) => {
-            tasks.spawn(directory::claim(state.clone(), identity, claim, tx.clone()));
-            None
-        }
-        Kind::LinkCodeRequest(request) => {
-            tasks.spawn(directory::link_code(
-                state.clone(),
-                identity,
-                request,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::RemoveDevice(request) => {
-            tasks.spawn(directory::remove(
-                state.clone(),
-                identity,
-                request,
-                tx.clone(),
-            ));
-            None
-        }
-        Kind::Vouch(vouch) => {
-            tasks.spawn(directory::vouch(state.clone(), identity, vouch, tx.clone()));
-            None
-        }
-        Kind::Login(_) => Some(error_frame(
-            ErrorCode::Protocol,
-            "already logged in",
-            false,
-            0,
-        )),
-        _ => Some(error_frame(
-            ErrorCode::Protocol,
-            "this frame is sent by servers, not clients",
-            false,
-            0,
-        )),
-    }
-}
-
-/// Sends every stored copy waiting for the device, oldest first.
-async fn drain_queue(state: Shared, device: DeviceId, tx: Outbox) {
-    let mut after = 0;
-    loop {
-        let page = match state.store.pending(device, after, PAGE, now_ms()).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read a device queue");
-                return;
-            }
-        };
-        let full = page.len() == PAGE;
-        for pending in page {
-            after = pending.seq;
-            let frame = requests::deliver_frame(
-                pending.sender_device,
-                pending.id,
-                pending.sent_at,
-                pending.payload,
-            );
-            if tx
-                .send(Outbound::Deliver {
-                    seq: pending.seq,
-                    frame,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        if !full {
-            return;
-        }
-    }
 }

@@ -1,4 +1,7 @@
 //! What every handler shares: configuration, store, keys, live sessions, limits and metrics.
+//!
+//! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`]): a
+//! restart forgets them, and nothing here is ever written to storage or logged.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,7 +12,7 @@ use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
 use tidings_core::{Millis, MINUTE};
 use tidings_proto::id::DeviceId;
-use tidings_store::AccountId;
+use tidings_store::{AccountId, Store};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,9 +22,6 @@ use crate::hub::Hub;
 use crate::keys::ServerKeys;
 use crate::metrics::Metrics;
 
-/// The storage engine this build runs on. Handlers use it only through `tidings_store::Store`.
-pub type Db = tidings_store::sqlite::SqliteStore;
-
 /// Most message copies waiting for one device.
 pub const QUEUE_LIMIT: u32 = 10_000;
 /// The period of the per-address registration limits.
@@ -29,11 +29,11 @@ pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
 
-/// Shared server state.
+/// Shared server state, over any storage engine: handlers reach stored data only through `S`.
 #[derive(Debug)]
-pub struct State {
+pub struct State<S: Store> {
     pub config: ServerConfig,
-    pub store: Db,
+    pub store: S,
     pub keys: ServerKeys,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
@@ -63,14 +63,6 @@ pub struct LinkOffer {
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
-
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
-        .unwrap_or(0)
-}
 
 /// Records an event for `address` in a sliding-window limiter; `Err` carries the wait.
 pub fn check_window(
@@ -115,7 +107,31 @@ pub fn take_budget(
         .try_take(n, now)
 }
 
-impl State {
+impl<S: Store> State<S> {
+    /// The state of a server that has not started yet: no session, no limiter entry.
+    pub fn new(config: ServerConfig, store: S, keys: ServerKeys, metrics: Arc<Metrics>) -> Self {
+        let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
+        Self {
+            code_policy: config.code_policy,
+            config,
+            store,
+            keys,
+            hub: Arc::default(),
+            metrics,
+            gateway,
+            retention: Retention::default(),
+            code_requests: Mutex::default(),
+            verify_requests: Mutex::default(),
+            lookup_budgets: Mutex::default(),
+            claim_budgets: Mutex::default(),
+            link_offers: Mutex::default(),
+            send_budgets: Mutex::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            openapi_json: std::sync::OnceLock::new(),
+        }
+    }
+
     /// The limit on code requests per client address.
     pub fn codes_per_address(&self) -> Window {
         Window {
@@ -155,4 +171,4 @@ impl State {
 }
 
 /// Shared state as handlers hold it.
-pub type Shared = Arc<State>;
+pub type Shared<S> = Arc<State<S>>;

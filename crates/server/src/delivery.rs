@@ -1,0 +1,224 @@
+//! What reaches a device and how it settles: delivering its stored queue and receipts, its
+//! acknowledgements (which delete the copy and tell the sender), the receipts it has taken, and
+//! a sender's withdraw of a message it sent by SMS instead.
+//!
+//! A copy is deleted the moment its device acknowledges it, and nothing here keeps a delivered
+//! message anywhere. Nothing here logs a payload or a key.
+
+use bytes::Bytes;
+use tidings_core::fallback::Withdrawal;
+use tidings_core::Millis;
+use tidings_proto::frame::{self, AckStatus, ErrorCode, Frame, Kind, ReceiptKind, WithdrawState};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_store::{Acked, Store};
+
+use crate::clock::now_ms;
+use crate::hub::{Outbound, Outbox};
+use crate::identity::Identity;
+use crate::metrics::Outcome;
+use crate::reply::{error, reply, storage_unavailable};
+use crate::state::Shared;
+
+#[cfg(test)]
+mod tests;
+
+/// Deliveries read from the store per page.
+const PAGE: usize = 256;
+
+/// The frame that delivers one stored copy.
+pub fn deliver_frame(
+    sender_device: DeviceId,
+    id: MessageId,
+    sent_at: Millis,
+    payload: Bytes,
+) -> Frame {
+    Kind::Deliver(frame::Deliver {
+        sender_device: sender_device.as_bytes().to_vec(),
+        id: id.as_bytes().to_vec(),
+        sent_at_ms: sent_at,
+        payload,
+    })
+    .into()
+}
+
+/// Sends every stored copy waiting for the device, oldest first.
+pub async fn drain_queue<S: Store>(state: Shared<S>, device: DeviceId, outbox: Outbox) {
+    let mut after = 0;
+    loop {
+        let page = match state.store.pending(device, after, PAGE, now_ms()).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a device queue");
+                return;
+            }
+        };
+        let full = page.len() == PAGE;
+        for pending in page {
+            after = pending.seq;
+            let frame = deliver_frame(
+                pending.sender_device,
+                pending.id,
+                pending.sent_at,
+                pending.payload,
+            );
+            if outbox.send(Outbound::Deliver(frame)).await.is_err() {
+                return;
+            }
+        }
+        if !full {
+            return;
+        }
+    }
+}
+
+/// Sends the receipts stored for a device that just logged in.
+pub async fn send_pending_receipts<S: Store>(state: Shared<S>, device: DeviceId, outbox: Outbox) {
+    match state.store.receipts(device).await {
+        Ok(receipts) => {
+            for receipt in receipts {
+                let frame = Kind::Receipt(frame::Receipt {
+                    id: receipt.id.as_bytes().to_vec(),
+                    kind: receipt.kind as i32,
+                })
+                .into();
+                if outbox.send(Outbound::Frame(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read pending receipts"),
+    }
+}
+
+/// Handles `Ack`: deletes the device's copy, tells the sender, answers `AckResult`.
+pub async fn ack<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    ack: frame::Ack,
+    outbox: &Outbox,
+) {
+    let (Some(sender_device), Some(id)) = (
+        DeviceId::from_slice(&ack.sender_device),
+        MessageId::from_slice(&ack.id),
+    ) else {
+        let message = "ack needs a 16-byte sender_device and id";
+        return reply(outbox, error(ErrorCode::InvalidRequest, message, 0)).await;
+    };
+    // The sender's receipt goes as soon as the acknowledgement has executed; the receiver's
+    // `CONFIRMED` (after which it shows the message) only once it is durable. The message itself
+    // was durable before it was pushed, so a crash between the two loses nothing: the copy is
+    // delivered again, acknowledged again, and the receipt sent again (the sender ignores a
+    // second one), while a withdraw in between still finds the message undelivered.
+    //
+    // A sender session that registers after the early receipt but before the sync may read the
+    // store too early to see the receipt, so the sessions registered since are offered it again
+    // after the sync (a second copy would be ignored).
+    let acked = match state
+        .store
+        .ack_staged(identity.device, sender_device, id)
+        .await
+    {
+        Ok(mut staged) => {
+            let receipt = || -> Frame {
+                Kind::Receipt(frame::Receipt {
+                    id: id.as_bytes().to_vec(),
+                    kind: ReceiptKind::Delivered as i32,
+                })
+                .into()
+            };
+            let newer = match staged.executed().await {
+                Some(Acked::Confirmed { first: true }) => {
+                    Some(state.hub.notify_from(&sender_device, &receipt(), 0))
+                }
+                _ => None,
+            };
+            let durable = staged.durable().await;
+            if let (Some(newer), Ok(_)) = (newer, &durable) {
+                state.hub.notify_from(&sender_device, &receipt(), newer);
+            }
+            durable
+        }
+        Err(e) => Err(e),
+    };
+    let status = match acked {
+        Ok(Acked::Confirmed { .. }) => AckStatus::Confirmed,
+        Ok(Acked::Unknown) => AckStatus::Unknown,
+        Ok(Acked::Withdrawn) => AckStatus::Withdrawn,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage write failed during an ack");
+            return reply(outbox, storage_unavailable("acknowledge again", 0)).await;
+        }
+    };
+    state
+        .metrics
+        .acks
+        .get_or_create(&Outcome {
+            outcome: match status {
+                AckStatus::Confirmed => "confirmed",
+                AckStatus::Unknown => "unknown",
+                AckStatus::Withdrawn => "withdrawn",
+            },
+        })
+        .inc();
+    reply(
+        outbox,
+        Kind::AckResult(frame::AckResult {
+            sender_device: ack.sender_device,
+            id: ack.id,
+            status: status as i32,
+        }),
+    )
+    .await;
+}
+
+/// Handles `ReceiptAck`: the receipt is deleted; nothing is answered.
+pub async fn receipt_ack<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    receipt: frame::ReceiptAck,
+) {
+    if let Some(id) = MessageId::from_slice(&receipt.id) {
+        if let Err(e) = state.store.ack_receipt(identity.device, id).await {
+            tracing::warn!(error = %e, "storage write failed during a receipt ack");
+        }
+    }
+}
+
+/// Handles `Withdraw`: ends in delivered, withdrawn or unknown, decided by the store in one
+/// transaction so that it cannot interleave with an acknowledgement.
+pub async fn withdraw<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    request: frame::Withdraw,
+    outbox: &Outbox,
+) {
+    let Some(id) = MessageId::from_slice(&request.id) else {
+        let message = "withdraw needs a 16-byte id";
+        return reply(outbox, error(ErrorCode::InvalidRequest, message, 0)).await;
+    };
+    let withdrawal = match state.store.withdraw(identity.device, id).await {
+        Ok(withdrawal) => withdrawal,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage write failed during a withdraw");
+            return reply(outbox, storage_unavailable("withdraw again", 0)).await;
+        }
+    };
+    let (label, wire) = match withdrawal {
+        Withdrawal::Delivered => ("delivered", WithdrawState::Delivered),
+        Withdrawal::Withdrawn => ("withdrawn", WithdrawState::Withdrawn),
+        Withdrawal::Unknown => ("unknown", WithdrawState::Unknown),
+    };
+    state
+        .metrics
+        .withdrawals
+        .get_or_create(&Outcome { outcome: label })
+        .inc();
+    reply(
+        outbox,
+        Kind::WithdrawResult(frame::WithdrawResult {
+            id: request.id,
+            state: wire as i32,
+        }),
+    )
+    .await;
+}

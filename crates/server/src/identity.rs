@@ -1,0 +1,14 @@
+//! Who is logged in on a session: the device that proved its key at login, and its account.
+//!
+//! Made only by the session's login, after the signature over the server's challenge verified;
+//! every request handler acts for exactly this device and never for one named in a frame.
+
+use tidings_proto::id::DeviceId;
+use tidings_store::AccountId;
+
+/// Who is logged in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub device: DeviceId,
+    pub account: AccountId,
+}

@@ -1,0 +1,185 @@
+//! The two requests that reveal whether a number is a user: a lookup (online, offline, not a
+//! user) and the device list of a number. Both draw from one per-device budget, so neither is a
+//! free way to enumerate numbers (promise P8).
+//!
+//! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
+//! who asked (promise P4).
+
+use tidings_core::HOUR;
+use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
+use tidings_proto::id::DeviceId;
+use tidings_proto::number::E164;
+use tidings_proto::MAX_LOOKUP_NUMBERS;
+use tidings_store::Store;
+
+use crate::clock::now_ms;
+use crate::hub::Outbox;
+use crate::identity::Identity;
+use crate::reply::{error, reply, storage_unavailable};
+use crate::state::{take_budget, Shared};
+
+#[cfg(test)]
+mod tests;
+
+const BUDGET_USED_UP: &str = "lookup budget used up: try again later";
+
+fn take_lookup_budget<S: Store>(state: &Shared<S>, device: DeviceId, n: usize) -> bool {
+    let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    take_budget(
+        &state.lookup_budgets,
+        device,
+        n,
+        state.config.lookup_burst,
+        per_second,
+        now_ms(),
+    )
+    .is_ok()
+}
+
+/// Handles `Lookup`: the presence of each number, in order.
+pub async fn lookup<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    lookup: frame::Lookup,
+    outbox: &Outbox,
+) {
+    let request_id = lookup.request_id;
+    if lookup.numbers.len() > MAX_LOOKUP_NUMBERS {
+        let message = format!("at most {MAX_LOOKUP_NUMBERS} numbers per lookup");
+        return reply(
+            outbox,
+            error(ErrorCode::InvalidRequest, message, request_id),
+        )
+        .await;
+    }
+    if !take_lookup_budget(state, identity.device, lookup.numbers.len()) {
+        return reply(
+            outbox,
+            error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
+        )
+        .await;
+    }
+    state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
+    let Ok(presences) = presences(state, &lookup.numbers).await else {
+        return reply(outbox, storage_unavailable("try again", request_id)).await;
+    };
+    let entries = lookup
+        .numbers
+        .into_iter()
+        .zip(presences)
+        .map(|(number, presence)| frame::LookupEntry {
+            number,
+            presence: presence as i32,
+        })
+        .collect();
+    reply(
+        outbox,
+        Kind::LookupResult(frame::LookupResult {
+            request_id,
+            entries,
+        }),
+    )
+    .await;
+}
+
+/// The presence of each number, in order. The pseudonyms are computed on the blocking pool (up
+/// to 1,000 parses and OPRF evaluations when none is cached: tens of milliseconds that must not
+/// hold up the sessions sharing a runtime thread) and the accounts read in one store call.
+async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Vec<Presence>, ()> {
+    let computing = state.clone();
+    let numbers = numbers.to_vec();
+    let pseudonyms: Vec<Option<_>> = tokio::task::spawn_blocking(move || {
+        numbers
+            .iter()
+            .map(|number| computing.keys.pseudonym_of(number))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|_| ())?
+    .map_err(|_| ())?;
+    let wanted: Vec<_> = pseudonyms.iter().flatten().copied().collect();
+    let mut accounts = state
+        .store
+        .accounts(wanted)
+        .await
+        .map_err(|_| ())?
+        .into_iter();
+    Ok(pseudonyms
+        .iter()
+        .map(
+            |pseudonym| match pseudonym.and_then(|_| accounts.next().flatten()) {
+                None => Presence::NotAUser,
+                Some(account)
+                    if state
+                        .hub
+                        .count_online(account.devices.iter().map(|(d, _)| d))
+                        > 0 =>
+                {
+                    Presence::Online
+                }
+                Some(_) => Presence::Offline,
+            },
+        )
+        .collect())
+}
+
+/// Handles `DevicesRequest`: the devices of a number, with the keys they published (none for a
+/// number that is not a user or not valid).
+pub async fn devices<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    request: frame::DevicesRequest,
+    outbox: &Outbox,
+) {
+    let request_id = request.request_id;
+    if !take_lookup_budget(state, identity.device, 1) {
+        return reply(
+            outbox,
+            error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
+        )
+        .await;
+    }
+    let mut device_ids = Vec::new();
+    let mut devices = Vec::new();
+    if let Ok(number) = E164::parse(&request.number) {
+        let Ok(pseudonym) = state.keys.pseudonym(&number) else {
+            return;
+        };
+        let listed = match state.store.account(pseudonym).await {
+            Ok(Some(account)) => state.store.device_keys(account.account).await.map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let Ok(listed) = listed else {
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
+        };
+        for device in listed.into_iter().flatten() {
+            device_ids.push(device.id.as_bytes().to_vec());
+            if let Some(keys) = device.identity {
+                devices.push(frame::DeviceKeys {
+                    device_id: device.id.as_bytes().to_vec(),
+                    identity_key: keys.identity_key.to_vec(),
+                    signing_key: keys.signing_key.to_vec(),
+                    voucher: device
+                        .voucher
+                        .map(|v| v.by.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                    voucher_signature: device
+                        .voucher
+                        .map(|v| v.signature.to_vec())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+    }
+    reply(
+        outbox,
+        Kind::DeviceList(frame::DeviceList {
+            request_id,
+            device_ids,
+            devices,
+        }),
+    )
+    .await;
+}

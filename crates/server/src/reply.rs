@@ -1,0 +1,45 @@
+//! How a session answers: the one way an answer leaves a request handler ([`reply`]), and the
+//! one shape of an error frame ([`error`], [`fatal`]).
+//!
+//! An error's message is for the person at the client: it says what to do next and never
+//! repeats a number, a key, a code or a payload from the request it answers.
+
+use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
+
+use crate::hub::{Outbound, Outbox};
+
+/// Queues an answer for the session, waiting for room. A session that is gone drops it: the
+/// request's effect stands, and its client learns of it on its next login.
+pub async fn reply(outbox: &Outbox, answer: impl Into<Frame>) {
+    let _ = outbox.send(Outbound::Frame(answer.into())).await;
+}
+
+/// An error answer to the request `request_id` (0: to none in particular); the session goes on.
+pub fn error(code: ErrorCode, message: impl Into<String>, request_id: u64) -> Frame {
+    error_frame(code, message.into(), false, request_id)
+}
+
+/// The answer to a request that storage could not serve; `retry` says what to do next, such as
+/// "try again" or "upload again".
+pub fn storage_unavailable(retry: &str, request_id: u64) -> Frame {
+    error(
+        ErrorCode::Unavailable,
+        format!("storage unavailable: {retry}"),
+        request_id,
+    )
+}
+
+/// An error after which the session ends.
+pub fn fatal(code: ErrorCode, message: impl Into<String>) -> Frame {
+    error_frame(code, message.into(), true, 0)
+}
+
+fn error_frame(code: ErrorCode, message: String, fatal: bool, request_id: u64) -> Frame {
+    Kind::Error(frame::Error {
+        code: code as i32,
+        message,
+        fatal,
+        request_id,
+    })
+    .into()
+}

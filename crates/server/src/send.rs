@@ -1,0 +1,321 @@
+//! A session's sends: each is checked, decided (`tidings_core::routing`), handed to storage and,
+//! once durable, pushed to the receiver's live sessions, in the order the session read them.
+//!
+//! Sends are decided concurrently; only the hand-over to storage and the push wait for their
+//! turn ([`SendOrder`]), and the syncs themselves are shared (group commit). A copy is pushed
+//! only after it is durable, so a crash never loses a message a sender was told was stored.
+//! Nothing here logs a number, a payload or a key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tidings_core::routing::{self, Decision, Receiver};
+use tidings_core::Millis;
+use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES};
+use tidings_store::{DeviceDifference, Enqueued, NewMessage, Store, StoreError};
+use tokio::sync::Notify;
+
+use crate::clock::now_ms;
+use crate::delivery::deliver_frame;
+use crate::hub::Outbox;
+use crate::identity::Identity;
+use crate::metrics::Outcome;
+use crate::reply::reply;
+use crate::state::{take_budget, Shared, QUEUE_LIMIT};
+
+#[cfg(test)]
+mod tests;
+
+/// Keeps a session's sends in the order their frames arrived where order matters: when each is
+/// handed to storage (so the receiver's queue holds them in the sender's order) and when each is
+/// pushed to the receiver's live sessions. End-to-end encryption needs it: a receiver's Olm
+/// session keeps only a few dozen skipped message keys, so messages reordered further than that
+/// could no longer be decrypted. The syncs themselves are still shared (group commit).
+#[derive(Debug, Default)]
+pub struct SendOrder {
+    issued: AtomicU64,
+    hand_over: Lane,
+    push: Lane,
+}
+
+impl SendOrder {
+    /// The place of the next send frame in `order` (made at a session's first send: a session
+    /// that only listens never needs one), taken when the frame is read.
+    pub fn next_place(order: &mut Option<Arc<SendOrder>>) -> Place {
+        let order = Arc::clone(order.get_or_insert_with(Arc::default));
+        let ticket = order.issued.fetch_add(1, Ordering::AcqRel);
+        Place { order, ticket }
+    }
+}
+
+/// A send's place among its session's sends.
+#[derive(Debug)]
+pub struct Place {
+    order: Arc<SendOrder>,
+    ticket: u64,
+}
+
+/// One ordered step: tickets pass it one after the other.
+#[derive(Debug, Default)]
+struct Lane {
+    current: AtomicU64,
+    passed: Notify,
+}
+
+impl Lane {
+    async fn wait(&self, ticket: u64) -> Turn<'_> {
+        loop {
+            let passed = self.passed.notified();
+            tokio::pin!(passed);
+            passed.as_mut().enable();
+            if self.current.load(Ordering::Acquire) == ticket {
+                return Turn { lane: self };
+            }
+            passed.await;
+        }
+    }
+}
+
+/// A send's turn in a lane; the next send's turn begins when this is dropped (on every path,
+/// early answers included).
+struct Turn<'a> {
+    lane: &'a Lane,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.lane.current.fetch_add(1, Ordering::AcqRel);
+        self.lane.passed.notify_waiters();
+    }
+}
+
+/// Handles `Send`, in its turn among the session's sends (see [`SendOrder`]), and answers
+/// `SendResult`.
+pub async fn send<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    send: frame::Send,
+    outbox: &Outbox,
+    place: Place,
+) {
+    let id_bytes = send.id.clone();
+    let stored = decide_and_store(state, identity, send, &place).await;
+    let (outcome, detail, difference) = match stored {
+        Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
+        Stored::DevicesChanged(difference) => (
+            SendOutcome::DevicesChanged,
+            format!(
+                "the copies do not match the devices: {} of the receiver and {} of yours have none, {} are not wanted",
+                difference.missing.len(),
+                difference.missing_own.len(),
+                difference.extra.len()
+            ),
+            difference,
+        ),
+    };
+    let ids = |devices: &[DeviceId]| devices.iter().map(|d| d.as_bytes().to_vec()).collect();
+    state
+        .metrics
+        .sends
+        .get_or_create(&Outcome {
+            outcome: outcome.as_str(),
+        })
+        .inc();
+    reply(
+        outbox,
+        Kind::SendResult(frame::SendResult {
+            id: id_bytes,
+            outcome: outcome as i32,
+            detail,
+            missing_devices: ids(&difference.missing),
+            missing_own_devices: ids(&difference.missing_own),
+            extra_devices: ids(&difference.extra),
+        }),
+    )
+    .await;
+}
+
+/// What deciding and storing a send came to.
+enum Stored {
+    Answer(SendOutcome, String),
+    DevicesChanged(DeviceDifference),
+}
+
+/// Checks the copies' shape: device ids, no device twice, the bounds.
+fn parse_copies(send: &frame::Send) -> Result<Vec<(DeviceId, Bytes)>, String> {
+    if !send.payload.is_empty() {
+        return Err(
+            "plaintext payloads are not accepted: send one encrypted copy per device (update the client)"
+                .into(),
+        );
+    }
+    if send.copies.len() > MAX_COPIES {
+        return Err(format!("at most {MAX_COPIES} copies per message"));
+    }
+    let total: usize = send.copies.iter().map(|c| c.payload.len()).sum();
+    if total > MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "the copies together exceed {MAX_PAYLOAD_BYTES} bytes"
+        ));
+    }
+    let mut copies: Vec<(DeviceId, Bytes)> = Vec::with_capacity(send.copies.len());
+    for copy in &send.copies {
+        let Some(device) = DeviceId::from_slice(&copy.device_id) else {
+            return Err("copy device ids must be 16 bytes".into());
+        };
+        if copies.iter().any(|(d, _)| *d == device) {
+            return Err("a device appears twice among the copies".into());
+        }
+        copies.push((device, copy.payload.clone()));
+    }
+    Ok(copies)
+}
+
+async fn decide_and_store<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    send: frame::Send,
+    place: &Place,
+) -> Stored {
+    // Sends are decided concurrently; only the hand-over to storage and the push wait for
+    // their turn. A send answered before storage still passes its turns, so later sends do not
+    // wait for it.
+    let mut handed_over = false;
+    let decided = decide_and_enqueue(state, identity, send, place, &mut handed_over).await;
+    let order = &place.order;
+    if !handed_over {
+        drop(order.hand_over.wait(place.ticket).await);
+    }
+    let _push_turn = order.push.wait(place.ticket).await;
+    match decided {
+        Ok((stored, (sender, id, sent_at, copies))) => {
+            for (device, payload) in copies {
+                let frame = deliver_frame(sender, id, sent_at, payload);
+                state.hub.deliver(&device, &frame);
+            }
+            stored
+        }
+        Err(stored) => stored,
+    }
+}
+
+/// A stored message's copies, to push to live sessions: sender device, id, time, copies.
+type Push = (DeviceId, MessageId, Millis, Vec<(DeviceId, Bytes)>);
+
+/// Decides a send and stores it. `Ok` holds what to push; `Err` the answer when nothing is
+/// pushed (refused, a duplicate, or failed).
+async fn decide_and_enqueue<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    send: frame::Send,
+    place: &Place,
+    handed_over: &mut bool,
+) -> Result<(Stored, Push), Stored> {
+    let answer = |outcome, detail: &str| Err(Stored::Answer(outcome, detail.to_string()));
+    let Some(id) = MessageId::from_slice(&send.id) else {
+        return answer(SendOutcome::Invalid, "id must be 16 bytes");
+    };
+    let copies = match parse_copies(&send) {
+        Ok(copies) => copies,
+        Err(detail) => return Err(Stored::Answer(SendOutcome::Invalid, detail)),
+    };
+    let Ok(mode) = SendMode::try_from(send.mode) else {
+        return answer(SendOutcome::Invalid, "unknown send mode");
+    };
+    let now = now_ms();
+    if take_budget(
+        &state.send_budgets,
+        identity.device,
+        1,
+        state.config.send_burst,
+        f64::from(state.config.send_per_second),
+        now,
+    )
+    .is_err()
+    {
+        return answer(SendOutcome::RateLimited, "too many messages: slow down");
+    }
+    let pseudonym = match state.keys.pseudonym_of(&send.to) {
+        Ok(Some(pseudonym)) => pseudonym,
+        Ok(None) => {
+            return answer(
+                SendOutcome::Invalid,
+                "the receiver is not a valid phone number",
+            )
+        }
+        Err(_) => {
+            return answer(
+                SendOutcome::Unavailable,
+                "the receiver cannot be looked up now",
+            )
+        }
+    };
+    let route = match state.store.route(pseudonym).await {
+        Ok(route) => route,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage read failed during a send");
+            return answer(SendOutcome::Unavailable, "storage unavailable: try again");
+        }
+    };
+    let receiver = match &route {
+        None => Receiver::NotAUser,
+        Some(route) => Receiver::User {
+            devices_online: state.hub.count_online(&route.devices),
+        },
+    };
+    let (outcome, expires_at) =
+        match routing::decide(&state.retention, mode, send.ttl_seconds, receiver, now) {
+            Decision::Refuse(outcome) => return answer(outcome, ""),
+            Decision::Store {
+                outcome,
+                expires_at,
+            } => (outcome, expires_at),
+        };
+    let Some(route) = route else {
+        return answer(SendOutcome::NotAUser, "");
+    };
+    let message = NewMessage {
+        sender_device: identity.device,
+        sender_account: identity.account,
+        id,
+        receiver: route.account,
+        sent_at: now,
+        expires_at,
+        copies: copies.clone(),
+    };
+    let turn = place.order.hand_over.wait(place.ticket).await;
+    let submitted = state.store.enqueue_submit(message, QUEUE_LIMIT).await;
+    // Handed over in order: the session's next send may go ahead while this one syncs.
+    *handed_over = true;
+    drop(turn);
+    let enqueued = match submitted {
+        Ok(submitted) => submitted.outcome().await,
+        Err(e) => Err(e),
+    };
+    match enqueued {
+        Ok(Enqueued::Stored) => {}
+        // The same id again: the copies were stored (and pushed) the first time.
+        Ok(Enqueued::Duplicate) => return answer(outcome, ""),
+        Ok(Enqueued::QueueFull) => return answer(SendOutcome::RefusedQueueFull, ""),
+        Ok(Enqueued::DevicesChanged(difference)) => return Err(Stored::DevicesChanged(difference)),
+        Err(StoreError::NoSuchAccount) => {
+            return answer(
+                SendOutcome::Unavailable,
+                "the receiver has no device with published keys yet: try again later",
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage write failed during a send");
+            return answer(SendOutcome::Unavailable, "storage unavailable: try again");
+        }
+    }
+    // Durable now: each copy goes to its device's live sessions (in the session's order). A
+    // device not online, or a session without room, gets its copy from its stored queue.
+    Ok((
+        Stored::Answer(outcome, String::new()),
+        (identity.device, id, now, copies),
+    ))
+}
