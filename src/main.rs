@@ -431,7 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &route_name,
                 fallback_after.unwrap_or(routing.fallback_after_seconds),
             )?;
-            if route == Route::IpOnly {
+            if route == Route::IP_QUEUED {
                 let mode = match mode {
                     Mode::Queue => SendMode::Queue,
                     Mode::NowOrNever => SendMode::NowOrNever,

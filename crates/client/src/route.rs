@@ -34,7 +34,7 @@ pub fn now_ms() -> Millis {
 pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
     Ok(match name {
         "auto" => Route::Auto,
-        "ip-only" => Route::IpOnly,
+        "ip-only" => Route::IP_QUEUED,
         "sms-only" => Route::SmsOnly,
         "queue-then-sms" => Route::QueueThenSms {
             after: fallback_after_seconds.saturating_mul(SECOND),
@@ -67,21 +67,30 @@ struct Stored {
     /// The last problem seen (gateway down, ...), for the user.
     #[serde(default)]
     detail: String,
+    /// Times the copies were made again because the devices changed.
+    #[serde(default)]
+    reencrypted: u32,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 enum StoredRoute {
     Auto,
-    IpOnly,
+    IpOnly {
+        #[serde(default)]
+        now_or_never: bool,
+    },
     SmsOnly,
-    QueueThenSms { after: Millis },
+    QueueThenSms {
+        after: Millis,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 enum StoredPhase {
     SendIp,
+    Reencrypt,
     AwaitingAnswer,
     AwaitingReceipt { until: Millis },
     Withdraw { at: Millis, attempt: u32 },
@@ -94,12 +103,15 @@ enum StoredPhase {
 fn store_state(outgoing: &Outgoing, detail: &str) -> String {
     let route = match outgoing.route {
         Route::Auto => StoredRoute::Auto,
-        Route::IpOnly => StoredRoute::IpOnly,
+        Route::IpOnly { mode } => StoredRoute::IpOnly {
+            now_or_never: mode == SendMode::NowOrNever,
+        },
         Route::SmsOnly => StoredRoute::SmsOnly,
         Route::QueueThenSms { after } => StoredRoute::QueueThenSms { after },
     };
     let phase = match outgoing.phase {
         Phase::SendIp => StoredPhase::SendIp,
+        Phase::Reencrypt => StoredPhase::Reencrypt,
         Phase::AwaitingAnswer => StoredPhase::AwaitingAnswer,
         Phase::AwaitingReceipt { until } => StoredPhase::AwaitingReceipt { until },
         Phase::Withdraw { at, attempt } => StoredPhase::Withdraw { at, attempt },
@@ -115,40 +127,45 @@ fn store_state(outgoing: &Outgoing, detail: &str) -> String {
         created: outgoing.created,
         phase,
         detail: detail.to_string(),
+        reencrypted: outgoing.reencrypted,
     };
     serde_json::to_string(&stored).unwrap_or_default()
 }
 
-/// Restores a stored state. Steps that were under way when the client stopped are made safe:
-/// an unanswered send or withdraw is withdrawn (again); an SMS handed to the transport is sent
-/// again (a stop exactly then may send it twice; it is never lost).
+/// Restores a stored state; the machine makes safe what was under way when the client stopped
+/// ([`Outgoing::resume`]).
 fn load_state(text: &str, policy: &Policy, now: Millis) -> Option<Outgoing> {
     let stored: Stored = serde_json::from_str(text).ok()?;
     let route = match stored.route {
         StoredRoute::Auto => Route::Auto,
-        StoredRoute::IpOnly => Route::IpOnly,
+        StoredRoute::IpOnly { now_or_never } => Route::IpOnly {
+            mode: if now_or_never {
+                SendMode::NowOrNever
+            } else {
+                SendMode::Queue
+            },
+        },
         StoredRoute::SmsOnly => Route::SmsOnly,
         StoredRoute::QueueThenSms { after } => Route::QueueThenSms { after },
     };
     let phase = match stored.phase {
         StoredPhase::SendIp => Phase::SendIp,
+        StoredPhase::Reencrypt => Phase::Reencrypt,
         StoredPhase::AwaitingAnswer => Phase::AwaitingAnswer,
         StoredPhase::AwaitingReceipt { until } => Phase::AwaitingReceipt { until },
         StoredPhase::Withdraw { at, attempt } => Phase::Withdraw { at, attempt },
         StoredPhase::Withdrawing { attempt } => Phase::Withdrawing { attempt },
         StoredPhase::Sms { at, attempt } => Phase::Sms { at, attempt },
-        StoredPhase::SendingSms { attempt } => Phase::Sms { at: now, attempt },
+        StoredPhase::SendingSms { attempt } => Phase::SendingSms { attempt },
         StoredPhase::Done { .. } => return None,
     };
-    let mut outgoing = Outgoing {
+    Outgoing {
         route,
         phase,
         created: stored.created,
-    };
-    if matches!(phase, Phase::AwaitingAnswer | Phase::Withdrawing { .. }) {
-        outgoing.handle(policy, Event::Unreachable { maybe_stored: true }, now);
+        reencrypted: stored.reencrypted,
     }
-    Some(outgoing)
+    .resume(policy, now)
 }
 
 struct Entry {
@@ -156,12 +173,7 @@ struct Entry {
     to: String,
     text: String,
     detail: String,
-    /// Times the server answered that the receiver's devices changed since the copies were made.
-    reencrypted: u32,
 }
-
-/// Times a send is encrypted again for a changed device list before it counts as refused.
-const MAX_REENCRYPT: u32 = 3;
 
 /// Where one message stands, for reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +232,6 @@ impl<'a> Router<'a> {
                         to,
                         text,
                         detail: String::new(),
-                        reencrypted: 0,
                     },
                 );
             }
@@ -259,7 +270,6 @@ impl<'a> Router<'a> {
                 to: to.to_string(),
                 text: text.to_string(),
                 detail: String::new(),
-                reencrypted: 0,
             },
         );
         self.persist(id)?;
@@ -301,11 +311,7 @@ impl<'a> Router<'a> {
         let now = now_ms();
         self.pending
             .values()
-            .filter_map(|entry| match entry.outgoing.clone().next(now) {
-                Action::Wait { until } if until != Millis::MAX => Some(until),
-                Action::Wait { .. } => None,
-                _ => Some(now),
-            })
+            .filter_map(|entry| entry.outgoing.wake_at(now))
             .min()
     }
 
@@ -344,20 +350,8 @@ impl<'a> Router<'a> {
         let Some(id) = MessageId::from_slice(id) else {
             return Ok(false);
         };
-        let Some(entry) = self.pending.get_mut(&id) else {
+        if !self.pending.contains_key(&id) {
             return Ok(false);
-        };
-        // The receiver's devices changed between encrypting and sending: nothing was stored, so
-        // encrypt for the current list and send again (a few times at most).
-        if event == Event::Answer(SendOutcome::DevicesChanged)
-            && entry.outgoing.phase == Phase::AwaitingAnswer
-        {
-            entry.reencrypted += 1;
-            if entry.reencrypted <= MAX_REENCRYPT {
-                entry.outgoing.phase = Phase::SendIp;
-                self.advance(id, session, None).await?;
-                return Ok(true);
-            }
         }
         self.advance(id, session, Some(event)).await?;
         Ok(true)
@@ -369,12 +363,7 @@ impl<'a> Router<'a> {
         let waiting: Vec<MessageId> = self
             .pending
             .iter()
-            .filter(|(_, e)| {
-                matches!(
-                    e.outgoing.phase,
-                    Phase::AwaitingAnswer | Phase::Withdrawing { .. }
-                )
-            })
+            .filter(|(_, e)| e.outgoing.awaits_server())
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
@@ -427,7 +416,7 @@ impl<'a> Router<'a> {
                     self.finished.insert(id, (outcome, detail));
                     return Ok(());
                 }
-                Action::SendIp(mode) => {
+                Action::SendIp(mode) | Action::Reencrypt(mode) => {
                     let (to, text) = (entry.to.clone(), entry.text.clone());
                     // Encrypted for every device of the receiver and this number's others,
                     // claiming keys first; the server only ever sees the copies.
@@ -528,7 +517,7 @@ async fn ensure_session<'s>(
 /// The IP-only mode for a route, for callers that bypass the router.
 pub fn ip_mode(route: Route) -> Option<SendMode> {
     match route {
-        Route::IpOnly => Some(SendMode::Queue),
+        Route::IpOnly { mode } => Some(mode),
         _ => None,
     }
 }
