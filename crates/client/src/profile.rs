@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::{ClientError, Result};
+use crate::{defaults, ClientError, Result};
 
 /// How the client trusts the server's certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +48,10 @@ pub struct Routing {
 impl Default for Routing {
     fn default() -> Self {
         Self {
-            route: "auto".into(),
-            fallback_after_seconds: 600,
-            receipt_timeout_seconds: 5,
-            max_sms_parts: 10,
+            route: defaults::ROUTE.into(),
+            fallback_after_seconds: defaults::FALLBACK_AFTER_SECONDS,
+            receipt_timeout_seconds: defaults::RECEIPT_TIMEOUT_SECONDS,
+            max_sms_parts: defaults::MAX_SMS_PARTS,
             sms: None,
         }
     }

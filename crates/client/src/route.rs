@@ -2,33 +2,31 @@
 //! session and the profile's SMS transport, and stores each message's state in the profile so a
 //! restarted client (`tidings listen`) resumes what was pending.
 //!
-//! The core decides; this module only performs the actions (send, withdraw, SMS) and reports the
-//! events back. A withdrawn message is never sent as SMS before the server has answered the
+//! The core decides; this module only performs the actions (send, re-encrypt, withdraw, SMS) and
+//! feeds the events back: it never sets a message's phase itself. The copies are made by
+//! [`crate::outgoing`]; this module depends on it and on [`Account`], never on the `Client` that
+//! embeds both. A withdrawn message is never sent as SMS before the server has answered the
 //! withdraw, so the receiver never gets a message twice.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
 use tidings_proto::frame::{self, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState};
 use tidings_proto::id::MessageId;
+use tidings_proto::number::E164;
+use tokio::time::Instant;
 
-use crate::client::Client;
+use crate::account::Account;
+use crate::clock::{instant_at, now_ms};
 use crate::inbox::Inbox;
+use crate::outgoing;
 use crate::profile::Routing;
 use crate::session::Session;
 use crate::{ClientError, Result};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
-        .unwrap_or(0)
-}
 
 /// Parses a route name from the profile or the command line.
 pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
@@ -45,6 +43,25 @@ pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
             )))
         }
     })
+}
+
+/// The route a send takes and its name: `chosen` (from the command line) if given, else the
+/// profile's. `auto` needs an SMS transport: a profile without one queues over IP instead.
+pub fn choose_route(
+    routing: &Routing,
+    chosen: Option<String>,
+    fallback_after_seconds: Option<u64>,
+) -> Result<(String, Route)> {
+    let name = match chosen {
+        Some(name) => name,
+        None if routing.route == "auto" && routing.sms.is_none() => "ip-only".to_string(),
+        None => routing.route.clone(),
+    };
+    let route = parse_route(
+        &name,
+        fallback_after_seconds.unwrap_or(routing.fallback_after_seconds),
+    )?;
+    Ok((name, route))
 }
 
 /// The name of an outcome in output and JSON.
@@ -187,7 +204,7 @@ pub struct Status {
 
 /// The outgoing messages of one profile and the means to move them along.
 pub struct Router<'a> {
-    client: &'a Client,
+    account: &'a Account,
     /// Its own handle on the profile's store (the caller keeps another for receiving).
     inbox: Inbox,
     policy: Policy,
@@ -206,8 +223,8 @@ impl std::fmt::Debug for Router<'_> {
 
 impl<'a> Router<'a> {
     /// A router with the profile's settings and its stored pending messages.
-    pub fn new(client: &'a Client, routing: &Routing, resume: bool) -> Result<Self> {
-        let inbox = client.inbox()?;
+    pub fn new(account: &'a Account, routing: &Routing, resume: bool) -> Result<Self> {
+        let inbox = account.inbox()?;
         let policy = Policy {
             receipt_timeout: routing.receipt_timeout_seconds.saturating_mul(SECOND),
             ..Policy::default()
@@ -237,7 +254,7 @@ impl<'a> Router<'a> {
             }
         }
         Ok(Self {
-            client,
+            account,
             inbox,
             policy,
             transport,
@@ -259,9 +276,7 @@ impl<'a> Router<'a> {
         text: &str,
         route: Route,
     ) -> Result<MessageId> {
-        let mut id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        let id = MessageId(id);
+        let id = outgoing::new_message_id();
         let outgoing = Outgoing::new(route, now_ms());
         self.pending.insert(
             id,
@@ -329,9 +344,10 @@ impl<'a> Router<'a> {
         let (id, event) = match kind {
             Kind::SendResult(result) => (
                 &result.id,
-                Event::Answer(
-                    SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid),
-                ),
+                match SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid) {
+                    SendOutcome::DevicesChanged => Event::DevicesChanged,
+                    answered => Event::Answer(answered),
+                },
             ),
             Kind::Receipt(receipt) => match ReceiptKind::try_from(receipt.kind) {
                 Ok(kind) => (&receipt.id, Event::Receipt(kind)),
@@ -420,7 +436,8 @@ impl<'a> Router<'a> {
                     let (to, text) = (entry.to.clone(), entry.text.clone());
                     // Encrypted for every device of the receiver and this number's others,
                     // claiming keys first; the server only ever sees the copies.
-                    let prepared = self.client.prepare_send(&to, &text, id).await;
+                    let prepared =
+                        outgoing::prepare_one(self.account, &to, &text, id, None, None).await;
                     let Some(entry) = self.pending.get_mut(&id) else {
                         return Ok(());
                     };
@@ -433,7 +450,7 @@ impl<'a> Router<'a> {
                         }
                         Ok(mut send) => {
                             send.mode = mode as i32;
-                            match ensure_session(self.client, session).await {
+                            match ensure_session(self.account, session).await {
                                 Err(e) => {
                                     entry.detail = e.to_string();
                                     Event::Unreachable {
@@ -456,7 +473,7 @@ impl<'a> Router<'a> {
                     let withdraw = Kind::Withdraw(frame::Withdraw {
                         id: id.as_bytes().to_vec(),
                     });
-                    let sent = match ensure_session(self.client, session).await {
+                    let sent = match ensure_session(self.account, session).await {
                         Ok(open) => open.send(withdraw).await,
                         Err(e) => Err(e),
                     };
@@ -477,7 +494,7 @@ impl<'a> Router<'a> {
                         )),
                         Some(transport) => {
                             let sms = Sms {
-                                from: self.client.number().to_string(),
+                                from: self.account.number().to_string(),
                                 to: entry.to.clone(),
                                 text: entry.text.clone(),
                             };
@@ -503,21 +520,54 @@ impl<'a> Router<'a> {
     }
 }
 
+/// Sends a text along `route` (IP, SMS fallback, or both in turn), waiting up to `wait` for it
+/// to finish. What is still pending then is kept in the profile and carried on by `listen`.
+pub async fn send_routed(
+    account: &Account,
+    to: &str,
+    text: &str,
+    route: Route,
+    wait: Duration,
+) -> Result<Status> {
+    let to = E164::parse(to)?;
+    let mut router = Router::new(account, account.routing(), false)?;
+    let mut session = None;
+    let id = router.start(&mut session, to.as_str(), text, route).await?;
+    let deadline = Instant::now() + wait;
+    while router.status(id).outcome.is_none() && Instant::now() < deadline {
+        let wake = router
+            .next_wake()
+            .map_or(deadline, |at| instant_at(at).min(deadline));
+        match session.as_mut() {
+            Some(open) => match open.recv(wake).await {
+                Ok(Some(kind)) => {
+                    if let Kind::Receipt(receipt) = &kind {
+                        open.send(Kind::ReceiptAck(frame::ReceiptAck {
+                            id: receipt.id.clone(),
+                        }))
+                        .await?;
+                    }
+                    router.on_frame(&kind, &mut session).await?;
+                }
+                Ok(None) => router.tick(&mut session).await?,
+                Err(_) => router.on_session_lost(&mut session).await?,
+            },
+            None => {
+                tokio::time::sleep_until(wake).await;
+                router.tick(&mut session).await?;
+            }
+        }
+    }
+    Ok(router.status(id))
+}
+
 /// The open session, opening one if there is none.
 async fn ensure_session<'s>(
-    client: &Client,
+    account: &Account,
     session: &'s mut Option<Session>,
 ) -> Result<&'s mut Session> {
     if session.is_none() {
-        *session = Some(client.session(false).await?);
+        *session = Some(account.session(false).await?);
     }
     session.as_mut().ok_or(ClientError::Timeout)
-}
-
-/// The IP-only mode for a route, for callers that bypass the router.
-pub fn ip_mode(route: Route) -> Option<SendMode> {
-    match route {
-        Route::IpOnly { mode } => Some(mode),
-        _ => None,
-    }
 }
