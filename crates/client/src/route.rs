@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::account::Account;
 use crate::clock::{instant_at, now_ms};
 use crate::inbox::Inbox;
-use crate::outgoing;
+use crate::outgoing::{self, ChangedDevices};
 use crate::profile::Routing;
 use crate::session::Session;
 use crate::{ClientError, Result};
@@ -190,6 +190,8 @@ struct Entry {
     to: String,
     text: String,
     detail: String,
+    /// The devices the server named in its last `DevicesChanged` answer, for the re-encryption.
+    changed: Option<ChangedDevices>,
 }
 
 /// Where one message stands, for reporting.
@@ -249,6 +251,7 @@ impl<'a> Router<'a> {
                         to,
                         text,
                         detail: String::new(),
+                        changed: None,
                     },
                 );
             }
@@ -285,6 +288,7 @@ impl<'a> Router<'a> {
                 to: to.to_string(),
                 text: text.to_string(),
                 detail: String::new(),
+                changed: None,
             },
         );
         self.persist(id)?;
@@ -366,8 +370,12 @@ impl<'a> Router<'a> {
         let Some(id) = MessageId::from_slice(id) else {
             return Ok(false);
         };
-        if !self.pending.contains_key(&id) {
+        let Some(entry) = self.pending.get_mut(&id) else {
             return Ok(false);
+        };
+        if let (Event::DevicesChanged, Kind::SendResult(result)) = (event, kind) {
+            // Kept for the re-encryption the machine may ask for next.
+            entry.changed = Some(ChangedDevices::from_answer(result));
         }
         self.advance(id, session, Some(event)).await?;
         Ok(true)
@@ -436,8 +444,13 @@ impl<'a> Router<'a> {
                     let (to, text) = (entry.to.clone(), entry.text.clone());
                     // Encrypted for every device of the receiver and this number's others,
                     // claiming keys first; the server only ever sees the copies.
+                    let changed = match action {
+                        Action::Reencrypt(_) => entry.changed.take(),
+                        _ => None,
+                    };
                     let prepared =
-                        outgoing::prepare_one(self.account, &to, &text, id, None, None).await;
+                        outgoing::prepare_one(self.account, &to, &text, id, None, changed.as_ref())
+                            .await;
                     let Some(entry) = self.pending.get_mut(&id) else {
                         return Ok(());
                     };
