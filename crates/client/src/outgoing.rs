@@ -390,3 +390,45 @@ pub async fn prepare_one(
         .pop()
         .ok_or_else(|| ClientError::Protocol("nothing was prepared".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_devices_changed_answer_names_the_gone_and_the_missing_devices() {
+        let device = |n: u8| DeviceId([n; 16]);
+        let answer = frame::SendResult {
+            extra_devices: vec![device(1).as_bytes().to_vec(), vec![0; 3]],
+            missing_devices: vec![device(2).as_bytes().to_vec()],
+            missing_own_devices: vec![device(3).as_bytes().to_vec(), device(4).as_bytes().to_vec()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ChangedDevices::from_answer(&answer),
+            ChangedDevices {
+                // A malformed id is dropped, not guessed at.
+                gone: vec![device(1)],
+                missing: vec![device(2)],
+                missing_own: vec![device(3), device(4)],
+            }
+        );
+        assert_eq!(
+            ChangedDevices::from_answer(&frame::SendResult::default()),
+            ChangedDevices::default()
+        );
+    }
+
+    #[test]
+    fn every_copy_carries_the_same_content() {
+        let id = new_message_id();
+        assert_ne!(id, new_message_id(), "ids are random");
+        let plaintext = content("+4915112345678", "+4915187654321", "hello", id);
+        let decoded = Content::decode(&plaintext[..]).expect("content");
+        assert_eq!(decoded.from, "+4915112345678");
+        assert_eq!(decoded.to, "+4915187654321");
+        assert_eq!(decoded.text, "hello");
+        assert_eq!(decoded.id, id.as_bytes());
+        assert!(decoded.sent_at_ms > 0);
+    }
+}

@@ -584,3 +584,113 @@ async fn ensure_session<'s>(
     }
     session.as_mut().ok_or(ClientError::Timeout)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::MINUTE;
+
+    #[test]
+    fn routes_are_chosen_from_the_command_line_then_the_profile() {
+        let mut routing = Routing::default();
+        let check = |routing: &Routing, chosen: Option<&str>, after: Option<u64>, expected| {
+            let (name, route) = choose_route(routing, chosen.map(str::to_string), after)
+                .unwrap_or_else(|e| panic!("{chosen:?}: {e}"));
+            assert_eq!((name.as_str(), route), expected, "{chosen:?}");
+        };
+        // `auto` without an SMS transport queues over IP.
+        check(&routing, None, None, ("ip-only", Route::IP_QUEUED));
+        check(&routing, Some("auto"), None, ("auto", Route::Auto));
+        check(
+            &routing,
+            Some("sms-only"),
+            None,
+            ("sms-only", Route::SmsOnly),
+        );
+        check(
+            &routing,
+            Some("queue-then-sms"),
+            Some(90),
+            ("queue-then-sms", Route::QueueThenSms { after: 90_000 }),
+        );
+        routing.route = "queue-then-sms".into();
+        check(
+            &routing,
+            None,
+            None,
+            ("queue-then-sms", Route::QueueThenSms { after: 10 * MINUTE }),
+        );
+        routing.route = "auto".into();
+        routing.sms = Some(tidings_gateway::TransportConfig::Outbox {
+            dir: "/nonexistent".into(),
+        });
+        check(&routing, None, None, ("auto", Route::Auto));
+        assert!(choose_route(&routing, Some("carrier-pigeon".into()), None).is_err());
+    }
+
+    #[test]
+    fn a_stored_state_comes_back_as_it_was_or_made_safe() {
+        let policy = Policy::default();
+        let now = 5 * MINUTE;
+        let state = |route, phase, reencrypted| Outgoing {
+            route,
+            phase,
+            created: MINUTE,
+            reencrypted,
+        };
+        // Stored as is: the same state comes back.
+        for outgoing in [
+            state(Route::Auto, Phase::SendIp, 0),
+            state(Route::Auto, Phase::Reencrypt, 2),
+            state(
+                Route::QueueThenSms { after: MINUTE },
+                Phase::AwaitingReceipt { until: now + 1 },
+                1,
+            ),
+            state(
+                Route::IpOnly {
+                    mode: SendMode::NowOrNever,
+                },
+                Phase::AwaitingReceipt { until: Millis::MAX },
+                0,
+            ),
+            state(
+                Route::SmsOnly,
+                Phase::Sms {
+                    at: now,
+                    attempt: 3,
+                },
+                0,
+            ),
+            state(
+                Route::Auto,
+                Phase::Withdraw {
+                    at: now + 1,
+                    attempt: 2,
+                },
+                0,
+            ),
+        ] {
+            let text = store_state(&outgoing, "detail");
+            assert_eq!(load_state(&text, &policy, now), Some(outgoing), "{text}");
+        }
+        // Under way when the client stopped: the machine makes it safe on the way back.
+        let stopped = state(Route::Auto, Phase::AwaitingAnswer, 1);
+        let resumed = load_state(&store_state(&stopped, ""), &policy, now);
+        assert_eq!(resumed, stopped.resume(&policy, now));
+        assert!(matches!(
+            resumed.map(|r| r.phase),
+            Some(Phase::Withdraw { .. })
+        ));
+        // Finished, or not a state at all: nothing to resume.
+        let done = state(Route::Auto, Phase::Done(Outcome::Delivered), 0);
+        assert_eq!(load_state(&store_state(&done, ""), &policy, now), None);
+        assert_eq!(load_state("{", &policy, now), None);
+        // A state stored before the re-encryption count existed reads as zero.
+        let old = r#"{"route":{"kind":"auto"},"created":60000,"phase":{"kind":"send-ip"}}"#;
+        assert_eq!(
+            load_state(old, &policy, now),
+            Some(state(Route::Auto, Phase::SendIp, 0))
+        );
+    }
+}
