@@ -8,12 +8,11 @@
 //! it listens it also carries on routed messages left pending ([`crate::route`]). Nothing here
 //! logs a number or a message.
 
+use prost::Message as _;
 use tidings_proto::frame::{self, AckStatus, Content, Envelope, Kind, ReceiptKind};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
 use tokio::time::Instant;
-
-use prost::Message as _;
 
 use crate::account::{key_of, Account};
 use crate::clock::{far_future, instant_at};

@@ -30,6 +30,7 @@ pub struct DeviceInfo {
     pub this_device: bool,
 }
 
+/// The reason in a refusal from the HTTP API, for the user.
 fn api_message(body: &serde_json::Value) -> String {
     body.get("message")
         .and_then(|m| m.as_str())
