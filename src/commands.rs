@@ -368,7 +368,7 @@ pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<Exi
         routing.receipt_timeout_seconds = seconds;
     }
     if let Some(parts) = settings.max_sms_parts {
-        routing.max_sms_parts = parts.max(1);
+        routing.set_max_sms_parts(parts);
     }
     if let Some(transport) = sms_transport(settings) {
         routing.sms = transport;

@@ -57,6 +57,14 @@ impl Default for Routing {
     }
 }
 
+impl Routing {
+    /// Sets the most SMS parts one fallback message may take: at least one, or nothing could
+    /// ever be sent.
+    pub fn set_max_sms_parts(&mut self, parts: u8) {
+        self.max_sms_parts = parts.max(1);
+    }
+}
+
 /// What `profile.json` holds.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileData {
@@ -181,5 +189,20 @@ impl Profile {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_may_always_take_at_least_one_sms_part() {
+        let mut routing = Routing::default();
+        assert_eq!(routing.max_sms_parts, defaults::MAX_SMS_PARTS);
+        for (asked, kept) in [(0, 1), (1, 1), (3, 3), (255, 255)] {
+            routing.set_max_sms_parts(asked);
+            assert_eq!(routing.max_sms_parts, kept, "{asked}");
+        }
     }
 }
