@@ -1,7 +1,10 @@
 //! The Tidings client library: what an app embeds to message over Tidings.
 //!
 //! # Layout
-//! - [`profile`]: the on-device state: server address, device key, registration;
+//! - [`profile`]: the on-device state: server address, device key, registration, routing;
+//! - [`defaults`]: every default the command line and apps start from (profile directory,
+//!   waits, TTL, SMS transport settings);
+//! - [`clock`]: the one reader of the wall clock; deadlines from the core become instants here;
 //! - [`net`]: connecting to the server (TCP or TLS with a CA or a pinned certificate), HTTP
 //!   requests and the upgrade to a session;
 //! - [`session`]: a logged-in session: frames in and out, heartbeats;
@@ -10,21 +13,42 @@
 //! - [`inbox`]: the local store: the sealed end-to-end state and received messages, changed
 //!   together in one transaction so each message is decrypted once and shown once; and the state
 //!   of each routed outgoing message;
-//! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them);
-//! - [`client`]: the operations a user asks for: register, verify, link, send, listen, look up,
-//!   devices, fingerprint, trust, disable.
+//! - [`account`]: an opened, registered profile: sessions, the local store, publishing keys,
+//!   the directory and key claims; the only way to the network after registering;
+//! - [`registration`]: joining and leaving: register, verify, link and approve a device, list
+//!   and remove devices, opt out;
+//! - [`outgoing`]: the content and its encrypted copies, the "devices changed" re-encryption,
+//!   and the direct send over IP, driven by `tidings_core::fallback`;
+//! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them), stored in the
+//!   profile and resumed;
+//! - [`incoming`]: listening: decrypt, judge the sender, store, acknowledge, show once;
+//! - [`contacts`]: lookup, safety numbers, trust;
+//! - [`client`]: [`client::Client`], the one type an app embeds: every operation above as a
+//!   method.
+//!
+//! Modules depend one way: `client` on the operation modules; `incoming` on `route`; `route` on
+//! `outgoing`; all of them on `account`, which alone opens sessions (`registration` also makes
+//! the HTTP requests that come before there is an account).
 //!
 //! Promise P1 lives here: nothing in this crate opens a socket or resolves a name for a profile
-//! that has not been registered by its user ([`client::Client::open`] refuses). The device key
-//! never leaves the profile directory; nothing here logs a number, a message or a key. Promise
-//! P5 lives here too: a message leaves this crate only as Olm ciphertext, one per device, and
-//! what the profile keeps of messages and keys is sealed under the user's passphrase.
+//! that has not been registered by its user ([`account::Account::open`] refuses, and so does
+//! [`client::Client::open`] on top of it). The device key never leaves the profile directory;
+//! nothing here logs a number, a message or a key. Promise P5 lives here too: a message leaves
+//! this crate only as Olm ciphertext, one per device, and what the profile keeps of messages and
+//! keys is sealed under the user's passphrase.
 
+pub mod account;
 pub mod client;
+pub mod clock;
+pub mod contacts;
+pub mod defaults;
 pub mod e2e;
 pub mod inbox;
+pub mod incoming;
 pub mod net;
+pub mod outgoing;
 pub mod profile;
+pub mod registration;
 pub mod route;
 pub mod session;
 pub mod vault;

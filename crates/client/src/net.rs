@@ -1,8 +1,8 @@
 //! Reaching the server: TCP or TLS, JSON requests, and the upgrade to a session.
 //!
-//! Only [`crate::client::Client`] calls into this module, and only for a profile its user has
-//! registered (or is registering): this is where the opt-in promise would break, so nothing else
-//! may open a connection.
+//! Only [`crate::account::Account`] and [`crate::registration`] call into this module, and only
+//! for a profile its user has registered (or is registering): this is where the opt-in promise
+//! would break, so nothing else may open a connection.
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::{ClientError, Result};
+use crate::{defaults, ClientError, Result};
 
 /// How the client trusts the server's certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,12 +48,20 @@ pub struct Routing {
 impl Default for Routing {
     fn default() -> Self {
         Self {
-            route: "auto".into(),
-            fallback_after_seconds: 600,
-            receipt_timeout_seconds: 5,
-            max_sms_parts: 10,
+            route: defaults::ROUTE.into(),
+            fallback_after_seconds: defaults::FALLBACK_AFTER_SECONDS,
+            receipt_timeout_seconds: defaults::RECEIPT_TIMEOUT_SECONDS,
+            max_sms_parts: defaults::MAX_SMS_PARTS,
             sms: None,
         }
+    }
+}
+
+impl Routing {
+    /// Sets the most SMS parts one fallback message may take: at least one, or nothing could
+    /// ever be sent.
+    pub fn set_max_sms_parts(&mut self, parts: u8) {
+        self.max_sms_parts = parts.max(1);
     }
 }
 
@@ -181,5 +189,20 @@ impl Profile {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_may_always_take_at_least_one_sms_part() {
+        let mut routing = Routing::default();
+        assert_eq!(routing.max_sms_parts, defaults::MAX_SMS_PARTS);
+        for (asked, kept) in [(0, 1), (1, 1), (3, 3), (255, 255)] {
+            routing.set_max_sms_parts(asked);
+            assert_eq!(routing.max_sms_parts, kept, "{asked}");
+        }
     }
 }

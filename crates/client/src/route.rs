@@ -2,39 +2,37 @@
 //! session and the profile's SMS transport, and stores each message's state in the profile so a
 //! restarted client (`tidings listen`) resumes what was pending.
 //!
-//! The core decides; this module only performs the actions (send, withdraw, SMS) and reports the
-//! events back. A withdrawn message is never sent as SMS before the server has answered the
+//! The core decides; this module only performs the actions (send, re-encrypt, withdraw, SMS) and
+//! feeds the events back: it never sets a message's phase itself. The copies are made by
+//! [`crate::outgoing`]; this module depends on it and on [`Account`], never on the `Client` that
+//! embeds both. A withdrawn message is never sent as SMS before the server has answered the
 //! withdraw, so the receiver never gets a message twice.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
 use tidings_proto::frame::{self, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState};
 use tidings_proto::id::MessageId;
+use tidings_proto::number::E164;
+use tokio::time::Instant;
 
-use crate::client::Client;
+use crate::account::Account;
+use crate::clock::{instant_at, now_ms};
 use crate::inbox::Inbox;
+use crate::outgoing::{self, ChangedDevices};
 use crate::profile::Routing;
 use crate::session::Session;
 use crate::{ClientError, Result};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
-        .unwrap_or(0)
-}
 
 /// Parses a route name from the profile or the command line.
 pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
     Ok(match name {
         "auto" => Route::Auto,
-        "ip-only" => Route::IpOnly,
+        "ip-only" => Route::IP_QUEUED,
         "sms-only" => Route::SmsOnly,
         "queue-then-sms" => Route::QueueThenSms {
             after: fallback_after_seconds.saturating_mul(SECOND),
@@ -45,6 +43,25 @@ pub fn parse_route(name: &str, fallback_after_seconds: u64) -> Result<Route> {
             )))
         }
     })
+}
+
+/// The route a send takes and its name: `chosen` (from the command line) if given, else the
+/// profile's. `auto` needs an SMS transport: a profile without one queues over IP instead.
+pub fn choose_route(
+    routing: &Routing,
+    chosen: Option<String>,
+    fallback_after_seconds: Option<u64>,
+) -> Result<(String, Route)> {
+    let name = match chosen {
+        Some(name) => name,
+        None if routing.route == "auto" && routing.sms.is_none() => "ip-only".to_string(),
+        None => routing.route.clone(),
+    };
+    let route = parse_route(
+        &name,
+        fallback_after_seconds.unwrap_or(routing.fallback_after_seconds),
+    )?;
+    Ok((name, route))
 }
 
 /// The name of an outcome in output and JSON.
@@ -67,21 +84,30 @@ struct Stored {
     /// The last problem seen (gateway down, ...), for the user.
     #[serde(default)]
     detail: String,
+    /// Times the copies were made again because the devices changed.
+    #[serde(default)]
+    reencrypted: u32,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 enum StoredRoute {
     Auto,
-    IpOnly,
+    IpOnly {
+        #[serde(default)]
+        now_or_never: bool,
+    },
     SmsOnly,
-    QueueThenSms { after: Millis },
+    QueueThenSms {
+        after: Millis,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 enum StoredPhase {
     SendIp,
+    Reencrypt,
     AwaitingAnswer,
     AwaitingReceipt { until: Millis },
     Withdraw { at: Millis, attempt: u32 },
@@ -94,12 +120,15 @@ enum StoredPhase {
 fn store_state(outgoing: &Outgoing, detail: &str) -> String {
     let route = match outgoing.route {
         Route::Auto => StoredRoute::Auto,
-        Route::IpOnly => StoredRoute::IpOnly,
+        Route::IpOnly { mode } => StoredRoute::IpOnly {
+            now_or_never: mode == SendMode::NowOrNever,
+        },
         Route::SmsOnly => StoredRoute::SmsOnly,
         Route::QueueThenSms { after } => StoredRoute::QueueThenSms { after },
     };
     let phase = match outgoing.phase {
         Phase::SendIp => StoredPhase::SendIp,
+        Phase::Reencrypt => StoredPhase::Reencrypt,
         Phase::AwaitingAnswer => StoredPhase::AwaitingAnswer,
         Phase::AwaitingReceipt { until } => StoredPhase::AwaitingReceipt { until },
         Phase::Withdraw { at, attempt } => StoredPhase::Withdraw { at, attempt },
@@ -115,40 +144,45 @@ fn store_state(outgoing: &Outgoing, detail: &str) -> String {
         created: outgoing.created,
         phase,
         detail: detail.to_string(),
+        reencrypted: outgoing.reencrypted,
     };
     serde_json::to_string(&stored).unwrap_or_default()
 }
 
-/// Restores a stored state. Steps that were under way when the client stopped are made safe:
-/// an unanswered send or withdraw is withdrawn (again); an SMS handed to the transport is sent
-/// again (a stop exactly then may send it twice; it is never lost).
+/// Restores a stored state; the machine makes safe what was under way when the client stopped
+/// ([`Outgoing::resume`]).
 fn load_state(text: &str, policy: &Policy, now: Millis) -> Option<Outgoing> {
     let stored: Stored = serde_json::from_str(text).ok()?;
     let route = match stored.route {
         StoredRoute::Auto => Route::Auto,
-        StoredRoute::IpOnly => Route::IpOnly,
+        StoredRoute::IpOnly { now_or_never } => Route::IpOnly {
+            mode: if now_or_never {
+                SendMode::NowOrNever
+            } else {
+                SendMode::Queue
+            },
+        },
         StoredRoute::SmsOnly => Route::SmsOnly,
         StoredRoute::QueueThenSms { after } => Route::QueueThenSms { after },
     };
     let phase = match stored.phase {
         StoredPhase::SendIp => Phase::SendIp,
+        StoredPhase::Reencrypt => Phase::Reencrypt,
         StoredPhase::AwaitingAnswer => Phase::AwaitingAnswer,
         StoredPhase::AwaitingReceipt { until } => Phase::AwaitingReceipt { until },
         StoredPhase::Withdraw { at, attempt } => Phase::Withdraw { at, attempt },
         StoredPhase::Withdrawing { attempt } => Phase::Withdrawing { attempt },
         StoredPhase::Sms { at, attempt } => Phase::Sms { at, attempt },
-        StoredPhase::SendingSms { attempt } => Phase::Sms { at: now, attempt },
+        StoredPhase::SendingSms { attempt } => Phase::SendingSms { attempt },
         StoredPhase::Done { .. } => return None,
     };
-    let mut outgoing = Outgoing {
+    Outgoing {
         route,
         phase,
         created: stored.created,
-    };
-    if matches!(phase, Phase::AwaitingAnswer | Phase::Withdrawing { .. }) {
-        outgoing.handle(policy, Event::Unreachable { maybe_stored: true }, now);
+        reencrypted: stored.reencrypted,
     }
-    Some(outgoing)
+    .resume(policy, now)
 }
 
 struct Entry {
@@ -156,12 +190,9 @@ struct Entry {
     to: String,
     text: String,
     detail: String,
-    /// Times the server answered that the receiver's devices changed since the copies were made.
-    reencrypted: u32,
+    /// The devices the server named in its last `DevicesChanged` answer, for the re-encryption.
+    changed: Option<ChangedDevices>,
 }
-
-/// Times a send is encrypted again for a changed device list before it counts as refused.
-const MAX_REENCRYPT: u32 = 3;
 
 /// Where one message stands, for reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +206,7 @@ pub struct Status {
 
 /// The outgoing messages of one profile and the means to move them along.
 pub struct Router<'a> {
-    client: &'a Client,
+    account: &'a Account,
     /// Its own handle on the profile's store (the caller keeps another for receiving).
     inbox: Inbox,
     policy: Policy,
@@ -194,8 +225,8 @@ impl std::fmt::Debug for Router<'_> {
 
 impl<'a> Router<'a> {
     /// A router with the profile's settings and its stored pending messages.
-    pub fn new(client: &'a Client, routing: &Routing, resume: bool) -> Result<Self> {
-        let inbox = client.inbox()?;
+    pub fn new(account: &'a Account, routing: &Routing, resume: bool) -> Result<Self> {
+        let inbox = account.inbox()?;
         let policy = Policy {
             receipt_timeout: routing.receipt_timeout_seconds.saturating_mul(SECOND),
             ..Policy::default()
@@ -220,13 +251,13 @@ impl<'a> Router<'a> {
                         to,
                         text,
                         detail: String::new(),
-                        reencrypted: 0,
+                        changed: None,
                     },
                 );
             }
         }
         Ok(Self {
-            client,
+            account,
             inbox,
             policy,
             transport,
@@ -248,9 +279,7 @@ impl<'a> Router<'a> {
         text: &str,
         route: Route,
     ) -> Result<MessageId> {
-        let mut id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        let id = MessageId(id);
+        let id = outgoing::new_message_id();
         let outgoing = Outgoing::new(route, now_ms());
         self.pending.insert(
             id,
@@ -259,7 +288,7 @@ impl<'a> Router<'a> {
                 to: to.to_string(),
                 text: text.to_string(),
                 detail: String::new(),
-                reencrypted: 0,
+                changed: None,
             },
         );
         self.persist(id)?;
@@ -301,11 +330,7 @@ impl<'a> Router<'a> {
         let now = now_ms();
         self.pending
             .values()
-            .filter_map(|entry| match entry.outgoing.clone().next(now) {
-                Action::Wait { until } if until != Millis::MAX => Some(until),
-                Action::Wait { .. } => None,
-                _ => Some(now),
-            })
+            .filter_map(|entry| entry.outgoing.wake_at(now))
             .min()
     }
 
@@ -323,9 +348,10 @@ impl<'a> Router<'a> {
         let (id, event) = match kind {
             Kind::SendResult(result) => (
                 &result.id,
-                Event::Answer(
-                    SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid),
-                ),
+                match SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid) {
+                    SendOutcome::DevicesChanged => Event::DevicesChanged,
+                    answered => Event::Answer(answered),
+                },
             ),
             Kind::Receipt(receipt) => match ReceiptKind::try_from(receipt.kind) {
                 Ok(kind) => (&receipt.id, Event::Receipt(kind)),
@@ -347,17 +373,9 @@ impl<'a> Router<'a> {
         let Some(entry) = self.pending.get_mut(&id) else {
             return Ok(false);
         };
-        // The receiver's devices changed between encrypting and sending: nothing was stored, so
-        // encrypt for the current list and send again (a few times at most).
-        if event == Event::Answer(SendOutcome::DevicesChanged)
-            && entry.outgoing.phase == Phase::AwaitingAnswer
-        {
-            entry.reencrypted += 1;
-            if entry.reencrypted <= MAX_REENCRYPT {
-                entry.outgoing.phase = Phase::SendIp;
-                self.advance(id, session, None).await?;
-                return Ok(true);
-            }
+        if let (Event::DevicesChanged, Kind::SendResult(result)) = (event, kind) {
+            // Kept for the re-encryption the machine may ask for next.
+            entry.changed = Some(ChangedDevices::from_answer(result));
         }
         self.advance(id, session, Some(event)).await?;
         Ok(true)
@@ -369,12 +387,7 @@ impl<'a> Router<'a> {
         let waiting: Vec<MessageId> = self
             .pending
             .iter()
-            .filter(|(_, e)| {
-                matches!(
-                    e.outgoing.phase,
-                    Phase::AwaitingAnswer | Phase::Withdrawing { .. }
-                )
-            })
+            .filter(|(_, e)| e.outgoing.awaits_server())
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
@@ -427,11 +440,17 @@ impl<'a> Router<'a> {
                     self.finished.insert(id, (outcome, detail));
                     return Ok(());
                 }
-                Action::SendIp(mode) => {
+                Action::SendIp(mode) | Action::Reencrypt(mode) => {
                     let (to, text) = (entry.to.clone(), entry.text.clone());
                     // Encrypted for every device of the receiver and this number's others,
                     // claiming keys first; the server only ever sees the copies.
-                    let prepared = self.client.prepare_send(&to, &text, id).await;
+                    let changed = match action {
+                        Action::Reencrypt(_) => entry.changed.take(),
+                        _ => None,
+                    };
+                    let prepared =
+                        outgoing::prepare_one(self.account, &to, &text, id, None, changed.as_ref())
+                            .await;
                     let Some(entry) = self.pending.get_mut(&id) else {
                         return Ok(());
                     };
@@ -444,7 +463,7 @@ impl<'a> Router<'a> {
                         }
                         Ok(mut send) => {
                             send.mode = mode as i32;
-                            match ensure_session(self.client, session).await {
+                            match ensure_session(self.account, session).await {
                                 Err(e) => {
                                     entry.detail = e.to_string();
                                     Event::Unreachable {
@@ -467,7 +486,7 @@ impl<'a> Router<'a> {
                     let withdraw = Kind::Withdraw(frame::Withdraw {
                         id: id.as_bytes().to_vec(),
                     });
-                    let sent = match ensure_session(self.client, session).await {
+                    let sent = match ensure_session(self.account, session).await {
                         Ok(open) => open.send(withdraw).await,
                         Err(e) => Err(e),
                     };
@@ -488,7 +507,7 @@ impl<'a> Router<'a> {
                         )),
                         Some(transport) => {
                             let sms = Sms {
-                                from: self.client.number().to_string(),
+                                from: self.account.number().to_string(),
                                 to: entry.to.clone(),
                                 text: entry.text.clone(),
                             };
@@ -514,21 +533,164 @@ impl<'a> Router<'a> {
     }
 }
 
+/// Sends a text along `route` (IP, SMS fallback, or both in turn), waiting up to `wait` for it
+/// to finish. What is still pending then is kept in the profile and carried on by `listen`.
+pub async fn send_routed(
+    account: &Account,
+    to: &str,
+    text: &str,
+    route: Route,
+    wait: Duration,
+) -> Result<Status> {
+    let to = E164::parse(to)?;
+    let mut router = Router::new(account, account.routing(), false)?;
+    let mut session = None;
+    let id = router.start(&mut session, to.as_str(), text, route).await?;
+    let deadline = Instant::now() + wait;
+    while router.status(id).outcome.is_none() && Instant::now() < deadline {
+        let wake = router
+            .next_wake()
+            .map_or(deadline, |at| instant_at(at).min(deadline));
+        match session.as_mut() {
+            Some(open) => match open.recv(wake).await {
+                Ok(Some(kind)) => {
+                    if let Kind::Receipt(receipt) = &kind {
+                        open.send(Kind::ReceiptAck(frame::ReceiptAck {
+                            id: receipt.id.clone(),
+                        }))
+                        .await?;
+                    }
+                    router.on_frame(&kind, &mut session).await?;
+                }
+                Ok(None) => router.tick(&mut session).await?,
+                Err(_) => router.on_session_lost(&mut session).await?,
+            },
+            None => {
+                tokio::time::sleep_until(wake).await;
+                router.tick(&mut session).await?;
+            }
+        }
+    }
+    Ok(router.status(id))
+}
+
 /// The open session, opening one if there is none.
 async fn ensure_session<'s>(
-    client: &Client,
+    account: &Account,
     session: &'s mut Option<Session>,
 ) -> Result<&'s mut Session> {
     if session.is_none() {
-        *session = Some(client.session(false).await?);
+        *session = Some(account.session(false).await?);
     }
     session.as_mut().ok_or(ClientError::Timeout)
 }
 
-/// The IP-only mode for a route, for callers that bypass the router.
-pub fn ip_mode(route: Route) -> Option<SendMode> {
-    match route {
-        Route::IpOnly => Some(SendMode::Queue),
-        _ => None,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::MINUTE;
+
+    #[test]
+    fn routes_are_chosen_from_the_command_line_then_the_profile() {
+        let mut routing = Routing::default();
+        let check = |routing: &Routing, chosen: Option<&str>, after: Option<u64>, expected| {
+            let (name, route) = choose_route(routing, chosen.map(str::to_string), after)
+                .unwrap_or_else(|e| panic!("{chosen:?}: {e}"));
+            assert_eq!((name.as_str(), route), expected, "{chosen:?}");
+        };
+        // `auto` without an SMS transport queues over IP.
+        check(&routing, None, None, ("ip-only", Route::IP_QUEUED));
+        check(&routing, Some("auto"), None, ("auto", Route::Auto));
+        check(
+            &routing,
+            Some("sms-only"),
+            None,
+            ("sms-only", Route::SmsOnly),
+        );
+        check(
+            &routing,
+            Some("queue-then-sms"),
+            Some(90),
+            ("queue-then-sms", Route::QueueThenSms { after: 90_000 }),
+        );
+        routing.route = "queue-then-sms".into();
+        check(
+            &routing,
+            None,
+            None,
+            ("queue-then-sms", Route::QueueThenSms { after: 10 * MINUTE }),
+        );
+        routing.route = "auto".into();
+        routing.sms = Some(tidings_gateway::TransportConfig::Outbox {
+            dir: "/nonexistent".into(),
+        });
+        check(&routing, None, None, ("auto", Route::Auto));
+        assert!(choose_route(&routing, Some("carrier-pigeon".into()), None).is_err());
+    }
+
+    #[test]
+    fn a_stored_state_comes_back_as_it_was_or_made_safe() {
+        let policy = Policy::default();
+        let now = 5 * MINUTE;
+        let state = |route, phase, reencrypted| Outgoing {
+            route,
+            phase,
+            created: MINUTE,
+            reencrypted,
+        };
+        // Stored as is: the same state comes back.
+        for outgoing in [
+            state(Route::Auto, Phase::SendIp, 0),
+            state(Route::Auto, Phase::Reencrypt, 2),
+            state(
+                Route::QueueThenSms { after: MINUTE },
+                Phase::AwaitingReceipt { until: now + 1 },
+                1,
+            ),
+            state(
+                Route::IpOnly {
+                    mode: SendMode::NowOrNever,
+                },
+                Phase::AwaitingReceipt { until: Millis::MAX },
+                0,
+            ),
+            state(
+                Route::SmsOnly,
+                Phase::Sms {
+                    at: now,
+                    attempt: 3,
+                },
+                0,
+            ),
+            state(
+                Route::Auto,
+                Phase::Withdraw {
+                    at: now + 1,
+                    attempt: 2,
+                },
+                0,
+            ),
+        ] {
+            let text = store_state(&outgoing, "detail");
+            assert_eq!(load_state(&text, &policy, now), Some(outgoing), "{text}");
+        }
+        // Under way when the client stopped: the machine makes it safe on the way back.
+        let stopped = state(Route::Auto, Phase::AwaitingAnswer, 1);
+        let resumed = load_state(&store_state(&stopped, ""), &policy, now);
+        assert_eq!(resumed, stopped.resume(&policy, now));
+        assert!(matches!(
+            resumed.map(|r| r.phase),
+            Some(Phase::Withdraw { .. })
+        ));
+        // Finished, or not a state at all: nothing to resume.
+        let done = state(Route::Auto, Phase::Done(Outcome::Delivered), 0);
+        assert_eq!(load_state(&store_state(&done, ""), &policy, now), None);
+        assert_eq!(load_state("{", &policy, now), None);
+        // A state stored before the re-encryption count existed reads as zero.
+        let old = r#"{"route":{"kind":"auto"},"created":60000,"phase":{"kind":"send-ip"}}"#;
+        assert_eq!(
+            load_state(old, &policy, now),
+            Some(state(Route::Auto, Phase::SendIp, 0))
+        );
     }
 }

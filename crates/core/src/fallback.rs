@@ -1,15 +1,26 @@
-//! How a message gets through: over IP when the receiver is reachable, as an SMS from the
-//! sender's own device when not, and never both.
+//! How every outgoing message gets through: over IP when the receiver is reachable, encrypted
+//! again when the receiver's devices changed, as an SMS from the sender's own device when the
+//! route allows one and IP failed, and never both.
 //!
-//! [`Outgoing`] is the sender-side state machine for one message. The client feeds it what
-//! happened ([`Event`]: the server's answer, a receipt, the result of a withdraw, an SMS sent or
-//! failed, the server unreachable) and the current time, and carries out the [`Action`] it returns.
+//! [`Outgoing`] is the sender-side state machine for one message, for every send: a send with an
+//! SMS route ([`Route::Auto`], [`Route::QueueThenSms`], [`Route::SmsOnly`]) and a send over IP
+//! only ([`Route::IpOnly`], the same machine with no SMS step). The client feeds it what happened
+//! ([`Event`]: the server's answer, "devices changed", a receipt, the result of a withdraw, an SMS
+//! sent or failed, the server unreachable) and the current time, and carries out the [`Action`]
+//! it returns. Every change of state goes through [`Outgoing::handle`], [`Outgoing::next`] or
+//! [`Outgoing::resume`]; the client never sets a phase itself.
+//!
 //! The rule that keeps a message from arriving twice: **an SMS is sent only when the server holds
 //! no copy that a device could still show** — the send was refused (nothing stored), or a
 //! withdraw answered `withdrawn` (copies deleted) or `unknown` (no copy held). While the server
 //! cannot be reached after a copy may have been stored, no SMS is sent: the withdraw is retried.
 //!
-//! The state is plain data: the client stores it with the message and resumes it after a restart.
+//! The rule that keeps no device from being skipped: when the server answers that the devices
+//! changed between encrypting and sending (nothing was stored), the copies are made again for the
+//! devices it named, at most [`Policy::max_reencrypt`] times; then the send counts as refused.
+//!
+//! The state is plain data with no clock and no I/O: the client stores it with the message and
+//! resumes it after a restart.
 
 use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
 
@@ -20,15 +31,23 @@ use crate::{Millis, SECOND};
 pub enum Route {
     /// Over IP if a device of the receiver is online now, otherwise SMS.
     Auto,
-    /// Over IP only: queued on the server until delivered or expired.
-    IpOnly,
+    /// Over IP only, in `mode`: queued on the server until delivered or expired, or only if a
+    /// device of the receiver is online now. Never an SMS.
+    IpOnly { mode: SendMode },
     /// SMS only; the server is not involved.
     SmsOnly,
     /// Queued over IP; if still undelivered `after` this long, withdrawn and sent as SMS.
     QueueThenSms { after: Millis },
 }
 
-/// Timing rules.
+impl Route {
+    /// Over IP only, kept on the server until delivered or expired.
+    pub const IP_QUEUED: Route = Route::IpOnly {
+        mode: SendMode::Queue,
+    };
+}
+
+/// Timing and retry rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// How long `Auto` waits for the receipt of an accepted message before withdrawing it.
@@ -37,6 +56,9 @@ pub struct Policy {
     pub backoff: Millis,
     /// Longest wait between retries.
     pub max_backoff: Millis,
+    /// Times the copies are made again because the receiver's devices changed before the send
+    /// counts as refused with [`SendOutcome::DevicesChanged`].
+    pub max_reencrypt: u32,
 }
 
 impl Default for Policy {
@@ -45,6 +67,7 @@ impl Default for Policy {
             receipt_timeout: 5 * SECOND,
             backoff: SECOND,
             max_backoff: 60 * SECOND,
+            max_reencrypt: 3,
         }
     }
 }
@@ -63,8 +86,12 @@ pub enum Withdrawal {
 /// Something that happened to the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The server's answer to the send.
+    /// The server's answer to the send. `Answer(SendOutcome::DevicesChanged)` is taken as
+    /// [`Event::DevicesChanged`].
     Answer(SendOutcome),
+    /// The server answered that the receiver's devices (or this number's other devices) changed
+    /// since the copies were made; nothing was stored.
+    DevicesChanged,
     /// A receipt for the message.
     Receipt(ReceiptKind),
     /// The server's answer to a withdraw.
@@ -83,6 +110,8 @@ pub enum Event {
 pub enum Phase {
     /// The send is to be made over IP.
     SendIp,
+    /// The server named devices that changed: the copies are to be made again and sent.
+    Reencrypt,
     /// The send is made; waiting for the server's answer.
     AwaitingAnswer,
     /// Accepted or queued; waiting for a receipt until `until` (`Millis::MAX`: no deadline).
@@ -106,7 +135,8 @@ pub enum Outcome {
     Delivered,
     /// Sent as SMS by the sender's device.
     SentAsSms,
-    /// `IpOnly`: the receiver is not a user, or not reachable for a message that may not queue.
+    /// `IpOnly`: the receiver is not a user, or not reachable for a message that may not queue,
+    /// or its devices kept changing while sending.
     NotSent(SendOutcome),
     /// `IpOnly`: the message expired on the server undelivered.
     Expired,
@@ -117,8 +147,11 @@ pub enum Outcome {
 /// What the client must do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Send over IP in this mode.
+    /// Encrypt a copy for every device and send over IP in this mode.
     SendIp(SendMode),
+    /// Make the copies again for the devices the server named (forget the gone ones, claim keys
+    /// for the new ones) and send over IP in this mode.
+    Reencrypt(SendMode),
     /// Ask the server to withdraw the message.
     Withdraw,
     /// Send the SMS.
@@ -129,13 +162,15 @@ pub enum Action {
     Finished(Outcome),
 }
 
-/// One outgoing message's routing state.
+/// One outgoing message's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outgoing {
     pub route: Route,
     pub phase: Phase,
     /// When the user sent it.
     pub created: Millis,
+    /// Times the copies were made again because the devices changed.
+    pub reencrypted: u32,
 }
 
 impl Outgoing {
@@ -152,7 +187,25 @@ impl Outgoing {
             route,
             phase,
             created: now,
+            reencrypted: 0,
         }
+    }
+
+    /// A stored message, taken up again by a client that stopped at any point. Steps that were
+    /// under way are made safe: an unanswered send or withdraw is withdrawn (again) before any
+    /// SMS; an SMS handed to the transport is sent again (a stop exactly then may send it twice;
+    /// it is never lost). `None` for a finished message.
+    pub fn resume(self, policy: &Policy, now: Millis) -> Option<Self> {
+        let mut outgoing = self;
+        match outgoing.phase {
+            Phase::Done(_) => return None,
+            Phase::SendingSms { attempt } => outgoing.phase = Phase::Sms { at: now, attempt },
+            Phase::AwaitingAnswer | Phase::Withdrawing { .. } => {
+                outgoing.transition(policy, Event::Unreachable { maybe_stored: true }, now);
+            }
+            _ => {}
+        }
+        Some(outgoing)
     }
 
     fn backoff(policy: &Policy, attempt: u32) -> Millis {
@@ -166,7 +219,8 @@ impl Outgoing {
     fn mode(&self) -> SendMode {
         match self.route {
             Route::Auto => SendMode::NowOrNever,
-            _ => SendMode::Queue,
+            Route::IpOnly { mode } => mode,
+            Route::SmsOnly | Route::QueueThenSms { .. } => SendMode::Queue,
         }
     }
 
@@ -179,7 +233,20 @@ impl Outgoing {
         match self.route {
             Route::Auto => now.saturating_add(policy.receipt_timeout),
             Route::QueueThenSms { after } => self.created.saturating_add(after),
-            Route::IpOnly | Route::SmsOnly => Millis::MAX,
+            Route::IpOnly { .. } | Route::SmsOnly => Millis::MAX,
+        }
+    }
+
+    /// The phase after a send that stored nothing: an SMS if the route has one (it cannot
+    /// duplicate anything), otherwise not sent.
+    fn refused(&self, refused: SendOutcome, now: Millis) -> Phase {
+        if self.falls_back() {
+            Phase::Sms {
+                at: now,
+                attempt: 0,
+            }
+        } else {
+            Phase::Done(Outcome::NotSent(refused))
         }
     }
 
@@ -190,6 +257,10 @@ impl Outgoing {
             Phase::SendIp => {
                 self.phase = Phase::AwaitingAnswer;
                 Action::SendIp(self.mode())
+            }
+            Phase::Reencrypt => {
+                self.phase = Phase::AwaitingAnswer;
+                Action::Reencrypt(self.mode())
             }
             Phase::AwaitingAnswer | Phase::Withdrawing { .. } | Phase::SendingSms { .. } => {
                 Action::Wait { until: Millis::MAX }
@@ -215,28 +286,64 @@ impl Outgoing {
         }
     }
 
+    /// When the message needs attention at `now` or later without an event: `None` while it
+    /// waits for events only. Changes nothing.
+    pub fn wake_at(&self, now: Millis) -> Option<Millis> {
+        let mut probe = *self;
+        match probe.next(now) {
+            Action::Wait { until } if until == Millis::MAX => None,
+            Action::Wait { until } => Some(until),
+            _ => Some(now),
+        }
+    }
+
+    /// Whether the message waits for the server to answer a send or a withdraw: what a lost
+    /// connection must make safe (with [`Event::Unreachable`]).
+    pub fn awaits_server(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::AwaitingAnswer | Phase::Withdrawing { .. }
+        )
+    }
+
     /// Takes an event and returns what to do next.
     pub fn handle(&mut self, policy: &Policy, event: Event, now: Millis) -> Action {
+        self.transition(policy, event, now);
+        self.next(now)
+    }
+
+    /// The change of phase an event makes, without taking the step the new phase asks for.
+    fn transition(&mut self, policy: &Policy, event: Event, now: Millis) {
+        let event = match event {
+            Event::Answer(SendOutcome::DevicesChanged) => Event::DevicesChanged,
+            other => other,
+        };
         // A delivery receipt settles the message whatever else is under way — except an SMS
         // already handed to the transport, which means the server said no device would show it.
         if event == Event::Receipt(ReceiptKind::Delivered)
             && !matches!(self.phase, Phase::SendingSms { .. } | Phase::Done(_))
         {
             self.phase = Phase::Done(Outcome::Delivered);
-            return self.next(now);
+            return;
         }
         self.phase = match (self.phase, event) {
             (Phase::AwaitingAnswer, Event::Answer(outcome)) => match outcome {
                 SendOutcome::Accepted | SendOutcome::Queued => Phase::AwaitingReceipt {
                     until: self.receipt_deadline(policy, now),
                 },
-                // Nothing was stored: an SMS cannot duplicate anything.
-                _ if self.falls_back() => Phase::Sms {
-                    at: now,
-                    attempt: 0,
-                },
-                refused => Phase::Done(Outcome::NotSent(refused)),
+                refused => self.refused(refused, now),
             },
+            // Nothing was stored: encrypt for the devices the server named and send again, a
+            // few times at most.
+            (Phase::AwaitingAnswer, Event::DevicesChanged)
+                if self.reencrypted < policy.max_reencrypt =>
+            {
+                self.reencrypted = self.reencrypted.saturating_add(1);
+                Phase::Reencrypt
+            }
+            (Phase::AwaitingAnswer, Event::DevicesChanged) => {
+                self.refused(SendOutcome::DevicesChanged, now)
+            }
             (
                 Phase::AwaitingAnswer,
                 Event::Unreachable {
@@ -299,7 +406,6 @@ impl Outgoing {
             // the current phase.
             (phase, _) => phase,
         };
-        self.next(now)
     }
 
     /// Whether the message is finished.
@@ -309,378 +415,4 @@ impl Outgoing {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::MINUTE;
-    use Action::{Finished, SendSms, Wait, Withdraw};
-    use Event::{Answer, Receipt, SmsFailed, SmsSent, Unreachable, Withdrawn};
-
-    const T0: Millis = 1_000_000;
-
-    /// A step: at time `at`, feed `event` (or just ask what is next) and expect `action`.
-    type Step = (Millis, Option<Event>, Action);
-
-    /// Runs a route through its steps with a simulated clock. The state is cloned at every step
-    /// (as the client stores and reloads it), so every scenario is also a restart scenario.
-    fn check(route: Route, first: Action, steps: &[Step]) {
-        let policy = Policy::default();
-        let mut outgoing = Outgoing::new(route, T0);
-        assert_eq!(outgoing.next(T0), first, "{route:?}: first action");
-        for (i, (at, event, expected)) in steps.iter().enumerate() {
-            let mut restored = outgoing;
-            let action = match event {
-                Some(event) => restored.handle(&policy, *event, *at),
-                None => restored.next(*at),
-            };
-            assert_eq!(
-                action,
-                *expected,
-                "{route:?}: step {i} at +{} ms with {event:?}",
-                at - T0
-            );
-            outgoing = restored;
-        }
-    }
-
-    fn ip(mode: SendMode) -> Action {
-        Action::SendIp(mode)
-    }
-
-    #[test]
-    fn auto_delivered_over_ip() {
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0 + 5,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait {
-                        until: T0 + 5 + 5 * SECOND,
-                    },
-                ),
-                (
-                    T0 + 20,
-                    Some(Receipt(ReceiptKind::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-                (T0 + 30, Some(SmsSent), Finished(Outcome::Delivered)),
-            ],
-        );
-    }
-
-    #[test]
-    fn auto_falls_back_when_nothing_was_stored() {
-        for refused in [
-            SendOutcome::RefusedNotReachable,
-            SendOutcome::NotAUser,
-            SendOutcome::RateLimited,
-        ] {
-            check(
-                Route::Auto,
-                ip(SendMode::NowOrNever),
-                &[
-                    (T0 + 5, Some(Answer(refused)), SendSms),
-                    (T0 + 9, Some(SmsSent), Finished(Outcome::SentAsSms)),
-                ],
-            );
-        }
-        // The connection failed before the send was written: nothing can be stored.
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[(
-                T0,
-                Some(Unreachable {
-                    maybe_stored: false,
-                }),
-                SendSms,
-            )],
-        );
-    }
-
-    #[test]
-    fn auto_receipt_timeout_withdraws_then_sends_sms() {
-        let deadline = T0 + 5 * SECOND;
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait { until: deadline },
-                ),
-                (deadline - 1, None, Wait { until: deadline }),
-                (deadline, None, Withdraw),
-                (
-                    deadline + 3,
-                    Some(Withdrawn(Withdrawal::Withdrawn)),
-                    SendSms,
-                ),
-                (deadline + 9, Some(SmsSent), Finished(Outcome::SentAsSms)),
-            ],
-        );
-    }
-
-    #[test]
-    fn the_receipt_just_after_the_deadline_wins() {
-        let deadline = T0 + 5 * SECOND;
-        // The receipt arrives while the withdraw is under way: no SMS.
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait { until: deadline },
-                ),
-                (deadline, None, Withdraw),
-                (
-                    deadline + 1,
-                    Some(Receipt(ReceiptKind::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-                (
-                    deadline + 2,
-                    Some(Withdrawn(Withdrawal::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-            ],
-        );
-        // The receiver came online and acknowledged during the withdraw: the server says so.
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait { until: deadline },
-                ),
-                (deadline, None, Withdraw),
-                (
-                    deadline + 1,
-                    Some(Withdrawn(Withdrawal::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-            ],
-        );
-    }
-
-    #[test]
-    fn an_unreachable_server_gets_no_sms_until_it_answers_the_withdraw() {
-        let deadline = T0 + 5 * SECOND;
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait { until: deadline },
-                ),
-                (deadline, None, Withdraw),
-                (
-                    deadline,
-                    Some(Unreachable { maybe_stored: true }),
-                    Wait {
-                        until: deadline + SECOND,
-                    },
-                ),
-                (deadline + SECOND, None, Withdraw),
-                (
-                    deadline + SECOND,
-                    Some(Unreachable { maybe_stored: true }),
-                    Wait {
-                        until: deadline + 3 * SECOND,
-                    },
-                ),
-                (
-                    deadline + 2 * SECOND,
-                    None,
-                    Wait {
-                        until: deadline + 3 * SECOND,
-                    },
-                ),
-                (deadline + 3 * SECOND, None, Withdraw),
-                (
-                    deadline + 3 * SECOND,
-                    Some(Withdrawn(Withdrawal::Unknown)),
-                    SendSms,
-                ),
-            ],
-        );
-        // Lost after the send was written: it may be stored, so withdraw before any SMS.
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Unreachable { maybe_stored: true }),
-                    Wait { until: T0 + SECOND },
-                ),
-                (T0 + SECOND, None, Withdraw),
-                (
-                    T0 + SECOND,
-                    Some(Withdrawn(Withdrawal::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-            ],
-        );
-    }
-
-    #[test]
-    fn delayed_fallback_survives_a_restart() {
-        let after = 10 * MINUTE;
-        check(
-            Route::QueueThenSms { after },
-            ip(SendMode::Queue),
-            &[
-                (
-                    T0 + 1,
-                    Some(Answer(SendOutcome::Queued)),
-                    Wait { until: T0 + after },
-                ),
-                // The client restarts (every step reloads the stored state) and looks again.
-                (T0 + 5 * MINUTE, None, Wait { until: T0 + after }),
-                (T0 + after + 1, None, Withdraw),
-                (
-                    T0 + after + 2,
-                    Some(Withdrawn(Withdrawal::Withdrawn)),
-                    SendSms,
-                ),
-                (T0 + after + 3, Some(SmsSent), Finished(Outcome::SentAsSms)),
-            ],
-        );
-        // Delivered over IP before the delay ran out: no SMS.
-        check(
-            Route::QueueThenSms { after },
-            ip(SendMode::Queue),
-            &[
-                (
-                    T0 + 1,
-                    Some(Answer(SendOutcome::Queued)),
-                    Wait { until: T0 + after },
-                ),
-                (
-                    T0 + MINUTE,
-                    Some(Receipt(ReceiptKind::Delivered)),
-                    Finished(Outcome::Delivered),
-                ),
-                (T0 + after, None, Finished(Outcome::Delivered)),
-            ],
-        );
-    }
-
-    #[test]
-    fn ip_only_never_sends_sms() {
-        check(
-            Route::IpOnly,
-            ip(SendMode::Queue),
-            &[
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Queued)),
-                    Wait { until: Millis::MAX },
-                ),
-                (T0 + 100 * MINUTE, None, Wait { until: Millis::MAX }),
-                (
-                    T0 + 200 * MINUTE,
-                    Some(Receipt(ReceiptKind::Expired)),
-                    Finished(Outcome::Expired),
-                ),
-            ],
-        );
-        check(
-            Route::IpOnly,
-            ip(SendMode::Queue),
-            &[(
-                T0,
-                Some(Answer(SendOutcome::NotAUser)),
-                Finished(Outcome::NotSent(SendOutcome::NotAUser)),
-            )],
-        );
-        check(
-            Route::IpOnly,
-            ip(SendMode::Queue),
-            &[(
-                T0,
-                Some(Unreachable { maybe_stored: true }),
-                ip(SendMode::Queue),
-            )],
-        );
-    }
-
-    #[test]
-    fn sms_only_and_sms_failures() {
-        check(
-            Route::SmsOnly,
-            SendSms,
-            &[
-                (
-                    T0,
-                    Some(SmsFailed { retry: true }),
-                    Wait { until: T0 + SECOND },
-                ),
-                (T0 + SECOND, None, SendSms),
-                (
-                    T0 + SECOND,
-                    Some(SmsFailed { retry: true }),
-                    Wait {
-                        until: T0 + 3 * SECOND,
-                    },
-                ),
-                (T0 + 3 * SECOND, None, SendSms),
-                (T0 + 3 * SECOND, Some(SmsSent), Finished(Outcome::SentAsSms)),
-            ],
-        );
-        check(
-            Route::SmsOnly,
-            SendSms,
-            &[(
-                T0,
-                Some(SmsFailed { retry: false }),
-                Finished(Outcome::SmsRejected),
-            )],
-        );
-        // Backoff is capped.
-        let policy = Policy::default();
-        assert_eq!(Outgoing::backoff(&policy, 30), policy.max_backoff);
-    }
-
-    #[test]
-    fn stale_events_change_nothing() {
-        check(
-            Route::Auto,
-            ip(SendMode::NowOrNever),
-            &[
-                (
-                    T0,
-                    Some(Withdrawn(Withdrawal::Withdrawn)),
-                    Wait { until: Millis::MAX },
-                ),
-                (T0, Some(SmsSent), Wait { until: Millis::MAX }),
-                (T0, Some(Answer(SendOutcome::NotAUser)), SendSms),
-                (
-                    T0,
-                    Some(Answer(SendOutcome::Accepted)),
-                    Wait { until: Millis::MAX },
-                ),
-                (
-                    T0,
-                    Some(Receipt(ReceiptKind::Delivered)),
-                    Wait { until: Millis::MAX },
-                ),
-                (T0, Some(SmsSent), Finished(Outcome::SentAsSms)),
-                (
-                    T0,
-                    Some(Receipt(ReceiptKind::Delivered)),
-                    Finished(Outcome::SentAsSms),
-                ),
-            ],
-        );
-    }
-}
+mod tests;

@@ -8,7 +8,8 @@
 //! - [`limits`]: token buckets and sliding windows for every rate the service bounds;
 //! - [`verification`]: one-time codes: when one may be sent, how an attempt is judged;
 //! - [`routing`]: what a send is answered and whether anything is stored;
-//! - [`fallback`]: the sender's route for one message: IP, withdraw, or SMS, never two of them;
+//! - [`fallback`]: the sender's state machine for every outgoing message: the IP send, the
+//!   re-encryption when devices changed, receipts, the withdraw and the SMS, never two of them;
 //! - [`heartbeat`]: when a silent session counts as dead.
 //!
 //! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is

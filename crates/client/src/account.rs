@@ -1,0 +1,179 @@
+//! A registered profile, opened: the identity of this device and the means to reach its server
+//! and its local store. Every other part of the crate that talks to the server starts from an
+//! [`Account`]; the operations a user asks for are in the modules that use it.
+//!
+//! Promise P1 lives here: [`Account::open`] refuses a profile that has not been registered and
+//! verified by its user before anything touches the network, and nothing else in this crate
+//! opens a session. It must never log a number, a key or a message.
+
+use ed25519_dalek::SigningKey;
+use tidings_proto::frame::{self, Kind};
+use tidings_proto::id::DeviceId;
+
+use crate::inbox::{Change, Inbox};
+use crate::net::Endpoint;
+use crate::profile::{Profile, ProfileData, Routing};
+use crate::session::{KeySupply, Session};
+use crate::vault::{Passphrase, Vault};
+use crate::{ClientError, Result};
+
+/// A registered and verified profile, ready to talk to its server.
+#[derive(Debug)]
+pub struct Account {
+    profile: Profile,
+    data: ProfileData,
+    device: DeviceId,
+    key: SigningKey,
+    endpoint: Endpoint,
+    passphrase: Option<Passphrase>,
+    /// The passphrase's key, derived once per account (the KDF is slow on purpose).
+    vault: std::sync::OnceLock<Vault>,
+}
+
+/// A 32-byte key from the wire, if it is one.
+pub fn key_of(bytes: &[u8]) -> Option<[u8; 32]> {
+    <[u8; 32]>::try_from(bytes).ok()
+}
+
+impl Account {
+    /// Opens a registered profile. Fails, without touching the network, for a profile that has
+    /// not been registered and verified (promise P1).
+    pub fn open(profile: Profile) -> Result<Self> {
+        let data = profile.load()?.ok_or(ClientError::NotRegistered)?;
+        let device = data
+            .device_id
+            .as_deref()
+            .and_then(DeviceId::from_text)
+            .ok_or(ClientError::NotVerified)?;
+        let key = profile.device_key()?;
+        let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
+        Ok(Self {
+            profile,
+            data,
+            device,
+            key,
+            endpoint,
+            passphrase: None,
+            vault: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Gives the client the passphrase that unlocks the profile's keys and messages (needed to
+    /// send, receive, and check or change trust).
+    pub fn with_passphrase(mut self, passphrase: Passphrase) -> Self {
+        self.passphrase = Some(passphrase);
+        self
+    }
+
+    /// The profile's own number.
+    pub fn number(&self) -> &str {
+        &self.data.number
+    }
+
+    /// How this profile routes messages.
+    pub fn routing(&self) -> &Routing {
+        &self.data.routing
+    }
+
+    /// This device's id.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// The profile directory's handle.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Opens a session.
+    pub async fn session(&self, listen: bool) -> Result<Session> {
+        Session::open(&self.endpoint, self.device, &self.key, listen).await
+    }
+
+    /// Opens the local store with the passphrase.
+    pub fn inbox(&self) -> Result<Inbox> {
+        if let Some(vault) = self.vault.get() {
+            return Inbox::open_unlocked(self.profile.dir(), vault.clone());
+        }
+        let passphrase = self.passphrase.as_ref().ok_or_else(|| {
+            ClientError::Passphrase(
+                "this needs the profile's passphrase: set TIDINGS_PASSPHRASE or pass --passphrase-file".into(),
+            )
+        })?;
+        let inbox = Inbox::open(self.profile.dir(), passphrase)?;
+        let _ = self.vault.set(inbox.vault().clone());
+        Ok(inbox)
+    }
+
+    /// Publishes identity keys, one-time keys and a fallback key if the server holds too few.
+    pub async fn ensure_keys(&self, inbox: &mut Inbox, session: &mut Session) -> Result<()> {
+        let supply = session.key_supply();
+        let request_id = session.request_id();
+        let upload = inbox.update(|_, crypto| {
+            Ok(
+                match crypto.keys_to_publish(self.device, supply, request_id) {
+                    Some(upload) => Change::Save(Some(upload)),
+                    None => Change::Unchanged(None),
+                },
+            )
+        })?;
+        let Some(upload) = upload else {
+            return Ok(());
+        };
+        match session.call(Kind::KeysUpload(upload), request_id).await? {
+            Kind::KeysUploadResult(result) => {
+                session.set_key_supply(KeySupply {
+                    one_time_keys: result.one_time_keys,
+                    published: true,
+                });
+                Ok(())
+            }
+            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            _ => Err(ClientError::Protocol(
+                "unexpected answer to a key upload".into(),
+            )),
+        }
+    }
+
+    /// The devices the server lists for `number`, with their identity keys.
+    pub async fn directory(
+        &self,
+        session: &mut Session,
+        number: &str,
+    ) -> Result<Vec<frame::DeviceKeys>> {
+        let request_id = session.request_id();
+        let request = Kind::Devices(frame::DevicesRequest {
+            request_id,
+            number: number.to_string(),
+        });
+        match session.call(request, request_id).await? {
+            Kind::DeviceList(list) => Ok(list.devices),
+            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            _ => Err(ClientError::Protocol(
+                "unexpected answer to a device list request".into(),
+            )),
+        }
+    }
+
+    /// Claims one key per device of `number` (or of `only`).
+    pub async fn claim(
+        &self,
+        session: &mut Session,
+        number: &str,
+        only: &[DeviceId],
+    ) -> Result<Vec<frame::ClaimedKey>> {
+        let request_id = session.request_id();
+        let request = Kind::KeysClaim(frame::KeysClaim {
+            request_id,
+            number: number.to_string(),
+            device_ids: only.iter().map(|d| d.as_bytes().to_vec()).collect(),
+        });
+        match session.call(request, request_id).await? {
+            Kind::KeysClaimResult(result) => Ok(result.devices),
+            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            _ => Err(ClientError::Protocol(
+                "unexpected answer to a key claim".into(),
+            )),
+        }
+    }
+}

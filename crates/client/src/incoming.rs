@@ -1,0 +1,347 @@
+//! Receiving: the listening session, decrypting each delivery, judging who sent it, storing it
+//! and acknowledging it, and showing it once.
+//!
+//! Promise E4 lives here: a delivery is decrypted, stored and the advanced session state saved
+//! in one local transaction before it is acknowledged, so a crash never loses a message nor uses
+//! a message key twice. Promise E3's receiving half: the sender a message claims is checked
+//! against the directory ([`judge_sender`]) after decrypting, before the message is kept. While
+//! it listens it also carries on routed messages left pending ([`crate::route`]). Nothing here
+//! logs a number or a message.
+
+use prost::Message as _;
+use tidings_proto::frame::{self, AckStatus, Content, Envelope, Kind, ReceiptKind};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_proto::number::E164;
+use tokio::time::Instant;
+
+use crate::account::{key_of, Account};
+use crate::clock::{far_future, instant_at};
+use crate::e2e::Crypto;
+use crate::inbox::{Change, Inbox, Received};
+use crate::route::{outcome_name, Router};
+use crate::session::Session;
+use crate::{ClientError, Result};
+
+/// Something `listen` reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A message, shown for the first time.
+    Message(Received),
+    /// A receipt for a message this device sent.
+    Receipt { id: MessageId, kind: ReceiptKind },
+    /// A routed message (SMS fallback) finished: `outcome` as in `route::outcome_name`.
+    Routed {
+        id: MessageId,
+        outcome: &'static str,
+        detail: String,
+    },
+    /// A delivery that could not be decrypted or did not hold together; it was discarded.
+    Rejected {
+        sender_device: DeviceId,
+        id: MessageId,
+        reason: String,
+    },
+}
+
+/// Receives until `handle` returns false or `until` passes. Each message is decrypted and
+/// stored (with the new session state, in one local transaction), then acknowledged, then
+/// shown once the server confirms the acknowledgement.
+pub async fn listen(
+    account: &Account,
+    until: Option<Instant>,
+    mut handle: impl FnMut(Event) -> bool,
+) -> Result<()> {
+    let mut inbox = account.inbox()?;
+    // Messages stored and acknowledged by an earlier run that stopped before showing them.
+    for message in inbox.take_unshown()? {
+        if !handle(Event::Message(message)) {
+            return Ok(());
+        }
+    }
+    let mut router = Router::new(account, account.routing(), true)?;
+    let mut session = Some(account.session(true).await?);
+    if let Some(open) = session.as_mut() {
+        account.ensure_keys(&mut inbox, open).await?;
+    }
+    let user_deadline = until.unwrap_or_else(far_future);
+    // Messages left pending by an earlier run (a delayed fallback, an SMS to retry) go on.
+    router.tick(&mut session).await?;
+    loop {
+        for (id, outcome, detail) in router.take_finished() {
+            let outcome = outcome_name(outcome);
+            if !handle(Event::Routed {
+                id,
+                outcome,
+                detail,
+            }) {
+                return Ok(());
+            }
+        }
+        let deadline = router
+            .next_wake()
+            .map_or(user_deadline, |at| instant_at(at).min(user_deadline));
+        let Some(open) = session.as_mut() else {
+            return Err(ClientError::Network(
+                "the session ended; pending messages resume at the next listen".into(),
+            ));
+        };
+        let Some(kind) = open.recv(deadline).await? else {
+            if Instant::now() >= user_deadline {
+                return Ok(());
+            }
+            router.tick(&mut session).await?;
+            continue;
+        };
+        if let Kind::Receipt(receipt) = &kind {
+            open.send(Kind::ReceiptAck(frame::ReceiptAck {
+                id: receipt.id.clone(),
+            }))
+            .await?;
+        }
+        if router.on_frame(&kind, &mut session).await? {
+            continue;
+        }
+        let Some(open) = session.as_mut() else {
+            continue;
+        };
+        match kind {
+            Kind::Deliver(deliver) => {
+                let (Some(sender_device), Some(id)) = (
+                    DeviceId::from_slice(&deliver.sender_device),
+                    MessageId::from_slice(&deliver.id),
+                ) else {
+                    continue;
+                };
+                if let Err(reason) =
+                    receive(account, &mut inbox, open, sender_device, id, &deliver).await?
+                {
+                    // Discarded for good: acknowledged below so the server deletes it, and
+                    // reported once.
+                    if !handle(Event::Rejected {
+                        sender_device,
+                        id,
+                        reason,
+                    }) {
+                        return Ok(());
+                    }
+                }
+                open.send(Kind::Ack(frame::Ack {
+                    sender_device: deliver.sender_device,
+                    id: deliver.id,
+                }))
+                .await?;
+            }
+            Kind::AckResult(result) => {
+                let (Some(sender_device), Some(id)) = (
+                    DeviceId::from_slice(&result.sender_device),
+                    MessageId::from_slice(&result.id),
+                ) else {
+                    continue;
+                };
+                if AckStatus::try_from(result.status) == Ok(AckStatus::Withdrawn) {
+                    // The sender withdrew it (and sends it as SMS): never show it here.
+                    inbox.discard(sender_device, id)?;
+                    continue;
+                }
+                // CONFIRMED: the server deleted our copy. UNKNOWN: an earlier acknowledgement
+                // (ours, before a restart) already did. Either way it is ours to show once.
+                if let Some(message) = inbox.take_to_show(sender_device, id)? {
+                    if !handle(Event::Message(message)) {
+                        return Ok(());
+                    }
+                }
+            }
+            Kind::Receipt(receipt) => {
+                if let (Some(id), Ok(kind)) = (
+                    MessageId::from_slice(&receipt.id),
+                    ReceiptKind::try_from(receipt.kind),
+                ) {
+                    if !handle(Event::Receipt { id, kind }) {
+                        return Ok(());
+                    }
+                }
+            }
+            Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
+            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            _ => {}
+        }
+    }
+}
+
+/// Decrypts, checks and stores one delivery. `Ok(Err(reason))`: the delivery is rejected.
+async fn receive(
+    account: &Account,
+    inbox: &mut Inbox,
+    session: &mut Session,
+    sender_device: DeviceId,
+    id: MessageId,
+    deliver: &frame::Deliver,
+) -> Result<std::result::Result<(), String>> {
+    if inbox.read(|tx| tx.contains(sender_device, id))? {
+        return Ok(Ok(()));
+    }
+    // The usual case, in one transaction: a device already checked for the number its
+    // message claims. Decrypted, checked, stored and the session saved together.
+    let fast = inbox.update(|tx, crypto| {
+        let (content, sender_key) = match open_delivery(crypto, sender_device, deliver) {
+            Ok(opened) => opened,
+            Err(reason) => return Ok(Change::Abandon(Some(Err(reason)))),
+        };
+        let checked = crypto.device(sender_device).is_some_and(|known| {
+            known.number.as_deref() == Some(content.from.as_str())
+                && known.identity_key == sender_key
+        });
+        let Some(trusted) = crypto.is_trusted(&content.from, &sender_key) else {
+            return Ok(Change::Abandon(None));
+        };
+        if !checked {
+            return Ok(Change::Abandon(None));
+        }
+        let warning =
+            (!trusted && sender_device != account.device()).then(|| changed_warning(&content.from));
+        tx.store(&received(sender_device, id, content, true, warning))?;
+        Ok(Change::Save(Some(Ok(()))))
+    })?;
+    if let Some(done) = fast {
+        return Ok(done);
+    }
+    // A device seen for the first time: a trial decryption on a throwaway copy tells who the
+    // message claims to be from, which is checked against the directory before anything
+    // is kept; then the real decryption, stored with the advanced session.
+    let mut trial = inbox.snapshot()?;
+    let claimed = match open_delivery(&mut trial, sender_device, deliver) {
+        Ok((content, _)) => content.from,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let listed = match E164::parse(&claimed) {
+        Err(_) => None,
+        Ok(number) => match account.directory(session, number.as_str()).await {
+            Ok(listed) => Some(listed),
+            Err(ClientError::Refused(_)) => None,
+            Err(e) => return Err(e),
+        },
+    };
+    inbox.update(|tx, crypto| {
+        if tx.contains(sender_device, id)? {
+            return Ok(Change::Unchanged(Ok(())));
+        }
+        let (content, sender_key) = match open_delivery(crypto, sender_device, deliver) {
+            Ok(opened) => opened,
+            Err(reason) => return Ok(Change::Abandon(Err(reason))),
+        };
+        let (verified, warning) = judge_sender(
+            account.device(),
+            crypto,
+            listed.as_deref(),
+            &content.from,
+            sender_device,
+            sender_key,
+        );
+        tx.store(&received(sender_device, id, content, verified, warning))?;
+        Ok(Change::Save(Ok(())))
+    })
+}
+
+/// Decrypts a delivery into its content, checking that it holds together. The error is the
+/// reason to show.
+fn open_delivery(
+    crypto: &mut Crypto,
+    sender_device: DeviceId,
+    deliver: &frame::Deliver,
+) -> std::result::Result<(Content, [u8; 32]), String> {
+    let envelope = Envelope::decode(deliver.payload.clone())
+        .map_err(|_| "not an encrypted envelope".to_string())?;
+    let (plaintext, sender_key) = crypto
+        .decrypt(sender_device, &envelope)
+        .map_err(|e| e.to_string())?;
+    let content = Content::decode(&plaintext[..])
+        .map_err(|_| "the decrypted content is malformed".to_string())?;
+    if content.id != deliver.id {
+        return Err(
+            "the message id inside does not match the one outside (replayed under another id)"
+                .into(),
+        );
+    }
+    Ok((content, sender_key))
+}
+
+/// Whether the sending device, holding `sender_key`, is a device of `claimed` in the
+/// directory (`listed`; `None` if it could not be asked), and whether that key is trusted for
+/// `claimed` (trusting the listed keys if nothing was trusted for it yet). Returns
+/// (verified, warning); a message sent from `this_device`'s own id never warns.
+fn judge_sender(
+    this_device: DeviceId,
+    crypto: &mut Crypto,
+    listed: Option<&[frame::DeviceKeys]>,
+    claimed: &str,
+    sender_device: DeviceId,
+    sender_key: [u8; 32],
+) -> (bool, Option<String>) {
+    let Some(listed) = listed else {
+        return (
+            false,
+            Some(format!(
+                "this message claims to be from {claimed}, which could not be checked now"
+            )),
+        );
+    };
+    let Some(entry) = listed.iter().find(|d| {
+        d.device_id == sender_device.as_bytes() && key_of(&d.identity_key) == Some(sender_key)
+    }) else {
+        return (
+            false,
+            Some(format!(
+                "this message claims to be from {claimed} but was sent by a device that is not theirs"
+            )),
+        );
+    };
+    // Every listed device is learnt: a voucher's signing key may be needed below.
+    for listed_device in listed {
+        if let Some(device) = DeviceId::from_slice(&listed_device.device_id) {
+            crypto.learn_device(device, claimed, listed_device);
+        }
+    }
+    crypto.learn_device(sender_device, claimed, entry);
+    let trusted = match crypto.is_trusted(claimed, &sender_key) {
+        Some(false) => crypto.accept_vouched(claimed, &[sender_key]).is_empty(),
+        Some(true) => true,
+        None => {
+            let keys: Vec<[u8; 32]> = listed
+                .iter()
+                .filter_map(|d| key_of(&d.identity_key))
+                .collect();
+            crypto.check_trust(claimed, &keys);
+            true
+        }
+    };
+    if trusted || sender_device == this_device {
+        (true, None)
+    } else {
+        (true, Some(changed_warning(claimed)))
+    }
+}
+
+fn changed_warning(number: &str) -> String {
+    format!(
+        "the safety number with {number} changed: this comes from a key you have not trusted; compare `tidings fingerprint {number}` with them"
+    )
+}
+
+fn received(
+    sender_device: DeviceId,
+    id: MessageId,
+    content: Content,
+    sender_verified: bool,
+    warning: Option<String>,
+) -> Received {
+    Received {
+        sender_device,
+        id,
+        from: content.from,
+        to: content.to,
+        text: content.text,
+        sent_at_ms: content.sent_at_ms,
+        sender_verified,
+        warning,
+    }
+}

@@ -1,0 +1,434 @@
+//! Sending over IP: the plaintext content, one end-to-end encrypted copy per device that must get
+//! it, and the one "devices changed" retry — the server names the devices the copies missed or
+//! had too many of, keys are claimed for the new ones and the copies are made again, as often as
+//! [`tidings_core::fallback`] allows. Both the direct send ([`send`]) and the fallback router
+//! ([`crate::route`]) build their copies here.
+//!
+//! Promise E3's sending half: trust is checked before anything is encrypted; a changed key
+//! stops the send. Promise E4's sending half: the advanced sessions are saved before a copy
+//! leaves, so a message key is never used twice. Nothing here logs a number, a body or a key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::RngCore as _;
+use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Policy, Route};
+use tidings_proto::frame::{self, Content, Kind, ReceiptKind, SendMode, SendOutcome};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_proto::number::E164;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::account::Account;
+use crate::clock::now_ms;
+use crate::e2e::TrustCheck;
+use crate::inbox::{Change, Inbox};
+use crate::session::Session;
+use crate::{ClientError, Result};
+
+/// What happened to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReport {
+    pub id: MessageId,
+    pub outcome: SendOutcome,
+    /// The receipt, if one arrived while waiting.
+    pub receipt: Option<ReceiptKind>,
+    /// Encrypted copies sent (every device of the receiver and this number's other devices).
+    pub copies: usize,
+}
+
+/// A fresh random message id.
+pub fn new_message_id() -> MessageId {
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    MessageId(id)
+}
+
+/// The devices a `DevicesChanged` answer named: copies to drop, and devices (the receiver's and
+/// this number's own) that need one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangedDevices {
+    pub gone: Vec<DeviceId>,
+    pub missing: Vec<DeviceId>,
+    pub missing_own: Vec<DeviceId>,
+}
+
+impl ChangedDevices {
+    /// The devices named in the server's answer.
+    pub fn from_answer(answer: &frame::SendResult) -> Self {
+        let devices = |list: &[Vec<u8>]| -> Vec<DeviceId> {
+            list.iter()
+                .filter_map(|d| DeviceId::from_slice(d))
+                .collect()
+        };
+        Self {
+            gone: devices(&answer.extra_devices),
+            missing: devices(&answer.missing_devices),
+            missing_own: devices(&answer.missing_own_devices),
+        }
+    }
+}
+
+/// Keys claimed and devices to forget, applied to the end-to-end state at the next encryption.
+#[derive(Debug, Default)]
+struct KeyChanges {
+    claimed: Vec<(String, Vec<frame::ClaimedKey>)>,
+    forget: Vec<DeviceId>,
+}
+
+/// Claims keys for the devices the server named as new, and marks the gone ones to be
+/// forgotten: what a re-encryption needs. No device is skipped.
+async fn claim_changed(
+    account: &Account,
+    session: &mut Session,
+    to: &str,
+    changed: &ChangedDevices,
+) -> Result<KeyChanges> {
+    let mut changes = KeyChanges {
+        claimed: Vec::new(),
+        forget: changed.gone.clone(),
+    };
+    if !changed.missing.is_empty() {
+        let keys = account.claim(session, to, &changed.missing).await?;
+        changes.claimed.push((to.to_string(), keys));
+    }
+    if !changed.missing_own.is_empty() {
+        let own = account.number().to_string();
+        let keys = account.claim(session, &own, &changed.missing_own).await?;
+        changes.claimed.push((own, keys));
+    }
+    Ok(changes)
+}
+
+/// The plaintext every copy of a message carries.
+fn content(from: &str, to: &str, text: &str, id: MessageId) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(
+        Content {
+            from: from.to_string(),
+            text: text.to_string(),
+            sent_at_ms: now_ms(),
+            id: id.as_bytes().to_vec(),
+            to: to.to_string(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// Encrypts one copy of `plaintext` per device that must get one (the receiver's and this
+/// number's other devices), after opening sessions with the claimed keys and forgetting the
+/// gone devices in `changes`. Trust is checked first: a changed key stops everything.
+fn encrypt_copies(
+    account: &Account,
+    inbox: &mut Inbox,
+    changes: &mut KeyChanges,
+    to: &str,
+    plaintext: &[u8],
+) -> Result<Vec<frame::Copy>> {
+    let own = account.number();
+    let this_device = account.device();
+    inbox.update(|_, crypto| {
+        for device in changes.forget.drain(..) {
+            crypto.forget_device(device);
+        }
+        for (number, keys) in changes.claimed.drain(..) {
+            for key in &keys {
+                crypto.open_session(&number, key)?;
+            }
+        }
+        let mut numbers = vec![to];
+        if own != to {
+            numbers.push(own);
+        }
+        for number in numbers {
+            let keys: Vec<[u8; 32]> = crypto
+                .devices_of(number)
+                .into_iter()
+                .filter(|device| *device != this_device)
+                .filter_map(|device| crypto.device(device).map(|k| k.identity_key))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            if let TrustCheck::Changed(new) = crypto.check_trust(number, &keys) {
+                // A new device vouched for by a trusted device of the number is accepted.
+                let untrusted = crypto.accept_vouched(number, &new);
+                if !untrusted.is_empty() {
+                    return Err(ClientError::IdentityChanged {
+                        number: number.to_string(),
+                        count: untrusted.len(),
+                    });
+                }
+            }
+        }
+        let mut targets = crypto.devices_of(to);
+        if own != to {
+            targets.extend(crypto.devices_of(own));
+        }
+        targets.retain(|device| *device != this_device);
+        let mut copies = Vec::with_capacity(targets.len());
+        for device in targets {
+            let envelope = crypto.encrypt(device, plaintext)?;
+            copies.push(frame::Copy {
+                device_id: device.as_bytes().to_vec(),
+                payload: Bytes::from(envelope.encode_to_vec()),
+            });
+        }
+        // Saved before the copies leave: a used message key is never used again, even if
+        // this process dies right after.
+        Ok(Change::Save(copies))
+    })
+}
+
+/// Sends a text over IP only, in `mode`, end-to-end encrypted for every device of the receiver
+/// and this number's other devices. Waits up to `wait` for the server's answer and, for an
+/// accepted message, for its receipt. Nothing is kept in the profile: what is not answered in
+/// time is the caller's to send again.
+pub async fn send(
+    account: &Account,
+    to: &str,
+    text: &str,
+    mode: SendMode,
+    ttl_seconds: u32,
+    wait: Duration,
+) -> Result<SendReport> {
+    let to = E164::parse(to)?.as_str().to_string();
+    let id = new_message_id();
+    let plaintext = content(account.number(), &to, text, id);
+    let mut inbox = account.inbox()?;
+    let mut session = account.session(false).await?;
+    account.ensure_keys(&mut inbox, &mut session).await?;
+
+    // A first message to a number: claim keys for all its devices now rather than learn them
+    // from a refused send.
+    let mut changes = KeyChanges::default();
+    if inbox.look(|crypto| crypto.devices_of(&to).is_empty())? {
+        let keys = account.claim(&mut session, &to, &[]).await?;
+        changes.claimed.push((to.clone(), keys));
+    }
+    let policy = Policy::default();
+    let mut machine = Outgoing::new(Route::IpOnly { mode }, now_ms());
+    let mut action = machine.next(now_ms());
+    let mut changed: Option<ChangedDevices> = None;
+    let mut deadline = Instant::now() + wait;
+    let mut answer: Option<SendOutcome> = None;
+    let mut receipt: Option<ReceiptKind> = None;
+    let mut receipt_came = false;
+    let mut copies = 0;
+    loop {
+        match action {
+            Action::SendIp(mode) | Action::Reencrypt(mode) => {
+                if let Some(changed) = changed.take() {
+                    changes = claim_changed(account, &mut session, &to, &changed).await?;
+                }
+                let made = encrypt_copies(account, &mut inbox, &mut changes, &to, &plaintext)?;
+                let total: usize = made.iter().map(|c| c.payload.len()).sum();
+                if total > tidings_proto::MAX_PAYLOAD_BYTES {
+                    return Err(ClientError::Refused(format!(
+                        "the message is too long: its {} encrypted copies come to {total} bytes, at most {} are allowed",
+                        made.len(),
+                        tidings_proto::MAX_PAYLOAD_BYTES
+                    )));
+                }
+                copies = made.len();
+                session
+                    .send(Kind::Send(frame::Send {
+                        id: id.as_bytes().to_vec(),
+                        to: to.clone(),
+                        mode: mode as i32,
+                        ttl_seconds,
+                        payload: Bytes::new(),
+                        copies: made,
+                    }))
+                    .await?;
+                deadline = Instant::now() + wait;
+            }
+            Action::Finished(Outcome::NotSent(SendOutcome::DevicesChanged)) => {
+                return Err(ClientError::Refused(
+                    "the receiver's devices kept changing while sending: try again".into(),
+                ));
+            }
+            // Over IP only there is no withdraw and no SMS; the rest is waiting.
+            Action::Withdraw | Action::SendSms | Action::Wait { .. } | Action::Finished(_) => {}
+        }
+        // Reported once the server answered and, for a message a device took, the receipt came.
+        if answer.is_some_and(|answer| answer != SendOutcome::Accepted || receipt_came) {
+            break;
+        }
+        let Some(kind) = session.recv(deadline).await? else {
+            break;
+        };
+        let event = match kind {
+            Kind::SendResult(result) if result.id == id.as_bytes() => {
+                match SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid) {
+                    SendOutcome::DevicesChanged => {
+                        changed = Some(ChangedDevices::from_answer(&result));
+                        Event::DevicesChanged
+                    }
+                    answered => {
+                        answer = Some(answered);
+                        Event::Answer(answered)
+                    }
+                }
+            }
+            Kind::Receipt(r) => {
+                session
+                    .send(Kind::ReceiptAck(frame::ReceiptAck { id: r.id.clone() }))
+                    .await?;
+                if r.id != id.as_bytes() {
+                    continue;
+                }
+                receipt = ReceiptKind::try_from(r.kind).ok();
+                receipt_came = true;
+                match receipt {
+                    Some(kind) => Event::Receipt(kind),
+                    None => continue,
+                }
+            }
+            Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
+            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            _ => continue,
+        };
+        action = machine.handle(&policy, event, now_ms());
+    }
+    let outcome = answer.ok_or(ClientError::Timeout)?;
+    Ok(SendReport {
+        id,
+        outcome,
+        receipt,
+        copies,
+    })
+}
+
+/// Builds encrypted `Send`s (queued, the server's TTL) of `messages` for `to` without sending
+/// them, claiming whatever keys are needed first on a session of its own: for the first message
+/// to a number, for this number's devices not known here, or for the devices a `DevicesChanged`
+/// answer named (`changed`). `claimed_from` makes the content claim another sender (tests of the
+/// receiver's check only).
+pub async fn prepare_batch(
+    account: &Account,
+    to: &str,
+    messages: &[(MessageId, String)],
+    claimed_from: Option<&str>,
+    changed: Option<&ChangedDevices>,
+) -> Result<Vec<frame::Send>> {
+    let to = E164::parse(to)?.as_str().to_string();
+    let own = account.number().to_string();
+    let mut inbox = account.inbox()?;
+    let mut session = account.session(false).await?;
+    account.ensure_keys(&mut inbox, &mut session).await?;
+    let mut changes = match changed {
+        Some(changed) => claim_changed(account, &mut session, &to, changed).await?,
+        None => claim_unknown(account, &mut inbox, &mut session, &to).await?,
+    };
+    let mut sends = Vec::with_capacity(messages.len());
+    for (id, text) in messages {
+        let plaintext = content(claimed_from.unwrap_or(&own), &to, text, *id);
+        let copies = encrypt_copies(account, &mut inbox, &mut changes, &to, &plaintext)?;
+        sends.push(frame::Send {
+            id: id.as_bytes().to_vec(),
+            to: to.clone(),
+            mode: SendMode::Queue as i32,
+            ttl_seconds: 0,
+            payload: Bytes::new(),
+            copies,
+        });
+    }
+    Ok(sends)
+}
+
+/// Claims keys for every device of `to` if none is known here, and for this number's other
+/// devices that the directory lists but this device does not know.
+async fn claim_unknown(
+    account: &Account,
+    inbox: &mut Inbox,
+    session: &mut Session,
+    to: &str,
+) -> Result<KeyChanges> {
+    let own = account.number().to_string();
+    let (known_to, known_own) =
+        inbox.look(|crypto| (crypto.devices_of(to), crypto.devices_of(&own)))?;
+    let mut changes = KeyChanges::default();
+    if known_to.is_empty() {
+        let keys = account.claim(session, to, &[]).await?;
+        changes.claimed.push((to.to_string(), keys));
+    }
+    if own != to {
+        let missing: Vec<DeviceId> = account
+            .directory(session, &own)
+            .await?
+            .iter()
+            .filter_map(|d| DeviceId::from_slice(&d.device_id))
+            .filter(|d| *d != account.device() && !known_own.contains(d))
+            .collect();
+        if !missing.is_empty() {
+            let keys = account.claim(session, &own, &missing).await?;
+            changes.claimed.push((own, keys));
+        }
+    }
+    Ok(changes)
+}
+
+/// One message prepared by [`prepare_batch`].
+pub async fn prepare_one(
+    account: &Account,
+    to: &str,
+    text: &str,
+    id: MessageId,
+    claimed_from: Option<&str>,
+    changed: Option<&ChangedDevices>,
+) -> Result<frame::Send> {
+    let mut sends = prepare_batch(
+        account,
+        to,
+        &[(id, text.to_string())],
+        claimed_from,
+        changed,
+    )
+    .await?;
+    sends
+        .pop()
+        .ok_or_else(|| ClientError::Protocol("nothing was prepared".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_devices_changed_answer_names_the_gone_and_the_missing_devices() {
+        let device = |n: u8| DeviceId([n; 16]);
+        let answer = frame::SendResult {
+            extra_devices: vec![device(1).as_bytes().to_vec(), vec![0; 3]],
+            missing_devices: vec![device(2).as_bytes().to_vec()],
+            missing_own_devices: vec![device(3).as_bytes().to_vec(), device(4).as_bytes().to_vec()],
+            ..Default::default()
+        };
+        assert_eq!(
+            ChangedDevices::from_answer(&answer),
+            ChangedDevices {
+                // A malformed id is dropped, not guessed at.
+                gone: vec![device(1)],
+                missing: vec![device(2)],
+                missing_own: vec![device(3), device(4)],
+            }
+        );
+        assert_eq!(
+            ChangedDevices::from_answer(&frame::SendResult::default()),
+            ChangedDevices::default()
+        );
+    }
+
+    #[test]
+    fn every_copy_carries_the_same_content() {
+        let id = new_message_id();
+        assert_ne!(id, new_message_id(), "ids are random");
+        let plaintext = content("+4915112345678", "+4915187654321", "hello", id);
+        let decoded = Content::decode(&plaintext[..]).expect("content");
+        assert_eq!(decoded.from, "+4915112345678");
+        assert_eq!(decoded.to, "+4915187654321");
+        assert_eq!(decoded.text, "hello");
+        assert_eq!(decoded.id, id.as_bytes());
+        assert!(decoded.sent_at_ms > 0);
+    }
+}

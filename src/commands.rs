@@ -1,0 +1,642 @@
+//! One function per client subcommand: each opens what it needs through `tidings_client`, does
+//! one thing and prints its result (text, or one JSON object per line with `--json`). The exit
+//! code each returns is documented in `cli.rs`. Nothing here decides a default or a rule: those
+//! are in the client crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::json;
+use tidings_client::client::{self, Client, Event, SendReport};
+use tidings_client::profile::Profile;
+use tidings_client::route;
+use tidings_client::vault::Passphrase;
+use tidings_client::{defaults, ClientError};
+use tidings_core::fallback::Route;
+use tidings_gateway::modem::ModemConfig;
+use tidings_gateway::smpp::{BindMode, Concatenation, SmppConfig};
+use tidings_gateway::TransportConfig;
+use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
+use tidings_proto::id::DeviceId;
+
+use crate::cli::{
+    LinkArgs, Mode, RegisterArgs, SendArgs, SettingsArgs, EXIT_NOT_TAKEN, EXIT_PENDING,
+};
+
+/// What every client command starts from: the profile, the output format, and where the
+/// passphrase comes from.
+#[derive(Debug)]
+pub struct Context {
+    pub profile: Profile,
+    pub json: bool,
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl Context {
+    /// The context of one run: the profile in `profile`, else the default directory.
+    pub fn new(profile: Option<PathBuf>, json: bool, passphrase_file: Option<PathBuf>) -> Self {
+        Self {
+            profile: Profile::at(profile.unwrap_or_else(defaults::profile_dir)),
+            json,
+            passphrase_file,
+        }
+    }
+
+    /// The profile's passphrase: from `--passphrase-file`, else `TIDINGS_PASSPHRASE`, else a
+    /// prompt on the terminal.
+    fn passphrase(&self) -> anyhow::Result<Passphrase> {
+        if let Some(file) = &self.passphrase_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                anyhow::anyhow!("cannot read the passphrase file {}: {e}", file.display())
+            })?;
+            return Ok(Passphrase::new(text));
+        }
+        if let Ok(text) = std::env::var("TIDINGS_PASSPHRASE") {
+            return Ok(Passphrase::new(text));
+        }
+        rpassword::prompt_password("Passphrase for this profile: ")
+            .map(Passphrase::new)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no passphrase: there is no terminal to ask on ({e}); set TIDINGS_PASSPHRASE or pass --passphrase-file"
+                )
+            })
+    }
+
+    /// The registered profile, opened without its passphrase (nothing sealed is read).
+    fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::open(self.profile.clone())?)
+    }
+
+    /// The registered profile with its passphrase. An unregistered profile is refused before
+    /// the passphrase is asked for.
+    fn unlocked(&self) -> anyhow::Result<Client> {
+        let client = Client::open(self.profile.clone())?;
+        Ok(client.with_passphrase(self.passphrase()?))
+    }
+}
+
+/// Prints one JSON object on its own line.
+fn print_json(value: serde_json::Value) {
+    println!("{value}");
+}
+
+/// Prints now rather than when the buffer fills: another program may be reading line by line.
+fn flush() {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+}
+
+/// `tidings register`: opt in; the server sends a code by SMS.
+pub async fn register(context: &Context, args: RegisterArgs) -> anyhow::Result<ExitCode> {
+    let RegisterArgs {
+        number,
+        server,
+        trust,
+    } = args;
+    let number = client::register(&context.profile, &number, &server, trust.into_trust()).await?;
+    if context.json {
+        print_json(json!({ "status": "code_sent", "number": number.as_str() }));
+    } else {
+        println!(
+            "A code was sent by SMS to {}. Run: tidings verify <code>",
+            number.as_str()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings verify`: finish opting in with the code.
+pub async fn verify(context: &Context, code: &str) -> anyhow::Result<ExitCode> {
+    // Not registered: say so before asking for anything (and touch nothing).
+    if context.profile.load()?.is_none() {
+        return Err(ClientError::NotRegistered.into());
+    }
+    let replaced = client::verify(&context.profile, code, &context.passphrase()?).await?;
+    let client = context.client()?;
+    if context.json {
+        print_json(
+            json!({ "status": "registered", "device_id": client.device().to_text(), "replaced_devices": replaced }),
+        );
+    } else {
+        println!("Registered {} on this device.", client.number());
+        if replaced > 0 {
+            println!("{replaced} earlier device(s) of this number were signed out.");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings send`: over IP only, or along a route with SMS fallback.
+pub async fn send(context: &Context, args: SendArgs) -> anyhow::Result<ExitCode> {
+    let SendArgs {
+        number,
+        text,
+        route,
+        fallback_after,
+        mode,
+        ttl,
+        wait,
+    } = args;
+    let client = context.unlocked()?;
+    let (route_name, route) = route::choose_route(client.routing(), route, fallback_after)?;
+    let wait = Duration::from_secs(wait);
+    if let Route::IpOnly { .. } = route {
+        let mode = match mode {
+            Mode::Queue => SendMode::Queue,
+            Mode::NowOrNever => SendMode::NowOrNever,
+        };
+        let report = client.send(&number, &text, mode, ttl, wait).await?;
+        print_send(&report, context.json);
+        return Ok(match report.outcome {
+            SendOutcome::Accepted | SendOutcome::Queued => ExitCode::SUCCESS,
+            _ => ExitCode::from(EXIT_NOT_TAKEN),
+        });
+    }
+    let status = client.send_routed(&number, &text, route, wait).await?;
+    Ok(print_routed(&route_name, &status, context.json))
+}
+
+/// `tidings listen`: receive until `count` messages were shown or `timeout` seconds passed.
+pub async fn listen(
+    context: &Context,
+    count: Option<usize>,
+    timeout: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let until = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut shown = 0usize;
+    let own = client.number().to_string();
+    client
+        .listen(until, |event| {
+            print_event(&event, context.json, &own);
+            if matches!(event, Event::Message(_)) {
+                shown += 1;
+            }
+            count.is_none_or(|count| shown < count)
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings link`: with no number and code, show a link code here and wait for the new device;
+/// with both, join the number as a new device.
+pub async fn link(context: &Context, args: LinkArgs) -> anyhow::Result<ExitCode> {
+    let LinkArgs {
+        number,
+        code,
+        server,
+        trust,
+        wait,
+    } = args;
+    match (number, code) {
+        (None, None) => approve_link(context, Duration::from_secs(wait)).await,
+        (Some(number), Some(code)) => {
+            let Some(server) = server else {
+                anyhow::bail!("the new device needs the server: add --server <url>");
+            };
+            let passphrase = context.passphrase()?;
+            let device = client::link(
+                &context.profile,
+                &number,
+                &code,
+                &server,
+                trust.into_trust(),
+                &passphrase,
+            )
+            .await?;
+            if context.json {
+                print_json(json!({ "status": "linked", "device_id": device.to_text() }));
+            } else {
+                println!("This device joined {number}; the number's other devices stay signed in.");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => anyhow::bail!(
+            "give both the number and the link code (new device), or neither (registered device)"
+        ),
+    }
+}
+
+/// The registered device's side of `tidings link`.
+async fn approve_link(context: &Context, wait: Duration) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let json = context.json;
+    let joined = client
+        .approve_link(
+            |code, expires_in| {
+                if json {
+                    print_json(json!({ "status": "code", "code": code, "expires_in": expires_in }));
+                } else {
+                    println!(
+                        "On the new device run:\n  tidings link {} {code} --server <url>\nThe code is valid for {} minutes and works once. Waiting...",
+                        client.number(),
+                        expires_in / 60
+                    );
+                }
+                flush();
+            },
+            wait,
+        )
+        .await?;
+    match joined {
+        Some(device) if json => {
+            print_json(json!({ "status": "linked", "device_id": device.to_text() }))
+        }
+        Some(device) => println!("Device {device} joined this number."),
+        None => {
+            anyhow::bail!("no device joined in time: run `tidings link` again for a new code")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings devices`: list this number's devices, or remove one.
+pub async fn devices(context: &Context, remove: Option<String>) -> anyhow::Result<ExitCode> {
+    let client = context.client()?;
+    if let Some(id) = remove {
+        let Some(device) = DeviceId::from_text(&id) else {
+            anyhow::bail!("that is not a device id: copy one from `tidings devices`");
+        };
+        client.remove_device(device).await?;
+        if context.json {
+            print_json(json!({ "status": "removed", "device_id": device.to_text() }));
+        } else {
+            println!("Removed device {device}: its keys and queued messages are deleted.");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for device in client.devices().await? {
+        let key = device
+            .identity_key
+            .map(|k| tidings_proto::id::to_text(&k))
+            .unwrap_or_else(|| "(no keys published yet)".into());
+        if context.json {
+            print_json(
+                json!({ "device_id": device.id.to_text(), "identity_key": key, "this_device": device.this_device }),
+            );
+        } else {
+            let this = if device.this_device {
+                "\t(this device)"
+            } else {
+                ""
+            };
+            println!("{}\t{key}{this}", device.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings fingerprint`: the safety number with a contact.
+pub async fn fingerprint(context: &Context, number: &str) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let print = client.fingerprint(number).await?;
+    let status = if !print.known {
+        "not yet trusted (trusted on first message)"
+    } else if print.untrusted > 0 {
+        "CHANGED: keys you have not trusted; compare, then `tidings trust`"
+    } else {
+        "trusted"
+    };
+    if context.json {
+        print_json(json!({
+            "number": print.number,
+            "safety_number": print.safety_number,
+            "devices": print.devices,
+            "untrusted_keys": print.untrusted,
+            "known": print.known,
+        }));
+    } else {
+        println!(
+            "Safety number with {} ({} device(s), {status}):\n  {}\nCompare it with theirs; equal means nobody is in between.",
+            print.number, print.devices, print.safety_number
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings trust`: trust a contact's current keys.
+pub async fn trust(context: &Context, number: &str) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let keys = client.trust(number).await?;
+    if context.json {
+        print_json(json!({ "status": "trusted", "keys": keys }));
+    } else {
+        println!("Trusted the {keys} current key(s) of {number}.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings lookup`: online, offline or not a user, per number.
+pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<ExitCode> {
+    let client = context.client()?;
+    for (number, presence) in client.lookup(numbers).await? {
+        if context.json {
+            print_json(json!({ "number": number, "presence": presence.as_str() }));
+        } else {
+            println!("{number}\t{}", presence.as_str().replace('_', " "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings disable`: opt out.
+pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
+    let client = context.client()?;
+    client.disable().await?;
+    if context.json {
+        print_json(json!({ "status": "disabled" }));
+    } else {
+        println!("Disabled. The server deleted your account, devices, keys and queued messages.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings settings`: change the profile's routing and SMS transport (no network), then show
+/// them.
+pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
+    let mut data = context.profile.load()?.ok_or(ClientError::NotRegistered)?;
+    let routing = &mut data.routing;
+    if let Some(route) = settings.route.clone() {
+        routing.route = route;
+    }
+    if let Some(seconds) = settings.fallback_after {
+        routing.fallback_after_seconds = seconds;
+    }
+    if let Some(seconds) = settings.receipt_timeout {
+        routing.receipt_timeout_seconds = seconds;
+    }
+    if let Some(parts) = settings.max_sms_parts {
+        routing.set_max_sms_parts(parts);
+    }
+    if let Some(transport) = sms_transport(settings) {
+        routing.sms = transport;
+    }
+    context.profile.save(&data)?;
+    let routing = &data.routing;
+    let sms = match &routing.sms {
+        None => "none".to_string(),
+        Some(TransportConfig::Outbox { dir }) => format!("outbox {}", dir.display()),
+        Some(TransportConfig::Kannel { url, username, .. }) => {
+            format!("kannel {url} (user {username})")
+        }
+        Some(TransportConfig::Smpp(smpp)) => {
+            format!("smpp {} (system_id {})", smpp.address, smpp.system_id)
+        }
+        Some(TransportConfig::Modem(modem)) => {
+            format!("modem {} at {} baud", modem.port.display(), modem.baud)
+        }
+    };
+    if context.json {
+        print_json(json!({
+            "route": routing.route,
+            "fallback_after_seconds": routing.fallback_after_seconds,
+            "receipt_timeout_seconds": routing.receipt_timeout_seconds,
+            "max_sms_parts": routing.max_sms_parts,
+            "sms": sms,
+        }));
+    } else {
+        println!(
+            "route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
+            routing.route, routing.fallback_after_seconds, routing.receipt_timeout_seconds, routing.max_sms_parts
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The SMS transport the flags ask for: `Some(None)` to remove it, `None` to keep the profile's.
+/// Where the flags name several (clap refuses most such mixes), the later in this order wins:
+/// outbox, SMPP, modem, Kannel, removal.
+fn sms_transport(settings: SettingsArgs) -> Option<Option<TransportConfig>> {
+    let SettingsArgs {
+        sms_outbox,
+        sms_kannel,
+        sms_username,
+        sms_password,
+        sms_smpp,
+        sms_system_id,
+        sms_system_type,
+        sms_bind,
+        sms_concatenation,
+        sms_receipt_wait,
+        sms_modem,
+        sms_baud,
+        sms_modem_timeout,
+        no_sms,
+        ..
+    } = settings;
+    let mut transport = None;
+    if let Some(dir) = sms_outbox {
+        transport = Some(Some(TransportConfig::Outbox { dir }));
+    }
+    if let (Some(address), Some(system_id), Some(password)) =
+        (sms_smpp, sms_system_id, sms_password.clone())
+    {
+        transport = Some(Some(TransportConfig::Smpp(SmppConfig {
+            address,
+            system_id,
+            password,
+            system_type: sms_system_type.unwrap_or_default(),
+            bind: match sms_bind.as_deref() {
+                Some("transmitter") => BindMode::Transmitter,
+                _ => BindMode::Transceiver,
+            },
+            concatenation: match sms_concatenation.as_deref() {
+                Some("sar") => Concatenation::Sar,
+                _ => Concatenation::Udh,
+            },
+            enquire_link_seconds: defaults::SMPP_ENQUIRE_LINK_SECONDS,
+            receipt_wait_seconds: sms_receipt_wait.unwrap_or(0),
+        })));
+    }
+    if let Some(port) = sms_modem {
+        transport = Some(Some(TransportConfig::Modem(ModemConfig {
+            port,
+            baud: sms_baud,
+            timeout_seconds: sms_modem_timeout,
+        })));
+    }
+    if let (Some(url), Some(username), Some(password)) = (sms_kannel, sms_username, sms_password) {
+        transport = Some(Some(TransportConfig::Kannel {
+            url,
+            username,
+            password,
+        }));
+    }
+    if no_sms {
+        transport = Some(None);
+    }
+    transport
+}
+
+/// `tidings status`: this profile's state (no network).
+pub fn status(context: &Context) -> anyhow::Result<ExitCode> {
+    let data = context.profile.load()?;
+    let registered = data.is_some();
+    let verified = data.as_ref().is_some_and(|d| d.device_id.is_some());
+    if context.json {
+        print_json(json!({
+            "registered": registered,
+            "verified": verified,
+            "number": data.as_ref().map(|d| d.number.clone()),
+            "server": data.as_ref().map(|d| d.server.clone()),
+        }));
+    } else if let Some(data) = data {
+        let state = if verified {
+            "registered"
+        } else {
+            "waiting for `tidings verify <code>`"
+        };
+        println!("{} at {}: {state}", data.number, data.server);
+    } else {
+        println!("Not registered: nothing is sent anywhere until you run `tidings register`.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_send(report: &SendReport, json: bool) {
+    let receipt = report.receipt.map(|kind| match kind {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Expired => "expired",
+    });
+    if json {
+        println!(
+            "{}",
+            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt, "copies": report.copies })
+        );
+        return;
+    }
+    let text = match (report.outcome, receipt) {
+        (SendOutcome::Accepted, Some("delivered")) => "delivered",
+        (SendOutcome::Accepted, _) => {
+            "accepted: a device of the receiver is online; no receipt yet"
+        }
+        (SendOutcome::Queued, _) => "queued: it will be delivered when the receiver comes online",
+        (SendOutcome::RefusedNotReachable, _) => {
+            "not sent: the receiver is not online now (nothing was stored)"
+        }
+        (SendOutcome::NotAUser, _) => "not sent: that number does not use Tidings",
+        (SendOutcome::RefusedQueueFull, _) => "not sent: the receiver's queue is full",
+        (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
+        (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
+        (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
+        (SendOutcome::DevicesChanged, _) => {
+            "not sent: the receiver's devices changed while sending; try again"
+        }
+    };
+    println!("{text}");
+}
+
+fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
+    let outcome = status.outcome.map(route::outcome_name);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "id": status.id.to_text(),
+                "route": route,
+                "outcome": outcome,
+                "pending": outcome.is_none(),
+                "detail": status.detail,
+            })
+        );
+    } else {
+        let text = match outcome {
+            Some("delivered") => "delivered over IP".to_string(),
+            Some("sent_as_sms") => "sent as SMS".to_string(),
+            Some("expired") => "not delivered: it expired on the server".to_string(),
+            Some("sms_rejected") => format!("not sent: {}", status.detail),
+            Some(refused) => format!("not sent: {}", refused.replace('_', " ")),
+            None if status.detail.is_empty() => {
+                "not through yet: it is kept and carried on while `tidings listen` runs".to_string()
+            }
+            None => format!(
+                "not through yet ({}): it is kept and retried while `tidings listen` runs",
+                status.detail
+            ),
+        };
+        println!("{text}");
+    }
+    match outcome {
+        Some("delivered" | "sent_as_sms") => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(EXIT_NOT_TAKEN),
+        None => ExitCode::from(EXIT_PENDING),
+    }
+}
+
+fn print_event(event: &Event, json: bool, own: &str) {
+    match event {
+        Event::Routed {
+            id,
+            outcome,
+            detail,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "routed", "id": id.to_text(), "outcome": outcome, "detail": detail })
+                );
+            } else {
+                println!("message {id}: {}", outcome.replace('_', " "));
+            }
+        }
+
+        Event::Message(message) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "type": "message",
+                        "id": message.id.to_text(),
+                        "sender_device": message.sender_device.to_text(),
+                        "from": message.from,
+                        "text": message.text,
+                        "to": message.to,
+                        "sent_at_ms": message.sent_at_ms,
+                        "sender_verified": message.sender_verified,
+                        "warning": message.warning,
+                    })
+                );
+            } else if let Some(warning) = &message.warning {
+                println!("WARNING: {warning}: {}", message.text);
+            } else if message.from == own && !message.to.is_empty() && message.to != own {
+                println!(
+                    "(you, from another device) to {}: {}",
+                    message.to, message.text
+                );
+            } else {
+                println!("{}: {}", message.from, message.text);
+            }
+        }
+        Event::Rejected {
+            sender_device,
+            id,
+            reason,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "rejected", "id": id.to_text(), "sender_device": sender_device.to_text(), "reason": reason })
+                );
+            } else {
+                eprintln!("rejected a message from device {sender_device}: {reason}");
+            }
+        }
+        Event::Receipt { id, kind } => {
+            let kind = match kind {
+                ReceiptKind::Delivered => "delivered",
+                ReceiptKind::Expired => "expired",
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({ "type": "receipt", "id": id.to_text(), "kind": kind })
+                );
+            } else {
+                println!("receipt: message {id} {kind}");
+            }
+        }
+    }
+    flush();
+}
