@@ -16,6 +16,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
+pub use tidings_core::delivery::DeviceDifference;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
@@ -160,7 +161,8 @@ pub enum Linked {
 }
 
 /// A message to store: one copy (ciphertext) per device. The copies must name exactly the
-/// receiver's devices that have published keys and the sender's other such devices.
+/// receiver's devices that have published keys and the sender's other such devices (rule E1,
+/// [`tidings_core::delivery::check_copies`]).
 #[derive(Clone)]
 pub struct NewMessage {
     pub sender_device: DeviceId,
@@ -191,17 +193,6 @@ pub enum Enqueued {
     QueueFull,
     /// The copies do not match the devices that must get one; nothing was stored.
     DevicesChanged(DeviceDifference),
-}
-
-/// How a message's copies differ from the devices that must receive it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeviceDifference {
-    /// Receiver devices without a copy.
-    pub missing: Vec<DeviceId>,
-    /// The sender's other devices without a copy.
-    pub missing_own: Vec<DeviceId>,
-    /// Copies for devices that must not get one.
-    pub extra: Vec<DeviceId>,
 }
 
 /// One copy waiting for a device.

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use tidings_core::delivery::{self, AccountDevice, CopyCheck};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodeRecord, LiveCode};
 use tidings_core::Millis;
@@ -38,8 +39,8 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Device, DeviceDifference,
-    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Device, Enqueued,
+    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
     PendingReceipt, Pseudonym, Published, Registered, Result, Route, SignedKey, Staged, Store,
     StoreError, Submitted, SyncReport, Voucher,
 };
@@ -993,11 +994,13 @@ fn voucher_of(by: Option<Vec<u8>>, signature: Option<Vec<u8>>) -> Option<Voucher
     })
 }
 
-/// The devices of an account: whether each has published identity keys, and its queue length.
+/// The devices of an account as the delivery rules read them: whether each has published
+/// identity keys, and its queue length with the copies stored and deleted earlier in the batch.
 fn keyed_devices(
     conn: &Connection,
+    notes: &Notes,
     account: AccountId,
-) -> rusqlite::Result<Vec<(DeviceId, bool, i64)>> {
+) -> rusqlite::Result<Vec<AccountDevice>> {
     // Whether identity keys are published, as `identity_of` reads them, without reading them.
     let mut statement = conn.prepare_cached(
         "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len
@@ -1005,11 +1008,13 @@ fn keyed_devices(
     )?;
     let rows = statement
         .query_map(params![account.0], |row| {
-            Ok((
-                device_id(row.get(0)?)?,
-                row.get::<_, Option<bool>>(1)?.unwrap_or(false),
-                row.get::<_, i64>(2)?,
-            ))
+            let id = device_id(row.get(0)?)?;
+            let queued = row.get::<_, i64>(2)? + notes.queued.pending(id);
+            Ok(AccountDevice {
+                id,
+                keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                queued: u64::try_from(queued).unwrap_or(0),
+            })
         })?
         .collect();
     rows
@@ -1483,43 +1488,21 @@ impl Store for SqliteStore {
             if duplicate.is_some() {
                 return Ok(Enqueued::Duplicate);
             }
-            let receiver = keyed_devices(txn, message.receiver)?;
-            if receiver.is_empty() {
-                return Err(StoreError::NoSuchAccount);
-            }
+            let receiver = keyed_devices(txn, notes, message.receiver)?;
             let own = if message.sender_account == message.receiver {
                 Vec::new()
             } else {
-                keyed_devices(txn, message.sender_account)?
+                keyed_devices(txn, notes, message.sender_account)?
             };
             // Checked inside the transaction that stores the copies, so a device linked or
             // removed at the same moment cannot slip between the check and the write.
-            let must_get = |devices: &[(DeviceId, bool, i64)]| {
-                devices
-                    .iter()
-                    .filter(|(id, keyed, _)| *keyed && *id != message.sender_device)
-                    .map(|(id, _, len)| (*id, *len + notes.queued.pending(*id)))
-                    .collect::<Vec<_>>()
-            };
-            let receiver_needs = must_get(&receiver);
-            let own_needs = must_get(&own);
             let addressed: Vec<DeviceId> = message.copies.iter().map(|(d, _)| *d).collect();
-            let difference = DeviceDifference {
-                missing: receiver_needs.iter().map(|(d, _)| *d).filter(|d| !addressed.contains(d)).collect(),
-                missing_own: own_needs.iter().map(|(d, _)| *d).filter(|d| !addressed.contains(d)).collect(),
-                extra: addressed
-                    .iter()
-                    .copied()
-                    .filter(|d| !receiver_needs.iter().chain(&own_needs).any(|(n, _)| n == d))
-                    .collect(),
+            let addressees = match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
+                CopyCheck::Complete(addressees) => addressees,
+                CopyCheck::DevicesChanged(difference) => return Ok(Enqueued::DevicesChanged(difference)),
+                CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
             };
-            if difference != DeviceDifference::default() {
-                return Ok(Enqueued::DevicesChanged(difference));
-            }
-            if receiver_needs.is_empty() {
-                return Err(StoreError::NoSuchAccount);
-            }
-            if receiver_needs.iter().chain(&own_needs).any(|(_, len)| *len >= i64::from(queue_limit)) {
+            if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
                 return Ok(Enqueued::QueueFull);
             }
             txn.prepare_cached(
@@ -1538,7 +1521,7 @@ impl Store for SqliteStore {
                 "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for (device, payload) in &message.copies {
-                let to_receiver = receiver_needs.iter().any(|(d, _)| d == device);
+                let to_receiver = addressees.to_receiver(*device);
                 insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
                 notes.queued.add(*device, 1);
             }
