@@ -79,7 +79,7 @@ impl std::fmt::Debug for Server {
 fn sync_observer(
     metrics: Arc<Metrics>,
     trace: Option<std::path::PathBuf>,
-) -> anyhow::Result<tidings_store::sqlite::SyncObserver> {
+) -> anyhow::Result<tidings_store::SyncObserver> {
     let trace = match trace {
         Some(path) => Some(Mutex::new(
             std::fs::OpenOptions::new()

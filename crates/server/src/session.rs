@@ -728,7 +728,7 @@ fn handle(
 
 /// Sends every stored copy waiting for the device, oldest first.
 async fn drain_queue(state: Shared, device: DeviceId, tx: Outbox) {
-    let mut after = 0;
+    let mut after = tidings_store::QueueCursor::START;
     loop {
         let page = match state.store.pending(device, after, PAGE, now_ms()).await {
             Ok(page) => page,
@@ -739,21 +739,14 @@ async fn drain_queue(state: Shared, device: DeviceId, tx: Outbox) {
         };
         let full = page.len() == PAGE;
         for pending in page {
-            after = pending.seq;
+            after = pending.cursor;
             let frame = requests::deliver_frame(
                 pending.sender_device,
                 pending.id,
                 pending.sent_at,
                 pending.payload,
             );
-            if tx
-                .send(Outbound::Deliver {
-                    seq: pending.seq,
-                    frame,
-                })
-                .await
-                .is_err()
-            {
+            if tx.send(Outbound::Deliver { seq: 0, frame }).await.is_err() {
                 return;
             }
         }

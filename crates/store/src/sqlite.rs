@@ -39,10 +39,10 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Device, Enqueued,
-    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, Registered, Result, Route, SignedKey, Staged, Store,
-    StoreError, Submitted, SyncReport, Voucher,
+    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Completion, Device, Durability,
+    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
+    StoreError, SyncObserver, SyncReport, Voucher,
 };
 
 /// The database file inside the data directory.
@@ -154,9 +154,6 @@ fn add_missing_columns(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Called after every sync with what it covered. Used by tests and audits of durability.
-pub type SyncObserver = Arc<dyn Fn(&SyncReport) + Send + Sync>;
-
 /// How to open the engine.
 #[derive(Clone, Default)]
 pub struct SqliteOptions {
@@ -260,8 +257,9 @@ enum Undo {
     Batch,
 }
 
-type Completion = Box<dyn FnOnce(Result<()>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Transaction<'_>, &mut Notes) -> Completion + Send>;
+/// Answers an executed write once its batch has committed (or failed to).
+type AnswerOnCommit = Box<dyn FnOnce(Result<()>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Transaction<'_>, &mut Notes) -> AnswerOnCommit + Send>;
 
 enum Job {
     /// A write; `lazy` when nobody waits on its durability.
@@ -340,6 +338,12 @@ impl RouteCache {
         let mut inner = self.lock();
         inner.generation = inner.generation.wrapping_add(1);
         inner.routes.clear();
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Engine(Box::new(e))
     }
 }
 
@@ -478,7 +482,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir` and starts the writer thread.
     pub fn open(data_dir: &Path, options: SqliteOptions) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Engine(format!("{}: {e}", data_dir.display())))?;
+            .map_err(|e| StoreError::engine(format!("{}: {e}", data_dir.display())))?;
         let path = data_dir.join(DATABASE_FILE);
         let conn = open_writer(&path)?;
         conn.execute_batch(SCHEMA)?;
@@ -492,7 +496,7 @@ impl SqliteStore {
                 let routes = Arc::clone(&routes);
                 move || run_writer(conn, jobs, max_batch, options.sync_observer, &routes)
             })
-            .map_err(|e| StoreError::Engine(e.to_string()))?;
+            .map_err(|e| StoreError::engine(e.to_string()))?;
         Ok(Self {
             writer,
             routes,
@@ -505,21 +509,24 @@ impl SqliteStore {
         })
     }
 
+    /// A write answered once it is durable.
     async fn write<R, F>(&self, undo: Undo, operation: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.submit(undo, operation).await?.outcome().await
+        answered(self.hand_over(operation, Durability::Durable, undo).await?).await
     }
 
-    /// Hands a write to the writer thread; the outcome comes through the returned handle.
-    async fn submit<R, F>(&self, undo: Undo, operation: F) -> Result<Submitted<R>>
+    /// Hands a write to the writer thread; the outcome comes through the returned completion,
+    /// once the write is durable.
+    async fn submit<R, F>(&self, undo: Undo, operation: F) -> Result<Completion<R>>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.hand_over(operation, false, undo).await
+        let durable = self.hand_over(operation, Durability::Durable, undo).await?;
+        Ok(Completion::pending(None, durable))
     }
 
     /// A write nobody waits on: answered once it has executed, durable with the next synced
@@ -529,10 +536,21 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
-        self.hand_over(operation, true, undo).await?.outcome().await
+        answered(
+            self.hand_over(operation, Durability::Executed, undo)
+                .await?,
+        )
+        .await
     }
 
-    async fn hand_over<R, F>(&self, operation: F, lazy: bool, undo: Undo) -> Result<Submitted<R>>
+    /// Hands a write to the writer thread, in a batch whose commit syncs unless every write in
+    /// it is answered at [`Durability::Executed`]; its outcome comes once the batch committed.
+    async fn hand_over<R, F>(
+        &self,
+        operation: F,
+        answer_at: Durability,
+        undo: Undo,
+    ) -> Result<oneshot::Receiver<Result<R>>>
     where
         R: Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
@@ -544,8 +562,8 @@ impl SqliteStore {
                 // rolled the transaction back by itself): nothing more runs in it, so that
                 // nothing commits on its own and no early answer goes out for it.
                 notes.batch_failed = true;
-                Err(StoreError::Engine(
-                    "an earlier write in its batch failed; try again".into(),
+                Err(StoreError::engine(
+                    "an earlier write in its batch failed; try again",
                 ))
             } else {
                 match undo {
@@ -565,31 +583,36 @@ impl SqliteStore {
                 let _ = reply.send(committed.and(outcome));
             })
         });
+        let lazy = answer_at == Durability::Executed;
         self.writer
             .send(Job::Write { job, lazy })
             .await
             .map_err(|_| StoreError::Closed)?;
-        Ok(Submitted(answer))
+        Ok(answer)
     }
 
     /// Hands a write to the writer thread; its outcome is answered once it has executed and
-    /// again once the sync has made it durable (see [`Staged`]).
-    async fn submit_staged<R, F>(&self, undo: Undo, operation: F) -> Result<Staged<R>>
+    /// again once the sync has made it durable (see [`Completion`]).
+    async fn submit_staged<R, F>(&self, undo: Undo, operation: F) -> Result<Completion<R>>
     where
         R: Clone + Send + 'static,
         F: FnOnce(&Transaction<'_>, &mut Notes) -> Result<R> + Send + 'static,
     {
         let (executed, early) = oneshot::channel();
         let durable = self
-            .submit(undo, move |txn, notes| {
-                let outcome = operation(txn, notes);
-                if let Ok(value) = &outcome {
-                    let _ = executed.send(value.clone());
-                }
-                outcome
-            })
+            .hand_over(
+                move |txn, notes| {
+                    let outcome = operation(txn, notes);
+                    if let Ok(value) = &outcome {
+                        let _ = executed.send(value.clone());
+                    }
+                    outcome
+                },
+                Durability::Durable,
+                undo,
+            )
             .await?;
-        Ok(Staged::new(early, durable))
+        Ok(Completion::pending(Some(early), durable))
     }
 
     /// A point read (a few rows by key) on the calling thread; see the module's documentation.
@@ -597,7 +620,7 @@ impl SqliteStore {
         HERE.with(|here| {
             let mut here = here
                 .try_borrow_mut()
-                .map_err(|_| StoreError::Engine("a point read inside a point read".into()))?;
+                .map_err(|_| StoreError::engine("a point read inside a point read"))?;
             let at = match here
                 .iter()
                 .position(|(store, _)| *store == self.readers.store)
@@ -637,8 +660,13 @@ impl SqliteStore {
             result
         })
         .await
-        .map_err(|e| StoreError::Engine(e.to_string()))?
+        .map_err(|e| StoreError::engine(e.to_string()))?
     }
+}
+
+/// Waits for the answer of a write handed over.
+async fn answered<R>(answer: oneshot::Receiver<Result<R>>) -> Result<R> {
+    answer.await.map_err(|_| StoreError::Closed)?
 }
 
 /// Runs one operation inside a savepoint, so that a failing operation leaves its batch intact.
@@ -731,15 +759,15 @@ fn run_writer(
                     if busy == 0 {
                         Ok(())
                     } else {
-                        Err(StoreError::Engine(
-                            "checkpoint blocked by a reader; will retry".into(),
+                        Err(StoreError::engine(
+                            "checkpoint blocked by a reader; will retry",
                         ))
                     }
                 });
             for reply in scrubs {
                 let _ = reply.send(match &outcome {
                     Ok(()) => Ok(()),
-                    Err(e) => Err(StoreError::Engine(e.to_string())),
+                    Err(e) => Err(StoreError::engine(e.to_string())),
                 });
             }
         }
@@ -787,7 +815,7 @@ fn commit_batch(
             return;
         }
     };
-    let completions: Vec<Completion> = writes
+    let completions: Vec<AnswerOnCommit> = writes
         .into_iter()
         .map(|write| write(&txn, &mut notes))
         .collect();
@@ -806,8 +834,8 @@ fn commit_batch(
         if let Err(e) = txn.rollback() {
             tracing::error!(error = %e, "storage rollback failed");
         }
-        Err(StoreError::Engine(
-            "a write failed and its batch was rolled back; try again".into(),
+        Err(StoreError::engine(
+            "a write failed and its batch was rolled back; try again",
         ))
     } else {
         txn.commit().map_err(StoreError::from)
@@ -831,7 +859,7 @@ fn commit_batch(
     for complete in completions {
         complete(match &committed {
             Ok(()) => Ok(()),
-            Err(e) => Err(StoreError::Engine(e.to_string())),
+            Err(e) => Err(StoreError::engine(e.to_string())),
         });
     }
 }
@@ -1468,7 +1496,7 @@ impl Store for SqliteStore {
     async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
         self.enqueue_submit(message, queue_limit)
             .await?
-            .outcome()
+            .durable()
             .await
     }
 
@@ -1476,7 +1504,7 @@ impl Store for SqliteStore {
         &self,
         message: NewMessage,
         queue_limit: u32,
-    ) -> Result<Submitted<Enqueued>> {
+    ) -> Result<Completion<Enqueued>> {
         self.submit(Undo::Operation, move |txn, notes| {
             let duplicate = txn
                 .prepare_cached(
@@ -1534,7 +1562,7 @@ impl Store for SqliteStore {
     async fn pending(
         &self,
         device: DeviceId,
-        after: i64,
+        after: QueueCursor,
         limit: usize,
         now: Millis,
     ) -> Result<Vec<Pending>> {
@@ -1549,13 +1577,13 @@ impl Store for SqliteStore {
                 .query_map(
                     params![
                         device.as_bytes(),
-                        after,
+                        after.position(),
                         sql_millis(now),
                         i64::try_from(limit).unwrap_or(i64::MAX)
                     ],
                     |row| {
                         Ok(Pending {
-                            seq: row.get(0)?,
+                            cursor: QueueCursor::at(row.get(0)?),
                             sender_device: device_id(row.get(1)?)?,
                             id: message_id(row.get(2)?)?,
                             sent_at: millis(row.get(3)?),
@@ -1581,7 +1609,7 @@ impl Store for SqliteStore {
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
-    ) -> Result<Staged<Acked>> {
+    ) -> Result<Completion<Acked>> {
         self.submit_staged(Undo::Batch, move |txn, notes| {
             ack_in(txn, notes, device, sender_device, id)
         })

@@ -11,7 +11,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
-    Pseudonym, Published, SignedKey, Store, SyncReport, Voucher,
+    Pseudonym, Published, QueueCursor, SignedKey, Store, SyncReport, Voucher,
 };
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -229,7 +229,10 @@ async fn queue_ack_receipt_and_residue() {
         })
     );
 
-    let pending = store.pending(bob_laptop, 0, 10, 2).await.expect("pending");
+    let pending = store
+        .pending(bob_laptop, QueueCursor::START, 10, 2)
+        .await
+        .expect("pending");
     assert_eq!(pending.len(), 1);
     assert_eq!(&pending[0].payload[..], secret);
 
@@ -544,7 +547,7 @@ async fn acknowledgements_of_a_message_with_several_copies() {
         Acked::Confirmed { first: false }
     );
     assert!(store
-        .pending(bob_laptop, 0, 10, 2)
+        .pending(bob_laptop, QueueCursor::START, 10, 2)
         .await
         .expect("pending")
         .is_empty());
@@ -613,7 +616,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .expect("submit");
     let synced_before = reports.lock().expect("lock").len();
     release.send(()).expect("release");
-    assert!(send.outcome().await.is_err(), "the send failed");
+    assert!(send.durable().await.is_err(), "the send failed");
     assert_eq!(
         ack.durable().await.expect("the acknowledgement stands"),
         Acked::Confirmed { first: true }
@@ -648,7 +651,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .await
         .expect("submit");
     release.send(()).expect("release");
-    assert!(send.outcome().await.is_err(), "taken back with its batch");
+    assert!(send.durable().await.is_err(), "taken back with its batch");
     assert_eq!(ack.executed().await, None, "no early answer for a failure");
     assert!(ack.durable().await.is_err(), "the acknowledgement failed");
     assert_eq!(behind.executed().await, None, "not run after the failure");
@@ -660,7 +663,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
     // Nothing of the failed batch stayed: message 2 is still queued and message 3 was never
     // stored, so both go through when tried again.
     let queued: Vec<MessageId> = store
-        .pending(bob_device, 0, 10, 0)
+        .pending(bob_device, QueueCursor::START, 10, 0)
         .await
         .expect("pending")
         .into_iter()
@@ -784,7 +787,7 @@ async fn queue_lengths_follow_every_write() {
     release.send(()).expect("release");
     let mut outcomes = Vec::new();
     for send in sends {
-        outcomes.push(send.outcome().await.expect("send"));
+        outcomes.push(send.durable().await.expect("send"));
     }
     use Enqueued::{QueueFull, Stored};
     assert_eq!(outcomes, vec![Stored, Stored, QueueFull, Stored]);
@@ -820,7 +823,7 @@ async fn queue_lengths_follow_every_write() {
     let send = store.enqueue_submit(to_bob(4), 10).await.expect("submit");
     let second = ack(alice_tablet, alice_phone, 1).await.expect("submit");
     release.send(()).expect("release");
-    assert_eq!(send.outcome().await.expect("send"), Stored);
+    assert_eq!(send.durable().await.expect("send"), Stored);
     for ack in [first, second] {
         assert!(matches!(ack.durable().await, Ok(Acked::Confirmed { .. })));
     }
