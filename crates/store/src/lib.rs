@@ -1,11 +1,16 @@
 //! Where Tidings keeps what must survive a restart, behind one narrow trait.
 //!
 //! # Layout
-//! - this file: [`Store`], the only way the server reaches stored data, and its value types;
-//! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion).
+//! - this file: [`Store`], the only way the server reaches stored data, and its value types:
+//!   what a write's answer promises ([`Durability`], [`Completion`]), the queue position a
+//!   reader pages with ([`QueueCursor`]), and what a sync reports ([`SyncReport`]);
+//! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion);
+//! - [`memory`]: the reference model of the contract, plain maps in memory, for tests.
 //!
-//! A PostgreSQL engine will sit beside `sqlite`; nothing above [`Store`] may assume that the
-//! store lives in this process or that every account fits in memory.
+//! The rules of what a message may be stored with are not here but in `tidings_core::delivery`,
+//! so that every engine applies the same ones. A PostgreSQL engine will sit beside `sqlite`;
+//! nothing above [`Store`] may assume that the store lives in this process or that every account
+//! fits in memory.
 //!
 //! What is stored, and nothing more: account pseudonyms (never numbers), device ids and public
 //! keys (login key, Olm identity keys, unclaimed one-time keys and a fallback key), undelivered
@@ -23,6 +28,7 @@ use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
+pub mod memory;
 pub mod sqlite;
 
 /// A number's pseudonym: the VOPRF output under the server's key, truncated to 32 bytes.
