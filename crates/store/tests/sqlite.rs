@@ -1,5 +1,6 @@
 //! The embedded engine through the `Store` trait: queue semantics, receipts, and that deleted
-//! bytes leave the data files after a scrub.
+//! bytes leave the data files after a scrub. Tests of the contract alone run against the
+//! in-memory engine too (`..._in_memory`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use tidings_core::fallback::Withdrawal;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
+use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
@@ -475,6 +477,16 @@ async fn an_acknowledgement_is_known_before_its_sync() {
 async fn acknowledgements_of_a_message_with_several_copies() {
     let dir = temp_dir("copies");
     let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    acknowledgements_of_a_message_with_several_copies_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn acknowledgements_of_a_message_with_several_copies_in_memory() {
+    acknowledgements_of_a_message_with_several_copies_in(&MemoryStore::new()).await;
+}
+
+async fn acknowledgements_of_a_message_with_several_copies_in(store: &impl Store) {
     let (alice_phone, alice_tablet) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let (bob_phone, bob_laptop) = (DeviceId([3; 16]), DeviceId([4; 16]));
     let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
@@ -571,7 +583,6 @@ async fn acknowledgements_of_a_message_with_several_copies() {
         store.receipts(alice_phone).await.expect("receipts"),
         delivered
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A write that fails undoes as much as its kind allows, and no more: a send (which can fail on
@@ -906,9 +917,18 @@ async fn queue_lengths_follow_every_write() {
 async fn routes_follow_every_device_change() {
     let dir = temp_dir("routes");
     let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    routes_follow_every_device_change_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn routes_follow_every_device_change_in_memory() {
+    routes_follow_every_device_change_in(&MemoryStore::new()).await;
+}
+
+async fn routes_follow_every_device_change_in(store: &impl Store) {
     let pseudonym = Pseudonym([0xC3; 32]);
     let check = |when: &'static str, expected: Vec<DeviceId>| {
-        let store = store.clone();
         async move {
             // Twice: the first read may come from the database, the second from memory.
             for _ in 0..2 {
@@ -960,5 +980,4 @@ async fn routes_follow_every_device_change() {
         .await
         .expect("register after opting out");
     check("registered after opting out", vec![phone]).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
