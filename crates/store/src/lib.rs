@@ -22,6 +22,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 pub use tidings_core::delivery::DeviceDifference;
+use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
@@ -178,6 +179,41 @@ pub struct NewMessage {
     pub sent_at: Millis,
     pub expires_at: Millis,
     pub copies: Vec<(DeviceId, Bytes)>,
+}
+
+/// What the delivery rules decided for a message, in the trait's answers.
+pub(crate) enum Admission {
+    /// Store a copy for each of these devices.
+    Admitted(Addressees),
+    /// Store nothing and answer this.
+    Refused(Enqueued),
+}
+
+impl NewMessage {
+    /// Applies the delivery rules (`tidings_core::delivery`: E1, then full queues) to this
+    /// message against the devices an engine read in the write that is to store it: `receiver`
+    /// the receiving account's, `own` the sending account's (empty when they are one account).
+    /// Fails with [`StoreError::NoSuchAccount`] when the receiver has no device to get a copy.
+    pub(crate) fn admit(
+        &self,
+        receiver: &[AccountDevice],
+        own: &[AccountDevice],
+        queue_limit: u32,
+    ) -> Result<Admission> {
+        let addressed: Vec<DeviceId> = self.copies.iter().map(|(d, _)| *d).collect();
+        let addressees = match delivery::check_copies(self.sender_device, receiver, own, &addressed)
+        {
+            CopyCheck::Complete(addressees) => addressees,
+            CopyCheck::DevicesChanged(difference) => {
+                return Ok(Admission::Refused(Enqueued::DevicesChanged(difference)))
+            }
+            CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
+        };
+        if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
+            return Ok(Admission::Refused(Enqueued::QueueFull));
+        }
+        Ok(Admission::Admitted(addressees))
+    }
 }
 
 impl std::fmt::Debug for NewMessage {

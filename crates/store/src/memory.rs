@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::{self, AccountDevice, CopyCheck};
+use tidings_core::delivery::AccountDevice;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -25,8 +25,8 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Backlog, Claimed, ClaimedKey, Completion, Device, Enqueued,
-    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    AccountDevices, AccountId, Acked, Admission, Backlog, Claimed, ClaimedKey, Completion, Device,
+    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
     PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
     StoreError, Voucher,
 };
@@ -420,18 +420,10 @@ impl State {
         } else {
             self.delivery_devices(message.sender_account)
         };
-        let addressed: Vec<DeviceId> = message.copies.iter().map(|(d, _)| *d).collect();
-        let addressees =
-            match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
-                CopyCheck::Complete(addressees) => addressees,
-                CopyCheck::DevicesChanged(difference) => {
-                    return Ok(Enqueued::DevicesChanged(difference))
-                }
-                CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
-            };
-        if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
-            return Ok(Enqueued::QueueFull);
-        }
+        let addressees = match message.admit(&receiver, &own, queue_limit)? {
+            Admission::Admitted(addressees) => addressees,
+            Admission::Refused(answer) => return Ok(answer),
+        };
         let mut copies = BTreeMap::new();
         for (device, payload) in message.copies {
             let copy = (payload, addressees.to_receiver(device));

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use tidings_core::delivery::{self, AccountDevice, CopyCheck};
+use tidings_core::delivery::AccountDevice;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -16,8 +16,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountId, Acked, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor, Result,
-    StoreError,
+    AccountId, Acked, Admission, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor, Result,
 };
 
 /// The devices of an account as the delivery rules read them: whether each has published
@@ -47,8 +46,7 @@ pub(super) fn keyed_devices(
 }
 
 /// [`Store::enqueue`](crate::Store::enqueue): applies the delivery rules to the devices it reads
-/// and stores what they
-/// decided.
+/// and stores what they decided.
 pub(super) fn enqueue(
     txn: &Transaction<'_>,
     notes: &mut Notes,
@@ -73,18 +71,10 @@ pub(super) fn enqueue(
     };
     // Checked inside the transaction that stores the copies, so a device linked or
     // removed at the same moment cannot slip between the check and the write.
-    let addressed: Vec<DeviceId> = message.copies.iter().map(|(d, _)| *d).collect();
-    let addressees =
-        match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
-            CopyCheck::Complete(addressees) => addressees,
-            CopyCheck::DevicesChanged(difference) => {
-                return Ok(Enqueued::DevicesChanged(difference))
-            }
-            CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
-        };
-    if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
-        return Ok(Enqueued::QueueFull);
-    }
+    let addressees = match message.admit(&receiver, &own, queue_limit)? {
+        Admission::Admitted(addressees) => addressees,
+        Admission::Refused(answer) => return Ok(answer),
+    };
     txn.prepare_cached(
         "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
          VALUES (?1, ?2, ?3, ?4, ?5, x'')")?.execute(
