@@ -261,11 +261,10 @@ pub(super) fn delete_account(
     Ok(devices)
 }
 
-/// Deletes devices with everything that refers to them: their queued copies (and each message
-/// left with no copy), their receipts and their keys. The schema's cascades, done by the writer
-/// (see [`SCHEMA`](super::schema::SCHEMA)). The devices' queue-length changes noted in the batch
-/// go with their rows, so
-/// that a device made again with the same id starts from zero.
+/// Deletes devices with everything that refers to them: their queued copies (and each message left
+/// with no copy), their receipts and their keys. The schema's cascades, done by the writer (see
+/// [`SCHEMA`](super::schema::SCHEMA)). The devices' queue-length changes noted in the batch go with
+/// their rows, so that a device made again with the same id starts from zero.
 pub(super) fn delete_devices(
     txn: &Transaction<'_>,
     notes: &mut Notes,

@@ -63,14 +63,12 @@ pub(super) fn open_connection(path: &Path) -> Result<Connection> {
 /// 1,000). With 1 KiB pages the default made the writer checkpoint after every megabyte of WAL,
 /// each time copying the hot pages into the database and syncing it, though the scrub
 /// ([`Store::scrub`](crate::Store::scrub), every 2 s by default) checkpoints and truncates the WAL
-/// anyway; at 16,384
-/// the WAL grows to about 17 MB between scrubs at the most, and the durable drain ran 23 % faster
-/// at the median (docs/BENCHMARKS.md, change 19).
+/// anyway; at 16,384 the WAL grows to about 17 MB between scrubs at the most, and the durable drain
+/// ran 23 % faster at the median (docs/BENCHMARKS.md, change 19).
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
-/// The writer's connection: [`open_connection`] with checkpoints every
-/// [`WAL_AUTOCHECKPOINT_PAGES`] (a setting of the connection that commits, which only the writer
-/// does).
+/// The writer's connection: [`open_connection`] with checkpoints every [`WAL_AUTOCHECKPOINT_PAGES`]
+/// (a setting of the connection that commits, which only the writer does).
 pub(super) fn open_writer(path: &Path) -> Result<Connection> {
     let conn = open_connection(path)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;

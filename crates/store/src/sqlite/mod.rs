@@ -1,27 +1,25 @@
 //! The embedded engine: one SQLite database in the data directory.
 //!
-//! Writes go to a single writer thread that commits them in batches (group commit): every
-//! operation waiting when a transaction starts joins it, the transaction commits with one WAL
-//! sync (`synchronous = FULL`), and only then is each operation answered. A write nobody waits on
-//! (deleting a receipt its device has taken) is *lazy*: a batch of only lazy writes commits
-//! without a sync of its own and becomes durable with the next synced batch (WAL frames are
-//! synced in order), so it never holds the writer for a sync. Each operation runs in a savepoint
-//! of its own, so that one failing on its input leaves the rest of its batch intact, except for
-//! the most frequent writes: an acknowledgement fails only when the engine does, so it runs
-//! without one and its failure rolls back its whole batch, and a receipt's deletion is one
-//! statement, which SQLite undoes by itself (see `writer::Undo`). Reads run beside the writer, as
-//! WAL
-//! allows: point reads by key on the calling thread, with a read connection of that thread's
-//! own (handing a read of a few rows to another thread costs two thread switches, more than the
-//! read itself); longer reads on the blocking pool.
+//! Writes go to a single writer thread that commits them in batches (group commit): every operation
+//! waiting when a transaction starts joins it, the transaction commits with one WAL sync
+//! (`synchronous = FULL`), and only then is each operation answered. A write nobody waits on
+//! (deleting a receipt its device has taken) is *lazy*: a batch of only lazy writes commits without
+//! a sync of its own and becomes durable with the next synced batch (WAL frames are synced in
+//! order), so it never holds the writer for a sync. Each operation runs in a savepoint of its own,
+//! so that one failing on its input leaves the rest of its batch intact, except for the most
+//! frequent writes: an acknowledgement fails only when the engine does, so it runs without one and
+//! its failure rolls back its whole batch, and a receipt's deletion is one statement, which SQLite
+//! undoes by itself (see `writer::Undo`). Reads run beside the writer, as WAL allows: point reads
+//! by key on the calling thread, with a read connection of that thread's own (handing a read of a
+//! few rows to another thread costs two thread switches, more than the read itself); longer reads
+//! on the blocking pool.
 //!
 //! Deletion: `secure_delete` overwrites deleted rows and freed pages with zeros, and
-//! [`Store::scrub`](crate::Store::scrub)
-//! checkpoints the WAL into the database and truncates it to zero bytes, so that the old frames
-//! holding deleted rows are gone too. The server scrubs on a fixed interval; that interval bounds
-//! how long deleted bytes can remain in the data files. Temporary data (a savepoint's undo copies
-//! of the pages it changes) stays in memory, so no copy of a message page is ever written
-//! outside the data directory.
+//! [`Store::scrub`](crate::Store::scrub) checkpoints the WAL into the database and truncates it to
+//! zero bytes, so that the old frames holding deleted rows are gone too. The server scrubs on a
+//! fixed interval; that interval bounds how long deleted bytes can remain in the data files.
+//! Temporary data (a savepoint's undo copies of the pages it changes) stays in memory, so no copy
+//! of a message page is ever written outside the data directory.
 //!
 //! # Layout
 //! - this file: [`SqliteStore`], its options, and opening it;

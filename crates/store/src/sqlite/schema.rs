@@ -9,14 +9,13 @@ use crate::Result;
 
 /// The tables. Their `REFERENCES` clauses say what refers to what, and `ON DELETE CASCADE` what
 /// goes with a deleted row; SQLite does not enforce them (see
-/// [`open_connection`](super::connection::open_connection)): the writer
-/// does, in the same transaction. Every insertion first reads what it refers to (a send the
-/// receiver's and the sender's devices, a receipt its device, keys theirs, a device its account),
-/// and every deletion deletes what refers to the rows it deletes (a device's copies, receipts and
-/// keys in [`delete_devices`](super::accounts::delete_devices), a message's copies before it, an
-/// account's devices and the
-/// messages queued for it before its row). The store tests check the whole database with
-/// `PRAGMA foreign_key_check` after each kind of write.
+/// [`open_connection`](super::connection::open_connection)): the writer does, in the same
+/// transaction. Every insertion first reads what it refers to (a send the receiver's and the
+/// sender's devices, a receipt its device, keys theirs, a device its account), and every deletion
+/// deletes what refers to the rows it deletes (a device's copies, receipts and keys in
+/// [`delete_devices`](super::accounts::delete_devices), a message's copies before it, an account's
+/// devices and the messages queued for it before its row). The store tests check the whole database
+/// with `PRAGMA foreign_key_check` after each kind of write.
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts (
     id INTEGER PRIMARY KEY,

@@ -25,12 +25,11 @@ pub const WRITER_QUEUE: usize = 4096;
 pub(super) struct Notes {
     pub(super) messages: Vec<(DeviceId, MessageId)>,
     /// Copies stored (+1) and deleted (−1) per device in this batch, not yet in
-    /// `devices.queue_len`: added to it once per device before the batch commits, so that a
-    /// device whose copy is stored and another acknowledged in the same batch (the relay's
-    /// steady state) costs no write at all. Every statement that stores or deletes a copy
-    /// records it here ([`delete_copies`](super::messages::delete_copies) before a deletion of
-    /// messages); a deleted device's
-    /// copies go with its row, and so do its changes ([`QueueCounts::forget`]).
+    /// `devices.queue_len`: added to it once per device before the batch commits, so that a device
+    /// whose copy is stored and another acknowledged in the same batch (the relay's steady state)
+    /// costs no write at all. Every statement that stores or deletes a copy records it here
+    /// ([`delete_copies`](super::messages::delete_copies) before a deletion of messages); a deleted
+    /// device's copies go with its row, and so do its changes ([`QueueCounts::forget`]).
     pub(super) queued: QueueCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     pub(super) batch_failed: bool,
@@ -59,9 +58,8 @@ impl QueueCounts {
     }
 
     /// A deleted device's row is gone with its length and its copies
-    /// ([`delete_devices`](super::accounts::delete_devices)): a row
-    /// made again with the same id in this batch starts from zero, so the changes noted for the
-    /// old one must not reach it.
+    /// ([`delete_devices`](super::accounts::delete_devices)): a row made again with the same id in
+    /// this batch starts from zero, so the changes noted for the old one must not reach it.
     pub(super) fn forget(&mut self, device: DeviceId) {
         let pending = self.pending(device);
         self.add(device, -pending);
