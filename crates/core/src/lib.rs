@@ -8,6 +8,7 @@
 //! - [`limits`]: token buckets and sliding windows for every rate the service bounds;
 //! - [`verification`]: one-time codes: when one may be sent, how an attempt is judged;
 //! - [`routing`]: what a send is answered and whether anything is stored;
+//! - [`delivery`]: which devices a stored message must reach (E1) and when a queue is full;
 //! - [`fallback`]: the sender's state machine for every outgoing message: the IP send, the
 //!   re-encryption when devices changed, receipts, the withdraw and the SMS, never two of them;
 //! - [`heartbeat`]: when a silent session counts as dead.
@@ -15,6 +16,7 @@
 //! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is
 //! handed pseudonyms, device ids and counts.
 
+pub mod delivery;
 pub mod fallback;
 pub mod heartbeat;
 pub mod limits;

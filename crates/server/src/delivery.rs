@@ -43,7 +43,7 @@ pub fn deliver_frame(
 
 /// Sends every stored copy waiting for the device, oldest first.
 pub async fn drain_queue<S: Store>(state: Shared<S>, device: DeviceId, outbox: Outbox) {
-    let mut after = 0;
+    let mut after = tidings_store::QueueCursor::START;
     loop {
         let page = match state.store.pending(device, after, PAGE, now_ms()).await {
             Ok(page) => page,
@@ -54,7 +54,7 @@ pub async fn drain_queue<S: Store>(state: Shared<S>, device: DeviceId, outbox: O
         };
         let full = page.len() == PAGE;
         for pending in page {
-            after = pending.seq;
+            after = pending.cursor;
             let frame = deliver_frame(
                 pending.sender_device,
                 pending.id,

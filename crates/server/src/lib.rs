@@ -73,9 +73,9 @@ use crate::state::{Shared, State};
 /// The listen backlog: bursts of connects must not overflow it (the kernel default of 128 does).
 const BACKLOG: u32 = 4096;
 
-/// What the store is told after every sync, as `tidings_store` takes it: the server counts syncs
-/// and batch sizes, and with `--sync-trace` writes each sync's message ids to a file.
-pub type SyncObserver = Arc<dyn Fn(&SyncReport) + Send + Sync>;
+/// What the store is told after every sync: the server counts syncs and batch sizes, and with
+/// `--sync-trace` writes each sync's message ids to a file.
+pub use tidings_store::SyncObserver;
 
 /// A server bound to its port, ready to run, over the storage engine `S`.
 pub struct Server<S: Store> {

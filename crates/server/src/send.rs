@@ -292,7 +292,7 @@ async fn decide_and_enqueue<S: Store>(
     *handed_over = true;
     drop(turn);
     let enqueued = match submitted {
-        Ok(submitted) => submitted.outcome().await,
+        Ok(submitted) => submitted.durable().await,
         Err(e) => Err(e),
     };
     match enqueued {

@@ -1,11 +1,16 @@
 //! Where Tidings keeps what must survive a restart, behind one narrow trait.
 //!
 //! # Layout
-//! - this file: [`Store`], the only way the server reaches stored data, and its value types;
-//! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion).
+//! - this file: [`Store`], the only way the server reaches stored data, and its value types:
+//!   what a write's answer promises ([`Durability`], [`Completion`]), the queue position a
+//!   reader pages with ([`QueueCursor`]), and what a sync reports ([`SyncReport`]);
+//! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion);
+//! - [`memory`]: the reference model of the contract, plain maps in memory, for tests.
 //!
-//! A PostgreSQL engine will sit beside `sqlite`; nothing above [`Store`] may assume that the
-//! store lives in this process or that every account fits in memory.
+//! The rules of what a message may be stored with are not here but in `tidings_core::delivery`,
+//! so that every engine applies the same ones. A PostgreSQL engine will sit beside `sqlite`;
+//! nothing above [`Store`] may assume that the store lives in this process or that every account
+//! fits in memory.
 //!
 //! What is stored, and nothing more: account pseudonyms (never numbers), device ids and public
 //! keys (login key, Olm identity keys, unclaimed one-time keys and a fallback key), undelivered
@@ -16,12 +21,15 @@
 use std::future::Future;
 
 use bytes::Bytes;
+pub use tidings_core::delivery::DeviceDifference;
+use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
+pub mod memory;
 pub mod sqlite;
 
 /// A number's pseudonym: the VOPRF output under the server's key, truncated to 32 bytes.
@@ -160,7 +168,8 @@ pub enum Linked {
 }
 
 /// A message to store: one copy (ciphertext) per device. The copies must name exactly the
-/// receiver's devices that have published keys and the sender's other such devices.
+/// receiver's devices that have published keys and the sender's other such devices (rule E1,
+/// [`tidings_core::delivery::check_copies`]).
 #[derive(Clone)]
 pub struct NewMessage {
     pub sender_device: DeviceId,
@@ -170,6 +179,41 @@ pub struct NewMessage {
     pub sent_at: Millis,
     pub expires_at: Millis,
     pub copies: Vec<(DeviceId, Bytes)>,
+}
+
+/// What the delivery rules decided for a message, in the trait's answers.
+pub(crate) enum Admission {
+    /// Store a copy for each of these devices.
+    Admitted(Addressees),
+    /// Store nothing and answer this.
+    Refused(Enqueued),
+}
+
+impl NewMessage {
+    /// Applies the delivery rules (`tidings_core::delivery`: E1, then full queues) to this
+    /// message against the devices an engine read in the write that is to store it: `receiver`
+    /// the receiving account's, `own` the sending account's (empty when they are one account).
+    /// Fails with [`StoreError::NoSuchAccount`] when the receiver has no device to get a copy.
+    pub(crate) fn admit(
+        &self,
+        receiver: &[AccountDevice],
+        own: &[AccountDevice],
+        queue_limit: u32,
+    ) -> Result<Admission> {
+        let addressed: Vec<DeviceId> = self.copies.iter().map(|(d, _)| *d).collect();
+        let addressees = match delivery::check_copies(self.sender_device, receiver, own, &addressed)
+        {
+            CopyCheck::Complete(addressees) => addressees,
+            CopyCheck::DevicesChanged(difference) => {
+                return Ok(Admission::Refused(Enqueued::DevicesChanged(difference)))
+            }
+            CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
+        };
+        if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
+            return Ok(Admission::Refused(Enqueued::QueueFull));
+        }
+        Ok(Admission::Admitted(addressees))
+    }
 }
 
 impl std::fmt::Debug for NewMessage {
@@ -193,22 +237,32 @@ pub enum Enqueued {
     DevicesChanged(DeviceDifference),
 }
 
-/// How a message's copies differ from the devices that must receive it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeviceDifference {
-    /// Receiver devices without a copy.
-    pub missing: Vec<DeviceId>,
-    /// The sender's other devices without a copy.
-    pub missing_own: Vec<DeviceId>,
-    /// Copies for devices that must not get one.
-    pub extra: Vec<DeviceId>,
+/// A position in a device's queue, for paging through it with [`Store::pending`]. Opaque: only
+/// the engine that handed it out knows what it stands for; positions of one device's queue are
+/// ordered as its copies are (oldest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueCursor(i64);
+
+impl QueueCursor {
+    /// Before the first copy of any queue.
+    pub const START: QueueCursor = QueueCursor(0);
+
+    /// The cursor at an engine's position (made only by engines).
+    pub(crate) fn at(position: i64) -> Self {
+        Self(position)
+    }
+
+    /// The engine's position this cursor stands for.
+    pub(crate) fn position(self) -> i64 {
+        self.0
+    }
 }
 
 /// One copy waiting for a device.
 #[derive(Clone)]
 pub struct Pending {
-    /// Position in the device's queue, for paging.
-    pub seq: i64,
+    /// Its position in the device's queue: the next page starts after it.
+    pub cursor: QueueCursor,
     pub sender_device: DeviceId,
     pub id: MessageId,
     pub sent_at: Millis,
@@ -218,7 +272,7 @@ pub struct Pending {
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pending")
-            .field("seq", &self.seq)
+            .field("cursor", &self.cursor)
             .field("id", &self.id)
             .finish_non_exhaustive()
     }
@@ -250,7 +304,8 @@ pub struct ExpiredMessage {
     pub id: MessageId,
 }
 
-/// What a storage sync covered, for tests and audits of durability (no content, no keys).
+/// What a storage sync covered, for tests and audits of durability (no content, no keys). An
+/// engine reports each point at which writes became durable (a commit with its sync).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncReport {
     /// Counts syncs since the store opened.
@@ -261,70 +316,133 @@ pub struct SyncReport {
     pub messages: Vec<(DeviceId, MessageId)>,
 }
 
+/// Called after every sync with what it covered, before any write in it is answered as durable.
+/// Used by tests, metrics and audits of durability; it must not block for long (an engine may
+/// call it from its writer).
+pub type SyncObserver = std::sync::Arc<dyn Fn(&SyncReport) + Send + Sync>;
+
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The engine failed (its own error is the source); the operation may be tried again.
     #[error("storage engine failed: {0}")]
-    Engine(String),
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("storage is closed")]
     Closed,
     #[error("no such account")]
     NoSuchAccount,
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Engine(e.to_string())
+impl StoreError {
+    /// An engine failure described in words (no source of its own).
+    pub(crate) fn engine(message: impl Into<String>) -> Self {
+        StoreError::Engine(message.into().into())
     }
 }
 
 /// Shorthand for storage results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A write handed to the engine, in the order it was handed over, whose outcome comes later
-/// (after the sync that makes it durable).
-#[derive(Debug)]
-pub struct Submitted<T>(pub tokio::sync::oneshot::Receiver<Result<T>>);
-
-impl<T> Submitted<T> {
-    /// Waits for the outcome.
-    pub async fn outcome(self) -> Result<T> {
-        self.0.await.map_err(|_| StoreError::Closed)?
-    }
+/// How far a write has come when it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// It has executed and is visible to later operations, but a crash may still lose it. An
+    /// engine without such a point answers only once the write is durable.
+    Executed,
+    /// It is durable: a crash of the server no longer loses it.
+    Durable,
 }
 
-/// A write whose outcome is known twice: once it has executed inside its batch (visible to no
-/// other connection yet, and lost if the server stops before the sync), then once the sync has
-/// made it durable. A caller may act early on the first where acting on a lost write is safe.
+/// The outcome of a write handed to the engine, which comes later: once the write has executed
+/// ([`Completion::executed`], [`Durability::Executed`]) and once it is durable
+/// ([`Completion::durable`], [`Durability::Durable`]). Made only by engines; an engine without a
+/// separate executed point answers both at once, when the write is durable.
 #[derive(Debug)]
-pub struct Staged<T> {
-    executed: Option<tokio::sync::oneshot::Receiver<T>>,
-    durable: Submitted<T>,
+pub struct Completion<T> {
+    executed: Early<T>,
+    durable: Final<T>,
 }
 
-impl<T> Staged<T> {
-    /// Wraps the two answers of a staged write.
-    pub fn new(executed: tokio::sync::oneshot::Receiver<T>, durable: Submitted<T>) -> Self {
+/// The early answer of a [`Completion`].
+#[derive(Debug)]
+enum Early<T> {
+    /// The engine answers once the write has executed.
+    Coming(tokio::sync::oneshot::Receiver<T>),
+    /// The engine has no separate executed point: the early answer is the durable one.
+    WithDurable,
+    /// Given already.
+    Taken,
+}
+
+/// The durable answer of a [`Completion`].
+#[derive(Debug)]
+enum Final<T> {
+    Coming(tokio::sync::oneshot::Receiver<Result<T>>),
+    Known(Result<T>),
+}
+
+impl<T> Completion<T> {
+    /// A write answered once durable through `durable`, and once executed through `executed`
+    /// if the engine has that point.
+    pub(crate) fn pending(
+        executed: Option<tokio::sync::oneshot::Receiver<T>>,
+        durable: tokio::sync::oneshot::Receiver<Result<T>>,
+    ) -> Self {
         Self {
-            executed: Some(executed),
-            durable,
+            executed: executed.map_or(Early::WithDurable, Early::Coming),
+            durable: Final::Coming(durable),
         }
     }
 
-    /// The outcome once the write has executed, not yet durable; `None` if it failed (then
-    /// [`Staged::durable`] says why) or was already taken.
-    pub async fn executed(&mut self) -> Option<T> {
-        self.executed.take()?.await.ok()
+    /// A write that is durable already, with this outcome.
+    pub(crate) fn done(outcome: Result<T>) -> Self {
+        Self {
+            executed: Early::WithDurable,
+            durable: Final::Known(outcome),
+        }
     }
 
-    /// Waits for the sync; the outcome as committed.
+    /// Waits until the write is durable (or has failed); the outcome as committed.
     pub async fn durable(self) -> Result<T> {
-        self.durable.outcome().await
+        match self.durable {
+            Final::Known(outcome) => outcome,
+            Final::Coming(answer) => answer.await.map_err(|_| StoreError::Closed)?,
+        }
     }
 }
 
-/// Everything the server stores, as operations of the domain. Every write resolves only after
-/// the sync that made it durable.
+impl<T: Clone> Completion<T> {
+    /// The outcome once the write has executed, possibly before it is durable (and lost if the
+    /// server stops before that); a caller may act on it where acting on a lost write is safe.
+    /// `None` if the write failed (then [`Completion::durable`] says why) or this was asked
+    /// before.
+    pub async fn executed(&mut self) -> Option<T> {
+        match std::mem::replace(&mut self.executed, Early::Taken) {
+            Early::Taken => None,
+            Early::Coming(answer) => answer.await.ok(),
+            Early::WithDurable => {
+                if let Final::Coming(answer) = &mut self.durable {
+                    let outcome = answer.await.unwrap_or(Err(StoreError::Closed));
+                    self.durable = Final::Known(outcome);
+                }
+                match &self.durable {
+                    Final::Known(Ok(value)) => Some(value.clone()),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// Everything the server stores, as operations of the domain.
+///
+/// Durability: every write is answered only once it is durable ([`Durability::Durable`]), except
+/// where its documentation says otherwise ([`Store::ack_receipt`]) or it hands back a
+/// [`Completion`], which says itself how far the write has come.
+///
+/// Order: writes submitted by one sending device are stored in the order they were submitted
+/// ([`Store::enqueue_submit`]); writes of different devices may be stored in any order. A read
+/// sees every write whose answer has come (for a [`Completion`], its durable one).
 pub trait Store: Send + Sync + 'static {
     /// The device with this id, if it is registered.
     fn device(&self, id: DeviceId) -> impl Future<Output = Result<Option<Device>>> + Send;
@@ -447,20 +565,23 @@ pub trait Store: Send + Sync + 'static {
         queue_limit: u32,
     ) -> impl Future<Output = Result<Enqueued>> + Send;
 
-    /// [`Store::enqueue`] in two steps: resolves once the write is handed to the engine, so
-    /// writes handed over one after the other are stored in that order (a sender's pipelined
-    /// messages keep their order in the receiver's queue, which its Olm ratchet needs).
+    /// [`Store::enqueue`] in two steps: resolves once the message's place is taken, and hands
+    /// back its [`Completion`]. Messages of one sending device submitted one after the other
+    /// (each submitted once the previous one resolved) are stored in that order, whatever their
+    /// outcomes: a sender's pipelined messages keep their order in the receiver's queue, which
+    /// its Olm ratchet needs, while each waits for its own sync.
     fn enqueue_submit(
         &self,
         message: NewMessage,
         queue_limit: u32,
-    ) -> impl Future<Output = Result<Submitted<Enqueued>>> + Send;
+    ) -> impl Future<Output = Result<Completion<Enqueued>>> + Send;
 
-    /// Copies waiting for a device, oldest first, after position `after`, not expired at `now`.
+    /// Copies waiting for a device, oldest first, after the cursor `after` (a copy's
+    /// [`Pending::cursor`], or [`QueueCursor::START`]), not expired at `now`.
     fn pending(
         &self,
         device: DeviceId,
-        after: i64,
+        after: QueueCursor,
         limit: usize,
         now: Millis,
     ) -> impl Future<Output = Result<Vec<Pending>>> + Send;
@@ -473,15 +594,16 @@ pub trait Store: Send + Sync + 'static {
         id: MessageId,
     ) -> impl Future<Output = Result<Acked>> + Send;
 
-    /// [`Store::ack`], answered also once it has executed, before its sync: a `Delivered`
-    /// receipt may go to the sender then, because the message itself is already durable (a
-    /// crash before the sync delivers it again and the receipt with it; nothing is shown twice).
+    /// [`Store::ack`], answered through a [`Completion`] also once it has executed, before it is
+    /// durable: a `Delivered` receipt may go to the sender then, because the message itself is
+    /// already durable (a crash before the sync delivers it again and the receipt with it;
+    /// nothing is shown twice).
     fn ack_staged(
         &self,
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
-    ) -> impl Future<Output = Result<Staged<Acked>>> + Send;
+    ) -> impl Future<Output = Result<Completion<Acked>>> + Send;
 
     /// Withdraws a message its sender no longer wants delivered over IP. Ends in exactly one
     /// state: delivered (an acknowledgement came first), withdrawn (every copy deleted, and later
@@ -510,8 +632,9 @@ pub trait Store: Send + Sync + 'static {
         device: DeviceId,
     ) -> impl Future<Output = Result<Vec<PendingReceipt>>> + Send;
 
-    /// Deletes a receipt once its device has taken it. Answered without waiting for a sync: a
-    /// deletion lost in a crash only means the receipt is sent again.
+    /// Deletes a receipt once its device has taken it. Answered once executed
+    /// ([`Durability::Executed`]), without waiting for a sync: a deletion lost in a crash only
+    /// means the receipt is sent again.
     fn ack_receipt(
         &self,
         device: DeviceId,
@@ -523,4 +646,56 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes deleted bytes unreadable in the data files (the bound on deletion latency).
     fn scrub(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completion whose engine has no separate executed point answers both at once; one
+    /// with such a point answers each when it comes, and the early answer only once.
+    #[tokio::test]
+    async fn a_completion_answers_at_each_durability() {
+        let mut done = Completion::done(Ok(7));
+        assert_eq!(done.executed().await, Some(7));
+        assert_eq!(done.executed().await, None, "answered once");
+        assert_eq!(done.durable().await.ok(), Some(7));
+
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mut at_durable = Completion::pending(None, answer);
+        let _ = reply.send(Ok(8));
+        assert_eq!(at_durable.executed().await, Some(8), "the durable answer");
+        assert_eq!(at_durable.durable().await.ok(), Some(8));
+
+        let (early_reply, early) = tokio::sync::oneshot::channel();
+        let (reply, answer) = tokio::sync::oneshot::channel::<Result<u8>>();
+        let mut staged = Completion::pending(Some(early), answer);
+        let _ = early_reply.send(9);
+        assert_eq!(
+            staged.executed().await,
+            Some(9),
+            "before the durable answer"
+        );
+        drop(reply);
+        assert!(matches!(staged.durable().await, Err(StoreError::Closed)));
+
+        let (reply, answer) = tokio::sync::oneshot::channel::<Result<u8>>();
+        let mut failed = Completion::pending(None, answer);
+        let _ = reply.send(Err(StoreError::engine("disk full")));
+        assert_eq!(
+            failed.executed().await,
+            None,
+            "a failure has no early answer"
+        );
+        assert!(matches!(failed.durable().await, Err(StoreError::Engine(_))));
+    }
+
+    /// An engine's own error stays reachable as the source.
+    #[test]
+    fn an_engine_error_keeps_its_source() {
+        let error = StoreError::engine("disk full");
+        assert_eq!(error.to_string(), "storage engine failed: disk full");
+        let source = std::error::Error::source(&error).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("disk full"));
+    }
 }

@@ -1,5 +1,6 @@
 //! The embedded engine through the `Store` trait: queue semantics, receipts, and that deleted
-//! bytes leave the data files after a scrub.
+//! bytes leave the data files after a scrub. Tests of the contract alone run against the
+//! in-memory engine too (`..._in_memory`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -8,10 +9,11 @@ use bytes::Bytes;
 use tidings_core::fallback::Withdrawal;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
+use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
-    Pseudonym, Published, SignedKey, Store, SyncReport, Voucher,
+    Pseudonym, Published, QueueCursor, SignedKey, Store, SyncReport, Voucher,
 };
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -229,7 +231,10 @@ async fn queue_ack_receipt_and_residue() {
         })
     );
 
-    let pending = store.pending(bob_laptop, 0, 10, 2).await.expect("pending");
+    let pending = store
+        .pending(bob_laptop, QueueCursor::START, 10, 2)
+        .await
+        .expect("pending");
     assert_eq!(pending.len(), 1);
     assert_eq!(&pending[0].payload[..], secret);
 
@@ -472,6 +477,16 @@ async fn an_acknowledgement_is_known_before_its_sync() {
 async fn acknowledgements_of_a_message_with_several_copies() {
     let dir = temp_dir("copies");
     let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    acknowledgements_of_a_message_with_several_copies_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn acknowledgements_of_a_message_with_several_copies_in_memory() {
+    acknowledgements_of_a_message_with_several_copies_in(&MemoryStore::new()).await;
+}
+
+async fn acknowledgements_of_a_message_with_several_copies_in(store: &impl Store) {
     let (alice_phone, alice_tablet) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let (bob_phone, bob_laptop) = (DeviceId([3; 16]), DeviceId([4; 16]));
     let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
@@ -544,7 +559,7 @@ async fn acknowledgements_of_a_message_with_several_copies() {
         Acked::Confirmed { first: false }
     );
     assert!(store
-        .pending(bob_laptop, 0, 10, 2)
+        .pending(bob_laptop, QueueCursor::START, 10, 2)
         .await
         .expect("pending")
         .is_empty());
@@ -568,7 +583,6 @@ async fn acknowledgements_of_a_message_with_several_copies() {
         store.receipts(alice_phone).await.expect("receipts"),
         delivered
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A write that fails undoes as much as its kind allows, and no more: a send (which can fail on
@@ -613,7 +627,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .expect("submit");
     let synced_before = reports.lock().expect("lock").len();
     release.send(()).expect("release");
-    assert!(send.outcome().await.is_err(), "the send failed");
+    assert!(send.durable().await.is_err(), "the send failed");
     assert_eq!(
         ack.durable().await.expect("the acknowledgement stands"),
         Acked::Confirmed { first: true }
@@ -648,7 +662,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
         .await
         .expect("submit");
     release.send(()).expect("release");
-    assert!(send.outcome().await.is_err(), "taken back with its batch");
+    assert!(send.durable().await.is_err(), "taken back with its batch");
     assert_eq!(ack.executed().await, None, "no early answer for a failure");
     assert!(ack.durable().await.is_err(), "the acknowledgement failed");
     assert_eq!(behind.executed().await, None, "not run after the failure");
@@ -660,7 +674,7 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
     // Nothing of the failed batch stayed: message 2 is still queued and message 3 was never
     // stored, so both go through when tried again.
     let queued: Vec<MessageId> = store
-        .pending(bob_device, 0, 10, 0)
+        .pending(bob_device, QueueCursor::START, 10, 0)
         .await
         .expect("pending")
         .into_iter()
@@ -784,7 +798,7 @@ async fn queue_lengths_follow_every_write() {
     release.send(()).expect("release");
     let mut outcomes = Vec::new();
     for send in sends {
-        outcomes.push(send.outcome().await.expect("send"));
+        outcomes.push(send.durable().await.expect("send"));
     }
     use Enqueued::{QueueFull, Stored};
     assert_eq!(outcomes, vec![Stored, Stored, QueueFull, Stored]);
@@ -820,7 +834,7 @@ async fn queue_lengths_follow_every_write() {
     let send = store.enqueue_submit(to_bob(4), 10).await.expect("submit");
     let second = ack(alice_tablet, alice_phone, 1).await.expect("submit");
     release.send(()).expect("release");
-    assert_eq!(send.outcome().await.expect("send"), Stored);
+    assert_eq!(send.durable().await.expect("send"), Stored);
     for ack in [first, second] {
         assert!(matches!(ack.durable().await, Ok(Acked::Confirmed { .. })));
     }
@@ -903,9 +917,18 @@ async fn queue_lengths_follow_every_write() {
 async fn routes_follow_every_device_change() {
     let dir = temp_dir("routes");
     let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    routes_follow_every_device_change_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn routes_follow_every_device_change_in_memory() {
+    routes_follow_every_device_change_in(&MemoryStore::new()).await;
+}
+
+async fn routes_follow_every_device_change_in(store: &impl Store) {
     let pseudonym = Pseudonym([0xC3; 32]);
     let check = |when: &'static str, expected: Vec<DeviceId>| {
-        let store = store.clone();
         async move {
             // Twice: the first read may come from the database, the second from memory.
             for _ in 0..2 {
@@ -957,5 +980,4 @@ async fn routes_follow_every_device_change() {
         .await
         .expect("register after opting out");
     check("registered after opting out", vec![phone]).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

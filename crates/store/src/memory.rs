@@ -1,0 +1,787 @@
+//! The in-memory engine: the reference model of the [`Store`] contract.
+//!
+//! Plain maps under one mutex, each operation a short function over them, written to be
+//! obviously right rather than fast: queues are found by scanning every message. Every answer is
+//! the one the SQLite engine gives, including its refusals (E1 and full queues through
+//! `tidings_core::delivery`, duplicates, withdrawals and their tombstones, expiry receipts, key
+//! claims, vouchers, and what a deleted device or account takes with it); the model test
+//! (`crates/store/tests/model.rs`) holds every engine to it. Server unit tests use it as a store
+//! that costs nothing to make.
+//!
+//! It must never be used where data has to survive the process: nothing is written anywhere.
+//! Every write is durable at once, so a [`Completion`] it hands back is answered at once.
+//! Account ids are its own (counted from 1), as another engine's are.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tidings_core::delivery::AccountDevice;
+use tidings_core::fallback::Withdrawal;
+use tidings_core::verification::{CodePolicy, CodeRecord};
+use tidings_core::Millis;
+use tidings_proto::frame::ReceiptKind;
+use tidings_proto::id::{DeviceId, MessageId};
+
+use crate::{
+    AccountDevices, AccountId, Acked, Admission, Backlog, Claimed, ClaimedKey, Completion, Device,
+    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
+    StoreError, Voucher,
+};
+
+/// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
+const RECEIPTS_PER_READ: usize = 1000;
+
+/// The in-memory engine. Cheap to make; each one is a store of its own.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the contents: they hold keys and message payloads.
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+/// Everything stored.
+#[derive(Default)]
+struct State {
+    /// The last account id handed out.
+    last_account: i64,
+    accounts: HashMap<AccountId, Account>,
+    devices: HashMap<DeviceId, DeviceRow>,
+    /// The last queue position handed out; every message takes the next one.
+    last_position: i64,
+    /// Messages still held, by queue position (so in the order they were stored).
+    messages: BTreeMap<i64, Message>,
+    /// Tombstones of withdrawn messages, by sending device and id, with when they end.
+    withdrawn: HashMap<(DeviceId, MessageId), Millis>,
+    /// Receipts waiting for sending devices, by device and message id.
+    receipts: BTreeMap<(DeviceId, MessageId), ReceiptKind>,
+    codes: HashMap<Pseudonym, CodeRecord>,
+}
+
+struct Account {
+    pseudonym: Pseudonym,
+    /// Its devices, in the order they were added.
+    devices: Vec<DeviceId>,
+}
+
+struct DeviceRow {
+    account: AccountId,
+    public_key: [u8; 32],
+    identity: Option<IdentityKeys>,
+    voucher: Option<Voucher>,
+    /// Unclaimed one-time keys, by public key (a claim hands out the lowest first).
+    one_time_keys: BTreeMap<[u8; 32], [u8; 64]>,
+    fallback: Option<SignedKey>,
+}
+
+struct Message {
+    sender_device: DeviceId,
+    id: MessageId,
+    receiver: AccountId,
+    sent_at: Millis,
+    expires_at: Millis,
+    /// A receiver device has acknowledged it.
+    delivered: bool,
+    /// Each device's copy, and whether it goes to the receiver (not the sender's own device).
+    copies: BTreeMap<DeviceId, (Bytes, bool)>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The stored state, for one operation. An operation that panicked part-way may have left
+    /// it half-changed, so a poisoned lock is an engine failure.
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| StoreError::engine("an earlier operation panicked"))
+    }
+}
+
+impl State {
+    fn device(&self, id: DeviceId) -> Option<Device> {
+        self.devices.get(&id).map(|row| Device {
+            id,
+            account: row.account,
+            public_key: row.public_key,
+        })
+    }
+
+    /// Copies waiting for a device, expired or not.
+    fn queue_length(&self, device: DeviceId) -> u64 {
+        let copies = self.messages.values();
+        copies.filter(|m| m.copies.contains_key(&device)).count() as u64
+    }
+
+    fn key_status(&self, device: DeviceId) -> KeyStatus {
+        match self.devices.get(&device) {
+            None => KeyStatus::default(),
+            Some(row) => KeyStatus {
+                one_time_keys: u32::try_from(row.one_time_keys.len()).unwrap_or(u32::MAX),
+                published: row.identity.is_some() && row.fallback.is_some(),
+            },
+        }
+    }
+
+    fn account_of(&self, pseudonym: Pseudonym) -> Option<AccountId> {
+        self.accounts
+            .iter()
+            .find(|(_, account)| account.pseudonym == pseudonym)
+            .map(|(id, _)| *id)
+    }
+
+    fn devices_of(&self, account: AccountId) -> Vec<DeviceId> {
+        self.accounts
+            .get(&account)
+            .map(|account| account.devices.clone())
+            .unwrap_or_default()
+    }
+
+    fn account_devices(&self, pseudonym: Pseudonym) -> Option<AccountDevices> {
+        let account = self.account_of(pseudonym)?;
+        let devices = self.devices_of(account).into_iter();
+        Some(AccountDevices {
+            account,
+            devices: devices
+                .map(|d| (d, u32::try_from(self.queue_length(d)).unwrap_or(u32::MAX)))
+                .collect(),
+        })
+    }
+
+    /// An account's devices as the delivery rules read them.
+    fn delivery_devices(&self, account: AccountId) -> Vec<AccountDevice> {
+        self.devices_of(account)
+            .into_iter()
+            .map(|id| AccountDevice {
+                id,
+                keyed: self.devices.get(&id).is_some_and(|d| d.identity.is_some()),
+                queued: self.queue_length(id),
+            })
+            .collect()
+    }
+
+    fn listed(&self, id: DeviceId) -> Option<ListedDevice> {
+        self.devices.get(&id).map(|row| ListedDevice {
+            id,
+            identity: row.identity,
+            voucher: row.voucher,
+        })
+    }
+
+    /// Deletes the messages `doomed` selects, with all their copies.
+    fn delete_messages(&mut self, doomed: impl Fn(&Message) -> bool) {
+        self.messages.retain(|_, message| !doomed(message));
+    }
+
+    /// Deletes a device with its copies (and each message left without a copy), its receipts
+    /// and its keys.
+    fn delete_device(&mut self, device: DeviceId) {
+        self.messages.retain(|_, message| {
+            let had_a_copy = message.copies.remove(&device).is_some();
+            !(had_a_copy && message.copies.is_empty())
+        });
+        self.receipts.retain(|(d, _), _| *d != device);
+        if let Some(row) = self.devices.remove(&device) {
+            if let Some(account) = self.accounts.get_mut(&row.account) {
+                account.devices.retain(|d| *d != device);
+            }
+        }
+    }
+
+    /// Stores a receipt for a sending device, if it still exists; true if it did.
+    fn store_receipt(&mut self, device: DeviceId, id: MessageId, kind: ReceiptKind) -> bool {
+        if !self.devices.contains_key(&device) {
+            return false;
+        }
+        self.receipts.insert((device, id), kind);
+        true
+    }
+
+    fn message_position(&self, sender_device: DeviceId, id: MessageId) -> Option<i64> {
+        self.messages
+            .iter()
+            .find(|(_, m)| m.sender_device == sender_device && m.id == id)
+            .map(|(position, _)| *position)
+    }
+
+    fn register_device(
+        &mut self,
+        pseudonym: Pseudonym,
+        device: DeviceId,
+        public_key: [u8; 32],
+    ) -> Result<Registered> {
+        let existing = self.account_of(pseudonym);
+        if let Some(other) = self.devices.get(&device) {
+            if Some(other.account) != existing {
+                return Err(StoreError::engine("the device is another account's"));
+            }
+        }
+        let account = match existing {
+            Some(account) => account,
+            None => {
+                self.last_account += 1;
+                let account = AccountId(self.last_account);
+                let devices = Vec::new();
+                self.accounts
+                    .insert(account, Account { pseudonym, devices });
+                account
+            }
+        };
+        // Messages queued for the account go, with the copies the senders' other devices hold;
+        // then the old devices with theirs.
+        self.delete_messages(|m| m.receiver == account);
+        let removed = self.devices_of(account);
+        for old in &removed {
+            self.delete_device(*old);
+        }
+        self.insert_device(account, device, public_key, None);
+        Ok(Registered { account, removed })
+    }
+
+    fn insert_device(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        public_key: [u8; 32],
+        identity: Option<IdentityKeys>,
+    ) {
+        let row = DeviceRow {
+            account,
+            public_key,
+            identity,
+            voucher: None,
+            one_time_keys: BTreeMap::new(),
+            fallback: None,
+        };
+        self.devices.insert(device, row);
+        if let Some(account) = self.accounts.get_mut(&account) {
+            account.devices.push(device);
+        }
+    }
+
+    fn add_device(
+        &mut self,
+        device: Device,
+        identity: IdentityKeys,
+        max_devices: usize,
+    ) -> Result<Linked> {
+        let count = self.devices_of(device.account).len();
+        if count == 0 {
+            return Err(StoreError::NoSuchAccount);
+        }
+        if count >= max_devices {
+            return Ok(Linked::TooManyDevices);
+        }
+        if self.devices.contains_key(&device.id) {
+            return Err(StoreError::engine("the device exists already"));
+        }
+        self.insert_device(device.account, device.id, device.public_key, Some(identity));
+        Ok(Linked::Added)
+    }
+
+    fn publish_keys(
+        &mut self,
+        device: DeviceId,
+        identity: IdentityKeys,
+        one_time_keys: Vec<SignedKey>,
+        fallback: Option<SignedKey>,
+        max_stored: u32,
+    ) -> Result<Published> {
+        let row = self
+            .devices
+            .get_mut(&device)
+            .ok_or(StoreError::NoSuchAccount)?;
+        match row.identity {
+            Some(existing) if existing != identity => return Ok(Published::IdentityMismatch),
+            Some(_) => {}
+            // Stored even if the keys below are refused, as the SQLite engine does.
+            None => row.identity = Some(identity),
+        }
+        let held = u32::try_from(row.one_time_keys.len()).unwrap_or(u32::MAX);
+        let new = u32::try_from(one_time_keys.len()).unwrap_or(u32::MAX);
+        if held.saturating_add(new) > max_stored {
+            return Ok(Published::TooMany);
+        }
+        for key in one_time_keys {
+            // A key published again keeps its first signature.
+            row.one_time_keys
+                .entry(key.public_key)
+                .or_insert(key.signature);
+        }
+        let count = u32::try_from(row.one_time_keys.len()).unwrap_or(u32::MAX);
+        if fallback.is_some() {
+            row.fallback = fallback;
+        }
+        Ok(Published::Stored {
+            one_time_keys: count,
+        })
+    }
+
+    fn claim_keys(&mut self, account: AccountId, only: &[DeviceId]) -> Claimed {
+        let devices = self.devices_of(account);
+        let unknown: Vec<DeviceId> = only
+            .iter()
+            .copied()
+            .filter(|d| !devices.contains(d))
+            .collect();
+        // A claim naming a device that is not there hands out nothing at all.
+        if !unknown.is_empty() {
+            return Claimed {
+                keys: Vec::new(),
+                unknown,
+            };
+        }
+        let mut keys = Vec::new();
+        for device in devices {
+            if !only.is_empty() && !only.contains(&device) {
+                continue;
+            }
+            let Some(row) = self.devices.get_mut(&device) else {
+                continue;
+            };
+            let Some(identity) = row.identity else {
+                continue;
+            };
+            let one_time = row
+                .one_time_keys
+                .pop_first()
+                .map(|(public_key, signature)| SignedKey {
+                    public_key,
+                    signature,
+                });
+            let (key, fallback) = match one_time {
+                Some(key) => (Some(key), false),
+                None => (row.fallback, true),
+            };
+            if let Some(key) = key {
+                keys.push(ClaimedKey {
+                    device,
+                    identity,
+                    key,
+                    fallback,
+                    voucher: row.voucher,
+                });
+            }
+        }
+        Claimed { keys, unknown }
+    }
+
+    fn set_voucher(&mut self, account: AccountId, device: DeviceId, voucher: Voucher) -> bool {
+        let by_theirs = self
+            .devices
+            .get(&voucher.by)
+            .is_some_and(|by| by.account == account);
+        match self.devices.get_mut(&device) {
+            Some(row) if row.account == account && row.voucher.is_none() && by_theirs => {
+                row.voucher = Some(voucher);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn delete_account(&mut self, account: AccountId) -> Result<Vec<DeviceId>> {
+        let Some(pseudonym) = self.accounts.get(&account).map(|a| a.pseudonym) else {
+            return Err(StoreError::NoSuchAccount);
+        };
+        let devices = self.devices_of(account);
+        // Undelivered messages the account sent go too: opting out leaves nothing behind.
+        self.delete_messages(|m| devices.contains(&m.sender_device) || m.receiver == account);
+        self.withdrawn
+            .retain(|(sender, _), _| !devices.contains(sender));
+        self.codes.remove(&pseudonym);
+        for device in &devices {
+            self.delete_device(*device);
+        }
+        self.accounts.remove(&account);
+        Ok(devices)
+    }
+
+    fn enqueue(&mut self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+        if self
+            .message_position(message.sender_device, message.id)
+            .is_some()
+        {
+            return Ok(Enqueued::Duplicate);
+        }
+        let receiver = self.delivery_devices(message.receiver);
+        let own = if message.sender_account == message.receiver {
+            Vec::new()
+        } else {
+            self.delivery_devices(message.sender_account)
+        };
+        let addressees = match message.admit(&receiver, &own, queue_limit)? {
+            Admission::Admitted(addressees) => addressees,
+            Admission::Refused(answer) => return Ok(answer),
+        };
+        let mut copies = BTreeMap::new();
+        for (device, payload) in message.copies {
+            let copy = (payload, addressees.to_receiver(device));
+            if copies.insert(device, copy).is_some() {
+                return Err(StoreError::engine("two copies for one device"));
+            }
+        }
+        self.last_position += 1;
+        let stored = Message {
+            sender_device: message.sender_device,
+            id: message.id,
+            receiver: message.receiver,
+            sent_at: message.sent_at,
+            expires_at: message.expires_at,
+            delivered: false,
+            copies,
+        };
+        self.messages.insert(self.last_position, stored);
+        Ok(Enqueued::Stored)
+    }
+
+    fn pending(
+        &self,
+        device: DeviceId,
+        after: QueueCursor,
+        limit: usize,
+        now: Millis,
+    ) -> Vec<Pending> {
+        let later = self
+            .messages
+            .range((Bound::Excluded(after.position()), Bound::Unbounded));
+        later
+            .filter(|(_, m)| m.expires_at > now)
+            .filter_map(|(position, m)| {
+                let (payload, _) = m.copies.get(&device)?;
+                Some(Pending {
+                    cursor: QueueCursor::at(*position),
+                    sender_device: m.sender_device,
+                    id: m.id,
+                    sent_at: m.sent_at,
+                    payload: payload.clone(),
+                })
+            })
+            .take(limit)
+            .collect()
+    }
+
+    fn ack(&mut self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Acked {
+        let gone = |state: &State| {
+            if state.withdrawn.contains_key(&(sender_device, id)) {
+                Acked::Withdrawn
+            } else {
+                Acked::Unknown
+            }
+        };
+        let Some(position) = self.message_position(sender_device, id) else {
+            return gone(self);
+        };
+        let Some(message) = self.messages.get_mut(&position) else {
+            return gone(self);
+        };
+        let Some((_, to_receiver)) = message.copies.remove(&device) else {
+            return gone(self);
+        };
+        let delivered = message.delivered;
+        // The last copy takes the message with it.
+        if message.copies.is_empty() {
+            self.messages.remove(&position);
+        } else if to_receiver {
+            message.delivered = true;
+        }
+        // The sender's own other devices taking their copies is not a delivery.
+        if !to_receiver {
+            return Acked::Confirmed { first: false };
+        }
+        if !delivered {
+            self.store_receipt(sender_device, id, ReceiptKind::Delivered);
+        }
+        Acked::Confirmed { first: !delivered }
+    }
+
+    fn withdraw(&mut self, sender_device: DeviceId, id: MessageId) -> Withdrawal {
+        let Some(position) = self.message_position(sender_device, id) else {
+            let delivered =
+                self.receipts.get(&(sender_device, id)) == Some(&ReceiptKind::Delivered);
+            return if delivered {
+                Withdrawal::Delivered
+            } else if self.withdrawn.contains_key(&(sender_device, id)) {
+                Withdrawal::Withdrawn
+            } else {
+                Withdrawal::Unknown
+            };
+        };
+        let Some(message) = self.messages.get_mut(&position) else {
+            return Withdrawal::Unknown;
+        };
+        if message.delivered {
+            return Withdrawal::Delivered;
+        }
+        // The receiver's copies go; the sender's own other devices keep theirs. The tombstone
+        // lives until the message's TTL would have ended.
+        message.copies.retain(|_, (_, to_receiver)| !*to_receiver);
+        let expires_at = message.expires_at;
+        if message.copies.is_empty() {
+            self.messages.remove(&position);
+        }
+        self.withdrawn.insert((sender_device, id), expires_at);
+        Withdrawal::Withdrawn
+    }
+
+    fn expire(&mut self, now: Millis, limit: usize) -> Vec<ExpiredMessage> {
+        // The oldest deadlines first, as the SQLite engine's index on them yields them.
+        let mut ended: Vec<(Millis, i64)> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.expires_at <= now)
+            .map(|(position, m)| (m.expires_at, *position))
+            .collect();
+        // A sweep that finds no message to expire writes nothing: tombstones whose time is up
+        // go with the next sweep that does (as in the SQLite engine, whose idle sweeps only look).
+        if ended.is_empty() {
+            return Vec::new();
+        }
+        ended.sort_unstable();
+        ended.truncate(limit);
+        self.withdrawn.retain(|_, ends| *ends > now);
+        let mut receipts = Vec::new();
+        for (_, position) in ended {
+            let Some(message) = self.messages.remove(&position) else {
+                continue;
+            };
+            let (sender_device, id) = (message.sender_device, message.id);
+            if !message.delivered && self.store_receipt(sender_device, id, ReceiptKind::Expired) {
+                receipts.push(ExpiredMessage { sender_device, id });
+            }
+        }
+        receipts
+    }
+
+    fn backlog(&self, device: DeviceId) -> Backlog {
+        Backlog {
+            queued: self.queue_length(device) > 0,
+            receipts: self.receipts.keys().any(|(d, _)| *d == device),
+        }
+    }
+
+    fn receipts(&self, device: DeviceId) -> Vec<PendingReceipt> {
+        self.receipts
+            .iter()
+            .filter(|((d, _), _)| *d == device)
+            .map(|((_, id), kind)| PendingReceipt {
+                id: *id,
+                kind: *kind,
+            })
+            .take(RECEIPTS_PER_READ)
+            .collect()
+    }
+
+    fn prune_codes(&mut self, now: Millis) -> usize {
+        let policy = CodePolicy::default();
+        let before = self.codes.len();
+        self.codes
+            .retain(|_, record| !record.is_spent(&policy, now));
+        before - self.codes.len()
+    }
+}
+
+impl Store for MemoryStore {
+    async fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        Ok(self.state()?.device(id))
+    }
+
+    async fn login_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
+        let state = self.state()?;
+        Ok(state
+            .device(id)
+            .map(|device| (device, state.key_status(id))))
+    }
+
+    async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
+        Ok(self.state()?.account_devices(pseudonym))
+    }
+
+    async fn route(&self, pseudonym: Pseudonym) -> Result<Option<Route>> {
+        let state = self.state()?;
+        Ok(state.account_of(pseudonym).map(|account| Route {
+            account,
+            devices: state.devices_of(account),
+        }))
+    }
+
+    async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
+        let state = self.state()?;
+        Ok(pseudonyms
+            .into_iter()
+            .map(|pseudonym| state.account_devices(pseudonym))
+            .collect())
+    }
+
+    async fn devices_of(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        Ok(self.state()?.devices_of(account))
+    }
+
+    async fn register_device(
+        &self,
+        pseudonym: Pseudonym,
+        device: DeviceId,
+        public_key: [u8; 32],
+        _now: Millis,
+    ) -> Result<Registered> {
+        self.state()?.register_device(pseudonym, device, public_key)
+    }
+
+    async fn add_device(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        public_key: [u8; 32],
+        identity: IdentityKeys,
+        max_devices: usize,
+        _now: Millis,
+    ) -> Result<Linked> {
+        let device = Device {
+            id: device,
+            account,
+            public_key,
+        };
+        self.state()?.add_device(device, identity, max_devices)
+    }
+
+    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+        let mut state = self.state()?;
+        if state.devices.get(&device).map(|d| d.account) != Some(account) {
+            return Ok(false);
+        }
+        state.delete_device(device);
+        Ok(true)
+    }
+
+    async fn publish_keys(
+        &self,
+        device: DeviceId,
+        identity: IdentityKeys,
+        one_time_keys: Vec<SignedKey>,
+        fallback: Option<SignedKey>,
+        max_stored: u32,
+    ) -> Result<Published> {
+        self.state()?
+            .publish_keys(device, identity, one_time_keys, fallback, max_stored)
+    }
+
+    async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
+        Ok(self.state()?.key_status(device))
+    }
+
+    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
+        Ok(self.state()?.claim_keys(account, &only))
+    }
+
+    async fn device_keys(&self, account: AccountId) -> Result<Vec<ListedDevice>> {
+        let state = self.state()?;
+        let devices = state.devices_of(account).into_iter();
+        Ok(devices.filter_map(|device| state.listed(device)).collect())
+    }
+
+    async fn set_voucher(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> Result<bool> {
+        Ok(self.state()?.set_voucher(account, device, voucher))
+    }
+
+    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        self.state()?.delete_account(account)
+    }
+
+    async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static,
+    {
+        let mut state = self.state()?;
+        let mut record = state.codes.get(&pseudonym).cloned();
+        let value = update(&mut record);
+        match record {
+            Some(record) => state.codes.insert(pseudonym, record),
+            None => state.codes.remove(&pseudonym),
+        };
+        Ok(value)
+    }
+
+    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+        self.state()?.enqueue(message, queue_limit)
+    }
+
+    async fn enqueue_submit(
+        &self,
+        message: NewMessage,
+        queue_limit: u32,
+    ) -> Result<Completion<Enqueued>> {
+        // Stored (in the order submitted) before this returns, and durable at once.
+        let outcome = self.state()?.enqueue(message, queue_limit);
+        Ok(Completion::done(outcome))
+    }
+
+    async fn pending(
+        &self,
+        device: DeviceId,
+        after: QueueCursor,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<Pending>> {
+        Ok(self.state()?.pending(device, after, limit, now))
+    }
+
+    async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
+        Ok(self.state()?.ack(device, sender_device, id))
+    }
+
+    async fn ack_staged(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> Result<Completion<Acked>> {
+        let acked = self.state()?.ack(device, sender_device, id);
+        Ok(Completion::done(Ok(acked)))
+    }
+
+    async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
+        Ok(self.state()?.withdraw(sender_device, id))
+    }
+
+    async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
+        Ok(self.state()?.expire(now, limit))
+    }
+
+    async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
+        Ok(self.state()?.backlog(device))
+    }
+
+    async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {
+        Ok(self.state()?.receipts(device))
+    }
+
+    async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
+        self.state()?.receipts.remove(&(device, id));
+        Ok(())
+    }
+
+    async fn prune_codes(&self, now: Millis) -> Result<usize> {
+        Ok(self.state()?.prune_codes(now))
+    }
+
+    async fn scrub(&self) -> Result<()> {
+        // Nothing is written anywhere, so no deleted byte remains to scrub.
+        Ok(())
+    }
+}

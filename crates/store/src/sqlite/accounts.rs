@@ -1,0 +1,296 @@
+//! Accounts and devices: registering, linking, removing, vouching, deleting an account, and the
+//! reads of who has which devices.
+//!
+//! Every deletion takes with it what refers to the deleted rows ([`delete_devices`]): the
+//! schema's cascades are the writer's to do.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tidings_core::Millis;
+use tidings_proto::id::DeviceId;
+
+use super::keys::key_status_in;
+use super::messages::{delete_copies, delete_if_no_copies};
+use super::rows::{device_id, sql_millis};
+use super::writer::Notes;
+use crate::{
+    AccountDevices, AccountId, Device, IdentityKeys, KeyStatus, Linked, Pseudonym, Registered,
+    Result, StoreError, Voucher,
+};
+
+/// A registered device, read on `conn`.
+pub(super) fn device_in(conn: &Connection, id: DeviceId) -> Result<Option<Device>> {
+    let row = conn
+        .prepare_cached("SELECT account_id, public_key FROM devices WHERE id = ?1")?
+        .query_row(params![id.as_bytes()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?;
+    Ok(row.and_then(|(account, key)| {
+        let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
+        Some(Device {
+            id,
+            account: AccountId(account),
+            public_key,
+        })
+    }))
+}
+
+/// The account behind a pseudonym and its devices, read on `conn`.
+pub(super) fn account_in(
+    conn: &Connection,
+    pseudonym: Pseudonym,
+) -> Result<Option<AccountDevices>> {
+    let account = conn
+        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
+        .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
+        .optional()?;
+    let Some(account) = account else {
+        return Ok(None);
+    };
+    let mut statement =
+        conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
+    let devices = statement
+        .query_map(params![account], |row| {
+            Ok((
+                device_id(row.get(0)?)?,
+                u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(AccountDevices {
+        account: AccountId(account),
+        devices,
+    }))
+}
+
+/// [`Store::login_device`](crate::Store::login_device): a device and its key supply, read on
+/// `conn`.
+pub(super) fn login_device(conn: &Connection, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
+    let Some(device) = device_in(conn, id)? else {
+        return Ok(None);
+    };
+    Ok(Some((device, key_status_in(conn, id)?)))
+}
+
+/// [`Store::devices_of`](crate::Store::devices_of).
+pub(super) fn devices_of(conn: &Connection, account: AccountId) -> Result<Vec<DeviceId>> {
+    let mut statement = conn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+    let devices = statement
+        .query_map(params![account.0], |row| device_id(row.get(0)?))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(devices)
+}
+
+/// [`Store::register_device`](crate::Store::register_device).
+pub(super) fn register_device(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    pseudonym: Pseudonym,
+    device: DeviceId,
+    public_key: [u8; 32],
+    now: Millis,
+) -> Result<Registered> {
+    txn.prepare_cached(
+        "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING")?.execute(
+        params![&pseudonym.0[..], sql_millis(now)],
+    )?;
+    let account: i64 = txn
+        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
+        .query_row(params![&pseudonym.0[..]], |row| row.get(0))?;
+    let removed = {
+        let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+        let removed = statement
+            .query_map(params![account], |row| device_id(row.get(0)?))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        removed
+    };
+    // Messages queued for this account go, with the copies their senders' other devices
+    // hold; then the old devices, with their queues, receipts and keys.
+    delete_copies(
+        txn,
+        notes,
+        "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)",
+        params![account],
+    )?;
+    txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?
+        .execute(params![account])?;
+    delete_devices(txn, notes, &removed)?;
+    notes.devices_changed = true;
+    txn.prepare_cached(
+        "INSERT INTO devices (id, account_id, public_key, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        device.as_bytes(),
+        account,
+        &public_key[..],
+        sql_millis(now)
+    ])?;
+    Ok(Registered {
+        account: AccountId(account),
+        removed,
+    })
+}
+
+/// [`Store::add_device`](crate::Store::add_device): `device` joins its account.
+pub(super) fn add_device(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    device: Device,
+    identity: IdentityKeys,
+    max_devices: usize,
+    now: Millis,
+) -> Result<Linked> {
+    let Device {
+        id: device,
+        account,
+        public_key,
+    } = device;
+    let count: i64 = txn
+        .prepare_cached("SELECT COUNT(*) FROM devices WHERE account_id = ?1")?
+        .query_row(params![account.0], |row| row.get(0))?;
+    if count == 0 {
+        return Err(StoreError::NoSuchAccount);
+    }
+    if usize::try_from(count).unwrap_or(usize::MAX) >= max_devices {
+        return Ok(Linked::TooManyDevices);
+    }
+    notes.devices_changed = true;
+    txn.prepare_cached(
+        "INSERT INTO devices (id, account_id, public_key, created_at, identity_key, signing_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        device.as_bytes(),
+        account.0,
+        &public_key[..],
+        sql_millis(now),
+        &identity.identity_key[..],
+        &identity.signing_key[..]
+    ])?;
+    Ok(Linked::Added)
+}
+
+/// [`Store::remove_device`](crate::Store::remove_device).
+pub(super) fn remove_device(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    account: AccountId,
+    device: DeviceId,
+) -> Result<bool> {
+    let theirs = txn
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2")?
+        .query_row(params![device.as_bytes(), account.0], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !theirs {
+        return Ok(false);
+    }
+    // Keys, queued copies and receipts go with the device.
+    delete_devices(txn, notes, &[device])?;
+    Ok(true)
+}
+
+/// [`Store::set_voucher`](crate::Store::set_voucher).
+pub(super) fn set_voucher(
+    txn: &Transaction<'_>,
+    account: AccountId,
+    device: DeviceId,
+    voucher: Voucher,
+) -> Result<bool> {
+    let changed = txn
+        .prepare_cached(
+            "UPDATE devices SET voucher = ?3, voucher_signature = ?4
+         WHERE id = ?1 AND account_id = ?2 AND voucher IS NULL
+           AND EXISTS (SELECT 1 FROM devices WHERE id = ?3 AND account_id = ?2)",
+        )?
+        .execute(params![
+            device.as_bytes(),
+            account.0,
+            voucher.by.as_bytes(),
+            &voucher.signature[..]
+        ])?;
+    Ok(changed > 0)
+}
+
+/// [`Store::delete_account`](crate::Store::delete_account).
+pub(super) fn delete_account(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    account: AccountId,
+) -> Result<Vec<DeviceId>> {
+    let devices = {
+        let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
+        let devices = statement
+            .query_map(params![account.0], |row| device_id(row.get(0)?))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        devices
+    };
+    // Undelivered messages this account sent go too: opting out leaves nothing behind.
+    for device in &devices {
+        delete_copies(
+            txn,
+            notes,
+            "seq IN (SELECT seq FROM messages WHERE sender_device = ?1)",
+            params![device.as_bytes()],
+        )?;
+        txn.prepare_cached("DELETE FROM messages WHERE sender_device = ?1")?
+            .execute(params![device.as_bytes()])?;
+        txn.prepare_cached("DELETE FROM withdrawn WHERE sender_device = ?1")?
+            .execute(params![device.as_bytes()])?;
+    }
+    txn.prepare_cached(
+        "DELETE FROM codes WHERE pseudonym = (SELECT pseudonym FROM accounts WHERE id = ?1)",
+    )?
+    .execute(params![account.0])?;
+    delete_copies(
+        txn,
+        notes,
+        "seq IN (SELECT seq FROM messages WHERE receiver_account = ?1)",
+        params![account.0],
+    )?;
+    txn.prepare_cached("DELETE FROM messages WHERE receiver_account = ?1")?
+        .execute(params![account.0])?;
+    delete_devices(txn, notes, &devices)?;
+    notes.devices_changed = true;
+    let deleted = txn
+        .prepare_cached("DELETE FROM accounts WHERE id = ?1")?
+        .execute(params![account.0])?;
+    if deleted == 0 {
+        return Err(StoreError::NoSuchAccount);
+    }
+    Ok(devices)
+}
+
+/// Deletes devices with everything that refers to them: their queued copies (and each message left
+/// with no copy), their receipts and their keys. The schema's cascades, done by the writer (see
+/// [`SCHEMA`](super::schema::SCHEMA)). The devices' queue-length changes noted in the batch go with
+/// their rows, so that a device made again with the same id starts from zero.
+pub(super) fn delete_devices(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    devices: &[DeviceId],
+) -> Result<()> {
+    for device in devices {
+        let id = device.as_bytes();
+        let seqs = {
+            let mut statement =
+                txn.prepare_cached("DELETE FROM copies WHERE device_id = ?1 RETURNING seq")?;
+            let seqs = statement
+                .query_map(params![id], |row| row.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            seqs
+        };
+        for seq in seqs {
+            delete_if_no_copies(txn, seq)?;
+        }
+        txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1")?
+            .execute(params![id])?;
+        txn.prepare_cached("DELETE FROM one_time_keys WHERE device_id = ?1")?
+            .execute(params![id])?;
+        txn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
+            .execute(params![id])?;
+        notes.queued.forget(*device);
+        notes.devices_changed = true;
+    }
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! Messages and their copies: storing a message under the delivery rules, reading a device's
+//! queue, acknowledging, withdrawing and expiring.
+//!
+//! The rules of what may be stored (E1, full queues) are `tidings_core::delivery`'s; this module
+//! reads what they decide on and writes what they decided. Every statement that stores or
+//! deletes a copy notes it in the batch's queue counts.
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tidings_core::delivery::AccountDevice;
+use tidings_core::fallback::Withdrawal;
+use tidings_core::Millis;
+use tidings_proto::frame::ReceiptKind;
+use tidings_proto::id::{DeviceId, MessageId};
+
+use super::rows::{device_id, message_id, millis, sql_millis};
+use super::writer::Notes;
+use crate::{
+    AccountId, Acked, Admission, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor, Result,
+};
+
+/// The devices of an account as the delivery rules read them: whether each has published
+/// identity keys, and its queue length with the copies stored and deleted earlier in the batch.
+pub(super) fn keyed_devices(
+    conn: &Connection,
+    notes: &Notes,
+    account: AccountId,
+) -> rusqlite::Result<Vec<AccountDevice>> {
+    // Whether identity keys are published, as `identity_of` reads them, without reading them.
+    let mut statement = conn.prepare_cached(
+        "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len
+         FROM devices WHERE account_id = ?1",
+    )?;
+    let rows = statement
+        .query_map(params![account.0], |row| {
+            let id = device_id(row.get(0)?)?;
+            let queued = row.get::<_, i64>(2)? + notes.queued.pending(id);
+            Ok(AccountDevice {
+                id,
+                keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                queued: u64::try_from(queued).unwrap_or(0),
+            })
+        })?
+        .collect();
+    rows
+}
+
+/// [`Store::enqueue`](crate::Store::enqueue): applies the delivery rules to the devices it reads
+/// and stores what they decided.
+pub(super) fn enqueue(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    message: NewMessage,
+    queue_limit: u32,
+) -> Result<Enqueued> {
+    let duplicate = txn
+        .prepare_cached("SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?
+        .query_row(
+            params![message.sender_device.as_bytes(), message.id.as_bytes()],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if duplicate.is_some() {
+        return Ok(Enqueued::Duplicate);
+    }
+    let receiver = keyed_devices(txn, notes, message.receiver)?;
+    let own = if message.sender_account == message.receiver {
+        Vec::new()
+    } else {
+        keyed_devices(txn, notes, message.sender_account)?
+    };
+    // Checked inside the transaction that stores the copies, so a device linked or
+    // removed at the same moment cannot slip between the check and the write.
+    let addressees = match message.admit(&receiver, &own, queue_limit)? {
+        Admission::Admitted(addressees) => addressees,
+        Admission::Refused(answer) => return Ok(answer),
+    };
+    txn.prepare_cached(
+        "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, x'')")?.execute(
+        params![
+            message.sender_device.as_bytes(),
+            message.id.as_bytes(),
+            message.receiver.0,
+            sql_millis(message.sent_at),
+            sql_millis(message.expires_at),
+        ],
+    )?;
+    let seq = txn.last_insert_rowid();
+    let mut insert = txn.prepare_cached(
+        "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (device, payload) in &message.copies {
+        let to_receiver = addressees.to_receiver(*device);
+        insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
+        notes.queued.add(*device, 1);
+    }
+    notes.messages.push((message.sender_device, message.id));
+    Ok(Enqueued::Stored)
+}
+
+/// [`Store::pending`](crate::Store::pending).
+pub(super) fn pending(
+    conn: &Connection,
+    device: DeviceId,
+    after: QueueCursor,
+    limit: usize,
+    now: Millis,
+) -> Result<Vec<Pending>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, COALESCE(c.payload, m.payload)
+         FROM copies c JOIN messages m ON m.seq = c.seq
+         WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3
+         ORDER BY c.seq LIMIT ?4",
+    )?;
+    let rows = statement
+        .query_map(
+            params![
+                device.as_bytes(),
+                after.position(),
+                sql_millis(now),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |row| {
+                Ok(Pending {
+                    cursor: QueueCursor::at(row.get(0)?),
+                    sender_device: device_id(row.get(1)?)?,
+                    id: message_id(row.get(2)?)?,
+                    sent_at: millis(row.get(3)?),
+                    payload: Bytes::from(row.get::<_, Vec<u8>>(4)?),
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// [`Store::withdraw`](crate::Store::withdraw).
+pub(super) fn withdraw(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    sender_device: DeviceId,
+    id: MessageId,
+) -> Result<Withdrawal> {
+    let message = txn
+        .prepare_cached(
+            "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
+            params![sender_device.as_bytes(), id.as_bytes()],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0, row.get::<_, i64>(2)?)),
+        )
+        .optional()?;
+    match message {
+        Some((_, true, _)) => Ok(Withdrawal::Delivered),
+        Some((seq, false, expires_at)) => {
+            // The receiver's copies go; the sender's own other devices keep theirs (the
+            // message was sent, as SMS). The tombstone names only the sending device and
+            // the id, never the receiver, and lives until the TTL would have ended: an
+            // acknowledgement racing the withdraw is told not to show it.
+            delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
+            delete_if_no_copies(txn, seq)?;
+            txn.prepare_cached(
+                "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)")?.execute(
+                params![sender_device.as_bytes(), id.as_bytes(), expires_at],
+            )?;
+            Ok(Withdrawal::Withdrawn)
+        }
+        None => {
+            let delivered = txn
+                .prepare_cached(
+                    "SELECT 1 FROM receipts WHERE device_id = ?1 AND msg_id = ?2 AND kind = ?3",
+                )?
+                .query_row(
+                    params![
+                        sender_device.as_bytes(),
+                        id.as_bytes(),
+                        ReceiptKind::Delivered as i64
+                    ],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let withdrawn = txn
+                .prepare_cached("SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
+                .query_row(params![sender_device.as_bytes(), id.as_bytes()], |_| Ok(()))
+                .optional()?
+                .is_some();
+            Ok(if delivered {
+                Withdrawal::Delivered
+            } else if withdrawn {
+                Withdrawal::Withdrawn
+            } else {
+                Withdrawal::Unknown
+            })
+        }
+    }
+}
+
+/// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing).
+pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1")?
+        .query_row(params![sql_millis(now)], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// [`Store::expire`](crate::Store::expire).
+pub(super) fn expire(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    now: Millis,
+    limit: usize,
+) -> Result<Vec<ExpiredMessage>> {
+    let expired = {
+        let mut statement = txn.prepare_cached(
+            "SELECT seq, sender_device, msg_id, delivered FROM messages WHERE expires_at <= ?1 LIMIT ?2",
+        )?;
+        let expired = statement
+            .query_map(
+                params![sql_millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        device_id(row.get(1)?)?,
+                        message_id(row.get(2)?)?,
+                        row.get::<_, i64>(3)? != 0,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        expired
+    };
+    txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?
+        .execute(params![sql_millis(now)])?;
+    let mut receipts = Vec::new();
+    for (seq, sender_device, id, delivered) in expired {
+        delete_copies(txn, notes, "seq = ?1", params![seq])?;
+        txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
+            .execute(params![seq])?;
+        if !delivered {
+            let stored = txn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                )?
+                .execute(params![
+                    sender_device.as_bytes(),
+                    id.as_bytes(),
+                    ReceiptKind::Expired as i64
+                ])?;
+            if stored > 0 {
+                receipts.push(ExpiredMessage { sender_device, id });
+            }
+        }
+    }
+    Ok(receipts)
+}
+
+/// Deletes a device's copy on its acknowledgement; on a message's first acknowledgement by a
+/// receiver device, marks it delivered and stores the sender's `Delivered` receipt. Every
+/// answer it gives comes from what it reads; it fails only when the engine does, so it runs
+/// without a savepoint of its own ([`Undo::Batch`](super::writer::Undo::Batch)).
+pub(super) fn ack_in(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    device: DeviceId,
+    sender_device: DeviceId,
+    id: MessageId,
+) -> Result<Acked> {
+    let message = txn
+        .prepare_cached(
+            "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+        )?
+        .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0))
+        })
+        .optional()?;
+    // No copy for this device: a replay, or a message its sender withdrew (then the
+    // device must be told not to show it).
+    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
+        let withdrawn = txn
+            .prepare_cached("SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
+            .query_row(params![sender_device.as_bytes(), id.as_bytes()], |_| Ok(()))
+            .optional()?;
+        Ok(if withdrawn.is_some() {
+            Acked::Withdrawn
+        } else {
+            Acked::Unknown
+        })
+    };
+    let Some((seq, delivered)) = message else {
+        return gone(txn);
+    };
+    let deleted = txn
+        .prepare_cached(
+            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver",
+        )?
+        .query_row(params![device.as_bytes(), seq], |row| row.get::<_, bool>(0))
+        .optional()?;
+    let Some(to_receiver) = deleted else {
+        return gone(txn);
+    };
+    notes.queued.add(device, -1);
+    // The last copy takes the message with it.
+    let message_gone = delete_if_no_copies(txn, seq)?;
+    // The sender's own other devices taking their copies is not a delivery.
+    if !to_receiver {
+        return Ok(Acked::Confirmed { first: false });
+    }
+    // A message still held is marked delivered, so that a withdraw racing the other
+    // devices' acknowledgements answers DELIVERED.
+    if !delivered {
+        if !message_gone {
+            txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
+                .execute(params![seq])?;
+        }
+        txn.prepare_cached(
+            "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+        )?
+        .execute(params![
+            sender_device.as_bytes(),
+            id.as_bytes(),
+            ReceiptKind::Delivered as i64
+        ])?;
+    }
+    Ok(Acked::Confirmed { first: !delivered })
+}
+
+/// Deletes the copies `condition` selects (an SQL condition on `copies`, with `params`) and
+/// counts them off their devices' queues. Runs before a deletion of messages, which must not
+/// leave their copies behind (see [`SCHEMA`](super::schema::SCHEMA)).
+pub(super) fn delete_copies(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    condition: &'static str,
+    params: impl rusqlite::Params,
+) -> Result<()> {
+    let mut statement = txn.prepare_cached(&format!(
+        "DELETE FROM copies WHERE {condition} RETURNING device_id"
+    ))?;
+    let mut rows = statement.query(params)?;
+    while let Some(row) = rows.next()? {
+        notes.queued.add(device_id(row.get(0)?)?, -1);
+    }
+    Ok(())
+}
+
+/// Deletes a message once no copy of it is left; true if it did.
+pub(super) fn delete_if_no_copies(txn: &Transaction<'_>, seq: i64) -> Result<bool> {
+    let deleted = txn
+        .prepare_cached(
+            "DELETE FROM messages WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM copies WHERE seq = ?1)",
+        )?
+        .execute(params![seq])?;
+    Ok(deleted > 0)
+}

@@ -1,0 +1,117 @@
+//! The tables and how an older database is brought up to them.
+//!
+//! Run once when the engine opens, on the writer's connection. Never drops a table or a column:
+//! a database made by an older version keeps its data.
+
+use rusqlite::{params, Connection};
+
+use crate::Result;
+
+/// The tables. Their `REFERENCES` clauses say what refers to what, and `ON DELETE CASCADE` what
+/// goes with a deleted row; SQLite does not enforce them (see
+/// [`open_connection`](super::connection::open_connection)): the writer does, in the same
+/// transaction. Every insertion first reads what it refers to (a send the receiver's and the
+/// sender's devices, a receipt its device, keys theirs, a device its account), and every deletion
+/// deletes what refers to the rows it deletes (a device's copies, receipts and keys in
+/// [`delete_devices`](super::accounts::delete_devices), a message's copies before it, an account's
+/// devices and the messages queued for it before its row). The store tests check the whole database
+/// with `PRAGMA foreign_key_check` after each kind of write.
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id INTEGER PRIMARY KEY,
+    pseudonym BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id BLOB PRIMARY KEY,
+    account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    public_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    queue_len INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS devices_by_account ON devices(account_id);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    sender_device BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    receiver_account INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    sent_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    UNIQUE (sender_device, msg_id)
+);
+CREATE INDEX IF NOT EXISTS messages_by_expiry ON messages(expires_at);
+CREATE INDEX IF NOT EXISTS messages_by_receiver ON messages(receiver_account);
+CREATE TABLE IF NOT EXISTS copies (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS copies_by_message ON copies(seq);
+-- `devices.queue_len` was kept by these triggers, one update of the device's row for every copy
+-- stored or deleted; the writer now counts a batch's copies and updates each device once (see
+-- `Notes::queued`).
+DROP TRIGGER IF EXISTS copies_count_up;
+DROP TRIGGER IF EXISTS copies_count_down;
+CREATE TABLE IF NOT EXISTS receipts (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    msg_id BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    PRIMARY KEY (device_id, msg_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS withdrawn (
+    sender_device BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (sender_device, msg_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    fallback INTEGER NOT NULL,
+    public_key BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (device_id, fallback, public_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS codes (
+    pseudonym BLOB PRIMARY KEY,
+    live_hash BLOB,
+    live_expires_at INTEGER,
+    live_attempts INTEGER,
+    sent_at BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Columns added after the first schema, with their definitions; added on open where missing.
+/// `copies.payload` holds each device's own ciphertext (end-to-end encryption gives every device
+/// a different one); `messages.payload` stays empty for such messages.
+pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("devices", "identity_key", "BLOB"),
+    ("devices", "signing_key", "BLOB"),
+    ("devices", "voucher", "BLOB"),
+    ("devices", "voucher_signature", "BLOB"),
+    ("copies", "payload", "BLOB"),
+    ("copies", "to_receiver", "INTEGER NOT NULL DEFAULT 1"),
+];
+
+/// Creates what is missing: tables, indexes and added columns.
+pub(super) fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    add_missing_columns(conn)
+}
+
+pub(super) fn add_missing_columns(conn: &Connection) -> Result<()> {
+    for (table, column, definition) in ADDED_COLUMNS {
+        let present = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists(params![column])?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The [`Store`] contract on SQLite: each operation is one named function of its family module,
+//! run as a point read on the calling thread, a pooled read, or a write of the group-commit
+//! writer with what its failure takes back ([`Undo`]).
+//!
+//! Nothing here reads or writes a table itself; only the choice of how each operation runs
+//! (and so what it costs) is made here.
+
+use tidings_core::fallback::Withdrawal;
+use tidings_core::verification::CodeRecord;
+use tidings_core::Millis;
+use tidings_proto::id::{DeviceId, MessageId};
+
+use super::writer::Undo;
+use super::{accounts, codes, keys, messages, receipts, SqliteStore};
+use crate::{
+    AccountDevices, AccountId, Acked, Backlog, Claimed, Completion, Device, Enqueued,
+    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
+    Voucher,
+};
+
+impl Store for SqliteStore {
+    async fn device(&self, id: DeviceId) -> Result<Option<Device>> {
+        self.read_here(|conn| accounts::device_in(conn, id))
+    }
+
+    async fn login_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
+        self.read_here(|conn| accounts::login_device(conn, id))
+    }
+
+    async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
+        self.read_here(|conn| accounts::account_in(conn, pseudonym))
+    }
+
+    async fn route(&self, pseudonym: Pseudonym) -> Result<Option<Route>> {
+        let (generation, held) = self.routes.get(&pseudonym);
+        if held.is_some() {
+            return Ok(held);
+        }
+        // Not a user is not held: the number may register at any moment.
+        let Some(account) = self.read_here(|conn| accounts::account_in(conn, pseudonym))? else {
+            return Ok(None);
+        };
+        let route = Route {
+            account: account.account,
+            devices: account.devices.into_iter().map(|(id, _)| id).collect(),
+        };
+        self.routes.insert(generation, pseudonym, route.clone());
+        Ok(Some(route))
+    }
+
+    async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
+        self.read(move |conn| {
+            pseudonyms
+                .into_iter()
+                .map(|pseudonym| accounts::account_in(conn, pseudonym))
+                .collect()
+        })
+        .await
+    }
+
+    async fn devices_of(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        self.read(move |conn| accounts::devices_of(conn, account))
+            .await
+    }
+
+    async fn register_device(
+        &self,
+        pseudonym: Pseudonym,
+        device: DeviceId,
+        public_key: [u8; 32],
+        now: Millis,
+    ) -> Result<Registered> {
+        self.write(Undo::Operation, move |txn, notes| {
+            accounts::register_device(txn, notes, pseudonym, device, public_key, now)
+        })
+        .await
+    }
+
+    async fn add_device(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        public_key: [u8; 32],
+        identity: IdentityKeys,
+        max_devices: usize,
+        now: Millis,
+    ) -> Result<Linked> {
+        self.write(Undo::Operation, move |txn, notes| {
+            let device = Device {
+                id: device,
+                account,
+                public_key,
+            };
+            accounts::add_device(txn, notes, device, identity, max_devices, now)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+        self.write(Undo::Operation, move |txn, notes| {
+            accounts::remove_device(txn, notes, account, device)
+        })
+        .await
+    }
+
+    async fn publish_keys(
+        &self,
+        device: DeviceId,
+        identity: IdentityKeys,
+        one_time_keys: Vec<SignedKey>,
+        fallback: Option<SignedKey>,
+        max_stored: u32,
+    ) -> Result<Published> {
+        self.write(Undo::Operation, move |txn, _| {
+            keys::publish_keys(txn, device, identity, one_time_keys, fallback, max_stored)
+        })
+        .await
+    }
+
+    async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
+        self.read_here(|conn| keys::key_status_in(conn, device))
+    }
+
+    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
+        self.write(Undo::Operation, move |txn, _| {
+            keys::claim_keys(txn, account, only)
+        })
+        .await
+    }
+
+    async fn device_keys(&self, account: AccountId) -> Result<Vec<ListedDevice>> {
+        self.read(move |conn| keys::device_keys(conn, account))
+            .await
+    }
+
+    async fn set_voucher(
+        &self,
+        account: AccountId,
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> Result<bool> {
+        self.write(Undo::Operation, move |txn, _| {
+            accounts::set_voucher(txn, account, device, voucher)
+        })
+        .await
+    }
+
+    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+        self.write(Undo::Operation, move |txn, notes| {
+            accounts::delete_account(txn, notes, account)
+        })
+        .await
+    }
+
+    async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static,
+    {
+        self.write(Undo::Operation, move |txn, _| {
+            codes::update_code_record(txn, pseudonym, update)
+        })
+        .await
+    }
+
+    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+        self.enqueue_submit(message, queue_limit)
+            .await?
+            .durable()
+            .await
+    }
+
+    async fn enqueue_submit(
+        &self,
+        message: NewMessage,
+        queue_limit: u32,
+    ) -> Result<Completion<Enqueued>> {
+        // One writer takes writes in the order they are handed over, so a sending device's
+        // messages are stored in the order it submitted them.
+        self.submit(Undo::Operation, move |txn, notes| {
+            messages::enqueue(txn, notes, message, queue_limit)
+        })
+        .await
+    }
+
+    async fn pending(
+        &self,
+        device: DeviceId,
+        after: QueueCursor,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<Pending>> {
+        self.read(move |conn| messages::pending(conn, device, after, limit, now))
+            .await
+    }
+
+    async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
+        self.write(Undo::Batch, move |txn, notes| {
+            messages::ack_in(txn, notes, device, sender_device, id)
+        })
+        .await
+    }
+
+    async fn ack_staged(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+    ) -> Result<Completion<Acked>> {
+        self.submit_staged(Undo::Batch, move |txn, notes| {
+            messages::ack_in(txn, notes, device, sender_device, id)
+        })
+        .await
+    }
+
+    async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
+        self.write(Undo::Operation, move |txn, notes| {
+            messages::withdraw(txn, notes, sender_device, id)
+        })
+        .await
+    }
+
+    async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
+        // Most sweeps find nothing: look first, so that an idle server writes nothing.
+        if !self
+            .read(move |conn| messages::any_expired(conn, now))
+            .await?
+        {
+            return Ok(Vec::new());
+        }
+        self.write(Undo::Operation, move |txn, notes| {
+            messages::expire(txn, notes, now, limit)
+        })
+        .await
+    }
+
+    async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
+        self.read_here(|conn| receipts::backlog(conn, device))
+    }
+
+    async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {
+        self.read(move |conn| receipts::receipts(conn, device))
+            .await
+    }
+
+    async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
+        // Lazy: a receipt whose deletion is lost in a crash is only sent again.
+        self.write_lazily(Undo::Statement, move |txn, _| {
+            receipts::ack_receipt(txn, device, id)
+        })
+        .await
+    }
+
+    async fn prune_codes(&self, now: Millis) -> Result<usize> {
+        // Most prunes find nothing: look first, so that an idle server writes nothing.
+        if !self.read(codes::any_code_record).await? {
+            return Ok(0);
+        }
+        self.write(Undo::Operation, move |txn, _| codes::prune_codes(txn, now))
+            .await
+    }
+
+    async fn scrub(&self) -> Result<()> {
+        self.checkpoint().await
+    }
+}
