@@ -25,6 +25,16 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Payload bytes of every relayed message, for every target.
 pub const PAYLOAD_BYTES: usize = 64;
 
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Prints a progress line on stderr, stamped with the seconds since the harness started.
+pub fn say(text: &str) {
+    use std::io::Write as _;
+    let start = START.get_or_init(std::time::Instant::now);
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "[{:>7.1}s] {text}", start.elapsed().as_secs_f64());
+}
+
 /// The digits of user `index`'s number: German mobile `+49151` and eight digits.
 pub fn digits(index: u32) -> String {
     format!("49151{index:08}")

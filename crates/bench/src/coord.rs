@@ -2,12 +2,10 @@
 //! measures the server from `/proc`, stops it, and collects the results.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -16,22 +14,13 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::common;
+use crate::common::{self, say};
 use crate::results::{
     IdleResult, LookupResult, OfflineResult, Percentiles, RelayResult, StepResult, TargetRun,
 };
 use crate::servers::{self, Prepared, Programs, Server};
 use crate::sys;
 use crate::wire::{Ctl, Endpoint, Event, Job, Phase, StepSpec, Target, WorkerSpec};
-
-static START: OnceLock<Instant> = OnceLock::new();
-
-/// Prints a progress line on stderr, stamped with the seconds since the harness started.
-pub fn say(text: &str) {
-    let start = START.get_or_init(Instant::now);
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "[{:>7.1}s] {text}", start.elapsed().as_secs_f64());
-}
 
 /// The sizes of a run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

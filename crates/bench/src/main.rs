@@ -44,7 +44,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::coord::{say, Options, Sizes};
+use crate::common::say;
+use crate::coord::{Options, Sizes};
 use crate::wire::{Phase, Target};
 
 #[derive(Debug, Parser)]

@@ -170,7 +170,7 @@ fn register(pid: u32, running: bool) {
 pub async fn stop_all() {
     let pids: Vec<u32> = RUNNING.lock().map(|p| p.clone()).unwrap_or_default();
     for pid in pids {
-        crate::coord::say(&format!("stopping server pid {pid}"));
+        crate::common::say(&format!("stopping server pid {pid}"));
         let _ = sys::stop(pid, Duration::from_secs(20)).await;
         register(pid, false);
     }
@@ -530,5 +530,5 @@ impl Server {
 
 /// A progress line on stderr.
 pub fn tracing_line(text: &str) {
-    crate::coord::say(text);
+    crate::common::say(text);
 }
