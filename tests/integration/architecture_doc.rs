@@ -319,14 +319,16 @@ fn the_checker_accepts_what_exists_and_lists_what_does_not() {
     let cases: &[(&str, &[&str])] = &[
         // Real names and paths.
         ("`tidings_core::routing::decide` and `routing::decide`", &[]),
-        ("`SendOrder`, `Store::route`, `RouteCache`, `state::Db`", &[]),
+        ("`SendOrder`, `Store::route`, `RouteCache`, `state::Shared`", &[]),
         ("`crates/store/src/lib.rs`, `docs/BENCHMARKS.md`, `crates/bench/peers/`", &[]),
         ("`privacy::p1_an_unregistered_profile_opens_no_connection`", &[]),
         ("a variant `Unavailable` and a field `receipt_wait_seconds`", &[]),
         // A renamed function, a missing module, a missing type.
         ("`tidings_core::routing::decide_everything`", &["tidings_core::routing::decide_everything"]),
-        ("`tidings_core::routes::decide`", &["tidings_core::routes::decide"]),
+        ("`tidings_core::routings::decide`", &["tidings_core::routings::decide"]),
         ("`NoSuchStore::route`", &["NoSuchStore::route"]),
+        // A type the code no longer has.
+        ("`state::Db`", &["state::Db"]),
         // A missing path, and one that leaves the repository.
         ("`crates/store/src/sqlite_engine.rs`", &["crates/store/src/sqlite_engine.rs"]),
         ("`docs/bench/run-1405721/`", &["docs/bench/run-1405721/"]),

@@ -151,7 +151,11 @@ async fn a_send_is_decided_stored_and_answered() {
         delivered.sender_device,
         alice.identity.device.as_bytes().to_vec()
     );
-    let waiting = world.state.store.pending(to_bob[1], QueueCursor::START, 10, now_ms()).await;
+    let waiting = world
+        .state
+        .store
+        .pending(to_bob[1], QueueCursor::START, 10, now_ms())
+        .await;
     assert_eq!(waiting.expect("pending").len(), 1);
     assert!(
         take_all(&carol.outbox).is_empty(),
@@ -251,7 +255,11 @@ async fn a_sessions_pipelined_sends_are_stored_and_pushed_in_the_order_read() {
         .collect();
     let expected: Vec<Vec<u8>> = sent.iter().map(|id| id.as_bytes().to_vec()).collect();
     assert_eq!(pushed, expected, "pushed in the order read");
-    let stored = world.state.store.pending(copies[1], QueueCursor::START, 100, now_ms()).await;
+    let stored = world
+        .state
+        .store
+        .pending(copies[1], QueueCursor::START, 100, now_ms())
+        .await;
     let stored: Vec<Vec<u8>> = stored
         .expect("pending")
         .into_iter()
