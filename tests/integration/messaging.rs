@@ -229,3 +229,32 @@ fn an_expired_message_yields_an_expired_receipt() {
     let out = alice.ok(&["--json", "listen", "--timeout", "2"]);
     assert!(out.contains(r#""kind":"expired""#), "{out}");
 }
+
+/// A receipt for an earlier message, pushed at login while a send waits for its answer, is no
+/// event of the new message: the message is sent once, not once more for every such frame.
+#[test]
+fn a_send_goes_once_while_receipts_of_earlier_messages_arrive() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+
+    // Three messages Bob takes while Alice is away leave three receipts waiting for her.
+    for text in ["one", "two", "three"] {
+        let (answer, code) = alice.send(&bob_number, text, &[]);
+        assert_eq!((answer["outcome"].as_str(), code), (Some("queued"), 0));
+    }
+    let mut listener = bob.spawn(&["listen", "--count", "3", "--timeout", "20"]);
+    assert!(listener.wait().expect("listener").success());
+
+    // Her next send logs in, is handed those receipts first, and still goes once.
+    let (answer, code) = alice.send(&bob_number, "four", &[]);
+    assert_eq!((answer["outcome"].as_str(), code), (Some("queued"), 0));
+    let (status, body) = crate::operations::get(server.port, "/metrics");
+    assert_eq!(status, 200);
+    let sends = r#"tidings_sends_total{outcome="queued"} 4"#;
+    assert!(
+        body.lines().any(|line| line == sends),
+        "each message sent once: expected {sends} in\n{body}"
+    );
+}

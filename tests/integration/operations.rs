@@ -32,7 +32,7 @@ async fn http(port: u16, request: &str) -> (u16, String) {
     (status, body)
 }
 
-fn get(port: u16, path: &str) -> (u16, String) {
+pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
     block_on(http(
         port,
         &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),

@@ -208,7 +208,9 @@ pub async fn send(
     }
     let policy = Policy::default();
     let mut machine = Outgoing::new(Route::IpOnly { mode }, now_ms());
-    let mut action = machine.next(now_ms());
+    // Taken when carried out: a frame that is no event for this message (another message's
+    // receipt, pushed at login) must not carry the same action out again.
+    let mut action = Some(machine.next(now_ms()));
     let mut changed: Option<ChangedDevices> = None;
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
@@ -216,8 +218,8 @@ pub async fn send(
     let mut receipt_came = false;
     let mut copies = 0;
     loop {
-        match action {
-            Action::SendIp(mode) | Action::Reencrypt(mode) => {
+        match action.take() {
+            Some(Action::SendIp(mode) | Action::Reencrypt(mode)) => {
                 if let Some(changed) = changed.take() {
                     changes = claim_changed(account, &mut session, &to, &changed).await?;
                 }
@@ -243,13 +245,16 @@ pub async fn send(
                     .await?;
                 deadline = Instant::now() + wait;
             }
-            Action::Finished(Outcome::NotSent(SendOutcome::DevicesChanged)) => {
+            Some(Action::Finished(Outcome::NotSent(SendOutcome::DevicesChanged))) => {
                 return Err(ClientError::Refused(
                     "the receiver's devices kept changing while sending: try again".into(),
                 ));
             }
             // Over IP only there is no withdraw and no SMS; the rest is waiting.
-            Action::Withdraw | Action::SendSms | Action::Wait { .. } | Action::Finished(_) => {}
+            Some(
+                Action::Withdraw | Action::SendSms | Action::Wait { .. } | Action::Finished(_),
+            )
+            | None => {}
         }
         // Reported once the server answered and, for a message a device took, the receipt came.
         if answer.is_some_and(|answer| answer != SendOutcome::Accepted || receipt_came) {
@@ -289,7 +294,7 @@ pub async fn send(
             Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
             _ => continue,
         };
-        action = machine.handle(&policy, event, now_ms());
+        action = Some(machine.handle(&policy, event, now_ms()));
     }
     let outcome = answer.ok_or(ClientError::Timeout)?;
     Ok(SendReport {
