@@ -1,5 +1,6 @@
-//! What the unit tests of request handling share: a server's state over a real store in a
-//! temporary directory, logged-in devices with outboxes a test reads, and the frames they send.
+//! What the unit tests of request handling share: a server's state over the store contract's
+//! reference engine (`MemoryStore`; the integration tests run the real one), keys and settings in
+//! a temporary directory, logged-in devices with outboxes a test reads, and the frames they send.
 //!
 //! Test code only: nothing here is compiled into the server.
 
@@ -11,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use tidings_proto::frame::{self, ErrorCode, Kind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
-use tidings_store::sqlite::{SqliteOptions, SqliteStore, WRITER_QUEUE};
+use tidings_store::memory::MemoryStore;
 use tidings_store::{IdentityKeys, Store as _};
 
 use crate::clock::now_ms;
@@ -24,9 +25,10 @@ use crate::request::Request;
 use crate::send::SendOrder;
 use crate::state::{Shared, State};
 
-/// A server's state over a store in a directory of its own, removed at the end.
+/// A server's state over an in-memory store, with keys and settings in a directory of its own,
+/// removed at the end.
 pub struct World {
-    pub state: Shared<SqliteStore>,
+    pub state: Shared<MemoryStore>,
     dir: PathBuf,
 }
 
@@ -72,11 +74,7 @@ impl World {
         settings(&mut args);
         let config = args.resolve().expect("settings");
         let keys = ServerKeys::load_or_create(&config.key_file).expect("keys");
-        let options = SqliteOptions {
-            max_batch: WRITER_QUEUE,
-            sync_observer: None,
-        };
-        let store = SqliteStore::open(&config.data_dir, options).expect("store");
+        let store = MemoryStore::new();
         let metrics = Arc::new(Metrics::new());
         let state = Arc::new(State::new(config, store, keys, metrics));
         Self { state, dir }
