@@ -1,6 +1,7 @@
 //! The two requests that reveal whether a number is a user: a lookup (online, offline, not a
 //! user) and the device list of a number. Both draw from one per-device budget, so neither is a
-//! free way to enumerate numbers (promise P8).
+//! free way to enumerate numbers (the server's part of promise P8 so far: the budget is per device,
+//! and the numbers are not yet blinded on the client).
 //!
 //! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
 //! who asked (promise P4).
