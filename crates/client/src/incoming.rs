@@ -52,16 +52,11 @@ pub async fn listen(
     mut handle: impl FnMut(Event) -> bool,
 ) -> Result<()> {
     let mut inbox = account.inbox()?;
-    // Messages stored and acknowledged by an earlier run that stopped before showing them.
-    for message in inbox.take_unshown()? {
-        if !handle(Event::Message(message)) {
-            return Ok(());
-        }
-    }
     let mut router = Router::new(account, account.routing(), true)?;
     let mut session = Some(account.session(true).await?);
     if let Some(open) = session.as_mut() {
         account.ensure_keys(&mut inbox, open).await?;
+        acknowledge_unshown(&inbox, open).await?;
     }
     let user_deadline = until.unwrap_or_else(far_future);
     // Messages left pending by an earlier run (a delayed fallback, an SMS to retry) go on.
@@ -166,6 +161,26 @@ pub async fn listen(
             _ => {}
         }
     }
+}
+
+/// Acknowledges again every message an earlier run stored but did not show (it stopped before
+/// the server confirmed the acknowledgement, or the acknowledgement never arrived). The answers
+/// come back as `AckResult`s and are handled like any other: shown on `CONFIRMED` or `UNKNOWN`,
+/// discarded on `WITHDRAWN`. Showing them without asking would show a message its sender
+/// withdrew meanwhile and sent as SMS: shown twice, by both routes.
+async fn acknowledge_unshown(inbox: &Inbox, session: &mut Session) -> Result<()> {
+    let unshown = inbox.unshown()?;
+    if unshown.is_empty() {
+        return Ok(());
+    }
+    session
+        .send_many(unshown.into_iter().map(|(sender_device, id)| {
+            Kind::Ack(frame::Ack {
+                sender_device: sender_device.as_bytes().to_vec(),
+                id: id.as_bytes().to_vec(),
+            })
+        }))
+        .await
 }
 
 /// Decrypts, checks and stores one delivery. `Ok(Err(reason))`: the delivery is rejected.
