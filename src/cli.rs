@@ -76,7 +76,8 @@ pub enum Command {
     },
     /// Send a text message
     Send(SendArgs),
-    /// Receive messages and receipts as they arrive (and be shown online while running)
+    /// Receive messages and receipts as they arrive (and be shown online while running). A lost
+    /// connection is made again (after 0.5 s, doubling up to 30 s), said on stderr
     Listen {
         /// Stop after this many messages
         #[arg(long)]

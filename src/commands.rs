@@ -609,6 +609,10 @@ fn print_event(event: &Event, json: bool, own: &str) {
                 println!("{}: {}", message.from, message.text);
             }
         }
+        // On stderr in both modes: stdout carries only what arrived.
+        Event::Reconnecting { after, reason } => {
+            eprintln!("{reason}; reconnecting in {:.1} s", after.as_secs_f64());
+        }
         Event::Rejected {
             sender_device,
             id,

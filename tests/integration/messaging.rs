@@ -258,3 +258,65 @@ fn a_send_goes_once_while_receipts_of_earlier_messages_arrive() {
         "each message sent once: expected {sends} in\n{body}"
     );
 }
+
+/// Issue 28, item 11: a running `listen` outlives a `kill -9` and restart of the server on the
+/// same port: it says on stderr that it is reconnecting, goes on, shows a message sent after the
+/// restart, shows every message exactly once, and ends as `--count` asks, successfully.
+#[test]
+fn listen_reconnects_after_the_server_restarts_and_shows_each_message_once() {
+    let mut server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let mut listener = bob.spawn(&["--json", "listen", "--count", "2", "--timeout", "60"]);
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "online"));
+    let (answer, code) = alice.send(&bob_number, "before the restart", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    server.restart();
+    if !eventually(Duration::from_secs(20), || {
+        alice.lookup(&[&bob_number])[0].1 == "online"
+    }) {
+        let _ = listener.kill();
+        let out = listener.wait_with_output().expect("listen output");
+        panic!(
+            "bob's listen did not come back after the restart ({}): {}{}",
+            out.status,
+            crate::support::text(&out.stdout),
+            crate::support::text(&out.stderr)
+        );
+    }
+    let (answer, code) = alice.send(&bob_number, "after the restart", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline && matches!(listener.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = listener.kill();
+    let out = listener.wait_with_output().expect("listen output");
+    let (stdout, stderr) = (
+        crate::support::text(&out.stdout),
+        crate::support::text(&out.stderr),
+    );
+    assert!(out.status.success(), "listen failed: {stdout}\n{stderr}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    let mut texts: Vec<String> = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        ["after the restart", "before the restart"],
+        "{stderr}"
+    );
+    // Nothing left over for a later run either.
+    assert!(bob.receive(1, 2).is_empty());
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 use tidings_proto::frame::{self, AckStatus, Kind};
 use tokio::time::Instant;
 
-use crate::support::{block_on, eventually, files_containing, number, ucs2, Kannel, Server, User};
+use crate::support::{
+    block_on, eventually, files_containing, number, text, ucs2, CuttableRelay, Kannel, Server, User,
+};
 
 /// A registered user whose profile sends fallback SMS through `kannel`.
 fn with_kannel(number: &str, server: &Server, kannel: &Kannel, extra: &[&str]) -> User {
@@ -191,6 +193,65 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
         secret.as_bytes()
     )
     .is_empty()));
+}
+
+/// Issue 28, item 13: a receiver that stored a message but never had its acknowledgement
+/// confirmed (here the acknowledgement is lost on the way, then the receiver is killed) must not
+/// show it at its next start if the sender meanwhile withdrew it and sent it as SMS.
+#[test]
+fn a_stored_but_unconfirmed_message_the_sender_withdrew_is_never_shown_after_a_restart() {
+    let server = Server::start(&[]);
+    let relay = CuttableRelay::start(&server);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let outbox = alice.profile.path().join("sms-outbox");
+    alice.ok(&[
+        "settings",
+        "--sms-outbox",
+        outbox.to_str().expect("utf8"),
+        "--receipt-timeout",
+        "1",
+    ]);
+    // Bob reaches the server through the relay.
+    let bob = User::new(&bob_number);
+    bob.ok(&["register", &bob_number, "--server", &relay.url]);
+    bob.ok(&["verify", &server.code_for(&bob_number)]);
+    // A first message, so that Bob's device knows Alice's and stores the next one at once.
+    let (answer, _) = alice.send(&bob_number, "hello first", &["--route", "ip-only"]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(bob.receive_texts(1, 10), ["hello first"]);
+
+    let mut listener = bob.spawn(&["--json", "listen", "--timeout", "30"]);
+    assert!(eventually(Duration::from_secs(10), || alice
+        .lookup(&[&bob_number])[0]
+        .1
+        == "online"));
+    // From now on nothing Bob's device sends reaches the server: its acknowledgement is lost.
+    relay.cut(true);
+    let secret = "stored, never confirmed, then withdrawn";
+    let (answer, code) = alice.send(&bob_number, secret, &[]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("sent_as_sms"), 0),
+        "{answer}"
+    );
+    // Bob's device did store it (and would have shown it only on CONFIRMED).
+    let bob_client = bob.client();
+    assert!(eventually(Duration::from_secs(10), || bob_client
+        .inbox()
+        .expect("inbox")
+        .history()
+        .expect("history")
+        .iter()
+        .any(|m| m.text == secret)));
+    let _ = listener.kill();
+    let out = listener.wait_with_output().expect("listen output");
+    assert!(!text(&out.stdout).contains(secret), "{}", text(&out.stdout));
+    relay.cut(false);
+    // Restarted, Bob's listen asks the server again and is told the message was withdrawn.
+    let shown = bob.receive(1, 3);
+    assert!(shown.is_empty(), "a withdrawn message was shown: {shown:?}");
+    assert_eq!(std::fs::read_dir(&outbox).expect("outbox").count(), 1);
 }
 
 #[test]

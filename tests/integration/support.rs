@@ -707,3 +707,74 @@ pub fn ucs2(text: &str) -> Vec<u8> {
         .flat_map(|unit| unit.to_be_bytes())
         .collect()
 }
+
+/// A TCP relay in front of a server whose client-to-server direction can be cut: while cut, the
+/// client's bytes are read and dropped, while the server's still reach the client. A client then
+/// believes it sent something (an acknowledgement) that the server never got, the state a
+/// client killed just after sending it is in.
+#[derive(Debug)]
+pub struct CuttableRelay {
+    pub url: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttableRelay {
+    pub fn start(server: &Server) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("relay bind");
+        let port = listener.local_addr().expect("relay address").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream_port = server.port;
+        let accept_cut = cut.clone();
+        // Lives as long as the test binary: each connection's threads end when either side
+        // closes.
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                else {
+                    continue;
+                };
+                let cut = accept_cut.clone();
+                let (Ok(client_read), Ok(upstream_read)) =
+                    (client.try_clone(), upstream.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || relay(client_read, upstream, Some(cut)));
+                std::thread::spawn(move || relay(upstream_read, client, None));
+            }
+        });
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            cut,
+        }
+    }
+
+    /// Drops the client's bytes from now on (`true`) or passes them again (`false`).
+    pub fn cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+fn relay(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
+    use std::io::{Read as _, Write as _};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}

@@ -24,6 +24,10 @@ use crate::e2e::Crypto;
 use crate::vault::{Passphrase, Vault, VaultHeader};
 use crate::{ClientError, Result};
 
+/// Most stored-but-unshown messages acknowledged again when a session opens: a receiver
+/// device's server queue holds at most 10,000, so this covers every one a crash can leave.
+pub const MAX_UNSHOWN_PER_START: u32 = 10_000;
+
 /// A message as the inbox keeps it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Received {
@@ -305,31 +309,30 @@ impl Inbox {
         })
     }
 
-    /// Received messages stored but not yet shown (a process stopped between storing and
-    /// showing them), marked as shown now: each is returned once.
-    pub fn take_unshown(&self) -> Result<Vec<Received>> {
-        let keys: Vec<(Vec<u8>, Vec<u8>)> = {
-            let mut statement = self
-                .conn
-                .prepare("SELECT sender_device, msg_id FROM messages WHERE shown = 0")?;
-            let rows = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows
-        };
-        let mut shown = Vec::new();
-        for (sender_device, id) in keys {
-            let (Some(sender_device), Some(id)) = (
-                DeviceId::from_slice(&sender_device),
-                MessageId::from_slice(&id),
-            ) else {
-                continue;
-            };
-            if let Some(message) = self.take_to_show(sender_device, id)? {
-                shown.push(message);
-            }
-        }
-        Ok(shown)
+    /// Received messages stored but not yet shown (a process stopped between storing a message
+    /// and the server's confirmation of its acknowledgement), as (sending device, message id),
+    /// at most [`MAX_UNSHOWN_PER_START`] of them. They are not shown from here: the caller
+    /// acknowledges each again and shows it only on `CONFIRMED` or `UNKNOWN` (a `WITHDRAWN`
+    /// answer discards it), so a message its sender withdrew meanwhile is never shown. Those
+    /// beyond the bound wait for the next start (or come again as deliveries).
+    pub fn unshown(&self) -> Result<Vec<(DeviceId, MessageId)>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT sender_device, msg_id FROM messages WHERE shown = 0 LIMIT ?1")?;
+        let rows = statement
+            .query_map([MAX_UNSHOWN_PER_START], |row| {
+                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(sender_device, id)| {
+                Some((
+                    DeviceId::from_slice(&sender_device)?,
+                    MessageId::from_slice(&id)?,
+                ))
+            })
+            .collect())
     }
 
     /// Marks a stored message as shown and returns it, exactly once: a second call for the same

@@ -8,6 +8,8 @@
 //! it listens it also carries on routed messages left pending ([`crate::route`]). Nothing here
 //! logs a number or a message.
 
+use std::time::Duration;
+
 use prost::Message as _;
 use tidings_proto::frame::{self, AckStatus, Content, Envelope, Kind, ReceiptKind};
 use tidings_proto::id::{DeviceId, MessageId};
@@ -22,6 +24,11 @@ use crate::route::{outcome_name, Router};
 use crate::session::Session;
 use crate::{ClientError, Result};
 
+/// First wait before connecting again after a listening session was lost.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between attempts to connect again (the wait doubles after each failure).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
 /// Something `listen` reports.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -35,6 +42,9 @@ pub enum Event {
         outcome: &'static str,
         detail: String,
     },
+    /// The connection to the server was lost or could not be made again (`reason`); the next
+    /// attempt comes after `after`.
+    Reconnecting { after: Duration, reason: String },
     /// A delivery that could not be decrypted or did not hold together; it was discarded.
     Rejected {
         sender_device: DeviceId,
@@ -46,50 +56,144 @@ pub enum Event {
 /// Receives until `handle` returns false or `until` passes. Each message is decrypted and
 /// stored (with the new session state, in one local transaction), then acknowledged, then
 /// shown once the server confirms the acknowledgement.
+///
+/// A lost connection (the server restarted, the network went away) does not end it: it reports
+/// [`Event::Reconnecting`] and connects again after [`RECONNECT_FIRST`], doubling the wait after
+/// each failed attempt up to [`RECONNECT_MAX`], until `until` passes. Only the first connection's
+/// failure is returned, and a refusal (a removed device) or a sign-out at any time.
 pub async fn listen(
     account: &Account,
     until: Option<Instant>,
     mut handle: impl FnMut(Event) -> bool,
 ) -> Result<()> {
     let mut inbox = account.inbox()?;
-    // Messages stored and acknowledged by an earlier run that stopped before showing them.
-    for message in inbox.take_unshown()? {
-        if !handle(Event::Message(message)) {
-            return Ok(());
+    let user_deadline = until.unwrap_or_else(far_future);
+    let mut session = Some(connect(account, &mut inbox).await?);
+    let mut router = Router::new(account, account.routing(), true)?;
+    loop {
+        match listen_on(
+            account,
+            &mut inbox,
+            &mut router,
+            &mut session,
+            user_deadline,
+            &mut handle,
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(lost @ (ClientError::Network(_) | ClientError::Timeout)) => {
+                if !report_finished(&mut router, &mut handle) {
+                    return Ok(());
+                }
+                let Some(open) =
+                    reconnect(account, &mut inbox, user_deadline, &lost, &mut handle).await?
+                else {
+                    return Ok(());
+                };
+                session = Some(open);
+                // What the lost session carried is where a listen started now would find it
+                // (the routing state is saved at each step): go on exactly as that one would.
+                router = Router::new(account, account.routing(), true)?;
+            }
+            Err(e) => return Err(e),
         }
     }
-    let mut router = Router::new(account, account.routing(), true)?;
-    let mut session = Some(account.session(true).await?);
-    if let Some(open) = session.as_mut() {
-        account.ensure_keys(&mut inbox, open).await?;
-    }
-    let user_deadline = until.unwrap_or_else(far_future);
-    // Messages left pending by an earlier run (a delayed fallback, an SMS to retry) go on.
-    router.tick(&mut session).await?;
+}
+
+/// Opens a listening session: publishes keys if the server holds too few, and acknowledges
+/// again what an earlier session stored but did not show.
+async fn connect(account: &Account, inbox: &mut Inbox) -> Result<Session> {
+    let mut open = account.session(true).await?;
+    account.ensure_keys(inbox, &mut open).await?;
+    acknowledge_unshown(inbox, &mut open).await?;
+    Ok(open)
+}
+
+/// Connects again after the session was lost, with a growing wait between attempts. `None`:
+/// `user_deadline` passed first, or `handle` asked to stop.
+async fn reconnect(
+    account: &Account,
+    inbox: &mut Inbox,
+    user_deadline: Instant,
+    lost: &ClientError,
+    handle: &mut impl FnMut(Event) -> bool,
+) -> Result<Option<Session>> {
+    let mut wait = RECONNECT_FIRST;
+    let mut reason = lost.to_string();
     loop {
-        for (id, outcome, detail) in router.take_finished() {
-            let outcome = outcome_name(outcome);
-            if !handle(Event::Routed {
-                id,
-                outcome,
-                detail,
-            }) {
-                return Ok(());
+        if !handle(Event::Reconnecting {
+            after: wait,
+            reason: std::mem::take(&mut reason),
+        }) {
+            return Ok(None);
+        }
+        let wake = Instant::now() + wait;
+        if wake >= user_deadline {
+            tokio::time::sleep_until(user_deadline).await;
+            return Ok(None);
+        }
+        tokio::time::sleep_until(wake).await;
+        match tokio::time::timeout_at(user_deadline, connect(account, inbox)).await {
+            Err(_) => return Ok(None),
+            Ok(Ok(open)) => return Ok(Some(open)),
+            // Still down, or answering while it starts: try again later.
+            Ok(Err(
+                e @ (ClientError::Network(_) | ClientError::Timeout | ClientError::Protocol(_)),
+            )) => {
+                reason = e.to_string();
+                wait = (wait * 2).min(RECONNECT_MAX);
             }
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Reports routed messages that finished; false if `handle` asked to stop.
+fn report_finished(router: &mut Router<'_>, handle: &mut impl FnMut(Event) -> bool) -> bool {
+    for (id, outcome, detail) in router.take_finished() {
+        let outcome = outcome_name(outcome);
+        if !handle(Event::Routed {
+            id,
+            outcome,
+            detail,
+        }) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Receives on one session until `handle` asks to stop or `user_deadline` passes (`Ok`), or
+/// the session fails (`Err`; a lost connection is `Network` or `Timeout`).
+async fn listen_on(
+    account: &Account,
+    inbox: &mut Inbox,
+    router: &mut Router<'_>,
+    session: &mut Option<Session>,
+    user_deadline: Instant,
+    handle: &mut impl FnMut(Event) -> bool,
+) -> Result<()> {
+    // Messages left pending by an earlier run or session (a delayed fallback, an SMS to retry)
+    // go on.
+    router.tick(session).await?;
+    loop {
+        if !report_finished(router, handle) {
+            return Ok(());
         }
         let deadline = router
             .next_wake()
             .map_or(user_deadline, |at| instant_at(at).min(user_deadline));
-        let Some(open) = session.as_mut() else {
-            return Err(ClientError::Network(
-                "the session ended; pending messages resume at the next listen".into(),
-            ));
+        // The router drops a session whose write failed, and may open one of its own that
+        // does not listen: either way deliveries no longer come on it.
+        let Some(open) = session.as_mut().filter(|open| open.is_listening()) else {
+            return Err(ClientError::Network("the listening session ended".into()));
         };
         let Some(kind) = open.recv(deadline).await? else {
             if Instant::now() >= user_deadline {
                 return Ok(());
             }
-            router.tick(&mut session).await?;
+            router.tick(session).await?;
             continue;
         };
         if let Kind::Receipt(receipt) = &kind {
@@ -98,7 +202,7 @@ pub async fn listen(
             }))
             .await?;
         }
-        if router.on_frame(&kind, &mut session).await? {
+        if router.on_frame(&kind, session).await? {
             continue;
         }
         let Some(open) = session.as_mut() else {
@@ -113,7 +217,7 @@ pub async fn listen(
                     continue;
                 };
                 if let Err(reason) =
-                    receive(account, &mut inbox, open, sender_device, id, &deliver).await?
+                    receive(account, inbox, open, sender_device, id, &deliver).await?
                 {
                     // Discarded for good: acknowledged below so the server deletes it, and
                     // reported once.
@@ -166,6 +270,26 @@ pub async fn listen(
             _ => {}
         }
     }
+}
+
+/// Acknowledges again every message an earlier run stored but did not show (it stopped before
+/// the server confirmed the acknowledgement, or the acknowledgement never arrived). The answers
+/// come back as `AckResult`s and are handled like any other: shown on `CONFIRMED` or `UNKNOWN`,
+/// discarded on `WITHDRAWN`. Showing them without asking would show a message its sender
+/// withdrew meanwhile and sent as SMS: shown twice, by both routes.
+async fn acknowledge_unshown(inbox: &Inbox, session: &mut Session) -> Result<()> {
+    let unshown = inbox.unshown()?;
+    if unshown.is_empty() {
+        return Ok(());
+    }
+    session
+        .send_many(unshown.into_iter().map(|(sender_device, id)| {
+            Kind::Ack(frame::Ack {
+                sender_device: sender_device.as_bytes().to_vec(),
+                id: id.as_bytes().to_vec(),
+            })
+        }))
+        .await
 }
 
 /// Decrypts, checks and stores one delivery. `Ok(Err(reason))`: the delivery is rejected.

@@ -22,6 +22,8 @@ pub struct Session {
     next_request: u64,
     deferred: std::collections::VecDeque<Kind>,
     keys: KeySupply,
+    /// Whether the login asked for deliveries.
+    listening: bool,
 }
 
 /// What the server holds of this device's keys, as its login answer reported it.
@@ -57,6 +59,7 @@ impl Session {
             next_request: 1,
             deferred: std::collections::VecDeque::new(),
             keys: KeySupply::default(),
+            listening: listen,
         };
         let signature = key.sign(&tidings_proto::transcript::login(
             &challenge,
@@ -90,7 +93,11 @@ impl Session {
         }
     }
 
-    /// The heartbeat interval the server asked for at login.
+    /// Whether this session asked for deliveries at login.
+    pub fn is_listening(&self) -> bool {
+        self.listening
+    }
+
     /// This device's keys on the server, as of the login.
     pub fn key_supply(&self) -> KeySupply {
         self.keys
@@ -101,6 +108,7 @@ impl Session {
         self.keys = keys;
     }
 
+    /// The heartbeat interval the server asked for at login.
     pub fn heartbeat(&self) -> Duration {
         self.heartbeat
     }
