@@ -21,7 +21,12 @@ fn the_outbox_is_private_and_the_server_says_it_is_for_testing() {
     let n = number();
     User::register(&n, &server, &[]);
     let outbox = server.outbox();
-    assert_eq!(mode(&outbox), 0o700, "outbox directory {}", outbox.display());
+    assert_eq!(
+        mode(&outbox),
+        0o700,
+        "outbox directory {}",
+        outbox.display()
+    );
     let files: Vec<_> = std::fs::read_dir(&outbox)
         .expect("outbox")
         .map(|entry| entry.expect("entry").path())

@@ -139,6 +139,13 @@ impl<S: Store> Server<S> {
         if config.key_file.starts_with(&config.data_dir) {
             tracing::warn!("the key file is inside the data directory: a copy of the data directory then includes the key");
         }
+        if let tidings_gateway::TransportConfig::Outbox { dir } = &config.gateway {
+            // The default: it needs nothing to set up, so a production server can end up with it.
+            tracing::warn!(
+                dir = %dir.display(),
+                "the outbox SMS gateway is for testing only: it writes each code to a file instead of sending it; set sms_gateway to kannel, smpp or modem"
+            );
+        }
         let keys = keys::ServerKeys::load_or_create(&config.key_file)?;
         let metrics = Arc::new(Metrics::new());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
