@@ -3,8 +3,10 @@
 //! address, and a message's time to live.
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use crate::support::{number, Server, User};
+use crate::support::{eventually, number, wait_output, Server, TempDir, User, BIN};
 
 /// The permission bits of a file or directory.
 fn mode(path: &std::path::Path) -> u32 {
@@ -40,4 +42,44 @@ fn the_outbox_is_private_and_the_server_says_it_is_for_testing() {
         log.contains("outbox SMS gateway is for testing only"),
         "no warning about the outbox gateway in the log:\n{log}"
     );
+}
+
+/// A limit of 0 would refuse every request it guards (and once panicked with the limiter's lock
+/// held): the server refuses to start, naming the setting.
+#[test]
+fn a_zero_address_limit_is_refused_at_start_with_its_name() {
+    for (flag, setting) in [
+        ("--codes-per-address", "codes_per_address"),
+        ("--verifies-per-address", "verifies_per_address"),
+    ] {
+        let dir = TempDir::new("zero-limit");
+        let mut child = Command::new(BIN)
+            .args(["server", "--listen", "127.0.0.1:0", flag, "0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--key-file")
+            .arg(dir.path().join("server.key"))
+            .arg("--outbox-dir")
+            .arg(dir.path().join("outbox"))
+            .env_remove("TIDINGS_CONFIG")
+            .env("HOME", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tidings server");
+        let exited = eventually(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        let status = child.try_wait().ok().flatten();
+        let output = wait_output(&mut child, Duration::ZERO);
+        assert!(exited, "the server started with {flag} 0:\n{output}");
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "{flag} 0: {status:?}\n{output}"
+        );
+        assert!(
+            output.contains(setting) && output.contains("at least 1"),
+            "{flag} 0: the error does not name {setting}:\n{output}"
+        );
+    }
 }

@@ -121,6 +121,13 @@ mod tests {
         check(&[0], MINUTE, Ok(()));
         check(&[0, MINUTE], 2 * MINUTE, Err(8 * HOUR - 2 * MINUTE));
         check(&[0, MINUTE], 8 * HOUR, Ok(()));
+        // A window that allows nothing refuses every event, with or without history.
+        let none = Window {
+            max: 0,
+            period: 8 * HOUR,
+        };
+        assert!(none.check(&[], 0).is_err());
+        assert!(none.check(&[0], MINUTE).is_err());
         let mut history = vec![0, MINUTE, 9 * HOUR];
         two_per_8h.prune(&mut history, 9 * HOUR);
         assert_eq!(history, vec![9 * HOUR]);
