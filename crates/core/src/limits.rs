@@ -63,8 +63,12 @@ pub struct Window {
 
 impl Window {
     /// Given the times of earlier events, whether one more may happen now; if not, how long until
-    /// the oldest event inside the window leaves it.
+    /// the oldest event inside the window leaves it. A window of `max` 0 allows nothing and
+    /// answers a whole period.
     pub fn check(&self, earlier: &[Millis], now: Millis) -> Result<(), Millis> {
+        if self.max == 0 {
+            return Err(self.period);
+        }
         let mut inside: Vec<Millis> = earlier
             .iter()
             .copied()
