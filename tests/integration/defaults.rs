@@ -2,11 +2,12 @@
 //! files, configuration values that would disable a limit, a listener without TLS on a public
 //! address, and a message's time to live.
 
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{eventually, number, wait_output, Server, TempDir, User, BIN};
+use crate::support::{eventually, free_port, number, wait_output, Server, TempDir, User, BIN};
 
 /// The permission bits of a file or directory.
 fn mode(path: &std::path::Path) -> u32 {
@@ -82,4 +83,49 @@ fn a_zero_address_limit_is_refused_at_start_with_its_name() {
             "{flag} 0: the error does not name {setting}:\n{output}"
         );
     }
+}
+
+/// A server reachable from other machines without TLS sends registrations, codes and logins in
+/// the clear: it says so at start. On loopback it is silent (a proxy in front is the usual setup).
+#[test]
+fn plain_tcp_on_a_public_address_is_warned_about_at_start() {
+    const WARNING: &str = "without TLS on a non-loopback address";
+    let dir = TempDir::new("public-listen");
+    let log_file = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_file).expect("log file");
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["server", "--listen", &format!("0.0.0.0:{port}")])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--key-file")
+        .arg(dir.path().join("server.key"))
+        .arg("--outbox-dir")
+        .arg(dir.path().join("outbox"))
+        .env_remove("TIDINGS_CONFIG")
+        .env("HOME", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start tidings server");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    let public = std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert!(
+        line.contains("listening on"),
+        "did not start: {line:?}\n{public}"
+    );
+    assert!(
+        public.contains(WARNING),
+        "no warning for plain TCP on 0.0.0.0:\n{public}"
+    );
+
+    let loopback = Server::start(&[]);
+    assert!(
+        !loopback.log().contains(WARNING),
+        "a warning on loopback:\n{}",
+        loopback.log()
+    );
 }
