@@ -129,3 +129,30 @@ fn plain_tcp_on_a_public_address_is_warned_about_at_start() {
         loopback.log()
     );
 }
+
+/// A message is kept at most 30 days. A sender asking for longer (up to 2^32-1 seconds, 136
+/// years) is refused rather than told `queued` and kept a shorter time than it asked for; nothing
+/// of the refused sends is stored, and 30 days exactly is accepted.
+#[test]
+fn a_ttl_above_30_days_is_refused_and_nothing_is_stored() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    for ttl in [u32::MAX, 30 * 86_400 + 1] {
+        let (answer, code) = alice.send(
+            &bob_number,
+            &format!("ttl {ttl}"),
+            &["--ttl", &ttl.to_string()],
+        );
+        assert_eq!(answer["outcome"], "invalid", "--ttl {ttl}: {answer}");
+        assert_ne!(code, 0, "--ttl {ttl}: {answer}");
+    }
+    let (answer, code) = alice.send(&bob_number, "for 30 days", &["--ttl", "2592000"]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("queued"), 0),
+        "{answer}"
+    );
+    assert_eq!(bob.receive_texts(3, 5), ["for 30 days"]);
+}
