@@ -7,10 +7,16 @@
 //! - a message is refused whole if any device it goes to already holds the most copies allowed
 //!   ([`queue_full`]).
 //!
+//! And one rule for what a delivery leaves behind: a receipt waits for its sending device one
+//! more TTL of its message after the message's own ends, at least [`RECEIPT_MIN_WAIT`]
+//! ([`receipt_expires_at`]).
+//!
 //! Engines read the devices and queue lengths these rules decide on and write what they decided;
 //! they never decide themselves. This module reads nothing and stores nothing.
 
 use tidings_proto::id::DeviceId;
+
+use crate::{Millis, DAY};
 
 /// A device of an account, as the delivery rules read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,20 @@ pub fn queue_full(queue_lengths: impl IntoIterator<Item = u64>, queue_limit: u32
     queue_lengths
         .into_iter()
         .any(|length| length >= u64::from(queue_limit))
+}
+
+/// The shortest time a receipt waits for its sending device after its message's TTL ended: a
+/// message kept for seconds (`NOW_OR_NEVER`, or a short TTL) still tells a sender that was
+/// offline for a while what became of it.
+pub const RECEIPT_MIN_WAIT: Millis = DAY;
+
+/// When a receipt of the message sent at `sent_at` and kept until `expires_at` is deleted, if its
+/// sending device has not taken it: one more TTL after the message's end, at least
+/// [`RECEIPT_MIN_WAIT`]. A `Delivered` receipt is stored before that end and an `Expired` one at
+/// it, so both wait as long; a sender that never comes back leaves nothing for ever.
+pub fn receipt_expires_at(sent_at: Millis, expires_at: Millis) -> Millis {
+    let ttl = expires_at.saturating_sub(sent_at);
+    expires_at.saturating_add(ttl.max(RECEIPT_MIN_WAIT))
 }
 
 #[cfg(test)]

@@ -1061,3 +1061,40 @@ async fn receipts_expire_one_ttl_after_their_message_in(store: &impl Store) {
     assert!(expire(4 * DAY).await.is_empty());
     waiting(&[]).await;
 }
+
+/// A receipt stored before receipts had a deadline gets one when the engine first opens the
+/// database: the longest a new receipt can wait (60 days), counted from that open.
+#[tokio::test]
+async fn a_receipt_from_before_deadlines_gets_one_at_the_upgrade() {
+    use tidings_core::DAY;
+    let dir = temp_dir("receipt-upgrade");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let device = DeviceId([7; 16]);
+    {
+        let old = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+            .expect("old database");
+        old.execute_batch(
+            "CREATE TABLE receipts (device_id BLOB NOT NULL, msg_id BLOB NOT NULL,
+                 kind INTEGER NOT NULL, PRIMARY KEY (device_id, msg_id)) WITHOUT ROWID;",
+        )
+        .expect("old schema");
+        old.execute(
+            "INSERT INTO receipts (device_id, msg_id, kind) VALUES (?1, ?2, 0)",
+            rusqlite::params![device.as_bytes(), [9u8; 16]],
+        )
+        .expect("old receipt");
+    }
+    let opened = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let count = || async { store.receipts(device).await.expect("receipts").len() };
+    assert_eq!(count().await, 1);
+    store.expire(opened + 59 * DAY, 10).await.expect("expire");
+    assert_eq!(count().await, 1, "gone before its 60 days");
+    store.expire(opened + 61 * DAY, 10).await.expect("expire");
+    assert_eq!(count().await, 0, "still there after 60 days");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
