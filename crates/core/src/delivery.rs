@@ -280,4 +280,25 @@ mod tests {
         check(&[0], 0, true);
         check(&[u64::MAX], u32::MAX, true);
     }
+
+    #[test]
+    fn a_receipt_waits_one_more_ttl_and_at_least_a_day() {
+        use crate::SECOND;
+        let check = |sent_at: Millis, expires_at: Millis, expected: Millis| {
+            assert_eq!(
+                receipt_expires_at(sent_at, expires_at),
+                expected,
+                "sent at {sent_at}, kept until {expires_at}"
+            );
+        };
+        // The default 7 days: the receipt waits until 14 days after sending.
+        check(0, 7 * DAY, 14 * DAY);
+        check(5, 5 + 30 * DAY, 5 + 60 * DAY);
+        // Short-lived messages: a day after their end.
+        check(100, 100 + 60 * SECOND, 100 + 60 * SECOND + DAY);
+        check(0, 0, DAY);
+        // Times that make no sense still give a deadline, never an overflow.
+        check(10, 5, 5 + DAY);
+        check(0, Millis::MAX, Millis::MAX);
+    }
 }
