@@ -150,7 +150,7 @@ pub struct SendArgs {
     /// For ip-only: keep the message until delivered (queue), or only if a device is online now
     #[arg(long, value_enum, default_value_t = Mode::Queue)]
     pub mode: Mode,
-    /// Seconds a queued message is kept (0: the server's default, 7 days)
+    /// Seconds a queued message is kept (0: the server's default, 7 days; the server refuses more than 30 days, 2592000)
     #[arg(long, default_value_t = defaults::SEND_TTL_SECONDS)]
     pub ttl: u32,
     /// Seconds to wait for the answer and the receipt

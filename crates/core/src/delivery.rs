@@ -7,10 +7,16 @@
 //! - a message is refused whole if any device it goes to already holds the most copies allowed
 //!   ([`queue_full`]).
 //!
+//! And one rule for what a delivery leaves behind: a receipt waits for its sending device one
+//! more TTL of its message after the message's own ends, at least [`RECEIPT_MIN_WAIT`]
+//! ([`receipt_expires_at`]).
+//!
 //! Engines read the devices and queue lengths these rules decide on and write what they decided;
 //! they never decide themselves. This module reads nothing and stores nothing.
 
 use tidings_proto::id::DeviceId;
+
+use crate::{Millis, DAY};
 
 /// A device of an account, as the delivery rules read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,20 @@ pub fn queue_full(queue_lengths: impl IntoIterator<Item = u64>, queue_limit: u32
     queue_lengths
         .into_iter()
         .any(|length| length >= u64::from(queue_limit))
+}
+
+/// The shortest time a receipt waits for its sending device after its message's TTL ended: a
+/// message kept for seconds (`NOW_OR_NEVER`, or a short TTL) still tells a sender that was
+/// offline for a while what became of it.
+pub const RECEIPT_MIN_WAIT: Millis = DAY;
+
+/// When a receipt of the message sent at `sent_at` and kept until `expires_at` is deleted, if its
+/// sending device has not taken it: one more TTL after the message's end, at least
+/// [`RECEIPT_MIN_WAIT`]. A `Delivered` receipt is stored before that end and an `Expired` one at
+/// it, so both wait as long; a sender that never comes back leaves nothing for ever.
+pub fn receipt_expires_at(sent_at: Millis, expires_at: Millis) -> Millis {
+    let ttl = expires_at.saturating_sub(sent_at);
+    expires_at.saturating_add(ttl.max(RECEIPT_MIN_WAIT))
 }
 
 #[cfg(test)]
@@ -259,5 +279,26 @@ mod tests {
         check(&[11], 10, true);
         check(&[0], 0, true);
         check(&[u64::MAX], u32::MAX, true);
+    }
+
+    #[test]
+    fn a_receipt_waits_one_more_ttl_and_at_least_a_day() {
+        use crate::SECOND;
+        let check = |sent_at: Millis, expires_at: Millis, expected: Millis| {
+            assert_eq!(
+                receipt_expires_at(sent_at, expires_at),
+                expected,
+                "sent at {sent_at}, kept until {expires_at}"
+            );
+        };
+        // The default 7 days: the receipt waits until 14 days after sending.
+        check(0, 7 * DAY, 14 * DAY);
+        check(5, 5 + 30 * DAY, 5 + 60 * DAY);
+        // Short-lived messages: a day after their end.
+        check(100, 100 + 60 * SECOND, 100 + 60 * SECOND + DAY);
+        check(0, 0, DAY);
+        // Times that make no sense still give a deadline, never an overflow.
+        check(10, 5, 5 + DAY);
+        check(0, Millis::MAX, Millis::MAX);
     }
 }

@@ -63,8 +63,12 @@ pub struct Window {
 
 impl Window {
     /// Given the times of earlier events, whether one more may happen now; if not, how long until
-    /// the oldest event inside the window leaves it.
+    /// the oldest event inside the window leaves it. A window of `max` 0 allows nothing and
+    /// answers a whole period.
     pub fn check(&self, earlier: &[Millis], now: Millis) -> Result<(), Millis> {
+        if self.max == 0 {
+            return Err(self.period);
+        }
         let mut inside: Vec<Millis> = earlier
             .iter()
             .copied()
@@ -121,6 +125,13 @@ mod tests {
         check(&[0], MINUTE, Ok(()));
         check(&[0, MINUTE], 2 * MINUTE, Err(8 * HOUR - 2 * MINUTE));
         check(&[0, MINUTE], 8 * HOUR, Ok(()));
+        // A window that allows nothing refuses every event, with or without history.
+        let none = Window {
+            max: 0,
+            period: 8 * HOUR,
+        };
+        assert!(none.check(&[], 0).is_err());
+        assert!(none.check(&[0], MINUTE).is_err());
         let mut history = vec![0, MINUTE, 9 * HOUR];
         two_per_8h.prune(&mut history, 9 * HOUR);
         assert_eq!(history, vec![9 * HOUR]);

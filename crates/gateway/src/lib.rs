@@ -1,7 +1,8 @@
 //! SMS transports: how an SMS leaves a Tidings client (fallback) or server (verification codes).
 //!
 //! One type, [`Transport`], chosen by configuration:
-//! - `outbox` writes each SMS as a JSON file into a directory (development and tests);
+//! - `outbox` writes each SMS as a JSON file into a directory (development and tests), readable
+//!   only by the user running it (files 0600 in a 0700 directory);
 //! - `kannel` hands it to Kannel's HTTP `sendsms` interface;
 //! - `smpp` submits it over SMPP 3.4 to an SMSC or aggregator ([`smpp`]);
 //! - `modem` sends it through a GSM/LTE modem on a serial port with AT commands ([`modem`]).
@@ -14,6 +15,7 @@
 pub mod modem;
 pub mod smpp;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,11 +26,16 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tidings_sms::{DataCoding, SplitOptions};
+use tokio::io::AsyncWriteExt as _;
 
 /// Time allowed for one gateway request.
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection attempts to a gateway that refuses connections (safe: nothing was sent).
 const CONNECT_ATTEMPTS: u32 = 3;
+/// The `outbox` directory's mode: its files hold numbers and codes.
+const OUTBOX_DIR_MODE: u32 = 0o700;
+/// The mode of each `outbox` file.
+const OUTBOX_FILE_MODE: u32 = 0o600;
 
 /// One SMS.
 #[derive(Clone, PartialEq, Eq)]
@@ -207,7 +214,15 @@ impl Transport {
         sms: &Sms,
         parts: usize,
     ) -> Result<(), SendError> {
-        tokio::fs::create_dir_all(dir)
+        // The files hold numbers and codes: only this user may list or read them, whatever the
+        // umask. A directory that already existed is narrowed too.
+        tokio::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(OUTBOX_DIR_MODE)
+            .create(dir)
+            .await
+            .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))?;
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(OUTBOX_DIR_MODE))
             .await
             .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +235,17 @@ impl Transport {
             serde_json::json!({ "from": sms.from, "to": sms.to, "text": sms.text, "parts": parts })
                 .to_string();
         let temp = dir.join(format!(".{name}.tmp"));
-        tokio::fs::write(&temp, body)
+        let written = async {
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(OUTBOX_FILE_MODE)
+                .open(&temp)
+                .await?;
+            file.write_all(body.as_bytes()).await?;
+            file.flush().await
+        };
+        written
             .await
             .map_err(|e| SendError::Unavailable(format!("outbox: {e}")))?;
         tokio::fs::rename(&temp, dir.join(&name))

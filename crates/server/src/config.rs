@@ -331,7 +331,7 @@ impl ServerArgs {
         if heartbeat_seconds == 0 {
             anyhow::bail!("heartbeat_seconds must be at least 1");
         }
-        Ok(ServerConfig {
+        let config = ServerConfig {
             listen: self
                 .listen
                 .or(file.listen)
@@ -394,6 +394,31 @@ impl ServerArgs {
                 policy
             },
             sync_trace: self.sync_trace.clone().or(file.sync_trace),
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ServerConfig {
+    /// Refuses values that would switch a service off instead of limiting it: a limit of 0
+    /// refuses every request it guards, which is never what an operator meant.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let zero = [
+            ("codes_per_address", self.codes_per_address == 0),
+            ("verifies_per_address", self.verifies_per_address == 0),
+            ("max_connections", self.max_connections == 0),
+            ("send_burst", self.send_burst == 0),
+            ("lookup_burst", self.lookup_burst == 0),
+            ("key_claim_burst", self.key_claim_burst == 0),
+        ];
+        for (setting, is_zero) in zero {
+            if is_zero {
+                anyhow::bail!(
+                    "{setting} must be at least 1: 0 would refuse every request it limits"
+                );
+            }
+        }
+        Ok(())
     }
 }

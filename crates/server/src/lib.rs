@@ -139,6 +139,21 @@ impl<S: Store> Server<S> {
         if config.key_file.starts_with(&config.data_dir) {
             tracing::warn!("the key file is inside the data directory: a copy of the data directory then includes the key");
         }
+        if let tidings_gateway::TransportConfig::Outbox { dir } = &config.gateway {
+            // The default: it needs nothing to set up, so a production server can end up with it.
+            tracing::warn!(
+                dir = %dir.display(),
+                "the outbox SMS gateway is for testing only: it writes each code to a file instead of sending it; set sms_gateway to kannel, smpp or modem"
+            );
+        }
+        if config.tls.is_none() && !config.listen.ip().is_loopback() {
+            // Registration numbers, codes and login challenges would cross the network in the
+            // clear unless a TLS proxy sits in front on the same machine.
+            tracing::warn!(
+                listen = %config.listen,
+                "listening without TLS on a non-loopback address: clients reach it in plain TCP; set tls_cert and tls_key, or listen on loopback behind a TLS proxy"
+            );
+        }
         let keys = keys::ServerKeys::load_or_create(&config.key_file)?;
         let metrics = Arc::new(Metrics::new());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

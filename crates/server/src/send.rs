@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tidings_core::routing::{self, Decision, Receiver};
-use tidings_core::Millis;
+use tidings_core::{Millis, SECOND};
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES};
@@ -225,6 +225,15 @@ async fn decide_and_enqueue<S: Store>(
     let Ok(mode) = SendMode::try_from(send.mode) else {
         return answer(SendOutcome::Invalid, "unknown send mode");
     };
+    // Refused, not clamped: a sender told `QUEUED` would plan on being kept as long as it asked
+    // (its expiry receipt, its SMS fallback), while the server drops the message sooner.
+    let max_ttl_seconds = state.retention.max_ttl / SECOND;
+    if Millis::from(send.ttl_seconds) > max_ttl_seconds {
+        return Err(Stored::Answer(
+            SendOutcome::Invalid,
+            format!("ttl_seconds may be at most {max_ttl_seconds} (30 days)"),
+        ));
+    }
     let now = now_ms();
     if take_budget(
         &state.send_budgets,

@@ -615,7 +615,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Withdrawal>> + Send;
 
     /// Deletes messages whose TTL ended at `now` (at most `limit`), storing `Expired` receipts for
-    /// the ones no device acknowledged. Returns those.
+    /// the ones no device acknowledged, and receipts whose wait ended at `now`
+    /// (`tidings_core::delivery::receipt_expires_at`, decided when each is stored). Returns the
+    /// new `Expired` receipts.
     fn expire(
         &self,
         now: Millis,

@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::AccountDevice;
+use tidings_core::delivery::{receipt_expires_at, AccountDevice};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -60,8 +60,9 @@ struct State {
     messages: BTreeMap<i64, Message>,
     /// Tombstones of withdrawn messages, by sending device and id, with when they end.
     withdrawn: HashMap<(DeviceId, MessageId), Millis>,
-    /// Receipts waiting for sending devices, by device and message id.
-    receipts: BTreeMap<(DeviceId, MessageId), ReceiptKind>,
+    /// Receipts waiting for sending devices, by device and message id, with when they end
+    /// ([`receipt_expires_at`]).
+    receipts: BTreeMap<(DeviceId, MessageId), (ReceiptKind, Millis)>,
     codes: HashMap<Pseudonym, CodeRecord>,
 }
 
@@ -198,12 +199,19 @@ impl State {
         }
     }
 
-    /// Stores a receipt for a sending device, if it still exists; true if it did.
-    fn store_receipt(&mut self, device: DeviceId, id: MessageId, kind: ReceiptKind) -> bool {
+    /// Stores a receipt for a sending device, if it still exists, until `expires_at`; true if
+    /// it did.
+    fn store_receipt(
+        &mut self,
+        device: DeviceId,
+        id: MessageId,
+        kind: ReceiptKind,
+        expires_at: Millis,
+    ) -> bool {
         if !self.devices.contains_key(&device) {
             return false;
         }
-        self.receipts.insert((device, id), kind);
+        self.receipts.insert((device, id), (kind, expires_at));
         true
     }
 
@@ -489,6 +497,7 @@ impl State {
             return gone(self);
         };
         let delivered = message.delivered;
+        let receipt_ends = receipt_expires_at(message.sent_at, message.expires_at);
         // The last copy takes the message with it.
         if message.copies.is_empty() {
             self.messages.remove(&position);
@@ -500,15 +509,17 @@ impl State {
             return Acked::Confirmed { first: false };
         }
         if !delivered {
-            self.store_receipt(sender_device, id, ReceiptKind::Delivered);
+            self.store_receipt(sender_device, id, ReceiptKind::Delivered, receipt_ends);
         }
         Acked::Confirmed { first: !delivered }
     }
 
     fn withdraw(&mut self, sender_device: DeviceId, id: MessageId) -> Withdrawal {
         let Some(position) = self.message_position(sender_device, id) else {
-            let delivered =
-                self.receipts.get(&(sender_device, id)) == Some(&ReceiptKind::Delivered);
+            let delivered = self
+                .receipts
+                .get(&(sender_device, id))
+                .is_some_and(|(kind, _)| *kind == ReceiptKind::Delivered);
             return if delivered {
                 Withdrawal::Delivered
             } else if self.withdrawn.contains_key(&(sender_device, id)) {
@@ -542,21 +553,26 @@ impl State {
             .filter(|(_, m)| m.expires_at <= now)
             .map(|(position, m)| (m.expires_at, *position))
             .collect();
-        // A sweep that finds no message to expire writes nothing: tombstones whose time is up
-        // go with the next sweep that does (as in the SQLite engine, whose idle sweeps only look).
-        if ended.is_empty() {
+        // A sweep that finds no message and no receipt to expire writes nothing: tombstones
+        // whose time is up go with the next sweep that does (as in the SQLite engine, whose idle
+        // sweeps only look).
+        if ended.is_empty() && !self.receipts.values().any(|(_, ends)| *ends <= now) {
             return Vec::new();
         }
         ended.sort_unstable();
         ended.truncate(limit);
         self.withdrawn.retain(|_, ends| *ends > now);
+        self.receipts.retain(|_, (_, ends)| *ends > now);
         let mut receipts = Vec::new();
         for (_, position) in ended {
             let Some(message) = self.messages.remove(&position) else {
                 continue;
             };
             let (sender_device, id) = (message.sender_device, message.id);
-            if !message.delivered && self.store_receipt(sender_device, id, ReceiptKind::Expired) {
+            let receipt_ends = receipt_expires_at(message.sent_at, message.expires_at);
+            if !message.delivered
+                && self.store_receipt(sender_device, id, ReceiptKind::Expired, receipt_ends)
+            {
                 receipts.push(ExpiredMessage { sender_device, id });
             }
         }
@@ -574,7 +590,7 @@ impl State {
         self.receipts
             .iter()
             .filter(|((d, _), _)| *d == device)
-            .map(|((_, id), kind)| PendingReceipt {
+            .map(|((_, id), (kind, _))| PendingReceipt {
                 id: *id,
                 kind: *kind,
             })

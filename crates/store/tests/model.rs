@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use proptest::prelude::*;
 use tidings_core::verification::{CodeRecord, LiveCode};
-use tidings_core::{Millis, HOUR};
+use tidings_core::{Millis, DAY, HOUR};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
@@ -265,7 +265,12 @@ fn op() -> impl Strategy<Value = Op> {
                 sender,
                 id,
             }),
-        2 => (clock.clone(), 1..4usize).prop_map(|(now, limit)| Op::Expire { now, limit }),
+        // Sometimes a day later, when the receipts of the first messages stop waiting.
+        2 => (
+            prop_oneof![3 => clock.clone(), 1 => DAY..DAY + 240],
+            1..4usize
+        )
+            .prop_map(|(now, limit)| Op::Expire { now, limit }),
         2 => device().prop_map(|device| Op::Receipts { device }),
         2 => (device(), message_id()).prop_map(|(device, id)| Op::AckReceipt { device, id }),
         1 => device().prop_map(|device| Op::Backlog { device }),

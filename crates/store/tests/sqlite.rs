@@ -981,3 +981,120 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
         .expect("register after opting out");
     check("registered after opting out", vec![phone]).await;
 }
+
+/// A receipt waits for its sending device one more TTL of its message after the message's own
+/// TTL ends (at least a day, so that a message kept for seconds still tells its sender), then
+/// goes with the expiry sweep: a sender that never comes back leaves nothing behind for ever.
+#[tokio::test]
+async fn receipts_expire_one_ttl_after_their_message() {
+    let dir = temp_dir("receipt-expiry");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    receipts_expire_one_ttl_after_their_message_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn receipts_expire_one_ttl_after_their_message_in_memory() {
+    receipts_expire_one_ttl_after_their_message_in(&MemoryStore::new()).await;
+}
+
+async fn receipts_expire_one_ttl_after_their_message_in(store: &impl Store) {
+    use tidings_core::DAY;
+    let (alice, bob) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    let alice_account = store
+        .register_device(Pseudonym([0xA1; 32]), alice, [9; 32], 0)
+        .await
+        .expect("alice")
+        .account;
+    let bob_account = store
+        .register_device(Pseudonym([0xB0; 32]), bob, [8; 32], 0)
+        .await
+        .expect("bob")
+        .account;
+    for (device, n) in [(alice, 10), (bob, 20)] {
+        store
+            .publish_keys(device, identity(n), vec![key(n)], None, 100)
+            .await
+            .expect("publish");
+    }
+    let send = |id: u8, expires_at| {
+        let mut new = message((alice, alice_account), id, bob_account, &[(bob, b"x")]);
+        new.sent_at = 0;
+        new.expires_at = expires_at;
+        store.enqueue(new, 10)
+    };
+    // Kept two days and delivered: its receipt waits until two days after the message's end.
+    assert_eq!(send(1, 2 * DAY).await.expect("enqueue"), Enqueued::Stored);
+    assert_eq!(
+        store
+            .ack(bob, alice, MessageId([1; 16]))
+            .await
+            .expect("ack"),
+        Acked::Confirmed { first: true }
+    );
+    // Kept a second and never delivered: its `Expired` receipt waits a day.
+    assert_eq!(send(2, 1_000).await.expect("enqueue"), Enqueued::Stored);
+    assert_eq!(store.expire(1_000, 10).await.expect("expire").len(), 1);
+    let waiting = |expected: &'static [u8]| async move {
+        let mut ids: Vec<u8> = store
+            .receipts(alice)
+            .await
+            .expect("receipts")
+            .iter()
+            .map(|r| r.id.0[0])
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, expected);
+        assert_eq!(
+            store.backlog(alice).await.expect("backlog").receipts,
+            !expected.is_empty()
+        );
+    };
+    waiting(&[1, 2]).await;
+    let expire = |now| async move { store.expire(now, 10).await.expect("expire") };
+    assert!(expire(1_000 + DAY - 1).await.is_empty());
+    waiting(&[1, 2]).await;
+    assert!(expire(1_000 + DAY).await.is_empty());
+    waiting(&[1]).await;
+    assert!(expire(4 * DAY - 1).await.is_empty());
+    waiting(&[1]).await;
+    assert!(expire(4 * DAY).await.is_empty());
+    waiting(&[]).await;
+}
+
+/// A receipt stored before receipts had a deadline gets one when the engine first opens the
+/// database: the longest a new receipt can wait (60 days), counted from that open.
+#[tokio::test]
+async fn a_receipt_from_before_deadlines_gets_one_at_the_upgrade() {
+    use tidings_core::DAY;
+    let dir = temp_dir("receipt-upgrade");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let device = DeviceId([7; 16]);
+    {
+        let old = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+            .expect("old database");
+        old.execute_batch(
+            "CREATE TABLE receipts (device_id BLOB NOT NULL, msg_id BLOB NOT NULL,
+                 kind INTEGER NOT NULL, PRIMARY KEY (device_id, msg_id)) WITHOUT ROWID;",
+        )
+        .expect("old schema");
+        old.execute(
+            "INSERT INTO receipts (device_id, msg_id, kind) VALUES (?1, ?2, 0)",
+            rusqlite::params![device.as_bytes(), [9u8; 16]],
+        )
+        .expect("old receipt");
+    }
+    let opened = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let count = || async { store.receipts(device).await.expect("receipts").len() };
+    assert_eq!(count().await, 1);
+    store.expire(opened + 59 * DAY, 10).await.expect("expire");
+    assert_eq!(count().await, 1, "gone before its 60 days");
+    store.expire(opened + 61 * DAY, 10).await.expect("expire");
+    assert_eq!(count().await, 0, "still there after 60 days");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}

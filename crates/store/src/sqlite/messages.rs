@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use tidings_core::delivery::AccountDevice;
+use tidings_core::delivery::{receipt_expires_at, AccountDevice};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -195,10 +195,14 @@ pub(super) fn withdraw(
     }
 }
 
-/// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing).
+/// Whether any message's TTL, or any receipt's wait, has ended at `now` (most sweeps find none,
+/// and then write nothing).
 pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1")?
+        .prepare_cached(
+            "SELECT 1 WHERE EXISTS (SELECT 1 FROM messages WHERE expires_at <= ?1)
+                OR EXISTS (SELECT 1 FROM receipts WHERE expires_at <= ?1)",
+        )?
         .query_row(params![sql_millis(now)], |_| Ok(()))
         .optional()?
         .is_some())
@@ -213,7 +217,7 @@ pub(super) fn expire(
 ) -> Result<Vec<ExpiredMessage>> {
     let expired = {
         let mut statement = txn.prepare_cached(
-            "SELECT seq, sender_device, msg_id, delivered FROM messages WHERE expires_at <= ?1 LIMIT ?2",
+            "SELECT seq, sender_device, msg_id, delivered, sent_at, expires_at FROM messages WHERE expires_at <= ?1 LIMIT ?2",
         )?;
         let expired = statement
             .query_map(
@@ -224,6 +228,10 @@ pub(super) fn expire(
                         device_id(row.get(1)?)?,
                         message_id(row.get(2)?)?,
                         row.get::<_, i64>(3)? != 0,
+                        receipt_expires_at(
+                            millis(row.get::<_, i64>(4)?),
+                            millis(row.get::<_, i64>(5)?),
+                        ),
                     ))
                 },
             )?
@@ -232,21 +240,25 @@ pub(super) fn expire(
     };
     txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?
         .execute(params![sql_millis(now)])?;
+    // Receipts whose sending device did not come for them in time.
+    txn.prepare_cached("DELETE FROM receipts WHERE expires_at <= ?1")?
+        .execute(params![sql_millis(now)])?;
     let mut receipts = Vec::new();
-    for (seq, sender_device, id, delivered) in expired {
+    for (seq, sender_device, id, delivered, receipt_ends) in expired {
         delete_copies(txn, notes, "seq = ?1", params![seq])?;
         txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
             .execute(params![seq])?;
         if !delivered {
             let stored = txn
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind, expires_at)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
                 )?
                 .execute(params![
                     sender_device.as_bytes(),
                     id.as_bytes(),
-                    ReceiptKind::Expired as i64
+                    ReceiptKind::Expired as i64,
+                    sql_millis(receipt_ends)
                 ])?;
             if stored > 0 {
                 receipts.push(ExpiredMessage { sender_device, id });
@@ -269,10 +281,14 @@ pub(super) fn ack_in(
 ) -> Result<Acked> {
     let message = txn
         .prepare_cached(
-            "SELECT seq, delivered FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+            "SELECT seq, delivered, sent_at, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
         )?
         .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? != 0))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)? != 0,
+                receipt_expires_at(millis(row.get(2)?), millis(row.get(3)?)),
+            ))
         })
         .optional()?;
     // No copy for this device: a replay, or a message its sender withdrew (then the
@@ -288,7 +304,7 @@ pub(super) fn ack_in(
             Acked::Unknown
         })
     };
-    let Some((seq, delivered)) = message else {
+    let Some((seq, delivered, receipt_ends)) = message else {
         return gone(txn);
     };
     let deleted = txn
@@ -315,13 +331,14 @@ pub(super) fn ack_in(
                 .execute(params![seq])?;
         }
         txn.prepare_cached(
-            "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind)
-             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
+            "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind, expires_at)
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
         )?
         .execute(params![
             sender_device.as_bytes(),
             id.as_bytes(),
-            ReceiptKind::Delivered as i64
+            ReceiptKind::Delivered as i64,
+            sql_millis(receipt_ends)
         ])?;
     }
     Ok(Acked::Confirmed { first: !delivered })

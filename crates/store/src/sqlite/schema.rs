@@ -4,7 +4,9 @@
 //! a database made by an older version keeps its data.
 
 use rusqlite::{params, Connection};
+use tidings_core::{Millis, DAY};
 
+use super::rows::sql_millis;
 use crate::Result;
 
 /// The tables. Their `REFERENCES` clauses say what refers to what, and `ON DELETE CASCADE` what
@@ -92,15 +94,38 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "voucher_signature", "BLOB"),
     ("copies", "payload", "BLOB"),
     ("copies", "to_receiver", "INTEGER NOT NULL DEFAULT 1"),
+    // When a receipt its device has not taken is deleted (`receipt_expires_at`); a receipt
+    // stored before the column existed gets the longest wait a new one can have, from the open.
+    ("receipts", "expires_at", "INTEGER"),
 ];
+
+/// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that
+/// adds the column: the longest a new receipt can wait (a 30-day TTL, then one more).
+const LEGACY_RECEIPT_WAIT: Millis = 60 * DAY;
 
 /// Creates what is missing: tables, indexes and added columns.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch(SCHEMA)?;
-    add_missing_columns(conn)
+    let added = add_missing_columns(conn)?;
+    if added.contains(&("receipts", "expires_at")) {
+        // The one clock reading of this crate: rows older than the column get a deadline once.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
+            .unwrap_or(0);
+        conn.execute(
+            "UPDATE receipts SET expires_at = ?1 WHERE expires_at IS NULL",
+            params![sql_millis(now.saturating_add(LEGACY_RECEIPT_WAIT))],
+        )?;
+    }
+    // Indexes on added columns, once the columns exist.
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS receipts_by_expiry ON receipts(expires_at);")?;
+    Ok(())
 }
 
-pub(super) fn add_missing_columns(conn: &Connection) -> Result<()> {
+/// Adds the columns of [`ADDED_COLUMNS`] that are missing; returns the ones it added.
+pub(super) fn add_missing_columns(conn: &Connection) -> Result<Vec<(&'static str, &'static str)>> {
+    let mut added = Vec::new();
     for (table, column, definition) in ADDED_COLUMNS {
         let present = conn
             .prepare(&format!(
@@ -111,7 +136,8 @@ pub(super) fn add_missing_columns(conn: &Connection) -> Result<()> {
             conn.execute_batch(&format!(
                 "ALTER TABLE {table} ADD COLUMN {column} {definition}"
             ))?;
+            added.push((*table, *column));
         }
     }
-    Ok(())
+    Ok(added)
 }
