@@ -396,6 +396,12 @@ where
     /// Handles every whole frame read so far and writes the inline answers.
     async fn serve_input(&mut self, out: &mut BytesMut) -> Option<End> {
         loop {
+            if self.tx.is_revoked() {
+                // Signed out: nothing more read is served; the mailbox holds the `SignOut` that
+                // ends the session.
+                self.buf.clear();
+                break;
+            }
             match codec::decode(&mut self.buf) {
                 Ok(Some(frame)) => self.dispatch(frame, out),
                 Ok(None) => break,
