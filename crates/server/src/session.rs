@@ -142,6 +142,22 @@ where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    Some(register(state, io, buf, identity, listen, slot).await)
+}
+
+/// Registers a logged-in session in the hub and starts what waits for its device.
+async fn register<S, Io>(
+    state: Shared<S>,
+    io: Io,
+    buf: BytesMut,
+    identity: Identity,
+    listen: bool,
+    slot: Option<Slot>,
+) -> Live<S, Io>
+where
+    S: Store,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
     let mut live = Live {
         state,
@@ -179,7 +195,7 @@ where
     if listen && backlog.queued {
         live.spawn_drain();
     }
-    Some(live)
+    live
 }
 
 /// How a session ends: closed in order (requests already read finish and are answered), or
