@@ -178,16 +178,26 @@ where
     live.state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
     // What waits for the device is read once it is registered, so that nothing stored after the
-    // read can miss it (that is pushed); a session with nothing waiting starts no reader.
+    // read can miss it (that is pushed); a session with nothing waiting starts no reader. The
+    // same read checks that the device still exists: a removal that committed after the login
+    // read the device signed out every session registered by then, but not this one if it
+    // registered later. (A storage error keeps the session: the login has just read the device.)
     let backlog = live
         .state
         .store
         .backlog(identity.device)
         .await
         .unwrap_or(Backlog {
+            registered: true,
             queued: true,
             receipts: true,
         });
+    if !backlog.registered {
+        tracing::debug!("session signed out: its device was removed while it logged in");
+        live.tx
+            .revoke("this device is no longer registered (removed, replaced or disabled)");
+        return live;
+    }
     if backlog.receipts {
         let receipts = send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
         live.tasks().spawn(receipts);

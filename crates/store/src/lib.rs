@@ -122,9 +122,13 @@ pub enum Published {
     TooMany,
 }
 
-/// Whether a device has anything waiting, as a session checks when it starts.
+/// Whether a device has anything waiting, as a session checks when it starts, and whether it is
+/// still registered at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Backlog {
+    /// The device still exists: false when it was removed after its login read it (the session
+    /// that registered in between is then signed out).
+    pub registered: bool,
     /// Copies are queued for it.
     pub queued: bool,
     /// Receipts are waiting for it.

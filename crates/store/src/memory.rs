@@ -565,6 +565,7 @@ impl State {
 
     fn backlog(&self, device: DeviceId) -> Backlog {
         Backlog {
+            registered: self.devices.contains_key(&device),
             queued: self.queue_length(device) > 0,
             receipts: self.receipts.keys().any(|(d, _)| *d == device),
         }
