@@ -477,7 +477,8 @@ pub trait Store: Send + Sync + 'static {
     fn devices_of(&self, account: AccountId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
 
     /// Binds a new device to the number's account (creating it), deleting every other device
-    /// of that account with its queue and receipts.
+    /// of that account with its queue and receipts. A created account's id was never handed out
+    /// before, even to an account since deleted.
     fn register_device(
         &self,
         pseudonym: Pseudonym,

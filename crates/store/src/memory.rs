@@ -50,7 +50,7 @@ impl std::fmt::Debug for MemoryStore {
 /// Everything stored.
 #[derive(Default)]
 struct State {
-    /// The last account id handed out.
+    /// The last account id handed out: ids are never handed out again (the contract).
     last_account: i64,
     accounts: HashMap<AccountId, Account>,
     devices: HashMap<DeviceId, DeviceRow>,
