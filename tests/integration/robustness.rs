@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{block_on, number, Server, User};
+use crate::support::{block_on, eventually, number, Server, User};
 
 /// Opens a raw upgraded connection, without logging in.
 async fn raw_session(port: u16) -> TcpStream {
@@ -364,4 +364,66 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     // The account is still there for everyone else.
     let found = bob.lookup(&[&alice_number]);
     assert_ne!(found[0].1, "not_a_user", "{found:?}");
+}
+
+/// Issue 28, item 1: a session whose client stops reading its socket is closed once a write has
+/// waited for as long as a client may stay silent (three heartbeat intervals), instead of holding
+/// its connection, and its device online, for ever.
+#[test]
+fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
+    let server = Server::start(&[
+        "--send-burst",
+        "5000",
+        "--send-per-second",
+        "5000",
+        "--heartbeat-seconds",
+        "2",
+    ]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    let stalled_device = alice_client.device();
+    // Enough 60 KiB deliveries to fill the socket's buffers, so that a write waits.
+    const SENDS: u64 = 400;
+    let stalled = block_on(async {
+        let stalled = alice_client.session(true).await.expect("alice");
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
+        let sends = (0..SENDS).map(|n| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            Kind::Send(frame::Send {
+                id: id.to_vec(),
+                to: alice_number.clone(),
+                mode: frame::SendMode::Queue as i32,
+                copies: vec![frame::Copy {
+                    device_id: stalled_device.as_bytes().to_vec(),
+                    payload: payload.clone(),
+                }],
+                ..frame::Send::default()
+            })
+        });
+        for send in sends {
+            bob_session.send(send).await.expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut answered = 0;
+        while answered < SENDS {
+            match bob_session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(_)) => answered += 1,
+                Some(_) => {}
+                None => panic!("a send was not answered"),
+            }
+        }
+        stalled
+    });
+    let offline = eventually(Duration::from_secs(30), || {
+        bob.lookup(&[&alice_number])[0].1 == "offline"
+    });
+    drop(stalled);
+    assert!(
+        offline,
+        "a session that stopped reading kept its device online"
+    );
 }
