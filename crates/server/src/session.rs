@@ -433,8 +433,12 @@ where
                 Ok(None) => break,
                 Err(e) => {
                     codec::encode(&fatal(ErrorCode::Protocol, e.to_string()), out);
-                    let _ = self.io.write_all(out).await;
-                    let _ = self.io.shutdown().await;
+                    let limit = self.write_timeout();
+                    let _ = tokio::time::timeout(limit, async {
+                        let _ = self.io.write_all(out).await;
+                        let _ = self.io.shutdown().await;
+                    })
+                    .await;
                     return Some(End::Abort);
                 }
             }
@@ -473,9 +477,25 @@ where
         self.tasks().spawn(task);
     }
 
-    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
+    /// How long one write may wait for the client to take its bytes: as long as a client may stay
+    /// silent ([`heartbeat::MISSED_BEATS`] intervals). A client that takes nothing for that long
+    /// is gone; its session must not keep its connection, its queue and its device's presence.
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.heartbeat_interval
+                .saturating_mul(heartbeat::MISSED_BEATS),
+        )
+    }
+
+    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed
+    /// or the write waited past [`Live::write_timeout`].
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
-        let written = self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok();
+        let limit = self.write_timeout();
+        let write = async { self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok() };
+        let written = tokio::time::timeout(limit, write).await.unwrap_or(false);
+        if !written {
+            tracing::debug!("session closed: a write failed or waited too long");
+        }
         out.clear();
         written
     }
@@ -499,8 +519,12 @@ where
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         self.tx.close();
-        let _ = self.io.flush().await;
-        let _ = self.io.shutdown().await;
+        let limit = self.write_timeout();
+        let _ = tokio::time::timeout(limit, async {
+            let _ = self.io.flush().await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
         self.state.metrics.sessions_active.dec();
     }
 }
