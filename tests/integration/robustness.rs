@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::support::{block_on, number, Server, User};
+use crate::support::{block_on, eventually, number, Server, User};
 
 /// Opens a raw upgraded connection, without logging in.
 async fn raw_session(port: u16) -> TcpStream {
@@ -267,4 +267,163 @@ fn connections_that_never_speak_are_closed_and_do_not_block_others() {
         assert!(closed, "a session that never logged in stayed open");
         assert!(started.elapsed() < Duration::from_secs(20));
     });
+}
+
+/// Issue 28, item 1: a device that stops reading its socket until its session's queue is full,
+/// then is removed by another device of its account, must not act on the account afterwards (the
+/// `SignedOut` that did not fit in the queue used to be dropped, and the session kept serving).
+#[test]
+fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
+    // More sends than the default burst, and a heartbeat long enough that the stalled session is
+    // not closed for silence while its queue fills.
+    let server = Server::start(&[
+        "--send-burst",
+        "5000",
+        "--send-per-second",
+        "5000",
+        "--heartbeat-seconds",
+        "300",
+    ]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let other = alice.link_device(&server);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, other_client, bob_client) = (alice.client(), other.client(), bob.client());
+    let stalled_device = alice_client.device();
+    let copies_for = [stalled_device, other_client.device()];
+    // Enough 16 KiB deliveries to fill the socket's buffers and then the session's queue of
+    // 1,024 frames behind them.
+    const SENDS: usize = 1_500;
+    const BATCH: usize = 100;
+    let disable_served = block_on(async {
+        let mut stalled = alice_client.session(true).await.expect("alice");
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let payload = bytes::Bytes::from(vec![7u8; 16 * 1024]);
+        for batch in 0..SENDS / BATCH {
+            let sends = (0..BATCH).map(|n| {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&((batch * BATCH + n) as u64).to_be_bytes());
+                Kind::Send(frame::Send {
+                    id: id.to_vec(),
+                    to: alice_number.clone(),
+                    mode: frame::SendMode::Queue as i32,
+                    copies: copies_for
+                        .iter()
+                        .map(|device| frame::Copy {
+                            device_id: device.as_bytes().to_vec(),
+                            payload: payload.clone(),
+                        })
+                        .collect(),
+                    ..frame::Send::default()
+                })
+            });
+            bob_session.send_many(sends).await.expect("send");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut answered = 0;
+            while answered < BATCH {
+                match bob_session.recv(deadline).await.expect("recv") {
+                    Some(Kind::SendResult(result)) => {
+                        assert!(
+                            result.outcome == frame::SendOutcome::Queued as i32
+                                || result.outcome == frame::SendOutcome::Accepted as i32,
+                            "{}",
+                            result.detail
+                        );
+                        answered += 1;
+                    }
+                    Some(_) => {}
+                    None => panic!("a send was not answered"),
+                }
+            }
+        }
+        // The other device removes the stalled one, whose queue has no room for `SignedOut`.
+        let removed = tokio::task::spawn_blocking(move || {
+            other.ok(&["devices", "--remove", &stalled_device.to_text()])
+        })
+        .await
+        .expect("remove");
+        assert!(removed.contains("Removed"), "{removed}");
+        // The removed device asks to delete the account, then reads everything it is sent.
+        stalled
+            .send(Kind::Disable(frame::Disable { request_id: 77 }))
+            .await
+            .expect("disable");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match stalled.recv(deadline).await {
+                Ok(Some(Kind::DisableResult(_))) => return true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    });
+    assert!(
+        !disable_served,
+        "a removed device deleted its former account"
+    );
+    // The account is still there for everyone else.
+    let found = bob.lookup(&[&alice_number]);
+    assert_ne!(found[0].1, "not_a_user", "{found:?}");
+}
+
+/// Issue 28, item 1: a session whose client stops reading its socket is closed once a write has
+/// waited for as long as a client may stay silent (three heartbeat intervals), instead of holding
+/// its connection, and its device online, for ever.
+#[test]
+fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
+    let server = Server::start(&[
+        "--send-burst",
+        "5000",
+        "--send-per-second",
+        "5000",
+        "--heartbeat-seconds",
+        "2",
+    ]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    let stalled_device = alice_client.device();
+    // Enough 60 KiB deliveries to fill the socket's buffers, so that a write waits.
+    const SENDS: u64 = 400;
+    let stalled = block_on(async {
+        let stalled = alice_client.session(true).await.expect("alice");
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
+        let sends = (0..SENDS).map(|n| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            Kind::Send(frame::Send {
+                id: id.to_vec(),
+                to: alice_number.clone(),
+                mode: frame::SendMode::Queue as i32,
+                copies: vec![frame::Copy {
+                    device_id: stalled_device.as_bytes().to_vec(),
+                    payload: payload.clone(),
+                }],
+                ..frame::Send::default()
+            })
+        });
+        for send in sends {
+            bob_session.send(send).await.expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut answered = 0;
+        while answered < SENDS {
+            match bob_session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(_)) => answered += 1,
+                Some(_) => {}
+                None => panic!("a send was not answered"),
+            }
+        }
+        stalled
+    });
+    let offline = eventually(Duration::from_secs(30), || {
+        bob.lookup(&[&alice_number])[0].1 == "offline"
+    });
+    drop(stalled);
+    assert!(
+        offline,
+        "a session that stopped reading kept its device online"
+    );
 }

@@ -53,6 +53,9 @@ struct Inner {
     closed: bool,
     /// Set when a delivery did not fit; the session re-reads the store.
     behind: bool,
+    /// The device was signed out: the session serves no further request. Kept apart from the
+    /// queue (which a device that stops reading can fill) so that a revocation always holds.
+    revoked: bool,
 }
 
 impl Inner {
@@ -236,6 +239,32 @@ impl Mailbox {
     /// Whether a delivery was dropped for lack of room since the last call (and clears it).
     pub fn take_behind(&self) -> bool {
         std::mem::take(&mut self.inner().behind)
+    }
+
+    /// Signs the session out, whatever its queue holds: `SignOut` goes after what is queued (one
+    /// past the bound if the queue is full, so that it is never dropped; what is queued, such as
+    /// the answer to the `Disable` that signed the account out, is still written), nothing more
+    /// can be queued, and the session is woken. From here on it runs no further request
+    /// ([`Mailbox::is_revoked`]), even before it reaches the `SignOut`.
+    pub fn revoke(&self, reason: &'static str) {
+        let (reader, room) = {
+            let mut inner = self.inner();
+            if !inner.revoked {
+                inner.revoked = true;
+                inner.closed = true;
+                inner.queue.push_back(Outbound::SignOut(reason));
+            }
+            (inner.reader.take(), inner.room.clone())
+        };
+        wake_reader(reader);
+        if let Some(room) = room {
+            room.notify_waiters();
+        }
+    }
+
+    /// Whether the session was signed out: checked before each request is run.
+    pub fn is_revoked(&self) -> bool {
+        self.inner().revoked
     }
 
     /// Refuses further messages and wakes anyone waiting for room. The session's waker is
@@ -454,9 +483,8 @@ impl Hub {
             return;
         };
         for entry in devices.iter().flat_map(|device| sessions.of(device)) {
-            // A full queue must not keep a signed-out session alive: close it the hard way by
-            // marking it behind too; the session checks its device on re-read.
-            entry.tx.offer(Outbound::SignOut(reason));
+            // Out of band of the queue: a full queue must not keep a signed-out session alive.
+            entry.tx.revoke(reason);
         }
     }
 
@@ -552,6 +580,27 @@ mod tests {
             mailbox.try_send(ping(0)).is_err(),
             "a closed mailbox takes nothing"
         );
+    }
+
+    #[test]
+    fn a_sign_out_holds_whatever_the_queue_holds() {
+        let hub = Arc::new(Hub::default());
+        let device = DeviceId([9; DeviceId::LEN]);
+        for (mailbox, queued) in [(Mailbox::new(), 0), (full_mailbox(), SESSION_QUEUE)] {
+            let _registration = hub.add(device, true, Arc::clone(&mailbox));
+            assert!(!mailbox.is_revoked());
+            hub.sign_out(&[device], "removed");
+            assert!(mailbox.is_revoked());
+            assert!(mailbox.try_send(ping(1)).is_err(), "nothing more is queued");
+            for n in 0..queued as u64 {
+                assert_eq!(nonce(mailbox.try_recv()), Some(n), "what was queued stays");
+            }
+            assert!(
+                matches!(mailbox.try_recv(), Some(Outbound::SignOut("removed"))),
+                "the sign-out comes after, even past the bound"
+            );
+            assert!(mailbox.try_recv().is_none());
+        }
     }
 
     #[test]

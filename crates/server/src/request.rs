@@ -110,6 +110,11 @@ impl Request {
         let place = matches!(self, Self::Send(_)).then(|| SendOrder::next_place(sends));
         async move {
             let (state, outbox) = (&state, &outbox);
+            // Signed out between the read and the start of the task: the device may no longer
+            // act on its account.
+            if outbox.is_revoked() {
+                return;
+            }
             match self {
                 Self::Ping(ping) => reply(outbox, pong(&ping)).await,
                 Self::Send(request) => {

@@ -142,6 +142,22 @@ where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    Some(register(state, io, buf, identity, listen, slot).await)
+}
+
+/// Registers a logged-in session in the hub and starts what waits for its device.
+async fn register<S, Io>(
+    state: Shared<S>,
+    io: Io,
+    buf: BytesMut,
+    identity: Identity,
+    listen: bool,
+    slot: Option<Slot>,
+) -> Live<S, Io>
+where
+    S: Store,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
     let mut live = Live {
         state,
@@ -162,16 +178,26 @@ where
     live.state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
     // What waits for the device is read once it is registered, so that nothing stored after the
-    // read can miss it (that is pushed); a session with nothing waiting starts no reader.
+    // read can miss it (that is pushed); a session with nothing waiting starts no reader. The
+    // same read checks that the device still exists: a removal that committed after the login
+    // read the device signed out every session registered by then, but not this one if it
+    // registered later. (A storage error keeps the session: the login has just read the device.)
     let backlog = live
         .state
         .store
         .backlog(identity.device)
         .await
         .unwrap_or(Backlog {
+            registered: true,
             queued: true,
             receipts: true,
         });
+    if !backlog.registered {
+        tracing::debug!("session signed out: its device was removed while it logged in");
+        live.tx
+            .revoke("this device is no longer registered (removed, replaced or disabled)");
+        return live;
+    }
     if backlog.receipts {
         let receipts = send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
         live.tasks().spawn(receipts);
@@ -179,7 +205,7 @@ where
     if listen && backlog.queued {
         live.spawn_drain();
     }
-    Some(live)
+    live
 }
 
 /// How a session ends: closed in order (requests already read finish and are answered), or
@@ -396,13 +422,23 @@ where
     /// Handles every whole frame read so far and writes the inline answers.
     async fn serve_input(&mut self, out: &mut BytesMut) -> Option<End> {
         loop {
+            if self.tx.is_revoked() {
+                // Signed out: nothing more read is served; the mailbox holds the `SignOut` that
+                // ends the session.
+                self.buf.clear();
+                break;
+            }
             match codec::decode(&mut self.buf) {
                 Ok(Some(frame)) => self.dispatch(frame, out),
                 Ok(None) => break,
                 Err(e) => {
                     codec::encode(&fatal(ErrorCode::Protocol, e.to_string()), out);
-                    let _ = self.io.write_all(out).await;
-                    let _ = self.io.shutdown().await;
+                    let limit = self.write_timeout();
+                    let _ = tokio::time::timeout(limit, async {
+                        let _ = self.io.write_all(out).await;
+                        let _ = self.io.shutdown().await;
+                    })
+                    .await;
                     return Some(End::Abort);
                 }
             }
@@ -441,9 +477,25 @@ where
         self.tasks().spawn(task);
     }
 
-    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed.
+    /// How long one write may wait for the client to take its bytes: as long as a client may stay
+    /// silent ([`heartbeat::MISSED_BEATS`] intervals). A client that takes nothing for that long
+    /// is gone; its session must not keep its connection, its queue and its device's presence.
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.heartbeat_interval
+                .saturating_mul(heartbeat::MISSED_BEATS),
+        )
+    }
+
+    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed
+    /// or the write waited past [`Live::write_timeout`].
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
-        let written = self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok();
+        let limit = self.write_timeout();
+        let write = async { self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok() };
+        let written = tokio::time::timeout(limit, write).await.unwrap_or(false);
+        if !written {
+            tracing::debug!("session closed: a write failed or waited too long");
+        }
         out.clear();
         written
     }
@@ -467,8 +519,12 @@ where
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         self.tx.close();
-        let _ = self.io.flush().await;
-        let _ = self.io.shutdown().await;
+        let limit = self.write_timeout();
+        let _ = tokio::time::timeout(limit, async {
+            let _ = self.io.flush().await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
         self.state.metrics.sessions_active.dec();
     }
 }

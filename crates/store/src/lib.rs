@@ -122,9 +122,13 @@ pub enum Published {
     TooMany,
 }
 
-/// Whether a device has anything waiting, as a session checks when it starts.
+/// Whether a device has anything waiting, as a session checks when it starts, and whether it is
+/// still registered at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Backlog {
+    /// The device still exists: false when it was removed after its login read it (the session
+    /// that registered in between is then signed out).
+    pub registered: bool,
     /// Copies are queued for it.
     pub queued: bool,
     /// Receipts are waiting for it.
@@ -473,7 +477,8 @@ pub trait Store: Send + Sync + 'static {
     fn devices_of(&self, account: AccountId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
 
     /// Binds a new device to the number's account (creating it), deleting every other device
-    /// of that account with its queue and receipts.
+    /// of that account with its queue and receipts. A created account's id was never handed out
+    /// before, even to an account since deleted.
     fn register_device(
         &self,
         pseudonym: Pseudonym,

@@ -50,7 +50,7 @@ impl std::fmt::Debug for MemoryStore {
 /// Everything stored.
 #[derive(Default)]
 struct State {
-    /// The last account id handed out.
+    /// The last account id handed out: ids are never handed out again (the contract).
     last_account: i64,
     accounts: HashMap<AccountId, Account>,
     devices: HashMap<DeviceId, DeviceRow>,
@@ -581,6 +581,7 @@ impl State {
 
     fn backlog(&self, device: DeviceId) -> Backlog {
         Backlog {
+            registered: self.devices.contains_key(&device),
             queued: self.queue_length(device) > 0,
             receipts: self.receipts.keys().any(|(d, _)| *d == device),
         }

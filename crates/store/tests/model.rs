@@ -312,6 +312,9 @@ struct Run<'a, S> {
     store: &'a S,
     /// The account each number registered, in this engine's ids.
     accounts: HashMap<u8, AccountId>,
+    /// Every account id the engine handed out: none is handed out twice (a session left from a
+    /// deleted account must not reach the next one), which a registration's answer says.
+    handed_out: Vec<AccountId>,
 }
 
 impl<S: Store> Run<'_, S> {
@@ -407,10 +410,18 @@ impl<S: Store> Run<'_, S> {
                 let registered = store
                     .register_device(pseudonym(number), device_id(device), [device; 32], 5)
                     .await;
+                let mut reused = "";
                 if let Ok(registered) = &registered {
-                    self.accounts.insert(number, registered.account);
+                    let account = registered.account;
+                    if self.accounts.get(&number) != Some(&account) {
+                        if self.handed_out.contains(&account) {
+                            reused = " (an account id handed out before)";
+                        }
+                        self.handed_out.push(account);
+                    }
+                    self.accounts.insert(number, account);
                 }
-                self.result(registered)
+                self.result(registered) + reused
             }
             Op::AddDevice {
                 number,
@@ -678,6 +689,7 @@ async fn answers<S: Store>(store: &S, ops: &[Op]) -> Vec<String> {
     let mut run = Run {
         store,
         accounts: HashMap::new(),
+        handed_out: Vec::new(),
     };
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {

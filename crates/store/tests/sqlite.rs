@@ -1098,3 +1098,69 @@ async fn a_receipt_from_before_deadlines_gets_one_at_the_upgrade() {
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 28, item 1: an account id is never handed out twice, so that nothing left of a deleted
+/// account (a session, a cached identity) can act on the account registered after it. The newest
+/// account is the one an engine that counts from its largest id would give again.
+#[tokio::test]
+async fn account_ids_are_never_reused() {
+    let dir = temp_dir("account-ids");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let mut seen = account_ids_are_never_reused_in(&store, 0, Vec::new()).await;
+    drop(store);
+    // Reopened: the engine remembers what it handed out.
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    seen = account_ids_are_never_reused_in(&store, 10, seen).await;
+    // The newest account stays, so that the database below holds the largest id handed out.
+    let kept = store
+        .register_device(Pseudonym([30; 32]), DeviceId([30; 16]), [30; 32], 0)
+        .await
+        .expect("register");
+    seen.push(kept.account);
+    drop(store);
+    // A database made before the engine kept its own count: what it holds is never handed out
+    // again (ids it deleted before are beyond knowing).
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    database
+        .execute_batch("DROP TABLE IF EXISTS account_ids")
+        .expect("an older database");
+    drop(database);
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    account_ids_are_never_reused_in(&store, 20, seen).await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn account_ids_are_never_reused_in_memory() {
+    account_ids_are_never_reused_in(&MemoryStore::new(), 0, Vec::new()).await;
+}
+
+/// Registers two accounts and deletes the newest, twice, checking each new id against `seen`
+/// (every id handed out before); numbers are told apart by `first`. The ids seen, now.
+async fn account_ids_are_never_reused_in(
+    store: &impl Store,
+    first: u8,
+    mut seen: Vec<AccountId>,
+) -> Vec<AccountId> {
+    for n in first..first + 4 {
+        let registered = store
+            .register_device(Pseudonym([n; 32]), DeviceId([n; 16]), [n; 32], 0)
+            .await
+            .expect("register");
+        assert!(
+            !seen.contains(&registered.account),
+            "account id {:?} handed out again (seen: {seen:?})",
+            registered.account
+        );
+        seen.push(registered.account);
+        if n % 2 == 1 {
+            store
+                .delete_account(registered.account)
+                .await
+                .expect("delete the newest account");
+        }
+    }
+    seen
+}

@@ -1,5 +1,6 @@
 //! A session over an in-memory stream: the login, the answers given at once, the complaints about
-//! frames that are not requests, a request run as a task, and the end after a protocol error.
+//! frames that are not requests, a request run as a task, the end after a protocol error, and the
+//! sign-out of a login whose device was removed before it registered.
 
 use std::time::Duration;
 
@@ -7,9 +8,10 @@ use bytes::BytesMut;
 use ed25519_dalek::Signer as _;
 use tidings_proto::codec;
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
+use tidings_store::Store as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
-use super::open;
+use super::{open, register};
 use crate::testing::{random_device, Device, World};
 
 /// The client's end of a session's stream.
@@ -192,4 +194,38 @@ async fn a_login_is_refused_unless_it_comes_first_signed_by_a_known_device() {
         matches!(client.recv().await, Some(Kind::LoginResult(_))),
         "the device's own login is taken"
     );
+}
+
+/// Issue 28, item 1: a login that read its device before the device's removal committed, and
+/// registers in the hub after the removal's sign-out ran (so that the sign-out missed it), is
+/// signed out once registered. The race is played in order: the removal and its sign-out, then
+/// the registration of the login that had already read the device.
+#[tokio::test]
+async fn a_login_that_registers_after_its_device_was_removed_is_signed_out() {
+    let world = World::new("session-removed", |_| {});
+    let devices = world.user("+14155550421", 2).await;
+    let (first, second) = (&devices[0], &devices[1]);
+    let removed = world
+        .state
+        .store
+        .remove_device(first.identity.account, second.identity.device)
+        .await;
+    assert_eq!(removed.ok(), Some(true));
+    world
+        .state
+        .hub
+        .sign_out(&[second.identity.device], "this device was removed");
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let state = std::sync::Arc::clone(&world.state);
+    let live = register(state, server, BytesMut::new(), second.identity, true, None).await;
+    tokio::spawn(live.run());
+    let mut client = Client {
+        io: client,
+        buf: BytesMut::new(),
+    };
+    assert!(
+        matches!(client.recv().await, Some(Kind::SignedOut(_))),
+        "the session of a removed device is signed out"
+    );
+    assert_eq!(client.recv().await, None, "and closed");
 }

@@ -90,10 +90,19 @@ pub(super) fn register_device(
     public_key: [u8; 32],
     now: Millis,
 ) -> Result<Registered> {
-    txn.prepare_cached(
-        "INSERT INTO accounts (pseudonym, created_at) VALUES (?1, ?2) ON CONFLICT (pseudonym) DO NOTHING")?.execute(
-        params![&pseudonym.0[..], sql_millis(now)],
-    )?;
+    // A new account takes the id after the last one ever handed out (see `account_ids` in the
+    // schema); `WHERE true` lets SQLite tell the upsert from the `SELECT`.
+    let created = txn
+        .prepare_cached(
+            "INSERT INTO accounts (id, pseudonym, created_at)
+             SELECT last + 1, ?1, ?2 FROM account_ids WHERE true
+             ON CONFLICT (pseudonym) DO NOTHING",
+        )?
+        .execute(params![&pseudonym.0[..], sql_millis(now)])?;
+    if created > 0 {
+        txn.prepare_cached("UPDATE account_ids SET last = last + 1")?
+            .execute([])?;
+    }
     let account: i64 = txn
         .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
         .query_row(params![&pseudonym.0[..]], |row| row.get(0))?;

@@ -10,7 +10,7 @@ use crate::{Backlog, PendingReceipt, Result};
 
 /// [`Store::backlog`](crate::Store::backlog), read on `conn`.
 pub(super) fn backlog(conn: &Connection, device: DeviceId) -> Result<Backlog> {
-    // One statement for both; `queued` is NULL for an unknown device.
+    // One statement for all three; `queued` is NULL for an unknown device.
     let (queued, receipts) = conn
         .prepare_cached(
             "SELECT (SELECT queue_len > 0 FROM devices WHERE id = ?1),
@@ -20,6 +20,7 @@ pub(super) fn backlog(conn: &Connection, device: DeviceId) -> Result<Backlog> {
             Ok((row.get::<_, Option<bool>>(0)?, row.get::<_, bool>(1)?))
         })?;
     Ok(Backlog {
+        registered: queued.is_some(),
         queued: queued.unwrap_or(false),
         receipts,
     })

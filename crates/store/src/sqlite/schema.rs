@@ -82,6 +82,15 @@ CREATE TABLE IF NOT EXISTS codes (
     live_attempts INTEGER,
     sent_at BLOB NOT NULL
 ) WITHOUT ROWID;
+-- The last account id handed out, in one row: an id is never handed out again, so that nothing
+-- left of a deleted account can reach the next one (`INTEGER PRIMARY KEY` alone gives the largest
+-- id again once its row is deleted). A database made before this table starts from its largest
+-- id; ids it deleted before are beyond knowing.
+CREATE TABLE IF NOT EXISTS account_ids (
+    only INTEGER PRIMARY KEY CHECK (only = 0),
+    last INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO account_ids (only, last) SELECT 0, IFNULL(MAX(id), 0) FROM accounts;
 ";
 
 /// Columns added after the first schema, with their definitions; added on open where missing.
