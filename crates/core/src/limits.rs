@@ -1,7 +1,68 @@
 //! Rate limits. A [`TokenBucket`] bounds a steady rate with bursts; a [`Window`] bounds how many
 //! events fall inside a sliding period (verification codes: "2 per 8 hours").
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use crate::Millis;
+
+/// A block of client addresses that limits count together: what one client can cheaply hold.
+/// An IPv4 address alone or its /24; an IPv6 /64 (one customer's LAN) or its /48 (one site).
+/// An IPv4-mapped IPv6 address is its IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddressBlock {
+    /// The block's first address (the address with its host bits cleared).
+    pub base: IpAddr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl AddressBlock {
+    /// The block of `prefix` bits that holds `ip` (the prefix is capped at the address's width).
+    pub fn of(ip: IpAddr, prefix: u8) -> Self {
+        match canonical(ip) {
+            IpAddr::V4(v4) => {
+                let prefix = prefix.min(32);
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                Self {
+                    base: IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask)),
+                    prefix,
+                }
+            }
+            IpAddr::V6(v6) => {
+                let prefix = prefix.min(128);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                Self {
+                    base: IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask)),
+                    prefix,
+                }
+            }
+        }
+    }
+
+    /// The blocks `ip` counts against, narrowest first: for IPv4 the address and its /24, for
+    /// IPv6 its /64 and its /48. A limit keyed on the narrow block alone is multiplied by every
+    /// address a client holds (an IPv6 /64 is 2^64 of them); the wide block bounds that.
+    pub fn of_client(ip: IpAddr) -> [Self; 2] {
+        match canonical(ip) {
+            ip @ IpAddr::V4(_) => [Self::of(ip, 32), Self::of(ip, 24)],
+            ip @ IpAddr::V6(_) => [Self::of(ip, 64), Self::of(ip, 48)],
+        }
+    }
+}
+
+impl std::fmt::Display for AddressBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is; any other address as it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
 
 /// A token bucket: `capacity` tokens, refilled continuously at `per_hour` tokens an hour.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -94,6 +155,31 @@ impl Window {
 mod tests {
     use super::*;
     use crate::{HOUR, MINUTE, SECOND};
+
+    #[test]
+    fn address_blocks_group_what_one_client_holds() {
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let [one, wide] = AddressBlock::of_client(v4("192.0.2.77"));
+        assert_eq!(one.to_string(), "192.0.2.77/32");
+        assert_eq!(wide.to_string(), "192.0.2.0/24");
+        assert_eq!(
+            AddressBlock::of_client(v4("::ffff:192.0.2.77")),
+            [one, wide],
+            "a mapped IPv4 address is the IPv4 address"
+        );
+        let [lan, site] = AddressBlock::of_client(v4("2001:db8:1:2:aaaa::1"));
+        assert_eq!(lan.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(site.to_string(), "2001:db8:1::/48");
+        assert_eq!(
+            AddressBlock::of_client(v4("2001:db8:1:2:ffff::9"))[0],
+            lan,
+            "every address of a /64 is one client"
+        );
+        assert_ne!(AddressBlock::of_client(v4("2001:db8:1:3::1"))[0], lan);
+        assert_eq!(AddressBlock::of_client(v4("2001:db8:1:3::1"))[1], site);
+        assert_eq!(AddressBlock::of(v4("10.1.2.3"), 0).to_string(), "0.0.0.0/0");
+        assert_eq!(AddressBlock::of(v4("10.1.2.3"), 99).prefix, 32);
+    }
 
     #[test]
     fn bucket_allows_burst_then_refills() {
