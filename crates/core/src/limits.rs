@@ -158,27 +158,27 @@ mod tests {
 
     #[test]
     fn address_blocks_group_what_one_client_holds() {
-        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
-        let [one, wide] = AddressBlock::of_client(v4("192.0.2.77"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("a literal address");
+        let [one, wide] = AddressBlock::of_client(ip("192.0.2.77"));
         assert_eq!(one.to_string(), "192.0.2.77/32");
         assert_eq!(wide.to_string(), "192.0.2.0/24");
         assert_eq!(
-            AddressBlock::of_client(v4("::ffff:192.0.2.77")),
+            AddressBlock::of_client(ip("::ffff:192.0.2.77")),
             [one, wide],
             "a mapped IPv4 address is the IPv4 address"
         );
-        let [lan, site] = AddressBlock::of_client(v4("2001:db8:1:2:aaaa::1"));
+        let [lan, site] = AddressBlock::of_client(ip("2001:db8:1:2:aaaa::1"));
         assert_eq!(lan.to_string(), "2001:db8:1:2::/64");
         assert_eq!(site.to_string(), "2001:db8:1::/48");
         assert_eq!(
-            AddressBlock::of_client(v4("2001:db8:1:2:ffff::9"))[0],
+            AddressBlock::of_client(ip("2001:db8:1:2:ffff::9"))[0],
             lan,
             "every address of a /64 is one client"
         );
-        assert_ne!(AddressBlock::of_client(v4("2001:db8:1:3::1"))[0], lan);
-        assert_eq!(AddressBlock::of_client(v4("2001:db8:1:3::1"))[1], site);
-        assert_eq!(AddressBlock::of(v4("10.1.2.3"), 0).to_string(), "0.0.0.0/0");
-        assert_eq!(AddressBlock::of(v4("10.1.2.3"), 99).prefix, 32);
+        assert_ne!(AddressBlock::of_client(ip("2001:db8:1:3::1"))[0], lan);
+        assert_eq!(AddressBlock::of_client(ip("2001:db8:1:3::1"))[1], site);
+        assert_eq!(AddressBlock::of(ip("10.1.2.3"), 0).to_string(), "0.0.0.0/0");
+        assert_eq!(AddressBlock::of(ip("10.1.2.3"), 99).prefix, 32);
     }
 
     #[test]
