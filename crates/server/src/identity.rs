@@ -1,4 +1,5 @@
-//! Who is logged in on a session: the device that proved its key at login, and its account.
+//! Who is logged in on a session: the device that proved its key at login, its account, and the
+//! budgets it draws from (its account's).
 //!
 //! Made only by the session's login, after the signature over the server's challenge verified;
 //! every request handler acts for exactly this device and never for one named in a frame.
@@ -6,9 +7,13 @@
 use tidings_proto::id::DeviceId;
 use tidings_store::AccountId;
 
+use crate::keys::BudgetKey;
+
 /// Who is logged in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
     pub device: DeviceId,
     pub account: AccountId,
+    /// The account's budgets (lookups, key claims, sends, links).
+    pub budgets: BudgetKey,
 }

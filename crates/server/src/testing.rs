@@ -120,6 +120,7 @@ impl World {
                 identity: Identity {
                     device: id,
                     account,
+                    budgets: self.state.keys.budget_key(&pseudonym),
                 },
                 number: number.into(),
                 login,

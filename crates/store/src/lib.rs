@@ -51,6 +51,9 @@ pub struct AccountId(pub i64);
 pub struct Device {
     pub id: DeviceId,
     pub account: AccountId,
+    /// The account's pseudonym: what the server keys an account's budgets by, so that they
+    /// outlive an opt-out and a new registration of the number.
+    pub pseudonym: Pseudonym,
     pub public_key: [u8; 32],
 }
 

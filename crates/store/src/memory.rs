@@ -111,9 +111,11 @@ impl MemoryStore {
 
 impl State {
     fn device(&self, id: DeviceId) -> Option<Device> {
-        self.devices.get(&id).map(|row| Device {
+        let row = self.devices.get(&id)?;
+        Some(Device {
             id,
             account: row.account,
+            pseudonym: self.accounts.get(&row.account)?.pseudonym,
             public_key: row.public_key,
         })
     }
@@ -279,21 +281,21 @@ impl State {
 
     fn add_device(
         &mut self,
-        device: Device,
+        (account, device, public_key): (AccountId, DeviceId, [u8; 32]),
         identity: IdentityKeys,
         max_devices: usize,
     ) -> Result<Linked> {
-        let count = self.devices_of(device.account).len();
+        let count = self.devices_of(account).len();
         if count == 0 {
             return Err(StoreError::NoSuchAccount);
         }
         if count >= max_devices {
             return Ok(Linked::TooManyDevices);
         }
-        if self.devices.contains_key(&device.id) {
+        if self.devices.contains_key(&device) {
             return Err(StoreError::engine("the device exists already"));
         }
-        self.insert_device(device.account, device.id, device.public_key, Some(identity));
+        self.insert_device(account, device, public_key, Some(identity));
         Ok(Linked::Added)
     }
 
@@ -663,12 +665,8 @@ impl Store for MemoryStore {
         max_devices: usize,
         _now: Millis,
     ) -> Result<Linked> {
-        let device = Device {
-            id: device,
-            account,
-            public_key,
-        };
-        self.state()?.add_device(device, identity, max_devices)
+        self.state()?
+            .add_device((account, device, public_key), identity, max_devices)
     }
 
     async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {

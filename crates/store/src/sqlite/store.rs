@@ -87,11 +87,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Linked> {
         self.write(Undo::Operation, move |txn, notes| {
-            let device = Device {
-                id: device,
-                account,
-                public_key,
-            };
+            let device = (account, device, public_key);
             accounts::add_device(txn, notes, device, identity, max_devices, now)
         })
         .await
