@@ -256,7 +256,11 @@ pub async fn claim<S: Store>(
         )
         .await;
     };
-    let claimed = match state.store.claim_keys(account.account, only).await {
+    let claimed = match state
+        .store
+        .claim_keys(identity.actor(), account.account, only)
+        .await
+    {
         Ok(claimed) => claimed,
         Err(e) => {
             tracing::warn!(error = %e, "storage failed during a key claim");
@@ -421,7 +425,7 @@ pub async fn remove<S: Store>(
         )
         .await;
     };
-    match state.store.remove_device(identity.account, device).await {
+    match state.store.remove_device(identity.actor(), device).await {
         Ok(true) => {
             reply(
                 outbox,
@@ -524,7 +528,7 @@ pub async fn disable<S: Store>(
     request: frame::Disable,
     outbox: &Outbox,
 ) {
-    match state.store.delete_account(identity.account).await {
+    match state.store.delete_account(identity.actor()).await {
         Ok(devices) => {
             reply(
                 outbox,

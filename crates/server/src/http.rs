@@ -525,7 +525,10 @@ async fn link<S: Store>(
     match state
         .store
         .add_device(
-            offer.account,
+            tidings_store::Actor {
+                account: offer.account,
+                device: offer.approver,
+            },
             device,
             key_bytes,
             identity,

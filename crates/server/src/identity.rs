@@ -5,7 +5,7 @@
 //! every request handler acts for exactly this device and never for one named in a frame.
 
 use tidings_proto::id::DeviceId;
-use tidings_store::AccountId;
+use tidings_store::{AccountId, Actor};
 
 use crate::keys::BudgetKey;
 
@@ -16,4 +16,14 @@ pub struct Identity {
     pub account: AccountId,
     /// The account's budgets (lookups, key claims, sends, links).
     pub budgets: BudgetKey,
+}
+
+impl Identity {
+    /// This device as the actor of a store operation, which checks that it still exists.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            account: self.account,
+            device: self.device,
+        }
+    }
 }

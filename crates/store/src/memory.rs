@@ -25,10 +25,10 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Admission, Backlog, Claimed, ClaimedKey, Completion, Device,
-    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
-    StoreError, Voucher,
+    AccountDevices, AccountId, Acked, Actor, Admission, Backlog, Claimed, ClaimedKey, Completion,
+    Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage,
+    Pending, PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route,
+    SignedKey, Store, StoreError, Voucher,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -658,20 +658,23 @@ impl Store for MemoryStore {
 
     async fn add_device(
         &self,
-        account: AccountId,
+        approver: Actor,
         device: DeviceId,
         public_key: [u8; 32],
         identity: IdentityKeys,
         max_devices: usize,
         _now: Millis,
     ) -> Result<Linked> {
-        self.state()?
-            .add_device((account, device, public_key), identity, max_devices)
+        self.state()?.add_device(
+            (approver.account, device, public_key),
+            identity,
+            max_devices,
+        )
     }
 
-    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+    async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         let mut state = self.state()?;
-        if state.devices.get(&device).map(|d| d.account) != Some(account) {
+        if state.devices.get(&device).map(|d| d.account) != Some(actor.account) {
             return Ok(false);
         }
         state.delete_device(device);
@@ -694,7 +697,12 @@ impl Store for MemoryStore {
         Ok(self.state()?.key_status(device))
     }
 
-    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
+    async fn claim_keys(
+        &self,
+        _claimer: Actor,
+        account: AccountId,
+        only: Vec<DeviceId>,
+    ) -> Result<Claimed> {
         Ok(self.state()?.claim_keys(account, &only))
     }
 
@@ -713,8 +721,8 @@ impl Store for MemoryStore {
         Ok(self.state()?.set_voucher(account, device, voucher))
     }
 
-    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
-        self.state()?.delete_account(account)
+    async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
+        self.state()?.delete_account(actor.account)
     }
 
     async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>
