@@ -19,7 +19,7 @@ use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::reply::{error, reply, storage_unavailable};
+use crate::reply::{error, reply, storage_unavailable, store_failed};
 use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
 #[cfg(test)]
@@ -154,8 +154,8 @@ pub async fn upload<S: Store>(
             .await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed while publishing keys");
-            reply(outbox, storage_unavailable("upload again", request_id)).await;
+            let answer = store_failed(&e, "while publishing keys", "upload again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
@@ -263,8 +263,8 @@ pub async fn claim<S: Store>(
     {
         Ok(claimed) => claimed,
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed during a key claim");
-            return reply(outbox, storage_unavailable("try again", request_id)).await;
+            let answer = store_failed(&e, "during a key claim", "try again", request_id);
+            return reply(outbox, answer).await;
         }
     };
     if !claimed.unknown.is_empty() {
@@ -449,8 +449,8 @@ pub async fn remove<S: Store>(
             .await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed while removing a device");
-            reply(outbox, storage_unavailable("remove again", request_id)).await;
+            let answer = store_failed(&e, "while removing a device", "remove again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
@@ -515,8 +515,8 @@ pub async fn vouch<S: Store>(
             reply(outbox, Kind::VouchResult(frame::VouchResult { request_id })).await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed during a vouch");
-            reply(outbox, storage_unavailable("try again", request_id)).await;
+            let answer = store_failed(&e, "during a vouch", "try again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
@@ -541,12 +541,13 @@ pub async fn disable<S: Store>(
             tracing::info!("an account was disabled and deleted");
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not delete an account");
-            reply(
-                outbox,
-                storage_unavailable("disable again", request.request_id),
-            )
-            .await;
+            let answer = store_failed(
+                &e,
+                "while deleting an account",
+                "disable again",
+                request.request_id,
+            );
+            reply(outbox, answer).await;
         }
     }
 }

@@ -556,6 +556,8 @@ async fn link<S: Store>(
             "too_many_devices",
             "this number already has 6 devices: remove one with `tidings devices --remove <id>` first",
         )),
+        // The device that asked for the code was removed, or its account disabled, meanwhile.
+        Err(tidings_store::StoreError::Revoked) => Err(wrong_code()),
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while linking a device");
             Err(unavailable())

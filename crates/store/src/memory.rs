@@ -110,6 +110,14 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Refuses an operation whose actor is no longer a device of its account ([`Actor`]).
+    fn check_actor(&self, actor: Actor) -> Result<()> {
+        match self.devices.get(&actor.device) {
+            Some(row) if row.account == actor.account => Ok(()),
+            _ => Err(StoreError::Revoked),
+        }
+    }
+
     fn device(&self, id: DeviceId) -> Option<Device> {
         let row = self.devices.get(&id)?;
         Some(Device {
@@ -307,10 +315,8 @@ impl State {
         fallback: Option<SignedKey>,
         max_stored: u32,
     ) -> Result<Published> {
-        let row = self
-            .devices
-            .get_mut(&device)
-            .ok_or(StoreError::NoSuchAccount)?;
+        // The device is the actor: gone, it publishes nothing.
+        let row = self.devices.get_mut(&device).ok_or(StoreError::Revoked)?;
         match row.identity {
             Some(existing) if existing != identity => return Ok(Published::IdentityMismatch),
             Some(_) => {}
@@ -386,18 +392,23 @@ impl State {
         Claimed { keys, unknown }
     }
 
-    fn set_voucher(&mut self, account: AccountId, device: DeviceId, voucher: Voucher) -> bool {
-        let by_theirs = self
-            .devices
-            .get(&voucher.by)
-            .is_some_and(|by| by.account == account);
-        match self.devices.get_mut(&device) {
-            Some(row) if row.account == account && row.voucher.is_none() && by_theirs => {
+    fn set_voucher(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> Result<bool> {
+        self.check_actor(Actor {
+            account,
+            device: voucher.by,
+        })?;
+        Ok(match self.devices.get_mut(&device) {
+            Some(row) if row.account == account && row.voucher.is_none() => {
                 row.voucher = Some(voucher);
                 true
             }
             _ => false,
-        }
+        })
     }
 
     fn delete_account(&mut self, account: AccountId) -> Result<Vec<DeviceId>> {
@@ -665,7 +676,9 @@ impl Store for MemoryStore {
         max_devices: usize,
         _now: Millis,
     ) -> Result<Linked> {
-        self.state()?.add_device(
+        let mut state = self.state()?;
+        state.check_actor(approver)?;
+        state.add_device(
             (approver.account, device, public_key),
             identity,
             max_devices,
@@ -674,6 +687,7 @@ impl Store for MemoryStore {
 
     async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         let mut state = self.state()?;
+        state.check_actor(actor)?;
         if state.devices.get(&device).map(|d| d.account) != Some(actor.account) {
             return Ok(false);
         }
@@ -699,11 +713,13 @@ impl Store for MemoryStore {
 
     async fn claim_keys(
         &self,
-        _claimer: Actor,
+        claimer: Actor,
         account: AccountId,
         only: Vec<DeviceId>,
     ) -> Result<Claimed> {
-        Ok(self.state()?.claim_keys(account, &only))
+        let mut state = self.state()?;
+        state.check_actor(claimer)?;
+        Ok(state.claim_keys(account, &only))
     }
 
     async fn device_keys(&self, account: AccountId) -> Result<Vec<ListedDevice>> {
@@ -718,11 +734,13 @@ impl Store for MemoryStore {
         device: DeviceId,
         voucher: Voucher,
     ) -> Result<bool> {
-        Ok(self.state()?.set_voucher(account, device, voucher))
+        self.state()?.set_voucher(account, device, voucher)
     }
 
     async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
-        self.state()?.delete_account(actor.account)
+        let mut state = self.state()?;
+        state.check_actor(actor)?;
+        state.delete_account(actor.account)
     }
 
     async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>

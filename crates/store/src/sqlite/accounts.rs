@@ -13,8 +13,8 @@ use super::messages::{delete_copies, delete_if_no_copies};
 use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountDevices, AccountId, Device, IdentityKeys, KeyStatus, Linked, Pseudonym, Registered,
-    Result, StoreError, Voucher,
+    AccountDevices, AccountId, Actor, Device, IdentityKeys, KeyStatus, Linked, Pseudonym,
+    Registered, Result, StoreError, Voucher,
 };
 
 /// A registered device, read on `conn`.
@@ -42,6 +42,24 @@ pub(super) fn device_in(conn: &Connection, id: DeviceId) -> Result<Option<Device
             public_key,
         })
     }))
+}
+
+/// Refuses an operation whose actor is no longer a device of its account ([`Actor`]): read in
+/// the operation's own transaction, so that a removal committed before it is seen.
+pub(super) fn check_actor(txn: &Transaction<'_>, actor: Actor) -> Result<()> {
+    let theirs = txn
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2")?
+        .query_row(
+            params![actor.device.as_bytes(), actor.account.0],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if theirs {
+        Ok(())
+    } else {
+        Err(StoreError::Revoked)
+    }
 }
 
 /// The account behind a pseudonym and its devices, read on `conn`.
@@ -210,6 +228,13 @@ pub(super) fn set_voucher(
     device: DeviceId,
     voucher: Voucher,
 ) -> Result<bool> {
+    check_actor(
+        txn,
+        Actor {
+            account,
+            device: voucher.by,
+        },
+    )?;
     let changed = txn
         .prepare_cached(
             "UPDATE devices SET voucher = ?3, voucher_signature = ?4

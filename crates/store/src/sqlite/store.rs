@@ -87,6 +87,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Linked> {
         self.write(Undo::Operation, move |txn, notes| {
+            accounts::check_actor(txn, approver)?;
             let device = (approver.account, device, public_key);
             accounts::add_device(txn, notes, device, identity, max_devices, now)
         })
@@ -95,6 +96,7 @@ impl Store for SqliteStore {
 
     async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         self.write(Undo::Operation, move |txn, notes| {
+            accounts::check_actor(txn, actor)?;
             accounts::remove_device(txn, notes, actor.account, device)
         })
         .await
@@ -120,11 +122,12 @@ impl Store for SqliteStore {
 
     async fn claim_keys(
         &self,
-        _claimer: Actor,
+        claimer: Actor,
         account: AccountId,
         only: Vec<DeviceId>,
     ) -> Result<Claimed> {
         self.write(Undo::Operation, move |txn, _| {
+            accounts::check_actor(txn, claimer)?;
             keys::claim_keys(txn, account, only)
         })
         .await
@@ -149,6 +152,7 @@ impl Store for SqliteStore {
 
     async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
         self.write(Undo::Operation, move |txn, notes| {
+            accounts::check_actor(txn, actor)?;
             accounts::delete_account(txn, notes, actor.account)
         })
         .await
