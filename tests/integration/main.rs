@@ -13,5 +13,6 @@ mod messaging;
 mod operations;
 mod privacy;
 mod registration;
+mod revocation;
 mod robustness;
 mod sms;
