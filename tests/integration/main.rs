@@ -5,6 +5,7 @@ mod support;
 
 // Starts no server: checks that docs/ARCHITECTURE.md names only paths and items that exist.
 mod architecture_doc;
+mod budgets;
 mod defaults;
 mod e2e;
 mod gateways;
@@ -12,5 +13,6 @@ mod messaging;
 mod operations;
 mod privacy;
 mod registration;
+mod revocation;
 mod robustness;
 mod sms;

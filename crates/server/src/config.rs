@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::Deserialize;
 
+/// Devices a number may link per day unless configured otherwise: enough to set up a few
+/// computers, too few to make fresh devices a way around anything.
+pub const LINKS_PER_DAY: usize = 5;
+
 /// Settings as given by flags and environment; each is optional so that the file and the
 /// defaults can fill what is not given.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -105,6 +109,9 @@ pub struct ServerArgs {
     /// Other users' one-time keys a device's claim budget regains per hour [default: 100]
     #[arg(long, env = "TIDINGS_KEY_CLAIMS_PER_HOUR")]
     pub key_claims_per_hour: Option<u32>,
+    /// Devices a number may link per day (a day from each link) [default: 5]
+    #[arg(long, env = "TIDINGS_LINKS_PER_DAY")]
+    pub links_per_day: Option<usize>,
     /// Code requests allowed per client address per 5 minutes [default: 5]
     #[arg(long, env = "TIDINGS_CODES_PER_ADDRESS")]
     pub codes_per_address: Option<usize>,
@@ -155,6 +162,7 @@ struct FileConfig {
     lookup_per_hour: Option<u32>,
     key_claim_burst: Option<u32>,
     key_claims_per_hour: Option<u32>,
+    links_per_day: Option<usize>,
     codes_per_address: Option<usize>,
     verifies_per_address: Option<usize>,
     code_interval_seconds: Option<u64>,
@@ -180,6 +188,7 @@ pub struct ServerConfig {
     pub lookup_per_hour: u32,
     pub key_claim_burst: u32,
     pub key_claims_per_hour: u32,
+    pub links_per_day: usize,
     pub codes_per_address: usize,
     pub verifies_per_address: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
@@ -375,6 +384,10 @@ impl ServerArgs {
                 .key_claims_per_hour
                 .or(file.key_claims_per_hour)
                 .unwrap_or(100),
+            links_per_day: self
+                .links_per_day
+                .or(file.links_per_day)
+                .unwrap_or(LINKS_PER_DAY),
             codes_per_address: self
                 .codes_per_address
                 .or(file.codes_per_address)
@@ -411,6 +424,7 @@ impl ServerConfig {
             ("send_burst", self.send_burst == 0),
             ("lookup_burst", self.lookup_burst == 0),
             ("key_claim_burst", self.key_claim_burst == 0),
+            ("links_per_day", self.links_per_day == 0),
         ];
         for (setting, is_zero) in zero {
             if is_zero {

@@ -9,7 +9,7 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
-use tidings_core::HOUR;
+use tidings_core::{Millis, HOUR};
 use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -19,7 +19,7 @@ use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::reply::{error, reply, storage_unavailable};
+use crate::reply::{error, reply, storage_unavailable, store_failed};
 use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
 #[cfg(test)]
@@ -154,14 +154,14 @@ pub async fn upload<S: Store>(
             .await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed while publishing keys");
-            reply(outbox, storage_unavailable("upload again", request_id)).await;
+            let answer = store_failed(&e, "while publishing keys", "upload again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
 
-/// Handles `KeysClaim`. Claims of another number's keys draw from a per-device budget, so one
-/// device cannot drain a user's one-time keys; the fallback key keeps sessions possible anyway.
+/// Handles `KeysClaim`. Claims of another number's keys draw from the account's budget, so one
+/// account cannot drain a user's one-time keys; the fallback key keeps sessions possible anyway.
 pub async fn claim<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -226,7 +226,7 @@ pub async fn claim<S: Store>(
         let per_second = f64::from(state.config.key_claims_per_hour) / (HOUR as f64 / 1000.0);
         if take_budget(
             &state.claim_budgets,
-            identity.device,
+            identity.budgets,
             u32::try_from(cost).unwrap_or(u32::MAX),
             state.config.key_claim_burst,
             per_second,
@@ -256,11 +256,15 @@ pub async fn claim<S: Store>(
         )
         .await;
     };
-    let claimed = match state.store.claim_keys(account.account, only).await {
+    let claimed = match state
+        .store
+        .claim_keys(identity.actor(), account.account, only)
+        .await
+    {
         Ok(claimed) => claimed,
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed during a key claim");
-            return reply(outbox, storage_unavailable("try again", request_id)).await;
+            let answer = store_failed(&e, "during a key claim", "try again", request_id);
+            return reply(outbox, answer).await;
         }
     };
     if !claimed.unknown.is_empty() {
@@ -312,8 +316,19 @@ pub fn link_code_hash(code: &str) -> [u8; 32] {
     Sha256::digest(normalised.as_bytes()).into()
 }
 
+/// The refusal of a link beyond the account's daily limit, with when to try again.
+pub fn too_many_links(links_per_day: usize, wait: Millis) -> String {
+    let hours = wait.div_ceil(HOUR).max(1);
+    format!(
+        "at most {links_per_day} devices may be linked to a number a day: try again in {hours} h"
+    )
+}
+
 /// Handles `LinkCodeRequest`: a fresh 12-digit code, valid 10 minutes, that lets one new device
-/// join this device's number. A new request replaces this device's earlier code.
+/// join this device's number. A new request replaces this device's earlier code. Refused once the
+/// account has linked its devices for the day (the link itself counts, [`State::check_link`]).
+///
+/// [`State::check_link`]: crate::state::State::check_link
 pub async fn link_code<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -337,6 +352,10 @@ pub async fn link_code<S: Store>(
             tracing::warn!(error = %e, "storage failed during a link request");
             return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
+    }
+    if let Err(wait) = state.check_link(identity.budgets, now_ms(), false) {
+        let message = too_many_links(state.config.links_per_day, wait);
+        return reply(outbox, error(ErrorCode::RateLimited, message, request_id)).await;
     }
     let digits: String = {
         let mut rng = rand::rngs::OsRng;
@@ -406,7 +425,7 @@ pub async fn remove<S: Store>(
         )
         .await;
     };
-    match state.store.remove_device(identity.account, device).await {
+    match state.store.remove_device(identity.actor(), device).await {
         Ok(true) => {
             reply(
                 outbox,
@@ -430,8 +449,8 @@ pub async fn remove<S: Store>(
             .await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed while removing a device");
-            reply(outbox, storage_unavailable("remove again", request_id)).await;
+            let answer = store_failed(&e, "while removing a device", "remove again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
@@ -496,8 +515,8 @@ pub async fn vouch<S: Store>(
             reply(outbox, Kind::VouchResult(frame::VouchResult { request_id })).await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "storage failed during a vouch");
-            reply(outbox, storage_unavailable("try again", request_id)).await;
+            let answer = store_failed(&e, "during a vouch", "try again", request_id);
+            reply(outbox, answer).await;
         }
     }
 }
@@ -509,7 +528,7 @@ pub async fn disable<S: Store>(
     request: frame::Disable,
     outbox: &Outbox,
 ) {
-    match state.store.delete_account(identity.account).await {
+    match state.store.delete_account(identity.actor()).await {
         Ok(devices) => {
             reply(
                 outbox,
@@ -522,12 +541,13 @@ pub async fn disable<S: Store>(
             tracing::info!("an account was disabled and deleted");
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not delete an account");
-            reply(
-                outbox,
-                storage_unavailable("disable again", request.request_id),
-            )
-            .await;
+            let answer = store_failed(
+                &e,
+                "while deleting an account",
+                "disable again",
+                request.request_id,
+            );
+            reply(outbox, answer).await;
         }
     }
 }

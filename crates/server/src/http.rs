@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
-use crate::directory::{identity_keys, link_code_hash};
+use crate::directory::{identity_keys, link_code_hash, too_many_links};
 use crate::metrics::Outcome;
 use crate::state::{check_window, Shared};
 
@@ -428,7 +428,7 @@ async fn verify<S: Store>(
         (status = 409, description = "The number already has 6 devices", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many attempts from this address", body = ApiError),
+        (status = 429, description = "Too many attempts from this address, or the number linked its most devices for the day (`links_per_day`)", body = ApiError),
     ))]
 async fn link<S: Store>(
     State(state): State<Shared<S>>,
@@ -515,13 +515,20 @@ async fn link<S: Store>(
     let Some(offer) = offer else {
         return Err(wrong_code());
     };
+    if let Err(wait) = state.check_link(state.keys.budget_key(&pseudonym), now, true) {
+        let message = too_many_links(state.config.links_per_day, wait);
+        return Err(rate_limited(wait, &message));
+    }
     let mut device = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut device);
     let device = DeviceId(device);
     match state
         .store
         .add_device(
-            offer.account,
+            tidings_store::Actor {
+                account: offer.account,
+                device: offer.approver,
+            },
             device,
             key_bytes,
             identity,
@@ -549,6 +556,8 @@ async fn link<S: Store>(
             "too_many_devices",
             "this number already has 6 devices: remove one with `tidings devices --remove <id>` first",
         )),
+        // The device that asked for the code was removed, or its account disabled, meanwhile.
+        Err(tidings_store::StoreError::Revoked) => Err(wrong_code()),
         Err(e) => {
             tracing::warn!(error = %e, "storage failed while linking a device");
             Err(unavailable())

@@ -161,13 +161,38 @@ impl ServerKeys {
 
     /// The keyed hash a code is stored as.
     pub fn code_hash(&self, pseudonym: &Pseudonym, code: &str) -> [u8; 32] {
+        self.keyed_hash(b"tidings-code-v1", &[&pseudonym.0, code.as_bytes()])
+    }
+
+    /// What an account's budgets are kept under in memory: a keyed hash of its pseudonym, the
+    /// same for every device of the number and for every registration of it.
+    pub fn budget_key(&self, pseudonym: &Pseudonym) -> BudgetKey {
+        BudgetKey(self.keyed_hash(b"tidings-budget-v1", &[&pseudonym.0]))
+    }
+
+    /// HMAC-SHA256 under the code key of `label` then `parts`.
+    fn keyed_hash(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.code_key)
             .unwrap_or_else(|_| unreachable!());
-        mac.update(b"tidings-code-v1");
-        mac.update(&pseudonym.0);
-        mac.update(code.as_bytes());
+        mac.update(label);
+        for part in parts {
+            mac.update(part);
+        }
         mac.finalize().into_bytes().into()
+    }
+}
+
+/// Whose budgets a request draws from: its account's, named by a keyed hash of the account's
+/// pseudonym ([`ServerKeys::budget_key`]). A new device of the number, or an opt-out and a new
+/// registration of it, finds the same budgets; they live in memory only, so nothing of an
+/// opted-out account is left in storage.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BudgetKey([u8; 32]);
+
+impl std::fmt::Debug for BudgetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BudgetKey(<redacted>)")
     }
 }
 

@@ -1,14 +1,14 @@
 //! The two requests that reveal whether a number is a user: a lookup (online, offline, not a
-//! user) and the device list of a number. Both draw from one per-device budget, so neither is a
-//! free way to enumerate numbers (the server's part of promise P8 so far: the budget is per device,
-//! and the numbers are not yet blinded on the client).
+//! user) and the device list of a number. Both draw from one budget of the asking account (shared
+//! by all its devices, and kept across an opt-out and a new registration), so neither is a free
+//! way to enumerate numbers (the server's part of promise P8 so far: the numbers are not yet
+//! blinded on the client).
 //!
 //! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
 //! who asked (promise P4).
 
 use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
-use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
 use tidings_proto::MAX_LOOKUP_NUMBERS;
 use tidings_store::Store;
@@ -16,6 +16,7 @@ use tidings_store::Store;
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
+use crate::keys::BudgetKey;
 use crate::reply::{error, reply, storage_unavailable};
 use crate::state::{take_budget, Shared};
 
@@ -24,12 +25,12 @@ mod tests;
 
 const BUDGET_USED_UP: &str = "lookup budget used up: try again later";
 
-fn take_lookup_budget<S: Store>(state: &Shared<S>, device: DeviceId, n: usize) -> bool {
+fn take_lookup_budget<S: Store>(state: &Shared<S>, budgets: BudgetKey, n: usize) -> bool {
     let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     take_budget(
         &state.lookup_budgets,
-        device,
+        budgets,
         n,
         state.config.lookup_burst,
         per_second,
@@ -54,7 +55,7 @@ pub async fn lookup<S: Store>(
         )
         .await;
     }
-    if !take_lookup_budget(state, identity.device, lookup.numbers.len()) {
+    if !take_lookup_budget(state, identity.budgets, lookup.numbers.len()) {
         return reply(
             outbox,
             error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
@@ -134,7 +135,7 @@ pub async fn devices<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = request.request_id;
-    if !take_lookup_budget(state, identity.device, 1) {
+    if !take_lookup_budget(state, identity.budgets, 1) {
         return reply(
             outbox,
             error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),

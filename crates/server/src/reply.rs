@@ -5,6 +5,7 @@
 //! repeats a number, a key, a code or a payload from the request it answers.
 
 use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
+use tidings_store::StoreError;
 
 use crate::hub::{Outbound, Outbox};
 
@@ -27,6 +28,21 @@ pub fn storage_unavailable(retry: &str, request_id: u64) -> Frame {
         format!("storage unavailable: {retry}"),
         request_id,
     )
+}
+
+/// The answer to a request that storage did not carry out: refused because the requesting device
+/// was removed, or its account disabled, while the request ran ([`StoreError::Revoked`], checked
+/// in the operation's own transaction), or failed (logged, with `what` was being done).
+pub fn store_failed(error_: &StoreError, what: &str, retry: &str, request_id: u64) -> Frame {
+    if matches!(error_, StoreError::Revoked) {
+        return error(
+            ErrorCode::AuthFailed,
+            "this device is no longer registered: register again",
+            request_id,
+        );
+    }
+    tracing::warn!(error = %error_, "storage failed {what}");
+    storage_unavailable(retry, request_id)
 }
 
 /// An error after which the session ends.

@@ -237,7 +237,7 @@ async fn decide_and_enqueue<S: Store>(
     let now = now_ms();
     if take_budget(
         &state.send_budgets,
-        identity.device,
+        identity.budgets,
         1,
         state.config.send_burst,
         f64::from(state.config.send_per_second),

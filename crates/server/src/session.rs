@@ -652,6 +652,7 @@ async fn authenticate<S: Store>(
         Identity {
             device,
             account: stored.account,
+            budgets: state.keys.budget_key(&stored.pseudonym),
         },
         keys,
     ))

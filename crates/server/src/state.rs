@@ -1,7 +1,9 @@
 //! What every handler shares: configuration, store, keys, live sessions, limits and metrics.
 //!
 //! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`]): a
-//! restart forgets them, and nothing here is ever written to storage or logged.
+//! restart forgets them, and nothing here is ever written to storage or logged. The budgets of
+//! logged-in requests (lookups, key claims, sends, links) are an account's, kept under its
+//! [`BudgetKey`]: a device is free to make, so budgets per device would be no bound at all.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tidings_core::limits::{TokenBucket, Window};
 use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
-use tidings_core::{Millis, MINUTE};
+use tidings_core::{Millis, DAY, MINUTE};
 use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Store};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
-use crate::keys::ServerKeys;
+use crate::keys::{BudgetKey, ServerKeys};
 use crate::metrics::Metrics;
 
 /// Most message copies waiting for one device.
@@ -42,9 +44,11 @@ pub struct State<S: Store> {
     pub code_policy: CodePolicy,
     pub code_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
     pub verify_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
-    pub lookup_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
-    pub send_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
-    pub claim_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
+    pub lookup_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
+    pub send_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
+    pub claim_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
+    /// When each account linked a device, over the last day ([`State::links_per_day`]).
+    pub links: Mutex<HashMap<BudgetKey, Vec<Millis>>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     pub shutdown: CancellationToken,
@@ -87,10 +91,10 @@ pub fn check_window(
     Ok(())
 }
 
-/// Takes `n` from a device's token bucket, creating a full one on first use.
+/// Takes `n` from an account's token bucket, creating a full one on first use.
 pub fn take_budget(
-    budgets: &Mutex<HashMap<DeviceId, TokenBucket>>,
-    device: DeviceId,
+    budgets: &Mutex<HashMap<BudgetKey, TokenBucket>>,
+    account: BudgetKey,
     n: u32,
     capacity: u32,
     per_second: f64,
@@ -99,10 +103,10 @@ pub fn take_budget(
     let Ok(mut map) = budgets.lock() else {
         return Err(MINUTE);
     };
-    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&device) {
+    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&account) {
         map.retain(|_, bucket| !bucket.is_full(now));
     }
-    map.entry(device)
+    map.entry(account)
         .or_insert_with(|| TokenBucket::new(capacity, per_second, now))
         .try_take(n, now)
 }
@@ -124,6 +128,7 @@ impl<S: Store> State<S> {
             verify_requests: Mutex::default(),
             lookup_budgets: Mutex::default(),
             claim_budgets: Mutex::default(),
+            links: Mutex::default(),
             link_offers: Mutex::default(),
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -148,6 +153,39 @@ impl<S: Store> State<S> {
         }
     }
 
+    /// The limit on devices linked to one account.
+    pub fn links_per_day(&self) -> Window {
+        Window {
+            max: self.config.links_per_day,
+            period: DAY,
+        }
+    }
+
+    /// Whether the account may link a device now; `Err` carries the wait. `record` counts the
+    /// link when it is allowed (a link that happens), otherwise this only asks (a link code).
+    pub fn check_link(&self, account: BudgetKey, now: Millis, record: bool) -> Result<(), Millis> {
+        let window = self.links_per_day();
+        let Ok(mut map) = self.links.lock() else {
+            return Err(MINUTE);
+        };
+        if map.len() >= LIMITER_CAPACITY && !map.contains_key(&account) {
+            map.retain(|_, times| times.iter().any(|t| t + window.period > now));
+            if map.len() >= LIMITER_CAPACITY {
+                return Err(MINUTE);
+            }
+        }
+        let times = map.entry(account).or_default();
+        window.prune(times, now);
+        let allowed = window.check(times, now);
+        if allowed.is_ok() && record {
+            times.push(now);
+        }
+        if times.is_empty() {
+            map.remove(&account);
+        }
+        allowed
+    }
+
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
         for limiter in [&self.code_requests, &self.verify_requests] {
@@ -157,6 +195,9 @@ impl<S: Store> State<S> {
         }
         if let Ok(mut offers) = self.link_offers.lock() {
             offers.retain(|_, offer| offer.expires_at > now);
+        }
+        if let Ok(mut links) = self.links.lock() {
+            links.retain(|_, times| times.iter().any(|t| t + DAY > now));
         }
         for budgets in [
             &self.lookup_budgets,

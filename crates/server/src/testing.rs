@@ -108,7 +108,7 @@ impl World {
                     .first()
                     .map(|first: &Device| first.identity)
                     .expect("the first device");
-                let linked = store.add_device(account.account, id, login_key, keys, 6, now_ms());
+                let linked = store.add_device(account.actor(), id, login_key, keys, 6, now_ms());
                 linked.await.expect("link");
                 account.account
             };
@@ -120,6 +120,7 @@ impl World {
                 identity: Identity {
                     device: id,
                     account,
+                    budgets: self.state.keys.budget_key(&pseudonym),
                 },
                 number: number.into(),
                 login,

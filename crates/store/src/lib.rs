@@ -46,11 +46,24 @@ impl std::fmt::Debug for Pseudonym {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AccountId(pub i64);
 
+/// The device an operation that changes an account is done for, with that device's account.
+/// The engine checks, in the operation's own transaction, that the device is still one of the
+/// account's and answers [`StoreError::Revoked`] otherwise: a request that was already running
+/// when its device was removed (or its account disabled) cannot act once that has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor {
+    pub account: AccountId,
+    pub device: DeviceId,
+}
+
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     pub id: DeviceId,
     pub account: AccountId,
+    /// The account's pseudonym: what the server keys an account's budgets by, so that they
+    /// outlive an opt-out and a new registration of the number.
+    pub pseudonym: Pseudonym,
     pub public_key: [u8; 32],
 }
 
@@ -335,6 +348,9 @@ pub enum StoreError {
     Closed,
     #[error("no such account")]
     NoSuchAccount,
+    /// The device an operation was done for ([`Actor`]) is no longer one of its account's.
+    #[error("the device is no longer registered")]
+    Revoked,
 }
 
 impl StoreError {
@@ -487,11 +503,11 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Registered>> + Send;
 
-    /// Adds a device to an existing account (a link), keeping the others, unless the account
-    /// already has `max_devices`.
+    /// Adds a device to the account of `approver` (the device that asked for the link code),
+    /// keeping the others, unless the account already has `max_devices`.
     fn add_device(
         &self,
-        account: AccountId,
+        approver: Actor,
         device: DeviceId,
         public_key: [u8; 32],
         identity: IdentityKeys,
@@ -499,16 +515,17 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Linked>> + Send;
 
-    /// Removes one device of an account with its keys, queue and receipts. False if the device
-    /// is not one of the account's.
+    /// Removes one device of the actor's account (the actor itself included) with its keys, queue
+    /// and receipts. False if the device is not one of the account's.
     fn remove_device(
         &self,
-        account: AccountId,
+        actor: Actor,
         device: DeviceId,
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Publishes a device's identity keys (stored once, never changed), one-time keys and
-    /// fallback key (replacing the previous one).
+    /// fallback key (replacing the previous one). The device is the actor: gone, it is
+    /// [`StoreError::Revoked`].
     fn publish_keys(
         &self,
         device: DeviceId,
@@ -523,9 +540,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Hands out one key per device of the account (or of `only`, if not empty): a one-time key,
     /// deleted as it is handed out, or the fallback key when none is left. If `only` names a
-    /// device that is not the account's, nothing is handed out and `unknown` names it.
+    /// device that is not the account's, nothing is handed out and `unknown` names it. The
+    /// claimer is the actor.
     fn claim_keys(
         &self,
+        claimer: Actor,
         account: AccountId,
         only: Vec<DeviceId>,
     ) -> impl Future<Output = Result<Claimed>> + Send;
@@ -537,7 +556,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<ListedDevice>>> + Send;
 
     /// Records that another device of the account vouched for `device` (first voucher only).
-    /// False if `device` is not the account's or already has a voucher.
+    /// False if `device` is not the account's or already has a voucher. The voucher's device is
+    /// the actor: no longer the account's, it is [`StoreError::Revoked`].
     fn set_voucher(
         &self,
         account: AccountId,
@@ -545,11 +565,8 @@ pub trait Store: Send + Sync + 'static {
         voucher: Voucher,
     ) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Deletes an account with everything that belongs to it; returns its devices.
-    fn delete_account(
-        &self,
-        account: AccountId,
-    ) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
+    /// Deletes the actor's account with everything that belongs to it; returns its devices.
+    fn delete_account(&self, actor: Actor) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
 
     /// Reads and rewrites a number's code record atomically. `update` gets the current record
     /// (empty if none) and returns a value; the record it leaves is stored (deleted if `None`).

@@ -25,10 +25,10 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Admission, Backlog, Claimed, ClaimedKey, Completion, Device,
-    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
-    StoreError, Voucher,
+    AccountDevices, AccountId, Acked, Actor, Admission, Backlog, Claimed, ClaimedKey, Completion,
+    Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage,
+    Pending, PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route,
+    SignedKey, Store, StoreError, Voucher,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -110,10 +110,20 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Refuses an operation whose actor is no longer a device of its account ([`Actor`]).
+    fn check_actor(&self, actor: Actor) -> Result<()> {
+        match self.devices.get(&actor.device) {
+            Some(row) if row.account == actor.account => Ok(()),
+            _ => Err(StoreError::Revoked),
+        }
+    }
+
     fn device(&self, id: DeviceId) -> Option<Device> {
-        self.devices.get(&id).map(|row| Device {
+        let row = self.devices.get(&id)?;
+        Some(Device {
             id,
             account: row.account,
+            pseudonym: self.accounts.get(&row.account)?.pseudonym,
             public_key: row.public_key,
         })
     }
@@ -279,21 +289,21 @@ impl State {
 
     fn add_device(
         &mut self,
-        device: Device,
+        (account, device, public_key): (AccountId, DeviceId, [u8; 32]),
         identity: IdentityKeys,
         max_devices: usize,
     ) -> Result<Linked> {
-        let count = self.devices_of(device.account).len();
+        let count = self.devices_of(account).len();
         if count == 0 {
             return Err(StoreError::NoSuchAccount);
         }
         if count >= max_devices {
             return Ok(Linked::TooManyDevices);
         }
-        if self.devices.contains_key(&device.id) {
+        if self.devices.contains_key(&device) {
             return Err(StoreError::engine("the device exists already"));
         }
-        self.insert_device(device.account, device.id, device.public_key, Some(identity));
+        self.insert_device(account, device, public_key, Some(identity));
         Ok(Linked::Added)
     }
 
@@ -305,10 +315,8 @@ impl State {
         fallback: Option<SignedKey>,
         max_stored: u32,
     ) -> Result<Published> {
-        let row = self
-            .devices
-            .get_mut(&device)
-            .ok_or(StoreError::NoSuchAccount)?;
+        // The device is the actor: gone, it publishes nothing.
+        let row = self.devices.get_mut(&device).ok_or(StoreError::Revoked)?;
         match row.identity {
             Some(existing) if existing != identity => return Ok(Published::IdentityMismatch),
             Some(_) => {}
@@ -384,18 +392,23 @@ impl State {
         Claimed { keys, unknown }
     }
 
-    fn set_voucher(&mut self, account: AccountId, device: DeviceId, voucher: Voucher) -> bool {
-        let by_theirs = self
-            .devices
-            .get(&voucher.by)
-            .is_some_and(|by| by.account == account);
-        match self.devices.get_mut(&device) {
-            Some(row) if row.account == account && row.voucher.is_none() && by_theirs => {
+    fn set_voucher(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        voucher: Voucher,
+    ) -> Result<bool> {
+        self.check_actor(Actor {
+            account,
+            device: voucher.by,
+        })?;
+        Ok(match self.devices.get_mut(&device) {
+            Some(row) if row.account == account && row.voucher.is_none() => {
                 row.voucher = Some(voucher);
                 true
             }
             _ => false,
-        }
+        })
     }
 
     fn delete_account(&mut self, account: AccountId) -> Result<Vec<DeviceId>> {
@@ -656,24 +669,26 @@ impl Store for MemoryStore {
 
     async fn add_device(
         &self,
-        account: AccountId,
+        approver: Actor,
         device: DeviceId,
         public_key: [u8; 32],
         identity: IdentityKeys,
         max_devices: usize,
         _now: Millis,
     ) -> Result<Linked> {
-        let device = Device {
-            id: device,
-            account,
-            public_key,
-        };
-        self.state()?.add_device(device, identity, max_devices)
+        let mut state = self.state()?;
+        state.check_actor(approver)?;
+        state.add_device(
+            (approver.account, device, public_key),
+            identity,
+            max_devices,
+        )
     }
 
-    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+    async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         let mut state = self.state()?;
-        if state.devices.get(&device).map(|d| d.account) != Some(account) {
+        state.check_actor(actor)?;
+        if state.devices.get(&device).map(|d| d.account) != Some(actor.account) {
             return Ok(false);
         }
         state.delete_device(device);
@@ -696,8 +711,15 @@ impl Store for MemoryStore {
         Ok(self.state()?.key_status(device))
     }
 
-    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
-        Ok(self.state()?.claim_keys(account, &only))
+    async fn claim_keys(
+        &self,
+        claimer: Actor,
+        account: AccountId,
+        only: Vec<DeviceId>,
+    ) -> Result<Claimed> {
+        let mut state = self.state()?;
+        state.check_actor(claimer)?;
+        Ok(state.claim_keys(account, &only))
     }
 
     async fn device_keys(&self, account: AccountId) -> Result<Vec<ListedDevice>> {
@@ -712,11 +734,13 @@ impl Store for MemoryStore {
         device: DeviceId,
         voucher: Voucher,
     ) -> Result<bool> {
-        Ok(self.state()?.set_voucher(account, device, voucher))
+        self.state()?.set_voucher(account, device, voucher)
     }
 
-    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
-        self.state()?.delete_account(account)
+    async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
+        let mut state = self.state()?;
+        state.check_actor(actor)?;
+        state.delete_account(actor.account)
     }
 
     async fn update_code_record<R, F>(&self, pseudonym: Pseudonym, update: F) -> Result<R>

@@ -19,8 +19,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, IdentityKeys, NewMessage, Pseudonym, QueueCursor, SignedKey, Store, StoreError,
-    Voucher,
+    AccountId, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, SignedKey, Store,
+    StoreError, Voucher,
 };
 
 const NUMBERS: u8 = 3;
@@ -60,18 +60,24 @@ enum Op {
         number: u8,
         device: u8,
     },
+    /// `by` is the acting device of the number's account ([`Actor`]): `None` for its first
+    /// device (by id), as a live request would be; a device index for any other, mostly one
+    /// that is not the account's.
     AddDevice {
         number: u8,
+        by: Option<u8>,
         device: u8,
         identity: u8,
         max_devices: usize,
     },
     RemoveDevice {
         number: u8,
+        by: Option<u8>,
         device: u8,
     },
     DeleteAccount {
         number: u8,
+        by: Option<u8>,
     },
     PublishKeys {
         device: u8,
@@ -81,6 +87,8 @@ enum Op {
         max_stored: u32,
     },
     ClaimKeys {
+        claimer: u8,
+        by: Option<u8>,
         number: u8,
         only: Vec<u8>,
     },
@@ -182,21 +190,28 @@ fn code_update() -> impl Strategy<Value = CodeUpdate> {
     ]
 }
 
+/// The acting device of an operation: mostly the account's first device, sometimes any device.
+fn actor() -> impl Strategy<Value = Option<u8>> {
+    prop::option::weighted(0.2, device())
+}
+
 fn op() -> impl Strategy<Value = Op> {
     // Message times: sent at 1, expiring within a hundred milliseconds of the clock's start.
     let clock = 0..120u64;
     prop_oneof![
         4 => (number(), device()).prop_map(|(number, device)| Op::Register { number, device }),
-        3 => (number(), device(), 0..3u8, 1..4usize).prop_map(
-            |(number, device, identity, max_devices)| Op::AddDevice {
+        3 => (number(), actor(), device(), 0..3u8, 1..4usize).prop_map(
+            |(number, by, device, identity, max_devices)| Op::AddDevice {
                 number,
+                by,
                 device,
                 identity,
                 max_devices,
             }
         ),
-        1 => (number(), device()).prop_map(|(number, device)| Op::RemoveDevice { number, device }),
-        1 => number().prop_map(|number| Op::DeleteAccount { number }),
+        1 => (number(), actor(), device())
+            .prop_map(|(number, by, device)| Op::RemoveDevice { number, by, device }),
+        1 => (number(), actor()).prop_map(|(number, by)| Op::DeleteAccount { number, by }),
         4 => (
             device(),
             0..6u8,
@@ -211,8 +226,18 @@ fn op() -> impl Strategy<Value = Op> {
                 fallback,
                 max_stored,
             }),
-        2 => (number(), prop::collection::vec(device(), 0..2))
-            .prop_map(|(number, only)| Op::ClaimKeys { number, only }),
+        2 => (
+            number(),
+            actor(),
+            number(),
+            prop::collection::vec(device(), 0..2)
+        )
+            .prop_map(|(claimer, by, number, only)| Op::ClaimKeys {
+                claimer,
+                by,
+                number,
+                only
+            }),
         1 => (number(), device(), device())
             .prop_map(|(number, device, by)| Op::SetVoucher { number, device, by }),
         8 => (
@@ -326,6 +351,21 @@ impl<S: Store> Run<'_, S> {
             .unwrap_or(AccountId(i64::MAX - i64::from(number)))
     }
 
+    /// The actor `by` of a number's account: its first device by id, or device `by` (see
+    /// [`Op::AddDevice`]). A number without an account or device acts with a device no engine
+    /// has.
+    async fn actor(&self, number: u8, by: Option<u8>) -> Actor {
+        let account = self.account(number);
+        let device = match by {
+            Some(by) => device_id(by),
+            None => {
+                let devices = self.store.devices_of(account).await.unwrap_or_default();
+                devices.into_iter().min().unwrap_or(DeviceId([0xEE; 16]))
+            }
+        };
+        Actor { account, device }
+    }
+
     /// An answer as text, with every account id replaced by the number that registered it.
     fn text(&self, answer: impl Debug) -> String {
         let mut text = format!("{answer:?}");
@@ -425,14 +465,15 @@ impl<S: Store> Run<'_, S> {
             }
             Op::AddDevice {
                 number,
+                by,
                 device,
                 identity: n,
                 max_devices,
             } => {
-                let account = self.account(number);
+                let approver = self.actor(number, by).await;
                 let added = store
                     .add_device(
-                        account,
+                        approver,
                         device_id(device),
                         [device; 32],
                         identity(n),
@@ -442,14 +483,14 @@ impl<S: Store> Run<'_, S> {
                     .await;
                 self.result(added)
             }
-            Op::RemoveDevice { number, device } => {
-                let removed = store
-                    .remove_device(self.account(number), device_id(device))
-                    .await;
+            Op::RemoveDevice { number, by, device } => {
+                let actor = self.actor(number, by).await;
+                let removed = store.remove_device(actor, device_id(device)).await;
                 self.result(removed)
             }
-            Op::DeleteAccount { number } => {
-                let deleted = store.delete_account(self.account(number)).await;
+            Op::DeleteAccount { number, by } => {
+                let actor = self.actor(number, by).await;
+                let deleted = store.delete_account(actor).await;
                 let answer = self.result(deleted);
                 if !answer.starts_with("engine failure") && answer != "no such account" {
                     self.accounts.remove(&number);
@@ -470,9 +511,15 @@ impl<S: Store> Run<'_, S> {
                     .await;
                 self.result(published)
             }
-            Op::ClaimKeys { number, only } => {
+            Op::ClaimKeys {
+                claimer,
+                by,
+                number,
+                only,
+            } => {
                 let only = only.into_iter().map(device_id).collect();
-                let claimed = store.claim_keys(self.account(number), only).await;
+                let claimer = self.actor(claimer, by).await;
+                let claimed = store.claim_keys(claimer, self.account(number), only).await;
                 self.result(claimed)
             }
             Op::SetVoucher { number, device, by } => {
@@ -667,6 +714,7 @@ fn populated() -> Vec<Op> {
     for (number, device) in [(0, 3), (1, 4)] {
         ops.push(Op::AddDevice {
             number,
+            by: None,
             device,
             identity: device,
             max_devices: 3,

@@ -12,9 +12,14 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, Acked, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage, PendingReceipt,
-    Pseudonym, Published, QueueCursor, SignedKey, Store, SyncReport, Voucher,
+    AccountId, Acked, Actor, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage,
+    PendingReceipt, Pseudonym, Published, QueueCursor, SignedKey, Store, SyncReport, Voucher,
 };
+
+/// A device of an account, as the actor of an operation that changes it.
+fn by(account: AccountId, device: DeviceId) -> Actor {
+    Actor { account, device }
+}
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tidings-store-{name}-{}", std::process::id()));
@@ -286,7 +291,8 @@ async fn queue_ack_receipt_and_residue() {
     );
 
     // Keys: one-time keys are handed out once, then the fallback key, again and again.
-    let claim = |only: Vec<DeviceId>| store.claim_keys(bob_account, only);
+    let claim =
+        |only: Vec<DeviceId>| store.claim_keys(by(bob_account, bob_laptop), bob_account, only);
     let first = claim(vec![]).await.expect("claim");
     assert_eq!(
         (first.keys[0].key, first.keys[0].fallback),
@@ -311,7 +317,16 @@ async fn queue_ack_receipt_and_residue() {
     // A linked device joins without signing the other out, up to the limit; removing it takes
     // its keys and queue.
     let linked = DeviceId([4; 16]);
-    let add = |device| store.add_device(bob_account, device, [6; 32], identity(40), 2, 0);
+    let add = |device| {
+        store.add_device(
+            by(bob_account, bob_laptop),
+            device,
+            [6; 32],
+            identity(40),
+            2,
+            0,
+        )
+    };
     assert_eq!(add(linked).await.expect("link"), Linked::Added);
     let voucher = Voucher {
         by: bob_laptop,
@@ -330,11 +345,11 @@ async fn queue_ack_receipt_and_residue() {
         Linked::TooManyDevices
     );
     assert!(store
-        .remove_device(bob_account, linked)
+        .remove_device(by(bob_account, bob_laptop), linked)
         .await
         .expect("remove"));
     assert!(!store
-        .remove_device(bob_account, linked)
+        .remove_device(by(bob_account, bob_laptop), linked)
         .await
         .expect("again"));
     assert!(store.device(linked).await.expect("read").is_none());
@@ -343,7 +358,10 @@ async fn queue_ack_receipt_and_residue() {
     assert_references_hold(&database, "after a device's removal");
 
     // Disable bob: nothing with his pseudonym remains after a scrub.
-    store.delete_account(bob_account).await.expect("delete");
+    store
+        .delete_account(by(bob_account, bob_laptop))
+        .await
+        .expect("delete");
     assert!(store.account(bob).await.expect("read").is_none());
     assert_references_hold(&database, "after an opt-out");
     drop(database);
@@ -498,11 +516,11 @@ async fn acknowledgements_of_a_message_with_several_copies_in(store: &impl Store
         .await
         .expect("bob")
         .account;
-    for (account, device, n) in [
-        (alice_account, alice_tablet, 30),
-        (bob_account, bob_laptop, 40),
+    for (approver, device, n) in [
+        (by(alice_account, alice_phone), alice_tablet, 30),
+        (by(bob_account, bob_phone), bob_laptop, 40),
     ] {
-        let linked = store.add_device(account, device, [6; 32], identity(n), 6, 0);
+        let linked = store.add_device(approver, device, [6; 32], identity(n), 6, 0);
         assert_eq!(linked.await.expect("link"), Linked::Added);
     }
     for (device, n) in [
@@ -759,11 +777,11 @@ async fn queue_lengths_follow_every_write() {
     let store = &held.store;
     let ((alice_phone, alice_account), (bob_phone, bob_account)) = alice_and_bob(store).await;
     let (alice_tablet, bob_laptop) = (DeviceId([5; 16]), DeviceId([6; 16]));
-    for (account, device, n) in [
-        (alice_account, alice_tablet, 30),
-        (bob_account, bob_laptop, 40),
+    for (approver, device, n) in [
+        (by(alice_account, alice_phone), alice_tablet, 30),
+        (by(bob_account, bob_phone), bob_laptop, 40),
     ] {
-        let linked = store.add_device(account, device, [6; 32], identity(n), 6, 0);
+        let linked = store.add_device(approver, device, [6; 32], identity(n), 6, 0);
         assert_eq!(linked.await.expect("link"), Linked::Added);
     }
     let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
@@ -880,7 +898,7 @@ async fn queue_lengths_follow_every_write() {
         Stored
     );
     assert!(store
-        .remove_device(bob_account, bob_laptop)
+        .remove_device(by(bob_account, bob_phone), bob_laptop)
         .await
         .expect("remove"));
     assert_queue_lengths(store, &database, "after a device's removal").await;
@@ -903,7 +921,10 @@ async fn queue_lengths_follow_every_write() {
     // Opting out takes the messages bob sent and their copies on alice's device.
     let from_bob = to_alice((bob_phone, bob_account), 2, &[(alice_new, b"9")]);
     assert_eq!(store.enqueue(from_bob, 10).await.expect("send"), Stored);
-    store.delete_account(bob_account).await.expect("opt out");
+    store
+        .delete_account(by(bob_account, bob_phone))
+        .await
+        .expect("opt out");
     assert_queue_lengths(store, &database, "after an opt-out").await;
     let alice_queue = store.account(Pseudonym([0xA1; 32])).await.expect("account");
     assert_eq!(alice_queue.expect("alice").devices, vec![(alice_new, 0)]);
@@ -952,12 +973,15 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
         .account;
     check("registered", vec![phone]).await;
     let linked = store
-        .add_device(account, laptop, [6; 32], identity(40), 6, 0)
+        .add_device(by(account, phone), laptop, [6; 32], identity(40), 6, 0)
         .await
         .expect("link");
     assert_eq!(linked, Linked::Added);
     check("linked", vec![phone, laptop]).await;
-    assert!(store.remove_device(account, phone).await.expect("remove"));
+    assert!(store
+        .remove_device(by(account, laptop), phone)
+        .await
+        .expect("remove"));
     check("removed", vec![laptop]).await;
     let replaced = store
         .register_device(pseudonym, tablet, [5; 32], 0)
@@ -966,7 +990,7 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
     assert_eq!(replaced.removed, vec![laptop]);
     check("registered again", vec![tablet]).await;
     store
-        .delete_account(replaced.account)
+        .delete_account(by(replaced.account, tablet))
         .await
         .expect("opt out");
     check("opted out", vec![]).await;
@@ -1157,7 +1181,7 @@ async fn account_ids_are_never_reused_in(
         seen.push(registered.account);
         if n % 2 == 1 {
             store
-                .delete_account(registered.account)
+                .delete_account(by(registered.account, DeviceId([n; 16])))
                 .await
                 .expect("delete the newest account");
         }

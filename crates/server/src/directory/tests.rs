@@ -375,3 +375,65 @@ async fn a_vouch_is_kept_only_with_a_good_signature_between_devices_of_one_numbe
         .expect("a voucher");
     assert_eq!(vouched.by, alice[0].identity.device);
 }
+
+/// A request that passed its session's revocation check just before its device's removal
+/// committed (so its session was not signed out yet) is refused by the store's own check in the
+/// request's transaction: the removed device changes nothing on its account.
+#[tokio::test]
+async fn a_request_racing_its_devices_removal_changes_nothing() {
+    let world = World::new("racing-removal", |_| {});
+    let mut alice = world.user("+14155550241", 3).await;
+    let bob = world.user("+14155550242", 1).await.remove(0);
+    let mut removed = alice.pop().expect("a third device");
+    let account = alice[0].identity.account;
+    // The removal commits; the hub has not signed the removed device's session out.
+    let gone = world
+        .state
+        .store
+        .remove_device(alice[0].identity.actor(), removed.identity.device)
+        .await;
+    assert!(gone.expect("removed"));
+    // (what, the request)
+    let cases = [
+        (
+            "removing another device",
+            Kind::RemoveDevice(frame::RemoveDevice {
+                request_id: 1,
+                device_id: alice[1].identity.device.as_bytes().to_vec(),
+            }),
+        ),
+        (
+            "claiming another number's keys",
+            Kind::KeysClaim(frame::KeysClaim {
+                request_id: 2,
+                number: bob.number.clone(),
+                device_ids: Vec::new(),
+            }),
+        ),
+        (
+            "disabling the account",
+            Kind::Disable(frame::Disable { request_id: 3 }),
+        ),
+    ];
+    for (n, (what, request)) in cases.into_iter().enumerate() {
+        let answer = world.ask(&mut removed, request).await;
+        let (code, message, request_id) = error_of(&answer);
+        assert_eq!(
+            (code, request_id),
+            (ErrorCode::AuthFailed, n as u64 + 1),
+            "{what}: {message}"
+        );
+        assert!(
+            message.contains("no longer registered"),
+            "{what}: {message}"
+        );
+    }
+    let mut left = world.state.store.devices_of(account).await.expect("a read");
+    left.sort();
+    let mut expected = vec![alice[0].identity.device, alice[1].identity.device];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the account and its other devices are intact"
+    );
+}

@@ -208,7 +208,7 @@ async fn a_login_that_registers_after_its_device_was_removed_is_signed_out() {
     let removed = world
         .state
         .store
-        .remove_device(first.identity.account, second.identity.device)
+        .remove_device(first.identity.actor(), second.identity.device)
         .await;
     assert_eq!(removed.ok(), Some(true));
     world

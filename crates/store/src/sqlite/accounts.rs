@@ -13,26 +13,53 @@ use super::messages::{delete_copies, delete_if_no_copies};
 use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountDevices, AccountId, Device, IdentityKeys, KeyStatus, Linked, Pseudonym, Registered,
-    Result, StoreError, Voucher,
+    AccountDevices, AccountId, Actor, Device, IdentityKeys, KeyStatus, Linked, Pseudonym,
+    Registered, Result, StoreError, Voucher,
 };
 
 /// A registered device, read on `conn`.
 pub(super) fn device_in(conn: &Connection, id: DeviceId) -> Result<Option<Device>> {
     let row = conn
-        .prepare_cached("SELECT account_id, public_key FROM devices WHERE id = ?1")?
+        .prepare_cached(
+            "SELECT devices.account_id, devices.public_key, accounts.pseudonym
+             FROM devices JOIN accounts ON accounts.id = devices.account_id WHERE devices.id = ?1",
+        )?
         .query_row(params![id.as_bytes()], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+            ))
         })
         .optional()?;
-    Ok(row.and_then(|(account, key)| {
+    Ok(row.and_then(|(account, key, pseudonym)| {
         let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
+        let pseudonym = <[u8; 32]>::try_from(pseudonym.as_slice()).ok()?;
         Some(Device {
             id,
             account: AccountId(account),
+            pseudonym: Pseudonym(pseudonym),
             public_key,
         })
     }))
+}
+
+/// Refuses an operation whose actor is no longer a device of its account ([`Actor`]): read in
+/// the operation's own transaction, so that a removal committed before it is seen.
+pub(super) fn check_actor(txn: &Transaction<'_>, actor: Actor) -> Result<()> {
+    let theirs = txn
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1 AND account_id = ?2")?
+        .query_row(
+            params![actor.device.as_bytes(), actor.account.0],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if theirs {
+        Ok(())
+    } else {
+        Err(StoreError::Revoked)
+    }
 }
 
 /// The account behind a pseudonym and its devices, read on `conn`.
@@ -144,16 +171,11 @@ pub(super) fn register_device(
 pub(super) fn add_device(
     txn: &Transaction<'_>,
     notes: &mut Notes,
-    device: Device,
+    (account, device, public_key): (AccountId, DeviceId, [u8; 32]),
     identity: IdentityKeys,
     max_devices: usize,
     now: Millis,
 ) -> Result<Linked> {
-    let Device {
-        id: device,
-        account,
-        public_key,
-    } = device;
     let count: i64 = txn
         .prepare_cached("SELECT COUNT(*) FROM devices WHERE account_id = ?1")?
         .query_row(params![account.0], |row| row.get(0))?;
@@ -206,6 +228,13 @@ pub(super) fn set_voucher(
     device: DeviceId,
     voucher: Voucher,
 ) -> Result<bool> {
+    check_actor(
+        txn,
+        Actor {
+            account,
+            device: voucher.by,
+        },
+    )?;
     let changed = txn
         .prepare_cached(
             "UPDATE devices SET voucher = ?3, voucher_signature = ?4

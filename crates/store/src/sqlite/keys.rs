@@ -73,7 +73,8 @@ pub(super) fn publish_keys(
         })
         .optional()?;
     match stored {
-        None => return Err(StoreError::NoSuchAccount),
+        // The device is the actor: gone, it publishes nothing.
+        None => return Err(StoreError::Revoked),
         Some(Some(existing)) if existing != identity => return Ok(Published::IdentityMismatch),
         Some(Some(_)) => {}
         Some(None) => {

@@ -13,7 +13,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use super::writer::Undo;
 use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
-    AccountDevices, AccountId, Acked, Backlog, Claimed, Completion, Device, Enqueued,
+    AccountDevices, AccountId, Acked, Actor, Backlog, Claimed, Completion, Device, Enqueued,
     ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
     PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
     Voucher,
@@ -79,7 +79,7 @@ impl Store for SqliteStore {
 
     async fn add_device(
         &self,
-        account: AccountId,
+        approver: Actor,
         device: DeviceId,
         public_key: [u8; 32],
         identity: IdentityKeys,
@@ -87,19 +87,17 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Linked> {
         self.write(Undo::Operation, move |txn, notes| {
-            let device = Device {
-                id: device,
-                account,
-                public_key,
-            };
+            accounts::check_actor(txn, approver)?;
+            let device = (approver.account, device, public_key);
             accounts::add_device(txn, notes, device, identity, max_devices, now)
         })
         .await
     }
 
-    async fn remove_device(&self, account: AccountId, device: DeviceId) -> Result<bool> {
+    async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         self.write(Undo::Operation, move |txn, notes| {
-            accounts::remove_device(txn, notes, account, device)
+            accounts::check_actor(txn, actor)?;
+            accounts::remove_device(txn, notes, actor.account, device)
         })
         .await
     }
@@ -122,8 +120,14 @@ impl Store for SqliteStore {
         self.read_here(|conn| keys::key_status_in(conn, device))
     }
 
-    async fn claim_keys(&self, account: AccountId, only: Vec<DeviceId>) -> Result<Claimed> {
+    async fn claim_keys(
+        &self,
+        claimer: Actor,
+        account: AccountId,
+        only: Vec<DeviceId>,
+    ) -> Result<Claimed> {
         self.write(Undo::Operation, move |txn, _| {
+            accounts::check_actor(txn, claimer)?;
             keys::claim_keys(txn, account, only)
         })
         .await
@@ -146,9 +150,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_account(&self, account: AccountId) -> Result<Vec<DeviceId>> {
+    async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
         self.write(Undo::Operation, move |txn, notes| {
-            accounts::delete_account(txn, notes, account)
+            accounts::check_actor(txn, actor)?;
+            accounts::delete_account(txn, notes, actor.account)
         })
         .await
     }

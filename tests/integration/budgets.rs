@@ -1,0 +1,91 @@
+//! Issue 28, item 6: budgets belong to the account, not to the device. A device is free to make
+//! (link one, use it, remove it), and an opt-out is free too, so neither may bring fresh lookup
+//! budgets; and an account links only a few devices a day.
+
+use crate::support::{number, text, Server, User};
+
+/// The lookup budget of these tests: small, and regained so slowly that no test sees a refill.
+const BURST: usize = 4;
+const SERVER_FLAGS: [&str; 4] = ["--lookup-burst", "4", "--lookup-per-hour", "1"];
+
+/// Looks up one number at a time on `user`'s device until the server refuses for the budget;
+/// how many lookups it granted (at most `BURST + 1`, which is already one too many).
+fn lookups_granted(user: &User) -> usize {
+    for granted in 0..=BURST {
+        let out = user.run(&["--json", "lookup", &number()]);
+        if !out.status.success() {
+            // With `--json` the error is a JSON line on stdout.
+            let complaint = text(&out.stdout) + &text(&out.stderr);
+            assert!(
+                complaint.contains("budget"),
+                "refused for another reason: {complaint}"
+            );
+            return granted;
+        }
+    }
+    BURST + 1
+}
+
+/// The device id in a user's profile, read without the server (listing devices draws from the
+/// lookup budget).
+fn own_device_id(user: &User) -> String {
+    tidings_client::profile::Profile::at(user.profile.path())
+        .load()
+        .expect("profile")
+        .and_then(|data| data.device_id)
+        .expect("a registered device")
+}
+
+#[test]
+fn a_linked_device_draws_from_its_accounts_lookup_budget() {
+    let server = Server::start(&SERVER_FLAGS);
+    let alice = User::register(&number(), &server, &[]);
+    let mut granted = 0;
+    for round in 0..3 {
+        let laptop = alice.link_device(&server);
+        let laptop_id = own_device_id(&laptop);
+        granted += lookups_granted(&laptop);
+        assert!(
+            granted <= BURST,
+            "round {round}: link, use and remove brought a fresh budget ({granted} lookups granted with a budget of {BURST})"
+        );
+        alice.ok(&["devices", "--remove", &laptop_id]);
+    }
+    // The first device shares the same, spent budget.
+    assert_eq!(lookups_granted(&alice), 0);
+}
+
+#[test]
+fn an_opt_out_and_a_new_registration_bring_no_fresh_lookup_budget() {
+    let server = Server::start(&SERVER_FLAGS);
+    let alice_number = number();
+    let mut alice = User::register(&alice_number, &server, &[]);
+    let mut granted = 0;
+    for round in 0..3 {
+        granted += lookups_granted(&alice);
+        assert!(
+            granted <= BURST,
+            "round {round}: an opt-out and a new registration brought a fresh budget ({granted} lookups granted with a budget of {BURST})"
+        );
+        alice.ok(&["disable"]);
+        alice = User::register(&alice_number, &server, &[]);
+    }
+}
+
+#[test]
+fn an_account_links_at_most_five_devices_a_day() {
+    let server = Server::start(&[]);
+    let alice = User::register(&number(), &server, &[]);
+    for _ in 0..5 {
+        let laptop = alice.link_device(&server);
+        alice.ok(&["devices", "--remove", &laptop.device_id()]);
+    }
+    // The sixth is refused when its code is asked for, with the reason and when to try again.
+    let out = alice.run(&["link", "--wait", "5"]);
+    let complaint = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        complaint.contains("linked to a number a day"),
+        "{complaint}"
+    );
+}
