@@ -8,7 +8,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -25,11 +25,12 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash};
 use crate::metrics::Outcome;
-use crate::state::{check_window, Shared};
+use crate::state::Shared;
 
 #[cfg(test)]
 mod tests;
@@ -121,6 +122,76 @@ fn pseudonym_of<S: Store>(
     })
 }
 
+/// Counts a request against its client's address blocks (the peer, or the client a trusted proxy
+/// names); a 429 answer with the wait when a block is spent.
+fn check_address<S: Store>(
+    state: &Shared<S>,
+    limit: AddressLimit,
+    peer: &Peer,
+    headers: &HeaderMap,
+    now: tidings_core::Millis,
+) -> Result<(), Refusal> {
+    let client = abuse::client_address(&state.config.trusted_proxies, peer.0.ip(), headers);
+    state.abuse.check_address(&state.config, limit, client, now)
+}
+
+/// Counts a verification or link attempt against its client's address blocks.
+fn check_attempt_address<S: Store>(
+    state: &Shared<S>,
+    peer: &Peer,
+    headers: &HeaderMap,
+    now: tidings_core::Millis,
+) -> Result<(), Response> {
+    check_address(state, AddressLimit::Verifies, peer, headers, now).map_err(|refusal| {
+        rate_limited(
+            refusal.wait,
+            "too many attempts from this network: wait and try again",
+        )
+    })
+}
+
+/// The answer to a code request that a limit or budget refused, counted and logged.
+fn code_refused<S: Store>(state: &Shared<S>, refusal: Refusal) -> Response {
+    abuse::report_refusal(&state.metrics, refusal);
+    let message = match refusal.tripped {
+        Tripped::Address | Tripped::AddressBlock => {
+            "too many code requests from this network: wait and try again"
+        }
+        Tripped::NumberDaily => {
+            "this number has been sent as many codes as it may get today: use the last one, or try again tomorrow"
+        }
+        Tripped::NumberPrefix | Tripped::Country | Tripped::Global => {
+            "too many codes are being sent to numbers like this one: wait and try again"
+        }
+        Tripped::PremiumRate => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_number",
+                "codes are not sent to premium-rate or shared-cost numbers: register a mobile number",
+            )
+        }
+    };
+    rate_limited(refusal.wait, message)
+}
+
+/// Forgets the code just issued to a number, giving the number its allowance back: the user
+/// never got it.
+async fn withdraw_code<S: Store>(
+    state: &Shared<S>,
+    pseudonym: tidings_store::Pseudonym,
+    now: tidings_core::Millis,
+) {
+    let _ = state
+        .store
+        .update_code_record(pseudonym, move |record| {
+            if let Some(current) = record.as_mut() {
+                current.sent_at.retain(|t| *t != now);
+                current.live = None;
+            }
+        })
+        .await;
+}
+
 /// Builds the router and the OpenAPI document it serves.
 pub fn router<S: Store>(state: Shared<S>) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -153,17 +224,22 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
 async fn request_code<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<CodeRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
     let number = e164(&request.number)?;
+    if abuse::is_premium_rate(&number) {
+        return Err(code_refused(
+            &state,
+            Refusal {
+                tripped: Tripped::PremiumRate,
+                wait: 0,
+            },
+        ));
+    }
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.code_requests,
-        state.codes_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
+    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
         state
             .metrics
             .registrations
@@ -171,10 +247,7 @@ async fn request_code<S: Store>(
                 outcome: "address_limited",
             })
             .inc();
-        return Err(rate_limited(
-            wait,
-            "too many code requests from this address: wait and try again",
-        ));
+        return Err(code_refused(&state, refusal));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
@@ -215,19 +288,27 @@ async fn request_code<S: Store>(
             ));
         }
     }
+    // The SMS budgets are taken only for a code that is about to be sent; a refused one gives
+    // the number its allowance back.
+    let taken = match state.abuse.take_sms_budgets(&state.config, &number, now) {
+        Ok(taken) => taken,
+        Err(refusal) => {
+            withdraw_code(&state, pseudonym, now).await;
+            state
+                .metrics
+                .registrations
+                .get_or_create(&Outcome {
+                    outcome: "budget_limited",
+                })
+                .inc();
+            return Err(code_refused(&state, refusal));
+        }
+    };
     let text = format!("Your Tidings code is {code}. It expires in 10 minutes. Do not share it.");
     if let Err(e) = state.gateway.send(&number, &text).await {
         tracing::warn!(error = %e, "SMS gateway failed to send a code");
-        // Give the number its allowance back: the user never got this code.
-        let _ = state
-            .store
-            .update_code_record(pseudonym, move |record| {
-                if let Some(current) = record.as_mut() {
-                    current.sent_at.retain(|t| *t != now);
-                    current.live = None;
-                }
-            })
-            .await;
+        withdraw_code(&state, pseudonym, now).await;
+        state.abuse.give_back(taken);
         state
             .metrics
             .registrations
@@ -272,6 +353,7 @@ async fn request_code<S: Store>(
 async fn verify<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<VerifyRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
@@ -311,17 +393,7 @@ async fn verify<S: Store>(
         ));
     }
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.verify_requests,
-        state.verifies_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
-        return Err(rate_limited(
-            wait,
-            "too many verification attempts from this address: wait and try again",
-        ));
-    }
+    check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
     let presented = state.keys.code_hash(&pseudonym, &request.code);
     let policy = state.code_policy;
@@ -433,6 +505,7 @@ async fn verify<S: Store>(
 async fn link<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<LinkRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
@@ -466,17 +539,7 @@ async fn link<S: Store>(
         return Err(bad("signature does not match device_key"));
     }
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.verify_requests,
-        state.verifies_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
-        return Err(rate_limited(
-            wait,
-            "too many attempts from this address: wait and try again",
-        ));
-    }
+    check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
     let unavailable = || {
         api_error(

@@ -32,6 +32,7 @@
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear; numbers become pseudonyms at the edge and are dropped.
 
+mod abuse;
 mod clock;
 pub mod config;
 mod connection;

@@ -1,13 +1,13 @@
 //! What every handler shares: configuration, store, keys, live sessions, limits and metrics.
 //!
-//! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`]): a
-//! restart forgets them, and nothing here is ever written to storage or logged.
+//! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`], and the
+//! `limiter_capacity` setting for the registration limits in [`AbuseLimits`]): a restart forgets
+//! them, and nothing here is ever written to storage or logged.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use tidings_core::limits::{TokenBucket, Window};
+use tidings_core::limits::TokenBucket;
 use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
 use tidings_core::{Millis, MINUTE};
@@ -16,6 +16,7 @@ use tidings_store::{AccountId, Store};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::abuse::AbuseLimits;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
@@ -24,8 +25,6 @@ use crate::metrics::Metrics;
 
 /// Most message copies waiting for one device.
 pub const QUEUE_LIMIT: u32 = 10_000;
-/// The period of the per-address registration limits.
-pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
 
@@ -40,8 +39,8 @@ pub struct State<S: Store> {
     pub gateway: Gateway,
     pub retention: Retention,
     pub code_policy: CodePolicy,
-    pub code_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
-    pub verify_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
+    /// Registration limits by address block and SMS budgets.
+    pub abuse: AbuseLimits,
     pub lookup_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
     pub send_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
     pub claim_budgets: Mutex<HashMap<DeviceId, TokenBucket>>,
@@ -63,29 +62,6 @@ pub struct LinkOffer {
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
-
-/// Records an event for `address` in a sliding-window limiter; `Err` carries the wait.
-pub fn check_window(
-    limiter: &Mutex<HashMap<IpAddr, Vec<Millis>>>,
-    window: Window,
-    address: IpAddr,
-    now: Millis,
-) -> Result<(), Millis> {
-    let Ok(mut map) = limiter.lock() else {
-        return Err(MINUTE);
-    };
-    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&address) {
-        map.retain(|_, times| times.iter().any(|t| t + window.period > now));
-        if map.len() >= LIMITER_CAPACITY {
-            return Err(window.period);
-        }
-    }
-    let times = map.entry(address).or_default();
-    window.prune(times, now);
-    window.check(times, now)?;
-    times.push(now);
-    Ok(())
-}
 
 /// Takes `n` from a device's token bucket, creating a full one on first use.
 pub fn take_budget(
@@ -111,6 +87,7 @@ impl<S: Store> State<S> {
     /// The state of a server that has not started yet: no session, no limiter entry.
     pub fn new(config: ServerConfig, store: S, keys: ServerKeys, metrics: Arc<Metrics>) -> Self {
         let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
+        let abuse = AbuseLimits::new(config.limiter_capacity);
         Self {
             code_policy: config.code_policy,
             config,
@@ -120,8 +97,7 @@ impl<S: Store> State<S> {
             metrics,
             gateway,
             retention: Retention::default(),
-            code_requests: Mutex::default(),
-            verify_requests: Mutex::default(),
+            abuse,
             lookup_budgets: Mutex::default(),
             claim_budgets: Mutex::default(),
             link_offers: Mutex::default(),
@@ -132,29 +108,9 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// The limit on code requests per client address.
-    pub fn codes_per_address(&self) -> Window {
-        Window {
-            max: self.config.codes_per_address,
-            period: ADDRESS_WINDOW,
-        }
-    }
-
-    /// The limit on verification attempts per client address.
-    pub fn verifies_per_address(&self) -> Window {
-        Window {
-            max: self.config.verifies_per_address,
-            period: ADDRESS_WINDOW,
-        }
-    }
-
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
-        for limiter in [&self.code_requests, &self.verify_requests] {
-            if let Ok(mut map) = limiter.lock() {
-                map.retain(|_, times| times.iter().any(|t| t + ADDRESS_WINDOW > now));
-            }
-        }
+        self.abuse.prune(now);
         if let Ok(mut offers) = self.link_offers.lock() {
             offers.retain(|_, offer| offer.expires_at > now);
         }
