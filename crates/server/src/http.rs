@@ -215,10 +215,10 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     request_body = CodeRequest,
     responses(
         (status = 202, description = "A code was sent", body = CodeSent),
-        (status = 400, description = "Not a valid phone number or not JSON", body = ApiError),
+        (status = 400, description = "Not a valid phone number (`invalid_number`), a premium-rate or shared-cost number no code is sent to (`unsupported_number`), or not JSON", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many codes for this number or address", body = ApiError),
+        (status = 429, description = "Too many codes for this number (1 per 2 minutes, 2 per 8 hours, 5 SMS a day), from this client's address or address block, or to numbers of this prefix, of this country or in all (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
 async fn request_code<S: Store>(
@@ -348,7 +348,7 @@ async fn request_code<S: Store>(
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
         (status = 410, description = "No live code for this number", body = ApiError),
-        (status = 429, description = "Attempts used up, or too many requests from this address", body = ApiError),
+        (status = 429, description = "Attempts used up (`too_many_attempts`: request a new code), or too many attempts from this client's address or address block (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
     ))]
 async fn verify<S: Store>(
     State(state): State<Shared<S>>,
@@ -500,7 +500,7 @@ async fn verify<S: Store>(
         (status = 409, description = "The number already has 6 devices", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many attempts from this address", body = ApiError),
+        (status = 429, description = "Too many attempts from this client's address or address block (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
     ))]
 async fn link<S: Store>(
     State(state): State<Shared<S>>,
