@@ -397,6 +397,91 @@ mod tests {
         check("10.0.0.1", &["garbage, 10.0.0.2"], "10.0.0.2");
     }
 
+    /// Settings over the defaults, from an empty config file.
+    fn config(settings: impl FnOnce(&mut crate::config::ServerArgs)) -> ServerConfig {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file =
+            std::env::temp_dir().join(format!("tidings-abuse-{}-{n}.toml", std::process::id()));
+        std::fs::write(&file, "").expect("config file");
+        let mut args = crate::config::ServerArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        settings(&mut args);
+        let config = args.resolve().expect("settings");
+        let _ = std::fs::remove_file(&file);
+        config
+    }
+
+    fn tripped<T>(result: Result<T, Refusal>) -> Option<Tripped> {
+        result.err().map(|refusal| refusal.tripped)
+    }
+
+    #[test]
+    fn sms_budgets_take_all_or_nothing_and_give_back() {
+        let config = config(|args| {
+            args.sms_per_number_per_day = Some(2);
+            args.codes_per_prefix_per_hour = Some(2);
+            args.codes_per_country_per_hour = Some(3);
+        });
+        let limits = AbuseLimits::new(100);
+        let take = |number: &str, now| {
+            let number = E164::parse(number).expect("a valid number");
+            limits.take_sms_budgets(&config, &number, now)
+        };
+        assert_eq!(tripped(take("+4915112345001", 0)), None);
+        assert_eq!(tripped(take("+4915112345001", 0)), None);
+        assert_eq!(
+            tripped(take("+4915112345001", 0)),
+            Some(Tripped::NumberDaily)
+        );
+        assert_eq!(
+            tripped(take("+4915112345002", 0)),
+            Some(Tripped::NumberPrefix)
+        );
+        let taken = take("+4915112346001", 0).expect("the country's last code this hour");
+        assert_eq!(tripped(take("+4915112347001", 0)), Some(Tripped::Country));
+        assert_eq!(tripped(take("+12015550123", 0)), None, "another country");
+        // What was given back (the gateway failed) can be taken again.
+        limits.give_back(taken);
+        assert_eq!(tripped(take("+4915112346001", 0)), None);
+        // The hourly budgets come back within the hour; the number's cap only after a day.
+        assert_eq!(tripped(take("+4915112345002", HOUR + 1)), None);
+        let refusal = take("+4915112345001", HOUR + 1).expect_err("the daily cap");
+        assert_eq!(refusal.tripped, Tripped::NumberDaily);
+        assert_eq!(refusal.wait, DAY - HOUR - 1);
+    }
+
+    #[test]
+    fn address_limits_count_the_narrow_and_the_wide_block() {
+        let config = config(|args| {
+            args.codes_per_address = Some(2);
+            args.codes_per_address_block = Some(3);
+        });
+        let limits = AbuseLimits::new(100);
+        let check = |ip: &str| {
+            let ip = ip.parse().expect("an address");
+            tripped(limits.check_address(&config, AddressLimit::Codes, ip, 0))
+        };
+        assert_eq!(check("2001:db8:1:1::1"), None);
+        assert_eq!(check("2001:db8:1:1::2"), None);
+        assert_eq!(check("2001:db8:1:1:ffff::3"), Some(Tripped::Address));
+        assert_eq!(check("2001:db8:1:2::1"), None, "another /64");
+        assert_eq!(check("2001:db8:1:3::1"), Some(Tripped::AddressBlock));
+        assert_eq!(check("2001:db8:2::1"), None, "another /48");
+        assert_eq!(
+            tripped(limits.check_address(
+                &config,
+                AddressLimit::Verifies,
+                "2001:db8:1:1::1".parse().expect("an address"),
+                0
+            )),
+            None,
+            "verification attempts are counted apart"
+        );
+    }
+
     #[test]
     fn premium_rate_and_shared_cost_numbers_are_recognised() {
         let check = |text: &str, expected: bool| {
