@@ -13,7 +13,8 @@
 //!   a random key of this process).
 //!
 //! When a budget trips, a counter by budget name goes up and a log line names the budget — never
-//! the number.
+//! the number; at most one line per budget a minute, so that a flood of refused requests cannot
+//! flood the log as well.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,7 +39,7 @@ pub const PREFIX_DIGITS_DROPPED: usize = 3;
 const COUNTRY_CAPACITY: usize = 1_000;
 
 /// Which limit refused a request: the metric label and the log field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tripped {
     /// The narrow address block (an IPv4 address, an IPv6 /64).
     Address,
@@ -92,6 +93,8 @@ pub enum AddressLimit {
 pub struct AbuseLimits {
     hash_key: [u8; 32],
     tables: Mutex<Tables>,
+    /// When each budget's trip was last logged.
+    logged: Mutex<HashMap<Tripped, Millis>>,
 }
 
 #[derive(Debug)]
@@ -128,6 +131,7 @@ impl AbuseLimits {
                 codes_by_country: HashMap::new(),
                 codes: None,
             }),
+            logged: Mutex::default(),
         }
     }
 
@@ -272,6 +276,31 @@ impl AbuseLimits {
         }
     }
 
+    /// Counts a refusal in the metric and says in the log which budget tripped (never the
+    /// number), at most once a minute per budget.
+    pub fn report(&self, metrics: &Metrics, refusal: Refusal, now: Millis) {
+        let label = refusal.tripped.label();
+        metrics
+            .code_budget_trips
+            .get_or_create(&Budget { budget: label })
+            .inc();
+        let due = self.logged.lock().is_ok_and(|mut logged| {
+            let last = logged.entry(refusal.tripped).or_insert(0);
+            let due = *last == 0 || now.saturating_sub(*last) >= MINUTE;
+            if due {
+                *last = now.max(1);
+            }
+            due
+        });
+        if due {
+            tracing::warn!(
+                budget = label,
+                retry_after_seconds = refusal.wait.div_ceil(1000),
+                "code budget tripped: a code request was refused before any SMS was sent (logged at most once a minute per budget; the code_budget_trips metric counts each)"
+            );
+        }
+    }
+
     /// Forgets entries that no longer restrict anyone, so memory follows activity.
     pub fn prune(&self, now: Millis) {
         if let Ok(mut tables) = self.tables.lock() {
@@ -284,20 +313,6 @@ impl AbuseLimits {
                 .retain(|_, bucket| !bucket.is_full(now));
         }
     }
-}
-
-/// Counts a refusal in the metric and says in the log which budget tripped (never the number).
-pub fn report_refusal(metrics: &Metrics, refusal: Refusal) {
-    let label = refusal.tripped.label();
-    metrics
-        .code_budget_trips
-        .get_or_create(&Budget { budget: label })
-        .inc();
-    tracing::warn!(
-        budget = label,
-        retry_after_seconds = refusal.wait.div_ceil(1000),
-        "code budget tripped: a code request was refused before any SMS was sent"
-    );
 }
 
 /// The number's country calling code (such as 49 for Germany).

@@ -151,8 +151,12 @@ fn check_attempt_address<S: Store>(
 }
 
 /// The answer to a code request that a limit or budget refused, counted and logged.
-fn code_refused<S: Store>(state: &Shared<S>, refusal: Refusal) -> Response {
-    abuse::report_refusal(&state.metrics, refusal);
+fn code_refused<S: Store>(
+    state: &Shared<S>,
+    refusal: Refusal,
+    now: tidings_core::Millis,
+) -> Response {
+    state.abuse.report(&state.metrics, refusal, now);
     let message = match refusal.tripped {
         Tripped::Address | Tripped::AddressBlock => {
             "too many code requests from this network: wait and try again"
@@ -229,6 +233,7 @@ async fn request_code<S: Store>(
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
     let number = e164(&request.number)?;
+    let now = now_ms();
     if abuse::is_premium_rate(&number) {
         return Err(code_refused(
             &state,
@@ -236,9 +241,9 @@ async fn request_code<S: Store>(
                 tripped: Tripped::PremiumRate,
                 wait: 0,
             },
+            now,
         ));
     }
-    let now = now_ms();
     if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
         state
             .metrics
@@ -247,7 +252,7 @@ async fn request_code<S: Store>(
                 outcome: "address_limited",
             })
             .inc();
-        return Err(code_refused(&state, refusal));
+        return Err(code_refused(&state, refusal, now));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
@@ -301,7 +306,7 @@ async fn request_code<S: Store>(
                     outcome: "budget_limited",
                 })
                 .inc();
-            return Err(code_refused(&state, refusal));
+            return Err(code_refused(&state, refusal, now));
         }
     };
     let text = format!("Your Tidings code is {code}. It expires in 10 minutes. Do not share it.");
