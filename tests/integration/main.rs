@@ -9,6 +9,7 @@ mod budgets;
 mod defaults;
 mod e2e;
 mod gateways;
+mod limits;
 mod messaging;
 mod operations;
 mod privacy;

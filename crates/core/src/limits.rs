@@ -1,6 +1,9 @@
 //! Rate limits. A [`TokenBucket`] bounds a steady rate with bursts; a [`Window`] bounds how many
-//! events fall inside a sliding period (verification codes: "2 per 8 hours").
+//! events fall inside a sliding period (verification codes: "2 per 8 hours"); a [`WindowTable`]
+//! keeps one window's history per key (address block, number, prefix) in bounded memory.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::Millis;
@@ -47,6 +50,26 @@ impl AddressBlock {
             ip @ IpAddr::V4(_) => [Self::of(ip, 32), Self::of(ip, 24)],
             ip @ IpAddr::V6(_) => [Self::of(ip, 64), Self::of(ip, 48)],
         }
+    }
+}
+
+impl AddressBlock {
+    /// Parses `address` or `address/prefix` (such as `10.0.0.0/8` or `2001:db8::/32`); the host
+    /// bits of the address are cleared. `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (address, prefix) = match text.trim().split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix.parse::<u8>().ok()?)),
+            None => (text.trim(), None),
+        };
+        let ip: IpAddr = address.parse().ok()?;
+        let width = if canonical(ip).is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(width);
+        (prefix <= width).then(|| Self::of(ip, prefix))
+    }
+
+    /// True when `ip` lies inside this block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Self::of(ip, self.prefix) == *self
     }
 }
 
@@ -105,6 +128,11 @@ impl TokenBucket {
         Err(((n - self.tokens) / self.refill_per_ms).ceil() as Millis)
     }
 
+    /// Returns `n` tokens taken for something that did not happen after all (up to the capacity).
+    pub fn give_back(&mut self, n: u32) {
+        self.tokens = (self.tokens + f64::from(n)).min(self.capacity);
+    }
+
     /// True when the bucket is full again, so its entry can be forgotten.
     pub fn is_full(&self, now: Millis) -> bool {
         let mut copy = *self;
@@ -151,6 +179,91 @@ impl Window {
     }
 }
 
+/// The event times of one sliding window per key, for at most `capacity` keys. When the table is
+/// full, a new key first drops the keys whose events have all left the window, then, if none did,
+/// the eighth of the keys whose latest event is oldest: memory stays bounded and a flood of new
+/// keys can never lock everyone out; at worst it makes the table forget some old clients early.
+#[derive(Debug, Clone)]
+pub struct WindowTable<K> {
+    events: HashMap<K, Vec<Millis>>,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Clone> WindowTable<K> {
+    /// An empty table for at most `capacity` keys (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            events: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Whether one more event for `key` fits `window` now; if not, how long until it will.
+    pub fn check(&self, key: &K, window: Window, now: Millis) -> Result<(), Millis> {
+        window.check(self.events.get(key).map_or(&[][..], Vec::as_slice), now)
+    }
+
+    /// Records an event for `key` now (after [`check`](Self::check) allowed it).
+    pub fn record(&mut self, key: K, window: Window, now: Millis) {
+        if !self.events.contains_key(&key) && self.events.len() >= self.capacity {
+            self.prune(window.period, now);
+            if self.events.len() >= self.capacity {
+                self.evict_oldest();
+            }
+        }
+        let times = self.events.entry(key).or_default();
+        window.prune(times, now);
+        times.push(now);
+    }
+
+    /// Forgets one event of `key` recorded at `at`, for something that did not happen after all.
+    pub fn forget(&mut self, key: &K, at: Millis) {
+        if let Some(times) = self.events.get_mut(key) {
+            if let Some(index) = times.iter().position(|t| *t == at) {
+                times.swap_remove(index);
+            }
+            if times.is_empty() {
+                self.events.remove(key);
+            }
+        }
+    }
+
+    /// Drops the keys with no event inside the last `period`.
+    pub fn prune(&mut self, period: Millis, now: Millis) {
+        self.events
+            .retain(|_, times| times.iter().any(|t| t.saturating_add(period) > now));
+    }
+
+    /// Drops the eighth of the keys (at least one) whose latest event is oldest.
+    fn evict_oldest(&mut self) {
+        let newest = |times: &Vec<Millis>| times.iter().copied().max().unwrap_or(0);
+        let mut latest: Vec<Millis> = self.events.values().map(newest).collect();
+        if latest.is_empty() {
+            return;
+        }
+        let count = (latest.len() / 8).max(1);
+        let (_, &mut cutoff, _) = latest.select_nth_unstable(count - 1);
+        let mut left = count;
+        self.events.retain(|_, times| {
+            if left > 0 && newest(times) <= cutoff {
+                left -= 1;
+                return false;
+            }
+            true
+        });
+    }
+
+    /// How many keys the table holds.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// True when the table holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +295,63 @@ mod tests {
     }
 
     #[test]
+    fn blocks_parse_and_contain() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        let check = |text: &str, expected: Option<&str>| {
+            assert_eq!(
+                AddressBlock::parse(text).map(|b| b.to_string()),
+                expected.map(str::to_string),
+                "{text}"
+            );
+        };
+        check("10.1.2.3", Some("10.1.2.3/32"));
+        check("10.1.2.3/8", Some("10.0.0.0/8"));
+        check(" 2001:db8::1/32 ", Some("2001:db8::/32"));
+        check("::1", Some("::1/128"));
+        check("10.1.2.3/33", None);
+        check("10.1.2.3/x", None);
+        check("proxy.example", None);
+        let proxies = AddressBlock::parse("10.0.0.0/8").expect("a block");
+        assert!(proxies.contains(ip("10.200.0.1")));
+        assert!(proxies.contains(ip("::ffff:10.0.0.1")));
+        assert!(!proxies.contains(ip("11.0.0.1")));
+        assert!(!proxies.contains(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_oldest_keys() {
+        let window = Window {
+            max: 2,
+            period: HOUR,
+        };
+        let mut table = WindowTable::new(4);
+        for key in 0..4u32 {
+            table.record(key, window, Millis::from(key) * SECOND);
+        }
+        // Full and every key still inside its window: the oldest key is forgotten.
+        table.record(9, window, 10 * SECOND);
+        assert_eq!(table.len(), 4);
+        assert_eq!(table.check(&0, window, 10 * SECOND), Ok(()));
+        table.record(9, window, 11 * SECOND);
+        assert_eq!(
+            table.check(&9, window, 12 * SECOND),
+            Err(HOUR - 2 * SECOND),
+            "the newest key is still limited"
+        );
+        // Keys whose events have left the window go first.
+        table.record(10, window, 2 * HOUR);
+        assert_eq!(table.len(), 1);
+        table.forget(&10, 2 * HOUR);
+        assert!(
+            table.is_empty(),
+            "forgetting its only event forgets the key"
+        );
+        table.record(11, window, 3 * HOUR);
+        table.prune(HOUR, 4 * HOUR);
+        assert!(table.is_empty());
+    }
+
+    #[test]
     fn bucket_allows_burst_then_refills() {
         let mut bucket = TokenBucket::new(3, 1.0, 0);
         for _ in 0..3 {
@@ -191,6 +361,11 @@ mod tests {
         assert_eq!(bucket.try_take(1, SECOND / 2), Err(SECOND / 2));
         assert_eq!(bucket.try_take(1, SECOND), Ok(()));
         assert_eq!(bucket.try_take(4, 100 * SECOND), Err(Millis::MAX));
+        bucket.give_back(5);
+        assert_eq!(bucket.try_take(3, 100 * SECOND), Ok(()));
+        bucket.give_back(1);
+        assert_eq!(bucket.try_take(1, 100 * SECOND), Ok(()));
+        assert!(bucket.try_take(1, 100 * SECOND).is_err());
         assert!(bucket.is_full(100 * SECOND));
     }
 

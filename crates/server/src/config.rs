@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::Deserialize;
+use tidings_core::limits::AddressBlock;
 
 /// Devices a number may link per day unless configured otherwise: enough to set up a few
 /// computers, too few to make fresh devices a way around anything.
@@ -118,6 +119,35 @@ pub struct ServerArgs {
     /// Verification attempts allowed per client address per 5 minutes [default: 30]
     #[arg(long, env = "TIDINGS_VERIFIES_PER_ADDRESS")]
     pub verifies_per_address: Option<usize>,
+    /// Code requests allowed per wide address block (IPv4 /24, IPv6 /48) per 5 minutes
+    /// [default: 20]
+    #[arg(long, env = "TIDINGS_CODES_PER_ADDRESS_BLOCK")]
+    pub codes_per_address_block: Option<usize>,
+    /// Verification and link attempts allowed per wide address block (IPv4 /24, IPv6 /48) per
+    /// 5 minutes [default: 120]
+    #[arg(long, env = "TIDINGS_VERIFIES_PER_ADDRESS_BLOCK")]
+    pub verifies_per_address_block: Option<usize>,
+    /// Reverse proxies whose X-Forwarded-For is believed: addresses or blocks, comma-separated
+    /// (such as 127.0.0.1,10.0.0.0/8) [default: none]
+    #[arg(long, env = "TIDINGS_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Verification codes sent per hour in all [default: 1000]
+    #[arg(long, env = "TIDINGS_CODES_PER_HOUR")]
+    pub codes_per_hour: Option<usize>,
+    /// Verification codes sent per country calling code per hour [default: 200]
+    #[arg(long, env = "TIDINGS_CODES_PER_COUNTRY_PER_HOUR")]
+    pub codes_per_country_per_hour: Option<usize>,
+    /// Verification codes sent per number prefix (all but the last 3 digits) per hour
+    /// [default: 10]
+    #[arg(long, env = "TIDINGS_CODES_PER_PREFIX_PER_HOUR")]
+    pub codes_per_prefix_per_hour: Option<usize>,
+    /// SMS sent to one number per 24 hours, whether its codes are used or not [default: 5]
+    #[arg(long, env = "TIDINGS_SMS_PER_NUMBER_PER_DAY")]
+    pub sms_per_number_per_day: Option<usize>,
+    /// Most entries (address blocks, numbers, prefixes) each registration limiter holds; when
+    /// full, the oldest are forgotten [default: 1000000]
+    #[arg(long, env = "TIDINGS_LIMITER_CAPACITY")]
+    pub limiter_capacity: Option<usize>,
     /// Seconds between two codes for the same number [default: 120]
     #[arg(long, env = "TIDINGS_CODE_INTERVAL_SECONDS")]
     pub code_interval_seconds: Option<u64>,
@@ -165,6 +195,14 @@ struct FileConfig {
     links_per_day: Option<usize>,
     codes_per_address: Option<usize>,
     verifies_per_address: Option<usize>,
+    codes_per_address_block: Option<usize>,
+    verifies_per_address_block: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
+    codes_per_hour: Option<usize>,
+    codes_per_country_per_hour: Option<usize>,
+    codes_per_prefix_per_hour: Option<usize>,
+    sms_per_number_per_day: Option<usize>,
+    limiter_capacity: Option<usize>,
     code_interval_seconds: Option<u64>,
     codes_per_number: Option<usize>,
     sync_trace: Option<PathBuf>,
@@ -191,6 +229,15 @@ pub struct ServerConfig {
     pub links_per_day: usize,
     pub codes_per_address: usize,
     pub verifies_per_address: usize,
+    pub codes_per_address_block: usize,
+    pub verifies_per_address_block: usize,
+    /// The proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<AddressBlock>,
+    pub codes_per_hour: usize,
+    pub codes_per_country_per_hour: usize,
+    pub codes_per_prefix_per_hour: usize,
+    pub sms_per_number_per_day: usize,
+    pub limiter_capacity: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
 }
@@ -396,6 +443,37 @@ impl ServerArgs {
                 .verifies_per_address
                 .or(file.verifies_per_address)
                 .unwrap_or(30),
+            codes_per_address_block: self
+                .codes_per_address_block
+                .or(file.codes_per_address_block)
+                .unwrap_or(20),
+            verifies_per_address_block: self
+                .verifies_per_address_block
+                .or(file.verifies_per_address_block)
+                .unwrap_or(120),
+            trusted_proxies: trusted_proxies(
+                self.trusted_proxies
+                    .clone()
+                    .or(file.trusted_proxies)
+                    .unwrap_or_default(),
+            )?,
+            codes_per_hour: self.codes_per_hour.or(file.codes_per_hour).unwrap_or(1000),
+            codes_per_country_per_hour: self
+                .codes_per_country_per_hour
+                .or(file.codes_per_country_per_hour)
+                .unwrap_or(200),
+            codes_per_prefix_per_hour: self
+                .codes_per_prefix_per_hour
+                .or(file.codes_per_prefix_per_hour)
+                .unwrap_or(10),
+            sms_per_number_per_day: self
+                .sms_per_number_per_day
+                .or(file.sms_per_number_per_day)
+                .unwrap_or(5),
+            limiter_capacity: self
+                .limiter_capacity
+                .or(file.limiter_capacity)
+                .unwrap_or(1_000_000),
             code_policy: {
                 let mut policy = tidings_core::verification::CodePolicy::default();
                 if let Some(seconds) = self.code_interval_seconds.or(file.code_interval_seconds) {
@@ -413,6 +491,21 @@ impl ServerArgs {
     }
 }
 
+/// Parses the trusted proxies: addresses or blocks such as `10.0.0.0/8`.
+fn trusted_proxies(entries: Vec<String>) -> anyhow::Result<Vec<AddressBlock>> {
+    entries
+        .iter()
+        .filter(|entry| !entry.trim().is_empty())
+        .map(|entry| {
+            AddressBlock::parse(entry).with_context(|| {
+                format!(
+                    "trusted_proxies: `{entry}` is not an address or a block such as 10.0.0.0/8"
+                )
+            })
+        })
+        .collect()
+}
+
 impl ServerConfig {
     /// Refuses values that would switch a service off instead of limiting it: a limit of 0
     /// refuses every request it guards, which is never what an operator meant.
@@ -420,6 +513,22 @@ impl ServerConfig {
         let zero = [
             ("codes_per_address", self.codes_per_address == 0),
             ("verifies_per_address", self.verifies_per_address == 0),
+            ("codes_per_address_block", self.codes_per_address_block == 0),
+            (
+                "verifies_per_address_block",
+                self.verifies_per_address_block == 0,
+            ),
+            ("codes_per_hour", self.codes_per_hour == 0),
+            (
+                "codes_per_country_per_hour",
+                self.codes_per_country_per_hour == 0,
+            ),
+            (
+                "codes_per_prefix_per_hour",
+                self.codes_per_prefix_per_hour == 0,
+            ),
+            ("sms_per_number_per_day", self.sms_per_number_per_day == 0),
+            ("limiter_capacity", self.limiter_capacity == 0),
             ("max_connections", self.max_connections == 0),
             ("send_burst", self.send_burst == 0),
             ("lookup_burst", self.lookup_burst == 0),

@@ -8,7 +8,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -25,11 +25,12 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
 use crate::metrics::Outcome;
-use crate::state::{check_window, Shared};
+use crate::state::Shared;
 
 #[cfg(test)]
 mod tests;
@@ -121,6 +122,80 @@ fn pseudonym_of<S: Store>(
     })
 }
 
+/// Counts a request against its client's address blocks (the peer, or the client a trusted proxy
+/// names); a 429 answer with the wait when a block is spent.
+fn check_address<S: Store>(
+    state: &Shared<S>,
+    limit: AddressLimit,
+    peer: &Peer,
+    headers: &HeaderMap,
+    now: tidings_core::Millis,
+) -> Result<(), Refusal> {
+    let client = abuse::client_address(&state.config.trusted_proxies, peer.0.ip(), headers);
+    state.abuse.check_address(&state.config, limit, client, now)
+}
+
+/// Counts a verification or link attempt against its client's address blocks.
+fn check_attempt_address<S: Store>(
+    state: &Shared<S>,
+    peer: &Peer,
+    headers: &HeaderMap,
+    now: tidings_core::Millis,
+) -> Result<(), Response> {
+    check_address(state, AddressLimit::Verifies, peer, headers, now).map_err(|refusal| {
+        rate_limited(
+            refusal.wait,
+            "too many attempts from this network: wait and try again",
+        )
+    })
+}
+
+/// The answer to a code request that a limit or budget refused, counted and logged.
+fn code_refused<S: Store>(
+    state: &Shared<S>,
+    refusal: Refusal,
+    now: tidings_core::Millis,
+) -> Response {
+    state.abuse.report(&state.metrics, refusal, now);
+    let message = match refusal.tripped {
+        Tripped::Address | Tripped::AddressBlock => {
+            "too many code requests from this network: wait and try again"
+        }
+        Tripped::NumberDaily => {
+            "this number has been sent as many codes as it may get today: use the last one, or try again tomorrow"
+        }
+        Tripped::NumberPrefix | Tripped::Country | Tripped::Global => {
+            "too many codes are being sent to numbers like this one: wait and try again"
+        }
+        Tripped::PremiumRate => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_number",
+                "codes are not sent to premium-rate or shared-cost numbers: register a mobile number",
+            )
+        }
+    };
+    rate_limited(refusal.wait, message)
+}
+
+/// Forgets the code just issued to a number, giving the number its allowance back: the user
+/// never got it.
+async fn withdraw_code<S: Store>(
+    state: &Shared<S>,
+    pseudonym: tidings_store::Pseudonym,
+    now: tidings_core::Millis,
+) {
+    let _ = state
+        .store
+        .update_code_record(pseudonym, move |record| {
+            if let Some(current) = record.as_mut() {
+                current.sent_at.retain(|t| *t != now);
+                current.live = None;
+            }
+        })
+        .await;
+}
+
 /// Builds the router and the OpenAPI document it serves.
 pub fn router<S: Store>(state: Shared<S>) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -144,26 +219,32 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     request_body = CodeRequest,
     responses(
         (status = 202, description = "A code was sent", body = CodeSent),
-        (status = 400, description = "Not a valid phone number or not JSON", body = ApiError),
+        (status = 400, description = "Not a valid phone number (`invalid_number`), a premium-rate or shared-cost number no code is sent to (`unsupported_number`), or not JSON", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many codes for this number or address", body = ApiError),
+        (status = 429, description = "Too many codes for this number (1 per 2 minutes, 2 per 8 hours, 5 SMS a day), from this client's address or address block, or to numbers of this prefix, of this country or in all (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
 async fn request_code<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<CodeRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
     let number = e164(&request.number)?;
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.code_requests,
-        state.codes_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
+    if abuse::is_premium_rate(&number) {
+        return Err(code_refused(
+            &state,
+            Refusal {
+                tripped: Tripped::PremiumRate,
+                wait: 0,
+            },
+            now,
+        ));
+    }
+    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
         state
             .metrics
             .registrations
@@ -171,10 +252,7 @@ async fn request_code<S: Store>(
                 outcome: "address_limited",
             })
             .inc();
-        return Err(rate_limited(
-            wait,
-            "too many code requests from this address: wait and try again",
-        ));
+        return Err(code_refused(&state, refusal, now));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
@@ -215,19 +293,27 @@ async fn request_code<S: Store>(
             ));
         }
     }
+    // The SMS budgets are taken only for a code that is about to be sent; a refused one gives
+    // the number its allowance back.
+    let taken = match state.abuse.take_sms_budgets(&state.config, &number, now) {
+        Ok(taken) => taken,
+        Err(refusal) => {
+            withdraw_code(&state, pseudonym, now).await;
+            state
+                .metrics
+                .registrations
+                .get_or_create(&Outcome {
+                    outcome: "budget_limited",
+                })
+                .inc();
+            return Err(code_refused(&state, refusal, now));
+        }
+    };
     let text = format!("Your Tidings code is {code}. It expires in 10 minutes. Do not share it.");
     if let Err(e) = state.gateway.send(&number, &text).await {
         tracing::warn!(error = %e, "SMS gateway failed to send a code");
-        // Give the number its allowance back: the user never got this code.
-        let _ = state
-            .store
-            .update_code_record(pseudonym, move |record| {
-                if let Some(current) = record.as_mut() {
-                    current.sent_at.retain(|t| *t != now);
-                    current.live = None;
-                }
-            })
-            .await;
+        withdraw_code(&state, pseudonym, now).await;
+        state.abuse.give_back(taken);
         state
             .metrics
             .registrations
@@ -267,11 +353,12 @@ async fn request_code<S: Store>(
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
         (status = 410, description = "No live code for this number", body = ApiError),
-        (status = 429, description = "Attempts used up, or too many requests from this address", body = ApiError),
+        (status = 429, description = "Attempts used up (`too_many_attempts`: request a new code), or too many attempts from this client's address or address block (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
     ))]
 async fn verify<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<VerifyRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
@@ -311,17 +398,7 @@ async fn verify<S: Store>(
         ));
     }
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.verify_requests,
-        state.verifies_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
-        return Err(rate_limited(
-            wait,
-            "too many verification attempts from this address: wait and try again",
-        ));
-    }
+    check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
     let presented = state.keys.code_hash(&pseudonym, &request.code);
     let policy = state.code_policy;
@@ -428,11 +505,12 @@ async fn verify<S: Store>(
         (status = 409, description = "The number already has 6 devices", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many attempts from this address, or the number linked its most devices for the day (`links_per_day`)", body = ApiError),
+        (status = 429, description = "Too many attempts from this client's address or address block, or the number linked its most devices for the day (`links_per_day`); `rate_limited`, with the seconds to wait", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
     ))]
 async fn link<S: Store>(
     State(state): State<Shared<S>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Json<LinkRequest>, JsonRejection>,
 ) -> Result<Response, Response> {
     let request = json_body(body)?;
@@ -466,17 +544,7 @@ async fn link<S: Store>(
         return Err(bad("signature does not match device_key"));
     }
     let now = now_ms();
-    if let Err(wait) = check_window(
-        &state.verify_requests,
-        state.verifies_per_address(),
-        peer.0.ip(),
-        now,
-    ) {
-        return Err(rate_limited(
-            wait,
-            "too many attempts from this address: wait and try again",
-        ));
-    }
+    check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
     let unavailable = || {
         api_error(

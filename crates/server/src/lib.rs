@@ -22,7 +22,9 @@
 //!   disabling an account;
 //! - `reply`: the one way a handler answers, and the one shape of an error frame;
 //! - `hub`: the live sessions of this node and their mailboxes;
-//! - `state`: what handlers share, and the in-memory rate limiters;
+//! - `state`: what handlers share, and the per-device budgets;
+//! - `abuse`: the registration limits by address block (behind trusted proxies too) and the SMS
+//!   budgets against pumping and number bombing;
 //! - `sweeps`: expiry, the heartbeat sweep, pruning and scrubbing on intervals;
 //! - `clock`: the wall clock and the monotonic session clock;
 //! - `metrics`: Prometheus counters;
@@ -32,6 +34,7 @@
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear; numbers become pseudonyms at the edge and are dropped.
 
+mod abuse;
 mod clock;
 pub mod config;
 mod connection;

@@ -14,6 +14,12 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// The name of a registration limit or SMS budget that refused a code request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Budget {
+    pub budget: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -28,6 +34,8 @@ pub struct Metrics {
     pub acks: Family<Outcome, Counter>,
     pub lookups: Counter,
     pub registrations: Family<Outcome, Counter>,
+    /// Code requests refused by an address limit or an SMS budget, by its name.
+    pub code_budget_trips: Family<Budget, Counter>,
     pub syncs: Counter,
     pub sync_batch: Histogram,
     pub expired: Counter,
@@ -47,6 +55,7 @@ impl Metrics {
             acks: Family::default(),
             lookups: Counter::default(),
             registrations: Family::default(),
+            code_budget_trips: Family::default(),
             syncs: Counter::default(),
             sync_batch: Histogram::new((0..=12).map(|power| f64::from(1u32 << power))),
             expired: Counter::default(),
@@ -84,6 +93,11 @@ impl Metrics {
             "registrations",
             "Registration requests by outcome",
             metrics.registrations.clone(),
+        );
+        registry.register(
+            "code_budget_trips",
+            "Code requests refused by an address limit or an SMS budget, by budget",
+            metrics.code_budget_trips.clone(),
         );
         registry.register(
             "store_syncs",

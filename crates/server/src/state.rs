@@ -1,15 +1,15 @@
 //! What every handler shares: configuration, store, keys, live sessions, limits and metrics.
 //!
-//! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`]): a
-//! restart forgets them, and nothing here is ever written to storage or logged. The budgets of
-//! logged-in requests (lookups, key claims, sends, links) are an account's, kept under its
-//! [`BudgetKey`]: a device is free to make, so budgets per device would be no bound at all.
+//! The limiters and link codes live in memory only and are bounded ([`LIMITER_CAPACITY`], and the
+//! `limiter_capacity` setting for the registration limits in [`AbuseLimits`]): a restart forgets
+//! them, and nothing here is ever written to storage or logged. The budgets of logged-in requests
+//! (lookups, key claims, sends, links) are an account's, kept under its [`BudgetKey`]: a device is
+//! free to make, so budgets per device would be no bound at all.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use tidings_core::limits::{TokenBucket, Window};
+use tidings_core::limits::{TokenBucket, Window, WindowTable};
 use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
 use tidings_core::{Millis, DAY, MINUTE};
@@ -18,6 +18,7 @@ use tidings_store::{AccountId, Store};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::abuse::AbuseLimits;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
@@ -26,8 +27,6 @@ use crate::metrics::Metrics;
 
 /// Most message copies waiting for one device.
 pub const QUEUE_LIMIT: u32 = 10_000;
-/// The period of the per-address registration limits.
-pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
 
@@ -42,13 +41,13 @@ pub struct State<S: Store> {
     pub gateway: Gateway,
     pub retention: Retention,
     pub code_policy: CodePolicy,
-    pub code_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
-    pub verify_requests: Mutex<HashMap<IpAddr, Vec<Millis>>>,
+    /// Registration limits by address block and SMS budgets.
+    pub abuse: AbuseLimits,
     pub lookup_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     pub send_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     pub claim_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     /// When each account linked a device, over the last day ([`State::links_per_day`]).
-    pub links: Mutex<HashMap<BudgetKey, Vec<Millis>>>,
+    pub links: Mutex<WindowTable<BudgetKey>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     pub shutdown: CancellationToken,
@@ -67,29 +66,6 @@ pub struct LinkOffer {
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
-
-/// Records an event for `address` in a sliding-window limiter; `Err` carries the wait.
-pub fn check_window(
-    limiter: &Mutex<HashMap<IpAddr, Vec<Millis>>>,
-    window: Window,
-    address: IpAddr,
-    now: Millis,
-) -> Result<(), Millis> {
-    let Ok(mut map) = limiter.lock() else {
-        return Err(MINUTE);
-    };
-    if map.len() >= LIMITER_CAPACITY && !map.contains_key(&address) {
-        map.retain(|_, times| times.iter().any(|t| t + window.period > now));
-        if map.len() >= LIMITER_CAPACITY {
-            return Err(window.period);
-        }
-    }
-    let times = map.entry(address).or_default();
-    window.prune(times, now);
-    window.check(times, now)?;
-    times.push(now);
-    Ok(())
-}
 
 /// Takes `n` from an account's token bucket, creating a full one on first use.
 pub fn take_budget(
@@ -115,6 +91,7 @@ impl<S: Store> State<S> {
     /// The state of a server that has not started yet: no session, no limiter entry.
     pub fn new(config: ServerConfig, store: S, keys: ServerKeys, metrics: Arc<Metrics>) -> Self {
         let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
+        let abuse = AbuseLimits::new(config.limiter_capacity);
         Self {
             code_policy: config.code_policy,
             config,
@@ -124,32 +101,15 @@ impl<S: Store> State<S> {
             metrics,
             gateway,
             retention: Retention::default(),
-            code_requests: Mutex::default(),
-            verify_requests: Mutex::default(),
+            abuse,
             lookup_budgets: Mutex::default(),
             claim_budgets: Mutex::default(),
-            links: Mutex::default(),
+            links: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             openapi_json: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// The limit on code requests per client address.
-    pub fn codes_per_address(&self) -> Window {
-        Window {
-            max: self.config.codes_per_address,
-            period: ADDRESS_WINDOW,
-        }
-    }
-
-    /// The limit on verification attempts per client address.
-    pub fn verifies_per_address(&self) -> Window {
-        Window {
-            max: self.config.verifies_per_address,
-            period: ADDRESS_WINDOW,
         }
     }
 
@@ -165,39 +125,24 @@ impl<S: Store> State<S> {
     /// link when it is allowed (a link that happens), otherwise this only asks (a link code).
     pub fn check_link(&self, account: BudgetKey, now: Millis, record: bool) -> Result<(), Millis> {
         let window = self.links_per_day();
-        let Ok(mut map) = self.links.lock() else {
+        let Ok(mut links) = self.links.lock() else {
             return Err(MINUTE);
         };
-        if map.len() >= LIMITER_CAPACITY && !map.contains_key(&account) {
-            map.retain(|_, times| times.iter().any(|t| t + window.period > now));
-            if map.len() >= LIMITER_CAPACITY {
-                return Err(MINUTE);
-            }
+        links.check(&account, window, now)?;
+        if record {
+            links.record(account, window, now);
         }
-        let times = map.entry(account).or_default();
-        window.prune(times, now);
-        let allowed = window.check(times, now);
-        if allowed.is_ok() && record {
-            times.push(now);
-        }
-        if times.is_empty() {
-            map.remove(&account);
-        }
-        allowed
+        Ok(())
     }
 
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
-        for limiter in [&self.code_requests, &self.verify_requests] {
-            if let Ok(mut map) = limiter.lock() {
-                map.retain(|_, times| times.iter().any(|t| t + ADDRESS_WINDOW > now));
-            }
-        }
+        self.abuse.prune(now);
         if let Ok(mut offers) = self.link_offers.lock() {
             offers.retain(|_, offer| offer.expires_at > now);
         }
         if let Ok(mut links) = self.links.lock() {
-            links.retain(|_, times| times.iter().any(|t| t + DAY > now));
+            links.prune(DAY, now);
         }
         for budgets in [
             &self.lookup_budgets,
