@@ -12,10 +12,15 @@ use tokio::time::Instant;
 use crate::support::{block_on, eventually, number, Server, User};
 
 /// Opens a raw upgraded connection, without logging in.
-async fn raw_session(port: u16) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
+pub async fn raw_session(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
+    upgrade(stream).await
+}
+
+/// Asks to upgrade `stream` to a session and reads the `101` answer.
+pub async fn upgrade(mut stream: TcpStream) -> TcpStream {
     stream
         .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/1\r\n\r\n")
         .await
@@ -35,7 +40,7 @@ async fn raw_session(port: u16) -> TcpStream {
 }
 
 /// Writes `bytes`, then reads what the server answers until it closes (or 5 s pass).
-async fn answer_to(port: u16, bytes: &[u8]) -> (Vec<Frame>, bool) {
+pub async fn answer_to(port: u16, bytes: &[u8]) -> (Vec<Frame>, bool) {
     let mut stream = raw_session(port).await;
     stream.write_all(bytes).await.expect("write");
     let mut received = Vec::new();

@@ -1,0 +1,88 @@
+//! Connections and sessions that a client cannot hold (issue 28, item 8): request bodies that
+//! never finish, connections that never log in, one device's many sessions, a session that
+//! stops reading, and a `Login` frame as large as any frame.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tidings_proto::frame::{self, ErrorCode, Kind};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::robustness::{answer_to, upgrade};
+use crate::support::{block_on, eventually, number, Server, User};
+
+/// A second loopback address: a client there is in another address block than the tests' own
+/// clients on 127.0.0.1.
+const OTHER_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// Connects to the server from `from`.
+async fn connect_from(from: Ipv4Addr, port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(from), 0))
+        .expect("bind the source address");
+    socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .expect("connect")
+}
+
+/// Writes a keep-alive `GET /v1/health` on `stream` and reads the answer's head and body; an
+/// empty answer when the server closed the connection instead.
+async fn health_on(stream: &mut TcpStream) -> String {
+    let request = b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n";
+    if stream.write_all(request).await.is_err() {
+        return String::new();
+    }
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The health answer is small: its head and JSON body arrive together; stop at the body's end.
+    while !answer.ends_with(b"}") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// `GET /v1/health` on a new connection from `from`.
+async fn health_from(from: Ipv4Addr, port: u16) -> String {
+    let mut stream = connect_from(from, port).await;
+    health_on(&mut stream).await
+}
+
+/// A request whose body never finishes (a `Content-Length` of 100 and one byte sent) is answered
+/// 408 and closed once the body timeout passes, instead of holding its connection for ever; the
+/// server answers others meanwhile.
+#[test]
+fn a_request_body_that_never_finishes_is_answered_408_and_closed() {
+    let server = Server::start(&[]);
+    block_on(async {
+        let mut slow = TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .expect("connect");
+        slow.write_all(
+            b"POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+        let health = health_from(Ipv4Addr::LOCALHOST, server.port).await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let mut answer = Vec::new();
+        // Far longer than the body timeout: a connection still open then is held for good.
+        let closed = tokio::time::timeout(Duration::from_secs(90), slow.read_to_end(&mut answer))
+            .await
+            .is_ok();
+        assert!(
+            closed,
+            "a request whose body never finished kept its connection"
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:.300}");
+    });
+}
+
