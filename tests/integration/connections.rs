@@ -86,3 +86,71 @@ fn a_request_body_that_never_finishes_is_answered_408_and_closed() {
     });
 }
 
+/// The connections not yet logged in that one address may hold: the default of
+/// `pre_login_connections_per_address`.
+const PRE_LOGIN_PER_ADDRESS: usize = 64;
+
+/// An address holding as many connections that have not logged in as it may (plain HTTP ones
+/// and upgraded ones that never send `Login`) has its next connection closed at once, unanswered;
+/// other addresses, and the logged-in, are served meanwhile; once it lets some go it is served
+/// again.
+#[test]
+fn connections_not_logged_in_are_capped_per_address_and_others_are_still_served() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    block_on(async {
+        let port = server.port;
+        // Every connection not logged in is closed after 10 s of silence, so the held ones must
+        // all be open when the next one comes: an attempt that took longer is made again.
+        let mut refused_at_once = false;
+        for _attempt in 0..3 {
+            let started = Instant::now();
+            let mut held = Vec::new();
+            for n in 0..PRE_LOGIN_PER_ADDRESS {
+                if n % 2 == 0 {
+                    let mut stream = connect_from(OTHER_ADDRESS, port).await;
+                    let answer = health_on(&mut stream).await;
+                    assert!(answer.starts_with("HTTP/1.1 200"), "{n}: {answer}");
+                    held.push(stream);
+                } else {
+                    held.push(upgrade(connect_from(OTHER_ADDRESS, port).await).await);
+                }
+            }
+            let over = health_from(OTHER_ADDRESS, port).await;
+            let in_time = started.elapsed() < Duration::from_secs(8);
+            if over.is_empty() {
+                refused_at_once = true;
+                // Others are served while the address holds its connections.
+                let health = health_from(Ipv4Addr::LOCALHOST, port).await;
+                assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+                break;
+            }
+            assert!(
+                !in_time,
+                "a connection over the cap was served: {over:.200}"
+            );
+        }
+        assert!(refused_at_once, "a connection over the cap was served");
+        // The held connections are gone (dropped above); the address is served again.
+        let mut served = false;
+        for _ in 0..100 {
+            if health_from(OTHER_ADDRESS, port)
+                .await
+                .starts_with("HTTP/1.1 200")
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "the address was not served again once its connections closed"
+        );
+    });
+    let (answer, _) = alice.send(&bob_number, "still served", &[]);
+    assert_eq!(answer["outcome"], "queued");
+}
+
