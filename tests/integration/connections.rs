@@ -154,3 +154,47 @@ fn connections_not_logged_in_are_capped_per_address_and_others_are_still_served(
     assert_eq!(answer["outcome"], "queued");
 }
 
+/// The sessions one device may hold at once: the default of `sessions_per_device`.
+const SESSIONS_PER_DEVICE: usize = 4;
+
+/// A device holds at most four sessions: a fifth login is refused with a clear error (so one
+/// device cannot take every connection slot), other devices are unaffected, and once one of the
+/// four ends the device logs in again.
+#[test]
+fn a_device_holds_at_most_four_sessions_and_a_fifth_is_refused_clearly() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    block_on(async {
+        let mut sessions = Vec::new();
+        for n in 0..SESSIONS_PER_DEVICE {
+            let session = alice_client.session(n == 0).await;
+            sessions.push(session.unwrap_or_else(|e| panic!("session {n}: {e}")));
+        }
+        let refused = match alice_client.session(true).await {
+            Ok(_) => panic!("a fifth session of one device was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(refused.contains("sessions"), "{refused}");
+        bob_client
+            .session(true)
+            .await
+            .expect("another device logs in");
+        drop(sessions.pop());
+        let mut again = None;
+        for _ in 0..100 {
+            if let Ok(session) = alice_client.session(false).await {
+                again = Some(session);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            again.is_some(),
+            "the device could not log in again once a session ended"
+        );
+    });
+}
+
