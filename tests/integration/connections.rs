@@ -198,3 +198,91 @@ fn a_device_holds_at_most_four_sessions_and_a_fifth_is_refused_clearly() {
     });
 }
 
+/// A listening session that stops reading is closed once what is queued for it passes the
+/// session queue's byte bound (not only after its writes have waited three heartbeat intervals,
+/// here 15 minutes), and its device loses nothing: every copy is delivered at its next login.
+#[test]
+fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_the_next_login() {
+    let server = Server::start(&[
+        "--send-burst",
+        "5000",
+        "--send-per-second",
+        "5000",
+        "--heartbeat-seconds",
+        "300",
+    ]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    let stalled_device = alice_client.device();
+    // 400 deliveries of 60 KiB: 24 MB, more than the socket buffers and the queue's bound.
+    const SENDS: u64 = 400;
+    let stalled = block_on(async {
+        let stalled = alice_client.session(true).await.expect("alice");
+        let mut bob_session = bob_client.session(false).await.expect("bob");
+        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
+        for n in 0..SENDS {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            let send = Kind::Send(frame::Send {
+                id: id.to_vec(),
+                to: alice_number.clone(),
+                mode: frame::SendMode::Queue as i32,
+                copies: vec![frame::Copy {
+                    device_id: stalled_device.as_bytes().to_vec(),
+                    payload: payload.clone(),
+                }],
+                ..frame::Send::default()
+            });
+            bob_session.send(send).await.expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut answered = 0;
+        while answered < SENDS {
+            match bob_session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(result)) => {
+                    assert!(
+                        result.outcome == frame::SendOutcome::Queued as i32
+                            || result.outcome == frame::SendOutcome::Accepted as i32,
+                        "{}",
+                        result.detail
+                    );
+                    answered += 1;
+                }
+                Some(_) => {}
+                None => panic!("a send was not answered"),
+            }
+        }
+        stalled
+    });
+    let offline = eventually(Duration::from_secs(60), || {
+        bob.lookup(&[&alice_number])[0].1 == "offline"
+    });
+    drop(stalled);
+    assert!(
+        offline,
+        "a session that stopped reading kept its queue and its device online"
+    );
+    // Every copy is still stored: the next login delivers each one.
+    let delivered = block_on(async {
+        let mut session = alice_client.session(true).await.expect("alice again");
+        let mut ids = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (ids.len() as u64) < SENDS {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::Deliver(deliver)) => {
+                    ids.insert(deliver.id);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        ids.len() as u64
+    });
+    assert_eq!(
+        delivered, SENDS,
+        "copies were lost when the session was closed"
+    );
+}
+
