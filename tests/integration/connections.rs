@@ -286,3 +286,39 @@ fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_th
     );
 }
 
+/// `Login` is read before the client is known, so it is bounded far below other frames: a
+/// length prefix above the bound is refused as soon as it is read (not after waiting for its
+/// body), and a `Login` above it is refused as too large before its signature is looked at.
+#[test]
+fn a_login_frame_larger_than_its_small_bound_is_refused_at_once() {
+    let server = Server::start(&[]);
+    let oversized_login = tidings_proto::codec::encode_to_bytes(
+        &Kind::Login(frame::Login {
+            device_id: vec![1; 16],
+            signature: vec![2; 2_000],
+            listen: true,
+        })
+        .into(),
+    );
+    // The prefix of a 60,000-byte frame (under the general bound), and nothing after it.
+    let announced = 60_000u32.to_be_bytes().to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a large length prefix alone", announced),
+        (
+            "a login with a 2,000-byte signature",
+            oversized_login.to_vec(),
+        ),
+    ];
+    block_on(async {
+        for (name, bytes) in cases {
+            let (frames, closed) = answer_to(server.port, &bytes).await;
+            assert!(closed, "{name}: the connection stayed open");
+            let refused = frames.iter().any(|f| {
+                matches!(&f.kind, Some(Kind::Error(e)) if e.fatal
+                    && e.code == ErrorCode::Protocol as i32
+                    && e.message.contains("limit"))
+            });
+            assert!(refused, "{name}: not refused as too large: {frames:?}");
+        }
+    });
+}
