@@ -47,16 +47,18 @@ async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> st
     writer.flush().await
 }
 
-/// Reads until one whole frame is buffered. `Ok(None)` is a clean end of stream.
+/// Reads until one whole frame of at most `limit` bytes is buffered; a longer one is refused as
+/// soon as its length is read. `Ok(None)` is a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    limit: usize,
 ) -> Result<Option<Frame>, CodecError> {
     loop {
-        if let Some(frame) = codec::decode(buf)? {
+        if let Some(frame) = codec::decode_within(buf, limit)? {
             return Ok(Some(frame));
         }
-        if let Some(needed) = codec::needed(buf)? {
+        if let Some(needed) = codec::needed_within(buf, limit)? {
             buf.reserve(needed.saturating_sub(buf.len()));
         } else {
             buf.reserve(64);
@@ -542,7 +544,9 @@ where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin,
 {
-    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(io, buf)).await {
+    // The login is read before the client is known: it is held to a small bound of its own.
+    let read = read_frame(io, buf, tidings_proto::MAX_LOGIN_FRAME_BYTES);
+    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read).await {
         Ok(Ok(Some(Frame {
             kind: Some(Kind::Login(login)),
         }))) => login,
