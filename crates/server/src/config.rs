@@ -84,6 +84,10 @@ pub struct ServerArgs {
     /// Most simultaneous connections [default: 100000]
     #[arg(long, env = "TIDINGS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connections not yet logged in (HTTP ones included) per client address (IPv4) or
+    /// IPv6 /64; more are closed at once [default: 64]
+    #[arg(long, env = "TIDINGS_PRE_LOGIN_CONNECTIONS_PER_ADDRESS")]
+    pub pre_login_connections_per_address: Option<usize>,
     /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
@@ -148,6 +152,7 @@ struct FileConfig {
     sms_from: Option<String>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
+    pre_login_connections_per_address: Option<usize>,
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
     send_per_second: Option<u32>,
@@ -173,6 +178,7 @@ pub struct ServerConfig {
     pub sms_from: String,
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
+    pub pre_login_connections_per_address: usize,
     pub scrub_interval_ms: u64,
     pub send_burst: u32,
     pub send_per_second: u32,
@@ -358,6 +364,10 @@ impl ServerArgs {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(100_000),
+            pre_login_connections_per_address: self
+                .pre_login_connections_per_address
+                .or(file.pre_login_connections_per_address)
+                .unwrap_or(64),
             scrub_interval_ms: self
                 .scrub_interval_ms
                 .or(file.scrub_interval_ms)
@@ -408,6 +418,10 @@ impl ServerConfig {
             ("codes_per_address", self.codes_per_address == 0),
             ("verifies_per_address", self.verifies_per_address == 0),
             ("max_connections", self.max_connections == 0),
+            (
+                "pre_login_connections_per_address",
+                self.pre_login_connections_per_address == 0,
+            ),
             ("send_burst", self.send_burst == 0),
             ("lookup_burst", self.lookup_burst == 0),
             ("key_claim_burst", self.key_claim_burst == 0),

@@ -3,16 +3,19 @@
 //!
 //! This module moves bytes and never reads them: what a request means is decided in `http`, and
 //! what an upgraded session does in `session`. A connection that does not finish its handshake or
-//! its headers in time is dropped, so a slow client cannot hold a slot.
+//! its headers in time is dropped, so a slow client cannot hold a slot, and one address block
+//! holds only so many connections that have not logged in ([`PreLogin`]).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{hash_map, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tidings_core::limits::AddressBlock;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
@@ -30,18 +33,99 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// The connection's slot in the connection limit; a session keeps it after the upgrade, and the
-/// slot is given back when the last holder drops it.
+/// The connection's slot in the connection limit, and its place among its address block's
+/// connections that have not logged in; a session keeps it after the upgrade, and both are given
+/// back when the last holder drops it (the second already at login).
 #[derive(Debug, Clone)]
 pub struct Slot {
-    _permit: Arc<OwnedSemaphorePermit>,
+    inner: Arc<SlotInner>,
+}
+
+#[derive(Debug)]
+struct SlotInner {
+    _permit: OwnedSemaphorePermit,
+    not_logged_in: Mutex<Option<PreLoginCount>>,
 }
 
 impl Slot {
-    /// Holds `permit` for the connection and whatever outlives its HTTP part.
-    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+    /// Holds `permit` and `not_logged_in` for the connection and whatever outlives its HTTP
+    /// part.
+    pub fn new(permit: OwnedSemaphorePermit, not_logged_in: PreLoginCount) -> Self {
         Self {
-            _permit: Arc::new(permit),
+            inner: Arc::new(SlotInner {
+                _permit: permit,
+                not_logged_in: Mutex::new(Some(not_logged_in)),
+            }),
+        }
+    }
+
+    /// The connection's session has logged in: it no longer counts against its address block.
+    pub fn logged_in(&self) {
+        let count = self
+            .inner
+            .not_logged_in
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(count);
+    }
+}
+
+/// Connections that have not logged in (plain HTTP ones, and sessions before `Login`), counted
+/// per narrow address block (an IPv4 address, an IPv6 /64): what one client can cheaply hold.
+/// Each is bounded in time by the header, body and login timeouts; this bounds how many one
+/// client holds at once, so that it cannot take the connection limit or the file descriptors.
+#[derive(Debug)]
+pub struct PreLogin {
+    counts: Mutex<HashMap<AddressBlock, usize>>,
+    per_block: usize,
+}
+
+impl PreLogin {
+    /// At most `per_block` connections not logged in per narrow address block.
+    pub fn new(per_block: usize) -> Arc<Self> {
+        Arc::new(Self {
+            counts: Mutex::default(),
+            per_block,
+        })
+    }
+
+    /// Counts a new connection from `ip`; `None` when its block holds as many as it may.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PreLoginCount> {
+        let [block, _wide] = AddressBlock::of_client(ip);
+        let mut counts = self.counts();
+        let count = counts.entry(block).or_insert(0);
+        if *count >= self.per_block {
+            return None;
+        }
+        *count += 1;
+        Some(PreLoginCount {
+            pre_login: Arc::clone(self),
+            block,
+        })
+    }
+
+    /// The table; nothing panics while holding it.
+    fn counts(&self) -> MutexGuard<'_, HashMap<AddressBlock, usize>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One connection counted in [`PreLogin`]; dropping it gives its place back.
+#[derive(Debug)]
+pub struct PreLoginCount {
+    pre_login: Arc<PreLogin>,
+    block: AddressBlock,
+}
+
+impl Drop for PreLoginCount {
+    fn drop(&mut self) {
+        let mut counts = self.pre_login.counts();
+        if let hash_map::Entry::Occupied(mut entry) = counts.entry(self.block) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
         }
     }
 }

@@ -144,6 +144,9 @@ where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    if let Some(slot) = &slot {
+        slot.logged_in();
+    }
     Some(register(state, io, buf, identity, listen, slot).await)
 }
 
