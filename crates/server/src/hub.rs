@@ -298,6 +298,11 @@ struct Entry {
     tx: Outbox,
 }
 
+/// The device holds as many sessions as it may; the newest is refused, never an older one (a
+/// client that lost its connection gets in again once the lost session's heartbeat lapses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions;
+
 /// A session's registration, removed from the hub when dropped.
 #[derive(Debug)]
 pub struct Registration {
@@ -382,10 +387,23 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Registers a logged-in session. Session numbers are drawn under the lock, so they grow
-    /// in the order sessions become visible (see [`Hub::notify`]).
-    pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
+    /// Registers a logged-in session, unless its device holds `most` sessions already (checked
+    /// and added under one lock, so that logins at once cannot pass the bound together).
+    /// Session numbers are drawn under the lock, so they grow in the order sessions become
+    /// visible (see [`Hub::notify`]).
+    pub fn add(
+        self: &Arc<Self>,
+        device: DeviceId,
+        listen: bool,
+        tx: Outbox,
+        most: usize,
+    ) -> Result<Registration, TooManySessions> {
         let mut sessions = self.sessions.lock().ok();
+        if let Some(sessions) = sessions.as_mut() {
+            if sessions.of(&device).count() >= most {
+                return Err(TooManySessions);
+            }
+        }
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         if let Some(sessions) = sessions.as_mut() {
             sessions.add(
@@ -398,11 +416,11 @@ impl Hub {
             );
         }
         drop(sessions);
-        Registration {
+        Ok(Registration {
             hub: Arc::clone(self),
             device,
             session,
-        }
+        })
     }
 
     fn remove(&self, device: DeviceId, session: u64) {
@@ -587,7 +605,7 @@ mod tests {
         let hub = Arc::new(Hub::default());
         let device = DeviceId([9; DeviceId::LEN]);
         for (mailbox, queued) in [(Mailbox::new(), 0), (full_mailbox(), SESSION_QUEUE)] {
-            let _registration = hub.add(device, true, Arc::clone(&mailbox));
+            let _registration = hub.add(device, true, Arc::clone(&mailbox), usize::MAX);
             assert!(!mailbox.is_revoked());
             hub.sign_out(&[device], "removed");
             assert!(mailbox.is_revoked());
@@ -608,7 +626,7 @@ mod tests {
         let hub = Arc::new(Hub::default());
         let device = DeviceId([7; DeviceId::LEN]);
         let mailbox = full_mailbox();
-        let _registration = hub.add(device, true, Arc::clone(&mailbox));
+        let _registration = hub.add(device, true, Arc::clone(&mailbox), usize::MAX);
         let frame: Frame = Kind::Ping(Ping { nonce: 1 }).into();
         assert_eq!(hub.deliver(&device, &frame), 0);
         assert!(mailbox.take_behind());
@@ -624,9 +642,14 @@ mod tests {
         let boxes: Vec<Outbox> = (0..3).map(|_| Mailbox::new()).collect();
         let mut registrations: Vec<Option<Registration>> = boxes
             .iter()
-            .map(|mailbox| Some(hub.add(device, true, Arc::clone(mailbox))))
+            .map(|mailbox| hub.add(device, true, Arc::clone(mailbox), 3).ok())
             .collect();
-        let _other = hub.add(other, false, Mailbox::new());
+        assert_eq!(
+            hub.add(device, false, Mailbox::new(), 3).err(),
+            Some(TooManySessions),
+            "a fourth session is over the bound of three"
+        );
+        let _other = hub.add(other, false, Mailbox::new(), 3);
         assert_eq!(hub.session_count(), 4);
         assert_eq!(hub.deliver(&device, &frame), 3);
         assert!(

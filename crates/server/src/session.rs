@@ -25,7 +25,7 @@ use tokio_util::io::poll_read_buf;
 use crate::clock::{now_ms, session_ms};
 use crate::connection::Slot;
 use crate::delivery::{drain_queue, send_pending_receipts};
-use crate::hub::{Mailbox, Outbound, Outbox, Registration};
+use crate::hub::{Mailbox, Outbound, Outbox, Registration, TooManySessions};
 use crate::identity::Identity;
 use crate::reply::{error, fatal};
 use crate::request::Request;
@@ -143,43 +143,99 @@ where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    let (identity, listen, keys) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    // The session is registered before the login is answered, so that the device's bound on
+    // sessions is checked and taken at once. What is queued for it meanwhile is written after
+    // `LoginResult`.
+    let Ok(opened) = Opened::register(&state, identity, listen) else {
+        tracing::debug!("login refused: the device holds as many sessions as it may");
+        let most = state.config.sessions_per_device;
+        let refusal = fatal(
+            ErrorCode::TooManySessions,
+            format!("this device already has {most} sessions open, the most it may: close one (a lost one closes after its heartbeat lapses) and try again"),
+        );
+        let _ = write_frame(&mut io, &refusal).await;
+        return None;
+    };
+    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
+        server_time_ms: now_ms(),
+        heartbeat_seconds: state.config.heartbeat_seconds,
+        one_time_keys: keys.one_time_keys,
+        keys_published: keys.published,
+    })
+    .into();
+    write_frame(&mut io, &login_result).await.ok()?;
     if let Some(slot) = &slot {
         slot.logged_in();
     }
-    Some(register(state, io, buf, identity, listen, slot).await)
+    Some(register(state, io, buf, opened, slot).await)
 }
 
-/// Registers a logged-in session in the hub and starts what waits for its device.
+/// A session that logged in and took its place in the hub.
+struct Opened {
+    identity: Identity,
+    listen: bool,
+    tx: Outbox,
+    registration: Registration,
+    heartbeat_interval: Millis,
+}
+
+impl Opened {
+    /// Registers a logged-in session in the hub, unless its device holds as many sessions as
+    /// it may. Its heartbeat deadline is set before the hub's sweep can see it.
+    fn register<S: Store>(
+        state: &Shared<S>,
+        identity: Identity,
+        listen: bool,
+    ) -> Result<Self, TooManySessions> {
+        let tx = Mailbox::new();
+        let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
+        tx.heard_until(heartbeat::deadline(session_ms(), heartbeat_interval));
+        let most = state.config.sessions_per_device;
+        let registration = state.hub.add(identity.device, listen, tx.clone(), most)?;
+        Ok(Self {
+            identity,
+            listen,
+            tx,
+            registration,
+            heartbeat_interval,
+        })
+    }
+}
+
+/// Starts what waits for a logged-in session's device.
 async fn register<S, Io>(
     state: Shared<S>,
     io: Io,
     buf: BytesMut,
-    identity: Identity,
-    listen: bool,
+    opened: Opened,
     slot: Option<Slot>,
 ) -> Live<S, Io>
 where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
+    let Opened {
+        identity,
+        listen,
+        tx,
+        registration,
+        heartbeat_interval,
+    } = opened;
     let mut live = Live {
         state,
         identity,
         listen,
         io,
         buf,
-        tx: Mailbox::new(),
-        registration: None,
+        tx,
+        registration: Some(registration),
         tasks: None,
         send_order: None,
         heartbeat_interval,
         _slot: slot,
     };
-    // The deadline is set before the hub's sweep can see the session.
     live.heard();
-    live.registration = Some(live.state.hub.add(identity.device, listen, live.tx.clone()));
     live.state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
     // What waits for the device is read once it is registered, so that nothing stored after the
@@ -534,15 +590,15 @@ where
     }
 }
 
-/// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
-/// is done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
+/// The login phase: reads `Login` and checks it (or answers why not). `None`: the connection is
+/// done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
 /// its state does not widen the session future that every idle connection keeps.
 async fn log_in<S, Io>(
     state: &Shared<S>,
     io: &mut Io,
     buf: &mut BytesMut,
     challenge: &[u8; 32],
-) -> Option<(Identity, bool)>
+) -> Option<(Identity, bool, tidings_store::KeyStatus)>
 where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin,
@@ -573,17 +629,7 @@ where
             return None;
         }
     };
-    let listen = login.listen;
-    drop(login);
-    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
-        server_time_ms: now_ms(),
-        heartbeat_seconds: state.config.heartbeat_seconds,
-        one_time_keys: keys.one_time_keys,
-        keys_published: keys.published,
-    })
-    .into();
-    write_frame(io, &login_result).await.ok()?;
-    Some((identity, listen))
+    Some((identity, login.listen, keys))
 }
 
 /// The next finished request of a session, if it has any in flight; never ready otherwise.
