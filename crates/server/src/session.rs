@@ -339,12 +339,23 @@ where
             if self.is_idle() {
                 self.release_buffers();
                 if !self.idle_wait().await {
-                    return End::Close;
+                    return self.ending();
                 }
             }
             if let Some(end) = Box::pin(self.busy()).await {
                 return end;
             }
+        }
+    }
+
+    /// How a session that is to end ends: aborted when its queue overflowed (its client takes
+    /// nothing, so nothing more is written), closed in order otherwise.
+    fn ending(&self) -> End {
+        if self.tx.is_overflowed() {
+            tracing::debug!("session closed: more was queued for it than its queue's byte bound");
+            End::Abort
+        } else {
+            End::Close
         }
     }
 
@@ -394,6 +405,9 @@ where
                     tracing::debug!("session closed: heartbeat lapsed");
                     return Poll::Ready(false);
                 }
+                if self.tx.poll_overflowed(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
                 match self.tx.poll_woken(cx) {
                     Poll::Ready(true) => return Poll::Ready(true),
                     // Woken to look at the deadline and the shutdown again.
@@ -434,9 +448,10 @@ where
             tokio::select! {
                 biased;
                 () = self.state.shutdown.cancelled() => return Some(End::Close),
+                () = self.tx.overflowed() => return Some(self.ending()),
                 message = self.tx.recv() => {
                     if self.write_mail(message, &mut out).await {
-                        return Some(End::Close);
+                        return Some(self.ending());
                     }
                 }
                 read = self.io.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
@@ -548,12 +563,18 @@ where
         )
     }
 
-    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed
-    /// or the write waited past [`Live::write_timeout`].
+    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed,
+    /// the write waited past [`Live::write_timeout`], or the queue overflowed meanwhile (the
+    /// client is not taking what is written).
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
         let limit = self.write_timeout();
-        let write = async { self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok() };
-        let written = tokio::time::timeout(limit, write).await.unwrap_or(false);
+        let (io, tx) = (&mut self.io, &self.tx);
+        let write = async { io.write_all(out).await.is_ok() && io.flush().await.is_ok() };
+        let written = tokio::select! {
+            biased;
+            written = tokio::time::timeout(limit, write) => written.unwrap_or(false),
+            () = tx.overflowed() => false,
+        };
         if !written {
             tracing::debug!("session closed: a write failed or waited too long");
         }
