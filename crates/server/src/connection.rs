@@ -34,17 +34,20 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 pub struct Peer(pub SocketAddr);
 
 /// The connection's slot in the connection limit, and its place among its address block's
-/// connections that have not logged in; a session keeps it after the upgrade, and both are given
-/// back when the last holder drops it (the second already at login).
+/// connections that have not logged in. Every request of the connection holds a clone; a session
+/// keeps it after the upgrade and, once logged in, keeps only the slot ([`Slot::logged_in`]).
+/// Each is given back when its last holder drops it.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    inner: Arc<SlotInner>,
+    permit: Arc<OwnedSemaphorePermit>,
+    /// A separate allocation, so that a logged-in session does not keep it.
+    _not_logged_in: Arc<PreLoginCount>,
 }
 
+/// A logged-in session's slot in the connection limit.
 #[derive(Debug)]
-struct SlotInner {
-    _permit: OwnedSemaphorePermit,
-    not_logged_in: Mutex<Option<PreLoginCount>>,
+pub struct SessionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl Slot {
@@ -52,22 +55,17 @@ impl Slot {
     /// part.
     pub fn new(permit: OwnedSemaphorePermit, not_logged_in: PreLoginCount) -> Self {
         Self {
-            inner: Arc::new(SlotInner {
-                _permit: permit,
-                not_logged_in: Mutex::new(Some(not_logged_in)),
-            }),
+            permit: Arc::new(permit),
+            _not_logged_in: Arc::new(not_logged_in),
         }
     }
 
-    /// The connection's session has logged in: it no longer counts against its address block.
-    pub fn logged_in(&self) {
-        let count = self
-            .inner
-            .not_logged_in
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        drop(count);
+    /// The connection's session has logged in: it no longer counts against its address block
+    /// (once the connection's HTTP part, which ended at the upgrade, has let go of it too).
+    pub fn logged_in(self) -> SessionSlot {
+        SessionSlot {
+            _permit: self.permit,
+        }
     }
 }
 

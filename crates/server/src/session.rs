@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::io::poll_read_buf;
 
 use crate::clock::{now_ms, session_ms};
-use crate::connection::Slot;
+use crate::connection::{SessionSlot, Slot};
 use crate::delivery::{drain_queue, send_pending_receipts};
 use crate::hub::{Mailbox, Outbound, Outbox, Registration, TooManySessions};
 use crate::identity::Identity;
@@ -165,9 +165,7 @@ where
     })
     .into();
     write_frame(&mut io, &login_result).await.ok()?;
-    if let Some(slot) = &slot {
-        slot.logged_in();
-    }
+    let slot = slot.map(Slot::logged_in);
     Some(register(state, io, buf, opened, slot).await)
 }
 
@@ -209,7 +207,7 @@ async fn register<S, Io>(
     io: Io,
     buf: BytesMut,
     opened: Opened,
-    slot: Option<Slot>,
+    slot: Option<SessionSlot>,
 ) -> Live<S, Io>
 where
     S: Store,
@@ -300,7 +298,7 @@ struct Live<S: Store, Io> {
     /// sweep reads it.
     heartbeat_interval: Millis,
     /// The connection's place under the connection limit, given back when the session ends.
-    _slot: Option<Slot>,
+    _slot: Option<SessionSlot>,
 }
 
 impl<S, Io> Live<S, Io>
