@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-use crate::robustness::{answer_to, upgrade};
+use crate::robustness::{answer_to, stall_with_deliveries, upgrade};
 use crate::support::{block_on, eventually, number, Server, User};
 
 /// A second loopback address: a client there is in another address block than the tests' own
@@ -215,47 +215,14 @@ fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_th
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, bob_client) = (alice.client(), bob.client());
-    let stalled_device = alice_client.device();
     // 400 deliveries of 60 KiB: 24 MB, more than the socket buffers and the queue's bound.
     const SENDS: u64 = 400;
-    let stalled = block_on(async {
-        let stalled = alice_client.session(true).await.expect("alice");
-        let mut bob_session = bob_client.session(false).await.expect("bob");
-        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
-        for n in 0..SENDS {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&n.to_be_bytes());
-            let send = Kind::Send(frame::Send {
-                id: id.to_vec(),
-                to: alice_number.clone(),
-                mode: frame::SendMode::Queue as i32,
-                copies: vec![frame::Copy {
-                    device_id: stalled_device.as_bytes().to_vec(),
-                    payload: payload.clone(),
-                }],
-                ..frame::Send::default()
-            });
-            bob_session.send(send).await.expect("send");
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut answered = 0;
-        while answered < SENDS {
-            match bob_session.recv(deadline).await.expect("recv") {
-                Some(Kind::SendResult(result)) => {
-                    assert!(
-                        result.outcome == frame::SendOutcome::Queued as i32
-                            || result.outcome == frame::SendOutcome::Accepted as i32,
-                        "{}",
-                        result.detail
-                    );
-                    answered += 1;
-                }
-                Some(_) => {}
-                None => panic!("a send was not answered"),
-            }
-        }
-        stalled
-    });
+    let stalled = block_on(stall_with_deliveries(
+        &alice_client,
+        &alice_number,
+        &bob_client,
+        SENDS,
+    ));
     let offline = eventually(Duration::from_secs(60), || {
         bob.lookup(&[&alice_number])[0].1 == "offline"
     });
