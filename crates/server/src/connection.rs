@@ -229,3 +229,48 @@ where
         self.graceful_shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn connections_not_logged_in_are_counted_per_address_and_ipv6_64() {
+        let pre_login = PreLogin::new(2);
+        // Two addresses of one IPv6 /64 count together; another /64 and an IPv4 address do not.
+        let first = pre_login.admit(ip("2001:db8::1"));
+        let second = pre_login.admit(ip("2001:db8::ffff:2"));
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            pre_login.admit(ip("2001:db8::3")).is_none(),
+            "the /64 is full"
+        );
+        let other_64 = pre_login.admit(ip("2001:db8:0:1::1"));
+        assert!(other_64.is_some(), "the next /64 is another block");
+        let v4 = [
+            pre_login.admit(ip("192.0.2.1")),
+            pre_login.admit(ip("192.0.2.1")),
+        ];
+        assert!(v4.iter().all(Option::is_some));
+        assert!(
+            pre_login.admit(ip("192.0.2.1")).is_none(),
+            "the address is full"
+        );
+        assert!(
+            pre_login.admit(ip("192.0.2.2")).is_some(),
+            "an IPv4 block is one address"
+        );
+        // A place given back is taken again; a block with none left is forgotten.
+        drop(first);
+        assert!(pre_login.admit(ip("2001:db8::4")).is_some());
+        drop((second, other_64, v4));
+        assert!(
+            pre_login.counts().is_empty(),
+            "no block is kept without a connection"
+        );
+    }
+}
