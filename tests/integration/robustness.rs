@@ -12,10 +12,15 @@ use tokio::time::Instant;
 use crate::support::{block_on, eventually, number, Server, User};
 
 /// Opens a raw upgraded connection, without logging in.
-async fn raw_session(port: u16) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
+pub async fn raw_session(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
+    upgrade(stream).await
+}
+
+/// Asks to upgrade `stream` to a session and reads the `101` answer.
+pub async fn upgrade(mut stream: TcpStream) -> TcpStream {
     stream
         .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/1\r\n\r\n")
         .await
@@ -35,7 +40,7 @@ async fn raw_session(port: u16) -> TcpStream {
 }
 
 /// Writes `bytes`, then reads what the server answers until it closes (or 5 s pass).
-async fn answer_to(port: u16, bytes: &[u8]) -> (Vec<Frame>, bool) {
+pub async fn answer_to(port: u16, bytes: &[u8]) -> (Vec<Frame>, bool) {
     let mut stream = raw_session(port).await;
     stream.write_all(bytes).await.expect("write");
     let mut received = Vec::new();
@@ -318,23 +323,7 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
                 })
             });
             bob_session.send_many(sends).await.expect("send");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut answered = 0;
-            while answered < BATCH {
-                match bob_session.recv(deadline).await.expect("recv") {
-                    Some(Kind::SendResult(result)) => {
-                        assert!(
-                            result.outcome == frame::SendOutcome::Queued as i32
-                                || result.outcome == frame::SendOutcome::Accepted as i32,
-                            "{}",
-                            result.detail
-                        );
-                        answered += 1;
-                    }
-                    Some(_) => {}
-                    None => panic!("a send was not answered"),
-                }
-            }
+            await_sends_stored(&mut bob_session, BATCH as u64).await;
         }
         // The other device removes the stalled one, whose queue has no room for `SignedOut`.
         let removed = tokio::task::spawn_blocking(move || {
@@ -383,41 +372,13 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, bob_client) = (alice.client(), bob.client());
-    let stalled_device = alice_client.device();
     // Enough 60 KiB deliveries to fill the socket's buffers, so that a write waits.
-    const SENDS: u64 = 400;
-    let stalled = block_on(async {
-        let stalled = alice_client.session(true).await.expect("alice");
-        let mut bob_session = bob_client.session(false).await.expect("bob");
-        let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
-        let sends = (0..SENDS).map(|n| {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&n.to_be_bytes());
-            Kind::Send(frame::Send {
-                id: id.to_vec(),
-                to: alice_number.clone(),
-                mode: frame::SendMode::Queue as i32,
-                copies: vec![frame::Copy {
-                    device_id: stalled_device.as_bytes().to_vec(),
-                    payload: payload.clone(),
-                }],
-                ..frame::Send::default()
-            })
-        });
-        for send in sends {
-            bob_session.send(send).await.expect("send");
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut answered = 0;
-        while answered < SENDS {
-            match bob_session.recv(deadline).await.expect("recv") {
-                Some(Kind::SendResult(_)) => answered += 1,
-                Some(_) => {}
-                None => panic!("a send was not answered"),
-            }
-        }
-        stalled
-    });
+    let stalled = block_on(stall_with_deliveries(
+        &alice_client,
+        &alice_number,
+        &bob_client,
+        400,
+    ));
     let offline = eventually(Duration::from_secs(30), || {
         bob.lookup(&[&alice_number])[0].1 == "offline"
     });
@@ -426,4 +387,56 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
         offline,
         "a session that stopped reading kept its device online"
     );
+}
+
+/// Opens a listening session of `receiver` (whose number is `receiver_number`) that never reads,
+/// and sends it `sends` deliveries of 60 KiB from `sender`, each answered `QUEUED` or
+/// `ACCEPTED`. The stalled session is returned, to be kept open while the test looks.
+pub async fn stall_with_deliveries(
+    receiver: &tidings_client::client::Client,
+    receiver_number: &str,
+    sender: &tidings_client::client::Client,
+    sends: u64,
+) -> tidings_client::session::Session {
+    let stalled = receiver.session(true).await.expect("receiver");
+    let mut sender_session = sender.session(false).await.expect("sender");
+    let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
+    for n in 0..sends {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        let send = Kind::Send(frame::Send {
+            id: id.to_vec(),
+            to: receiver_number.to_string(),
+            mode: frame::SendMode::Queue as i32,
+            copies: vec![frame::Copy {
+                device_id: receiver.device().as_bytes().to_vec(),
+                payload: payload.clone(),
+            }],
+            ..frame::Send::default()
+        });
+        sender_session.send(send).await.expect("send");
+    }
+    await_sends_stored(&mut sender_session, sends).await;
+    stalled
+}
+
+/// Waits for `count` answers to sends on `session`, each `QUEUED` or `ACCEPTED`.
+async fn await_sends_stored(session: &mut tidings_client::session::Session, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut answered = 0;
+    while answered < count {
+        match session.recv(deadline).await.expect("recv") {
+            Some(Kind::SendResult(result)) => {
+                assert!(
+                    result.outcome == frame::SendOutcome::Queued as i32
+                        || result.outcome == frame::SendOutcome::Accepted as i32,
+                    "{}",
+                    result.detail
+                );
+                answered += 1;
+            }
+            Some(_) => {}
+            None => panic!("a send was not answered"),
+        }
+    }
 }

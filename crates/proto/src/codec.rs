@@ -1,7 +1,8 @@
 //! Frames to bytes and back: a 4-byte big-endian length, then one protobuf `Frame`.
 //!
 //! No I/O here: the caller owns the socket and hands bytes in. Every length is checked against
-//! [`MAX_FRAME_BYTES`] before anything is allocated for it.
+//! [`MAX_FRAME_BYTES`] (or a smaller bound the caller gives, such as
+//! [`crate::MAX_LOGIN_FRAME_BYTES`]) before anything is allocated for it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
@@ -12,9 +13,14 @@ use crate::MAX_FRAME_BYTES;
 /// Why bytes are not a frame.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
-    /// The length prefix is larger than either side accepts.
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
-    TooLarge(usize),
+    /// The length prefix is larger than the reader accepts here.
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The length the prefix announced.
+        len: usize,
+        /// The largest frame the reader accepts at this point.
+        limit: usize,
+    },
     /// A zero length prefix: no frame is empty.
     #[error("empty frame")]
     Empty,
@@ -46,6 +52,11 @@ pub fn encode_to_bytes(frame: &Frame) -> Bytes {
 /// How many bytes the next frame needs in total (prefix included), if the prefix is in `buf`.
 /// Fails as soon as the prefix announces an impossible size, before its body is read.
 pub fn needed(buf: &[u8]) -> Result<Option<usize>, CodecError> {
+    needed_within(buf, MAX_FRAME_BYTES)
+}
+
+/// [`needed`] for a frame of at most `limit` bytes (without its prefix).
+pub fn needed_within(buf: &[u8], limit: usize) -> Result<Option<usize>, CodecError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -53,15 +64,23 @@ pub fn needed(buf: &[u8]) -> Result<Option<usize>, CodecError> {
     if len == 0 {
         return Err(CodecError::Empty);
     }
-    if len > MAX_FRAME_BYTES {
-        return Err(CodecError::TooLarge(len));
+    if len > limit.min(MAX_FRAME_BYTES) {
+        return Err(CodecError::TooLarge {
+            len,
+            limit: limit.min(MAX_FRAME_BYTES),
+        });
     }
     Ok(Some(4 + len))
 }
 
 /// Takes one whole frame off the front of `buf`, if one is there.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-    let Some(total) = needed(buf)? else {
+    decode_within(buf, MAX_FRAME_BYTES)
+}
+
+/// [`decode`] for a frame of at most `limit` bytes (without its prefix).
+pub fn decode_within(buf: &mut BytesMut, limit: usize) -> Result<Option<Frame>, CodecError> {
+    let Some(total) = needed_within(buf, limit)? else {
         return Ok(None);
     };
     if buf.len() < total {
@@ -94,11 +113,14 @@ mod tests {
         check(&encoded[..3], Ok(None));
         check(&encoded[..encoded.len() - 1], Ok(None));
         check(&[0, 0, 0, 0], Err(CodecError::Empty));
-        check(&[0, 2, 0, 0], Err(CodecError::TooLarge(0x20000)));
-        check(
-            &[0xff, 0xff, 0xff, 0xff],
-            Err(CodecError::TooLarge(u32::MAX as usize)),
-        );
+        let too_large = |len: usize| {
+            Err(CodecError::TooLarge {
+                len,
+                limit: MAX_FRAME_BYTES,
+            })
+        };
+        check(&[0, 2, 0, 0], too_large(0x20000));
+        check(&[0xff, 0xff, 0xff, 0xff], too_large(u32::MAX as usize));
         let mut malformed = BytesMut::from(&[0u8, 0, 0, 2, 0xff, 0xff][..]);
         assert!(matches!(
             decode(&mut malformed),
@@ -108,6 +130,29 @@ mod tests {
         check(
             &[0, 0, 0, 3, 0x98, 0x06, 0x01],
             Err(CodecError::UnknownKind),
+        );
+    }
+
+    #[test]
+    fn a_smaller_bound_refuses_at_the_prefix() {
+        let ping = encode_to_bytes(&Kind::Ping(Ping { nonce: 7 }).into());
+        let mut buf = BytesMut::from(&ping[..]);
+        assert!(matches!(decode_within(&mut buf, 64), Ok(Some(_))));
+        let mut buf = BytesMut::from(&[0u8, 0, 1, 1][..]);
+        assert_eq!(
+            decode_within(&mut buf, 256),
+            Err(CodecError::TooLarge {
+                len: 257,
+                limit: 256
+            })
+        );
+        // A bound above the general one is the general one.
+        assert_eq!(
+            needed_within(&[0, 2, 0, 0], usize::MAX),
+            Err(CodecError::TooLarge {
+                len: 0x20000,
+                limit: MAX_FRAME_BYTES
+            })
         );
     }
 

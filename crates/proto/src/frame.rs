@@ -634,6 +634,8 @@ pub enum ErrorCode {
     RateLimited = 2,
     InvalidRequest = 3,
     Unavailable = 4,
+    /// The device already holds as many sessions as the server allows; fatal, at login.
+    TooManySessions = 8,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -22,6 +22,9 @@ pub mod transcript;
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Largest encoded frame either side accepts: the payload plus room for headers.
 pub const MAX_FRAME_BYTES: usize = 80 * 1024;
+/// Largest `Login` frame the server reads: it arrives before the client is known, so it is held
+/// to what a login needs (about 90 bytes) with room for a few more fields.
+pub const MAX_LOGIN_FRAME_BYTES: usize = 256;
 /// Most devices one number may have.
 pub const MAX_DEVICES: usize = 6;
 /// Most copies in one `Send`: every device of the receiver and the sender's other devices.

@@ -89,6 +89,13 @@ pub struct ServerArgs {
     /// Most simultaneous connections [default: 100000]
     #[arg(long, env = "TIDINGS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connections not yet logged in (HTTP ones included) per client address (IPv4) or
+    /// IPv6 /64; more are closed at once [default: 64]
+    #[arg(long, env = "TIDINGS_PRE_LOGIN_CONNECTIONS_PER_ADDRESS")]
+    pub pre_login_connections_per_address: Option<usize>,
+    /// Most sessions one device may hold at once; a login past it is refused [default: 4]
+    #[arg(long, env = "TIDINGS_SESSIONS_PER_DEVICE")]
+    pub sessions_per_device: Option<usize>,
     /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
@@ -185,6 +192,8 @@ struct FileConfig {
     sms_from: Option<String>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
+    pre_login_connections_per_address: Option<usize>,
+    sessions_per_device: Option<usize>,
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
     send_per_second: Option<u32>,
@@ -219,6 +228,8 @@ pub struct ServerConfig {
     pub sms_from: String,
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
+    pub pre_login_connections_per_address: usize,
+    pub sessions_per_device: usize,
     pub scrub_interval_ms: u64,
     pub send_burst: u32,
     pub send_per_second: u32,
@@ -414,6 +425,14 @@ impl ServerArgs {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(100_000),
+            pre_login_connections_per_address: self
+                .pre_login_connections_per_address
+                .or(file.pre_login_connections_per_address)
+                .unwrap_or(64),
+            sessions_per_device: self
+                .sessions_per_device
+                .or(file.sessions_per_device)
+                .unwrap_or(4),
             scrub_interval_ms: self
                 .scrub_interval_ms
                 .or(file.scrub_interval_ms)
@@ -530,6 +549,11 @@ impl ServerConfig {
             ("sms_per_number_per_day", self.sms_per_number_per_day == 0),
             ("limiter_capacity", self.limiter_capacity == 0),
             ("max_connections", self.max_connections == 0),
+            (
+                "pre_login_connections_per_address",
+                self.pre_login_connections_per_address == 0,
+            ),
+            ("sessions_per_device", self.sessions_per_device == 0),
             ("send_burst", self.send_burst == 0),
             ("lookup_burst", self.lookup_burst == 0),
             ("key_claim_burst", self.key_claim_burst == 0),

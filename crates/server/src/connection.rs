@@ -3,16 +3,19 @@
 //!
 //! This module moves bytes and never reads them: what a request means is decided in `http`, and
 //! what an upgraded session does in `session`. A connection that does not finish its handshake or
-//! its headers in time is dropped, so a slow client cannot hold a slot.
+//! its headers in time is dropped, so a slow client cannot hold a slot, and one address block
+//! holds only so many connections that have not logged in ([`PreLogin`]).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{hash_map, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tidings_core::limits::AddressBlock;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
@@ -30,18 +33,97 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// The connection's slot in the connection limit; a session keeps it after the upgrade, and the
-/// slot is given back when the last holder drops it.
+/// The connection's slot in the connection limit, and its place among its address block's
+/// connections that have not logged in. Every request of the connection holds a clone; a session
+/// keeps it after the upgrade and, once logged in, keeps only the slot ([`Slot::logged_in`]).
+/// Each is given back when its last holder drops it.
 #[derive(Debug, Clone)]
 pub struct Slot {
+    permit: Arc<OwnedSemaphorePermit>,
+    /// A separate allocation, so that a logged-in session does not keep it.
+    _not_logged_in: Arc<PreLoginCount>,
+}
+
+/// A logged-in session's slot in the connection limit.
+#[derive(Debug)]
+pub struct SessionSlot {
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl Slot {
-    /// Holds `permit` for the connection and whatever outlives its HTTP part.
-    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+    /// Holds `permit` and `not_logged_in` for the connection and whatever outlives its HTTP
+    /// part.
+    pub fn new(permit: OwnedSemaphorePermit, not_logged_in: PreLoginCount) -> Self {
         Self {
-            _permit: Arc::new(permit),
+            permit: Arc::new(permit),
+            _not_logged_in: Arc::new(not_logged_in),
+        }
+    }
+
+    /// The connection's session has logged in: it no longer counts against its address block
+    /// (once the connection's HTTP part, which ended at the upgrade, has let go of it too).
+    pub fn logged_in(self) -> SessionSlot {
+        SessionSlot {
+            _permit: self.permit,
+        }
+    }
+}
+
+/// Connections that have not logged in (plain HTTP ones, and sessions before `Login`), counted
+/// per narrow address block (an IPv4 address, an IPv6 /64): what one client can cheaply hold.
+/// Each is bounded in time by the header, body and login timeouts; this bounds how many one
+/// client holds at once, so that it cannot take the connection limit or the file descriptors.
+#[derive(Debug)]
+pub struct PreLogin {
+    counts: Mutex<HashMap<AddressBlock, usize>>,
+    per_block: usize,
+}
+
+impl PreLogin {
+    /// At most `per_block` connections not logged in per narrow address block.
+    pub fn new(per_block: usize) -> Arc<Self> {
+        Arc::new(Self {
+            counts: Mutex::default(),
+            per_block,
+        })
+    }
+
+    /// Counts a new connection from `ip`; `None` when its block holds as many as it may.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PreLoginCount> {
+        let [block, _wide] = AddressBlock::of_client(ip);
+        let mut counts = self.counts();
+        let count = counts.entry(block).or_insert(0);
+        if *count >= self.per_block {
+            return None;
+        }
+        *count += 1;
+        Some(PreLoginCount {
+            pre_login: Arc::clone(self),
+            block,
+        })
+    }
+
+    /// The table; nothing panics while holding it.
+    fn counts(&self) -> MutexGuard<'_, HashMap<AddressBlock, usize>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One connection counted in [`PreLogin`]; dropping it gives its place back.
+#[derive(Debug)]
+pub struct PreLoginCount {
+    pre_login: Arc<PreLogin>,
+    block: AddressBlock,
+}
+
+impl Drop for PreLoginCount {
+    fn drop(&mut self) {
+        let mut counts = self.pre_login.counts();
+        if let hash_map::Entry::Occupied(mut entry) = counts.entry(self.block) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
         }
     }
 }
@@ -145,5 +227,50 @@ where
 {
     fn graceful(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn connections_not_logged_in_are_counted_per_address_and_ipv6_64() {
+        let pre_login = PreLogin::new(2);
+        // Two addresses of one IPv6 /64 count together; another /64 and an IPv4 address do not.
+        let first = pre_login.admit(ip("2001:db8::1"));
+        let second = pre_login.admit(ip("2001:db8::ffff:2"));
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            pre_login.admit(ip("2001:db8::3")).is_none(),
+            "the /64 is full"
+        );
+        let other_64 = pre_login.admit(ip("2001:db8:0:1::1"));
+        assert!(other_64.is_some(), "the next /64 is another block");
+        let v4 = [
+            pre_login.admit(ip("192.0.2.1")),
+            pre_login.admit(ip("192.0.2.1")),
+        ];
+        assert!(v4.iter().all(Option::is_some));
+        assert!(
+            pre_login.admit(ip("192.0.2.1")).is_none(),
+            "the address is full"
+        );
+        assert!(
+            pre_login.admit(ip("192.0.2.2")).is_some(),
+            "an IPv4 block is one address"
+        );
+        // A place given back is taken again; a block with none left is forgotten.
+        drop(first);
+        assert!(pre_login.admit(ip("2001:db8::4")).is_some());
+        drop((second, other_64, v4));
+        assert!(
+            pre_login.counts().is_empty(),
+            "no block is kept without a connection"
+        );
     }
 }

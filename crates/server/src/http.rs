@@ -6,6 +6,8 @@
 // once per failed request, so the size of the `Err` variant costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
+use std::time::Duration;
+
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -210,8 +212,50 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     let json = api.to_pretty_json().unwrap_or_else(|_| "{}".into());
     let _ = state.openapi_json.set(json);
     router
-        .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(body_in_time))
         .with_state(state)
+}
+
+/// Largest request body, in bytes.
+const BODY_LIMIT: usize = 16 * 1024;
+/// Time a client has to send a request's whole body once its headers are in (hyper bounds the
+/// headers, not the body): a body sent slowly, or never finished, must not hold a connection.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the whole request body (at most [`BODY_LIMIT`]) within [`BODY_TIMEOUT`] before the
+/// route sees the request: 408 when it does not arrive in time (hyper then closes the
+/// connection, whose body is unfinished), 413 when it is too large.
+async fn body_in_time(request: Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await;
+    match read {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => {
+            let cause = e.into_inner();
+            if cause.is::<http_body_util::LengthLimitError>() {
+                api_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "the body is larger than 16 KiB",
+                )
+            } else {
+                api_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the body could not be read",
+                )
+            }
+        }
+        Err(_) => api_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the body did not arrive within 10 seconds of the headers: send it whole",
+        ),
+    }
 }
 
 /// Sends a one-time code to a number.
@@ -220,6 +264,7 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     responses(
         (status = 202, description = "A code was sent", body = CodeSent),
         (status = 400, description = "Not a valid phone number (`invalid_number`), a premium-rate or shared-cost number no code is sent to (`unsupported_number`), or not JSON", body = ApiError),
+        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many codes for this number (1 per 2 minutes, 2 per 8 hours, 5 SMS a day), from this client's address or address block, or to numbers of this prefix, of this country or in all (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
@@ -349,6 +394,7 @@ async fn request_code<S: Store>(
     responses(
         (status = 200, description = "The device is registered", body = Verified),
         (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
+        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
@@ -503,6 +549,7 @@ async fn verify<S: Store>(
         (status = 400, description = "Invalid number, key or signature", body = ApiError),
         (status = 401, description = "No live link code for this number matches", body = ApiError),
         (status = 409, description = "The number already has 6 devices", body = ApiError),
+        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many attempts from this client's address or address block, or the number linked its most devices for the day (`links_per_day`); `rate_limited`, with the seconds to wait", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),

@@ -9,12 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use prost::Message as _;
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
 use tokio::sync::Notify;
 
 /// Frames queued per session before the session counts as slow.
 pub const SESSION_QUEUE: usize = 1024;
+/// Bytes queued per session (as they will be written, length prefixes included). A delivery
+/// that would pass it closes the session: its client has stopped taking what is written (the
+/// socket's buffers are full behind the queue), and every copy is still stored, so its device
+/// gets them at its next login. What waits for room (the stored queue's drain, answers) waits.
+pub const SESSION_QUEUE_BYTES: usize = 1024 * 1024;
 
 /// What a session is asked to do.
 #[derive(Debug)]
@@ -25,6 +31,16 @@ pub enum Outbound {
     Deliver(Frame),
     /// The device was signed out (replaced, removed or disabled): say so and close.
     SignOut(&'static str),
+}
+
+impl Outbound {
+    /// The bytes this takes once written, as counted against [`SESSION_QUEUE_BYTES`].
+    fn wire_len(&self) -> usize {
+        match self {
+            Outbound::Frame(frame) | Outbound::Deliver(frame) => 4 + frame.encoded_len(),
+            Outbound::SignOut(_) => 0,
+        }
+    }
 }
 
 /// A session's queue of frames to write: bounded, and holding no allocation while empty, so an
@@ -43,6 +59,9 @@ pub struct Mailbox {
 #[derive(Debug, Default)]
 struct Inner {
     queue: VecDeque<Outbound>,
+    /// The bytes the queue holds ([`Outbound::wire_len`]), at most [`SESSION_QUEUE_BYTES`]
+    /// (and one sign-out).
+    bytes: u32,
     /// The session's task while it waits for a message or a wake-up.
     reader: Option<Waker>,
     /// Senders waiting for room: made by the first sender that finds the queue full (and kept),
@@ -50,6 +69,8 @@ struct Inner {
     room: Option<Arc<Notify>>,
     /// Woken without a message (heartbeat sweep, shutdown) since the session last looked.
     woken: bool,
+    /// Nothing more is queued: the session ended, was signed out (with `revoked`), or its queue
+    /// overflowed (without `revoked`, while the session still runs; see [`Mailbox::overflowed`]).
     closed: bool,
     /// Set when a delivery did not fit; the session re-reads the store.
     behind: bool,
@@ -70,19 +91,27 @@ impl Inner {
         }
     }
 
-    fn is_full(&self) -> bool {
-        self.queue.len() >= SESSION_QUEUE
+    /// Whether a message of `size` bytes has room: under both bounds, or the queue is empty (so
+    /// that any frame fits an empty queue).
+    fn has_room(&self, size: usize) -> bool {
+        self.queue.is_empty()
+            || (self.queue.len() < SESSION_QUEUE
+                && self.bytes as usize + size <= SESSION_QUEUE_BYTES)
     }
 
-    /// Queues a message if the mailbox is open and has room; gives it back otherwise. The
-    /// answer on success is the reader to wake, once the lock is released.
+    /// Queues a message of `size` bytes if the mailbox is open and has room; gives it back
+    /// otherwise. The answer on success is the reader to wake, once the lock is released.
     // Giving the message back is the point of the `Err`; it is moved once, never stored there.
     #[allow(clippy::result_large_err)]
-    fn push(&mut self, message: Outbound) -> Result<Option<Waker>, Outbound> {
-        if self.closed || self.is_full() {
+    fn push(&mut self, message: Outbound, size: usize) -> Result<Option<Waker>, Outbound> {
+        if self.closed || !self.has_room(size) {
             return Err(message);
         }
         self.queue.push_back(message);
+        // At most the bound plus one frame: fits.
+        self.bytes = self
+            .bytes
+            .saturating_add(u32::try_from(size).unwrap_or(u32::MAX));
         Ok(self.reader.take())
     }
 }
@@ -108,23 +137,52 @@ impl Mailbox {
     // Giving the message back is the point of the `Err`; it is moved once, never stored there.
     #[allow(clippy::result_large_err)]
     pub fn try_send(&self, message: Outbound) -> Result<(), Outbound> {
-        let reader = self.inner().push(message)?;
+        let size = message.wire_len();
+        let reader = self.inner().push(message, size)?;
         wake_reader(reader);
         Ok(())
     }
 
-    /// Queues a message if there is room; otherwise marks the session behind, so that it reads
-    /// its device's queue from the store again. Whether the message was queued.
+    /// Queues a delivery if there is room. Otherwise, when the queue holds as many frames as it
+    /// may, marks the session behind, so that it reads its device's queue from the store again;
+    /// when it holds as many bytes as it may, closes the session (its client takes nothing; the
+    /// copies are stored and go out at the next login). Whether the delivery was queued.
     fn offer(&self, message: Outbound) -> bool {
-        let queued = self.try_send(message).is_ok();
-        if !queued {
-            self.inner().behind = true;
+        let size = message.wire_len();
+        let (reader, room, dropped) = {
+            let mut inner = self.inner();
+            let message = match inner.push(message, size) {
+                Ok(reader) => {
+                    drop(inner);
+                    wake_reader(reader);
+                    return true;
+                }
+                Err(message) => message,
+            };
+            if inner.closed {
+                return false;
+            }
+            if inner.queue.len() >= SESSION_QUEUE {
+                inner.behind = true;
+                return false;
+            }
+            // Over the byte bound: the queue is let go at once, and the session wakes to close.
+            inner.closed = true;
+            inner.bytes = 0;
+            let dropped = (std::mem::take(&mut inner.queue), message);
+            (inner.reader.take(), inner.room.clone(), dropped)
+        };
+        drop(dropped);
+        wake_reader(reader);
+        if let Some(room) = room {
+            room.notify_waiters();
         }
-        queued
+        false
     }
 
     /// Queues a message, waiting for room.
     pub async fn send(&self, mut message: Outbound) -> Result<(), Closed> {
+        let size = message.wire_len();
         loop {
             message = match self.try_send(message) {
                 Ok(()) => return Ok(()),
@@ -143,7 +201,7 @@ impl Mailbox {
             room.as_mut().enable();
             let still_full = {
                 let inner = self.inner();
-                !inner.closed && inner.is_full()
+                !inner.closed && !inner.has_room(size)
             };
             if still_full {
                 room.await;
@@ -162,6 +220,10 @@ impl Mailbox {
         let (message, room) = {
             let mut inner = self.inner();
             let message = inner.queue.pop_front();
+            if let Some(message) = &message {
+                let size = u32::try_from(message.wire_len()).unwrap_or(u32::MAX);
+                inner.bytes = inner.bytes.saturating_sub(size);
+            }
             if inner.queue.is_empty() && inner.queue.capacity() > 0 {
                 inner.queue = VecDeque::new();
             }
@@ -267,6 +329,30 @@ impl Mailbox {
         self.inner().revoked
     }
 
+    /// Ready once a delivery found the queue over its byte bound ([`SESSION_QUEUE_BYTES`]):
+    /// the session is to close. Otherwise the session's task is woken by it. Only the session's
+    /// own task polls it, as for [`Mailbox::recv`]; meaningful while the session runs (its own
+    /// close at the end also closes the mailbox).
+    pub fn poll_overflowed(&self, cx: &Context<'_>) -> Poll<()> {
+        let mut inner = self.inner();
+        if inner.closed && !inner.revoked {
+            return Poll::Ready(());
+        }
+        inner.wait(cx);
+        Poll::Pending
+    }
+
+    /// Whether the queue overflowed (see [`Mailbox::poll_overflowed`]), without waiting.
+    pub fn is_overflowed(&self) -> bool {
+        let inner = self.inner();
+        inner.closed && !inner.revoked
+    }
+
+    /// [`Mailbox::poll_overflowed`] as a future.
+    pub async fn overflowed(&self) {
+        std::future::poll_fn(|cx| self.poll_overflowed(cx)).await;
+    }
+
     /// Refuses further messages and wakes anyone waiting for room. The session's waker is
     /// dropped, so that answers still holding the mailbox do not keep its task's memory.
     pub fn close(&self) {
@@ -297,6 +383,11 @@ struct Entry {
     listen: bool,
     tx: Outbox,
 }
+
+/// The device holds as many sessions as it may; the newest is refused, never an older one (a
+/// client that lost its connection gets in again once the lost session's heartbeat lapses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySessions;
 
 /// A session's registration, removed from the hub when dropped.
 #[derive(Debug)]
@@ -382,10 +473,23 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Registers a logged-in session. Session numbers are drawn under the lock, so they grow
-    /// in the order sessions become visible (see [`Hub::notify`]).
-    pub fn add(self: &Arc<Self>, device: DeviceId, listen: bool, tx: Outbox) -> Registration {
+    /// Registers a logged-in session, unless its device holds `most` sessions already (checked
+    /// and added under one lock, so that logins at once cannot pass the bound together).
+    /// Session numbers are drawn under the lock, so they grow in the order sessions become
+    /// visible (see [`Hub::notify`]).
+    pub fn add(
+        self: &Arc<Self>,
+        device: DeviceId,
+        listen: bool,
+        tx: Outbox,
+        most: usize,
+    ) -> Result<Registration, TooManySessions> {
         let mut sessions = self.sessions.lock().ok();
+        if let Some(sessions) = sessions.as_mut() {
+            if sessions.of(&device).count() >= most {
+                return Err(TooManySessions);
+            }
+        }
         let session = self.next.fetch_add(1, Ordering::Relaxed);
         if let Some(sessions) = sessions.as_mut() {
             sessions.add(
@@ -398,11 +502,11 @@ impl Hub {
             );
         }
         drop(sessions);
-        Registration {
+        Ok(Registration {
             hub: Arc::clone(self),
             device,
             session,
-        }
+        })
     }
 
     fn remove(&self, device: DeviceId, session: u64) {
@@ -587,7 +691,7 @@ mod tests {
         let hub = Arc::new(Hub::default());
         let device = DeviceId([9; DeviceId::LEN]);
         for (mailbox, queued) in [(Mailbox::new(), 0), (full_mailbox(), SESSION_QUEUE)] {
-            let _registration = hub.add(device, true, Arc::clone(&mailbox));
+            let _registration = hub.add(device, true, Arc::clone(&mailbox), usize::MAX);
             assert!(!mailbox.is_revoked());
             hub.sign_out(&[device], "removed");
             assert!(mailbox.is_revoked());
@@ -604,11 +708,43 @@ mod tests {
     }
 
     #[test]
+    fn a_delivery_past_the_byte_bound_closes_the_session_and_lets_its_queue_go() {
+        let hub = Arc::new(Hub::default());
+        let device = DeviceId([5; DeviceId::LEN]);
+        let mailbox = Mailbox::new();
+        let _registration = hub.add(device, true, Arc::clone(&mailbox), usize::MAX);
+        let deliver: Frame = Kind::Deliver(tidings_proto::frame::Deliver {
+            payload: bytes::Bytes::from(vec![1u8; 60 * 1024]),
+            ..Default::default()
+        })
+        .into();
+        let size = 4 + deliver.encoded_len();
+        let fit = SESSION_QUEUE_BYTES / size;
+        for n in 0..fit {
+            assert_eq!(hub.deliver(&device, &deliver), 1, "delivery {n} fits");
+        }
+        let cx = Context::from_waker(Waker::noop());
+        assert!(mailbox.poll_overflowed(&cx).is_pending());
+        assert_eq!(hub.deliver(&device, &deliver), 0, "one more does not fit");
+        assert!(
+            mailbox.poll_overflowed(&cx).is_ready(),
+            "the session is to close"
+        );
+        assert!(mailbox.is_empty(), "its queue is let go");
+        assert!(!mailbox.take_behind(), "it is not read again: it closes");
+        assert!(mailbox.try_send(ping(1)).is_err(), "nothing more is queued");
+        // A sign-out still reaches a revoked mailbox's session, which is not an overflow.
+        let revoked = Mailbox::new();
+        revoked.revoke("removed");
+        assert!(revoked.poll_overflowed(&cx).is_pending());
+    }
+
+    #[test]
     fn a_delivery_that_does_not_fit_marks_the_session_behind() {
         let hub = Arc::new(Hub::default());
         let device = DeviceId([7; DeviceId::LEN]);
         let mailbox = full_mailbox();
-        let _registration = hub.add(device, true, Arc::clone(&mailbox));
+        let _registration = hub.add(device, true, Arc::clone(&mailbox), usize::MAX);
         let frame: Frame = Kind::Ping(Ping { nonce: 1 }).into();
         assert_eq!(hub.deliver(&device, &frame), 0);
         assert!(mailbox.take_behind());
@@ -624,9 +760,14 @@ mod tests {
         let boxes: Vec<Outbox> = (0..3).map(|_| Mailbox::new()).collect();
         let mut registrations: Vec<Option<Registration>> = boxes
             .iter()
-            .map(|mailbox| Some(hub.add(device, true, Arc::clone(mailbox))))
+            .map(|mailbox| hub.add(device, true, Arc::clone(mailbox), 3).ok())
             .collect();
-        let _other = hub.add(other, false, Mailbox::new());
+        assert_eq!(
+            hub.add(device, false, Mailbox::new(), 3).err(),
+            Some(TooManySessions),
+            "a fourth session is over the bound of three"
+        );
+        let _other = hub.add(other, false, Mailbox::new(), 3);
         assert_eq!(hub.session_count(), 4);
         assert_eq!(hub.deliver(&device, &frame), 3);
         assert!(

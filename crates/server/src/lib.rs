@@ -69,7 +69,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
-use crate::connection::{Slot, SHUTDOWN_GRACE};
+use crate::connection::{PreLogin, Slot, SHUTDOWN_GRACE};
 use crate::metrics::Metrics;
 use crate::state::{Shared, State};
 
@@ -213,6 +213,7 @@ impl<S: Store> Server<S> {
         } = self;
         let router = http::router(state.clone());
         let slots = Arc::new(Semaphore::new(state.config.max_connections));
+        let pre_login = PreLogin::new(state.config.pre_login_connections_per_address);
         sweeps::spawn(&state);
         loop {
             let (stream, peer) = tokio::select! {
@@ -232,9 +233,14 @@ impl<S: Store> Server<S> {
                 drop(stream);
                 continue;
             };
+            let Some(not_logged_in) = pre_login.admit(peer.ip()) else {
+                // The address block holds as many connections not logged in as it may.
+                drop(stream);
+                continue;
+            };
             state.metrics.connections.inc();
             let _ = stream.set_nodelay(true);
-            let slot = Slot::new(slot);
+            let slot = Slot::new(slot, not_logged_in);
             let serving = connection::serve(
                 state.shutdown.clone(),
                 router.clone(),

@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 use tokio_util::io::poll_read_buf;
 
 use crate::clock::{now_ms, session_ms};
-use crate::connection::Slot;
+use crate::connection::{SessionSlot, Slot};
 use crate::delivery::{drain_queue, send_pending_receipts};
-use crate::hub::{Mailbox, Outbound, Outbox, Registration};
+use crate::hub::{Mailbox, Outbound, Outbox, Registration, TooManySessions};
 use crate::identity::Identity;
 use crate::reply::{error, fatal};
 use crate::request::Request;
@@ -47,16 +47,18 @@ async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> st
     writer.flush().await
 }
 
-/// Reads until one whole frame is buffered. `Ok(None)` is a clean end of stream.
+/// Reads until one whole frame of at most `limit` bytes is buffered; a longer one is refused as
+/// soon as its length is read. `Ok(None)` is a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
+    limit: usize,
 ) -> Result<Option<Frame>, CodecError> {
     loop {
-        if let Some(frame) = codec::decode(buf)? {
+        if let Some(frame) = codec::decode_within(buf, limit)? {
             return Ok(Some(frame));
         }
-        if let Some(needed) = codec::needed(buf)? {
+        if let Some(needed) = codec::needed_within(buf, limit)? {
             buf.reserve(needed.saturating_sub(buf.len()));
         } else {
             buf.reserve(64);
@@ -141,40 +143,97 @@ where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (identity, listen) = log_in(&state, &mut io, &mut buf, &challenge).await?;
-    Some(register(state, io, buf, identity, listen, slot).await)
+    let (identity, listen, keys) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    // The session is registered before the login is answered, so that the device's bound on
+    // sessions is checked and taken at once. What is queued for it meanwhile is written after
+    // `LoginResult`.
+    let Ok(opened) = Opened::register(&state, identity, listen) else {
+        tracing::debug!("login refused: the device holds as many sessions as it may");
+        let most = state.config.sessions_per_device;
+        let refusal = fatal(
+            ErrorCode::TooManySessions,
+            format!("this device already has {most} sessions open, the most it may: close one (a lost one closes after its heartbeat lapses) and try again"),
+        );
+        let _ = write_frame(&mut io, &refusal).await;
+        return None;
+    };
+    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
+        server_time_ms: now_ms(),
+        heartbeat_seconds: state.config.heartbeat_seconds,
+        one_time_keys: keys.one_time_keys,
+        keys_published: keys.published,
+    })
+    .into();
+    write_frame(&mut io, &login_result).await.ok()?;
+    let slot = slot.map(Slot::logged_in);
+    Some(register(state, io, buf, opened, slot).await)
 }
 
-/// Registers a logged-in session in the hub and starts what waits for its device.
+/// A session that logged in and took its place in the hub.
+struct Opened {
+    identity: Identity,
+    listen: bool,
+    tx: Outbox,
+    registration: Registration,
+    heartbeat_interval: Millis,
+}
+
+impl Opened {
+    /// Registers a logged-in session in the hub, unless its device holds as many sessions as
+    /// it may. Its heartbeat deadline is set before the hub's sweep can see it.
+    fn register<S: Store>(
+        state: &Shared<S>,
+        identity: Identity,
+        listen: bool,
+    ) -> Result<Self, TooManySessions> {
+        let tx = Mailbox::new();
+        let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
+        tx.heard_until(heartbeat::deadline(session_ms(), heartbeat_interval));
+        let most = state.config.sessions_per_device;
+        let registration = state.hub.add(identity.device, listen, tx.clone(), most)?;
+        Ok(Self {
+            identity,
+            listen,
+            tx,
+            registration,
+            heartbeat_interval,
+        })
+    }
+}
+
+/// Starts what waits for a logged-in session's device.
 async fn register<S, Io>(
     state: Shared<S>,
     io: Io,
     buf: BytesMut,
-    identity: Identity,
-    listen: bool,
-    slot: Option<Slot>,
+    opened: Opened,
+    slot: Option<SessionSlot>,
 ) -> Live<S, Io>
 where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
+    let Opened {
+        identity,
+        listen,
+        tx,
+        registration,
+        heartbeat_interval,
+    } = opened;
     let mut live = Live {
         state,
         identity,
         listen,
         io,
         buf,
-        tx: Mailbox::new(),
-        registration: None,
+        tx,
+        registration: Some(registration),
         tasks: None,
         send_order: None,
         heartbeat_interval,
         _slot: slot,
     };
-    // The deadline is set before the hub's sweep can see the session.
     live.heard();
-    live.registration = Some(live.state.hub.add(identity.device, listen, live.tx.clone()));
     live.state.metrics.sessions_active.inc();
     tracing::debug!(listen = listen, "session started");
     // What waits for the device is read once it is registered, so that nothing stored after the
@@ -239,7 +298,7 @@ struct Live<S: Store, Io> {
     /// sweep reads it.
     heartbeat_interval: Millis,
     /// The connection's place under the connection limit, given back when the session ends.
-    _slot: Option<Slot>,
+    _slot: Option<SessionSlot>,
 }
 
 impl<S, Io> Live<S, Io>
@@ -278,12 +337,23 @@ where
             if self.is_idle() {
                 self.release_buffers();
                 if !self.idle_wait().await {
-                    return End::Close;
+                    return self.ending();
                 }
             }
             if let Some(end) = Box::pin(self.busy()).await {
                 return end;
             }
+        }
+    }
+
+    /// How a session that is to end ends: aborted when its queue overflowed (its client takes
+    /// nothing, so nothing more is written), closed in order otherwise.
+    fn ending(&self) -> End {
+        if self.tx.is_overflowed() {
+            tracing::debug!("session closed: more was queued for it than its queue's byte bound");
+            End::Abort
+        } else {
+            End::Close
         }
     }
 
@@ -333,6 +403,9 @@ where
                     tracing::debug!("session closed: heartbeat lapsed");
                     return Poll::Ready(false);
                 }
+                if self.tx.poll_overflowed(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
                 match self.tx.poll_woken(cx) {
                     Poll::Ready(true) => return Poll::Ready(true),
                     // Woken to look at the deadline and the shutdown again.
@@ -373,9 +446,10 @@ where
             tokio::select! {
                 biased;
                 () = self.state.shutdown.cancelled() => return Some(End::Close),
+                () = self.tx.overflowed() => return Some(self.ending()),
                 message = self.tx.recv() => {
                     if self.write_mail(message, &mut out).await {
-                        return Some(End::Close);
+                        return Some(self.ending());
                     }
                 }
                 read = self.io.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
@@ -487,12 +561,18 @@ where
         )
     }
 
-    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed
-    /// or the write waited past [`Live::write_timeout`].
+    /// Writes and flushes what is encoded in `out`, then empties it. False if the socket failed,
+    /// the write waited past [`Live::write_timeout`], or the queue overflowed meanwhile (the
+    /// client is not taking what is written).
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
         let limit = self.write_timeout();
-        let write = async { self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok() };
-        let written = tokio::time::timeout(limit, write).await.unwrap_or(false);
+        let (io, tx) = (&mut self.io, &self.tx);
+        let write = async { io.write_all(out).await.is_ok() && io.flush().await.is_ok() };
+        let written = tokio::select! {
+            biased;
+            written = tokio::time::timeout(limit, write) => written.unwrap_or(false),
+            () = tx.overflowed() => false,
+        };
         if !written {
             tracing::debug!("session closed: a write failed or waited too long");
         }
@@ -529,20 +609,22 @@ where
     }
 }
 
-/// The login phase: reads `Login`, checks it and answers `LoginResult`. `None`: the connection
-/// is done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
+/// The login phase: reads `Login` and checks it (or answers why not). `None`: the connection is
+/// done (refused, timed out or gone). Runs inside the boxed opening (see [`start`]), so that
 /// its state does not widen the session future that every idle connection keeps.
 async fn log_in<S, Io>(
     state: &Shared<S>,
     io: &mut Io,
     buf: &mut BytesMut,
     challenge: &[u8; 32],
-) -> Option<(Identity, bool)>
+) -> Option<(Identity, bool, tidings_store::KeyStatus)>
 where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin,
 {
-    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read_frame(io, buf)).await {
+    // The login is read before the client is known: it is held to a small bound of its own.
+    let read = read_frame(io, buf, tidings_proto::MAX_LOGIN_FRAME_BYTES);
+    let login = match tokio::time::timeout(LOGIN_TIMEOUT, read).await {
         Ok(Ok(Some(Frame {
             kind: Some(Kind::Login(login)),
         }))) => login,
@@ -566,17 +648,7 @@ where
             return None;
         }
     };
-    let listen = login.listen;
-    drop(login);
-    let login_result: Frame = Kind::LoginResult(frame::LoginResult {
-        server_time_ms: now_ms(),
-        heartbeat_seconds: state.config.heartbeat_seconds,
-        one_time_keys: keys.one_time_keys,
-        keys_published: keys.published,
-    })
-    .into();
-    write_frame(io, &login_result).await.ok()?;
-    Some((identity, listen))
+    Some((identity, login.listen, keys))
 }
 
 /// The next finished request of a session, if it has any in flight; never ready otherwise.

@@ -115,7 +115,14 @@ impl World {
             let published = store.publish_keys(id, keys, Vec::new(), None, 100);
             published.await.expect("publish");
             let outbox = Mailbox::new();
-            let online = (n == 0).then(|| self.state.hub.add(id, true, Arc::clone(&outbox)));
+            let online = (n == 0)
+                .then(|| {
+                    self.state
+                        .hub
+                        .add(id, true, Arc::clone(&outbox), usize::MAX)
+                        .ok()
+                })
+                .flatten();
             made.push(Device {
                 identity: Identity {
                     device: id,

@@ -251,11 +251,12 @@ async fn a_removed_device_is_signed_out_and_gone() {
     let world = World::new("remove", |_| {});
     let mut alice = world.user("+14155550231", 2).await;
     let removed = alice.pop().expect("a second device");
-    let removed_online =
-        world
-            .state
-            .hub
-            .add(removed.identity.device, true, Arc::clone(&removed.outbox));
+    let removed_online = world.state.hub.add(
+        removed.identity.device,
+        true,
+        Arc::clone(&removed.outbox),
+        usize::MAX,
+    );
     let remove = |device: Vec<u8>| {
         Kind::RemoveDevice(frame::RemoveDevice {
             request_id: 8,

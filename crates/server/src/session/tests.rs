@@ -11,7 +11,7 @@ use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
 use tidings_store::Store as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
-use super::{open, register};
+use super::{open, register, Opened};
 use crate::testing::{random_device, Device, World};
 
 /// The client's end of a session's stream.
@@ -217,7 +217,8 @@ async fn a_login_that_registers_after_its_device_was_removed_is_signed_out() {
         .sign_out(&[second.identity.device], "this device was removed");
     let (client, server) = tokio::io::duplex(64 * 1024);
     let state = std::sync::Arc::clone(&world.state);
-    let live = register(state, server, BytesMut::new(), second.identity, true, None).await;
+    let opened = Opened::register(&state, second.identity, true).expect("under the bound");
+    let live = register(state, server, BytesMut::new(), opened, None).await;
     tokio::spawn(live.run());
     let mut client = Client {
         io: client,
