@@ -182,6 +182,20 @@ fn metrics_count_events_without_identifiers() {
     );
 }
 
+/// `/metrics` is the operator's: it is served on an address of its own (loopback by default),
+/// never on the public port, where anyone could watch the server's traffic.
+#[test]
+fn metrics_are_served_on_their_own_address_only() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/metrics");
+    assert_eq!(status, 404, "/metrics answers on the public port:\n{body}");
+    let (status, body) = get(server.metrics_port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("tidings_sessions_active"), "{body}");
+    // The metrics address serves nothing else.
+    assert_eq!(get(server.metrics_port, "/v1/health").0, 404);
+}
+
 /// The store's writer has a thread of its own, busy under load: the server runs its connections
 /// on one thread fewer than the cores (at least one), or on what `TOKIO_WORKER_THREADS` says.
 #[test]
