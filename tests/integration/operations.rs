@@ -166,7 +166,7 @@ fn metrics_count_events_without_identifiers() {
     let alice = User::register(&alice_number, &server, &[]);
     User::register(&bob_number, &server, &[]);
     alice.send(&bob_number, "counted", &[]);
-    let (status, body) = get(server.port, "/metrics");
+    let (status, body) = get(server.metrics_port, "/metrics");
     assert_eq!(status, 200);
     for metric in [
         r#"tidings_sends_total{outcome="queued"} 1"#,
@@ -194,6 +194,26 @@ fn metrics_are_served_on_their_own_address_only() {
     assert!(body.contains("tidings_sessions_active"), "{body}");
     // The metrics address serves nothing else.
     assert_eq!(get(server.metrics_port, "/v1/health").0, 404);
+    // Turned off, nothing listens there; a setting that is neither an address nor `off` is
+    // refused at start with its name.
+    let off = Server::start(&["--metrics-listen", "off"]);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", off.metrics_port)).is_err());
+    let out = std::process::Command::new(crate::support::BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "9464",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("metrics_listen"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// The store's writer has a thread of its own, busy under load: the server runs its connections
@@ -202,7 +222,7 @@ fn metrics_are_served_on_their_own_address_only() {
 fn the_server_leaves_a_core_to_its_storage_writer() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let server = Server::start(&[]);
-    let (status, body) = get(server.port, "/metrics");
+    let (status, body) = get(server.metrics_port, "/metrics");
     assert_eq!(status, 200);
     let expected = format!(
         "tidings_runtime_worker_threads {}",
@@ -229,7 +249,6 @@ fn openapi_document_matches_the_routes() {
         ("POST", "/v1/registration/link"),
         ("GET", "/v1/connect"),
         ("GET", "/v1/health"),
-        ("GET", "/metrics"),
         ("GET", "/v1/openapi.json"),
     ]
     .iter()

@@ -1,5 +1,5 @@
-//! The HTTP API: registration, health, metrics, the OpenAPI document, and the upgrade that opens
-//! a session. Routes and their OpenAPI entries are declared together (utoipa-axum), so the
+//! The HTTP API of the public port: registration, health, the OpenAPI document, and the upgrade
+//! that opens a session (`/metrics` is served on an address of its own, by `metrics`). Routes and their OpenAPI entries are declared together (utoipa-axum), so the
 //! document cannot drift from the router.
 
 // Handlers return `Result<Response, Response>`: an error answer is a whole HTTP response, built
@@ -39,7 +39,7 @@ mod tests;
     info(title = "Tidings", description = "Opt-in phone-number messaging. See docs/PROTOCOL.md for the session protocol behind /v1/connect."),
     tags((name = "registration", description = "Proving a number and binding a device key"),
          (name = "session", description = "The upgrade to the binary session protocol"),
-         (name = "operations", description = "Health, metrics and this document"))
+         (name = "operations", description = "Health and this document (metrics are served on the operator's metrics address, not here)"))
 )]
 struct ApiDoc;
 
@@ -129,7 +129,6 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         .routes(routes!(link))
         .routes(routes!(connect))
         .routes(routes!(health))
-        .routes(routes!(metrics))
         .routes(routes!(openapi))
         .split_for_parts();
     let json = api.to_pretty_json().unwrap_or_else(|_| "{}".into());
@@ -616,20 +615,6 @@ async fn health() -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
-}
-
-/// Prometheus metrics (text exposition format). No label carries a number or an id.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics<S: Store>(State(state): State<Shared<S>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
 }
 
 /// This document.
