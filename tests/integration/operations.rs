@@ -216,6 +216,43 @@ fn metrics_are_served_on_their_own_address_only() {
     );
 }
 
+/// The data files hold pseudonyms, device keys and queued ciphertexts, and the key file the keys
+/// that make pseudonyms: only the server's own user may read any of them (0600; the data directory
+/// 0700), whatever the umask.
+#[test]
+fn data_files_and_the_key_file_are_readable_by_the_server_s_user_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    let (answer, _) = alice.send(&bob_number, "kept on disk", &[]);
+    assert_eq!(answer["outcome"], "queued");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&server.data_dir()), 0o700);
+    let mut files = vec![server.key_file()];
+    for entry in std::fs::read_dir(server.data_dir()).expect("data dir") {
+        files.push(entry.expect("entry").path());
+    }
+    // The database with its write-ahead log and shared-memory index, at least.
+    assert!(files.len() >= 4, "{files:?}");
+    for file in &files {
+        assert_eq!(
+            mode(file),
+            0o600,
+            "{} has mode {:o}",
+            file.display(),
+            mode(file)
+        );
+    }
+}
+
 /// The store's writer has a thread of its own, busy under load: the server runs its connections
 /// on one thread fewer than the cores (at least one), or on what `TOKIO_WORKER_THREADS` says.
 #[test]
