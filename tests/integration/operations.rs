@@ -13,6 +13,13 @@ use crate::support::{block_on, number, text, Server, TempDir, User};
 
 /// A raw HTTP/1.1 request over loopback; returns the status code and body.
 async fn http(port: u16, request: &str) -> (u16, String) {
+    let (status, _, body) = exchange(port, request).await;
+    (status, body)
+}
+
+/// A raw HTTP/1.1 request over loopback; returns the status code, the head (status line and
+/// headers) and the body.
+async fn exchange(port: u16, request: &str) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -25,11 +32,11 @@ async fn http(port: u16, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(head, body)| (head.to_string(), body.to_string()))
         .unwrap_or_default();
-    (status, body)
+    (status, head, body)
 }
 
 pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
@@ -304,6 +311,89 @@ fn openapi_document_matches_the_routes() {
         );
     }
     assert_eq!(get(server.port, "/v1/undocumented").0, 404);
+}
+
+/// What the server answers is what its OpenAPI document says it answers: each answer's status is
+/// documented for its operation, with the content type it comes in, and a body the server refuses
+/// as invalid is one the document's schema does not allow either.
+#[test]
+fn openapi_document_describes_each_answer_exactly() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/v1/openapi.json");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("openapi json");
+    let check = |method: &str,
+                 path: &str,
+                 content_type: Option<&str>,
+                 body: &str,
+                 expected: u16| {
+        let content_type = content_type
+            .map(|value| format!("Content-Type: {value}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, head, _) = block_on(exchange(server.port, &request));
+        let case = format!("{method} {path} {content_type:?} {body:?}");
+        assert_eq!(status, expected, "{case}");
+        let operation = &doc["paths"][path][method.to_lowercase()];
+        let documented = &operation["responses"][status.to_string()];
+        assert!(documented.is_object(), "{case}: {status} is not documented");
+        let answered_type = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-type")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+        let documented_types: Vec<&String> = documented["content"]
+            .as_object()
+            .map(|content| content.keys().collect())
+            .unwrap_or_default();
+        assert!(
+            documented_types
+                .iter()
+                .any(|documented| answered_type.starts_with(documented.as_str())),
+            "{case}: answered {answered_type}, documented {documented_types:?}"
+        );
+    };
+    for path in [
+        "/v1/registration/code",
+        "/v1/registration/verify",
+        "/v1/registration/link",
+    ] {
+        check("POST", path, None, "{}", 415);
+        check("POST", path, Some("text/plain"), "{}", 415);
+        check("POST", path, Some("application/json"), "{", 400);
+        check("POST", path, Some("application/json"), "{}", 422);
+    }
+    check(
+        "POST",
+        "/v1/registration/code",
+        Some("application/json"),
+        r#"{"number": ""}"#,
+        400,
+    );
+    check(
+        "POST",
+        "/v1/registration/code",
+        Some("application/json"),
+        r#"{"number": "+1"}"#,
+        400,
+    );
+    check("GET", "/v1/health", None, "", 200);
+    check("GET", "/v1/openapi.json", None, "", 200);
+    check("GET", "/v1/connect", None, "", 426);
+    // The number the server refused above is one the schema does not allow: at least E.164's
+    // `+` and two digits.
+    let number = &doc["components"]["schemas"]["CodeRequest"]["properties"]["number"];
+    let pattern = number["pattern"].as_str().unwrap_or_default();
+    assert!(
+        number["minLength"].as_u64().is_some_and(|n| n >= 3) && pattern.starts_with("^\\+"),
+        "{number}"
+    );
 }
 
 #[test]
