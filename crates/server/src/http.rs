@@ -145,6 +145,7 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         (status = 202, description = "A code was sent", body = CodeSent),
         (status = 400, description = "Not a valid phone number or not JSON", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many codes for this number or address", body = ApiError),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
@@ -263,6 +264,7 @@ async fn request_code<S: Store>(
         (status = 200, description = "The device is registered", body = Verified),
         (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
         (status = 410, description = "No live code for this number", body = ApiError),
@@ -426,6 +428,7 @@ async fn verify<S: Store>(
         (status = 401, description = "No live link code for this number matches", body = ApiError),
         (status = 409, description = "The number already has 6 devices", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many attempts from this address", body = ApiError),
     ))]
