@@ -14,6 +14,7 @@ use axum::{Extension, Json, Router};
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::{Rng as _, RngCore as _};
 use tidings_core::verification::{self, Attempt};
+use tidings_core::HOUR;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::http::{
     ApiError, CodeRequest, CodeSent, Health, LinkRequest, Linked, Verified, VerifyRequest,
@@ -66,10 +67,15 @@ fn api_error_with(status: StatusCode, body: ApiError) -> Response {
 }
 
 fn rate_limited(wait_ms: u64, message: &str) -> Response {
+    retry_later("rate_limited", wait_ms, message)
+}
+
+/// A 429 with `error` and the seconds to wait, in the body and in `Retry-After`.
+fn retry_later(error: &str, wait_ms: u64, message: &str) -> Response {
     api_error_with(
         StatusCode::TOO_MANY_REQUESTS,
         ApiError {
-            error: "rate_limited".into(),
+            error: error.into(),
             message: message.into(),
             retry_after: Some(wait_ms.div_ceil(1000)),
             attempts_left: None,
@@ -147,7 +153,8 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many codes for this number or address", body = ApiError),
+        (status = 429, description = "Too many codes for this number or address: `rate_limited`, or `too_many_codes` when the number has had all the codes it may have in 8 hours; `retry_after` and the Retry-After header say in how many seconds to try again", body = ApiError,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
 async fn request_code<S: Store>(
@@ -173,7 +180,7 @@ async fn request_code<S: Store>(
             .inc();
         return Err(rate_limited(
             wait,
-            "too many code requests from this address: wait and try again",
+            "too many code requests from this address",
         ));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
@@ -188,12 +195,15 @@ async fn request_code<S: Store>(
             if allowed.is_ok() {
                 verification::issue(&policy, current, hash, now);
             }
-            allowed
+            // Whether the number has had all the codes it may have over the long window: the
+            // user then learns that it is this number, not a recent code, that waits.
+            let used_up = policy.per_number_long.check(&current.sent_at, now).is_err();
+            allowed.map_err(|wait| (wait, used_up))
         })
         .await;
     match issued {
         Ok(Ok(())) => {}
-        Ok(Err(wait)) => {
+        Ok(Err((wait, used_up))) => {
             state
                 .metrics
                 .registrations
@@ -201,9 +211,21 @@ async fn request_code<S: Store>(
                     outcome: "number_limited",
                 })
                 .inc();
+            if used_up {
+                let window = policy.per_number_long;
+                return Err(retry_later(
+                    "too_many_codes",
+                    wait,
+                    &format!(
+                        "this number has had too many codes ({} in {} hours)",
+                        window.max,
+                        window.period / HOUR
+                    ),
+                ));
+            }
             return Err(rate_limited(
                 wait,
-                "a code was sent to this number recently: use it, or wait and try again",
+                "a code was sent to this number recently: use it, or ask for another later",
             ));
         }
         Err(e) => {
@@ -320,7 +342,7 @@ async fn verify<S: Store>(
     ) {
         return Err(rate_limited(
             wait,
-            "too many verification attempts from this address: wait and try again",
+            "too many verification attempts from this address",
         ));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
@@ -474,10 +496,7 @@ async fn link<S: Store>(
         peer.0.ip(),
         now,
     ) {
-        return Err(rate_limited(
-            wait,
-            "too many attempts from this address: wait and try again",
-        ));
+        return Err(rate_limited(wait, "too many attempts from this address"));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
     let unavailable = || {
