@@ -93,13 +93,16 @@ fn listen(address: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Accepts connections on `listener` and serves `router` on each, at most as many at once as
-/// `slots` holds, until `shutdown` is cancelled; then the listener is closed.
+/// `slots` holds, until `shutdown` is cancelled; then the listener is closed. `counted` counts
+/// the connections accepted (the public port's; a scrape of the metrics address should not
+/// change what it reads).
 async fn accept<S: Store>(
     state: Shared<S>,
     listener: TcpListener,
     router: axum::Router,
     tls: Option<TlsAcceptor>,
     slots: Arc<Semaphore>,
+    counted: Option<prometheus_client::metrics::counter::Counter>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -120,7 +123,9 @@ async fn accept<S: Store>(
             drop(stream);
             continue;
         };
-        state.metrics.connections.inc();
+        if let Some(counted) = &counted {
+            counted.inc();
+        }
         let _ = stream.set_nodelay(true);
         let slot = Slot::new(slot);
         let serving = connection::serve(
@@ -295,11 +300,22 @@ impl<S: Store> Server<S> {
                 metrics::router(Arc::clone(&state.metrics)),
                 None,
                 Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
+                None,
                 shutdown.clone(),
             );
             state.tasks.spawn(accepting);
         }
-        accept(Arc::clone(&state), listener, router, tls, slots, shutdown).await;
+        let connections = Some(state.metrics.connections.clone());
+        accept(
+            Arc::clone(&state),
+            listener,
+            router,
+            tls,
+            slots,
+            connections,
+            shutdown,
+        )
+        .await;
         tracing::info!("shutting down: finishing sessions");
         state.shutdown.cancel();
         // Idle sessions wait on their mailbox only: wake them to see the shutdown.
