@@ -4,7 +4,10 @@
 #   - Kannel and its test SMSC fakesmsc (the SMS fallback tests run a real Kannel on loopback),
 #   - python-gsmmodem-new and smppy (with its PDU codec smpppdu) in a private virtualenv: the
 #     independent SMS PDU codec the SMS and modem tests compare against, and the SMPP server the
-#     SMPP tests run (tests/smsc/).
+#     SMPP tests run (tests/smsc/);
+#   - schemathesis, in the same virtualenv, which then checks a running server against its
+#     OpenAPI document (scripts/schemathesis.toml: every check, 100 cases per operation, a fixed
+#     seed, about a minute; no failure allowed).
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +27,31 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import gsmmodem.pdu, smppy, smpp.pdu' 2>/dev/null; then
-  echo "installing python-gsmmodem-new, smppy and smpppdu into $venv"
+if ! "$venv/bin/python" -c 'import gsmmodem.pdu, smppy, smpp.pdu, schemathesis' 2>/dev/null; then
+  echo "installing python-gsmmodem-new, smppy, smpppdu and schemathesis into $venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q python-gsmmodem-new==0.13.0 pyserial==3.5 smppy==0.3.2 smpppdu==0.1.2
+  "$venv/bin/python" -m pip install -q python-gsmmodem-new==0.13.0 pyserial==3.5 smppy==0.3.2 \
+    smpppdu==0.1.2 schemathesis==4.32.5
 fi
 export TIDINGS_SMS_PYTHON="$PWD/$venv/bin/python"
 
 cargo test --workspace "$@"
+
+# The OpenAPI document against the server it describes: a server of the build just tested, in a
+# temporary directory, on a free loopback port.
+echo "== schemathesis: the server answers as its OpenAPI document says"
+scratch=$(mktemp -d)
+HOME="$scratch" target/debug/tidings server --listen 127.0.0.1:0 --metrics-listen off \
+  --data-dir "$scratch/data" --key-file "$scratch/server.key" --outbox-dir "$scratch/outbox" \
+  >"$scratch/stdout" 2>"$scratch/server.log" &
+server=$!
+trap 'kill "$server" 2>/dev/null; rm -rf "$scratch"' EXIT
+for _ in $(seq 300); do
+  grep -q 'listening on' "$scratch/stdout" && break
+  kill -0 "$server" 2>/dev/null || { cat "$scratch/server.log"; exit 1; }
+  sleep 0.1
+done
+url=$(sed -n 's/.*listening on //p' "$scratch/stdout")
+[ -n "$url" ] || { echo "the server did not start"; cat "$scratch/server.log"; exit 1; }
+(cd "$scratch" && "$OLDPWD/$venv/bin/schemathesis" --config-file "$OLDPWD/scripts/schemathesis.toml" \
+  run "$url/v1/openapi.json" --checks all --max-examples 100 --seed 1 --workers 2 --warnings off)

@@ -118,6 +118,9 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let address = server.local_addr()?;
     let scheme = if server_tls(&args) { "https" } else { "http" };
     println!("tidings server listening on {scheme}://{address}");
+    if let Some(metrics) = server.metrics_addr()? {
+        tracing::info!("metrics on http://{metrics}/metrics");
+    }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     let shutdown = tokio_util::sync::CancellationToken::new();

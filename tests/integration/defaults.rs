@@ -102,6 +102,7 @@ fn plain_tcp_on_a_public_address_is_warned_about_at_start() {
         .arg(dir.path().join("server.key"))
         .arg("--outbox-dir")
         .arg(dir.path().join("outbox"))
+        .args(["--metrics-listen", "off"])
         .env_remove("TIDINGS_CONFIG")
         .env("HOME", dir.path())
         .stdout(Stdio::piped())

@@ -250,7 +250,7 @@ fn a_send_goes_once_while_receipts_of_earlier_messages_arrive() {
     // Her next send logs in, is handed those receipts first, and still goes once.
     let (answer, code) = alice.send(&bob_number, "four", &[]);
     assert_eq!((answer["outcome"].as_str(), code), (Some("queued"), 0));
-    let (status, body) = crate::operations::get(server.port, "/metrics");
+    let (status, body) = crate::operations::get(server.metrics_port, "/metrics");
     assert_eq!(status, 200);
     let sends = r#"tidings_sends_total{outcome="queued"} 4"#;
     assert!(

@@ -13,6 +13,13 @@ use crate::support::{block_on, number, text, Server, TempDir, User};
 
 /// A raw HTTP/1.1 request over loopback; returns the status code and body.
 async fn http(port: u16, request: &str) -> (u16, String) {
+    let (status, _, body) = exchange(port, request).await;
+    (status, body)
+}
+
+/// A raw HTTP/1.1 request over loopback; returns the status code, the head (status line and
+/// headers) and the body.
+async fn exchange(port: u16, request: &str) -> (u16, String, String) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -25,11 +32,11 @@ async fn http(port: u16, request: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
+    let (head, body) = response
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(head, body)| (head.to_string(), body.to_string()))
         .unwrap_or_default();
-    (status, body)
+    (status, head, body)
 }
 
 pub(crate) fn get(port: u16, path: &str) -> (u16, String) {
@@ -166,7 +173,7 @@ fn metrics_count_events_without_identifiers() {
     let alice = User::register(&alice_number, &server, &[]);
     User::register(&bob_number, &server, &[]);
     alice.send(&bob_number, "counted", &[]);
-    let (status, body) = get(server.port, "/metrics");
+    let (status, body) = get(server.metrics_port, "/metrics");
     assert_eq!(status, 200);
     for metric in [
         r#"tidings_sends_total{outcome="queued"} 1"#,
@@ -182,13 +189,84 @@ fn metrics_count_events_without_identifiers() {
     );
 }
 
+/// `/metrics` is the operator's: it is served on an address of its own (loopback by default),
+/// never on the public port, where anyone could watch the server's traffic.
+#[test]
+fn metrics_are_served_on_their_own_address_only() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/metrics");
+    assert_eq!(status, 404, "/metrics answers on the public port:\n{body}");
+    let (status, body) = get(server.metrics_port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("tidings_sessions_active"), "{body}");
+    // The metrics address serves nothing else.
+    assert_eq!(get(server.metrics_port, "/v1/health").0, 404);
+    // Turned off, nothing listens there; a setting that is neither an address nor `off` is
+    // refused at start with its name.
+    let off = Server::start(&["--metrics-listen", "off"]);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", off.metrics_port)).is_err());
+    let out = std::process::Command::new(crate::support::BIN)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "9464",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("metrics_listen"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The data files hold pseudonyms, device keys and queued ciphertexts, and the key file the keys
+/// that make pseudonyms: only the server's own user may read any of them (0600; the data directory
+/// 0700), whatever the umask.
+#[test]
+fn data_files_and_the_key_file_are_readable_by_the_server_s_user_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    User::register(&bob_number, &server, &[]);
+    let (answer, _) = alice.send(&bob_number, "kept on disk", &[]);
+    assert_eq!(answer["outcome"], "queued");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&server.data_dir()), 0o700);
+    let mut files = vec![server.key_file()];
+    for entry in std::fs::read_dir(server.data_dir()).expect("data dir") {
+        files.push(entry.expect("entry").path());
+    }
+    // The database with its write-ahead log and shared-memory index, at least.
+    assert!(files.len() >= 4, "{files:?}");
+    for file in &files {
+        assert_eq!(
+            mode(file),
+            0o600,
+            "{} has mode {:o}",
+            file.display(),
+            mode(file)
+        );
+    }
+}
+
 /// The store's writer has a thread of its own, busy under load: the server runs its connections
 /// on one thread fewer than the cores (at least one), or on what `TOKIO_WORKER_THREADS` says.
 #[test]
 fn the_server_leaves_a_core_to_its_storage_writer() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let server = Server::start(&[]);
-    let (status, body) = get(server.port, "/metrics");
+    let (status, body) = get(server.metrics_port, "/metrics");
     assert_eq!(status, 200);
     let expected = format!(
         "tidings_runtime_worker_threads {}",
@@ -215,7 +293,6 @@ fn openapi_document_matches_the_routes() {
         ("POST", "/v1/registration/link"),
         ("GET", "/v1/connect"),
         ("GET", "/v1/health"),
-        ("GET", "/metrics"),
         ("GET", "/v1/openapi.json"),
     ]
     .iter()
@@ -234,6 +311,89 @@ fn openapi_document_matches_the_routes() {
         );
     }
     assert_eq!(get(server.port, "/v1/undocumented").0, 404);
+}
+
+/// What the server answers is what its OpenAPI document says it answers: each answer's status is
+/// documented for its operation, with the content type it comes in, and a body the server refuses
+/// as invalid is one the document's schema does not allow either.
+#[test]
+fn openapi_document_describes_each_answer_exactly() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/v1/openapi.json");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("openapi json");
+    let check = |method: &str,
+                 path: &str,
+                 content_type: Option<&str>,
+                 body: &str,
+                 expected: u16| {
+        let content_type = content_type
+            .map(|value| format!("Content-Type: {value}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, head, _) = block_on(exchange(server.port, &request));
+        let case = format!("{method} {path} {content_type:?} {body:?}");
+        assert_eq!(status, expected, "{case}");
+        let operation = &doc["paths"][path][method.to_lowercase()];
+        let documented = &operation["responses"][status.to_string()];
+        assert!(documented.is_object(), "{case}: {status} is not documented");
+        let answered_type = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-type")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+        let documented_types: Vec<&String> = documented["content"]
+            .as_object()
+            .map(|content| content.keys().collect())
+            .unwrap_or_default();
+        assert!(
+            documented_types
+                .iter()
+                .any(|documented| answered_type.starts_with(documented.as_str())),
+            "{case}: answered {answered_type}, documented {documented_types:?}"
+        );
+    };
+    for path in [
+        "/v1/registration/code",
+        "/v1/registration/verify",
+        "/v1/registration/link",
+    ] {
+        check("POST", path, None, "{}", 415);
+        check("POST", path, Some("text/plain"), "{}", 415);
+        check("POST", path, Some("application/json"), "{", 400);
+        check("POST", path, Some("application/json"), "{}", 422);
+    }
+    check(
+        "POST",
+        "/v1/registration/code",
+        Some("application/json"),
+        r#"{"number": ""}"#,
+        400,
+    );
+    check(
+        "POST",
+        "/v1/registration/code",
+        Some("application/json"),
+        r#"{"number": "+1"}"#,
+        400,
+    );
+    check("GET", "/v1/health", None, "", 200);
+    check("GET", "/v1/openapi.json", None, "", 200);
+    check("GET", "/v1/connect", None, "", 426);
+    // The number the server refused above is one the schema does not allow: at least E.164's
+    // `+` and two digits.
+    let number = &doc["components"]["schemas"]["CodeRequest"]["properties"]["number"];
+    let pattern = number["pattern"].as_str().unwrap_or_default();
+    assert!(
+        number["minLength"].as_u64().is_some_and(|n| n >= 3) && pattern.starts_with("^\\+"),
+        "{number}"
+    );
 }
 
 #[test]

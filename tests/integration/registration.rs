@@ -218,3 +218,42 @@ fn registering_again_replaces_the_old_device_and_its_queue() {
     let out = crate::support::wait_output(&mut listener, std::time::Duration::from_secs(10));
     assert!(out.contains("signed out"), "{out}");
 }
+
+/// A refusal that comes with a retry time makes `tidings` say when to try again; the limit on
+/// codes per number over hours says that it is this number that had too many codes.
+#[test]
+fn a_refused_registration_says_when_to_try_again() {
+    // No interval between two codes for a number, so that the third code meets the limit of two
+    // per 8 hours; one code request per address per 5 minutes for the second case.
+    let server = Server::start(&["--code-interval-seconds", "0"]);
+    let n = number();
+    let user = User::new(&n);
+    let register =
+        |user: &User, number: &str| user.run(&["register", number, "--server", &server.url]);
+    for _ in 0..2 {
+        let out = register(&user, &n);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = register(&user, &n);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("this number has had too many codes")
+            && stderr.contains("try again in 7 h 5"),
+        "{stderr}"
+    );
+
+    let limited = Server::start(&["--codes-per-address", "1"]);
+    let first = number();
+    let out = User::new(&first).run(&["register", &first, "--server", &limited.url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = number();
+    let out = User::new(&second).run(&["register", &second, "--server", &limited.url]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("too many code requests from this address")
+            && (stderr.contains("try again in 4 min") || stderr.contains("try again in 5 min")),
+        "{stderr}"
+    );
+}

@@ -61,6 +61,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub dir: TempDir,
     pub port: u16,
+    /// The port of the operator's metrics address, apart from the public port.
+    pub metrics_port: u16,
     pub url: String,
     pub extra: Vec<String>,
     pub scheme: &'static str,
@@ -89,6 +91,7 @@ impl Server {
             child: None,
             dir: TempDir::new("server"),
             port: free_port(),
+            metrics_port: free_port(),
             url: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             scheme: if extra.contains(&"--tls-cert") {
@@ -122,6 +125,11 @@ impl Server {
             .args(["--scrub-interval-ms", "200", "--log", "debug"])
             .args(&self.extra)
             .env_remove("TIDINGS_CONFIG")
+            // Each test server has a metrics address of its own, so that they can run at once.
+            .env(
+                "TIDINGS_METRICS_LISTEN",
+                format!("127.0.0.1:{}", self.metrics_port),
+            )
             .env("HOME", self.dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));

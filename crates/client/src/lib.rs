@@ -72,6 +72,12 @@ pub enum ClientError {
     Network(String),
     #[error("the server refused: {0}")]
     Refused(String),
+    /// A refusal that says when to try again (HTTP `429` with `retry_after`).
+    #[error("{message}; try again in {}", wait_text(*retry_after))]
+    RetryLater {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     #[error("the server broke the protocol: {0}")]
     Protocol(String),
     #[error("signed out by the server: {0}")]
@@ -96,5 +102,47 @@ impl From<rusqlite::Error> for ClientError {
     }
 }
 
+/// A wait for a person: "45 s", "4 min 10 s", "7 h 59 min", "2 d 3 h" (two units at most, the
+/// smaller rounded down).
+pub fn wait_text(wait: std::time::Duration) -> String {
+    let seconds = wait.as_secs();
+    let (minute, hour, day) = (60, 3_600, 86_400);
+    let two = |big: u64, big_unit: &str, small: u64, small_unit: &str| {
+        if small == 0 {
+            format!("{big} {big_unit}")
+        } else {
+            format!("{big} {big_unit} {small} {small_unit}")
+        }
+    };
+    if seconds >= day {
+        two(seconds / day, "d", seconds % day / hour, "h")
+    } else if seconds >= hour {
+        two(seconds / hour, "h", seconds % hour / minute, "min")
+    } else if seconds >= minute {
+        two(seconds / minute, "min", seconds % minute, "s")
+    } else {
+        format!("{seconds} s")
+    }
+}
+
 /// Shorthand for client results.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_wait_is_said_in_two_units_at_most() {
+        let check = |seconds: u64, expected: &str| {
+            assert_eq!(super::wait_text(Duration::from_secs(seconds)), expected);
+        };
+        check(0, "0 s");
+        check(45, "45 s");
+        check(60, "1 min");
+        check(250, "4 min 10 s");
+        check(3_600, "1 h");
+        check(28_799, "7 h 59 min");
+        check(86_400 + 3 * 3_600 + 59, "1 d 3 h");
+    }
+}

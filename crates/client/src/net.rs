@@ -118,7 +118,8 @@ impl Endpoint {
         Ok(Box::new(tls))
     }
 
-    /// Sends one JSON request and returns the status and the JSON body.
+    /// Sends one JSON request and returns the status and the JSON body (with `retry_after` taken
+    /// from a `Retry-After` header when the body does not say it).
     pub async fn post_json(
         &self,
         path: &str,
@@ -143,12 +144,22 @@ impl Endpoint {
                 .await
                 .map_err(|e| ClientError::Network(e.to_string()))?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok());
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
                 .map_err(|e| ClientError::Network(e.to_string()))?
                 .to_bytes();
-            let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let mut json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            // A refusal that says when to try again only in its header says it in the body too,
+            // where the caller reads it.
+            if let (Some(seconds), Some(body)) = (retry_after, json.as_object_mut()) {
+                body.entry("retry_after").or_insert(seconds.into());
+            }
             Ok::<_, ClientError>((status, json))
         };
         let result = tokio::time::timeout(NETWORK_TIMEOUT, exchange)

@@ -38,6 +38,18 @@ fn api_message(body: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// A refusal from the HTTP API: one that says when to try again (`retry_after`, from the body
+/// or the `Retry-After` header) becomes [`ClientError::RetryLater`].
+fn refusal(body: &serde_json::Value, message: String) -> ClientError {
+    match body.get("retry_after").and_then(serde_json::Value::as_u64) {
+        Some(seconds) => ClientError::RetryLater {
+            message,
+            retry_after: Duration::from_secs(seconds),
+        },
+        None => ClientError::Refused(message),
+    }
+}
+
 /// Step one of opting in: stores the number and server in the profile, makes the device key, and
 /// asks the server to send a code by SMS. This is the first time the profile touches the network.
 pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
@@ -70,7 +82,7 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         )
         .await?;
     if status != hyper::StatusCode::ACCEPTED {
-        return Err(ClientError::Refused(api_message(&body)));
+        return Err(refusal(&body, api_message(&body)));
     }
     Ok(number)
 }
@@ -106,7 +118,7 @@ pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> R
         {
             message.push_str(&format!(" ({left} attempts left)"));
         }
-        return Err(ClientError::Refused(message));
+        return Err(refusal(&body, message));
     }
     let device_id = body
         .get("device_id")
@@ -166,7 +178,7 @@ pub async fn link(
     });
     let (status, body) = endpoint.post_json("/v1/registration/link", &body).await?;
     if status != hyper::StatusCode::OK {
-        return Err(ClientError::Refused(api_message(&body)));
+        return Err(refusal(&body, api_message(&body)));
     }
     let device_id = body
         .get("device_id")

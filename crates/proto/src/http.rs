@@ -7,7 +7,9 @@ use utoipa::ToSchema;
 /// `POST /v1/registration/code`
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct CodeRequest {
-    /// The phone number to verify, in international form.
+    /// The phone number to verify, in E.164 form (`+`, country code, number; the server also
+    /// accepts spaces, dashes and parentheses between the digits).
+    #[schema(min_length = 3, max_length = 16, pattern = r"^\+[1-9][0-9]{1,14}$")]
     pub number: String,
 }
 
@@ -21,9 +23,11 @@ pub struct CodeSent {
 /// `POST /v1/registration/verify`
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct VerifyRequest {
-    /// The number the code was sent to.
+    /// The number the code was sent to, in E.164 form.
+    #[schema(min_length = 3, max_length = 16, pattern = r"^\+[1-9][0-9]{1,14}$")]
     pub number: String,
     /// The 6-digit code from the SMS.
+    #[schema(pattern = r"^[0-9]{6}$")]
     pub code: String,
     /// The device's Ed25519 public key, 32 bytes, base64url.
     pub device_key: String,
@@ -44,7 +48,8 @@ pub struct Verified {
 /// its devices.
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct LinkRequest {
-    /// The number to join.
+    /// The number to join, in E.164 form.
+    #[schema(min_length = 3, max_length = 16, pattern = r"^\+[1-9][0-9]{1,14}$")]
     pub number: String,
     /// The link code shown by `tidings link` on a device of that number.
     pub code: String,

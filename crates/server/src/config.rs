@@ -25,6 +25,10 @@ pub struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:7433]
     #[arg(long, env = "TIDINGS_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Address that serves /metrics to the operator, apart from the public port, or `off`
+    /// [default: 127.0.0.1:9464]
+    #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Directory holding all server state [default: $XDG_DATA_HOME/tidings/server]
     #[arg(long, env = "TIDINGS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -171,6 +175,7 @@ pub struct ServerArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
     key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -221,6 +226,8 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Where `/metrics` is served; `None` when turned off.
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub key_file: PathBuf,
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -273,6 +280,22 @@ pub fn data_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".local/share"))
         .join("tidings")
+}
+
+/// The default metrics address: loopback, the port Prometheus exporters commonly use.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// `off`, or an address and port.
+fn metrics_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        anyhow::anyhow!(
+            "metrics_listen `{text}` is not an address and port (such as 127.0.0.1:9464) nor `off`"
+        )
+    })
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -403,6 +426,10 @@ impl ServerArgs {
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7433))),
+            metrics_listen: match self.metrics_listen.clone().or(file.metrics_listen) {
+                Some(text) => metrics_address(&text)?,
+                None => Some(DEFAULT_METRICS_LISTEN),
+            },
             data_dir: self
                 .data_dir
                 .clone()

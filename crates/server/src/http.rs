@@ -1,5 +1,5 @@
-//! The HTTP API: registration, health, metrics, the OpenAPI document, and the upgrade that opens
-//! a session. Routes and their OpenAPI entries are declared together (utoipa-axum), so the
+//! The HTTP API of the public port: registration, health, the OpenAPI document, and the upgrade
+//! that opens a session (`/metrics` is served on an address of its own, by `metrics`). Routes and their OpenAPI entries are declared together (utoipa-axum), so the
 //! document cannot drift from the router.
 
 // Handlers return `Result<Response, Response>`: an error answer is a whole HTTP response, built
@@ -16,6 +16,7 @@ use axum::{Extension, Json, Router};
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::{Rng as _, RngCore as _};
 use tidings_core::verification::{self, Attempt};
+use tidings_core::HOUR;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::http::{
     ApiError, CodeRequest, CodeSent, Health, LinkRequest, Linked, Verified, VerifyRequest,
@@ -42,7 +43,7 @@ mod tests;
     info(title = "Tidings", description = "Opt-in phone-number messaging. See docs/PROTOCOL.md for the session protocol behind /v1/connect."),
     tags((name = "registration", description = "Proving a number and binding a device key"),
          (name = "session", description = "The upgrade to the binary session protocol"),
-         (name = "operations", description = "Health, metrics and this document"))
+         (name = "operations", description = "Health and this document (metrics are served on the operator's metrics address, not here)"))
 )]
 struct ApiDoc;
 
@@ -69,10 +70,15 @@ fn api_error_with(status: StatusCode, body: ApiError) -> Response {
 }
 
 fn rate_limited(wait_ms: u64, message: &str) -> Response {
+    retry_later("rate_limited", wait_ms, message)
+}
+
+/// A 429 with `error` and the seconds to wait, in the body and in `Retry-After`.
+fn retry_later(error: &str, wait_ms: u64, message: &str) -> Response {
     api_error_with(
         StatusCode::TOO_MANY_REQUESTS,
         ApiError {
-            error: "rate_limited".into(),
+            error: error.into(),
             message: message.into(),
             retry_after: Some(wait_ms.div_ceil(1000)),
             attempts_left: None,
@@ -147,7 +153,7 @@ fn check_attempt_address<S: Store>(
     check_address(state, AddressLimit::Verifies, peer, headers, now).map_err(|refusal| {
         rate_limited(
             refusal.wait,
-            "too many attempts from this network: wait and try again",
+            "too many attempts from this address or its network",
         )
     })
 }
@@ -161,13 +167,13 @@ fn code_refused<S: Store>(
     state.abuse.report(&state.metrics, refusal, now);
     let message = match refusal.tripped {
         Tripped::Address | Tripped::AddressBlock => {
-            "too many code requests from this network: wait and try again"
+            "too many code requests from this address or its network"
         }
         Tripped::NumberDaily => {
-            "this number has been sent as many codes as it may get today: use the last one, or try again tomorrow"
+            "this number has been sent as many codes as it may get in a day: use the last one"
         }
         Tripped::NumberPrefix | Tripped::Country | Tripped::Global => {
-            "too many codes are being sent to numbers like this one: wait and try again"
+            "too many codes are being sent to numbers like this one"
         }
         Tripped::PremiumRate => {
             return api_error(
@@ -206,7 +212,6 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         .routes(routes!(link))
         .routes(routes!(connect))
         .routes(routes!(health))
-        .routes(routes!(metrics))
         .routes(routes!(openapi))
         .split_for_parts();
     let json = api.to_pretty_json().unwrap_or_else(|_| "{}".into());
@@ -266,8 +271,9 @@ async fn body_in_time(request: Request, next: axum::middleware::Next) -> Respons
         (status = 400, description = "Not a valid phone number (`invalid_number`), a premium-rate or shared-cost number no code is sent to (`unsupported_number`), or not JSON", body = ApiError),
         (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
-        (status = 429, description = "Too many codes for this number (1 per 2 minutes, 2 per 8 hours, 5 SMS a day), from this client's address or address block, or to numbers of this prefix, of this country or in all (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
+        (status = 429, description = "Too many codes: `too_many_codes` when the number has had all the codes it may have in 8 hours; otherwise `rate_limited`: a code for this number within 2 minutes, 5 SMS to it today, or too many from this client's address or address block, or to numbers of this prefix, of this country or in all. `retry_after` and the Retry-After header say in how many seconds to try again", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
         (status = 503, description = "The SMS gateway failed", body = ApiError),
     ))]
 async fn request_code<S: Store>(
@@ -311,12 +317,15 @@ async fn request_code<S: Store>(
             if allowed.is_ok() {
                 verification::issue(&policy, current, hash, now);
             }
-            allowed
+            // Whether the number has had all the codes it may have over the long window: the
+            // user then learns that it is this number, not a recent code, that waits.
+            let used_up = policy.per_number_long.check(&current.sent_at, now).is_err();
+            allowed.map_err(|wait| (wait, used_up))
         })
         .await;
     match issued {
         Ok(Ok(())) => {}
-        Ok(Err(wait)) => {
+        Ok(Err((wait, used_up))) => {
             state
                 .metrics
                 .registrations
@@ -324,9 +333,21 @@ async fn request_code<S: Store>(
                     outcome: "number_limited",
                 })
                 .inc();
+            if used_up {
+                let window = policy.per_number_long;
+                return Err(retry_later(
+                    "too_many_codes",
+                    wait,
+                    &format!(
+                        "this number has had too many codes ({} in {} hours)",
+                        window.max,
+                        window.period / HOUR
+                    ),
+                ));
+            }
             return Err(rate_limited(
                 wait,
-                "a code was sent to this number recently: use it, or wait and try again",
+                "a code was sent to this number recently: use it, or ask for another later",
             ));
         }
         Err(e) => {
@@ -396,6 +417,7 @@ async fn request_code<S: Store>(
         (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
         (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 401, description = "Wrong code", body = ApiError),
         (status = 410, description = "No live code for this number", body = ApiError),
@@ -551,6 +573,7 @@ async fn verify<S: Store>(
         (status = 409, description = "The number already has 6 devices", body = ApiError),
         (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
         (status = 429, description = "Too many attempts from this client's address or address block, or the number linked its most devices for the day (`links_per_day`); `rate_limited`, with the seconds to wait", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
     ))]
@@ -740,20 +763,6 @@ async fn health() -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
-}
-
-/// Prometheus metrics (text exposition format). No label carries a number or an id.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics<S: Store>(State(state): State<Shared<S>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
 }
 
 /// This document.

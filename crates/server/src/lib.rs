@@ -4,8 +4,9 @@
 //! # Layout
 //! Modules depend one way: no two of them use each other, directly or through a third. Only
 //! [`config`], [`keys`] (read by the privacy tests), [`Server`] and [`SyncObserver`] are public.
-//! - this file: [`Server`], generic over the storage engine: binding, the accept loop and
-//!   graceful shutdown; the engine itself is opened by the caller (the binary);
+//! - this file: [`Server`], generic over the storage engine: binding the public and the metrics
+//!   address, their accept loops and graceful shutdown; the engine itself is opened by the
+//!   caller (the binary);
 //! - [`config`]: settings from flags, environment, file and defaults;
 //! - [`keys`]: the OPRF and code keys (outside the data directory);
 //! - `connection`: one accepted connection: TLS, HTTP/1 with upgrades, its `Peer` and `Slot`;
@@ -27,7 +28,7 @@
 //!   budgets against pumping and number bombing;
 //! - `sweeps`: expiry, the heartbeat sweep, pruning and scrubbing on intervals;
 //! - `clock`: the wall clock and the monotonic session clock;
-//! - `metrics`: Prometheus counters;
+//! - `metrics`: Prometheus counters, and the router of the metrics address (`metrics_listen`);
 //! - `testing` (tests only): a state over a store in a temporary directory and logged-in
 //!   devices, for the unit tests beside `session`, `http` and each handler (`*/tests.rs`).
 //!
@@ -76,6 +77,88 @@ use crate::state::{Shared, State};
 /// The listen backlog: bursts of connects must not overflow it (the kernel default of 128 does).
 const BACKLOG: u32 = 4096;
 
+/// Connections the metrics address serves at once: it is for one scraper and an operator.
+const METRICS_CONNECTIONS: usize = 16;
+
+/// A listening socket on `address`.
+fn listen(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket
+        .bind(address)
+        .with_context(|| format!("cannot listen on {address}"))?;
+    Ok(socket.listen(BACKLOG)?)
+}
+
+/// Which connections one listening address takes: at most as many at once as `slots` holds, of
+/// which at most `pre_login`'s cap per address block not yet logged in; `counted` counts those
+/// accepted (the public port's; a scrape of the metrics address should not change what it reads).
+struct Admission {
+    slots: Arc<Semaphore>,
+    pre_login: Arc<PreLogin>,
+    counted: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+/// Accepts connections on `listener` as `admission` allows and serves `router` on each, until
+/// `shutdown` is cancelled; then the listener is closed.
+async fn accept<S: Store>(
+    state: Shared<S>,
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<TlsAcceptor>,
+    admission: Admission,
+    shutdown: CancellationToken,
+) {
+    let Admission {
+        slots,
+        pre_login,
+        counted,
+    } = admission;
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and similar: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // At the connection limit: close at once rather than queue.
+            drop(stream);
+            continue;
+        };
+        let Some(not_logged_in) = pre_login.admit(peer.ip()) else {
+            // The address block holds as many connections not logged in as it may.
+            drop(stream);
+            continue;
+        };
+        if let Some(counted) = &counted {
+            counted.inc();
+        }
+        let _ = stream.set_nodelay(true);
+        let slot = Slot::new(slot, not_logged_in);
+        let serving = connection::serve(
+            state.shutdown.clone(),
+            router.clone(),
+            tls.clone(),
+            stream,
+            peer,
+            slot,
+        );
+        state.tasks.spawn(serving);
+    }
+}
+
 /// What the store is told after every sync: the server counts syncs and batch sizes, and with
 /// `--sync-trace` writes each sync's message ids to a file.
 pub use tidings_store::SyncObserver;
@@ -84,6 +167,8 @@ pub use tidings_store::SyncObserver;
 pub struct Server<S: Store> {
     state: Shared<S>,
     listener: TcpListener,
+    /// The operator's address for `/metrics`, if it is on.
+    metrics_listener: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
 }
 
@@ -157,6 +242,13 @@ impl<S: Store> Server<S> {
                 "listening without TLS on a non-loopback address: clients reach it in plain TCP; set tls_cert and tls_key, or listen on loopback behind a TLS proxy"
             );
         }
+        if let Some(metrics) = config.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+            // The counters say how busy the server is and when: for the operator's eyes only.
+            tracing::warn!(
+                metrics_listen = %metrics,
+                "metrics are served on a non-loopback address: anyone who can reach it can read them; keep it behind a firewall"
+            );
+        }
         let keys = keys::ServerKeys::load_or_create(&config.key_file)?;
         let metrics = Arc::new(Metrics::new());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -179,21 +271,18 @@ impl<S: Store> Server<S> {
             Some((cert, key)) => Some(connection::tls_acceptor(cert, key)?),
             None => None,
         };
-        let socket = if config.listen.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
+        let listener = listen(config.listen)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(listen(address).context(
+                "cannot serve metrics: set metrics_listen to a free address, or to off",
+            )?),
+            None => None,
         };
-        socket.set_reuseaddr(true)?;
-        socket.set_nodelay(true)?;
-        socket
-            .bind(config.listen)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let listener = socket.listen(BACKLOG)?;
         let state = Arc::new(State::new(config, store, keys, metrics));
         Ok(Self {
             state,
             listener,
+            metrics_listener,
             tls,
         })
     }
@@ -203,55 +292,56 @@ impl<S: Store> Server<S> {
         Ok(self.listener.local_addr()?)
     }
 
+    /// The address that serves `/metrics`, if it is on.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        Ok(match &self.metrics_listener {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        })
+    }
+
     /// Serves until `shutdown` is cancelled, then stops accepting, lets every session finish
     /// what it started, and returns once storage has synced everything it accepted.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Server {
             state,
             listener,
+            metrics_listener,
             tls,
         } = self;
         let router = http::router(state.clone());
         let slots = Arc::new(Semaphore::new(state.config.max_connections));
         let pre_login = PreLogin::new(state.config.pre_login_connections_per_address);
         sweeps::spawn(&state);
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors and similar: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+        if let Some(metrics_listener) = metrics_listener {
+            let accepting = accept(
+                Arc::clone(&state),
+                metrics_listener,
+                metrics::router(Arc::clone(&state.metrics)),
+                None,
+                Admission {
+                    slots: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
+                    pre_login: PreLogin::new(METRICS_CONNECTIONS),
+                    counted: None,
                 },
-            };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                // At the connection limit: close at once rather than queue.
-                drop(stream);
-                continue;
-            };
-            let Some(not_logged_in) = pre_login.admit(peer.ip()) else {
-                // The address block holds as many connections not logged in as it may.
-                drop(stream);
-                continue;
-            };
-            state.metrics.connections.inc();
-            let _ = stream.set_nodelay(true);
-            let slot = Slot::new(slot, not_logged_in);
-            let serving = connection::serve(
-                state.shutdown.clone(),
-                router.clone(),
-                tls.clone(),
-                stream,
-                peer,
-                slot,
+                shutdown.clone(),
             );
-            state.tasks.spawn(serving);
+            state.tasks.spawn(accepting);
         }
-        drop(listener);
+        let admission = Admission {
+            slots,
+            pre_login,
+            counted: Some(state.metrics.connections.clone()),
+        };
+        accept(
+            Arc::clone(&state),
+            listener,
+            router,
+            tls,
+            admission,
+            shutdown,
+        )
+        .await;
         tracing::info!("shutting down: finishing sessions");
         state.shutdown.cancel();
         // Idle sessions wait on their mailbox only: wake them to see the shutdown.

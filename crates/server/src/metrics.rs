@@ -1,5 +1,14 @@
-//! Prometheus metrics. Labels are fixed words (outcomes, kinds); none ever carries a number, a
-//! device id, a message id or a payload.
+//! Prometheus metrics, and the router of the operator's metrics address. Labels are fixed words
+//! (outcomes, kinds); none ever carries a number, a device id, a message id or a payload.
+//!
+//! `/metrics` is served only on its own address (`metrics_listen`, loopback by default), never on
+//! the public port: the counters tell anyone who can read them how busy the server is.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse as _;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -127,6 +136,20 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics address's one route: `GET /metrics`.
+pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .with_state(metrics)
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> axum::response::Response {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.render()).into_response()
 }
 
 impl Default for Metrics {

@@ -189,8 +189,10 @@ async fn the_operations_routes_answer_and_connect_asks_for_the_upgrade() {
     ] {
         assert!(json["paths"].get(path).is_some(), "{path} is documented");
     }
+    // Metrics are the operator's, served on an address of their own.
     let (status, _, _) = call(&world, Method::GET, "/metrics", None).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(json["paths"].get("/metrics").is_none());
     let (status, _, json) = call(&world, Method::GET, "/v1/connect", None).await;
     assert_eq!(
         (status, json["error"].as_str()),

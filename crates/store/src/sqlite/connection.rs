@@ -32,6 +32,34 @@ pub(super) struct ReaderPool {
     pub(super) permits: Semaphore,
 }
 
+/// Makes the database at `path` readable and writable by its owner only (0600), creating it
+/// empty if it does not exist, before SQLite opens it: SQLite creates files with the umask (0644
+/// as a rule) but gives its write-ahead log and shared-memory index the database's own mode, so
+/// all three then hold pseudonyms and ciphertexts for the server's user alone. A database, log or
+/// index left by an earlier version with a wider mode is narrowed too.
+pub(super) fn restrict_file_modes(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let failed =
+        |file: &Path, e: std::io::Error| StoreError::engine(format!("{}: {e}", file.display()));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(path, e))?;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    for file in files.iter().filter(|file| file.exists()) {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| failed(file, e))?;
+    }
+    Ok(())
+}
+
 pub(super) fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;

@@ -107,6 +107,7 @@ impl SqliteStore {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::engine(format!("{}: {e}", data_dir.display())))?;
         let path = data_dir.join(DATABASE_FILE);
+        connection::restrict_file_modes(&path)?;
         let conn = connection::open_writer(&path)?;
         schema::migrate(&conn)?;
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
