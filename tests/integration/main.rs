@@ -8,6 +8,7 @@ mod architecture_doc;
 mod defaults;
 mod e2e;
 mod gateways;
+mod linking;
 mod messaging;
 mod operations;
 mod privacy;
