@@ -297,7 +297,7 @@ fn qr_code(text: &str) -> String {
 
 /// `tidings devices`: list this number's devices, or remove one.
 pub async fn devices(context: &Context, remove: Option<String>) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     if let Some(id) = remove {
         let Some(device) = DeviceId::from_text(&id) else {
             anyhow::bail!("that is not a device id: copy one from `tidings devices`");
@@ -373,7 +373,7 @@ pub async fn trust(context: &Context, number: &str) -> anyhow::Result<ExitCode> 
 
 /// `tidings lookup`: online, offline or not a user, per number.
 pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     for (number, presence) in client.lookup(numbers).await? {
         if context.json {
             print_json(json!({ "number": number, "presence": presence.as_str() }));
@@ -386,7 +386,7 @@ pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<Exi
 
 /// `tidings disable`: opt out.
 pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     client.disable().await?;
     if context.json {
         print_json(json!({ "status": "disabled" }));

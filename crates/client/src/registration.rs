@@ -40,8 +40,8 @@ fn api_message(body: &serde_json::Value) -> String {
         .to_string()
 }
 
-/// Step one of opting in: stores the number and server in the profile, makes the device key, and
-/// asks the server to send a code by SMS. This is the first time the profile touches the network.
+/// Step one of opting in: stores the number and server in the profile and asks the server to
+/// send a code by SMS (the device key is made at [`verify`], sealed under the passphrase). This is the first time the profile touches the network.
 pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
     let number = E164::parse(number)?;
     let endpoint = Endpoint::parse(server, trust.clone())?;
@@ -57,7 +57,6 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
             ));
         }
     }
-    profile.device_key()?;
     profile.save(&ProfileData {
         number: number.as_str().to_string(),
         server: server.to_string(),
@@ -82,9 +81,9 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
 /// number were signed out.
 pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> Result<u32> {
     let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
-    let key = profile.device_key()?;
     // Unlocked before the code is spent, so a wrong passphrase costs no code.
     let mut inbox = Inbox::open(profile.dir(), passphrase)?;
+    let key = profile.device_key(inbox.vault())?;
     let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
     let code = code.trim();
     let public = key.verifying_key().to_bytes();
@@ -126,7 +125,9 @@ pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> R
     })?;
     data.device_id = Some(device_id.to_text());
     profile.save(&data)?;
-    let account = Account::open(profile.clone())?.with_passphrase(passphrase.clone());
+    let account = Account::open(profile.clone())?
+        .with_passphrase(passphrase.clone())
+        .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     Ok(body
@@ -181,8 +182,8 @@ pub async fn link(
             "this profile is already registered: link with a new --profile".into(),
         ));
     }
-    let key = profile.device_key()?;
     let mut inbox = Inbox::open(profile.dir(), passphrase)?;
+    let key = profile.device_key(inbox.vault())?;
     let (identity_key, signing_key) = inbox.replace_crypto(Crypto::replacing)?.identity_keys();
     let public = key.verifying_key().to_bytes();
     let code = link.code();
@@ -219,7 +220,9 @@ pub async fn link(
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
     })?;
-    let account = Account::open(profile.clone())?.with_passphrase(passphrase.clone());
+    let account = Account::open(profile.clone())?
+        .with_passphrase(passphrase.clone())
+        .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     // This device and the number's devices listed now are trusted for the number; a device that
