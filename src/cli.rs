@@ -165,6 +165,7 @@ pub struct LinkArgs {
     /// The number to join (on the new device)
     pub number: Option<String>,
     /// The whole link string shown on the registered device (its code and secret)
+    #[arg(value_name = "LINK_STRING")]
     pub code: Option<String>,
     /// The server's URL (on the new device)
     #[arg(long, env = "TIDINGS_SERVER")]
