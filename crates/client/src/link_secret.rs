@@ -69,6 +69,16 @@ impl LinkString {
         }
         let (code, secret) = compact.split_at(CODE_DIGITS);
         let code = normalised_code(code).ok_or(LinkStringError::Malformed)?;
+        // Base32 has no 0, 1 or 8: read them as the letters they are mistaken for.
+        let secret: String = secret
+            .chars()
+            .map(|c| match c {
+                '0' => 'O',
+                '1' => 'I',
+                '8' => 'B',
+                other => other,
+            })
+            .collect();
         let bytes = Zeroizing::new(
             data_encoding::BASE32_NOPAD
                 .decode(secret.as_bytes())
@@ -178,6 +188,11 @@ mod tests {
             text.to_lowercase(),
             text.replace('-', " "),
             text.replace('-', ""),
+            format!(
+                "{}{}",
+                &text[..15],
+                text[15..].replace('O', "0").replace('I', "1")
+            ),
         ] {
             let parsed = LinkString::parse(&typed).expect("parse");
             assert_eq!(parsed.code(), "1234-5678-9012");
@@ -196,7 +211,7 @@ mod tests {
         check(&format!("{text}A"), LinkStringError::Malformed);
         check(&text.replacen('1', "X", 1), LinkStringError::Malformed);
         check(
-            &format!("{}1", &text[..text.len() - 1]),
+            &format!("{}9", &text[..text.len() - 1]),
             LinkStringError::Malformed,
         );
         check("", LinkStringError::Malformed);
