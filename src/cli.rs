@@ -30,7 +30,7 @@ pub const EXIT_PENDING: u8 = 5;
         Who can I reach?       tidings lookup +4915187654321\n\
         Send and receive:      tidings send +4915187654321 'Hello'   /   tidings listen\n\
         Check who it is:       tidings fingerprint +4915187654321\n\
-        Another device:        tidings link   (on this one)   /   tidings link <number> <code> --server <url>\n\
+        Another device:        tidings link   (on this one)   /   tidings link <number> <link string> --server <url>\n\
         Opt out:               tidings disable\n\n\
         Keys and messages in the profile are encrypted under a passphrase: from --passphrase-file,\n\
         else TIDINGS_PASSPHRASE, else a prompt.",
@@ -87,8 +87,9 @@ pub enum Command {
         timeout: Option<u64>,
     },
     /// Add a device to your number. On a registered device, with no arguments: show a one-time
-    /// link code and wait for the new device. On the new device: `tidings link <number> <code>
-    /// --server <url>`
+    /// link string (and its QR code) and wait for the new device; a device that joins without
+    /// proving the string's secret is refused and removed. On the new device: `tidings link
+    /// <number> <link string> --server <url>`
     Link(LinkArgs),
     /// List your number's devices (at most 6), or remove one
     Devices {
@@ -163,7 +164,8 @@ pub struct SendArgs {
 pub struct LinkArgs {
     /// The number to join (on the new device)
     pub number: Option<String>,
-    /// The link code shown on the registered device
+    /// The whole link string shown on the registered device (its code and secret)
+    #[arg(value_name = "LINK_STRING")]
     pub code: Option<String>,
     /// The server's URL (on the new device)
     #[arg(long, env = "TIDINGS_SERVER")]

@@ -197,7 +197,7 @@ pub async fn link(context: &Context, args: LinkArgs) -> anyhow::Result<ExitCode>
                 anyhow::bail!("the new device needs the server: add --server <url>");
             };
             let passphrase = context.passphrase()?;
-            let device = client::link(
+            let joined = client::link(
                 &context.profile,
                 &number,
                 &code,
@@ -207,9 +207,26 @@ pub async fn link(context: &Context, args: LinkArgs) -> anyhow::Result<ExitCode>
             )
             .await?;
             if context.json {
-                print_json(json!({ "status": "linked", "device_id": device.to_text() }));
+                let devices: Vec<serde_json::Value> = joined
+                    .others
+                    .iter()
+                    .map(|(id, print)| json!({ "device_id": id.to_text(), "fingerprint": print }))
+                    .collect();
+                print_json(json!({
+                    "status": "linked",
+                    "device_id": joined.device.to_text(),
+                    "fingerprint": joined.fingerprint,
+                    "devices": devices,
+                }));
             } else {
-                println!("This device joined {number}; the number's other devices stay signed in.");
+                println!(
+                    "This device joined {number}; the number's other devices stay signed in.\nThis device's fingerprint: {}\nThe number's other devices (compare with the screen that showed the link string):",
+                    joined.fingerprint
+                );
+                for (id, print) in &joined.others {
+                    println!("  {id}  {print}");
+                }
+                println!("The device that showed the link string vouches for this one once it has checked it.");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -225,14 +242,22 @@ async fn approve_link(context: &Context, wait: Duration) -> anyhow::Result<ExitC
     let json = context.json;
     let joined = client
         .approve_link(
-            |code, expires_in| {
+            |offer| {
                 if json {
-                    print_json(json!({ "status": "code", "code": code, "expires_in": expires_in }));
+                    print_json(json!({
+                        "status": "code",
+                        "code": offer.link,
+                        "expires_in": offer.expires_in,
+                        "fingerprint": offer.fingerprint,
+                    }));
                 } else {
                     println!(
-                        "On the new device run:\n  tidings link {} {code} --server <url>\nThe code is valid for {} minutes and works once. Waiting...",
+                        "On the new device run:\n  tidings link {} {} --server <url>\nor scan this with it:\n{}\nThis device's fingerprint: {}\nThe link string is valid for {} minutes and works once. Show it to nobody else: it proves the new device is the one you are linking. Waiting...",
                         client.number(),
-                        expires_in / 60
+                        offer.link,
+                        qr_code(&offer.link),
+                        offer.fingerprint,
+                        offer.expires_in / 60
                     );
                 }
                 flush();
@@ -241,10 +266,15 @@ async fn approve_link(context: &Context, wait: Duration) -> anyhow::Result<ExitC
         )
         .await?;
     match joined {
-        Some(device) if json => {
-            print_json(json!({ "status": "linked", "device_id": device.to_text() }))
-        }
-        Some(device) => println!("Device {device} joined this number."),
+        Some(approved) if json => print_json(json!({
+            "status": "linked",
+            "device_id": approved.device.to_text(),
+            "fingerprint": approved.fingerprint,
+        })),
+        Some(approved) => println!(
+            "Device {} joined this number and was vouched for. Its fingerprint: {}\nCompare it with what the new device shows.",
+            approved.device, approved.fingerprint
+        ),
         None => {
             anyhow::bail!("no device joined in time: run `tidings link` again for a new code")
         }
@@ -252,9 +282,22 @@ async fn approve_link(context: &Context, wait: Duration) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// `text` as a QR code in the terminal, two rows per line (empty if it does not fit in one).
+fn qr_code(text: &str) -> String {
+    use qrcode::render::unicode::Dense1x2;
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => code
+            .render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .build(),
+        Err(_) => String::new(),
+    }
+}
+
 /// `tidings devices`: list this number's devices, or remove one.
 pub async fn devices(context: &Context, remove: Option<String>) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     if let Some(id) = remove {
         let Some(device) = DeviceId::from_text(&id) else {
             anyhow::bail!("that is not a device id: copy one from `tidings devices`");
@@ -330,7 +373,7 @@ pub async fn trust(context: &Context, number: &str) -> anyhow::Result<ExitCode> 
 
 /// `tidings lookup`: online, offline or not a user, per number.
 pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     for (number, presence) in client.lookup(numbers).await? {
         if context.json {
             print_json(json!({ "number": number, "presence": presence.as_str() }));
@@ -343,7 +386,7 @@ pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<Exi
 
 /// `tidings disable`: opt out.
 pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
-    let client = context.client()?;
+    let client = context.unlocked()?;
     client.disable().await?;
     if context.json {
         print_json(json!({ "status": "disabled" }));

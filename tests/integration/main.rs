@@ -5,12 +5,14 @@ mod support;
 
 // Starts no server: checks that docs/ARCHITECTURE.md names only paths and items that exist.
 mod architecture_doc;
+mod at_rest;
 mod budgets;
 mod connections;
 mod defaults;
 mod e2e;
 mod gateways;
 mod limits;
+mod linking;
 mod messaging;
 mod operations;
 mod privacy;

@@ -23,7 +23,8 @@ pub struct Account {
     profile: Profile,
     data: ProfileData,
     device: DeviceId,
-    key: SigningKey,
+    /// The login key, unsealed with the passphrase the first time a session needs it.
+    key: std::sync::OnceLock<SigningKey>,
     endpoint: Endpoint,
     passphrase: Option<Passphrase>,
     /// The passphrase's key, derived once per account (the KDF is slow on purpose).
@@ -45,23 +46,28 @@ impl Account {
             .as_deref()
             .and_then(DeviceId::from_text)
             .ok_or(ClientError::NotVerified)?;
-        let key = profile.device_key()?;
         let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
         Ok(Self {
             profile,
             data,
             device,
-            key,
+            key: std::sync::OnceLock::new(),
             endpoint,
             passphrase: None,
             vault: std::sync::OnceLock::new(),
         })
     }
 
-    /// Gives the client the passphrase that unlocks the profile's keys and messages (needed to
-    /// send, receive, and check or change trust).
+    /// Gives the client the passphrase that unlocks the profile's keys and messages (needed for
+    /// anything that talks to the server, since the login key is sealed under it).
     pub fn with_passphrase(mut self, passphrase: Passphrase) -> Self {
         self.passphrase = Some(passphrase);
+        self
+    }
+
+    /// Gives the client the passphrase's key, already derived (no second KDF run).
+    pub fn with_vault(self, vault: Vault) -> Self {
+        let _ = self.vault.set(vault);
         self
     }
 
@@ -85,9 +91,21 @@ impl Account {
         &self.profile
     }
 
-    /// Opens a session.
+    /// Opens a session, unsealing the login key the first time.
     pub async fn session(&self, listen: bool) -> Result<Session> {
-        Session::open(&self.endpoint, self.device, &self.key, listen).await
+        Session::open(&self.endpoint, self.device, self.login_key()?, listen).await
+    }
+
+    fn login_key(&self) -> Result<&SigningKey> {
+        if let Some(key) = self.key.get() {
+            return Ok(key);
+        }
+        let vault = match self.vault.get() {
+            Some(vault) => vault.clone(),
+            None => self.inbox()?.vault().clone(),
+        };
+        let key = self.profile.device_key(&vault)?;
+        Ok(self.key.get_or_init(|| key))
     }
 
     /// Opens the local store with the passphrase.

@@ -21,7 +21,7 @@ use crate::{contacts, incoming, outgoing, registration, route, Result};
 pub use crate::contacts::Fingerprint;
 pub use crate::incoming::Event;
 pub use crate::outgoing::SendReport;
-pub use crate::registration::{link, register, verify, DeviceInfo};
+pub use crate::registration::{link, register, verify, Approved, DeviceInfo, Joined, LinkOffer};
 
 /// A registered profile, ready to talk to its server.
 #[derive(Debug)]
@@ -192,14 +192,15 @@ impl Client {
         registration::remove_device(&self.account, device).await
     }
 
-    /// Shows a link code for a new device (through `show`), then waits up to `wait` for a device
-    /// to join with it. The joined device's identity key is trusted here at once: this device
-    /// approved it.
+    /// Shows a link string for a new device (through `show`): the server's code and a secret
+    /// that never goes to the server. Then waits up to `wait` for a device to join with it: one
+    /// that proves the secret is trusted and vouched for; one that does not is refused (an
+    /// error) and removed.
     pub async fn approve_link(
         &self,
-        show: impl FnOnce(&str, u32),
+        show: impl FnOnce(&LinkOffer),
         wait: Duration,
-    ) -> Result<Option<DeviceId>> {
+    ) -> Result<Option<Approved>> {
         registration::approve_link(&self.account, show, wait).await
     }
 

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha512};
+use sha2::{Digest as _, Sha256, Sha512};
 use tidings_proto::frame::{self, Envelope};
 use tidings_proto::id::DeviceId;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
@@ -524,6 +524,13 @@ impl Crypto {
         self.trusted.get(number).map(|keys| keys.contains(key))
     }
 
+    /// Trusts this device's own identity key for its own number: the start of the set that a
+    /// later device of the number joins only when a trusted device vouched for it.
+    pub fn trust_itself(&mut self, own_number: &str) {
+        let (identity_key, _) = self.identity_keys();
+        self.trust(own_number, &[identity_key]);
+    }
+
     /// Trusts these keys for `number` from now on (after the user compared safety numbers, or
     /// approved a device link).
     pub fn trust(&mut self, number: &str, keys: &[[u8; 32]]) {
@@ -532,6 +539,16 @@ impl Crypto {
             .or_default()
             .extend(keys.iter().copied());
     }
+}
+
+/// A device's fingerprint, for its user to compare across two screens (both sides of a link
+/// show both devices'): SHA-256 of its identity key, the first 15 bytes in base32, six groups of
+/// four.
+pub fn device_fingerprint(identity_key: &[u8; 32]) -> String {
+    let mut digest = Sha256::new();
+    digest.update(b"tidings-device-fingerprint-v1\n");
+    digest.update(identity_key);
+    crate::link_secret::base32_groups(&digest.finalize()[..15], " ").to_string()
 }
 
 /// The safety number of two parties: 60 digits that both sides compute from their numbers and
@@ -731,6 +748,14 @@ mod tests {
             contact.accept_vouched("+1", &[stranger_key]),
             vec![stranger_key]
         );
+    }
+
+    #[test]
+    fn a_device_fingerprint_is_six_groups_of_four_and_differs_by_key() {
+        let print = device_fingerprint(&[1; 32]);
+        assert_eq!(print.len(), 6 * 4 + 5, "{print}");
+        assert_eq!(print, device_fingerprint(&[1; 32]));
+        assert_ne!(print, device_fingerprint(&[2; 32]));
     }
 
     #[test]

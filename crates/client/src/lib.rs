@@ -15,6 +15,8 @@
 //!   of each routed outgoing message;
 //! - [`account`]: an opened, registered profile: sessions, the local store, publishing keys,
 //!   the directory and key claims; the only way to the network after registering;
+//! - [`link_secret`]: the secret that binds a device link to the user who approved it: the link
+//!   string, and the new device's proof over its keys;
 //! - [`registration`]: joining and leaving: register, verify, link and approve a device, list
 //!   and remove devices, opt out;
 //! - [`outgoing`]: the content and its encrypted copies, the "devices changed" re-encryption,
@@ -45,6 +47,7 @@ pub mod defaults;
 pub mod e2e;
 pub mod inbox;
 pub mod incoming;
+pub mod link_secret;
 pub mod net;
 pub mod outgoing;
 pub mod profile;
@@ -92,6 +95,10 @@ pub enum ClientError {
     Vault(#[from] vault::VaultError),
     #[error(transparent)]
     Crypto(#[from] e2e::CryptoError),
+    #[error(transparent)]
+    LinkString(#[from] link_secret::LinkStringError),
+    #[error("refused to link: {0}")]
+    LinkNotProven(String),
     #[error("the safety number with {number} changed: it has {count} new identity key(s) (a new phone, a re-registration, a new device, or someone in between). Nothing was sent. Compare `tidings fingerprint {number}` with them, then run `tidings trust {number}`")]
     IdentityChanged { number: String, count: usize },
 }

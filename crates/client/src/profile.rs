@@ -1,7 +1,8 @@
 //! The profile: one directory per user of this machine, holding everything the device knows.
 //!
 //! - `profile.json`: the number, the server address and how to trust it, the device id;
-//! - `device.key`: the Ed25519 private key, readable only by its owner;
+//! - `device.key`: the Ed25519 login key, sealed under the passphrase (see [`crate::vault`]) and
+//!   readable only by its owner;
 //! - `inbox.sqlite`: received messages (see [`crate::inbox`]).
 //!
 //! Files are written to a temporary name and renamed, so a crash leaves the old or the new
@@ -11,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
+use crate::vault::Vault;
 use crate::{defaults, ClientError, Result};
 
 /// How the client trusts the server's certificate.
@@ -99,6 +102,11 @@ pub struct Profile {
 
 const DATA_FILE: &str = "profile.json";
 const KEY_FILE: &str = "device.key";
+/// What a sealed `device.key` starts with; an earlier version wrote the 32 key bytes alone.
+const SEALED_KEY_MAGIC: &[u8] = b"tidings-sealed-device-key-v1\n";
+/// The name the key is sealed under (the vault's associated data).
+const SEALED_KEY_NAME: &str = "device-key";
+const UNSEALED_KEY_LEN: usize = 32;
 
 fn io_error(path: &Path, e: std::io::Error) -> ClientError {
     ClientError::Profile(format!("{}: {e}", path.display()))
@@ -159,23 +167,47 @@ impl Profile {
             .map_err(|e| io_error(&self.dir, e))
     }
 
-    /// The device key, made on this device the first time it is needed.
-    pub fn device_key(&self) -> Result<SigningKey> {
+    /// The device's login key, sealed under the passphrase's key `vault`; made on this device
+    /// the first time it is needed. A key an earlier version kept in clear is sealed in place
+    /// (the registration stays as it is).
+    pub fn device_key(&self, vault: &Vault) -> Result<SigningKey> {
         let path = self.dir.join(KEY_FILE);
-        match std::fs::read(&path) {
+        let damaged = || {
+            ClientError::Profile(format!(
+                "{} is damaged: remove this device with `tidings devices --remove <id>` from another one, or register again with a new --profile",
+                path.display()
+            ))
+        };
+        match std::fs::read(&path).map(Zeroizing::new) {
             Ok(bytes) => {
-                let secret = <[u8; 32]>::try_from(bytes.as_slice())
-                    .map_err(|_| ClientError::Profile(format!("{} is damaged", path.display())))?;
-                Ok(SigningKey::from_bytes(&secret))
+                if let Some(sealed) = bytes.strip_prefix(SEALED_KEY_MAGIC) {
+                    let secret = vault.open(SEALED_KEY_NAME, sealed)?;
+                    let secret = <[u8; 32]>::try_from(secret.as_slice()).map_err(|_| damaged())?;
+                    return Ok(SigningKey::from_bytes(&secret));
+                }
+                if bytes.len() != UNSEALED_KEY_LEN {
+                    return Err(damaged());
+                }
+                let secret = <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| damaged())?;
+                let key = SigningKey::from_bytes(&secret);
+                self.store_device_key(vault, &key)?;
+                Ok(key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.ensure_dir()?;
                 let key = SigningKey::generate(&mut rand::rngs::OsRng);
-                write_atomic(&path, key.as_bytes())?;
+                self.store_device_key(vault, &key)?;
                 Ok(key)
             }
             Err(e) => Err(io_error(&path, e)),
         }
+    }
+
+    /// Writes the login key sealed, replacing whatever `device.key` held.
+    fn store_device_key(&self, vault: &Vault, key: &SigningKey) -> Result<()> {
+        let mut bytes = SEALED_KEY_MAGIC.to_vec();
+        bytes.extend_from_slice(&vault.seal(SEALED_KEY_NAME, key.as_bytes()));
+        write_atomic(&self.dir.join(KEY_FILE), &bytes)
     }
 
     /// Forgets the registration and the device key (after opting out).
@@ -195,6 +227,52 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vault::Passphrase;
+
+    #[test]
+    fn the_device_key_is_sealed_opens_only_with_its_vault_and_an_unsealed_one_is_sealed_in_place() {
+        let dir = std::env::temp_dir().join(format!("tidings-profile-key-{}", std::process::id()));
+        let profile = Profile::at(&dir);
+        let (vault, _) = Vault::create(&Passphrase::new("right")).expect("vault");
+        let (other, _) = Vault::create(&Passphrase::new("wrong")).expect("vault");
+        let path = dir.join(KEY_FILE);
+
+        let made = profile.device_key(&vault).expect("made");
+        let on_disk = std::fs::read(&path).expect("read");
+        assert!(!on_disk.windows(32).any(|w| w == made.as_bytes()));
+        assert_eq!(
+            profile.device_key(&vault).expect("again").as_bytes(),
+            made.as_bytes()
+        );
+        assert!(matches!(
+            profile.device_key(&other),
+            Err(ClientError::Vault(_))
+        ));
+
+        // As an earlier version kept it: 32 bytes in clear.
+        let old = SigningKey::from_bytes(&[5; 32]);
+        std::fs::write(&path, old.as_bytes()).expect("write");
+        assert_eq!(
+            profile.device_key(&vault).expect("migrated").as_bytes(),
+            old.as_bytes()
+        );
+        let on_disk = std::fs::read(&path).expect("read");
+        assert!(on_disk.starts_with(SEALED_KEY_MAGIC));
+        assert!(!on_disk.windows(32).any(|w| w == old.as_bytes()));
+        assert_eq!(
+            profile.device_key(&vault).expect("sealed").as_bytes(),
+            old.as_bytes()
+        );
+
+        for damaged in [&b"short"[..], &[0u8; 33][..]] {
+            std::fs::write(&path, damaged).expect("write");
+            assert!(matches!(
+                profile.device_key(&vault),
+                Err(ClientError::Profile(_))
+            ));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_message_may_always_take_at_least_one_sms_part() {

@@ -14,10 +14,12 @@ use tidings_proto::number::E164;
 use tokio::time::Instant;
 
 use crate::account::{key_of, Account};
-use crate::e2e::Crypto;
+use crate::e2e::{device_fingerprint, Crypto};
 use crate::inbox::{Change, Inbox};
+use crate::link_secret::LinkString;
 use crate::net::Endpoint;
 use crate::profile::{Profile, ProfileData, Trust};
+use crate::session::Session;
 use crate::vault::Passphrase;
 use crate::{ClientError, Result};
 
@@ -50,8 +52,8 @@ fn refusal(body: &serde_json::Value, message: String) -> ClientError {
     }
 }
 
-/// Step one of opting in: stores the number and server in the profile, makes the device key, and
-/// asks the server to send a code by SMS. This is the first time the profile touches the network.
+/// Step one of opting in: stores the number and server in the profile and asks the server to
+/// send a code by SMS (the device key is made at [`verify`], sealed under the passphrase). This is the first time the profile touches the network.
 pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
     let number = E164::parse(number)?;
     let endpoint = Endpoint::parse(server, trust.clone())?;
@@ -67,7 +69,6 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
             ));
         }
     }
-    profile.device_key()?;
     profile.save(&ProfileData {
         number: number.as_str().to_string(),
         server: server.to_string(),
@@ -92,9 +93,9 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
 /// number were signed out.
 pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> Result<u32> {
     let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
-    let key = profile.device_key()?;
     // Unlocked before the code is spent, so a wrong passphrase costs no code.
     let mut inbox = Inbox::open(profile.dir(), passphrase)?;
+    let key = profile.device_key(inbox.vault())?;
     let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
     let code = code.trim();
     let public = key.verifying_key().to_bytes();
@@ -126,11 +127,19 @@ pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> R
         .and_then(DeviceId::from_text)
         .ok_or_else(|| ClientError::Protocol("verify answered without a device id".into()))?;
     // A registration is a new identity: peers see the change and are warned. What this profile
-    // trusted is kept.
-    inbox.replace_crypto(Crypto::replacing)?;
+    // trusted is kept, and its own key is trusted for its own number from now on, so that a
+    // later device of the number is trusted only with a vouch.
+    let own = data.number.clone();
+    inbox.replace_crypto(|old| {
+        let mut crypto = Crypto::replacing(old);
+        crypto.trust_itself(&own);
+        crypto
+    })?;
     data.device_id = Some(device_id.to_text());
     profile.save(&data)?;
-    let account = Account::open(profile.clone())?.with_passphrase(passphrase.clone());
+    let account = Account::open(profile.clone())?
+        .with_passphrase(passphrase.clone())
+        .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     Ok(body
@@ -139,28 +148,58 @@ pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> R
         .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)))
 }
 
-/// Joins a number that is registered on another device, with the link code `tidings link` shows
-/// there. The other devices stay signed in. Makes and publishes this device's keys.
+/// What a device that joined a number learnt: its id and fingerprint, and the number's other
+/// devices as the directory listed them when it joined (trusted from then on: their fingerprints
+/// are for the user to compare with the screen of the device that showed the link string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub device: DeviceId,
+    pub fingerprint: String,
+    pub others: Vec<(DeviceId, String)>,
+}
+
+/// What `tidings link` shows on the approving device: the one string to carry to the new device
+/// (the server's code and the secret), how long it lives, and this device's fingerprint.
+#[derive(Debug)]
+pub struct LinkOffer {
+    pub link: String,
+    pub expires_in: u32,
+    pub fingerprint: String,
+}
+
+/// A device that joined with the link string and proved its secret, now vouched for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approved {
+    pub device: DeviceId,
+    pub fingerprint: String,
+}
+
+/// Joins a number that is registered on another device, with the link string `tidings link`
+/// shows there (the server's code, and a secret this device proves it knows without sending it).
+/// The other devices stay signed in. Makes and publishes this device's keys, and trusts the
+/// number's devices listed now.
 pub async fn link(
     profile: &Profile,
     number: &str,
-    code: &str,
+    link: &str,
     server: &str,
     trust: Trust,
     passphrase: &Passphrase,
-) -> Result<DeviceId> {
+) -> Result<Joined> {
     let number = E164::parse(number)?;
+    let link = LinkString::parse(link)?;
     let endpoint = Endpoint::parse(server, trust.clone())?;
     if profile.load()?.is_some_and(|d| d.device_id.is_some()) {
         return Err(ClientError::Profile(
             "this profile is already registered: link with a new --profile".into(),
         ));
     }
-    let key = profile.device_key()?;
     let mut inbox = Inbox::open(profile.dir(), passphrase)?;
+    let key = profile.device_key(inbox.vault())?;
     let (identity_key, signing_key) = inbox.replace_crypto(Crypto::replacing)?.identity_keys();
     let public = key.verifying_key().to_bytes();
-    let code = code.trim();
+    let code = link.code();
+    let proof = link.proof(number.as_str(), &identity_key, &signing_key);
     let signature = key.sign(&tidings_proto::transcript::link(
         number.as_str(),
         code,
@@ -175,6 +214,7 @@ pub async fn link(
         "identity_key": tidings_proto::id::to_text(&identity_key),
         "signing_key": tidings_proto::id::to_text(&signing_key),
         "signature": tidings_proto::id::to_text(&signature.to_bytes()),
+        "proof": tidings_proto::id::to_text(&proof),
     });
     let (status, body) = endpoint.post_json("/v1/registration/link", &body).await?;
     if status != hyper::StatusCode::OK {
@@ -192,52 +232,97 @@ pub async fn link(
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
     })?;
-    let account = Account::open(profile.clone())?.with_passphrase(passphrase.clone());
+    let account = Account::open(profile.clone())?
+        .with_passphrase(passphrase.clone())
+        .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
-    Ok(device_id)
+    // This device and the number's devices listed now are trusted for the number; a device that
+    // joins later is trusted only with a vouch from one of them. The user compares the listed
+    // fingerprints with the approving device's screen.
+    let listed = account.directory(&mut session, number.as_str()).await?;
+    let own = number.as_str().to_string();
+    let others = inbox.update(|_, crypto| {
+        crypto.trust_itself(&own);
+        let mut others = Vec::new();
+        for entry in &listed {
+            let (Some(id), Some(key)) = (
+                DeviceId::from_slice(&entry.device_id),
+                key_of(&entry.identity_key),
+            ) else {
+                continue;
+            };
+            if id != device_id {
+                crypto.trust(&own, &[key]);
+                others.push((id, device_fingerprint(&key)));
+            }
+        }
+        Ok(Change::Save(others))
+    })?;
+    Ok(Joined {
+        device: device_id,
+        fingerprint: device_fingerprint(&identity_key),
+        others,
+    })
 }
 
-/// Shows a link code for a new device (through `show`), then waits up to `wait` for a device
-/// to join with it. The joined device's identity key is trusted here at once: this device
-/// approved it.
+/// Shows a link string for a new device (through `show`): the server's link code and a secret
+/// drawn here that never leaves this device but on the user's screen. Then waits up to `wait` for
+/// a device to join with it. A device that proves the secret is trusted here at once (this
+/// device approved it) and vouched for; one that does not (someone else who holds this device's
+/// login key, or the server, linked a device of its own) is refused and removed.
 pub async fn approve_link(
     account: &Account,
-    show: impl FnOnce(&str, u32),
+    show: impl FnOnce(&LinkOffer),
     wait: Duration,
-) -> Result<Option<DeviceId>> {
+) -> Result<Option<Approved>> {
     let mut inbox = account.inbox()?;
+    let (own_key, _) = inbox.look(Crypto::identity_keys)?;
     let mut session = account.session(false).await?;
     let request_id = session.request_id();
     let request = Kind::LinkCodeRequest(frame::LinkCodeRequest { request_id });
-    match session.call(request, request_id).await? {
-        Kind::LinkCode(code) => show(&code.code, code.expires_in),
+    let link = match session.call(request, request_id).await? {
+        Kind::LinkCode(code) => {
+            let link = LinkString::new(&code.code).map_err(|_| {
+                ClientError::Protocol("the server's link code is not 12 digits".into())
+            })?;
+            show(&LinkOffer {
+                link: link.to_text(),
+                expires_in: code.expires_in,
+                fingerprint: device_fingerprint(&own_key),
+            });
+            link
+        }
         Kind::Error(e) => return Err(ClientError::Refused(e.message)),
         _ => {
             return Err(ClientError::Protocol(
                 "unexpected answer to a link code request".into(),
             ))
         }
-    }
+    };
+    let own = account.number().to_string();
     let deadline = Instant::now() + wait;
     while let Some(kind) = session.recv(deadline).await? {
         match kind {
             Kind::LinkCompleted(done) => {
-                let Some(device) = DeviceId::from_slice(&done.device_id) else {
+                let (Some(device), Some(identity_key)) = (
+                    DeviceId::from_slice(&done.device_id),
+                    key_of(&done.identity_key),
+                ) else {
                     continue;
                 };
+                if !link.proof_holds(&own, &done.identity_key, &done.signing_key, &done.proof) {
+                    return Err(refuse_unproven(&mut session, device).await);
+                }
                 let keys = frame::DeviceKeys {
                     device_id: done.device_id.clone(),
                     identity_key: done.identity_key.clone(),
                     signing_key: done.signing_key.clone(),
                     ..Default::default()
                 };
-                let own = account.number().to_string();
                 let signature = inbox.update(|_, crypto| {
                     crypto.learn_device(device, &own, &keys);
-                    if let Some(key) = key_of(&done.identity_key) {
-                        crypto.trust(&own, &[key]);
-                    }
+                    crypto.trust(&own, &[identity_key]);
                     let signature = crypto.vouch_for(device, &done.identity_key, &done.signing_key);
                     Ok(Change::Save(signature))
                 })?;
@@ -254,7 +339,10 @@ pub async fn approve_link(
                     Kind::Error(e) => return Err(ClientError::Refused(e.message)),
                     _ => return Err(ClientError::Protocol("unexpected answer to a vouch".into())),
                 }
-                return Ok(Some(device));
+                return Ok(Some(Approved {
+                    device,
+                    fingerprint: device_fingerprint(&identity_key),
+                }));
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
             Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
@@ -262,6 +350,28 @@ pub async fn approve_link(
         }
     }
     Ok(None)
+}
+
+/// Removes a device that joined with this device's link code without proving the secret, and
+/// says what happened.
+async fn refuse_unproven(session: &mut Session, device: DeviceId) -> ClientError {
+    let request_id = session.request_id();
+    let request = Kind::RemoveDevice(frame::RemoveDevice {
+        request_id,
+        device_id: device.as_bytes().to_vec(),
+    });
+    let removed = matches!(
+        session.call(request, request_id).await,
+        Ok(Kind::RemoveDeviceResult(_))
+    );
+    let what_now = if removed {
+        "it was removed from this number".to_string()
+    } else {
+        format!("remove it with `tidings devices --remove {device}`")
+    };
+    ClientError::LinkNotProven(format!(
+        "device {device} joined with this device's link code but did not prove the secret shown here, so it was not trusted or vouched for and {what_now}. Someone who holds this device's login key, or the server, linked a device of its own (or the link string was mistyped): run `tidings link` again for a new one"
+    ))
 }
 
 /// This number's devices.

@@ -573,6 +573,10 @@ pub struct LinkCompleted {
     pub identity_key: Vec<u8>,
     #[prost(bytes = "vec", tag = "3")]
     pub signing_key: Vec<u8>,
+    /// The new device's proof that it knows the secret its user was shown with the code, relayed
+    /// from its link request: the server can neither check nor make one.
+    #[prost(bytes = "vec", tag = "4")]
+    pub proof: Vec<u8>,
 }
 
 /// Removes a device of the logged-in device's own number, with its keys and queue.

@@ -61,6 +61,9 @@ pub struct LinkRequest {
     pub signing_key: String,
     /// Ed25519 signature by `device_key` over the link transcript, 64 bytes, base64url.
     pub signature: String,
+    /// HMAC-SHA256 by the secret shown with the code (never sent to the server) over the identity
+    /// keys, 32 bytes, base64url; relayed to the device that showed the code, which checks it.
+    pub proof: String,
 }
 
 /// Answer to a successful link.

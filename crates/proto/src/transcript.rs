@@ -52,6 +52,16 @@ pub fn link(
     out
 }
 
+/// What a new device MACs, under a key derived from the link secret its user typed, to prove to
+/// the device that showed the secret that it is the one the user is linking: its identity keys.
+pub fn link_proof(identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(22 + identity_key.len() + signing_key.len());
+    out.extend_from_slice(b"tidings-link-proof-v1\n");
+    out.extend_from_slice(identity_key);
+    out.extend_from_slice(signing_key);
+    out
+}
+
 /// What a device signs (with its Olm Ed25519 key) to vouch for a device it approved joining its
 /// number: the new device's id and identity keys.
 pub fn vouch(device_id: &[u8], identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {

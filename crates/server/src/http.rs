@@ -613,6 +613,13 @@ async fn link<S: Store>(
     if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
         return Err(bad("signature does not match device_key"));
     }
+    // Only its size is checked: the proof is keyed by a secret the server never sees, for the
+    // device that showed the code to check.
+    let Some(proof) = tidings_proto::id::from_text(&request.proof).filter(|p| p.len() == 32) else {
+        return Err(bad(
+            "proof must be 32 bytes of base64url: link with the whole link string `tidings link` shows",
+        ));
+    };
     let now = now_ms();
     check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
@@ -680,6 +687,7 @@ async fn link<S: Store>(
                 device_id: device.as_bytes().to_vec(),
                 identity_key,
                 signing_key,
+                proof,
             })
             .into();
             state.hub.notify(&offer.approver, &completed);
