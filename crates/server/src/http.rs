@@ -175,13 +175,11 @@ fn code_refused<S: Store>(
         Tripped::NumberPrefix | Tripped::Country | Tripped::Global => {
             "too many codes are being sent to numbers like this one"
         }
-        Tripped::PremiumRate => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_number",
-                "codes are not sent to premium-rate or shared-cost numbers: register a mobile number",
-            )
-        }
+        Tripped::PremiumRate => return api_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_number",
+            "codes are not sent to premium-rate or shared-cost numbers: register a mobile number",
+        ),
     };
     rate_limited(refusal.wait, message)
 }
