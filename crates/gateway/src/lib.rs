@@ -12,6 +12,9 @@
 //! is checked against the part limit with the shared encoder (`tidings-sms`) before anything is
 //! sent. This crate never logs; callers must not log the numbers or texts they pass in.
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod modem;
 pub mod smpp;
 

@@ -109,36 +109,8 @@ impl Modem {
         let deadline = Instant::now() + timeout;
         let mut lines = Vec::new();
         loop {
-            while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line).trim().to_string();
-                if line.is_empty() {
-                    continue;
-                }
-                if line == "OK" {
-                    return Answer::Ok(lines);
-                }
-                if let Some(code) = line.strip_prefix("+CMS ERROR:") {
-                    return match code.trim().parse() {
-                        Ok(code) => Answer::CmsError(code),
-                        Err(_) => Answer::Error(line.clone()),
-                    };
-                }
-                if line == "ERROR"
-                    || line.starts_with("+CME ERROR:")
-                    || line == "NO CARRIER"
-                    || line == "BUSY"
-                {
-                    return Answer::Error(line);
-                }
-                lines.push(line);
-            }
-            if prompt {
-                let text = String::from_utf8_lossy(&self.buffer);
-                if text.trim_start().starts_with('>') {
-                    self.buffer.clear();
-                    return Answer::Prompt;
-                }
+            if let Some(answer) = take_answer(&mut self.buffer, &mut lines, prompt) {
+                return answer;
             }
             if Instant::now() >= deadline {
                 return Answer::Timeout;
@@ -219,6 +191,61 @@ impl Modem {
             ))),
         }
     }
+}
+
+/// Takes the modem's final answer off the front of `buffer` (or the `>` prompt, if `prompt`),
+/// keeping the information lines before it in `lines`; `None` while no answer is complete. No
+/// I/O, so what a modem sends can be checked (and fuzzed) without one.
+fn take_answer(buffer: &mut Vec<u8>, lines: &mut Vec<String>, prompt: bool) -> Option<Answer> {
+    while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buffer.drain(..=end).collect();
+        let line = String::from_utf8_lossy(&line).trim().to_string();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "OK" {
+            return Some(Answer::Ok(std::mem::take(lines)));
+        }
+        if let Some(code) = line.strip_prefix("+CMS ERROR:") {
+            return Some(match code.trim().parse() {
+                Ok(code) => Answer::CmsError(code),
+                Err(_) => Answer::Error(line.clone()),
+            });
+        }
+        if line == "ERROR"
+            || line.starts_with("+CME ERROR:")
+            || line == "NO CARRIER"
+            || line == "BUSY"
+        {
+            return Some(Answer::Error(line));
+        }
+        lines.push(line);
+    }
+    if prompt
+        && String::from_utf8_lossy(buffer)
+            .trim_start()
+            .starts_with('>')
+    {
+        buffer.clear();
+        return Some(Answer::Prompt);
+    }
+    None
+}
+
+/// Every answer in `chunks`, read as they would arrive one after another, in their `Debug`
+/// form; for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn answers_in(chunks: &[&[u8]], prompt: bool) -> Vec<String> {
+    let mut buffer = Vec::new();
+    let mut lines = Vec::new();
+    let mut answers = Vec::new();
+    for chunk in chunks {
+        buffer.extend_from_slice(chunk);
+        while let Some(answer) = take_answer(&mut buffer, &mut lines, prompt) {
+            answers.push(format!("{answer:?}"));
+        }
+    }
+    answers
 }
 
 /// What a `+CMS ERROR` code means (3GPP TS 27.005 §3.2.5 and TS 24.011 annex E).
@@ -315,4 +342,54 @@ pub async fn send(config: ModemConfig, sms: &Sms, split: &SplitOptions) -> Resul
     })
     .await
     .map_err(|e| SendError::Unknown(format!("the modem task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The answer `take_answer` reads from `input`, and what it leaves in the buffer.
+    fn check(input: &str, prompt: bool, expected: Option<Answer>, left: &str) {
+        let mut buffer = input.as_bytes().to_vec();
+        let mut lines = Vec::new();
+        assert_eq!(
+            take_answer(&mut buffer, &mut lines, prompt),
+            expected,
+            "{input:?}"
+        );
+        assert_eq!(String::from_utf8_lossy(&buffer), left, "{input:?}");
+    }
+
+    #[test]
+    fn answers_are_read_off_the_buffer() {
+        check("\r\nOK\r\n", false, Some(Answer::Ok(Vec::new())), "");
+        check(
+            "\r\n+CMGS: 12\r\n\r\nOK\r\nrest",
+            false,
+            Some(Answer::Ok(vec!["+CMGS: 12".into()])),
+            "rest",
+        );
+        check(
+            "\r\n+CMS ERROR: 330\r\n",
+            false,
+            Some(Answer::CmsError(330)),
+            "",
+        );
+        check(
+            "+CMS ERROR: 99999\r\n",
+            false,
+            Some(Answer::Error("+CMS ERROR: 99999".into())),
+            "",
+        );
+        check(
+            "+CME ERROR: 10\r\n",
+            false,
+            Some(Answer::Error("+CME ERROR: 10".into())),
+            "",
+        );
+        check("\r\n> ", true, Some(Answer::Prompt), "");
+        check("\r\n> ", false, None, "> ");
+        check("+CMGS: 1", false, None, "+CMGS: 1");
+        check("\u{ff}\u{0}OK\r\n", false, None, "");
+    }
 }

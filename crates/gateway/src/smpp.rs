@@ -347,6 +347,23 @@ fn parse_receipt(deliver: &rusmpp::pdus::DeliverSm) -> Option<(String, Receipt)>
     Some((id?, Receipt { state: state? }))
 }
 
+/// Every command in `bytes` and the receipt each carries, decoded as the session decodes what
+/// the SMSC sends; stops at the first unreadable PDU. For the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn commands_in(bytes: &[u8]) -> Vec<(Command, Option<(String, Receipt)>)> {
+    let mut codec = CommandCodec::new();
+    let mut buffer = BytesMut::from(bytes);
+    let mut commands = Vec::new();
+    while let Ok(Some(command)) = codec.decode(&mut buffer) {
+        let receipt = match command.pdu() {
+            Some(Pdu::DeliverSm(deliver)) => parse_receipt(deliver),
+            _ => None,
+        };
+        commands.push((command, receipt));
+    }
+    commands
+}
+
 /// An SMPP C-octet string of at most `MAX - 1` ASCII characters.
 fn c_string<const MIN: usize, const MAX: usize>(
     value: &str,
