@@ -11,6 +11,7 @@ mod gateways;
 mod messaging;
 mod operations;
 mod privacy;
+mod queues;
 mod registration;
 mod robustness;
 mod sms;

@@ -1,0 +1,142 @@
+//! Issue 28, items 4 and 5: no one sender can fill a victim's queue, and a spoofed sender costs
+//! the victim nothing. The attacker speaks the protocol directly (a raw session), as the CLI
+//! never would; everyone else uses the CLI.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidings_proto::frame::{self, Kind, SendOutcome};
+use tidings_proto::id::DeviceId;
+use tokio::time::Instant;
+
+use crate::support::{block_on, number, Server, User};
+
+/// Sends `count` messages of `size` bytes from `sender` to `to`, each with one copy (opaque bytes:
+/// the server never reads them) per device of `devices`, pipelined on one session; the outcome of
+/// each, in the order sent.
+async fn flood(
+    sender: &tidings_client::client::Client,
+    to: &str,
+    devices: &[DeviceId],
+    count: usize,
+    size: usize,
+) -> Vec<i32> {
+    let mut session = sender.session(false).await.expect("session");
+    let payload = Bytes::from(vec![0x5a; size]);
+    let id_of = |n: usize| {
+        let mut id = [0xf1u8; 16];
+        id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        id.to_vec()
+    };
+    let mut outcomes = HashMap::new();
+    for first in (0..count).step_by(100) {
+        let batch = first..(first + 100).min(count);
+        let sends = batch.clone().map(|n| {
+            Kind::Send(frame::Send {
+                id: id_of(n),
+                to: to.to_string(),
+                mode: frame::SendMode::Queue as i32,
+                copies: devices
+                    .iter()
+                    .map(|device| frame::Copy {
+                        device_id: device.as_bytes().to_vec(),
+                        payload: payload.clone(),
+                    })
+                    .collect(),
+                ..frame::Send::default()
+            })
+        });
+        session.send_many(sends).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut answered = 0;
+        while answered < batch.len() {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(result)) => {
+                    outcomes.insert(result.id, result.outcome);
+                    answered += 1;
+                }
+                Some(_) => {}
+                None => panic!("a send was not answered"),
+            }
+        }
+    }
+    (0..count)
+        .map(|n| outcomes.remove(&id_of(n)).expect("an answer per send"))
+        .collect()
+}
+
+/// How many outcomes in a row, from the first, are `outcome`.
+fn leading(outcomes: &[i32], outcome: SendOutcome) -> usize {
+    outcomes
+        .iter()
+        .take_while(|o| **o == outcome as i32)
+        .count()
+}
+
+/// A stranger who sends to an offline device until it is refused fills only its own share of
+/// that device's queue (500 copies), and someone else's messages still get through.
+#[test]
+fn one_sender_fills_only_its_share_of_a_receivers_queue() {
+    // A send budget large enough that only the queue refuses.
+    let server = Server::start(&["--send-burst", "5000", "--send-per-second", "5000"]);
+    let (mallory_number, victim_number, carol_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    let victim_device = victim.client().device();
+    let outcomes = block_on(flood(
+        &mallory.client(),
+        &victim_number,
+        &[victim_device],
+        600,
+        512,
+    ));
+    assert_eq!(
+        leading(&outcomes, SendOutcome::Queued),
+        500,
+        "{:?}",
+        &outcomes[495..505]
+    );
+    assert!(
+        outcomes[500..]
+            .iter()
+            .all(|o| *o == SendOutcome::RefusedQueueFull as i32),
+        "{:?}",
+        &outcomes[500..]
+    );
+    // Another sender still reaches the victim, and the victim gets that message.
+    let (answer, _) = carol.send(&victim_number, "still reachable", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+}
+
+/// An account keeps at most its quota of bytes waiting across every receiver: past it, a send
+/// to anyone is refused with its own outcome.
+#[test]
+fn an_accounts_waiting_bytes_are_bounded_across_receivers() {
+    let server = Server::start(&["--queued-bytes-per-account", "200000"]);
+    let (mallory_number, victim_number, other_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    let other = User::register(&other_number, &server, &[]);
+    let mallory_client = mallory.client();
+    let to_victim = block_on(flood(
+        &mallory_client,
+        &victim_number,
+        &[victim.client().device()],
+        4,
+        60_000,
+    ));
+    // `SendOutcome::RefusedOverQuota`.
+    const REFUSED_OVER_QUOTA: i32 = 9;
+    let (queued, refused) = (SendOutcome::Queued as i32, REFUSED_OVER_QUOTA);
+    assert_eq!(to_victim, vec![queued, queued, queued, refused]);
+    let to_other = block_on(flood(
+        &mallory_client,
+        &other_number,
+        &[other.client().device()],
+        1,
+        60_000,
+    ));
+    assert_eq!(to_other, vec![refused]);
+}
