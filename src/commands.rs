@@ -517,7 +517,12 @@ fn print_send(report: &SendReport, json: bool) {
             "not sent: the receiver is not online now (nothing was stored)"
         }
         (SendOutcome::NotAUser, _) => "not sent: that number does not use Tidings",
-        (SendOutcome::RefusedQueueFull, _) => "not sent: the receiver's queue is full",
+        (SendOutcome::RefusedQueueFull, _) => {
+            "not sent: the receiver's queue holds as much as it takes from you; try again once it is delivered"
+        }
+        (SendOutcome::RefusedOverQuota, _) => {
+            "not sent: you have as much waiting for delivery as the server keeps; try again once some is delivered"
+        }
         (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
         (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
         (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",

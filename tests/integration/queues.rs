@@ -14,7 +14,8 @@ use crate::support::{block_on, number, Server, User};
 
 /// Sends `count` messages of `size` bytes from `sender` to `to`, each with one copy (opaque bytes:
 /// the server never reads them) per device of `devices`, pipelined on one session; the outcome of
-/// each, in the order sent.
+/// each, in the order sent. Message ids are made from the receiver's number, so floods to
+/// different receivers never repeat one.
 async fn flood(
     sender: &tidings_client::client::Client,
     to: &str,
@@ -25,7 +26,8 @@ async fn flood(
     let mut session = sender.session(false).await.expect("session");
     let payload = Bytes::from(vec![0x5a; size]);
     let id_of = |n: usize| {
-        let mut id = [0xf1u8; 16];
+        let mut id = [0u8; 16];
+        id[8..].copy_from_slice(&to.as_bytes()[to.len() - 8..]);
         id[..8].copy_from_slice(&(n as u64).to_be_bytes());
         id.to_vec()
     };
@@ -127,9 +129,10 @@ fn an_accounts_waiting_bytes_are_bounded_across_receivers() {
         4,
         60_000,
     ));
-    // `SendOutcome::RefusedOverQuota`.
-    const REFUSED_OVER_QUOTA: i32 = 9;
-    let (queued, refused) = (SendOutcome::Queued as i32, REFUSED_OVER_QUOTA);
+    let (queued, refused) = (
+        SendOutcome::Queued as i32,
+        SendOutcome::RefusedOverQuota as i32,
+    );
     assert_eq!(to_victim, vec![queued, queued, queued, refused]);
     let to_other = block_on(flood(
         &mallory_client,

@@ -212,6 +212,9 @@ pub enum SendOutcome {
     Invalid = 6,
     Unavailable = 7,
     DevicesChanged = 8,
+    /// The sending account has as many bytes waiting across all queues as the server keeps for
+    /// one account; nothing was stored.
+    RefusedOverQuota = 9,
 }
 
 impl SendOutcome {
@@ -227,6 +230,7 @@ impl SendOutcome {
             SendOutcome::Invalid => "invalid",
             SendOutcome::Unavailable => "unavailable",
             SendOutcome::DevicesChanged => "devices_changed",
+            SendOutcome::RefusedOverQuota => "refused_over_quota",
         }
     }
 }

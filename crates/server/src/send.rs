@@ -24,7 +24,7 @@ use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::metrics::Outcome;
 use crate::reply::reply;
-use crate::state::{take_budget, Shared, QUEUE_LIMIT};
+use crate::state::{take_budget, Shared};
 
 #[cfg(test)]
 mod tests;
@@ -296,7 +296,10 @@ async fn decide_and_enqueue<S: Store>(
         copies: copies.clone(),
     };
     let turn = place.order.hand_over.wait(place.ticket).await;
-    let submitted = state.store.enqueue_submit(message, QUEUE_LIMIT).await;
+    let submitted = state
+        .store
+        .enqueue_submit(message, state.config.queue_limits)
+        .await;
     // Handed over in order: the session's next send may go ahead while this one syncs.
     *handed_over = true;
     drop(turn);
@@ -308,7 +311,18 @@ async fn decide_and_enqueue<S: Store>(
         Ok(Enqueued::Stored) => {}
         // The same id again: the copies were stored (and pushed) the first time.
         Ok(Enqueued::Duplicate) => return answer(outcome, ""),
-        Ok(Enqueued::QueueFull) => return answer(SendOutcome::RefusedQueueFull, ""),
+        Ok(Enqueued::QueueFull) => {
+            return answer(
+                SendOutcome::RefusedQueueFull,
+                "the receiver's queue holds as much as it takes from you: wait until it is delivered",
+            )
+        }
+        Ok(Enqueued::OverQuota) => {
+            return answer(
+                SendOutcome::RefusedOverQuota,
+                "you have as much waiting for delivery as the server keeps for one account: wait until some is delivered",
+            )
+        }
         Ok(Enqueued::DevicesChanged(difference)) => return Err(Stored::DevicesChanged(difference)),
         Err(StoreError::NoSuchAccount) => {
             return answer(

@@ -22,8 +22,6 @@ use crate::hub::Hub;
 use crate::keys::ServerKeys;
 use crate::metrics::Metrics;
 
-/// Most message copies waiting for one device.
-pub const QUEUE_LIMIT: u32 = 10_000;
 /// The period of the per-address registration limits.
 pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.

@@ -22,7 +22,8 @@ use std::future::Future;
 
 use bytes::Bytes;
 pub use tidings_core::delivery::DeviceDifference;
-use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck};
+use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck, Room};
+pub use tidings_core::delivery::{QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
@@ -194,15 +195,18 @@ pub(crate) enum Admission {
 }
 
 impl NewMessage {
-    /// Applies the delivery rules (`tidings_core::delivery`: E1, then full queues) to this
+    /// Applies the delivery rules (`tidings_core::delivery`: E1, then room in the queues) to this
     /// message against the devices an engine read in the write that is to store it: `receiver`
-    /// the receiving account's, `own` the sending account's (empty when they are one account).
-    /// Fails with [`StoreError::NoSuchAccount`] when the receiver has no device to get a copy.
+    /// the receiving account's, `own` the sending account's (empty when they are one account),
+    /// each with what the sending account has waiting in its queue, and `sender_bytes` what the
+    /// sending account has waiting across every queue. Fails with [`StoreError::NoSuchAccount`]
+    /// when the receiver has no device to get a copy.
     pub(crate) fn admit(
         &self,
         receiver: &[AccountDevice],
         own: &[AccountDevice],
-        queue_limit: u32,
+        sender_bytes: u64,
+        limits: QueueLimits,
     ) -> Result<Admission> {
         let addressed: Vec<DeviceId> = self.copies.iter().map(|(d, _)| *d).collect();
         let addressees = match delivery::check_copies(self.sender_device, receiver, own, &addressed)
@@ -213,10 +217,22 @@ impl NewMessage {
             }
             CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
         };
-        if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
-            return Ok(Admission::Refused(Enqueued::QueueFull));
+        let copies = addressees
+            .devices()
+            .map(|device| (device, self.copy_bytes(device.id)));
+        match delivery::room_for(copies, sender_bytes, limits) {
+            Room::Fits => Ok(Admission::Admitted(addressees)),
+            Room::QueueFull => Ok(Admission::Refused(Enqueued::QueueFull)),
+            Room::OverQuota => Ok(Admission::Refused(Enqueued::OverQuota)),
         }
-        Ok(Admission::Admitted(addressees))
+    }
+
+    /// The size of the copy for `device`, as queues count it (0 if there is none).
+    pub fn copy_bytes(&self, device: DeviceId) -> u64 {
+        self.copies
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map_or(0, |(_, payload)| payload.len() as u64)
     }
 }
 
@@ -235,8 +251,12 @@ pub enum Enqueued {
     Stored,
     /// This sender device already has a message with this id held; nothing new was stored.
     Duplicate,
-    /// A receiver device's queue is at its limit; nothing was stored.
+    /// A receiver device's queue is at its limit, or the sending account's share of it is;
+    /// nothing was stored.
     QueueFull,
+    /// The sending account's storage quota across every queue would be passed; nothing was
+    /// stored.
+    OverQuota,
     /// The copies do not match the devices that must get one; nothing was stored.
     DevicesChanged(DeviceDifference),
 }
@@ -563,11 +583,13 @@ pub trait Store: Send + Sync + 'static {
         F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static;
 
     /// Stores a message with its copies, refusing if they do not match the devices that must get
-    /// one or if a queue would exceed `queue_limit`.
+    /// one or if a queue, or the sending account's share of one or its quota, would pass
+    /// `limits` (a bare number bounds each device's queue only). Engines count what each sending
+    /// account has waiting per device and in all; a copy counts as its payload's bytes.
     fn enqueue(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> impl Future<Output = Result<Enqueued>> + Send;
 
     /// [`Store::enqueue`] in two steps: resolves once the message's place is taken, and hands
@@ -578,7 +600,7 @@ pub trait Store: Send + Sync + 'static {
     fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> impl Future<Output = Result<Completion<Enqueued>>> + Send;
 
     /// Copies waiting for a device, oldest first, after the cursor `after` (a copy's

@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::{receipt_expires_at, AccountDevice};
+use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -84,6 +84,8 @@ struct DeviceRow {
 
 struct Message {
     sender_device: DeviceId,
+    /// The sending device's account when it was stored: what it has waiting counts against it.
+    sender_account: AccountId,
     id: MessageId,
     receiver: AccountId,
     sent_at: Millis,
@@ -159,16 +161,30 @@ impl State {
         })
     }
 
-    /// An account's devices as the delivery rules read them.
-    fn delivery_devices(&self, account: AccountId) -> Vec<AccountDevice> {
+    /// An account's devices as the delivery rules read them, with what `sender` has waiting in
+    /// each one's queue.
+    fn delivery_devices(&self, account: AccountId, sender: AccountId) -> Vec<AccountDevice> {
         self.devices_of(account)
             .into_iter()
             .map(|id| AccountDevice {
                 id,
                 keyed: self.devices.get(&id).is_some_and(|d| d.identity.is_some()),
                 queued: self.queue_length(id),
+                from_sender: self.usage(sender, Some(id)),
             })
             .collect()
+    }
+
+    /// What `sender` has waiting in `device`'s queue, or in every queue when `device` is `None`.
+    fn usage(&self, sender: AccountId, device: Option<DeviceId>) -> Usage {
+        self.messages
+            .values()
+            .filter(|m| m.sender_account == sender)
+            .flat_map(|m| &m.copies)
+            .filter(|(d, _)| device.is_none_or(|device| **d == device))
+            .fold(Usage::default(), |usage, (_, (payload, _))| {
+                usage.plus_copy(payload.len() as u64)
+            })
     }
 
     fn listed(&self, id: DeviceId) -> Option<ListedDevice> {
@@ -415,20 +431,22 @@ impl State {
         Ok(devices)
     }
 
-    fn enqueue(&mut self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+    fn enqueue(&mut self, message: NewMessage, limits: QueueLimits) -> Result<Enqueued> {
         if self
             .message_position(message.sender_device, message.id)
             .is_some()
         {
             return Ok(Enqueued::Duplicate);
         }
-        let receiver = self.delivery_devices(message.receiver);
-        let own = if message.sender_account == message.receiver {
+        let sender = message.sender_account;
+        let receiver = self.delivery_devices(message.receiver, sender);
+        let own = if sender == message.receiver {
             Vec::new()
         } else {
-            self.delivery_devices(message.sender_account)
+            self.delivery_devices(sender, sender)
         };
-        let addressees = match message.admit(&receiver, &own, queue_limit)? {
+        let sender_bytes = self.usage(sender, None).bytes;
+        let addressees = match message.admit(&receiver, &own, sender_bytes, limits)? {
             Admission::Admitted(addressees) => addressees,
             Admission::Refused(answer) => return Ok(answer),
         };
@@ -442,6 +460,7 @@ impl State {
         self.last_position += 1;
         let stored = Message {
             sender_device: message.sender_device,
+            sender_account: sender,
             id: message.id,
             receiver: message.receiver,
             sent_at: message.sent_at,
@@ -734,17 +753,21 @@ impl Store for MemoryStore {
         Ok(value)
     }
 
-    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
-        self.state()?.enqueue(message, queue_limit)
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        limits: impl Into<QueueLimits> + Send,
+    ) -> Result<Enqueued> {
+        self.state()?.enqueue(message, limits.into())
     }
 
     async fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> Result<Completion<Enqueued>> {
         // Stored (in the order submitted) before this returns, and durable at once.
-        let outcome = self.state()?.enqueue(message, queue_limit);
+        let outcome = self.state()?.enqueue(message, limits.into());
         Ok(Completion::done(outcome))
     }
 

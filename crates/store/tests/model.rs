@@ -19,8 +19,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, IdentityKeys, NewMessage, Pseudonym, QueueCursor, SignedKey, Store, StoreError,
-    Voucher,
+    AccountId, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits, SignedKey, Store,
+    StoreError, Voucher,
 };
 
 const NUMBERS: u8 = 3;
@@ -94,7 +94,7 @@ enum Op {
         id: u8,
         receiver: u8,
         copies: Copies,
-        queue_limit: u32,
+        limits: QueueLimits,
         expires_at: Millis,
         submitted: bool,
     },
@@ -169,6 +169,20 @@ fn copies() -> impl Strategy<Value = Copies> {
     ]
 }
 
+/// Limits small enough that generated sequences reach each of them. Every copy's payload is 3
+/// bytes (see `Op::Enqueue`), so a sender's share of one queue is 1 to 4 copies by bytes as well
+/// as by count, and its quota 2 to 8 copies across all queues.
+fn queue_limits() -> impl Strategy<Value = QueueLimits> {
+    (1..4u32, 1..5u32, 3..13u64, 6..25u64).prop_map(
+        |(device_copies, sender_copies, sender_bytes, account_bytes)| QueueLimits {
+            device_copies,
+            sender_copies,
+            sender_bytes,
+            account_bytes,
+        },
+    )
+}
+
 fn code_update() -> impl Strategy<Value = CodeUpdate> {
     let time = prop_oneof![Just(0), Just(HOUR), Just(9 * HOUR), Just(30 * HOUR)];
     prop_oneof![
@@ -220,18 +234,18 @@ fn op() -> impl Strategy<Value = Op> {
             message_id(),
             number(),
             copies(),
-            1..4u32,
+            queue_limits(),
             10..110u64,
             any::<bool>()
         )
             .prop_map(
-                |(sender, id, receiver, copies, queue_limit, expires_at, submitted)| {
+                |(sender, id, receiver, copies, limits, expires_at, submitted)| {
                     Op::Enqueue {
                         sender,
                         id,
                         receiver,
                         copies,
-                        queue_limit,
+                        limits,
                         expires_at,
                         submitted,
                     }
@@ -490,7 +504,7 @@ impl<S: Store> Run<'_, S> {
                 id: message,
                 receiver,
                 copies,
-                queue_limit,
+                limits,
                 expires_at,
                 submitted,
             } => {
@@ -514,12 +528,12 @@ impl<S: Store> Run<'_, S> {
                         .collect(),
                 };
                 let enqueued = if submitted {
-                    match store.enqueue_submit(message, queue_limit).await {
+                    match store.enqueue_submit(message, limits).await {
                         Ok(completion) => completion.durable().await,
                         Err(e) => Err(e),
                     }
                 } else {
-                    store.enqueue(message, queue_limit).await
+                    store.enqueue(message, limits).await
                 };
                 self.result(enqueued)
             }

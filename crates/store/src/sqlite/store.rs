@@ -15,8 +15,8 @@ use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
     AccountDevices, AccountId, Acked, Backlog, Claimed, Completion, Device, Enqueued,
     ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
-    Voucher,
+    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Result, Route,
+    SignedKey, Store, Voucher,
 };
 
 impl Store for SqliteStore {
@@ -164,22 +164,24 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
-        self.enqueue_submit(message, queue_limit)
-            .await?
-            .durable()
-            .await
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        limits: impl Into<QueueLimits> + Send,
+    ) -> Result<Enqueued> {
+        self.enqueue_submit(message, limits).await?.durable().await
     }
 
     async fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> Result<Completion<Enqueued>> {
+        let limits = limits.into();
         // One writer takes writes in the order they are handed over, so a sending device's
         // messages are stored in the order it submitted them.
         self.submit(Undo::Operation, move |txn, notes| {
-            messages::enqueue(txn, notes, message, queue_limit)
+            messages::enqueue(txn, notes, message, limits)
         })
         .await
     }
