@@ -143,3 +143,62 @@ fn an_accounts_waiting_bytes_are_bounded_across_receivers() {
     ));
     assert_eq!(to_other, vec![refused]);
 }
+
+/// Item 5: messages from one device that claim another number each make the receiver check the
+/// stamped sender against the directory. Those checks cost the receiver's lookup budget nothing:
+/// every spoof is still caught, and the receiver can still look numbers up afterwards.
+#[test]
+fn checking_spoofed_senders_costs_the_receiver_no_lookup_budget() {
+    // A lookup budget of three, regained slowly: three charged checks would use it up (the
+    // spoofer's own preparation takes two: its own devices and the receiver's keys).
+    let server = Server::start(&["--lookup-burst", "3", "--lookup-per-hour", "1"]);
+    let (mallory_number, victim_number, carol_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    User::register(&carol_number, &server, &[]);
+    let mallory_client = mallory.client();
+    const SPOOFS: u8 = 6;
+    block_on(async {
+        let messages: Vec<_> = (0..SPOOFS)
+            .map(|n| {
+                (
+                    tidings_proto::id::MessageId([0xe0 + n; 16]),
+                    format!("pay invoice {n}"),
+                )
+            })
+            .collect();
+        let sends = mallory_client
+            .danger_prepare_sends_claiming(&carol_number, &victim_number, &messages)
+            .await
+            .expect("encrypt");
+        let mut session = mallory_client.session(false).await.expect("session");
+        session
+            .send_many(sends.into_iter().map(Kind::Send))
+            .await
+            .expect("send");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut answered = 0;
+        while answered < SPOOFS {
+            if let Some(Kind::SendResult(_)) = session.recv(deadline).await.expect("recv") {
+                answered += 1;
+            }
+        }
+    });
+    let shown = victim.receive(usize::from(SPOOFS), 30);
+    assert_eq!(shown.len(), usize::from(SPOOFS));
+    for message in &shown {
+        assert_eq!(message["sender_verified"], false, "{message}");
+        let warning = message["warning"].as_str().unwrap_or_default();
+        assert!(
+            warning.contains("not theirs"),
+            "every spoof is caught, none left unchecked: {message}"
+        );
+    }
+    // The receiver's lookup budget is untouched.
+    let out = victim.run(&["--json", "lookup", &carol_number]);
+    assert!(
+        out.status.success(),
+        "lookup after the spoofs: {}",
+        crate::support::text(&out.stderr)
+    );
+}
