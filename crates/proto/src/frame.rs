@@ -417,6 +417,11 @@ pub struct DevicesRequest {
     pub request_id: u64,
     #[prost(string, tag = "2")]
     pub number: String,
+    /// The sender stamped on a delivery the asking device holds: the request checks whether that
+    /// device is one of the number's and costs no lookup budget; the list is then given only if
+    /// it is (empty otherwise, as for a number that is not a user).
+    #[prost(bytes = "vec", tag = "30")]
+    pub sender_device: Vec<u8>,
 }
 
 impl std::fmt::Debug for DevicesRequest {
@@ -733,6 +738,7 @@ mod tests {
             Kind::Devices(DevicesRequest {
                 request_id: 1,
                 number: "+4915112345678".into(),
+                sender_device: vec![7; 16],
             }),
             Kind::Disable(Disable { request_id: 1 }),
             Kind::Withdraw(Withdraw { id: id.clone() }),

@@ -651,6 +651,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<ExpiredMessage>>> + Send;
 
+    /// Whether a copy from `sender_device` waits for `device` (a point read: the check of a
+    /// delivery's stamped sender is free only for the device that holds such a copy).
+    fn holds_copy_from(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     /// Whether copies or receipts wait for a device (a point read: a session that has nothing
     /// waiting starts no reader for either).
     fn backlog(&self, device: DeviceId) -> impl Future<Output = Result<Backlog>> + Send;

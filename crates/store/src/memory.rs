@@ -781,6 +781,14 @@ impl Store for MemoryStore {
         Ok(self.state()?.pending(device, after, limit, now))
     }
 
+    async fn holds_copy_from(&self, device: DeviceId, sender_device: DeviceId) -> Result<bool> {
+        Ok(self
+            .state()?
+            .messages
+            .values()
+            .any(|m| m.sender_device == sender_device && m.copies.contains_key(&device)))
+    }
+
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
         Ok(self.state()?.ack(device, sender_device, id))
     }

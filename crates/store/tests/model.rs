@@ -134,6 +134,10 @@ enum Op {
     Backlog {
         device: u8,
     },
+    HoldsCopyFrom {
+        device: u8,
+        sender: u8,
+    },
     Reads {
         number: u8,
         device: u8,
@@ -288,6 +292,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => device().prop_map(|device| Op::Receipts { device }),
         2 => (device(), message_id()).prop_map(|(device, id)| Op::AckReceipt { device, id }),
         1 => device().prop_map(|device| Op::Backlog { device }),
+        1 => (device(), device()).prop_map(|(device, sender)| Op::HoldsCopyFrom { device, sender }),
         2 => (number(), device()).prop_map(|(number, device)| Op::Reads { number, device }),
         1 => (number(), code_update()).prop_map(|(number, update)| Op::UpdateCode { number, update }),
         1 => prop_oneof![Just(0), Just(2 * HOUR), Just(40 * HOUR)]
@@ -621,6 +626,12 @@ impl<S: Store> Run<'_, S> {
             Op::Backlog { device } => {
                 let backlog = store.backlog(device_id(device)).await;
                 self.result(backlog)
+            }
+            Op::HoldsCopyFrom { device, sender } => {
+                let holds = store
+                    .holds_copy_from(device_id(device), device_id(sender))
+                    .await;
+                self.result(holds)
             }
             Op::Reads { number, device } => {
                 let (account, device) = (self.account(number), device_id(device));

@@ -146,6 +146,21 @@ pub(super) fn pending(
     Ok(rows)
 }
 
+/// [`Store::holds_copy_from`](crate::Store::holds_copy_from): the sender's messages by their
+/// unique index, each copy by its key.
+pub(super) fn holds_copy_from(
+    conn: &Connection,
+    device: DeviceId,
+    sender_device: DeviceId,
+) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM messages m JOIN copies c ON c.seq = m.seq
+             WHERE m.sender_device = ?2 AND c.device_id = ?1 LIMIT 1",
+        )?
+        .exists(params![device.as_bytes(), sender_device.as_bytes()])?)
+}
+
 /// [`Store::withdraw`](crate::Store::withdraw).
 pub(super) fn withdraw(
     txn: &Transaction<'_>,

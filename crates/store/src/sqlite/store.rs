@@ -197,6 +197,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn holds_copy_from(&self, device: DeviceId, sender_device: DeviceId) -> Result<bool> {
+        self.read_here(move |conn| messages::holds_copy_from(conn, device, sender_device))
+    }
+
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
         self.write(Undo::Batch, move |txn, notes| {
             messages::ack_in(txn, notes, device, sender_device, id)
