@@ -202,3 +202,50 @@ fn checking_spoofed_senders_costs_the_receiver_no_lookup_budget() {
         crate::support::text(&out.stderr)
     );
 }
+
+/// A sender's own device whose queue has no room (it stayed offline while its user sent) does
+/// not stop the user from sending: it is skipped, and the answer says so.
+#[test]
+fn a_full_own_offline_device_is_skipped_and_reported() {
+    // A small share per sender, so that a few sends fill the offline laptop's share.
+    let server = Server::start(&["--queue-copies-per-sender", "20"]);
+    let (victim_number, carol_number, dave_number) = (number(), number(), number());
+    let phone = User::register(&victim_number, &server, &[]);
+    let laptop = phone.link_device(&server);
+    let carol = User::register(&carol_number, &server, &[]);
+    let dave = User::register(&dave_number, &server, &[]);
+    let phone_client = phone.client();
+    let laptop_device = laptop.client().device();
+    let (carol_device, dave_device) = (carol.client().device(), dave.client().device());
+    // Twenty messages, each with a copy for the laptop: its share for this account is full.
+    let to_carol = block_on(flood(
+        &phone_client,
+        &carol_number,
+        &[carol_device, laptop_device],
+        10,
+        100,
+    ));
+    let to_dave = block_on(flood(
+        &phone_client,
+        &dave_number,
+        &[dave_device, laptop_device],
+        10,
+        100,
+    ));
+    assert_eq!(leading(&to_carol, SendOutcome::Queued), 10, "{to_carol:?}");
+    assert_eq!(leading(&to_dave, SendOutcome::Queued), 10, "{to_dave:?}");
+    // One more to Carol (the first ten are the same messages again, answered as before): it is
+    // stored for Carol, not for the laptop.
+    let again = block_on(flood(
+        &phone_client,
+        &carol_number,
+        &[carol_device, laptop_device],
+        11,
+        100,
+    ));
+    assert_eq!(
+        again[10],
+        SendOutcome::Queued as i32,
+        "a full own device refused the send: {again:?}"
+    );
+}
