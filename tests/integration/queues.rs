@@ -14,7 +14,7 @@ use crate::support::{block_on, number, Server, User};
 
 /// Sends `count` messages of `size` bytes from `sender` to `to`, each with one copy (opaque bytes:
 /// the server never reads them) per device of `devices`, pipelined on one session; the outcome of
-/// each, in the order sent. Message ids are made from the receiver's number, so floods to
+/// each, in the order sent (see [`answers`] for the whole answers). Message ids are made from the receiver's number, so floods to
 /// different receivers never repeat one.
 async fn flood(
     sender: &tidings_client::client::Client,
@@ -23,6 +23,21 @@ async fn flood(
     count: usize,
     size: usize,
 ) -> Vec<i32> {
+    answers(sender, to, devices, count, size)
+        .await
+        .iter()
+        .map(|answer| answer.outcome)
+        .collect()
+}
+
+/// [`flood`], with the server's whole answer to each send.
+async fn answers(
+    sender: &tidings_client::client::Client,
+    to: &str,
+    devices: &[DeviceId],
+    count: usize,
+    size: usize,
+) -> Vec<frame::SendResult> {
     let mut session = sender.session(false).await.expect("session");
     let payload = Bytes::from(vec![0x5a; size]);
     let id_of = |n: usize| {
@@ -55,7 +70,7 @@ async fn flood(
         while answered < batch.len() {
             match session.recv(deadline).await.expect("recv") {
                 Some(Kind::SendResult(result)) => {
-                    outcomes.insert(result.id, result.outcome);
+                    outcomes.insert(result.id.clone(), result);
                     answered += 1;
                 }
                 Some(_) => {}
@@ -236,16 +251,23 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
     assert_eq!(leading(&to_dave, SendOutcome::Queued), 10, "{to_dave:?}");
     // One more to Carol (the first ten are the same messages again, answered as before): it is
     // stored for Carol, not for the laptop.
-    let again = block_on(flood(
+    let again = block_on(answers(
         &phone_client,
         &carol_number,
         &[carol_device, laptop_device],
         11,
         100,
     ));
+    let last = &again[10];
     assert_eq!(
-        again[10],
+        last.outcome,
         SendOutcome::Queued as i32,
-        "a full own device refused the send: {again:?}"
+        "a full own device refused the send: {last:?}"
     );
+    // Loudly: the answer names the laptop.
+    assert_eq!(
+        last.skipped_own_devices,
+        vec![laptop_device.as_bytes().to_vec()]
+    );
+    assert!(last.detail.contains("miss"), "{}", last.detail);
 }

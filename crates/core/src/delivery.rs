@@ -216,11 +216,7 @@ pub fn room_for<'a>(
 ) -> Room {
     let mut message_bytes = 0u64;
     for (device, bytes) in copies {
-        let after = device.from_sender.plus_copy(bytes);
-        if device.queued >= u64::from(limits.device_copies)
-            || after.copies > u64::from(limits.sender_copies)
-            || after.bytes > limits.sender_bytes
-        {
+        if !has_room(device, bytes, limits) {
             return Room::QueueFull;
         }
         message_bytes = message_bytes.saturating_add(bytes);
@@ -229,6 +225,29 @@ pub fn room_for<'a>(
         return Room::OverQuota;
     }
     Room::Fits
+}
+
+/// Whether `device`'s queue has room for a copy of `bytes` from the message's sending account:
+/// the queue is not full, and the sender's share of it would not be passed.
+fn has_room(device: &AccountDevice, bytes: u64, limits: QueueLimits) -> bool {
+    let after = device.from_sender.plus_copy(bytes);
+    device.queued < u64::from(limits.device_copies)
+        && after.copies <= u64::from(limits.sender_copies)
+        && after.bytes <= limits.sender_bytes
+}
+
+/// The sender's own other devices (with the size of their copy) whose queue has no room for it.
+/// A message is stored without their copies rather than refused, and the sender is told which
+/// were skipped: a user's own device left offline never stops the user from sending, and never
+/// silently.
+pub fn own_without_room<'a>(
+    own: impl IntoIterator<Item = (&'a AccountDevice, u64)>,
+    limits: QueueLimits,
+) -> Vec<DeviceId> {
+    own.into_iter()
+        .filter(|(device, bytes)| !has_room(device, *bytes, limits))
+        .map(|(device, _)| device.id)
+        .collect()
 }
 
 /// The shortest time a receipt waits for its sending device after its message's TTL ended: a
@@ -429,6 +448,30 @@ mod tests {
             room_for([(&holding(1, 0, 0, 0), 1)], 0, QueueLimits::device_only(0)),
             Room::QueueFull
         );
+    }
+
+    #[test]
+    fn own_devices_without_room_are_named() {
+        let limits = QueueLimits {
+            device_copies: 10,
+            sender_copies: 3,
+            sender_bytes: 100,
+            account_bytes: 1_000,
+        };
+        let (fits, full, share_full, bytes_full) = (
+            holding(1, 0, 0, 0),
+            holding(2, 10, 0, 0),
+            holding(3, 3, 3, 3),
+            holding(4, 1, 1, 90),
+        );
+        let own = [
+            (&fits, 10),
+            (&full, 10),
+            (&share_full, 10),
+            (&bytes_full, 11),
+        ];
+        assert_eq!(own_without_room(own, limits), ids(&[2, 3, 4]));
+        assert_eq!(own_without_room([(&fits, 100)], limits), ids(&[]));
     }
 
     #[test]

@@ -252,6 +252,10 @@ pub struct SendResult {
     /// `DEVICES_CHANGED`: copies addressed to devices that must not get one (gone, or unknown).
     #[prost(bytes = "vec", repeated, tag = "6")]
     pub extra_devices: Vec<Vec<u8>>,
+    /// `ACCEPTED`/`QUEUED`: the sender's own other devices whose queues had no room: the message
+    /// was stored without their copies, so they miss it.
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub skipped_own_devices: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -188,14 +188,16 @@ pub struct NewMessage {
 
 /// What the delivery rules decided for a message, in the trait's answers.
 pub(crate) enum Admission {
-    /// Store a copy for each of these devices.
-    Admitted(Addressees),
+    /// Store a copy for each of these devices; the message's copies for the sender's own devices
+    /// named second are not stored (their queues had no room), and the answer names them.
+    Admitted(Addressees, Vec<DeviceId>),
     /// Store nothing and answer this.
     Refused(Enqueued),
 }
 
 impl NewMessage {
-    /// Applies the delivery rules (`tidings_core::delivery`: E1, then room in the queues) to this
+    /// Applies the delivery rules (`tidings_core::delivery`: E1, then room in the queues, the
+    /// sender's own devices without room skipped) to this
     /// message against the devices an engine read in the write that is to store it: `receiver`
     /// the receiving account's, `own` the sending account's (empty when they are one account),
     /// each with what the sending account has waiting in its queue, and `sender_bytes` what the
@@ -217,11 +219,17 @@ impl NewMessage {
             }
             CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
         };
+        let mut addressees = addressees;
+        let skipped = delivery::own_without_room(
+            addressees.own.iter().map(|d| (d, self.copy_bytes(d.id))),
+            limits,
+        );
+        addressees.own.retain(|d| !skipped.contains(&d.id));
         let copies = addressees
             .devices()
             .map(|device| (device, self.copy_bytes(device.id)));
         match delivery::room_for(copies, sender_bytes, limits) {
-            Room::Fits => Ok(Admission::Admitted(addressees)),
+            Room::Fits => Ok(Admission::Admitted(addressees, skipped)),
             Room::QueueFull => Ok(Admission::Refused(Enqueued::QueueFull)),
             Room::OverQuota => Ok(Admission::Refused(Enqueued::OverQuota)),
         }
@@ -233,6 +241,17 @@ impl NewMessage {
             .iter()
             .find(|(d, _)| *d == device)
             .map_or(0, |(_, payload)| payload.len() as u64)
+    }
+}
+
+impl Admission {
+    /// What to answer once the admitted copies are stored.
+    pub(crate) fn stored(skipped: Vec<DeviceId>) -> Enqueued {
+        if skipped.is_empty() {
+            Enqueued::Stored
+        } else {
+            Enqueued::StoredSkipping(skipped)
+        }
     }
 }
 
@@ -249,6 +268,9 @@ impl std::fmt::Debug for NewMessage {
 pub enum Enqueued {
     /// Stored and synced.
     Stored,
+    /// Stored and synced, except the copies for these of the sender's own other devices: their
+    /// queues had no room (see `tidings_core::delivery::own_without_room`).
+    StoredSkipping(Vec<DeviceId>),
     /// This sender device already has a message with this id held; nothing new was stored.
     Duplicate,
     /// A receiver device's queue is at its limit, or the sending account's share of it is;

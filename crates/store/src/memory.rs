@@ -446,12 +446,15 @@ impl State {
             self.delivery_devices(sender, sender)
         };
         let sender_bytes = self.usage(sender, None).bytes;
-        let addressees = match message.admit(&receiver, &own, sender_bytes, limits)? {
-            Admission::Admitted(addressees) => addressees,
+        let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
+            Admission::Admitted(addressees, skipped) => (addressees, skipped),
             Admission::Refused(answer) => return Ok(answer),
         };
         let mut copies = BTreeMap::new();
         for (device, payload) in message.copies {
+            if skipped.contains(&device) {
+                continue;
+            }
             let copy = (payload, addressees.to_receiver(device));
             if copies.insert(device, copy).is_some() {
                 return Err(StoreError::engine("two copies for one device"));
@@ -469,7 +472,7 @@ impl State {
             copies,
         };
         self.messages.insert(self.last_position, stored);
-        Ok(Enqueued::Stored)
+        Ok(Admission::stored(skipped))
     }
 
     fn pending(

@@ -78,8 +78,8 @@ pub(super) fn enqueue(
     // Checked inside the transaction that stores the copies, so a device linked or
     // removed at the same moment cannot slip between the check and the write.
     let sender_bytes = notes.senders.bytes_of(sender);
-    let addressees = match message.admit(&receiver, &own, sender_bytes, limits)? {
-        Admission::Admitted(addressees) => addressees,
+    let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
+        Admission::Admitted(addressees, skipped) => (addressees, skipped),
         Admission::Refused(answer) => return Ok(answer),
     };
     txn.prepare_cached(
@@ -99,6 +99,9 @@ pub(super) fn enqueue(
         "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for (device, payload) in &message.copies {
+        if skipped.contains(device) {
+            continue;
+        }
         let to_receiver = addressees.to_receiver(*device);
         insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
         notes.queued.add(*device, 1);
@@ -107,7 +110,7 @@ pub(super) fn enqueue(
             .note(sender, *device, payload_len(payload.len()), 1);
     }
     notes.messages.push((message.sender_device, message.id));
-    Ok(Enqueued::Stored)
+    Ok(Admission::stored(skipped))
 }
 
 /// [`Store::pending`](crate::Store::pending).
