@@ -3,6 +3,7 @@
 //! never would; everyone else uses the CLI.
 
 use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -270,4 +271,19 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
         vec![laptop_device.as_bytes().to_vec()]
     );
     assert!(last.detail.contains("miss"), "{}", last.detail);
+    // The laptop, once it listens, learns that it missed one message.
+    let mut listening = laptop.spawn(&["--json", "listen", "--timeout", "60"]);
+    let stdout = listening.stdout.take().expect("stdout");
+    let mut missed = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["type"] == "missed" {
+            missed = event["messages"].as_u64();
+            break;
+        }
+    }
+    let _ = listening.kill();
+    let _ = listening.wait();
+    assert_eq!(missed, Some(1), "the laptop was not told what it missed");
 }
