@@ -632,6 +632,15 @@ fn print_event(event: &Event, json: bool, own: &str) {
                 eprintln!("rejected a message from device {sender_device}: {reason}");
             }
         }
+        Event::Missed { messages } => {
+            if json {
+                println!("{}", json!({ "type": "missed", "messages": messages }));
+            } else {
+                println!(
+                    "WARNING: {messages} message(s) sent from your other devices were not kept for this device while it was away (its queue was full): they will not be shown here"
+                );
+            }
+        }
         Event::Receipt { id, kind } => {
             let kind = match kind {
                 ReceiptKind::Delivered => "delivered",

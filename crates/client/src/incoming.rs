@@ -90,6 +90,9 @@ pub enum Event {
         id: MessageId,
         reason: String,
     },
+    /// Messages sent from this number's other devices that the server could not keep for this
+    /// one (its queue was full while it was away): this device will never show them.
+    Missed { messages: u32 },
 }
 
 /// Receives until `handle` returns false or `until` passes. Each message is decrypted and
@@ -313,6 +316,19 @@ async fn listen_on(
                     if !handle(Event::Receipt { id, kind }) {
                         return Ok(());
                     }
+                }
+            }
+            Kind::Missed(missed) => {
+                let go_on = handle(Event::Missed {
+                    messages: missed.messages,
+                });
+                // Shown: the server may forget them.
+                open.send(Kind::MissedSeen(frame::MissedSeen {
+                    messages: missed.messages,
+                }))
+                .await?;
+                if !go_on {
+                    return Ok(());
                 }
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),

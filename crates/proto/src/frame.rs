@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39"
     )]
     pub kind: Option<Kind>,
 }
@@ -46,6 +46,8 @@ pub enum Kind {
     Vouch(Vouch),
     #[prost(message, tag = "14")]
     Withdraw(Withdraw),
+    #[prost(message, tag = "16")]
+    MissedSeen(MissedSeen),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
     #[prost(message, tag = "21")]
@@ -82,6 +84,8 @@ pub enum Kind {
     VouchResult(VouchResult),
     #[prost(message, tag = "37")]
     WithdrawResult(WithdrawResult),
+    #[prost(message, tag = "39")]
+    Missed(Missed),
 }
 
 impl Kind {
@@ -130,6 +134,21 @@ pub struct LoginResult {
     /// Whether this device has published its identity keys and a fallback key.
     #[prost(bool, tag = "4")]
     pub keys_published: bool,
+}
+
+/// Sent at the start of a listening session while own messages were not kept for this device:
+/// its queue had no room when another device of its account sent them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Missed {
+    #[prost(uint32, tag = "1")]
+    pub messages: u32,
+}
+
+/// The device has shown its user a `Missed` count: the server forgets that many.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MissedSeen {
+    #[prost(uint32, tag = "1")]
+    pub messages: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -134,6 +134,9 @@ pub struct Backlog {
     pub queued: bool,
     /// Receipts are waiting for it.
     pub receipts: bool,
+    /// Messages from its own account's other devices that were not kept for it (its queue had
+    /// no room) and that it has not yet been told of.
+    pub missed: u32,
 }
 
 /// A device's key supply, as a login reports it.
@@ -269,7 +272,8 @@ pub enum Enqueued {
     /// Stored and synced.
     Stored,
     /// Stored and synced, except the copies for these of the sender's own other devices: their
-    /// queues had no room (see `tidings_core::delivery::own_without_room`).
+    /// queues had no room (see `tidings_core::delivery::own_without_room`). Each such device
+    /// counts one more missed message ([`Backlog::missed`]).
     StoredSkipping(Vec<DeviceId>),
     /// This sender device already has a message with this id held; nothing new was stored.
     Duplicate,
@@ -684,6 +688,9 @@ pub trait Store: Send + Sync + 'static {
     /// Whether copies or receipts wait for a device (a point read: a session that has nothing
     /// waiting starts no reader for either).
     fn backlog(&self, device: DeviceId) -> impl Future<Output = Result<Backlog>> + Send;
+
+    /// Forgets `seen` of a device's missed messages ([`Backlog::missed`]) once it has shown them.
+    fn clear_missed(&self, device: DeviceId, seen: u32) -> impl Future<Output = Result<()>> + Send;
 
     /// Receipts waiting for a sending device.
     fn receipts(

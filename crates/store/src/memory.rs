@@ -80,6 +80,8 @@ struct DeviceRow {
     /// Unclaimed one-time keys, by public key (a claim hands out the lowest first).
     one_time_keys: BTreeMap<[u8; 32], [u8; 64]>,
     fallback: Option<SignedKey>,
+    /// Own messages not kept for it ([`Backlog::missed`]).
+    missed: u32,
 }
 
 struct Message {
@@ -286,6 +288,7 @@ impl State {
             voucher: None,
             one_time_keys: BTreeMap::new(),
             fallback: None,
+            missed: 0,
         };
         self.devices.insert(device, row);
         if let Some(account) = self.accounts.get_mut(&account) {
@@ -451,6 +454,11 @@ impl State {
             Admission::Refused(answer) => return Ok(answer),
         };
         let mut copies = BTreeMap::new();
+        for device in &skipped {
+            if let Some(row) = self.devices.get_mut(device) {
+                row.missed = row.missed.saturating_add(1);
+            }
+        }
         for (device, payload) in message.copies {
             if skipped.contains(&device) {
                 continue;
@@ -606,6 +614,7 @@ impl State {
             registered: self.devices.contains_key(&device),
             queued: self.queue_length(device) > 0,
             receipts: self.receipts.keys().any(|(d, _)| *d == device),
+            missed: self.devices.get(&device).map_or(0, |d| d.missed),
         }
     }
 
@@ -816,6 +825,13 @@ impl Store for MemoryStore {
 
     async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
         Ok(self.state()?.backlog(device))
+    }
+
+    async fn clear_missed(&self, device: DeviceId, seen: u32) -> Result<()> {
+        if let Some(row) = self.state()?.devices.get_mut(&device) {
+            row.missed = row.missed.saturating_sub(seen);
+        }
+        Ok(())
     }
 
     async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {

@@ -138,6 +138,10 @@ enum Op {
         device: u8,
         sender: u8,
     },
+    ClearMissed {
+        device: u8,
+        seen: u32,
+    },
     Reads {
         number: u8,
         device: u8,
@@ -293,6 +297,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (device(), message_id()).prop_map(|(device, id)| Op::AckReceipt { device, id }),
         1 => device().prop_map(|device| Op::Backlog { device }),
         1 => (device(), device()).prop_map(|(device, sender)| Op::HoldsCopyFrom { device, sender }),
+        1 => (device(), 0..3u32).prop_map(|(device, seen)| Op::ClearMissed { device, seen }),
         2 => (number(), device()).prop_map(|(number, device)| Op::Reads { number, device }),
         1 => (number(), code_update()).prop_map(|(number, update)| Op::UpdateCode { number, update }),
         1 => prop_oneof![Just(0), Just(2 * HOUR), Just(40 * HOUR)]
@@ -626,6 +631,10 @@ impl<S: Store> Run<'_, S> {
             Op::Backlog { device } => {
                 let backlog = store.backlog(device_id(device)).await;
                 self.result(backlog)
+            }
+            Op::ClearMissed { device, seen } => {
+                let cleared = store.clear_missed(device_id(device), seen).await;
+                self.result(cleared)
             }
             Op::HoldsCopyFrom { device, sender } => {
                 let holds = store

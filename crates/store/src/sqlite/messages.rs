@@ -98,6 +98,10 @@ pub(super) fn enqueue(
     let mut insert = txn.prepare_cached(
         "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
     )?;
+    for device in &skipped {
+        txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
+            .execute(params![device.as_bytes()])?;
+    }
     for (device, payload) in &message.copies {
         if skipped.contains(device) {
             continue;

@@ -111,6 +111,8 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // the devices on the open that adds it; a message whose sending device is gone counts for
     // no account.
     ("messages", "sender_account", "INTEGER"),
+    // Own messages not kept for the device because its queue had no room, until it is told.
+    ("devices", "missed", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that

@@ -245,6 +245,13 @@ impl Store for SqliteStore {
         self.read_here(|conn| receipts::backlog(conn, device))
     }
 
+    async fn clear_missed(&self, device: DeviceId, seen: u32) -> Result<()> {
+        self.write(Undo::Statement, move |txn, _| {
+            receipts::clear_missed(txn, device, seen)
+        })
+        .await
+    }
+
     async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {
         self.read(move |conn| receipts::receipts(conn, device))
             .await
