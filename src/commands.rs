@@ -560,7 +560,12 @@ fn print_send(report: &SendReport, json: bool) {
             "not sent: the receiver is not online now (nothing was stored)"
         }
         (SendOutcome::NotAUser, _) => "not sent: that number does not use Tidings",
-        (SendOutcome::RefusedQueueFull, _) => "not sent: the receiver's queue is full",
+        (SendOutcome::RefusedQueueFull, _) => {
+            "not sent: the receiver's queue holds as much as it takes from you; try again once it is delivered"
+        }
+        (SendOutcome::RefusedOverQuota, _) => {
+            "not sent: you have as much waiting for delivery as the server keeps; try again once some is delivered"
+        }
         (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
         (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
         (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
@@ -668,6 +673,15 @@ fn print_event(event: &Event, json: bool, own: &str) {
                 );
             } else {
                 eprintln!("rejected a message from device {sender_device}: {reason}");
+            }
+        }
+        Event::Missed { messages } => {
+            if json {
+                println!("{}", json!({ "type": "missed", "messages": messages }));
+            } else {
+                println!(
+                    "WARNING: {messages} message(s) sent from your other devices were not kept for this device while it was away (its queue was full): they will not be shown here"
+                );
             }
         }
         Event::Receipt { id, kind } => {

@@ -16,6 +16,7 @@ mod linking;
 mod messaging;
 mod operations;
 mod privacy;
+mod queues;
 mod registration;
 mod revocation;
 mod robustness;

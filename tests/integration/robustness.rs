@@ -279,13 +279,20 @@ fn connections_that_never_speak_are_closed_and_do_not_block_others() {
 /// `SignedOut` that did not fit in the queue used to be dropped, and the session kept serving).
 #[test]
 fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
-    // More sends than the default burst, and a heartbeat long enough that the stalled session is
-    // not closed for silence while its queue fills.
+    // More sends than the default burst and than one sender's default share of a queue, and a
+    // heartbeat long enough that the stalled session is not closed for silence while its queue
+    // fills.
     let server = Server::start(&[
         "--send-burst",
         "5000",
         "--send-per-second",
         "5000",
+        "--queue-copies-per-sender",
+        "5000",
+        "--queue-bytes-per-sender",
+        "1000000000",
+        "--queued-bytes-per-account",
+        "1000000000",
         "--heartbeat-seconds",
         "300",
     ]);
@@ -365,6 +372,8 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
         "5000",
         "--send-per-second",
         "5000",
+        "--queue-bytes-per-sender",
+        "100000000",
         "--heartbeat-seconds",
         "2",
     ]);

@@ -159,10 +159,33 @@ impl Account {
         session: &mut Session,
         number: &str,
     ) -> Result<Vec<frame::DeviceKeys>> {
+        self.devices_request(session, number, None).await
+    }
+
+    /// Whether `sender_device`, stamped on a delivery waiting for this device, is one of
+    /// `number`'s: the server's devices for `number` if it is, none if it is not. Costs no lookup
+    /// budget.
+    pub async fn sender_directory(
+        &self,
+        session: &mut Session,
+        number: &str,
+        sender_device: DeviceId,
+    ) -> Result<Vec<frame::DeviceKeys>> {
+        self.devices_request(session, number, Some(sender_device))
+            .await
+    }
+
+    async fn devices_request(
+        &self,
+        session: &mut Session,
+        number: &str,
+        sender_device: Option<DeviceId>,
+    ) -> Result<Vec<frame::DeviceKeys>> {
         let request_id = session.request_id();
         let request = Kind::Devices(frame::DevicesRequest {
             request_id,
             number: number.to_string(),
+            sender_device: sender_device.map_or_else(Vec::new, |d| d.as_bytes().to_vec()),
         });
         match session.call(request, request_id).await? {
             Kind::DeviceList(list) => Ok(list.devices),

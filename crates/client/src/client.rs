@@ -154,6 +154,17 @@ impl Client {
         outgoing::prepare_one(&self.account, to, text, id, Some(claimed_from), None).await
     }
 
+    /// [`Client::danger_prepare_send_claiming`] for several messages at once, with one look at
+    /// the directory for all. For tests of the receiver's sender check only.
+    pub async fn danger_prepare_sends_claiming(
+        &self,
+        claimed_from: &str,
+        to: &str,
+        messages: &[(MessageId, String)],
+    ) -> Result<Vec<frame::Send>> {
+        outgoing::prepare_batch(&self.account, to, messages, Some(claimed_from), None).await
+    }
+
     /// Receives until `handle` returns false or `until` passes. Each message is decrypted and
     /// stored (with the new session state, in one local transaction), then acknowledged, then
     /// shown once the server confirms the acknowledgement.

@@ -28,6 +28,45 @@ use crate::{ClientError, Result};
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between attempts to connect again (the wait doubles after each failure).
 pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long a listening client remembers that a device is not one of a number's, so that a
+/// spoofer repeating a claim makes it ask the server once.
+pub const NOT_THEIRS_KEPT: Duration = Duration::from_secs(3600);
+/// Most such answers remembered at once; past it the oldest are forgotten first.
+pub const NOT_THEIRS_ENTRIES: usize = 10_000;
+
+/// Devices found not to be a claimed number's, with when each answer came: a listening client's
+/// memory, never stored.
+#[derive(Debug, Default)]
+struct NotTheirs {
+    answers: std::collections::HashMap<(String, DeviceId), Instant>,
+}
+
+impl NotTheirs {
+    /// Whether `device` was found not to be `number`'s within [`NOT_THEIRS_KEPT`].
+    fn known(&self, number: &str, device: DeviceId) -> bool {
+        self.answers
+            .get(&(number.to_string(), device))
+            .is_some_and(|at| at.elapsed() < NOT_THEIRS_KEPT)
+    }
+
+    fn remember(&mut self, number: &str, device: DeviceId) {
+        if self.answers.len() >= NOT_THEIRS_ENTRIES {
+            self.answers.retain(|_, at| at.elapsed() < NOT_THEIRS_KEPT);
+        }
+        if self.answers.len() >= NOT_THEIRS_ENTRIES {
+            let oldest = self
+                .answers
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                self.answers.remove(&oldest);
+            }
+        }
+        self.answers
+            .insert((number.to_string(), device), Instant::now());
+    }
+}
 
 /// Something `listen` reports.
 #[derive(Debug, Clone)]
@@ -51,6 +90,9 @@ pub enum Event {
         id: MessageId,
         reason: String,
     },
+    /// Messages sent from this number's other devices that the server could not keep for this
+    /// one (its queue was full while it was away): this device will never show them.
+    Missed { messages: u32 },
 }
 
 /// Receives until `handle` returns false or `until` passes. Each message is decrypted and
@@ -70,12 +112,14 @@ pub async fn listen(
     let user_deadline = until.unwrap_or_else(far_future);
     let mut session = Some(connect(account, &mut inbox).await?);
     let mut router = Router::new(account, account.routing(), true)?;
+    let mut not_theirs = NotTheirs::default();
     loop {
         match listen_on(
             account,
             &mut inbox,
             &mut router,
             &mut session,
+            &mut not_theirs,
             user_deadline,
             &mut handle,
         )
@@ -171,6 +215,7 @@ async fn listen_on(
     inbox: &mut Inbox,
     router: &mut Router<'_>,
     session: &mut Option<Session>,
+    not_theirs: &mut NotTheirs,
     user_deadline: Instant,
     handle: &mut impl FnMut(Event) -> bool,
 ) -> Result<()> {
@@ -216,8 +261,16 @@ async fn listen_on(
                 ) else {
                     continue;
                 };
-                if let Err(reason) =
-                    receive(account, inbox, open, sender_device, id, &deliver).await?
+                if let Err(reason) = receive(
+                    account,
+                    inbox,
+                    not_theirs,
+                    open,
+                    sender_device,
+                    id,
+                    &deliver,
+                )
+                .await?
                 {
                     // Discarded for good: acknowledged below so the server deletes it, and
                     // reported once.
@@ -265,6 +318,19 @@ async fn listen_on(
                     }
                 }
             }
+            Kind::Missed(missed) => {
+                let go_on = handle(Event::Missed {
+                    messages: missed.messages,
+                });
+                // Shown: the server may forget them.
+                open.send(Kind::MissedSeen(frame::MissedSeen {
+                    messages: missed.messages,
+                }))
+                .await?;
+                if !go_on {
+                    return Ok(());
+                }
+            }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
             Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
             _ => {}
@@ -296,6 +362,7 @@ async fn acknowledge_unshown(inbox: &Inbox, session: &mut Session) -> Result<()>
 async fn receive(
     account: &Account,
     inbox: &mut Inbox,
+    not_theirs: &mut NotTheirs,
     session: &mut Session,
     sender_device: DeviceId,
     id: MessageId,
@@ -337,10 +404,24 @@ async fn receive(
         Ok((content, _)) => content.from,
         Err(reason) => return Ok(Err(reason)),
     };
+    // The stamped sender is checked for free (the copy waits for us until we acknowledge it);
+    // a device found not to be the claimed number's is remembered for an hour.
     let listed = match E164::parse(&claimed) {
         Err(_) => None,
-        Ok(number) => match account.directory(session, number.as_str()).await {
-            Ok(listed) => Some(listed),
+        Ok(number) if not_theirs.known(number.as_str(), sender_device) => Some(Vec::new()),
+        Ok(number) => match account
+            .sender_directory(session, number.as_str(), sender_device)
+            .await
+        {
+            Ok(listed) => {
+                if !listed
+                    .iter()
+                    .any(|d| d.device_id == sender_device.as_bytes())
+                {
+                    not_theirs.remember(number.as_str(), sender_device);
+                }
+                Some(listed)
+            }
             Err(ClientError::Refused(_)) => None,
             Err(e) => return Err(e),
         },

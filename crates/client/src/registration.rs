@@ -381,6 +381,7 @@ pub async fn devices(account: &Account) -> Result<Vec<DeviceInfo>> {
     let request = Kind::Devices(frame::DevicesRequest {
         request_id,
         number: account.number().to_string(),
+        ..frame::DevicesRequest::default()
     });
     match session.call(request, request_id).await? {
         Kind::DeviceList(list) => Ok(list

@@ -4,8 +4,10 @@
 //! device linked or removed at the same moment cannot slip between the check and the write:
 //! - E1, "no device is skipped silently": the copies must name exactly the receiver's devices
 //!   that have published keys and the sender's other such devices ([`check_copies`]);
-//! - a message is refused whole if any device it goes to already holds the most copies allowed
-//!   ([`queue_full`]).
+//! - a message is refused whole if a queue it would join has no room for it ([`room_for`]): any
+//!   device it goes to already holds the most copies allowed, or the sending account would pass
+//!   its share of one device's queue or its storage quota across all queues ([`QueueLimits`]),
+//!   so that no one sender can fill a victim's queue.
 //!
 //! And one rule for what a delivery leaves behind: a receipt waits for its sending device one
 //! more TTL of its message after the message's own ends, at least [`RECEIPT_MIN_WAIT`]
@@ -26,6 +28,80 @@ pub struct AccountDevice {
     pub keyed: bool,
     /// Copies waiting in its queue, counting the ones stored earlier in the same write.
     pub queued: u64,
+    /// What the sending account of the message being checked already has waiting in this
+    /// device's queue.
+    pub from_sender: Usage,
+}
+
+/// Copies and their bytes waiting in queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub copies: u64,
+    pub bytes: u64,
+}
+
+impl Usage {
+    /// One copy of `bytes` more.
+    pub fn plus_copy(self, bytes: u64) -> Usage {
+        Usage {
+            copies: self.copies.saturating_add(1),
+            bytes: self.bytes.saturating_add(bytes),
+        }
+    }
+}
+
+/// How much queues may hold: in all, and of one sending account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Copies one device's queue holds at most, from every sender together.
+    pub device_copies: u32,
+    /// Copies one sending account may have waiting in one device's queue.
+    pub sender_copies: u32,
+    /// Bytes one sending account may have waiting in one device's queue.
+    pub sender_bytes: u64,
+    /// Bytes one sending account may have waiting across every queue (its storage quota).
+    pub account_bytes: u64,
+}
+
+impl QueueLimits {
+    /// The server's limits; `docs/ARCHITECTURE.md` (the bounds list) says why these numbers.
+    /// A device queue holds 10,000 copies; one sender gets a twentieth of it (500 copies, and
+    /// 8 MiB, so 128 copies of the largest payload), so that it takes twenty accounts to fill
+    /// one device; and one account keeps at most 64 MiB waiting across all of its receivers.
+    pub const DEFAULT: QueueLimits = QueueLimits {
+        device_copies: 10_000,
+        sender_copies: 500,
+        sender_bytes: 8 * 1024 * 1024,
+        account_bytes: 64 * 1024 * 1024,
+    };
+
+    /// Only a bound on each device's queue, with no share per sender (for tests of other rules).
+    pub const fn device_only(device_copies: u32) -> QueueLimits {
+        QueueLimits {
+            device_copies,
+            sender_copies: u32::MAX,
+            sender_bytes: u64::MAX,
+            account_bytes: u64::MAX,
+        }
+    }
+}
+
+impl From<u32> for QueueLimits {
+    /// A bare number bounds each device's queue only.
+    fn from(device_copies: u32) -> Self {
+        QueueLimits::device_only(device_copies)
+    }
+}
+
+/// What [`room_for`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Every queue has room for its copy.
+    Fits,
+    /// A device's queue is full, or the sending account's share of it is.
+    QueueFull,
+    /// The sending account's storage quota across all queues would be passed.
+    OverQuota,
 }
 
 /// How a message's copies differ from the devices that must receive it.
@@ -55,9 +131,9 @@ impl Addressees {
         self.receiver.iter().any(|d| d.id == device)
     }
 
-    /// The queue lengths of every device that gets a copy.
-    pub fn queue_lengths(&self) -> impl Iterator<Item = u64> + '_ {
-        self.receiver.iter().chain(&self.own).map(|d| d.queued)
+    /// Every device that gets a copy.
+    pub fn devices(&self) -> impl Iterator<Item = &AccountDevice> + '_ {
+        self.receiver.iter().chain(&self.own)
     }
 }
 
@@ -127,12 +203,51 @@ pub fn check_copies(
     CopyCheck::Complete(addressees)
 }
 
-/// Whether a message must be refused because a queue it would join is full: any device that
-/// gets a copy already holds `queue_limit` copies or more.
-pub fn queue_full(queue_lengths: impl IntoIterator<Item = u64>, queue_limit: u32) -> bool {
-    queue_lengths
-        .into_iter()
-        .any(|length| length >= u64::from(queue_limit))
+/// Whether the queues a message would join have room for it under `limits`. `copies` are the
+/// devices that get a copy with its size in bytes (each with its queue and what the sending
+/// account already has waiting there); `sender_bytes` what the sending account has waiting
+/// across every queue. A device that already holds `device_copies` copies, or a sender that would
+/// pass its share of one device's queue, is [`Room::QueueFull`]; a sender that would pass its
+/// quota across all queues is [`Room::OverQuota`].
+pub fn room_for<'a>(
+    copies: impl IntoIterator<Item = (&'a AccountDevice, u64)>,
+    sender_bytes: u64,
+    limits: QueueLimits,
+) -> Room {
+    let mut message_bytes = 0u64;
+    for (device, bytes) in copies {
+        if !has_room(device, bytes, limits) {
+            return Room::QueueFull;
+        }
+        message_bytes = message_bytes.saturating_add(bytes);
+    }
+    if sender_bytes.saturating_add(message_bytes) > limits.account_bytes {
+        return Room::OverQuota;
+    }
+    Room::Fits
+}
+
+/// Whether `device`'s queue has room for a copy of `bytes` from the message's sending account:
+/// the queue is not full, and the sender's share of it would not be passed.
+fn has_room(device: &AccountDevice, bytes: u64, limits: QueueLimits) -> bool {
+    let after = device.from_sender.plus_copy(bytes);
+    device.queued < u64::from(limits.device_copies)
+        && after.copies <= u64::from(limits.sender_copies)
+        && after.bytes <= limits.sender_bytes
+}
+
+/// The sender's own other devices (with the size of their copy) whose queue has no room for it.
+/// A message is stored without their copies rather than refused, and the sender is told which
+/// were skipped: a user's own device left offline never stops the user from sending, and never
+/// silently.
+pub fn own_without_room<'a>(
+    own: impl IntoIterator<Item = (&'a AccountDevice, u64)>,
+    limits: QueueLimits,
+) -> Vec<DeviceId> {
+    own.into_iter()
+        .filter(|(device, bytes)| !has_room(device, *bytes, limits))
+        .map(|(device, _)| device.id)
+        .collect()
 }
 
 /// The shortest time a receipt waits for its sending device after its message's TTL ended: a
@@ -163,6 +278,7 @@ mod tests {
             id: device(n),
             keyed: true,
             queued,
+            from_sender: Usage::default(),
         }
     }
 
@@ -172,6 +288,7 @@ mod tests {
             id: device(n),
             keyed: false,
             queued: 0,
+            from_sender: Usage::default(),
         }
     }
 
@@ -261,24 +378,100 @@ mod tests {
         assert!(addressees.to_receiver(device(10)));
         assert!(!addressees.to_receiver(device(2)));
         assert!(!addressees.to_receiver(device(99)));
-        assert_eq!(addressees.queue_lengths().collect::<Vec<_>>(), vec![3, 5]);
+        let lengths: Vec<u64> = addressees.devices().map(|d| d.queued).collect();
+        assert_eq!(lengths, vec![3, 5]);
+    }
+
+    /// A device `n` with `queued` copies, `copies` and `bytes` of them from the sender.
+    fn holding(n: u8, queued: u64, copies: u64, bytes: u64) -> AccountDevice {
+        AccountDevice {
+            from_sender: Usage { copies, bytes },
+            ..keyed(n, queued)
+        }
     }
 
     #[test]
-    fn a_queue_at_its_limit_refuses_the_message() {
-        let check = |lengths: &[u64], limit: u32, expected: bool| {
+    fn a_message_fits_only_where_every_queue_and_the_senders_shares_have_room() {
+        let limits = QueueLimits {
+            device_copies: 10,
+            sender_copies: 3,
+            sender_bytes: 100,
+            account_bytes: 250,
+        };
+        let check = |devices: &[(AccountDevice, u64)], sender_bytes: u64, expected: Room| {
             assert_eq!(
-                queue_full(lengths.iter().copied(), limit),
+                room_for(devices.iter().map(|(d, b)| (d, *b)), sender_bytes, limits),
                 expected,
-                "{lengths:?} against {limit}"
+                "{devices:?}, sender holding {sender_bytes} bytes"
             );
         };
-        check(&[], 10, false);
-        check(&[0, 9], 10, false);
-        check(&[0, 10], 10, true);
-        check(&[11], 10, true);
-        check(&[0], 0, true);
-        check(&[u64::MAX], u32::MAX, true);
+        check(&[], 0, Room::Fits);
+        check(&[(holding(1, 9, 2, 50), 50)], 200, Room::Fits);
+        // The device's queue is full, whoever filled it.
+        check(&[(holding(1, 10, 0, 0), 1)], 0, Room::QueueFull);
+        check(
+            &[(holding(1, 0, 0, 0), 1), (holding(2, 11, 0, 0), 1)],
+            0,
+            Room::QueueFull,
+        );
+        // The sender's share of one device: copies, then bytes.
+        check(&[(holding(1, 3, 3, 3), 1)], 3, Room::QueueFull);
+        check(&[(holding(1, 1, 1, 60), 41)], 60, Room::QueueFull);
+        // Another device of the same receiver still has room for this sender.
+        check(&[(holding(2, 0, 0, 0), 41)], 60, Room::Fits);
+        // The sender's quota across all queues counts every copy of the message.
+        check(
+            &[(holding(1, 0, 0, 0), 100), (holding(2, 0, 0, 0), 100)],
+            50,
+            Room::Fits,
+        );
+        check(
+            &[(holding(1, 0, 0, 0), 100), (holding(2, 0, 0, 0), 100)],
+            51,
+            Room::OverQuota,
+        );
+        // A full queue is reported before the quota.
+        check(&[(holding(1, 10, 0, 0), 100)], 250, Room::QueueFull);
+        // Numbers that make no sense never overflow.
+        check(
+            &[(holding(1, 0, 0, u64::MAX), u64::MAX)],
+            u64::MAX,
+            Room::QueueFull,
+        );
+        let unbounded = QueueLimits::device_only(u32::MAX);
+        let full = holding(1, u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(
+            room_for([(&full, u64::MAX)], u64::MAX, unbounded),
+            Room::QueueFull
+        );
+        assert_eq!(
+            room_for([(&holding(1, 0, 0, 0), 1)], 0, QueueLimits::device_only(0)),
+            Room::QueueFull
+        );
+    }
+
+    #[test]
+    fn own_devices_without_room_are_named() {
+        let limits = QueueLimits {
+            device_copies: 10,
+            sender_copies: 3,
+            sender_bytes: 100,
+            account_bytes: 1_000,
+        };
+        let (fits, full, share_full, bytes_full) = (
+            holding(1, 0, 0, 0),
+            holding(2, 10, 0, 0),
+            holding(3, 3, 3, 3),
+            holding(4, 1, 1, 90),
+        );
+        let own = [
+            (&fits, 10),
+            (&full, 10),
+            (&share_full, 10),
+            (&bytes_full, 11),
+        ];
+        assert_eq!(own_without_room(own, limits), ids(&[2, 3, 4]));
+        assert_eq!(own_without_room([(&fits, 100)], limits), ids(&[]));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39"
     )]
     pub kind: Option<Kind>,
 }
@@ -46,6 +46,8 @@ pub enum Kind {
     Vouch(Vouch),
     #[prost(message, tag = "14")]
     Withdraw(Withdraw),
+    #[prost(message, tag = "16")]
+    MissedSeen(MissedSeen),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
     #[prost(message, tag = "21")]
@@ -82,6 +84,8 @@ pub enum Kind {
     VouchResult(VouchResult),
     #[prost(message, tag = "37")]
     WithdrawResult(WithdrawResult),
+    #[prost(message, tag = "39")]
+    Missed(Missed),
 }
 
 impl Kind {
@@ -130,6 +134,21 @@ pub struct LoginResult {
     /// Whether this device has published its identity keys and a fallback key.
     #[prost(bool, tag = "4")]
     pub keys_published: bool,
+}
+
+/// Sent at the start of a listening session while own messages were not kept for this device:
+/// its queue had no room when another device of its account sent them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Missed {
+    #[prost(uint32, tag = "1")]
+    pub messages: u32,
+}
+
+/// The device has shown its user a `Missed` count: the server forgets that many.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MissedSeen {
+    #[prost(uint32, tag = "1")]
+    pub messages: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -212,6 +231,9 @@ pub enum SendOutcome {
     Invalid = 6,
     Unavailable = 7,
     DevicesChanged = 8,
+    /// The sending account has as many bytes waiting across all queues as the server keeps for
+    /// one account; nothing was stored.
+    RefusedOverQuota = 9,
 }
 
 impl SendOutcome {
@@ -227,6 +249,7 @@ impl SendOutcome {
             SendOutcome::Invalid => "invalid",
             SendOutcome::Unavailable => "unavailable",
             SendOutcome::DevicesChanged => "devices_changed",
+            SendOutcome::RefusedOverQuota => "refused_over_quota",
         }
     }
 }
@@ -248,6 +271,10 @@ pub struct SendResult {
     /// `DEVICES_CHANGED`: copies addressed to devices that must not get one (gone, or unknown).
     #[prost(bytes = "vec", repeated, tag = "6")]
     pub extra_devices: Vec<Vec<u8>>,
+    /// `ACCEPTED`/`QUEUED`: the sender's own other devices whose queues had no room: the message
+    /// was stored without their copies, so they miss it.
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub skipped_own_devices: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -413,6 +440,11 @@ pub struct DevicesRequest {
     pub request_id: u64,
     #[prost(string, tag = "2")]
     pub number: String,
+    /// The sender stamped on a delivery the asking device holds: the request checks whether that
+    /// device is one of the number's and costs no lookup budget; the list is then given only if
+    /// it is (empty otherwise, as for a number that is not a user).
+    #[prost(bytes = "vec", tag = "30")]
+    pub sender_device: Vec<u8>,
 }
 
 impl std::fmt::Debug for DevicesRequest {
@@ -735,6 +767,7 @@ mod tests {
             Kind::Devices(DevicesRequest {
                 request_id: 1,
                 number: "+4915112345678".into(),
+                sender_device: vec![7; 16],
             }),
             Kind::Disable(Disable { request_id: 1 }),
             Kind::Withdraw(Withdraw { id: id.clone() }),

@@ -109,6 +109,15 @@ pub struct ServerArgs {
     /// Messages a device's send budget regains per second [default: 100]
     #[arg(long, env = "TIDINGS_SEND_PER_SECOND")]
     pub send_per_second: Option<u32>,
+    /// Copies one sending account may have waiting for one device [default: 500]
+    #[arg(long, env = "TIDINGS_QUEUE_COPIES_PER_SENDER")]
+    pub queue_copies_per_sender: Option<u32>,
+    /// Bytes one sending account may have waiting for one device [default: 8388608]
+    #[arg(long, env = "TIDINGS_QUEUE_BYTES_PER_SENDER")]
+    pub queue_bytes_per_sender: Option<u64>,
+    /// Bytes one account may have waiting across all receivers [default: 67108864]
+    #[arg(long, env = "TIDINGS_QUEUED_BYTES_PER_ACCOUNT")]
+    pub queued_bytes_per_account: Option<u64>,
     /// Numbers a device may look up at once before the rate limit [default: 5000]
     #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
     pub lookup_burst: Option<u32>,
@@ -202,6 +211,9 @@ struct FileConfig {
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
     send_per_second: Option<u32>,
+    queue_copies_per_sender: Option<u32>,
+    queue_bytes_per_sender: Option<u64>,
+    queued_bytes_per_account: Option<u64>,
     lookup_burst: Option<u32>,
     lookup_per_hour: Option<u32>,
     key_claim_burst: Option<u32>,
@@ -240,6 +252,9 @@ pub struct ServerConfig {
     pub scrub_interval_ms: u64,
     pub send_burst: u32,
     pub send_per_second: u32,
+    /// What a message may be stored with: each device's queue, and one sender's share of it and
+    /// of all queues.
+    pub queue_limits: tidings_core::delivery::QueueLimits,
     pub lookup_burst: u32,
     pub lookup_per_hour: u32,
     pub key_claim_burst: u32,
@@ -467,6 +482,24 @@ impl ServerArgs {
                 .max(10),
             send_burst: self.send_burst.or(file.send_burst).unwrap_or(200),
             send_per_second: self.send_per_second.or(file.send_per_second).unwrap_or(100),
+            queue_limits: {
+                let default = tidings_core::delivery::QueueLimits::DEFAULT;
+                tidings_core::delivery::QueueLimits {
+                    sender_copies: self
+                        .queue_copies_per_sender
+                        .or(file.queue_copies_per_sender)
+                        .unwrap_or(default.sender_copies),
+                    sender_bytes: self
+                        .queue_bytes_per_sender
+                        .or(file.queue_bytes_per_sender)
+                        .unwrap_or(default.sender_bytes),
+                    account_bytes: self
+                        .queued_bytes_per_account
+                        .or(file.queued_bytes_per_account)
+                        .unwrap_or(default.account_bytes),
+                    ..default
+                }
+            },
             lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(5000),
             lookup_per_hour: self
                 .lookup_per_hour
@@ -585,6 +618,18 @@ impl ServerConfig {
             ("lookup_burst", self.lookup_burst == 0),
             ("key_claim_burst", self.key_claim_burst == 0),
             ("links_per_day", self.links_per_day == 0),
+            (
+                "queue_copies_per_sender",
+                self.queue_limits.sender_copies == 0,
+            ),
+            (
+                "queue_bytes_per_sender",
+                self.queue_limits.sender_bytes == 0,
+            ),
+            (
+                "queued_bytes_per_account",
+                self.queue_limits.account_bytes == 0,
+            ),
         ];
         for (setting, is_zero) in zero {
             if is_zero {

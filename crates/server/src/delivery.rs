@@ -184,6 +184,17 @@ pub async fn receipt_ack<S: Store>(
     }
 }
 
+/// Handles `MissedSeen`: the device has shown how many own messages it missed; forget them.
+pub async fn missed_seen<S: Store>(state: &Shared<S>, identity: Identity, seen: frame::MissedSeen) {
+    if let Err(e) = state
+        .store
+        .clear_missed(identity.device, seen.messages)
+        .await
+    {
+        tracing::warn!(error = %e, "storage write failed while clearing missed messages");
+    }
+}
+
 /// Handles `Withdraw`: ends in delivered, withdrawn or unknown, decided by the store in one
 /// transaction so that it cannot interleave with an acknowledgement.
 pub async fn withdraw<S: Store>(

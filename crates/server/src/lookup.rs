@@ -127,7 +127,9 @@ async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Ve
 }
 
 /// Handles `DevicesRequest`: the devices of a number, with the keys they published (none for a
-/// number that is not a user or not valid).
+/// number that is not a user or not valid). Charged to the lookup budget, except the check of a
+/// delivery's stamped sender (`sender_device`, a device with a copy waiting for the asking one),
+/// which lists the number's devices only if that device is one of them.
 pub async fn devices<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -135,7 +137,18 @@ pub async fn devices<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = request.request_id;
-    if !take_lookup_budget(state, identity.budgets, 1) {
+    // Checking the sender stamped on a delivery this device holds is free: a spoofer must not be
+    // able to spend its receiver's budget. It tells only whether that one device is the
+    // number's, never whether the number is a user (see below).
+    let sender_check = match DeviceId::from_slice(&request.sender_device) {
+        Some(sender) => match state.store.holds_copy_from(identity.device, sender).await {
+            Ok(true) => Some(sender),
+            Ok(false) => None,
+            Err(_) => return reply(outbox, storage_unavailable("try again", request_id)).await,
+        },
+        None => None,
+    };
+    if sender_check.is_none() && !take_lookup_budget(state, identity.budgets, 1) {
         return reply(
             outbox,
             error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
@@ -153,9 +166,16 @@ pub async fn devices<S: Store>(
             Ok(None) => Ok(None),
             Err(e) => Err(e),
         };
-        let Ok(listed) = listed else {
+        let Ok(mut listed) = listed else {
             return reply(outbox, storage_unavailable("try again", request_id)).await;
         };
+        // A free check whose sender is not one of the number's devices is answered as a number
+        // that is not a user: it reveals nothing the budget would have paid for.
+        if let Some(sender) = sender_check {
+            if !listed.iter().flatten().any(|device| device.id == sender) {
+                listed = None;
+            }
+        }
         for device in listed.into_iter().flatten() {
             device_ids.push(device.id.as_bytes().to_vec());
             if let Some(keys) = device.identity {

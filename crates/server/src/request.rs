@@ -29,6 +29,7 @@ pub enum Request {
     Ack(frame::Ack),
     ReceiptAck(frame::ReceiptAck),
     Withdraw(frame::Withdraw),
+    MissedSeen(frame::MissedSeen),
     Lookup(frame::Lookup),
     Devices(frame::DevicesRequest),
     KeysUpload(frame::KeysUpload),
@@ -75,6 +76,7 @@ impl Request {
             Kind::Ack(ack) => Self::Ack(ack),
             Kind::ReceiptAck(receipt) => Self::ReceiptAck(receipt),
             Kind::Withdraw(withdraw) => Self::Withdraw(withdraw),
+            Kind::MissedSeen(seen) => Self::MissedSeen(seen),
             Kind::Lookup(lookup) => Self::Lookup(lookup),
             Kind::Devices(devices) => Self::Devices(devices),
             Kind::KeysUpload(upload) => Self::KeysUpload(upload),
@@ -125,6 +127,7 @@ impl Request {
                 }
                 Self::Ack(ack) => delivery::ack(state, identity, ack, outbox).await,
                 Self::ReceiptAck(receipt) => delivery::receipt_ack(state, identity, receipt).await,
+                Self::MissedSeen(seen) => delivery::missed_seen(state, identity, seen).await,
                 Self::Withdraw(request) => {
                     delivery::withdraw(state, identity, request, outbox).await
                 }

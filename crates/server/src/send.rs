@@ -24,7 +24,7 @@ use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::metrics::Outcome;
 use crate::reply::reply;
-use crate::state::{take_budget, Shared, QUEUE_LIMIT};
+use crate::state::{take_budget, Shared};
 
 #[cfg(test)]
 mod tests;
@@ -103,8 +103,17 @@ pub async fn send<S: Store>(
 ) {
     let id_bytes = send.id.clone();
     let stored = decide_and_store(state, identity, send, &place).await;
+    let mut skipped = Vec::new();
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
+        Stored::Skipping(outcome, devices) => {
+            let detail = format!(
+                "not kept for {} of your own devices: their queues are full, so they miss this message",
+                devices.len()
+            );
+            skipped = devices;
+            (outcome, detail, DeviceDifference::default())
+        }
         Stored::DevicesChanged(difference) => (
             SendOutcome::DevicesChanged,
             format!(
@@ -133,6 +142,7 @@ pub async fn send<S: Store>(
             missing_devices: ids(&difference.missing),
             missing_own_devices: ids(&difference.missing_own),
             extra_devices: ids(&difference.extra),
+            skipped_own_devices: ids(&skipped),
         }),
     )
     .await;
@@ -141,6 +151,8 @@ pub async fn send<S: Store>(
 /// What deciding and storing a send came to.
 enum Stored {
     Answer(SendOutcome, String),
+    /// Stored, but not for these of the sender's own devices (their queues had no room).
+    Skipping(SendOutcome, Vec<DeviceId>),
     DevicesChanged(DeviceDifference),
 }
 
@@ -296,7 +308,10 @@ async fn decide_and_enqueue<S: Store>(
         copies: copies.clone(),
     };
     let turn = place.order.hand_over.wait(place.ticket).await;
-    let submitted = state.store.enqueue_submit(message, QUEUE_LIMIT).await;
+    let submitted = state
+        .store
+        .enqueue_submit(message, state.config.queue_limits)
+        .await;
     // Handed over in order: the session's next send may go ahead while this one syncs.
     *handed_over = true;
     drop(turn);
@@ -304,11 +319,30 @@ async fn decide_and_enqueue<S: Store>(
         Ok(submitted) => submitted.durable().await,
         Err(e) => Err(e),
     };
+    let mut skipped = Vec::new();
     match enqueued {
         Ok(Enqueued::Stored) => {}
+        Ok(Enqueued::StoredSkipping(devices)) => {
+            tracing::info!(
+                skipped = devices.len(),
+                "a message was stored without the copies for the sender's own full devices"
+            );
+            skipped = devices;
+        }
         // The same id again: the copies were stored (and pushed) the first time.
         Ok(Enqueued::Duplicate) => return answer(outcome, ""),
-        Ok(Enqueued::QueueFull) => return answer(SendOutcome::RefusedQueueFull, ""),
+        Ok(Enqueued::QueueFull) => {
+            return answer(
+                SendOutcome::RefusedQueueFull,
+                "the receiver's queue holds as much as it takes from you: wait until it is delivered",
+            )
+        }
+        Ok(Enqueued::OverQuota) => {
+            return answer(
+                SendOutcome::RefusedOverQuota,
+                "you have as much waiting for delivery as the server keeps for one account: wait until some is delivered",
+            )
+        }
         Ok(Enqueued::DevicesChanged(difference)) => return Err(Stored::DevicesChanged(difference)),
         Err(StoreError::NoSuchAccount) => {
             return answer(
@@ -323,8 +357,14 @@ async fn decide_and_enqueue<S: Store>(
     }
     // Durable now: each copy goes to its device's live sessions (in the session's order). A
     // device not online, or a session without room, gets its copy from its stored queue.
-    Ok((
-        Stored::Answer(outcome, String::new()),
-        (identity.device, id, now, copies),
-    ))
+    let stored = if skipped.is_empty() {
+        Stored::Answer(outcome, String::new())
+    } else {
+        Stored::Skipping(outcome, skipped.clone())
+    };
+    let copies = copies
+        .into_iter()
+        .filter(|(device, _)| !skipped.contains(device))
+        .collect();
+    Ok((stored, (identity.device, id, now, copies)))
 }

@@ -250,6 +250,7 @@ where
             registered: true,
             queued: true,
             receipts: true,
+            missed: 0,
         });
     if !backlog.registered {
         tracing::debug!("session signed out: its device was removed while it logged in");
@@ -260,6 +261,18 @@ where
     if backlog.receipts {
         let receipts = send_pending_receipts(live.state.clone(), identity.device, live.tx.clone());
         live.tasks().spawn(receipts);
+    }
+    if listen && backlog.missed > 0 {
+        // Told before the queue drains, at every listening start until the device says it has
+        // shown the count (`MissedSeen`).
+        let missed: Frame = Kind::Missed(frame::Missed {
+            messages: backlog.missed,
+        })
+        .into();
+        let tx = live.tx.clone();
+        live.tasks().spawn(async move {
+            let _ = tx.send(Outbound::Frame(missed)).await;
+        });
     }
     if listen && backlog.queued {
         live.spawn_drain();

@@ -25,8 +25,6 @@ use crate::hub::Hub;
 use crate::keys::{BudgetKey, ServerKeys};
 use crate::metrics::Metrics;
 
-/// Most message copies waiting for one device.
-pub const QUEUE_LIMIT: u32 = 10_000;
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
 

@@ -22,7 +22,8 @@ use std::future::Future;
 
 use bytes::Bytes;
 pub use tidings_core::delivery::DeviceDifference;
-use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck};
+use tidings_core::delivery::{self, AccountDevice, Addressees, CopyCheck, Room};
+pub use tidings_core::delivery::{QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::CodeRecord;
 use tidings_core::Millis;
@@ -146,6 +147,9 @@ pub struct Backlog {
     pub queued: bool,
     /// Receipts are waiting for it.
     pub receipts: bool,
+    /// Messages from its own account's other devices that were not kept for it (its queue had
+    /// no room) and that it has not yet been told of.
+    pub missed: u32,
 }
 
 /// A device's key supply, as a login reports it.
@@ -200,22 +204,27 @@ pub struct NewMessage {
 
 /// What the delivery rules decided for a message, in the trait's answers.
 pub(crate) enum Admission {
-    /// Store a copy for each of these devices.
-    Admitted(Addressees),
+    /// Store a copy for each of these devices; the message's copies for the sender's own devices
+    /// named second are not stored (their queues had no room), and the answer names them.
+    Admitted(Addressees, Vec<DeviceId>),
     /// Store nothing and answer this.
     Refused(Enqueued),
 }
 
 impl NewMessage {
-    /// Applies the delivery rules (`tidings_core::delivery`: E1, then full queues) to this
+    /// Applies the delivery rules (`tidings_core::delivery`: E1, then room in the queues, the
+    /// sender's own devices without room skipped) to this
     /// message against the devices an engine read in the write that is to store it: `receiver`
-    /// the receiving account's, `own` the sending account's (empty when they are one account).
-    /// Fails with [`StoreError::NoSuchAccount`] when the receiver has no device to get a copy.
+    /// the receiving account's, `own` the sending account's (empty when they are one account),
+    /// each with what the sending account has waiting in its queue, and `sender_bytes` what the
+    /// sending account has waiting across every queue. Fails with [`StoreError::NoSuchAccount`]
+    /// when the receiver has no device to get a copy.
     pub(crate) fn admit(
         &self,
         receiver: &[AccountDevice],
         own: &[AccountDevice],
-        queue_limit: u32,
+        sender_bytes: u64,
+        limits: QueueLimits,
     ) -> Result<Admission> {
         let addressed: Vec<DeviceId> = self.copies.iter().map(|(d, _)| *d).collect();
         let addressees = match delivery::check_copies(self.sender_device, receiver, own, &addressed)
@@ -226,10 +235,39 @@ impl NewMessage {
             }
             CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
         };
-        if delivery::queue_full(addressees.queue_lengths(), queue_limit) {
-            return Ok(Admission::Refused(Enqueued::QueueFull));
+        let mut addressees = addressees;
+        let skipped = delivery::own_without_room(
+            addressees.own.iter().map(|d| (d, self.copy_bytes(d.id))),
+            limits,
+        );
+        addressees.own.retain(|d| !skipped.contains(&d.id));
+        let copies = addressees
+            .devices()
+            .map(|device| (device, self.copy_bytes(device.id)));
+        match delivery::room_for(copies, sender_bytes, limits) {
+            Room::Fits => Ok(Admission::Admitted(addressees, skipped)),
+            Room::QueueFull => Ok(Admission::Refused(Enqueued::QueueFull)),
+            Room::OverQuota => Ok(Admission::Refused(Enqueued::OverQuota)),
         }
-        Ok(Admission::Admitted(addressees))
+    }
+
+    /// The size of the copy for `device`, as queues count it (0 if there is none).
+    pub fn copy_bytes(&self, device: DeviceId) -> u64 {
+        self.copies
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map_or(0, |(_, payload)| payload.len() as u64)
+    }
+}
+
+impl Admission {
+    /// What to answer once the admitted copies are stored.
+    pub(crate) fn stored(skipped: Vec<DeviceId>) -> Enqueued {
+        if skipped.is_empty() {
+            Enqueued::Stored
+        } else {
+            Enqueued::StoredSkipping(skipped)
+        }
     }
 }
 
@@ -246,10 +284,18 @@ impl std::fmt::Debug for NewMessage {
 pub enum Enqueued {
     /// Stored and synced.
     Stored,
+    /// Stored and synced, except the copies for these of the sender's own other devices: their
+    /// queues had no room (see `tidings_core::delivery::own_without_room`). Each such device
+    /// counts one more missed message ([`Backlog::missed`]).
+    StoredSkipping(Vec<DeviceId>),
     /// This sender device already has a message with this id held; nothing new was stored.
     Duplicate,
-    /// A receiver device's queue is at its limit; nothing was stored.
+    /// A receiver device's queue is at its limit, or the sending account's share of it is;
+    /// nothing was stored.
     QueueFull,
+    /// The sending account's storage quota across every queue would be passed; nothing was
+    /// stored.
+    OverQuota,
     /// The copies do not match the devices that must get one; nothing was stored.
     DevicesChanged(DeviceDifference),
 }
@@ -580,11 +626,13 @@ pub trait Store: Send + Sync + 'static {
         F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static;
 
     /// Stores a message with its copies, refusing if they do not match the devices that must get
-    /// one or if a queue would exceed `queue_limit`.
+    /// one or if a queue, or the sending account's share of one or its quota, would pass
+    /// `limits` (a bare number bounds each device's queue only). Engines count what each sending
+    /// account has waiting per device and in all; a copy counts as its payload's bytes.
     fn enqueue(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> impl Future<Output = Result<Enqueued>> + Send;
 
     /// [`Store::enqueue`] in two steps: resolves once the message's place is taken, and hands
@@ -595,7 +643,7 @@ pub trait Store: Send + Sync + 'static {
     fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> impl Future<Output = Result<Completion<Enqueued>>> + Send;
 
     /// Copies waiting for a device, oldest first, after the cursor `after` (a copy's
@@ -646,9 +694,20 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<ExpiredMessage>>> + Send;
 
+    /// Whether a copy from `sender_device` waits for `device` (a point read: the check of a
+    /// delivery's stamped sender is free only for the device that holds such a copy).
+    fn holds_copy_from(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
     /// Whether copies or receipts wait for a device (a point read: a session that has nothing
     /// waiting starts no reader for either).
     fn backlog(&self, device: DeviceId) -> impl Future<Output = Result<Backlog>> + Send;
+
+    /// Forgets `seen` of a device's missed messages ([`Backlog::missed`]) once it has shown them.
+    fn clear_missed(&self, device: DeviceId, seen: u32) -> impl Future<Output = Result<()>> + Send;
 
     /// Receipts waiting for a sending device.
     fn receipts(

@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::{receipt_expires_at, AccountDevice};
+use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -80,10 +80,14 @@ struct DeviceRow {
     /// Unclaimed one-time keys, by public key (a claim hands out the lowest first).
     one_time_keys: BTreeMap<[u8; 32], [u8; 64]>,
     fallback: Option<SignedKey>,
+    /// Own messages not kept for it ([`Backlog::missed`]).
+    missed: u32,
 }
 
 struct Message {
     sender_device: DeviceId,
+    /// The sending device's account when it was stored: what it has waiting counts against it.
+    sender_account: AccountId,
     id: MessageId,
     receiver: AccountId,
     sent_at: Millis,
@@ -169,16 +173,30 @@ impl State {
         })
     }
 
-    /// An account's devices as the delivery rules read them.
-    fn delivery_devices(&self, account: AccountId) -> Vec<AccountDevice> {
+    /// An account's devices as the delivery rules read them, with what `sender` has waiting in
+    /// each one's queue.
+    fn delivery_devices(&self, account: AccountId, sender: AccountId) -> Vec<AccountDevice> {
         self.devices_of(account)
             .into_iter()
             .map(|id| AccountDevice {
                 id,
                 keyed: self.devices.get(&id).is_some_and(|d| d.identity.is_some()),
                 queued: self.queue_length(id),
+                from_sender: self.usage(sender, Some(id)),
             })
             .collect()
+    }
+
+    /// What `sender` has waiting in `device`'s queue, or in every queue when `device` is `None`.
+    fn usage(&self, sender: AccountId, device: Option<DeviceId>) -> Usage {
+        self.messages
+            .values()
+            .filter(|m| m.sender_account == sender)
+            .flat_map(|m| &m.copies)
+            .filter(|(d, _)| device.is_none_or(|device| **d == device))
+            .fold(Usage::default(), |usage, (_, (payload, _))| {
+                usage.plus_copy(payload.len() as u64)
+            })
     }
 
     fn listed(&self, id: DeviceId) -> Option<ListedDevice> {
@@ -280,6 +298,7 @@ impl State {
             voucher: None,
             one_time_keys: BTreeMap::new(),
             fallback: None,
+            missed: 0,
         };
         self.devices.insert(device, row);
         if let Some(account) = self.accounts.get_mut(&account) {
@@ -428,25 +447,35 @@ impl State {
         Ok(devices)
     }
 
-    fn enqueue(&mut self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
+    fn enqueue(&mut self, message: NewMessage, limits: QueueLimits) -> Result<Enqueued> {
         if self
             .message_position(message.sender_device, message.id)
             .is_some()
         {
             return Ok(Enqueued::Duplicate);
         }
-        let receiver = self.delivery_devices(message.receiver);
-        let own = if message.sender_account == message.receiver {
+        let sender = message.sender_account;
+        let receiver = self.delivery_devices(message.receiver, sender);
+        let own = if sender == message.receiver {
             Vec::new()
         } else {
-            self.delivery_devices(message.sender_account)
+            self.delivery_devices(sender, sender)
         };
-        let addressees = match message.admit(&receiver, &own, queue_limit)? {
-            Admission::Admitted(addressees) => addressees,
+        let sender_bytes = self.usage(sender, None).bytes;
+        let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
+            Admission::Admitted(addressees, skipped) => (addressees, skipped),
             Admission::Refused(answer) => return Ok(answer),
         };
         let mut copies = BTreeMap::new();
+        for device in &skipped {
+            if let Some(row) = self.devices.get_mut(device) {
+                row.missed = row.missed.saturating_add(1);
+            }
+        }
         for (device, payload) in message.copies {
+            if skipped.contains(&device) {
+                continue;
+            }
             let copy = (payload, addressees.to_receiver(device));
             if copies.insert(device, copy).is_some() {
                 return Err(StoreError::engine("two copies for one device"));
@@ -455,6 +484,7 @@ impl State {
         self.last_position += 1;
         let stored = Message {
             sender_device: message.sender_device,
+            sender_account: sender,
             id: message.id,
             receiver: message.receiver,
             sent_at: message.sent_at,
@@ -463,7 +493,7 @@ impl State {
             copies,
         };
         self.messages.insert(self.last_position, stored);
-        Ok(Enqueued::Stored)
+        Ok(Admission::stored(skipped))
     }
 
     fn pending(
@@ -597,6 +627,7 @@ impl State {
             registered: self.devices.contains_key(&device),
             queued: self.queue_length(device) > 0,
             receipts: self.receipts.keys().any(|(d, _)| *d == device),
+            missed: self.devices.get(&device).map_or(0, |d| d.missed),
         }
     }
 
@@ -758,17 +789,21 @@ impl Store for MemoryStore {
         Ok(value)
     }
 
-    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
-        self.state()?.enqueue(message, queue_limit)
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        limits: impl Into<QueueLimits> + Send,
+    ) -> Result<Enqueued> {
+        self.state()?.enqueue(message, limits.into())
     }
 
     async fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> Result<Completion<Enqueued>> {
         // Stored (in the order submitted) before this returns, and durable at once.
-        let outcome = self.state()?.enqueue(message, queue_limit);
+        let outcome = self.state()?.enqueue(message, limits.into());
         Ok(Completion::done(outcome))
     }
 
@@ -780,6 +815,14 @@ impl Store for MemoryStore {
         now: Millis,
     ) -> Result<Vec<Pending>> {
         Ok(self.state()?.pending(device, after, limit, now))
+    }
+
+    async fn holds_copy_from(&self, device: DeviceId, sender_device: DeviceId) -> Result<bool> {
+        Ok(self
+            .state()?
+            .messages
+            .values()
+            .any(|m| m.sender_device == sender_device && m.copies.contains_key(&device)))
     }
 
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
@@ -806,6 +849,13 @@ impl Store for MemoryStore {
 
     async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
         Ok(self.state()?.backlog(device))
+    }
+
+    async fn clear_missed(&self, device: DeviceId, seen: u32) -> Result<()> {
+        if let Some(row) = self.state()?.devices.get_mut(&device) {
+            row.missed = row.missed.saturating_sub(seen);
+        }
+        Ok(())
     }
 
     async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {

@@ -19,7 +19,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, SignedKey, Store,
+    AccountId, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits, SignedKey,
+    Store,
     StoreError, Voucher,
 };
 
@@ -102,7 +103,7 @@ enum Op {
         id: u8,
         receiver: u8,
         copies: Copies,
-        queue_limit: u32,
+        limits: QueueLimits,
         expires_at: Millis,
         submitted: bool,
     },
@@ -142,6 +143,14 @@ enum Op {
     Backlog {
         device: u8,
     },
+    HoldsCopyFrom {
+        device: u8,
+        sender: u8,
+    },
+    ClearMissed {
+        device: u8,
+        seen: u32,
+    },
     Reads {
         number: u8,
         device: u8,
@@ -175,6 +184,20 @@ fn copies() -> impl Strategy<Value = Copies> {
         1 => Just(Copies::OneTwice),
         1 => prop::collection::vec(device(), 0..3).prop_map(Copies::These),
     ]
+}
+
+/// Limits small enough that generated sequences reach each of them. Every copy's payload is 3
+/// bytes (see `Op::Enqueue`), so a sender's share of one queue is 1 to 4 copies by bytes as well
+/// as by count, and its quota 2 to 8 copies across all queues.
+fn queue_limits() -> impl Strategy<Value = QueueLimits> {
+    (1..4u32, 1..5u32, 3..13u64, 6..25u64).prop_map(
+        |(device_copies, sender_copies, sender_bytes, account_bytes)| QueueLimits {
+            device_copies,
+            sender_copies,
+            sender_bytes,
+            account_bytes,
+        },
+    )
 }
 
 fn code_update() -> impl Strategy<Value = CodeUpdate> {
@@ -245,18 +268,18 @@ fn op() -> impl Strategy<Value = Op> {
             message_id(),
             number(),
             copies(),
-            1..4u32,
+            queue_limits(),
             10..110u64,
             any::<bool>()
         )
             .prop_map(
-                |(sender, id, receiver, copies, queue_limit, expires_at, submitted)| {
+                |(sender, id, receiver, copies, limits, expires_at, submitted)| {
                     Op::Enqueue {
                         sender,
                         id,
                         receiver,
                         copies,
-                        queue_limit,
+                        limits,
                         expires_at,
                         submitted,
                     }
@@ -299,6 +322,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => device().prop_map(|device| Op::Receipts { device }),
         2 => (device(), message_id()).prop_map(|(device, id)| Op::AckReceipt { device, id }),
         1 => device().prop_map(|device| Op::Backlog { device }),
+        1 => (device(), device()).prop_map(|(device, sender)| Op::HoldsCopyFrom { device, sender }),
+        1 => (device(), 0..3u32).prop_map(|(device, seen)| Op::ClearMissed { device, seen }),
         2 => (number(), device()).prop_map(|(number, device)| Op::Reads { number, device }),
         1 => (number(), code_update()).prop_map(|(number, update)| Op::UpdateCode { number, update }),
         1 => prop_oneof![Just(0), Just(2 * HOUR), Just(40 * HOUR)]
@@ -537,7 +562,7 @@ impl<S: Store> Run<'_, S> {
                 id: message,
                 receiver,
                 copies,
-                queue_limit,
+                limits,
                 expires_at,
                 submitted,
             } => {
@@ -561,12 +586,12 @@ impl<S: Store> Run<'_, S> {
                         .collect(),
                 };
                 let enqueued = if submitted {
-                    match store.enqueue_submit(message, queue_limit).await {
+                    match store.enqueue_submit(message, limits).await {
                         Ok(completion) => completion.durable().await,
                         Err(e) => Err(e),
                     }
                 } else {
-                    store.enqueue(message, queue_limit).await
+                    store.enqueue(message, limits).await
                 };
                 self.result(enqueued)
             }
@@ -654,6 +679,16 @@ impl<S: Store> Run<'_, S> {
             Op::Backlog { device } => {
                 let backlog = store.backlog(device_id(device)).await;
                 self.result(backlog)
+            }
+            Op::ClearMissed { device, seen } => {
+                let cleared = store.clear_missed(device_id(device), seen).await;
+                self.result(cleared)
+            }
+            Op::HoldsCopyFrom { device, sender } => {
+                let holds = store
+                    .holds_copy_from(device_id(device), device_id(sender))
+                    .await;
+                self.result(holds)
             }
             Op::Reads { number, device } => {
                 let (account, device) = (self.account(number), device_id(device));

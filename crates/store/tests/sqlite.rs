@@ -13,7 +13,8 @@ use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Acked, Actor, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage,
-    PendingReceipt, Pseudonym, Published, QueueCursor, SignedKey, Store, SyncReport, Voucher,
+    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, SignedKey, Store, SyncReport,
+    Voucher,
 };
 
 /// A device of an account, as the actor of an operation that changes it.
@@ -1187,4 +1188,61 @@ async fn account_ids_are_never_reused_in(
         }
     }
     seen
+}
+
+/// What a sending account has waiting is counted in the writer's memory: it follows every
+/// acknowledgement, withdrawal and expiry, and is counted again from the tables when the store
+/// opens, so a sender's share of a queue is the same before and after a restart.
+#[tokio::test]
+async fn a_senders_share_of_a_queue_survives_a_restart() {
+    let dir = temp_dir("sender-share");
+    let limits = QueueLimits {
+        device_copies: 100,
+        sender_copies: 2,
+        sender_bytes: 1_000,
+        account_bytes: 10,
+    };
+    let (alice, (bob_device, bob_account)) = {
+        let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+        let (alice, bob) = alice_and_bob(&store).await;
+        let send = |id: u8, payload: &'static [u8]| {
+            store.enqueue(message(alice, id, bob.1, &[(bob.0, payload)]), limits)
+        };
+        assert_eq!(send(1, b"aaaa").await.expect("1"), Enqueued::Stored);
+        assert_eq!(send(2, b"bbbb").await.expect("2"), Enqueued::Stored);
+        // The third copy passes the share of Bob's queue, by count.
+        assert_eq!(send(3, b"c").await.expect("3"), Enqueued::QueueFull);
+        // A withdrawn copy leaves room; bytes count the quota (8 of 10 taken).
+        assert_eq!(
+            store
+                .withdraw(alice.0, MessageId([2; 16]))
+                .await
+                .expect("w"),
+            Withdrawal::Withdrawn
+        );
+        assert_eq!(send(4, b"ddddddd").await.expect("4"), Enqueued::OverQuota);
+        assert_eq!(send(5, b"eeee").await.expect("5"), Enqueued::Stored);
+        (alice, bob)
+    };
+    // Reopened: copies 1 and 5 wait (8 bytes, two copies).
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    let send = |id: u8, payload: &'static [u8]| {
+        store.enqueue(
+            message(alice, id, bob_account, &[(bob_device, payload)]),
+            limits,
+        )
+    };
+    assert_eq!(send(6, b"f").await.expect("6"), Enqueued::QueueFull);
+    assert!(matches!(
+        store
+            .ack(bob_device, alice.0, MessageId([1; 16]))
+            .await
+            .expect("ack"),
+        Acked::Confirmed { .. }
+    ));
+    assert_eq!(send(7, b"gggggg").await.expect("7"), Enqueued::Stored);
+    // Expired messages leave room too.
+    store.expire(2_000, 100).await.expect("expire");
+    assert_eq!(send(8, b"hhhhhhhhhh").await.expect("8"), Enqueued::Stored);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -64,6 +64,7 @@ async fn a_lookup_tells_online_offline_and_not_a_user_within_its_budget() {
         Kind::Devices(frame::DevicesRequest {
             request_id,
             number: number.into(),
+            ..frame::DevicesRequest::default()
         })
     };
     for request_id in [10, 11] {
@@ -87,6 +88,7 @@ async fn a_device_list_names_every_device_and_its_keys() {
         Kind::Devices(frame::DevicesRequest {
             request_id: 3,
             number: number.into(),
+            ..frame::DevicesRequest::default()
         })
     };
     let Kind::DeviceList(list) = world.ask(&mut alice, devices("+14155550172")).await else {

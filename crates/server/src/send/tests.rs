@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 
 use crate::clock::now_ms;
 use crate::request::Request;
-use crate::state::QUEUE_LIMIT;
 use crate::testing::{
     ids, random_device, random_id, send_result, send_to, take_all, Device, World,
 };
@@ -197,7 +196,8 @@ async fn a_send_to_a_full_queue_is_refused() {
     let bob = world.user("+14155550122", 1).await.remove(0);
     // Fill Bob's queue to the limit, in batches the writer shares syncs among.
     let mut filling = JoinSet::new();
-    for _ in 0..QUEUE_LIMIT {
+    let device_copies = world.state.config.queue_limits.device_copies;
+    for _ in 0..device_copies {
         let state = Arc::clone(&world.state);
         let message = NewMessage {
             sender_device: alice.identity.device,
@@ -208,7 +208,7 @@ async fn a_send_to_a_full_queue_is_refused() {
             expires_at: now_ms() + 60_000,
             copies: vec![(bob.identity.device, Bytes::from_static(b"x"))],
         };
-        filling.spawn(async move { state.store.enqueue(message, QUEUE_LIMIT).await });
+        filling.spawn(async move { state.store.enqueue(message, device_copies).await });
     }
     while let Some(enqueued) = filling.join_next().await {
         assert!(matches!(

@@ -9,7 +9,9 @@ use tidings_core::Millis;
 use tidings_proto::id::DeviceId;
 
 use super::keys::key_status_in;
-use super::messages::{delete_copies, delete_if_no_copies};
+use super::messages::{
+    delete_copies, delete_if_no_copies, note_deleted_copy, COPY_SENDER_AND_BYTES,
+};
 use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
 use crate::{
@@ -310,15 +312,19 @@ pub(super) fn delete_devices(
 ) -> Result<()> {
     for device in devices {
         let id = device.as_bytes();
-        let seqs = {
-            let mut statement =
-                txn.prepare_cached("DELETE FROM copies WHERE device_id = ?1 RETURNING seq")?;
-            let seqs = statement
-                .query_map(params![id], |row| row.get::<_, i64>(0))?
+        let copies = {
+            let mut statement = txn.prepare_cached(&format!(
+                "DELETE FROM copies WHERE device_id = ?1 RETURNING seq, {COPY_SENDER_AND_BYTES}"
+            ))?;
+            let copies = statement
+                .query_map(params![id], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?))
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            seqs
+            copies
         };
-        for seq in seqs {
+        for (seq, sender, bytes) in copies {
+            note_deleted_copy(notes, *device, sender, bytes);
             delete_if_no_copies(txn, seq)?;
         }
         txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1")?

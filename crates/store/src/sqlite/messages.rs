@@ -3,7 +3,8 @@
 //!
 //! The rules of what may be stored (E1, full queues) are `tidings_core::delivery`'s; this module
 //! reads what they decide on and writes what they decided. Every statement that stores or
-//! deletes a copy notes it in the batch's queue counts.
+//! deletes a copy notes it in the batch's queue counts and in what its sending account has
+//! waiting (`writer::SenderCounts`).
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -16,15 +17,18 @@ use tidings_proto::id::{DeviceId, MessageId};
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountId, Acked, Admission, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor, Result,
+    AccountId, Acked, Admission, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor,
+    QueueLimits, Result,
 };
 
 /// The devices of an account as the delivery rules read them: whether each has published
-/// identity keys, and its queue length with the copies stored and deleted earlier in the batch.
+/// identity keys, its queue length with the copies stored and deleted earlier in the batch, and
+/// what `sender` has waiting in it (from the writer's counts).
 pub(super) fn keyed_devices(
     conn: &Connection,
     notes: &Notes,
     account: AccountId,
+    sender: AccountId,
 ) -> rusqlite::Result<Vec<AccountDevice>> {
     // Whether identity keys are published, as `identity_of` reads them, without reading them.
     let mut statement = conn.prepare_cached(
@@ -39,6 +43,7 @@ pub(super) fn keyed_devices(
                 id,
                 keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
                 queued: u64::try_from(queued).unwrap_or(0),
+                from_sender: notes.senders.on_device(sender, id),
             })
         })?
         .collect();
@@ -51,7 +56,7 @@ pub(super) fn enqueue(
     txn: &Transaction<'_>,
     notes: &mut Notes,
     message: NewMessage,
-    queue_limit: u32,
+    limits: QueueLimits,
 ) -> Result<Enqueued> {
     let duplicate = txn
         .prepare_cached("SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?
@@ -63,40 +68,53 @@ pub(super) fn enqueue(
     if duplicate.is_some() {
         return Ok(Enqueued::Duplicate);
     }
-    let receiver = keyed_devices(txn, notes, message.receiver)?;
-    let own = if message.sender_account == message.receiver {
+    let sender = message.sender_account;
+    let receiver = keyed_devices(txn, notes, message.receiver, sender)?;
+    let own = if sender == message.receiver {
         Vec::new()
     } else {
-        keyed_devices(txn, notes, message.sender_account)?
+        keyed_devices(txn, notes, sender, sender)?
     };
     // Checked inside the transaction that stores the copies, so a device linked or
     // removed at the same moment cannot slip between the check and the write.
-    let addressees = match message.admit(&receiver, &own, queue_limit)? {
-        Admission::Admitted(addressees) => addressees,
+    let sender_bytes = notes.senders.bytes_of(sender);
+    let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
+        Admission::Admitted(addressees, skipped) => (addressees, skipped),
         Admission::Refused(answer) => return Ok(answer),
     };
     txn.prepare_cached(
-        "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, x'')")?.execute(
+        "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload, sender_account)
+         VALUES (?1, ?2, ?3, ?4, ?5, x'', ?6)")?.execute(
         params![
             message.sender_device.as_bytes(),
             message.id.as_bytes(),
             message.receiver.0,
             sql_millis(message.sent_at),
             sql_millis(message.expires_at),
+            sender.0,
         ],
     )?;
     let seq = txn.last_insert_rowid();
     let mut insert = txn.prepare_cached(
         "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
     )?;
+    for device in &skipped {
+        txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
+            .execute(params![device.as_bytes()])?;
+    }
     for (device, payload) in &message.copies {
+        if skipped.contains(device) {
+            continue;
+        }
         let to_receiver = addressees.to_receiver(*device);
         insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
         notes.queued.add(*device, 1);
+        notes
+            .senders
+            .note(sender, *device, payload_len(payload.len()), 1);
     }
     notes.messages.push((message.sender_device, message.id));
-    Ok(Enqueued::Stored)
+    Ok(Admission::stored(skipped))
 }
 
 /// [`Store::pending`](crate::Store::pending).
@@ -133,6 +151,21 @@ pub(super) fn pending(
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
+}
+
+/// [`Store::holds_copy_from`](crate::Store::holds_copy_from): the sender's messages by their
+/// unique index, each copy by its key.
+pub(super) fn holds_copy_from(
+    conn: &Connection,
+    device: DeviceId,
+    sender_device: DeviceId,
+) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM messages m JOIN copies c ON c.seq = m.seq
+             WHERE m.sender_device = ?2 AND c.device_id = ?1 LIMIT 1",
+        )?
+        .exists(params![device.as_bytes(), sender_device.as_bytes()])?)
 }
 
 /// [`Store::withdraw`](crate::Store::withdraw).
@@ -281,13 +314,14 @@ pub(super) fn ack_in(
 ) -> Result<Acked> {
     let message = txn
         .prepare_cached(
-            "SELECT seq, delivered, sent_at, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
+            "SELECT seq, delivered, sent_at, expires_at, sender_account FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
         )?
         .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
             Ok((
                 row.get::<_, i64>(0)?,
                 row.get::<_, i64>(1)? != 0,
                 receipt_expires_at(millis(row.get(2)?), millis(row.get(3)?)),
+                row.get::<_, Option<i64>>(4)?.map(AccountId),
             ))
         })
         .optional()?;
@@ -304,19 +338,25 @@ pub(super) fn ack_in(
             Acked::Unknown
         })
     };
-    let Some((seq, delivered, receipt_ends)) = message else {
+    let Some((seq, delivered, receipt_ends, sender)) = message else {
         return gone(txn);
     };
     let deleted = txn
         .prepare_cached(
-            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 RETURNING to_receiver",
+            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2
+             RETURNING to_receiver, IFNULL(length(payload), 0)",
         )?
-        .query_row(params![device.as_bytes(), seq], |row| row.get::<_, bool>(0))
+        .query_row(params![device.as_bytes(), seq], |row| {
+            Ok((row.get::<_, bool>(0)?, row.get::<_, i64>(1)?))
+        })
         .optional()?;
-    let Some(to_receiver) = deleted else {
+    let Some((to_receiver, bytes)) = deleted else {
         return gone(txn);
     };
     notes.queued.add(device, -1);
+    if let Some(sender) = sender {
+        notes.senders.note(sender, device, bytes, -1);
+    }
     // The last copy takes the message with it.
     let message_gone = delete_if_no_copies(txn, seq)?;
     // The sender's own other devices taking their copies is not a delivery.
@@ -354,13 +394,38 @@ pub(super) fn delete_copies(
     params: impl rusqlite::Params,
 ) -> Result<()> {
     let mut statement = txn.prepare_cached(&format!(
-        "DELETE FROM copies WHERE {condition} RETURNING device_id"
+        "DELETE FROM copies WHERE {condition} RETURNING device_id, {COPY_SENDER_AND_BYTES}"
     ))?;
     let mut rows = statement.query(params)?;
     while let Some(row) = rows.next()? {
-        notes.queued.add(device_id(row.get(0)?)?, -1);
+        let device = device_id(row.get(0)?)?;
+        notes.queued.add(device, -1);
+        note_deleted_copy(notes, device, row.get(1)?, row.get(2)?);
     }
     Ok(())
+}
+
+/// The columns a deletion of copies returns for [`note_deleted_copy`]: the sending account of
+/// the copy's message (read before the message goes) and the copy's size.
+pub(super) const COPY_SENDER_AND_BYTES: &str =
+    "(SELECT sender_account FROM messages WHERE seq = copies.seq), IFNULL(length(payload), 0)";
+
+/// Counts a deleted copy off what its sending account has waiting (a message stored before
+/// the sending account was recorded counts for none).
+pub(super) fn note_deleted_copy(
+    notes: &mut Notes,
+    device: DeviceId,
+    sender: Option<i64>,
+    bytes: i64,
+) {
+    if let Some(sender) = sender {
+        notes.senders.note(AccountId(sender), device, bytes, -1);
+    }
+}
+
+/// A payload's length as the counts keep it.
+fn payload_len(length: usize) -> i64 {
+    i64::try_from(length).unwrap_or(i64::MAX)
 }
 
 /// Deletes a message once no copy of it is left; true if it did.

@@ -110,6 +110,7 @@ impl SqliteStore {
         connection::restrict_file_modes(&path)?;
         let conn = connection::open_writer(&path)?;
         schema::migrate(&conn)?;
+        let senders = writer::SenderCounts::load(&conn)?;
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
         let routes = Arc::new(RouteCache::default());
         let max_batch = options.max_batch.max(1);
@@ -117,7 +118,10 @@ impl SqliteStore {
             .name("tidings-store-writer".into())
             .spawn({
                 let routes = Arc::clone(&routes);
-                move || writer::run_writer(conn, jobs, max_batch, options.sync_observer, &routes)
+                move || {
+                    let observer = options.sync_observer;
+                    writer::run_writer(conn, jobs, max_batch, observer, &routes, senders)
+                }
             })
             .map_err(|e| StoreError::engine(e.to_string()))?;
         Ok(Self {

@@ -106,6 +106,13 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // When a receipt its device has not taken is deleted (`receipt_expires_at`); a receipt
     // stored before the column existed gets the longest wait a new one can have, from the open.
     ("receipts", "expires_at", "INTEGER"),
+    // The sending device's account when the message was stored: what an account has waiting
+    // counts against its share of each queue and its quota (`writer::SenderCounts`). Filled from
+    // the devices on the open that adds it; a message whose sending device is gone counts for
+    // no account.
+    ("messages", "sender_account", "INTEGER"),
+    // Own messages not kept for the device because its queue had no room, until it is told.
+    ("devices", "missed", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that
@@ -125,6 +132,13 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         conn.execute(
             "UPDATE receipts SET expires_at = ?1 WHERE expires_at IS NULL",
             params![sql_millis(now.saturating_add(LEGACY_RECEIPT_WAIT))],
+        )?;
+    }
+    if added.contains(&("messages", "sender_account")) {
+        conn.execute(
+            "UPDATE messages SET sender_account =
+                (SELECT account_id FROM devices WHERE id = messages.sender_device)",
+            [],
         )?;
     }
     // Indexes on added columns, once the columns exist.

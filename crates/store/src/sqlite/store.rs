@@ -15,8 +15,8 @@ use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
     AccountDevices, AccountId, Acked, Actor, Backlog, Claimed, Completion, Device, Enqueued,
     ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route, SignedKey, Store,
-    Voucher,
+    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Result, Route,
+    SignedKey, Store, Voucher,
 };
 
 impl Store for SqliteStore {
@@ -169,22 +169,24 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enqueue(&self, message: NewMessage, queue_limit: u32) -> Result<Enqueued> {
-        self.enqueue_submit(message, queue_limit)
-            .await?
-            .durable()
-            .await
+    async fn enqueue(
+        &self,
+        message: NewMessage,
+        limits: impl Into<QueueLimits> + Send,
+    ) -> Result<Enqueued> {
+        self.enqueue_submit(message, limits).await?.durable().await
     }
 
     async fn enqueue_submit(
         &self,
         message: NewMessage,
-        queue_limit: u32,
+        limits: impl Into<QueueLimits> + Send,
     ) -> Result<Completion<Enqueued>> {
+        let limits = limits.into();
         // One writer takes writes in the order they are handed over, so a sending device's
         // messages are stored in the order it submitted them.
         self.submit(Undo::Operation, move |txn, notes| {
-            messages::enqueue(txn, notes, message, queue_limit)
+            messages::enqueue(txn, notes, message, limits)
         })
         .await
     }
@@ -198,6 +200,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Pending>> {
         self.read(move |conn| messages::pending(conn, device, after, limit, now))
             .await
+    }
+
+    async fn holds_copy_from(&self, device: DeviceId, sender_device: DeviceId) -> Result<bool> {
+        self.read_here(move |conn| messages::holds_copy_from(conn, device, sender_device))
     }
 
     async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
@@ -242,6 +248,13 @@ impl Store for SqliteStore {
 
     async fn backlog(&self, device: DeviceId) -> Result<Backlog> {
         self.read_here(|conn| receipts::backlog(conn, device))
+    }
+
+    async fn clear_missed(&self, device: DeviceId, seen: u32) -> Result<()> {
+        self.write(Undo::Statement, move |txn, _| {
+            receipts::clear_missed(txn, device, seen)
+        })
+        .await
     }
 
     async fn receipts(&self, device: DeviceId) -> Result<Vec<PendingReceipt>> {

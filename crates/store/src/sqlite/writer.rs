@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::routes::RouteCache;
 use super::SqliteStore;
-use crate::{Completion, Durability, Result, StoreError, SyncObserver, SyncReport};
+use crate::{
+    AccountId, Completion, Durability, Result, StoreError, SyncObserver, SyncReport, Usage,
+};
 
 /// Writes waiting for the writer at most; past this, handing one over waits. Each holds its
 /// operation's data (a send's copies, up to 64 KiB), so this bounds the memory they take.
@@ -31,6 +33,10 @@ pub(super) struct Notes {
     /// ([`delete_copies`](super::messages::delete_copies) before a deletion of messages); a deleted
     /// device's copies go with its row, and so do its changes ([`QueueCounts::forget`]).
     pub(super) queued: QueueCounts,
+    /// What each sending account has waiting, per device and in all: the writer's own state,
+    /// lent to each batch, its changes taken back if the batch (or an operation's savepoint)
+    /// is rolled back.
+    pub(super) senders: SenderCounts,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     pub(super) batch_failed: bool,
     /// Devices were added or deleted: the routes held in memory are dropped once the batch has
@@ -86,6 +92,86 @@ impl QueueCounts {
             }
         }
         Ok(())
+    }
+}
+
+/// What each sending account has waiting: per (account, device) its copies and their bytes, and
+/// per account its bytes across every queue, as the rules of `tidings_core::delivery` read them.
+/// Held by the writer thread alone (the only one that stores or deletes copies), counted from the
+/// tables when the engine opens ([`SenderCounts::load`]) and kept by every statement that stores
+/// or deletes a copy, so that a send reads no table for them. Only pairs with a copy waiting have
+/// an entry: the map is never larger than the queues, never written, and forgets a pair once its
+/// last copy goes.
+#[derive(Default)]
+pub(super) struct SenderCounts {
+    per_device: HashMap<(AccountId, DeviceId), Usage>,
+    per_account: HashMap<AccountId, u64>,
+    /// The changes of the batch lent this, in order, so that a rollback takes them back.
+    log: Vec<(AccountId, DeviceId, i64, i64)>,
+}
+
+impl SenderCounts {
+    /// Counts what every sending account has waiting, from the tables.
+    pub(super) fn load(conn: &Connection) -> rusqlite::Result<Self> {
+        let mut counts = SenderCounts::default();
+        let mut statement = conn.prepare(
+            "SELECT m.sender_account, c.device_id, COUNT(*), SUM(IFNULL(length(c.payload), 0))
+             FROM copies c JOIN messages m ON m.seq = c.seq
+             WHERE m.sender_account IS NOT NULL GROUP BY m.sender_account, c.device_id",
+        )?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let account = AccountId(row.get(0)?);
+            let device = super::rows::device_id(row.get(1)?)?;
+            counts.apply(account, device, row.get(2)?, row.get(3)?);
+        }
+        counts.log.clear();
+        Ok(counts)
+    }
+
+    /// What `sender` has waiting in `device`'s queue.
+    pub(super) fn on_device(&self, sender: AccountId, device: DeviceId) -> Usage {
+        self.per_device
+            .get(&(sender, device))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The bytes `sender` has waiting across every queue.
+    pub(super) fn bytes_of(&self, sender: AccountId) -> u64 {
+        self.per_account.get(&sender).copied().unwrap_or(0)
+    }
+
+    /// A copy of `bytes` from `sender` stored (`sign` 1) or deleted (−1) in `device`'s queue.
+    pub(super) fn note(&mut self, sender: AccountId, device: DeviceId, bytes: i64, sign: i64) {
+        self.apply(sender, device, sign, sign * bytes);
+    }
+
+    fn apply(&mut self, sender: AccountId, device: DeviceId, copies: i64, bytes: i64) {
+        let add = |value: u64, change: i64| value.saturating_add_signed(change);
+        let pair = self.per_device.entry((sender, device)).or_default();
+        *pair = Usage {
+            copies: add(pair.copies, copies),
+            bytes: add(pair.bytes, bytes),
+        };
+        if pair.copies == 0 {
+            self.per_device.remove(&(sender, device));
+        }
+        let total = self.per_account.entry(sender).or_default();
+        *total = add(*total, bytes);
+        if *total == 0 {
+            self.per_account.remove(&sender);
+        }
+        self.log.push((sender, device, copies, bytes));
+    }
+
+    /// Takes back every change after the `mark`-th.
+    pub(super) fn undo_to(&mut self, mark: usize) {
+        let undone: Vec<_> = self.log.drain(mark..).rev().collect();
+        for (sender, device, copies, bytes) in undone {
+            self.apply(sender, device, -copies, -bytes);
+        }
+        self.log.truncate(mark);
     }
 }
 
@@ -271,6 +357,7 @@ pub(super) fn in_savepoint<R>(
     checked(notes, cached("SAVEPOINT op"))?;
     // What the operation notes is taken back with its changes.
     let (messages, queued) = (notes.messages.len(), notes.queued.log.len());
+    let senders = notes.senders.log.len();
     match operation(txn, notes) {
         Ok(value) => {
             checked(notes, cached("RELEASE op"))?;
@@ -279,10 +366,18 @@ pub(super) fn in_savepoint<R>(
         Err(e) => {
             notes.messages.truncate(messages);
             notes.queued.undo_to(queued);
+            notes.senders.undo_to(senders);
             checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
         }
     }
+}
+
+/// What the writer keeps from one batch to the next.
+pub(super) struct Kept {
+    /// The connection's `synchronous` setting: FULL as opened, NORMAL after a lazy batch.
+    lazy_mode: bool,
+    senders: SenderCounts,
 }
 
 pub(super) fn run_writer(
@@ -291,10 +386,13 @@ pub(super) fn run_writer(
     max_batch: usize,
     observer: Option<SyncObserver>,
     routes: &RouteCache,
+    senders: SenderCounts,
 ) {
     let mut seq = 0u64;
-    // The connection's `synchronous` setting: FULL as opened, NORMAL after a lazy batch.
-    let mut lazy_mode = false;
+    let mut kept = Kept {
+        lazy_mode: false,
+        senders,
+    };
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -322,7 +420,7 @@ pub(super) fn run_writer(
                 writes,
                 seq,
                 all_lazy,
-                &mut lazy_mode,
+                &mut kept,
                 observer.as_ref(),
                 routes,
             );
@@ -357,13 +455,13 @@ pub(super) fn commit_batch(
     writes: Vec<WriteJob>,
     seq: u64,
     lazy: bool,
-    lazy_mode: &mut bool,
+    kept: &mut Kept,
     observer: Option<&SyncObserver>,
     routes: &RouteCache,
 ) {
     // Lazy batches commit without a sync; the next synced commit syncs their frames too. The
     // setting is changed only when the kind of batch changes.
-    if lazy != *lazy_mode {
+    if lazy != kept.lazy_mode {
         let mode = if lazy {
             "PRAGMA synchronous = NORMAL"
         } else {
@@ -377,10 +475,9 @@ pub(super) fn commit_batch(
             tracing::error!(error = %e, "storage sync mode could not be set");
             return;
         }
-        *lazy_mode = lazy;
+        kept.lazy_mode = lazy;
     }
     let operations = writes.len();
-    let mut notes = Notes::default();
     let txn = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(txn) => txn,
         Err(e) => {
@@ -392,6 +489,10 @@ pub(super) fn commit_batch(
             tracing::error!(error = %message, "storage transaction could not start");
             return;
         }
+    };
+    let mut notes = Notes {
+        senders: std::mem::take(&mut kept.senders),
+        ..Notes::default()
     };
     let completions: Vec<AnswerOnCommit> = writes
         .into_iter()
@@ -418,6 +519,12 @@ pub(super) fn commit_batch(
     } else {
         txn.commit().map_err(StoreError::from)
     };
+    if committed.is_err() {
+        // Nothing of the batch stays, nor anything it counted.
+        notes.senders.undo_to(0);
+    }
+    notes.senders.log.clear();
+    kept.senders = std::mem::take(&mut notes.senders);
     if committed.is_ok() {
         // Told about syncs only: a lazy batch made nothing durable yet.
         if let (Some(observer), false) = (observer, lazy) {

@@ -1,0 +1,289 @@
+//! Issue 28, items 4 and 5: no one sender can fill a victim's queue, and a spoofed sender costs
+//! the victim nothing. The attacker speaks the protocol directly (a raw session), as the CLI
+//! never would; everyone else uses the CLI.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidings_proto::frame::{self, Kind, SendOutcome};
+use tidings_proto::id::DeviceId;
+use tokio::time::Instant;
+
+use crate::support::{block_on, number, Server, User};
+
+/// Sends `count` messages of `size` bytes from `sender` to `to`, each with one copy (opaque bytes:
+/// the server never reads them) per device of `devices`, pipelined on one session; the outcome of
+/// each, in the order sent (see [`answers`] for the whole answers). Message ids are made from the receiver's number, so floods to
+/// different receivers never repeat one.
+async fn flood(
+    sender: &tidings_client::client::Client,
+    to: &str,
+    devices: &[DeviceId],
+    count: usize,
+    size: usize,
+) -> Vec<i32> {
+    answers(sender, to, devices, count, size)
+        .await
+        .iter()
+        .map(|answer| answer.outcome)
+        .collect()
+}
+
+/// [`flood`], with the server's whole answer to each send.
+async fn answers(
+    sender: &tidings_client::client::Client,
+    to: &str,
+    devices: &[DeviceId],
+    count: usize,
+    size: usize,
+) -> Vec<frame::SendResult> {
+    let mut session = sender.session(false).await.expect("session");
+    let payload = Bytes::from(vec![0x5a; size]);
+    let id_of = |n: usize| {
+        let mut id = [0u8; 16];
+        id[8..].copy_from_slice(&to.as_bytes()[to.len() - 8..]);
+        id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        id.to_vec()
+    };
+    let mut outcomes = HashMap::new();
+    for first in (0..count).step_by(100) {
+        let batch = first..(first + 100).min(count);
+        let sends = batch.clone().map(|n| {
+            Kind::Send(frame::Send {
+                id: id_of(n),
+                to: to.to_string(),
+                mode: frame::SendMode::Queue as i32,
+                copies: devices
+                    .iter()
+                    .map(|device| frame::Copy {
+                        device_id: device.as_bytes().to_vec(),
+                        payload: payload.clone(),
+                    })
+                    .collect(),
+                ..frame::Send::default()
+            })
+        });
+        session.send_many(sends).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut answered = 0;
+        while answered < batch.len() {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(result)) => {
+                    outcomes.insert(result.id.clone(), result);
+                    answered += 1;
+                }
+                Some(_) => {}
+                None => panic!("a send was not answered"),
+            }
+        }
+    }
+    (0..count)
+        .map(|n| outcomes.remove(&id_of(n)).expect("an answer per send"))
+        .collect()
+}
+
+/// How many outcomes in a row, from the first, are `outcome`.
+fn leading(outcomes: &[i32], outcome: SendOutcome) -> usize {
+    outcomes
+        .iter()
+        .take_while(|o| **o == outcome as i32)
+        .count()
+}
+
+/// A stranger who sends to an offline device until it is refused fills only its own share of
+/// that device's queue (500 copies), and someone else's messages still get through.
+#[test]
+fn one_sender_fills_only_its_share_of_a_receivers_queue() {
+    // A send budget large enough that only the queue refuses.
+    let server = Server::start(&["--send-burst", "5000", "--send-per-second", "5000"]);
+    let (mallory_number, victim_number, carol_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    let victim_device = victim.client().device();
+    let outcomes = block_on(flood(
+        &mallory.client(),
+        &victim_number,
+        &[victim_device],
+        600,
+        512,
+    ));
+    assert_eq!(
+        leading(&outcomes, SendOutcome::Queued),
+        500,
+        "{:?}",
+        &outcomes[495..505]
+    );
+    assert!(
+        outcomes[500..]
+            .iter()
+            .all(|o| *o == SendOutcome::RefusedQueueFull as i32),
+        "{:?}",
+        &outcomes[500..]
+    );
+    // Another sender still reaches the victim, and the victim gets that message.
+    let (answer, _) = carol.send(&victim_number, "still reachable", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+}
+
+/// An account keeps at most its quota of bytes waiting across every receiver: past it, a send
+/// to anyone is refused with its own outcome.
+#[test]
+fn an_accounts_waiting_bytes_are_bounded_across_receivers() {
+    let server = Server::start(&["--queued-bytes-per-account", "200000"]);
+    let (mallory_number, victim_number, other_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    let other = User::register(&other_number, &server, &[]);
+    let mallory_client = mallory.client();
+    let to_victim = block_on(flood(
+        &mallory_client,
+        &victim_number,
+        &[victim.client().device()],
+        4,
+        60_000,
+    ));
+    let (queued, refused) = (
+        SendOutcome::Queued as i32,
+        SendOutcome::RefusedOverQuota as i32,
+    );
+    assert_eq!(to_victim, vec![queued, queued, queued, refused]);
+    let to_other = block_on(flood(
+        &mallory_client,
+        &other_number,
+        &[other.client().device()],
+        1,
+        60_000,
+    ));
+    assert_eq!(to_other, vec![refused]);
+}
+
+/// Item 5: messages from one device that claim another number each make the receiver check the
+/// stamped sender against the directory. Those checks cost the receiver's lookup budget nothing:
+/// every spoof is still caught, and the receiver can still look numbers up afterwards.
+#[test]
+fn checking_spoofed_senders_costs_the_receiver_no_lookup_budget() {
+    // A lookup budget of three, regained slowly: three charged checks would use it up (the
+    // spoofer's own preparation takes two: its own devices and the receiver's keys).
+    let server = Server::start(&["--lookup-burst", "3", "--lookup-per-hour", "1"]);
+    let (mallory_number, victim_number, carol_number) = (number(), number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    User::register(&carol_number, &server, &[]);
+    let mallory_client = mallory.client();
+    const SPOOFS: u8 = 6;
+    block_on(async {
+        let messages: Vec<_> = (0..SPOOFS)
+            .map(|n| {
+                (
+                    tidings_proto::id::MessageId([0xe0 + n; 16]),
+                    format!("pay invoice {n}"),
+                )
+            })
+            .collect();
+        let sends = mallory_client
+            .danger_prepare_sends_claiming(&carol_number, &victim_number, &messages)
+            .await
+            .expect("encrypt");
+        let mut session = mallory_client.session(false).await.expect("session");
+        session
+            .send_many(sends.into_iter().map(Kind::Send))
+            .await
+            .expect("send");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut answered = 0;
+        while answered < SPOOFS {
+            if let Some(Kind::SendResult(_)) = session.recv(deadline).await.expect("recv") {
+                answered += 1;
+            }
+        }
+    });
+    let shown = victim.receive(usize::from(SPOOFS), 30);
+    assert_eq!(shown.len(), usize::from(SPOOFS));
+    for message in &shown {
+        assert_eq!(message["sender_verified"], false, "{message}");
+        let warning = message["warning"].as_str().unwrap_or_default();
+        assert!(
+            warning.contains("not theirs"),
+            "every spoof is caught, none left unchecked: {message}"
+        );
+    }
+    // The receiver's lookup budget is untouched.
+    let out = victim.run(&["--json", "lookup", &carol_number]);
+    assert!(
+        out.status.success(),
+        "lookup after the spoofs: {}",
+        crate::support::text(&out.stderr)
+    );
+}
+
+/// A sender's own device whose queue has no room (it stayed offline while its user sent) does
+/// not stop the user from sending: it is skipped, and the answer says so.
+#[test]
+fn a_full_own_offline_device_is_skipped_and_reported() {
+    // A small share per sender, so that a few sends fill the offline laptop's share.
+    let server = Server::start(&["--queue-copies-per-sender", "20"]);
+    let (victim_number, carol_number, dave_number) = (number(), number(), number());
+    let phone = User::register(&victim_number, &server, &[]);
+    let laptop = phone.link_device(&server);
+    let carol = User::register(&carol_number, &server, &[]);
+    let dave = User::register(&dave_number, &server, &[]);
+    let phone_client = phone.client();
+    let laptop_device = laptop.client().device();
+    let (carol_device, dave_device) = (carol.client().device(), dave.client().device());
+    // Twenty messages, each with a copy for the laptop: its share for this account is full.
+    let to_carol = block_on(flood(
+        &phone_client,
+        &carol_number,
+        &[carol_device, laptop_device],
+        10,
+        100,
+    ));
+    let to_dave = block_on(flood(
+        &phone_client,
+        &dave_number,
+        &[dave_device, laptop_device],
+        10,
+        100,
+    ));
+    assert_eq!(leading(&to_carol, SendOutcome::Queued), 10, "{to_carol:?}");
+    assert_eq!(leading(&to_dave, SendOutcome::Queued), 10, "{to_dave:?}");
+    // One more to Carol (the first ten are the same messages again, answered as before): it is
+    // stored for Carol, not for the laptop.
+    let again = block_on(answers(
+        &phone_client,
+        &carol_number,
+        &[carol_device, laptop_device],
+        11,
+        100,
+    ));
+    let last = &again[10];
+    assert_eq!(
+        last.outcome,
+        SendOutcome::Queued as i32,
+        "a full own device refused the send: {last:?}"
+    );
+    // Loudly: the answer names the laptop.
+    assert_eq!(
+        last.skipped_own_devices,
+        vec![laptop_device.as_bytes().to_vec()]
+    );
+    assert!(last.detail.contains("miss"), "{}", last.detail);
+    // The laptop, once it listens, learns that it missed one message.
+    let mut listening = laptop.spawn(&["--json", "listen", "--timeout", "60"]);
+    let stdout = listening.stdout.take().expect("stdout");
+    let mut missed = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["type"] == "missed" {
+            missed = event["messages"].as_u64();
+            break;
+        }
+    }
+    let _ = listening.kill();
+    let _ = listening.wait();
+    assert_eq!(missed, Some(1), "the laptop was not told what it missed");
+}
