@@ -9,6 +9,7 @@
 
 use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
+use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
 use tidings_proto::MAX_LOOKUP_NUMBERS;
 use tidings_store::Store;
