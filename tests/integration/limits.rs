@@ -150,7 +150,7 @@ fn a_sweep_of_sequential_numbers_from_one_block_is_mostly_refused() {
         sent,
         "an SMS went out for a refused request"
     );
-    let (_, metrics) = crate::operations::get(server.port, "/metrics");
+    let (_, metrics) = crate::operations::get(server.metrics_port, "/metrics");
     assert!(
         metrics.contains("tidings_code_budget_trips_total{budget=\"number_prefix\"}"),
         "no metric for the tripped number-prefix budget:\n{metrics}"
@@ -277,7 +277,7 @@ fn a_premium_rate_number_is_refused_without_an_sms() {
         0,
         "an SMS went to a premium-rate number"
     );
-    let (_, metrics) = crate::operations::get(server.port, "/metrics");
+    let (_, metrics) = crate::operations::get(server.metrics_port, "/metrics");
     assert!(
         metrics.contains("tidings_code_budget_trips_total{budget=\"premium_rate\"} 2"),
         "no metric for the refused premium-rate numbers:\n{metrics}"

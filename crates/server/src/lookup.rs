@@ -128,9 +128,10 @@ async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Ve
 }
 
 /// Handles `DevicesRequest`: the devices of a number, with the keys they published (none for a
-/// number that is not a user or not valid). Charged to the lookup budget, except the check of a
-/// delivery's stamped sender (`sender_device`, a device with a copy waiting for the asking one),
-/// which lists the number's devices only if that device is one of them.
+/// number that is not a user or not valid). Charged to the lookup budget, except for the asking
+/// device's own number, and the check of a delivery's stamped sender (`sender_device`, a device
+/// with a copy waiting for the asking one), which lists the number's devices only if that device
+/// is one of them.
 pub async fn devices<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -149,7 +150,18 @@ pub async fn devices<S: Store>(
         },
         None => None,
     };
-    if sender_check.is_none() && !take_lookup_budget(state, identity.budgets, 1) {
+    let pseudonym = match E164::parse(&request.number) {
+        Ok(number) => match state.keys.pseudonym(&number) {
+            Ok(pseudonym) => Some(pseudonym),
+            Err(_) => return,
+        },
+        Err(_) => None,
+    };
+    // A device listing its own number's devices (to remove one, or to know them when it joins)
+    // learns nothing about anyone else: that is free too, or a spent budget would lock a user
+    // out of managing their own devices.
+    let own = pseudonym.is_some_and(|p| state.keys.budget_key(&p) == identity.budgets);
+    if sender_check.is_none() && !own && !take_lookup_budget(state, identity.budgets, 1) {
         return reply(
             outbox,
             error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
@@ -158,10 +170,7 @@ pub async fn devices<S: Store>(
     }
     let mut device_ids = Vec::new();
     let mut devices = Vec::new();
-    if let Ok(number) = E164::parse(&request.number) {
-        let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-            return;
-        };
+    if let Some(pseudonym) = pseudonym {
         let listed = match state.store.account(pseudonym).await {
             Ok(Some(account)) => state.store.device_keys(account.account).await.map(Some),
             Ok(None) => Ok(None),
