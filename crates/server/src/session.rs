@@ -47,6 +47,19 @@ async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> st
     writer.flush().await
 }
 
+/// Runs `work`, for at most `limit` once it first waits; `None` if it waited longer. The timer is
+/// made only when the work waits: a socket with room takes a session's bytes at once, and a timer
+/// made around every write reads the clock and, when dropped, takes the lock of the runtime's
+/// timer wheel, even if it never fired (tokio's `TimerEntry::cancel`).
+async fn within<F: std::future::Future>(limit: Duration, work: F) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => tokio::time::timeout(limit, work).await.ok(),
+    }
+}
+
 /// Reads until one whole frame is buffered. `Ok(None)` is a clean end of stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -434,7 +447,7 @@ where
                 Err(e) => {
                     codec::encode(&fatal(ErrorCode::Protocol, e.to_string()), out);
                     let limit = self.write_timeout();
-                    let _ = tokio::time::timeout(limit, async {
+                    let _ = within(limit, async {
                         let _ = self.io.write_all(out).await;
                         let _ = self.io.shutdown().await;
                     })
@@ -492,7 +505,7 @@ where
     async fn write_out(&mut self, out: &mut BytesMut) -> bool {
         let limit = self.write_timeout();
         let write = async { self.io.write_all(out).await.is_ok() && self.io.flush().await.is_ok() };
-        let written = tokio::time::timeout(limit, write).await.unwrap_or(false);
+        let written = within(limit, write).await.unwrap_or(false);
         if !written {
             tracing::debug!("session closed: a write failed or waited too long");
         }
@@ -520,7 +533,7 @@ where
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         self.tx.close();
         let limit = self.write_timeout();
-        let _ = tokio::time::timeout(limit, async {
+        let _ = within(limit, async {
             let _ = self.io.flush().await;
             let _ = self.io.shutdown().await;
         })
