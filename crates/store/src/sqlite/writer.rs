@@ -276,8 +276,13 @@ pub(super) fn in_savepoint<R>(
             .map(drop)
     };
     checked(notes, cached("SAVEPOINT op"))?;
-    // What the operation notes is taken back with its changes.
-    let (messages, queued) = (notes.messages.len(), notes.queued.log.len());
+    // What the operation notes is taken back with its changes (a receipt deadline it noted
+    // stays: a deadline too early only costs a sweep a look).
+    let (messages, queued, swept) = (
+        notes.messages.len(),
+        notes.queued.log.len(),
+        notes.receipts_swept,
+    );
     match operation(txn, notes) {
         Ok(value) => {
             checked(notes, cached("RELEASE op"))?;
@@ -286,6 +291,7 @@ pub(super) fn in_savepoint<R>(
         Err(e) => {
             notes.messages.truncate(messages);
             notes.queued.undo_to(queued);
+            notes.receipts_swept = swept;
             checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
         }
