@@ -19,7 +19,7 @@ use super::rows::{message_id, millis, receipt_kind, sql_millis};
 use super::writer::Notes;
 use crate::{Backlog, PendingReceipt, Result};
 
-/// The earliest deadline of the stored receipts, or an earlier time, never a later one (`None`:
+/// The earliest deadline of the stored receipts, or an earlier time, never a later one (`MAX`:
 /// no receipt is stored). Lowered as each batch that stored receipts ends, whether or not it
 /// committed, and set by a sweep that deleted the ended ones once its batch has committed; read
 /// by the expiry sweep, which scans for ended receipts only when this has passed.
