@@ -14,6 +14,7 @@ use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
+use super::receipts;
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
@@ -228,25 +229,24 @@ pub(super) fn withdraw(
     }
 }
 
-/// Whether any message's TTL, or any receipt's wait, has ended at `now` (most sweeps find none,
-/// and then write nothing).
+/// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing;
+/// receipts are looked at in memory, [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
 pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
     Ok(conn
-        .prepare_cached(
-            "SELECT 1 WHERE EXISTS (SELECT 1 FROM messages WHERE expires_at <= ?1)
-                OR EXISTS (SELECT 1 FROM receipts WHERE expires_at <= ?1)",
-        )?
+        .prepare_cached("SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1")?
         .query_row(params![sql_millis(now)], |_| Ok(()))
         .optional()?
         .is_some())
 }
 
-/// [`Store::expire`](crate::Store::expire).
+/// [`Store::expire`](crate::Store::expire); receipts are swept too when `receipts_ended` (the
+/// earliest receipt deadline has passed).
 pub(super) fn expire(
     txn: &Transaction<'_>,
     notes: &mut Notes,
     now: Millis,
     limit: usize,
+    receipts_ended: bool,
 ) -> Result<Vec<ExpiredMessage>> {
     let expired = {
         let mut statement = txn.prepare_cached(
@@ -274,26 +274,24 @@ pub(super) fn expire(
     txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?
         .execute(params![sql_millis(now)])?;
     // Receipts whose sending device did not come for them in time.
-    txn.prepare_cached("DELETE FROM receipts WHERE expires_at <= ?1")?
-        .execute(params![sql_millis(now)])?;
+    if receipts_ended {
+        receipts::expire_receipts(txn, notes, now)?;
+    }
     let mut receipts = Vec::new();
     for (seq, sender_device, id, delivered, receipt_ends) in expired {
         delete_copies(txn, notes, "seq = ?1", params![seq])?;
         txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
             .execute(params![seq])?;
         if !delivered {
-            let stored = txn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind, expires_at)
-                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
-                )?
-                .execute(params![
-                    sender_device.as_bytes(),
-                    id.as_bytes(),
-                    ReceiptKind::Expired as i64,
-                    sql_millis(receipt_ends)
-                ])?;
-            if stored > 0 {
+            let stored = receipts::store_receipt(
+                txn,
+                notes,
+                sender_device,
+                id,
+                ReceiptKind::Expired,
+                receipt_ends,
+            )?;
+            if stored {
                 receipts.push(ExpiredMessage { sender_device, id });
             }
         }
@@ -370,16 +368,14 @@ pub(super) fn ack_in(
             txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
                 .execute(params![seq])?;
         }
-        txn.prepare_cached(
-            "INSERT OR REPLACE INTO receipts (device_id, msg_id, kind, expires_at)
-             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
-        )?
-        .execute(params![
-            sender_device.as_bytes(),
-            id.as_bytes(),
-            ReceiptKind::Delivered as i64,
-            sql_millis(receipt_ends)
-        ])?;
+        receipts::store_receipt(
+            txn,
+            notes,
+            sender_device,
+            id,
+            ReceiptKind::Delivered,
+            receipt_ends,
+        )?;
     }
     Ok(Acked::Confirmed { first: !delivered })
 }

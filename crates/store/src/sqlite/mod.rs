@@ -26,8 +26,10 @@
 //! - `schema`: the tables, and how an older database is brought up to them;
 //! - `connection`: connection settings (pragmas) and the read connections;
 //! - `writer`: the group-commit writer: batches, what a failing write takes back, the notes a
-//!   batch keeps for its commit (sync report, queue lengths, dropped routes);
+//!   batch keeps for its commit (sync report, queue lengths, dropped routes, receipt deadlines);
 //! - `routes`: the route cache sends read instead of the tables;
+//! - `receipts` also holds the earliest receipt deadline, which the expiry sweep reads instead
+//!   of an index;
 //! - `rows`: how domain values are stored in columns and read back;
 //! - `store`: the `impl Store`, each operation one named function of a family module:
 //!   `accounts` (accounts and devices), `keys`, `messages` (copies, acknowledgements,
@@ -57,8 +59,9 @@ pub use routes::ROUTE_CACHE_ENTRIES;
 pub use writer::WRITER_QUEUE;
 
 use connection::{ReaderPool, STORES};
+use receipts::ReceiptDeadlines;
 use routes::RouteCache;
-use writer::Job;
+use writer::{HeldInMemory, Job};
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "tidings.sqlite";
@@ -86,7 +89,8 @@ pub struct SqliteStore {
     /// Hands writes to the writer thread.
     writer: mpsc::Sender<Job>,
     readers: Arc<ReaderPool>,
-    routes: Arc<RouteCache>,
+    /// Routes and receipt deadlines, which the writer keeps up to date.
+    held: Arc<HeldInMemory>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -112,21 +116,24 @@ impl SqliteStore {
         schema::migrate(&conn)?;
         let senders = writer::SenderCounts::load(&conn)?;
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
-        let routes = Arc::new(RouteCache::default());
+        let held = Arc::new(HeldInMemory {
+            routes: RouteCache::default(),
+            receipt_deadlines: ReceiptDeadlines::read(&conn)?,
+        });
         let max_batch = options.max_batch.max(1);
         std::thread::Builder::new()
             .name("tidings-store-writer".into())
             .spawn({
-                let routes = Arc::clone(&routes);
+                let held = Arc::clone(&held);
                 move || {
                     let observer = options.sync_observer;
-                    writer::run_writer(conn, jobs, max_batch, observer, &routes, senders)
+                    writer::run_writer(conn, jobs, max_batch, observer, &held, senders)
                 }
             })
             .map_err(|e| StoreError::engine(e.to_string()))?;
         Ok(Self {
             writer,
-            routes,
+            held,
             readers: Arc::new(ReaderPool {
                 store: STORES.fetch_add(1, Ordering::Relaxed),
                 path,

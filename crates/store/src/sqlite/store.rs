@@ -33,7 +33,7 @@ impl Store for SqliteStore {
     }
 
     async fn route(&self, pseudonym: Pseudonym) -> Result<Option<Route>> {
-        let (generation, held) = self.routes.get(&pseudonym);
+        let (generation, held) = self.held.routes.get(&pseudonym);
         if held.is_some() {
             return Ok(held);
         }
@@ -45,7 +45,9 @@ impl Store for SqliteStore {
             account: account.account,
             devices: account.devices.into_iter().map(|(id, _)| id).collect(),
         };
-        self.routes.insert(generation, pseudonym, route.clone());
+        self.held
+            .routes
+            .insert(generation, pseudonym, route.clone());
         Ok(Some(route))
     }
 
@@ -234,14 +236,16 @@ impl Store for SqliteStore {
 
     async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
         // Most sweeps find nothing: look first, so that an idle server writes nothing.
-        if !self
-            .read(move |conn| messages::any_expired(conn, now))
-            .await?
+        let receipts_ended = self.held.receipt_deadlines.any_ended(now);
+        if !receipts_ended
+            && !self
+                .read(move |conn| messages::any_expired(conn, now))
+                .await?
         {
             return Ok(Vec::new());
         }
         self.write(Undo::Operation, move |txn, notes| {
-            messages::expire(txn, notes, now, limit)
+            messages::expire(txn, notes, now, limit, receipts_ended)
         })
         .await
     }

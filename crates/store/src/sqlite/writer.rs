@@ -1,6 +1,7 @@
 //! The group-commit writer: one thread that runs every write, in batches that share one commit
 //! and one sync, with what each write takes back when it fails (see [`Undo`]) and what a batch
-//! notes for its commit ([`Notes`]: the sync report, queue lengths, dropped routes).
+//! notes for its commit ([`Notes`]: the sync report, queue lengths, dropped routes, receipt
+//! deadlines).
 //!
 //! Operations themselves live in the modules of their families; this module only runs them.
 //! It must never answer a write before the commit that holds it (except a write's early,
@@ -9,9 +10,11 @@
 use std::collections::HashMap;
 
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+use tidings_core::Millis;
 use tidings_proto::id::{DeviceId, MessageId};
 use tokio::sync::{mpsc, oneshot};
 
+use super::receipts::ReceiptDeadlines;
 use super::routes::RouteCache;
 use super::SqliteStore;
 use crate::{
@@ -42,6 +45,10 @@ pub(super) struct Notes {
     /// Devices were added or deleted: the routes held in memory are dropped once the batch has
     /// committed, before any of its operations is answered.
     pub(super) devices_changed: bool,
+    /// The earliest deadline of the receipts stored in this batch, for [`ReceiptDeadlines`].
+    pub(super) receipts_stored: Option<Millis>,
+    /// A sweep deleted the ended receipts: the earliest deadline it left.
+    pub(super) receipts_swept: Option<Millis>,
 }
 
 /// A batch's changes to queue lengths: the total per device, and the log of each change so that
@@ -355,8 +362,13 @@ pub(super) fn in_savepoint<R>(
             .map(drop)
     };
     checked(notes, cached("SAVEPOINT op"))?;
-    // What the operation notes is taken back with its changes.
-    let (messages, queued) = (notes.messages.len(), notes.queued.log.len());
+    // What the operation notes is taken back with its changes (a receipt deadline it noted
+    // stays: a deadline too early only costs a sweep a look).
+    let (messages, queued, swept) = (
+        notes.messages.len(),
+        notes.queued.log.len(),
+        notes.receipts_swept,
+    );
     let senders = notes.senders.log.len();
     match operation(txn, notes) {
         Ok(value) => {
@@ -367,6 +379,7 @@ pub(super) fn in_savepoint<R>(
             notes.messages.truncate(messages);
             notes.queued.undo_to(queued);
             notes.senders.undo_to(senders);
+            notes.receipts_swept = swept;
             checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
         }
@@ -380,12 +393,19 @@ pub(super) struct Kept {
     senders: SenderCounts,
 }
 
+/// What the engine holds in memory beside the database, which the writer brings up to date after
+/// each batch.
+pub(super) struct HeldInMemory {
+    pub(super) routes: RouteCache,
+    pub(super) receipt_deadlines: ReceiptDeadlines,
+}
+
 pub(super) fn run_writer(
     mut conn: Connection,
     mut jobs: mpsc::Receiver<Job>,
     max_batch: usize,
     observer: Option<SyncObserver>,
-    routes: &RouteCache,
+    held: &HeldInMemory,
     senders: SenderCounts,
 ) {
     let mut seq = 0u64;
@@ -422,7 +442,7 @@ pub(super) fn run_writer(
                 all_lazy,
                 &mut kept,
                 observer.as_ref(),
-                routes,
+                held,
             );
         }
         if !scrubs.is_empty() {
@@ -457,7 +477,7 @@ pub(super) fn commit_batch(
     lazy: bool,
     kept: &mut Kept,
     observer: Option<&SyncObserver>,
-    routes: &RouteCache,
+    held: &HeldInMemory,
 ) {
     // Lazy batches commit without a sync; the next synced commit syncs their frames too. The
     // setting is changed only when the kind of batch changes.
@@ -525,6 +545,8 @@ pub(super) fn commit_batch(
     }
     notes.senders.log.clear();
     kept.senders = std::mem::take(&mut notes.senders);
+    held.receipt_deadlines
+        .after_batch(&notes, committed.is_ok());
     if committed.is_ok() {
         // Told about syncs only: a lazy batch made nothing durable yet.
         if let (Some(observer), false) = (observer, lazy) {
@@ -539,8 +561,9 @@ pub(super) fn commit_batch(
     }
     // Dropped whether or not the batch committed: a route read later reads the outcome.
     if notes.devices_changed {
-        routes.invalidate();
+        held.routes.invalidate();
     }
+
     for complete in completions {
         complete(match &committed {
             Ok(()) => Ok(()),
