@@ -271,7 +271,26 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
         vec![laptop_device.as_bytes().to_vec()]
     );
     assert!(last.detail.contains("miss"), "{}", last.detail);
-    // The laptop, once it listens, learns that it missed one message.
+    // The CLI says so too: a field with `--json`, a warning on stderr otherwise.
+    let (answer, code) = phone.send(&carol_number, "one more", &[]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("queued"), 0),
+        "{answer}"
+    );
+    assert_eq!(answer["skipped_own_devices"], 1, "{answer}");
+    let out = phone.run(&["send", &carol_number, "and another"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    let warning = crate::support::text(&out.stderr);
+    assert!(
+        warning.contains("1 of your own devices will miss this message"),
+        "no warning about the skipped laptop: {warning:?}"
+    );
+    // The laptop, once it listens, learns that it missed those three messages.
     let mut listening = laptop.spawn(&["--json", "listen", "--timeout", "60"]);
     let stdout = listening.stdout.take().expect("stdout");
     let mut missed = None;
@@ -285,7 +304,7 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
     }
     let _ = listening.kill();
     let _ = listening.wait();
-    assert_eq!(missed, Some(1), "the laptop was not told what it missed");
+    assert_eq!(missed, Some(3), "the laptop was not told what it missed");
 }
 
 /// A held copy from a device makes one free check of that device an hour, not a free oracle: a
