@@ -546,9 +546,21 @@ fn print_send(report: &SendReport, json: bool) {
     if json {
         println!(
             "{}",
-            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt, "copies": report.copies })
+            json!({
+                "id": report.id.to_text(),
+                "outcome": report.outcome.as_str(),
+                "receipt": receipt,
+                "copies": report.copies,
+                "skipped_own_devices": report.skipped_own_devices,
+            })
         );
         return;
+    }
+    if report.skipped_own_devices > 0 {
+        eprintln!(
+            "warning: {} of your own devices will miss this message: their queue on the server is full (they have been offline); each is told how many messages it missed when it comes online",
+            report.skipped_own_devices
+        );
     }
     let text = match (report.outcome, receipt) {
         (SendOutcome::Accepted, Some("delivered")) => "delivered",

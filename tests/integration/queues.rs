@@ -271,7 +271,26 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
         vec![laptop_device.as_bytes().to_vec()]
     );
     assert!(last.detail.contains("miss"), "{}", last.detail);
-    // The laptop, once it listens, learns that it missed one message.
+    // The CLI says so too: a field with `--json`, a warning on stderr otherwise.
+    let (answer, code) = phone.send(&carol_number, "one more", &[]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("queued"), 0),
+        "{answer}"
+    );
+    assert_eq!(answer["skipped_own_devices"], 1, "{answer}");
+    let out = phone.run(&["send", &carol_number, "and another"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    let warning = crate::support::text(&out.stderr);
+    assert!(
+        warning.contains("1 of your own devices will miss this message"),
+        "no warning about the skipped laptop: {warning:?}"
+    );
+    // The laptop, once it listens, learns that it missed those three messages.
     let mut listening = laptop.spawn(&["--json", "listen", "--timeout", "60"]);
     let stdout = listening.stdout.take().expect("stdout");
     let mut missed = None;
@@ -285,5 +304,81 @@ fn a_full_own_offline_device_is_skipped_and_reported() {
     }
     let _ = listening.kill();
     let _ = listening.wait();
-    assert_eq!(missed, Some(1), "the laptop was not told what it missed");
+    assert_eq!(missed, Some(3), "the laptop was not told what it missed");
+}
+
+/// A held copy from a device makes one free check of that device an hour, not a free oracle: a
+/// receiver holding one message from a device cannot sweep numbers asking "is this device
+/// theirs?" without paying its lookup budget for every check after the first.
+#[test]
+fn a_held_copy_buys_one_free_sender_check_an_hour() {
+    // A lookup budget of three, regained slowly: the free check, then three charged, then none.
+    let server = Server::start(&["--lookup-burst", "3", "--lookup-per-hour", "1"]);
+    let (mallory_number, victim_number) = (number(), number());
+    let mallory = User::register(&mallory_number, &server, &[]);
+    let victim = User::register(&victim_number, &server, &[]);
+    let mallory_device = mallory.client().device();
+    let queued = block_on(flood(
+        &mallory.client(),
+        &victim_number,
+        &[victim.client().device()],
+        1,
+        100,
+    ));
+    assert_eq!(queued, vec![SendOutcome::Queued as i32]);
+    // The owner first, then nine other numbers: a sweep for the owner of the sender device.
+    let asked: Vec<String> = std::iter::once(mallory_number.clone())
+        .chain((0..9).map(|_| number()))
+        .collect();
+    let answers: Vec<Kind> = block_on(async {
+        let mut session = victim.client().session(false).await.expect("session");
+        let mut answers = Vec::new();
+        for (request_id, asked_number) in (1u64..).zip(&asked) {
+            session
+                .send(Kind::Devices(frame::DevicesRequest {
+                    request_id,
+                    number: asked_number.clone(),
+                    sender_device: mallory_device.as_bytes().to_vec(),
+                }))
+                .await
+                .expect("send");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match session.recv(deadline).await.expect("recv") {
+                    Some(Kind::DeviceList(list)) if list.request_id == request_id => {
+                        answers.push(Kind::DeviceList(list));
+                        break;
+                    }
+                    Some(Kind::Error(e)) if e.request_id == request_id => {
+                        answers.push(Kind::Error(e));
+                        break;
+                    }
+                    Some(_) => {}
+                    None => panic!("request {request_id} was not answered"),
+                }
+            }
+        }
+        answers
+    });
+    // The first check is answered: the device is the owner's.
+    match &answers[0] {
+        Kind::DeviceList(list) => assert_eq!(
+            list.device_ids,
+            vec![mallory_device.as_bytes().to_vec()],
+            "{list:?}"
+        ),
+        other => panic!("the free check was refused: {other:?}"),
+    }
+    // Past the free check and the three the budget pays for, every check is refused.
+    for (n, answer) in answers.iter().enumerate().skip(4) {
+        match answer {
+            Kind::Error(e) => assert_eq!(
+                e.code,
+                frame::ErrorCode::RateLimited as i32,
+                "check {}: {e:?}",
+                n + 1
+            ),
+            other => panic!("check {} about the same sender was free: {other:?}", n + 1),
+        }
+    }
 }

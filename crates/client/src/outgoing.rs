@@ -36,6 +36,9 @@ pub struct SendReport {
     pub receipt: Option<ReceiptKind>,
     /// Encrypted copies sent (every device of the receiver and this number's other devices).
     pub copies: usize,
+    /// This number's own devices the server skipped because their queue is full: they will miss
+    /// the message (and learn how many they missed when they drain).
+    pub skipped_own_devices: usize,
 }
 
 /// A fresh random message id.
@@ -217,6 +220,7 @@ pub async fn send(
     let mut receipt: Option<ReceiptKind> = None;
     let mut receipt_came = false;
     let mut copies = 0;
+    let mut skipped_own_devices = 0;
     loop {
         match action.take() {
             Some(Action::SendIp(mode) | Action::Reencrypt(mode)) => {
@@ -272,6 +276,7 @@ pub async fn send(
                     }
                     answered => {
                         answer = Some(answered);
+                        skipped_own_devices = result.skipped_own_devices.len();
                         Event::Answer(answered)
                     }
                 }
@@ -302,6 +307,7 @@ pub async fn send(
         outcome,
         receipt,
         copies,
+        skipped_own_devices,
     })
 }
 

@@ -441,8 +441,9 @@ pub struct DevicesRequest {
     #[prost(string, tag = "2")]
     pub number: String,
     /// The sender stamped on a delivery the asking device holds: the request checks whether that
-    /// device is one of the number's and costs no lookup budget; the list is then given only if
-    /// it is (empty otherwise, as for a number that is not a user).
+    /// device is one of the number's, at no lookup budget the first time in an hour for that
+    /// sender device (charged after that); the list is then given only if it is (empty
+    /// otherwise, as for a number that is not a user).
     #[prost(bytes = "vec", tag = "30")]
     pub sender_device: Vec<u8>,
 }

@@ -129,9 +129,9 @@ async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Ve
 
 /// Handles `DevicesRequest`: the devices of a number, with the keys they published (none for a
 /// number that is not a user or not valid). Charged to the lookup budget, except for the asking
-/// device's own number, and the check of a delivery's stamped sender (`sender_device`, a device
-/// with a copy waiting for the asking one), which lists the number's devices only if that device
-/// is one of them.
+/// device's own number, and the first check in an hour of a delivery's stamped sender
+/// (`sender_device`, a device with a copy waiting for the asking one). A check of a stamped sender
+/// lists the number's devices only if that device is one of them, whether it was free or charged.
 pub async fn devices<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -139,9 +139,10 @@ pub async fn devices<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = request.request_id;
-    // Checking the sender stamped on a delivery this device holds is free: a spoofer must not be
-    // able to spend its receiver's budget. It tells only whether that one device is the
-    // number's, never whether the number is a user (see below).
+    // Checking the sender stamped on a delivery this device holds is free once an hour: a
+    // spoofer must not be able to spend its receiver's budget, and a receiver must not be able
+    // to sweep numbers for the owner of a device it holds one copy from. It tells only whether
+    // that one device is the number's, never whether the number is a user (see below).
     let sender_check = match DeviceId::from_slice(&request.sender_device) {
         Some(sender) => match state.store.holds_copy_from(identity.device, sender).await {
             Ok(true) => Some(sender),
@@ -153,7 +154,7 @@ pub async fn devices<S: Store>(
     let pseudonym = match E164::parse(&request.number) {
         Ok(number) => match state.keys.pseudonym(&number) {
             Ok(pseudonym) => Some(pseudonym),
-            Err(_) => return,
+            Err(_) => return reply(outbox, storage_unavailable("try again", request_id)).await,
         },
         Err(_) => None,
     };
@@ -161,7 +162,10 @@ pub async fn devices<S: Store>(
     // learns nothing about anyone else: that is free too, or a spent budget would lock a user
     // out of managing their own devices.
     let own = pseudonym.is_some_and(|p| state.keys.budget_key(&p) == identity.budgets);
-    if sender_check.is_none() && !own && !take_lookup_budget(state, identity.budgets, 1) {
+    let free = own
+        || sender_check
+            .is_some_and(|sender| state.take_free_sender_check(identity.device, sender, now_ms()));
+    if !free && !take_lookup_budget(state, identity.budgets, 1) {
         return reply(
             outbox,
             error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tidings_core::limits::{TokenBucket, Window, WindowTable};
 use tidings_core::routing::Retention;
 use tidings_core::verification::CodePolicy;
-use tidings_core::{Millis, DAY, MINUTE};
+use tidings_core::{Millis, DAY, HOUR, MINUTE};
 use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Store};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,9 @@ pub struct State<S: Store> {
     pub claim_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     /// When each account linked a device, over the last day ([`State::links_per_day`]).
     pub links: Mutex<WindowTable<BudgetKey>>,
+    /// When each device last checked a sender it holds a copy from for free, by (asking device,
+    /// sender device) ([`State::take_free_sender_check`]). Device ids only: never a number.
+    pub free_sender_checks: Mutex<WindowTable<(DeviceId, DeviceId)>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     pub shutdown: CancellationToken,
@@ -61,6 +64,12 @@ pub struct LinkOffer {
     pub approver: DeviceId,
     pub expires_at: Millis,
 }
+
+/// The free checks of a held copy's sender: one per (asking device, sender device) an hour.
+pub const FREE_SENDER_CHECK: Window = Window {
+    max: 1,
+    period: HOUR,
+};
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
@@ -103,6 +112,7 @@ impl<S: Store> State<S> {
             lookup_budgets: Mutex::default(),
             claim_budgets: Mutex::default(),
             links: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
+            free_sender_checks: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -133,6 +143,22 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
+    /// Whether `asking` may check `sender` (a device it holds a copy from) without paying the
+    /// lookup budget, and if so counts the check: once per pair per [`FREE_SENDER_CHECK`]. A
+    /// second check about the same sender could only be a sweep of numbers for its owner (an
+    /// honest client remembers the answer), so it is charged like any lookup.
+    pub fn take_free_sender_check(&self, asking: DeviceId, sender: DeviceId, now: Millis) -> bool {
+        let Ok(mut checks) = self.free_sender_checks.lock() else {
+            return false;
+        };
+        let key = (asking, sender);
+        if checks.check(&key, FREE_SENDER_CHECK, now).is_err() {
+            return false;
+        }
+        checks.record(key, FREE_SENDER_CHECK, now);
+        true
+    }
+
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
         self.abuse.prune(now);
@@ -141,6 +167,9 @@ impl<S: Store> State<S> {
         }
         if let Ok(mut links) = self.links.lock() {
             links.prune(DAY, now);
+        }
+        if let Ok(mut checks) = self.free_sender_checks.lock() {
+            checks.prune(FREE_SENDER_CHECK.period, now);
         }
         for budgets in [
             &self.lookup_budgets,

@@ -1,8 +1,9 @@
 //! Lookups and device lists against a real store: presences, bounds and the shared budget.
 
+use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
 
-use crate::testing::{error_of, ids, World};
+use crate::testing::{error_of, ids, random_device, World};
 
 #[tokio::test]
 async fn a_lookup_tells_online_offline_and_not_a_user_within_its_budget() {
@@ -112,6 +113,34 @@ async fn a_device_list_names_every_device_and_its_keys() {
         assert!(
             list.device_ids.is_empty() && list.devices.is_empty(),
             "{number}"
+        );
+    }
+}
+
+/// The free check of a held copy's sender is counted per pair of devices and per hour: a second
+/// check about the same sender is not free, one about another sender or by another device is,
+/// and an hour later the first pair is free again.
+#[test]
+fn a_free_sender_check_is_free_once_an_hour_per_pair_of_devices() {
+    let world = World::new("free-sender-check", |_| {});
+    let (asking, other_asking) = (random_device(), random_device());
+    let (sender, other_sender) = (random_device(), random_device());
+    let state = &world.state;
+    let start = 1_000_000;
+    let cases = [
+        (asking, sender, start, true),
+        (asking, sender, start + 1, false),
+        (asking, sender, start + HOUR - 1, false),
+        (asking, other_sender, start + 2, true),
+        (other_asking, sender, start + 3, true),
+        (asking, sender, start + HOUR, true),
+        (asking, sender, start + HOUR + 1, false),
+    ];
+    for (n, (asking, sender, now, free)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            state.take_free_sender_check(asking, sender, now),
+            free,
+            "case {n}"
         );
     }
 }
