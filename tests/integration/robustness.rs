@@ -262,15 +262,17 @@ fn connections_that_never_speak_are_closed_and_do_not_block_others() {
                 .expect("send");
         assert_eq!(answer["outcome"], "queued");
         let mut sink = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut sink))
+        // The server closes them after 10 s of silence; the bound only has to tell that from
+        // never, with room for a loaded machine.
+        let closed = tokio::time::timeout(patience(), silent.read_to_end(&mut sink))
             .await
             .is_ok();
         assert!(closed, "a connection that never sent a request stayed open");
-        let closed = tokio::time::timeout(Duration::from_secs(20), upgraded.read_to_end(&mut sink))
+        let closed = tokio::time::timeout(patience(), upgraded.read_to_end(&mut sink))
             .await
             .is_ok();
         assert!(closed, "a session that never logged in stayed open");
-        assert!(started.elapsed() < Duration::from_secs(20));
+        assert!(started.elapsed() < patience());
     });
 }
 

@@ -178,13 +178,13 @@ impl Server {
         }
     }
 
-    /// SIGTERM; returns whether it exited successfully within 20 seconds.
+    /// SIGTERM; returns whether it exited successfully within `PATIENCE`.
     pub fn sigterm(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
         };
         signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
