@@ -223,10 +223,11 @@ fn an_expired_message_yields_an_expired_receipt() {
     let (answer, _) = alice.send(&bob_number, "short-lived", &["--ttl", "1"]);
     assert_eq!(answer["outcome"], "queued");
     std::thread::sleep(Duration::from_millis(2500));
-    // Queued after the expired message: shown first, so the expired one was not delivered.
-    marker_comes_first(&alice, &bob, "after the expiry");
+    // First the receipt (a send of Alice's would take it at login), then a message queued
+    // after the expired one: shown first, so the expired one was not delivered.
     let events = alice.listen_until(|events| events.iter().any(|e| e["kind"] == "expired"));
     assert!(events.iter().any(|e| e["kind"] == "expired"), "{events:?}");
+    marker_comes_first(&alice, &bob, "after the expiry");
 }
 
 /// A receipt for an earlier message, pushed at login while a send waits for its answer, is no
