@@ -10,24 +10,14 @@ use tidings_proto::frame::{self, ErrorCode, Kind, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tokio::time::Instant;
 
-use crate::support::{block_on, eventually, number, text, Server, User};
-
-/// Every `--json listen` line of one run, messages and rejections alike.
-fn events(user: &User, timeout: u64) -> Vec<serde_json::Value> {
-    let out = user.run(&["--json", "listen", "--timeout", &timeout.to_string()]);
-    assert!(out.status.success(), "listen failed: {}", text(&out.stderr));
-    text(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
+use crate::support::{block_on, eventually, number, patience, text, Server, User, PATIENCE, QUIET};
 
 /// Sends one prepared frame on a fresh session and returns the server's answer.
 async fn send_raw(client: &tidings_client::client::Client, send: frame::Send) -> frame::SendResult {
     let mut session = client.session(false).await.expect("session");
     let id = send.id.clone();
     session.send(Kind::Send(send)).await.expect("send");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience();
     loop {
         match session.recv(deadline).await.expect("recv") {
             Some(Kind::SendResult(result)) if result.id == id => return result,
@@ -70,7 +60,7 @@ fn two_users_with_two_devices_each_see_every_message_once() {
             .filter(|body| body != sent)
             .collect();
         expected.sort();
-        let shown = device.receive(3, 15);
+        let shown = device.receive(3, PATIENCE);
         let mut texts: Vec<String> = shown
             .iter()
             .map(|m| m["text"].as_str().unwrap_or_default().to_string())
@@ -81,7 +71,10 @@ fn two_users_with_two_devices_each_see_every_message_once() {
             shown.iter().all(|m| m["warning"].is_null()),
             "a genuine message was flagged: {shown:?}"
         );
-        assert!(device.receive(1, 2).is_empty(), "a message was shown twice");
+        assert!(
+            device.receive(1, QUIET).is_empty(),
+            "a message was shown twice"
+        );
     }
 }
 
@@ -128,11 +121,17 @@ fn tampered_and_replayed_ciphertexts_are_rejected_and_never_shown() {
         }
         (MessageId([2; 16]).to_text(), MessageId([3; 16]).to_text())
     });
-    let seen = events(&bob, 4);
+    // A genuine message queued after the bad ones: deliveries come in queue order, and a
+    // message is shown only once the server confirmed its acknowledgement, so when it is shown
+    // every bad copy before it was handled and acknowledged.
+    let (answer, _) = alice.send(&bob.number, "after the bad ones", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    let seen = bob.listen_events(2, PATIENCE);
     let messages: Vec<&serde_json::Value> =
         seen.iter().filter(|e| e["type"] == "message").collect();
-    assert_eq!(messages.len(), 1, "{seen:?}");
+    assert_eq!(messages.len(), 2, "{seen:?}");
     assert_eq!(messages[0]["text"], "genuine");
+    assert_eq!(messages[1]["text"], "after the bad ones");
     let rejected: BTreeSet<String> = seen
         .iter()
         .filter(|e| e["type"] == "rejected")
@@ -142,10 +141,10 @@ fn tampered_and_replayed_ciphertexts_are_rejected_and_never_shown() {
     assert!(rejected.contains(&replayed), "{seen:?}");
     assert_eq!(rejected.len(), 3, "{seen:?}");
     // Rejected copies were acknowledged and deleted: nothing comes back, and messages still flow.
-    assert!(events(&bob, 2).is_empty());
+    assert!(bob.listen_events(1, QUIET).is_empty());
     let (answer, _) = alice.send(&bob.number, "after the noise", &[]);
     assert_eq!(answer["outcome"], "queued");
-    assert_eq!(bob.receive_texts(1, 10), vec!["after the noise"]);
+    assert_eq!(bob.receive_texts(1, PATIENCE), vec!["after the noise"]);
 }
 
 #[test]
@@ -197,7 +196,7 @@ fn one_time_keys_are_handed_out_once_then_the_fallback_key_and_claims_are_limite
     // With no one-time key left, a new session opens on the fallback key and decrypts.
     let (answer, _) = alice.send(&bob.number, "on the fallback key", &[]);
     assert_eq!(answer["outcome"], "queued", "{answer}");
-    assert_eq!(bob.receive_texts(1, 30), vec!["on the fallback key"]);
+    assert_eq!(bob.receive_texts(1, PATIENCE), vec!["on the fallback key"]);
     // Bob's device replenished its one-time keys when it came online.
     let alice_client = alice.client();
     block_on(async {
@@ -297,7 +296,7 @@ fn a_stale_device_list_is_refused_with_the_difference_and_the_retry_succeeds() {
     let alice_laptop = alice.link_device(&server);
     let (answer, code) = alice.send(&bob.number, "with my laptop", &[]);
     assert_eq!((code, answer["copies"].clone()), (0, 2.into()), "{answer}");
-    let mut got = bob.receive_texts(4, 10);
+    let mut got = bob.receive_texts(4, PATIENCE);
     got.sort();
     assert_eq!(
         got,
@@ -311,9 +310,12 @@ fn a_stale_device_list_is_refused_with_the_difference_and_the_retry_succeeds() {
     // Alice's new laptop was vouched for by her phone: what it sends reaches Bob unflagged.
     let (answer, code) = alice_laptop.send(&bob.number, "from my laptop", &[]);
     assert_eq!(code, 0, "{answer}");
-    let shown = bob.receive(1, 10);
+    let shown = bob.receive(1, PATIENCE);
     assert!(shown[0]["warning"].is_null(), "{shown:?}");
-    assert_eq!(alice_laptop.receive_texts(1, 10), vec!["with my laptop"]);
+    assert_eq!(
+        alice_laptop.receive_texts(1, PATIENCE),
+        vec!["with my laptop"]
+    );
 }
 
 #[test]
@@ -323,7 +325,7 @@ fn an_identity_change_is_detected_before_sending_and_warned_on_receipt() {
     let bob = User::register(&number(), &server, &[]);
     let (answer, _) = alice.send(&bob.number, "first", &[]);
     assert_eq!(answer["outcome"], "queued");
-    assert_eq!(bob.receive_texts(1, 10), vec!["first"]);
+    assert_eq!(bob.receive_texts(1, PATIENCE), vec!["first"]);
     let before = alice.ok(&["--json", "fingerprint", &bob.number]);
 
     // Bob gets a new phone: a new registration, new keys.
@@ -348,7 +350,7 @@ fn an_identity_change_is_detected_before_sending_and_warned_on_receipt() {
     // Bob's new phone writes first: Alice sees the message with a warning.
     let (answer, _) = new_phone.send(&alice.number, "new phone, same bob", &[]);
     assert_eq!(answer["outcome"], "queued", "{answer}");
-    let shown = alice.receive(1, 10);
+    let shown = alice.receive(1, PATIENCE);
     assert!(
         shown[0]["warning"]
             .as_str()
@@ -361,7 +363,7 @@ fn an_identity_change_is_detected_before_sending_and_warned_on_receipt() {
     alice.ok(&["trust", &bob.number]);
     let (answer, code) = alice.send(&bob.number, "welcome back", &[]);
     assert_eq!(code, 0, "{answer}");
-    assert_eq!(new_phone.receive_texts(1, 10), vec!["welcome back"]);
+    assert_eq!(new_phone.receive_texts(1, PATIENCE), vec!["welcome back"]);
 }
 
 #[test]
@@ -374,8 +376,8 @@ fn a_linked_device_receives_and_a_removed_one_no_longer_does() {
     let bob = User::register(&number(), &server, &[]);
     let (answer, _) = bob.send(&alice.number, "to all of alice", &[]);
     assert_eq!(answer["copies"], 2);
-    assert_eq!(alice.receive_texts(1, 10), vec!["to all of alice"]);
-    assert_eq!(laptop.receive_texts(1, 10), vec!["to all of alice"]);
+    assert_eq!(alice.receive_texts(1, PATIENCE), vec!["to all of alice"]);
+    assert_eq!(laptop.receive_texts(1, PATIENCE), vec!["to all of alice"]);
 
     // A message waits in the laptop's queue when it is removed: it goes with it.
     let (answer, _) = bob.send(&alice.number, "before the removal", &[]);
@@ -385,10 +387,11 @@ fn a_linked_device_receives_and_a_removed_one_no_longer_does() {
     assert_eq!(alice.ok(&["--json", "devices"]).lines().count(), 1);
     let (answer, _) = bob.send(&alice.number, "after the removal", &[]);
     assert_eq!(answer["copies"], 1, "{answer}");
-    let mut got = alice.receive_texts(2, 10);
+    let mut got = alice.receive_texts(2, PATIENCE);
     got.sort();
     assert_eq!(got, vec!["after the removal", "before the removal"]);
-    let out = laptop.run(&["listen", "--timeout", "2"]);
+    // Refused at login: the run ends at once, long before its timeout.
+    let out = laptop.run(&["listen", "--timeout", &PATIENCE.to_string()]);
     assert!(!out.status.success(), "a removed device still listens");
     assert!(
         text(&out.stderr).contains("no longer registered"),
@@ -397,7 +400,7 @@ fn a_linked_device_receives_and_a_removed_one_no_longer_does() {
     );
     // Nothing addressed to the removed device remains on the server.
     let raw = tidings_proto::id::from_text(&laptop_id).expect("id");
-    assert!(eventually(Duration::from_secs(5), || {
+    assert!(eventually(patience(), || {
         crate::support::files_containing(&server.data_dir(), &raw).is_empty()
     }));
 }
@@ -421,7 +424,7 @@ fn a_receiver_killed_mid_session_decrypts_everything_after_restart() {
         for send in sends {
             session.send(Kind::Send(send)).await.expect("send");
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + patience();
         let mut answered = 0;
         while answered < total {
             if let Some(Kind::SendResult(_)) = session.recv(deadline).await.expect("recv") {
@@ -441,9 +444,7 @@ fn a_receiver_killed_mid_session_decrypts_everything_after_restart() {
             }
         }
     });
-    let first = seen
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a first message");
+    let first = seen.recv_timeout(patience()).expect("a first message");
     let _ = listener.kill();
     let _ = listener.wait();
     let _ = reader.join();
@@ -460,7 +461,7 @@ fn a_receiver_killed_mid_session_decrypts_everything_after_restart() {
         "--count",
         &(usize::from(total) - before).to_string(),
         "--timeout",
-        "20",
+        &PATIENCE.to_string(),
     ]);
     let after: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
@@ -505,5 +506,5 @@ fn a_receiver_killed_mid_session_decrypts_everything_after_restart() {
     // And the sessions still work both ways.
     let (answer, _) = bob.send(&alice.number, "still in sync", &[]);
     assert_eq!(answer["outcome"], "queued");
-    assert_eq!(alice.receive_texts(1, 10), vec!["still in sync"]);
+    assert_eq!(alice.receive_texts(1, PATIENCE), vec!["still in sync"]);
 }

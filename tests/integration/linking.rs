@@ -11,7 +11,7 @@ use serde_json::json;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::id::DeviceId;
 
-use crate::support::{block_on, number, text, Server, User};
+use crate::support::{block_on, number, text, Server, User, PATIENCE};
 
 /// Reads what a spawned command still prints until it exits; returns (success, stdout, stderr).
 fn finish(child: &mut Child, stdout_lines: Vec<String>) -> (bool, String, String) {
@@ -187,7 +187,10 @@ fn a_link_with_the_shown_secret_is_vouched_for_and_both_sides_show_both_fingerpr
     let bob = User::register(&number(), &server, &[]);
     let (answer, code) = bob.send(&alice.number, "to both", &[]);
     assert_eq!(code, 0, "{answer}");
-    assert_eq!(laptop.receive_texts(1, 30), vec!["to both".to_string()]);
+    assert_eq!(
+        laptop.receive_texts(1, PATIENCE),
+        vec!["to both".to_string()]
+    );
 }
 
 /// A device trusts its own key from verification on, and a later device of its own number only
@@ -209,7 +212,7 @@ fn a_later_device_of_ones_own_number_without_a_vouch_is_not_trusted() {
 
     let (answer, code) = intruder.send(&alice.number, "it is me, really", &[]);
     assert_eq!(code, 0, "{answer}");
-    let received = alice.receive(1, 30);
+    let received = alice.receive(1, PATIENCE);
     assert_eq!(received.len(), 1, "{received:?}");
     assert!(
         received[0]["warning"].is_string(),

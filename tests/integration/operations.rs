@@ -2,14 +2,13 @@
 //! graceful shutdown.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use sha2::Digest as _;
 use tidings_proto::frame::{Kind, SendOutcome};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
-use crate::support::{block_on, number, text, Server, TempDir, User};
+use crate::support::{block_on, number, patience, text, Server, TempDir, User, PATIENCE};
 
 /// A raw HTTP/1.1 request over loopback; returns the status code and body.
 async fn http(port: u16, request: &str) -> (u16, String) {
@@ -25,7 +24,7 @@ async fn exchange(port: u16, request: &str) -> (u16, String, String) {
         .expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let _ = tokio::time::timeout(patience(), stream.read_to_end(&mut response)).await;
     let response = text(&response);
     let status = response
         .split_whitespace()
@@ -74,7 +73,7 @@ fn tls_with_a_pinned_certificate() {
     );
     let (answer, _) = alice.send(&bob_number, "over tls", &[]);
     assert_eq!(answer["outcome"], "queued");
-    assert_eq!(bob.receive(1, 10)[0]["text"], "over tls");
+    assert_eq!(bob.receive(1, PATIENCE)[0]["text"], "over tls");
 
     // A wrong pin, no trust anchor, or plain HTTP against the TLS port all fail clearly.
     let wrong = "00".repeat(32);
@@ -429,7 +428,7 @@ fn sigterm_mid_flow_loses_no_accepted_message() {
         for i in 0..75u8 {
             session.send(send(i)).await.expect("send");
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience();
         while queued.is_empty() {
             let kind = session
                 .recv(deadline)
@@ -447,7 +446,7 @@ fn sigterm_mid_flow_loses_no_accepted_message() {
                 crate::support::signal(pid, "TERM");
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience();
         while let Ok(Some(kind)) = session.recv(deadline).await {
             record(kind, &mut queued);
         }
@@ -460,11 +459,15 @@ fn sigterm_mid_flow_loses_no_accepted_message() {
     // Every send answered `queued` before the shutdown must be delivered after it.
     assert!(!queued.is_empty());
     server.restart();
-    let received: BTreeSet<String> = bob
-        .receive(150, 15)
-        .iter()
-        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
-        .collect();
+    // Until every message answered `queued` is shown (or the patience runs out).
+    let shown = |events: &[serde_json::Value]| -> BTreeSet<String> {
+        events
+            .iter()
+            .filter(|e| e["type"] == "message")
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let received = shown(&bob.listen_until(|events| shown(events).is_superset(&queued)));
     let lost: Vec<&String> = queued.difference(&received).collect();
     assert!(lost.is_empty(), "answered `queued` but lost: {lost:?}");
 }
@@ -477,8 +480,8 @@ fn sigterm_closes_idle_sessions_without_waiting_out_the_grace_period() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
-    let mut listener = bob.spawn(&["listen", "--timeout", "60"]);
-    assert!(crate::support::eventually(Duration::from_secs(10), || {
+    let mut listener = bob.spawn(&["listen"]);
+    assert!(crate::support::eventually(patience(), || {
         alice.lookup(&[&bob_number])[0].1 == "online"
     }));
     // Frozen, the listener sends no heartbeat that would wake its session either.

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
+/// Seconds a test waits at most for something that should happen. Generous, because the machine
+/// may be loaded; a passing test does not wait it out, as every such wait ends when the awaited
+/// thing happens (`listen --count`, `eventually`, `listen_until`).
+pub const PATIENCE: u64 = 60;
+
+/// Seconds a test watches for something that must not happen. Such a check comes after the
+/// event it is ordered after was observed, so a slow machine cannot make it pass vacuously.
+pub const QUIET: u64 = 2;
+
+/// `PATIENCE` as a duration.
+pub fn patience() -> Duration {
+    Duration::from_secs(PATIENCE)
+}
+
 /// The passphrase every test profile is encrypted under (given as scripts give it).
 pub const PASSPHRASE: &str = "correct horse battery staple";
 
@@ -164,13 +178,13 @@ impl Server {
         }
     }
 
-    /// SIGTERM; returns whether it exited successfully within 20 seconds.
+    /// SIGTERM; returns whether it exited successfully within `PATIENCE`.
     pub fn sigterm(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
         };
         signal(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
@@ -319,8 +333,9 @@ impl User {
         (value, out.status.code().unwrap_or(-1))
     }
 
-    /// `tidings listen --json` until `count` messages or `timeout` seconds; the message texts.
-    pub fn receive(&self, count: usize, timeout: u64) -> Vec<serde_json::Value> {
+    /// `tidings listen --json` until `count` messages or `timeout` seconds; every event line
+    /// (messages, rejections, receipts) of the run.
+    pub fn listen_events(&self, count: usize, timeout: u64) -> Vec<serde_json::Value> {
         let out = self.run(&[
             "--json",
             "listen",
@@ -333,8 +348,55 @@ impl User {
         text(&out.stdout)
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .collect()
+    }
+
+    /// `tidings listen --json` until `count` messages or `timeout` seconds; the messages. To
+    /// wait for messages that should come, give `PATIENCE` and the number expected: the run
+    /// ends as soon as they are shown. To check that nothing comes, give a short timeout, after
+    /// the event the check is ordered after was observed.
+    pub fn receive(&self, count: usize, timeout: u64) -> Vec<serde_json::Value> {
+        self.listen_events(count, timeout)
+            .into_iter()
             .filter(|v| v["type"] == "message")
             .collect()
+    }
+
+    /// `tidings listen --json` until the events seen so far satisfy `done` (then it is stopped)
+    /// or `PATIENCE` passes; every event line seen. For what `--count` cannot wait for:
+    /// receipts, routing outcomes and rejections.
+    pub fn listen_until(
+        &self,
+        mut done: impl FnMut(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut listener =
+            self.spawn(&["--json", "listen", "--timeout", &(2 * PATIENCE).to_string()]);
+        let stdout = listener.stdout.take().expect("stdout");
+        let (lines, seen) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(PATIENCE);
+        let mut events = Vec::new();
+        while !done(&events) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(line) => events.extend(serde_json::from_str::<serde_json::Value>(&line).ok()),
+                Err(_) => break,
+            }
+        }
+        let _ = listener.kill();
+        let _ = listener.wait();
+        let _ = reader.join();
+        events.extend(
+            seen.try_iter()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok()),
+        );
+        events
     }
 
     /// The texts `receive` returns, sorted.
@@ -360,7 +422,7 @@ impl User {
     /// Adds a device to this user's number: `tidings link` here shows a code, `tidings link
     /// <number> <code>` on a new profile joins with it. Returns the new device's user.
     pub fn link_device(&self, server: &Server) -> Self {
-        let mut approver = self.spawn(&["--json", "link", "--wait", "30"]);
+        let mut approver = self.spawn(&["--json", "link", "--wait", &PATIENCE.to_string()]);
         let stdout = approver.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().expect("a line").expect("read");
@@ -383,6 +445,26 @@ impl User {
             .and_then(|v| v["device_id"].as_str().map(str::to_string))
             .expect("this device in the list")
     }
+}
+
+/// Sends `marker` from `sender` to `receiver` over IP and checks that it is the first thing
+/// `receiver`'s next listen shows or rejects. Messages are delivered in the order they were
+/// queued, so a check that something queued earlier is never shown (withdrawn, expired,
+/// refused, a replaced device's queue) cannot pass merely because a slow listen saw nothing.
+pub fn marker_comes_first(sender: &User, receiver: &User, marker: &str) {
+    let (answer, code) = sender.send(&receiver.number, marker, &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    let shown: Vec<serde_json::Value> = receiver
+        .listen_events(1, PATIENCE)
+        .into_iter()
+        .filter(|e| e["type"] == "message" || e["type"] == "rejected")
+        .collect();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["text"], marker, "{shown:?}");
+    assert!(
+        receiver.receive(1, QUIET).is_empty(),
+        "more came after the marker"
+    );
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -539,7 +621,7 @@ impl Kannel {
         };
         kannel.bearerbox = Some(kannel.spawn("bearerbox", &[]));
         assert!(
-            eventually(Duration::from_secs(20), || std::net::TcpStream::connect((
+            eventually(patience(), || std::net::TcpStream::connect((
                 "127.0.0.1",
                 smsbox_port
             ))
@@ -581,7 +663,7 @@ impl Kannel {
             .next()
             .and_then(|p| p.parse().ok())
             .expect("port");
-        assert!(eventually(Duration::from_secs(10), || {
+        assert!(eventually(patience(), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         }));
     }
