@@ -210,6 +210,12 @@ fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_th
         "5000",
         "--heartbeat-seconds",
         "300",
+        // One sender's 24 MB for one device: past its default share (8 MiB), lifted here so
+        // that only the session's queue bound is under test.
+        "--queue-bytes-per-sender",
+        "100000000",
+        "--queued-bytes-per-account",
+        "100000000",
     ]);
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
