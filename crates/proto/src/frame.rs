@@ -248,6 +248,9 @@ pub struct SendResult {
     /// `DEVICES_CHANGED`: copies addressed to devices that must not get one (gone, or unknown).
     #[prost(bytes = "vec", repeated, tag = "6")]
     pub extra_devices: Vec<Vec<u8>>,
+    /// `RATE_LIMITED`: how long until the send would be accepted, in milliseconds (0: unknown).
+    #[prost(uint64, tag = "7")]
+    pub retry_after_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -652,6 +655,9 @@ pub struct Error {
     pub fatal: bool,
     #[prost(uint64, tag = "4")]
     pub request_id: u64,
+    /// `RATE_LIMITED`: how long until the request would be served, in milliseconds (0: unknown).
+    #[prost(uint64, tag = "5")]
+    pub retry_after_ms: u64,
 }
 
 /// The client-side content of a message payload. The server never decodes it.
@@ -784,6 +790,7 @@ mod tests {
                 message: "m".into(),
                 fatal: true,
                 request_id: 3,
+                retry_after_ms: 5,
             }),
             Kind::WithdrawResult(WithdrawResult { id, state: 1 }),
             Kind::KeysUpload(Default::default()),

@@ -56,6 +56,7 @@ fn error_frame(code: ErrorCode, message: String, fatal: bool, request_id: u64) -
         message,
         fatal,
         request_id,
+        retry_after_ms: 0,
     })
     .into()
 }

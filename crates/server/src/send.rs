@@ -133,6 +133,7 @@ pub async fn send<S: Store>(
             missing_devices: ids(&difference.missing),
             missing_own_devices: ids(&difference.missing_own),
             extra_devices: ids(&difference.extra),
+            retry_after_ms: 0,
         }),
     )
     .await;
