@@ -546,8 +546,16 @@ fn print_send(report: &SendReport, json: bool) {
     if json {
         println!(
             "{}",
-            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt, "copies": report.copies })
+            json!({ "id": report.id.to_text(), "outcome": report.outcome.as_str(), "receipt": receipt, "copies": report.copies, "retry_after": report.retry_after.map(|wait| wait.as_secs()) })
         );
+        return;
+    }
+    if let (SendOutcome::RateLimited, Some(retry_after)) = (report.outcome, report.retry_after) {
+        let refusal = ClientError::RetryLater {
+            message: "too many messages".into(),
+            retry_after,
+        };
+        println!("not sent: {refusal}");
         return;
     }
     let text = match (report.outcome, receipt) {

@@ -36,6 +36,8 @@ pub struct SendReport {
     pub receipt: Option<ReceiptKind>,
     /// Encrypted copies sent (every device of the receiver and this number's other devices).
     pub copies: usize,
+    /// `RateLimited`: how long until the server would accept a send.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// A fresh random message id.
@@ -214,6 +216,7 @@ pub async fn send(
     let mut changed: Option<ChangedDevices> = None;
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
+    let mut retry_after = None;
     let mut receipt: Option<ReceiptKind> = None;
     let mut receipt_came = false;
     let mut copies = 0;
@@ -271,6 +274,7 @@ pub async fn send(
                         Event::DevicesChanged
                     }
                     answered => {
+                        retry_after = crate::retry_after(result.retry_after_ms);
                         answer = Some(answered);
                         Event::Answer(answered)
                     }
@@ -291,7 +295,7 @@ pub async fn send(
                 }
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
-            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            Kind::Error(e) if e.fatal => return Err(e.into()),
             _ => continue,
         };
         action = Some(machine.handle(&policy, event, now_ms()));
@@ -302,6 +306,7 @@ pub async fn send(
         outcome,
         receipt,
         copies,
+        retry_after,
     })
 }
 

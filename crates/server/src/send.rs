@@ -103,8 +103,17 @@ pub async fn send<S: Store>(
 ) {
     let id_bytes = send.id.clone();
     let stored = decide_and_store(state, identity, send, &place).await;
+    let mut retry_after_ms = 0;
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
+        Stored::RateLimited(wait) => {
+            retry_after_ms = wait.max(1);
+            (
+                SendOutcome::RateLimited,
+                "too many messages".to_string(),
+                DeviceDifference::default(),
+            )
+        }
         Stored::DevicesChanged(difference) => (
             SendOutcome::DevicesChanged,
             format!(
@@ -133,7 +142,7 @@ pub async fn send<S: Store>(
             missing_devices: ids(&difference.missing),
             missing_own_devices: ids(&difference.missing_own),
             extra_devices: ids(&difference.extra),
-            retry_after_ms: 0,
+            retry_after_ms,
         }),
     )
     .await;
@@ -142,6 +151,8 @@ pub async fn send<S: Store>(
 /// What deciding and storing a send came to.
 enum Stored {
     Answer(SendOutcome, String),
+    /// Refused for the sender's message rate: the wait until a send would be accepted.
+    RateLimited(Millis),
     DevicesChanged(DeviceDifference),
 }
 
@@ -236,17 +247,15 @@ async fn decide_and_enqueue<S: Store>(
         ));
     }
     let now = now_ms();
-    if take_budget(
+    if let Err(wait) = take_budget(
         &state.send_budgets,
         identity.budgets,
         1,
         state.config.send_burst,
         f64::from(state.config.send_per_second),
         now,
-    )
-    .is_err()
-    {
-        return answer(SendOutcome::RateLimited, "too many messages: slow down");
+    ) {
+        return Err(Stored::RateLimited(wait));
     }
     let pseudonym = match state.keys.pseudonym_of(&send.to) {
         Ok(Some(pseudonym)) => pseudonym,
