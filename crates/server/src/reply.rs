@@ -22,15 +22,26 @@ pub fn error(code: ErrorCode, message: impl Into<String>, request_id: u64) -> Fr
 }
 
 /// The answer to a request refused for a budget or a rate: `RATE_LIMITED`, with the wait until
-/// it would be served (`retry_after_ms`, at least 1), so that the client says when to try again.
+/// it would be served ([`retry_after_ms`]), so that the client says when to try again.
 pub fn rate_limited(message: impl Into<String>, wait: Millis, request_id: u64) -> Frame {
     error_frame(
         ErrorCode::RateLimited,
         message.into(),
         false,
         request_id,
-        wait.max(1),
+        retry_after_ms(wait),
     )
+}
+
+/// A budget's wait as the wire says it: at least 1 ms, and 0 (no wait given) when no wait would
+/// let the request through ([`Millis::MAX`] from the budget: a request larger than the whole
+/// budget, or a budget that never refills).
+pub fn retry_after_ms(wait: Millis) -> u64 {
+    if wait == Millis::MAX {
+        0
+    } else {
+        wait.max(1)
+    }
 }
 
 /// The answer to a request that storage could not serve; `retry` says what to do next, such as
@@ -78,4 +89,16 @@ fn error_frame(
         retry_after_ms,
     })
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_at_least_a_millisecond_and_none_when_no_wait_would_do() {
+        for (wait, expected) in [(0, 1), (1, 1), (3_600_000, 3_600_000), (Millis::MAX, 0)] {
+            assert_eq!(retry_after_ms(wait), expected, "{wait}");
+        }
+    }
 }

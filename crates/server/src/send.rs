@@ -107,7 +107,7 @@ pub async fn send<S: Store>(
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
         Stored::RateLimited(wait) => {
-            retry_after_ms = wait.max(1);
+            retry_after_ms = crate::reply::retry_after_ms(wait);
             (
                 SendOutcome::RateLimited,
                 "too many messages".to_string(),
