@@ -552,6 +552,7 @@ fn print_send(report: &SendReport, json: bool) {
                 "receipt": receipt,
                 "copies": report.copies,
                 "skipped_own_devices": report.skipped_own_devices,
+                "retry_after": report.retry_after.map(|wait| wait.as_secs()),
             })
         );
         return;
@@ -561,6 +562,14 @@ fn print_send(report: &SendReport, json: bool) {
             "warning: {} of your own devices will miss this message: their queue on the server is full (they have been offline); each is told how many messages it missed when it comes online",
             report.skipped_own_devices
         );
+    }
+    if let (SendOutcome::RateLimited, Some(retry_after)) = (report.outcome, report.retry_after) {
+        let refusal = ClientError::RetryLater {
+            message: "too many messages".into(),
+            retry_after,
+        };
+        println!("not sent: {refusal}");
+        return;
     }
     let text = match (report.outcome, receipt) {
         (SendOutcome::Accepted, Some("delivered")) => "delivered",

@@ -2,7 +2,12 @@
 //! (link one, use it, remove it), and an opt-out is free too, so neither may bring fresh lookup
 //! budgets; and an account links only a few devices a day.
 
-use crate::support::{number, text, Server, User};
+use std::time::Duration;
+
+use tidings_proto::frame::{self, Kind};
+use tokio::time::Instant;
+
+use crate::support::{block_on, number, text, Server, User};
 
 /// The lookup budget of these tests: small, and regained so slowly that no test sees a refill.
 const BURST: usize = 4;
@@ -87,5 +92,70 @@ fn an_account_links_at_most_five_devices_a_day() {
     assert!(
         complaint.contains("linked to a number a day"),
         "{complaint}"
+    );
+}
+
+/// Issue 28, item 11: a lookup refused for the budget says when to try again (the server knows
+/// the wait and sends it), not "later". One lookup is regained an hour: the wait is nearly an hour.
+#[test]
+fn a_lookup_refused_for_the_budget_says_when_to_try_again() {
+    let server = Server::start(&["--lookup-burst", "1", "--lookup-per-hour", "1"]);
+    let alice = User::register(&number(), &server, &[]);
+    alice.ok(&["lookup", &number()]);
+    let out = alice.run(&["lookup", &number()]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let complaint = text(&out.stderr);
+    assert!(
+        complaint.contains("budget")
+            && (complaint.contains("try again in 59 min")
+                || complaint.contains("try again in 1 h")),
+        "{complaint}"
+    );
+}
+
+/// Issue 28, item 11: a send refused for the sender's message rate says in `SendResult` when it
+/// would be accepted. Two sends reach the server together; the burst allows one, and one is
+/// regained a second.
+#[test]
+fn a_send_refused_for_its_rate_says_when_to_try_again() {
+    let server = Server::start(&["--send-burst", "1", "--send-per-second", "1"]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let (alice_client, bob_client) = (alice.client(), bob.client());
+    let results = block_on(async {
+        let mut session = bob_client.session(false).await.expect("bob");
+        let send = |n: u8| {
+            Kind::Send(frame::Send {
+                id: vec![n; 16],
+                to: alice_number.clone(),
+                mode: frame::SendMode::Queue as i32,
+                copies: vec![frame::Copy {
+                    device_id: alice_client.device().as_bytes().to_vec(),
+                    payload: bytes::Bytes::from_static(b"sealed"),
+                }],
+                ..frame::Send::default()
+            })
+        };
+        session.send_many([send(1), send(2)]).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut results = Vec::new();
+        while results.len() < 2 {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(result)) => results.push(result),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        results
+    });
+    let limited: Vec<_> = results
+        .iter()
+        .filter(|result| result.outcome == frame::SendOutcome::RateLimited as i32)
+        .collect();
+    assert_eq!(limited.len(), 1, "{results:?}");
+    assert!(
+        (1..=1_000).contains(&limited[0].retry_after_ms),
+        "{results:?}"
     );
 }

@@ -226,8 +226,10 @@ fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_th
     let stalled = block_on(stall_with_deliveries(
         &alice_client,
         &alice_number,
+        &[],
         &bob_client,
         SENDS,
+        60 * 1024,
     ));
     let offline = eventually(Duration::from_secs(60), || {
         bob.lookup(&[&alice_number])[0].1 == "offline"

@@ -185,10 +185,14 @@ fn one_time_keys_are_handed_out_once_then_the_fallback_key_and_claims_are_limite
         // 50 one-time keys, each once; then the same fallback key again and again.
         assert_eq!(one_time.len(), 50);
         assert_eq!(fallback.len(), 1);
-        // Draining another user's keys runs into the claim limit.
+        // Draining another user's keys runs into the claim limit, which says when to try again.
         match carol_client.claim(&mut session, &bob.number, &[]).await {
-            Err(ClientError::Refused(message)) => {
-                assert!(message.contains("too many"), "{message}")
+            Err(ClientError::RetryLater {
+                message,
+                retry_after,
+            }) => {
+                assert!(message.contains("too many"), "{message}");
+                assert!(retry_after > std::time::Duration::ZERO);
             }
             other => panic!("expected the claim limit, got {other:?}"),
         }

@@ -279,18 +279,20 @@ fn connections_that_never_speak_are_closed_and_do_not_block_others() {
 /// Issue 28, item 1: a device that stops reading its socket until its session's queue is full,
 /// then is removed by another device of its account, must not act on the account afterwards (the
 /// `SignedOut` that did not fit in the queue used to be dropped, and the session kept serving).
+/// The deliveries are small, so that the queue fills its 1,024 frames and stays open under its
+/// byte bound: the revocation, not the byte bound, must stop the removed device.
 #[test]
 fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     // More sends than the default burst and than one sender's default share of a queue, and a
-    // heartbeat long enough that the stalled session is not closed for silence while its queue
-    // fills.
+    // heartbeat long enough that the stalled session is neither closed for silence nor for a
+    // write that waits while its queue fills.
     let server = Server::start(&[
         "--send-burst",
-        "5000",
+        "20000",
         "--send-per-second",
-        "5000",
+        "20000",
         "--queue-copies-per-sender",
-        "5000",
+        "10000",
         "--queue-bytes-per-sender",
         "1000000000",
         "--queued-bytes-per-account",
@@ -304,60 +306,49 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, other_client, bob_client) = (alice.client(), other.client(), bob.client());
     let stalled_device = alice_client.device();
-    let copies_for = [stalled_device, other_client.device()];
-    // Enough 16 KiB deliveries to fill the socket's buffers and then the session's queue of
-    // 1,024 frames behind them.
-    const SENDS: usize = 1_500;
-    const BATCH: usize = 100;
-    let disable_served = block_on(async {
-        let mut stalled = alice_client.session(true).await.expect("alice");
-        let mut bob_session = bob_client.session(false).await.expect("bob");
-        let payload = bytes::Bytes::from(vec![7u8; 16 * 1024]);
-        for batch in 0..SENDS / BATCH {
-            let sends = (0..BATCH).map(|n| {
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&((batch * BATCH + n) as u64).to_be_bytes());
-                Kind::Send(frame::Send {
-                    id: id.to_vec(),
-                    to: alice_number.clone(),
-                    mode: frame::SendMode::Queue as i32,
-                    copies: copies_for
-                        .iter()
-                        .map(|device| frame::Copy {
-                            device_id: device.as_bytes().to_vec(),
-                            payload: payload.clone(),
-                        })
-                        .collect(),
-                    ..frame::Send::default()
-                })
-            });
-            bob_session.send_many(sends).await.expect("send");
-            await_sends_stored(&mut bob_session, BATCH as u64).await;
-        }
-        // The other device removes the stalled one, whose queue has no room for `SignedOut`.
-        let removed = tokio::task::spawn_blocking(move || {
-            other.ok(&["devices", "--remove", &stalled_device.to_text()])
+    assert_small_deliveries_fill_the_queue_under_its_byte_bound();
+    let (disable_served, bob) = block_on(async {
+        let mut stalled = stall_with_deliveries(
+            &alice_client,
+            &alice_number,
+            &[other_client.device()],
+            &bob_client,
+            SMALL_DELIVERIES,
+            SMALL_PAYLOAD,
+        )
+        .await;
+        // The stalled session is still open (its queue is full but under its byte bound); the
+        // other device then removes it, and its queue has no room for `SignedOut`.
+        let looked_up = alice_number.clone();
+        let (removed, presence, bob) = tokio::task::spawn_blocking(move || {
+            let presence = bob.lookup(&[&looked_up])[0].1.clone();
+            let removed = other.ok(&["devices", "--remove", &stalled_device.to_text()]);
+            (removed, presence, bob)
         })
         .await
         .expect("remove");
+        assert_eq!(presence, "online", "the stalled session was closed");
         assert!(removed.contains("Removed"), "{removed}");
-        // The removed device asks to delete the account, then reads everything it is sent.
+        // The removed device asks to delete the account, then reads everything it is sent: no
+        // answer to that request may come, not even the store's refusal.
         stalled
             .send(Kind::Disable(frame::Disable { request_id: 77 }))
             .await
             .expect("disable");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             match stalled.recv(deadline).await {
-                Ok(Some(Kind::DisableResult(_))) => return true,
+                Ok(Some(Kind::DisableResult(_))) => return (true, bob),
+                // Refused by the store's own check of the acting device: served all the same.
+                Ok(Some(Kind::Error(error))) if error.request_id == 77 => return (true, bob),
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return false,
+                Ok(None) | Err(_) => return (false, bob),
             }
         }
     });
     assert!(
         !disable_served,
-        "a removed device deleted its former account"
+        "a removed device's session served a request after the removal"
     );
     // The account is still there for everyone else.
     let found = bob.lookup(&[&alice_number]);
@@ -366,16 +357,21 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
 
 /// Issue 28, item 1: a session whose client stops reading its socket is closed once a write has
 /// waited for as long as a client may stay silent (three heartbeat intervals), instead of holding
-/// its connection, and its device online, for ever.
+/// its connection, and its device online, for ever. The deliveries are small, so that the queue
+/// stays under its byte bound (which would close the session on its own) while the write waits.
 #[test]
 fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
     let server = Server::start(&[
         "--send-burst",
-        "5000",
+        "20000",
         "--send-per-second",
-        "5000",
+        "20000",
+        "--queue-copies-per-sender",
+        "10000",
         "--queue-bytes-per-sender",
-        "100000000",
+        "1000000000",
+        "--queued-bytes-per-account",
+        "1000000000",
         "--heartbeat-seconds",
         "2",
     ]);
@@ -383,14 +379,16 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, bob_client) = (alice.client(), bob.client());
-    // Enough 60 KiB deliveries to fill the socket's buffers, so that a write waits.
+    assert_small_deliveries_fill_the_queue_under_its_byte_bound();
     let stalled = block_on(stall_with_deliveries(
         &alice_client,
         &alice_number,
+        &[],
         &bob_client,
-        400,
+        SMALL_DELIVERIES,
+        SMALL_PAYLOAD,
     ));
-    let offline = eventually(Duration::from_secs(30), || {
+    let offline = eventually(Duration::from_secs(60), || {
         bob.lookup(&[&alice_number])[0].1 == "offline"
     });
     drop(stalled);
@@ -400,35 +398,78 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
     );
 }
 
+/// The payload of a small delivery: a full session queue of such deliveries stays under the
+/// queue's byte bound (checked by [`stall_with_deliveries`]), so a stalled session keeps its
+/// full queue open instead of being closed at the bound.
+pub const SMALL_PAYLOAD: usize = 900;
+/// Small deliveries enough to fill the socket's buffers on both ends (at most 4 MiB on the
+/// server's side and 128 KiB on the client's that does not read, with this machine's defaults)
+/// and then the session's queue of 1,024 frames behind them, under the 10,000 copies a device
+/// may hold.
+pub const SMALL_DELIVERIES: u64 = 8_000;
+
 /// Opens a listening session of `receiver` (whose number is `receiver_number`) that never reads,
-/// and sends it `sends` deliveries of 60 KiB from `sender`, each answered `QUEUED` or
-/// `ACCEPTED`. The stalled session is returned, to be kept open while the test looks.
+/// and sends it `sends` deliveries of `payload_len` bytes from `sender` (with a copy for each of
+/// `also_to`, the receiver's other devices), each answered `QUEUED` or `ACCEPTED`. The stalled
+/// session is returned, to be kept open while the test looks.
 pub async fn stall_with_deliveries(
     receiver: &tidings_client::client::Client,
     receiver_number: &str,
+    also_to: &[tidings_proto::id::DeviceId],
     sender: &tidings_client::client::Client,
     sends: u64,
+    payload_len: usize,
 ) -> tidings_client::session::Session {
+    const BATCH: u64 = 100;
     let stalled = receiver.session(true).await.expect("receiver");
     let mut sender_session = sender.session(false).await.expect("sender");
-    let payload = bytes::Bytes::from(vec![7u8; 60 * 1024]);
-    for n in 0..sends {
+    let payload = bytes::Bytes::from(vec![7u8; payload_len]);
+    let devices: Vec<_> = std::iter::once(receiver.device())
+        .chain(also_to.iter().copied())
+        .collect();
+    let send = |n: u64| {
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&n.to_be_bytes());
-        let send = Kind::Send(frame::Send {
+        Kind::Send(frame::Send {
             id: id.to_vec(),
             to: receiver_number.to_string(),
             mode: frame::SendMode::Queue as i32,
-            copies: vec![frame::Copy {
-                device_id: receiver.device().as_bytes().to_vec(),
-                payload: payload.clone(),
-            }],
+            copies: devices
+                .iter()
+                .map(|device| frame::Copy {
+                    device_id: device.as_bytes().to_vec(),
+                    payload: payload.clone(),
+                })
+                .collect(),
             ..frame::Send::default()
-        });
-        sender_session.send(send).await.expect("send");
+        })
+    };
+    for first in (0..sends).step_by(BATCH as usize) {
+        let last = (first + BATCH).min(sends);
+        sender_session
+            .send_many((first..last).map(send))
+            .await
+            .expect("send");
+        await_sends_stored(&mut sender_session, last - first).await;
     }
-    await_sends_stored(&mut sender_session, sends).await;
     stalled
+}
+
+/// Checks that a full session queue of deliveries of [`SMALL_PAYLOAD`] bytes stays under the
+/// queue's byte bound, so that a test using them reaches the queue's frame bound, not its byte
+/// bound.
+fn assert_small_deliveries_fill_the_queue_under_its_byte_bound() {
+    let delivery = Frame::from(Kind::Deliver(frame::Deliver {
+        sender_device: vec![0xff; 16],
+        id: vec![0xff; 16],
+        sent_at_ms: u64::MAX,
+        payload: bytes::Bytes::from(vec![7u8; SMALL_PAYLOAD]),
+    }));
+    let wire_len = 4 + prost::Message::encoded_len(&delivery);
+    assert!(
+        wire_len * tidings_server::SESSION_QUEUE <= tidings_server::SESSION_QUEUE_BYTES,
+        "{wire_len} bytes a delivery"
+    );
 }
 
 /// Waits for `count` answers to sends on `session`, each `QUEUED` or `ACCEPTED`.

@@ -146,7 +146,7 @@ impl Account {
                 });
                 Ok(())
             }
-            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            Kind::Error(e) => Err(e.into()),
             _ => Err(ClientError::Protocol(
                 "unexpected answer to a key upload".into(),
             )),
@@ -189,7 +189,7 @@ impl Account {
         });
         match session.call(request, request_id).await? {
             Kind::DeviceList(list) => Ok(list.devices),
-            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            Kind::Error(e) => Err(e.into()),
             _ => Err(ClientError::Protocol(
                 "unexpected answer to a device list request".into(),
             )),
@@ -211,7 +211,7 @@ impl Account {
         });
         match session.call(request, request_id).await? {
             Kind::KeysClaimResult(result) => Ok(result.devices),
-            Kind::Error(e) => Err(ClientError::Refused(e.message)),
+            Kind::Error(e) => Err(e.into()),
             _ => Err(ClientError::Protocol(
                 "unexpected answer to a key claim".into(),
             )),

@@ -43,7 +43,7 @@ pub async fn lookup(account: &Account, numbers: &[String]) -> Result<Vec<(String
                 )
             })
             .collect()),
-        Kind::Error(e) => Err(ClientError::Refused(e.message)),
+        Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol(
             "unexpected answer to a lookup".into(),
         )),

@@ -332,7 +332,7 @@ async fn listen_on(
                 }
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
-            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            Kind::Error(e) if e.fatal => return Err(e.into()),
             _ => {}
         }
     }

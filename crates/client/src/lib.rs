@@ -75,7 +75,8 @@ pub enum ClientError {
     Network(String),
     #[error("the server refused: {0}")]
     Refused(String),
-    /// A refusal that says when to try again (HTTP `429` with `retry_after`).
+    /// A refusal that says when to try again (HTTP `429` with `retry_after`, or a session's
+    /// `RATE_LIMITED` with `retry_after_ms`).
     #[error("{message}; try again in {}", wait_text(*retry_after))]
     RetryLater {
         message: String,
@@ -101,6 +102,25 @@ pub enum ClientError {
     LinkNotProven(String),
     #[error("the safety number with {number} changed: it has {count} new identity key(s) (a new phone, a re-registration, a new device, or someone in between). Nothing was sent. Compare `tidings fingerprint {number}` with them, then run `tidings trust {number}`")]
     IdentityChanged { number: String, count: usize },
+}
+
+impl From<tidings_proto::frame::Error> for ClientError {
+    /// An `Error` frame: a refusal that carries a wait says when to try again.
+    fn from(error: tidings_proto::frame::Error) -> Self {
+        match retry_after(error.retry_after_ms) {
+            Some(retry_after) => ClientError::RetryLater {
+                message: error.message,
+                retry_after,
+            },
+            None => ClientError::Refused(error.message),
+        }
+    }
+}
+
+/// The wait a session's refusal carries (`retry_after_ms`, 0 for none), rounded up to whole
+/// seconds so that it is never shown shorter than it is.
+pub fn retry_after(retry_after_ms: u64) -> Option<std::time::Duration> {
+    (retry_after_ms > 0).then(|| std::time::Duration::from_secs(retry_after_ms.div_ceil(1000)))
 }
 
 impl From<rusqlite::Error> for ClientError {

@@ -39,6 +39,8 @@ pub struct SendReport {
     /// This number's own devices the server skipped because their queue is full: they will miss
     /// the message (and learn how many they missed when they drain).
     pub skipped_own_devices: usize,
+    /// `RateLimited`: how long until the server would accept a send.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// A fresh random message id.
@@ -217,6 +219,7 @@ pub async fn send(
     let mut changed: Option<ChangedDevices> = None;
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
+    let mut retry_after = None;
     let mut receipt: Option<ReceiptKind> = None;
     let mut receipt_came = false;
     let mut copies = 0;
@@ -275,6 +278,7 @@ pub async fn send(
                         Event::DevicesChanged
                     }
                     answered => {
+                        retry_after = crate::retry_after(result.retry_after_ms);
                         answer = Some(answered);
                         skipped_own_devices = result.skipped_own_devices.len();
                         Event::Answer(answered)
@@ -296,7 +300,7 @@ pub async fn send(
                 }
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
-            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            Kind::Error(e) if e.fatal => return Err(e.into()),
             _ => continue,
         };
         action = Some(machine.handle(&policy, event, now_ms()));
@@ -308,6 +312,7 @@ pub async fn send(
         receipt,
         copies,
         skipped_own_devices,
+        retry_after,
     })
 }
 

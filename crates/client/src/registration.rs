@@ -293,7 +293,7 @@ pub async fn approve_link(
             });
             link
         }
-        Kind::Error(e) => return Err(ClientError::Refused(e.message)),
+        Kind::Error(e) => return Err(e.into()),
         _ => {
             return Err(ClientError::Protocol(
                 "unexpected answer to a link code request".into(),
@@ -336,7 +336,7 @@ pub async fn approve_link(
                 });
                 match session.call(vouch, request_id).await? {
                     Kind::VouchResult(_) => {}
-                    Kind::Error(e) => return Err(ClientError::Refused(e.message)),
+                    Kind::Error(e) => return Err(e.into()),
                     _ => return Err(ClientError::Protocol("unexpected answer to a vouch".into())),
                 }
                 return Ok(Some(Approved {
@@ -345,7 +345,7 @@ pub async fn approve_link(
                 }));
             }
             Kind::SignedOut(s) => return Err(ClientError::SignedOut(s.reason)),
-            Kind::Error(e) if e.fatal => return Err(ClientError::Refused(e.message)),
+            Kind::Error(e) if e.fatal => return Err(e.into()),
             _ => {}
         }
     }
@@ -398,7 +398,7 @@ pub async fn devices(account: &Account) -> Result<Vec<DeviceInfo>> {
                 this_device: id == account.device(),
             })
             .collect()),
-        Kind::Error(e) => Err(ClientError::Refused(e.message)),
+        Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol(
             "unexpected answer to a device list request".into(),
         )),
@@ -422,7 +422,7 @@ pub async fn remove_device(account: &Account, device: DeviceId) -> Result<()> {
             }
             Ok(())
         }
-        Kind::Error(e) => Err(ClientError::Refused(e.message)),
+        Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol(
             "unexpected answer to a device removal".into(),
         )),
@@ -442,7 +442,7 @@ pub async fn disable(account: Account) -> Result<()> {
             Inbox::forget_keys(account.profile().dir())?;
             account.profile().forget_registration()
         }
-        Kind::Error(e) => Err(ClientError::Refused(e.message)),
+        Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol("unexpected answer to disable".into())),
     }
 }

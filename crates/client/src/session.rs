@@ -87,7 +87,7 @@ impl Session {
                     error.message
                 )))
             }
-            Some(Kind::Error(error)) => Err(ClientError::Refused(error.message)),
+            Some(Kind::Error(error)) => Err(error.into()),
             Some(_) => Err(ClientError::Protocol("expected LoginResult".into())),
             None => Err(ClientError::Timeout),
         }
@@ -133,7 +133,7 @@ impl Session {
                 Ok(None) => break Err(ClientError::Timeout),
                 Ok(Some(kind)) if kind.answer_to() == Some(request_id) => break Ok(kind),
                 Ok(Some(Kind::SignedOut(s))) => break Err(ClientError::SignedOut(s.reason)),
-                Ok(Some(Kind::Error(e))) if e.fatal => break Err(ClientError::Refused(e.message)),
+                Ok(Some(Kind::Error(e))) if e.fatal => break Err(e.into()),
                 Ok(Some(other)) => others.push(other),
             }
         };

@@ -275,6 +275,9 @@ pub struct SendResult {
     /// was stored without their copies, so they miss it.
     #[prost(bytes = "vec", repeated, tag = "7")]
     pub skipped_own_devices: Vec<Vec<u8>>,
+    /// `RATE_LIMITED`: how long until the send would be accepted, in milliseconds (0: unknown).
+    #[prost(uint64, tag = "8")]
+    pub retry_after_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -685,6 +688,9 @@ pub struct Error {
     pub fatal: bool,
     #[prost(uint64, tag = "4")]
     pub request_id: u64,
+    /// `RATE_LIMITED`: how long until the request would be served, in milliseconds (0: unknown).
+    #[prost(uint64, tag = "5")]
+    pub retry_after_ms: u64,
 }
 
 /// The client-side content of a message payload. The server never decodes it.
@@ -818,6 +824,7 @@ mod tests {
                 message: "m".into(),
                 fatal: true,
                 request_id: 3,
+                retry_after_ms: 5,
             }),
             Kind::WithdrawResult(WithdrawResult { id, state: 1 }),
             Kind::KeysUpload(Default::default()),

@@ -9,7 +9,7 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
-use tidings_core::{Millis, HOUR};
+use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -19,7 +19,7 @@ use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::reply::{error, reply, storage_unavailable, store_failed};
+use crate::reply::{error, rate_limited, reply, storage_unavailable, store_failed};
 use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
 #[cfg(test)]
@@ -224,25 +224,16 @@ pub async fn claim<S: Store>(
         }
         .max(1);
         let per_second = f64::from(state.config.key_claims_per_hour) / (HOUR as f64 / 1000.0);
-        if take_budget(
+        if let Err(wait) = take_budget(
             &state.claim_budgets,
             identity.budgets,
             u32::try_from(cost).unwrap_or(u32::MAX),
             state.config.key_claim_burst,
             per_second,
             now_ms(),
-        )
-        .is_err()
-        {
-            return reply(
-                outbox,
-                error(
-                    ErrorCode::RateLimited,
-                    "too many key claims: try again later",
-                    request_id,
-                ),
-            )
-            .await;
+        ) {
+            let answer = rate_limited("too many key claims", wait, request_id);
+            return reply(outbox, answer).await;
         }
     }
     // A number that is not a user has no devices: the same empty answer a device list gives.
@@ -316,12 +307,10 @@ pub fn link_code_hash(code: &str) -> [u8; 32] {
     Sha256::digest(normalised.as_bytes()).into()
 }
 
-/// The refusal of a link beyond the account's daily limit, with when to try again.
-pub fn too_many_links(links_per_day: usize, wait: Millis) -> String {
-    let hours = wait.div_ceil(HOUR).max(1);
-    format!(
-        "at most {links_per_day} devices may be linked to a number a day: try again in {hours} h"
-    )
+/// The refusal of a link beyond the account's daily limit; when to try again goes beside it
+/// (`retry_after` over HTTP, `retry_after_ms` in a session), and the client words it.
+pub fn too_many_links(links_per_day: usize) -> String {
+    format!("at most {links_per_day} devices may be linked to a number a day")
 }
 
 /// Handles `LinkCodeRequest`: a fresh 12-digit code, valid 10 minutes, that lets one new device
@@ -354,8 +343,8 @@ pub async fn link_code<S: Store>(
         }
     }
     if let Err(wait) = state.check_link(identity.budgets, now_ms(), false) {
-        let message = too_many_links(state.config.links_per_day, wait);
-        return reply(outbox, error(ErrorCode::RateLimited, message, request_id)).await;
+        let message = too_many_links(state.config.links_per_day);
+        return reply(outbox, rate_limited(message, wait, request_id)).await;
     }
     let digits: String = {
         let mut rng = rand::rngs::OsRng;

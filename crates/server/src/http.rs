@@ -659,7 +659,7 @@ async fn link<S: Store>(
         return Err(wrong_code());
     };
     if let Err(wait) = state.check_link(state.keys.budget_key(&pseudonym), now, true) {
-        let message = too_many_links(state.config.links_per_day, wait);
+        let message = too_many_links(state.config.links_per_day);
         return Err(rate_limited(wait, &message));
     }
     let mut device = [0u8; 16];

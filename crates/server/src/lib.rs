@@ -69,6 +69,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+/// A session's queue bounds, for tests that fill one queue up to either bound.
+pub use crate::hub::{SESSION_QUEUE, SESSION_QUEUE_BYTES};
+
 use crate::config::ServerConfig;
 use crate::connection::{PreLogin, Slot, SHUTDOWN_GRACE};
 use crate::metrics::Metrics;

@@ -7,7 +7,7 @@
 //! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
 //! who asked (promise P4).
 
-use tidings_core::HOUR;
+use tidings_core::{Millis, HOUR};
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -18,15 +18,20 @@ use crate::clock::now_ms;
 use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::keys::BudgetKey;
-use crate::reply::{error, reply, storage_unavailable};
+use crate::reply::{error, rate_limited, reply, storage_unavailable};
 use crate::state::{take_budget, Shared};
 
 #[cfg(test)]
 mod tests;
 
-const BUDGET_USED_UP: &str = "lookup budget used up: try again later";
+const BUDGET_USED_UP: &str = "lookup budget used up";
 
-fn take_lookup_budget<S: Store>(state: &Shared<S>, budgets: BudgetKey, n: usize) -> bool {
+/// Takes `n` lookups from the account's budget; `Err` carries the wait until they would fit.
+fn take_lookup_budget<S: Store>(
+    state: &Shared<S>,
+    budgets: BudgetKey,
+    n: usize,
+) -> Result<(), Millis> {
     let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     take_budget(
@@ -37,7 +42,6 @@ fn take_lookup_budget<S: Store>(state: &Shared<S>, budgets: BudgetKey, n: usize)
         per_second,
         now_ms(),
     )
-    .is_ok()
 }
 
 /// Handles `Lookup`: the presence of each number, in order.
@@ -56,12 +60,8 @@ pub async fn lookup<S: Store>(
         )
         .await;
     }
-    if !take_lookup_budget(state, identity.budgets, lookup.numbers.len()) {
-        return reply(
-            outbox,
-            error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
-        )
-        .await;
+    if let Err(wait) = take_lookup_budget(state, identity.budgets, lookup.numbers.len()) {
+        return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
     let Ok(presences) = presences(state, &lookup.numbers).await else {
@@ -165,12 +165,10 @@ pub async fn devices<S: Store>(
     let free = own
         || sender_check
             .is_some_and(|sender| state.take_free_sender_check(identity.device, sender, now_ms()));
-    if !free && !take_lookup_budget(state, identity.budgets, 1) {
-        return reply(
-            outbox,
-            error(ErrorCode::RateLimited, BUDGET_USED_UP, request_id),
-        )
-        .await;
+    if !free {
+        if let Err(wait) = take_lookup_budget(state, identity.budgets, 1) {
+            return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
+        }
     }
     let mut device_ids = Vec::new();
     let mut devices = Vec::new();

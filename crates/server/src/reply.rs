@@ -4,6 +4,7 @@
 //! An error's message is for the person at the client: it says what to do next and never
 //! repeats a number, a key, a code or a payload from the request it answers.
 
+use tidings_core::Millis;
 use tidings_proto::frame::{self, ErrorCode, Frame, Kind};
 use tidings_store::StoreError;
 
@@ -17,7 +18,30 @@ pub async fn reply(outbox: &Outbox, answer: impl Into<Frame>) {
 
 /// An error answer to the request `request_id` (0: to none in particular); the session goes on.
 pub fn error(code: ErrorCode, message: impl Into<String>, request_id: u64) -> Frame {
-    error_frame(code, message.into(), false, request_id)
+    error_frame(code, message.into(), false, request_id, 0)
+}
+
+/// The answer to a request refused for a budget or a rate: `RATE_LIMITED`, with the wait until
+/// it would be served ([`retry_after_ms`]), so that the client says when to try again.
+pub fn rate_limited(message: impl Into<String>, wait: Millis, request_id: u64) -> Frame {
+    error_frame(
+        ErrorCode::RateLimited,
+        message.into(),
+        false,
+        request_id,
+        retry_after_ms(wait),
+    )
+}
+
+/// A budget's wait as the wire says it: at least 1 ms, and 0 (no wait given) when no wait would
+/// let the request through ([`Millis::MAX`] from the budget: a request larger than the whole
+/// budget, or a budget that never refills).
+pub fn retry_after_ms(wait: Millis) -> u64 {
+    if wait == Millis::MAX {
+        0
+    } else {
+        wait.max(1)
+    }
 }
 
 /// The answer to a request that storage could not serve; `retry` says what to do next, such as
@@ -47,15 +71,34 @@ pub fn store_failed(error_: &StoreError, what: &str, retry: &str, request_id: u6
 
 /// An error after which the session ends.
 pub fn fatal(code: ErrorCode, message: impl Into<String>) -> Frame {
-    error_frame(code, message.into(), true, 0)
+    error_frame(code, message.into(), true, 0, 0)
 }
 
-fn error_frame(code: ErrorCode, message: String, fatal: bool, request_id: u64) -> Frame {
+fn error_frame(
+    code: ErrorCode,
+    message: String,
+    fatal: bool,
+    request_id: u64,
+    retry_after_ms: Millis,
+) -> Frame {
     Kind::Error(frame::Error {
         code: code as i32,
         message,
         fatal,
         request_id,
+        retry_after_ms,
     })
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_at_least_a_millisecond_and_none_when_no_wait_would_do() {
+        for (wait, expected) in [(0, 1), (1, 1), (3_600_000, 3_600_000), (Millis::MAX, 0)] {
+            assert_eq!(retry_after_ms(wait), expected, "{wait}");
+        }
+    }
 }

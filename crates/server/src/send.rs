@@ -104,6 +104,7 @@ pub async fn send<S: Store>(
     let id_bytes = send.id.clone();
     let stored = decide_and_store(state, identity, send, &place).await;
     let mut skipped = Vec::new();
+    let mut retry_after_ms = 0;
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
         Stored::Skipping(outcome, devices) => {
@@ -113,6 +114,14 @@ pub async fn send<S: Store>(
             );
             skipped = devices;
             (outcome, detail, DeviceDifference::default())
+        }
+        Stored::RateLimited(wait) => {
+            retry_after_ms = crate::reply::retry_after_ms(wait);
+            (
+                SendOutcome::RateLimited,
+                "too many messages".to_string(),
+                DeviceDifference::default(),
+            )
         }
         Stored::DevicesChanged(difference) => (
             SendOutcome::DevicesChanged,
@@ -143,6 +152,7 @@ pub async fn send<S: Store>(
             missing_own_devices: ids(&difference.missing_own),
             extra_devices: ids(&difference.extra),
             skipped_own_devices: ids(&skipped),
+            retry_after_ms,
         }),
     )
     .await;
@@ -153,6 +163,8 @@ enum Stored {
     Answer(SendOutcome, String),
     /// Stored, but not for these of the sender's own devices (their queues had no room).
     Skipping(SendOutcome, Vec<DeviceId>),
+    /// Refused for the sender's message rate: the wait until a send would be accepted.
+    RateLimited(Millis),
     DevicesChanged(DeviceDifference),
 }
 
@@ -247,17 +259,15 @@ async fn decide_and_enqueue<S: Store>(
         ));
     }
     let now = now_ms();
-    if take_budget(
+    if let Err(wait) = take_budget(
         &state.send_budgets,
         identity.budgets,
         1,
         state.config.send_burst,
         f64::from(state.config.send_per_second),
         now,
-    )
-    .is_err()
-    {
-        return answer(SendOutcome::RateLimited, "too many messages: slow down");
+    ) {
+        return Err(Stored::RateLimited(wait));
     }
     let pseudonym = match state.keys.pseudonym_of(&send.to) {
         Ok(Some(pseudonym)) => pseudonym,

@@ -181,10 +181,7 @@ async fn a_sender_past_its_budget_is_rate_limited() {
         [
             (SendOutcome::Accepted, String::new()),
             (SendOutcome::Accepted, String::new()),
-            (
-                SendOutcome::RateLimited,
-                "too many messages: slow down".into()
-            ),
+            (SendOutcome::RateLimited, "too many messages".into()),
         ]
     );
 }

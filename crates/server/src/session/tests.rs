@@ -82,6 +82,7 @@ fn protocol_error(message: &str, fatal: bool) -> Kind {
         message: message.into(),
         fatal,
         request_id: 0,
+        retry_after_ms: 0,
     })
 }
 
@@ -146,6 +147,7 @@ async fn a_login_is_refused_unless_it_comes_first_signed_by_a_known_device() {
             message: "unknown device or bad signature: register again".into(),
             fatal: true,
             request_id: 0,
+            retry_after_ms: 0,
         })
     };
     let unknown = Device {
