@@ -275,6 +275,7 @@ impl Crypto {
             signing_key: signing_key.to_vec(),
             one_time_keys,
             fallback_key,
+            contact_token_hash: Vec::new(),
         })
     }
 

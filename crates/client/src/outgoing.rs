@@ -110,6 +110,7 @@ fn content(from: &str, to: &str, text: &str, id: MessageId) -> Zeroizing<Vec<u8>
             sent_at_ms: now_ms(),
             id: id.as_bytes().to_vec(),
             to: to.to_string(),
+            sender_contact_token: Vec::new(),
         }
         .encode_to_vec(),
     )
@@ -241,6 +242,7 @@ pub async fn send(
                         ttl_seconds,
                         payload: Bytes::new(),
                         copies: made,
+                        receiver_contact_token: Vec::new(),
                     }))
                     .await?;
                 deadline = Instant::now() + wait;
@@ -337,6 +339,7 @@ pub async fn prepare_batch(
             ttl_seconds: 0,
             payload: Bytes::new(),
             copies,
+            receiver_contact_token: Vec::new(),
         });
     }
     Ok(sends)

@@ -20,8 +20,7 @@ use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits, SignedKey,
-    Store,
-    StoreError, Voucher,
+    Store, StoreError, Voucher,
 };
 
 const NUMBERS: u8 = 3;
