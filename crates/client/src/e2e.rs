@@ -661,6 +661,33 @@ pub fn safety_number(a: (&str, &[[u8; 32]]), b: (&str, &[[u8; 32]])) -> String {
 mod tests {
     use super::*;
 
+    /// The contact token is made once, published as its hash once, survives a restore, and the
+    /// tokens received are kept by number; a token of the wrong length is not kept.
+    #[test]
+    fn contact_tokens_are_kept_and_published_once() {
+        let device = DeviceId([3; 16]);
+        let mut alice = Crypto::new();
+        let upload = alice
+            .keys_to_publish(device, KeySupply::default(), 1)
+            .expect("keys");
+        assert_eq!(
+            upload.contact_token_hash,
+            Sha256::digest(alice.contact_token()).to_vec()
+        );
+        let published = KeySupply {
+            one_time_keys: REPLENISH_BELOW,
+            published: true,
+        };
+        assert!(alice.keys_to_publish(device, published, 2).is_none());
+        alice.remember_contact_token("+4915112345678", &[9; 32]);
+        alice.remember_contact_token("+4915187654321", &[9; 31]);
+        let restored = Crypto::from_bytes(&alice.to_bytes().expect("bytes")).expect("restore");
+        assert_eq!(restored.contact_token(), alice.contact_token());
+        assert_eq!(restored.contact_token_of("+4915112345678"), Some([9; 32]));
+        assert_eq!(restored.contact_token_of("+4915187654321"), None);
+        assert_ne!(Crypto::new().contact_token(), alice.contact_token());
+    }
+
     fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {
         let upload = crypto
             .keys_to_publish(device, KeySupply::default(), 1)
