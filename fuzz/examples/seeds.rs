@@ -50,6 +50,7 @@ fn frames() {
                 device_id: id.clone(),
                 payload: Bytes::from(envelope.clone()),
             }],
+            receiver_contact_token: vec![14; 32],
         }),
         Kind::Ack(Ack {
             sender_device: id.clone(),
@@ -77,6 +78,7 @@ fn frames() {
                 public_key: vec![12; 32],
                 signature: vec![13; 64],
             }),
+            contact_token_hash: vec![15; 32],
         }),
         Kind::KeysClaim(KeysClaim {
             request_id: 6,
@@ -208,6 +210,7 @@ fn payloads() {
         sent_at_ms: 1_700_000_000_000,
         id: vec![7; 16],
         to: "+4915187654321".into(),
+        sender_contact_token: vec![16; 32],
     };
     write("payload", "content", &content.encode_to_vec());
     // Real Olm messages: a pre-key message opening a session, then a normal one.

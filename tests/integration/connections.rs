@@ -208,6 +208,8 @@ fn a_stalled_session_is_closed_at_its_queue_byte_bound_and_gets_everything_at_th
         "5000",
         "--send-per-second",
         "5000",
+        "--stranger-pool-copies",
+        "10000",
         "--heartbeat-seconds",
         "300",
         // One sender's 24 MB for one device: past its default share (8 MiB), lifted here so

@@ -252,6 +252,7 @@ fn keys_with_a_bad_signature_are_refused_by_the_server() {
                 signature: vec![1; 64],
             }],
             fallback_key: None,
+            contact_token_hash: Vec::new(),
         };
         let message = refusal(&mut session, upload.clone()).await;
         assert!(message.contains("signature"), "{message}");

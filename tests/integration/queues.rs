@@ -96,8 +96,16 @@ fn leading(outcomes: &[i32], outcome: SendOutcome) -> usize {
 /// that device's queue (500 copies), and someone else's messages still get through.
 #[test]
 fn one_sender_fills_only_its_share_of_a_receivers_queue() {
-    // A send budget large enough that only the queue refuses.
-    let server = Server::start(&["--send-burst", "5000", "--send-per-second", "5000"]);
+    // A send budget large enough that only the queue refuses, and a stranger pool as large as
+    // the queue, so that only the sender's share is at work.
+    let server = Server::start(&[
+        "--send-burst",
+        "5000",
+        "--send-per-second",
+        "5000",
+        "--stranger-pool-copies",
+        "10000",
+    ]);
     let (mallory_number, victim_number, carol_number) = (number(), number(), number());
     let mallory = User::register(&mallory_number, &server, &[]);
     let victim = User::register(&victim_number, &server, &[]);
@@ -381,4 +389,93 @@ fn a_held_copy_buys_one_free_sender_check_an_hour() {
             other => panic!("check {} about the same sender was free: {other:?}", n + 1),
         }
     }
+}
+
+/// Item 4, contact tokens: strangers (senders holding no contact token of the receiver) share a
+/// small pool of each receiver device's queue. Once a few strangers fill it, a contact (who holds
+/// the receiver's token because the receiver wrote to them first) still gets through, and the
+/// receiver can still send.
+#[test]
+fn strangers_fill_only_their_pool_and_a_contact_still_gets_through() {
+    let server = Server::start(&["--stranger-pool-copies", "6"]);
+    let (victim_number, carol_number) = (number(), number());
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    let strangers: Vec<User> = (0..3)
+        .map(|_| User::register(&number(), &server, &[]))
+        .collect();
+    // The victim writes to Carol first: its message carries the victim's contact token.
+    let (answer, _) = victim.send(&carol_number, "write back any time", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["write back any time"]);
+    // Three strangers, each far inside its own share of the queue, send three each.
+    let victim_device = victim.client().device();
+    let mut outcomes = Vec::new();
+    for stranger in &strangers {
+        outcomes.extend(block_on(answers(
+            &stranger.client(),
+            &victim_number,
+            &[victim_device],
+            3,
+            100,
+        )));
+    }
+    let codes: Vec<i32> = outcomes.iter().map(|a| a.outcome).collect();
+    assert_eq!(leading(&codes, SendOutcome::Queued), 6, "{codes:?}");
+    for refused in &outcomes[6..] {
+        assert_eq!(
+            refused.outcome,
+            SendOutcome::RefusedQueueFull as i32,
+            "{refused:?}"
+        );
+        assert!(refused.detail.contains("stranger"), "{}", refused.detail);
+    }
+    // Carol, a contact, still reaches the victim; the victim can still send.
+    let (answer, _) = carol.send(&victim_number, "a contact gets through", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    let (answer, _) = victim.send(&carol_number, "and I can still write", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    // The strangers' copies are opaque bytes, rejected as they arrive; Carol's message is shown.
+    assert_eq!(victim.receive_texts(1, 30), ["a contact gets through"]);
+}
+
+/// A stranger's message is kept no longer than the stranger TTL (3 days), whatever TTL the send
+/// asked for; a contact's message keeps the TTL it asked for. Checked in what the server stored.
+#[test]
+fn a_strangers_message_is_stored_with_the_short_ttl() {
+    let server = Server::start(&[]);
+    let (victim_number, carol_number, stranger_number) = (number(), number(), number());
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    let stranger = User::register(&stranger_number, &server, &[]);
+    let (answer, _) = victim.send(&carol_number, "hello Carol", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["hello Carol"]);
+    const THIRTY_DAYS: &str = "2592000";
+    for (sender, text) in [(&carol, "from a contact"), (&stranger, "from a stranger")] {
+        let (answer, _) = sender.send(&victim_number, text, &["--ttl", THIRTY_DAYS]);
+        assert_eq!(answer["outcome"], "queued", "{answer}");
+    }
+    let database = rusqlite::Connection::open_with_flags(
+        server.data_dir().join(tidings_store::sqlite::DATABASE_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the server's database");
+    let kept_for = |account_number: &User| -> i64 {
+        let sender_device = account_number.client().device();
+        database
+            .query_row(
+                "SELECT expires_at - sent_at FROM messages WHERE sender_device = ?1",
+                [sender_device.as_bytes().to_vec()],
+                |row| row.get(0),
+            )
+            .expect("the message is stored")
+    };
+    const DAY_MS: i64 = 86_400_000;
+    assert_eq!(kept_for(&carol), 30 * DAY_MS, "a contact's message");
+    assert!(
+        kept_for(&stranger) <= 3 * DAY_MS,
+        "a stranger's message is kept {} ms",
+        kept_for(&stranger)
+    );
 }

@@ -297,6 +297,8 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
         "1000000000",
         "--queued-bytes-per-account",
         "1000000000",
+        "--stranger-pool-copies",
+        "10000",
         "--heartbeat-seconds",
         "300",
     ]);
@@ -372,6 +374,8 @@ fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
         "1000000000",
         "--queued-bytes-per-account",
         "1000000000",
+        "--stranger-pool-copies",
+        "10000",
         "--heartbeat-seconds",
         "2",
     ]);

@@ -86,6 +86,13 @@ pub struct Crypto {
     sessions: BTreeMap<[u8; 32], Vec<Session>>,
     devices: BTreeMap<DeviceId, KnownDevice>,
     trusted: BTreeMap<String, BTreeSet<[u8; 32]>>,
+    /// This device's contact token: sent inside every message it writes, so that whoever it
+    /// writes to can reach its account as a contact. The server holds only its SHA-256.
+    contact_token: [u8; 32],
+    /// The server was sent the token's hash (in a `KeysUpload`).
+    contact_token_published: bool,
+    /// Contact tokens received from others, by their number: attached to what is sent to them.
+    contact_tokens: BTreeMap<String, [u8; 32]>,
 }
 
 impl std::fmt::Debug for Crypto {
@@ -102,6 +109,21 @@ struct Pickle {
     sessions: Vec<([u8; 32], Vec<SessionPickle>)>,
     devices: Vec<(DeviceIdText, KnownDevice)>,
     trusted: Vec<(String, Vec<[u8; 32]>)>,
+    /// Absent in a state saved before contact tokens: a new one is made on load.
+    #[serde(default)]
+    contact_token: Option<[u8; 32]>,
+    #[serde(default)]
+    contact_token_published: bool,
+    #[serde(default)]
+    contact_tokens: Vec<(String, [u8; 32])>,
+}
+
+/// A fresh contact token: 256 random bits.
+fn new_contact_token() -> [u8; 32] {
+    use rand::RngCore as _;
+    let mut token = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut token);
+    token
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,6 +149,9 @@ impl Crypto {
             sessions: BTreeMap::new(),
             devices: BTreeMap::new(),
             trusted: BTreeMap::new(),
+            contact_token: new_contact_token(),
+            contact_token_published: false,
+            contact_tokens: BTreeMap::new(),
         }
     }
 
@@ -135,6 +160,7 @@ impl Crypto {
         let mut new = Self::new();
         if let Some(old) = old {
             new.trusted = old.trusted;
+            new.contact_tokens = old.contact_tokens;
         }
         new
     }
@@ -157,6 +183,9 @@ impl Crypto {
                 .collect(),
             devices: self.devices.clone(),
             trusted: self.trusted.clone(),
+            contact_token: self.contact_token,
+            contact_token_published: self.contact_token_published,
+            contact_tokens: self.contact_tokens.clone(),
         }
     }
 
@@ -178,6 +207,13 @@ impl Crypto {
                 .trusted
                 .iter()
                 .map(|(number, keys)| (number.clone(), keys.iter().copied().collect()))
+                .collect(),
+            contact_token: Some(self.contact_token),
+            contact_token_published: self.contact_token_published,
+            contact_tokens: self
+                .contact_tokens
+                .iter()
+                .map(|(number, token)| (number.clone(), *token))
                 .collect(),
         };
         serde_json::to_vec(&pickle)
@@ -208,7 +244,30 @@ impl Crypto {
                 .into_iter()
                 .map(|(number, keys)| (number, keys.into_iter().collect()))
                 .collect(),
+            contact_token_published: pickle.contact_token.is_some()
+                && pickle.contact_token_published,
+            contact_token: pickle.contact_token.unwrap_or_else(new_contact_token),
+            contact_tokens: pickle.contact_tokens.into_iter().collect(),
         })
+    }
+
+    /// This device's contact token, to put in every message it sends.
+    pub fn contact_token(&self) -> [u8; 32] {
+        self.contact_token
+    }
+
+    /// The contact token `number` handed us, to attach to what we send them.
+    pub fn contact_token_of(&self, number: &str) -> Option<[u8; 32]> {
+        self.contact_tokens.get(number).copied()
+    }
+
+    /// Keeps the contact token a message from `number` carried (the newest wins); call only once
+    /// the message is known to come from a device of `number`. A token of the wrong length is
+    /// ignored.
+    pub fn remember_contact_token(&mut self, number: &str, token: &[u8]) {
+        if let Ok(token) = <[u8; 32]>::try_from(token) {
+            self.contact_tokens.insert(number.to_string(), token);
+        }
     }
 
     /// This device's identity keys: Curve25519 and Ed25519.
@@ -243,7 +302,7 @@ impl Crypto {
         request_id: u64,
     ) -> Option<frame::KeysUpload> {
         let replenish = supply.one_time_keys < REPLENISH_BELOW;
-        if supply.published && !replenish {
+        if supply.published && !replenish && self.contact_token_published {
             return None;
         }
         if replenish {
@@ -275,6 +334,10 @@ impl Crypto {
             signing_key: signing_key.to_vec(),
             one_time_keys,
             fallback_key,
+            contact_token_hash: {
+                self.contact_token_published = true;
+                Sha256::digest(self.contact_token).to_vec()
+            },
         })
     }
 
@@ -597,6 +660,33 @@ pub fn safety_number(a: (&str, &[[u8; 32]]), b: (&str, &[[u8; 32]])) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The contact token is made once, published as its hash once, survives a restore, and the
+    /// tokens received are kept by number; a token of the wrong length is not kept.
+    #[test]
+    fn contact_tokens_are_kept_and_published_once() {
+        let device = DeviceId([3; 16]);
+        let mut alice = Crypto::new();
+        let upload = alice
+            .keys_to_publish(device, KeySupply::default(), 1)
+            .expect("keys");
+        assert_eq!(
+            upload.contact_token_hash,
+            Sha256::digest(alice.contact_token()).to_vec()
+        );
+        let published = KeySupply {
+            one_time_keys: REPLENISH_BELOW,
+            published: true,
+        };
+        assert!(alice.keys_to_publish(device, published, 2).is_none());
+        alice.remember_contact_token("+4915112345678", &[9; 32]);
+        alice.remember_contact_token("+4915187654321", &[9; 31]);
+        let restored = Crypto::from_bytes(&alice.to_bytes().expect("bytes")).expect("restore");
+        assert_eq!(restored.contact_token(), alice.contact_token());
+        assert_eq!(restored.contact_token_of("+4915112345678"), Some([9; 32]));
+        assert_eq!(restored.contact_token_of("+4915187654321"), None);
+        assert_ne!(Crypto::new().contact_token(), alice.contact_token());
+    }
 
     fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {
         let upload = crypto

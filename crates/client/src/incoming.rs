@@ -390,6 +390,7 @@ async fn receive(
         }
         let warning =
             (!trusted && sender_device != account.device()).then(|| changed_warning(&content.from));
+        crypto.remember_contact_token(&content.from, &content.sender_contact_token);
         tx.store(&received(sender_device, id, content, true, warning))?;
         Ok(Change::Save(Some(Ok(()))))
     })?;
@@ -442,6 +443,10 @@ async fn receive(
             sender_device,
             sender_key,
         );
+        // Only a sender shown to be a device of the number it claims hands us that number's token.
+        if verified {
+            crypto.remember_contact_token(&content.from, &content.sender_contact_token);
+        }
         tx.store(&received(sender_device, id, content, verified, warning))?;
         Ok(Change::Save(Ok(())))
     })

@@ -106,8 +106,15 @@ async fn claim_changed(
     Ok(changes)
 }
 
-/// The plaintext every copy of a message carries.
-fn content(from: &str, to: &str, text: &str, id: MessageId) -> Zeroizing<Vec<u8>> {
+/// The plaintext every copy of a message carries, with this device's contact token so that the
+/// receiver can write back as a contact.
+fn content(
+    from: &str,
+    to: &str,
+    text: &str,
+    id: MessageId,
+    contact_token: [u8; 32],
+) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(
         Content {
             from: from.to_string(),
@@ -115,6 +122,7 @@ fn content(from: &str, to: &str, text: &str, id: MessageId) -> Zeroizing<Vec<u8>
             sent_at_ms: now_ms(),
             id: id.as_bytes().to_vec(),
             to: to.to_string(),
+            sender_contact_token: contact_token.to_vec(),
         }
         .encode_to_vec(),
     )
@@ -185,6 +193,15 @@ fn encrypt_copies(
     })
 }
 
+/// This device's contact token (for the content) and the one `to` handed us, if any (for the
+/// `Send`, empty without one), read once the keys, and with them the token, are saved.
+fn contact_tokens(inbox: &mut Inbox, to: &str) -> Result<([u8; 32], Vec<u8>)> {
+    inbox.look(|crypto| {
+        let receiver = crypto.contact_token_of(to).map(|t| t.to_vec());
+        (crypto.contact_token(), receiver.unwrap_or_default())
+    })
+}
+
 /// Sends a text over IP only, in `mode`, end-to-end encrypted for every device of the receiver
 /// and this number's other devices. Waits up to `wait` for the server's answer and, for an
 /// accepted message, for its receipt. Nothing is kept in the profile: what is not answered in
@@ -199,10 +216,11 @@ pub async fn send(
 ) -> Result<SendReport> {
     let to = E164::parse(to)?.as_str().to_string();
     let id = new_message_id();
-    let plaintext = content(account.number(), &to, text, id);
     let mut inbox = account.inbox()?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
+    let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
+    let plaintext = content(account.number(), &to, text, id, own_token);
 
     // A first message to a number: claim keys for all its devices now rather than learn them
     // from a refused send.
@@ -248,6 +266,7 @@ pub async fn send(
                         ttl_seconds,
                         payload: Bytes::new(),
                         copies: made,
+                        receiver_contact_token: receiver_token.clone(),
                     }))
                     .await?;
                 deadline = Instant::now() + wait;
@@ -333,13 +352,14 @@ pub async fn prepare_batch(
     let mut inbox = account.inbox()?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
+    let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
     let mut changes = match changed {
         Some(changed) => claim_changed(account, &mut session, &to, changed).await?,
         None => claim_unknown(account, &mut inbox, &mut session, &to).await?,
     };
     let mut sends = Vec::with_capacity(messages.len());
     for (id, text) in messages {
-        let plaintext = content(claimed_from.unwrap_or(&own), &to, text, *id);
+        let plaintext = content(claimed_from.unwrap_or(&own), &to, text, *id, own_token);
         let copies = encrypt_copies(account, &mut inbox, &mut changes, &to, &plaintext)?;
         sends.push(frame::Send {
             id: id.as_bytes().to_vec(),
@@ -348,6 +368,7 @@ pub async fn prepare_batch(
             ttl_seconds: 0,
             payload: Bytes::new(),
             copies,
+            receiver_contact_token: receiver_token.clone(),
         });
     }
     Ok(sends)
@@ -439,12 +460,13 @@ mod tests {
     fn every_copy_carries_the_same_content() {
         let id = new_message_id();
         assert_ne!(id, new_message_id(), "ids are random");
-        let plaintext = content("+4915112345678", "+4915187654321", "hello", id);
+        let plaintext = content("+4915112345678", "+4915187654321", "hello", id, [7; 32]);
         let decoded = Content::decode(&plaintext[..]).expect("content");
         assert_eq!(decoded.from, "+4915112345678");
         assert_eq!(decoded.to, "+4915187654321");
         assert_eq!(decoded.text, "hello");
         assert_eq!(decoded.id, id.as_bytes());
         assert!(decoded.sent_at_ms > 0);
+        assert_eq!(decoded.sender_contact_token, [7; 32]);
     }
 }

@@ -7,7 +7,11 @@
 //! - a message is refused whole if a queue it would join has no room for it ([`room_for`]): any
 //!   device it goes to already holds the most copies allowed, or the sending account would pass
 //!   its share of one device's queue or its storage quota across all queues ([`QueueLimits`]),
-//!   so that no one sender can fill a victim's queue.
+//!   so that no one sender can fill a victim's queue;
+//! - a sender that is not a contact of the receiver (it presented none of the receiver's contact
+//!   tokens, [`from_contact`]) is a stranger: its copies share a small pool of each receiver
+//!   device's queue ([`stranger_pool_has_room`]) and are kept at most [`STRANGER_TTL`]
+//!   ([`stranger_expires_at`]), so that strangers together cannot crowd out the contacts.
 //!
 //! And one rule for what a delivery leaves behind: a receipt waits for its sending device one
 //! more TTL of its message after the message's own ends, at least [`RECEIPT_MIN_WAIT`]
@@ -31,6 +35,10 @@ pub struct AccountDevice {
     /// What the sending account of the message being checked already has waiting in this
     /// device's queue.
     pub from_sender: Usage,
+    /// Strangers' copies waiting in its queue (the stranger pool's fill).
+    pub strangers: u64,
+    /// SHA-256 of the device's contact token, once it registered one.
+    pub contact_token_hash: Option<[u8; 32]>,
 }
 
 /// Copies and their bytes waiting in queues.
@@ -61,6 +69,8 @@ pub struct QueueLimits {
     pub sender_bytes: u64,
     /// Bytes one sending account may have waiting across every queue (its storage quota).
     pub account_bytes: u64,
+    /// Copies from strangers one device's queue holds at most, from every stranger together.
+    pub stranger_copies: u32,
 }
 
 impl QueueLimits {
@@ -68,11 +78,13 @@ impl QueueLimits {
     /// A device queue holds 10,000 copies; one sender gets a twentieth of it (500 copies, and
     /// 8 MiB, so 128 copies of the largest payload), so that it takes twenty accounts to fill
     /// one device; and one account keeps at most 64 MiB waiting across all of its receivers.
+    /// Strangers together get 200 copies of a device's queue: the rest is the contacts'.
     pub const DEFAULT: QueueLimits = QueueLimits {
         device_copies: 10_000,
         sender_copies: 500,
         sender_bytes: 8 * 1024 * 1024,
         account_bytes: 64 * 1024 * 1024,
+        stranger_copies: 200,
     };
 
     /// Only a bound on each device's queue, with no share per sender (for tests of other rules).
@@ -82,6 +94,7 @@ impl QueueLimits {
             sender_copies: u32::MAX,
             sender_bytes: u64::MAX,
             account_bytes: u64::MAX,
+            stranger_copies: u32::MAX,
         }
     }
 }
@@ -250,6 +263,41 @@ pub fn own_without_room<'a>(
         .collect()
 }
 
+/// The longest a stranger's message is kept, whatever TTL its send asked for: a stranger's
+/// pool drains by itself in days, not in the 30 days a contact's message may wait.
+pub const STRANGER_TTL: Millis = 3 * DAY;
+
+/// Whether a message's sender counts as a contact of its receiver: a message within one account
+/// always does; otherwise the send must present a token whose hash (`presented`) is the
+/// registered contact token hash of one of the receiver's devices (`receiver`). Nothing of the
+/// answer is stored: the server keeps no pairs of who is whose contact.
+pub fn from_contact(
+    within_account: bool,
+    presented: Option<[u8; 32]>,
+    receiver: &[AccountDevice],
+) -> bool {
+    within_account
+        || presented.is_some_and(|hash| {
+            receiver
+                .iter()
+                .any(|device| device.contact_token_hash == Some(hash))
+        })
+}
+
+/// Whether every receiver device (`receiver`, the devices a stranger's message goes to) has room
+/// for one more stranger's copy in its stranger pool.
+pub fn stranger_pool_has_room(receiver: &[AccountDevice], limits: QueueLimits) -> bool {
+    receiver
+        .iter()
+        .all(|device| device.strangers < u64::from(limits.stranger_copies))
+}
+
+/// When a stranger's message sent at `sent_at` that asked to be kept until `expires_at` is
+/// deleted: at most [`STRANGER_TTL`] after it was sent.
+pub fn stranger_expires_at(sent_at: Millis, expires_at: Millis) -> Millis {
+    expires_at.min(sent_at.saturating_add(STRANGER_TTL))
+}
+
 /// The shortest time a receipt waits for its sending device after its message's TTL ended: a
 /// message kept for seconds (`NOW_OR_NEVER`, or a short TTL) still tells a sender that was
 /// offline for a while what became of it.
@@ -279,6 +327,8 @@ mod tests {
             keyed: true,
             queued,
             from_sender: Usage::default(),
+            strangers: 0,
+            contact_token_hash: None,
         }
     }
 
@@ -289,6 +339,8 @@ mod tests {
             keyed: false,
             queued: 0,
             from_sender: Usage::default(),
+            strangers: 0,
+            contact_token_hash: None,
         }
     }
 
@@ -397,6 +449,7 @@ mod tests {
             sender_copies: 3,
             sender_bytes: 100,
             account_bytes: 250,
+            stranger_copies: 10,
         };
         let check = |devices: &[(AccountDevice, u64)], sender_bytes: u64, expected: Room| {
             assert_eq!(
@@ -457,6 +510,7 @@ mod tests {
             sender_copies: 3,
             sender_bytes: 100,
             account_bytes: 1_000,
+            stranger_copies: 10,
         };
         let (fits, full, share_full, bytes_full) = (
             holding(1, 0, 0, 0),
@@ -472,6 +526,45 @@ mod tests {
         ];
         assert_eq!(own_without_room(own, limits), ids(&[2, 3, 4]));
         assert_eq!(own_without_room([(&fits, 100)], limits), ids(&[]));
+    }
+
+    #[test]
+    fn strangers_are_told_from_contacts_by_a_registered_token_hash() {
+        let with_token = |n: u8, hash: Option<[u8; 32]>| AccountDevice {
+            contact_token_hash: hash,
+            ..keyed(n, 0)
+        };
+        let receiver = [with_token(10, None), with_token(11, Some([7; 32]))];
+        // A token of any of the receiver's devices makes a contact.
+        assert!(from_contact(false, Some([7; 32]), &receiver));
+        // None, or another, makes a stranger.
+        assert!(!from_contact(false, None, &receiver));
+        assert!(!from_contact(false, Some([8; 32]), &receiver));
+        assert!(!from_contact(false, Some([7; 32]), &[with_token(10, None)]));
+        // A message within one account is always a contact's.
+        assert!(from_contact(true, None, &receiver));
+    }
+
+    #[test]
+    fn the_stranger_pool_and_ttl_bound_strangers() {
+        let limits = QueueLimits {
+            stranger_copies: 2,
+            ..QueueLimits::DEFAULT
+        };
+        let with_strangers = |n: u8, strangers: u64| AccountDevice {
+            strangers,
+            ..keyed(n, strangers)
+        };
+        assert!(stranger_pool_has_room(&[with_strangers(1, 1)], limits));
+        assert!(!stranger_pool_has_room(
+            &[with_strangers(1, 0), with_strangers(2, 2)],
+            limits
+        ));
+        assert!(stranger_pool_has_room(&[], limits));
+        // At most three days, never longer than asked.
+        assert_eq!(stranger_expires_at(5, 5 + 30 * DAY), 5 + STRANGER_TTL);
+        assert_eq!(stranger_expires_at(5, 5 + DAY), 5 + DAY);
+        assert_eq!(stranger_expires_at(Millis::MAX, Millis::MAX), Millis::MAX);
     }
 
     #[test]

@@ -166,6 +166,7 @@ mod tests {
             ttl_seconds: 0,
             payload: Bytes::from_static(b"x"),
             copies: Vec::new(),
+            receiver_contact_token: Vec::new(),
         };
         let mut body = prost::Message::encode_to_vec(&Frame::from(Kind::Send(send.clone())));
         let stray = b"356938035643809";

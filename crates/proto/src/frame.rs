@@ -188,6 +188,12 @@ pub struct Send {
     /// One encrypted copy per device that must receive the message.
     #[prost(message, repeated, tag = "6")]
     pub copies: Vec<Copy>,
+    /// The receiver's contact token, when the sender holds one (it came inside a message from
+    /// the receiver, `Content::sender_contact_token`). With it the copies count as a contact's;
+    /// without it, or with one that is not the receiver's, as a stranger's (a small pool per
+    /// device, a short TTL). The server hashes it, compares, and keeps neither.
+    #[prost(bytes = "vec", tag = "40")]
+    pub receiver_contact_token: Vec<u8>,
 }
 
 impl std::fmt::Debug for Send {
@@ -514,6 +520,9 @@ pub struct KeysUpload {
     pub one_time_keys: Vec<SignedKey>,
     #[prost(message, optional, tag = "5")]
     pub fallback_key: Option<SignedKey>,
+    /// SHA-256 of this device's contact token (32 bytes; empty leaves the one held as it is).
+    #[prost(bytes = "vec", tag = "40")]
+    pub contact_token_hash: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -709,6 +718,10 @@ pub struct Content {
     /// The receiver's number, so the sender's other devices can show where it went.
     #[prost(string, tag = "5")]
     pub to: String,
+    /// The sending device's contact token: whoever gets this message can attach it to what they
+    /// send back (`Send::receiver_contact_token`) and count as a contact.
+    #[prost(bytes = "vec", tag = "40")]
+    pub sender_contact_token: Vec<u8>,
 }
 
 /// What a copy's payload holds: one Olm message. The server never decodes it.

@@ -33,6 +33,9 @@ pub const MAX_COPIES: usize = 2 * MAX_DEVICES - 1;
 pub const MAX_ONE_TIME_KEYS_PER_UPLOAD: usize = 100;
 /// Most unclaimed one-time keys the server keeps for one device.
 pub const MAX_ONE_TIME_KEYS_STORED: u32 = 100;
+/// Length of a contact token (`Content::sender_contact_token`, `Send::receiver_contact_token`):
+/// 256 random bits made on the device.
+pub const CONTACT_TOKEN_BYTES: usize = 32;
 /// Largest number of numbers in one `Lookup`.
 pub const MAX_LOOKUP_NUMBERS: usize = 1000;
 /// The token in `Upgrade:` that opens a session.

@@ -118,6 +118,9 @@ pub struct ServerArgs {
     /// Bytes one account may have waiting across all receivers [default: 67108864]
     #[arg(long, env = "TIDINGS_QUEUED_BYTES_PER_ACCOUNT")]
     pub queued_bytes_per_account: Option<u64>,
+    /// Copies all strangers together may have waiting for one device [default: 200]
+    #[arg(long, env = "TIDINGS_STRANGER_POOL_COPIES")]
+    pub stranger_pool_copies: Option<u32>,
     /// Numbers a device may look up at once before the rate limit [default: 5000]
     #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
     pub lookup_burst: Option<u32>,
@@ -214,6 +217,7 @@ struct FileConfig {
     queue_copies_per_sender: Option<u32>,
     queue_bytes_per_sender: Option<u64>,
     queued_bytes_per_account: Option<u64>,
+    stranger_pool_copies: Option<u32>,
     lookup_burst: Option<u32>,
     lookup_per_hour: Option<u32>,
     key_claim_burst: Option<u32>,
@@ -497,6 +501,10 @@ impl ServerArgs {
                         .queued_bytes_per_account
                         .or(file.queued_bytes_per_account)
                         .unwrap_or(default.account_bytes),
+                    stranger_copies: self
+                        .stranger_pool_copies
+                        .or(file.stranger_pool_copies)
+                        .unwrap_or(default.stranger_copies),
                     ..default
                 }
             },
@@ -629,6 +637,10 @@ impl ServerConfig {
             (
                 "queued_bytes_per_account",
                 self.queue_limits.account_bytes == 0,
+            ),
+            (
+                "stranger_pool_copies",
+                self.queue_limits.stranger_copies == 0,
             ),
         ];
         for (setting, is_zero) in zero {

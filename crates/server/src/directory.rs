@@ -86,6 +86,20 @@ pub async fn upload<S: Store>(
     let Ok(verifier) = VerifyingKey::from_bytes(&keys.signing_key) else {
         return;
     };
+    let contact_token_hash = match upload.contact_token_hash.len() {
+        0 => None,
+        _ => match <[u8; 32]>::try_from(upload.contact_token_hash.as_slice()) {
+            Ok(hash) => Some(hash),
+            Err(_) => {
+                let message = "contact_token_hash must be 32 bytes (SHA-256): nothing was stored";
+                return reply(
+                    outbox,
+                    error(ErrorCode::InvalidRequest, message, request_id),
+                )
+                .await;
+            }
+        },
+    };
     let mut one_time = Vec::with_capacity(upload.one_time_keys.len());
     for key in &upload.one_time_keys {
         match signed_key(identity.device, &verifier, false, key) {
@@ -126,6 +140,13 @@ pub async fn upload<S: Store>(
         .await
     {
         Ok(Published::Stored { one_time_keys }) => {
+            if let Some(hash) = contact_token_hash {
+                if let Err(e) = state.store.set_contact_token(identity.device, hash).await {
+                    tracing::warn!(error = %e, "storing a contact token hash failed");
+                    let message = "the contact token could not be stored: upload it again";
+                    return reply(outbox, error(ErrorCode::Unavailable, message, request_id)).await;
+                }
+            }
             reply(
                 outbox,
                 Kind::KeysUploadResult(frame::KeysUploadResult {

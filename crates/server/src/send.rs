@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tidings_core::routing::{self, Decision, Receiver};
 use tidings_core::{Millis, SECOND};
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
@@ -226,6 +227,16 @@ async fn decide_and_store<S: Store>(
     }
 }
 
+/// The SHA-256 of a send's contact token for its receiver, if it carries one; the token itself
+/// goes no further than this function.
+fn contact_token_hash(token: &[u8]) -> Result<Option<[u8; 32]>, &'static str> {
+    match token.len() {
+        0 => Ok(None),
+        tidings_proto::CONTACT_TOKEN_BYTES => Ok(Some(Sha256::digest(token).into())),
+        _ => Err("receiver_contact_token must be 32 bytes"),
+    }
+}
+
 /// A stored message's copies, to push to live sessions: sender device, id, time, copies.
 type Push = (DeviceId, MessageId, Millis, Vec<(DeviceId, Bytes)>);
 
@@ -248,6 +259,10 @@ async fn decide_and_enqueue<S: Store>(
     };
     let Ok(mode) = SendMode::try_from(send.mode) else {
         return answer(SendOutcome::Invalid, "unknown send mode");
+    };
+    let contact_token_hash = match contact_token_hash(&send.receiver_contact_token) {
+        Ok(hash) => hash,
+        Err(detail) => return answer(SendOutcome::Invalid, detail),
     };
     // Refused, not clamped: a sender told `QUEUED` would plan on being kept as long as it asked
     // (its expiry receipt, its SMS fallback), while the server drops the message sooner.
@@ -316,6 +331,7 @@ async fn decide_and_enqueue<S: Store>(
         sent_at: now,
         expires_at,
         copies: copies.clone(),
+        contact_token_hash,
     };
     let turn = place.order.hand_over.wait(place.ticket).await;
     let submitted = state
@@ -345,6 +361,12 @@ async fn decide_and_enqueue<S: Store>(
             return answer(
                 SendOutcome::RefusedQueueFull,
                 "the receiver's queue holds as much as it takes from you: wait until it is delivered",
+            )
+        }
+        Ok(Enqueued::StrangerPoolFull) => {
+            return answer(
+                SendOutcome::RefusedQueueFull,
+                "the receiver's room for messages from strangers is full: only their contacts (who got a message from them) get through until it is delivered",
             )
         }
         Ok(Enqueued::OverQuota) => {

@@ -200,15 +200,30 @@ pub struct NewMessage {
     pub sent_at: Millis,
     pub expires_at: Millis,
     pub copies: Vec<(DeviceId, Bytes)>,
+    /// SHA-256 of the contact token the send presented for the receiver, if any: checked against
+    /// the receiver's devices in the write that stores the copies, and never stored.
+    pub contact_token_hash: Option<[u8; 32]>,
 }
 
 /// What the delivery rules decided for a message, in the trait's answers.
 pub(crate) enum Admission {
     /// Store a copy for each of these devices; the message's copies for the sender's own devices
     /// named second are not stored (their queues had no room), and the answer names them.
-    Admitted(Addressees, Vec<DeviceId>),
+    Admitted(Admitted),
     /// Store nothing and answer this.
     Refused(Enqueued),
+}
+
+/// A message the delivery rules let in, and how to store it.
+pub(crate) struct Admitted {
+    pub(crate) addressees: Addressees,
+    /// The sender's own devices whose copies are not stored (their queues had no room).
+    pub(crate) skipped: Vec<DeviceId>,
+    /// The sender is not a contact of the receiver: its copies count in the stranger pools.
+    pub(crate) stranger: bool,
+    /// When the message is deleted if undelivered: a stranger's at most
+    /// [`delivery::STRANGER_TTL`] after it was sent.
+    pub(crate) expires_at: Millis,
 }
 
 impl NewMessage {
@@ -245,10 +260,26 @@ impl NewMessage {
             .devices()
             .map(|device| (device, self.copy_bytes(device.id)));
         match delivery::room_for(copies, sender_bytes, limits) {
-            Room::Fits => Ok(Admission::Admitted(addressees, skipped)),
-            Room::QueueFull => Ok(Admission::Refused(Enqueued::QueueFull)),
-            Room::OverQuota => Ok(Admission::Refused(Enqueued::OverQuota)),
+            Room::Fits => {}
+            Room::QueueFull => return Ok(Admission::Refused(Enqueued::QueueFull)),
+            Room::OverQuota => return Ok(Admission::Refused(Enqueued::OverQuota)),
         }
+        let within_account = self.sender_account == self.receiver;
+        let stranger = !delivery::from_contact(within_account, self.contact_token_hash, receiver);
+        if stranger && !delivery::stranger_pool_has_room(&addressees.receiver, limits) {
+            return Ok(Admission::Refused(Enqueued::StrangerPoolFull));
+        }
+        let expires_at = if stranger {
+            delivery::stranger_expires_at(self.sent_at, self.expires_at)
+        } else {
+            self.expires_at
+        };
+        Ok(Admission::Admitted(Admitted {
+            addressees,
+            skipped,
+            stranger,
+            expires_at,
+        }))
     }
 
     /// The size of the copy for `device`, as queues count it (0 if there is none).
@@ -296,6 +327,9 @@ pub enum Enqueued {
     /// The sending account's storage quota across every queue would be passed; nothing was
     /// stored.
     OverQuota,
+    /// The sender presented no contact token of the receiver, and a receiver device's stranger
+    /// pool is full; nothing was stored.
+    StrangerPoolFull,
     /// The copies do not match the devices that must get one; nothing was stored.
     DevicesChanged(DeviceDifference),
 }
@@ -580,6 +614,15 @@ pub trait Store: Send + Sync + 'static {
         fallback: Option<SignedKey>,
         max_stored: u32,
     ) -> impl Future<Output = Result<Published>> + Send;
+
+    /// Registers the SHA-256 of a device's contact token (replacing the one it had): a send that
+    /// presents the token counts as a contact's of the device's account. The device is the
+    /// actor: gone, it is [`StoreError::Revoked`].
+    fn set_contact_token(
+        &self,
+        device: DeviceId,
+        hash: [u8; 32],
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// How many one-time keys a device has left, and whether its keys are published.
     fn key_status(&self, device: DeviceId) -> impl Future<Output = Result<KeyStatus>> + Send;

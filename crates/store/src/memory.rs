@@ -25,10 +25,10 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Actor, Admission, Backlog, Claimed, ClaimedKey, Completion,
-    Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage,
-    Pending, PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result, Route,
-    SignedKey, Store, StoreError, Voucher,
+    AccountDevices, AccountId, Acked, Actor, Admission, Admitted, Backlog, Claimed, ClaimedKey,
+    Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice,
+    NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result,
+    Route, SignedKey, Store, StoreError, Voucher,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -82,6 +82,8 @@ struct DeviceRow {
     fallback: Option<SignedKey>,
     /// Own messages not kept for it ([`Backlog::missed`]).
     missed: u32,
+    /// SHA-256 of its contact token, once registered.
+    contact_token_hash: Option<[u8; 32]>,
 }
 
 struct Message {
@@ -96,6 +98,9 @@ struct Message {
     delivered: bool,
     /// Each device's copy, and whether it goes to the receiver (not the sender's own device).
     copies: BTreeMap<DeviceId, (Bytes, bool)>,
+    /// From a sender that presented no contact token of the receiver: its copies count in the
+    /// stranger pools.
+    stranger: bool,
 }
 
 impl MemoryStore {
@@ -183,6 +188,13 @@ impl State {
                 keyed: self.devices.get(&id).is_some_and(|d| d.identity.is_some()),
                 queued: self.queue_length(id),
                 from_sender: self.usage(sender, Some(id)),
+                strangers: self
+                    .messages
+                    .values()
+                    // Only the receiver's copies of a stranger's message are in a pool.
+                    .filter(|m| m.stranger && m.copies.get(&id).is_some_and(|(_, r)| *r))
+                    .count() as u64,
+                contact_token_hash: self.devices.get(&id).and_then(|d| d.contact_token_hash),
             })
             .collect()
     }
@@ -299,6 +311,7 @@ impl State {
             one_time_keys: BTreeMap::new(),
             fallback: None,
             missed: 0,
+            contact_token_hash: None,
         };
         self.devices.insert(device, row);
         if let Some(account) = self.accounts.get_mut(&account) {
@@ -462,8 +475,13 @@ impl State {
             self.delivery_devices(sender, sender)
         };
         let sender_bytes = self.usage(sender, None).bytes;
-        let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
-            Admission::Admitted(addressees, skipped) => (addressees, skipped),
+        let Admitted {
+            addressees,
+            skipped,
+            stranger,
+            expires_at,
+        } = match message.admit(&receiver, &own, sender_bytes, limits)? {
+            Admission::Admitted(admitted) => admitted,
             Admission::Refused(answer) => return Ok(answer),
         };
         let mut copies = BTreeMap::new();
@@ -488,9 +506,10 @@ impl State {
             id: message.id,
             receiver: message.receiver,
             sent_at: message.sent_at,
-            expires_at: message.expires_at,
+            expires_at,
             delivered: false,
             copies,
+            stranger,
         };
         self.messages.insert(self.last_position, stored);
         Ok(Admission::stored(skipped))
@@ -736,6 +755,13 @@ impl Store for MemoryStore {
     ) -> Result<Published> {
         self.state()?
             .publish_keys(device, identity, one_time_keys, fallback, max_stored)
+    }
+
+    async fn set_contact_token(&self, device: DeviceId, hash: [u8; 32]) -> Result<()> {
+        let mut state = self.state()?;
+        let row = state.devices.get_mut(&device).ok_or(StoreError::Revoked)?;
+        row.contact_token_hash = Some(hash);
+        Ok(())
     }
 
     async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {

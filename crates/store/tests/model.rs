@@ -105,6 +105,12 @@ enum Op {
         limits: QueueLimits,
         expires_at: Millis,
         submitted: bool,
+        /// The contact token the send presents, by index (its hash is `[token; 32]`).
+        token: Option<u8>,
+    },
+    SetContactToken {
+        device: u8,
+        token: u8,
     },
     Pending {
         device: u8,
@@ -187,14 +193,18 @@ fn copies() -> impl Strategy<Value = Copies> {
 
 /// Limits small enough that generated sequences reach each of them. Every copy's payload is 3
 /// bytes (see `Op::Enqueue`), so a sender's share of one queue is 1 to 4 copies by bytes as well
-/// as by count, and its quota 2 to 8 copies across all queues.
+/// as by count, and its quota 2 to 8 copies across all queues; strangers share 1 to 3 copies of
+/// each queue.
 fn queue_limits() -> impl Strategy<Value = QueueLimits> {
-    (1..4u32, 1..5u32, 3..13u64, 6..25u64).prop_map(
-        |(device_copies, sender_copies, sender_bytes, account_bytes)| QueueLimits {
-            device_copies,
-            sender_copies,
-            sender_bytes,
-            account_bytes,
+    (1..4u32, 1..5u32, 3..13u64, 6..25u64, 1..4u32).prop_map(
+        |(device_copies, sender_copies, sender_bytes, account_bytes, stranger_copies)| {
+            QueueLimits {
+                device_copies,
+                sender_copies,
+                sender_bytes,
+                account_bytes,
+                stranger_copies,
+            }
         },
     )
 }
@@ -268,11 +278,13 @@ fn op() -> impl Strategy<Value = Op> {
             number(),
             copies(),
             queue_limits(),
-            10..110u64,
-            any::<bool>()
+            // Sometimes longer than a stranger's message is kept.
+            prop_oneof![4 => 10..110u64, 1 => Just(4 * DAY)],
+            any::<bool>(),
+            prop::option::of(0..3u8)
         )
             .prop_map(
-                |(sender, id, receiver, copies, limits, expires_at, submitted)| {
+                |(sender, id, receiver, copies, limits, expires_at, submitted, token)| {
                     Op::Enqueue {
                         sender,
                         id,
@@ -281,9 +293,12 @@ fn op() -> impl Strategy<Value = Op> {
                         limits,
                         expires_at,
                         submitted,
+                        token,
                     }
                 }
             ),
+        2 => (device(), 0..3u8)
+            .prop_map(|(device, token)| Op::SetContactToken { device, token }),
         3 => (device(), 1..4usize, clock.clone())
             .prop_map(|(device, page, now)| Op::Pending { device, page, now }),
         8 => (
@@ -314,7 +329,7 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         // Sometimes a day later, when the receipts of the first messages stop waiting.
         2 => (
-            prop_oneof![3 => clock.clone(), 1 => DAY..DAY + 240],
+            prop_oneof![3 => clock.clone(), 1 => DAY..DAY + 240, 1 => Just(3 * DAY + HOUR)],
             1..4usize
         )
             .prop_map(|(now, limit)| Op::Expire { now, limit }),
@@ -564,6 +579,7 @@ impl<S: Store> Run<'_, S> {
                 limits,
                 expires_at,
                 submitted,
+                token,
             } => {
                 let sender_device = device_id(sender);
                 let receiver = self.account(receiver);
@@ -583,6 +599,7 @@ impl<S: Store> Run<'_, S> {
                         .into_iter()
                         .map(|d| (d, Bytes::from(vec![sender, message, d.0[0]])))
                         .collect(),
+                    contact_token_hash: token.map(|token| [token; 32]),
                 };
                 let enqueued = if submitted {
                     match store.enqueue_submit(message, limits).await {
@@ -659,6 +676,12 @@ impl<S: Store> Run<'_, S> {
                     .unwrap_or((device_id(sender), id(message)));
                 let withdrawn = store.withdraw(sender, id).await;
                 self.result(withdrawn)
+            }
+            Op::SetContactToken { device, token } => {
+                let set = store
+                    .set_contact_token(device_id(device), [token; 32])
+                    .await;
+                self.result(set)
             }
             Op::Expire { now, limit } => {
                 let expired = store.expire(now, limit).await;

@@ -52,6 +52,7 @@ fn message(
             .iter()
             .map(|(device, payload)| (*device, Bytes::copy_from_slice(payload)))
             .collect(),
+        contact_token_hash: None,
     }
 }
 
@@ -1201,6 +1202,7 @@ async fn a_senders_share_of_a_queue_survives_a_restart() {
         sender_copies: 2,
         sender_bytes: 1_000,
         account_bytes: 10,
+        stranger_copies: u32::MAX,
     };
     let (alice, (bob_device, bob_account)) = {
         let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");

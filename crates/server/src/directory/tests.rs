@@ -67,6 +67,7 @@ fn upload(device: &Device, one_time_keys: Vec<frame::SignedKey>) -> frame::KeysU
         signing_key: device.keys.signing_key.to_vec(),
         one_time_keys,
         fallback_key: Some(signed_key(device, &device.signing, true)),
+        contact_token_hash: Vec::new(),
     }
 }
 

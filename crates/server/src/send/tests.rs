@@ -204,6 +204,7 @@ async fn a_send_to_a_full_queue_is_refused() {
             sent_at: now_ms(),
             expires_at: now_ms() + 60_000,
             copies: vec![(bob.identity.device, Bytes::from_static(b"x"))],
+            contact_token_hash: None,
         };
         filling.spawn(async move { state.store.enqueue(message, device_copies).await });
     }

@@ -57,6 +57,21 @@ pub(super) fn listed_devices(
     rows
 }
 
+/// [`Store::set_contact_token`](crate::Store::set_contact_token).
+pub(super) fn set_contact_token(
+    txn: &Transaction<'_>,
+    device: DeviceId,
+    hash: [u8; 32],
+) -> Result<()> {
+    let changed = txn
+        .prepare_cached("UPDATE devices SET contact_token_hash = ?2 WHERE id = ?1")?
+        .execute(params![device.as_bytes(), &hash[..]])?;
+    if changed == 0 {
+        return Err(crate::StoreError::Revoked);
+    }
+    Ok(())
+}
+
 /// [`Store::publish_keys`](crate::Store::publish_keys).
 pub(super) fn publish_keys(
     txn: &Transaction<'_>,

@@ -18,13 +18,14 @@ use super::receipts;
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountId, Acked, Admission, Enqueued, ExpiredMessage, NewMessage, Pending, QueueCursor,
-    QueueLimits, Result,
+    AccountId, Acked, Admission, Admitted, Enqueued, ExpiredMessage, NewMessage, Pending,
+    QueueCursor, QueueLimits, Result,
 };
 
 /// The devices of an account as the delivery rules read them: whether each has published
-/// identity keys, its queue length with the copies stored and deleted earlier in the batch, and
-/// what `sender` has waiting in it (from the writer's counts).
+/// identity keys, its queue length with the copies stored and deleted earlier in the batch, what
+/// `sender` has waiting in it (from the writer's counts), its stranger pool's fill (counted on a
+/// partial index, so at most the pool's size) and its contact token hash.
 pub(super) fn keyed_devices(
     conn: &Connection,
     notes: &Notes,
@@ -33,7 +34,9 @@ pub(super) fn keyed_devices(
 ) -> rusqlite::Result<Vec<AccountDevice>> {
     // Whether identity keys are published, as `identity_of` reads them, without reading them.
     let mut statement = conn.prepare_cached(
-        "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len
+        "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len,
+                (SELECT COUNT(*) FROM copies c WHERE c.device_id = devices.id AND c.stranger = 1),
+                contact_token_hash
          FROM devices WHERE account_id = ?1",
     )?;
     let rows = statement
@@ -45,6 +48,10 @@ pub(super) fn keyed_devices(
                 keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
                 queued: u64::try_from(queued).unwrap_or(0),
                 from_sender: notes.senders.on_device(sender, id),
+                strangers: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                contact_token_hash: row
+                    .get::<_, Option<Vec<u8>>>(4)?
+                    .and_then(|hash| <[u8; 32]>::try_from(hash).ok()),
             })
         })?
         .collect();
@@ -79,8 +86,13 @@ pub(super) fn enqueue(
     // Checked inside the transaction that stores the copies, so a device linked or
     // removed at the same moment cannot slip between the check and the write.
     let sender_bytes = notes.senders.bytes_of(sender);
-    let (addressees, skipped) = match message.admit(&receiver, &own, sender_bytes, limits)? {
-        Admission::Admitted(addressees, skipped) => (addressees, skipped),
+    let Admitted {
+        addressees,
+        skipped,
+        stranger,
+        expires_at,
+    } = match message.admit(&receiver, &own, sender_bytes, limits)? {
+        Admission::Admitted(admitted) => admitted,
         Admission::Refused(answer) => return Ok(answer),
     };
     txn.prepare_cached(
@@ -91,13 +103,14 @@ pub(super) fn enqueue(
             message.id.as_bytes(),
             message.receiver.0,
             sql_millis(message.sent_at),
-            sql_millis(message.expires_at),
+            sql_millis(expires_at),
             sender.0,
         ],
     )?;
     let seq = txn.last_insert_rowid();
     let mut insert = txn.prepare_cached(
-        "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO copies (device_id, seq, payload, to_receiver, stranger)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for device in &skipped {
         txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
@@ -108,7 +121,15 @@ pub(super) fn enqueue(
             continue;
         }
         let to_receiver = addressees.to_receiver(*device);
-        insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
+        // Only the receiver's copies of a stranger's message count in a stranger pool.
+        let stranger_copy = stranger && to_receiver;
+        insert.execute(params![
+            device.as_bytes(),
+            seq,
+            &payload[..],
+            to_receiver,
+            stranger_copy
+        ])?;
         notes.queued.add(*device, 1);
         notes
             .senders

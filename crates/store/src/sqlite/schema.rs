@@ -113,6 +113,11 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("messages", "sender_account", "INTEGER"),
     // Own messages not kept for the device because its queue had no room, until it is told.
     ("devices", "missed", "INTEGER NOT NULL DEFAULT 0"),
+    // SHA-256 of the device's contact token, once it registered one.
+    ("devices", "contact_token_hash", "BLOB"),
+    // The copy is a stranger's (its send presented no contact token of the receiver): it counts
+    // in the device's stranger pool. Copies stored before the column count as contacts'.
+    ("copies", "stranger", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that
@@ -144,6 +149,10 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     // `receipts.expires_at` has no index (see the `receipts` module); a database made while it
     // had one loses it.
     conn.execute_batch("DROP INDEX IF EXISTS receipts_by_expiry;")?;
+    // Indexes on added columns, once the columns exist.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS copies_of_strangers ON copies(device_id) WHERE stranger = 1;",
+    )?;
     Ok(())
 }
 

@@ -118,6 +118,13 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_contact_token(&self, device: DeviceId, hash: [u8; 32]) -> Result<()> {
+        self.write(Undo::Statement, move |txn, _| {
+            keys::set_contact_token(txn, device, hash)
+        })
+        .await
+    }
+
     async fn key_status(&self, device: DeviceId) -> Result<KeyStatus> {
         self.read_here(|conn| keys::key_status_in(conn, device))
     }
