@@ -366,7 +366,8 @@ mod tests {
         bucket.give_back(1);
         assert_eq!(bucket.try_take(1, 100 * SECOND), Ok(()));
         assert!(bucket.try_take(1, 100 * SECOND).is_err());
-        assert!(bucket.is_full(100 * SECOND));
+        assert!(!bucket.is_full(100 * SECOND), "emptied");
+        assert!(bucket.is_full(103 * SECOND), "refilled at 1 a second");
     }
 
     #[test]
