@@ -64,6 +64,7 @@ fn frames() {
         Kind::Devices(DevicesRequest {
             request_id: 3,
             number: number.clone(),
+            sender_device: id.clone(),
         }),
         Kind::Disable(Disable { request_id: 4 }),
         Kind::KeysUpload(KeysUpload {
@@ -110,6 +111,8 @@ fn frames() {
             missing_devices: vec![id.clone()],
             missing_own_devices: Vec::new(),
             extra_devices: vec![vec![1; 16]],
+            skipped_own_devices: vec![vec![2; 16]],
+            retry_after_ms: 1_500,
         }),
         Kind::Deliver(Deliver {
             sender_device: id.clone(),
@@ -153,6 +156,7 @@ fn frames() {
             message: "too many".into(),
             fatal: false,
             request_id: 6,
+            retry_after_ms: 60_000,
         }),
         Kind::KeysUploadResult(KeysUploadResult {
             request_id: 5,
@@ -182,6 +186,7 @@ fn frames() {
             device_id: id.clone(),
             identity_key: vec![8; 32],
             signing_key: vec![9; 32],
+            proof: vec![10; 32],
         }),
         Kind::RemoveDeviceResult(RemoveDeviceResult { request_id: 8 }),
         Kind::VouchResult(VouchResult { request_id: 9 }),
