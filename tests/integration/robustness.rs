@@ -286,22 +286,7 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     // More sends than the default burst and than one sender's default share of a queue, and a
     // heartbeat long enough that the stalled session is neither closed for silence nor for a
     // write that waits while its queue fills.
-    let server = Server::start(&[
-        "--send-burst",
-        "20000",
-        "--send-per-second",
-        "20000",
-        "--queue-copies-per-sender",
-        "10000",
-        "--queue-bytes-per-sender",
-        "1000000000",
-        "--queued-bytes-per-account",
-        "1000000000",
-        "--stranger-pool-copies",
-        "10000",
-        "--heartbeat-seconds",
-        "300",
-    ]);
+    let server = Server::start(&stalling_server("300"));
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let other = alice.link_device(&server);
@@ -363,22 +348,7 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
 /// stays under its byte bound (which would close the session on its own) while the write waits.
 #[test]
 fn a_session_that_stops_reading_is_closed_when_a_write_waits_too_long() {
-    let server = Server::start(&[
-        "--send-burst",
-        "20000",
-        "--send-per-second",
-        "20000",
-        "--queue-copies-per-sender",
-        "10000",
-        "--queue-bytes-per-sender",
-        "1000000000",
-        "--queued-bytes-per-account",
-        "1000000000",
-        "--stranger-pool-copies",
-        "10000",
-        "--heartbeat-seconds",
-        "2",
-    ]);
+    let server = Server::start(&stalling_server("2"));
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
@@ -495,4 +465,26 @@ async fn await_sends_stored(session: &mut tidings_client::session::Session, coun
             None => panic!("a send was not answered"),
         }
     }
+}
+
+/// The settings of a server that one sender floods with 8,000 deliveries: the send rate, the
+/// sender's share of a queue and the stranger pool lifted, with `heartbeat` seconds between
+/// heartbeats.
+fn stalling_server(heartbeat: &str) -> Vec<&str> {
+    vec![
+        "--send-burst",
+        "20000",
+        "--send-per-second",
+        "20000",
+        "--queue-copies-per-sender",
+        "10000",
+        "--queue-bytes-per-sender",
+        "1000000000",
+        "--queued-bytes-per-account",
+        "1000000000",
+        "--stranger-pool-copies",
+        "10000",
+        "--heartbeat-seconds",
+        heartbeat,
+    ]
 }
