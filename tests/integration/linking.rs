@@ -232,3 +232,119 @@ fn a_later_device_of_ones_own_number_without_a_vouch_is_not_trusted() {
         "the refusal names the own number: {said}"
     );
 }
+
+/// A relay in front of `server` for one link request, doing what a server relaying the proof
+/// could: it passes the new device's request on with a login key of its own in place of the
+/// device's (signing the link transcript with it), keeping the device's identity keys and its
+/// genuine proof. The thread yields the id of the device the server made from the relayed
+/// request.
+fn substituting_relay(server: &Server) -> (String, std::thread::JoinHandle<DeviceId>) {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("relay bind");
+    let url = format!(
+        "http://127.0.0.1:{}",
+        listener.local_addr().expect("relay address").port()
+    );
+    let server_url = server.url.clone();
+    let relay = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("the new device connects");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("a header line");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("a length");
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).expect("the body");
+        let mut request: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let field = |name: &str| {
+            tidings_proto::id::from_text(request[name].as_str().expect(name)).expect(name)
+        };
+        let (identity_key, signing_key) = (field("identity_key"), field("signing_key"));
+        let number = request["number"].as_str().expect("number").to_string();
+        let code = request["code"].as_str().expect("code").to_string();
+        let login_key = ed25519_dalek::SigningKey::from_bytes(&[11; 32]);
+        let public = login_key.verifying_key().to_bytes();
+        let signature = login_key.sign(&tidings_proto::transcript::link(
+            &number,
+            &code,
+            &public,
+            &identity_key,
+            &signing_key,
+        ));
+        request["device_key"] = tidings_proto::id::to_text(&public).into();
+        request["signature"] = tidings_proto::id::to_text(&signature.to_bytes()).into();
+        let endpoint =
+            tidings_client::net::Endpoint::parse(&server_url, Default::default()).expect("url");
+        let (status, answer) =
+            block_on(endpoint.post_json("/v1/registration/link", &request)).expect("request");
+        let answer_text = answer.to_string();
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {} Relayed\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer_text}",
+            status.as_u16(),
+            answer_text.len()
+        );
+        assert_eq!(status.as_u16(), 200, "{answer}");
+        answer["device_id"]
+            .as_str()
+            .and_then(DeviceId::from_text)
+            .expect("a device id")
+    });
+    (url, relay)
+}
+
+/// The new device proves the secret, but whoever relays its request (the server, or anything
+/// between) puts a login key of its own in place of the device's and keeps the device's identity
+/// keys and proof: the server then makes a device that the relay logs in as. The proof used to
+/// cover only the identity keys, so the approver vouched for the relay's device. It must cover
+/// the device (its id, which comes from its login key), so that the approver refuses and
+/// removes it.
+#[test]
+fn a_genuine_proof_moved_to_another_device_is_refused_and_that_device_removed() {
+    let server = Server::start(&[]);
+    let alice = User::register(&number(), &server, &[]);
+    let mut approver = alice.spawn(&["link", "--wait", "60"]);
+    let mut lines = BufReader::new(approver.stdout.take().expect("stdout")).lines();
+    let mut shown = Vec::new();
+    let link = loop {
+        let line = lines.next().expect("the link string").expect("read");
+        shown.push(line.clone());
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"tidings") && words.get(1) == Some(&"link") {
+            break words.get(3).expect("the link string").to_string();
+        }
+    };
+    let (relay_url, relay) = substituting_relay(&server);
+    let laptop = User::new(&alice.number);
+    // The laptop's own link goes through the relay; what it makes of the answer is not the
+    // point here.
+    let _ = laptop.run(&["link", &alice.number, &link, "--server", &relay_url]);
+    let moved = relay.join().expect("the relay passed the request on");
+
+    shown.extend(lines.map_while(Result::ok));
+    let (success, stdout, stderr) = finish(&mut approver, shown);
+    assert!(
+        !success,
+        "the approver vouched for a device the relay made with the laptop's proof: {stdout}"
+    );
+    assert!(
+        format!("{stdout}{stderr}").contains("did not prove"),
+        "the refusal says why: {stdout}{stderr}"
+    );
+    let listed = listed_devices(&alice);
+    assert!(
+        listed.iter().all(|d| d.device_id != moved.as_bytes()),
+        "the relay's device was not removed"
+    );
+}
