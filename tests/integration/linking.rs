@@ -348,3 +348,68 @@ fn a_genuine_proof_moved_to_another_device_is_refused_and_that_device_removed() 
         "the relay's device was not removed"
     );
 }
+
+/// Makes `user`'s profile look as one registered before a device trusted its own key at
+/// verification: the end-to-end state, sealed as the client stores it, with no trust entry for
+/// its own number.
+fn forget_own_number_trust(user: &User) {
+    let passphrase = tidings_client::vault::Passphrase::new(crate::support::PASSPHRASE);
+    let mut inbox = tidings_client::inbox::Inbox::open(user.profile.path(), &passphrase)
+        .expect("open the profile's store");
+    let own = user.number.clone();
+    inbox
+        .replace_crypto(|current| {
+            let current = current.expect("the profile has its keys");
+            let bytes = current.to_bytes().expect("state");
+            let mut state: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            let trusted = state["trusted"].as_array_mut().expect("a trust list");
+            trusted.retain(|entry| entry[0] != own.as_str());
+            tidings_client::e2e::Crypto::from_bytes(&serde_json::to_vec(&state).expect("json"))
+                .expect("the old state reads")
+        })
+        .expect("write the old state");
+}
+
+/// A profile made before a device trusted its own key at verification has no trust entry for its
+/// own number, so a later device of that number used to be trusted on first use, silently. On
+/// open the profile trusts its own key (and only that), so a device someone holding the login
+/// key linked, never vouched for, is warned about and stops this device's sends like on a
+/// profile made today.
+#[test]
+fn a_profile_made_before_own_key_trust_trusts_its_own_key_and_wants_a_vouch_for_others() {
+    let server = Server::start(&[]);
+    let alice = User::register(&number(), &server, &[]);
+    let bob = User::register(&number(), &server, &[]);
+    forget_own_number_trust(&alice);
+
+    let code = link_code_with_login_key(&alice);
+    let intruder = User::new(&alice.number);
+    let made_up = format!("{code}-{}", ["AAAA"; 8].join("-"));
+    intruder.ok(&["link", &alice.number, &made_up, "--server", &server.url]);
+
+    let (answer, code) = intruder.send(&alice.number, "it is me, really", &[]);
+    assert_eq!(code, 0, "{answer}");
+    let received = alice.receive(1, PATIENCE);
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(
+        received[0]["warning"].is_string(),
+        "a message from an unvouched device of one's own number is warned about: {}",
+        received[0]
+    );
+    let out = alice.run(&["--json", "send", &bob.number, "secret plans"]);
+    assert!(
+        !out.status.success(),
+        "a send copied to an unvouched device of one's own number: {}",
+        text(&out.stdout)
+    );
+    // Its own key is trusted: what it sent before is still its own.
+    let passphrase = tidings_client::vault::Passphrase::new(crate::support::PASSPHRASE);
+    let own_key = tidings_client::inbox::Inbox::open(alice.profile.path(), &passphrase)
+        .expect("open")
+        .look(|crypto| {
+            let (identity, _) = crypto.identity_keys();
+            crypto.is_trusted(&alice.number, &identity)
+        })
+        .expect("look");
+    assert_eq!(own_key, Some(true), "its own key is trusted for its number");
+}
