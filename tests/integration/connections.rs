@@ -154,6 +154,69 @@ fn connections_not_logged_in_are_capped_per_address_and_others_are_still_served(
     assert_eq!(answer["outcome"], "queued");
 }
 
+/// The connections not yet logged in that one wide address block (an IPv4 /24, an IPv6 /48)
+/// may hold: the default of `pre_login_connections_per_block`.
+const PRE_LOGIN_PER_BLOCK: usize = 1024;
+
+/// A client holding many addresses of one block (a /48 holds 65,536 IPv6 /64s, each with its own
+/// per-address cap) is capped for the whole block: from 17 addresses of one /24, the connection
+/// past the block's cap is closed at once, unanswered, though its own address holds none; a
+/// client of another /24 is served meanwhile.
+#[test]
+fn connections_not_logged_in_are_capped_per_wide_address_block() {
+    let server = Server::start(&[]);
+    block_on(async {
+        let port = server.port;
+        let addresses: Vec<Ipv4Addr> = (0..PRE_LOGIN_PER_BLOCK.div_ceil(PRE_LOGIN_PER_ADDRESS))
+            .map(|n| Ipv4Addr::new(127, 0, 0, 2 + u8::try_from(n).expect("a few addresses")))
+            .collect();
+        let fresh = Ipv4Addr::new(127, 0, 0, 200);
+        let other_block = Ipv4Addr::new(127, 0, 1, 2);
+        // Every connection not logged in is closed after 10 s of silence, so the held ones must
+        // all be open when the next one comes: an attempt that took longer is made again.
+        let mut refused_at_once = false;
+        for _attempt in 0..3 {
+            let started = Instant::now();
+            let mut held = Vec::new();
+            for n in 0..PRE_LOGIN_PER_BLOCK {
+                held.push(connect_from(addresses[n / PRE_LOGIN_PER_ADDRESS], port).await);
+            }
+            let over = health_from(fresh, port).await;
+            let in_time = started.elapsed() < Duration::from_secs(8);
+            if over.is_empty() && in_time {
+                refused_at_once = true;
+                let health = health_from(other_block, port).await;
+                assert!(
+                    health.starts_with("HTTP/1.1 200"),
+                    "another block is served: {health}"
+                );
+                break;
+            }
+            assert!(
+                !in_time,
+                "a connection over the block's cap was served: {over:.200}"
+            );
+        }
+        assert!(
+            refused_at_once,
+            "a connection over the block's cap was served"
+        );
+        // The held connections are gone (dropped above); the block is served again.
+        let mut served = false;
+        for _ in 0..100 {
+            if health_from(fresh, port).await.starts_with("HTTP/1.1 200") {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "the block was not served again once its connections closed"
+        );
+    });
+}
+
 /// The sessions one device may hold at once: the default of `sessions_per_device`.
 const SESSIONS_PER_DEVICE: usize = 4;
 
