@@ -85,13 +85,37 @@ fn an_account_links_at_most_five_devices_a_day() {
         let laptop = alice.link_device(&server);
         alice.ok(&["devices", "--remove", &laptop.device_id()]);
     }
-    // The sixth is refused when its code is asked for, with the reason and when to try again.
+    // The sixth is refused when its code is asked for, with the reason and when to try again:
+    // the first of the five links leaves the day's window in a little under 24 hours.
     let out = alice.run(&["link", "--wait", "5"]);
     let complaint = text(&out.stderr);
     assert!(!out.status.success(), "{}", text(&out.stdout));
     assert!(
-        complaint.contains("linked to a number a day"),
+        complaint.contains("linked to a number a day")
+            && (complaint.contains("try again in 23 h") || complaint.contains("try again in 1 d")),
         "{complaint}"
+    );
+    // On the wire: `RATE_LIMITED` with the wait in `retry_after_ms`.
+    let client = alice.client();
+    let refusal = block_on(async {
+        let mut session = client.session(false).await.expect("session");
+        let request_id = session.request_id();
+        let request = Kind::LinkCodeRequest(frame::LinkCodeRequest { request_id });
+        session.call(request, request_id).await.expect("call")
+    });
+    let Kind::Error(refusal) = refusal else {
+        panic!("a sixth link code was given: {refusal:?}");
+    };
+    assert_eq!(
+        refusal.code,
+        frame::ErrorCode::RateLimited as i32,
+        "{refusal:?}"
+    );
+    let day = Duration::from_secs(24 * 3600);
+    let wait = Duration::from_millis(refusal.retry_after_ms);
+    assert!(
+        wait > day - Duration::from_secs(3600) && wait <= day,
+        "the wait is what is left of the day: {wait:?}"
     );
 }
 
