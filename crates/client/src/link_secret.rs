@@ -3,9 +3,11 @@
 //! `tidings link` on a registered device asks the server for a link code, draws a secret of
 //! [`SECRET_BYTES`] bytes here, and shows both to its user as one [`LinkString`] (typed, or read
 //! from a QR code, on the new device). The secret never goes to the server. The new device proves
-//! that it knows it with an HMAC over its identity keys ([`proof`]) that the server relays; the
-//! approving device checks it ([`proof_holds`]) before it vouches, so a device linked by someone
-//! else who holds the approver's login key, or by the server, is refused. No I/O here, and
+//! that it knows it with an HMAC over its device id (which stands for its login key) and identity
+//! keys ([`proof`]) that the server relays; the approving device checks it ([`proof_holds`])
+//! against the device the server says joined before it vouches, so a device linked by someone
+//! else who holds the approver's login key, or one the server made with the genuine proof, is
+//! refused. No I/O here, and
 //! nothing here prints the secret except [`LinkString::to_text`], for its user.
 
 use hkdf::Hkdf;
@@ -21,7 +23,7 @@ pub const SECRET_BYTES: usize = 20;
 const CODE_DIGITS: usize = 12;
 /// Base32 characters of the secret (160 bits, no padding).
 const SECRET_CHARS: usize = SECRET_BYTES * 8 / 5;
-const PROOF_LABEL: &[u8] = b"tidings-link-proof-v1";
+const PROOF_LABEL: &[u8] = b"tidings-link-proof-v2";
 
 /// The server's link code and the secret, as the user carries them from one device to the other.
 pub struct LinkString {
@@ -119,12 +121,19 @@ impl LinkString {
         key
     }
 
-    fn mac(&self, number: &str, identity_key: &[u8], signing_key: &[u8]) -> Hmac<Sha256> {
+    fn mac(
+        &self,
+        number: &str,
+        device_id: &[u8],
+        identity_key: &[u8],
+        signing_key: &[u8],
+    ) -> Hmac<Sha256> {
         let key = self.key(number);
         // HMAC takes a key of any length.
         let mut mac = <Hmac<Sha256> as hmac::Mac>::new_from_slice(key.as_ref())
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
         mac.update(&tidings_proto::transcript::link_proof(
+            device_id,
             identity_key,
             signing_key,
         ));
@@ -132,24 +141,32 @@ impl LinkString {
     }
 
     /// The new device's proof that it knows the secret: HMAC-SHA256, keyed by HKDF-SHA256 of the
-    /// secret (salt `tidings-link-proof-v1`, info `number \n code`), over its identity keys.
-    pub fn proof(&self, number: &str, identity_key: &[u8], signing_key: &[u8]) -> [u8; 32] {
-        self.mac(number, identity_key, signing_key)
+    /// secret (salt `tidings-link-proof-v2`, info `number \n code`), over its device id and
+    /// identity keys.
+    pub fn proof(
+        &self,
+        number: &str,
+        device_id: &[u8],
+        identity_key: &[u8],
+        signing_key: &[u8],
+    ) -> [u8; 32] {
+        self.mac(number, device_id, identity_key, signing_key)
             .finalize()
             .into_bytes()
             .into()
     }
 
-    /// Whether `proof` is the proof of a device with these identity keys (compared in constant
-    /// time).
+    /// Whether `proof` is the proof of the device with this id and these identity keys
+    /// (compared in constant time).
     pub fn proof_holds(
         &self,
         number: &str,
+        device_id: &[u8],
         identity_key: &[u8],
         signing_key: &[u8],
         proof: &[u8],
     ) -> bool {
-        self.mac(number, identity_key, signing_key)
+        self.mac(number, device_id, identity_key, signing_key)
             .verify_slice(proof)
             .is_ok()
     }
@@ -219,21 +236,23 @@ mod tests {
     }
 
     #[test]
-    fn a_proof_holds_only_for_the_same_secret_number_code_and_keys() {
+    fn a_proof_holds_only_for_the_same_secret_number_code_device_and_keys() {
         let shown = LinkString::new("1234-5678-9012").expect("new");
         let typed = LinkString::parse(&shown.to_text()).expect("parse");
-        let proof = typed.proof("+491511", &[1; 32], &[2; 32]);
-        assert!(shown.proof_holds("+491511", &[1; 32], &[2; 32], &proof));
-        assert!(!shown.proof_holds("+491512", &[1; 32], &[2; 32], &proof));
-        assert!(!shown.proof_holds("+491511", &[3; 32], &[2; 32], &proof));
-        assert!(!shown.proof_holds("+491511", &[1; 32], &[3; 32], &proof));
-        assert!(!shown.proof_holds("+491511", &[1; 32], &[2; 32], &proof[..31]));
+        let device = [5; 16];
+        let proof = typed.proof("+491511", &device, &[1; 32], &[2; 32]);
+        assert!(shown.proof_holds("+491511", &device, &[1; 32], &[2; 32], &proof));
+        assert!(!shown.proof_holds("+491512", &device, &[1; 32], &[2; 32], &proof));
+        assert!(!shown.proof_holds("+491511", &[6; 16], &[1; 32], &[2; 32], &proof));
+        assert!(!shown.proof_holds("+491511", &device, &[3; 32], &[2; 32], &proof));
+        assert!(!shown.proof_holds("+491511", &device, &[1; 32], &[3; 32], &proof));
+        assert!(!shown.proof_holds("+491511", &device, &[1; 32], &[2; 32], &proof[..31]));
         let other = LinkString::new("1234-5678-9012").expect("new");
-        assert!(!other.proof_holds("+491511", &[1; 32], &[2; 32], &proof));
+        assert!(!other.proof_holds("+491511", &device, &[1; 32], &[2; 32], &proof));
         let other_code = LinkString {
             code: "1234-5678-9013".into(),
             secret: shown.secret.clone(),
         };
-        assert!(!other_code.proof_holds("+491511", &[1; 32], &[2; 32], &proof));
+        assert!(!other_code.proof_holds("+491511", &device, &[1; 32], &[2; 32], &proof));
     }
 }

@@ -199,7 +199,19 @@ pub async fn link(
     let (identity_key, signing_key) = inbox.replace_crypto(Crypto::replacing)?.identity_keys();
     let public = key.verifying_key().to_bytes();
     let code = link.code();
-    let proof = link.proof(number.as_str(), &identity_key, &signing_key);
+    // The server gives this device the id its login key, the number and the code make; the proof
+    // covers it, so that the approving device vouches for this device and no other.
+    let expected_id = DeviceId(tidings_proto::transcript::link_device_id(
+        number.as_str(),
+        code,
+        &public,
+    ));
+    let proof = link.proof(
+        number.as_str(),
+        expected_id.as_bytes(),
+        &identity_key,
+        &signing_key,
+    );
     let signature = key.sign(&tidings_proto::transcript::link(
         number.as_str(),
         code,
@@ -225,6 +237,11 @@ pub async fn link(
         .and_then(|d| d.as_str())
         .and_then(DeviceId::from_text)
         .ok_or_else(|| ClientError::Protocol("link answered without a device id".into()))?;
+    if device_id != expected_id {
+        return Err(ClientError::Protocol(
+            "the server gave this device another id than its login key and the link code make, so the device that showed the link string would refuse it: link again with a new `tidings link` and a new --profile".into(),
+        ));
+    }
     profile.save(&ProfileData {
         number: number.as_str().to_string(),
         server: server.to_string(),
@@ -311,7 +328,13 @@ pub async fn approve_link(
                 ) else {
                     continue;
                 };
-                if !link.proof_holds(&own, &done.identity_key, &done.signing_key, &done.proof) {
+                if !link.proof_holds(
+                    &own,
+                    &done.device_id,
+                    &done.identity_key,
+                    &done.signing_key,
+                    &done.proof,
+                ) {
                     return Err(refuse_unproven(&mut session, device).await);
                 }
                 let keys = frame::DeviceKeys {

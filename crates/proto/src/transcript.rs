@@ -52,11 +52,33 @@ pub fn link(
     out
 }
 
-/// What a new device MACs, under a key derived from the link secret its user typed, to prove to
-/// the device that showed the secret that it is the one the user is linking: its identity keys.
-pub fn link_proof(identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(22 + identity_key.len() + signing_key.len());
-    out.extend_from_slice(b"tidings-link-proof-v1\n");
+/// The id of a device that joins a number with a link code: the first 16 bytes of SHA-256 over
+/// the number, the code's digits and the device's login key. The server gives a linked device
+/// this id, and the new device knows it before it asks, so that its link proof can cover it:
+/// whoever relays the proof cannot attach it to a device with another login key (another id).
+pub fn link_device_id(number_e164: &str, code: &str, device_key: &[u8; 32]) -> [u8; 16] {
+    use sha2::{Digest as _, Sha256};
+    let digits: String = code.chars().filter(char::is_ascii_digit).collect();
+    let mut hash = Sha256::new();
+    hash.update(b"tidings-link-device-v1\n");
+    hash.update(number_e164.as_bytes());
+    hash.update(b"\n");
+    hash.update(digits.as_bytes());
+    hash.update(b"\n");
+    hash.update(device_key);
+    let digest = hash.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+/// What a new device MACs, under a key derived from the link secret its user typed (and the
+/// number and code), to prove to the device that showed the secret that it is the one the user is
+/// linking: its device id ([`link_device_id`], which stands for its login key) and identity keys.
+pub fn link_proof(device_id: &[u8], identity_key: &[u8], signing_key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(22 + device_id.len() + identity_key.len() + signing_key.len());
+    out.extend_from_slice(b"tidings-link-proof-v2\n");
+    out.extend_from_slice(device_id);
     out.extend_from_slice(identity_key);
     out.extend_from_slice(signing_key);
     out

@@ -662,9 +662,13 @@ async fn link<S: Store>(
         let message = too_many_links(state.config.links_per_day);
         return Err(rate_limited(wait, &message));
     }
-    let mut device = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut device);
-    let device = DeviceId(device);
+    // The id the new device's link proof covers: made from its login key, so that the approver
+    // vouches only for the device that holds the key the new device signed with.
+    let device = DeviceId(tidings_proto::transcript::link_device_id(
+        number.as_str(),
+        &request.code,
+        &key_bytes,
+    ));
     match state
         .store
         .add_device(
