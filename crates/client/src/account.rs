@@ -29,6 +29,8 @@ pub struct Account {
     passphrase: Option<Passphrase>,
     /// The passphrase's key, derived once per account (the KDF is slow on purpose).
     vault: std::sync::OnceLock<Vault>,
+    /// The local store was brought up to date once ([`Account::inbox`]).
+    inbox_migrated: std::sync::OnceLock<()>,
 }
 
 /// A 32-byte key from the wire, if it is one.
@@ -55,6 +57,7 @@ impl Account {
             endpoint,
             passphrase: None,
             vault: std::sync::OnceLock::new(),
+            inbox_migrated: std::sync::OnceLock::new(),
         })
     }
 
@@ -108,19 +111,48 @@ impl Account {
         Ok(self.key.get_or_init(|| key))
     }
 
-    /// Opens the local store with the passphrase.
+    /// Opens the local store with the passphrase; the first open brings a store made by an
+    /// earlier version up to date ([`Account::migrate`]).
     pub fn inbox(&self) -> Result<Inbox> {
-        if let Some(vault) = self.vault.get() {
-            return Inbox::open_unlocked(self.profile.dir(), vault.clone());
+        let mut inbox = match self.vault.get() {
+            Some(vault) => Inbox::open_unlocked(self.profile.dir(), vault.clone())?,
+            None => {
+                let passphrase = self.passphrase.as_ref().ok_or_else(|| {
+                    ClientError::Passphrase(
+                        "this needs the profile's passphrase: set TIDINGS_PASSPHRASE or pass --passphrase-file".into(),
+                    )
+                })?;
+                let inbox = Inbox::open(self.profile.dir(), passphrase)?;
+                let _ = self.vault.set(inbox.vault().clone());
+                inbox
+            }
+        };
+        if self.inbox_migrated.get().is_none() {
+            self.migrate(&mut inbox)?;
+            let _ = self.inbox_migrated.set(());
         }
-        let passphrase = self.passphrase.as_ref().ok_or_else(|| {
-            ClientError::Passphrase(
-                "this needs the profile's passphrase: set TIDINGS_PASSPHRASE or pass --passphrase-file".into(),
-            )
-        })?;
-        let inbox = Inbox::open(self.profile.dir(), passphrase)?;
-        let _ = self.vault.set(inbox.vault().clone());
         Ok(inbox)
+    }
+
+    /// A profile verified before a device trusted its own key at verification holds no trust
+    /// for its own number, so a later device of the number would be trusted on first use. It
+    /// trusts its own key now, and only that: any other device of the number needs a vouch, as
+    /// on a profile made today. A store without keys yet has nothing to bring up to date.
+    fn migrate(&self, inbox: &mut Inbox) -> Result<()> {
+        let own = self.number().to_string();
+        let unset = inbox
+            .look(|crypto| crypto.trusts_nothing_for(&own))
+            .unwrap_or(false);
+        if unset {
+            inbox.update(|_, crypto| {
+                if !crypto.trusts_nothing_for(&own) {
+                    return Ok(Change::Unchanged(()));
+                }
+                crypto.trust_itself(&own);
+                Ok(Change::Save(()))
+            })?;
+        }
+        Ok(())
     }
 
     /// Publishes identity keys, one-time keys and a fallback key if the server holds too few.

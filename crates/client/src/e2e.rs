@@ -582,6 +582,12 @@ impl Crypto {
         }
     }
 
+    /// Whether nothing at all is trusted for `number` yet (its keys would be trusted on first
+    /// use).
+    pub fn trusts_nothing_for(&self, number: &str) -> bool {
+        !self.trusted.contains_key(number)
+    }
+
     /// Whether `key` is trusted for `number` (without trusting anything new).
     pub fn is_trusted(&self, number: &str, key: &[u8; 32]) -> Option<bool> {
         self.trusted.get(number).map(|keys| keys.contains(key))
