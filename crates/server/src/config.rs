@@ -97,6 +97,10 @@ pub struct ServerArgs {
     /// IPv6 /64; more are closed at once [default: 64]
     #[arg(long, env = "TIDINGS_PRE_LOGIN_CONNECTIONS_PER_ADDRESS")]
     pub pre_login_connections_per_address: Option<usize>,
+    /// Most connections not yet logged in (HTTP ones included) per IPv4 /24 or IPv6 /48, however
+    /// many addresses of it they come from; more are closed at once [default: 1024]
+    #[arg(long, env = "TIDINGS_PRE_LOGIN_CONNECTIONS_PER_BLOCK")]
+    pub pre_login_connections_per_block: Option<usize>,
     /// Most sessions one device may hold at once; a login past it is refused [default: 4]
     #[arg(long, env = "TIDINGS_SESSIONS_PER_DEVICE")]
     pub sessions_per_device: Option<usize>,
@@ -210,6 +214,7 @@ struct FileConfig {
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
     pre_login_connections_per_address: Option<usize>,
+    pre_login_connections_per_block: Option<usize>,
     sessions_per_device: Option<usize>,
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
@@ -252,6 +257,7 @@ pub struct ServerConfig {
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
     pub pre_login_connections_per_address: usize,
+    pub pre_login_connections_per_block: usize,
     pub sessions_per_device: usize,
     pub scrub_interval_ms: u64,
     pub send_burst: u32,
@@ -475,6 +481,10 @@ impl ServerArgs {
                 .pre_login_connections_per_address
                 .or(file.pre_login_connections_per_address)
                 .unwrap_or(64),
+            pre_login_connections_per_block: self
+                .pre_login_connections_per_block
+                .or(file.pre_login_connections_per_block)
+                .unwrap_or(1024),
             sessions_per_device: self
                 .sessions_per_device
                 .or(file.sessions_per_device)
@@ -620,6 +630,10 @@ impl ServerConfig {
             (
                 "pre_login_connections_per_address",
                 self.pre_login_connections_per_address == 0,
+            ),
+            (
+                "pre_login_connections_per_block",
+                self.pre_login_connections_per_block == 0,
             ),
             ("sessions_per_device", self.sessions_per_device == 0),
             ("send_burst", self.send_burst == 0),

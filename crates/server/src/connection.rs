@@ -3,8 +3,8 @@
 //!
 //! This module moves bytes and never reads them: what a request means is decided in `http`, and
 //! what an upgraded session does in `session`. A connection that does not finish its handshake or
-//! its headers in time is dropped, so a slow client cannot hold a slot, and one address block
-//! holds only so many connections that have not logged in ([`PreLogin`]).
+//! its headers in time is dropped, so a slow client cannot hold a slot, and one address (and one
+//! wide address block) holds only so many connections that have not logged in ([`PreLogin`]).
 
 use std::collections::{hash_map, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -70,36 +70,48 @@ impl Slot {
 }
 
 /// Connections that have not logged in (plain HTTP ones, and sessions before `Login`), counted
-/// per narrow address block (an IPv4 address, an IPv6 /64): what one client can cheaply hold.
-/// Each is bounded in time by the header, body and login timeouts; this bounds how many one
-/// client holds at once, so that it cannot take the connection limit or the file descriptors.
+/// per narrow address block (an IPv4 address, an IPv6 /64: what one client can cheaply hold) and
+/// per wide one (an IPv4 /24, an IPv6 /48: what a client holding many addresses holds, such as
+/// the 65,536 /64s of a /48). Each is bounded in time by the header, body and login timeouts;
+/// this bounds how many one client holds at once, so that it cannot take the connection limit or
+/// the file descriptors.
 #[derive(Debug)]
 pub struct PreLogin {
+    /// Narrow and wide blocks alike (their prefixes differ, so their keys never meet).
     counts: Mutex<HashMap<AddressBlock, usize>>,
+    per_address: usize,
     per_block: usize,
 }
 
 impl PreLogin {
-    /// At most `per_block` connections not logged in per narrow address block.
-    pub fn new(per_block: usize) -> Arc<Self> {
+    /// At most `per_address` connections not logged in per narrow address block, and at most
+    /// `per_block` per wide one.
+    pub fn new(per_address: usize, per_block: usize) -> Arc<Self> {
         Arc::new(Self {
             counts: Mutex::default(),
+            per_address,
             per_block,
         })
     }
 
-    /// Counts a new connection from `ip`; `None` when its block holds as many as it may.
+    /// Counts a new connection from `ip`; `None` when its address or its wide block holds as
+    /// many as it may.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<PreLoginCount> {
-        let [block, _wide] = AddressBlock::of_client(ip);
+        let blocks = AddressBlock::of_client(ip);
         let mut counts = self.counts();
-        let count = counts.entry(block).or_insert(0);
-        if *count >= self.per_block {
+        let full = blocks
+            .iter()
+            .zip([self.per_address, self.per_block])
+            .any(|(block, most)| counts.get(block).is_some_and(|count| *count >= most));
+        if full {
             return None;
         }
-        *count += 1;
+        for block in blocks {
+            *counts.entry(block).or_insert(0) += 1;
+        }
         Some(PreLoginCount {
             pre_login: Arc::clone(self),
-            block,
+            blocks,
         })
     }
 
@@ -113,16 +125,18 @@ impl PreLogin {
 #[derive(Debug)]
 pub struct PreLoginCount {
     pre_login: Arc<PreLogin>,
-    block: AddressBlock,
+    blocks: [AddressBlock; 2],
 }
 
 impl Drop for PreLoginCount {
     fn drop(&mut self) {
         let mut counts = self.pre_login.counts();
-        if let hash_map::Entry::Occupied(mut entry) = counts.entry(self.block) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                entry.remove();
+        for block in self.blocks {
+            if let hash_map::Entry::Occupied(mut entry) = counts.entry(block) {
+                *entry.get_mut() -= 1;
+                if *entry.get() == 0 {
+                    entry.remove();
+                }
             }
         }
     }
@@ -240,7 +254,7 @@ mod tests {
 
     #[test]
     fn connections_not_logged_in_are_counted_per_address_and_ipv6_64() {
-        let pre_login = PreLogin::new(2);
+        let pre_login = PreLogin::new(2, 5);
         // Two addresses of one IPv6 /64 count together; another /64 and an IPv4 address do not.
         let first = pre_login.admit(ip("2001:db8::1"));
         let second = pre_login.admit(ip("2001:db8::ffff:2"));
@@ -268,6 +282,45 @@ mod tests {
         drop(first);
         assert!(pre_login.admit(ip("2001:db8::4")).is_some());
         drop((second, other_64, v4));
+        assert!(
+            pre_login.counts().is_empty(),
+            "no block is kept without a connection"
+        );
+    }
+
+    #[test]
+    fn connections_not_logged_in_are_counted_per_wide_block_too() {
+        let pre_login = PreLogin::new(2, 3);
+        // Three /64s of one /48 fill it, though each holds one connection.
+        let held: Vec<_> = ["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"]
+            .into_iter()
+            .map(|address| pre_login.admit(ip(address)))
+            .collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(
+            pre_login.admit(ip("2001:db8:0:4::1")).is_none(),
+            "the /48 is full"
+        );
+        assert!(
+            pre_login.admit(ip("2001:db8:1::1")).is_some(),
+            "the next /48 is another block"
+        );
+        // Likewise three addresses of one IPv4 /24.
+        let v4: Vec<_> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .into_iter()
+            .map(|address| pre_login.admit(ip(address)))
+            .collect();
+        assert!(v4.iter().all(Option::is_some));
+        assert!(
+            pre_login.admit(ip("192.0.2.4")).is_none(),
+            "the /24 is full"
+        );
+        assert!(pre_login.admit(ip("192.0.3.1")).is_some());
+        // A refused connection counted nowhere: one given back makes room again.
+        drop(v4);
+        assert!(pre_login.admit(ip("192.0.2.4")).is_some());
+        drop(held);
+        assert!(pre_login.admit(ip("2001:db8:0:4::1")).is_some());
         assert!(
             pre_login.counts().is_empty(),
             "no block is kept without a connection"

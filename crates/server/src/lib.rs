@@ -99,7 +99,7 @@ fn listen(address: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Which connections one listening address takes: at most as many at once as `slots` holds, of
-/// which at most `pre_login`'s cap per address block not yet logged in; `counted` counts those
+/// which at most `pre_login`'s caps per address and per address block not yet logged in; `counted` counts those
 /// accepted (the public port's; a scrape of the metrics address should not change what it reads).
 struct Admission {
     slots: Arc<Semaphore>,
@@ -314,7 +314,10 @@ impl<S: Store> Server<S> {
         } = self;
         let router = http::router(state.clone());
         let slots = Arc::new(Semaphore::new(state.config.max_connections));
-        let pre_login = PreLogin::new(state.config.pre_login_connections_per_address);
+        let pre_login = PreLogin::new(
+            state.config.pre_login_connections_per_address,
+            state.config.pre_login_connections_per_block,
+        );
         sweeps::spawn(&state);
         if let Some(metrics_listener) = metrics_listener {
             let accepting = accept(
@@ -324,7 +327,7 @@ impl<S: Store> Server<S> {
                 None,
                 Admission {
                     slots: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
-                    pre_login: PreLogin::new(METRICS_CONNECTIONS),
+                    pre_login: PreLogin::new(METRICS_CONNECTIONS, METRICS_CONNECTIONS),
                     counted: None,
                 },
                 shutdown.clone(),
