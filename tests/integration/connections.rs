@@ -86,6 +86,33 @@ fn a_request_body_that_never_finishes_is_answered_408_and_closed() {
     });
 }
 
+/// The body timeout is the operator's setting (`body_timeout_seconds`): a body unfinished after
+/// it is answered 408, saying how long it had.
+#[test]
+fn the_body_timeout_is_a_setting() {
+    let server = Server::start(&["--body-timeout-seconds", "2"]);
+    block_on(async {
+        let mut slow = TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .expect("connect");
+        slow.write_all(
+            b"POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut answer))
+            .await
+            .is_ok();
+        assert!(closed, "the unfinished body kept its connection");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408") && answer.contains("within 2 seconds"),
+            "{answer:.400}"
+        );
+    });
+}
+
 /// The connections not yet logged in that one address may hold: the default of
 /// `pre_login_connections_per_address`.
 const PRE_LOGIN_PER_ADDRESS: usize = 64;

@@ -104,6 +104,10 @@ pub struct ServerArgs {
     /// Most sessions one device may hold at once; a login past it is refused [default: 4]
     #[arg(long, env = "TIDINGS_SESSIONS_PER_DEVICE")]
     pub sessions_per_device: Option<usize>,
+    /// Seconds a request's body may take to arrive after its headers; later it is answered 408
+    /// and the connection closed [default: 10]
+    #[arg(long, env = "TIDINGS_BODY_TIMEOUT_SECONDS")]
+    pub body_timeout_seconds: Option<u64>,
     /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
@@ -216,6 +220,7 @@ struct FileConfig {
     pre_login_connections_per_address: Option<usize>,
     pre_login_connections_per_block: Option<usize>,
     sessions_per_device: Option<usize>,
+    body_timeout_seconds: Option<u64>,
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
     send_per_second: Option<u32>,
@@ -259,6 +264,8 @@ pub struct ServerConfig {
     pub pre_login_connections_per_address: usize,
     pub pre_login_connections_per_block: usize,
     pub sessions_per_device: usize,
+    /// What a request's body may take to arrive after its headers.
+    pub body_timeout: std::time::Duration,
     pub scrub_interval_ms: u64,
     pub send_burst: u32,
     pub send_per_second: u32,
@@ -489,6 +496,11 @@ impl ServerArgs {
                 .sessions_per_device
                 .or(file.sessions_per_device)
                 .unwrap_or(4),
+            body_timeout: std::time::Duration::from_secs(
+                self.body_timeout_seconds
+                    .or(file.body_timeout_seconds)
+                    .unwrap_or(10),
+            ),
             scrub_interval_ms: self
                 .scrub_interval_ms
                 .or(file.scrub_interval_ms)
@@ -636,6 +648,7 @@ impl ServerConfig {
                 self.pre_login_connections_per_block == 0,
             ),
             ("sessions_per_device", self.sessions_per_device == 0),
+            ("body_timeout_seconds", self.body_timeout.is_zero()),
             ("send_burst", self.send_burst == 0),
             ("lookup_burst", self.lookup_burst == 0),
             ("key_claim_burst", self.key_claim_burst == 0),

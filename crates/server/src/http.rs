@@ -204,6 +204,7 @@ async fn withdraw_code<S: Store>(
 
 /// Builds the router and the OpenAPI document it serves.
 pub fn router<S: Store>(state: Shared<S>) -> Router {
+    let body_timeout = state.config.body_timeout;
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(request_code))
         .routes(routes!(verify))
@@ -216,22 +217,27 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     let _ = state.openapi_json.set(json);
     router
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(body_in_time))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            body_in_time(body_timeout, request, next)
+        }))
         .with_state(state)
 }
 
 /// Largest request body, in bytes.
 const BODY_LIMIT: usize = 16 * 1024;
-/// Time a client has to send a request's whole body once its headers are in (hyper bounds the
-/// headers, not the body): a body sent slowly, or never finished, must not hold a connection.
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads the whole request body (at most [`BODY_LIMIT`]) within [`BODY_TIMEOUT`] before the
-/// route sees the request: 408 when it does not arrive in time (hyper then closes the
-/// connection, whose body is unfinished), 413 when it is too large.
-async fn body_in_time(request: Request, next: axum::middleware::Next) -> Response {
+/// Reads the whole request body (at most [`BODY_LIMIT`]) within `timeout` (the
+/// `body_timeout_seconds` setting: hyper bounds the headers, not the body, and a body sent
+/// slowly, or never finished, must not hold a connection) before the route sees the request: 408
+/// when it does not arrive in time (hyper then closes the connection, whose body is unfinished),
+/// 413 when it is too large.
+async fn body_in_time(
+    timeout: Duration,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let (parts, body) = request.into_parts();
-    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_LIMIT)).await;
     match read {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
@@ -256,7 +262,10 @@ async fn body_in_time(request: Request, next: axum::middleware::Next) -> Respons
         Err(_) => api_error(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
-            "the body did not arrive within 10 seconds of the headers: send it whole",
+            &format!(
+                "the body did not arrive within {} seconds of the headers: send it whole",
+                timeout.as_secs()
+            ),
         ),
     }
 }
@@ -267,7 +276,7 @@ async fn body_in_time(request: Request, next: axum::middleware::Next) -> Respons
     responses(
         (status = 202, description = "A code was sent", body = CodeSent),
         (status = 400, description = "Not a valid phone number (`invalid_number`), a premium-rate or shared-cost number no code is sent to (`unsupported_number`), or not JSON", body = ApiError),
-        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
+        (status = 408, description = "The body did not arrive within `body_timeout_seconds` (10 by default) of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
@@ -413,7 +422,7 @@ async fn request_code<S: Store>(
     responses(
         (status = 200, description = "The device is registered", body = Verified),
         (status = 400, description = "Invalid number, key, signature or code format", body = ApiError),
-        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
+        (status = 408, description = "The body did not arrive within `body_timeout_seconds` (10 by default) of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
@@ -569,7 +578,7 @@ async fn verify<S: Store>(
         (status = 400, description = "Invalid number, key or signature", body = ApiError),
         (status = 401, description = "No live link code for this number matches", body = ApiError),
         (status = 409, description = "The number already has 6 devices", body = ApiError),
-        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
+        (status = 408, description = "The body did not arrive within `body_timeout_seconds` (10 by default) of the headers", body = ApiError),
         (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
         (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape", body = ApiError),
