@@ -55,33 +55,44 @@ async fn health_from(from: Ipv4Addr, port: u16) -> String {
     health_on(&mut stream).await
 }
 
-/// A request whose body never finishes (a `Content-Length` of 100 and one byte sent) is answered
-/// 408 and closed once the body timeout passes, instead of holding its connection for ever; the
-/// server answers others meanwhile.
+/// Sends the headers of a request whose body never finishes (a `Content-Length` of 100 and one
+/// byte sent).
+async fn unfinished_body(port: u16) -> TcpStream {
+    let mut slow = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .expect("write");
+    slow
+}
+
+/// What the server answers on `slow` before it closes it; far longer than any body timeout of
+/// these tests passes first, since a connection still open then is held for good.
+async fn answer_before_close(mut slow: TcpStream) -> String {
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(90), slow.read_to_end(&mut answer))
+        .await
+        .is_ok();
+    assert!(
+        closed,
+        "a request whose body never finished kept its connection"
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A request whose body never finishes is answered 408 and closed once the body timeout passes,
+/// instead of holding its connection for ever; the server answers others meanwhile.
 #[test]
 fn a_request_body_that_never_finishes_is_answered_408_and_closed() {
     let server = Server::start(&[]);
     block_on(async {
-        let mut slow = TcpStream::connect(("127.0.0.1", server.port))
-            .await
-            .expect("connect");
-        slow.write_all(
-            b"POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
-        )
-        .await
-        .expect("write");
+        let slow = unfinished_body(server.port).await;
         let health = health_from(Ipv4Addr::LOCALHOST, server.port).await;
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-        let mut answer = Vec::new();
-        // Far longer than the body timeout: a connection still open then is held for good.
-        let closed = tokio::time::timeout(Duration::from_secs(90), slow.read_to_end(&mut answer))
-            .await
-            .is_ok();
-        assert!(
-            closed,
-            "a request whose body never finished kept its connection"
-        );
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_before_close(slow).await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer:.300}");
     });
 }
@@ -92,20 +103,7 @@ fn a_request_body_that_never_finishes_is_answered_408_and_closed() {
 fn the_body_timeout_is_a_setting() {
     let server = Server::start(&["--body-timeout-seconds", "2"]);
     block_on(async {
-        let mut slow = TcpStream::connect(("127.0.0.1", server.port))
-            .await
-            .expect("connect");
-        slow.write_all(
-            b"POST /v1/registration/code HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
-        )
-        .await
-        .expect("write");
-        let mut answer = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut answer))
-            .await
-            .is_ok();
-        assert!(closed, "the unfinished body kept its connection");
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_before_close(unfinished_body(server.port).await).await;
         assert!(
             answer.starts_with("HTTP/1.1 408") && answer.contains("within 2 seconds"),
             "{answer:.400}"

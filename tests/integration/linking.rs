@@ -203,8 +203,18 @@ fn a_later_device_of_ones_own_number_without_a_vouch_is_not_trusted() {
     let server = Server::start(&[]);
     let alice = User::register(&number(), &server, &[]);
     let bob = User::register(&number(), &server, &[]);
+    an_unvouched_device_of_the_own_number_is_warned_about_and_stops_sends(&server, &alice, &bob);
+}
 
-    let code = link_code_with_login_key(&alice);
+/// Someone holding `alice`'s login key links a device of its own (without the secret, so never
+/// vouched for) and writes to her: she is warned, and her send to `bob` (which would copy every
+/// message to that device) is refused, naming her own number.
+fn an_unvouched_device_of_the_own_number_is_warned_about_and_stops_sends(
+    server: &Server,
+    alice: &User,
+    bob: &User,
+) {
+    let code = link_code_with_login_key(alice);
     let intruder = User::new(&alice.number);
     // Letters only after the code: an earlier client reads the code's digits out of it.
     let made_up = format!("{code}-{}", ["AAAA"; 8].join("-"));
@@ -381,27 +391,7 @@ fn a_profile_made_before_own_key_trust_trusts_its_own_key_and_wants_a_vouch_for_
     let alice = User::register(&number(), &server, &[]);
     let bob = User::register(&number(), &server, &[]);
     forget_own_number_trust(&alice);
-
-    let code = link_code_with_login_key(&alice);
-    let intruder = User::new(&alice.number);
-    let made_up = format!("{code}-{}", ["AAAA"; 8].join("-"));
-    intruder.ok(&["link", &alice.number, &made_up, "--server", &server.url]);
-
-    let (answer, code) = intruder.send(&alice.number, "it is me, really", &[]);
-    assert_eq!(code, 0, "{answer}");
-    let received = alice.receive(1, PATIENCE);
-    assert_eq!(received.len(), 1, "{received:?}");
-    assert!(
-        received[0]["warning"].is_string(),
-        "a message from an unvouched device of one's own number is warned about: {}",
-        received[0]
-    );
-    let out = alice.run(&["--json", "send", &bob.number, "secret plans"]);
-    assert!(
-        !out.status.success(),
-        "a send copied to an unvouched device of one's own number: {}",
-        text(&out.stdout)
-    );
+    an_unvouched_device_of_the_own_number_is_warned_about_and_stops_sends(&server, &alice, &bob);
     // Its own key is trusted: what it sent before is still its own.
     let passphrase = tidings_client::vault::Passphrase::new(crate::support::PASSPHRASE);
     let own_key = tidings_client::inbox::Inbox::open(alice.profile.path(), &passphrase)
