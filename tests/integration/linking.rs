@@ -117,6 +117,43 @@ fn a_device_linked_by_someone_holding_the_login_key_is_refused_and_never_vouched
     assert!(!vouched, "the intruder's device was vouched for");
 }
 
+/// `tidings link` running on a device: what it printed so far, and the rest of its output.
+struct ShownLink {
+    approver: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    shown: Vec<String>,
+}
+
+impl ShownLink {
+    /// Starts `tidings link` on `user`'s device and reads up to the line that tells the new
+    /// device what to type; returns it running, and the link string.
+    fn start(user: &User) -> (Self, String) {
+        let mut approver = user.spawn(&["link", "--wait", "60"]);
+        let mut lines = BufReader::new(approver.stdout.take().expect("stdout")).lines();
+        let mut shown = Vec::new();
+        let link = loop {
+            let line = lines.next().expect("the link string").expect("read");
+            shown.push(line.clone());
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"tidings") && words.get(1) == Some(&"link") {
+                break words.get(3).expect("the link string").to_string();
+            }
+        };
+        let running = Self {
+            approver,
+            lines,
+            shown,
+        };
+        (running, link)
+    }
+
+    /// Waits for it to exit: (success, all it printed on stdout, stderr).
+    fn finish(mut self) -> (bool, String, String) {
+        self.shown.extend(self.lines.map_while(Result::ok));
+        finish(&mut self.approver, self.shown)
+    }
+}
+
 /// The happy path: `tidings link` shows one string (with a QR code) carrying the server's code
 /// and the secret; the new device joins with it and proves the secret; the approver vouches.
 /// Both sides show both devices' fingerprints, and they agree.
@@ -124,17 +161,7 @@ fn a_device_linked_by_someone_holding_the_login_key_is_refused_and_never_vouched
 fn a_link_with_the_shown_secret_is_vouched_for_and_both_sides_show_both_fingerprints() {
     let server = Server::start(&[]);
     let alice = User::register(&number(), &server, &[]);
-    let mut approver = alice.spawn(&["link", "--wait", "60"]);
-    let mut lines = BufReader::new(approver.stdout.take().expect("stdout")).lines();
-    let mut shown = Vec::new();
-    let link = loop {
-        let line = lines.next().expect("the link string").expect("read");
-        shown.push(line.clone());
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"tidings") && words.get(1) == Some(&"link") {
-            break words.get(3).expect("the link string").to_string();
-        }
-    };
+    let (approver, link) = ShownLink::start(&alice);
     let laptop = User::new(&alice.number);
     let joined: serde_json::Value = serde_json::from_str(
         laptop
@@ -149,8 +176,7 @@ fn a_link_with_the_shown_secret_is_vouched_for_and_both_sides_show_both_fingerpr
             .trim(),
     )
     .expect("json");
-    shown.extend(lines.map_while(Result::ok));
-    let (success, stdout, stderr) = finish(&mut approver, shown);
+    let (success, stdout, stderr) = approver.finish();
     assert!(success, "{stdout}\n{stderr}");
     assert!(
         stdout.contains('█') || stdout.contains('▀') || stdout.contains('▄'),
@@ -324,17 +350,7 @@ fn substituting_relay(server: &Server) -> (String, std::thread::JoinHandle<Devic
 fn a_genuine_proof_moved_to_another_device_is_refused_and_that_device_removed() {
     let server = Server::start(&[]);
     let alice = User::register(&number(), &server, &[]);
-    let mut approver = alice.spawn(&["link", "--wait", "60"]);
-    let mut lines = BufReader::new(approver.stdout.take().expect("stdout")).lines();
-    let mut shown = Vec::new();
-    let link = loop {
-        let line = lines.next().expect("the link string").expect("read");
-        shown.push(line.clone());
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"tidings") && words.get(1) == Some(&"link") {
-            break words.get(3).expect("the link string").to_string();
-        }
-    };
+    let (approver, link) = ShownLink::start(&alice);
     let (relay_url, relay) = substituting_relay(&server);
     let laptop = User::new(&alice.number);
     // The laptop's own link goes through the relay; what it makes of the answer is not the
@@ -342,8 +358,7 @@ fn a_genuine_proof_moved_to_another_device_is_refused_and_that_device_removed() 
     let _ = laptop.run(&["link", &alice.number, &link, "--server", &relay_url]);
     let moved = relay.join().expect("the relay passed the request on");
 
-    shown.extend(lines.map_while(Result::ok));
-    let (success, stdout, stderr) = finish(&mut approver, shown);
+    let (success, stdout, stderr) = approver.finish();
     assert!(
         !success,
         "the approver vouched for a device the relay made with the laptop's proof: {stdout}"
