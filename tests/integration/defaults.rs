@@ -55,6 +55,11 @@ fn a_zero_address_limit_is_refused_at_start_with_its_name() {
     for (flag, setting) in [
         ("--codes-per-address", "codes_per_address"),
         ("--verifies-per-address", "verifies_per_address"),
+        (
+            "--pre-login-connections-per-block",
+            "pre_login_connections_per_block",
+        ),
+        ("--body-timeout-seconds", "body_timeout_seconds"),
     ] {
         let dir = TempDir::new("zero-limit");
         let mut child = Command::new(BIN)
