@@ -553,6 +553,7 @@ fn print_send(report: &SendReport, json: bool) {
                 "copies": report.copies,
                 "skipped_own_devices": report.skipped_own_devices,
                 "retry_after": report.retry_after.map(|wait| wait.as_secs()),
+                "ttl_seconds": report.kept_for.map(|kept| kept.as_secs()),
             })
         );
         return;
@@ -587,6 +588,7 @@ fn print_send(report: &SendReport, json: bool) {
         (SendOutcome::RefusedOverQuota, _) => {
             "not sent: you have as much waiting for delivery as the server keeps; try again once some is delivered"
         }
+        (SendOutcome::RefusedStrangerPoolFull, _) => &stranger_pool_full(),
         (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
         (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
         (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
@@ -595,6 +597,31 @@ fn print_send(report: &SendReport, json: bool) {
         }
     };
     println!("{text}");
+    if let Some(kept) = report.kept_for {
+        println!(
+            "kept at most {}: the receiver has not written to you",
+            in_days(kept)
+        );
+    }
+}
+
+/// What `send` says when the receiver's room for strangers' messages is full.
+fn stranger_pool_full() -> String {
+    let ttl = Duration::from_millis(tidings_core::delivery::STRANGER_TTL);
+    format!(
+        "not sent: the receiver accepts few messages from people it has not written to, and that room is full now; it frees as those are delivered or expire, within {}: try again later, or ask them to write to you first",
+        in_days(ttl)
+    )
+}
+
+/// A length of time in whole days when it is some, else in hours (rounded up).
+fn in_days(length: Duration) -> String {
+    const DAY: u64 = 86_400;
+    match (length.as_secs() / DAY, length.as_secs() % DAY) {
+        (1, 0) => "1 day".to_string(),
+        (days, 0) if days > 1 => format!("{days} days"),
+        _ => format!("{} hours", length.as_secs().div_ceil(3_600)),
+    }
 }
 
 fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
@@ -616,6 +643,7 @@ fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
             Some("sent_as_sms") => "sent as SMS".to_string(),
             Some("expired") => "not delivered: it expired on the server".to_string(),
             Some("sms_rejected") => format!("not sent: {}", status.detail),
+            Some("refused_stranger_pool_full") => stranger_pool_full(),
             Some(refused) => format!("not sent: {}", refused.replace('_', " ")),
             None if status.detail.is_empty() => {
                 "not through yet: it is kept and carried on while `tidings listen` runs".to_string()

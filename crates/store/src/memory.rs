@@ -512,7 +512,7 @@ impl State {
             stranger,
         };
         self.messages.insert(self.last_position, stored);
-        Ok(Admission::stored(skipped))
+        Ok(Admission::stored(skipped, message.expires_at, expires_at))
     }
 
     fn pending(

@@ -131,7 +131,7 @@ pub(super) fn enqueue(
             .note(sender, *device, payload_len(payload.len()), 1);
     }
     notes.messages.push((message.sender_device, message.id));
-    Ok(Admission::stored(skipped))
+    Ok(Admission::stored(skipped, message.expires_at, expires_at))
 }
 
 /// [`Store::pending`](crate::Store::pending).
