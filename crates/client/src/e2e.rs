@@ -688,6 +688,31 @@ mod tests {
         assert_ne!(Crypto::new().contact_token(), alice.contact_token());
     }
 
+    /// An upload of the contact token's hash that the server never confirmed (the connection
+    /// broke, or the server refused it) is made again at the next session: the token counts as
+    /// published only once the server said it holds it.
+    #[test]
+    fn an_unconfirmed_contact_token_is_published_again_at_the_next_session() {
+        let device = DeviceId([3; 16]);
+        let mut alice = Crypto::new();
+        let hash = Sha256::digest(alice.contact_token()).to_vec();
+        let upload = alice
+            .keys_to_publish(device, KeySupply::default(), 1)
+            .expect("keys");
+        assert_eq!(upload.contact_token_hash, hash);
+        // No `KeysUploadResult` came; the state was saved, and the next session opens it. The
+        // server holds the identity keys (from an earlier upload) and enough one-time keys.
+        let mut next = Crypto::from_bytes(&alice.to_bytes().expect("bytes")).expect("restore");
+        let published = KeySupply {
+            one_time_keys: REPLENISH_BELOW,
+            published: true,
+        };
+        let again = next
+            .keys_to_publish(device, published, 2)
+            .expect("the contact token is published again");
+        assert_eq!(again.contact_token_hash, hash);
+    }
+
     fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {
         let upload = crypto
             .keys_to_publish(device, KeySupply::default(), 1)
