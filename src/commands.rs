@@ -396,10 +396,12 @@ pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tidings settings`: change the profile's routing and SMS transport (no network), then show
-/// them.
-pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
+/// `tidings settings`: change the profile's routing and SMS transport (no network), or make a
+/// new contact token and publish it (`--rotate-contact-token`, the one flag that needs the
+/// server), then show them.
+pub async fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
     let mut data = context.profile.load()?.ok_or(ClientError::NotRegistered)?;
+    let rotate_contact_token = settings.rotate_contact_token;
     let routing = &mut data.routing;
     if let Some(route) = settings.route.clone() {
         routing.route = route;
@@ -417,6 +419,9 @@ pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<Exi
         routing.sms = transport;
     }
     context.profile.save(&data)?;
+    if rotate_contact_token {
+        context.unlocked()?.rotate_contact_token().await?;
+    }
     let routing = &data.routing;
     let sms = match &routing.sms {
         None => "none".to_string(),
@@ -438,8 +443,14 @@ pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<Exi
             "receipt_timeout_seconds": routing.receipt_timeout_seconds,
             "max_sms_parts": routing.max_sms_parts,
             "sms": sms,
+            "contact_token_rotated": rotate_contact_token,
         }));
     } else {
+        if rotate_contact_token {
+            println!(
+                "A new contact token is published: the people you wrote to are strangers here (few of their messages kept, for 3 days at most) until you write to them again."
+            );
+        }
         println!(
             "route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
             routing.route, routing.fallback_after_seconds, routing.receipt_timeout_seconds, routing.max_sms_parts
