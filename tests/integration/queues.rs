@@ -503,3 +503,32 @@ fn a_strangers_message_is_stored_with_the_short_ttl() {
         kept_for(&stranger)
     );
 }
+
+/// `tidings settings --rotate-contact-token`: a new contact token is published, so that whoever
+/// holds the old one (everyone the user wrote to) is a stranger again, told its message is kept
+/// 3 days, until the user writes to them with the new token.
+#[test]
+fn a_rotated_contact_token_makes_old_contacts_strangers_until_written_to_again() {
+    let server = Server::start(&[]);
+    let (victim_number, carol_number) = (number(), number());
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    const THIRTY_DAYS: &str = "2592000";
+    let kept_for = |round: &str| {
+        let (answer, _) = carol.send(&victim_number, round, &["--ttl", THIRTY_DAYS]);
+        assert_eq!(answer["outcome"], "queued", "{answer}");
+        assert_eq!(victim.receive_texts(1, 30), [round]);
+        answer["ttl_seconds"].clone()
+    };
+    let (answer, _) = victim.send(&carol_number, "hello Carol", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["hello Carol"]);
+    assert_eq!(kept_for("a contact"), serde_json::Value::Null);
+    let said = victim.ok(&["settings", "--rotate-contact-token"]);
+    assert!(said.contains("new contact token is published"), "{said}");
+    assert_eq!(kept_for("a stranger again"), serde_json::json!(259_200));
+    let (answer, _) = victim.send(&carol_number, "here is my new token", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["here is my new token"]);
+    assert_eq!(kept_for("a contact again"), serde_json::Value::Null);
+}
