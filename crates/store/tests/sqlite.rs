@@ -146,7 +146,7 @@ impl Held {
 
 /// Registers alice and bob with one device each, with published keys: ((device, account) of
 /// alice, (device, account) of bob).
-async fn alice_and_bob(store: &SqliteStore) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
+async fn alice_and_bob(store: &impl Store) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
     let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let alice_account = store
         .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
@@ -1436,4 +1436,104 @@ async fn a_database_that_marked_strangers_loses_the_mark_on_open() {
     );
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_strangers_copies_leave_its_pool_on_every_deletion() {
+    let dir = temp_dir("stranger-pool-deletions");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    strangers_copies_leave_their_pool_on_every_deletion_in(&store).await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_strangers_copies_leave_its_pool_on_every_deletion_in_memory() {
+    strangers_copies_leave_their_pool_on_every_deletion_in(&MemoryStore::new()).await;
+}
+
+/// A stranger's message is kept at most `STRANGER_TTL` and says so; its copy takes a place in the
+/// receiver device's stranger pool until it is acknowledged, withdrawn, expired or deleted with
+/// its sender's account, and a contact's copy takes none.
+async fn strangers_copies_leave_their_pool_on_every_deletion_in(store: &impl Store) {
+    use tidings_core::delivery::STRANGER_TTL;
+    use tidings_core::DAY;
+    let (alice, (bob_device, bob_account)) = alice_and_bob(store).await;
+    store
+        .set_contact_token(bob_device, [5; 32])
+        .await
+        .expect("bob's token");
+    let limits = QueueLimits {
+        stranger_copies: 1,
+        ..QueueLimits::DEFAULT
+    };
+    let from = |sender: (DeviceId, AccountId), id: u8, expires_at| NewMessage {
+        expires_at,
+        ..message(sender, id, bob_account, &[(bob_device, b"hello")])
+    };
+    let enqueue =
+        |message: NewMessage| async move { store.enqueue(message, limits).await.expect("enqueue") };
+    // Kept 3 days, not the 30 asked, and told so.
+    assert_eq!(
+        enqueue(from(alice, 1, 1 + 30 * DAY)).await,
+        Enqueued::StoredShortened {
+            skipped: Vec::new(),
+            expires_at: 1 + STRANGER_TTL
+        }
+    );
+    let pool_full =
+        |id: u8| async move { enqueue(from(alice, id, 1_000)).await == Enqueued::StrangerPoolFull };
+    assert!(pool_full(2).await);
+    // A contact's message takes no place in the pool, and keeps its TTL.
+    let mut contacts = from(alice, 3, 1 + 30 * DAY);
+    contacts.contact_token_hash = Some([5; 32]);
+    assert_eq!(enqueue(contacts).await, Enqueued::Stored);
+    assert!(pool_full(4).await);
+    // Acknowledged.
+    assert!(matches!(
+        store
+            .ack(bob_device, alice.0, MessageId([1; 16]))
+            .await
+            .expect("ack"),
+        Acked::Confirmed { .. }
+    ));
+    assert_eq!(enqueue(from(alice, 5, 1_000)).await, Enqueued::Stored);
+    assert!(pool_full(6).await);
+    // Withdrawn.
+    assert_eq!(
+        store
+            .withdraw(alice.0, MessageId([5; 16]))
+            .await
+            .expect("withdraw"),
+        Withdrawal::Withdrawn
+    );
+    assert_eq!(enqueue(from(alice, 7, 1_000)).await, Enqueued::Stored);
+    assert!(pool_full(8).await);
+    // Expired.
+    store.expire(2_000, 100).await.expect("expire");
+    assert_eq!(enqueue(from(alice, 9, 1 + DAY)).await, Enqueued::Stored);
+    assert!(pool_full(10).await);
+    // Deleted with its sender's account (opting out takes what it sent along).
+    store
+        .delete_account(by(alice.1, alice.0))
+        .await
+        .expect("delete alice");
+    let carol = DeviceId([3; 16]);
+    let carol_account = store
+        .register_device(Pseudonym([0xC0; 32]), carol, [7; 32], 0)
+        .await
+        .expect("carol")
+        .account;
+    store
+        .publish_keys(carol, identity(30), vec![key(30)], None, 100)
+        .await
+        .expect("publish");
+    assert_eq!(
+        enqueue(from((carol, carol_account), 11, 1 + DAY)).await,
+        Enqueued::Stored
+    );
+    assert_eq!(
+        enqueue(from((carol, carol_account), 12, 1 + DAY)).await,
+        Enqueued::StrangerPoolFull
+    );
 }
