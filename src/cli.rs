@@ -117,7 +117,8 @@ pub enum Command {
     Disable,
     /// Show this profile's state (no network)
     Status,
-    /// Show or change how this profile routes messages and sends SMS (no network)
+    /// Show or change how this profile routes messages and sends SMS (no network), or publish a
+    /// new contact token (--rotate-contact-token)
     Settings(Box<SettingsArgs>),
 }
 
@@ -259,6 +260,11 @@ pub struct SettingsArgs {
     /// Remove the SMS transport
     #[arg(long)]
     pub no_sms: bool,
+    /// Make a new contact token and publish its hash (needs the server and the passphrase).
+    /// Everyone this device wrote to is then a stranger here (few messages kept, for 3 days)
+    /// until it writes to them again
+    #[arg(long)]
+    pub rotate_contact_token: bool,
 }
 
 /// Parses `90`, `90s`, `10m` or `1h` into seconds.

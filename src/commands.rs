@@ -396,10 +396,12 @@ pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tidings settings`: change the profile's routing and SMS transport (no network), then show
-/// them.
-pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
+/// `tidings settings`: change the profile's routing and SMS transport (no network), or make a
+/// new contact token and publish it (`--rotate-contact-token`, the one flag that needs the
+/// server), then show them.
+pub async fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
     let mut data = context.profile.load()?.ok_or(ClientError::NotRegistered)?;
+    let rotate_contact_token = settings.rotate_contact_token;
     let routing = &mut data.routing;
     if let Some(route) = settings.route.clone() {
         routing.route = route;
@@ -417,6 +419,9 @@ pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<Exi
         routing.sms = transport;
     }
     context.profile.save(&data)?;
+    if rotate_contact_token {
+        context.unlocked()?.rotate_contact_token().await?;
+    }
     let routing = &data.routing;
     let sms = match &routing.sms {
         None => "none".to_string(),
@@ -438,8 +443,14 @@ pub fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<Exi
             "receipt_timeout_seconds": routing.receipt_timeout_seconds,
             "max_sms_parts": routing.max_sms_parts,
             "sms": sms,
+            "contact_token_rotated": rotate_contact_token,
         }));
     } else {
+        if rotate_contact_token {
+            println!(
+                "A new contact token is published: the people you wrote to are strangers here (few of their messages kept, for 3 days at most) until you write to them again."
+            );
+        }
         println!(
             "route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
             routing.route, routing.fallback_after_seconds, routing.receipt_timeout_seconds, routing.max_sms_parts
@@ -553,6 +564,7 @@ fn print_send(report: &SendReport, json: bool) {
                 "copies": report.copies,
                 "skipped_own_devices": report.skipped_own_devices,
                 "retry_after": report.retry_after.map(|wait| wait.as_secs()),
+                "ttl_seconds": report.kept_for.map(|kept| kept.as_secs()),
             })
         );
         return;
@@ -587,6 +599,7 @@ fn print_send(report: &SendReport, json: bool) {
         (SendOutcome::RefusedOverQuota, _) => {
             "not sent: you have as much waiting for delivery as the server keeps; try again once some is delivered"
         }
+        (SendOutcome::RefusedStrangerPoolFull, _) => &stranger_pool_full(),
         (SendOutcome::RateLimited, _) => "not sent: too many messages, slow down",
         (SendOutcome::Invalid, _) => "not sent: the server found the message invalid",
         (SendOutcome::Unavailable, _) => "not sent: the server could not store it now; try again",
@@ -595,6 +608,31 @@ fn print_send(report: &SendReport, json: bool) {
         }
     };
     println!("{text}");
+    if let Some(kept) = report.kept_for {
+        println!(
+            "kept at most {}: the receiver has not written to you",
+            in_days(kept)
+        );
+    }
+}
+
+/// What `send` says when the receiver's room for strangers' messages is full.
+fn stranger_pool_full() -> String {
+    let ttl = Duration::from_millis(tidings_core::delivery::STRANGER_TTL);
+    format!(
+        "not sent: the receiver accepts few messages from people it has not written to, and that room is full now; it frees as those are delivered or expire, within {}: try again later, or ask them to write to you first",
+        in_days(ttl)
+    )
+}
+
+/// A length of time in whole days when it is some, else in hours (rounded up).
+fn in_days(length: Duration) -> String {
+    const DAY: u64 = 86_400;
+    match (length.as_secs() / DAY, length.as_secs() % DAY) {
+        (1, 0) => "1 day".to_string(),
+        (days, 0) if days > 1 => format!("{days} days"),
+        _ => format!("{} hours", length.as_secs().div_ceil(3_600)),
+    }
 }
 
 fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
@@ -616,6 +654,7 @@ fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
             Some("sent_as_sms") => "sent as SMS".to_string(),
             Some("expired") => "not delivered: it expired on the server".to_string(),
             Some("sms_rejected") => format!("not sent: {}", status.detail),
+            Some("refused_stranger_pool_full") => stranger_pool_full(),
             Some(refused) => format!("not sent: {}", refused.replace('_', " ")),
             None if status.detail.is_empty() => {
                 "not through yet: it is kept and carried on while `tidings listen` runs".to_string()

@@ -93,7 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trust { number } => commands::trust(&context, &number).await,
         Command::Lookup { numbers } => commands::lookup(&context, &numbers).await,
         Command::Disable => commands::disable(&context).await,
-        Command::Settings(settings) => commands::settings(&context, *settings),
+        Command::Settings(settings) => commands::settings(&context, *settings).await,
         Command::Status => commands::status(&context),
     }
 }

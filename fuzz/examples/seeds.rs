@@ -113,6 +113,7 @@ fn frames() {
             extra_devices: vec![vec![1; 16]],
             skipped_own_devices: vec![vec![2; 16]],
             retry_after_ms: 1_500,
+            ttl_seconds: 259_200,
         }),
         Kind::Deliver(Deliver {
             sender_device: id.clone(),

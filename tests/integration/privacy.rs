@@ -227,3 +227,113 @@ fn p6_disable_deletes_everything_and_the_number_looks_unused() {
         "something of the disabled account is still in the data files"
     );
 }
+
+/// The columns of `table` but `ignored`, quoted, for the rows `condition` (with one parameter,
+/// `value`) selects, in the order of `seq`.
+fn rows_but(
+    database: &rusqlite::Connection,
+    table: &str,
+    ignored: &[&str],
+    condition: &str,
+    value: Vec<u8>,
+) -> Vec<Vec<String>> {
+    let columns: Vec<String> = database
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        .expect("columns")
+        .query_map([], |row| row.get(0))
+        .expect("columns")
+        .collect::<rusqlite::Result<_>>()
+        .expect("columns");
+    let mut kept: Vec<String> = columns
+        .iter()
+        .filter(|c| !ignored.contains(&c.as_str()))
+        .map(|c| format!("quote({c})"))
+        .collect();
+    if kept.is_empty() {
+        kept.push("'none'".into());
+    }
+    let sql = format!(
+        "SELECT {} FROM {table} WHERE {condition} ORDER BY seq",
+        kept.join(", ")
+    );
+    let mut statement = database.prepare(&sql).expect("select");
+    let rows = statement
+        .query_map([value], |row| {
+            (0..kept.len()).map(|i| row.get::<_, String>(i)).collect()
+        })
+        .expect("rows")
+        .collect::<rusqlite::Result<Vec<Vec<String>>>>()
+        .expect("rows");
+    rows
+}
+
+/// Issue 28, contact tokens: who is a stranger to whom is never on disk. A contact's message
+/// and a stranger's wait in one queue; the database names no stranger (no column, no index),
+/// and their rows differ only in ids, payloads and times.
+#[test]
+fn who_is_a_stranger_is_never_on_disk() {
+    let server = Server::start(&[]);
+    let (victim_number, carol_number) = (number(), number());
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    let stranger = User::register(&number(), &server, &[]);
+    // The victim writes to Carol first: Carol now holds its contact token.
+    let (answer, _) = victim.send(&carol_number, "write back any time", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, PATIENCE), ["write back any time"]);
+    for (sender, text) in [(&carol, "from a contact"), (&stranger, "from a stranger")] {
+        let (answer, _) = sender.send(&victim_number, text, &["--ttl", "3600"]);
+        assert_eq!(answer["outcome"], "queued", "{answer}");
+    }
+    let database = rusqlite::Connection::open_with_flags(
+        server.data_dir().join(tidings_store::sqlite::DATABASE_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the server's database");
+    let schema: Vec<String> = database
+        .prepare("SELECT IFNULL(sql, name) FROM sqlite_master")
+        .expect("schema")
+        .query_map([], |row| row.get(0))
+        .expect("schema")
+        .collect::<rusqlite::Result<_>>()
+        .expect("schema");
+    for sql in &schema {
+        assert!(
+            !sql.to_lowercase().contains("stranger"),
+            "the schema names strangers: {sql}"
+        );
+    }
+    let victim_device = victim.client().device();
+    let copies = rows_but(
+        &database,
+        "copies",
+        &["device_id", "seq", "payload"],
+        "device_id = ?1",
+        victim_device.as_bytes().to_vec(),
+    );
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert_eq!(
+        copies[0], copies[1],
+        "a stranger's copy differs from a contact's"
+    );
+    let messages = rows_but(
+        &database,
+        "messages",
+        &[
+            "seq",
+            "sender_device",
+            "msg_id",
+            "sent_at",
+            "expires_at",
+            "sender_account",
+            "payload",
+        ],
+        "receiver_account = (SELECT account_id FROM devices WHERE id = ?1)",
+        victim_device.as_bytes().to_vec(),
+    );
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(
+        messages[0], messages[1],
+        "a stranger's message differs from a contact's"
+    );
+}

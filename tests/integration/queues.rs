@@ -425,11 +425,24 @@ fn strangers_fill_only_their_pool_and_a_contact_still_gets_through() {
     for refused in &outcomes[6..] {
         assert_eq!(
             refused.outcome,
-            SendOutcome::RefusedQueueFull as i32,
+            SendOutcome::RefusedStrangerPoolFull as i32,
             "{refused:?}"
         );
-        assert!(refused.detail.contains("stranger"), "{}", refused.detail);
+        assert!(
+            refused.detail.contains("has not written to"),
+            "{}",
+            refused.detail
+        );
     }
+    // The CLI tells the stranger why, and when the room frees.
+    let out = strangers[0].run(&["send", &victim_number, "let me in"]);
+    let said = crate::support::text(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("accepts few messages from people it has not written to")
+            && said.contains("within 3 days"),
+        "{said}"
+    );
     // Carol, a contact, still reaches the victim; the victim can still send.
     let (answer, _) = carol.send(&victim_number, "a contact gets through", &[]);
     assert_eq!(answer["outcome"], "queued", "{answer}");
@@ -452,10 +465,21 @@ fn a_strangers_message_is_stored_with_the_short_ttl() {
     assert_eq!(answer["outcome"], "queued", "{answer}");
     assert_eq!(carol.receive_texts(1, 30), ["hello Carol"]);
     const THIRTY_DAYS: &str = "2592000";
-    for (sender, text) in [(&carol, "from a contact"), (&stranger, "from a stranger")] {
+    // The stranger is told its message is kept 3 days (259,200 s), not the 30 it asked; the
+    // contact is told nothing of the kind.
+    for (sender, text, told) in [
+        (&carol, "from a contact", serde_json::Value::Null),
+        (&stranger, "from a stranger", serde_json::json!(259_200)),
+    ] {
         let (answer, _) = sender.send(&victim_number, text, &["--ttl", THIRTY_DAYS]);
         assert_eq!(answer["outcome"], "queued", "{answer}");
+        assert_eq!(answer["ttl_seconds"], told, "{answer}");
     }
+    let said = stranger.ok(&["send", &victim_number, "again", "--ttl", THIRTY_DAYS]);
+    assert!(
+        said.contains("kept at most 3 days: the receiver has not written to you"),
+        "{said}"
+    );
     let database = rusqlite::Connection::open_with_flags(
         server.data_dir().join(tidings_store::sqlite::DATABASE_FILE),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -465,7 +489,7 @@ fn a_strangers_message_is_stored_with_the_short_ttl() {
         let sender_device = account_number.client().device();
         database
             .query_row(
-                "SELECT expires_at - sent_at FROM messages WHERE sender_device = ?1",
+                "SELECT MAX(expires_at - sent_at) FROM messages WHERE sender_device = ?1",
                 [sender_device.as_bytes().to_vec()],
                 |row| row.get(0),
             )
@@ -478,4 +502,33 @@ fn a_strangers_message_is_stored_with_the_short_ttl() {
         "a stranger's message is kept {} ms",
         kept_for(&stranger)
     );
+}
+
+/// `tidings settings --rotate-contact-token`: a new contact token is published, so that whoever
+/// holds the old one (everyone the user wrote to) is a stranger again, told its message is kept
+/// 3 days, until the user writes to them with the new token.
+#[test]
+fn a_rotated_contact_token_makes_old_contacts_strangers_until_written_to_again() {
+    let server = Server::start(&[]);
+    let (victim_number, carol_number) = (number(), number());
+    let victim = User::register(&victim_number, &server, &[]);
+    let carol = User::register(&carol_number, &server, &[]);
+    const THIRTY_DAYS: &str = "2592000";
+    let kept_for = |round: &str| {
+        let (answer, _) = carol.send(&victim_number, round, &["--ttl", THIRTY_DAYS]);
+        assert_eq!(answer["outcome"], "queued", "{answer}");
+        assert_eq!(victim.receive_texts(1, 30), [round]);
+        answer["ttl_seconds"].clone()
+    };
+    let (answer, _) = victim.send(&carol_number, "hello Carol", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["hello Carol"]);
+    assert_eq!(kept_for("a contact"), serde_json::Value::Null);
+    let said = victim.ok(&["settings", "--rotate-contact-token"]);
+    assert!(said.contains("new contact token is published"), "{said}");
+    assert_eq!(kept_for("a stranger again"), serde_json::json!(259_200));
+    let (answer, _) = victim.send(&carol_number, "here is my new token", &[]);
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_eq!(carol.receive_texts(1, 30), ["here is my new token"]);
+    assert_eq!(kept_for("a contact again"), serde_json::Value::Null);
 }

@@ -170,12 +170,19 @@ impl Account {
         let Some(upload) = upload else {
             return Ok(());
         };
+        let hash = upload.contact_token_hash.clone();
         match session.call(Kind::KeysUpload(upload), request_id).await? {
             Kind::KeysUploadResult(result) => {
                 session.set_key_supply(KeySupply {
                     one_time_keys: result.one_time_keys,
                     published: true,
                 });
+                // Only now does the server hold the contact token's hash: an upload that failed
+                // or went unanswered carries it again at the next session.
+                inbox.update(|_, crypto| {
+                    crypto.contact_token_hash_confirmed(&hash);
+                    Ok(Change::Save(()))
+                })?;
                 Ok(())
             }
             Kind::Error(e) => Err(e.into()),

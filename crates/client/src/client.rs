@@ -71,6 +71,21 @@ impl Client {
         self.account.session(listen).await
     }
 
+    /// Makes a new contact token for this device and publishes its hash, replacing the old one
+    /// at the server. Whoever holds only the old token (everyone this device wrote to) is a
+    /// stranger from now on, until a message from this device hands them the new one.
+    pub async fn rotate_contact_token(&self) -> Result<()> {
+        let mut inbox = self.account.inbox()?;
+        inbox.update(|_, crypto| {
+            crypto.rotate_contact_token();
+            Ok(crate::inbox::Change::Save(()))
+        })?;
+        // Answered only once the server confirmed the new hash; if this fails, the next
+        // session publishes it.
+        let mut session = self.account.session(false).await?;
+        self.account.ensure_keys(&mut inbox, &mut session).await
+    }
+
     /// Opens the local store with the passphrase.
     pub fn inbox(&self) -> Result<Inbox> {
         self.account.inbox()

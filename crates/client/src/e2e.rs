@@ -89,7 +89,8 @@ pub struct Crypto {
     /// This device's contact token: sent inside every message it writes, so that whoever it
     /// writes to can reach its account as a contact. The server holds only its SHA-256.
     contact_token: [u8; 32],
-    /// The server was sent the token's hash (in a `KeysUpload`).
+    /// The server confirmed it holds the token's hash (a `KeysUploadResult` answered the
+    /// `KeysUpload` that carried it); until then every upload carries it again.
     contact_token_published: bool,
     /// Contact tokens received from others, by their number: attached to what is sent to them.
     contact_tokens: BTreeMap<String, [u8; 32]>,
@@ -256,6 +257,22 @@ impl Crypto {
         self.contact_token
     }
 
+    /// The server answered an upload that carried `hash` (`KeysUpload.contact_token_hash`): the
+    /// token counts as published, unless it was replaced since.
+    pub fn contact_token_hash_confirmed(&mut self, hash: &[u8]) {
+        if Sha256::digest(self.contact_token)[..] == *hash {
+            self.contact_token_published = true;
+        }
+    }
+
+    /// Replaces this device's contact token with a new one, to be published with the next key
+    /// upload. Whoever holds only the old one is a stranger from its publication on, until a
+    /// message from this device hands them the new one.
+    pub fn rotate_contact_token(&mut self) {
+        self.contact_token = new_contact_token();
+        self.contact_token_published = false;
+    }
+
     /// The contact token `number` handed us, to attach to what we send them.
     pub fn contact_token_of(&self, number: &str) -> Option<[u8; 32]> {
         self.contact_tokens.get(number).copied()
@@ -294,7 +311,9 @@ impl Crypto {
     /// holds fewer than [`REPLENISH_BELOW`], and a fallback key when it has none (or when keys
     /// are replenished, so one fallback key is not used forever). `None` when nothing is needed.
     /// The keys count as published from here on: if the upload fails, the next login reports
-    /// the server's count again and more are made.
+    /// the server's count again and more are made. The contact token's hash counts as published
+    /// only once the server confirms it ([`Crypto::contact_token_hash_confirmed`]): until then
+    /// every upload carries it again.
     pub fn keys_to_publish(
         &mut self,
         device: DeviceId,
@@ -334,10 +353,7 @@ impl Crypto {
             signing_key: signing_key.to_vec(),
             one_time_keys,
             fallback_key,
-            contact_token_hash: {
-                self.contact_token_published = true;
-                Sha256::digest(self.contact_token).to_vec()
-            },
+            contact_token_hash: Sha256::digest(self.contact_token).to_vec(),
         })
     }
 
@@ -684,7 +700,22 @@ mod tests {
             one_time_keys: REPLENISH_BELOW,
             published: true,
         };
-        assert!(alice.keys_to_publish(device, published, 2).is_none());
+        // Another hash confirmed (of a token since replaced) is not this one.
+        alice.contact_token_hash_confirmed(&[0; 32]);
+        assert!(alice.keys_to_publish(device, published, 2).is_some());
+        alice.contact_token_hash_confirmed(&upload.contact_token_hash);
+        assert!(alice.keys_to_publish(device, published, 3).is_none());
+        // A new token is published once more, and differs.
+        let before = alice.contact_token();
+        alice.rotate_contact_token();
+        assert_ne!(alice.contact_token(), before);
+        let rotated = alice
+            .keys_to_publish(device, published, 4)
+            .expect("the new token is published");
+        assert_eq!(
+            rotated.contact_token_hash,
+            Sha256::digest(alice.contact_token()).to_vec()
+        );
         alice.remember_contact_token("+4915112345678", &[9; 32]);
         alice.remember_contact_token("+4915187654321", &[9; 31]);
         let restored = Crypto::from_bytes(&alice.to_bytes().expect("bytes")).expect("restore");
@@ -692,6 +723,35 @@ mod tests {
         assert_eq!(restored.contact_token_of("+4915112345678"), Some([9; 32]));
         assert_eq!(restored.contact_token_of("+4915187654321"), None);
         assert_ne!(Crypto::new().contact_token(), alice.contact_token());
+    }
+
+    /// An upload of the contact token's hash that the server never confirmed (the connection
+    /// broke, or the server refused it) is made again at the next session: the token counts as
+    /// published only once the server said it holds it.
+    #[test]
+    fn an_unconfirmed_contact_token_is_published_again_at_the_next_session() {
+        let device = DeviceId([3; 16]);
+        let mut alice = Crypto::new();
+        let hash = Sha256::digest(alice.contact_token()).to_vec();
+        let upload = alice
+            .keys_to_publish(device, KeySupply::default(), 1)
+            .expect("keys");
+        assert_eq!(upload.contact_token_hash, hash);
+        // No `KeysUploadResult` came; the state was saved, and the next session opens it. The
+        // server holds the identity keys (from an earlier upload) and enough one-time keys.
+        let mut next = Crypto::from_bytes(&alice.to_bytes().expect("bytes")).expect("restore");
+        let published = KeySupply {
+            one_time_keys: REPLENISH_BELOW,
+            published: true,
+        };
+        let again = next
+            .keys_to_publish(device, published, 2)
+            .expect("the contact token is published again");
+        assert_eq!(again.contact_token_hash, hash);
+        // Once confirmed, it is not.
+        next.contact_token_hash_confirmed(&hash);
+        let mut saved = Crypto::from_bytes(&next.to_bytes().expect("bytes")).expect("restore");
+        assert!(saved.keys_to_publish(device, published, 3).is_none());
     }
 
     fn claim_from(crypto: &mut Crypto, device: DeviceId) -> frame::ClaimedKey {

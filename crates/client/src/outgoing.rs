@@ -41,6 +41,9 @@ pub struct SendReport {
     pub skipped_own_devices: usize,
     /// `RateLimited`: how long until the server would accept a send.
     pub retry_after: Option<std::time::Duration>,
+    /// `Accepted`/`Queued`: how long the server keeps the message at most, when that is less
+    /// than asked (the receiver has not written to this number: it is a stranger there).
+    pub kept_for: Option<std::time::Duration>,
 }
 
 /// A fresh random message id.
@@ -238,6 +241,7 @@ pub async fn send(
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
     let mut retry_after = None;
+    let mut kept_for = None;
     let mut receipt: Option<ReceiptKind> = None;
     let mut receipt_came = false;
     let mut copies = 0;
@@ -298,6 +302,8 @@ pub async fn send(
                     }
                     answered => {
                         retry_after = crate::retry_after(result.retry_after_ms);
+                        kept_for = (result.ttl_seconds > 0)
+                            .then(|| std::time::Duration::from_secs(u64::from(result.ttl_seconds)));
                         answer = Some(answered);
                         skipped_own_devices = result.skipped_own_devices.len();
                         Event::Answer(answered)
@@ -332,6 +338,7 @@ pub async fn send(
         copies,
         skipped_own_devices,
         retry_after,
+        kept_for,
     })
 }
 

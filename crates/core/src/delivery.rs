@@ -35,7 +35,8 @@ pub struct AccountDevice {
     /// What the sending account of the message being checked already has waiting in this
     /// device's queue.
     pub from_sender: Usage,
-    /// Strangers' copies waiting in its queue (the stranger pool's fill).
+    /// Strangers' copies waiting in its queue (the stranger pool's fill), as the engine counts
+    /// them: in memory only, since it opened.
     pub strangers: u64,
     /// SHA-256 of the device's contact token, once it registered one.
     pub contact_token_hash: Option<[u8; 32]>,

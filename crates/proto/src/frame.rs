@@ -240,6 +240,10 @@ pub enum SendOutcome {
     /// The sending account has as many bytes waiting across all queues as the server keeps for
     /// one account; nothing was stored.
     RefusedOverQuota = 9,
+    /// The sender presented none of the receiver's contact tokens (a stranger), and a receiver
+    /// device's stranger pool (the room all strangers share in its queue) is full; nothing was
+    /// stored.
+    RefusedStrangerPoolFull = 10,
 }
 
 impl SendOutcome {
@@ -256,6 +260,7 @@ impl SendOutcome {
             SendOutcome::Unavailable => "unavailable",
             SendOutcome::DevicesChanged => "devices_changed",
             SendOutcome::RefusedOverQuota => "refused_over_quota",
+            SendOutcome::RefusedStrangerPoolFull => "refused_stranger_pool_full",
         }
     }
 }
@@ -284,6 +289,11 @@ pub struct SendResult {
     /// `RATE_LIMITED`: how long until the send would be accepted, in milliseconds (0: unknown).
     #[prost(uint64, tag = "8")]
     pub retry_after_ms: u64,
+    /// `ACCEPTED`/`QUEUED`: the TTL the server applied, in seconds, when it is shorter than the
+    /// send asked: the sender is a stranger of the receiver, whose messages are kept at most
+    /// 3 days. 0: kept as long as asked.
+    #[prost(uint32, tag = "9")]
+    pub ttl_seconds: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -801,6 +811,7 @@ mod tests {
                 id: id.clone(),
                 outcome: 1,
                 detail: "d".into(),
+                ttl_seconds: 259_200,
                 ..Default::default()
             }),
             Kind::Deliver(Deliver {

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use tidings_core::delivery::STRANGER_TTL;
 use tidings_core::routing::{self, Decision, Receiver};
-use tidings_core::{Millis, SECOND};
+use tidings_core::{Millis, DAY, SECOND};
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES};
@@ -106,15 +107,30 @@ pub async fn send<S: Store>(
     let stored = decide_and_store(state, identity, send, &place).await;
     let mut skipped = Vec::new();
     let mut retry_after_ms = 0;
+    let mut ttl_seconds = 0;
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
-        Stored::Skipping(outcome, devices) => {
-            let detail = format!(
-                "not kept for {} of your own devices: their queues are full, so they miss this message",
-                devices.len()
-            );
+        Stored::Kept {
+            outcome,
+            skipped: devices,
+            shortened_to,
+        } => {
+            let mut details = Vec::new();
+            if !devices.is_empty() {
+                details.push(format!(
+                    "not kept for {} of your own devices: their queues are full, so they miss this message",
+                    devices.len()
+                ));
+            }
+            if let Some(seconds) = shortened_to {
+                details.push(format!(
+                    "kept at most {}: the receiver has not written to you",
+                    in_words(seconds)
+                ));
+                ttl_seconds = seconds;
+            }
             skipped = devices;
-            (outcome, detail, DeviceDifference::default())
+            (outcome, details.join("; "), DeviceDifference::default())
         }
         Stored::RateLimited(wait) => {
             retry_after_ms = crate::reply::retry_after_ms(wait);
@@ -154,16 +170,32 @@ pub async fn send<S: Store>(
             extra_devices: ids(&difference.extra),
             skipped_own_devices: ids(&skipped),
             retry_after_ms,
+            ttl_seconds,
         }),
     )
     .await;
 }
 
+/// A length of time given in seconds, in whole days when it is some.
+fn in_words(seconds: u32) -> String {
+    let day = u32::try_from(DAY / SECOND).unwrap_or(u32::MAX);
+    match (seconds / day, seconds % day) {
+        (1, 0) => "1 day".to_string(),
+        (days, 0) if days > 1 => format!("{days} days"),
+        _ => format!("{seconds} seconds"),
+    }
+}
+
 /// What deciding and storing a send came to.
 enum Stored {
     Answer(SendOutcome, String),
-    /// Stored, but not for these of the sender's own devices (their queues had no room).
-    Skipping(SendOutcome, Vec<DeviceId>),
+    /// Stored, but not for the sender's own devices `skipped` (their queues had no room), and
+    /// kept `shortened_to` seconds if that is less than the send asked (a stranger's message).
+    Kept {
+        outcome: SendOutcome,
+        skipped: Vec<DeviceId>,
+        shortened_to: Option<u32>,
+    },
     /// Refused for the sender's message rate: the wait until a send would be accepted.
     RateLimited(Millis),
     DevicesChanged(DeviceDifference),
@@ -346,14 +378,17 @@ async fn decide_and_enqueue<S: Store>(
         Err(e) => Err(e),
     };
     let mut skipped = Vec::new();
+    let mut shortened_to = None;
     match enqueued {
         Ok(Enqueued::Stored) => {}
-        Ok(Enqueued::StoredSkipping(devices)) => {
-            tracing::info!(
-                skipped = devices.len(),
-                "a message was stored without the copies for the sender's own full devices"
-            );
+        Ok(Enqueued::StoredSkipping(devices)) => skipped = devices,
+        Ok(Enqueued::StoredShortened {
+            skipped: devices,
+            expires_at,
+        }) => {
             skipped = devices;
+            let seconds = expires_at.saturating_sub(now) / SECOND;
+            shortened_to = Some(u32::try_from(seconds).unwrap_or(u32::MAX));
         }
         // The same id again: the copies were stored (and pushed) the first time.
         Ok(Enqueued::Duplicate) => return answer(outcome, ""),
@@ -364,10 +399,13 @@ async fn decide_and_enqueue<S: Store>(
             )
         }
         Ok(Enqueued::StrangerPoolFull) => {
-            return answer(
-                SendOutcome::RefusedQueueFull,
-                "the receiver's room for messages from strangers is full: only their contacts (who got a message from them) get through until it is delivered",
-            )
+            return Err(Stored::Answer(
+                SendOutcome::RefusedStrangerPoolFull,
+                format!(
+                    "the receiver takes few messages from people it has not written to, and that room is full: it frees as they are delivered or expire, within {}",
+                    in_words(u32::try_from(STRANGER_TTL / SECOND).unwrap_or(u32::MAX))
+                ),
+            ))
         }
         Ok(Enqueued::OverQuota) => {
             return answer(
@@ -387,12 +425,18 @@ async fn decide_and_enqueue<S: Store>(
             return answer(SendOutcome::Unavailable, "storage unavailable: try again");
         }
     }
+    if !skipped.is_empty() {
+        tracing::info!(
+            skipped = skipped.len(),
+            "a message was stored without the copies for the sender's own full devices"
+        );
+    }
     // Durable now: each copy goes to its device's live sessions (in the session's order). A
     // device not online, or a session without room, gets its copy from its stored queue.
-    let stored = if skipped.is_empty() {
-        Stored::Answer(outcome, String::new())
-    } else {
-        Stored::Skipping(outcome, skipped.clone())
+    let stored = Stored::Kept {
+        outcome,
+        skipped: skipped.clone(),
+        shortened_to,
     };
     let copies = copies
         .into_iter()

@@ -292,9 +292,15 @@ impl NewMessage {
 }
 
 impl Admission {
-    /// What to answer once the admitted copies are stored.
-    pub(crate) fn stored(skipped: Vec<DeviceId>) -> Enqueued {
-        if skipped.is_empty() {
+    /// What to answer once the admitted copies are stored, but for `skipped`, kept until
+    /// `expires_at` (a stranger's, sooner than the `asked`).
+    pub(crate) fn stored(skipped: Vec<DeviceId>, asked: Millis, expires_at: Millis) -> Enqueued {
+        if expires_at < asked {
+            Enqueued::StoredShortened {
+                skipped,
+                expires_at,
+            }
+        } else if skipped.is_empty() {
             Enqueued::Stored
         } else {
             Enqueued::StoredSkipping(skipped)
@@ -319,6 +325,13 @@ pub enum Enqueued {
     /// queues had no room (see `tidings_core::delivery::own_without_room`). Each such device
     /// counts one more missed message ([`Backlog::missed`]).
     StoredSkipping(Vec<DeviceId>),
+    /// Stored and synced (but for the copies `skipped`, as in [`Enqueued::StoredSkipping`]), to be
+    /// kept only until `expires_at`, sooner than the message asked: its sender is a stranger of
+    /// the receiver (`tidings_core::delivery::stranger_expires_at`).
+    StoredShortened {
+        skipped: Vec<DeviceId>,
+        expires_at: Millis,
+    },
     /// This sender device already has a message with this id held; nothing new was stored.
     Duplicate,
     /// A receiver device's queue is at its limit, or the sending account's share of it is;

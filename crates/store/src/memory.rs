@@ -99,7 +99,8 @@ struct Message {
     /// Each device's copy, and whether it goes to the receiver (not the sender's own device).
     copies: BTreeMap<DeviceId, (Bytes, bool)>,
     /// From a sender that presented no contact token of the receiver: its copies count in the
-    /// stranger pools.
+    /// stranger pools. Forgotten at a [`MemoryStore::restart`], as a persistent engine forgets
+    /// it.
     stranger: bool,
 }
 
@@ -107,6 +108,18 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// What a restart of an engine that keeps its data leaves: everything but which waiting
+    /// copies are strangers', which an engine holds in memory only and never writes (it is a
+    /// hint of who is whose contact); they count as contacts' from then on. The model test
+    /// calls it where it opens the SQLite engine again.
+    pub fn restart(&self) -> Result<()> {
+        let mut state = self.state()?;
+        for message in state.messages.values_mut() {
+            message.stranger = false;
+        }
+        Ok(())
     }
 
     /// The stored state, for one operation. An operation that panicked part-way may have left
@@ -512,7 +525,7 @@ impl State {
             stranger,
         };
         self.messages.insert(self.last_position, stored);
-        Ok(Admission::stored(skipped))
+        Ok(Admission::stored(skipped, message.expires_at, expires_at))
     }
 
     fn pending(

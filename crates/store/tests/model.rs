@@ -5,7 +5,8 @@
 //!
 //! Engines hand out account ids of their own, so answers name accounts by the number that
 //! registered them, and operations name them the same way. An engine joins the test with one
-//! line in `every_engine_answers_as_the_model_does`: a function that makes a fresh store.
+//! line in `every_engine_answers_as_the_model_does`: a function that makes a fresh [`Engine`],
+//! which can also be opened again on what it stored ([`Op::Restart`]).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -167,6 +168,9 @@ enum Op {
     PruneCodes {
         now: Millis,
     },
+    /// The engine is opened again on what it stored (the model forgets what a persistent engine
+    /// holds in memory only: which copies are strangers').
+    Restart,
 }
 
 fn number() -> impl Strategy<Value = u8> {
@@ -342,6 +346,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (number(), code_update()).prop_map(|(number, update)| Op::UpdateCode { number, update }),
         1 => prop_oneof![Just(0), Just(2 * HOUR), Just(40 * HOUR)]
             .prop_map(|now| Op::PruneCodes { now }),
+        3 => Just(Op::Restart),
     ]
 }
 
@@ -754,6 +759,8 @@ impl<S: Store> Run<'_, S> {
                 let pruned = store.prune_codes(now).await;
                 self.result(pruned)
             }
+            // Run by `answers`, which holds the engine.
+            Op::Restart => "restarted".to_string(),
         }
     }
 }
@@ -789,25 +796,51 @@ fn populated() -> Vec<Op> {
     ops
 }
 
-/// Every answer `store` gives to `ops`, in order.
-async fn answers<S: Store>(store: &S, ops: &[Op]) -> Vec<String> {
-    let mut run = Run {
-        store,
-        accounts: HashMap::new(),
-        handed_out: Vec::new(),
-    };
+/// An engine under test: its store, and a restart on what it stored ([`Op::Restart`]).
+trait Engine {
+    type Store: Store;
+    fn store(&self) -> &Self::Store;
+    fn restart(&mut self);
+}
+
+impl Engine for MemoryStore {
+    type Store = MemoryStore;
+
+    fn store(&self) -> &MemoryStore {
+        self
+    }
+
+    fn restart(&mut self) {
+        MemoryStore::restart(self).expect("restart the model");
+    }
+}
+
+/// Every answer `engine` gives to `ops`, in order.
+async fn answers<E: Engine>(engine: &mut E, ops: &[Op]) -> Vec<String> {
+    let (mut accounts, mut handed_out) = (HashMap::new(), Vec::new());
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
+        if let Op::Restart = op {
+            engine.restart();
+            answers.push("restarted".to_string());
+            continue;
+        }
+        let mut run = Run {
+            store: engine.store(),
+            accounts,
+            handed_out,
+        };
         answers.push(run.apply(op).await);
+        (accounts, handed_out) = (run.accounts, run.handed_out);
     }
     answers
 }
 
-/// Runs `ops` on the model and on a fresh store from `open`, and fails at the first answer
+/// Runs `ops` on the model and on a fresh engine from `open`, and fails at the first answer
 /// that differs.
-fn check_against_model<S: Store>(
+fn check_against_model<E: Engine>(
     engine: &str,
-    open: impl FnOnce() -> S,
+    open: impl FnOnce() -> E,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -815,9 +848,12 @@ fn check_against_model<S: Store>(
         .build()
         .expect("runtime");
     let (expected, got) = runtime.block_on(async {
-        let model = MemoryStore::new();
-        let store = open();
-        (answers(&model, ops).await, answers(&store, ops).await)
+        let mut model = MemoryStore::new();
+        let mut store = open();
+        (
+            answers(&mut model, ops).await,
+            answers(&mut store, ops).await,
+        )
     });
     for (at, (op, (expected, got))) in ops.iter().zip(expected.iter().zip(&got)).enumerate() {
         prop_assert_eq!(
@@ -838,7 +874,28 @@ struct TempSqlite {
     dir: std::path::PathBuf,
 }
 
+impl Engine for TempSqlite {
+    type Store = SqliteStore;
+
+    fn store(&self) -> &SqliteStore {
+        self.store.as_ref().expect("open")
+    }
+
+    /// Closes the store and opens the database again.
+    fn restart(&mut self) {
+        drop(self.store.take());
+        self.store = Some(SqliteStore::open(&self.dir, Self::options()).expect("reopen"));
+    }
+}
+
 impl TempSqlite {
+    fn options() -> SqliteOptions {
+        SqliteOptions {
+            max_batch: 64,
+            sync_observer: None,
+        }
+    }
+
     fn open() -> Self {
         static OPENED: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -847,11 +904,7 @@ impl TempSqlite {
             OPENED.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        let options = SqliteOptions {
-            max_batch: 64,
-            sync_observer: None,
-        };
-        let store = SqliteStore::open(&dir, options).expect("open");
+        let store = SqliteStore::open(&dir, Self::options()).expect("open");
         Self {
             store: Some(store),
             dir,
@@ -877,8 +930,6 @@ proptest! {
     #[test]
     fn every_engine_answers_as_the_model_does(generated in prop::collection::vec(op(), 1..48)) {
         let ops: Vec<Op> = populated().into_iter().chain(generated).collect();
-        let sqlite = TempSqlite::open();
-        let store = sqlite.store.clone().expect("open");
-        check_against_model("SQLite", || store, &ops)?;
+        check_against_model("SQLite", TempSqlite::open, &ops)?;
     }
 }

@@ -146,7 +146,7 @@ impl Held {
 
 /// Registers alice and bob with one device each, with published keys: ((device, account) of
 /// alice, (device, account) of bob).
-async fn alice_and_bob(store: &SqliteStore) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
+async fn alice_and_bob(store: &impl Store) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
     let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let alice_account = store
         .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
@@ -1247,4 +1247,293 @@ async fn a_senders_share_of_a_queue_survives_a_restart() {
     store.expire(2_000, 100).await.expect("expire");
     assert_eq!(send(8, b"hhhhhhhhhh").await.expect("8"), Enqueued::Stored);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The columns of every table and the SQL of every index, as the database file holds them.
+fn schema_of(database: &rusqlite::Connection) -> String {
+    let mut statement = database
+        .prepare("SELECT type, name, IFNULL(sql, '') FROM sqlite_master")
+        .expect("schema");
+    let rows = statement
+        .query_map([], |row| {
+            Ok(format!(
+                "{} {}: {}",
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?
+            ))
+        })
+        .expect("schema rows")
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .expect("schema rows");
+    rows.join("\n")
+}
+
+/// Every column of `copies` but its ids and its payload, for the copies in `device`'s queue.
+fn copy_columns(database: &rusqlite::Connection, device: DeviceId) -> Vec<Vec<String>> {
+    let columns: Vec<String> = database
+        .prepare("SELECT name FROM pragma_table_info('copies')")
+        .expect("columns")
+        .query_map([], |row| row.get(0))
+        .expect("columns")
+        .collect::<rusqlite::Result<_>>()
+        .expect("columns");
+    let kept: Vec<&String> = columns
+        .iter()
+        .filter(|c| !["device_id", "seq", "payload"].contains(&c.as_str()))
+        .collect();
+    let select = if kept.is_empty() {
+        "SELECT 'none' FROM copies WHERE device_id = ?1".to_string()
+    } else {
+        let list: Vec<String> = kept.iter().map(|c| format!("quote({c})")).collect();
+        format!(
+            "SELECT {} FROM copies WHERE device_id = ?1 ORDER BY seq",
+            list.join(", ")
+        )
+    };
+    let width = kept.len().max(1);
+    let mut statement = database.prepare(&select).expect("select copies");
+    let rows = statement
+        .query_map([device.as_bytes()], |row| {
+            (0..width).map(|i| row.get::<_, String>(i)).collect()
+        })
+        .expect("copies")
+        .collect::<rusqlite::Result<Vec<Vec<String>>>>()
+        .expect("copies");
+    rows
+}
+
+/// Issue 28, contact tokens: who is a stranger of whom is never written. A stranger's copy and
+/// a contact's copy in one queue differ in nothing but their ids and payloads, and no column or
+/// index of the database names strangers.
+#[tokio::test]
+async fn who_is_a_stranger_is_not_in_the_database() {
+    let dir = temp_dir("stranger-not-stored");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let (alice, (bob_device, bob_account)) = alice_and_bob(&store).await;
+    store
+        .set_contact_token(bob_device, [5; 32])
+        .await
+        .expect("bob's token");
+    let limits = QueueLimits::DEFAULT;
+    let mut from_contact = message(alice, 1, bob_account, &[(bob_device, b"from a contact")]);
+    from_contact.contact_token_hash = Some([5; 32]);
+    let from_stranger = message(alice, 2, bob_account, &[(bob_device, b"from a strange")]);
+    for sent in [from_contact, from_stranger] {
+        assert_eq!(
+            store.enqueue(sent, limits).await.expect("enqueue"),
+            Enqueued::Stored
+        );
+    }
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    let schema = schema_of(&database);
+    assert!(
+        !schema.to_lowercase().contains("stranger"),
+        "the schema names strangers:\n{schema}"
+    );
+    let rows = copy_columns(&database, bob_device);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        rows[0], rows[1],
+        "a stranger's copy differs from a contact's"
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A database made while copies were marked as strangers' loses the mark (its column and its
+/// index) when it is opened, keeping its copies; strangers' copies still waiting then count as
+/// contacts' (the stranger pools start empty at every open).
+#[tokio::test]
+async fn a_database_that_marked_strangers_loses_the_mark_on_open() {
+    let dir = temp_dir("stranger-mark-dropped");
+    let limits = QueueLimits {
+        stranger_copies: 1,
+        ..QueueLimits::DEFAULT
+    };
+    let (alice, (bob_device, bob_account)) = {
+        let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+        let (alice, bob) = alice_and_bob(&store).await;
+        let stranger = |id: u8| message(alice, id, bob.1, &[(bob.0, b"from a stranger")]);
+        assert_eq!(
+            store.enqueue(stranger(1), limits).await.expect("1"),
+            Enqueued::Stored
+        );
+        // The pool of one is full.
+        assert_eq!(
+            store.enqueue(stranger(2), limits).await.expect("2"),
+            Enqueued::StrangerPoolFull
+        );
+        (alice, bob)
+    };
+    {
+        // As an earlier version left it: the copy marked as a stranger's, on an index.
+        let old = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+            .expect("old database");
+        let columns = old
+            .prepare("SELECT name FROM pragma_table_info('copies') WHERE name = 'stranger'")
+            .expect("columns")
+            .exists([])
+            .expect("columns");
+        if !columns {
+            old.execute_batch("ALTER TABLE copies ADD COLUMN stranger INTEGER NOT NULL DEFAULT 0")
+                .expect("old column");
+        }
+        old.execute_batch(
+            "UPDATE copies SET stranger = 1;
+             CREATE INDEX IF NOT EXISTS copies_of_strangers ON copies(device_id) WHERE stranger = 1;",
+        )
+        .expect("old mark");
+    }
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    let schema = schema_of(&database);
+    assert!(
+        !schema.to_lowercase().contains("stranger"),
+        "the schema still names strangers:\n{schema}"
+    );
+    // The copy stayed, and counts as a contact's: the pool starts empty.
+    let waiting = store
+        .pending(bob_device, QueueCursor::START, 10, 0)
+        .await
+        .expect("pending");
+    assert_eq!(waiting.len(), 1);
+    let stranger = |id: u8| message(alice, id, bob_account, &[(bob_device, b"from a stranger")]);
+    assert_eq!(
+        store.enqueue(stranger(3), limits).await.expect("3"),
+        Enqueued::Stored
+    );
+    let full = || async {
+        store.enqueue(stranger(4), limits).await.expect("4") == Enqueued::StrangerPoolFull
+    };
+    assert!(full().await, "the pool of one holds the new copy");
+    let reopened = &store;
+    let ack = |id: u8| async move {
+        assert!(matches!(
+            reopened
+                .ack(bob_device, alice.0, MessageId([id; 16]))
+                .await
+                .expect("ack"),
+            Acked::Confirmed { .. }
+        ));
+    };
+    // The older copy's acknowledgement takes nothing from the pool; the new one's leaves room.
+    ack(1).await;
+    assert!(
+        full().await,
+        "the older copy's acknowledgement emptied the pool"
+    );
+    ack(3).await;
+    assert_eq!(
+        store.enqueue(stranger(5), limits).await.expect("5"),
+        Enqueued::Stored
+    );
+    assert_eq!(
+        store.enqueue(stranger(6), limits).await.expect("6"),
+        Enqueued::StrangerPoolFull
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_strangers_copies_leave_its_pool_on_every_deletion() {
+    let dir = temp_dir("stranger-pool-deletions");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    strangers_copies_leave_their_pool_on_every_deletion_in(&store).await;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_strangers_copies_leave_its_pool_on_every_deletion_in_memory() {
+    strangers_copies_leave_their_pool_on_every_deletion_in(&MemoryStore::new()).await;
+}
+
+/// A stranger's message is kept at most `STRANGER_TTL` and says so; its copy takes a place in the
+/// receiver device's stranger pool until it is acknowledged, withdrawn, expired or deleted with
+/// its sender's account, and a contact's copy takes none.
+async fn strangers_copies_leave_their_pool_on_every_deletion_in(store: &impl Store) {
+    use tidings_core::delivery::STRANGER_TTL;
+    use tidings_core::DAY;
+    let (alice, (bob_device, bob_account)) = alice_and_bob(store).await;
+    store
+        .set_contact_token(bob_device, [5; 32])
+        .await
+        .expect("bob's token");
+    let limits = QueueLimits {
+        stranger_copies: 1,
+        ..QueueLimits::DEFAULT
+    };
+    let from = |sender: (DeviceId, AccountId), id: u8, expires_at| NewMessage {
+        expires_at,
+        ..message(sender, id, bob_account, &[(bob_device, b"hello")])
+    };
+    let enqueue =
+        |message: NewMessage| async move { store.enqueue(message, limits).await.expect("enqueue") };
+    // Kept 3 days, not the 30 asked, and told so.
+    assert_eq!(
+        enqueue(from(alice, 1, 1 + 30 * DAY)).await,
+        Enqueued::StoredShortened {
+            skipped: Vec::new(),
+            expires_at: 1 + STRANGER_TTL
+        }
+    );
+    let pool_full =
+        |id: u8| async move { enqueue(from(alice, id, 1_000)).await == Enqueued::StrangerPoolFull };
+    assert!(pool_full(2).await);
+    // A contact's message takes no place in the pool, and keeps its TTL.
+    let mut contacts = from(alice, 3, 1 + 30 * DAY);
+    contacts.contact_token_hash = Some([5; 32]);
+    assert_eq!(enqueue(contacts).await, Enqueued::Stored);
+    assert!(pool_full(4).await);
+    // Acknowledged.
+    assert!(matches!(
+        store
+            .ack(bob_device, alice.0, MessageId([1; 16]))
+            .await
+            .expect("ack"),
+        Acked::Confirmed { .. }
+    ));
+    assert_eq!(enqueue(from(alice, 5, 1_000)).await, Enqueued::Stored);
+    assert!(pool_full(6).await);
+    // Withdrawn.
+    assert_eq!(
+        store
+            .withdraw(alice.0, MessageId([5; 16]))
+            .await
+            .expect("withdraw"),
+        Withdrawal::Withdrawn
+    );
+    assert_eq!(enqueue(from(alice, 7, 1_000)).await, Enqueued::Stored);
+    assert!(pool_full(8).await);
+    // Expired.
+    store.expire(2_000, 100).await.expect("expire");
+    assert_eq!(enqueue(from(alice, 9, 1 + DAY)).await, Enqueued::Stored);
+    assert!(pool_full(10).await);
+    // Deleted with its sender's account (opting out takes what it sent along).
+    store
+        .delete_account(by(alice.1, alice.0))
+        .await
+        .expect("delete alice");
+    let carol = DeviceId([3; 16]);
+    let carol_account = store
+        .register_device(Pseudonym([0xC0; 32]), carol, [7; 32], 0)
+        .await
+        .expect("carol")
+        .account;
+    store
+        .publish_keys(carol, identity(30), vec![key(30)], None, 100)
+        .await
+        .expect("publish");
+    assert_eq!(
+        enqueue(from((carol, carol_account), 11, 1 + DAY)).await,
+        Enqueued::Stored
+    );
+    assert_eq!(
+        enqueue(from((carol, carol_account), 12, 1 + DAY)).await,
+        Enqueued::StrangerPoolFull
+    );
 }

@@ -176,11 +176,13 @@ async fn a_sender_past_its_budget_is_rate_limited() {
         let (outcome, detail, _) = send_result(world.ask(&mut alice, send).await);
         outcomes.push((outcome, detail));
     }
+    // Alice is a stranger to Bob: her messages are kept 3 days, not the default 7, and told so.
+    let stranger = "kept at most 3 days: the receiver has not written to you".to_string();
     assert_eq!(
         outcomes,
         [
-            (SendOutcome::Accepted, String::new()),
-            (SendOutcome::Accepted, String::new()),
+            (SendOutcome::Accepted, stranger.clone()),
+            (SendOutcome::Accepted, stranger),
             (SendOutcome::RateLimited, "too many messages".into()),
         ]
     );

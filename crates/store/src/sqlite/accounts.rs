@@ -324,7 +324,7 @@ pub(super) fn delete_devices(
             copies
         };
         for (seq, sender, bytes) in copies {
-            note_deleted_copy(notes, *device, sender, bytes);
+            note_deleted_copy(notes, *device, seq, sender, bytes);
             delete_if_no_copies(txn, seq)?;
         }
         txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1")?

@@ -3,8 +3,9 @@
 //!
 //! The rules of what may be stored (E1, full queues) are `tidings_core::delivery`'s; this module
 //! reads what they decide on and writes what they decided. Every statement that stores or
-//! deletes a copy notes it in the batch's queue counts and in what its sending account has
-//! waiting (`writer::SenderCounts`).
+//! deletes a copy notes it in the batch's queue counts, in what its sending account has
+//! waiting (`writer::SenderCounts`) and in the strangers' copies (`writer::StrangerCopies`,
+//! never written: no row says whose copy is a stranger's).
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -24,8 +25,8 @@ use crate::{
 
 /// The devices of an account as the delivery rules read them: whether each has published
 /// identity keys, its queue length with the copies stored and deleted earlier in the batch, what
-/// `sender` has waiting in it (from the writer's counts), its stranger pool's fill (counted on a
-/// partial index, so at most the pool's size) and its contact token hash.
+/// `sender` has waiting in it and its stranger pool's fill (both from the writer's counts, held in
+/// memory) and its contact token hash.
 pub(super) fn keyed_devices(
     conn: &Connection,
     notes: &Notes,
@@ -35,7 +36,6 @@ pub(super) fn keyed_devices(
     // Whether identity keys are published, as `identity_of` reads them, without reading them.
     let mut statement = conn.prepare_cached(
         "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, queue_len,
-                (SELECT COUNT(*) FROM copies c WHERE c.device_id = devices.id AND c.stranger = 1),
                 contact_token_hash
          FROM devices WHERE account_id = ?1",
     )?;
@@ -48,9 +48,9 @@ pub(super) fn keyed_devices(
                 keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
                 queued: u64::try_from(queued).unwrap_or(0),
                 from_sender: notes.senders.on_device(sender, id),
-                strangers: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                strangers: notes.strangers.on_device(id),
                 contact_token_hash: row
-                    .get::<_, Option<Vec<u8>>>(4)?
+                    .get::<_, Option<Vec<u8>>>(3)?
                     .and_then(|hash| <[u8; 32]>::try_from(hash).ok()),
             })
         })?
@@ -109,8 +109,7 @@ pub(super) fn enqueue(
     )?;
     let seq = txn.last_insert_rowid();
     let mut insert = txn.prepare_cached(
-        "INSERT INTO copies (device_id, seq, payload, to_receiver, stranger)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for device in &skipped {
         txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
@@ -121,22 +120,18 @@ pub(super) fn enqueue(
             continue;
         }
         let to_receiver = addressees.to_receiver(*device);
+        insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
         // Only the receiver's copies of a stranger's message count in a stranger pool.
-        let stranger_copy = stranger && to_receiver;
-        insert.execute(params![
-            device.as_bytes(),
-            seq,
-            &payload[..],
-            to_receiver,
-            stranger_copy
-        ])?;
+        if stranger && to_receiver {
+            notes.strangers.stored(*device, seq);
+        }
         notes.queued.add(*device, 1);
         notes
             .senders
             .note(sender, *device, payload_len(payload.len()), 1);
     }
     notes.messages.push((message.sender_device, message.id));
-    Ok(Admission::stored(skipped))
+    Ok(Admission::stored(skipped, message.expires_at, expires_at))
 }
 
 /// [`Store::pending`](crate::Store::pending).
@@ -373,9 +368,7 @@ pub(super) fn ack_in(
         return gone(txn);
     };
     notes.queued.add(device, -1);
-    if let Some(sender) = sender {
-        notes.senders.note(sender, device, bytes, -1);
-    }
+    note_deleted_copy(notes, device, seq, sender.map(|s| s.0), bytes);
     // The last copy takes the message with it.
     let message_gone = delete_if_no_copies(txn, seq)?;
     // The sender's own other devices taking their copies is not a delivery.
@@ -411,13 +404,13 @@ pub(super) fn delete_copies(
     params: impl rusqlite::Params,
 ) -> Result<()> {
     let mut statement = txn.prepare_cached(&format!(
-        "DELETE FROM copies WHERE {condition} RETURNING device_id, {COPY_SENDER_AND_BYTES}"
+        "DELETE FROM copies WHERE {condition} RETURNING device_id, seq, {COPY_SENDER_AND_BYTES}"
     ))?;
     let mut rows = statement.query(params)?;
     while let Some(row) = rows.next()? {
         let device = device_id(row.get(0)?)?;
         notes.queued.add(device, -1);
-        note_deleted_copy(notes, device, row.get(1)?, row.get(2)?);
+        note_deleted_copy(notes, device, row.get(1)?, row.get(2)?, row.get(3)?);
     }
     Ok(())
 }
@@ -427,14 +420,17 @@ pub(super) fn delete_copies(
 pub(super) const COPY_SENDER_AND_BYTES: &str =
     "(SELECT sender_account FROM messages WHERE seq = copies.seq), IFNULL(length(payload), 0)";
 
-/// Counts a deleted copy off what its sending account has waiting (a message stored before
-/// the sending account was recorded counts for none).
+/// Counts a deleted copy (of the message `seq`) off what its sending account has waiting (a
+/// message stored before the sending account was recorded counts for none) and off its device's
+/// stranger pool, if it was a stranger's.
 pub(super) fn note_deleted_copy(
     notes: &mut Notes,
     device: DeviceId,
+    seq: i64,
     sender: Option<i64>,
     bytes: i64,
 ) {
+    notes.strangers.deleted(device, seq);
     if let Some(sender) = sender {
         notes.senders.note(AccountId(sender), device, bytes, -1);
     }

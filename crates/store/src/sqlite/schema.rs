@@ -1,7 +1,9 @@
 //! The tables and how an older database is brought up to them.
 //!
-//! Run once when the engine opens, on the writer's connection. Never drops a table or a column:
-//! a database made by an older version keeps its data.
+//! Run once when the engine opens, on the writer's connection. Never drops a table, nor a column
+//! that holds data to keep: a database made by an older version keeps its data. The one column
+//! it drops, `copies.stranger`, said who is a stranger to whom, which must not be on disk
+//! ([`DROPPED_COLUMNS`]).
 
 use rusqlite::{params, Connection};
 use tidings_core::{Millis, DAY};
@@ -115,10 +117,15 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "missed", "INTEGER NOT NULL DEFAULT 0"),
     // SHA-256 of the device's contact token, once it registered one.
     ("devices", "contact_token_hash", "BLOB"),
-    // The copy is a stranger's (its send presented no contact token of the receiver): it counts
-    // in the device's stranger pool. Copies stored before the column count as contacts'.
-    ("copies", "stranger", "INTEGER NOT NULL DEFAULT 0"),
 ];
+
+/// Columns an earlier version added that must not stay on disk, with the indexes on them (dropped
+/// first: SQLite refuses to drop an indexed column). `copies.stranger` marked a copy as a
+/// stranger's (its send presented no contact token of the receiver): a hint of who is whose
+/// contact. The writer now keeps that mark in memory only (`writer::StrangerCopies`); the copies
+/// it marked count as contacts' from the open that drops it. `secure_delete` zeroes what the
+/// table's rewrite frees, and the next scrub the WAL frames.
+const DROPPED_COLUMNS: &[(&str, &str, &str)] = &[("copies", "stranger", "copies_of_strangers")];
 
 /// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that
 /// adds the column: the longest a new receipt can wait (a 30-day TTL, then one more).
@@ -149,23 +156,35 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     // `receipts.expires_at` has no index (see the `receipts` module); a database made while it
     // had one loses it.
     conn.execute_batch("DROP INDEX IF EXISTS receipts_by_expiry;")?;
-    // Indexes on added columns, once the columns exist.
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS copies_of_strangers ON copies(device_id) WHERE stranger = 1;",
-    )?;
+    drop_columns(conn)?;
     Ok(())
+}
+
+/// Drops the columns of [`DROPPED_COLUMNS`] (and their indexes) where present. `ALTER TABLE ...
+/// DROP COLUMN` needs SQLite 3.35; the engine is built with its own, newer one.
+fn drop_columns(conn: &Connection) -> Result<()> {
+    for (table, column, index) in DROPPED_COLUMNS {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS {index};"))?;
+        if column_exists(conn, table, column)? {
+            conn.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column};"))?;
+        }
+    }
+    Ok(())
+}
+
+fn column_exists(conn: &Connection, table: &str, column: &str) -> Result<bool> {
+    Ok(conn
+        .prepare(&format!(
+            "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+        ))?
+        .exists(params![column])?)
 }
 
 /// Adds the columns of [`ADDED_COLUMNS`] that are missing; returns the ones it added.
 pub(super) fn add_missing_columns(conn: &Connection) -> Result<Vec<(&'static str, &'static str)>> {
     let mut added = Vec::new();
     for (table, column, definition) in ADDED_COLUMNS {
-        let present = conn
-            .prepare(&format!(
-                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
-            ))?
-            .exists(params![column])?;
-        if !present {
+        if !column_exists(conn, table, column)? {
             conn.execute_batch(&format!(
                 "ALTER TABLE {table} ADD COLUMN {column} {definition}"
             ))?;

@@ -7,7 +7,7 @@
 //! It must never answer a write before the commit that holds it (except a write's early,
 //! executed answer, see [`Completion`]), nor let a batch commit part of a failed write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tidings_core::Millis;
@@ -40,6 +40,9 @@ pub(super) struct Notes {
     /// lent to each batch, its changes taken back if the batch (or an operation's savepoint)
     /// is rolled back.
     pub(super) senders: SenderCounts,
+    /// Which waiting copies are strangers': the writer's own state, lent to each batch like
+    /// `senders`.
+    pub(super) strangers: StrangerCopies,
     /// An operation run without a savepoint failed: its batch must be rolled back whole.
     pub(super) batch_failed: bool,
     /// Devices were added or deleted: the routes held in memory are dropped once the batch has
@@ -179,6 +182,74 @@ impl SenderCounts {
             self.apply(sender, device, -copies, -bytes);
         }
         self.log.truncate(mark);
+    }
+}
+
+/// Which copies waiting in the queues are strangers' (their send presented no contact token of
+/// the receiver, `tidings_core::delivery::from_contact`), and how many each device holds: its
+/// stranger pool's fill. Kept in memory only and never written: who is a stranger to whom is a
+/// hint of who is whose contact. Held by the writer thread like [`SenderCounts`], noted by every
+/// statement that stores or deletes a copy, its changes taken back with a rolled-back batch or
+/// savepoint. Empty when the engine opens: copies still waiting from before count as contacts'
+/// from then on (the trade-off `docs/ARCHITECTURE.md` states). A device holds at most its pool's
+/// size of entries (a stranger's copy is stored only when its pool has room).
+#[derive(Default)]
+pub(super) struct StrangerCopies {
+    /// (device, message seq) of each stranger's copy waiting.
+    copies: HashSet<(DeviceId, i64)>,
+    per_device: HashMap<DeviceId, u64>,
+    /// The changes of the batch lent this, in order (true: a copy added), so that a rollback
+    /// takes them back.
+    log: Vec<(DeviceId, i64, bool)>,
+}
+
+impl StrangerCopies {
+    /// Strangers' copies waiting in `device`'s queue.
+    pub(super) fn on_device(&self, device: DeviceId) -> u64 {
+        self.per_device.get(&device).copied().unwrap_or(0)
+    }
+
+    /// A stranger's copy stored for `device`, of the message `seq`.
+    pub(super) fn stored(&mut self, device: DeviceId, seq: i64) {
+        if self.set(device, seq, true) {
+            self.log.push((device, seq, true));
+        }
+    }
+
+    /// A copy deleted from `device`'s queue, of the message `seq` (a stranger's or not).
+    pub(super) fn deleted(&mut self, device: DeviceId, seq: i64) {
+        if self.set(device, seq, false) {
+            self.log.push((device, seq, false));
+        }
+    }
+
+    /// Marks the copy as a stranger's (`present`) or not; whether that changed anything.
+    fn set(&mut self, device: DeviceId, seq: i64, present: bool) -> bool {
+        let changed = if present {
+            self.copies.insert((device, seq))
+        } else {
+            self.copies.remove(&(device, seq))
+        };
+        if changed {
+            let count = self.per_device.entry(device).or_default();
+            *count = if present {
+                count.saturating_add(1)
+            } else {
+                count.saturating_sub(1)
+            };
+            if *count == 0 {
+                self.per_device.remove(&device);
+            }
+        }
+        changed
+    }
+
+    /// Takes back every change after the `mark`-th.
+    pub(super) fn undo_to(&mut self, mark: usize) {
+        let undone: Vec<_> = self.log.drain(mark..).rev().collect();
+        for (device, seq, added) in undone {
+            self.set(device, seq, !added);
+        }
     }
 }
 
@@ -369,7 +440,7 @@ pub(super) fn in_savepoint<R>(
         notes.queued.log.len(),
         notes.receipts_swept,
     );
-    let senders = notes.senders.log.len();
+    let (senders, strangers) = (notes.senders.log.len(), notes.strangers.log.len());
     match operation(txn, notes) {
         Ok(value) => {
             checked(notes, cached("RELEASE op"))?;
@@ -379,6 +450,7 @@ pub(super) fn in_savepoint<R>(
             notes.messages.truncate(messages);
             notes.queued.undo_to(queued);
             notes.senders.undo_to(senders);
+            notes.strangers.undo_to(strangers);
             notes.receipts_swept = swept;
             checked(notes, txn.execute_batch("ROLLBACK TO op; RELEASE op"))?;
             Err(e)
@@ -391,6 +463,7 @@ pub(super) struct Kept {
     /// The connection's `synchronous` setting: FULL as opened, NORMAL after a lazy batch.
     lazy_mode: bool,
     senders: SenderCounts,
+    strangers: StrangerCopies,
 }
 
 /// What the engine holds in memory beside the database, which the writer brings up to date after
@@ -412,6 +485,7 @@ pub(super) fn run_writer(
     let mut kept = Kept {
         lazy_mode: false,
         senders,
+        strangers: StrangerCopies::default(),
     };
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
@@ -512,6 +586,7 @@ pub(super) fn commit_batch(
     };
     let mut notes = Notes {
         senders: std::mem::take(&mut kept.senders),
+        strangers: std::mem::take(&mut kept.strangers),
         ..Notes::default()
     };
     let completions: Vec<AnswerOnCommit> = writes
@@ -542,9 +617,12 @@ pub(super) fn commit_batch(
     if committed.is_err() {
         // Nothing of the batch stays, nor anything it counted.
         notes.senders.undo_to(0);
+        notes.strangers.undo_to(0);
     }
     notes.senders.log.clear();
+    notes.strangers.log.clear();
     kept.senders = std::mem::take(&mut notes.senders);
+    kept.strangers = std::mem::take(&mut notes.strangers);
     held.receipt_deadlines
         .after_batch(&notes, committed.is_ok());
     if committed.is_ok() {
