@@ -229,6 +229,7 @@ pub async fn withdraw<S: Store>(
         Kind::WithdrawResult(frame::WithdrawResult {
             id: request.id,
             state: wire as i32,
+            retry_after_ms: 0,
         }),
     )
     .await;
