@@ -96,6 +96,10 @@ pub enum Event {
     Receipt(ReceiptKind),
     /// The server's answer to a withdraw.
     Withdrawn(Withdrawal),
+    /// The server did not answer a withdraw for now (`RATE_LIMITED`: the number's discovery
+    /// budget is used up): nothing was withdrawn, so no SMS may go yet. `retry_after` is the wait
+    /// it gave (0: none given).
+    WithdrawLater { retry_after: Millis },
     /// The server could not be reached. `maybe_stored` is false only when the send certainly
     /// never reached the server (the connection failed before it was written).
     Unreachable { maybe_stored: bool },
