@@ -195,10 +195,7 @@ fn key_claims_of_other_numbers_are_charged() {
         let probed = [number(), bob.number.clone(), number()];
         for to in &probed {
             let answer = claim(&mut session, to).await;
-            assert!(
-                matches!(answer, Kind::KeysClaimResult(_)),
-                "{answer:?}"
-            );
+            assert!(matches!(answer, Kind::KeysClaimResult(_)), "{answer:?}");
         }
         for to in [number(), bob.number.clone()] {
             match claim(&mut session, &to).await {
