@@ -577,7 +577,7 @@ fn print_send(report: &SendReport, json: bool) {
     }
     if let (SendOutcome::RateLimited, Some(retry_after)) = (report.outcome, report.retry_after) {
         let refusal = ClientError::RetryLater {
-            message: "too many messages".into(),
+            message: "refused by the server's limits (too many messages, or the lookup budget is used up)".into(),
             retry_after,
         };
         println!("not sent: {refusal}");
@@ -655,7 +655,14 @@ fn print_routed(route: &str, status: &route::Status, json: bool) -> ExitCode {
             Some("expired") => "not delivered: it expired on the server".to_string(),
             Some("sms_rejected") => format!("not sent: {}", status.detail),
             Some("refused_stranger_pool_full") => stranger_pool_full(),
-            Some(refused) => format!("not sent: {}", refused.replace('_', " ")),
+            Some(refused) if status.detail.is_empty() => {
+                format!("not sent: {}", refused.replace('_', " "))
+            }
+            Some(refused) => format!(
+                "not sent: {} ({})",
+                refused.replace('_', " "),
+                status.detail
+            ),
             None if status.detail.is_empty() => {
                 "not through yet: it is kept and carried on while `tidings listen` runs".to_string()
             }

@@ -193,7 +193,8 @@ fn frames() {
         Kind::VouchResult(VouchResult { request_id: 9 }),
         Kind::WithdrawResult(WithdrawResult {
             id,
-            state: WithdrawState::Withdrawn as i32,
+            state: WithdrawState::RateLimited as i32,
+            retry_after_ms: 1_000,
         }),
     ];
     // The first byte is where the fuzz target cuts the stream into two reads.

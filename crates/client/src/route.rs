@@ -357,14 +357,7 @@ impl<'a> Router<'a> {
                 Ok(kind) => (&receipt.id, Event::Receipt(kind)),
                 Err(_) => return Ok(false),
             },
-            Kind::WithdrawResult(result) => (
-                &result.id,
-                Event::Withdrawn(match WithdrawState::try_from(result.state) {
-                    Ok(WithdrawState::Delivered) => Withdrawal::Delivered,
-                    Ok(WithdrawState::Withdrawn) => Withdrawal::Withdrawn,
-                    _ => Withdrawal::Unknown,
-                }),
-            ),
+            Kind::WithdrawResult(result) => (&result.id, withdraw_event(result)),
             _ => return Ok(false),
         };
         let Some(id) = MessageId::from_slice(id) else {
@@ -376,6 +369,9 @@ impl<'a> Router<'a> {
         if let (Event::DevicesChanged, Kind::SendResult(result)) = (event, kind) {
             // Kept for the re-encryption the machine may ask for next.
             entry.changed = Some(ChangedDevices::from_answer(result));
+        }
+        if let Some(refusal) = refusal_detail(kind) {
+            entry.detail = refusal;
         }
         self.advance(id, session, Some(event)).await?;
         Ok(true)
@@ -533,6 +529,53 @@ impl<'a> Router<'a> {
     }
 }
 
+/// What a withdraw's answer means for the message. A withdraw refused for the budget withdrew
+/// nothing, and an answer this client does not know may not mean that no copy is held: both are
+/// asked again later (after the wait given, else with backoff), never taken as `unknown`, which
+/// would send an SMS beside a copy a device may still show.
+fn withdraw_event(result: &frame::WithdrawResult) -> Event {
+    match WithdrawState::try_from(result.state) {
+        Ok(WithdrawState::Delivered) => Event::Withdrawn(Withdrawal::Delivered),
+        Ok(WithdrawState::Withdrawn) => Event::Withdrawn(Withdrawal::Withdrawn),
+        Ok(WithdrawState::Unknown) => Event::Withdrawn(Withdrawal::Unknown),
+        Ok(WithdrawState::RateLimited) => Event::WithdrawLater {
+            retry_after: result.retry_after_ms,
+        },
+        Err(_) => Event::WithdrawLater { retry_after: 0 },
+    }
+}
+
+/// What the user is told about a send or withdraw the server refused for a budget or a rate: the
+/// server's reason and when to try again.
+fn refusal_detail(kind: &Kind) -> Option<String> {
+    let (message, retry_after_ms, what) = match kind {
+        Kind::SendResult(result) if result.outcome == SendOutcome::RateLimited as i32 => {
+            (result.detail.as_str(), result.retry_after_ms, "")
+        }
+        Kind::WithdrawResult(result) if result.state == WithdrawState::RateLimited as i32 => (
+            "lookup budget used up",
+            result.retry_after_ms,
+            ": the withdraw is asked again then, and no SMS goes before it is answered",
+        ),
+        _ => return None,
+    };
+    let message = if message.is_empty() {
+        "refused by the server's limits"
+    } else {
+        message
+    };
+    Some(match crate::retry_after(retry_after_ms) {
+        Some(retry_after) => format!(
+            "{}{what}",
+            ClientError::RetryLater {
+                message: message.to_string(),
+                retry_after,
+            }
+        ),
+        None => format!("{message}{what}"),
+    })
+}
+
 /// Sends a text along `route` (IP, SMS fallback, or both in turn), waiting up to `wait` for it
 /// to finish. What is still pending then is kept in the profile and carried on by `listen`.
 pub async fn send_routed(
@@ -626,6 +669,49 @@ mod tests {
         });
         check(&routing, None, None, ("auto", Route::Auto));
         assert!(choose_route(&routing, Some("carrier-pigeon".into()), None).is_err());
+    }
+
+    #[test]
+    fn only_a_withdraw_that_says_so_counts_as_withdrawn_and_a_refused_one_says_when() {
+        let result = |state, retry_after_ms| frame::WithdrawResult {
+            id: vec![1; 16],
+            state,
+            retry_after_ms,
+        };
+        for (state, retry_after_ms, expected) in [
+            (0, 0, Event::Withdrawn(Withdrawal::Delivered)),
+            (1, 0, Event::Withdrawn(Withdrawal::Withdrawn)),
+            (2, 0, Event::Withdrawn(Withdrawal::Unknown)),
+            (
+                3,
+                60_000,
+                Event::WithdrawLater {
+                    retry_after: 60_000,
+                },
+            ),
+            (3, 0, Event::WithdrawLater { retry_after: 0 }),
+            // A state from a newer server: asked again, never taken as "no copy held".
+            (9, 0, Event::WithdrawLater { retry_after: 0 }),
+        ] {
+            assert_eq!(withdraw_event(&result(state, retry_after_ms)), expected);
+        }
+        let refused = refusal_detail(&Kind::WithdrawResult(result(3, 90_000))).expect("detail");
+        assert!(
+            refused.contains("try again in 1 min 30 s") && refused.contains("no SMS"),
+            "{refused}"
+        );
+        let send = Kind::SendResult(frame::SendResult {
+            outcome: SendOutcome::RateLimited as i32,
+            detail: "lookup budget used up".into(),
+            retry_after_ms: 3_000,
+            ..frame::SendResult::default()
+        });
+        let refused = refusal_detail(&send).expect("detail");
+        assert!(
+            refused.contains("lookup budget used up; try again in 3 s"),
+            "{refused}"
+        );
+        assert_eq!(refusal_detail(&Kind::WithdrawResult(result(1, 0))), None);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! The rule that keeps a message from arriving twice: **an SMS is sent only when the server holds
 //! no copy that a device could still show** — the send was refused (nothing stored), or a
 //! withdraw answered `withdrawn` (copies deleted) or `unknown` (no copy held). While the server
-//! cannot be reached after a copy may have been stored, no SMS is sent: the withdraw is retried.
+//! cannot be reached after a copy may have been stored, or refuses to answer a withdraw for the
+//! sender's budget, no SMS is sent: the withdraw is retried.
 //!
 //! The rule that keeps no device from being skipped: when the server answers that the devices
 //! changed between encrypting and sending (nothing was stored), the copies are made again for the
@@ -96,6 +97,10 @@ pub enum Event {
     Receipt(ReceiptKind),
     /// The server's answer to a withdraw.
     Withdrawn(Withdrawal),
+    /// The server did not answer a withdraw for now (`RATE_LIMITED`: the number's discovery
+    /// budget is used up): nothing was withdrawn, so no SMS may go yet. `retry_after` is the wait
+    /// it gave (0: none given).
+    WithdrawLater { retry_after: Millis },
     /// The server could not be reached. `maybe_stored` is false only when the send certainly
     /// never reached the server (the connection failed before it was written).
     Unreachable { maybe_stored: bool },
@@ -390,6 +395,19 @@ impl Outgoing {
                 at: now,
                 attempt: 0,
             },
+            // Refused for the sender's budget: nothing was withdrawn, so ask again once the wait
+            // is over (a receipt meanwhile still settles it), never an SMS before the answer.
+            (Phase::Withdrawing { attempt }, Event::WithdrawLater { retry_after }) => {
+                let wait = if retry_after > 0 {
+                    retry_after
+                } else {
+                    Self::backoff(policy, attempt)
+                };
+                Phase::Withdraw {
+                    at: now.saturating_add(wait),
+                    attempt: attempt.saturating_add(1),
+                }
+            }
             (Phase::Withdrawing { attempt }, Event::Unreachable { .. }) => Phase::Withdraw {
                 at: now.saturating_add(Self::backoff(policy, attempt)),
                 attempt: attempt.saturating_add(1),

@@ -361,6 +361,10 @@ pub enum WithdrawState {
     Withdrawn = 1,
     /// The server holds no such message (never stored, or expired).
     Unknown = 2,
+    /// Not answered: the asking number's discovery budget is used up (a withdraw's outcome tells
+    /// whether the receiver took the message). Nothing was withdrawn; `retry_after_ms` says when
+    /// to ask again.
+    RateLimited = 3,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -369,6 +373,9 @@ pub struct WithdrawResult {
     pub id: Vec<u8>,
     #[prost(enumeration = "WithdrawState", tag = "2")]
     pub state: i32,
+    /// `RATE_LIMITED`: milliseconds until a withdraw would be answered (0: no wait given).
+    #[prost(uint64, tag = "3")]
+    pub retry_after_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -850,7 +857,11 @@ mod tests {
                 request_id: 3,
                 retry_after_ms: 5,
             }),
-            Kind::WithdrawResult(WithdrawResult { id, state: 1 }),
+            Kind::WithdrawResult(WithdrawResult {
+                id,
+                state: 3,
+                retry_after_ms: 7,
+            }),
             Kind::KeysUpload(Default::default()),
             Kind::KeysClaim(Default::default()),
             Kind::LinkCodeRequest(Default::default()),

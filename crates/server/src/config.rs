@@ -129,10 +129,12 @@ pub struct ServerArgs {
     /// Copies all strangers together may have waiting for one device [default: 200]
     #[arg(long, env = "TIDINGS_STRANGER_POOL_COPIES")]
     pub stranger_pool_copies: Option<u32>,
-    /// Numbers a device may look up at once before the rate limit [default: 5000]
+    /// Answers that tell whether another number is a user or online (lookups, device lists,
+    /// sends naming none of the receiver's devices, withdraws, key claims) a number may get at once
+    /// [default: 5000]
     #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
     pub lookup_burst: Option<u32>,
-    /// Numbers a device's lookup budget regains per hour [default: 1000]
+    /// Answers a number's discovery (lookup) budget regains per hour [default: 1000]
     #[arg(long, env = "TIDINGS_LOOKUP_PER_HOUR")]
     pub lookup_per_hour: Option<u32>,
     /// Other users' one-time keys a device may claim at once before the rate limit [default: 100]

@@ -13,10 +13,11 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::{Acked, Store};
 
 use crate::clock::now_ms;
+use crate::discovery::{self, Disclosure};
 use crate::hub::{Outbound, Outbox};
 use crate::identity::Identity;
 use crate::metrics::Outcome;
-use crate::reply::{error, reply, storage_unavailable};
+use crate::reply::{error, reply, retry_after_ms, storage_unavailable};
 use crate::state::Shared;
 
 #[cfg(test)]
@@ -196,7 +197,8 @@ pub async fn missed_seen<S: Store>(state: &Shared<S>, identity: Identity, seen: 
 }
 
 /// Handles `Withdraw`: ends in delivered, withdrawn or unknown, decided by the store in one
-/// transaction so that it cannot interleave with an acknowledgement.
+/// transaction so that it cannot interleave with an acknowledgement; or, over the asking account's
+/// discovery budget, refused (`RATE_LIMITED`) before anything is decided.
 pub async fn withdraw<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -207,6 +209,23 @@ pub async fn withdraw<S: Store>(
         let message = "withdraw needs a 16-byte id";
         return reply(outbox, error(ErrorCode::InvalidRequest, message, 0)).await;
     };
+    // Its outcome tells whether a receiver device took the message: charged before the store
+    // decides anything, so a refusal withdraws nothing and tells nothing.
+    if let Err(wait) = discovery::charge(state, identity, Disclosure::Withdraw) {
+        state
+            .metrics
+            .withdrawals
+            .get_or_create(&Outcome {
+                outcome: "rate_limited",
+            })
+            .inc();
+        let refused = frame::WithdrawResult {
+            id: request.id,
+            state: WithdrawState::RateLimited as i32,
+            retry_after_ms: retry_after_ms(wait),
+        };
+        return reply(outbox, Kind::WithdrawResult(refused)).await;
+    }
     let withdrawal = match state.store.withdraw(identity.device, id).await {
         Ok(withdrawal) => withdrawal,
         Err(e) => {
@@ -229,6 +248,7 @@ pub async fn withdraw<S: Store>(
         Kind::WithdrawResult(frame::WithdrawResult {
             id: request.id,
             state: wire as i32,
+            retry_after_ms: 0,
         }),
     )
     .await;

@@ -17,6 +17,7 @@ use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS
 use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 
 use crate::clock::now_ms;
+use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::reply::{error, rate_limited, reply, storage_unavailable, store_failed};
@@ -181,8 +182,9 @@ pub async fn upload<S: Store>(
     }
 }
 
-/// Handles `KeysClaim`. Claims of another number's keys draw from the account's budget, so one
-/// account cannot drain a user's one-time keys; the fallback key keeps sessions possible anyway.
+/// Handles `KeysClaim`. Claims of another number's keys draw from the account's claim budget, so
+/// one account cannot drain a user's one-time keys (the fallback key keeps sessions possible
+/// anyway), and those that list devices the asker did not name from its discovery budget.
 pub async fn claim<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -233,12 +235,25 @@ pub async fn claim<S: Store>(
             }
         }
     };
-    // Every claim of another number's keys costs at least one from the budget, including a
-    // claim for a number that is not a user: otherwise claims would be a free lookup.
-    if account
+    // A claim that lists devices the asker did not name tells whether the number is a user:
+    // charged to the discovery budget first, before anything is told.
+    let own = account
         .as_ref()
-        .is_none_or(|a| a.account != identity.account)
-    {
+        .is_some_and(|a| a.account == identity.account);
+    let devices: Option<Vec<DeviceId>> = account
+        .as_ref()
+        .map(|a| a.devices.iter().map(|(device, _)| *device).collect());
+    let asked = Disclosure::KeysClaim {
+        own,
+        account: devices.as_deref(),
+        named: &only,
+    };
+    if let Err(wait) = discovery::charge(state, identity, asked) {
+        return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
+    }
+    // Every claim of another number's keys costs at least one from the claim budget, including a
+    // claim for a number that is not a user, so that one account cannot drain a user's keys.
+    if !own {
         let cost = match &account {
             Some(account) if only.is_empty() => account.devices.len(),
             _ => only.len(),

@@ -18,7 +18,9 @@
 //! - `request`: the one `Request` a frame carries, and its dispatch to a handler;
 //! - `send`: a session's sends, decided concurrently and stored and pushed in the order read;
 //! - `delivery`: a device's queue and receipts, acknowledgements and withdraws;
-//! - `lookup`: lookups and device lists, charged to one budget;
+//! - `discovery`: which answers about another account are charged to the asking account's
+//!   discovery budget (lookups, device lists, sends, withdraws, key claims), and the charge;
+//! - `lookup`: lookups and device lists;
 //! - `directory`: device keys (publish, claim), link codes, vouches, removing a device,
 //!   disabling an account;
 //! - `reply`: the one way a handler answers, and the one shape of an error frame;
@@ -41,6 +43,7 @@ pub mod config;
 mod connection;
 mod delivery;
 mod directory;
+mod discovery;
 mod gateway;
 mod http;
 mod hub;

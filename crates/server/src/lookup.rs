@@ -1,13 +1,12 @@
-//! The two requests that reveal whether a number is a user: a lookup (online, offline, not a
-//! user) and the device list of a number. Both draw from one budget of the asking account (shared
-//! by all its devices, and kept across an opt-out and a new registration), so neither is a free
-//! way to enumerate numbers (the server's part of promise P8 so far: the numbers are not yet
-//! blinded on the client).
+//! The two requests whose whole job is to tell whether a number is a user: a lookup (online,
+//! offline, not a user) and the device list of a number. Both draw from the asking account's
+//! discovery budget ([`crate::discovery`], shared by all its devices, and kept across an opt-out
+//! and a new registration), so neither is a free way to enumerate numbers (the server's part of
+//! promise P8 so far: the numbers are not yet blinded on the client).
 //!
 //! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
 //! who asked (promise P4).
 
-use tidings_core::{Millis, HOUR};
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -15,34 +14,14 @@ use tidings_proto::MAX_LOOKUP_NUMBERS;
 use tidings_store::Store;
 
 use crate::clock::now_ms;
+use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::keys::BudgetKey;
 use crate::reply::{error, rate_limited, reply, storage_unavailable};
-use crate::state::{take_budget, Shared};
+use crate::state::Shared;
 
 #[cfg(test)]
 mod tests;
-
-const BUDGET_USED_UP: &str = "lookup budget used up";
-
-/// Takes `n` lookups from the account's budget; `Err` carries the wait until they would fit.
-fn take_lookup_budget<S: Store>(
-    state: &Shared<S>,
-    budgets: BudgetKey,
-    n: usize,
-) -> Result<(), Millis> {
-    let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
-    let n = u32::try_from(n).unwrap_or(u32::MAX);
-    take_budget(
-        &state.lookup_budgets,
-        budgets,
-        n,
-        state.config.lookup_burst,
-        per_second,
-        now_ms(),
-    )
-}
 
 /// Handles `Lookup`: the presence of each number, in order.
 pub async fn lookup<S: Store>(
@@ -60,7 +39,10 @@ pub async fn lookup<S: Store>(
         )
         .await;
     }
-    if let Err(wait) = take_lookup_budget(state, identity.budgets, lookup.numbers.len()) {
+    let asked = Disclosure::Lookup {
+        numbers: lookup.numbers.len(),
+    };
+    if let Err(wait) = discovery::charge(state, identity, asked) {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
@@ -162,13 +144,15 @@ pub async fn devices<S: Store>(
     // learns nothing about anyone else: that is free too, or a spent budget would lock a user
     // out of managing their own devices.
     let own = pseudonym.is_some_and(|p| state.keys.budget_key(&p) == identity.budgets);
-    let free = own
-        || sender_check
+    let free_sender_check = !own
+        && sender_check
             .is_some_and(|sender| state.take_free_sender_check(identity.device, sender, now_ms()));
-    if !free {
-        if let Err(wait) = take_lookup_budget(state, identity.budgets, 1) {
-            return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
-        }
+    let asked = Disclosure::DeviceList {
+        own,
+        free_sender_check,
+    };
+    if let Err(wait) = discovery::charge(state, identity, asked) {
+        return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     let mut device_ids = Vec::new();
     let mut devices = Vec::new();

@@ -1,6 +1,10 @@
 //! A session's sends: each is checked, decided (`tidings_core::routing`), handed to storage and,
 //! once durable, pushed to the receiver's live sessions, in the order the session read them.
 //!
+//! A send's answer tells whether the receiver is a user, lists its devices or says whether one is
+//! online: unless the send's copies go to the receiver's devices (a contact's send), it is charged
+//! to the sender's discovery budget before it is routed ([`crate::discovery`]).
+//!
 //! Sends are decided concurrently; only the hand-over to storage and the push wait for their
 //! turn ([`SendOrder`]), and the syncs themselves are shared (group commit). A copy is pushed
 //! only after it is durable, so a crash never loses a message a sender was told was stored.
@@ -22,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::clock::now_ms;
 use crate::delivery::deliver_frame;
+use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::metrics::Outcome;
@@ -132,11 +137,11 @@ pub async fn send<S: Store>(
             skipped = devices;
             (outcome, details.join("; "), DeviceDifference::default())
         }
-        Stored::RateLimited(wait) => {
+        Stored::RateLimited(wait, detail) => {
             retry_after_ms = crate::reply::retry_after_ms(wait);
             (
                 SendOutcome::RateLimited,
-                "too many messages".to_string(),
+                detail.to_string(),
                 DeviceDifference::default(),
             )
         }
@@ -196,8 +201,9 @@ enum Stored {
         skipped: Vec<DeviceId>,
         shortened_to: Option<u32>,
     },
-    /// Refused for the sender's message rate: the wait until a send would be accepted.
-    RateLimited(Millis),
+    /// Refused for the sender's message rate or its discovery budget (named): the wait until a
+    /// send would be accepted.
+    RateLimited(Millis, &'static str),
     DevicesChanged(DeviceDifference),
 }
 
@@ -314,7 +320,7 @@ async fn decide_and_enqueue<S: Store>(
         f64::from(state.config.send_per_second),
         now,
     ) {
-        return Err(Stored::RateLimited(wait));
+        return Err(Stored::RateLimited(wait, "too many messages"));
     }
     let pseudonym = match state.keys.pseudonym_of(&send.to) {
         Ok(Some(pseudonym)) => pseudonym,
@@ -337,6 +343,21 @@ async fn decide_and_enqueue<S: Store>(
             tracing::warn!(error = %e, "storage read failed during a send");
             return answer(SendOutcome::Unavailable, "storage unavailable: try again");
         }
+    };
+    // Charged before anything about the receiver is told: whether it is a user, its devices,
+    // whether one is online. Free when the copies go to a device of the receiver.
+    let own = route
+        .as_ref()
+        .is_some_and(|route| route.account == identity.account);
+    let copy_devices: Vec<DeviceId> = copies.iter().map(|(device, _)| *device).collect();
+    let asked = Disclosure::Send {
+        own,
+        receiver: route.as_ref().map(|route| route.devices.as_slice()),
+        copies: &copy_devices,
+    };
+    let charged = match discovery::charge(state, identity, asked) {
+        Ok(units) => units > 0,
+        Err(wait) => return Err(Stored::RateLimited(wait, BUDGET_USED_UP)),
     };
     let receiver = match &route {
         None => Receiver::NotAUser,
@@ -413,7 +434,20 @@ async fn decide_and_enqueue<S: Store>(
                 "you have as much waiting for delivery as the server keeps for one account: wait until some is delivered",
             )
         }
-        Ok(Enqueued::DevicesChanged(difference)) => return Err(Stored::DevicesChanged(difference)),
+        Ok(Enqueued::DevicesChanged(difference)) => {
+            // A contact's send found devices it has no copy for: naming them is news, charged
+            // unless the send paid already.
+            let asked = Disclosure::SendMissingDevices {
+                own,
+                missing: difference.missing.len(),
+            };
+            if !charged {
+                if let Err(wait) = discovery::charge(state, identity, asked) {
+                    return Err(Stored::RateLimited(wait, BUDGET_USED_UP));
+                }
+            }
+            return Err(Stored::DevicesChanged(difference));
+        }
         Err(StoreError::NoSuchAccount) => {
             return answer(
                 SendOutcome::Unavailable,

@@ -591,3 +591,66 @@ fn wake_and_waiting_for_the_server_are_read_without_a_change() {
     outgoing.next(T0 + 5 * SECOND);
     assert!(outgoing.awaits_server(), "withdrawing");
 }
+
+#[test]
+fn a_withdraw_refused_for_the_budget_is_retried_after_its_wait_and_sends_no_sms() {
+    let wait = 30 * MINUTE;
+    let asked = T0 + 5 + 5 * SECOND;
+    check(
+        Route::Auto,
+        ip(SendMode::NowOrNever),
+        &[
+            (
+                T0 + 5,
+                Some(Answer(SendOutcome::Accepted)),
+                Wait { until: asked },
+            ),
+            (asked, None, Withdraw),
+            (
+                asked + 1,
+                Some(Event::WithdrawLater { retry_after: wait }),
+                Wait {
+                    until: asked + 1 + wait,
+                },
+            ),
+            (
+                asked + wait,
+                None,
+                Wait {
+                    until: asked + 1 + wait,
+                },
+            ),
+            (asked + 1 + wait, None, Withdraw),
+            (
+                asked + 2 + wait,
+                Some(Withdrawn(Withdrawal::Withdrawn)),
+                SendSms,
+            ),
+        ],
+    );
+    // No wait given: the usual backoff; a receipt meanwhile settles it over IP.
+    check(
+        Route::QueueThenSms { after: MINUTE },
+        ip(SendMode::Queue),
+        &[
+            (
+                T0 + 5,
+                Some(Answer(SendOutcome::Queued)),
+                Wait { until: T0 + MINUTE },
+            ),
+            (T0 + MINUTE, None, Withdraw),
+            (
+                T0 + MINUTE + 1,
+                Some(Event::WithdrawLater { retry_after: 0 }),
+                Wait {
+                    until: T0 + MINUTE + 1 + SECOND,
+                },
+            ),
+            (
+                T0 + MINUTE + 2,
+                Some(Receipt(ReceiptKind::Delivered)),
+                Finished(Outcome::Delivered),
+            ),
+        ],
+    );
+}
