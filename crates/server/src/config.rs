@@ -87,6 +87,17 @@ pub struct ServerArgs {
     /// Sender id on verification SMS [default: Tidings]
     #[arg(long, env = "TIDINGS_SMS_FROM")]
     pub sms_from: Option<String>,
+    /// Offer registration by the user's own SMS (`true` or `false`; needs sms_service_number)
+    /// [default: false]
+    #[arg(long, env = "TIDINGS_INBOUND_REGISTRATION")]
+    pub inbound_registration: Option<bool>,
+    /// The number users text to register by their own SMS, in E.164 form: the number of the
+    /// modem's SIM, the SMPP account or the Kannel SMSC that delivers to this server
+    #[arg(long, env = "TIDINGS_SMS_SERVICE_NUMBER")]
+    pub sms_service_number: Option<String>,
+    /// Seconds a code for registration by own SMS stays valid [default: 600]
+    #[arg(long, env = "TIDINGS_INBOUND_CODE_SECONDS")]
+    pub inbound_code_seconds: Option<u64>,
     /// Seconds between client heartbeats; a session silent for three is closed [default: 10]
     #[arg(long, env = "TIDINGS_HEARTBEAT_SECONDS")]
     pub heartbeat_seconds: Option<u32>,
@@ -207,6 +218,9 @@ struct FileConfig {
     modem_baud: Option<u32>,
     modem_timeout_seconds: Option<u64>,
     sms_from: Option<String>,
+    inbound_registration: Option<bool>,
+    sms_service_number: Option<String>,
+    inbound_code_seconds: Option<u64>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
     pre_login_connections_per_address: Option<usize>,
@@ -249,6 +263,8 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub gateway: tidings_gateway::TransportConfig,
     pub sms_from: String,
+    /// The number users text to register by their own SMS; `None` when that is not offered.
+    pub inbound: Option<InboundRegistration>,
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
     pub pre_login_connections_per_address: usize,
@@ -277,6 +293,15 @@ pub struct ServerConfig {
     pub limiter_capacity: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
+}
+
+/// Registration by the user's own SMS, when it is offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRegistration {
+    /// The number to text, E.164.
+    pub service_number: tidings_proto::number::E164,
+    /// How long a code stays valid, in milliseconds.
+    pub code_ttl: tidings_core::Millis,
 }
 
 fn home() -> PathBuf {
@@ -433,6 +458,32 @@ impl ServerArgs {
                 "unknown SMS gateway `{other}`: use `outbox`, `kannel`, `smpp` or `modem`"
             ),
         };
+        let inbound = if self
+            .inbound_registration
+            .or(file.inbound_registration)
+            .unwrap_or(false)
+        {
+            let number = self
+                .sms_service_number
+                .clone()
+                .or(file.sms_service_number)
+                .context("inbound_registration needs sms_service_number: the number users text")?;
+            let service_number = tidings_proto::number::E164::parse(&number)
+                .map_err(|e| anyhow::anyhow!("sms_service_number: {e}"))?;
+            let seconds = self
+                .inbound_code_seconds
+                .or(file.inbound_code_seconds)
+                .unwrap_or(600);
+            if seconds == 0 {
+                anyhow::bail!("inbound_code_seconds must be at least 1");
+            }
+            Some(InboundRegistration {
+                service_number,
+                code_ttl: seconds.saturating_mul(1000),
+            })
+        } else {
+            None
+        };
         let heartbeat_seconds = self
             .heartbeat_seconds
             .or(file.heartbeat_seconds)
@@ -466,6 +517,7 @@ impl ServerArgs {
                 .clone()
                 .or(file.sms_from)
                 .unwrap_or_else(|| "Tidings".into()),
+            inbound,
             heartbeat_seconds,
             max_connections: self
                 .max_connections
