@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::gateways::{ModemSim, Smsc};
 use crate::operations::get;
+use crate::registration::post;
 use crate::support::{eventually, free_port, number, patience, Kannel, Server, User};
 
 /// The number users text, as the server is configured with it.
@@ -35,18 +36,11 @@ fn inbound_args() -> Vec<String> {
     .to_vec()
 }
 
-fn start(args: &[String]) -> Server {
+/// A server with `args` and registration by own SMS on.
+fn start_with_inbound(mut args: Vec<String>) -> Server {
+    args.extend(inbound_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start(&args)
-}
-
-/// Posts JSON to the server with the client library's HTTP path, returning status and body.
-fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let endpoint =
-        tidings_client::net::Endpoint::parse(&server.url, Default::default()).expect("endpoint");
-    let (status, body) =
-        crate::support::block_on(endpoint.post_json(path, &body)).expect("request");
-    (status.as_u16(), body)
 }
 
 /// Declares `number`: the answer's code and text.
@@ -235,12 +229,11 @@ fn own_sms_through_kannel() {
         "http://127.0.0.1:{metrics_port}/v1/sms/inbound?from=%p&to=%P&text=%a"
     )));
     let mut args = kannel.borrow().server_args();
-    args.extend(inbound_args());
     args.extend([
         "--metrics-listen".into(),
         format!("127.0.0.1:{metrics_port}"),
     ]);
-    let server = start(&args);
+    let server = start_with_inbound(args);
     own_sms_scenario(
         &server,
         metrics_port,
@@ -253,7 +246,7 @@ fn own_sms_through_kannel() {
 fn own_sms_through_smpp() {
     let smsc = RefCell::new(Smsc::start(&[]));
     let address = smsc.borrow().address.clone();
-    let mut args: Vec<String> = [
+    let args: Vec<String> = [
         "--sms-gateway",
         "smpp",
         "--smpp-address",
@@ -265,8 +258,7 @@ fn own_sms_through_smpp() {
     ]
     .map(String::from)
     .to_vec();
-    args.extend(inbound_args());
-    let server = start(&args);
+    let server = start_with_inbound(args);
     own_sms_scenario(
         &server,
         server.metrics_port,
@@ -279,11 +271,10 @@ fn own_sms_through_smpp() {
 fn own_sms_through_a_modem() {
     let modem = RefCell::new(ModemSim::start(&[]));
     let port = modem.borrow().port.clone();
-    let mut args: Vec<String> = ["--sms-gateway", "modem", "--modem-port", &port]
+    let args: Vec<String> = ["--sms-gateway", "modem", "--modem-port", &port]
         .map(String::from)
         .to_vec();
-    args.extend(inbound_args());
-    let server = start(&args);
+    let server = start_with_inbound(args);
     own_sms_scenario(
         &server,
         server.metrics_port,
@@ -299,7 +290,7 @@ fn query_value(text: &str) -> String {
 
 #[test]
 fn kannel_inbound_is_refused_on_the_public_port() {
-    let server = start(&inbound_args());
+    let server = start_with_inbound(Vec::new());
     let n = number();
     let (code, text) = declare(&server, &n);
     let path = format!(

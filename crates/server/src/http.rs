@@ -71,6 +71,19 @@ fn api_error_with(status: StatusCode, body: ApiError) -> Response {
     response
 }
 
+/// A 401 `wrong_code` with the attempts left for the code.
+fn wrong_code(message: &str, attempts_left: u32) -> Response {
+    api_error_with(
+        StatusCode::UNAUTHORIZED,
+        ApiError {
+            error: "wrong_code".into(),
+            message: message.into(),
+            retry_after: None,
+            attempts_left: Some(attempts_left),
+        },
+    )
+}
+
 fn rate_limited(wait_ms: u64, message: &str) -> Response {
     retry_later("rate_limited", wait_ms, message)
 }
@@ -483,14 +496,9 @@ async fn verify<S: Store>(
     match attempt {
         Attempt::Accepted => {}
         Attempt::Wrong { attempts_left } => {
-            return Err(api_error_with(
-                StatusCode::UNAUTHORIZED,
-                ApiError {
-                    error: "wrong_code".into(),
-                    message: "that code is not right: check the SMS and try again".into(),
-                    retry_after: None,
-                    attempts_left: Some(attempts_left),
-                },
+            return Err(wrong_code(
+                "that code is not right: check the SMS and try again",
+                attempts_left,
             ))
         }
         Attempt::NoCode => {
@@ -751,14 +759,9 @@ async fn complete_inbound<S: Store>(
             "not_received",
             "the SMS has not reached the server yet: send the text from the declared number to the service number, then ask again",
         )),
-        Completion::Wrong { attempts_left } => Err(api_error_with(
-            StatusCode::UNAUTHORIZED,
-            ApiError {
-                error: "wrong_code".into(),
-                message: "that is not the code of this number's registration".into(),
-                retry_after: None,
-                attempts_left: Some(attempts_left),
-            },
+        Completion::Wrong { attempts_left } => Err(wrong_code(
+            "that is not the code of this number's registration",
+            attempts_left,
         )),
         Completion::NoDeclaration => Err(api_error(
             StatusCode::GONE,
