@@ -242,6 +242,16 @@ fn listed(lines: &[String]) -> Vec<(u32, Option<Received>)> {
     out
 }
 
+/// The received messages an `AT+CMGL` answer's lines list, as (index, sender, text); for the
+/// fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn listed_in(lines: &[String]) -> Vec<(u32, Option<(String, String)>)> {
+    listed(lines)
+        .into_iter()
+        .map(|(index, sms)| (index, sms.map(|sms| (sms.from, sms.text))))
+        .collect()
+}
+
 /// Reads and deletes the SMS the modem has stored (see the module comment).
 pub async fn receive(config: ModemConfig) -> Result<Vec<Received>, SendError> {
     tokio::task::spawn_blocking(move || {

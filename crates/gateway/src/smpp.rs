@@ -399,7 +399,11 @@ pub(crate) fn commands_in(bytes: &[u8]) -> Vec<(Command, Option<(String, Receipt
     let mut commands = Vec::new();
     while let Ok(Some(command)) = codec.decode(&mut buffer) {
         let receipt = match command.pdu() {
-            Some(Pdu::DeliverSm(deliver)) => parse_receipt(deliver),
+            Some(Pdu::DeliverSm(deliver)) => {
+                // An SMS from a phone is read as the session reads it, too.
+                let _ = parse_received(deliver);
+                parse_receipt(deliver)
+            }
             _ => None,
         };
         commands.push((command, receipt));
