@@ -477,6 +477,13 @@ impl ServerArgs {
             if seconds == 0 {
                 anyhow::bail!("inbound_code_seconds must be at least 1");
             }
+            if let tidings_gateway::TransportConfig::Smpp(smpp) = &gateway {
+                if smpp.bind == tidings_gateway::smpp::BindMode::Transmitter {
+                    anyhow::bail!(
+                        "inbound_registration over SMPP needs smpp_bind = transceiver: a transmitter bind receives no SMS"
+                    );
+                }
+            }
             Some(InboundRegistration {
                 service_number,
                 code_ttl: seconds.saturating_mul(1000),
@@ -703,5 +710,81 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings resolved from `settings` alone (an empty config file), or the error's text.
+    fn resolve(settings: impl FnOnce(&mut ServerArgs)) -> Result<ServerConfig, String> {
+        let file = std::env::temp_dir().join(format!(
+            "tidings-config-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&file, "").expect("config file");
+        let mut args = ServerArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        settings(&mut args);
+        let resolved = args.resolve().map_err(|e| format!("{e:#}"));
+        let _ = std::fs::remove_file(&file);
+        resolved
+    }
+
+    #[test]
+    fn registration_by_own_sms_needs_a_service_number_and_a_receiving_gateway() {
+        let off = resolve(|_| {}).expect("the defaults");
+        assert_eq!(off.inbound, None);
+        let on = resolve(|args| {
+            args.inbound_registration = Some(true);
+            args.sms_service_number = Some("+49 151 99990000".into());
+            args.inbound_code_seconds = Some(30);
+        })
+        .expect("on");
+        let inbound = on.inbound.expect("offered");
+        assert_eq!(inbound.service_number.as_str(), "+4915199990000");
+        assert_eq!(inbound.code_ttl, 30_000);
+
+        let refused: &[(&dyn Fn(&mut ServerArgs), &str)] = &[
+            (
+                &|args| args.inbound_registration = Some(true),
+                "needs sms_service_number",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("12".into());
+                },
+                "sms_service_number",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("+4915199990000".into());
+                    args.inbound_code_seconds = Some(0);
+                },
+                "at least 1",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("+4915199990000".into());
+                    args.sms_gateway = Some("smpp".into());
+                    args.smpp_address = Some("127.0.0.1:2775".into());
+                    args.smpp_system_id = Some("tidings".into());
+                    args.smpp_password = Some("secret".into());
+                    args.smpp_bind = Some("transmitter".into());
+                },
+                "transceiver",
+            ),
+        ];
+        for (settings, expected) in refused {
+            let error = resolve(|args| settings(args)).expect_err(expected);
+            assert!(error.contains(expected), "{error}");
+        }
     }
 }
