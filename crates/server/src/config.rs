@@ -717,6 +717,9 @@ impl ServerConfig {
 mod tests {
     use super::*;
 
+    /// A change to the settings, as a case of a table.
+    type Settings<'a> = &'a dyn Fn(&mut ServerArgs);
+
     /// The settings resolved from `settings` alone (an empty config file), or the error's text.
     fn resolve(settings: impl FnOnce(&mut ServerArgs)) -> Result<ServerConfig, String> {
         let file = std::env::temp_dir().join(format!(
@@ -749,7 +752,7 @@ mod tests {
         assert_eq!(inbound.service_number.as_str(), "+4915199990000");
         assert_eq!(inbound.code_ttl, 30_000);
 
-        let refused: &[(&dyn Fn(&mut ServerArgs), &str)] = &[
+        let refused: &[(Settings, &str)] = &[
             (
                 &|args| args.inbound_registration = Some(true),
                 "needs sms_service_number",
