@@ -27,6 +27,7 @@ pub const EXIT_PENDING: u8 = 5;
         Start a server:        tidings server\n\
         Opt in:                tidings register +4915112345678 --server http://127.0.0.1:7433\n\
                                tidings verify 123456\n\
+        Or by your own SMS:    tidings register +4915112345678 --server URL --by-own-sms\n\
         Who can I reach?       tidings lookup +4915187654321\n\
         Send and receive:      tidings send +4915187654321 'Hello'   /   tidings listen\n\
         Check who it is:       tidings fingerprint +4915187654321\n\
@@ -67,7 +68,8 @@ pub enum Mode {
 pub enum Command {
     /// Run the server (embedded storage; see docs/CONFIGURATION.md)
     Server(Box<ServerArgs>),
-    /// Opt in: save the server in this profile and have a code sent to your number by SMS
+    /// Opt in: save the server in this profile and have a code sent to your number by SMS (or,
+    /// with --by-own-sms, text one from your phone)
     Register(RegisterArgs),
     /// Finish opting in with the 6-digit code from the SMS
     Verify {
@@ -130,6 +132,10 @@ pub struct RegisterArgs {
     /// The server's URL, such as https://tidings.example:7433
     #[arg(long, env = "TIDINGS_SERVER")]
     pub server: String,
+    /// Prove the number with an SMS you send (shown here) instead of a code the server sends;
+    /// waits until the server has it, then finishes like `verify`
+    #[arg(long)]
+    pub by_own_sms: bool,
     #[command(flatten)]
     pub trust: TrustArgs,
 }

@@ -93,8 +93,12 @@ pub async fn register(context: &Context, args: RegisterArgs) -> anyhow::Result<E
     let RegisterArgs {
         number,
         server,
+        by_own_sms,
         trust,
     } = args;
+    if by_own_sms {
+        return register_own_sms(context, &number, &server, trust.into_trust()).await;
+    }
     let number = client::register(&context.profile, &number, &server, trust.into_trust()).await?;
     if context.json {
         print_json(json!({ "status": "code_sent", "number": number.as_str() }));
@@ -107,13 +111,44 @@ pub async fn register(context: &Context, args: RegisterArgs) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tidings verify`: finish opting in with the code.
-pub async fn verify(context: &Context, code: &str) -> anyhow::Result<ExitCode> {
-    // Not registered: say so before asking for anything (and touch nothing).
-    if context.profile.load()?.is_none() {
-        return Err(ClientError::NotRegistered.into());
+/// `tidings register --by-own-sms`: shows what to text and where, waits for the server to have
+/// the SMS, then finishes like `verify`.
+async fn register_own_sms(
+    context: &Context,
+    number: &str,
+    server: &str,
+    trust: tidings_client::profile::Trust,
+) -> anyhow::Result<ExitCode> {
+    // Asked first, so that a missing passphrase costs no declaration.
+    let passphrase = context.passphrase()?;
+    let own = client::register_own_sms(&context.profile, number, server, trust).await?;
+    if context.json {
+        print_json(json!({
+            "status": "text_to_send",
+            "number": own.number.as_str(),
+            "service_number": own.service_number,
+            "text": own.text,
+            "expires_in": own.expires_in,
+        }));
+    } else {
+        println!(
+            "Send this SMS from {} to {} within {} minutes:",
+            own.number.as_str(),
+            own.service_number,
+            own.expires_in.div_ceil(60)
+        );
+        println!("{}", own.text);
+        println!("Waiting for it to arrive...");
     }
-    let replaced = client::verify(&context.profile, code, &context.passphrase()?).await?;
+    flush();
+    let wait = Duration::from_secs(own.expires_in);
+    let replaced = client::verify_own_sms(&context.profile, &own.code, &passphrase, wait).await?;
+    print_registered(context, replaced)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Says that this device is registered, and how many devices it replaced.
+fn print_registered(context: &Context, replaced: u32) -> anyhow::Result<()> {
     let client = context.client()?;
     if context.json {
         print_json(
@@ -125,6 +160,17 @@ pub async fn verify(context: &Context, code: &str) -> anyhow::Result<ExitCode> {
             println!("{replaced} earlier device(s) of this number were signed out.");
         }
     }
+    Ok(())
+}
+
+/// `tidings verify`: finish opting in with the code.
+pub async fn verify(context: &Context, code: &str) -> anyhow::Result<ExitCode> {
+    // Not registered: say so before asking for anything (and touch nothing).
+    if context.profile.load()?.is_none() {
+        return Err(ClientError::NotRegistered.into());
+    }
+    let replaced = client::verify(&context.profile, code, &context.passphrase()?).await?;
+    print_registered(context, replaced)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,7 +5,7 @@
 //! packages; `scripts/test.sh` installs them. Without them these tests fail, never skip.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -53,14 +53,14 @@ fn read_records(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 /// The test SMSC.
-struct Smsc {
+pub(crate) struct Smsc {
     child: Child,
     dir: TempDir,
-    address: String,
+    pub(crate) address: String,
 }
 
 impl Smsc {
-    fn start(knobs: &[&str]) -> Self {
+    pub(crate) fn start(knobs: &[&str]) -> Self {
         let dir = TempDir::new("smsc");
         let port = free_port();
         let mut child = Command::new(python())
@@ -69,6 +69,7 @@ impl Smsc {
             .arg(dir.path().join("submits.jsonl"))
             .args(["--system-id", SYSTEM_ID, "--password", PASSWORD])
             .args(knobs)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::File::create(dir.path().join("smsc.log")).expect("SMSC log"),
@@ -88,8 +89,15 @@ impl Smsc {
         std::fs::read_to_string(self.dir.path().join("smsc.log")).unwrap_or_default()
     }
 
+    /// An SMS from a phone to the account, delivered with deliver_sm once a transceiver binds.
+    pub(crate) fn inject(&mut self, from: &str, to: &str, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("the SMSC's stdin");
+        writeln!(stdin, "{from} {to} {text}").expect("write to the SMSC");
+        stdin.flush().expect("flush to the SMSC");
+    }
+
     /// Every submit_sm the SMSC accepted.
-    fn submits(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn submits(&self) -> Vec<serde_json::Value> {
         read_records(&self.dir.path().join("submits.jsonl"))
     }
 
@@ -385,20 +393,21 @@ fn smpp_wrong_password_is_a_clear_refusal() {
 }
 
 /// The simulated modem.
-struct ModemSim {
+pub(crate) struct ModemSim {
     child: Child,
     dir: TempDir,
-    port: String,
+    pub(crate) port: String,
 }
 
 impl ModemSim {
-    fn start(knobs: &[&str]) -> Self {
+    pub(crate) fn start(knobs: &[&str]) -> Self {
         let dir = TempDir::new("modem");
         let mut child = Command::new(python())
             .arg(script("modem_sim.py"))
             .arg("--record")
             .arg(dir.path().join("pdus.jsonl"))
             .args(knobs)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -407,7 +416,14 @@ impl ModemSim {
         Self { child, dir, port }
     }
 
-    fn pdus(&self) -> Vec<serde_json::Value> {
+    /// An SMS from a phone, stored in the modem until it is listed and deleted.
+    pub(crate) fn inject(&mut self, from: &str, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("the modem's stdin");
+        writeln!(stdin, "{from} {text}").expect("write to the modem");
+        stdin.flush().expect("flush to the modem");
+    }
+
+    pub(crate) fn pdus(&self) -> Vec<serde_json::Value> {
         read_records(&self.dir.path().join("pdus.jsonl"))
     }
 

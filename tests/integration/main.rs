@@ -16,6 +16,7 @@ mod limits;
 mod linking;
 mod messaging;
 mod operations;
+mod own_sms;
 mod privacy;
 mod queues;
 mod registration;

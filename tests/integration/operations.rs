@@ -289,6 +289,8 @@ fn openapi_document_matches_the_routes() {
     let expected: BTreeSet<(String, String)> = [
         ("POST", "/v1/registration/code"),
         ("POST", "/v1/registration/verify"),
+        ("POST", "/v1/registration/inbound"),
+        ("POST", "/v1/registration/inbound/complete"),
         ("POST", "/v1/registration/link"),
         ("GET", "/v1/connect"),
         ("GET", "/v1/health"),

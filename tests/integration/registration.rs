@@ -7,7 +7,11 @@ use crate::support::{
 };
 
 /// Posts JSON to the server with the client library's HTTP path, returning status and body.
-fn post(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+pub(crate) fn post(
+    server: &Server,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
     let endpoint =
         tidings_client::net::Endpoint::parse(&server.url, Default::default()).expect("endpoint");
     let (status, body) =

@@ -549,6 +549,7 @@ pub fn wait_output(child: &mut Child, limit: Duration) -> String {
 pub struct Kannel {
     pub dir: TempDir,
     pub sendsms_url: String,
+    smsc_port: u16,
     bearerbox: Option<Child>,
     smsbox: Option<Child>,
     fakesmsc: Option<Child>,
@@ -593,8 +594,21 @@ fn url_decode(text: &str) -> Vec<u8> {
 pub const KANNEL_USER: &str = "tidings";
 pub const KANNEL_PASSWORD: &str = "kannel-test-pw";
 
+/// Kannel's default service: a reply, which no test asks for.
+const NO_SERVICE: &str = "text = \"No service\"";
+
 impl Kannel {
     pub fn start() -> Self {
+        Self::start_with_service(NO_SERVICE)
+    }
+
+    /// A Kannel whose SMS from phones (fakesmsc's MO) are passed to `get_url` (Kannel's escapes
+    /// such as `%p` for the sender), with no reply SMS.
+    pub fn start_with_inbound(get_url: &str) -> Self {
+        Self::start_with_service(&format!("get-url = \"{get_url}\"\nmax-messages = 0"))
+    }
+
+    fn start_with_service(service: &str) -> Self {
         let dir = TempDir::new("kannel");
         let (admin, smsbox_port, smsc, sendsms) =
             (free_port(), free_port(), free_port(), free_port());
@@ -607,12 +621,13 @@ impl Kannel {
              group = smsbox\nbearerbox-host = 127.0.0.1\nbearerbox-port = {smsbox_port}\n\
              sendsms-port = {sendsms}\nsendsms-interface = 127.0.0.1\nlog-file = {dir}/smsbox.log\nlog-level = 1\n\n\
              group = sendsms-user\nusername = {KANNEL_USER}\npassword = {KANNEL_PASSWORD}\nmax-messages = 10\nconcatenation = true\n\n\
-             group = sms-service\nkeyword = default\ntext = \"No service\"\ncatch-all = true\n",
+             group = sms-service\nkeyword = default\n{service}\ncatch-all = true\n",
             dir = dir.path().display()
         );
         std::fs::write(&config, text).expect("kannel config");
         let mut kannel = Self {
             sendsms_url: format!("http://127.0.0.1:{sendsms}"),
+            smsc_port: smsc,
             dir,
             bearerbox: None,
             smsbox: None,
@@ -703,9 +718,48 @@ impl Kannel {
         ]
     }
 
-    /// Every SMS part fakesmsc has received so far.
+    /// An SMS from a phone. Kannel's fake SMSC serves one client at a time, so the running
+    /// fakesmsc is stopped and a new one sends the SMS and stays connected in its place; what
+    /// Kannel hands any of them is read by [`Kannel::parts`].
+    pub fn inject(&mut self, from: &str, to: &str, text: &str) {
+        if let Some(mut running) = self.fakesmsc.take() {
+            let _ = running.kill();
+            let _ = running.wait();
+        }
+        static INJECTED: AtomicU32 = AtomicU32::new(0);
+        let n = INJECTED.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("fakesmsc-mo-{n}.out"));
+        let log = std::fs::File::create(&path).expect("fakesmsc log");
+        let port = self.smsc_port.to_string();
+        let child = Command::new("/usr/lib/kannel/test/fakesmsc")
+            .args(["-H", "127.0.0.1", "-r", &port, "-m", "1"])
+            .arg(format!("{from} {to} text {text}"))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("fakesmsc (Debian package kannel-extras)");
+        let sent = eventually(patience(), || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains("sent message 1")
+        });
+        self.fakesmsc = Some(child);
+        assert!(sent, "fakesmsc did not send the SMS: {}", self.log());
+    }
+
+    /// Every SMS part fakesmsc has received so far (on any of its connections).
     pub fn parts(&self) -> Vec<SmsPart> {
-        let log = std::fs::read_to_string(self.dir.path().join("fakesmsc.out")).unwrap_or_default();
+        let mut log = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).expect("kannel dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with("fakesmsc") {
+                log.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
         log.lines()
             .filter_map(|line| {
                 let body = line

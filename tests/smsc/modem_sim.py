@@ -1,8 +1,11 @@
 """A simulated GSM modem on a pseudo-terminal, for the modem transport's tests.
 
 Opens a PTY, prints its device path, and answers AT commands on it like a modem in PDU mode:
-AT, ATE0/ATE1, AT+CMGF=0, AT+CMGS=<length> (prompt "> ", PDU hex, Ctrl-Z). Every PDU it takes
-is appended to a JSON-lines record, with the text as python-gsmmodem-new's decoder reads it.
+AT, ATE0/ATE1, AT+CMGF=0, AT+CMGS=<length> (prompt "> ", PDU hex, Ctrl-Z), and for received
+messages AT+CMGL=4 (list all, PDU mode) and AT+CMGD=<index> (delete). Every PDU it takes is
+appended to a JSON-lines record, with the text as python-gsmmodem-new's decoder reads it.
+A line "<from> <text>" on stdin is a message a phone sent to the modem: it is stored as an
+SMS-DELIVER PDU (GSM 7-bit, encoded with python-gsmmodem-new) until it is listed and deleted.
 Knobs the test controls:
   --cms-error K:CODE  answer the K-th PDU with "+CMS ERROR: CODE" (not sent, not recorded)
   --silent-from K     take the K-th PDU and later ones (recorded) but never answer them
@@ -12,10 +15,22 @@ Knobs the test controls:
 import argparse
 import json
 import os
+import select
 import sys
 import tty
 
-from gsmmodem.pdu import decodeSmsPdu
+from gsmmodem.pdu import decodeSmsPdu, encodeGsm7, packSeptets
+
+
+def deliver_pdu(sender, text):
+    """An SMS-DELIVER PDU (no SMSC part) from `sender` with a GSM 7-bit `text`."""
+    digits = sender.lstrip("+")
+    toa = 0x91 if sender.startswith("+") else 0x81
+    padded = digits + ("F" if len(digits) % 2 else "")
+    swapped = "".join(padded[i + 1] + padded[i] for i in range(0, len(padded), 2))
+    septets = encodeGsm7(text)
+    return ("00" + "04" + f"{len(digits):02X}{toa:02X}" + swapped + "00" + "00"
+            + "62120621000000" + f"{len(septets):02X}" + packSeptets(septets).hex().upper())
 
 
 def main():
@@ -26,6 +41,10 @@ def main():
     parser.add_argument("--no-pdu-mode", action="store_true")
     args = parser.parse_args()
     errors = {int(k): int(v) for k, v in (item.split(":") for item in args.cms_error)}
+
+    stored = {}
+    next_index = 1
+    stdin_open = True
 
     master, slave = os.openpty()
     tty.setraw(slave)
@@ -41,6 +60,16 @@ def main():
         os.write(master, text.encode("ascii"))
 
     while True:
+        readable, _, _ = select.select([master] + ([sys.stdin] if stdin_open else []), [], [])
+        if sys.stdin in readable:
+            line = sys.stdin.readline()
+            if not line:
+                stdin_open = False
+            elif line.strip():
+                sender, _, text = line.rstrip("\n").partition(" ")
+                stored[next_index] = deliver_pdu(sender, text)
+                next_index += 1
+            continue
         try:
             data = os.read(master, 1024)
         except OSError:
@@ -102,6 +131,13 @@ def main():
                 send("\r\nOK\r\n")
             elif upper == "AT+CMGF=0":
                 send("\r\nERROR\r\n" if args.no_pdu_mode else "\r\nOK\r\n")
+            elif upper == "AT+CMGL=4":
+                for index, pdu in sorted(stored.items()):
+                    send(f"\r\n+CMGL: {index},0,,{len(pdu) // 2 - 1}\r\n{pdu}")
+                send("\r\n\r\nOK\r\n")
+            elif upper.startswith("AT+CMGD="):
+                stored.pop(int(upper.split("=", 1)[1]), None)
+                send("\r\nOK\r\n")
             elif upper.startswith("AT+CMGS="):
                 pending_length = int(upper.split("=", 1)[1])
                 send("\r\n> ")

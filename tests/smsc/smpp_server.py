@@ -7,6 +7,9 @@ file. Knobs the test controls:
   --drop-after N    close the connection right after answering the N-th accepted submit_sm (once)
   --drop-on N       record the N-th submit_sm, then close without answering it (once)
   --receipts STAT   on a transceiver bind, send a delivery receipt (deliver_sm) with this stat
+A line "<from> <to> <text>" on stdin is an SMS a phone sent to the account: it goes out as a
+deliver_sm on the first transceiver bind (kept until one binds) and is appended to
+<record>.delivered once the ESME answered it with deliver_sm_resp.
 Prints "listening" once the port is open.
 """
 
@@ -49,6 +52,18 @@ class State:
         self.dropped_after = False
         self.dropped_on = False
         self.message_id = 0
+        self.transceivers = []
+        self.pending = []
+
+    def deliver(self, line):
+        sender, _, rest = line.partition(" ")
+        to, _, text = rest.partition(" ")
+        self.pending.append((sender, to, text))
+        self.flush()
+
+    def flush(self):
+        while self.pending and self.transceivers:
+            self.transceivers[0].mobile_originated(*self.pending.pop(0))
 
 
 class Smsc(Application):
@@ -90,6 +105,8 @@ class Protocol(SmppProtocol):
             self.buffer = self.buffer[length:]
 
     def connection_lost(self, exc):
+        if self in self.state.transceivers:
+            self.state.transceivers.remove(self)
         self.queue.put_nowait(None)
         super().connection_lost(exc)
 
@@ -104,6 +121,10 @@ class Protocol(SmppProtocol):
                     self.submit(pdu)
                 elif pdu.command_id in (CommandId.bind_transmitter, CommandId.bind_transceiver):
                     await self.bind(pdu, raw)
+                elif pdu.command_id == CommandId.deliver_sm_resp:
+                    with open(self.state.args.record + ".delivered", "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"sequence_number": pdu.sequence_number,
+                                            "status": str(pdu.status)}) + "\n")
                 else:
                     await self.handle_data_received(raw)
             except Exception:
@@ -118,6 +139,8 @@ class Protocol(SmppProtocol):
         if ok and transceiver:
             self.transceiver = True
             await self.handle_data_received(raw)
+            self.state.transceivers.append(self)
+            self.state.flush()
             return
         self.is_bound = ok
         response = BindTransceiverResp if transceiver else BindTransmitterResp
@@ -185,6 +208,22 @@ class Protocol(SmppProtocol):
         with open(self.state.args.record, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def mobile_originated(self, sender, to, text):
+        self._send_PDU(DeliverSM(
+            sequence_number=self.next_sequence_number(),
+            source_addr_ton=AddrTon.INTERNATIONAL,
+            source_addr_npi=AddrNpi.ISDN,
+            source_addr=sender.lstrip("+"),
+            dest_addr_ton=AddrTon.INTERNATIONAL,
+            dest_addr_npi=AddrNpi.ISDN,
+            destination_addr=to.lstrip("+"),
+            esm_class=EsmClass(EsmClassMode.DEFAULT, EsmClassType.DEFAULT),
+            registered_delivery=RegisteredDelivery(
+                RegisteredDeliveryReceipt.NO_SMSC_DELIVERY_RECEIPT_REQUESTED),
+            data_coding=DataCoding(scheme_data=DataCodingDefault.SMSC_DEFAULT_ALPHABET),
+            short_message=text.encode("ascii"),
+        ))
+
     def receipt(self, pdu, message_id):
         stat = self.state.args.receipts
         text = (f"id:{message_id} sub:001 dlvrd:001 submit date:2611250000 "
@@ -222,6 +261,14 @@ def main():
     asyncio.set_event_loop(loop)
     server = loop.run_until_complete(
         loop.create_server(lambda: Protocol(app, state), host="127.0.0.1", port=args.port))
+    def on_stdin():
+        line = sys.stdin.readline()
+        if not line:
+            loop.remove_reader(sys.stdin.fileno())
+        elif line.strip():
+            state.deliver(line.rstrip("\n"))
+
+    loop.add_reader(sys.stdin.fileno(), on_stdin)
     print("listening", flush=True)
     try:
         loop.run_forever()

@@ -21,7 +21,10 @@ use crate::{contacts, incoming, outgoing, registration, route, Result};
 pub use crate::contacts::Fingerprint;
 pub use crate::incoming::Event;
 pub use crate::outgoing::SendReport;
-pub use crate::registration::{link, register, verify, Approved, DeviceInfo, Joined, LinkOffer};
+pub use crate::registration::{
+    link, register, register_own_sms, verify, verify_own_sms, Approved, DeviceInfo, Joined,
+    LinkOffer, OwnSms,
+};
 
 /// A registered profile, ready to talk to its server.
 #[derive(Debug)]

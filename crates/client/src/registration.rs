@@ -1,4 +1,5 @@
-//! Joining and leaving: registering a number (code by SMS), linking another device to it,
+//! Joining and leaving: registering a number (a code the server sends by SMS, or the user's own
+//! SMS to the service number), linking another device to it,
 //! listing and removing this number's devices, and opting out.
 //!
 //! [`register`] is the first time a profile touches the network: it runs only because its user
@@ -55,6 +56,77 @@ fn refusal(body: &serde_json::Value, message: String) -> ClientError {
 /// Step one of opting in: stores the number and server in the profile and asks the server to
 /// send a code by SMS (the device key is made at [`verify`], sealed under the passphrase). This is the first time the profile touches the network.
 pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trust) -> Result<E164> {
+    let (number, endpoint) = save_registration(profile, number, server, trust)?;
+    let (status, body) = endpoint
+        .post_json(
+            "/v1/registration/code",
+            &serde_json::json!({ "number": number.as_str() }),
+        )
+        .await?;
+    if status != hyper::StatusCode::ACCEPTED {
+        return Err(refusal(&body, api_message(&body)));
+    }
+    Ok(number)
+}
+
+/// What the user's phone must text to register by its own SMS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnSms {
+    pub number: E164,
+    /// The code to send back (and sign) when completing.
+    pub code: String,
+    /// The number to text.
+    pub service_number: String,
+    /// The exact text to send.
+    pub text: String,
+    /// Seconds the code stays valid.
+    pub expires_in: u64,
+}
+
+/// Step one of opting in by the user's own SMS: stores the number and server in the profile and
+/// declares the number; the server sends nothing. The user then texts [`OwnSms::text`] from the
+/// number to [`OwnSms::service_number`], and [`verify_own_sms`] completes.
+pub async fn register_own_sms(
+    profile: &Profile,
+    number: &str,
+    server: &str,
+    trust: Trust,
+) -> Result<OwnSms> {
+    let (number, endpoint) = save_registration(profile, number, server, trust)?;
+    let (status, body) = endpoint
+        .post_json(
+            "/v1/registration/inbound",
+            &serde_json::json!({ "number": number.as_str() }),
+        )
+        .await?;
+    if status != hyper::StatusCode::CREATED {
+        return Err(refusal(&body, api_message(&body)));
+    }
+    let field = |name: &str| {
+        body.get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Protocol(format!("the declaration's answer has no {name}")))
+    };
+    Ok(OwnSms {
+        code: field("code")?,
+        service_number: field("service_number")?,
+        text: field("text")?,
+        expires_in: body
+            .get("expires_in")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        number,
+    })
+}
+
+/// Saves the number and server in the profile before the first request to the server.
+fn save_registration(
+    profile: &Profile,
+    number: &str,
+    server: &str,
+    trust: Trust,
+) -> Result<(E164, Endpoint)> {
     let number = E164::parse(number)?;
     let endpoint = Endpoint::parse(server, trust.clone())?;
     let existing = profile.load()?;
@@ -76,41 +148,77 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         device_id: None,
         routing: existing_routing,
     })?;
-    let (status, body) = endpoint
-        .post_json(
-            "/v1/registration/code",
-            &serde_json::json!({ "number": number.as_str() }),
-        )
-        .await?;
-    if status != hyper::StatusCode::ACCEPTED {
-        return Err(refusal(&body, api_message(&body)));
-    }
-    Ok(number)
+    Ok((number, endpoint))
 }
+
+/// How a registration proves its number.
+enum Proof {
+    /// The code the server sent by SMS.
+    Code,
+    /// The user's own SMS: the server is asked until it has seen it, or until the deadline.
+    OwnSms { until: Instant },
+}
+
+/// Seconds one completion request asks the server to wait for the SMS.
+const OWN_SMS_WAIT_SECONDS: u64 = 20;
 
 /// Step two: proves the code and binds the device key, then makes this device's encryption keys
 /// (sealed under `passphrase`) and publishes them. Returns how many earlier devices of the
 /// number were signed out.
 pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> Result<u32> {
+    bind_device(profile, code.trim(), passphrase, Proof::Code).await
+}
+
+/// Step two of opting in by own SMS: waits (up to `wait`) for the server to see the SMS from the
+/// number, then binds the device key and makes and publishes this device's keys like [`verify`].
+pub async fn verify_own_sms(
+    profile: &Profile,
+    code: &str,
+    passphrase: &Passphrase,
+    wait: Duration,
+) -> Result<u32> {
+    let until = Instant::now() + wait;
+    bind_device(profile, code.trim(), passphrase, Proof::OwnSms { until }).await
+}
+
+/// Proves the number, binds the device key and makes this device's keys.
+async fn bind_device(
+    profile: &Profile,
+    code: &str,
+    passphrase: &Passphrase,
+    proof: Proof,
+) -> Result<u32> {
     let mut data = profile.load()?.ok_or(ClientError::NotRegistered)?;
     // Unlocked before the code is spent, so a wrong passphrase costs no code.
     let mut inbox = Inbox::open(profile.dir(), passphrase)?;
     let key = profile.device_key(inbox.vault())?;
     let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
-    let code = code.trim();
     let public = key.verifying_key().to_bytes();
     let signature = key.sign(&tidings_proto::transcript::register(
         &data.number,
         code,
         &public,
     ));
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "number": data.number,
         "code": code,
         "device_key": tidings_proto::id::to_text(&public),
         "signature": tidings_proto::id::to_text(&signature.to_bytes()),
     });
-    let (status, body) = endpoint.post_json("/v1/registration/verify", &body).await?;
+    let (status, body) = match proof {
+        Proof::Code => endpoint.post_json("/v1/registration/verify", &body).await?,
+        Proof::OwnSms { until } => loop {
+            let left = until.saturating_duration_since(Instant::now()).as_secs();
+            body["wait_seconds"] = left.min(OWN_SMS_WAIT_SECONDS).into();
+            let (status, answer) = endpoint
+                .post_json("/v1/registration/inbound/complete", &body)
+                .await?;
+            let waiting = status == hyper::StatusCode::CONFLICT;
+            if !waiting || left == 0 {
+                break (status, answer);
+            }
+        },
+    };
     if status != hyper::StatusCode::OK {
         let mut message = api_message(&body);
         if let Some(left) = body

@@ -17,3 +17,9 @@ pub fn smpp_commands(bytes: &[u8]) -> Vec<(rusmpp::Command, Option<(String, Rece
 pub fn modem_answers(chunks: &[&[u8]], prompt: bool) -> Vec<String> {
     crate::modem::answers_in(chunks, prompt)
 }
+
+/// The received messages a modem's `AT+CMGL=4` answer lists (its information lines), as
+/// (index, sender, text), decoded as the modem transport decodes them.
+pub fn modem_listing(lines: &[String]) -> Vec<(u32, Option<(String, String)>)> {
+    crate::modem::listed_in(lines)
+}

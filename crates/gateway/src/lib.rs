@@ -7,6 +7,11 @@
 //! - `smpp` submits it over SMPP 3.4 to an SMSC or aggregator ([`smpp`]);
 //! - `modem` sends it through a GSM/LTE modem on a serial port with AT commands ([`modem`]).
 //!
+//! The same transports also receive (mobile-originated SMS, [`Transport::receive`]): the SMPP
+//! session answers the SMSC's `deliver_sm` and keeps what it carried, the modem lists, reads and
+//! deletes its stored messages. Kannel and the outbox receive nothing here (Kannel calls its
+//! owner over HTTP instead).
+//!
 //! Every failure is a [`SendError`] that says whether trying again is safe: a request that may
 //! have reached the gateway is never retried here, so an SMS is not sent twice. The message text
 //! is checked against the part limit with the shared encoder (`tidings-sms`) before anything is
@@ -58,6 +63,27 @@ impl std::fmt::Debug for Sms {
             .finish_non_exhaustive()
     }
 }
+
+/// One SMS received from a phone: the sender as the network gave it, and the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The sender: E.164 with `+` when the network said it is international, else as given.
+    pub from: String,
+    /// The text, decoded.
+    pub text: String,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("chars", &self.text.chars().count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most received SMS a transport holds until they are taken: a flood of them is dropped
+/// rather than held without bound.
+pub const MAX_RECEIVED: usize = 256;
 
 /// Why an SMS was not sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +171,8 @@ pub struct Transport {
     reference: AtomicU64,
     /// The SMPP session, kept between sends (and kept alive) when the transport is SMPP.
     smpp: Option<Arc<smpp::Link>>,
+    /// One user of the modem's port at a time: a send and a read of received messages.
+    modem: tokio::sync::Mutex<()>,
 }
 
 impl Transport {
@@ -164,6 +192,7 @@ impl Transport {
             counter: AtomicU64::new(0),
             reference: AtomicU64::new(seed),
             smpp,
+            modem: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -207,7 +236,27 @@ impl Transport {
                 Some(link) => link.send(sms, parts, reference as u16).await,
                 None => Err(SendError::Rejected("the SMPP link is missing".into())),
             },
-            TransportConfig::Modem(settings) => modem::send(settings.clone(), sms, &options).await,
+            TransportConfig::Modem(settings) => {
+                let _port = self.modem.lock().await;
+                modem::send(settings.clone(), sms, &options).await
+            }
+        }
+    }
+
+    /// The SMS received since the last call (at most [`MAX_RECEIVED`]): what the SMSC delivered
+    /// on the SMPP session (opening it if needed), or what the modem had stored (read and
+    /// deleted from it). Kannel and the outbox receive nothing this way.
+    pub async fn receive(&self) -> Result<Vec<Received>, SendError> {
+        match &self.config {
+            TransportConfig::Smpp(_) => match &self.smpp {
+                Some(link) => link.receive().await,
+                None => Ok(Vec::new()),
+            },
+            TransportConfig::Modem(settings) => {
+                let _port = self.modem.lock().await;
+                modem::receive(settings.clone()).await
+            }
+            TransportConfig::Outbox { .. } | TransportConfig::Kannel { .. } => Ok(Vec::new()),
         }
     }
 

@@ -9,6 +9,10 @@
 //! send again; a part written without a `+CMGS` answer may have left, so it is never resent and
 //! the send ends as [`SendError::Unknown`]. Serial I/O is blocking, so it runs on tokio's
 //! blocking pool.
+//!
+//! [`receive`] reads the SMS the modem has stored: `AT+CMGL=4` lists every message in PDU mode,
+//! each SMS-DELIVER is decoded with `tidings-sms` and deleted with `AT+CMGD`, so it is read once.
+//! Polling this way needs no unsolicited `+CMTI` lines, which a port opened per use would miss.
 
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tidings_sms::{SplitOptions, SubmitOptions};
 
-use crate::{SendError, Sent, Sms};
+use crate::{Received, SendError, Sent, Sms, MAX_RECEIVED};
 
 /// Time allowed for the answer to a plain AT command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -146,6 +150,19 @@ impl Modem {
         }
     }
 
+    /// A command that must answer OK, with the information lines before the OK.
+    fn listing(&mut self, command: &str) -> Result<Vec<String>, SendError> {
+        self.buffer.clear();
+        self.write(format!("{command}\r").as_bytes())
+            .map_err(|e| SendError::Unavailable(format!("cannot write to the modem: {e}")))?;
+        match self.answer(COMMAND_TIMEOUT, false) {
+            Answer::Ok(lines) => Ok(lines),
+            other => Err(SendError::Unavailable(format!(
+                "the modem refused {command}: {other:?}"
+            ))),
+        }
+    }
+
     /// One PDU with `AT+CMGS`.
     fn submit(&mut self, hex: &str, length: usize, timeout: Duration) -> Result<(), Failure> {
         self.buffer.clear();
@@ -191,6 +208,67 @@ impl Modem {
             ))),
         }
     }
+}
+
+/// The stored messages an `AT+CMGL` answer lists: each `+CMGL: <index>,...` line and the PDU
+/// line after it, decoded; an index whose PDU is not a readable SMS-DELIVER comes with `None`
+/// (it is deleted all the same, so that it is not read again and again).
+fn listed(lines: &[String]) -> Vec<(u32, Option<Received>)> {
+    let mut out = Vec::new();
+    let mut lines = lines.iter();
+    while let Some(line) = lines.next() {
+        let Some(fields) = line.strip_prefix("+CMGL:") else {
+            continue;
+        };
+        let Some(index) = fields
+            .split(',')
+            .next()
+            .and_then(|i| i.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let received = lines
+            .next()
+            .and_then(|pdu| tidings_sms::decode_deliver_hex(pdu.trim()).ok())
+            .map(|deliver| Received {
+                from: deliver.originator,
+                text: deliver.text,
+            });
+        out.push((index, received));
+        if out.len() >= MAX_RECEIVED {
+            break;
+        }
+    }
+    out
+}
+
+/// The received messages an `AT+CMGL` answer's lines list, as (index, sender, text); for the
+/// fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn listed_in(lines: &[String]) -> Vec<(u32, Option<(String, String)>)> {
+    listed(lines)
+        .into_iter()
+        .map(|(index, sms)| (index, sms.map(|sms| (sms.from, sms.text))))
+        .collect()
+}
+
+/// Reads and deletes the SMS the modem has stored (see the module comment).
+pub async fn receive(config: ModemConfig) -> Result<Vec<Received>, SendError> {
+    tokio::task::spawn_blocking(move || {
+        let mut modem = Modem::open(&config)?;
+        modem.command("AT", "AT")?;
+        modem.command("ATE0", "ATE0 (echo off)")?;
+        modem.command("AT+CMGF=0", "AT+CMGF=0 (PDU mode)")?;
+        let lines = modem.listing("AT+CMGL=4")?;
+        let mut received = Vec::new();
+        for (index, sms) in listed(&lines) {
+            modem.command(&format!("AT+CMGD={index}"), "AT+CMGD (delete)")?;
+            received.extend(sms);
+        }
+        Ok(received)
+    })
+    .await
+    .map_err(|e| SendError::Unknown(format!("the modem task failed: {e}")))?
 }
 
 /// Takes the modem's final answer off the front of `buffer` (or the `>` prompt, if `prompt`),
@@ -358,6 +436,31 @@ mod tests {
             "{input:?}"
         );
         assert_eq!(String::from_utf8_lossy(&buffer), left, "{input:?}");
+    }
+
+    #[test]
+    fn stored_messages_are_listed_with_their_index() {
+        let lines: Vec<String> = [
+            "+CMGL: 3,0,,24",
+            "07911326040000F0040B911346610089F60000208062917314080CC8F71D14969741F977FD07",
+            "+CMGL: 5,0,,3",
+            "00FF",
+            "+CMGL: x,0,,3",
+            "stray",
+        ]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+        let got = listed(&lines);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, 3);
+        let first = got[0].1.as_ref().expect("the first decodes");
+        assert_eq!(
+            (first.from.as_str(), first.text.as_str()),
+            ("+31641600986", "How are you?")
+        );
+        // An unreadable PDU is listed for deletion, with nothing received.
+        assert_eq!((got[1].0, got[1].1.is_none()), (5, true));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! SMPP 3.4 to an SMSC or an aggregator: bind, `submit_sm`, `enquire_link`, delivery receipts.
+//! SMPP 3.4 to an SMSC or an aggregator: bind, `submit_sm`, `enquire_link`, delivery receipts,
+//! and the SMS phones send to the account (`deliver_sm` that is not a receipt, [`Link::receive`]).
 //!
 //! The PDUs are encoded and decoded by the `rusmpp` crate; this module owns the session: one TCP
 //! connection bound as a transmitter or transceiver, kept between sends and kept alive with
@@ -32,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
-use crate::{SendError, Sent, Sms};
+use crate::{Received, SendError, Sent, Sms, MAX_RECEIVED};
 
 /// Time allowed to connect and bind.
 const BIND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,6 +159,8 @@ struct Session {
     buffer: BytesMut,
     next_sequence: u32,
     last_traffic: Instant,
+    /// SMS from phones, answered and not yet taken by [`Link::receive`].
+    received: Vec<Received>,
 }
 
 /// The outcome of writing one request.
@@ -240,6 +243,12 @@ impl Session {
                         receipts.clear();
                     }
                     receipts.insert(id, receipt);
+                } else if let Some(sms) = parse_received(deliver) {
+                    // Answered either way, so that the SMSC does not send it again; past the
+                    // bound it is dropped.
+                    if self.received.len() < MAX_RECEIVED {
+                        self.received.push(sms);
+                    }
                 }
                 Pdu::DeliverSmResp(Default::default())
             }
@@ -318,6 +327,40 @@ impl Session {
     }
 }
 
+/// Reads an SMS a phone sent to the account: the sender (with `+` when its type of number is
+/// international) and the text (UCS-2 for data coding 8, else the SMSC's default alphabet read
+/// as text), without a user data header.
+fn parse_received(deliver: &rusmpp::pdus::DeliverSm) -> Option<Received> {
+    let source = String::from_utf8_lossy(deliver.source_addr.as_ref())
+        .trim_end_matches('\0')
+        .to_string();
+    if source.is_empty() {
+        return None;
+    }
+    let from = if deliver.source_addr_ton == Ton::International
+        && source.bytes().all(|b| b.is_ascii_digit())
+    {
+        format!("+{source}")
+    } else {
+        source
+    };
+    let mut body: &[u8] = deliver.short_message().as_ref();
+    if u8::from(deliver.esm_class) & tidings_sms::SMPP_ESM_CLASS_UDHI != 0 {
+        let header = usize::from(*body.first()?) + 1;
+        body = body.get(header..)?;
+    }
+    let text = if u8::from(deliver.data_coding) == 8 {
+        let units: Vec<u16> = body
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        String::from_utf16_lossy(&units)
+    } else {
+        String::from_utf8_lossy(body).into_owned()
+    };
+    Some(Received { from, text })
+}
+
 /// Reads a delivery receipt: the `receipted_message_id` and `message_state` TLVs where the SMSC
 /// sends them, otherwise the `id:... stat:...` text of SMPP 3.4 Appendix B.
 fn parse_receipt(deliver: &rusmpp::pdus::DeliverSm) -> Option<(String, Receipt)> {
@@ -356,7 +399,11 @@ pub(crate) fn commands_in(bytes: &[u8]) -> Vec<(Command, Option<(String, Receipt
     let mut commands = Vec::new();
     while let Ok(Some(command)) = codec.decode(&mut buffer) {
         let receipt = match command.pdu() {
-            Some(Pdu::DeliverSm(deliver)) => parse_receipt(deliver),
+            Some(Pdu::DeliverSm(deliver)) => {
+                // An SMS from a phone is read as the session reads it, too.
+                let _ = parse_received(deliver);
+                parse_receipt(deliver)
+            }
             _ => None,
         };
         commands.push((command, receipt));
@@ -443,6 +490,7 @@ impl Link {
             buffer: BytesMut::new(),
             next_sequence: 1,
             last_traffic: Instant::now(),
+            received: Vec::new(),
         };
         let system_id = c_string(&self.config.system_id, "system_id")?;
         let password = c_string(&self.config.password, "password")?;
@@ -556,6 +604,25 @@ impl Link {
                 }
             }
         });
+    }
+
+    /// The SMS phones sent to the account since the last call: binds if there is no session
+    /// (a transceiver bind receives them), answers what the SMSC sent meanwhile and takes them.
+    pub async fn receive(self: &Arc<Self>) -> Result<Vec<Received>, SendError> {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        self.start_keepalive(state);
+        // Taken before `ensure`, which drops a session it finds dead along with what it held.
+        let mut received = state
+            .session
+            .as_mut()
+            .map(|session| std::mem::take(&mut session.received))
+            .unwrap_or_default();
+        self.ensure(state).await?;
+        if let Some(session) = state.session.as_mut() {
+            received.append(&mut session.received);
+        }
+        Ok(received)
     }
 
     /// Sends the parts of one message, reconnecting as needed; see the module comment.

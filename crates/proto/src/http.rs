@@ -44,6 +44,50 @@ pub struct Verified {
     pub replaced_devices: u32,
 }
 
+/// `POST /v1/registration/inbound`: registration by the user's own SMS. The number is declared
+/// here and proven by the SMS its phone sends; the server sends nothing.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct InboundRequest {
+    /// The phone number to register, in E.164 form.
+    #[schema(min_length = 3, max_length = 16, pattern = r"^\+[1-9][0-9]{1,14}$")]
+    pub number: String,
+}
+
+/// Answer to a declaration: what the user's phone must text, and where.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct InboundCode {
+    /// The code, 8 characters of Crockford's base 32; sent back (and signed) to complete.
+    #[schema(pattern = r"^[0-9A-HJKMNP-TV-Z]{8}$")]
+    pub code: String,
+    /// The number to text, in E.164 form.
+    pub service_number: String,
+    /// The exact text to send from the declared number; it says that sending it registers the
+    /// number and signs out its other devices.
+    pub text: String,
+    /// Seconds the code stays valid.
+    pub expires_in: u64,
+}
+
+/// `POST /v1/registration/inbound/complete`: binds the device key once the SMS has arrived.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct InboundCompleteRequest {
+    /// The declared number, in E.164 form.
+    #[schema(min_length = 3, max_length = 16, pattern = r"^\+[1-9][0-9]{1,14}$")]
+    pub number: String,
+    /// The code from the declaration's answer.
+    #[schema(pattern = r"^[0-9A-HJKMNP-TV-Z]{8}$")]
+    pub code: String,
+    /// The device's Ed25519 public key, 32 bytes, base64url.
+    pub device_key: String,
+    /// Ed25519 signature over the register transcript (number, code, device key), 64 bytes,
+    /// base64url.
+    pub signature: String,
+    /// Seconds to wait for the SMS if it has not arrived yet, at most 25 [default: 0].
+    #[serde(default)]
+    #[schema(maximum = 25)]
+    pub wait_seconds: u64,
+}
+
 /// `POST /v1/registration/link`: a new device joins a number with a link code shown on one of
 /// its devices.
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
@@ -107,6 +151,27 @@ impl std::fmt::Debug for CodeRequest {
 impl std::fmt::Debug for LinkRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkRequest").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for InboundRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundRequest").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for InboundCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundCode")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for InboundCompleteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundCompleteRequest")
+            .finish_non_exhaustive()
     }
 }
 

@@ -87,6 +87,17 @@ pub struct ServerArgs {
     /// Sender id on verification SMS [default: Tidings]
     #[arg(long, env = "TIDINGS_SMS_FROM")]
     pub sms_from: Option<String>,
+    /// Offer registration by the user's own SMS (`true` or `false`; needs sms_service_number)
+    /// [default: false]
+    #[arg(long, env = "TIDINGS_INBOUND_REGISTRATION")]
+    pub inbound_registration: Option<bool>,
+    /// The number users text to register by their own SMS, in E.164 form: the number of the
+    /// modem's SIM, the SMPP account or the Kannel SMSC that delivers to this server
+    #[arg(long, env = "TIDINGS_SMS_SERVICE_NUMBER")]
+    pub sms_service_number: Option<String>,
+    /// Seconds a code for registration by own SMS stays valid [default: 600]
+    #[arg(long, env = "TIDINGS_INBOUND_CODE_SECONDS")]
+    pub inbound_code_seconds: Option<u64>,
     /// Seconds between client heartbeats; a session silent for three is closed [default: 10]
     #[arg(long, env = "TIDINGS_HEARTBEAT_SECONDS")]
     pub heartbeat_seconds: Option<u32>,
@@ -217,6 +228,9 @@ struct FileConfig {
     modem_baud: Option<u32>,
     modem_timeout_seconds: Option<u64>,
     sms_from: Option<String>,
+    inbound_registration: Option<bool>,
+    sms_service_number: Option<String>,
+    inbound_code_seconds: Option<u64>,
     heartbeat_seconds: Option<u32>,
     max_connections: Option<usize>,
     pre_login_connections_per_address: Option<usize>,
@@ -261,6 +275,8 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub gateway: tidings_gateway::TransportConfig,
     pub sms_from: String,
+    /// The number users text to register by their own SMS; `None` when that is not offered.
+    pub inbound: Option<InboundRegistration>,
     pub heartbeat_seconds: u32,
     pub max_connections: usize,
     pub pre_login_connections_per_address: usize,
@@ -292,6 +308,15 @@ pub struct ServerConfig {
     pub limiter_capacity: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
+}
+
+/// Registration by the user's own SMS, when it is offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRegistration {
+    /// The number to text, E.164.
+    pub service_number: tidings_proto::number::E164,
+    /// How long a code stays valid, in milliseconds.
+    pub code_ttl: tidings_core::Millis,
 }
 
 fn home() -> PathBuf {
@@ -448,6 +473,39 @@ impl ServerArgs {
                 "unknown SMS gateway `{other}`: use `outbox`, `kannel`, `smpp` or `modem`"
             ),
         };
+        let inbound = if self
+            .inbound_registration
+            .or(file.inbound_registration)
+            .unwrap_or(false)
+        {
+            let number = self
+                .sms_service_number
+                .clone()
+                .or(file.sms_service_number)
+                .context("inbound_registration needs sms_service_number: the number users text")?;
+            let service_number = tidings_proto::number::E164::parse(&number)
+                .map_err(|e| anyhow::anyhow!("sms_service_number: {e}"))?;
+            let seconds = self
+                .inbound_code_seconds
+                .or(file.inbound_code_seconds)
+                .unwrap_or(600);
+            if seconds == 0 {
+                anyhow::bail!("inbound_code_seconds must be at least 1");
+            }
+            if let tidings_gateway::TransportConfig::Smpp(smpp) = &gateway {
+                if smpp.bind == tidings_gateway::smpp::BindMode::Transmitter {
+                    anyhow::bail!(
+                        "inbound_registration over SMPP needs smpp_bind = transceiver: a transmitter bind receives no SMS"
+                    );
+                }
+            }
+            Some(InboundRegistration {
+                service_number,
+                code_ttl: seconds.saturating_mul(1000),
+            })
+        } else {
+            None
+        };
         let heartbeat_seconds = self
             .heartbeat_seconds
             .or(file.heartbeat_seconds)
@@ -481,6 +539,7 @@ impl ServerArgs {
                 .clone()
                 .or(file.sms_from)
                 .unwrap_or_else(|| "Tidings".into()),
+            inbound,
             heartbeat_seconds,
             max_connections: self
                 .max_connections
@@ -680,5 +739,84 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change to the settings, as a case of a table.
+    type Settings<'a> = &'a dyn Fn(&mut ServerArgs);
+
+    /// The settings resolved from `settings` alone (an empty config file), or the error's text.
+    fn resolve(settings: impl FnOnce(&mut ServerArgs)) -> Result<ServerConfig, String> {
+        let file = std::env::temp_dir().join(format!(
+            "tidings-config-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&file, "").expect("config file");
+        let mut args = ServerArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        settings(&mut args);
+        let resolved = args.resolve().map_err(|e| format!("{e:#}"));
+        let _ = std::fs::remove_file(&file);
+        resolved
+    }
+
+    #[test]
+    fn registration_by_own_sms_needs_a_service_number_and_a_receiving_gateway() {
+        let off = resolve(|_| {}).expect("the defaults");
+        assert_eq!(off.inbound, None);
+        let on = resolve(|args| {
+            args.inbound_registration = Some(true);
+            args.sms_service_number = Some("+49 151 99990000".into());
+            args.inbound_code_seconds = Some(30);
+        })
+        .expect("on");
+        let inbound = on.inbound.expect("offered");
+        assert_eq!(inbound.service_number.as_str(), "+4915199990000");
+        assert_eq!(inbound.code_ttl, 30_000);
+
+        let refused: &[(Settings, &str)] = &[
+            (
+                &|args| args.inbound_registration = Some(true),
+                "needs sms_service_number",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("12".into());
+                },
+                "sms_service_number",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("+4915199990000".into());
+                    args.inbound_code_seconds = Some(0);
+                },
+                "at least 1",
+            ),
+            (
+                &|args| {
+                    args.inbound_registration = Some(true);
+                    args.sms_service_number = Some("+4915199990000".into());
+                    args.sms_gateway = Some("smpp".into());
+                    args.smpp_address = Some("127.0.0.1:2775".into());
+                    args.smpp_system_id = Some("tidings".into());
+                    args.smpp_password = Some("secret".into());
+                    args.smpp_bind = Some("transmitter".into());
+                },
+                "transceiver",
+            ),
+        ];
+        for (settings, expected) in refused {
+            let error = resolve(|args| settings(args)).expect_err(expected);
+            assert!(error.contains(expected), "{error}");
+        }
     }
 }

@@ -1,9 +1,10 @@
-//! Where verification codes leave the server as SMS: a thin layer over `tidings-gateway`.
+//! Where verification codes leave the server as SMS, and where SMS from phones are read (SMPP,
+//! modem): a thin layer over `tidings-gateway`.
 //!
 //! This is the one place a number is handled in clear after parsing: the gateway must know where
 //! to send. Nothing here logs it.
 
-use tidings_gateway::{SendError, Sms, Transport, TransportConfig};
+use tidings_gateway::{Received, SendError, Sms, Transport, TransportConfig};
 use tidings_proto::number::E164;
 
 /// A code is one SMS part; longer texts are refused before they reach the gateway.
@@ -33,5 +34,10 @@ impl Gateway {
             text: text.to_string(),
         };
         self.transport.send(&sms).await.map(|_| ())
+    }
+
+    /// The SMS phones sent to the service since the last call (SMPP and modem only).
+    pub async fn receive(&self) -> Result<Vec<Received>, SendError> {
+        self.transport.receive().await
     }
 }

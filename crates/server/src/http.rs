@@ -19,7 +19,8 @@ use tidings_core::verification::{self, Attempt};
 use tidings_core::HOUR;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::http::{
-    ApiError, CodeRequest, CodeSent, Health, LinkRequest, Linked, Verified, VerifyRequest,
+    ApiError, CodeRequest, CodeSent, Health, InboundCode, InboundCompleteRequest, InboundRequest,
+    LinkRequest, Linked, Verified, VerifyRequest,
 };
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -32,6 +33,7 @@ use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
+use crate::inbound::{self, Completion, Refused};
 use crate::metrics::Outcome;
 use crate::state::Shared;
 
@@ -67,6 +69,19 @@ fn api_error_with(status: StatusCode, body: ApiError) -> Response {
         }
     }
     response
+}
+
+/// A 401 `wrong_code` with the attempts left for the code.
+fn wrong_code(message: &str, attempts_left: u32) -> Response {
+    api_error_with(
+        StatusCode::UNAUTHORIZED,
+        ApiError {
+            error: "wrong_code".into(),
+            message: message.into(),
+            retry_after: None,
+            attempts_left: Some(attempts_left),
+        },
+    )
 }
 
 fn rate_limited(wait_ms: u64, message: &str) -> Response {
@@ -208,6 +223,8 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(request_code))
         .routes(routes!(verify))
+        .routes(routes!(declare_inbound))
+        .routes(routes!(complete_inbound))
         .routes(routes!(link))
         .routes(routes!(connect))
         .routes(routes!(health))
@@ -445,33 +462,12 @@ async fn verify<S: Store>(
             "the code is the 6 digits from the SMS",
         ));
     }
-    let Some(key_bytes) = tidings_proto::id::from_text(&request.device_key)
-        .and_then(|k| <[u8; 32]>::try_from(k).ok())
-    else {
-        return Err(api_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "device_key must be 32 bytes of base64url",
-        ));
-    };
-    let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
-        return Err(api_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "device_key is not an Ed25519 public key",
-        ));
-    };
-    let signature = tidings_proto::id::from_text(&request.signature)
-        .and_then(|s| Signature::from_slice(&s).ok());
-    let transcript =
-        tidings_proto::transcript::register(number.as_str(), &request.code, &key_bytes);
-    if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
-        return Err(api_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "signature does not match device_key",
-        ));
-    }
+    let key_bytes = signed_device_key(
+        &number,
+        &request.code,
+        &request.device_key,
+        &request.signature,
+    )?;
     let now = now_ms();
     check_attempt_address(&state, &peer, &headers, now)?;
     let pseudonym = pseudonym_of(&state, &number)?;
@@ -509,14 +505,9 @@ async fn verify<S: Store>(
     match attempt {
         Attempt::Accepted => {}
         Attempt::Wrong { attempts_left } => {
-            return Err(api_error_with(
-                StatusCode::UNAUTHORIZED,
-                ApiError {
-                    error: "wrong_code".into(),
-                    message: "that code is not right: check the SMS and try again".into(),
-                    retry_after: None,
-                    attempts_left: Some(attempts_left),
-                },
+            return Err(wrong_code(
+                "that code is not right: check the SMS and try again",
+                attempts_left,
             ))
         }
         Attempt::NoCode => {
@@ -534,6 +525,43 @@ async fn verify<S: Store>(
             ))
         }
     }
+    register_device(&state, pseudonym, key_bytes, now).await
+}
+
+/// The device key of a registration, once the signature by it over the register transcript of
+/// the number and the code holds; the 400 answer otherwise.
+fn signed_device_key(
+    number: &E164,
+    code: &str,
+    device_key: &str,
+    signature: &str,
+) -> Result<[u8; 32], Response> {
+    let bad = |message: &str| api_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+    let Some(key_bytes) =
+        tidings_proto::id::from_text(device_key).and_then(|k| <[u8; 32]>::try_from(k).ok())
+    else {
+        return Err(bad("device_key must be 32 bytes of base64url"));
+    };
+    let Ok(key) = VerifyingKey::from_bytes(&key_bytes) else {
+        return Err(bad("device_key is not an Ed25519 public key"));
+    };
+    let signature =
+        tidings_proto::id::from_text(signature).and_then(|s| Signature::from_slice(&s).ok());
+    let transcript = tidings_proto::transcript::register(number.as_str(), code, &key_bytes);
+    if signature.is_none_or(|signature| key.verify_strict(&transcript, &signature).is_err()) {
+        return Err(bad("signature does not match device_key"));
+    }
+    Ok(key_bytes)
+}
+
+/// Registers a new device of the number with `key_bytes`; every other device of the number is
+/// signed out and deleted.
+async fn register_device<S: Store>(
+    state: &Shared<S>,
+    pseudonym: tidings_store::Pseudonym,
+    key_bytes: [u8; 32],
+    now: tidings_core::Millis,
+) -> Result<Response, Response> {
     let mut device = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut device);
     let device = DeviceId(device);
@@ -566,6 +594,199 @@ async fn verify<S: Store>(
                 "storage unavailable: verify again",
             ))
         }
+    }
+}
+
+/// The longest a completion waits for its SMS, in seconds.
+const MAX_INBOUND_WAIT: u64 = 25;
+
+/// The answer when registration by own SMS is off.
+fn not_offered() -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "not_offered",
+        "this server does not offer registration by your own SMS: register with a code sent to you (`tidings register NUMBER`)",
+    )
+}
+
+/// Declares a number for registration by the user's own SMS: no SMS is sent.
+#[utoipa::path(post, path = "/v1/registration/inbound", tag = "registration",
+    request_body = InboundRequest,
+    responses(
+        (status = 201, description = "Text `text` from the declared number to `service_number`, then complete", body = InboundCode),
+        (status = 400, description = "Not a valid phone number (`invalid_number`), or not JSON", body = ApiError),
+        (status = 404, description = "This server does not offer registration by own SMS (`not_offered`)", body = ApiError),
+        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
+        (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape", body = ApiError),
+        (status = 429, description = "Too many declarations from this client's address or address block, or for this number (5 an hour); `rate_limited`, with the seconds to wait", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
+        (status = 503, description = "Too many registrations are pending: try again shortly", body = ApiError),
+    ))]
+async fn declare_inbound<S: Store>(
+    State(state): State<Shared<S>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<Json<InboundRequest>, JsonRejection>,
+) -> Result<Response, Response> {
+    let request = json_body(body)?;
+    let Some(offer) = state.config.inbound.clone() else {
+        return Err(not_offered());
+    };
+    let number = e164(&request.number)?;
+    let now = now_ms();
+    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
+        return Err(code_refused(&state, refusal, now));
+    }
+    let pseudonym = pseudonym_of(&state, &number)?;
+    let code = inbound::new_code();
+    let hash = state.keys.code_hash(&pseudonym, &code);
+    let outcome = state
+        .declarations
+        .declare(pseudonym, hash, offer.code_ttl, now);
+    let label = match outcome {
+        Ok(()) => "inbound_declared",
+        Err(Refused::TooOften(_)) => "inbound_number_limited",
+        Err(Refused::Full) => "inbound_full",
+    };
+    state
+        .metrics
+        .registrations
+        .get_or_create(&Outcome { outcome: label })
+        .inc();
+    match outcome {
+        Ok(()) => {}
+        Err(Refused::TooOften(wait)) => {
+            return Err(rate_limited(
+                wait,
+                "this number was declared too often: text the last code, or try again later",
+            ))
+        }
+        Err(Refused::Full) => {
+            return Err(api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many registrations are pending: try again shortly",
+            ))
+        }
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(InboundCode {
+            text: inbound::sms_text(&code),
+            code,
+            service_number: offer.service_number.as_str().to_string(),
+            expires_in: offer.code_ttl / 1000,
+        }),
+    )
+        .into_response())
+}
+
+/// Completes a registration by own SMS once the SMS from the declared number has arrived: binds
+/// the device key like `verify`, and replaces every other device of the number.
+#[utoipa::path(post, path = "/v1/registration/inbound/complete", tag = "registration",
+    request_body = InboundCompleteRequest,
+    responses(
+        (status = 200, description = "The device is registered", body = Verified),
+        (status = 400, description = "Invalid number, key, signature, code format or wait", body = ApiError),
+        (status = 401, description = "Wrong code (`wrong_code`, with `attempts_left`)", body = ApiError),
+        (status = 404, description = "This server does not offer registration by own SMS (`not_offered`)", body = ApiError),
+        (status = 408, description = "The body did not arrive within 10 seconds of the headers", body = ApiError),
+        (status = 409, description = "The SMS has not arrived (yet) from the declared number (`not_received`): send it, then ask again", body = ApiError),
+        (status = 410, description = "The code expired (`expired`), or no registration by SMS is pending for this number (`no_code`): declare again", body = ApiError),
+        (status = 413, description = "The body is larger than 16 KiB", body = ApiError),
+        (status = 415, description = "The body is not declared as JSON (Content-Type: application/json)", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape", body = ApiError),
+        (status = 429, description = "Attempts used up (`too_many_attempts`: declare again), or too many attempts from this client's address or address block (`rate_limited`, with the seconds to wait)", body = ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (also `retry_after` in the body)"))),
+    ))]
+async fn complete_inbound<S: Store>(
+    State(state): State<Shared<S>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<Json<InboundCompleteRequest>, JsonRejection>,
+) -> Result<Response, Response> {
+    let request = json_body(body)?;
+    if state.config.inbound.is_none() {
+        return Err(not_offered());
+    }
+    let number = e164(&request.number)?;
+    let bad = |message: &str| api_error(StatusCode::BAD_REQUEST, "invalid_request", message);
+    if inbound::normalize(&request.code).as_deref() != Some(request.code.as_str()) {
+        return Err(bad(
+            "the code is the 8 characters of the declaration's answer, such as 7QK4M2XD",
+        ));
+    }
+    if request.wait_seconds > MAX_INBOUND_WAIT {
+        return Err(bad("wait_seconds is at most 25"));
+    }
+    let key_bytes = signed_device_key(
+        &number,
+        &request.code,
+        &request.device_key,
+        &request.signature,
+    )?;
+    let now = now_ms();
+    check_attempt_address(&state, &peer, &headers, now)?;
+    let pseudonym = pseudonym_of(&state, &number)?;
+    let presented = state.keys.code_hash(&pseudonym, &request.code);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(request.wait_seconds);
+    let completion = loop {
+        // Interest is registered before the check, so an SMS that arrives between the two
+        // still wakes this request.
+        let arrival = state.declarations.arrival().notified();
+        tokio::pin!(arrival);
+        arrival.as_mut().enable();
+        let completion = state
+            .declarations
+            .complete(&pseudonym, &presented, now_ms());
+        if completion != Completion::Waiting || tokio::time::Instant::now() >= deadline {
+            break completion;
+        }
+        tokio::select! {
+            () = &mut arrival => {}
+            () = tokio::time::sleep_until(deadline) => {}
+            () = state.shutdown.cancelled() => break completion,
+        }
+    };
+    let label = match completion {
+        Completion::Done => "inbound_verified",
+        Completion::Waiting => "inbound_waiting",
+        Completion::Wrong { .. } => "inbound_wrong_code",
+        Completion::NoDeclaration => "inbound_no_code",
+        Completion::Expired => "inbound_expired",
+        Completion::TooManyAttempts => "inbound_too_many_attempts",
+    };
+    state
+        .metrics
+        .registrations
+        .get_or_create(&Outcome { outcome: label })
+        .inc();
+    match completion {
+        Completion::Done => register_device(&state, pseudonym, key_bytes, now_ms()).await,
+        Completion::Waiting => Err(api_error(
+            StatusCode::CONFLICT,
+            "not_received",
+            "the SMS has not reached the server yet: send the text from the declared number to the service number, then ask again",
+        )),
+        Completion::Wrong { attempts_left } => Err(wrong_code(
+            "that is not the code of this number's registration",
+            attempts_left,
+        )),
+        Completion::NoDeclaration => Err(api_error(
+            StatusCode::GONE,
+            "no_code",
+            "no registration by SMS is pending for this number: start again for a new code",
+        )),
+        Completion::Expired => Err(api_error(
+            StatusCode::GONE,
+            "expired",
+            "the code expired before its SMS arrived: start again for a new code",
+        )),
+        Completion::TooManyAttempts => Err(api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "attempts used up: start again for a new code",
+        )),
     }
 }
 

@@ -11,7 +11,12 @@
 //! - [`keys`]: the OPRF and code keys (outside the data directory);
 //! - `connection`: one accepted connection: TLS, HTTP/1 with upgrades, its `Peer` and `Slot`;
 //! - `http`: the HTTP routes (registration, link, upgrade, operations) and their OpenAPI document;
-//! - `gateway`: where verification SMS go;
+//! - `gateway`: where verification SMS go, and where the SMPP session's and the modem's received
+//!   SMS are read;
+//! - `inbound`: registration by the user's own SMS: the declarations (by pseudonym, codes as
+//!   keyed hashes, in memory) that an SMS from the declared number proves;
+//! - `receiver`: the trusted inbound sources (SMPP and modem polling, Kannel on the metrics
+//!   address) that hand each received SMS to `inbound`;
 //! - `session`: one upgraded connection, from login to close: reads frames, runs requests,
 //!   writes answers and deliveries;
 //! - `identity`: who is logged in on a session;
@@ -48,9 +53,11 @@ mod gateway;
 mod http;
 mod hub;
 mod identity;
+mod inbound;
 pub mod keys;
 mod lookup;
 mod metrics;
+mod receiver;
 mod reply;
 mod request;
 mod send;
@@ -322,11 +329,15 @@ impl<S: Store> Server<S> {
             state.config.pre_login_connections_per_block,
         );
         sweeps::spawn(&state);
+        receiver::spawn(&state);
         if let Some(metrics_listener) = metrics_listener {
+            // The operator's address also takes SMS from Kannel: only it may claim a sender.
+            let operator_router = metrics::router(Arc::clone(&state.metrics))
+                .merge(receiver::router(Arc::clone(&state)));
             let accepting = accept(
                 Arc::clone(&state),
                 metrics_listener,
-                metrics::router(Arc::clone(&state.metrics)),
+                operator_router,
                 None,
                 Admission {
                     slots: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),

@@ -22,6 +22,7 @@ use crate::abuse::AbuseLimits;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
+use crate::inbound::Declarations;
 use crate::keys::{BudgetKey, ServerKeys};
 use crate::metrics::Metrics;
 
@@ -51,6 +52,8 @@ pub struct State<S: Store> {
     pub free_sender_checks: Mutex<WindowTable<(DeviceId, DeviceId)>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
+    /// Registrations by own SMS waiting for their SMS. In memory only.
+    pub declarations: Declarations,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub openapi_json: std::sync::OnceLock<String>,
@@ -99,6 +102,7 @@ impl<S: Store> State<S> {
     pub fn new(config: ServerConfig, store: S, keys: ServerKeys, metrics: Arc<Metrics>) -> Self {
         let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
         let abuse = AbuseLimits::new(config.limiter_capacity);
+        let declarations = Declarations::new(config.code_policy.max_attempts);
         Self {
             code_policy: config.code_policy,
             config,
@@ -114,6 +118,7 @@ impl<S: Store> State<S> {
             links: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             free_sender_checks: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
+            declarations,
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -162,6 +167,7 @@ impl<S: Store> State<S> {
     /// Forgets limiter entries that no longer restrict anyone, so memory follows activity.
     pub fn prune_limiters(&self, now: Millis) {
         self.abuse.prune(now);
+        self.declarations.prune(now);
         if let Ok(mut offers) = self.link_offers.lock() {
             offers.retain(|_, offer| offer.expires_at > now);
         }

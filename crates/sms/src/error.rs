@@ -61,6 +61,12 @@ pub enum DecodeError {
         /// The TP-MTI value found.
         mti: u8,
     },
+    /// The first octet says this is not an SMS-DELIVER.
+    #[error("the PDU is not an SMS-DELIVER (TP-MTI is {mti}, expected 0)")]
+    NotDeliver {
+        /// The TP-MTI value found.
+        mti: u8,
+    },
     /// The data coding scheme is not GSM 7-bit or UCS-2 (e.g. 8-bit data or
     /// compressed text).
     #[error(

@@ -6,7 +6,8 @@
 //! reference header, never splitting an extension character or a surrogate
 //! pair; SMS-SUBMIT PDUs for a modem's `AT+CMGS` in PDU mode; the user data,
 //! header and coding an SMPP `submit_sm` or a Kannel HTTP request needs; and
-//! a decoder that reads SMS-SUBMIT PDUs back for tests and simulated modems.
+//! a decoder that reads SMS-SUBMIT PDUs back for tests and simulated modems,
+//! and one for the SMS-DELIVER PDUs a modem lists when it receives a message.
 //!
 //! This crate must never perform I/O (no files, sockets, clocks or
 //! randomness) and never logs anything: message texts and phone numbers are
@@ -30,8 +31,9 @@ mod split;
 
 pub use error::{DecodeError, EncodeError};
 pub use pdu::{
-    decode_submit, decode_submit_hex, encode_submit, from_hex, to_hex, DecodedSubmit,
-    InformationElement, SubmitOptions, SubmitPdu, Validity, ValidityPeriod,
+    decode_deliver, decode_deliver_hex, decode_submit, decode_submit_hex, encode_submit, from_hex,
+    to_hex, DecodedDeliver, DecodedSubmit, InformationElement, SubmitOptions, SubmitPdu, Validity,
+    ValidityPeriod,
 };
 pub use split::{
     coding_for, split, Concat, DataCoding, Part, SplitOptions, DEFAULT_MAX_PARTS,

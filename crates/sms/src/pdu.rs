@@ -10,6 +10,8 @@ use crate::{DecodeError, EncodeError};
 
 /// TP-MTI for SMS-SUBMIT, in bits 0-1 of the first octet.
 const MTI_SUBMIT: u8 = 0x01;
+/// TP-MTI for SMS-DELIVER (network to phone).
+const MTI_DELIVER: u8 = 0x00;
 /// TP-RD: reject duplicates.
 const FO_REJECT_DUPLICATES: u8 = 0x04;
 /// TP-VPF bits (3-4) and the value for a relative validity period.
@@ -320,21 +322,7 @@ pub fn decode_submit_hex(hex: &str) -> Result<DecodedSubmit, DecodeError> {
 pub fn decode_submit(pdu: &[u8]) -> Result<DecodedSubmit, DecodeError> {
     let mut r = Reader { pdu, pos: 0 };
 
-    let smsc_len = r.octet("SMSC length")?;
-    let smsc = if smsc_len == 0 {
-        None
-    } else {
-        if usize::from(smsc_len) > 1 + MAX_ADDRESS_DIGITS / 2 {
-            return Err(DecodeError::AddressTooLong {
-                field: "SMSC address",
-                length: smsc_len,
-            });
-        }
-        let field = r.take(usize::from(smsc_len), "SMSC address")?;
-        let (toa, digits) = field.split_first().unwrap_or((&0, &[]));
-        let number = semi_octets(digits, digits.len() * 2, "SMSC address", true)?;
-        Some(with_plus(*toa, number))
-    };
+    let smsc = read_smsc(&mut r)?;
     let tpdu_length = pdu.len() - r.pos;
 
     let first = r.octet("first octet")?;
@@ -344,28 +332,7 @@ pub fn decode_submit(pdu: &[u8]) -> Result<DecodedSubmit, DecodeError> {
     }
     let message_reference = r.octet("TP-MR")?;
 
-    let digit_count = r.octet("destination length")?;
-    if usize::from(digit_count) > MAX_ADDRESS_DIGITS {
-        return Err(DecodeError::AddressTooLong {
-            field: "destination address",
-            length: digit_count,
-        });
-    }
-    let destination_type = r.octet("destination type")?;
-    let address = r.take(usize::from(digit_count).div_ceil(2), "destination address")?;
-    let destination = if destination_type & TON_MASK == TON_ALPHANUMERIC {
-        // The length counts semi-octets of packed septets (§9.1.2.5).
-        let septets = gsm7::unpack(address, usize::from(digit_count) * 4 / 7).unwrap_or_default();
-        gsm7::decode_septets(&septets)?
-    } else {
-        let number = semi_octets(
-            address,
-            usize::from(digit_count),
-            "destination address",
-            false,
-        )?;
-        with_plus(destination_type, number)
-    };
+    let (destination, destination_type) = read_address(&mut r, "destination address")?;
 
     let protocol_id = r.octet("TP-PID")?;
     let dcs = r.octet("TP-DCS")?;
@@ -377,58 +344,10 @@ pub fn decode_submit(pdu: &[u8]) -> Result<DecodedSubmit, DecodeError> {
         _ => None,
     };
 
-    let udl = r.octet("TP-UDL")?;
-    let (max, ud_octets) = match coding {
-        DataCoding::Gsm7 => (MAX_GSM7_UDL, (usize::from(udl) * 7).div_ceil(8)),
-        DataCoding::Ucs2 => (MAX_OCTET_UDL, usize::from(udl)),
-    };
-    if udl > max {
-        return Err(DecodeError::UserDataTooLong { udl, max });
-    }
-    let ud = r.take(ud_octets, "user data")?;
-    if r.pos < pdu.len() {
-        return Err(DecodeError::TrailingData {
-            extra: pdu.len() - r.pos,
-        });
-    }
+    let (udl, ud) = read_ud(&mut r, coding)?;
 
-    let (udh, elements) = if first & FO_UDHI != 0 {
-        parse_udh(ud)?
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let concat = elements.iter().find_map(concat_from);
-
-    let (user_data, text) = match coding {
-        DataCoding::Gsm7 => {
-            let header_septets = (udh.len() * 8).div_ceil(7);
-            let count = usize::from(udl);
-            if header_septets > count {
-                return Err(DecodeError::InvalidUdh {
-                    reason: "the header is longer than TP-UDL",
-                });
-            }
-            let all = gsm7::unpack(ud, count).ok_or(DecodeError::Truncated {
-                field: "user data",
-                offset: pdu.len(),
-            })?;
-            let septets = all.get(header_septets..).unwrap_or_default().to_vec();
-            let text = gsm7::decode_septets(&septets)?;
-            (septets, text)
-        }
-        DataCoding::Ucs2 => {
-            let body = ud.get(udh.len()..).unwrap_or_default();
-            if body.len() % 2 != 0 {
-                return Err(DecodeError::OddUcs2Length { length: body.len() });
-            }
-            let units: Vec<u16> = body
-                .chunks_exact(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                .collect();
-            let text = String::from_utf16(&units).map_err(|_| DecodeError::UnpairedSurrogate)?;
-            (body.to_vec(), text)
-        }
-    };
+    let (udh, elements, concat, user_data, text) =
+        decode_user_data(first, coding, udl, ud, pdu.len())?;
 
     Ok(DecodedSubmit {
         smsc,
@@ -448,6 +367,186 @@ pub fn decode_submit(pdu: &[u8]) -> Result<DecodedSubmit, DecodeError> {
         user_data,
         text,
         tpdu_length,
+    })
+}
+
+/// Reads the SMSC part that leads a PDU: `None` for the `00` "use the SIM's" octet.
+fn read_smsc(r: &mut Reader<'_>) -> Result<Option<String>, DecodeError> {
+    let smsc_len = r.octet("SMSC length")?;
+    Ok(if smsc_len == 0 {
+        None
+    } else {
+        if usize::from(smsc_len) > 1 + MAX_ADDRESS_DIGITS / 2 {
+            return Err(DecodeError::AddressTooLong {
+                field: "SMSC address",
+                length: smsc_len,
+            });
+        }
+        let field = r.take(usize::from(smsc_len), "SMSC address")?;
+        let (toa, digits) = field.split_first().unwrap_or((&0, &[]));
+        let number = semi_octets(digits, digits.len() * 2, "SMSC address", true)?;
+        Some(with_plus(*toa, number))
+    })
+}
+
+/// Reads a TP-DA or TP-OA: the number (with a leading `+` if its type is international, or the
+/// text of an alphanumeric address) and its type-of-address octet.
+fn read_address(r: &mut Reader<'_>, field: &'static str) -> Result<(String, u8), DecodeError> {
+    let digit_count = r.octet(field)?;
+    if usize::from(digit_count) > MAX_ADDRESS_DIGITS {
+        return Err(DecodeError::AddressTooLong {
+            field,
+            length: digit_count,
+        });
+    }
+    let address_type = r.octet(field)?;
+    let address = r.take(usize::from(digit_count).div_ceil(2), field)?;
+    let address_text = if address_type & TON_MASK == TON_ALPHANUMERIC {
+        // The length counts semi-octets of packed septets (§9.1.2.5).
+        let septets = gsm7::unpack(address, usize::from(digit_count) * 4 / 7).unwrap_or_default();
+        gsm7::decode_septets(&septets)?
+    } else {
+        let number = semi_octets(address, usize::from(digit_count), field, false)?;
+        with_plus(address_type, number)
+    };
+    Ok((address_text, address_type))
+}
+
+/// Reads TP-UDL and the TP-UD it announces, which must end the PDU.
+fn read_ud<'a>(r: &mut Reader<'a>, coding: DataCoding) -> Result<(u8, &'a [u8]), DecodeError> {
+    let udl = r.octet("TP-UDL")?;
+    let (max, ud_octets) = match coding {
+        DataCoding::Gsm7 => (MAX_GSM7_UDL, (usize::from(udl) * 7).div_ceil(8)),
+        DataCoding::Ucs2 => (MAX_OCTET_UDL, usize::from(udl)),
+    };
+    if udl > max {
+        return Err(DecodeError::UserDataTooLong { udl, max });
+    }
+    let ud = r.take(ud_octets, "user data")?;
+    if r.pos < r.pdu.len() {
+        return Err(DecodeError::TrailingData {
+            extra: r.pdu.len() - r.pos,
+        });
+    }
+    Ok((udl, ud))
+}
+
+/// The parts of a TP-UD: the header with its elements and concatenation element, the user data
+/// (unpacked septets or UTF-16BE bytes) and the decoded text.
+type UserData = (
+    Vec<u8>,
+    Vec<InformationElement>,
+    Option<Concat>,
+    Vec<u8>,
+    String,
+);
+
+/// Decodes a TP-UD of `udl` (septets or octets, as `coding` says) whose first octet carries
+/// TP-UDHI; `pdu_len` only names the offset of a truncation.
+fn decode_user_data(
+    first: u8,
+    coding: DataCoding,
+    udl: u8,
+    ud: &[u8],
+    pdu_len: usize,
+) -> Result<UserData, DecodeError> {
+    let (udh, elements) = if first & FO_UDHI != 0 {
+        parse_udh(ud)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let concat = elements.iter().find_map(concat_from);
+
+    let (user_data, text) = match coding {
+        DataCoding::Gsm7 => {
+            let header_septets = (udh.len() * 8).div_ceil(7);
+            let count = usize::from(udl);
+            if header_septets > count {
+                return Err(DecodeError::InvalidUdh {
+                    reason: "the header is longer than TP-UDL",
+                });
+            }
+            let all = gsm7::unpack(ud, count).ok_or(DecodeError::Truncated {
+                field: "user data",
+                offset: pdu_len,
+            })?;
+            let septets = all.get(header_septets..).unwrap_or_default().to_vec();
+            let text = gsm7::decode_septets(&septets)?;
+            (septets, text)
+        }
+        DataCoding::Ucs2 => {
+            let body = ud.get(udh.len()..).unwrap_or_default();
+            if body.len() % 2 != 0 {
+                return Err(DecodeError::OddUcs2Length { length: body.len() });
+            }
+            let units: Vec<u16> = body
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            let text = String::from_utf16(&units).map_err(|_| DecodeError::UnpairedSurrogate)?;
+            (body.to_vec(), text)
+        }
+    };
+
+    Ok((udh, elements, concat, user_data, text))
+}
+
+/// An SMS-DELIVER read from a PDU, as a modem lists a received message (`AT+CMGL`, `AT+CMGR` in
+/// PDU mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedDeliver {
+    /// The SMSC number, or `None` when the PDU starts with `00`.
+    pub smsc: Option<String>,
+    /// The sender, with a leading `+` if its type is international (or an alphanumeric name).
+    pub originator: String,
+    /// The sender's type-of-address octet (0x91 international).
+    pub originator_type: u8,
+    /// TP-PID.
+    pub protocol_id: u8,
+    /// The TP-DCS octet as found.
+    pub dcs: u8,
+    /// The coding TP-DCS selects.
+    pub coding: DataCoding,
+    /// TP-SCTS, the SMSC's time stamp, as its seven semi-octet octets.
+    pub timestamp: [u8; 7],
+    /// The concatenation element (8- or 16-bit reference), if present.
+    pub concat: Option<Concat>,
+    /// The decoded text of this part.
+    pub text: String,
+}
+
+/// Decodes an SMS-DELIVER PDU given as hex, SMSC part included.
+pub fn decode_deliver_hex(hex: &str) -> Result<DecodedDeliver, DecodeError> {
+    decode_deliver(&from_hex(hex)?)
+}
+
+/// Decodes an SMS-DELIVER PDU (TS 23.040 §9.2.2.1), SMSC part included, as strictly as
+/// [`decode_submit`]: the sender comes from the network, the text from anyone.
+pub fn decode_deliver(pdu: &[u8]) -> Result<DecodedDeliver, DecodeError> {
+    let mut r = Reader { pdu, pos: 0 };
+    let smsc = read_smsc(&mut r)?;
+    let first = r.octet("first octet")?;
+    let mti = first & 0x03;
+    if mti != MTI_DELIVER {
+        return Err(DecodeError::NotDeliver { mti });
+    }
+    let (originator, originator_type) = read_address(&mut r, "originator address")?;
+    let protocol_id = r.octet("TP-PID")?;
+    let dcs = r.octet("TP-DCS")?;
+    let coding = coding_from_dcs(dcs)?;
+    let timestamp = r.seven("TP-SCTS")?;
+    let (udl, ud) = read_ud(&mut r, coding)?;
+    let (_, _, concat, _, text) = decode_user_data(first, coding, udl, ud, pdu.len())?;
+    Ok(DecodedDeliver {
+        smsc,
+        originator,
+        originator_type,
+        protocol_id,
+        dcs,
+        coding,
+        timestamp,
+        concat,
+        text,
     })
 }
 
@@ -653,5 +752,49 @@ mod tests {
         assert_eq!(from_hex("0g"), Err(DecodeError::InvalidHex { position: 1 }));
         // A multi-byte character must be reported, not sliced through.
         assert!(from_hex("€0").is_err());
+    }
+}
+
+#[cfg(test)]
+mod deliver_tests {
+    use super::*;
+
+    #[test]
+    fn deliver_pdus_decode_or_are_refused() {
+        // The SMS-DELIVER example of the GSM 03.40 tutorials: "How are you?" from +31641600986
+        // through the SMSC +31624000000.
+        let decoded = decode_deliver_hex(
+            "07911326040000F0040B911346610089F60000208062917314080CC8F71D14969741F977FD07",
+        )
+        .expect("the example decodes");
+        assert_eq!(decoded.smsc.as_deref(), Some("+31624000000"));
+        assert_eq!(decoded.originator, "+31641600986");
+        assert_eq!(decoded.originator_type, 0x91);
+        assert_eq!(decoded.coding, DataCoding::Gsm7);
+        assert_eq!(decoded.text, "How are you?");
+        assert_eq!(decoded.concat, None);
+
+        let refused: &[(&str, &str)] = &[
+            // An SMS-SUBMIT is not a received message.
+            (
+                "0001000B916407281553F800000AE8329BFD4697D9EC37",
+                "SMS-DELIVER",
+            ),
+            // Cut inside the time stamp.
+            (
+                "07911326040000F0040B911346610089F600002080",
+                "while reading TP-SCTS",
+            ),
+            // One octet more than TP-UDL announces.
+            (
+                "07911326040000F0040B911346610089F60000208062917314080CC8F71D14969741F977FD0700",
+                "after the user data",
+            ),
+            ("", "while reading SMSC length"),
+        ];
+        for (hex, expected) in refused {
+            let error = decode_deliver_hex(hex).expect_err(hex).to_string();
+            assert!(error.contains(expected), "{hex}: {error}");
+        }
     }
 }

@@ -199,3 +199,112 @@ async fn the_operations_routes_answer_and_connect_asks_for_the_upgrade() {
         (StatusCode::UPGRADE_REQUIRED, Some("upgrade_required"))
     );
 }
+
+/// A completion of a registration by own SMS for `number`, signed by a fixed key.
+fn completion(number: &str, code: &str, wait_seconds: u64) -> Value {
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let public = key.verifying_key().to_bytes();
+    let signature = key.sign(&tidings_proto::transcript::register(number, code, &public));
+    json!({
+        "number": number,
+        "code": code,
+        "device_key": to_text(&public),
+        "signature": to_text(&signature.to_bytes()),
+        "wait_seconds": wait_seconds,
+    })
+}
+
+#[tokio::test]
+async fn own_sms_requests_are_checked_and_a_waiting_completion_wakes_on_its_sms() {
+    let plain = World::new("http-own-sms-off", |_| {});
+    let (status, _, body) = call(
+        &plain,
+        Method::POST,
+        "/v1/registration/inbound",
+        Some(json!({ "number": "+4915112345678" })),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_offered"))
+    );
+
+    let world = World::new("http-own-sms", |args| {
+        args.inbound_registration = Some(true);
+        args.sms_service_number = Some("+49 151 99990000".into());
+    });
+    let number = "+4915112345678";
+    let (status, _, declared) = call(
+        &world,
+        Method::POST,
+        "/v1/registration/inbound",
+        Some(json!({ "number": number })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{declared}");
+    assert_eq!(declared["service_number"], "+4915199990000");
+    assert_eq!(declared["expires_in"], 600);
+    let code = declared["code"].as_str().expect("a code").to_string();
+    let text = declared["text"].as_str().expect("a text").to_string();
+
+    let mut bad_signature = completion(number, &code, 0);
+    bad_signature["code"] = json!("ZZZZZZZZ");
+    let cases = [
+        (completion(number, "7qk4-m2xd", 0), "8 characters"),
+        (completion(number, &code, 26), "at most 25"),
+        (bad_signature, "signature"),
+    ];
+    for (body, expected) in cases {
+        let (status, _, answer) = call(
+            &world,
+            Method::POST,
+            "/v1/registration/inbound/complete",
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(expected)),
+            "{answer}"
+        );
+    }
+
+    // A completion that waits gets its device once the SMS arrives.
+    let waiting = {
+        let world_state = Arc::clone(&world.state);
+        let body = completion(number, &code, 25);
+        tokio::spawn(async move {
+            let mut request = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/registration/inbound/complete")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .expect("a request");
+            request
+                .extensions_mut()
+                .insert(Peer(SocketAddr::from(([192, 0, 2, 1], 40000))));
+            let response = router(world_state)
+                .oneshot(request)
+                .await
+                .expect("an answer");
+            response.status()
+        })
+    };
+    // The SMS arrives while it waits (the same outcome if it had arrived first).
+    tokio::task::yield_now().await;
+    let sms = tidings_gateway::Received {
+        from: number.into(),
+        text,
+    };
+    assert_eq!(crate::receiver::accept(&world.state, &sms), "sms_accepted");
+    assert_eq!(waiting.await.expect("the completion"), StatusCode::OK);
+    let registered = world
+        .state
+        .store
+        .account(world.pseudonym(number))
+        .await
+        .expect("the store");
+    assert!(registered.is_some());
+}
