@@ -15,6 +15,7 @@ mod limits;
 mod linking;
 mod messaging;
 mod operations;
+mod presence;
 mod privacy;
 mod queues;
 mod registration;
