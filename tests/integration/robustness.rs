@@ -149,6 +149,7 @@ fn replayed_acks_and_a_spoofed_sender() {
         let bogus = frame::Ack {
             sender_device: vec![0; 16],
             id: vec![0; 16],
+            ..Default::default()
         };
         bob_session.send(Kind::Ack(bogus)).await.expect("ack");
         let mut statuses = Vec::new();
@@ -181,6 +182,7 @@ fn replayed_acks_and_a_spoofed_sender() {
         let real = frame::Ack {
             sender_device: alice_client.device().as_bytes().to_vec(),
             id: vec![9; 16],
+            ..Default::default()
         };
         bob_session.send(Kind::Ack(real)).await.expect("ack");
         let deadline = Instant::now() + patience();

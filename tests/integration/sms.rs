@@ -172,6 +172,7 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
             .send(Kind::Ack(frame::Ack {
                 sender_device: deliver.sender_device,
                 id: deliver.id,
+                ..Default::default()
             }))
             .await
             .expect("ack");

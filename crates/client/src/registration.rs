@@ -62,6 +62,7 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         .as_ref()
         .map(|d| d.routing.clone())
         .unwrap_or_default();
+    let existing_presence = existing.as_ref().map(|d| d.presence).unwrap_or_default();
     if let Some(existing) = existing {
         if existing.device_id.is_some() && existing.number != number.as_str() {
             return Err(ClientError::Profile(
@@ -75,6 +76,7 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         trust,
         device_id: None,
         routing: existing_routing,
+        presence: existing_presence,
     })?;
     let (status, body) = endpoint
         .post_json(
@@ -231,6 +233,7 @@ pub async fn link(
         trust,
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
+        presence: Default::default(),
     })?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use prost::Message as _;
+use tidings_core::presence::{Secret, Setting};
+use tidings_core::Millis;
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
 use tokio::sync::Notify;
@@ -382,6 +384,20 @@ struct Entry {
     session: u64,
     listen: bool,
     tx: Outbox,
+    /// Who may see the device online while this session lasts (`PresenceSet`); none yet: nobody.
+    /// Kept here only, in memory, and gone with the session.
+    presence: Option<Box<Setting>>,
+}
+
+impl Entry {
+    /// Whether this session shows its device online to `asker`, who presented `mac` for it.
+    fn shows_to(&self, asker: DeviceId, mac: Option<&Secret>, now: Millis) -> bool {
+        self.listen
+            && self
+                .presence
+                .as_ref()
+                .is_some_and(|setting| setting.shows_to(asker, mac, now))
+    }
 }
 
 /// The device holds as many sessions as it may; the newest is refused, never an older one (a
@@ -498,6 +514,7 @@ impl Hub {
                     session,
                     listen,
                     tx,
+                    presence: None,
                 },
             );
         }
@@ -537,7 +554,54 @@ impl Hub {
             .unwrap_or(false)
     }
 
-    /// How many of these devices are online.
+    /// Sets who may see the device online through the session whose mailbox is `outbox`, while
+    /// it lasts; false if that session is no longer registered.
+    pub fn set_presence(&self, device: &DeviceId, outbox: &Outbox, setting: Setting) -> bool {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let Sessions { first, more } = &mut *sessions;
+        let mut entries = first
+            .get_mut(device)
+            .into_iter()
+            .chain(more.get_mut(device).into_iter().flatten());
+        match entries.find(|entry| Arc::ptr_eq(&entry.tx, outbox)) {
+            Some(entry) => {
+                entry.presence = Some(Box::new(setting));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many of these devices show themselves online to the device `asker`, which presented
+    /// `proofs` (a MAC per device) at `now`: a device in mode everyone, or in mode contacts with
+    /// a valid proof. Every answer that could tell a sender whether a receiver is online goes
+    /// through here (P7).
+    pub fn count_visible<'a>(
+        &self,
+        devices: impl IntoIterator<Item = &'a DeviceId>,
+        asker: DeviceId,
+        proofs: &[(DeviceId, Secret)],
+        now: Millis,
+    ) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        devices
+            .into_iter()
+            .filter(|device| {
+                let mac = proofs
+                    .iter()
+                    .find(|(proven, _)| proven == *device)
+                    .map(|(_, mac)| mac);
+                sessions.of(device).any(|e| e.shows_to(asker, mac, now))
+            })
+            .count()
+    }
+
+    /// How many of these devices are online, whoever they show themselves to.
+    #[cfg(test)]
     pub fn count_online<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceId>) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;

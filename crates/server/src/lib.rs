@@ -19,6 +19,8 @@
 //! - `send`: a session's sends, decided concurrently and stored and pushed in the order read;
 //! - `delivery`: a device's queue and receipts, acknowledgements and withdraws;
 //! - `lookup`: lookups and device lists, charged to one budget;
+//! - `presence`: who may see a session's device online (`PresenceSet`, in memory only) and the
+//!   shape of the proofs that lookups and sends present;
 //! - `directory`: device keys (publish, claim), link codes, vouches, removing a device,
 //!   disabling an account;
 //! - `reply`: the one way a handler answers, and the one shape of an error frame;
@@ -48,6 +50,7 @@ mod identity;
 pub mod keys;
 mod lookup;
 mod metrics;
+mod presence;
 mod reply;
 mod request;
 mod send;

@@ -118,6 +118,12 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The copy is a stranger's (its send presented no contact token of the receiver): it counts
     // in the device's stranger pool. Copies stored before the column count as contacts'.
     ("copies", "stranger", "INTEGER NOT NULL DEFAULT 0"),
+    // The device set the copy aside without showing it (`AckKind::Discarded`): never handed out
+    // again, otherwise kept as if never fetched until the message's TTL ends.
+    ("copies", "discarded", "INTEGER NOT NULL DEFAULT 0"),
+    // The tombstone is of a message delivered without a receipt (`AckKind::ShownWithoutReceipt`),
+    // not of a withdrawn one: a withdraw answers delivered.
+    ("withdrawn", "delivered", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// How long a receipt stored before `receipts.expires_at` existed still waits, from the open that
