@@ -250,3 +250,213 @@ fn a_shown_message_from_a_stranger_gets_no_receipt_and_a_contacts_does() {
         });
     }
 }
+
+/// A lookup of `number` on `client`'s own session with `proofs` instead of the ones its client
+/// would make: the presence the server answers.
+async fn lookup_with(
+    client: &tidings_client::client::Client,
+    number: &str,
+    proofs: Vec<frame::PresenceProof>,
+) -> i32 {
+    let mut session = client.session(false).await.expect("session");
+    let request_id = session.request_id();
+    let request = Kind::Lookup(frame::Lookup {
+        request_id,
+        numbers: vec![number.to_string()],
+        proofs,
+    });
+    match session.call(request, request_id).await.expect("lookup") {
+        Kind::LookupResult(result) => result.entries[0].presence,
+        other => panic!("a lookup answered {other:?}"),
+    }
+}
+
+/// The proofs `holder`'s device makes for `number`'s devices from the tokens it holds, for the
+/// hour `hours_ago` hours before now.
+fn proofs_of(holder: &User, number: &str, hours_ago: u64) -> Vec<frame::PresenceProof> {
+    let mut inbox = holder.client().inbox().expect("inbox");
+    let tokens = inbox
+        .look(|crypto| crypto.presence_tokens_of(number))
+        .expect("tokens");
+    assert!(!tokens.is_empty(), "no presence token held");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let epoch = tidings_core::presence::epoch(now) - hours_ago;
+    tokens
+        .into_iter()
+        .map(|(device, token)| frame::PresenceProof {
+            account: Vec::new(),
+            device_id: device.as_bytes().to_vec(),
+            mac: tidings_core::presence::proof(&token, epoch).to_vec(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_token_passed_on_a_stale_proof_and_a_rotated_key_prove_nothing() {
+    let server = Server::start(&[]);
+    let bob = User::register(&number(), &server, &[]);
+    let carol = User::register(&number(), &server, &[]);
+    let eve = User::register(&number(), &server, &[]);
+    let dave = User::register(&number(), &server, &[]);
+    let listening = bob_online_for_carol(&bob, &carol);
+    let online = frame::Presence::Online as i32;
+    let offline = frame::Presence::Offline as i32;
+    let (carol_client, eve_client) = (carol.client(), eve.client());
+    block_on(async {
+        // Carol's proofs hold for her, for this hour and the last, not for the one before.
+        assert_eq!(
+            lookup_with(
+                &carol_client,
+                &bob.number,
+                proofs_of(&carol, &bob.number, 0)
+            )
+            .await,
+            online
+        );
+        assert_eq!(
+            lookup_with(
+                &carol_client,
+                &bob.number,
+                proofs_of(&carol, &bob.number, 1)
+            )
+            .await,
+            online
+        );
+        assert_eq!(
+            lookup_with(
+                &carol_client,
+                &bob.number,
+                proofs_of(&carol, &bob.number, 2)
+            )
+            .await,
+            offline
+        );
+        // Passed on to Eve, the same proofs prove nothing: they are bound to Carol's device.
+        assert_eq!(
+            lookup_with(&eve_client, &bob.number, proofs_of(&carol, &bob.number, 0)).await,
+            offline
+        );
+    });
+    // Bob makes a new presence key: Carol's token is revoked; Dave, written to since, sees him.
+    drop(listening);
+    let settings = bob.ok(&["--json", "settings", "--presence-rotate"]);
+    assert!(
+        settings.contains("\"presence_key_rotated\":true"),
+        "{settings}"
+    );
+    let (answer, code) = bob.send(&dave.number, "hello dave", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(dave.receive(1, PATIENCE).len(), 1);
+    let _listening = Listener::start(&bob);
+    assert!(eventually(patience(), || dave.lookup(&[&bob.number])[0].1 == "online"));
+    assert_eq!(carol.lookup(&[&bob.number])[0].1, "offline");
+}
+
+#[test]
+fn everyone_shows_to_strangers_and_nobody_not_even_to_contacts() {
+    let server = Server::start(&[]);
+    let bob = User::register(&number(), &server, &[]);
+    let carol = User::register(&number(), &server, &[]);
+    let alice = User::register(&number(), &server, &[]);
+    let (answer, code) = bob.send(&carol.number, "hello carol", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(carol.receive(1, PATIENCE).len(), 1);
+    // The setting is kept in the profile and sent by every listening session.
+    let shown = bob.ok(&["--json", "settings", "--presence", "everyone"]);
+    assert!(shown.contains("\"presence\":\"everyone\""), "{shown}");
+    assert!(bob
+        .ok(&["--json", "settings"])
+        .contains("\"presence\":\"everyone\""));
+    {
+        let _listening = Listener::start(&bob);
+        assert!(eventually(patience(), || alice.lookup(&[&bob.number])[0].1 == "online"));
+    }
+    bob.ok(&["settings", "--presence", "nobody"]);
+    let listening = Listener::start(&bob);
+    // Once bob's new session shows a message, it has told the server its setting.
+    let (answer, code) = carol.send(&bob.number, "are you there", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    listening.wait_for(|event| event["type"] == "message" && event["text"] == "are you there");
+    assert_eq!(carol.lookup(&[&bob.number])[0].1, "offline");
+    assert_eq!(alice.lookup(&[&bob.number])[0].1, "offline");
+    // Without --json, a user not shown online is named for what it is.
+    let out = alice.ok(&["lookup", &bob.number]);
+    assert!(out.contains("a user, not reachable now"), "{out}");
+}
+
+#[test]
+fn malformed_presence_settings_and_proofs_get_a_clear_error() {
+    let server = Server::start(&[]);
+    let bob = User::register(&number(), &server, &[]);
+    let alice = User::register(&number(), &server, &[]);
+    let client = alice.client();
+    block_on(async {
+        let mut session = client.session(false).await.expect("session");
+        let proof = |device: usize, mac: usize| frame::PresenceProof {
+            account: Vec::new(),
+            device_id: vec![1; device],
+            mac: vec![2; mac],
+        };
+        let requests = [
+            Kind::PresenceSet(frame::PresenceSet {
+                request_id: 1,
+                mode: frame::PresenceMode::Contacts as i32,
+                key: vec![0; 31],
+            }),
+            Kind::PresenceSet(frame::PresenceSet {
+                request_id: 2,
+                mode: 9,
+                key: vec![0; 32],
+            }),
+            Kind::Lookup(frame::Lookup {
+                request_id: 3,
+                numbers: vec![bob.number.clone()],
+                proofs: vec![proof(16, 31)],
+            }),
+            Kind::Lookup(frame::Lookup {
+                request_id: 4,
+                numbers: vec![bob.number.clone()],
+                proofs: vec![proof(15, 32)],
+            }),
+            Kind::Lookup(frame::Lookup {
+                request_id: 5,
+                numbers: vec![bob.number.clone()],
+                proofs: vec![proof(16, 32); tidings_proto::MAX_LOOKUP_PROOFS + 1],
+            }),
+        ];
+        for (request_id, request) in (1..).zip(requests) {
+            match session.call(request, request_id).await.expect("answer") {
+                Kind::Error(e) => {
+                    assert_eq!(
+                        e.code,
+                        frame::ErrorCode::InvalidRequest as i32,
+                        "{}",
+                        e.message
+                    );
+                    assert!(!e.fatal);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut send = client
+            .prepare_send(&bob.number, "hello", MessageId([7; 16]))
+            .await
+            .expect("encrypt");
+        send.presence_proofs = vec![proof(16, 32); tidings_proto::MAX_SEND_PROOFS + 1];
+        let answer = send_on(&mut session, send).await;
+        assert_eq!(answer.outcome, SendOutcome::Invalid as i32, "{answer:?}");
+        // The session goes on: a valid setting is taken.
+        let request = Kind::PresenceSet(frame::PresenceSet {
+            request_id: 6,
+            mode: frame::PresenceMode::Everyone as i32,
+            key: vec![0; 32],
+        });
+        assert!(matches!(
+            session.call(request, 6).await.expect("answer"),
+            Kind::PresenceSetResult(_)
+        ));
+    });
+}

@@ -292,6 +292,8 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let other = alice.link_device(&server);
+    // Shows herself online to everyone (the default is only the people she wrote to).
+    alice.ok(&["settings", "--presence", "everyone"]);
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, other_client, bob_client) = (alice.client(), other.client(), bob.client());
     let stalled_device = alice_client.device();

@@ -105,6 +105,8 @@ fn online_receiver_gets_it_over_ip_and_no_sms() {
         &["--receipt-timeout", &receipt_timeout],
     );
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
@@ -224,6 +226,8 @@ fn a_stored_but_unconfirmed_message_the_sender_withdrew_is_never_shown_after_a_r
     assert_eq!(answer["outcome"], "queued", "{answer}");
     assert_eq!(bob.receive_texts(1, PATIENCE), ["hello first"]);
 
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = bob.spawn(&["--json", "listen", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
