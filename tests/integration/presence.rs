@@ -306,39 +306,18 @@ fn a_token_passed_on_a_stale_proof_and_a_rotated_key_prove_nothing() {
     let offline = frame::Presence::Offline as i32;
     let (carol_client, eve_client) = (carol.client(), eve.client());
     block_on(async {
-        // Carol's proofs hold for her, for this hour and the last, not for the one before.
-        assert_eq!(
-            lookup_with(
-                &carol_client,
-                &bob.number,
-                proofs_of(&carol, &bob.number, 0)
-            )
-            .await,
-            online
-        );
-        assert_eq!(
-            lookup_with(
-                &carol_client,
-                &bob.number,
-                proofs_of(&carol, &bob.number, 1)
-            )
-            .await,
-            online
-        );
-        assert_eq!(
-            lookup_with(
-                &carol_client,
-                &bob.number,
-                proofs_of(&carol, &bob.number, 2)
-            )
-            .await,
-            offline
-        );
-        // Passed on to Eve, the same proofs prove nothing: they are bound to Carol's device.
-        assert_eq!(
-            lookup_with(&eve_client, &bob.number, proofs_of(&carol, &bob.number, 0)).await,
-            offline
-        );
+        // Carol's proofs hold for her, for this hour and the last, not for the one before;
+        // passed on to Eve, they prove nothing: they are bound to Carol's device.
+        for (asker, hours_ago, expected) in [
+            (&carol_client, 0, online),
+            (&carol_client, 1, online),
+            (&carol_client, 2, offline),
+            (&eve_client, 0, offline),
+        ] {
+            let proofs = proofs_of(&carol, &bob.number, hours_ago);
+            let presence = lookup_with(asker, &bob.number, proofs).await;
+            assert_eq!(presence, expected, "{hours_ago} hours ago");
+        }
     });
     // Bob makes a new presence key: Carol's token is revoked; Dave, written to since, sees him.
     drop(listening);

@@ -389,17 +389,6 @@ struct Entry {
     presence: Option<Box<Setting>>,
 }
 
-impl Entry {
-    /// Whether this session shows its device online to `asker`, who presented `mac` for it.
-    fn shows_to(&self, asker: DeviceId, mac: Option<&Secret>, now: Millis) -> bool {
-        self.listen
-            && self
-                .presence
-                .as_ref()
-                .is_some_and(|setting| setting.shows_to(asker, mac, now))
-    }
-}
-
 /// The device holds as many sessions as it may; the newest is refused, never an older one (a
 /// client that lost its connection gets in again once the lost session's heartbeat lapses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,17 +574,31 @@ impl Hub {
         proofs: &[(DeviceId, Secret)],
         now: Millis,
     ) -> usize {
-        let Ok(sessions) = self.sessions.lock() else {
-            return 0;
+        // The settings are copied out under the lock and the proofs checked after it, so that
+        // no HMAC is computed while every session's delivery waits for the hub.
+        let settings: Vec<(DeviceId, Vec<Setting>)> = {
+            let Ok(sessions) = self.sessions.lock() else {
+                return 0;
+            };
+            devices
+                .into_iter()
+                .map(|device| {
+                    let listening = sessions.of(device).filter(|entry| entry.listen);
+                    let shown = listening.filter_map(|entry| entry.presence.as_deref().cloned());
+                    (*device, shown.collect())
+                })
+                .collect()
         };
-        devices
-            .into_iter()
-            .filter(|device| {
+        settings
+            .iter()
+            .filter(|(device, settings)| {
                 let mac = proofs
                     .iter()
-                    .find(|(proven, _)| proven == *device)
+                    .find(|(proven, _)| proven == device)
                     .map(|(_, mac)| mac);
-                sessions.of(device).any(|e| e.shows_to(asker, mac, now))
+                settings
+                    .iter()
+                    .any(|setting| setting.shows_to(asker, mac, now))
             })
             .count()
     }
@@ -858,5 +861,45 @@ mod tests {
             .map(|mailbox| std::iter::from_fn(|| mailbox.try_recv()).count())
             .collect();
         assert_eq!(counts, [2, 1, 3]);
+    }
+
+    #[test]
+    fn a_device_is_visible_only_as_its_listening_sessions_setting_allows() {
+        use tidings_core::presence::{proof, token, Mode};
+        let hub = Arc::new(Hub::default());
+        let device = DeviceId([1; DeviceId::LEN]);
+        let asker = DeviceId([2; DeviceId::LEN]);
+        let (listening, quiet) = (Mailbox::new(), Mailbox::new());
+        let _listen = hub.add(device, true, Arc::clone(&listening), 4).ok();
+        let _quiet = hub.add(device, false, Arc::clone(&quiet), 4).ok();
+        let key = [9; 32];
+        let mac = proof(&token(&key, asker), 0);
+        let visible =
+            |proofs: &[(DeviceId, Secret)]| hub.count_visible([&device], asker, proofs, 0);
+        // Online, but no setting yet: shown to nobody.
+        assert_eq!(visible(&[(device, mac)]), 0);
+        // A session that does not listen shows nothing, whatever it sets.
+        let everyone = Setting {
+            mode: Mode::Everyone,
+            key,
+        };
+        assert!(hub.set_presence(&device, &quiet, everyone));
+        assert_eq!(visible(&[]), 0);
+        let contacts = Setting {
+            mode: Mode::Contacts,
+            key,
+        };
+        assert!(hub.set_presence(&device, &listening, contacts));
+        assert_eq!(visible(&[]), 0);
+        assert_eq!(visible(&[(device, mac)]), 1);
+        assert_eq!(visible(&[(asker, mac)]), 0);
+        assert!(!hub.set_presence(
+            &device,
+            &Mailbox::new(),
+            Setting {
+                mode: Mode::Nobody,
+                key
+            }
+        ));
     }
 }
