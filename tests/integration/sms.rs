@@ -140,6 +140,8 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
     let (alice_number, bob_number) = (number(), number());
     let alice = with_kannel(&alice_number, &server, &kannel, &["--receipt-timeout", "1"]);
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let bob_client = bob.client();
     let secret = "withdrawn before anyone saw it";
     block_on(async {
