@@ -212,6 +212,14 @@ impl TrustArgs {
 /// The flags of `tidings settings`.
 #[derive(Debug, clap::Args)]
 pub struct SettingsArgs {
+    /// Who may see this device online: contacts (those it wrote to), everyone (who knows the
+    /// number) or nobody. A change makes a new presence key, as --presence-rotate does
+    #[arg(long, value_parser = ["contacts", "everyone", "nobody"])]
+    pub presence: Option<String>,
+    /// Make a new presence key: nobody who could see this device online can until it writes to
+    /// them again
+    #[arg(long)]
+    pub presence_rotate: bool,
     /// Default route: auto, ip-only, sms-only or queue-then-sms
     #[arg(long, value_parser = ["auto", "ip-only", "sms-only", "queue-then-sms"])]
     pub route: Option<String>,

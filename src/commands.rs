@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tidings_client::client::{self, Client, Event, SendReport};
-use tidings_client::profile::Profile;
+use tidings_client::inbox::Change;
+use tidings_client::profile::{Profile, ShowOnline};
 use tidings_client::route;
 use tidings_client::vault::Passphrase;
 use tidings_client::{defaults, ClientError};
@@ -17,7 +18,7 @@ use tidings_core::fallback::Route;
 use tidings_gateway::modem::ModemConfig;
 use tidings_gateway::smpp::{BindMode, Concatenation, SmppConfig};
 use tidings_gateway::TransportConfig;
-use tidings_proto::frame::{ReceiptKind, SendMode, SendOutcome};
+use tidings_proto::frame::{Presence, ReceiptKind, SendMode, SendOutcome};
 use tidings_proto::id::DeviceId;
 
 use crate::cli::{
@@ -424,10 +425,20 @@ pub async fn lookup(context: &Context, numbers: &[String]) -> anyhow::Result<Exi
         if context.json {
             print_json(json!({ "number": number, "presence": presence.as_str() }));
         } else {
-            println!("{number}\t{}", presence.as_str().replace('_', " "));
+            println!("{number}\t{}", presence_shown(presence));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `tidings lookup` shows a presence: a user not shown online may be offline or may not
+/// show itself to this device, and it still gets messages.
+fn presence_shown(presence: Presence) -> &'static str {
+    match presence {
+        Presence::Online => "online",
+        Presence::Offline => "a user, not reachable now",
+        Presence::NotAUser => "not a user",
+    }
 }
 
 /// `tidings disable`: opt out.
@@ -442,12 +453,26 @@ pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tidings settings`: change the profile's routing and SMS transport (no network), or make a
-/// new contact token and publish it (`--rotate-contact-token`, the one flag that needs the
-/// server), then show them.
+/// `tidings settings`: change the profile's routing, SMS transport and presence (no network),
+/// or make a new contact token and publish it (`--rotate-contact-token`, the one flag that needs
+/// the server), then show them. A new presence mode, or `--presence-rotate`, makes a new presence
+/// key (sealed: this needs the passphrase); a listening session sends them at its next login.
 pub async fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Result<ExitCode> {
     let mut data = context.profile.load()?.ok_or(ClientError::NotRegistered)?;
     let rotate_contact_token = settings.rotate_contact_token;
+    let mut rotate = settings.presence_rotate;
+    if let Some(mode) = settings.presence.as_deref().and_then(ShowOnline::parse) {
+        rotate |= mode != data.presence;
+        data.presence = mode;
+    }
+    if rotate {
+        let client = context.unlocked()?;
+        let mut inbox = client.inbox()?;
+        inbox.update(|_, crypto| {
+            crypto.rotate_presence_key();
+            Ok(Change::Save(()))
+        })?;
+    }
     let routing = &mut data.routing;
     if let Some(route) = settings.route.clone() {
         routing.route = route;
@@ -482,8 +507,11 @@ pub async fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Resu
             format!("modem {} at {} baud", modem.port.display(), modem.baud)
         }
     };
+    let presence = data.presence.as_str();
     if context.json {
         print_json(json!({
+            "presence": presence,
+            "presence_key_rotated": rotate,
             "route": routing.route,
             "fallback_after_seconds": routing.fallback_after_seconds,
             "receipt_timeout_seconds": routing.receipt_timeout_seconds,
@@ -498,7 +526,8 @@ pub async fn settings(context: &Context, settings: SettingsArgs) -> anyhow::Resu
             );
         }
         println!(
-            "route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
+            "online shown to {presence}{}; route {}; fallback after {} s; receipt timeout {} s; at most {} SMS parts; SMS transport: {sms}",
+            if rotate { " (new presence key)" } else { "" },
             routing.route, routing.fallback_after_seconds, routing.receipt_timeout_seconds, routing.max_sms_parts
         );
     }

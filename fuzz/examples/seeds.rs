@@ -51,15 +51,32 @@ fn frames() {
                 payload: Bytes::from(envelope.clone()),
             }],
             receiver_contact_token: vec![14; 32],
+            presence_proofs: vec![PresenceProof {
+                account: vec![15; 32],
+                device_id: id.clone(),
+                mac: vec![16; 32],
+            }],
         }),
         Kind::Ack(Ack {
             sender_device: id.clone(),
             id: id.clone(),
+            discard: true,
+            no_receipt: false,
+        }),
+        Kind::PresenceSet(PresenceSet {
+            request_id: 9,
+            mode: PresenceMode::Contacts as i32,
+            key: vec![17; 32],
         }),
         Kind::ReceiptAck(ReceiptAck { id: id.clone() }),
         Kind::Lookup(Lookup {
             request_id: 2,
             numbers: vec![number.clone(), "+12015550123".into()],
+            proofs: vec![PresenceProof {
+                account: Vec::new(),
+                device_id: id.clone(),
+                mac: vec![18; 32],
+            }],
         }),
         Kind::Devices(DevicesRequest {
             request_id: 3,
@@ -218,6 +235,7 @@ fn payloads() {
         id: vec![7; 16],
         to: "+4915187654321".into(),
         sender_contact_token: vec![16; 32],
+        sender_presence_token: vec![19; 32],
     };
     write("payload", "content", &content.encode_to_vec());
     // Real Olm messages: a pre-key message opening a session, then a normal one.

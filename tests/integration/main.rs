@@ -17,6 +17,7 @@ mod linking;
 mod messaging;
 mod operations;
 mod own_sms;
+mod presence;
 mod privacy;
 mod queues;
 mod registration;

@@ -23,6 +23,8 @@ fn lookup_in_all_three_states_and_accepted_with_receipt() {
     assert_eq!(states[1].1, "not_a_user");
     assert_eq!(states[2].1, "not_a_user");
 
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
@@ -51,6 +53,8 @@ fn queued_then_delivered_and_refused_stores_nothing() {
     let (alice_number, bob_number, stranger) = (number(), number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    // He sends receipts to everyone (by default only to the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
 
     let (answer, code) = alice.send(&bob_number, "kept for later", &[]);
     assert_eq!((answer["outcome"].as_str(), code), (Some("queued"), 0));
@@ -196,6 +200,8 @@ fn a_dead_connection_stops_counting_as_online() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let mut listener = bob.spawn(&["listen"]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
     // Freeze the listener: its socket stays open but it no longer speaks.
@@ -268,6 +274,8 @@ fn listen_reconnects_after_the_server_restarts_and_shows_each_message_once() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let mut listener = bob.spawn(&["--json", "listen", "--count", "2"]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
     let (answer, code) = alice.send(&bob_number, "before the restart", &["--route", "ip-only"]);

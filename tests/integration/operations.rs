@@ -482,6 +482,8 @@ fn sigterm_closes_idle_sessions_without_waiting_out_the_grace_period() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let mut listener = bob.spawn(&["listen"]);
     assert!(crate::support::eventually(patience(), || {
         alice.lookup(&[&bob_number])[0].1 == "online"

@@ -213,6 +213,8 @@ fn registering_again_replaces_the_old_device_and_its_queue() {
     crate::support::marker_comes_first(&alice, &new_phone, "for the new phone");
 
     // A live session of a replaced device is told so and closed.
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    new_phone.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = new_phone.spawn(&["listen", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));

@@ -149,6 +149,7 @@ fn replayed_acks_and_a_spoofed_sender() {
         let bogus = frame::Ack {
             sender_device: vec![0; 16],
             id: vec![0; 16],
+            ..Default::default()
         };
         bob_session.send(Kind::Ack(bogus)).await.expect("ack");
         let mut statuses = Vec::new();
@@ -181,6 +182,7 @@ fn replayed_acks_and_a_spoofed_sender() {
         let real = frame::Ack {
             sender_device: alice_client.device().as_bytes().to_vec(),
             id: vec![9; 16],
+            ..Default::default()
         };
         bob_session.send(Kind::Ack(real)).await.expect("ack");
         let deadline = Instant::now() + patience();
@@ -290,6 +292,8 @@ fn a_removed_device_whose_queue_is_full_serves_no_further_request() {
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let other = alice.link_device(&server);
+    // Shows herself online to everyone (the default is only the people she wrote to).
+    alice.ok(&["settings", "--presence", "everyone"]);
     let bob = User::register(&bob_number, &server, &[]);
     let (alice_client, other_client, bob_client) = (alice.client(), other.client(), bob.client());
     let stalled_device = alice_client.device();

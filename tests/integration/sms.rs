@@ -105,6 +105,8 @@ fn online_receiver_gets_it_over_ip_and_no_sms() {
         &["--receipt-timeout", &receipt_timeout],
     );
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));
@@ -138,6 +140,8 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
     let (alice_number, bob_number) = (number(), number());
     let alice = with_kannel(&alice_number, &server, &kannel, &["--receipt-timeout", "1"]);
     let bob = User::register(&bob_number, &server, &[]);
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let bob_client = bob.client();
     let secret = "withdrawn before anyone saw it";
     block_on(async {
@@ -172,6 +176,7 @@ fn receipt_timeout_withdraws_then_sms_and_the_receiver_never_shows_it() {
             .send(Kind::Ack(frame::Ack {
                 sender_device: deliver.sender_device,
                 id: deliver.id,
+                ..Default::default()
             }))
             .await
             .expect("ack");
@@ -223,6 +228,8 @@ fn a_stored_but_unconfirmed_message_the_sender_withdrew_is_never_shown_after_a_r
     assert_eq!(answer["outcome"], "queued", "{answer}");
     assert_eq!(bob.receive_texts(1, PATIENCE), ["hello first"]);
 
+    // Shows himself online to everyone (the default is only the people he wrote to).
+    bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let mut listener = bob.spawn(&["--json", "listen", "--timeout", &until]);
     assert!(eventually(patience(), || alice.lookup(&[&bob_number])[0].1 == "online"));

@@ -12,7 +12,7 @@ use tidings_proto::id::DeviceId;
 
 use crate::inbox::{Change, Inbox};
 use crate::net::Endpoint;
-use crate::profile::{Profile, ProfileData, Routing};
+use crate::profile::{Profile, ProfileData, Routing, ShowOnline};
 use crate::session::{KeySupply, Session};
 use crate::vault::{Passphrase, Vault};
 use crate::{ClientError, Result};
@@ -94,9 +94,43 @@ impl Account {
         &self.profile
     }
 
-    /// Opens a session, unsealing the login key the first time.
+    /// Who may see this device online.
+    pub fn presence(&self) -> ShowOnline {
+        self.data.presence
+    }
+
+    /// Opens a session, unsealing the login key the first time. A listening session (the one
+    /// that makes the device online) first tells the server who may see it online: until it
+    /// does, the server shows it to nobody.
     pub async fn session(&self, listen: bool) -> Result<Session> {
-        Session::open(&self.endpoint, self.device, self.login_key()?, listen).await
+        let mut session =
+            Session::open(&self.endpoint, self.device, self.login_key()?, listen).await?;
+        if listen {
+            self.set_presence(&mut session).await?;
+        }
+        Ok(session)
+    }
+
+    /// Sends the presence mode and key (`PresenceSet`).
+    async fn set_presence(&self, session: &mut Session) -> Result<()> {
+        let mode = self.presence();
+        let key = match mode {
+            ShowOnline::Nobody => Vec::new(),
+            _ => self.inbox()?.look(|crypto| crypto.presence_key())?.to_vec(),
+        };
+        let request_id = session.request_id();
+        let request = Kind::PresenceSet(frame::PresenceSet {
+            request_id,
+            mode: mode.wire() as i32,
+            key,
+        });
+        match session.call(request, request_id).await? {
+            Kind::PresenceSetResult(_) => Ok(()),
+            Kind::Error(e) => Err(e.into()),
+            _ => Err(ClientError::Protocol(
+                "unexpected answer to a presence setting".into(),
+            )),
+        }
     }
 
     fn login_key(&self) -> Result<&SigningKey> {

@@ -7,8 +7,10 @@
 
 use tidings_proto::frame::{self, Kind, Presence};
 use tidings_proto::number::E164;
+use tidings_proto::MAX_LOOKUP_PROOFS;
 
 use crate::account::{key_of, Account};
+use crate::clock::now_ms;
 use crate::inbox::Change;
 use crate::{ClientError, Result};
 
@@ -24,13 +26,29 @@ pub struct Fingerprint {
     pub known: bool,
 }
 
-/// Looks up numbers: online, offline or not a user. Order follows `numbers`.
+/// Looks up numbers: online, offline or not a user. Order follows `numbers`. A user is online
+/// only if one of its devices shows itself to this one: to everyone, or to those holding its
+/// presence token (which a device hands whoever it writes to); a proof goes with the lookup for
+/// each token held, up to `MAX_LOOKUP_PROOFS`.
 pub async fn lookup(account: &Account, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
+    let proofs = {
+        let mut inbox = account.inbox()?;
+        let now = now_ms();
+        inbox.look(|crypto| {
+            let mut proofs = Vec::new();
+            for number in numbers.iter().filter_map(|n| E164::parse(n).ok()) {
+                let room = MAX_LOOKUP_PROOFS.saturating_sub(proofs.len());
+                proofs.extend(crypto.presence_proofs(number.as_str(), now, room));
+            }
+            proofs
+        })?
+    };
     let mut session = account.session(false).await?;
     let request_id = session.request_id();
     let request = Kind::Lookup(frame::Lookup {
         request_id,
         numbers: numbers.to_vec(),
+        proofs,
     });
     match session.call(request, request_id).await? {
         Kind::LookupResult(result) => Ok(result

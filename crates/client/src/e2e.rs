@@ -94,6 +94,15 @@ pub struct Crypto {
     contact_token_published: bool,
     /// Contact tokens received from others, by their number: attached to what is sent to them.
     contact_tokens: BTreeMap<String, [u8; 32]>,
+    /// This device's presence key: the tokens it hands the devices it writes to derive from
+    /// it (`tidings_core::presence::token`); a new one revokes them all.
+    presence_key: [u8; 32],
+    /// Presence tokens received, by the number and the device that handed them: with one, this
+    /// device may see that device online.
+    presence_tokens: BTreeMap<(String, DeviceId), [u8; 32]>,
+    /// The numbers this device has written to: their messages get a receipt whatever the
+    /// presence mode (a receipt tells a stranger that a device is online).
+    written_to: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Crypto {
@@ -117,9 +126,16 @@ struct Pickle {
     contact_token_published: bool,
     #[serde(default)]
     contact_tokens: Vec<(String, [u8; 32])>,
+    /// Absent in a state saved before presence keys: a new one is made on load.
+    #[serde(default)]
+    presence_key: Option<[u8; 32]>,
+    #[serde(default)]
+    presence_tokens: Vec<(String, DeviceIdText, [u8; 32])>,
+    #[serde(default)]
+    written_to: Vec<String>,
 }
 
-/// A fresh contact token: 256 random bits.
+/// A fresh contact token or presence key: 256 random bits.
 fn new_contact_token() -> [u8; 32] {
     use rand::RngCore as _;
     let mut token = [0u8; 32];
@@ -153,6 +169,9 @@ impl Crypto {
             contact_token: new_contact_token(),
             contact_token_published: false,
             contact_tokens: BTreeMap::new(),
+            presence_key: new_contact_token(),
+            presence_tokens: BTreeMap::new(),
+            written_to: BTreeSet::new(),
         }
     }
 
@@ -162,6 +181,7 @@ impl Crypto {
         if let Some(old) = old {
             new.trusted = old.trusted;
             new.contact_tokens = old.contact_tokens;
+            new.written_to = old.written_to;
         }
         new
     }
@@ -187,6 +207,9 @@ impl Crypto {
             contact_token: self.contact_token,
             contact_token_published: self.contact_token_published,
             contact_tokens: self.contact_tokens.clone(),
+            presence_key: self.presence_key,
+            presence_tokens: self.presence_tokens.clone(),
+            written_to: self.written_to.clone(),
         }
     }
 
@@ -216,6 +239,15 @@ impl Crypto {
                 .iter()
                 .map(|(number, token)| (number.clone(), *token))
                 .collect(),
+            presence_key: Some(self.presence_key),
+            presence_tokens: self
+                .presence_tokens
+                .iter()
+                .map(|((number, device), token)| {
+                    (number.clone(), DeviceIdText(device.to_text()), *token)
+                })
+                .collect(),
+            written_to: self.written_to.iter().cloned().collect(),
         };
         serde_json::to_vec(&pickle)
             .map(Zeroizing::new)
@@ -249,7 +281,83 @@ impl Crypto {
                 && pickle.contact_token_published,
             contact_token: pickle.contact_token.unwrap_or_else(new_contact_token),
             contact_tokens: pickle.contact_tokens.into_iter().collect(),
+            presence_key: pickle.presence_key.unwrap_or_else(new_contact_token),
+            presence_tokens: pickle
+                .presence_tokens
+                .into_iter()
+                .filter_map(|(number, device, token)| {
+                    Some(((number, DeviceId::from_text(&device.0)?), token))
+                })
+                .collect(),
+            written_to: pickle.written_to.into_iter().collect(),
         })
+    }
+
+    /// This device's presence key (sent to the server by a listening session).
+    pub fn presence_key(&self) -> [u8; 32] {
+        self.presence_key
+    }
+
+    /// Replaces the presence key: every token handed out so far stops working.
+    pub fn rotate_presence_key(&mut self) {
+        self.presence_key = new_contact_token();
+    }
+
+    /// Keeps the presence token a message from `device` of `number` carried (the newest wins);
+    /// call only once the message is known to come from a device of `number`.
+    pub fn remember_presence_token(&mut self, number: &str, device: DeviceId, token: &[u8]) {
+        if let Ok(token) = <[u8; 32]>::try_from(token) {
+            self.presence_tokens
+                .insert((number.to_string(), device), token);
+        }
+    }
+
+    /// The presence tokens the devices of `number` handed us.
+    pub fn presence_tokens_of(&self, number: &str) -> Vec<(DeviceId, [u8; 32])> {
+        self.presence_tokens
+            .iter()
+            .filter(|((n, _), _)| n == number)
+            .map(|((_, device), token)| (*device, *token))
+            .collect()
+    }
+
+    /// Proofs, for the hour `now` falls in, that this device may see the devices of `number`
+    /// online: one per presence token they handed it, at most `most`.
+    pub fn presence_proofs(
+        &self,
+        number: &str,
+        now: u64,
+        most: usize,
+    ) -> Vec<frame::PresenceProof> {
+        let epoch = tidings_core::presence::epoch(now);
+        self.presence_tokens_of(number)
+            .into_iter()
+            .take(most)
+            .map(|(device, token)| frame::PresenceProof {
+                // The device id says which device it is for; the account's pseudonym is not
+                // known here, and not needed.
+                account: Vec::new(),
+                device_id: device.as_bytes().to_vec(),
+                mac: tidings_core::presence::proof(&token, epoch).to_vec(),
+            })
+            .collect()
+    }
+
+    /// The presence token this device hands `device` (inside what it writes there).
+    pub fn presence_token_for(&self, device: DeviceId) -> [u8; 32] {
+        tidings_core::presence::token(&self.presence_key, device)
+    }
+
+    /// Notes that this device wrote to `number`.
+    pub fn note_written_to(&mut self, number: &str) {
+        if !self.written_to.contains(number) {
+            self.written_to.insert(number.to_string());
+        }
+    }
+
+    /// Whether this device has written to `number`.
+    pub fn has_written_to(&self, number: &str) -> bool {
+        self.written_to.contains(number)
     }
 
     /// This device's contact token, to put in every message it sends.

@@ -20,6 +20,7 @@ use crate::account::{key_of, Account};
 use crate::clock::{far_future, instant_at};
 use crate::e2e::Crypto;
 use crate::inbox::{Change, Inbox, Received};
+use crate::profile::ShowOnline;
 use crate::route::{outcome_name, Router};
 use crate::session::Session;
 use crate::{ClientError, Result};
@@ -150,7 +151,7 @@ pub async fn listen(
 async fn connect(account: &Account, inbox: &mut Inbox) -> Result<Session> {
     let mut open = account.session(true).await?;
     account.ensure_keys(inbox, &mut open).await?;
-    acknowledge_unshown(inbox, &mut open).await?;
+    acknowledge_unshown(account, inbox, &mut open).await?;
     Ok(open)
 }
 
@@ -261,7 +262,7 @@ async fn listen_on(
                 ) else {
                     continue;
                 };
-                if let Err(reason) = receive(
+                let shown = match receive(
                     account,
                     inbox,
                     not_theirs,
@@ -272,21 +273,23 @@ async fn listen_on(
                 )
                 .await?
                 {
-                    // Discarded for good: acknowledged below so the server deletes it, and
-                    // reported once.
-                    if !handle(Event::Rejected {
-                        sender_device,
-                        id,
-                        reason,
-                    }) {
-                        return Ok(());
+                    Ok(()) => true,
+                    Err(reason) => {
+                        // Discarded for good: acknowledged below as such (no receipt: its sender
+                        // learns nothing it would not learn from a device offline), and reported
+                        // once.
+                        if !handle(Event::Rejected {
+                            sender_device,
+                            id,
+                            reason,
+                        }) {
+                            return Ok(());
+                        }
+                        false
                     }
-                }
-                open.send(Kind::Ack(frame::Ack {
-                    sender_device: deliver.sender_device,
-                    id: deliver.id,
-                }))
-                .await?;
+                };
+                let ack = acknowledgement(account, inbox, sender_device, id, shown)?;
+                open.send(ack).await?;
             }
             Kind::AckResult(result) => {
                 let (Some(sender_device), Some(id)) = (
@@ -343,19 +346,48 @@ async fn listen_on(
 /// come back as `AckResult`s and are handled like any other: shown on `CONFIRMED` or `UNKNOWN`,
 /// discarded on `WITHDRAWN`. Showing them without asking would show a message its sender
 /// withdrew meanwhile and sent as SMS: shown twice, by both routes.
-async fn acknowledge_unshown(inbox: &Inbox, session: &mut Session) -> Result<()> {
+async fn acknowledge_unshown(
+    account: &Account,
+    inbox: &mut Inbox,
+    session: &mut Session,
+) -> Result<()> {
     let unshown = inbox.unshown()?;
     if unshown.is_empty() {
         return Ok(());
     }
-    session
-        .send_many(unshown.into_iter().map(|(sender_device, id)| {
-            Kind::Ack(frame::Ack {
-                sender_device: sender_device.as_bytes().to_vec(),
-                id: id.as_bytes().to_vec(),
-            })
-        }))
-        .await
+    let acks = unshown
+        .into_iter()
+        .map(|(sender_device, id)| acknowledgement(account, inbox, sender_device, id, true))
+        .collect::<Result<Vec<_>>>()?;
+    session.send_many(acks).await
+}
+
+/// The acknowledgement of a delivery (promise P7: no receipt reveals this device to a stranger).
+/// One not `shown` is discarded: its sender sees what it would see for a device that never came
+/// online. One shown asks for no receipt unless this device shows itself to everyone or has
+/// written to the sender's number (a sender not checked to be the number's counts as a
+/// stranger); the decision is this device's, the server keeps no list.
+fn acknowledgement(
+    account: &Account,
+    inbox: &mut Inbox,
+    sender_device: DeviceId,
+    id: MessageId,
+    shown: bool,
+) -> Result<Kind> {
+    let receipt = shown
+        && (account.presence() == ShowOnline::Everyone
+            || inbox.look(|crypto| {
+                crypto
+                    .device(sender_device)
+                    .and_then(|known| known.number.as_deref())
+                    .is_some_and(|number| crypto.has_written_to(number))
+            })?);
+    Ok(Kind::Ack(frame::Ack {
+        sender_device: sender_device.as_bytes().to_vec(),
+        id: id.as_bytes().to_vec(),
+        discard: !shown,
+        no_receipt: shown && !receipt,
+    }))
 }
 
 /// Decrypts, checks and stores one delivery. `Ok(Err(reason))`: the delivery is rejected.
@@ -391,6 +423,11 @@ async fn receive(
         let warning =
             (!trusted && sender_device != account.device()).then(|| changed_warning(&content.from));
         crypto.remember_contact_token(&content.from, &content.sender_contact_token);
+        crypto.remember_presence_token(
+            &content.from,
+            sender_device,
+            &content.sender_presence_token,
+        );
         tx.store(&received(sender_device, id, content, true, warning))?;
         Ok(Change::Save(Some(Ok(()))))
     })?;
@@ -446,6 +483,11 @@ async fn receive(
         // Only a sender shown to be a device of the number it claims hands us that number's token.
         if verified {
             crypto.remember_contact_token(&content.from, &content.sender_contact_token);
+            crypto.remember_presence_token(
+                &content.from,
+                sender_device,
+                &content.sender_presence_token,
+            );
         }
         tx.store(&received(sender_device, id, content, verified, warning))?;
         Ok(Change::Save(Ok(())))

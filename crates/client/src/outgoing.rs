@@ -17,6 +17,7 @@ use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Policy, Route};
 use tidings_proto::frame::{self, Content, Kind, ReceiptKind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
+use tidings_proto::MAX_SEND_PROOFS;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -24,6 +25,7 @@ use crate::account::Account;
 use crate::clock::now_ms;
 use crate::e2e::TrustCheck;
 use crate::inbox::{Change, Inbox};
+use crate::profile::ShowOnline;
 use crate::session::Session;
 use crate::{ClientError, Result};
 
@@ -126,9 +128,26 @@ fn content(
             id: id.as_bytes().to_vec(),
             to: to.to_string(),
             sender_contact_token: contact_token.to_vec(),
+            // Set per receiving device by `encrypt_copies`.
+            sender_presence_token: Vec::new(),
         }
         .encode_to_vec(),
     )
+}
+
+/// `plaintext` (an encoded `Content`) carrying the presence token `token`.
+fn with_presence_token(plaintext: &[u8], token: [u8; 32]) -> Result<Zeroizing<Vec<u8>>> {
+    let mut content = Content::decode(plaintext)
+        .map_err(|_| ClientError::Protocol("malformed content to send".into()))?;
+    content.sender_presence_token = token.to_vec();
+    let encoded = Zeroizing::new(content.encode_to_vec());
+    zeroize::Zeroize::zeroize(&mut content.text);
+    Ok(encoded)
+}
+
+/// Proofs that this device may see the devices of `to` online, for the `Send`.
+fn presence_proofs(inbox: &mut Inbox, to: &str) -> Result<Vec<frame::PresenceProof>> {
+    inbox.look(|crypto| crypto.presence_proofs(to, now_ms(), MAX_SEND_PROOFS))
 }
 
 /// Encrypts one copy of `plaintext` per device that must get one (the receiver's and this
@@ -177,13 +196,25 @@ fn encrypt_copies(
                 }
             }
         }
-        let mut targets = crypto.devices_of(to);
+        let receivers = crypto.devices_of(to);
+        let mut targets = receivers.clone();
         if own != to {
             targets.extend(crypto.devices_of(own));
         }
         targets.retain(|device| *device != this_device);
+        crypto.note_written_to(to);
+        let shows = account.presence() != ShowOnline::Nobody && own != to;
         let mut copies = Vec::with_capacity(targets.len());
         for device in targets {
+            // Each of the receiver's devices gets the token this device hands it, so that it may
+            // see this device online (P7); the sender's own other devices get none.
+            let with_token;
+            let plaintext = if shows && receivers.contains(&device) {
+                with_token = with_presence_token(plaintext, crypto.presence_token_for(device))?;
+                &with_token[..]
+            } else {
+                plaintext
+            };
             let envelope = crypto.encrypt(device, plaintext)?;
             copies.push(frame::Copy {
                 device_id: device.as_bytes().to_vec(),
@@ -271,6 +302,7 @@ pub async fn send(
                         payload: Bytes::new(),
                         copies: made,
                         receiver_contact_token: receiver_token.clone(),
+                        presence_proofs: presence_proofs(&mut inbox, &to)?,
                     }))
                     .await?;
                 deadline = Instant::now() + wait;
@@ -376,6 +408,7 @@ pub async fn prepare_batch(
             payload: Bytes::new(),
             copies,
             receiver_contact_token: receiver_token.clone(),
+            presence_proofs: presence_proofs(&mut inbox, &to)?,
         });
     }
     Ok(sends)

@@ -84,6 +84,51 @@ pub struct ProfileData {
     /// How messages are routed.
     #[serde(default)]
     pub routing: Routing,
+    /// Who may see this device online.
+    #[serde(default)]
+    pub presence: ShowOnline,
+}
+
+/// Who may see this device online (`tidings settings --presence`). Sent to the server by every
+/// listening session; the key it goes with is sealed in the local store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShowOnline {
+    /// Those this device wrote to (they hold a presence token of it).
+    #[default]
+    Contacts,
+    /// Everyone who knows the number.
+    Everyone,
+    /// Nobody.
+    Nobody,
+}
+
+impl ShowOnline {
+    /// The name used by the CLI and in `--json` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShowOnline::Contacts => "contacts",
+            ShowOnline::Everyone => "everyone",
+            ShowOnline::Nobody => "nobody",
+        }
+    }
+
+    /// The mode named `name` ([`ShowOnline::as_str`]).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Contacts, Self::Everyone, Self::Nobody]
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+    }
+
+    /// The mode as the wire has it.
+    pub fn wire(self) -> tidings_proto::frame::PresenceMode {
+        use tidings_proto::frame::PresenceMode;
+        match self {
+            ShowOnline::Contacts => PresenceMode::Contacts,
+            ShowOnline::Everyone => PresenceMode::Everyone,
+            ShowOnline::Nobody => PresenceMode::Nobody,
+        }
+    }
 }
 
 impl std::fmt::Debug for ProfileData {

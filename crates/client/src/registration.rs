@@ -134,6 +134,7 @@ fn save_registration(
         .as_ref()
         .map(|d| d.routing.clone())
         .unwrap_or_default();
+    let existing_presence = existing.as_ref().map(|d| d.presence).unwrap_or_default();
     if let Some(existing) = existing {
         if existing.device_id.is_some() && existing.number != number.as_str() {
             return Err(ClientError::Profile(
@@ -147,6 +148,7 @@ fn save_registration(
         trust,
         device_id: None,
         routing: existing_routing,
+        presence: existing_presence,
     })?;
     Ok((number, endpoint))
 }
@@ -356,6 +358,7 @@ pub async fn link(
         trust,
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
+        presence: Default::default(),
     })?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())

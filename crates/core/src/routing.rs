@@ -1,7 +1,8 @@
 //! What a send is answered and whether anything is stored.
 //!
-//! The answer depends only on the receiver's state as a lookup would see it (not a user, offline,
-//! online) plus the sender's own limits, so a send reveals no more than a lookup.
+//! The answer depends only on the receiver's state as the sender's lookup would see it (not a
+//! user, offline, online to this sender: see `presence`) plus the sender's own limits, so a send
+//! reveals no more than a lookup.
 
 use tidings_proto::frame::{SendMode, SendOutcome};
 
@@ -33,7 +34,8 @@ impl Default for Retention {
 pub enum Receiver {
     /// No account has this number.
     NotAUser,
-    /// An account, and how many of its devices hold a live listening session. Whether a queue is
+    /// An account, and how many of its devices hold a live listening session that shows itself
+    /// online to the sender (a device hidden from it counts as offline). Whether a queue is
     /// full is decided by the write that stores the message, in the same transaction.
     User { devices_online: usize },
 }

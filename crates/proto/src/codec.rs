@@ -167,6 +167,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             copies: Vec::new(),
             receiver_contact_token: Vec::new(),
+            presence_proofs: Vec::new(),
         };
         let mut body = prost::Message::encode_to_vec(&Frame::from(Kind::Send(send.clone())));
         let stray = b"356938035643809";

@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 41"
     )]
     pub kind: Option<Kind>,
 }
@@ -48,6 +48,8 @@ pub enum Kind {
     Withdraw(Withdraw),
     #[prost(message, tag = "16")]
     MissedSeen(MissedSeen),
+    #[prost(message, tag = "18")]
+    PresenceSet(PresenceSet),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
     #[prost(message, tag = "21")]
@@ -86,6 +88,8 @@ pub enum Kind {
     WithdrawResult(WithdrawResult),
     #[prost(message, tag = "39")]
     Missed(Missed),
+    #[prost(message, tag = "41")]
+    PresenceSetResult(PresenceSetResult),
 }
 
 impl Kind {
@@ -100,6 +104,7 @@ impl Kind {
             Kind::LinkCode(r) => Some(r.request_id),
             Kind::RemoveDeviceResult(r) => Some(r.request_id),
             Kind::VouchResult(r) => Some(r.request_id),
+            Kind::PresenceSetResult(r) => Some(r.request_id),
             Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
             _ => None,
         }
@@ -194,6 +199,12 @@ pub struct Send {
     /// device, a short TTL). The server hashes it, compares, and keeps neither.
     #[prost(bytes = "vec", tag = "40")]
     pub receiver_contact_token: Vec<u8>,
+    /// Proofs that the sender may see the receiver's devices online (at most
+    /// `MAX_SEND_PROOFS`). Without a valid one, a device that shows itself only to its
+    /// contacts counts as offline for this send's answer: `NOW_OR_NEVER` is refused as not
+    /// reachable and `QUEUE` answered `QUEUED`.
+    #[prost(message, repeated, tag = "42")]
+    pub presence_proofs: Vec<PresenceProof>,
 }
 
 impl std::fmt::Debug for Send {
@@ -324,6 +335,17 @@ pub struct Ack {
     pub sender_device: Vec<u8>,
     #[prost(bytes = "vec", tag = "2")]
     pub id: Vec<u8>,
+    /// The device will not show this copy (it could not be decrypted, its sender is not who it
+    /// claims, or it repeats one already shown): the copy is set aside without a receipt, and
+    /// the message's sender sees what it would see for a device that never came online (a
+    /// withdraw answers `WITHDRAWN`, the TTL's end an `EXPIRED` receipt).
+    #[prost(bool, tag = "3")]
+    pub discard: bool,
+    /// The device showed the message but sends its sender no receipt (a sender it never wrote
+    /// to, while it does not show itself to everyone): the copy is deleted, a withdraw answers
+    /// `DELIVERED`, and no receipt is stored.
+    #[prost(bool, tag = "4")]
+    pub no_receipt: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -425,6 +447,72 @@ pub struct Lookup {
     pub request_id: u64,
     #[prost(string, repeated, tag = "2")]
     pub numbers: Vec<String>,
+    /// Proofs that the asker may see devices of the looked-up accounts online (at most
+    /// `MAX_LOOKUP_PROOFS`).
+    #[prost(message, repeated, tag = "4")]
+    pub proofs: Vec<PresenceProof>,
+}
+
+/// Who may see a device online.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum PresenceMode {
+    /// Only those holding a presence token of the device (by default, whoever it wrote to).
+    Contacts = 0,
+    /// Everyone who knows the number.
+    Everyone = 1,
+    /// Nobody: always shown as not reachable now.
+    Nobody = 2,
+}
+
+/// Sets who may see this session's device online, for as long as the session lasts (the server
+/// keeps it in memory only). A session that sent none shows its device to nobody.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct PresenceSet {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(enumeration = "PresenceMode", tag = "2")]
+    pub mode: i32,
+    /// The device's presence key, `PRESENCE_KEY_BYTES` (may be empty in mode `NOBODY`).
+    #[prost(bytes = "vec", tag = "3")]
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for PresenceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceSet")
+            .field("request_id", &self.request_id)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PresenceSetResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+}
+
+/// A proof that the asking device may see one device online now: `mac` is
+/// `tidings_core::presence::proof` of the token that device handed the asker, for the current
+/// or the previous hour.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct PresenceProof {
+    /// The pseudonym of the account the device belongs to (32 bytes), or empty.
+    #[prost(bytes = "vec", tag = "1")]
+    pub account: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub device_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub mac: Vec<u8>,
+}
+
+impl std::fmt::Debug for PresenceProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceProof").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Lookup {
@@ -739,6 +827,10 @@ pub struct Content {
     /// send back (`Send::receiver_contact_token`) and count as a contact.
     #[prost(bytes = "vec", tag = "40")]
     pub sender_contact_token: Vec<u8>,
+    /// The sending device's presence token for the receiving device (a copy each): with it the
+    /// receiving device may ask whether the sending device is online, however it shows itself.
+    #[prost(bytes = "vec", tag = "41")]
+    pub sender_presence_token: Vec<u8>,
 }
 
 /// What a copy's payload holds: one Olm message. The server never decodes it.
@@ -795,11 +887,24 @@ mod tests {
             Kind::Ack(Ack {
                 sender_device: id.clone(),
                 id: id.clone(),
+                discard: true,
+                no_receipt: true,
             }),
+            Kind::PresenceSet(PresenceSet {
+                request_id: 1,
+                mode: PresenceMode::Everyone as i32,
+                key: vec![3; 32],
+            }),
+            Kind::PresenceSetResult(PresenceSetResult { request_id: 1 }),
             Kind::ReceiptAck(ReceiptAck { id: id.clone() }),
             Kind::Lookup(Lookup {
                 request_id: 1,
                 numbers: vec!["+4915112345678".into()],
+                proofs: vec![PresenceProof {
+                    account: vec![1; 32],
+                    device_id: id.clone(),
+                    mac: vec![2; 32],
+                }],
             }),
             Kind::Devices(DevicesRequest {
                 request_id: 1,

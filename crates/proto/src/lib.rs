@@ -38,6 +38,13 @@ pub const MAX_ONE_TIME_KEYS_STORED: u32 = 100;
 pub const CONTACT_TOKEN_BYTES: usize = 32;
 /// Largest number of numbers in one `Lookup`.
 pub const MAX_LOOKUP_NUMBERS: usize = 1000;
+/// Length of a presence key (`PresenceSet::key`), of a presence token
+/// (`Content::sender_presence_token`) and of a proof's MAC (`PresenceProof::mac`).
+pub const PRESENCE_KEY_BYTES: usize = 32;
+/// Most presence proofs in one `Lookup` (a client asking about more contacts splits its lookup).
+pub const MAX_LOOKUP_PROOFS: usize = 512;
+/// Most presence proofs in one `Send`: one per device of the receiver.
+pub const MAX_SEND_PROOFS: usize = MAX_DEVICES;
 /// The token in `Upgrade:` that opens a session.
 pub const UPGRADE_PROTOCOL: &str = "tidings/1";
 /// The response header that carries the login challenge.

@@ -10,7 +10,7 @@ use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::{self, AckStatus, ErrorCode, Frame, Kind, ReceiptKind, WithdrawState};
 use tidings_proto::id::{DeviceId, MessageId};
-use tidings_store::{Acked, Store};
+use tidings_store::{AckKind, Acked, Store};
 
 use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure};
@@ -91,7 +91,8 @@ pub async fn send_pending_receipts<S: Store>(state: Shared<S>, device: DeviceId,
     }
 }
 
-/// Handles `Ack`: deletes the device's copy, tells the sender, answers `AckResult`.
+/// Handles `Ack`: deletes the device's copy (or sets it aside, `discard`), tells the sender
+/// unless the device said not to (`discard`, `no_receipt`), answers `AckResult`.
 pub async fn ack<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -114,9 +115,18 @@ pub async fn ack<S: Store>(
     // A sender session that registers after the early receipt but before the sync may read the
     // store too early to see the receipt, so the sessions registered since are offered it again
     // after the sync (a second copy would be ignored).
+    // The device decides whether its sender hears of it (P7): a copy it will not show is set
+    // aside as if never fetched, and one shown to a sender it never wrote to gets no receipt.
+    let kind = if ack.discard {
+        AckKind::Discarded
+    } else if ack.no_receipt {
+        AckKind::ShownWithoutReceipt
+    } else {
+        AckKind::Shown
+    };
     let acked = match state
         .store
-        .ack_staged(identity.device, sender_device, id)
+        .ack_staged_as(identity.device, sender_device, id, kind)
         .await
     {
         Ok(mut staged) => {

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use prost::Message as _;
+use tidings_core::presence::{Secret, Setting};
+use tidings_core::Millis;
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
 use tokio::sync::Notify;
@@ -382,6 +384,9 @@ struct Entry {
     session: u64,
     listen: bool,
     tx: Outbox,
+    /// Who may see the device online while this session lasts (`PresenceSet`); none yet: nobody.
+    /// Kept here only, in memory, and gone with the session.
+    presence: Option<Box<Setting>>,
 }
 
 /// The device holds as many sessions as it may; the newest is refused, never an older one (a
@@ -498,6 +503,7 @@ impl Hub {
                     session,
                     listen,
                     tx,
+                    presence: None,
                 },
             );
         }
@@ -537,7 +543,68 @@ impl Hub {
             .unwrap_or(false)
     }
 
-    /// How many of these devices are online.
+    /// Sets who may see the device online through the session whose mailbox is `outbox`, while
+    /// it lasts; false if that session is no longer registered.
+    pub fn set_presence(&self, device: &DeviceId, outbox: &Outbox, setting: Setting) -> bool {
+        let Ok(mut sessions) = self.sessions.lock() else {
+            return false;
+        };
+        let Sessions { first, more } = &mut *sessions;
+        let mut entries = first
+            .get_mut(device)
+            .into_iter()
+            .chain(more.get_mut(device).into_iter().flatten());
+        match entries.find(|entry| Arc::ptr_eq(&entry.tx, outbox)) {
+            Some(entry) => {
+                entry.presence = Some(Box::new(setting));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many of these devices show themselves online to the device `asker`, which presented
+    /// `proofs` (a MAC per device) at `now`: a device in mode everyone, or in mode contacts with
+    /// a valid proof. Every answer that could tell a sender whether a receiver is online goes
+    /// through here (P7).
+    pub fn count_visible<'a>(
+        &self,
+        devices: impl IntoIterator<Item = &'a DeviceId>,
+        asker: DeviceId,
+        proofs: &[(DeviceId, Secret)],
+        now: Millis,
+    ) -> usize {
+        // The settings are copied out under the lock and the proofs checked after it, so that
+        // no HMAC is computed while every session's delivery waits for the hub.
+        let settings: Vec<(DeviceId, Vec<Setting>)> = {
+            let Ok(sessions) = self.sessions.lock() else {
+                return 0;
+            };
+            devices
+                .into_iter()
+                .map(|device| {
+                    let listening = sessions.of(device).filter(|entry| entry.listen);
+                    let shown = listening.filter_map(|entry| entry.presence.as_deref().cloned());
+                    (*device, shown.collect())
+                })
+                .collect()
+        };
+        settings
+            .iter()
+            .filter(|(device, settings)| {
+                let mac = proofs
+                    .iter()
+                    .find(|(proven, _)| proven == device)
+                    .map(|(_, mac)| mac);
+                settings
+                    .iter()
+                    .any(|setting| setting.shows_to(asker, mac, now))
+            })
+            .count()
+    }
+
+    /// How many of these devices are online, whoever they show themselves to.
+    #[cfg(test)]
     pub fn count_online<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceId>) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;
@@ -794,5 +861,45 @@ mod tests {
             .map(|mailbox| std::iter::from_fn(|| mailbox.try_recv()).count())
             .collect();
         assert_eq!(counts, [2, 1, 3]);
+    }
+
+    #[test]
+    fn a_device_is_visible_only_as_its_listening_sessions_setting_allows() {
+        use tidings_core::presence::{proof, token, Mode};
+        let hub = Arc::new(Hub::default());
+        let device = DeviceId([1; DeviceId::LEN]);
+        let asker = DeviceId([2; DeviceId::LEN]);
+        let (listening, quiet) = (Mailbox::new(), Mailbox::new());
+        let _listen = hub.add(device, true, Arc::clone(&listening), 4).ok();
+        let _quiet = hub.add(device, false, Arc::clone(&quiet), 4).ok();
+        let key = [9; 32];
+        let mac = proof(&token(&key, asker), 0);
+        let visible =
+            |proofs: &[(DeviceId, Secret)]| hub.count_visible([&device], asker, proofs, 0);
+        // Online, but no setting yet: shown to nobody.
+        assert_eq!(visible(&[(device, mac)]), 0);
+        // A session that does not listen shows nothing, whatever it sets.
+        let everyone = Setting {
+            mode: Mode::Everyone,
+            key,
+        };
+        assert!(hub.set_presence(&device, &quiet, everyone));
+        assert_eq!(visible(&[]), 0);
+        let contacts = Setting {
+            mode: Mode::Contacts,
+            key,
+        };
+        assert!(hub.set_presence(&device, &listening, contacts));
+        assert_eq!(visible(&[]), 0);
+        assert_eq!(visible(&[(device, mac)]), 1);
+        assert_eq!(visible(&[(asker, mac)]), 0);
+        assert!(!hub.set_presence(
+            &device,
+            &Mailbox::new(),
+            Setting {
+                mode: Mode::Nobody,
+                key
+            }
+        ));
     }
 }

@@ -26,6 +26,9 @@
 //! - `discovery`: which answers about another account are charged to the asking account's
 //!   discovery budget (lookups, device lists, sends, withdraws, key claims), and the charge;
 //! - `lookup`: lookups and device lists;
+//! - `lookup`: lookups and device lists, charged to one budget;
+//! - `presence`: who may see a session's device online (`PresenceSet`, in memory only) and the
+//!   shape of the proofs that lookups and sends present;
 //! - `directory`: device keys (publish, claim), link codes, vouches, removing a device,
 //!   disabling an account;
 //! - `reply`: the one way a handler answers, and the one shape of an error frame;
@@ -57,6 +60,7 @@ mod inbound;
 pub mod keys;
 mod lookup;
 mod metrics;
+mod presence;
 mod receiver;
 mod reply;
 mod request;

@@ -7,16 +7,18 @@
 //! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
 //! who asked (promise P4).
 
+use tidings_core::presence::Secret;
 use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
-use tidings_proto::MAX_LOOKUP_NUMBERS;
+use tidings_proto::{MAX_LOOKUP_NUMBERS, MAX_LOOKUP_PROOFS};
 use tidings_store::Store;
 
 use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
+use crate::presence::parse_proofs;
 use crate::reply::{error, rate_limited, reply, storage_unavailable};
 use crate::state::Shared;
 
@@ -39,6 +41,16 @@ pub async fn lookup<S: Store>(
         )
         .await;
     }
+    let proofs = match parse_proofs(&lookup.proofs, MAX_LOOKUP_PROOFS) {
+        Ok(proofs) => proofs,
+        Err(message) => {
+            return reply(
+                outbox,
+                error(ErrorCode::InvalidRequest, message, request_id),
+            )
+            .await
+        }
+    };
     let asked = Disclosure::Lookup {
         numbers: lookup.numbers.len(),
     };
@@ -46,7 +58,7 @@ pub async fn lookup<S: Store>(
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
-    let Ok(presences) = presences(state, &lookup.numbers).await else {
+    let Ok(presences) = presences(state, identity, &lookup.numbers, &proofs).await else {
         return reply(outbox, storage_unavailable("try again", request_id)).await;
     };
     let entries = lookup
@@ -68,10 +80,17 @@ pub async fn lookup<S: Store>(
     .await;
 }
 
-/// The presence of each number, in order. The pseudonyms are computed on the blocking pool (up
+/// The presence of each number, in order, as the asking device may see it: online only where a
+/// device of the number shows itself to it (its mode, and the proofs presented); a user is
+/// otherwise offline, whether or not one of its devices is online. The pseudonyms are computed on the blocking pool (up
 /// to 1,000 parses and OPRF evaluations when none is cached: tens of milliseconds that must not
 /// hold up the sessions sharing a runtime thread) and the accounts read in one store call.
-async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Vec<Presence>, ()> {
+async fn presences<S: Store>(
+    state: &Shared<S>,
+    identity: Identity,
+    numbers: &[String],
+    proofs: &[(DeviceId, Secret)],
+) -> Result<Vec<Presence>, ()> {
     let computing = state.clone();
     let numbers = numbers.to_vec();
     let pseudonyms: Vec<Option<_>> = tokio::task::spawn_blocking(move || {
@@ -84,6 +103,7 @@ async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Ve
     .map_err(|_| ())?
     .map_err(|_| ())?;
     let wanted: Vec<_> = pseudonyms.iter().flatten().copied().collect();
+    let now = now_ms();
     let mut accounts = state
         .store
         .accounts(wanted)
@@ -96,10 +116,12 @@ async fn presences<S: Store>(state: &Shared<S>, numbers: &[String]) -> Result<Ve
             |pseudonym| match pseudonym.and_then(|_| accounts.next().flatten()) {
                 None => Presence::NotAUser,
                 Some(account)
-                    if state
-                        .hub
-                        .count_online(account.devices.iter().map(|(d, _)| d))
-                        > 0 =>
+                    if state.hub.count_visible(
+                        account.devices.iter().map(|(d, _)| d),
+                        identity.device,
+                        proofs,
+                        now,
+                    ) > 0 =>
                 {
                     Presence::Online
                 }

@@ -16,7 +16,7 @@ use crate::identity::Identity;
 use crate::reply::reply;
 use crate::send::SendOrder;
 use crate::state::Shared;
-use crate::{delivery, directory, lookup, send};
+use crate::{delivery, directory, lookup, presence, send};
 
 #[cfg(test)]
 mod tests;
@@ -38,6 +38,7 @@ pub enum Request {
     RemoveDevice(frame::RemoveDevice),
     Vouch(frame::Vouch),
     Disable(frame::Disable),
+    PresenceSet(frame::PresenceSet),
 }
 
 /// Why a frame read on a logged-in session is not a request.
@@ -85,6 +86,7 @@ impl Request {
             Kind::RemoveDevice(remove) => Self::RemoveDevice(remove),
             Kind::Vouch(vouch) => Self::Vouch(vouch),
             Kind::Disable(disable) => Self::Disable(disable),
+            Kind::PresenceSet(set) => Self::PresenceSet(set),
             Kind::Login(_) => return Err(NotARequest::SecondLogin),
             _ => return Err(NotARequest::FromServer),
         })
@@ -147,6 +149,7 @@ impl Request {
                 Self::Disable(request) => {
                     directory::disable(state, identity, request, outbox).await
                 }
+                Self::PresenceSet(request) => presence::set(state, identity, request, outbox).await,
             }
         }
     }

@@ -20,7 +20,7 @@ use tidings_core::routing::{self, Decision, Receiver};
 use tidings_core::{Millis, DAY, SECOND};
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
-use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES};
+use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES, MAX_SEND_PROOFS};
 use tidings_store::{DeviceDifference, Enqueued, NewMessage, Store, StoreError};
 use tokio::sync::Notify;
 
@@ -30,6 +30,7 @@ use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::metrics::Outcome;
+use crate::presence::parse_proofs;
 use crate::reply::reply;
 use crate::state::{take_budget, Shared};
 
@@ -298,6 +299,10 @@ async fn decide_and_enqueue<S: Store>(
     let Ok(mode) = SendMode::try_from(send.mode) else {
         return answer(SendOutcome::Invalid, "unknown send mode");
     };
+    let proofs = match parse_proofs(&send.presence_proofs, MAX_SEND_PROOFS) {
+        Ok(proofs) => proofs,
+        Err(detail) => return Err(Stored::Answer(SendOutcome::Invalid, detail)),
+    };
     let contact_token_hash = match contact_token_hash(&send.receiver_contact_token) {
         Ok(hash) => hash,
         Err(detail) => return answer(SendOutcome::Invalid, detail),
@@ -359,10 +364,16 @@ async fn decide_and_enqueue<S: Store>(
         Ok(units) => units > 0,
         Err(wait) => return Err(Stored::RateLimited(wait, BUDGET_USED_UP)),
     };
+    // Only the devices that show themselves online to this sender count: a receiver online but
+    // hidden from it is answered as an offline one (`NOW_OR_NEVER` refused, `QUEUE` queued), so
+    // that no answer tells the sender more than its lookup would (P7). Its copies still reach
+    // the receiver's live sessions, which decide on a receipt themselves.
     let receiver = match &route {
         None => Receiver::NotAUser,
         Some(route) => Receiver::User {
-            devices_online: state.hub.count_online(&route.devices),
+            devices_online: state
+                .hub
+                .count_visible(&route.devices, identity.device, &proofs, now),
         },
     };
     let (outcome, expires_at) =

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use tidings_core::presence::{Mode, Setting};
 use tidings_proto::frame::{self, ErrorCode, Kind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
@@ -123,6 +124,13 @@ impl World {
                         .ok()
                 })
                 .flatten();
+            // Online to everyone, as before presence could be chosen; tests of the modes set
+            // their own.
+            let everyone = Setting {
+                mode: Mode::Everyone,
+                key: [0; 32],
+            };
+            self.state.hub.set_presence(&id, &outbox, everyone);
             made.push(Device {
                 identity: Identity {
                     device: id,
@@ -212,6 +220,7 @@ pub fn ack_of(sender: &Device, id: MessageId) -> Kind {
     Kind::Ack(frame::Ack {
         sender_device: sender.identity.device.as_bytes().to_vec(),
         id: id.as_bytes().to_vec(),
+        ..Default::default()
     })
 }
 

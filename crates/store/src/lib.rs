@@ -400,6 +400,25 @@ pub enum Acked {
     Withdrawn,
 }
 
+/// How a device settles a copy it was delivered (promise P7: no receipt reveals a device to a
+/// sender it does not show itself to; the device decides, the server keeps no list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckKind {
+    /// Shown: the copy is deleted, and the message's first such acknowledgement by a receiver
+    /// device stores the sender's `Delivered` receipt.
+    #[default]
+    Shown,
+    /// Shown, without a receipt: the copy is deleted and the message counts as delivered (a
+    /// withdraw answers delivered, no `Expired` receipt comes), but no receipt is stored.
+    ShownWithoutReceipt,
+    /// Not shown (it could not be decrypted, or its sender is not who it claims): the copy is
+    /// set aside, never handed out again, and otherwise kept as if its device had never come
+    /// for it until the message's TTL ends, so that its sender sees what it would see for a
+    /// device that is offline (a withdraw answers withdrawn, the TTL's end an `Expired`
+    /// receipt).
+    Discarded,
+}
+
 /// A receipt waiting for a sending device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingReceipt {
@@ -712,12 +731,26 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Vec<Pending>>> + Send;
 
-    /// Deletes a device's copy on its acknowledgement.
+    /// Deletes a device's copy on its acknowledgement that it showed the message
+    /// ([`AckKind::Shown`]).
     fn ack(
         &self,
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
+    ) -> impl Future<Output = Result<Acked>> + Send {
+        self.ack_as(device, sender_device, id, AckKind::Shown)
+    }
+
+    /// Settles a device's copy as `kind` says ([`AckKind`]). A copy set aside
+    /// ([`AckKind::Discarded`]) is never handed out again, and acknowledging it again is
+    /// [`Acked::Unknown`].
+    fn ack_as(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
     ) -> impl Future<Output = Result<Acked>> + Send;
 
     /// [`Store::ack`], answered through a [`Completion`] also once it has executed, before it is
@@ -729,6 +762,17 @@ pub trait Store: Send + Sync + 'static {
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
+    ) -> impl Future<Output = Result<Completion<Acked>>> + Send {
+        self.ack_staged_as(device, sender_device, id, AckKind::Shown)
+    }
+
+    /// [`Store::ack_as`] through a [`Completion`], as [`Store::ack_staged`].
+    fn ack_staged_as(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
     ) -> impl Future<Output = Result<Completion<Acked>>> + Send;
 
     /// Withdraws a message its sender no longer wants delivered over IP. Ends in exactly one

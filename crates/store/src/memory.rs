@@ -25,10 +25,10 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
-    AccountDevices, AccountId, Acked, Actor, Admission, Admitted, Backlog, Claimed, ClaimedKey,
-    Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice,
-    NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor, Registered, Result,
-    Route, SignedKey, Store, StoreError, Voucher,
+    AccountDevices, AccountId, AckKind, Acked, Actor, Admission, Admitted, Backlog, Claimed,
+    ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked,
+    ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
+    Registered, Result, Route, SignedKey, Store, StoreError, Voucher,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -58,12 +58,21 @@ struct State {
     last_position: i64,
     /// Messages still held, by queue position (so in the order they were stored).
     messages: BTreeMap<i64, Message>,
-    /// Tombstones of withdrawn messages, by sending device and id, with when they end.
-    withdrawn: HashMap<(DeviceId, MessageId), Millis>,
+    /// Tombstones of messages settled without their copies, by sending device and id: withdrawn,
+    /// or delivered without a receipt ([`AckKind::ShownWithoutReceipt`]).
+    withdrawn: HashMap<(DeviceId, MessageId), Tombstone>,
     /// Receipts waiting for sending devices, by device and message id, with when they end
     /// ([`receipt_expires_at`]).
     receipts: BTreeMap<(DeviceId, MessageId), (ReceiptKind, Millis)>,
     codes: HashMap<Pseudonym, CodeRecord>,
+}
+
+/// A tombstone: when it ends (the message's TTL), and whether the message was delivered
+/// without a receipt (else withdrawn).
+#[derive(Clone, Copy)]
+struct Tombstone {
+    ends: Millis,
+    delivered: bool,
 }
 
 struct Account {
@@ -98,6 +107,9 @@ struct Message {
     delivered: bool,
     /// Each device's copy, and whether it goes to the receiver (not the sender's own device).
     copies: BTreeMap<DeviceId, (Bytes, bool)>,
+    /// The devices among `copies` that set their copy aside ([`AckKind::Discarded`]): never
+    /// handed out again, otherwise kept as if never fetched.
+    discarded: std::collections::BTreeSet<DeviceId>,
     /// From a sender that presented no contact token of the receiver: its copies count in the
     /// stranger pools. Forgotten at a [`MemoryStore::restart`], as a persistent engine forgets
     /// it.
@@ -241,6 +253,7 @@ impl State {
     /// and its keys.
     fn delete_device(&mut self, device: DeviceId) {
         self.messages.retain(|_, message| {
+            message.discarded.remove(&device);
             let had_a_copy = message.copies.remove(&device).is_some();
             !(had_a_copy && message.copies.is_empty())
         });
@@ -522,6 +535,7 @@ impl State {
             expires_at,
             delivered: false,
             copies,
+            discarded: Default::default(),
             stranger,
         };
         self.messages.insert(self.last_position, stored);
@@ -540,6 +554,7 @@ impl State {
             .range((Bound::Excluded(after.position()), Bound::Unbounded));
         later
             .filter(|(_, m)| m.expires_at > now)
+            .filter(|(_, m)| !m.discarded.contains(&device))
             .filter_map(|(position, m)| {
                 let (payload, _) = m.copies.get(&device)?;
                 Some(Pending {
@@ -554,13 +569,16 @@ impl State {
             .collect()
     }
 
-    fn ack(&mut self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Acked {
-        let gone = |state: &State| {
-            if state.withdrawn.contains_key(&(sender_device, id)) {
-                Acked::Withdrawn
-            } else {
-                Acked::Unknown
-            }
+    fn ack(
+        &mut self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
+    ) -> Acked {
+        let gone = |state: &State| match state.withdrawn.get(&(sender_device, id)) {
+            Some(tombstone) if !tombstone.delivered => Acked::Withdrawn,
+            _ => Acked::Unknown,
         };
         let Some(position) = self.message_position(sender_device, id) else {
             return gone(self);
@@ -568,10 +586,19 @@ impl State {
         let Some(message) = self.messages.get_mut(&position) else {
             return gone(self);
         };
+        if message.discarded.contains(&device) || !message.copies.contains_key(&device) {
+            return gone(self);
+        }
+        if kind == AckKind::Discarded {
+            // Kept as if never fetched: a withdraw and the TTL's end treat it as waiting.
+            message.discarded.insert(device);
+            return Acked::Confirmed { first: false };
+        }
         let Some((_, to_receiver)) = message.copies.remove(&device) else {
             return gone(self);
         };
         let delivered = message.delivered;
+        let expires_at = message.expires_at;
         let receipt_ends = receipt_expires_at(message.sent_at, message.expires_at);
         // The last copy takes the message with it.
         if message.copies.is_empty() {
@@ -583,10 +610,19 @@ impl State {
         if !to_receiver {
             return Acked::Confirmed { first: false };
         }
-        if !delivered {
-            self.store_receipt(sender_device, id, ReceiptKind::Delivered, receipt_ends);
+        if delivered {
+            return Acked::Confirmed { first: false };
         }
-        Acked::Confirmed { first: !delivered }
+        if kind == AckKind::ShownWithoutReceipt {
+            let tombstone = Tombstone {
+                ends: expires_at,
+                delivered: true,
+            };
+            self.withdrawn.insert((sender_device, id), tombstone);
+            return Acked::Confirmed { first: false };
+        }
+        self.store_receipt(sender_device, id, ReceiptKind::Delivered, receipt_ends);
+        Acked::Confirmed { first: true }
     }
 
     fn withdraw(&mut self, sender_device: DeviceId, id: MessageId) -> Withdrawal {
@@ -595,12 +631,11 @@ impl State {
                 .receipts
                 .get(&(sender_device, id))
                 .is_some_and(|(kind, _)| *kind == ReceiptKind::Delivered);
-            return if delivered {
-                Withdrawal::Delivered
-            } else if self.withdrawn.contains_key(&(sender_device, id)) {
-                Withdrawal::Withdrawn
-            } else {
-                Withdrawal::Unknown
+            return match self.withdrawn.get(&(sender_device, id)) {
+                _ if delivered => Withdrawal::Delivered,
+                Some(tombstone) if tombstone.delivered => Withdrawal::Delivered,
+                Some(_) => Withdrawal::Withdrawn,
+                None => Withdrawal::Unknown,
             };
         };
         let Some(message) = self.messages.get_mut(&position) else {
@@ -609,14 +644,22 @@ impl State {
         if message.delivered {
             return Withdrawal::Delivered;
         }
-        // The receiver's copies go; the sender's own other devices keep theirs. The tombstone
-        // lives until the message's TTL would have ended.
+        // The receiver's copies go (those set aside too); the sender's own other devices keep
+        // theirs. The tombstone lives until the message's TTL would have ended.
         message.copies.retain(|_, (_, to_receiver)| !*to_receiver);
+        let copies = &message.copies;
+        message
+            .discarded
+            .retain(|device| copies.contains_key(device));
         let expires_at = message.expires_at;
         if message.copies.is_empty() {
             self.messages.remove(&position);
         }
-        self.withdrawn.insert((sender_device, id), expires_at);
+        let tombstone = Tombstone {
+            ends: expires_at,
+            delivered: false,
+        };
+        self.withdrawn.insert((sender_device, id), tombstone);
         Withdrawal::Withdrawn
     }
 
@@ -636,7 +679,7 @@ impl State {
         }
         ended.sort_unstable();
         ended.truncate(limit);
-        self.withdrawn.retain(|_, ends| *ends > now);
+        self.withdrawn.retain(|_, tombstone| tombstone.ends > now);
         self.receipts.retain(|_, (_, ends)| *ends > now);
         let mut receipts = Vec::new();
         for (_, position) in ended {
@@ -857,24 +900,31 @@ impl Store for MemoryStore {
     }
 
     async fn holds_copy_from(&self, device: DeviceId, sender_device: DeviceId) -> Result<bool> {
-        Ok(self
-            .state()?
-            .messages
-            .values()
-            .any(|m| m.sender_device == sender_device && m.copies.contains_key(&device)))
+        Ok(self.state()?.messages.values().any(|m| {
+            m.sender_device == sender_device
+                && m.copies.contains_key(&device)
+                && !m.discarded.contains(&device)
+        }))
     }
 
-    async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
-        Ok(self.state()?.ack(device, sender_device, id))
-    }
-
-    async fn ack_staged(
+    async fn ack_as(
         &self,
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
+        kind: AckKind,
+    ) -> Result<Acked> {
+        Ok(self.state()?.ack(device, sender_device, id, kind))
+    }
+
+    async fn ack_staged_as(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
     ) -> Result<Completion<Acked>> {
-        let acked = self.state()?.ack(device, sender_device, id);
+        let acked = self.state()?.ack(device, sender_device, id, kind);
         Ok(Completion::done(Ok(acked)))
     }
 

@@ -20,8 +20,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits, SignedKey,
-    Store, StoreError, Voucher,
+    AccountId, AckKind, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits,
+    SignedKey, Store, StoreError, Voucher,
 };
 
 const NUMBERS: u8 = 3;
@@ -126,6 +126,8 @@ enum Op {
         sender: u8,
         id: u8,
         staged: bool,
+        /// Shown, shown without a receipt, or discarded.
+        kind: u8,
     },
     /// Withdraws the message of the `pick`-th copy waiting for `via`, if it names one and any
     /// waits; otherwise the message from `sender` with `id`.
@@ -310,14 +312,16 @@ fn op() -> impl Strategy<Value = Op> {
             prop::option::weighted(0.8, 0..3usize),
             device(),
             message_id(),
-            any::<bool>()
+            any::<bool>(),
+            0..3u8
         )
-            .prop_map(|(device, pick, sender, id, staged)| Op::Ack {
+            .prop_map(|(device, pick, sender, id, staged, kind)| Op::Ack {
                 device,
                 pick,
                 sender,
                 id,
                 staged,
+                kind,
             }),
         3 => (
             device(),
@@ -649,14 +653,20 @@ impl<S: Store> Run<'_, S> {
                 sender,
                 id: message,
                 staged,
+                kind,
             } => {
                 let (sender, id) = self
                     .waiting(device, pick)
                     .await
                     .unwrap_or((device_id(sender), id(message)));
                 let device = device_id(device);
+                let kind = match kind {
+                    0 => AckKind::Shown,
+                    1 => AckKind::ShownWithoutReceipt,
+                    _ => AckKind::Discarded,
+                };
                 if staged {
-                    match store.ack_staged(device, sender, id).await {
+                    match store.ack_staged_as(device, sender, id, kind).await {
                         Ok(mut completion) => {
                             let early = completion.executed().await;
                             let durable = completion.durable().await;
@@ -665,7 +675,7 @@ impl<S: Store> Run<'_, S> {
                         Err(e) => self.result::<()>(Err(e)),
                     }
                 } else {
-                    let acked = store.ack(device, sender, id).await;
+                    let acked = store.ack_as(device, sender, id, kind).await;
                     self.result(acked)
                 }
             }

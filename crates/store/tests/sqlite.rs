@@ -12,7 +12,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, Acked, Actor, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage,
+    AccountId, AckKind, Acked, Actor, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage,
     PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, SignedKey, Store, SyncReport,
     Voucher,
 };
@@ -1536,4 +1536,70 @@ async fn strangers_copies_leave_their_pool_on_every_deletion_in(store: &impl Sto
         enqueue(from((carol, carol_account), 12, 1 + DAY)).await,
         Enqueued::StrangerPoolFull
     );
+}
+
+/// Promise P7 in the store: a copy its device set aside is answered, withdrawn and expired as
+/// one still waiting; a message shown without a receipt is delivered, with no receipt stored.
+#[tokio::test]
+async fn a_discarded_copy_answers_as_a_waiting_one_and_one_shown_without_a_receipt_as_delivered() {
+    let dir = temp_dir("discard");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    discarded_and_unreceipted_copies_in(&store).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    discarded_and_unreceipted_copies_in(&MemoryStore::new()).await;
+}
+
+async fn discarded_and_unreceipted_copies_in(store: &impl Store) {
+    let (alice, bob) = (DeviceId([1; 16]), DeviceId([3; 16]));
+    let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
+    let alice_account = register(Pseudonym([0xA1; 32]), alice)
+        .await
+        .expect("alice")
+        .account;
+    let bob_account = register(Pseudonym([0xB0; 32]), bob)
+        .await
+        .expect("bob")
+        .account;
+    for (device, n) in [(alice, 10), (bob, 20)] {
+        store
+            .publish_keys(device, identity(n), vec![key(n)], Some(key(n + 5)), 100)
+            .await
+            .expect("publish");
+    }
+    let copies: &[(DeviceId, &[u8])] = &[(bob, b"1")];
+    for id in 1..=3 {
+        let message = message((alice, alice_account), id, bob_account, copies);
+        let stored = store.enqueue(message, 10).await.expect("enqueue");
+        assert_eq!(stored, Enqueued::Stored);
+    }
+    let id = |n| MessageId([n; 16]);
+    // Set aside: never handed out again, and a withdraw finds it waiting.
+    let discarded = store.ack_as(bob, alice, id(1), AckKind::Discarded).await;
+    assert_eq!(
+        discarded.expect("discard"),
+        Acked::Confirmed { first: false }
+    );
+    let pending = store.pending(bob, QueueCursor::START, 10, 2).await;
+    let ids: Vec<MessageId> = pending.expect("pending").iter().map(|p| p.id).collect();
+    assert_eq!(ids, [id(2), id(3)]);
+    assert_eq!(
+        store.ack(bob, alice, id(1)).await.expect("again"),
+        Acked::Unknown
+    );
+    let withdrawn = store.withdraw(alice, id(1)).await;
+    assert_eq!(withdrawn.expect("withdraw"), Withdrawal::Withdrawn);
+    // Shown without a receipt: delivered, and no receipt waits for the sender.
+    let shown = store
+        .ack_as(bob, alice, id(2), AckKind::ShownWithoutReceipt)
+        .await;
+    assert_eq!(shown.expect("ack"), Acked::Confirmed { first: false });
+    let withdrawn = store.withdraw(alice, id(2)).await;
+    assert_eq!(withdrawn.expect("withdraw"), Withdrawal::Delivered);
+    assert!(store.receipts(alice).await.expect("receipts").is_empty());
+    // Set aside, then its TTL ends: an EXPIRED receipt, as for a device that never came.
+    let discarded = store.ack_as(bob, alice, id(3), AckKind::Discarded).await;
+    discarded.expect("discard");
+    let expired = store.expire(1_000, 10).await.expect("expire");
+    let expired: Vec<MessageId> = expired.iter().map(|e| e.id).collect();
+    assert_eq!(expired, [id(3)]);
 }

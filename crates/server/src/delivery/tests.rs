@@ -81,6 +81,7 @@ async fn an_ack_is_confirmed_unknown_or_withdrawn_and_tells_the_sender() {
     let short = Kind::Ack(frame::Ack {
         sender_device: vec![1],
         id: vec![2],
+        ..Default::default()
     });
     let answer = world.ask(&mut bob, short).await;
     assert_eq!(

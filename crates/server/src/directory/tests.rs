@@ -38,6 +38,7 @@ async fn disabling_deletes_the_account_and_signs_its_sessions_out() {
     let lookup = Kind::Lookup(frame::Lookup {
         request_id: 1,
         numbers: vec!["+14155550181".into()],
+        ..Default::default()
     });
     let Kind::LookupResult(result) = world.ask(&mut bob, lookup).await else {
         panic!("not a lookup result");

@@ -19,6 +19,7 @@ async fn a_lookup_tells_online_offline_and_not_a_user_within_its_budget() {
         Kind::Lookup(frame::Lookup {
             request_id,
             numbers: numbers.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
         })
     };
     let numbers = ["+14155550162", "+14155550163", "+14155550164", "hello"];

@@ -113,6 +113,7 @@ async fn a_session_answers_what_it_reads_and_refuses_what_is_not_a_request() {
             Kind::Lookup(frame::Lookup {
                 request_id: 3,
                 numbers: vec![alice.number.clone()],
+                ..Default::default()
             }),
             Kind::LookupResult(frame::LookupResult {
                 request_id: 3,

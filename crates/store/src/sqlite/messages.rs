@@ -19,7 +19,7 @@ use super::receipts;
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountId, Acked, Admission, Admitted, Enqueued, ExpiredMessage, NewMessage, Pending,
+    AccountId, AckKind, Acked, Admission, Admitted, Enqueued, ExpiredMessage, NewMessage, Pending,
     QueueCursor, QueueLimits, Result,
 };
 
@@ -145,7 +145,7 @@ pub(super) fn pending(
     let mut statement = conn.prepare_cached(
         "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, COALESCE(c.payload, m.payload)
          FROM copies c JOIN messages m ON m.seq = c.seq
-         WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3
+         WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3 AND c.discarded = 0
          ORDER BY c.seq LIMIT ?4",
     )?;
     let rows = statement
@@ -180,7 +180,7 @@ pub(super) fn holds_copy_from(
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM messages m JOIN copies c ON c.seq = m.seq
-             WHERE m.sender_device = ?2 AND c.device_id = ?1 LIMIT 1",
+             WHERE m.sender_device = ?2 AND c.device_id = ?1 AND c.discarded = 0 LIMIT 1",
         )?
         .exists(params![device.as_bytes(), sender_device.as_bytes()])?)
 }
@@ -209,7 +209,7 @@ pub(super) fn withdraw(
             delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
             delete_if_no_copies(txn, seq)?;
             txn.prepare_cached(
-                "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at) VALUES (?1, ?2, ?3)")?.execute(
+                "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, 0)")?.execute(
                 params![sender_device.as_bytes(), id.as_bytes(), expires_at],
             )?;
             Ok(Withdrawal::Withdrawn)
@@ -229,20 +229,29 @@ pub(super) fn withdraw(
                 )
                 .optional()?
                 .is_some();
-            let withdrawn = txn
-                .prepare_cached("SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
-                .query_row(params![sender_device.as_bytes(), id.as_bytes()], |_| Ok(()))
-                .optional()?
-                .is_some();
-            Ok(if delivered {
-                Withdrawal::Delivered
-            } else if withdrawn {
-                Withdrawal::Withdrawn
-            } else {
-                Withdrawal::Unknown
+            Ok(match tombstone(txn, sender_device, id)? {
+                _ if delivered => Withdrawal::Delivered,
+                Some(true) => Withdrawal::Delivered,
+                Some(false) => Withdrawal::Withdrawn,
+                None => Withdrawal::Unknown,
             })
         }
     }
+}
+
+/// A message's tombstone, if it has one: whether it was delivered without a receipt (else it
+/// was withdrawn).
+fn tombstone(
+    txn: &Transaction<'_>,
+    sender_device: DeviceId,
+    id: MessageId,
+) -> Result<Option<bool>> {
+    Ok(txn
+        .prepare_cached("SELECT delivered FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
+        .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
+            row.get::<_, bool>(0)
+        })
+        .optional()?)
 }
 
 /// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing;
@@ -315,16 +324,19 @@ pub(super) fn expire(
     Ok(receipts)
 }
 
-/// Deletes a device's copy on its acknowledgement; on a message's first acknowledgement by a
-/// receiver device, marks it delivered and stores the sender's `Delivered` receipt. Every
-/// answer it gives comes from what it reads; it fails only when the engine does, so it runs
-/// without a savepoint of its own ([`Undo::Batch`](super::writer::Undo::Batch)).
+/// Settles a device's copy on its acknowledgement, as `kind` says: a copy shown is deleted, and
+/// on a message's first acknowledgement by a receiver device the message is marked delivered
+/// with the sender's `Delivered` receipt (or, shown without a receipt, a tombstone that says it
+/// was delivered); a copy discarded is only marked so. Every answer it gives comes from what it
+/// reads; it fails only when the engine does, so it runs without a savepoint of its own
+/// ([`Undo::Batch`](super::writer::Undo::Batch)).
 pub(super) fn ack_in(
     txn: &Transaction<'_>,
     notes: &mut Notes,
     device: DeviceId,
     sender_device: DeviceId,
     id: MessageId,
+    kind: AckKind,
 ) -> Result<Acked> {
     let message = txn
         .prepare_cached(
@@ -336,28 +348,36 @@ pub(super) fn ack_in(
                 row.get::<_, i64>(1)? != 0,
                 receipt_expires_at(millis(row.get(2)?), millis(row.get(3)?)),
                 row.get::<_, Option<i64>>(4)?.map(AccountId),
+                row.get::<_, i64>(3)?,
             ))
         })
         .optional()?;
-    // No copy for this device: a replay, or a message its sender withdrew (then the
-    // device must be told not to show it).
+    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
+    // (then the device must be told not to show it).
     let gone = |txn: &Transaction<'_>| -> Result<Acked> {
-        let withdrawn = txn
-            .prepare_cached("SELECT 1 FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
-            .query_row(params![sender_device.as_bytes(), id.as_bytes()], |_| Ok(()))
-            .optional()?;
-        Ok(if withdrawn.is_some() {
-            Acked::Withdrawn
-        } else {
-            Acked::Unknown
+        Ok(match tombstone(txn, sender_device, id)? {
+            Some(false) => Acked::Withdrawn,
+            _ => Acked::Unknown,
         })
     };
-    let Some((seq, delivered, receipt_ends, sender)) = message else {
+    let Some((seq, delivered, receipt_ends, sender, expires_at)) = message else {
         return gone(txn);
     };
+    if kind == AckKind::Discarded {
+        let set_aside = txn
+            .prepare_cached(
+                "UPDATE copies SET discarded = 1 WHERE device_id = ?1 AND seq = ?2 AND discarded = 0",
+            )?
+            .execute(params![device.as_bytes(), seq])?;
+        return if set_aside > 0 {
+            Ok(Acked::Confirmed { first: false })
+        } else {
+            gone(txn)
+        };
+    }
     let deleted = txn
         .prepare_cached(
-            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2
+            "DELETE FROM copies WHERE device_id = ?1 AND seq = ?2 AND discarded = 0
              RETURNING to_receiver, IFNULL(length(payload), 0)",
         )?
         .query_row(params![device.as_bytes(), seq], |row| {
@@ -372,26 +392,31 @@ pub(super) fn ack_in(
     // The last copy takes the message with it.
     let message_gone = delete_if_no_copies(txn, seq)?;
     // The sender's own other devices taking their copies is not a delivery.
-    if !to_receiver {
+    if !to_receiver || delivered {
         return Ok(Acked::Confirmed { first: false });
     }
     // A message still held is marked delivered, so that a withdraw racing the other
     // devices' acknowledgements answers DELIVERED.
-    if !delivered {
-        if !message_gone {
-            txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
-                .execute(params![seq])?;
-        }
-        receipts::store_receipt(
-            txn,
-            notes,
-            sender_device,
-            id,
-            ReceiptKind::Delivered,
-            receipt_ends,
-        )?;
+    if !message_gone {
+        txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
+            .execute(params![seq])?;
     }
-    Ok(Acked::Confirmed { first: !delivered })
+    if kind == AckKind::ShownWithoutReceipt {
+        txn.prepare_cached(
+            "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, 1)",
+        )?
+        .execute(params![sender_device.as_bytes(), id.as_bytes(), expires_at])?;
+        return Ok(Acked::Confirmed { first: false });
+    }
+    receipts::store_receipt(
+        txn,
+        notes,
+        sender_device,
+        id,
+        ReceiptKind::Delivered,
+        receipt_ends,
+    )?;
+    Ok(Acked::Confirmed { first: true })
 }
 
 /// Deletes the copies `condition` selects (an SQL condition on `copies`, with `params`) and

@@ -117,6 +117,12 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("devices", "missed", "INTEGER NOT NULL DEFAULT 0"),
     // SHA-256 of the device's contact token, once it registered one.
     ("devices", "contact_token_hash", "BLOB"),
+    // The device set the copy aside without showing it (`AckKind::Discarded`): never handed out
+    // again, otherwise kept as if never fetched until the message's TTL ends.
+    ("copies", "discarded", "INTEGER NOT NULL DEFAULT 0"),
+    // The tombstone is of a message delivered without a receipt (`AckKind::ShownWithoutReceipt`),
+    // not of a withdrawn one: a withdraw answers delivered.
+    ("withdrawn", "delivered", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Columns an earlier version added that must not stay on disk, with the indexes on them (dropped

@@ -13,8 +13,8 @@ use tidings_proto::id::{DeviceId, MessageId};
 use super::writer::Undo;
 use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
-    AccountDevices, AccountId, Acked, Actor, Backlog, Claimed, Completion, Device, Enqueued,
-    ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
+    AccountDevices, AccountId, AckKind, Acked, Actor, Backlog, Claimed, Completion, Device,
+    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
     PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Result, Route,
     SignedKey, Store, Voucher,
 };
@@ -215,21 +215,28 @@ impl Store for SqliteStore {
         self.read_here(move |conn| messages::holds_copy_from(conn, device, sender_device))
     }
 
-    async fn ack(&self, device: DeviceId, sender_device: DeviceId, id: MessageId) -> Result<Acked> {
-        self.write(Undo::Batch, move |txn, notes| {
-            messages::ack_in(txn, notes, device, sender_device, id)
-        })
-        .await
-    }
-
-    async fn ack_staged(
+    async fn ack_as(
         &self,
         device: DeviceId,
         sender_device: DeviceId,
         id: MessageId,
+        kind: AckKind,
+    ) -> Result<Acked> {
+        self.write(Undo::Batch, move |txn, notes| {
+            messages::ack_in(txn, notes, device, sender_device, id, kind)
+        })
+        .await
+    }
+
+    async fn ack_staged_as(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
     ) -> Result<Completion<Acked>> {
         self.submit_staged(Undo::Batch, move |txn, notes| {
-            messages::ack_in(txn, notes, device, sender_device, id)
+            messages::ack_in(txn, notes, device, sender_device, id, kind)
         })
         .await
     }
