@@ -83,9 +83,23 @@ pub struct InboundCompleteRequest {
     /// base64url.
     pub signature: String,
     /// Seconds to wait for the SMS if it has not arrived yet, at most 25 [default: 0].
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     #[schema(maximum = 25)]
     pub wait_seconds: u64,
+}
+
+/// A whole number of JSON's either form: JSON Schema's `integer` admits `2.0` as well as `2`, so a
+/// body the OpenAPI document allows must not be refused for writing it as a float.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let value = <f64 as serde::Deserialize>::deserialize(deserializer)?;
+    if value.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&value) {
+        // Whole and within f64's exact integers: the conversion is exact.
+        Ok(value as u64)
+    } else {
+        Err(serde::de::Error::custom(
+            "expected a whole number of seconds, at least 0",
+        ))
+    }
 }
 
 /// `POST /v1/registration/link`: a new device joins a number with a link code shown on one of
@@ -191,5 +205,20 @@ mod tests {
         let parsed: CodeRequest = serde_json::from_str(body).expect("stray field is ignored");
         let again = serde_json::to_string(&parsed).expect("serialises");
         assert!(!again.contains("356938035643809"));
+    }
+
+    #[test]
+    fn a_wait_is_a_whole_number_in_either_json_form() {
+        let with = |wait: &str| {
+            let body = format!(
+                r#"{{"number":"+15550101","code":"NHGAFBBJ","device_key":"k","signature":"s","wait_seconds":{wait}}}"#
+            );
+            serde_json::from_str::<InboundCompleteRequest>(&body).map(|r| r.wait_seconds)
+        };
+        assert_eq!(with("2").expect("an integer"), 2);
+        assert_eq!(with("2.0").expect("a whole float"), 2);
+        for refused in ["2.5", "-1", "1e300", "\"2\""] {
+            assert!(with(refused).is_err(), "{refused} was taken");
+        }
     }
 }
