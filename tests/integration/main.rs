@@ -9,6 +9,7 @@ mod at_rest;
 mod budgets;
 mod connections;
 mod defaults;
+mod discovery;
 mod e2e;
 mod gateways;
 mod limits;
