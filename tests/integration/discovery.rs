@@ -65,7 +65,11 @@ fn a_request_that_carries_a_number_is_refused() {
                 None => panic!("no answer to the send"),
             }
         };
-        assert_eq!(result.outcome, frame::SendOutcome::Invalid as i32, "{result:?}");
+        assert_eq!(
+            result.outcome,
+            frame::SendOutcome::Invalid as i32,
+            "{result:?}"
+        );
         assert!(result.detail.contains(BLINDED), "{}", result.detail);
     });
 }

@@ -397,6 +397,8 @@ pub async fn stall_with_deliveries(
     const BATCH: u64 = 100;
     let stalled = receiver.session(true).await.expect("receiver");
     let mut sender_session = sender.session(false).await.expect("sender");
+    let receiver_account =
+        crate::support::account_of(sender, &mut sender_session, receiver_number).await;
     let payload = bytes::Bytes::from(vec![7u8; payload_len]);
     let devices: Vec<_> = std::iter::once(receiver.device())
         .chain(also_to.iter().copied())
@@ -406,7 +408,7 @@ pub async fn stall_with_deliveries(
         id[..8].copy_from_slice(&n.to_be_bytes());
         Kind::Send(frame::Send {
             id: id.to_vec(),
-            to: receiver_number.to_string(),
+            to_account: receiver_account.clone(),
             mode: frame::SendMode::Queue as i32,
             copies: devices
                 .iter()

@@ -1,15 +1,17 @@
 //! Other people: whether numbers can be reached now (lookup), the safety number with a contact,
 //! and trusting a contact's current keys after comparing it.
 //!
-//! Numbers looked up go to the server as the user typed them, over the session; nothing here
-//! keeps them or logs them. Trust is changed only by an explicit [`trust`]: the first keys seen
+//! Numbers looked up never reach the server: each is blinded and named by its account's
+//! pseudonym (see [`crate::discovery`]); nothing here logs them. Trust is changed only by an explicit [`trust`]: the first keys seen
 //! for a number are trusted on first use when a message arrives (see [`crate::incoming`]).
 
 use tidings_proto::frame::{self, Kind, Presence};
 use tidings_proto::number::E164;
 
 use crate::account::{key_of, Account};
+use crate::discovery::AccountKey;
 use crate::inbox::Change;
+use crate::session::Session;
 use crate::{ClientError, Result};
 
 /// The safety number with a contact, and how their keys stand with this device's trust.
@@ -24,24 +26,49 @@ pub struct Fingerprint {
     pub known: bool,
 }
 
-/// Looks up numbers: online, offline or not a user. Order follows `numbers`.
+/// Looks up numbers: online, offline or not a user. Order follows `numbers`; a number that is
+/// not a valid phone number is not a user, without asking the server.
 pub async fn lookup(account: &Account, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
     let mut session = account.session(false).await?;
+    let valid: Vec<String> = numbers
+        .iter()
+        .filter_map(|n| E164::parse(n).ok())
+        .map(|n| n.as_str().to_string())
+        .collect();
+    let pseudonyms = crate::discovery::pseudonyms(account, &mut session, &valid, None).await?;
+    let mut presences = Vec::with_capacity(pseudonyms.len());
+    for batch in pseudonyms.chunks(tidings_proto::MAX_LOOKUP_NUMBERS) {
+        presences.extend(lookup_accounts(&mut session, batch).await?);
+    }
+    let mut presences = presences.into_iter();
+    Ok(numbers
+        .iter()
+        .map(|number| {
+            let presence = match E164::parse(number) {
+                Ok(_) => presences.next().unwrap_or(Presence::NotAUser),
+                Err(_) => Presence::NotAUser,
+            };
+            (number.clone(), presence)
+        })
+        .collect())
+}
+
+/// One `Lookup` of accounts by pseudonym: their presences, in order.
+pub async fn lookup_accounts(
+    session: &mut Session,
+    accounts: &[AccountKey],
+) -> Result<Vec<Presence>> {
     let request_id = session.request_id();
     let request = Kind::Lookup(frame::Lookup {
         request_id,
-        numbers: numbers.to_vec(),
+        accounts: accounts.iter().map(|a| a.to_vec()).collect(),
+        ..frame::Lookup::default()
     });
     match session.call(request, request_id).await? {
-        Kind::LookupResult(result) => Ok(result
+        Kind::LookupResult(result) if result.entries.len() == accounts.len() => Ok(result
             .entries
             .into_iter()
-            .map(|e| {
-                (
-                    e.number,
-                    Presence::try_from(e.presence).unwrap_or(Presence::NotAUser),
-                )
-            })
+            .map(|e| Presence::try_from(e.presence).unwrap_or(Presence::NotAUser))
             .collect()),
         Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol(

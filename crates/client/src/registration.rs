@@ -75,6 +75,7 @@ pub async fn register(profile: &Profile, number: &str, server: &str, trust: Trus
         trust,
         device_id: None,
         routing: existing_routing,
+        oprf_key: None,
     })?;
     let (status, body) = endpoint
         .post_json(
@@ -136,12 +137,14 @@ pub async fn verify(profile: &Profile, code: &str, passphrase: &Passphrase) -> R
         crypto
     })?;
     data.device_id = Some(device_id.to_text());
+    data.oprf_key = crate::discovery::pinned_key_of(&body);
     profile.save(&data)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
+    crate::discovery::learn_own(&mut inbox, &data, &body)?;
     Ok(body
         .get("replaced_devices")
         .and_then(serde_json::Value::as_u64)
@@ -225,13 +228,16 @@ pub async fn link(
         .and_then(|d| d.as_str())
         .and_then(DeviceId::from_text)
         .ok_or_else(|| ClientError::Protocol("link answered without a device id".into()))?;
-    profile.save(&ProfileData {
+    let data = ProfileData {
         number: number.as_str().to_string(),
         server: server.to_string(),
         trust,
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
-    })?;
+        oprf_key: crate::discovery::pinned_key_of(&body),
+    };
+    profile.save(&data)?;
+    crate::discovery::learn_own(&mut inbox, &data, &body)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
@@ -377,10 +383,11 @@ async fn refuse_unproven(session: &mut Session, device: DeviceId) -> ClientError
 /// This number's devices.
 pub async fn devices(account: &Account) -> Result<Vec<DeviceInfo>> {
     let mut session = account.session(false).await?;
+    let own = account.pseudonym(&mut session, account.number()).await?;
     let request_id = session.request_id();
     let request = Kind::Devices(frame::DevicesRequest {
         request_id,
-        number: account.number().to_string(),
+        account: own.to_vec(),
         ..frame::DevicesRequest::default()
     });
     match session.call(request, request_id).await? {

@@ -18,7 +18,8 @@
 //! - `request`: the one `Request` a frame carries, and its dispatch to a handler;
 //! - `send`: a session's sends, decided concurrently and stored and pushed in the order read;
 //! - `delivery`: a device's queue and receipts, acknowledgements and withdraws;
-//! - `lookup`: lookups and device lists, charged to one budget;
+//! - `evaluate`: the OPRF evaluation of blinded numbers, charged to the lookup budget;
+//! - `lookup`: lookups and device lists by pseudonym, charged to one budget;
 //! - `directory`: device keys (publish, claim), link codes, vouches, removing a device,
 //!   disabling an account;
 //! - `reply`: the one way a handler answers, and the one shape of an error frame;
@@ -33,7 +34,9 @@
 //!   devices, for the unit tests beside `session`, `http` and each handler (`*/tests.rs`).
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
-//! clear; numbers become pseudonyms at the edge and are dropped.
+//! clear. The only number it ever receives is a registrant's own, in the HTTP registration
+//! requests, where it becomes a pseudonym at once and is dropped; every session request names
+//! accounts by the pseudonym the client derived with `evaluate` (blinded, promise P3).
 
 mod abuse;
 mod clock;
@@ -41,6 +44,7 @@ pub mod config;
 mod connection;
 mod delivery;
 mod directory;
+mod evaluate;
 mod gateway;
 mod http;
 mod hub;
