@@ -510,10 +510,7 @@ impl ServerArgs {
                 }
             },
             lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(10_000),
-            lookup_per_hour: self
-                .lookup_per_hour
-                .or(file.lookup_per_hour)
-                .unwrap_or(200),
+            lookup_per_hour: self.lookup_per_hour.or(file.lookup_per_hour).unwrap_or(200),
             key_claim_burst: self.key_claim_burst.or(file.key_claim_burst).unwrap_or(100),
             key_claims_per_hour: self
                 .key_claims_per_hour
