@@ -2,9 +2,7 @@
 //! verification codes. They live in one file outside the data directory, so that a copy of the
 //! data directory alone cannot be tested against guessed numbers.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use anyhow::Context as _;
 use hmac::{Hmac, Mac};
@@ -13,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tidings_proto::number::E164;
 use tidings_store::Pseudonym;
-use voprf::{Ristretto255, VoprfServer};
+use voprf::{BlindedElement, Group as _, Ristretto255, VoprfServer};
 
 const OPRF_INFO: &[u8] = b"tidings-oprf-v1";
-/// Pseudonyms kept by [`PseudonymCache`]; past this the cache starts again empty.
-const CACHE_ENTRIES: usize = 100_000;
+/// The version of the OPRF key in use. One key so far: the version lets a client tell, in
+/// `Verified`, `Linked`, `GET /v1/oprf-key` and every `EvaluateResult`, which key it pinned.
+pub const OPRF_KEY_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
 struct KeyFile {
@@ -29,52 +28,26 @@ struct KeyFile {
 pub struct ServerKeys {
     oprf: VoprfServer<Ristretto255>,
     code_key: [u8; 32],
-    cache: PseudonymCache,
 }
 
-/// Pseudonyms computed recently, so that a number sent to or looked up again costs a keyed hash
-/// (about 1 µs) instead of an OPRF evaluation (tens of µs). Entries are keyed by HMAC-SHA256 of
-/// the number under a key drawn at start and never stored, so the cache holds no number; it lives
-/// in memory only, is bounded, and holds nothing the OPRF key beside it could not recompute. It
-/// holds no account state either: a pseudonym is a fixed function of the number, so opt-out and
-/// re-registration are unaffected.
-struct PseudonymCache {
-    key: [u8; 32],
-    entries: Mutex<HashMap<[u8; 32], Pseudonym>>,
+/// Blinded elements the server evaluated, with one batch proof that it used its key.
+#[derive(Debug)]
+pub struct Evaluated {
+    /// 32 bytes each, in the order asked.
+    pub elements: Vec<Vec<u8>>,
+    /// The batch DLEQ proof, 64 bytes.
+    pub proof: Vec<u8>,
 }
 
-impl PseudonymCache {
-    fn new() -> Self {
-        let mut key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
-        Self {
-            key,
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The entry for a number as the client wrote it (parsed or not: the pseudonym is a
-    /// function of the text either way).
-    fn slot(&self, text: &str) -> [u8; 32] {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(text.as_bytes());
-        mac.finalize().into_bytes().into()
-    }
-
-    fn get(&self, slot: &[u8; 32]) -> Option<Pseudonym> {
-        self.entries.lock().ok()?.get(slot).copied()
-    }
-
-    fn put(&self, slot: [u8; 32], pseudonym: Pseudonym) {
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= CACHE_ENTRIES {
-                *entries = HashMap::new();
-            }
-            entries.insert(slot, pseudonym);
-        }
-    }
+/// Why a batch of blinded elements was not evaluated: a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvaluateError {
+    #[error("blinded element {0} is not 32 bytes")]
+    WrongLength(usize),
+    #[error("blinded element {0} is not a ristretto255 point (or is the identity)")]
+    NotAnElement(usize),
+    #[error("the evaluation failed: try again")]
+    Failed,
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -114,42 +87,14 @@ impl ServerKeys {
             .context("key file: code_key must be 32 bytes of base64url")?;
         let oprf = VoprfServer::<Ristretto255>::new_from_seed(&seed, OPRF_INFO)
             .map_err(|e| anyhow::anyhow!("key file: oprf_seed is unusable: {e:?}"))?;
-        Ok(Self {
-            oprf,
-            code_key,
-            cache: PseudonymCache::new(),
-        })
+        Ok(Self { oprf, code_key })
     }
 
     /// The number's pseudonym: the RFC 9497 VOPRF output under the server key, first 32 bytes.
-    /// The same value a client computes by blinding, so moving the blinding to the client later
-    /// leaves every stored pseudonym valid.
+    /// The same value a client computes by blinding the number, having `Evaluate` evaluate it
+    /// and unblinding: only the HTTP registration requests, which carry the registrant's own
+    /// number, compute it here.
     pub fn pseudonym(&self, number: &E164) -> anyhow::Result<Pseudonym> {
-        let slot = self.cache.slot(number.as_str());
-        if let Some(pseudonym) = self.cache.get(&slot) {
-            return Ok(pseudonym);
-        }
-        let pseudonym = self.evaluate(number)?;
-        self.cache.put(slot, pseudonym);
-        Ok(pseudonym)
-    }
-
-    /// The pseudonym of a number as a client wrote it, `None` if it is not a valid number. A
-    /// number seen recently costs neither the parse nor the OPRF evaluation.
-    pub fn pseudonym_of(&self, text: &str) -> anyhow::Result<Option<Pseudonym>> {
-        let slot = self.cache.slot(text);
-        if let Some(pseudonym) = self.cache.get(&slot) {
-            return Ok(Some(pseudonym));
-        }
-        let Ok(number) = E164::parse(text) else {
-            return Ok(None);
-        };
-        let pseudonym = self.evaluate(&number)?;
-        self.cache.put(slot, pseudonym);
-        Ok(Some(pseudonym))
-    }
-
-    fn evaluate(&self, number: &E164) -> anyhow::Result<Pseudonym> {
         let output = self
             .oprf
             .evaluate(number.as_str().as_bytes())
@@ -157,6 +102,47 @@ impl ServerKeys {
         let mut pseudonym = [0u8; 32];
         pseudonym.copy_from_slice(&output[..32]);
         Ok(Pseudonym(pseudonym))
+    }
+
+    /// The OPRF public key (a compressed ristretto255 point), which clients pin and check every
+    /// evaluation's proof against.
+    pub fn oprf_public_key(&self) -> [u8; 32] {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&Ristretto255::serialize_elem(self.oprf.get_public_key()));
+        key
+    }
+
+    /// Evaluates blinded elements with one batch proof. Each element is checked first: 32 bytes,
+    /// a valid point, not the identity; a bad one names its place and nothing is evaluated.
+    /// About one scalar multiplication per element plus the proof's: run it on the blocking
+    /// pool.
+    pub fn evaluate_blinded(&self, blinded: &[Vec<u8>]) -> Result<Evaluated, EvaluateError> {
+        let elements = blinded
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                if bytes.len() != 32 {
+                    return Err(EvaluateError::WrongLength(i));
+                }
+                BlindedElement::<Ristretto255>::deserialize(bytes)
+                    .map_err(|_| EvaluateError::NotAnElement(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prepared: Vec<_> = self
+            .oprf
+            .batch_blind_evaluate_prepare(elements.iter())
+            .collect();
+        let finished = self
+            .oprf
+            .batch_blind_evaluate_finish(&mut rand::rngs::OsRng, elements.iter(), &prepared)
+            .map_err(|_| EvaluateError::Failed)?;
+        Ok(Evaluated {
+            elements: finished
+                .messages
+                .map(|element| element.serialize().to_vec())
+                .collect(),
+            proof: finished.proof.serialize().to_vec(),
+        })
     }
 
     /// The keyed hash a code is stored as.
@@ -216,6 +202,10 @@ mod tests {
     use super::*;
 
     fn keys(name: &str) -> ServerKeys {
+        keys_named(name)
+    }
+
+    fn keys_named(name: &str) -> ServerKeys {
         let dir = std::env::temp_dir().join(format!("tidings-keys-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let keys = ServerKeys::load_or_create(&dir.join("keys.toml")).expect("keys");
@@ -223,45 +213,66 @@ mod tests {
         keys
     }
 
+    /// The pseudonym the server computes from a number equals what a client gets by blinding,
+    /// having the server evaluate, checking the proof and unblinding; a bad element is refused
+    /// with its place, and a proof under another key does not verify.
     #[test]
-    fn cached_pseudonyms_equal_fresh_evaluations() {
-        let keys = keys("cache");
-        let alice = E164::parse("+14155550101").expect("number");
-        let bob = E164::parse("+14155550102").expect("number");
-        let first = keys.pseudonym(&alice).expect("pseudonym");
-        assert_eq!(keys.cache.entries.lock().expect("lock").len(), 1);
-        // From the cache now, and the same as an evaluation that bypasses it.
-        assert_eq!(keys.pseudonym(&alice).expect("pseudonym"), first);
-        let fresh = keys
-            .oprf
-            .evaluate(alice.as_str().as_bytes())
-            .expect("evaluate");
-        assert_eq!(&fresh[..32], &first.0[..]);
-        assert_ne!(keys.pseudonym(&bob).expect("pseudonym"), first);
-        assert_eq!(keys.cache.entries.lock().expect("lock").len(), 2);
-        // As a client may write it: the same pseudonym, then from the cache.
-        for _ in 0..2 {
-            let written = keys.pseudonym_of(" +1 415-555-0101").expect("pseudonym");
-            assert_eq!(written, Some(first));
+    fn a_blinded_evaluation_gives_the_servers_pseudonym() {
+        use voprf::{EvaluationElement, Proof, VoprfClient};
+        let keys = keys("blind");
+        let other = keys_named("other");
+        let numbers = ["+14155550101", "+14155550102"];
+        let blinds: Vec<_> = numbers
+            .iter()
+            .map(|n| {
+                VoprfClient::<Ristretto255>::blind(n.as_bytes(), &mut rand::rngs::OsRng)
+                    .expect("blind")
+            })
+            .collect();
+        let blinded: Vec<Vec<u8>> = blinds
+            .iter()
+            .map(|b| b.message.serialize().to_vec())
+            .collect();
+        let evaluated = keys.evaluate_blinded(&blinded).expect("evaluated");
+        let messages: Vec<_> = evaluated
+            .elements
+            .iter()
+            .map(|e| EvaluationElement::<Ristretto255>::deserialize(e).expect("element"))
+            .collect();
+        let proof = Proof::<Ristretto255>::deserialize(&evaluated.proof).expect("proof");
+        let clients: Vec<_> = blinds.iter().map(|b| b.state.clone()).collect();
+        let inputs: Vec<&[u8]> = numbers.iter().map(|n| n.as_bytes()).collect();
+        let public = |keys: &ServerKeys| {
+            Ristretto255::deserialize_elem(&keys.oprf_public_key()).expect("public key")
+        };
+        let outputs: Vec<_> =
+            VoprfClient::batch_finalize(&inputs, &clients, &messages, &proof, public(&keys))
+                .expect("the proof verifies")
+                .collect::<Result<_, _>>()
+                .expect("outputs");
+        for (number, output) in numbers.iter().zip(outputs) {
+            let expected = keys
+                .pseudonym(&E164::parse(number).expect("number"))
+                .expect("pseudonym");
+            assert_eq!(&output[..32], &expected.0[..]);
         }
-        assert_eq!(keys.pseudonym_of("+1 555").expect("no pseudonym"), None);
-        assert_eq!(keys.cache.entries.lock().expect("lock").len(), 3);
-    }
-
-    #[test]
-    fn a_full_cache_starts_again_empty() {
-        let keys = keys("bound");
-        for i in 0..CACHE_ENTRIES as u64 {
-            let mut slot = [0; 32];
-            slot[..8].copy_from_slice(&i.to_le_bytes());
-            keys.cache.put(slot, Pseudonym([0; 32]));
-        }
-        assert_eq!(
-            keys.cache.entries.lock().expect("lock").len(),
-            CACHE_ENTRIES
+        assert!(
+            VoprfClient::batch_finalize(&inputs, &clients, &messages, &proof, public(&other))
+                .is_err(),
+            "a proof checked against another key must fail"
         );
-        keys.cache.put([0xff; 32], Pseudonym([1; 32]));
-        assert_eq!(keys.cache.entries.lock().expect("lock").len(), 1);
-        assert_eq!(keys.cache.get(&[0xff; 32]), Some(Pseudonym([1; 32])));
+        let check = |blinded: Vec<Vec<u8>>, expected: EvaluateError| {
+            assert_eq!(
+                keys.evaluate_blinded(&blinded).expect_err("refused"),
+                expected
+            );
+        };
+        check(
+            vec![blinded[0].clone(), vec![1; 31]],
+            EvaluateError::WrongLength(1),
+        );
+        check(vec![vec![1; 33]], EvaluateError::WrongLength(0));
+        check(vec![vec![0; 32]], EvaluateError::NotAnElement(0));
+        check(vec![vec![0xff; 32]], EvaluateError::NotAnElement(0));
     }
 }
