@@ -22,8 +22,8 @@ pub const EXIT_PENDING: u8 = 5;
     version,
     about = "Opt-in phone-number messaging over IP",
     long_about = "Tidings sends text messages over IP between people identified by phone number.\n\
-        Nothing leaves this machine until you register; numbers reach the server only as\n\
-        pseudonyms it cannot reverse; disabling deletes everything the server had.\n\n\
+        Nothing leaves this machine until you register; contacts' numbers reach the server only\n\
+        blinded; disabling deletes everything the server had.\n\n\
         Start a server:        tidings server\n\
         Opt in:                tidings register +4915112345678 --server http://127.0.0.1:7433\n\
                                tidings verify 123456\n\
@@ -115,6 +115,9 @@ pub enum Command {
         #[arg(required = true)]
         numbers: Vec<String>,
     },
+    /// Pin the server's discovery key again, after its operator announced a new one (contacts'
+    /// pseudonyms are derived again when next needed)
+    Repin,
     /// Opt out: delete your account, devices, keys and queued messages from the server
     Disable,
     /// Show this profile's state (no network)

@@ -441,6 +441,21 @@ fn presence_shown(presence: Presence) -> &'static str {
     }
 }
 
+/// `tidings repin`: pin the server's discovery key again.
+pub async fn repin(context: &Context) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let key = client.repin().await?;
+    if context.json {
+        print_json(json!({ "status": "pinned", "key_version": key.key_version }));
+    } else {
+        println!(
+            "Pinned the server's discovery key (version {}); contacts' pseudonyms are derived again when next needed.",
+            key.key_version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `tidings disable`: opt out.
 pub async fn disable(context: &Context) -> anyhow::Result<ExitCode> {
     let client = context.unlocked()?;

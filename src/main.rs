@@ -92,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fingerprint { number } => commands::fingerprint(&context, &number).await,
         Command::Trust { number } => commands::trust(&context, &number).await,
         Command::Lookup { numbers } => commands::lookup(&context, &numbers).await,
+        Command::Repin => commands::repin(&context).await,
         Command::Disable => commands::disable(&context).await,
         Command::Settings(settings) => commands::settings(&context, *settings).await,
         Command::Status => commands::status(&context),

@@ -27,7 +27,7 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 
 fn frames() {
     let id = vec![7u8; 16];
-    let number = "+4915112345678".to_string();
+    let account = vec![17u8; 32];
     let envelope = Envelope {
         olm_type: 1,
         ciphertext: vec![3; 40],
@@ -42,7 +42,7 @@ fn frames() {
         Kind::Ping(Ping { nonce: 1 }),
         Kind::Send(Send {
             id: id.clone(),
-            to: number.clone(),
+            to: String::new(),
             mode: SendMode::Queue as i32,
             ttl_seconds: 3600,
             payload: Bytes::new(),
@@ -56,6 +56,7 @@ fn frames() {
                 device_id: id.clone(),
                 mac: vec![16; 32],
             }],
+            to_account: account.clone(),
         }),
         Kind::Ack(Ack {
             sender_device: id.clone(),
@@ -71,7 +72,8 @@ fn frames() {
         Kind::ReceiptAck(ReceiptAck { id: id.clone() }),
         Kind::Lookup(Lookup {
             request_id: 2,
-            numbers: vec![number.clone(), "+12015550123".into()],
+            numbers: Vec::new(),
+            accounts: vec![account.clone(), vec![18; 32]],
             proofs: vec![PresenceProof {
                 account: Vec::new(),
                 device_id: id.clone(),
@@ -80,8 +82,15 @@ fn frames() {
         }),
         Kind::Devices(DevicesRequest {
             request_id: 3,
-            number: number.clone(),
+            number: String::new(),
+            account: account.clone(),
             sender_device: id.clone(),
+        }),
+        Kind::Evaluate(Evaluate {
+            request_id: 10,
+            blinded: vec![vec![0xe2; 32], vec![19; 32]],
+            sender_device: id.clone(),
+            key_version: 1,
         }),
         Kind::Disable(Disable { request_id: 4 }),
         Kind::KeysUpload(KeysUpload {
@@ -100,8 +109,9 @@ fn frames() {
         }),
         Kind::KeysClaim(KeysClaim {
             request_id: 6,
-            number: number.clone(),
+            number: String::new(),
             device_ids: vec![id.clone()],
+            account: account.clone(),
         }),
         Kind::LinkCodeRequest(LinkCodeRequest { request_id: 7 }),
         Kind::RemoveDevice(RemoveDevice {
@@ -150,9 +160,16 @@ fn frames() {
         Kind::LookupResult(LookupResult {
             request_id: 2,
             entries: vec![LookupEntry {
-                number: number.clone(),
+                number: String::new(),
                 presence: Presence::Online as i32,
+                account: account.clone(),
             }],
+        }),
+        Kind::EvaluateResult(EvaluateResult {
+            request_id: 10,
+            evaluated: vec![vec![20; 32], vec![21; 32]],
+            proof: vec![22; 64],
+            key_version: 1,
         }),
         Kind::DeviceList(DeviceList {
             request_id: 3,

@@ -6,6 +6,7 @@ mod support;
 // Starts no server: checks that docs/ARCHITECTURE.md names only paths and items that exist.
 mod architecture_doc;
 mod at_rest;
+mod blinding;
 mod budgets;
 mod connections;
 mod defaults;

@@ -293,6 +293,7 @@ fn openapi_document_matches_the_routes() {
         ("POST", "/v1/registration/inbound/complete"),
         ("POST", "/v1/registration/link"),
         ("GET", "/v1/connect"),
+        ("GET", "/v1/oprf-key"),
         ("GET", "/v1/health"),
         ("GET", "/v1/openapi.json"),
     ]

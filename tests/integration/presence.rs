@@ -259,11 +259,13 @@ async fn lookup_with(
     proofs: Vec<frame::PresenceProof>,
 ) -> i32 {
     let mut session = client.session(false).await.expect("session");
+    let account = crate::support::account_of(client, &mut session, number).await;
     let request_id = session.request_id();
     let request = Kind::Lookup(frame::Lookup {
         request_id,
-        numbers: vec![number.to_string()],
+        accounts: vec![account],
         proofs,
+        ..frame::Lookup::default()
     });
     match session.call(request, request_id).await.expect("lookup") {
         Kind::LookupResult(result) => result.entries[0].presence,
@@ -371,6 +373,7 @@ fn malformed_presence_settings_and_proofs_get_a_clear_error() {
     let server = Server::start(&[]);
     let bob = User::register(&number(), &server, &[]);
     let alice = User::register(&number(), &server, &[]);
+    let bob_account = crate::support::server_pseudonym(&server, &bob.number);
     let client = alice.client();
     block_on(async {
         let mut session = client.session(false).await.expect("session");
@@ -392,18 +395,21 @@ fn malformed_presence_settings_and_proofs_get_a_clear_error() {
             }),
             Kind::Lookup(frame::Lookup {
                 request_id: 3,
-                numbers: vec![bob.number.clone()],
+                accounts: vec![bob_account.clone()],
                 proofs: vec![proof(16, 31)],
+                ..frame::Lookup::default()
             }),
             Kind::Lookup(frame::Lookup {
                 request_id: 4,
-                numbers: vec![bob.number.clone()],
+                accounts: vec![bob_account.clone()],
                 proofs: vec![proof(15, 32)],
+                ..frame::Lookup::default()
             }),
             Kind::Lookup(frame::Lookup {
                 request_id: 5,
-                numbers: vec![bob.number.clone()],
+                accounts: vec![bob_account.clone()],
                 proofs: vec![proof(16, 32); tidings_proto::MAX_LOOKUP_PROOFS + 1],
+                ..frame::Lookup::default()
             }),
         ];
         for (request_id, request) in (1..).zip(requests) {

@@ -22,7 +22,7 @@ pub async fn raw_session(port: u16) -> TcpStream {
 /// Asks to upgrade `stream` to a session and reads the `101` answer.
 pub async fn upgrade(mut stream: TcpStream) -> TcpStream {
     stream
-        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/1\r\n\r\n")
+        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/2\r\n\r\n")
         .await
         .expect("write");
     let mut head = Vec::new();
@@ -401,6 +401,8 @@ pub async fn stall_with_deliveries(
     const BATCH: u64 = 100;
     let stalled = receiver.session(true).await.expect("receiver");
     let mut sender_session = sender.session(false).await.expect("sender");
+    let receiver_account =
+        crate::support::account_of(sender, &mut sender_session, receiver_number).await;
     let payload = bytes::Bytes::from(vec![7u8; payload_len]);
     let devices: Vec<_> = std::iter::once(receiver.device())
         .chain(also_to.iter().copied())
@@ -410,7 +412,7 @@ pub async fn stall_with_deliveries(
         id[..8].copy_from_slice(&n.to_be_bytes());
         Kind::Send(frame::Send {
             id: id.to_vec(),
-            to: receiver_number.to_string(),
+            to_account: receiver_account.clone(),
             mode: frame::SendMode::Queue as i32,
             copies: devices
                 .iter()

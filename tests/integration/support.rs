@@ -490,6 +490,29 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     found
 }
 
+/// The pseudonym of `number` computed from the server's key file, as its operator could: for
+/// tests that name accounts without spending any device's lookup budget.
+pub fn server_pseudonym(server: &Server, number: &str) -> Vec<u8> {
+    let keys = tidings_server::keys::ServerKeys::load_or_create(&server.key_file()).expect("keys");
+    let number = tidings_proto::number::E164::parse(number).expect("a number");
+    keys.pseudonym(&number).expect("a pseudonym").0.to_vec()
+}
+
+/// The pseudonym that names `number`'s account, as `client` derives it (blinded, then learned:
+/// a number asked for again costs nothing).
+pub async fn account_of(
+    client: &tidings_client::client::Client,
+    session: &mut tidings_client::session::Session,
+    number: &str,
+) -> Vec<u8> {
+    client
+        .account()
+        .pseudonym(session, number)
+        .await
+        .expect("the number's pseudonym")
+        .to_vec()
+}
+
 /// Polls `condition` every 50 ms for up to `limit`.
 pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

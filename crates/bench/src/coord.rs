@@ -1167,7 +1167,7 @@ async fn lookup(
                 server_cpu_secs: cpu1 - cpu0,
                 what: match target {
                     Target::Ejabberd => "roster fetch (jabber:iq:roster get) of a stored 1,000-contact roster: who is in it, not who is reachable; the server keeps the phonebook".into(),
-                    _ => "Lookup frame with the whole phonebook: ONLINE / OFFLINE / NOT_A_USER per number; nothing stored".into(),
+                    _ => "the whole phonebook as a client that knows none of it: every number blinded, one Evaluate (one batch proof), proof checked and unblinded, then one Lookup by pseudonym: ONLINE / OFFLINE / NOT_A_USER per number; nothing stored".into(),
                 },
                 ..LookupResult::default()
             };
@@ -1190,13 +1190,14 @@ async fn lookup(
             }
             result.numbers_per_sec = result.numbers as f64 / result.secs.max(1e-9);
             say(&format!(
-                "{label}: {} numbers in {} requests in {:.2} s = {:.0} numbers/s (request p50 {}, p99 {})",
+                "{label}: {} numbers in {} phonebooks in {:.2} s = {:.0} numbers/s (wall per phonebook p50 {}, p99 {}; server CPU {:.1} µs per number)",
                 result.numbers,
                 result.requests,
                 result.secs,
                 result.numbers_per_sec,
                 fmt_us(result.latency.p50),
-                fmt_us(result.latency.p99)
+                fmt_us(result.latency.p99),
+                result.server_cpu_secs * 1e6 / (result.numbers.max(1) as f64)
             ));
             if result.numbers == 0 {
                 bail!(

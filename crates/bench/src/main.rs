@@ -114,6 +114,10 @@ struct RunArgs {
     /// Relay pair counts [default: 1,100,1000; smoke 1,10]
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pairs: Vec<u32>,
+    /// Clients of the lookup phase, each resolving the phonebook over and over [default: 4,
+    /// smoke 1]
+    #[arg(long)]
+    lookup_clients: Option<u32>,
     /// Seconds per relay rate step [default: 5, smoke 1]
     #[arg(long)]
     step_secs: Option<f64>,
@@ -248,6 +252,9 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     }
     if !args.pairs.is_empty() {
         sizes.relay_pairs = args.pairs.clone();
+    }
+    if let Some(clients) = args.lookup_clients {
+        sizes.lookup_clients = clients.max(1);
     }
     if let Some(secs) = args.step_secs {
         sizes.step_secs = secs.max(0.2);

@@ -10,9 +10,10 @@ use ed25519_dalek::SigningKey;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::id::DeviceId;
 
+use crate::discovery::AccountKey;
 use crate::inbox::{Change, Inbox};
 use crate::net::Endpoint;
-use crate::profile::{Profile, ProfileData, Routing, ShowOnline};
+use crate::profile::{PinnedKey, Profile, ProfileData, Routing, ShowOnline};
 use crate::session::{KeySupply, Session};
 use crate::vault::{Passphrase, Vault};
 use crate::{ClientError, Result};
@@ -31,6 +32,9 @@ pub struct Account {
     vault: std::sync::OnceLock<Vault>,
     /// The local store was brought up to date once ([`Account::inbox`]).
     inbox_migrated: std::sync::OnceLock<()>,
+    /// The server's discovery key as pinned (from the profile, or fetched once for a profile
+    /// made before tidings/2).
+    pinned: std::sync::OnceLock<PinnedKey>,
 }
 
 /// A 32-byte key from the wire, if it is one.
@@ -49,7 +53,12 @@ impl Account {
             .and_then(DeviceId::from_text)
             .ok_or(ClientError::NotVerified)?;
         let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
+        let pinned = std::sync::OnceLock::new();
+        if let Some(key) = data.oprf_key.clone() {
+            let _ = pinned.set(key);
+        }
         Ok(Self {
+            pinned,
             profile,
             data,
             device,
@@ -92,6 +101,64 @@ impl Account {
     /// The profile directory's handle.
     pub fn profile(&self) -> &Profile {
         &self.profile
+    }
+
+    /// How this profile reaches its server.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The server's discovery key this profile pinned. A profile made before tidings/2 has
+    /// none: the key the server shows now is fetched and pinned, once, and a warning says so.
+    pub async fn pinned_key(&self) -> Result<PinnedKey> {
+        if let Some(key) = self.pinned.get() {
+            return Ok(key.clone());
+        }
+        let key = crate::discovery::fetch_key(self).await?;
+        self.pin_key(key.clone())?;
+        tracing::warn!(
+            key_version = key.key_version,
+            "this profile had no pinned discovery key (it was made before tidings/2): pinned the one the server shows now"
+        );
+        Ok(key)
+    }
+
+    /// Pins `key` in the profile (replacing any pinned before).
+    pub fn pin_key(&self, key: PinnedKey) -> Result<()> {
+        let mut data = self.profile.load()?.ok_or(ClientError::NotRegistered)?;
+        data.oprf_key = Some(key.clone());
+        self.profile.save(&data)?;
+        // A process pins once: a second pin (`tidings repin`) is this process's last act.
+        let _ = self.pinned.set(key);
+        Ok(())
+    }
+
+    /// The pseudonym that names `number`'s account (see [`crate::discovery`]): learned before,
+    /// or evaluated now.
+    pub async fn pseudonym(&self, session: &mut Session, number: &str) -> Result<AccountKey> {
+        self.pseudonym_checking(session, number, None).await
+    }
+
+    /// [`Account::pseudonym`], evaluated (when not known) with the free check of the delivery
+    /// sender `sender_device` if one is given.
+    async fn pseudonym_checking(
+        &self,
+        session: &mut Session,
+        number: &str,
+        sender_device: Option<DeviceId>,
+    ) -> Result<AccountKey> {
+        let number = tidings_proto::number::E164::parse(number)?;
+        let found = crate::discovery::pseudonyms(
+            self,
+            session,
+            &[number.as_str().to_string()],
+            sender_device,
+        )
+        .await?;
+        found
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Protocol("no pseudonym".into()))
     }
 
     /// Who may see this device online.
@@ -254,11 +321,17 @@ impl Account {
         number: &str,
         sender_device: Option<DeviceId>,
     ) -> Result<Vec<frame::DeviceKeys>> {
+        // A delivery's claimed sender is evaluated with the free check of that sender, so a
+        // spoofer cannot spend this account's budget.
+        let account = self
+            .pseudonym_checking(session, number, sender_device)
+            .await?;
         let request_id = session.request_id();
         let request = Kind::Devices(frame::DevicesRequest {
             request_id,
-            number: number.to_string(),
+            account: account.to_vec(),
             sender_device: sender_device.map_or_else(Vec::new, |d| d.as_bytes().to_vec()),
+            ..frame::DevicesRequest::default()
         });
         match session.call(request, request_id).await? {
             Kind::DeviceList(list) => Ok(list.devices),
@@ -276,11 +349,13 @@ impl Account {
         number: &str,
         only: &[DeviceId],
     ) -> Result<Vec<frame::ClaimedKey>> {
+        let account = self.pseudonym(session, number).await?;
         let request_id = session.request_id();
         let request = Kind::KeysClaim(frame::KeysClaim {
             request_id,
-            number: number.to_string(),
+            account: account.to_vec(),
             device_ids: only.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            ..frame::KeysClaim::default()
         });
         match session.call(request, request_id).await? {
             Kind::KeysClaimResult(result) => Ok(result.devices),

@@ -199,6 +199,12 @@ impl Client {
         contacts::lookup(&self.account, numbers).await
     }
 
+    /// Pins the discovery key the server shows now and forgets the pseudonyms learned under the
+    /// old one (after the operator announced a new key).
+    pub async fn repin(&self) -> Result<crate::profile::PinnedKey> {
+        crate::discovery::repin(&self.account).await
+    }
+
     /// The safety number with `number`, from the directory's current keys of both sides.
     pub async fn fingerprint(&self, number: &str) -> Result<Fingerprint> {
         contacts::fingerprint(&self.account, number).await

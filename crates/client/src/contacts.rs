@@ -1,8 +1,8 @@
 //! Other people: whether numbers can be reached now (lookup), the safety number with a contact,
 //! and trusting a contact's current keys after comparing it.
 //!
-//! Numbers looked up go to the server as the user typed them, over the session; nothing here
-//! keeps them or logs them. Trust is changed only by an explicit [`trust`]: the first keys seen
+//! Numbers looked up never reach the server: each is blinded and named by its account's
+//! pseudonym (see [`crate::discovery`]); nothing here logs them. Trust is changed only by an explicit [`trust`]: the first keys seen
 //! for a number are trusted on first use when a message arrives (see [`crate::incoming`]).
 
 use tidings_proto::frame::{self, Kind, Presence};
@@ -11,7 +11,9 @@ use tidings_proto::MAX_LOOKUP_PROOFS;
 
 use crate::account::{key_of, Account};
 use crate::clock::now_ms;
+use crate::discovery::AccountKey;
 use crate::inbox::Change;
+use crate::session::Session;
 use crate::{ClientError, Result};
 
 /// The safety number with a contact, and how their keys stand with this device's trust.
@@ -26,40 +28,66 @@ pub struct Fingerprint {
     pub known: bool,
 }
 
-/// Looks up numbers: online, offline or not a user. Order follows `numbers`. A user is online
-/// only if one of its devices shows itself to this one: to everyone, or to those holding its
-/// presence token (which a device hands whoever it writes to); a proof goes with the lookup for
-/// each token held, up to `MAX_LOOKUP_PROOFS`.
+/// Looks up numbers: online, offline or not a user. Order follows `numbers`; a number that is
+/// not a valid phone number is not a user, without asking the server. A user is online only if
+/// one of its devices shows itself to this one: to everyone, or to those holding its presence
+/// token (which a device hands whoever it writes to); a proof goes with each lookup for each
+/// token held, up to `MAX_LOOKUP_PROOFS`.
 pub async fn lookup(account: &Account, numbers: &[String]) -> Result<Vec<(String, Presence)>> {
-    let proofs = {
-        let mut inbox = account.inbox()?;
-        let now = now_ms();
-        inbox.look(|crypto| {
+    let mut session = account.session(false).await?;
+    let valid: Vec<String> = numbers
+        .iter()
+        .filter_map(|n| E164::parse(n).ok())
+        .map(|n| n.as_str().to_string())
+        .collect();
+    let pseudonyms = crate::discovery::pseudonyms(account, &mut session, &valid, None).await?;
+    let mut presences = Vec::with_capacity(pseudonyms.len());
+    let now = now_ms();
+    let batches = pseudonyms
+        .chunks(tidings_proto::MAX_LOOKUP_NUMBERS)
+        .zip(valid.chunks(tidings_proto::MAX_LOOKUP_NUMBERS));
+    for (batch, batch_numbers) in batches {
+        let proofs = account.inbox()?.look(|crypto| {
             let mut proofs = Vec::new();
-            for number in numbers.iter().filter_map(|n| E164::parse(n).ok()) {
+            for number in batch_numbers {
                 let room = MAX_LOOKUP_PROOFS.saturating_sub(proofs.len());
-                proofs.extend(crypto.presence_proofs(number.as_str(), now, room));
+                proofs.extend(crypto.presence_proofs(number, now, room));
             }
             proofs
-        })?
-    };
-    let mut session = account.session(false).await?;
+        })?;
+        presences.extend(lookup_accounts(&mut session, batch, proofs).await?);
+    }
+    let mut presences = presences.into_iter();
+    Ok(numbers
+        .iter()
+        .map(|number| {
+            let presence = match E164::parse(number) {
+                Ok(_) => presences.next().unwrap_or(Presence::NotAUser),
+                Err(_) => Presence::NotAUser,
+            };
+            (number.clone(), presence)
+        })
+        .collect())
+}
+
+/// One `Lookup` of accounts by pseudonym, with presence `proofs`: their presences, in order.
+pub async fn lookup_accounts(
+    session: &mut Session,
+    accounts: &[AccountKey],
+    proofs: Vec<frame::PresenceProof>,
+) -> Result<Vec<Presence>> {
     let request_id = session.request_id();
     let request = Kind::Lookup(frame::Lookup {
         request_id,
-        numbers: numbers.to_vec(),
+        accounts: accounts.iter().map(|a| a.to_vec()).collect(),
         proofs,
+        ..frame::Lookup::default()
     });
     match session.call(request, request_id).await? {
-        Kind::LookupResult(result) => Ok(result
+        Kind::LookupResult(result) if result.entries.len() == accounts.len() => Ok(result
             .entries
             .into_iter()
-            .map(|e| {
-                (
-                    e.number,
-                    Presence::try_from(e.presence).unwrap_or(Presence::NotAUser),
-                )
-            })
+            .map(|e| Presence::try_from(e.presence).unwrap_or(Presence::NotAUser))
             .collect()),
         Kind::Error(e) => Err(e.into()),
         _ => Err(ClientError::Protocol(

@@ -20,7 +20,9 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use tidings_proto::id::{DeviceId, MessageId};
 
+use crate::discovery::Pseudonyms;
 use crate::e2e::Crypto;
+use crate::profile::PinnedKey;
 use crate::vault::{Passphrase, Vault, VaultHeader};
 use crate::{ClientError, Result};
 
@@ -65,6 +67,7 @@ struct SealedMessage {
 }
 
 const CRYPTO_NAME: &str = "crypto-state";
+const PSEUDONYMS_NAME: &str = "pseudonyms";
 
 fn message_name(sender_device: DeviceId, id: MessageId) -> String {
     format!("message:{}:{}", sender_device.to_text(), id.to_text())
@@ -98,6 +101,10 @@ fn open_connection(profile_dir: &Path) -> Result<Connection> {
              shown INTEGER NOT NULL DEFAULT 0,
              PRIMARY KEY (sender_device, msg_id)
          ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS pseudonyms (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             sealed BLOB NOT NULL
+         );
          CREATE TABLE IF NOT EXISTS outgoing (
              msg_id BLOB PRIMARY KEY,
              sealed BLOB NOT NULL,
@@ -444,6 +451,55 @@ impl Inbox {
         Ok(pending)
     }
 
+    /// The pseudonyms this profile learned (see [`crate::discovery`]), sealed like the rest.
+    pub fn pseudonyms(&self) -> Result<Pseudonyms> {
+        Self::read_pseudonyms(&self.conn, &self.vault)
+    }
+
+    fn read_pseudonyms(conn: &Connection, vault: &Vault) -> Result<Pseudonyms> {
+        let sealed: Option<Vec<u8>> = conn
+            .query_row("SELECT sealed FROM pseudonyms WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        let Some(sealed) = sealed else {
+            return Ok(Pseudonyms::default());
+        };
+        let plain = vault.open(PSEUDONYMS_NAME, &sealed)?;
+        serde_json::from_slice(&plain)
+            .map_err(|e| ClientError::Inbox(format!("learned pseudonyms are damaged: {e}")))
+    }
+
+    /// Adds pseudonyms learned under `key` to those kept, in one transaction (another process may
+    /// have learned some meanwhile). Those learned under another key are dropped: they name no
+    /// account any more.
+    pub fn learn_pseudonyms(
+        &mut self,
+        key: &PinnedKey,
+        learned: &[(String, [u8; 32])],
+    ) -> Result<()> {
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut kept = Self::read_pseudonyms(&txn, &self.vault)?;
+        kept.learn(key, learned);
+        let bytes = serde_json::to_vec(&kept).map_err(|e| ClientError::Inbox(e.to_string()))?;
+        let sealed = self.vault.seal(PSEUDONYMS_NAME, &bytes);
+        txn.execute(
+            "INSERT INTO pseudonyms (id, sealed) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET sealed = ?1",
+            params![sealed],
+        )?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Forgets every learned pseudonym (the server's discovery key was pinned again).
+    pub fn forget_pseudonyms(&self) -> Result<()> {
+        self.conn.execute("DELETE FROM pseudonyms", [])?;
+        Ok(())
+    }
+
     /// Forgets a stored delivery that the server says was withdrawn, so it is never shown.
     pub fn discard(&self, sender_device: DeviceId, id: MessageId) -> Result<()> {
         self.conn.execute(
@@ -460,6 +516,7 @@ impl Inbox {
         }
         let conn = open_connection(profile_dir)?;
         conn.execute("DELETE FROM crypto", [])?;
+        conn.execute("DELETE FROM pseudonyms", [])?;
         Ok(())
     }
 }

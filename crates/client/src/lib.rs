@@ -24,6 +24,8 @@
 //! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them), stored in the
 //!   profile and resumed;
 //! - [`incoming`]: listening: decrypt, judge the sender, store, acknowledge, show once;
+//! - [`discovery`]: blinding numbers into the pseudonyms that name accounts (the server never
+//!   sees a contact's number), the pinned discovery key, the learned pseudonyms;
 //! - [`contacts`]: lookup, safety numbers, trust;
 //! - [`client`]: [`client::Client`], the one type an app embeds: every operation above as a
 //!   method.
@@ -44,6 +46,7 @@ pub mod client;
 pub mod clock;
 pub mod contacts;
 pub mod defaults;
+pub mod discovery;
 pub mod e2e;
 pub mod inbox;
 pub mod incoming;
@@ -100,6 +103,8 @@ pub enum ClientError {
     LinkString(#[from] link_secret::LinkStringError),
     #[error("refused to link: {0}")]
     LinkNotProven(String),
+    #[error("the server's discovery key changed (or the server is misbehaving): its answer does not verify under the key this profile pinned, so nothing was looked up or sent. If the operator announced a new key, run `tidings repin` to pin the one the server shows now")]
+    DiscoveryKeyChanged,
     #[error("the safety number with {number} changed: it has {count} new identity key(s) (a new phone, a re-registration, a new device, or someone in between). Nothing was sent. Compare `tidings fingerprint {number}` with them, then run `tidings trust {number}`")]
     IdentityChanged { number: String, count: usize },
 }

@@ -125,6 +125,20 @@ impl Endpoint {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(StatusCode, serde_json::Value)> {
+        self.json_request(Method::POST, path, Some(body)).await
+    }
+
+    /// Sends one `GET` and returns the status and the JSON body.
+    pub async fn get_json(&self, path: &str) -> Result<(StatusCode, serde_json::Value)> {
+        self.json_request(Method::GET, path, None).await
+    }
+
+    async fn json_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value)> {
         let stream = self.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
@@ -132,11 +146,13 @@ impl Endpoint {
                 .map_err(|e| ClientError::Network(e.to_string()))?;
         let driver = tokio::spawn(connection);
         let request = Request::builder()
-            .method(Method::POST)
+            .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.authority())
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let exchange = async {
             let response = sender
@@ -169,7 +185,7 @@ impl Endpoint {
         result
     }
 
-    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/1`. Returns the
+    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/2`. Returns the
     /// upgraded stream and the login challenge.
     pub async fn upgrade(&self) -> Result<(Box<dyn Stream>, Vec<u8>)> {
         let stream = self.connect().await?;

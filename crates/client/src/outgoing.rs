@@ -255,6 +255,7 @@ pub async fn send(
     account.ensure_keys(&mut inbox, &mut session).await?;
     let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
     let plaintext = content(account.number(), &to, text, id, own_token);
+    let to_account = account.pseudonym(&mut session, &to).await?;
 
     // A first message to a number: claim keys for all its devices now rather than learn them
     // from a refused send.
@@ -296,13 +297,13 @@ pub async fn send(
                 session
                     .send(Kind::Send(frame::Send {
                         id: id.as_bytes().to_vec(),
-                        to: to.clone(),
+                        to_account: to_account.to_vec(),
                         mode: mode as i32,
                         ttl_seconds,
-                        payload: Bytes::new(),
                         copies: made,
                         receiver_contact_token: receiver_token.clone(),
                         presence_proofs: presence_proofs(&mut inbox, &to)?,
+                        ..frame::Send::default()
                     }))
                     .await?;
                 deadline = Instant::now() + wait;
@@ -392,6 +393,7 @@ pub async fn prepare_batch(
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
+    let to_account = account.pseudonym(&mut session, &to).await?;
     let mut changes = match changed {
         Some(changed) => claim_changed(account, &mut session, &to, changed).await?,
         None => claim_unknown(account, &mut inbox, &mut session, &to).await?,
@@ -402,13 +404,12 @@ pub async fn prepare_batch(
         let copies = encrypt_copies(account, &mut inbox, &mut changes, &to, &plaintext)?;
         sends.push(frame::Send {
             id: id.as_bytes().to_vec(),
-            to: to.clone(),
+            to_account: to_account.to_vec(),
             mode: SendMode::Queue as i32,
-            ttl_seconds: 0,
-            payload: Bytes::new(),
             copies,
             receiver_contact_token: receiver_token.clone(),
             presence_proofs: presence_proofs(&mut inbox, &to)?,
+            ..frame::Send::default()
         });
     }
     Ok(sends)

@@ -87,6 +87,11 @@ pub struct ProfileData {
     /// Who may see this device online.
     #[serde(default)]
     pub presence: ShowOnline,
+    /// The server's OPRF public key, pinned at registration or link: every evaluation's proof
+    /// is checked against it (see [`crate::discovery`]). `None` in a profile made before
+    /// tidings/2, until it is first needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oprf_key: Option<PinnedKey>,
 }
 
 /// Who may see this device online (`tidings settings --presence`). Sent to the server by every
@@ -129,6 +134,14 @@ impl ShowOnline {
             ShowOnline::Nobody => PresenceMode::Nobody,
         }
     }
+}
+
+/// The server's discovery (OPRF) public key as the profile pinned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedKey {
+    /// A ristretto255 point, 32 bytes, base64url.
+    pub public_key: String,
+    pub key_version: u32,
 }
 
 impl std::fmt::Debug for ProfileData {

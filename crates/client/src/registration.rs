@@ -149,6 +149,7 @@ fn save_registration(
         device_id: None,
         routing: existing_routing,
         presence: existing_presence,
+        oprf_key: None,
     })?;
     Ok((number, endpoint))
 }
@@ -246,12 +247,14 @@ async fn bind_device(
         crypto
     })?;
     data.device_id = Some(device_id.to_text());
+    data.oprf_key = crate::discovery::pinned_key_of(&body);
     profile.save(&data)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
+    crate::discovery::learn_own(&mut inbox, &data, &body)?;
     Ok(body
         .get("replaced_devices")
         .and_then(serde_json::Value::as_u64)
@@ -352,14 +355,17 @@ pub async fn link(
             "the server gave this device another id than its login key and the link code make, so the device that showed the link string would refuse it: link again with a new `tidings link` and a new --profile".into(),
         ));
     }
-    profile.save(&ProfileData {
+    let data = ProfileData {
         number: number.as_str().to_string(),
         server: server.to_string(),
         trust,
         device_id: Some(device_id.to_text()),
         routing: Default::default(),
         presence: Default::default(),
-    })?;
+        oprf_key: crate::discovery::pinned_key_of(&body),
+    };
+    profile.save(&data)?;
+    crate::discovery::learn_own(&mut inbox, &data, &body)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
@@ -511,10 +517,11 @@ async fn refuse_unproven(session: &mut Session, device: DeviceId) -> ClientError
 /// This number's devices.
 pub async fn devices(account: &Account) -> Result<Vec<DeviceInfo>> {
     let mut session = account.session(false).await?;
+    let own = account.pseudonym(&mut session, account.number()).await?;
     let request_id = session.request_id();
     let request = Kind::Devices(frame::DevicesRequest {
         request_id,
-        number: account.number().to_string(),
+        account: own.to_vec(),
         ..frame::DevicesRequest::default()
     });
     match session.call(request, request_id).await? {

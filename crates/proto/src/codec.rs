@@ -161,13 +161,10 @@ mod tests {
         // A Send with an extra field 15 ("imei") still decodes, and re-encoding drops the field.
         let send = Send {
             id: vec![1; 16],
-            to: "+4915112345678".into(),
+            to_account: vec![2; 32],
             mode: SendMode::Queue as i32,
-            ttl_seconds: 0,
             payload: Bytes::from_static(b"x"),
-            copies: Vec::new(),
-            receiver_contact_token: Vec::new(),
-            presence_proofs: Vec::new(),
+            ..Send::default()
         };
         let mut body = prost::Message::encode_to_vec(&Frame::from(Kind::Send(send.clone())));
         let stray = b"356938035643809";

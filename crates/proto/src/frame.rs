@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 41"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 40, 41"
     )]
     pub kind: Option<Kind>,
 }
@@ -48,6 +48,8 @@ pub enum Kind {
     Withdraw(Withdraw),
     #[prost(message, tag = "16")]
     MissedSeen(MissedSeen),
+    #[prost(message, tag = "17")]
+    Evaluate(Evaluate),
     #[prost(message, tag = "18")]
     PresenceSet(PresenceSet),
     #[prost(message, tag = "20")]
@@ -88,6 +90,8 @@ pub enum Kind {
     WithdrawResult(WithdrawResult),
     #[prost(message, tag = "39")]
     Missed(Missed),
+    #[prost(message, tag = "40")]
+    EvaluateResult(EvaluateResult),
     #[prost(message, tag = "41")]
     PresenceSetResult(PresenceSetResult),
 }
@@ -104,6 +108,7 @@ impl Kind {
             Kind::LinkCode(r) => Some(r.request_id),
             Kind::RemoveDeviceResult(r) => Some(r.request_id),
             Kind::VouchResult(r) => Some(r.request_id),
+            Kind::EvaluateResult(r) => Some(r.request_id),
             Kind::PresenceSetResult(r) => Some(r.request_id),
             Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
             _ => None,
@@ -180,6 +185,8 @@ pub enum SendMode {
 pub struct Send {
     #[prost(bytes = "vec", tag = "1")]
     pub id: Vec<u8>,
+    /// A number in clear: refused since tidings/2 (numbers are blinded on the device); the
+    /// receiver is `to_account`.
     #[prost(string, tag = "2")]
     pub to: String,
     #[prost(enumeration = "SendMode", tag = "3")]
@@ -199,6 +206,10 @@ pub struct Send {
     /// device, a short TTL). The server hashes it, compares, and keeps neither.
     #[prost(bytes = "vec", tag = "40")]
     pub receiver_contact_token: Vec<u8>,
+    /// The receiver's account: its 32-byte pseudonym, which the client derived with
+    /// `Evaluate`. Since tidings/2 the only way to name a receiver (`to` must be empty).
+    #[prost(bytes = "vec", tag = "41")]
+    pub to_account: Vec<u8>,
     /// Proofs that the sender may see the receiver's devices online (at most
     /// `MAX_SEND_PROOFS`). Without a valid one, a device that shows itself only to its
     /// contacts counts as offline for this send's answer: `NOW_OR_NEVER` is refused as not
@@ -445,8 +456,12 @@ impl Presence {
 pub struct Lookup {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
+    /// Numbers in clear: refused since tidings/2.
     #[prost(string, repeated, tag = "2")]
     pub numbers: Vec<String>,
+    /// The accounts asked about: 32-byte pseudonyms the client derived with `Evaluate`.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub accounts: Vec<Vec<u8>>,
     /// Proofs that the asker may see devices of the looked-up accounts online (at most
     /// `MAX_LOOKUP_PROOFS`).
     #[prost(message, repeated, tag = "4")]
@@ -519,7 +534,7 @@ impl std::fmt::Debug for Lookup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lookup")
             .field("request_id", &self.request_id)
-            .field("count", &self.numbers.len())
+            .field("count", &(self.numbers.len() + self.accounts.len()))
             .finish()
     }
 }
@@ -527,10 +542,14 @@ impl std::fmt::Debug for Lookup {
 #[derive(Clone, PartialEq, prost::Message)]
 #[prost(skip_debug)]
 pub struct LookupEntry {
+    /// Never set since tidings/2.
     #[prost(string, tag = "1")]
     pub number: String,
     #[prost(enumeration = "Presence", tag = "2")]
     pub presence: i32,
+    /// The account this entry answers for, as asked.
+    #[prost(bytes = "vec", tag = "3")]
+    pub account: Vec<u8>,
 }
 
 impl std::fmt::Debug for LookupEntry {
@@ -552,8 +571,12 @@ pub struct LookupResult {
 pub struct DevicesRequest {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
+    /// A number in clear: refused since tidings/2.
     #[prost(string, tag = "2")]
     pub number: String,
+    /// The account whose devices are asked for: its 32-byte pseudonym.
+    #[prost(bytes = "vec", tag = "3")]
+    pub account: Vec<u8>,
     /// The sender stamped on a delivery the asking device holds: the request checks whether that
     /// device is one of the number's, at no lookup budget the first time in an hour for that
     /// sender device (charged after that); the list is then given only if it is (empty
@@ -645,10 +668,14 @@ pub struct KeysUploadResult {
 pub struct KeysClaim {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
+    /// A number in clear: refused since tidings/2.
     #[prost(string, tag = "2")]
     pub number: String,
     #[prost(bytes = "vec", repeated, tag = "3")]
     pub device_ids: Vec<Vec<u8>>,
+    /// The account whose keys are claimed: its 32-byte pseudonym.
+    #[prost(bytes = "vec", tag = "4")]
+    pub account: Vec<u8>,
 }
 
 impl std::fmt::Debug for KeysClaim {
@@ -736,6 +763,41 @@ pub struct RemoveDevice {
     pub request_id: u64,
     #[prost(bytes = "vec", tag = "2")]
     pub device_id: Vec<u8>,
+}
+
+/// Asks the server to evaluate its OPRF on blinded numbers (RFC 9497 VOPRF, ristretto255-SHA512):
+/// the client unblinds the answer into each number's pseudonym without the server seeing the
+/// number. At most `MAX_LOOKUP_NUMBERS` elements; each costs one from the account's lookup budget.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Evaluate {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// Blinded elements, 32 bytes each (compressed ristretto255 points).
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub blinded: Vec<Vec<u8>>,
+    /// The sender stamped on a delivery the asking device holds, to check the number that
+    /// delivery claims (one element): free once an hour per sender device.
+    #[prost(bytes = "vec", tag = "3")]
+    pub sender_device: Vec<u8>,
+    /// The key version the client pinned (0: whichever is current).
+    #[prost(uint32, tag = "4")]
+    pub key_version: u32,
+}
+
+/// The evaluated elements, in order, with one batch DLEQ proof for all of them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EvaluateResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// Evaluated elements, 32 bytes each.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub evaluated: Vec<Vec<u8>>,
+    /// The batch proof (64 bytes: two scalars).
+    #[prost(bytes = "vec", tag = "3")]
+    pub proof: Vec<u8>,
+    /// The version of the key that evaluated.
+    #[prost(uint32, tag = "4")]
+    pub key_version: u32,
 }
 
 /// The logged-in device vouches for a device it approved: its signature over
@@ -878,7 +940,7 @@ mod tests {
             Kind::Ping(Ping { nonce: 1 }),
             Kind::Send(Send {
                 id: id.clone(),
-                to: "+4915112345678".into(),
+                to_account: vec![5; 32],
                 mode: 1,
                 ttl_seconds: 2,
                 payload: Bytes::from_static(b"p"),
@@ -899,17 +961,19 @@ mod tests {
             Kind::ReceiptAck(ReceiptAck { id: id.clone() }),
             Kind::Lookup(Lookup {
                 request_id: 1,
-                numbers: vec!["+4915112345678".into()],
+                accounts: vec![vec![5; 32]],
                 proofs: vec![PresenceProof {
                     account: vec![1; 32],
                     device_id: id.clone(),
                     mac: vec![2; 32],
                 }],
+                ..Default::default()
             }),
             Kind::Devices(DevicesRequest {
                 request_id: 1,
-                number: "+4915112345678".into(),
+                account: vec![5; 32],
                 sender_device: vec![7; 16],
+                ..Default::default()
             }),
             Kind::Disable(Disable { request_id: 1 }),
             Kind::Withdraw(Withdraw { id: id.clone() }),
@@ -944,8 +1008,9 @@ mod tests {
             Kind::LookupResult(LookupResult {
                 request_id: 1,
                 entries: vec![LookupEntry {
-                    number: "+4915112345678".into(),
+                    account: vec![5; 32],
                     presence: 2,
+                    ..Default::default()
                 }],
             }),
             Kind::DeviceList(DeviceList {
@@ -978,6 +1043,18 @@ mod tests {
             Kind::RemoveDeviceResult(Default::default()),
             Kind::Vouch(Default::default()),
             Kind::VouchResult(Default::default()),
+            Kind::Evaluate(Evaluate {
+                request_id: 4,
+                blinded: vec![vec![1; 32]],
+                sender_device: vec![7; 16],
+                key_version: 1,
+            }),
+            Kind::EvaluateResult(EvaluateResult {
+                request_id: 4,
+                evaluated: vec![vec![2; 32]],
+                proof: vec![3; 64],
+                key_version: 1,
+            }),
         ];
         for kind in kinds {
             // Also the empty message of each kind: its tag alone must select it.

@@ -42,6 +42,17 @@ pub struct Verified {
     pub device_id: String,
     /// How many earlier devices of this number were signed out and deleted.
     pub replaced_devices: u32,
+    /// The server's OPRF public key (32-byte ristretto255 point, base64url): the client pins it
+    /// and checks every `EvaluateResult` proof against it.
+    #[serde(default)]
+    pub oprf_public_key: String,
+    /// The version of that key.
+    #[serde(default)]
+    pub key_version: u32,
+    /// The registrant's own account pseudonym (32 bytes, base64url), which names it in session
+    /// requests: the client keeps it, so it needs no evaluation of its own number.
+    #[serde(default)]
+    pub account: String,
 }
 
 /// `POST /v1/registration/inbound`: registration by the user's own SMS. The number is declared
@@ -129,6 +140,25 @@ pub struct LinkRequest {
 pub struct Linked {
     /// The new device's id, 16 bytes, base64url.
     pub device_id: String,
+    /// As in [`Verified`].
+    #[serde(default)]
+    pub oprf_public_key: String,
+    /// As in [`Verified`].
+    #[serde(default)]
+    pub key_version: u32,
+    /// As in [`Verified`].
+    #[serde(default)]
+    pub account: String,
+}
+
+/// `GET /v1/oprf-key`: the key that evaluates blinded numbers now, for a profile that has none
+/// pinned (one registered before tidings/2) or must pin it again after the key changed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OprfKey {
+    /// 32-byte ristretto255 point, base64url.
+    pub public_key: String,
+    /// The version of that key.
+    pub key_version: u32,
 }
 
 /// Every error answer of the HTTP API.

@@ -36,7 +36,7 @@ pub const MAX_ONE_TIME_KEYS_STORED: u32 = 100;
 /// Length of a contact token (`Content::sender_contact_token`, `Send::receiver_contact_token`):
 /// 256 random bits made on the device.
 pub const CONTACT_TOKEN_BYTES: usize = 32;
-/// Largest number of numbers in one `Lookup`.
+/// Largest number of numbers in one `Lookup`, and of blinded elements in one `Evaluate`.
 pub const MAX_LOOKUP_NUMBERS: usize = 1000;
 /// Length of a presence key (`PresenceSet::key`), of a presence token
 /// (`Content::sender_presence_token`) and of a proof's MAC (`PresenceProof::mac`).
@@ -45,7 +45,9 @@ pub const PRESENCE_KEY_BYTES: usize = 32;
 pub const MAX_LOOKUP_PROOFS: usize = 512;
 /// Most presence proofs in one `Send`: one per device of the receiver.
 pub const MAX_SEND_PROOFS: usize = MAX_DEVICES;
+/// Bytes of an account's pseudonym, as requests name accounts since tidings/2.
+pub const PSEUDONYM_BYTES: usize = 32;
 /// The token in `Upgrade:` that opens a session.
-pub const UPGRADE_PROTOCOL: &str = "tidings/1";
+pub const UPGRADE_PROTOCOL: &str = "tidings/2";
 /// The response header that carries the login challenge.
 pub const CHALLENGE_HEADER: &str = "tidings-challenge";

@@ -140,12 +140,13 @@ pub struct ServerArgs {
     /// Copies all strangers together may have waiting for one device [default: 200]
     #[arg(long, env = "TIDINGS_STRANGER_POOL_COPIES")]
     pub stranger_pool_copies: Option<u32>,
-    /// Answers that tell whether another number is a user or online (lookups, device lists,
-    /// sends naming none of the receiver's devices, withdraws, key claims) a number may get at once
-    /// [default: 5000]
+    /// Discovery budget of an account (all its devices): evaluations of blinded numbers plus
+    /// answers that tell whether another account is a user or online (lookups, device lists,
+    /// sends naming none of the receiver's devices, withdraws, key claims), at once before the
+    /// rate limit [default: 10000]
     #[arg(long, env = "TIDINGS_LOOKUP_BURST")]
     pub lookup_burst: Option<u32>,
-    /// Answers a number's discovery (lookup) budget regains per hour [default: 1000]
+    /// What an account's discovery budget regains per hour [default: 200]
     #[arg(long, env = "TIDINGS_LOOKUP_PER_HOUR")]
     pub lookup_per_hour: Option<u32>,
     /// Other users' one-time keys a device may claim at once before the rate limit [default: 100]
@@ -591,11 +592,8 @@ impl ServerArgs {
                     ..default
                 }
             },
-            lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(5000),
-            lookup_per_hour: self
-                .lookup_per_hour
-                .or(file.lookup_per_hour)
-                .unwrap_or(1000),
+            lookup_burst: self.lookup_burst.or(file.lookup_burst).unwrap_or(10_000),
+            lookup_per_hour: self.lookup_per_hour.or(file.lookup_per_hour).unwrap_or(200),
             key_claim_burst: self.key_claim_burst.or(file.key_claim_burst).unwrap_or(100),
             key_claims_per_hour: self
                 .key_claims_per_hour

@@ -12,7 +12,6 @@ use sha2::{Digest as _, Sha256};
 use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
-use tidings_proto::number::E164;
 use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS_STORED};
 use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 
@@ -192,6 +191,17 @@ pub async fn claim<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = claim.request_id;
+    if !claim.number.is_empty() {
+        let answer = error(
+            ErrorCode::InvalidRequest,
+            crate::lookup::NUMBERS_ARE_BLINDED,
+            request_id,
+        );
+        return reply(outbox, answer).await;
+    }
+    let Some(pseudonym) = crate::lookup::account_of(&claim.account) else {
+        return reply(outbox, crate::lookup::not_an_account(request_id)).await;
+    };
     if claim.device_ids.len() > MAX_DEVICES {
         let message = format!("at most {MAX_DEVICES} devices per claim");
         return reply(
@@ -216,23 +226,11 @@ pub async fn claim<S: Store>(
         )
         .await;
     };
-    let account = match E164::parse(&claim.number) {
-        Err(_) => None,
-        Ok(number) => {
-            let Ok(pseudonym) = state.keys.pseudonym(&number) else {
-                return reply(
-                    outbox,
-                    error(ErrorCode::Unavailable, "try again", request_id),
-                )
-                .await;
-            };
-            match state.store.account(pseudonym).await {
-                Ok(account) => account,
-                Err(e) => {
-                    tracing::warn!(error = %e, "storage failed during a key claim");
-                    return reply(outbox, storage_unavailable("try again", request_id)).await;
-                }
-            }
+    let account = match state.store.account(pseudonym).await {
+        Ok(account) => account,
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed during a key claim");
+            return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     };
     // A claim that lists devices the asker did not name tells whether the number is a user:

@@ -3,10 +3,10 @@
 //!
 //! Every answer that tells an account whether another number is a user, which devices it has,
 //! whether one of them is reachable now, or whether a message reached it draws from one budget of
-//! the asking account, whatever the request: a lookup, a device list, a send, a withdraw, a key
-//! claim. It is the lookup budget (`lookup_burst`, regained at `lookup_per_hour`), kept under the
-//! account's [`BudgetKey`](crate::keys::BudgetKey): shared by all its devices, kept across an
-//! opt-out and a new registration, in memory only.
+//! the asking account, whatever the request: an evaluation of blinded numbers, a lookup, a device
+//! list, a send, a withdraw, a key claim. It is the lookup budget (`lookup_burst`, regained at
+//! `lookup_per_hour`), kept under the account's [`BudgetKey`](crate::keys::BudgetKey): shared by
+//! all its devices, kept across an opt-out and a new registration, in memory only.
 //!
 //! The budget is charged before the answer is given; over it the request is answered
 //! `RATE_LIMITED` with the wait, and tells nothing. Whether an answer is charged depends only on
@@ -31,8 +31,15 @@ pub const BUDGET_USED_UP: &str = "lookup budget used up";
 /// showed its asker knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disclosure<'a> {
-    /// `Lookup`: whether each of `numbers` numbers is a user, and online.
-    Lookup { numbers: usize },
+    /// `Evaluate` of `elements` blinded numbers: it tells nothing by itself, but its result is
+    /// what a lookup or a send needs. `free_sender_check`: the hourly free evaluation of the one
+    /// number a held copy's sender claims (so a spoofer cannot spend its receiver's budget).
+    Evaluation {
+        elements: usize,
+        free_sender_check: bool,
+    },
+    /// `Lookup`: whether each of `accounts` accounts is a user, and online.
+    Lookup { accounts: usize },
     /// `DevicesRequest`: a number's devices. `own`: the asker's own number; `free_sender_check`:
     /// the hourly free check of the sender of a copy the asker holds (it lists the devices only
     /// if that device is one of them, so it tells nothing the message did not).
@@ -67,7 +74,16 @@ pub fn units(disclosure: &Disclosure<'_>) -> u32 {
         named.iter().any(|device| devices.contains(device))
     };
     let free = match *disclosure {
-        Disclosure::Lookup { numbers } => return u32::try_from(numbers).unwrap_or(u32::MAX),
+        Disclosure::Evaluation {
+            elements,
+            free_sender_check,
+        } => {
+            if free_sender_check {
+                return 0;
+            }
+            return u32::try_from(elements).unwrap_or(u32::MAX);
+        }
+        Disclosure::Lookup { accounts } => return u32::try_from(accounts).unwrap_or(u32::MAX),
         Disclosure::DeviceList {
             own,
             free_sender_check,
@@ -147,8 +163,24 @@ mod tests {
             account,
             named,
         };
-        let cases: [(&str, Disclosure<'_>, u32); 22] = [
-            ("lookup of 7", Disclosure::Lookup { numbers: 7 }, 7),
+        let cases: [(&str, Disclosure<'_>, u32); 24] = [
+            ("lookup of 7", Disclosure::Lookup { accounts: 7 }, 7),
+            (
+                "evaluation of 5",
+                Disclosure::Evaluation {
+                    elements: 5,
+                    free_sender_check: false,
+                },
+                5,
+            ),
+            (
+                "free evaluation of a sender's number",
+                Disclosure::Evaluation {
+                    elements: 1,
+                    free_sender_check: true,
+                },
+                0,
+            ),
             (
                 "device list",
                 Disclosure::DeviceList {

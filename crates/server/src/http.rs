@@ -20,7 +20,7 @@ use tidings_core::HOUR;
 use tidings_proto::frame::{self, Kind};
 use tidings_proto::http::{
     ApiError, CodeRequest, CodeSent, Health, InboundCode, InboundCompleteRequest, InboundRequest,
-    LinkRequest, Linked, Verified, VerifyRequest,
+    LinkRequest, Linked, OprfKey, Verified, VerifyRequest,
 };
 use tidings_proto::id::DeviceId;
 use tidings_proto::number::E164;
@@ -34,6 +34,7 @@ use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
 use crate::inbound::{self, Completion, Refused};
+use crate::keys::OPRF_KEY_VERSION;
 use crate::metrics::Outcome;
 use crate::state::Shared;
 
@@ -227,6 +228,7 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         .routes(routes!(complete_inbound))
         .routes(routes!(link))
         .routes(routes!(connect))
+        .routes(routes!(oprf_key))
         .routes(routes!(health))
         .routes(routes!(openapi))
         .split_for_parts();
@@ -583,6 +585,9 @@ async fn register_device<S: Store>(
             Ok(Json(Verified {
                 device_id: device.to_text(),
                 replaced_devices,
+                oprf_public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
+                key_version: OPRF_KEY_VERSION,
+                account: tidings_proto::id::to_text(&pseudonym.0),
             })
             .into_response())
         }
@@ -926,6 +931,9 @@ async fn link<S: Store>(
             tracing::info!("a device was linked");
             Ok(Json(Linked {
                 device_id: device.to_text(),
+                oprf_public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
+                key_version: OPRF_KEY_VERSION,
+                account: tidings_proto::id::to_text(&pseudonym.0),
             })
             .into_response())
         }
@@ -943,11 +951,21 @@ async fn link<S: Store>(
     }
 }
 
-/// Upgrades to the session protocol (`Upgrade: tidings/1`); see docs/PROTOCOL.md.
+/// The OPRF public key that evaluates blinded numbers now, for a client to pin.
+#[utoipa::path(get, path = "/v1/oprf-key", tag = "session",
+    responses((status = 200, description = "The server's OPRF public key (ristretto255, base64url) and its version; every `EvaluateResult` proof verifies under it", body = OprfKey)))]
+async fn oprf_key<S: Store>(State(state): State<Shared<S>>) -> Json<OprfKey> {
+    Json(OprfKey {
+        public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
+        key_version: OPRF_KEY_VERSION,
+    })
+}
+
+/// Upgrades to the session protocol (`Upgrade: tidings/2`); see docs/PROTOCOL.md.
 #[utoipa::path(get, path = "/v1/connect", tag = "session",
     responses(
         (status = 101, description = "Switching to the session protocol; the Tidings-Challenge header carries the login challenge"),
-        (status = 426, description = "The request did not ask to upgrade to tidings/1", body = ApiError),
+        (status = 426, description = "The request did not ask to upgrade to tidings/2 (a tidings/1 client is told to update: since tidings/2 numbers are blinded on the device)", body = ApiError),
     ))]
 async fn connect<S: Store>(
     State(state): State<Shared<S>>,
@@ -960,11 +978,17 @@ async fn connect<S: Store>(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(tidings_proto::UPGRADE_PROTOCOL));
     if !wants_upgrade {
-        let mut response = api_error(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            "this endpoint opens a session: send Connection: Upgrade and Upgrade: tidings/1",
-        );
+        let old_client = request
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("tidings/1"));
+        let message = if old_client {
+            "this server speaks tidings/2, where numbers are blinded on the device: update the client (tidings/1 sent contacts' numbers in clear)"
+        } else {
+            "this endpoint opens a session: send Connection: Upgrade and Upgrade: tidings/2"
+        };
+        let mut response = api_error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message);
         response.headers_mut().insert(
             header::UPGRADE,
             HeaderValue::from_static(tidings_proto::UPGRADE_PROTOCOL),

@@ -24,9 +24,10 @@
 //! - `send`: a session's sends, decided concurrently and stored and pushed in the order read;
 //! - `delivery`: a device's queue and receipts, acknowledgements and withdraws;
 //! - `discovery`: which answers about another account are charged to the asking account's
-//!   discovery budget (lookups, device lists, sends, withdraws, key claims), and the charge;
-//! - `lookup`: lookups and device lists;
-//! - `lookup`: lookups and device lists, charged to one budget;
+//!   discovery budget (evaluations, lookups, device lists, sends, withdraws, key claims), and the
+//!   charge;
+//! - `evaluate`: the OPRF evaluation of blinded numbers, charged to the discovery budget;
+//! - `lookup`: lookups and device lists by pseudonym;
 //! - `presence`: who may see a session's device online (`PresenceSet`, in memory only) and the
 //!   shape of the proofs that lookups and sends present;
 //! - `directory`: device keys (publish, claim), link codes, vouches, removing a device,
@@ -43,7 +44,9 @@
 //!   devices, for the unit tests beside `session`, `http` and each handler (`*/tests.rs`).
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
-//! clear; numbers become pseudonyms at the edge and are dropped.
+//! clear. The only number it ever receives is a registrant's own, in the HTTP registration
+//! requests, where it becomes a pseudonym at once and is dropped; every session request names
+//! accounts by the pseudonym the client derived with `evaluate` (blinded, promise P3).
 
 mod abuse;
 mod clock;
@@ -52,6 +55,7 @@ mod connection;
 mod delivery;
 mod directory;
 mod discovery;
+mod evaluate;
 mod gateway;
 mod http;
 mod hub;

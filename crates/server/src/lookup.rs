@@ -1,18 +1,19 @@
-//! The two requests whose whole job is to tell whether a number is a user: a lookup (online,
-//! offline, not a user) and the device list of a number. Both draw from the asking account's
-//! discovery budget ([`crate::discovery`], shared by all its devices, and kept across an opt-out
-//! and a new registration), so neither is a free way to enumerate numbers (the server's part of
-//! promise P8 so far: the numbers are not yet blinded on the client).
+//! The two requests whose whole job is to tell whether an account exists: a lookup (online,
+//! offline, not a user) and the device list of an account. Both name accounts by pseudonym (the
+//! client derived it from the number with `Evaluate`, see [`crate::evaluate`]; a request that
+//! carries a number is refused, promise P3), and both draw from the asking account's discovery
+//! budget ([`crate::discovery`], shared by all its devices, kept across an opt-out and a new
+//! registration, and the same budget evaluations draw from), so neither is a free way to
+//! enumerate (promise P8).
 //!
-//! Reads only: nothing about a lookup is written or logged, neither the numbers asked about nor
+//! Reads only: nothing about a lookup is written or logged, neither the accounts asked about nor
 //! who asked (promise P4).
 
 use tidings_core::presence::Secret;
-use tidings_proto::frame::{self, ErrorCode, Kind, Presence};
+use tidings_proto::frame::{self, ErrorCode, Frame, Kind, Presence};
 use tidings_proto::id::DeviceId;
-use tidings_proto::number::E164;
-use tidings_proto::{MAX_LOOKUP_NUMBERS, MAX_LOOKUP_PROOFS};
-use tidings_store::Store;
+use tidings_proto::{MAX_LOOKUP_NUMBERS, MAX_LOOKUP_PROOFS, PSEUDONYM_BYTES};
+use tidings_store::{Pseudonym, Store};
 
 use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
@@ -20,12 +21,31 @@ use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::presence::parse_proofs;
 use crate::reply::{error, rate_limited, reply, storage_unavailable};
-use crate::state::Shared;
+use crate::state::{SenderCheck, Shared};
 
 #[cfg(test)]
 mod tests;
 
-/// Handles `Lookup`: the presence of each number, in order.
+/// Why a request that names a contact by number is refused: since tidings/2 the client blinds
+/// numbers and names accounts by pseudonym, so the server never sees a contact's number.
+pub const NUMBERS_ARE_BLINDED: &str =
+    "numbers are blinded on the device since tidings/2: name accounts by pseudonym (see Evaluate)";
+
+/// An account named in a request: exactly [`PSEUDONYM_BYTES`] bytes.
+pub fn account_of(bytes: &[u8]) -> Option<Pseudonym> {
+    <[u8; PSEUDONYM_BYTES]>::try_from(bytes).ok().map(Pseudonym)
+}
+
+/// The refusal of a request that names an account with anything but a 32-byte pseudonym.
+pub fn not_an_account(request_id: u64) -> Frame {
+    error(
+        ErrorCode::InvalidRequest,
+        format!("accounts are named by their {PSEUDONYM_BYTES}-byte pseudonym"),
+        request_id,
+    )
+}
+
+/// Handles `Lookup`: the presence of each account, in order.
 pub async fn lookup<S: Store>(
     state: &Shared<S>,
     identity: Identity,
@@ -33,14 +53,26 @@ pub async fn lookup<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = lookup.request_id;
-    if lookup.numbers.len() > MAX_LOOKUP_NUMBERS {
-        let message = format!("at most {MAX_LOOKUP_NUMBERS} numbers per lookup");
+    if !lookup.numbers.is_empty() {
+        let answer = error(ErrorCode::InvalidRequest, NUMBERS_ARE_BLINDED, request_id);
+        return reply(outbox, answer).await;
+    }
+    if lookup.accounts.len() > MAX_LOOKUP_NUMBERS {
+        let message = format!("at most {MAX_LOOKUP_NUMBERS} accounts per lookup");
         return reply(
             outbox,
             error(ErrorCode::InvalidRequest, message, request_id),
         )
         .await;
     }
+    let Some(pseudonyms) = lookup
+        .accounts
+        .iter()
+        .map(|a| account_of(a))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return reply(outbox, not_an_account(request_id)).await;
+    };
     let proofs = match parse_proofs(&lookup.proofs, MAX_LOOKUP_PROOFS) {
         Ok(proofs) => proofs,
         Err(message) => {
@@ -52,22 +84,23 @@ pub async fn lookup<S: Store>(
         }
     };
     let asked = Disclosure::Lookup {
-        numbers: lookup.numbers.len(),
+        accounts: pseudonyms.len(),
     };
     if let Err(wait) = discovery::charge(state, identity, asked) {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
-    state.metrics.lookups.inc_by(lookup.numbers.len() as u64);
-    let Ok(presences) = presences(state, identity, &lookup.numbers, &proofs).await else {
+    state.metrics.lookups.inc_by(pseudonyms.len() as u64);
+    let Ok(presences) = presences(state, identity, &pseudonyms, &proofs).await else {
         return reply(outbox, storage_unavailable("try again", request_id)).await;
     };
     let entries = lookup
-        .numbers
+        .accounts
         .into_iter()
         .zip(presences)
-        .map(|(number, presence)| frame::LookupEntry {
-            number,
+        .map(|(account, presence)| frame::LookupEntry {
+            account,
             presence: presence as i32,
+            ..frame::LookupEntry::default()
         })
         .collect();
     reply(
@@ -80,59 +113,43 @@ pub async fn lookup<S: Store>(
     .await;
 }
 
-/// The presence of each number, in order, as the asking device may see it: online only where a
-/// device of the number shows itself to it (its mode, and the proofs presented); a user is
-/// otherwise offline, whether or not one of its devices is online. The pseudonyms are computed on the blocking pool (up
-/// to 1,000 parses and OPRF evaluations when none is cached: tens of milliseconds that must not
-/// hold up the sessions sharing a runtime thread) and the accounts read in one store call.
+/// The presence of each account, in order, as the asking device may see it: online only where a
+/// device of the account shows itself to it (its mode, and the proofs presented); a user is
+/// otherwise offline, whether or not one of its devices is online. The accounts are read in one
+/// store call.
 async fn presences<S: Store>(
     state: &Shared<S>,
     identity: Identity,
-    numbers: &[String],
+    pseudonyms: &[Pseudonym],
     proofs: &[(DeviceId, Secret)],
 ) -> Result<Vec<Presence>, ()> {
-    let computing = state.clone();
-    let numbers = numbers.to_vec();
-    let pseudonyms: Vec<Option<_>> = tokio::task::spawn_blocking(move || {
-        numbers
-            .iter()
-            .map(|number| computing.keys.pseudonym_of(number))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|_| ())?
-    .map_err(|_| ())?;
-    let wanted: Vec<_> = pseudonyms.iter().flatten().copied().collect();
     let now = now_ms();
-    let mut accounts = state
+    let accounts = state
         .store
-        .accounts(wanted)
+        .accounts(pseudonyms.to_vec())
         .await
-        .map_err(|_| ())?
-        .into_iter();
-    Ok(pseudonyms
+        .map_err(|_| ())?;
+    Ok(accounts
         .iter()
-        .map(
-            |pseudonym| match pseudonym.and_then(|_| accounts.next().flatten()) {
-                None => Presence::NotAUser,
-                Some(account)
-                    if state.hub.count_visible(
-                        account.devices.iter().map(|(d, _)| d),
-                        identity.device,
-                        proofs,
-                        now,
-                    ) > 0 =>
-                {
-                    Presence::Online
-                }
-                Some(_) => Presence::Offline,
-            },
-        )
+        .map(|account| match account {
+            None => Presence::NotAUser,
+            Some(account)
+                if state.hub.count_visible(
+                    account.devices.iter().map(|(d, _)| d),
+                    identity.device,
+                    proofs,
+                    now,
+                ) > 0 =>
+            {
+                Presence::Online
+            }
+            Some(_) => Presence::Offline,
+        })
         .collect())
 }
 
-/// Handles `DevicesRequest`: the devices of a number, with the keys they published (none for a
-/// number that is not a user or not valid). Charged to the lookup budget, except for the asking
+/// Handles `DevicesRequest`: the devices of an account, with the keys they published (none for
+/// an account that does not exist). Charged to the lookup budget, except for the asking
 /// device's own number, and the first check in an hour of a delivery's stamped sender
 /// (`sender_device`, a device with a copy waiting for the asking one). A check of a stamped sender
 /// lists the number's devices only if that device is one of them, whether it was free or charged.
@@ -143,6 +160,13 @@ pub async fn devices<S: Store>(
     outbox: &Outbox,
 ) {
     let request_id = request.request_id;
+    if !request.number.is_empty() {
+        let answer = error(ErrorCode::InvalidRequest, NUMBERS_ARE_BLINDED, request_id);
+        return reply(outbox, answer).await;
+    }
+    let Some(pseudonym) = account_of(&request.account) else {
+        return reply(outbox, not_an_account(request_id)).await;
+    };
     // Checking the sender stamped on a delivery this device holds is free once an hour: a
     // spoofer must not be able to spend its receiver's budget, and a receiver must not be able
     // to sweep numbers for the owner of a device it holds one copy from. It tells only whether
@@ -155,20 +179,14 @@ pub async fn devices<S: Store>(
         },
         None => None,
     };
-    let pseudonym = match E164::parse(&request.number) {
-        Ok(number) => match state.keys.pseudonym(&number) {
-            Ok(pseudonym) => Some(pseudonym),
-            Err(_) => return reply(outbox, storage_unavailable("try again", request_id)).await,
-        },
-        Err(_) => None,
-    };
     // A device listing its own number's devices (to remove one, or to know them when it joins)
     // learns nothing about anyone else: that is free too, or a spent budget would lock a user
     // out of managing their own devices.
-    let own = pseudonym.is_some_and(|p| state.keys.budget_key(&p) == identity.budgets);
+    let own = state.keys.budget_key(&pseudonym) == identity.budgets;
     let free_sender_check = !own
-        && sender_check
-            .is_some_and(|sender| state.take_free_sender_check(identity.device, sender, now_ms()));
+        && sender_check.is_some_and(|sender| {
+            state.take_free_sender_check(identity.device, sender, SenderCheck::Devices, now_ms())
+        });
     let asked = Disclosure::DeviceList {
         own,
         free_sender_check,
@@ -178,39 +196,37 @@ pub async fn devices<S: Store>(
     }
     let mut device_ids = Vec::new();
     let mut devices = Vec::new();
-    if let Some(pseudonym) = pseudonym {
-        let listed = match state.store.account(pseudonym).await {
-            Ok(Some(account)) => state.store.device_keys(account.account).await.map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        let Ok(mut listed) = listed else {
-            return reply(outbox, storage_unavailable("try again", request_id)).await;
-        };
-        // A free check whose sender is not one of the number's devices is answered as a number
-        // that is not a user: it reveals nothing the budget would have paid for.
-        if let Some(sender) = sender_check {
-            if !listed.iter().flatten().any(|device| device.id == sender) {
-                listed = None;
-            }
+    let listed = match state.store.account(pseudonym).await {
+        Ok(Some(account)) => state.store.device_keys(account.account).await.map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let Ok(mut listed) = listed else {
+        return reply(outbox, storage_unavailable("try again", request_id)).await;
+    };
+    // A free check whose sender is not one of the number's devices is answered as a number
+    // that is not a user: it reveals nothing the budget would have paid for.
+    if let Some(sender) = sender_check {
+        if !listed.iter().flatten().any(|device| device.id == sender) {
+            listed = None;
         }
-        for device in listed.into_iter().flatten() {
-            device_ids.push(device.id.as_bytes().to_vec());
-            if let Some(keys) = device.identity {
-                devices.push(frame::DeviceKeys {
-                    device_id: device.id.as_bytes().to_vec(),
-                    identity_key: keys.identity_key.to_vec(),
-                    signing_key: keys.signing_key.to_vec(),
-                    voucher: device
-                        .voucher
-                        .map(|v| v.by.as_bytes().to_vec())
-                        .unwrap_or_default(),
-                    voucher_signature: device
-                        .voucher
-                        .map(|v| v.signature.to_vec())
-                        .unwrap_or_default(),
-                });
-            }
+    }
+    for device in listed.into_iter().flatten() {
+        device_ids.push(device.id.as_bytes().to_vec());
+        if let Some(keys) = device.identity {
+            devices.push(frame::DeviceKeys {
+                device_id: device.id.as_bytes().to_vec(),
+                identity_key: keys.identity_key.to_vec(),
+                signing_key: keys.signing_key.to_vec(),
+                voucher: device
+                    .voucher
+                    .map(|v| v.by.as_bytes().to_vec())
+                    .unwrap_or_default(),
+                voucher_signature: device
+                    .voucher
+                    .map(|v| v.signature.to_vec())
+                    .unwrap_or_default(),
+            });
         }
     }
     reply(

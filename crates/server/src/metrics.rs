@@ -42,6 +42,7 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub acks: Family<Outcome, Counter>,
     pub lookups: Counter,
+    pub evaluations: Counter,
     pub registrations: Family<Outcome, Counter>,
     /// Code requests refused by an address limit or an SMS budget, by its name.
     pub code_budget_trips: Family<Budget, Counter>,
@@ -63,6 +64,7 @@ impl Metrics {
             deliveries: Counter::default(),
             acks: Family::default(),
             lookups: Counter::default(),
+            evaluations: Counter::default(),
             registrations: Family::default(),
             code_budget_trips: Family::default(),
             syncs: Counter::default(),
@@ -95,8 +97,13 @@ impl Metrics {
         registry.register("acks", "Acknowledgements by result", metrics.acks.clone());
         registry.register(
             "lookup_numbers",
-            "Numbers looked up",
+            "Accounts looked up",
             metrics.lookups.clone(),
+        );
+        registry.register(
+            "oprf_evaluations",
+            "Blinded numbers evaluated",
+            metrics.evaluations.clone(),
         );
         registry.register(
             "registrations",

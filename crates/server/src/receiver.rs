@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use serde::Deserialize;
 use tidings_gateway::{Received, TransportConfig};
+use tidings_proto::number::E164;
 use tidings_store::Store;
 
 use crate::clock::now_ms;
@@ -52,7 +53,10 @@ fn judge<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
         return "sms_without_code";
     };
     // A sender the network gave in national form, or as a name, cannot be a declared number.
-    let Ok(Some(pseudonym)) = state.keys.pseudonym_of(&sms.from) else {
+    let Ok(number) = E164::parse(&sms.from) else {
+        return "sms_unknown_sender";
+    };
+    let Ok(pseudonym) = state.keys.pseudonym(&number) else {
         return "sms_unknown_sender";
     };
     let hash = state.keys.code_hash(&pseudonym, &code);

@@ -16,7 +16,7 @@ use crate::identity::Identity;
 use crate::reply::reply;
 use crate::send::SendOrder;
 use crate::state::Shared;
-use crate::{delivery, directory, lookup, presence, send};
+use crate::{delivery, directory, evaluate, lookup, presence, send};
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +31,7 @@ pub enum Request {
     Withdraw(frame::Withdraw),
     MissedSeen(frame::MissedSeen),
     Lookup(frame::Lookup),
+    Evaluate(frame::Evaluate),
     Devices(frame::DevicesRequest),
     KeysUpload(frame::KeysUpload),
     KeysClaim(frame::KeysClaim),
@@ -79,6 +80,7 @@ impl Request {
             Kind::Withdraw(withdraw) => Self::Withdraw(withdraw),
             Kind::MissedSeen(seen) => Self::MissedSeen(seen),
             Kind::Lookup(lookup) => Self::Lookup(lookup),
+            Kind::Evaluate(evaluate) => Self::Evaluate(evaluate),
             Kind::Devices(devices) => Self::Devices(devices),
             Kind::KeysUpload(upload) => Self::KeysUpload(upload),
             Kind::KeysClaim(claim) => Self::KeysClaim(claim),
@@ -134,6 +136,9 @@ impl Request {
                     delivery::withdraw(state, identity, request, outbox).await
                 }
                 Self::Lookup(request) => lookup::lookup(state, identity, request, outbox).await,
+                Self::Evaluate(request) => {
+                    evaluate::evaluate(state, identity, request, outbox).await;
+                }
                 Self::Devices(request) => lookup::devices(state, identity, request, outbox).await,
                 Self::KeysUpload(upload) => {
                     directory::upload(state, identity, upload, outbox).await

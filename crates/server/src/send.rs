@@ -292,6 +292,15 @@ async fn decide_and_enqueue<S: Store>(
     let Some(id) = MessageId::from_slice(&send.id) else {
         return answer(SendOutcome::Invalid, "id must be 16 bytes");
     };
+    if !send.to.is_empty() {
+        return answer(SendOutcome::Invalid, crate::lookup::NUMBERS_ARE_BLINDED);
+    }
+    let Some(pseudonym) = crate::lookup::account_of(&send.to_account) else {
+        return answer(
+            SendOutcome::Invalid,
+            "to_account must be the receiver's 32-byte pseudonym",
+        );
+    };
     let copies = match parse_copies(&send) {
         Ok(copies) => copies,
         Err(detail) => return Err(Stored::Answer(SendOutcome::Invalid, detail)),
@@ -327,21 +336,6 @@ async fn decide_and_enqueue<S: Store>(
     ) {
         return Err(Stored::RateLimited(wait, "too many messages"));
     }
-    let pseudonym = match state.keys.pseudonym_of(&send.to) {
-        Ok(Some(pseudonym)) => pseudonym,
-        Ok(None) => {
-            return answer(
-                SendOutcome::Invalid,
-                "the receiver is not a valid phone number",
-            )
-        }
-        Err(_) => {
-            return answer(
-                SendOutcome::Unavailable,
-                "the receiver cannot be looked up now",
-            )
-        }
-    };
     let route = match state.store.route(pseudonym).await {
         Ok(route) => route,
         Err(e) => {

@@ -48,8 +48,9 @@ pub struct State<S: Store> {
     /// When each account linked a device, over the last day ([`State::links_per_day`]).
     pub links: Mutex<WindowTable<BudgetKey>>,
     /// When each device last checked a sender it holds a copy from for free, by (asking device,
-    /// sender device) ([`State::take_free_sender_check`]). Device ids only: never a number.
-    pub free_sender_checks: Mutex<WindowTable<(DeviceId, DeviceId)>>,
+    /// sender device, which check) ([`State::take_free_sender_check`]). Device ids only: never a
+    /// number.
+    pub free_sender_checks: Mutex<WindowTable<(DeviceId, DeviceId, SenderCheck)>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     /// Registrations by own SMS waiting for their SMS. In memory only.
@@ -73,6 +74,14 @@ pub const FREE_SENDER_CHECK: Window = Window {
     max: 1,
     period: HOUR,
 };
+
+/// The two free checks of a held copy's sender: evaluating the number the delivery claims (one
+/// blinded element), then listing that account's devices. Each is free once an hour per pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SenderCheck {
+    Evaluation,
+    Devices,
+}
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
@@ -152,11 +161,17 @@ impl<S: Store> State<S> {
     /// lookup budget, and if so counts the check: once per pair per [`FREE_SENDER_CHECK`]. A
     /// second check about the same sender could only be a sweep of numbers for its owner (an
     /// honest client remembers the answer), so it is charged like any lookup.
-    pub fn take_free_sender_check(&self, asking: DeviceId, sender: DeviceId, now: Millis) -> bool {
+    pub fn take_free_sender_check(
+        &self,
+        asking: DeviceId,
+        sender: DeviceId,
+        check: SenderCheck,
+        now: Millis,
+    ) -> bool {
         let Ok(mut checks) = self.free_sender_checks.lock() else {
             return false;
         };
-        let key = (asking, sender);
+        let key = (asking, sender, check);
         if checks.check(&key, FREE_SENDER_CHECK, now).is_err() {
             return false;
         }

@@ -43,7 +43,8 @@ impl Drop for World {
 /// the hub.
 pub struct Device {
     pub identity: Identity,
-    pub number: String,
+    /// Its account's pseudonym, as requests name the account.
+    pub account: Vec<u8>,
     /// The key it logs in with (registered with the device).
     pub login: SigningKey,
     /// Its Olm identity keys, published, and the Ed25519 key that signs with them.
@@ -137,7 +138,7 @@ impl World {
                     account,
                     budgets: self.state.keys.budget_key(&pseudonym),
                 },
-                number: number.into(),
+                account: pseudonym.0.to_vec(),
                 login,
                 keys,
                 signing,
@@ -196,10 +197,10 @@ pub fn take_all(outbox: &Outbox) -> Vec<Kind> {
 }
 
 /// A send of `id` to `to` with one copy per device in `copies`.
-pub fn send_to(to: &str, id: MessageId, copies: &[DeviceId], mode: SendMode) -> Kind {
+pub fn send_to(to: &[u8], id: MessageId, copies: &[DeviceId], mode: SendMode) -> Kind {
     Kind::Send(frame::Send {
         id: id.as_bytes().to_vec(),
-        to: to.into(),
+        to_account: to.to_vec(),
         mode: mode as i32,
         copies: copies
             .iter()

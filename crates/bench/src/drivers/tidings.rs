@@ -1,7 +1,8 @@
 //! Tidings' own protocol, as a real client speaks it: registration over HTTP with the code from
-//! the outbox gateway, `GET /v1/connect` with `Upgrade: tidings/1`, a `Login` signed over the
+//! the outbox gateway, `GET /v1/connect` with `Upgrade: tidings/2`, a `Login` signed over the
 //! server's challenge, then length-prefixed protobuf frames (`tidings_proto::codec`). Nothing
-//! here takes a path a client could not take.
+//! here takes a path a client could not take: a receiver or a phonebook is named by the pseudonyms
+//! a client derives by blinding the numbers (`Evaluate`, checked against `GET /v1/oprf-key`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -101,9 +102,19 @@ async fn post_json(
     path: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    let body = body.to_string();
+    http_json(io, "POST", host, path, &body.to_string()).await
+}
+
+/// One HTTP/1.1 request with a JSON answer on a kept-alive connection.
+async fn http_json(
+    io: &mut BoxIo,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     io.write_all(request.as_bytes()).await?;
@@ -319,10 +330,10 @@ pub async fn register(
 /// of the receiver (the harness's receivers have one device each). The server cannot tell the
 /// copy's bytes from ciphertext — it never reads them — so the harness sends its tagged bytes as
 /// the copy; what it measures is the server's work, not the client's encryption.
-fn encrypted_send(tag: Tag, to: String, device: [u8; 16], copy: Bytes) -> frame::Send {
+fn encrypted_send(tag: Tag, to: [u8; 32], device: [u8; 16], copy: Bytes) -> frame::Send {
     frame::Send {
         id: tag.to_bytes().to_vec(),
-        to,
+        to_account: to.to_vec(),
         mode: SendMode::Queue as i32,
         ttl_seconds: 0,
         copies: vec![frame::Copy {
@@ -493,7 +504,7 @@ enum Out {
 async fn writer_task(
     mut writer: WriteHalf<BoxIo>,
     mut rx: mpsc::UnboundedReceiver<Out>,
-    to: Option<(String, [u8; 16])>,
+    to: Option<([u8; 32], [u8; 16])>,
     stats: Option<Rc<StepStats>>,
 ) {
     let mut out = BytesMut::with_capacity(16 * 1024);
@@ -512,9 +523,9 @@ async fn writer_task(
             match message {
                 Out::Frame(frame) => codec::encode(&frame, &mut out),
                 Out::Send { tag } => {
-                    let (number, device) = to.clone().unwrap_or_default();
+                    let (account, device) = to.unwrap_or_default();
                     let send: Frame =
-                        Kind::Send(encrypted_send(tag, number, device, payload_for(tag))).into();
+                        Kind::Send(encrypted_send(tag, account, device, payload_for(tag))).into();
                     codec::encode(&send, &mut out);
                     if let Some(stats) = &stats {
                         if tag.step == stats.step.get() {
@@ -577,7 +588,8 @@ pub async fn relay_pair(
 ) -> anyhow::Result<PairLink> {
     let (sender_index, receiver_index) = (2 * pair, 2 * pair + 1);
     let receiver = login(ctx, receiver_index, true).await?;
-    let sender = login(ctx, sender_index, true).await?;
+    let mut sender = login(ctx, sender_index, true).await?;
+    let to = pseudonyms(ctx, &mut sender, &[common::number(receiver_index)], 1).await?[0];
 
     // Receiver: store nothing (a benchmark), acknowledge each delivery at once.
     let (rtx, rrx) = mpsc::unbounded_channel::<Out>();
@@ -620,7 +632,7 @@ pub async fn relay_pair(
     let sender_writer = spawn_guarded(writer_task(
         sender.writer,
         srx,
-        Some((common::number(receiver_index), device(ctx, receiver_index)?)),
+        Some((to, device(ctx, receiver_index)?)),
         Some(Rc::clone(&stats)),
     ));
     let sender_stats = Rc::clone(&stats);
@@ -689,7 +701,7 @@ pub async fn relay_pair(
 pub async fn store(ctx: &Ctx, pair: u32, per_pair: u32) -> anyhow::Result<u64> {
     let (sender_index, receiver_index) = (2 * pair, 2 * pair + 1);
     let mut session = login(ctx, sender_index, false).await?;
-    let to = common::number(receiver_index);
+    let to = pseudonyms(ctx, &mut session, &[common::number(receiver_index)], 1).await?[0];
     let to_device = device(ctx, receiver_index)?;
     let mut out = BytesMut::new();
     for seq in 0..per_pair {
@@ -701,7 +713,7 @@ pub async fn store(ctx: &Ctx, pair: u32, per_pair: u32) -> anyhow::Result<u64> {
         };
         let send: Frame = Kind::Send(encrypted_send(
             tag,
-            to.clone(),
+            to,
             to_device,
             Bytes::from(common::message_payload(tag)),
         ))
@@ -830,8 +842,10 @@ pub async fn drain(
     Ok(outcome)
 }
 
-/// Looks up the phonebook over and over until `until`; returns (requests, numbers answered,
-/// round-trip histogram).
+/// Looks up the phonebook over and over until `until`, as a client that knows none of its
+/// numbers yet: blind every number, one `Evaluate`, check the proof and unblind, then one `Lookup`
+/// by pseudonym. Returns (phonebooks resolved, numbers answered, wall-time histogram per
+/// phonebook).
 pub async fn lookup_loop(
     ctx: &Ctx,
     client: u32,
@@ -843,39 +857,25 @@ pub async fn lookup_loop(
     let (mut requests, mut numbers) = (0u64, 0u64);
     let mut request_id = 0u64;
     while Instant::now() < until {
-        request_id += 1;
+        let started = Instant::now();
+        let accounts = pseudonyms(ctx, &mut session, phonebook, request_id + 1).await?;
+        request_id += 2;
         let lookup: Frame = Kind::Lookup(frame::Lookup {
             request_id,
-            numbers: phonebook.to_vec(),
-            proofs: Vec::new(),
+            accounts: accounts.iter().map(|a| a.to_vec()).collect(),
+            ..frame::Lookup::default()
         })
         .into();
-        let started = Instant::now();
         session
             .writer
             .write_all(&codec::encode_to_bytes(&lookup))
             .await?;
         session.writer.flush().await?;
-        let answered = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                while let Some(frame) = codec::decode(&mut session.buf)? {
-                    match frame.kind {
-                        Some(Kind::LookupResult(result)) if result.request_id == request_id => {
-                            return anyhow::Ok(result.entries.len() as u64);
-                        }
-                        Some(Kind::Error(e)) if e.request_id == request_id || e.fatal => {
-                            bail!("lookup refused: {}", e.message)
-                        }
-                        _ => {}
-                    }
-                }
-                if session.reader.read_buf(&mut session.buf).await? == 0 {
-                    bail!("the server closed the session");
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("lookup: no answer within 30 s"))??;
+        let answer = answer_to(&mut session, request_id, "lookup").await?;
+        let Kind::LookupResult(result) = answer else {
+            bail!("lookup: unexpected answer");
+        };
+        let answered = result.entries.len() as u64;
         common::record_ns(
             &mut hist,
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -885,4 +885,104 @@ pub async fn lookup_loop(
     }
     let _ = session.writer.shutdown().await;
     Ok((requests, numbers, hist))
+}
+
+/// Waits (30 s at most) for the frame answering `request_id`; an error frame is an error.
+async fn answer_to(session: &mut Session, request_id: u64, what: &str) -> anyhow::Result<Kind> {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            while let Some(frame) = codec::decode(&mut session.buf)? {
+                match frame.kind {
+                    Some(Kind::Error(e)) if e.request_id == request_id || e.fatal => {
+                        bail!("{what} refused: {}", e.message)
+                    }
+                    Some(kind) if kind.answer_to() == Some(request_id) => return Ok(kind),
+                    _ => {}
+                }
+            }
+            if session.reader.read_buf(&mut session.buf).await? == 0 {
+                bail!("the server closed the session");
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("{what}: no answer within 30 s"))?
+}
+
+thread_local! {
+    /// The servers' OPRF public keys, by address: fetched once per worker.
+    static OPRF_KEYS: std::cell::RefCell<HashMap<std::net::SocketAddr, [u8; 32]>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// The server's OPRF public key (`GET /v1/oprf-key`), as a client pins it.
+async fn oprf_key(ctx: &Ctx) -> anyhow::Result<[u8; 32]> {
+    let addr = ctx.endpoint.addr;
+    if let Some(key) = OPRF_KEYS.with(|keys| keys.borrow().get(&addr).copied()) {
+        return Ok(key);
+    }
+    let mut io = open(ctx).await?;
+    let (status, body) = http_json(&mut io, "GET", &addr.to_string(), "/v1/oprf-key", "").await?;
+    let key = body["public_key"]
+        .as_str()
+        .and_then(tidings_proto::id::from_text)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| anyhow!("GET /v1/oprf-key: HTTP {status} {body}"))?;
+    OPRF_KEYS.with(|keys| keys.borrow_mut().insert(addr, key));
+    Ok(key)
+}
+
+/// The pseudonyms of `numbers` as a client derives them: blinded, evaluated in one `Evaluate`
+/// (`request_id`), the batch proof checked against the server's key, unblinded.
+pub async fn pseudonyms(
+    ctx: &Ctx,
+    session: &mut Session,
+    numbers: &[String],
+    request_id: u64,
+) -> anyhow::Result<Vec<[u8; 32]>> {
+    use voprf::{EvaluationElement, Group as _, Proof, Ristretto255, VoprfClient};
+    let public = Ristretto255::deserialize_elem(&oprf_key(ctx).await?)
+        .map_err(|_| anyhow!("the server's OPRF key is not a point"))?;
+    let mut rng = rand::rngs::OsRng;
+    let blinds = numbers
+        .iter()
+        .map(|n| VoprfClient::<Ristretto255>::blind(n.as_bytes(), &mut rng))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("blind: {e:?}"))?;
+    let evaluate: Frame = Kind::Evaluate(frame::Evaluate {
+        request_id,
+        blinded: blinds
+            .iter()
+            .map(|b| b.message.serialize().to_vec())
+            .collect(),
+        ..frame::Evaluate::default()
+    })
+    .into();
+    session
+        .writer
+        .write_all(&codec::encode_to_bytes(&evaluate))
+        .await?;
+    session.writer.flush().await?;
+    let Kind::EvaluateResult(result) = answer_to(session, request_id, "evaluate").await? else {
+        bail!("evaluate: unexpected answer");
+    };
+    let messages = result
+        .evaluated
+        .iter()
+        .map(|e| EvaluationElement::<Ristretto255>::deserialize(e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("evaluated element: {e:?}"))?;
+    let proof =
+        Proof::<Ristretto255>::deserialize(&result.proof).map_err(|e| anyhow!("proof: {e:?}"))?;
+    let clients: Vec<_> = blinds.into_iter().map(|b| b.state).collect();
+    let inputs: Vec<&[u8]> = numbers.iter().map(|n| n.as_bytes()).collect();
+    VoprfClient::batch_finalize(&inputs, &clients, &messages, &proof, public)
+        .map_err(|e| anyhow!("the proof does not verify: {e:?}"))?
+        .map(|output| {
+            let output = output.map_err(|e| anyhow!("finalize: {e:?}"))?;
+            let mut pseudonym = [0u8; 32];
+            pseudonym.copy_from_slice(&output[..32]);
+            Ok(pseudonym)
+        })
+        .collect()
 }

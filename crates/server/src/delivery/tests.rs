@@ -19,7 +19,7 @@ async fn an_ack_is_confirmed_unknown_or_withdrawn_and_tells_the_sender() {
     let mut bob = world.user("+14155550142", 1).await.remove(0);
     let (delivered, withdrawn) = (random_id(), random_id());
     for id in [delivered, withdrawn] {
-        let send = send_to(&bob.number, id, &ids(&[&bob]), SendMode::Queue);
+        let send = send_to(&bob.account, id, &ids(&[&bob]), SendMode::Queue);
         let (outcome, _, _) = send_result(world.ask(&mut alice, send).await);
         assert_eq!(outcome, SendOutcome::Accepted);
     }
@@ -100,7 +100,7 @@ async fn a_receipt_waits_for_an_offline_sender_until_taken() {
     let mut alice = world.user("+14155550151", 1).await.remove(0);
     let mut bob = world.user("+14155550152", 1).await.remove(0);
     let id = random_id();
-    let send = send_to(&bob.number, id, &ids(&[&bob]), SendMode::Queue);
+    let send = send_to(&bob.account, id, &ids(&[&bob]), SendMode::Queue);
     world.ask(&mut alice, send).await;
     take_all(&bob.outbox);
     alice.online = None;

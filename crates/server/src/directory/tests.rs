@@ -37,8 +37,8 @@ async fn disabling_deletes_the_account_and_signs_its_sessions_out() {
     );
     let lookup = Kind::Lookup(frame::Lookup {
         request_id: 1,
-        numbers: vec!["+14155550181".into()],
-        ..Default::default()
+        accounts: vec![world.pseudonym("+14155550181").0.to_vec()],
+        ..frame::Lookup::default()
     });
     let Kind::LookupResult(result) = world.ask(&mut bob, lookup).await else {
         panic!("not a lookup result");
@@ -163,17 +163,18 @@ async fn a_claim_hands_out_each_key_once_then_the_fallback_within_its_budget() {
     let request = upload(&alice, keys.clone());
     let fallback = request.fallback_key.clone();
     world.ask(&mut alice, Kind::KeysUpload(request)).await;
-    let claim = |number: &str, devices: &[DeviceId]| {
+    let claim = |account: &[u8], devices: &[DeviceId]| {
         Kind::KeysClaim(frame::KeysClaim {
             request_id: 6,
-            number: number.into(),
+            account: account.to_vec(),
             device_ids: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            ..frame::KeysClaim::default()
         })
     };
     // Two one-time keys, each once (in no particular order), then the fallback key.
     let mut handed_out = Vec::new();
     for _ in 0..3 {
-        let Kind::KeysClaimResult(result) = world.ask(&mut bob, claim(&alice.number, &[])).await
+        let Kind::KeysClaimResult(result) = world.ask(&mut bob, claim(&alice.account, &[])).await
         else {
             panic!("not a claim result");
         };
@@ -191,7 +192,7 @@ async fn a_claim_hands_out_each_key_once_then_the_fallback_within_its_budget() {
     expected.push((fallback.expect("a fallback key"), true));
     assert_eq!(handed_out, expected);
     let answer = world
-        .ask(&mut bob, claim(&alice.number, &[random_device()]))
+        .ask(&mut bob, claim(&alice.account, &[random_device()]))
         .await;
     let (code, message, _) = error_of(&answer);
     assert_eq!(code, ErrorCode::InvalidRequest);
@@ -199,20 +200,19 @@ async fn a_claim_hands_out_each_key_once_then_the_fallback_within_its_budget() {
         message.contains("no such device for that number"),
         "{message}"
     );
-    let Kind::KeysClaimResult(result) = world.ask(&mut bob, claim("+14155550219", &[])).await
-    else {
+    let Kind::KeysClaimResult(result) = world.ask(&mut bob, claim(&[0x19; 32], &[])).await else {
         panic!("not a claim result");
     };
     assert!(result.devices.is_empty(), "not a user: no devices");
     // Five claimed from a budget of five: the next one is refused, a claim of a number that is
     // not a user included (it would otherwise be a free lookup).
-    let answer = world.ask(&mut bob, claim("+14155550219", &[])).await;
+    let answer = world.ask(&mut bob, claim(&[0x19; 32], &[])).await;
     assert_eq!(
         error_of(&answer),
         (ErrorCode::RateLimited, "too many key claims", 6)
     );
     // A device's own number costs nothing.
-    let own = claim(&alice.number, &[]);
+    let own = claim(&alice.account, &[]);
     let own = world.ask(&mut alice, own).await;
     assert!(matches!(own, Kind::KeysClaimResult(_)), "{own:?}");
 }
@@ -405,8 +405,8 @@ async fn a_request_racing_its_devices_removal_changes_nothing() {
             "claiming another number's keys",
             Kind::KeysClaim(frame::KeysClaim {
                 request_id: 2,
-                number: bob.number.clone(),
-                device_ids: Vec::new(),
+                account: bob.account.clone(),
+                ..frame::KeysClaim::default()
             }),
         ),
         (

@@ -40,21 +40,26 @@ async fn a_send_is_decided_stored_and_answered() {
     let cases: Vec<(&str, Kind, SendOutcome, &str, Difference)> = vec![
         (
             "stored for a user with a device online",
-            send_to(&bob[0].number, repeated, &to_bob, SendMode::Queue),
+            send_to(&bob[0].account, repeated, &to_bob, SendMode::Queue),
             SendOutcome::Accepted,
             "",
             none.clone(),
         ),
         (
             "the same id again: a duplicate, answered as the first",
-            send_to(&bob[0].number, repeated, &to_bob, SendMode::Queue),
+            send_to(&bob[0].account, repeated, &to_bob, SendMode::Queue),
             SendOutcome::Accepted,
             "",
             none.clone(),
         ),
         (
             "queued for a user with no device online",
-            send_to(&carol.number, random_id(), &ids(&[&carol]), SendMode::Queue),
+            send_to(
+                &carol.account,
+                random_id(),
+                &ids(&[&carol]),
+                SendMode::Queue,
+            ),
             SendOutcome::Queued,
             "",
             none.clone(),
@@ -62,7 +67,7 @@ async fn a_send_is_decided_stored_and_answered() {
         (
             "now or never, and nobody is online",
             send_to(
-                &carol.number,
+                &carol.account,
                 random_id(),
                 &ids(&[&carol]),
                 SendMode::NowOrNever,
@@ -74,7 +79,7 @@ async fn a_send_is_decided_stored_and_answered() {
         (
             "devices changed: a device of the receiver has no copy, one copy is not wanted",
             send_to(
-                &bob[0].number,
+                &bob[0].account,
                 random_id(),
                 &[to_bob[0], unknown],
                 SendMode::Queue,
@@ -85,22 +90,22 @@ async fn a_send_is_decided_stored_and_answered() {
         ),
         (
             "not a user",
-            send_to("+14155550199", random_id(), &[unknown], SendMode::Queue),
+            send_to(&[0x99; 32], random_id(), &[unknown], SendMode::Queue),
             SendOutcome::NotAUser,
             "",
             none.clone(),
         ),
         (
-            "not a number",
-            send_to("not a number", random_id(), &[unknown], SendMode::Queue),
+            "not a pseudonym",
+            send_to(&[0x99; 31], random_id(), &[unknown], SendMode::Queue),
             SendOutcome::Invalid,
-            "not a valid phone number",
+            "to_account must be the receiver's 32-byte pseudonym",
             none.clone(),
         ),
         (
             "a device twice among the copies",
             send_to(
-                &bob[0].number,
+                &bob[0].account,
                 random_id(),
                 &[to_bob[0], to_bob[0]],
                 SendMode::Queue,
@@ -123,7 +128,7 @@ async fn a_send_is_decided_stored_and_answered() {
             "a plaintext payload",
             Kind::Send(frame::Send {
                 id: random_id().as_bytes().to_vec(),
-                to: bob[0].number.clone(),
+                to_account: bob[0].account.clone(),
                 payload: Bytes::from_static(b"hello"),
                 ..frame::Send::default()
             }),
@@ -172,7 +177,7 @@ async fn a_sender_past_its_budget_is_rate_limited() {
     let bob = world.user("+14155550112", 1).await.remove(0);
     let mut outcomes = Vec::new();
     for _ in 0..3 {
-        let send = send_to(&bob.number, random_id(), &ids(&[&bob]), SendMode::Queue);
+        let send = send_to(&bob.account, random_id(), &ids(&[&bob]), SendMode::Queue);
         let (outcome, detail, _) = send_result(world.ask(&mut alice, send).await);
         outcomes.push((outcome, detail));
     }
@@ -216,7 +221,7 @@ async fn a_send_to_a_full_queue_is_refused() {
             Ok(tidings_store::Enqueued::Stored)
         ));
     }
-    let send = send_to(&bob.number, random_id(), &ids(&[&bob]), SendMode::Queue);
+    let send = send_to(&bob.account, random_id(), &ids(&[&bob]), SendMode::Queue);
     let (outcome, _, _) = send_result(world.ask(&mut alice, send).await);
     assert_eq!(outcome, SendOutcome::RefusedQueueFull);
 }
@@ -231,7 +236,7 @@ async fn a_sessions_pipelined_sends_are_stored_and_pushed_in_the_order_read() {
     // As a session does: each send takes its place when read, then all run at once.
     let mut tasks = JoinSet::new();
     for id in &sent {
-        let send = send_to(&bob[0].number, *id, &copies, SendMode::Queue);
+        let send = send_to(&bob[0].account, *id, &copies, SendMode::Queue);
         let request = Request::from_frame(send.into()).expect("a send");
         tasks.spawn(request.run(
             Arc::clone(&world.state),

@@ -112,14 +112,15 @@ async fn a_session_answers_what_it_reads_and_refuses_what_is_not_a_request() {
         (
             Kind::Lookup(frame::Lookup {
                 request_id: 3,
-                numbers: vec![alice.number.clone()],
-                ..Default::default()
+                accounts: vec![alice.account.clone()],
+                ..frame::Lookup::default()
             }),
             Kind::LookupResult(frame::LookupResult {
                 request_id: 3,
                 entries: vec![frame::LookupEntry {
-                    number: alice.number.clone(),
+                    account: alice.account.clone(),
                     presence: Presence::Online as i32,
+                    ..frame::LookupEntry::default()
                 }],
             }),
         ),
