@@ -11,7 +11,9 @@
 //! - [`delivery`]: which devices a stored message must reach (E1) and when a queue is full;
 //! - [`fallback`]: the sender's state machine for every outgoing message: the IP send, the
 //!   re-encryption when devices changed, receipts, the withdraw and the SMS, never two of them;
-//! - [`heartbeat`]: when a silent session counts as dead.
+//! - [`heartbeat`]: when a silent session counts as dead;
+//! - [`oprf`]: the server's evaluation of blinded numbers, checked element by element, with its
+//!   batch proof (the key and the randomness come in from the caller).
 //!
 //! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is
 //! handed pseudonyms, device ids and counts.
@@ -20,6 +22,7 @@ pub mod delivery;
 pub mod fallback;
 pub mod heartbeat;
 pub mod limits;
+pub mod oprf;
 pub mod routing;
 pub mod verification;
 
