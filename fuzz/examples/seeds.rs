@@ -1,8 +1,8 @@
 //! Writes the seed corpus, `fuzz/corpus/<target>/`, from the real encoders: frames of every
-//! kind, envelopes and contents, HTTP bodies, numbers, ids, SMS-SUBMIT PDUs, SMPP commands and
-//! modem answers. Run from the repository: `cargo run --manifest-path fuzz/Cargo.toml --example
-//! seeds`. The files are committed; running it again gives the same files, but for the Olm
-//! messages, which come from fresh keys each time.
+//! kind, envelopes and contents, HTTP bodies, numbers, ids, SMS-SUBMIT PDUs, SMPP commands,
+//! modem answers and batches of blinded elements. Run from the repository: `cargo run
+//! --manifest-path fuzz/Cargo.toml --example seeds`. The files are committed; running it again
+//! gives the same files, but for the Olm messages, which come from fresh keys each time.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -423,6 +423,61 @@ fn modem() {
     }
 }
 
+/// Batches of blinded elements in the `oprf` target's form: each a length byte, then its bytes.
+fn oprf() {
+    use rand::SeedableRng as _;
+    use voprf::{Ristretto255, VoprfClient};
+    let batch = |elements: &[&[u8]]| -> Vec<u8> {
+        elements
+            .iter()
+            .flat_map(|e| {
+                let length = u8::try_from(e.len()).expect("short");
+                std::iter::once(length).chain(e.iter().copied())
+            })
+            .collect()
+    };
+    // Blinded as a client blinds, with a fixed seed so that the files stay the same.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let valid: Vec<Vec<u8>> = ["+14155550101", "+4915112345678", "+33612345678"]
+        .iter()
+        .map(|number| {
+            VoprfClient::<Ristretto255>::blind(number.as_bytes(), &mut rng)
+                .expect("blinds")
+                .message
+                .serialize()
+                .to_vec()
+        })
+        .collect();
+    let identity = [0u8; 32];
+    // 2^255 - 19 + 2: the field element 2, encoded past the modulus.
+    let mut non_canonical = [0xffu8; 32];
+    non_canonical[0] = 0xef;
+    non_canonical[31] = 0x7f;
+    let mut high_bit = valid[0].clone();
+    high_bit[31] |= 0x80;
+    let mut negative = valid[1].clone();
+    negative[0] |= 1;
+    let refs: Vec<&[u8]> = valid.iter().map(Vec::as_slice).collect();
+    write("oprf", "one", &batch(&refs[..1]));
+    write("oprf", "three", &batch(&refs));
+    write("oprf", "identity", &batch(&[refs[0], &identity]));
+    write(
+        "oprf",
+        "non-canonical",
+        &batch(&[refs[0], refs[1], &non_canonical]),
+    );
+    write("oprf", "high-bit", &batch(&[&high_bit]));
+    write("oprf", "negative", &batch(&[refs[2], &negative]));
+    write("oprf", "short", &batch(&[refs[0], &valid[1][..31]]));
+    write(
+        "oprf",
+        "long",
+        &batch(&[&[valid[2].as_slice(), &[0]].concat()]),
+    );
+    write("oprf", "empty-element", &batch(&[refs[1], &[]]));
+    write("oprf", "cut", &[32, 1, 2, 3]);
+}
+
 fn main() {
     frames();
     payloads();
@@ -431,4 +486,5 @@ fn main() {
     sms_pdus();
     smpp();
     modem();
+    oprf();
 }

@@ -13,7 +13,9 @@
 //!   re-encryption when devices changed, receipts, the withdraw and the SMS, never two of them;
 //! - [`heartbeat`]: when a silent session counts as dead;
 //! - [`presence`]: who may see a device online: its owner's mode, and the tokens and proofs
-//!   that let the people it wrote to see it.
+//!   that let the people it wrote to see it;
+//! - [`oprf`]: the server's evaluation of blinded numbers, checked element by element, with its
+//!   batch proof (the key and the randomness come in from the caller).
 //!
 //! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is
 //! handed pseudonyms, device ids and counts.
@@ -22,6 +24,7 @@ pub mod delivery;
 pub mod fallback;
 pub mod heartbeat;
 pub mod limits;
+pub mod oprf;
 pub mod presence;
 pub mod routing;
 pub mod verification;

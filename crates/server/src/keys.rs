@@ -9,9 +9,11 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use tidings_core::oprf::OprfKey;
+pub use tidings_core::oprf::{EvaluateError, Evaluated};
 use tidings_proto::number::E164;
 use tidings_store::Pseudonym;
-use voprf::{Group as _, Ristretto255, VoprfServer};
+use voprf::{Ristretto255, VoprfServer};
 
 const OPRF_INFO: &[u8] = b"tidings-oprf-v1";
 /// The version of the OPRF key in use. One key so far: the version lets a client tell, in
@@ -27,29 +29,9 @@ struct KeyFile {
 /// The loaded secrets.
 pub struct ServerKeys {
     oprf: VoprfServer<Ristretto255>,
-    /// The OPRF private scalar, for the batch evaluation ([`ServerKeys::evaluate_blinded`]).
-    oprf_scalar: curve25519_dalek::Scalar,
+    /// The OPRF key as the batch evaluation uses it ([`ServerKeys::evaluate_blinded`]).
+    oprf_key: OprfKey,
     code_key: [u8; 32],
-}
-
-/// Blinded elements the server evaluated, with one batch proof that it used its key.
-#[derive(Debug)]
-pub struct Evaluated {
-    /// 32 bytes each, in the order asked.
-    pub elements: Vec<Vec<u8>>,
-    /// The batch DLEQ proof, 64 bytes.
-    pub proof: Vec<u8>,
-}
-
-/// Why a batch of blinded elements was not evaluated: a message for the client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EvaluateError {
-    #[error("blinded element {0} is not 32 bytes")]
-    WrongLength(usize),
-    #[error("blinded element {0} is not a ristretto255 point (or is the identity)")]
-    NotAnElement(usize),
-    #[error("the evaluation failed: try again")]
-    Failed,
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -89,13 +71,10 @@ impl ServerKeys {
             .context("key file: code_key must be 32 bytes of base64url")?;
         let oprf = VoprfServer::<Ristretto255>::new_from_seed(&seed, OPRF_INFO)
             .map_err(|e| anyhow::anyhow!("key file: oprf_seed is unusable: {e:?}"))?;
-        let mut scalar = [0u8; 32];
-        scalar.copy_from_slice(&oprf.serialize()[..32]);
-        let oprf_scalar = Option::from(curve25519_dalek::Scalar::from_canonical_bytes(scalar))
-            .context("key file: oprf_seed gives no usable scalar")?;
+        let oprf_key = OprfKey::new(&oprf).context("key file: oprf_seed gives no usable scalar")?;
         Ok(Self {
             oprf,
-            oprf_scalar,
+            oprf_key,
             code_key,
         })
     }
@@ -117,115 +96,16 @@ impl ServerKeys {
     /// The OPRF public key (a compressed ristretto255 point), which clients pin and check every
     /// evaluation's proof against.
     pub fn oprf_public_key(&self) -> [u8; 32] {
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&Ristretto255::serialize_elem(self.oprf.get_public_key()));
-        key
+        self.oprf_key.public_key()
     }
 
-    /// Evaluates blinded elements with one batch proof. Each element is checked first: 32 bytes,
-    /// a valid point, not the identity; a bad one names its place and nothing is evaluated.
-    /// About one scalar multiplication per element plus the proof's: run it on the blocking
-    /// pool.
+    /// Evaluates blinded elements with one batch proof ([`OprfKey::evaluate_blinded`]): each
+    /// element is checked first (32 bytes, a valid point, not the identity); a bad one names its
+    /// place and nothing is evaluated. About one scalar multiplication per element plus the
+    /// proof's: run it on the blocking pool.
     pub fn evaluate_blinded(&self, blinded: &[Vec<u8>]) -> Result<Evaluated, EvaluateError> {
-        use curve25519_dalek::ristretto::CompressedRistretto;
-        use curve25519_dalek::traits::Identity as _;
-        let points = blinded
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                if bytes.len() != 32 {
-                    return Err(EvaluateError::WrongLength(i));
-                }
-                CompressedRistretto::from_slice(bytes)
-                    .ok()
-                    .and_then(|c| c.decompress())
-                    .filter(|p| *p != curve25519_dalek::RistrettoPoint::identity())
-                    .ok_or(EvaluateError::NotAnElement(i))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.evaluate_with_proof(blinded, &points))
-    }
-
-    /// RFC 9497 `BlindEvaluate` of a batch with `GenerateProof` (section 2.2.1), as `voprf`
-    /// computes it, except for the composite element: one variable-time multiscalar
-    /// multiplication (its points and scalars are public) instead of one constant-time scalar
-    /// multiplication per element, and each element serialised once (in one batch), which
-    /// halves the server's work per number. The client checks the proof with `voprf` itself, so any difference from
-    /// the RFC fails every evaluation (see the test below).
-    fn evaluate_with_proof(
-        &self,
-        blinded: &[Vec<u8>],
-        points: &[curve25519_dalek::RistrettoPoint],
-    ) -> Evaluated {
-        use curve25519_dalek::constants::RISTRETTO_BASEPOINT_TABLE;
-        use curve25519_dalek::traits::VartimeMultiscalarMul as _;
-        use curve25519_dalek::{RistrettoPoint, Scalar};
-        use sha2::{Digest as _, Sha512};
-        const CONTEXT: &[u8] = b"OPRFV1-\x01-ristretto255-SHA512";
-        let hash_to_scalar = |parts: &[&[u8]]| -> Scalar {
-            let dst = [b"HashToScalar-".as_slice(), CONTEXT].concat();
-            // Cannot fail: the lengths are fixed and far below the limits.
-            <Ristretto255 as voprf::Group>::hash_to_scalar::<Sha512>(parts, &[&dst])
-                .unwrap_or(Scalar::ZERO)
-        };
-        let key = self.oprf_scalar;
-        // Each evaluated element is needed only as bytes: computed as (k/2)·C and compressed
-        // doubled, in one batch that shares a single field inversion among all of them.
-        let half_key = key * Scalar::from(2u8).invert();
-        let halves: Vec<RistrettoPoint> = points.iter().map(|c| c * half_key).collect();
-        let evaluated_bytes: Vec<[u8; 32]> = RistrettoPoint::double_and_compress_batch(&halves)
-            .iter()
-            .map(|d| d.to_bytes())
-            .collect();
-        let public = self.oprf_public_key();
-        let length = 32u16.to_be_bytes();
-        let seed_dst = [b"Seed-".as_slice(), CONTEXT].concat();
-        let seed_dst_length = u16::try_from(seed_dst.len()).unwrap_or(0).to_be_bytes();
-        let seed = Sha512::new()
-            .chain_update(length)
-            .chain_update(public)
-            .chain_update(seed_dst_length)
-            .chain_update(&seed_dst)
-            .finalize();
-        let seed_length = 64u16.to_be_bytes();
-        let weights: Vec<Scalar> = (0u16..)
-            .zip(blinded.iter().zip(&evaluated_bytes))
-            .map(|(i, (c, d))| {
-                hash_to_scalar(&[
-                    &seed_length,
-                    &seed,
-                    &i.to_be_bytes(),
-                    &length,
-                    c,
-                    &length,
-                    d,
-                    b"Composite",
-                ])
-            })
-            .collect();
-        let composite = RistrettoPoint::vartime_multiscalar_mul(&weights, points);
-        let z = composite * key;
-        let r = Scalar::random(&mut rand::rngs::OsRng);
-        let t2 = RISTRETTO_BASEPOINT_TABLE * &r;
-        let t3 = composite * r;
-        let challenge = hash_to_scalar(&[
-            &length,
-            &public,
-            &length,
-            composite.compress().as_bytes(),
-            &length,
-            z.compress().as_bytes(),
-            &length,
-            t2.compress().as_bytes(),
-            &length,
-            t3.compress().as_bytes(),
-            b"Challenge",
-        ]);
-        let response = r - challenge * key;
-        Evaluated {
-            elements: evaluated_bytes.iter().map(|d| d.to_vec()).collect(),
-            proof: [challenge.to_bytes(), response.to_bytes()].concat(),
-        }
+        self.oprf_key
+            .evaluate_blinded(blinded, &mut rand::rngs::OsRng)
     }
 
     /// The keyed hash a code is stored as.
@@ -301,7 +181,7 @@ mod tests {
     /// with its place, and a proof under another key does not verify.
     #[test]
     fn a_blinded_evaluation_gives_the_servers_pseudonym() {
-        use voprf::{EvaluationElement, Proof, VoprfClient};
+        use voprf::{EvaluationElement, Group as _, Proof, VoprfClient};
         let keys = keys("blind");
         let other = keys_named("other");
         let numbers = ["+14155550101", "+14155550102"];
