@@ -1,11 +1,13 @@
 //! Integration tests: a real `tidings server` on a real port, real `tidings` commands and the
 //! client library against it. One test binary; each test starts its own server.
 
+mod leaks;
 mod support;
 
 // Starts no server: checks that docs/ARCHITECTURE.md names only paths and items that exist.
 mod architecture_doc;
 mod at_rest;
+mod audit;
 mod blinding;
 mod budgets;
 mod connections;

@@ -5,35 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sha1::Digest as _;
-
+use crate::leaks::{assert_absent, leak_forms};
 use crate::support::{
     eventually, files_containing, marker_comes_first, number, patience, text, Server, User,
     PATIENCE,
 };
-
-/// Every form in which a number could leak: plain, and SHA-1 / SHA-256 as raw bytes and hex.
-fn leak_forms(number: &str) -> Vec<Vec<u8>> {
-    let digits = number.trim_start_matches('+');
-    let mut forms = Vec::new();
-    for plain in [number, digits] {
-        forms.push(plain.as_bytes().to_vec());
-        let sha1 = sha1::Sha1::digest(plain.as_bytes()).to_vec();
-        let sha256 = sha2::Sha256::digest(plain.as_bytes()).to_vec();
-        for digest in [sha1, sha256] {
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-            forms.push(hex.as_bytes().to_vec());
-            forms.push(hex.to_uppercase().into_bytes());
-            forms.push(digest);
-        }
-    }
-    forms
-}
-
-fn assert_absent(dir: &Path, needle: &[u8], what: &str) {
-    let found = files_containing(dir, needle);
-    assert!(found.is_empty(), "{what} found in {found:?}");
-}
 
 #[test]
 fn p1_an_unregistered_profile_opens_no_connection() {
@@ -127,7 +103,7 @@ fn p3_p5_no_number_or_delivered_content_in_data_files_or_logs() {
         files_containing(&server.data_dir(), secret.as_bytes())
     );
     for n in [&alice_number, &bob_number, &stranger] {
-        for form in leak_forms(n) {
+        for (_, form) in leak_forms(n) {
             assert_absent(&server.data_dir(), &form, "a number");
             assert!(
                 !server

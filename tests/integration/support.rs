@@ -95,6 +95,10 @@ impl Server {
     pub fn log_file(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
+    /// What the server printed on stdout after its listening line.
+    pub fn stdout_file(&self) -> PathBuf {
+        self.dir.path().join("server.out")
+    }
     pub fn sync_trace(&self) -> PathBuf {
         self.dir.path().join("sync.trace")
     }
@@ -149,15 +153,22 @@ impl Server {
             .stderr(Stdio::from(log));
         let mut child = command.spawn().expect("start tidings server");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listening line");
+        stdout.read_line(&mut line).expect("read listening line");
         assert!(
             line.contains("listening on"),
             "server did not start: {line:?}\n{}",
             self.log()
         );
+        // The rest of stdout goes to a file, kept as the log is (and the server never writes to
+        // a closed pipe).
+        let mut rest = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.stdout_file())
+            .expect("stdout file");
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut rest));
         self.child = Some(child);
     }
 
@@ -298,8 +309,13 @@ impl User {
 
     /// Registers and verifies on `server`, reading the code from its outbox.
     pub fn register(number: &str, server: &Server, trust: &[&str]) -> Self {
+        Self::register_via(number, server, &server.url, trust)
+    }
+
+    /// `register`, with the profile reaching `server` at `url` (a relay in front of it).
+    pub fn register_via(number: &str, server: &Server, url: &str, trust: &[&str]) -> Self {
         let user = Self::new(number);
-        let mut args = vec!["register", number, "--server", &server.url];
+        let mut args = vec!["register", number, "--server", url];
         args.extend_from_slice(trust);
         user.ok(&args);
         let code = server.code_for(number);
@@ -422,6 +438,11 @@ impl User {
     /// Adds a device to this user's number: `tidings link` here shows a code, `tidings link
     /// <number> <code>` on a new profile joins with it. Returns the new device's user.
     pub fn link_device(&self, server: &Server) -> Self {
+        self.link_device_via(&server.url)
+    }
+
+    /// `link_device`, with the new device's profile reaching the server at `url`.
+    pub fn link_device_via(&self, url: &str) -> Self {
         let mut approver = self.spawn(&["--json", "link", "--wait", &PATIENCE.to_string()]);
         let stdout = approver.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -429,7 +450,7 @@ impl User {
         let shown: serde_json::Value = serde_json::from_str(&first).expect("json");
         let code = shown["code"].as_str().expect("a link code").to_string();
         let device = Self::new(&self.number);
-        device.ok(&["link", &self.number, &code, "--server", &server.url]);
+        device.ok(&["link", &self.number, &code, "--server", url]);
         let done = lines.next().expect("a second line").expect("read");
         assert!(done.contains("linked"), "{done}");
         let _ = approver.wait();
@@ -473,21 +494,29 @@ pub fn text(bytes: &[u8]) -> String {
 
 /// Every file below `dir` (recursively) whose bytes contain `needle`.
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
+    files_below(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// Every file below `dir`, recursively, sorted.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
+    let mut files = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
         if path.is_dir() {
-            found.extend(files_containing(&path, needle));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path);
-            }
+            files.extend(files_below(&path));
+        } else {
+            files.push(path);
         }
     }
-    found
+    files.sort();
+    files
 }
 
 /// The pseudonym of `number` computed from the server's key file, as its operator could: for
@@ -887,34 +916,13 @@ pub struct CuttableRelay {
 
 impl CuttableRelay {
     pub fn start(server: &Server) -> Self {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("relay bind");
-        let port = listener.local_addr().expect("relay address").port();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let upstream_port = server.port;
         let accept_cut = cut.clone();
-        // Lives as long as the test binary: each connection's threads end when either side
-        // closes.
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port))
-                else {
-                    continue;
-                };
-                let cut = accept_cut.clone();
-                let (Ok(client_read), Ok(upstream_read)) =
-                    (client.try_clone(), upstream.try_clone())
-                else {
-                    continue;
-                };
-                std::thread::spawn(move || relay(client_read, upstream, Some(cut)));
-                std::thread::spawn(move || relay(upstream_read, client, None));
-            }
+        let url = start_relay(server, move |client, upstream| {
+            let cut = accept_cut.clone();
+            relay(client, upstream, move |_| !cut.load(Ordering::SeqCst));
         });
-        Self {
-            url: format!("http://127.0.0.1:{port}"),
-            cut,
-        }
+        Self { url, cut }
     }
 
     /// Drops the client's bytes from now on (`true`) or passes them again (`false`).
@@ -923,10 +931,92 @@ impl CuttableRelay {
     }
 }
 
+/// What one client connection sent through a `CapturingRelay`.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    /// Every byte the client sent, in order.
+    pub bytes: Vec<u8>,
+    /// Whether the client's side has ended (nothing more can come).
+    pub closed: bool,
+}
+
+/// A TCP relay in front of a server that keeps every byte each client connection sends to the
+/// server, one capture per connection, in the order the connections were accepted.
+#[derive(Debug, Clone)]
+pub struct CapturingRelay {
+    pub url: String,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+}
+
+impl CapturingRelay {
+    pub fn start(server: &Server) -> Self {
+        let connections: std::sync::Arc<std::sync::Mutex<Vec<Captured>>> = Default::default();
+        let accepted = connections.clone();
+        let url = start_relay(server, move |client, upstream| {
+            let connections = accepted.clone();
+            let index = {
+                let mut all = connections.lock().expect("captures");
+                all.push(Captured::default());
+                all.len() - 1
+            };
+            let record = connections.clone();
+            relay(client, upstream, move |bytes| {
+                record.lock().expect("captures")[index]
+                    .bytes
+                    .extend_from_slice(bytes);
+                true
+            });
+            connections.lock().expect("captures")[index].closed = true;
+        });
+        Self { url, connections }
+    }
+
+    /// Every connection so far.
+    pub fn connections(&self) -> Vec<Captured> {
+        self.connections.lock().expect("captures").clone()
+    }
+
+    /// Whether every connection so far has ended on the client's side.
+    pub fn all_closed(&self) -> bool {
+        self.connections().iter().all(|c| c.closed)
+    }
+}
+
+/// Listens on a free loopback port and, for each client, connects to `server` and runs
+/// `client_to_server` on a thread of its own (the server's bytes go back unchanged). Returns the
+/// URL to give clients. The relay lives as long as the test binary: each connection's threads
+/// end when either side closes.
+fn start_relay(
+    server: &Server,
+    client_to_server: impl Fn(std::net::TcpStream, std::net::TcpStream) + Send + Sync + 'static,
+) -> String {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("relay bind");
+    let port = listener.local_addr().expect("relay address").port();
+    let upstream_port = server.port;
+    let client_to_server = std::sync::Arc::new(client_to_server);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port)) else {
+                continue;
+            };
+            let (Ok(client_read), Ok(upstream_read)) = (client.try_clone(), upstream.try_clone())
+            else {
+                continue;
+            };
+            let forward = client_to_server.clone();
+            std::thread::spawn(move || forward(client_read, upstream));
+            std::thread::spawn(move || relay(upstream_read, client, |_| true));
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Copies `from` to `to` until either side closes, passing on each read only if `pass` says so.
 fn relay(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
-    cut: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    mut pass: impl FnMut(&[u8]) -> bool,
 ) {
     use std::io::{Read as _, Write as _};
     let mut buf = [0u8; 16 * 1024];
@@ -935,7 +1025,7 @@ fn relay(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if cut.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+        if !pass(&buf[..n]) {
             continue;
         }
         if to.write_all(&buf[..n]).is_err() {

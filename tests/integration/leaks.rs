@@ -1,0 +1,158 @@
+//! Searching bytes for what must not be in them: a phone number in every form a server or a
+//! client could turn it into, and message texts. Shared by the privacy tests and the audit.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::Engine as _;
+use sha1::Digest as _;
+
+use crate::support::files_containing;
+
+/// Every form in which a number could leak, each with a name for reports: the number as
+/// written (E.164 with and without `+`, with the international `00` prefix, national with and
+/// without spaces, international with spaces), and each of those as SHA-1 and SHA-256 digests:
+/// raw bytes, hex in lower and upper case, base64 (padded and not) and base64url.
+pub fn leak_forms(number: &str) -> Vec<(String, Vec<u8>)> {
+    let digits = number.trim_start_matches('+');
+    let mut plains = vec![
+        ("E.164".to_string(), number.to_string()),
+        ("digits".to_string(), digits.to_string()),
+        ("00-prefixed".to_string(), format!("00{digits}")),
+    ];
+    if let Ok(parsed) = phonenumber::parse(None, number) {
+        let national = parsed
+            .format()
+            .mode(phonenumber::Mode::National)
+            .to_string();
+        let international = parsed
+            .format()
+            .mode(phonenumber::Mode::International)
+            .to_string();
+        let national_digits: String = national.chars().filter(char::is_ascii_digit).collect();
+        for (name, form) in [
+            ("national", national),
+            ("national digits", national_digits),
+            ("international", international),
+        ] {
+            if !plains.iter().any(|(_, known)| *known == form) {
+                plains.push((name.to_string(), form));
+            }
+        }
+    }
+    let mut forms = Vec::new();
+    for (name, plain) in plains {
+        let digests = [
+            ("SHA-1", sha1::Sha1::digest(plain.as_bytes()).to_vec()),
+            ("SHA-256", sha2::Sha256::digest(plain.as_bytes()).to_vec()),
+        ];
+        forms.push((name.clone(), plain.into_bytes()));
+        for (hash, digest) in digests {
+            let of = |encoding: &str| format!("{hash} of {name}, {encoding}");
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            forms.push((of("hex"), hex.as_bytes().to_vec()));
+            forms.push((of("HEX"), hex.to_uppercase().into_bytes()));
+            forms.extend(encodings(&digest).map(|(encoding, bytes)| (of(encoding), bytes)));
+            forms.push((of("raw"), digest));
+        }
+    }
+    forms
+}
+
+/// The forms in which a message text could leak: as written, hex, base64 and base64url.
+pub fn text_forms(text: &str) -> Vec<(String, Vec<u8>)> {
+    let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
+    let mut forms = vec![
+        ("plain".to_string(), text.as_bytes().to_vec()),
+        ("hex".to_string(), hex.into_bytes()),
+    ];
+    forms.extend(encodings(text.as_bytes()).map(|(name, bytes)| (name.to_string(), bytes)));
+    forms
+}
+
+/// `bytes` in base64 (padded, unpadded) and base64url (unpadded).
+fn encodings(bytes: &[u8]) -> impl Iterator<Item = (&'static str, Vec<u8>)> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    [
+        ("base64", STANDARD.encode(bytes)),
+        ("base64 unpadded", STANDARD_NO_PAD.encode(bytes)),
+        ("base64url", URL_SAFE_NO_PAD.encode(bytes)),
+    ]
+    .into_iter()
+    .filter(|(_, encoded)| !encoded.is_empty())
+    .map(|(name, encoded)| (name, encoded.into_bytes()))
+}
+
+/// Fails naming `what` and the files below `dir` that contain `needle`.
+pub fn assert_absent(dir: &Path, needle: &[u8], what: &str) {
+    let found = files_containing(dir, needle);
+    assert!(found.is_empty(), "{what} found in {found:?}");
+}
+
+/// One thing searched for: what it is (whose number, which text) and in which form.
+#[derive(Debug, Clone)]
+pub struct Needle {
+    pub what: String,
+    pub form: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Many needles searched for in one pass over a haystack (indexed by their first four bytes),
+/// so that scanning a data directory for hundreds of forms stays quick.
+#[derive(Debug, Default)]
+pub struct Needles {
+    needles: Vec<Needle>,
+    by_prefix: HashMap<[u8; 4], Vec<usize>>,
+}
+
+impl Needles {
+    /// Adds every form of `forms`, each described as `what` in that form. Every form must be at
+    /// least four bytes long.
+    pub fn add(&mut self, what: &str, forms: Vec<(String, Vec<u8>)>) {
+        for (form, bytes) in forms {
+            let prefix: [u8; 4] = bytes
+                .get(..4)
+                .and_then(|p| p.try_into().ok())
+                .expect("a needle of at least four bytes");
+            self.by_prefix
+                .entry(prefix)
+                .or_default()
+                .push(self.needles.len());
+            self.needles.push(Needle {
+                what: what.to_string(),
+                form,
+                bytes,
+            });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.needles.len()
+    }
+
+    /// The needles `haystack` contains, each once, in the order they were added.
+    pub fn found_in(&self, haystack: &[u8]) -> Vec<&Needle> {
+        let mut found = vec![false; self.needles.len()];
+        for (at, window) in haystack.windows(4).enumerate() {
+            let Some(candidates) = window
+                .try_into()
+                .ok()
+                .and_then(|prefix: [u8; 4]| self.by_prefix.get(&prefix))
+            else {
+                continue;
+            };
+            for &index in candidates {
+                if !found[index] && haystack[at..].starts_with(&self.needles[index].bytes) {
+                    found[index] = true;
+                }
+            }
+        }
+        self.needles
+            .iter()
+            .zip(found)
+            .filter_map(|(needle, found)| found.then_some(needle))
+            .collect()
+    }
+}
