@@ -161,6 +161,17 @@ fn own_sms_scenario(
     assert!(status.success(), "{rest}\n{}", server.log());
     assert!(rest.contains(&format!("Registered {alice}")), "{rest}");
     user.ok(&["devices"]);
+    // The completion carries the server's discovery key, and the client pinned it as after verify.
+    let profile: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(user.profile.path().join("profile.json")).expect("profile"),
+    )
+    .expect("profile json");
+    assert!(
+        profile["oprf_key"]["public_key"]
+            .as_str()
+            .is_some_and(|key| !key.is_empty()),
+        "{profile}"
+    );
 
     // One attempt budget for the SMS and the client: a wrong SMS, then a wrong completion.
     let (bob_code, bob_text) = declare(server, &bob);
