@@ -6,7 +6,9 @@
 //! feeds the events back: it never sets a message's phase itself. The copies are made by
 //! [`crate::outgoing`]; this module depends on it and on [`Account`], never on the `Client` that
 //! embeds both. A withdrawn message is never sent as SMS before the server has answered the
-//! withdraw, so the receiver never gets a message twice.
+//! withdraw, so the receiver never gets a message twice. An IP-only message that a stopped
+//! `send` or a lost session left unsettled is resumed here too and sent again under its id,
+//! re-encrypted and marked as a resend, until the server settles it.
 
 use std::collections::HashMap;
 use std::time::Duration;
