@@ -12,8 +12,9 @@ use tidings_server::config::ServerArgs;
 pub const EXIT_NOT_TAKEN: u8 = 3;
 /// Exit code: the profile is not registered, so nothing was sent anywhere.
 pub const EXIT_NOT_REGISTERED: u8 = 4;
-/// Exit code: not through yet (SMS gateway down, server unreachable for a withdraw, a delayed
-/// fallback waiting); kept in the profile and carried on by `tidings listen`.
+/// Exit code: not through yet (not settled on the server, SMS gateway down, server unreachable
+/// for a withdraw, a delayed fallback waiting); kept in the profile and carried on by
+/// `tidings listen`.
 pub const EXIT_PENDING: u8 = 5;
 
 #[derive(Debug, Parser)]
@@ -37,7 +38,8 @@ pub const EXIT_PENDING: u8 = 5;
         else TIDINGS_PASSPHRASE, else a prompt.",
     after_help = "Exit codes: 0 done; 1 failed (see the message); 2 bad usage; 3 the message was not taken\n\
         (not a user, not reachable, queue full, rate-limited); 4 this profile is not registered;\n\
-        5 not through yet: kept, and carried on while `tidings listen` runs."
+        5 not through yet (not settled, or a fallback pending): kept, and carried on while\n\
+        `tidings listen` runs."
 )]
 pub struct Cli {
     /// Profile directory: one per user of this machine [default: $XDG_DATA_HOME/tidings/profile]

@@ -197,7 +197,8 @@ pub async fn send(context: &Context, args: SendArgs) -> anyhow::Result<ExitCode>
         let report = client.send(&number, &text, mode, ttl, wait).await?;
         print_send(&report, context.json);
         return Ok(match report.outcome {
-            SendOutcome::Accepted | SendOutcome::Queued => ExitCode::SUCCESS,
+            _ if !report.settled => ExitCode::from(EXIT_PENDING),
+            Some(SendOutcome::Accepted | SendOutcome::Queued) => ExitCode::SUCCESS,
             _ => ExitCode::from(EXIT_NOT_TAKEN),
         });
     }
@@ -639,6 +640,9 @@ pub fn status(context: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `send` says of a message kept in the profile because it was not settled in time.
+const NOT_YET_SETTLED: &str = "not yet settled: it will be sent again by `tidings listen`";
+
 fn print_send(report: &SendReport, json: bool) {
     let receipt = report.receipt.map(|kind| match kind {
         ReceiptKind::Delivered => "delivered",
@@ -649,7 +653,9 @@ fn print_send(report: &SendReport, json: bool) {
             "{}",
             json!({
                 "id": report.id.to_text(),
-                "outcome": report.outcome.as_str(),
+                "outcome": report.outcome.map(SendOutcome::as_str),
+                "settled": report.settled,
+                "note": (!report.settled).then_some(NOT_YET_SETTLED),
                 "receipt": receipt,
                 "copies": report.copies,
                 "skipped_own_devices": report.skipped_own_devices,
@@ -665,7 +671,11 @@ fn print_send(report: &SendReport, json: bool) {
             report.skipped_own_devices
         );
     }
-    if let (SendOutcome::RateLimited, Some(retry_after)) = (report.outcome, report.retry_after) {
+    let Some(outcome) = report.outcome else {
+        println!("no answer from the server yet; {NOT_YET_SETTLED}");
+        return;
+    };
+    if let (SendOutcome::RateLimited, Some(retry_after)) = (outcome, report.retry_after) {
         let refusal = ClientError::RetryLater {
             message: "refused by the server's limits (too many messages, or the lookup budget is used up)".into(),
             retry_after,
@@ -673,7 +683,7 @@ fn print_send(report: &SendReport, json: bool) {
         println!("not sent: {refusal}");
         return;
     }
-    let text = match (report.outcome, receipt) {
+    let text = match (outcome, receipt) {
         (SendOutcome::Accepted, Some("delivered")) => "delivered",
         (SendOutcome::Accepted, _) => {
             "accepted: a device of the receiver is online; no receipt yet"
@@ -698,6 +708,9 @@ fn print_send(report: &SendReport, json: bool) {
         }
     };
     println!("{text}");
+    if !report.settled {
+        println!("{NOT_YET_SETTLED}");
+    }
     if let Some(kept) = report.kept_for {
         println!(
             "kept at most {}: the receiver has not written to you",

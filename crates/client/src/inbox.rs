@@ -406,8 +406,9 @@ impl Inbox {
         })
     }
 
-    /// Records an outgoing message's routing state (see [`crate::route`]), sealed under the
-    /// passphrase like everything else the profile keeps of messages.
+    /// Records an outgoing message and its state (see [`crate::outgoing`] and [`crate::route`]),
+    /// sealed under the passphrase like everything else the profile keeps of messages: from
+    /// before its first copy goes out until it is settled or its route finished (`done`).
     pub fn save_outgoing(
         &self,
         id: MessageId,

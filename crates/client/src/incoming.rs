@@ -400,6 +400,9 @@ async fn receive(
     id: MessageId,
     deliver: &frame::Deliver,
 ) -> Result<std::result::Result<(), String>> {
+    // Already held, shown or not (a redelivery, or the sender's resend of an unsettled message
+    // under the same id): acknowledged again so the server drops the copy, never decrypted or
+    // shown again.
     if inbox.read(|tx| tx.contains(sender_device, id))? {
         return Ok(Ok(()));
     }

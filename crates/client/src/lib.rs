@@ -11,8 +11,8 @@
 //! - [`vault`]: the passphrase-derived key (Argon2id) and sealing (XChaCha20-Poly1305);
 //! - [`e2e`]: end-to-end encryption: the Olm account and sessions, trust, safety numbers;
 //! - [`inbox`]: the local store: the sealed end-to-end state and received messages, changed
-//!   together in one transaction so each message is decrypted once and shown once; and the state
-//!   of each routed outgoing message;
+//!   together in one transaction so each message is decrypted once and shown once; and each
+//!   outgoing message with its state, from before its first copy leaves until it is settled;
 //! - [`account`]: an opened, registered profile: sessions, the local store, publishing keys,
 //!   the directory and key claims; the only way to the network after registering;
 //! - [`link_secret`]: the secret that binds a device link to the user who approved it: the link
@@ -20,9 +20,10 @@
 //! - [`registration`]: joining and leaving: register, verify, link and approve a device, list
 //!   and remove devices, opt out;
 //! - [`outgoing`]: the content and its encrypted copies, the "devices changed" re-encryption,
-//!   and the direct send over IP, driven by `tidings_core::fallback`;
+//!   and the direct send over IP, driven by `tidings_core::fallback`, committed before it is
+//!   sent and kept until settled;
 //! - [`route`]: sending with SMS fallback (IP, withdraw, SMS — never two of them), stored in the
-//!   profile and resumed;
+//!   profile and resumed; and the resend of unsettled IP-only messages;
 //! - [`incoming`]: listening: decrypt, judge the sender, store, acknowledge, show once;
 //! - [`discovery`]: blinding numbers into the pseudonyms that name accounts (the server never
 //!   sees a contact's number), the pinned discovery key, the learned pseudonyms;
@@ -118,6 +119,23 @@ impl From<tidings_proto::frame::Error> for ClientError {
                 retry_after,
             },
             None => ClientError::Refused(error.message),
+        }
+    }
+}
+
+/// The environment variable that names a test failpoint (see [`failpoint`]).
+pub const FAILPOINT_VAR: &str = "TIDINGS_FAILPOINT";
+
+/// A named point where a test stops the process to kill it (`kill -9`) there: when
+/// `TIDINGS_FAILPOINT` names `name`, this writes `failpoint <name>` to stderr and blocks the
+/// thread for good; otherwise it does nothing. Compiled in always, it reads only that variable.
+/// Points: `after_commit` (a message is stored in the profile, no copy has gone out) and
+/// `after_send` (its first `Send` is written, its answer not read).
+pub fn failpoint(name: &str) {
+    if std::env::var(FAILPOINT_VAR).is_ok_and(|wanted| wanted == name) {
+        eprintln!("failpoint {name}");
+        loop {
+            std::thread::park();
         }
     }
 }

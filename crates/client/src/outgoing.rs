@@ -13,7 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message as _;
 use rand::RngCore as _;
-use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Policy, Route};
+use serde::{Deserialize, Serialize};
+use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route};
+use tidings_core::Millis;
 use tidings_proto::frame::{self, Content, Kind, ReceiptKind, SendMode, SendOutcome};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
@@ -33,7 +35,11 @@ use crate::{ClientError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendReport {
     pub id: MessageId,
-    pub outcome: SendOutcome,
+    /// The server's answer; `None` if none came within the wait (the message is kept).
+    pub outcome: Option<SendOutcome>,
+    /// Nothing is left to do for the message: it is settled, or was refused with nothing
+    /// stored. False: it is kept in the profile and `tidings listen` sends it again.
+    pub settled: bool,
     /// The receipt, if one arrived while waiting.
     pub receipt: Option<ReceiptKind>,
     /// Encrypted copies sent (every device of the receiver and this number's other devices).
@@ -238,8 +244,12 @@ fn contact_tokens(inbox: &mut Inbox, to: &str) -> Result<([u8; 32], Vec<u8>)> {
 
 /// Sends a text over IP only, in `mode`, end-to-end encrypted for every device of the receiver
 /// and this number's other devices. Waits up to `wait` for the server's answer and, for an
-/// accepted message, for its receipt. Nothing is kept in the profile: what is not answered in
-/// time is the caller's to send again.
+/// accepted message, for its receipt.
+///
+/// The message is committed to the profile (sealed) before its first copy goes out and kept
+/// until it is settled (the answer says so, or a `Settled` frame names it) or refused with
+/// nothing stored; what is not settled when the wait ends stays there, and `listen` sends it
+/// again under the same id ([`crate::route::Router`] resumes it), re-encrypted.
 pub async fn send(
     account: &Account,
     to: &str,
@@ -269,6 +279,10 @@ pub async fn send(
     // Taken when carried out: a frame that is no event for this message (another message's
     // receipt, pushed at login) must not carry the same action out again.
     let mut action = Some(machine.next(now_ms()));
+    // Committed before the first copy goes out: from here on the message is `listen`'s to send
+    // again if this process stops before it is settled.
+    commit(&inbox, id, &to, text, &machine)?;
+    crate::failpoint("after_commit");
     let mut changed: Option<ChangedDevices> = None;
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
@@ -281,18 +295,24 @@ pub async fn send(
     loop {
         match action.take() {
             Some(Action::SendIp(mode) | Action::Reencrypt(mode)) => {
-                if let Some(changed) = changed.take() {
-                    changes = claim_changed(account, &mut session, &to, &changed).await?;
-                }
-                let made = encrypt_copies(account, &mut inbox, &mut changes, &to, &plaintext)?;
-                let total: usize = made.iter().map(|c| c.payload.len()).sum();
-                if total > tidings_proto::MAX_PAYLOAD_BYTES {
-                    return Err(ClientError::Refused(format!(
-                        "the message is too long: its {} encrypted copies come to {total} bytes, at most {} are allowed",
-                        made.len(),
-                        tidings_proto::MAX_PAYLOAD_BYTES
-                    )));
-                }
+                let made = match make_copies(
+                    account,
+                    &mut inbox,
+                    &mut session,
+                    &mut changes,
+                    changed.take(),
+                    &to,
+                    &plaintext,
+                )
+                .await
+                {
+                    Ok(made) => made,
+                    Err(e) => {
+                        // Nothing of this message left the device: it is not kept for a resend.
+                        forget(&inbox, id, &to, text, &mut machine)?;
+                        return Err(e);
+                    }
+                };
                 copies = made.len();
                 session
                     .send(Kind::Send(frame::Send {
@@ -303,9 +323,11 @@ pub async fn send(
                         copies: made,
                         receiver_contact_token: receiver_token.clone(),
                         presence_proofs: presence_proofs(&mut inbox, &to)?,
+                        resend: machine.is_resend(),
                         ..frame::Send::default()
                     }))
                     .await?;
+                crate::failpoint("after_send");
                 deadline = Instant::now() + wait;
             }
             Some(Action::Finished(Outcome::NotSent(SendOutcome::DevicesChanged))) => {
@@ -319,19 +341,23 @@ pub async fn send(
             )
             | None => {}
         }
-        // Reported once the server answered and, for a message a device took, the receipt came.
-        if answer.is_some_and(|answer| answer != SendOutcome::Accepted || receipt_came) {
+        // Reported once the server answered and the message is settled (or refused) and, for a
+        // message a device took, the receipt came.
+        if answer.is_some_and(|answer| {
+            machine.is_done() && (answer != SendOutcome::Accepted || receipt_came)
+        }) {
             break;
         }
         let Some(kind) = session.recv(deadline).await? else {
             break;
         };
-        let event = match kind {
+        let mut events = Vec::with_capacity(2);
+        match kind {
             Kind::SendResult(result) if result.id == id.as_bytes() => {
                 match SendOutcome::try_from(result.outcome).unwrap_or(SendOutcome::Invalid) {
                     SendOutcome::DevicesChanged => {
                         changed = Some(ChangedDevices::from_answer(&result));
-                        Event::DevicesChanged
+                        events.push(Event::DevicesChanged);
                     }
                     answered => {
                         retry_after = crate::retry_after(result.retry_after_ms);
@@ -339,9 +365,15 @@ pub async fn send(
                             .then(|| std::time::Duration::from_secs(u64::from(result.ttl_seconds)));
                         answer = Some(answered);
                         skipped_own_devices = result.skipped_own_devices.len();
-                        Event::Answer(answered)
+                        events.push(Event::Answer(answered));
+                        if result.settled {
+                            events.push(Event::Settled);
+                        }
                     }
                 }
+            }
+            Kind::Settled(settled) if settled.ids.iter().any(|s| s == id.as_bytes()) => {
+                events.push(Event::Settled);
             }
             Kind::Receipt(r) => {
                 session
@@ -353,7 +385,7 @@ pub async fn send(
                 receipt = ReceiptKind::try_from(r.kind).ok();
                 receipt_came = true;
                 match receipt {
-                    Some(kind) => Event::Receipt(kind),
+                    Some(kind) => events.push(Event::Receipt(kind)),
                     None => continue,
                 }
             }
@@ -361,18 +393,70 @@ pub async fn send(
             Kind::Error(e) if e.fatal => return Err(e.into()),
             _ => continue,
         };
-        action = Some(machine.handle(&policy, event, now_ms()));
+        for event in events {
+            action = Some(machine.handle(&policy, event, now_ms()));
+        }
+        commit(&inbox, id, &to, text, &machine)?;
     }
-    let outcome = answer.ok_or(ClientError::Timeout)?;
     Ok(SendReport {
         id,
-        outcome,
+        outcome: answer,
+        settled: machine.is_done(),
         receipt,
         copies,
         skipped_own_devices,
         retry_after,
         kept_for,
     })
+}
+
+/// Stores the message's state in the profile: kept (and sent again by `listen`) until the
+/// machine is done.
+fn commit(inbox: &Inbox, id: MessageId, to: &str, text: &str, machine: &Outgoing) -> Result<()> {
+    inbox.save_outgoing(id, to, text, &store_state(machine, ""), machine.is_done())
+}
+
+/// Ends a message none of whose copies left the device (they could not be made: a changed
+/// safety number, too long, keys not claimed) as not sent, so nothing sends it again.
+fn forget(
+    inbox: &Inbox,
+    id: MessageId,
+    to: &str,
+    text: &str,
+    machine: &mut Outgoing,
+) -> Result<()> {
+    machine.handle(
+        &Policy::default(),
+        Event::Answer(SendOutcome::Invalid),
+        now_ms(),
+    );
+    commit(inbox, id, to, text, machine)
+}
+
+/// The copies of one send: keys claimed for the devices a `DevicesChanged` answer named, then
+/// one copy per device, checked against the payload bound.
+async fn make_copies(
+    account: &Account,
+    inbox: &mut Inbox,
+    session: &mut Session,
+    changes: &mut KeyChanges,
+    changed: Option<ChangedDevices>,
+    to: &str,
+    plaintext: &[u8],
+) -> Result<Vec<frame::Copy>> {
+    if let Some(changed) = changed {
+        *changes = claim_changed(account, session, to, &changed).await?;
+    }
+    let made = encrypt_copies(account, inbox, changes, to, plaintext)?;
+    let total: usize = made.iter().map(|c| c.payload.len()).sum();
+    if total > tidings_proto::MAX_PAYLOAD_BYTES {
+        return Err(ClientError::Refused(format!(
+            "the message is too long: its {} encrypted copies come to {total} bytes, at most {} are allowed",
+            made.len(),
+            tidings_proto::MAX_PAYLOAD_BYTES
+        )));
+    }
+    Ok(made)
 }
 
 /// Builds encrypted `Send`s (queued, the server's TTL) of `messages` for `to` without sending
@@ -467,6 +551,158 @@ pub async fn prepare_one(
     sends
         .pop()
         .ok_or_else(|| ClientError::Protocol("nothing was prepared".into()))
+}
+
+/// The name of an outcome in output and JSON.
+pub fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::SentAsSms => "sent_as_sms",
+        Outcome::NotSent(refused) => refused.as_str(),
+        Outcome::Expired => "expired",
+        Outcome::SmsRejected => "sms_rejected",
+        Outcome::Settled(taken) => taken.as_str(),
+    }
+}
+
+/// A message's state as stored in the profile (the routing state of [`crate::route`] and the
+/// durability state of [`send`] alike).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    route: StoredRoute,
+    created: Millis,
+    phase: StoredPhase,
+    /// The last problem seen (gateway down, ...), for the user.
+    #[serde(default)]
+    detail: String,
+    /// Times the copies were made again because the devices changed.
+    #[serde(default)]
+    reencrypted: u32,
+    /// Times a send was made (or may have been).
+    #[serde(default)]
+    sends: u32,
+    /// Whether the server said it is settled.
+    #[serde(default)]
+    settled: bool,
+    /// A delivery receipt came before it was settled.
+    #[serde(default)]
+    delivered: bool,
+    /// The server took it: `ACCEPTED` (true) or `QUEUED` (false).
+    #[serde(default)]
+    taken: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StoredRoute {
+    Auto,
+    IpOnly {
+        #[serde(default)]
+        now_or_never: bool,
+    },
+    SmsOnly,
+    QueueThenSms {
+        after: Millis,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum StoredPhase {
+    SendIp,
+    Reencrypt,
+    AwaitingAnswer,
+    Resend { at: Millis, attempt: u32 },
+    AwaitingReceipt { until: Millis },
+    Withdraw { at: Millis, attempt: u32 },
+    Withdrawing { attempt: u32 },
+    Sms { at: Millis, attempt: u32 },
+    SendingSms { attempt: u32 },
+    Done { outcome: String },
+}
+
+pub(crate) fn store_state(outgoing: &Outgoing, detail: &str) -> String {
+    let route = match outgoing.route {
+        Route::Auto => StoredRoute::Auto,
+        Route::IpOnly { mode } => StoredRoute::IpOnly {
+            now_or_never: mode == SendMode::NowOrNever,
+        },
+        Route::SmsOnly => StoredRoute::SmsOnly,
+        Route::QueueThenSms { after } => StoredRoute::QueueThenSms { after },
+    };
+    let phase = match outgoing.phase {
+        Phase::SendIp => StoredPhase::SendIp,
+        Phase::Reencrypt => StoredPhase::Reencrypt,
+        Phase::AwaitingAnswer => StoredPhase::AwaitingAnswer,
+        Phase::Resend { at, attempt } => StoredPhase::Resend { at, attempt },
+        Phase::AwaitingReceipt { until } => StoredPhase::AwaitingReceipt { until },
+        Phase::Withdraw { at, attempt } => StoredPhase::Withdraw { at, attempt },
+        Phase::Withdrawing { attempt } => StoredPhase::Withdrawing { attempt },
+        Phase::Sms { at, attempt } => StoredPhase::Sms { at, attempt },
+        Phase::SendingSms { attempt } => StoredPhase::SendingSms { attempt },
+        Phase::Done(outcome) => StoredPhase::Done {
+            outcome: outcome_name(outcome).into(),
+        },
+    };
+    let stored = Stored {
+        route,
+        created: outgoing.created,
+        phase,
+        detail: detail.to_string(),
+        reencrypted: outgoing.reencrypted,
+        sends: outgoing.sends,
+        settled: outgoing.settled,
+        delivered: outgoing.delivered,
+        taken: outgoing.taken.map(|taken| taken == SendOutcome::Accepted),
+    };
+    serde_json::to_string(&stored).unwrap_or_default()
+}
+
+/// Restores a stored state; the machine makes safe what was under way when the client stopped
+/// ([`Outgoing::resume`]).
+pub(crate) fn load_state(text: &str, policy: &Policy, now: Millis) -> Option<Outgoing> {
+    let stored: Stored = serde_json::from_str(text).ok()?;
+    let route = match stored.route {
+        StoredRoute::Auto => Route::Auto,
+        StoredRoute::IpOnly { now_or_never } => Route::IpOnly {
+            mode: if now_or_never {
+                SendMode::NowOrNever
+            } else {
+                SendMode::Queue
+            },
+        },
+        StoredRoute::SmsOnly => Route::SmsOnly,
+        StoredRoute::QueueThenSms { after } => Route::QueueThenSms { after },
+    };
+    let phase = match stored.phase {
+        StoredPhase::SendIp => Phase::SendIp,
+        StoredPhase::Reencrypt => Phase::Reencrypt,
+        StoredPhase::AwaitingAnswer => Phase::AwaitingAnswer,
+        StoredPhase::Resend { at, attempt } => Phase::Resend { at, attempt },
+        StoredPhase::AwaitingReceipt { until } => Phase::AwaitingReceipt { until },
+        StoredPhase::Withdraw { at, attempt } => Phase::Withdraw { at, attempt },
+        StoredPhase::Withdrawing { attempt } => Phase::Withdrawing { attempt },
+        StoredPhase::Sms { at, attempt } => Phase::Sms { at, attempt },
+        StoredPhase::SendingSms { attempt } => Phase::SendingSms { attempt },
+        StoredPhase::Done { .. } => return None,
+    };
+    Outgoing {
+        route,
+        phase,
+        created: stored.created,
+        reencrypted: stored.reencrypted,
+        sends: stored.sends,
+        settled: stored.settled,
+        delivered: stored.delivered,
+        taken: stored.taken.map(|accepted| {
+            if accepted {
+                SendOutcome::Accepted
+            } else {
+                SendOutcome::Queued
+            }
+        }),
+    }
+    .resume(policy, now)
 }
 
 #[cfg(test)]

@@ -6,16 +6,17 @@
 //! feeds the events back: it never sets a message's phase itself. The copies are made by
 //! [`crate::outgoing`]; this module depends on it and on [`Account`], never on the `Client` that
 //! embeds both. A withdrawn message is never sent as SMS before the server has answered the
-//! withdraw, so the receiver never gets a message twice.
+//! withdraw, so the receiver never gets a message twice. An IP-only message that a stopped
+//! `send` or a lost session left unsettled is resumed here too and sent again under its id,
+//! re-encrypted and marked as a resend, until the server settles it.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
+use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
-use tidings_proto::frame::{self, Kind, ReceiptKind, SendMode, SendOutcome, WithdrawState};
+use tidings_proto::frame::{self, Kind, ReceiptKind, SendOutcome, WithdrawState};
 use tidings_proto::id::MessageId;
 use tidings_proto::number::E164;
 use tokio::time::Instant;
@@ -23,7 +24,8 @@ use tokio::time::Instant;
 use crate::account::Account;
 use crate::clock::{instant_at, now_ms};
 use crate::inbox::Inbox;
-use crate::outgoing::{self, ChangedDevices};
+pub use crate::outgoing::outcome_name;
+use crate::outgoing::{self, load_state, store_state, ChangedDevices};
 use crate::profile::Routing;
 use crate::session::Session;
 use crate::{ClientError, Result};
@@ -62,127 +64,6 @@ pub fn choose_route(
         fallback_after_seconds.unwrap_or(routing.fallback_after_seconds),
     )?;
     Ok((name, route))
-}
-
-/// The name of an outcome in output and JSON.
-pub fn outcome_name(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Delivered => "delivered",
-        Outcome::SentAsSms => "sent_as_sms",
-        Outcome::NotSent(refused) => refused.as_str(),
-        Outcome::Expired => "expired",
-        Outcome::SmsRejected => "sms_rejected",
-    }
-}
-
-/// A message's state as stored in the profile.
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    route: StoredRoute,
-    created: Millis,
-    phase: StoredPhase,
-    /// The last problem seen (gateway down, ...), for the user.
-    #[serde(default)]
-    detail: String,
-    /// Times the copies were made again because the devices changed.
-    #[serde(default)]
-    reencrypted: u32,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-enum StoredRoute {
-    Auto,
-    IpOnly {
-        #[serde(default)]
-        now_or_never: bool,
-    },
-    SmsOnly,
-    QueueThenSms {
-        after: Millis,
-    },
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-enum StoredPhase {
-    SendIp,
-    Reencrypt,
-    AwaitingAnswer,
-    AwaitingReceipt { until: Millis },
-    Withdraw { at: Millis, attempt: u32 },
-    Withdrawing { attempt: u32 },
-    Sms { at: Millis, attempt: u32 },
-    SendingSms { attempt: u32 },
-    Done { outcome: String },
-}
-
-fn store_state(outgoing: &Outgoing, detail: &str) -> String {
-    let route = match outgoing.route {
-        Route::Auto => StoredRoute::Auto,
-        Route::IpOnly { mode } => StoredRoute::IpOnly {
-            now_or_never: mode == SendMode::NowOrNever,
-        },
-        Route::SmsOnly => StoredRoute::SmsOnly,
-        Route::QueueThenSms { after } => StoredRoute::QueueThenSms { after },
-    };
-    let phase = match outgoing.phase {
-        Phase::SendIp => StoredPhase::SendIp,
-        Phase::Reencrypt => StoredPhase::Reencrypt,
-        Phase::AwaitingAnswer => StoredPhase::AwaitingAnswer,
-        Phase::AwaitingReceipt { until } => StoredPhase::AwaitingReceipt { until },
-        Phase::Withdraw { at, attempt } => StoredPhase::Withdraw { at, attempt },
-        Phase::Withdrawing { attempt } => StoredPhase::Withdrawing { attempt },
-        Phase::Sms { at, attempt } => StoredPhase::Sms { at, attempt },
-        Phase::SendingSms { attempt } => StoredPhase::SendingSms { attempt },
-        Phase::Done(outcome) => StoredPhase::Done {
-            outcome: outcome_name(outcome).into(),
-        },
-    };
-    let stored = Stored {
-        route,
-        created: outgoing.created,
-        phase,
-        detail: detail.to_string(),
-        reencrypted: outgoing.reencrypted,
-    };
-    serde_json::to_string(&stored).unwrap_or_default()
-}
-
-/// Restores a stored state; the machine makes safe what was under way when the client stopped
-/// ([`Outgoing::resume`]).
-fn load_state(text: &str, policy: &Policy, now: Millis) -> Option<Outgoing> {
-    let stored: Stored = serde_json::from_str(text).ok()?;
-    let route = match stored.route {
-        StoredRoute::Auto => Route::Auto,
-        StoredRoute::IpOnly { now_or_never } => Route::IpOnly {
-            mode: if now_or_never {
-                SendMode::NowOrNever
-            } else {
-                SendMode::Queue
-            },
-        },
-        StoredRoute::SmsOnly => Route::SmsOnly,
-        StoredRoute::QueueThenSms { after } => Route::QueueThenSms { after },
-    };
-    let phase = match stored.phase {
-        StoredPhase::SendIp => Phase::SendIp,
-        StoredPhase::Reencrypt => Phase::Reencrypt,
-        StoredPhase::AwaitingAnswer => Phase::AwaitingAnswer,
-        StoredPhase::AwaitingReceipt { until } => Phase::AwaitingReceipt { until },
-        StoredPhase::Withdraw { at, attempt } => Phase::Withdraw { at, attempt },
-        StoredPhase::Withdrawing { attempt } => Phase::Withdrawing { attempt },
-        StoredPhase::Sms { at, attempt } => Phase::Sms { at, attempt },
-        StoredPhase::SendingSms { attempt } => Phase::SendingSms { attempt },
-        StoredPhase::Done { .. } => return None,
-    };
-    Outgoing {
-        route,
-        phase,
-        created: stored.created,
-        reencrypted: stored.reencrypted,
-    }
-    .resume(policy, now)
 }
 
 struct Entry {
@@ -345,6 +226,20 @@ impl<'a> Router<'a> {
 
     /// Offers a frame from the server; returns true if it belonged to a routed message.
     pub async fn on_frame(&mut self, kind: &Kind, session: &mut Option<Session>) -> Result<bool> {
+        if let Kind::Settled(settled) = kind {
+            let mut ours = false;
+            for id in settled
+                .ids
+                .iter()
+                .filter_map(|id| MessageId::from_slice(id))
+            {
+                if self.pending.contains_key(&id) {
+                    ours = true;
+                    self.advance(id, session, Some(Event::Settled)).await?;
+                }
+            }
+            return Ok(ours);
+        }
         let (id, event) = match kind {
             Kind::SendResult(result) => (
                 &result.id,
@@ -374,6 +269,11 @@ impl<'a> Router<'a> {
             entry.detail = refusal;
         }
         self.advance(id, session, Some(event)).await?;
+        if let Kind::SendResult(result) = kind {
+            if result.settled {
+                self.advance(id, session, Some(Event::Settled)).await?;
+            }
+        }
         Ok(true)
     }
 
@@ -451,6 +351,15 @@ impl<'a> Router<'a> {
                         return Ok(());
                     };
                     event = Some(match prepared {
+                        // Over IP only, copies that cannot be made (a changed safety number)
+                        // end the message: nothing of it left the device.
+                        Err(e)
+                            if !matches!(e, ClientError::Network(_) | ClientError::Timeout)
+                                && matches!(entry.outgoing.route, Route::IpOnly { .. }) =>
+                        {
+                            entry.detail = e.to_string();
+                            Event::Answer(SendOutcome::Invalid)
+                        }
                         Err(e) => {
                             entry.detail = e.to_string();
                             Event::Unreachable {
@@ -459,6 +368,9 @@ impl<'a> Router<'a> {
                         }
                         Ok(mut send) => {
                             send.mode = mode as i32;
+                            // The same id again, re-encrypted: the server and the receiver
+                            // drop what they already have of it.
+                            send.resend = entry.outgoing.is_resend();
                             match ensure_session(self.account, session).await {
                                 Err(e) => {
                                     entry.detail = e.to_string();
@@ -631,7 +543,9 @@ async fn ensure_session<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidings_core::fallback::Phase;
     use tidings_core::MINUTE;
+    use tidings_proto::frame::SendMode;
 
     #[test]
     fn routes_are_chosen_from_the_command_line_then_the_profile() {
@@ -719,10 +633,9 @@ mod tests {
         let policy = Policy::default();
         let now = 5 * MINUTE;
         let state = |route, phase, reencrypted| Outgoing {
-            route,
             phase,
-            created: MINUTE,
             reencrypted,
+            ..Outgoing::new(route, MINUTE)
         };
         // Stored as is: the same state comes back.
         for outgoing in [
@@ -733,13 +646,17 @@ mod tests {
                 Phase::AwaitingReceipt { until: now + 1 },
                 1,
             ),
-            state(
-                Route::IpOnly {
-                    mode: SendMode::NowOrNever,
-                },
-                Phase::AwaitingReceipt { until: Millis::MAX },
-                0,
-            ),
+            // Settled: kept as it is (an unsettled one is sent again, below).
+            Outgoing {
+                settled: true,
+                ..state(
+                    Route::IpOnly {
+                        mode: SendMode::NowOrNever,
+                    },
+                    Phase::AwaitingReceipt { until: Millis::MAX },
+                    0,
+                )
+            },
             state(
                 Route::SmsOnly,
                 Phase::Sms {
@@ -756,6 +673,25 @@ mod tests {
                 },
                 0,
             ),
+            Outgoing {
+                sends: 2,
+                settled: true,
+                delivered: true,
+                taken: Some(SendOutcome::Queued),
+                ..state(
+                    Route::QueueThenSms { after: MINUTE },
+                    Phase::AwaitingReceipt { until: now + 1 },
+                    0,
+                )
+            },
+            state(
+                Route::IP_QUEUED,
+                Phase::Resend {
+                    at: now + 1,
+                    attempt: 1,
+                },
+                0,
+            ),
         ] {
             let text = store_state(&outgoing, "detail");
             assert_eq!(load_state(&text, &policy, now), Some(outgoing), "{text}");
@@ -768,6 +704,19 @@ mod tests {
             resumed.map(|r| r.phase),
             Some(Phase::Withdraw { .. })
         ));
+        // Over IP only, answered but not settled: sent again now, as a resend.
+        let unsettled = Outgoing {
+            sends: 1,
+            taken: Some(SendOutcome::Accepted),
+            ..state(
+                Route::IP_QUEUED,
+                Phase::AwaitingReceipt { until: Millis::MAX },
+                0,
+            )
+        };
+        let mut resumed = load_state(&store_state(&unsettled, ""), &policy, now).expect("kept");
+        assert_eq!(resumed.next(now), Action::SendIp(SendMode::Queue));
+        assert!(resumed.is_resend());
         // Finished, or not a state at all: nothing to resume.
         let done = state(Route::Auto, Phase::Done(Outcome::Delivered), 0);
         assert_eq!(load_state(&store_state(&done, ""), &policy, now), None);

@@ -20,6 +20,15 @@
 //! changed between encrypting and sending (nothing was stored), the copies are made again for the
 //! devices it named, at most [`Policy::max_reencrypt`] times; then the send counts as refused.
 //!
+//! The rule that keeps a message from being lost: the client commits the message before its
+//! first copy goes out and keeps it until it is **settled** ([`Event::Settled`]: the server's
+//! answer said so, or a later `Settled` frame named it), when every copy is durable on the
+//! server or has a durable decision. Over IP only, an unsettled message is sent again under the
+//! same id after a lost connection or a restart ([`Phase::Resend`]; the client re-encrypts it and
+//! marks the send as a resend, [`Outgoing::is_resend`]); once settled it is finished
+//! ([`Outcome::Settled`]), a receipt may still follow. A route with an SMS step keeps its withdraw
+//! instead, which the server decides against the same records.
+//!
 //! The state is plain data with no clock and no I/O: the client stores it with the message and
 //! resumes it after a restart.
 
@@ -108,6 +117,8 @@ pub enum Event {
     SmsSent,
     /// The SMS transport failed; `retry` says whether trying again is safe and useful.
     SmsFailed { retry: bool },
+    /// The server said the message is settled: every copy is durable there or decided.
+    Settled,
 }
 
 /// Where the message stands.
@@ -119,6 +130,9 @@ pub enum Phase {
     Reencrypt,
     /// The send is made; waiting for the server's answer.
     AwaitingAnswer,
+    /// Over IP only: the send is to be made again under the same id at `at` (the connection
+    /// was lost, or the client stopped, before the message was settled).
+    Resend { at: Millis, attempt: u32 },
     /// Accepted or queued; waiting for a receipt until `until` (`Millis::MAX`: no deadline).
     AwaitingReceipt { until: Millis },
     /// A withdraw is to be made (again) at `at`.
@@ -147,6 +161,9 @@ pub enum Outcome {
     Expired,
     /// The SMS transport refused it for good (for example, the number was rejected).
     SmsRejected,
+    /// `IpOnly`: the server took it (`ACCEPTED` or `QUEUED`) and it is settled: nothing is left
+    /// for the sender to do (a receipt may still come).
+    Settled(SendOutcome),
 }
 
 /// What the client must do now.
@@ -176,6 +193,14 @@ pub struct Outgoing {
     pub created: Millis,
     /// Times the copies were made again because the devices changed.
     pub reencrypted: u32,
+    /// Times a send was made (or may have been): more than one makes the next a resend.
+    pub sends: u32,
+    /// Whether the server said the message is settled.
+    pub settled: bool,
+    /// A delivery receipt came before the message was settled: it finishes once settled.
+    pub delivered: bool,
+    /// What the server answered the send, once it took it (`ACCEPTED` or `QUEUED`).
+    pub taken: Option<SendOutcome>,
 }
 
 impl Outgoing {
@@ -193,18 +218,37 @@ impl Outgoing {
             phase,
             created: now,
             reencrypted: 0,
+            sends: 0,
+            settled: false,
+            delivered: false,
+            taken: None,
         }
+    }
+
+    /// Whether the send the last [`Action::SendIp`] or [`Action::Reencrypt`] asked for may repeat
+    /// an earlier one of the same id (`Send.resend`).
+    pub fn is_resend(&self) -> bool {
+        self.sends > 1
     }
 
     /// A stored message, taken up again by a client that stopped at any point. Steps that were
     /// under way are made safe: an unanswered send or withdraw is withdrawn (again) before any
     /// SMS; an SMS handed to the transport is sent again (a stop exactly then may send it twice;
-    /// it is never lost). `None` for a finished message.
+    /// it is never lost); over IP only, an unsettled message is sent again now. `None` for a
+    /// finished message.
     pub fn resume(self, policy: &Policy, now: Millis) -> Option<Self> {
         let mut outgoing = self;
         match outgoing.phase {
             Phase::Done(_) => return None,
             Phase::SendingSms { attempt } => outgoing.phase = Phase::Sms { at: now, attempt },
+            _ if outgoing.awaits_server() && !outgoing.falls_back() => {
+                // A state stored before sends were counted was sent at least once.
+                outgoing.sends = outgoing.sends.max(1);
+                outgoing.phase = Phase::Resend {
+                    at: now,
+                    attempt: 0,
+                };
+            }
             Phase::AwaitingAnswer | Phase::Withdrawing { .. } => {
                 outgoing.transition(policy, Event::Unreachable { maybe_stored: true }, now);
             }
@@ -261,11 +305,19 @@ impl Outgoing {
         match self.phase {
             Phase::SendIp => {
                 self.phase = Phase::AwaitingAnswer;
+                self.sends = self.sends.saturating_add(1);
                 Action::SendIp(self.mode())
             }
             Phase::Reencrypt => {
                 self.phase = Phase::AwaitingAnswer;
+                self.sends = self.sends.saturating_add(1);
                 Action::Reencrypt(self.mode())
+            }
+            Phase::Resend { at, .. } if now < at => Action::Wait { until: at },
+            Phase::Resend { .. } => {
+                self.phase = Phase::AwaitingAnswer;
+                self.sends = self.sends.saturating_add(1);
+                Action::SendIp(self.mode())
             }
             Phase::AwaitingAnswer | Phase::Withdrawing { .. } | Phase::SendingSms { .. } => {
                 Action::Wait { until: Millis::MAX }
@@ -302,13 +354,14 @@ impl Outgoing {
         }
     }
 
-    /// Whether the message waits for the server to answer a send or a withdraw: what a lost
-    /// connection must make safe (with [`Event::Unreachable`]).
+    /// Whether the message waits for the server to answer a send or a withdraw, or (over IP
+    /// only) to settle it: what a lost connection must make safe (with [`Event::Unreachable`]).
     pub fn awaits_server(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::AwaitingAnswer | Phase::Withdrawing { .. }
-        )
+        match self.phase {
+            Phase::AwaitingAnswer | Phase::Withdrawing { .. } => true,
+            Phase::AwaitingReceipt { .. } => !self.falls_back() && !self.settled,
+            _ => false,
+        }
     }
 
     /// Takes an event and returns what to do next.
@@ -323,19 +376,43 @@ impl Outgoing {
             Event::Answer(SendOutcome::DevicesChanged) => Event::DevicesChanged,
             other => other,
         };
-        // A delivery receipt settles the message whatever else is under way — except an SMS
-        // already handed to the transport, which means the server said no device would show it.
-        if event == Event::Receipt(ReceiptKind::Delivered)
-            && !matches!(self.phase, Phase::SendingSms { .. } | Phase::Done(_))
-        {
-            self.phase = Phase::Done(Outcome::Delivered);
+        let finishing = !matches!(self.phase, Phase::SendingSms { .. } | Phase::Done(_));
+        // A delivery receipt finishes the message whatever else is under way — except an SMS
+        // already handed to the transport, which means the server said no device would show it
+        // — but only once the message is settled: a receipt may go out before the decision
+        // behind it is durable, so it alone settles nothing.
+        if event == Event::Receipt(ReceiptKind::Delivered) && finishing {
+            if self.settled {
+                self.phase = Phase::Done(Outcome::Delivered);
+            } else {
+                self.delivered = true;
+            }
+            return;
+        }
+        if event == Event::Settled {
+            self.settled = true;
+            if self.delivered && finishing {
+                self.phase = Phase::Done(Outcome::Delivered);
+                return;
+            }
+            // Over IP only there is nothing left to do once the server took it and settled it.
+            if let (Phase::AwaitingReceipt { .. } | Phase::Resend { .. }, Some(taken)) =
+                (self.phase, self.taken)
+            {
+                if !self.falls_back() {
+                    self.phase = Phase::Done(Outcome::Settled(taken));
+                }
+            }
             return;
         }
         self.phase = match (self.phase, event) {
             (Phase::AwaitingAnswer, Event::Answer(outcome)) => match outcome {
-                SendOutcome::Accepted | SendOutcome::Queued => Phase::AwaitingReceipt {
-                    until: self.receipt_deadline(policy, now),
-                },
+                SendOutcome::Accepted | SendOutcome::Queued => {
+                    self.taken = Some(outcome);
+                    Phase::AwaitingReceipt {
+                        until: self.receipt_deadline(policy, now),
+                    }
+                }
                 refused => self.refused(refused, now),
             },
             // Nothing was stored: encrypt for the devices the server named and send again, a
@@ -363,7 +440,10 @@ impl Outgoing {
                 Event::Unreachable {
                     maybe_stored: false,
                 },
-            ) => Phase::SendIp,
+            ) => Phase::Resend {
+                at: now.saturating_add(Self::backoff(policy, 0)),
+                attempt: 1,
+            },
             // The send may have been stored: only a withdraw can make an SMS safe.
             (Phase::AwaitingAnswer, Event::Unreachable { maybe_stored: true })
                 if self.falls_back() =>
@@ -373,7 +453,16 @@ impl Outgoing {
                     attempt: 1,
                 }
             }
-            (Phase::AwaitingAnswer, Event::Unreachable { maybe_stored: true }) => Phase::SendIp,
+            // Over IP only, sent (or answered) but not settled: sent again under the same id
+            // once the server can be reached.
+            (Phase::AwaitingAnswer | Phase::AwaitingReceipt { .. }, Event::Unreachable { .. })
+                if !self.falls_back() && !self.settled =>
+            {
+                Phase::Resend {
+                    at: now.saturating_add(Self::backoff(policy, 0)),
+                    attempt: 1,
+                }
+            }
             (Phase::AwaitingReceipt { .. }, Event::Receipt(ReceiptKind::Expired))
                 if self.falls_back() =>
             {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 40, 41"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 40, 41, 43"
     )]
     pub kind: Option<Kind>,
 }
@@ -94,6 +94,8 @@ pub enum Kind {
     EvaluateResult(EvaluateResult),
     #[prost(message, tag = "41")]
     PresenceSetResult(PresenceSetResult),
+    #[prost(message, tag = "43")]
+    Settled(Settled),
 }
 
 impl Kind {
@@ -216,6 +218,10 @@ pub struct Send {
     /// reachable and `QUEUE` answered `QUEUED`.
     #[prost(message, repeated, tag = "42")]
     pub presence_proofs: Vec<PresenceProof>,
+    /// This id may have been sent before (the client sends an unsettled message again after a
+    /// reconnect or a restart, re-encrypted for the current devices).
+    #[prost(bool, tag = "43")]
+    pub resend: bool,
 }
 
 impl std::fmt::Debug for Send {
@@ -316,6 +322,18 @@ pub struct SendResult {
     /// 3 days. 0: kept as long as asked.
     #[prost(uint32, tag = "9")]
     pub ttl_seconds: u32,
+    /// `ACCEPTED`/`QUEUED`: every copy was durable on the server or had a durable decision
+    /// record when this answer went out. False: a later `Settled` names the id.
+    #[prost(bool, tag = "10")]
+    pub settled: bool,
+}
+
+/// Server to the sending device: these messages are settled (every copy durable on the server
+/// or decided, durably), so the sending client may forget them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Settled {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub ids: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -959,6 +977,9 @@ mod tests {
             }),
             Kind::PresenceSetResult(PresenceSetResult { request_id: 1 }),
             Kind::ReceiptAck(ReceiptAck { id: id.clone() }),
+            Kind::Settled(Settled {
+                ids: vec![id.clone()],
+            }),
             Kind::Lookup(Lookup {
                 request_id: 1,
                 accounts: vec![vec![5; 32]],
@@ -988,6 +1009,7 @@ mod tests {
                 outcome: 1,
                 detail: "d".into(),
                 ttl_seconds: 259_200,
+                settled: true,
                 ..Default::default()
             }),
             Kind::Deliver(Deliver {

@@ -177,6 +177,8 @@ pub async fn send<S: Store>(
             skipped_own_devices: ids(&skipped),
             retry_after_ms,
             ttl_seconds,
+            // Answered only once every copy is durable (or a receiver device acknowledged it).
+            settled: matches!(outcome, SendOutcome::Accepted | SendOutcome::Queued),
         }),
     )
     .await;

@@ -48,6 +48,13 @@ fn auto_delivered_over_ip() {
                 },
             ),
             (
+                T0 + 5,
+                Some(Event::Settled),
+                Wait {
+                    until: T0 + 5 + 5 * SECOND,
+                },
+            ),
+            (
                 T0 + 20,
                 Some(Receipt(ReceiptKind::Delivered)),
                 Finished(Outcome::Delivered),
@@ -124,6 +131,7 @@ fn the_receipt_just_after_the_deadline_wins() {
                 Some(Answer(SendOutcome::Accepted)),
                 Wait { until: deadline },
             ),
+            (T0, Some(Event::Settled), Wait { until: deadline }),
             (deadline, None, Withdraw),
             (
                 deadline + 1,
@@ -253,6 +261,7 @@ fn delayed_fallback_survives_a_restart() {
                 Some(Answer(SendOutcome::Queued)),
                 Wait { until: T0 + after },
             ),
+            (T0 + 1, Some(Event::Settled), Wait { until: T0 + after }),
             (
                 T0 + MINUTE,
                 Some(Receipt(ReceiptKind::Delivered)),
@@ -294,11 +303,119 @@ fn ip_only_never_sends_sms() {
     check(
         Route::IP_QUEUED,
         ip(SendMode::Queue),
-        &[(
-            T0,
-            Some(Unreachable { maybe_stored: true }),
-            ip(SendMode::Queue),
-        )],
+        &[
+            (
+                T0,
+                Some(Unreachable { maybe_stored: true }),
+                Wait { until: T0 + SECOND },
+            ),
+            (T0 + SECOND, None, ip(SendMode::Queue)),
+        ],
+    );
+}
+
+#[test]
+fn ip_only_is_kept_until_settled_and_sent_again_unsettled() {
+    // Settled with the answer: finished, whatever receipt comes later.
+    check(
+        Route::IP_QUEUED,
+        ip(SendMode::Queue),
+        &[
+            (
+                T0,
+                Some(Answer(SendOutcome::Queued)),
+                Wait { until: Millis::MAX },
+            ),
+            (
+                T0,
+                Some(Event::Settled),
+                Finished(Outcome::Settled(SendOutcome::Queued)),
+            ),
+            (
+                T0 + 1,
+                Some(Receipt(ReceiptKind::Delivered)),
+                Finished(Outcome::Settled(SendOutcome::Queued)),
+            ),
+        ],
+    );
+    // Accepted unsettled, the connection lost: sent again, then settled by a `Settled`.
+    check(
+        Route::IP_QUEUED,
+        ip(SendMode::Queue),
+        &[
+            (
+                T0,
+                Some(Answer(SendOutcome::Accepted)),
+                Wait { until: Millis::MAX },
+            ),
+            (
+                T0 + 1,
+                Some(Unreachable { maybe_stored: true }),
+                Wait {
+                    until: T0 + 1 + SECOND,
+                },
+            ),
+            (T0 + 1 + SECOND, None, ip(SendMode::Queue)),
+            (
+                T0 + 2 * SECOND,
+                Some(Answer(SendOutcome::Accepted)),
+                Wait { until: Millis::MAX },
+            ),
+            (
+                T0 + 3 * SECOND,
+                Some(Event::Settled),
+                Finished(Outcome::Settled(SendOutcome::Accepted)),
+            ),
+        ],
+    );
+    let policy = Policy::default();
+    let mut outgoing = Outgoing::new(Route::IP_QUEUED, T0);
+    outgoing.next(T0);
+    assert!(!outgoing.is_resend(), "the first send");
+    outgoing.handle(&policy, Answer(SendOutcome::Accepted), T0);
+    assert!(outgoing.awaits_server(), "accepted, not settled");
+    // Stopped before it was settled: resumed as a resend of the same id, now.
+    let mut resumed = outgoing.resume(&policy, T0 + MINUTE).expect("pending");
+    assert_eq!(resumed.next(T0 + MINUTE), ip(SendMode::Queue));
+    assert!(resumed.is_resend());
+    // A settled message is not waited on, nor sent again; a route with an SMS step keeps its
+    // withdraw and is never resent.
+    outgoing.handle(&policy, Event::Settled, T0);
+    assert!(outgoing.is_done());
+    assert_eq!(outgoing.resume(&policy, T0 + MINUTE), None);
+    let mut auto = Outgoing::new(Route::Auto, T0);
+    auto.next(T0);
+    auto.handle(&policy, Answer(SendOutcome::Accepted), T0);
+    assert!(!auto.awaits_server());
+    auto.handle(&policy, Event::Settled, T0);
+    assert!(
+        auto.settled && !auto.is_done(),
+        "waits for its receipt or withdraw"
+    );
+}
+
+#[test]
+fn a_receipt_before_the_message_is_settled_leaves_the_decision_to_the_withdraw() {
+    // The server may send the receipt before the decision behind it is durable: a crash then
+    // forgets both, and the withdraw that follows is answered by what is durable.
+    let deadline = T0 + 5 * SECOND;
+    check(
+        Route::Auto,
+        ip(SendMode::NowOrNever),
+        &[
+            (
+                T0,
+                Some(Answer(SendOutcome::Accepted)),
+                Wait { until: deadline },
+            ),
+            (
+                T0 + 1,
+                Some(Receipt(ReceiptKind::Delivered)),
+                Wait { until: deadline },
+            ),
+            (deadline, None, Withdraw),
+            (deadline + 1, Some(Withdrawn(Withdrawal::Unknown)), SendSms),
+        ],
     );
 }
 
@@ -395,24 +512,29 @@ fn ip_only_sends_in_its_mode_and_resends_what_certainly_never_arrived() {
                 Some(Answer(SendOutcome::Accepted)),
                 Wait { until: Millis::MAX },
             ),
+            // A receipt alone settles nothing: it finishes the message once settled.
             (
                 T0 + 3,
                 Some(Receipt(ReceiptKind::Delivered)),
-                Finished(Outcome::Delivered),
+                Wait { until: Millis::MAX },
             ),
+            (T0 + 4, Some(Event::Settled), Finished(Outcome::Delivered)),
         ],
     );
     // The connection failed before the send was written: send again, never an SMS.
     check(
         Route::IP_QUEUED,
         ip(SendMode::Queue),
-        &[(
-            T0,
-            Some(Unreachable {
-                maybe_stored: false,
-            }),
-            ip(SendMode::Queue),
-        )],
+        &[
+            (
+                T0,
+                Some(Unreachable {
+                    maybe_stored: false,
+                }),
+                Wait { until: T0 + SECOND },
+            ),
+            (T0 + SECOND, None, ip(SendMode::Queue)),
+        ],
     );
 }
 
@@ -638,6 +760,7 @@ fn a_withdraw_refused_for_the_budget_is_retried_after_its_wait_and_sends_no_sms(
                 Some(Answer(SendOutcome::Queued)),
                 Wait { until: T0 + MINUTE },
             ),
+            (T0 + 5, Some(Event::Settled), Wait { until: T0 + MINUTE }),
             (T0 + MINUTE, None, Withdraw),
             (
                 T0 + MINUTE + 1,
