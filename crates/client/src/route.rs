@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings_core::failpoint::failpoint;
 use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Phase, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
@@ -292,6 +293,7 @@ impl<'a> Router<'a> {
             },
         );
         self.persist(id)?;
+        failpoint("client-outgoing-committed");
         self.advance(id, session, None).await?;
         Ok(id)
     }
