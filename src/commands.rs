@@ -660,8 +660,9 @@ pub fn history(context: &Context) -> anyhow::Result<ExitCode> {
             println!("from {}: {} ({state})", message.from, message.text);
         }
     }
-    for (id, to, text, state, done) in inbox.outgoing(true)? {
-        let state: serde_json::Value = serde_json::from_str(&state).unwrap_or_default();
+    for kept in inbox.outgoing(true)? {
+        let (id, to, text, done) = (kept.id, kept.receiver, kept.body, kept.done);
+        let state: serde_json::Value = serde_json::from_str(&kept.state).unwrap_or_default();
         let phase = state["phase"]["kind"].as_str().unwrap_or("unknown");
         let outcome = state["phase"]["outcome"].as_str();
         if context.json {

@@ -56,6 +56,27 @@ impl std::fmt::Debug for Received {
     }
 }
 
+/// An outgoing message as the profile keeps it, with its routing state (see [`crate::route`]).
+pub struct KeptOutgoing {
+    pub id: MessageId,
+    /// The receiver's number.
+    pub receiver: String,
+    pub body: String,
+    /// The route's state, as `route` stores it.
+    pub state: String,
+    /// Whether the route has finished.
+    pub done: bool,
+}
+
+impl std::fmt::Debug for KeptOutgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptOutgoing")
+            .field("id", &self.id)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SealedMessage {
     from: String,
@@ -377,7 +398,9 @@ impl Inbox {
 
     /// Every received message kept in the profile, each with whether it was shown.
     pub fn history_with_shown(&self) -> Result<Vec<(Received, bool)>> {
-        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, bool)> = {
+        // sender_device, msg_id, sealed, shown
+        type Row = (Vec<u8>, Vec<u8>, Vec<u8>, bool);
+        let rows: Vec<Row> = {
             let mut statement = self
                 .conn
                 .prepare("SELECT sender_device, msg_id, sealed, shown FROM messages")?;
@@ -443,16 +466,13 @@ impl Inbox {
         Ok(self
             .outgoing(false)?
             .into_iter()
-            .map(|(id, receiver, body, state, _)| (id, receiver, body, state))
+            .map(|kept| (kept.id, kept.receiver, kept.body, kept.state))
             .collect())
     }
 
     /// Outgoing messages kept in the profile (finished ones too with `finished`), at most
-    /// 10,000: (id, receiver, body, state, done).
-    pub fn outgoing(
-        &self,
-        finished: bool,
-    ) -> Result<Vec<(MessageId, String, String, String, bool)>> {
+    /// 10,000.
+    pub fn outgoing(&self, finished: bool) -> Result<Vec<KeptOutgoing>> {
         let mut statement = self.conn.prepare(
             "SELECT msg_id, sealed, done FROM outgoing WHERE done = 0 OR ?1 LIMIT 10000",
         )?;
@@ -474,7 +494,13 @@ impl Inbox {
             let record: serde_json::Value =
                 serde_json::from_slice(&plain).map_err(|e| ClientError::Inbox(e.to_string()))?;
             let field = |name: &str| record[name].as_str().unwrap_or_default().to_string();
-            kept.push((id, field("receiver"), field("body"), field("state"), done));
+            kept.push(KeptOutgoing {
+                id,
+                receiver: field("receiver"),
+                body: field("body"),
+                state: field("state"),
+                done,
+            });
         }
         Ok(kept)
     }
