@@ -29,9 +29,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tidings_core::failpoint::{NAMES, VARIABLE};
+use tidings_proto::frame::{Kind, SendOutcome};
+use tidings_proto::id::MessageId;
 
 use crate::support::{
-    eventually, number, patience, text, Kannel, Server, TempDir, User, BIN, PASSPHRASE, QUIET,
+    block_on, eventually, marker_comes_first, number, patience, text, Kannel, Server, TempDir,
+    User, BIN, PASSPHRASE, PATIENCE, QUIET,
 };
 
 /// Kills the run must reach (failpoints and `kill -9` together).
@@ -630,4 +633,57 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
         duplicate_sms.len()
     );
     assert!(failures.is_empty(), "{}\n{story}", failures.join("\n"));
+}
+
+/// Issue 30: a message sent again under its id after it was settled (delivered, acknowledged,
+/// shown), encrypted afresh as a resend after a restart makes it, is shown nowhere again: not on
+/// the receiver's device, nor on the sender's other device. The server no longer holds the first
+/// copy, so it is the receiving devices that drop a `(sender_device, id)` they have shown.
+#[test]
+fn a_resend_of_a_settled_message_is_shown_nowhere_again() {
+    let server = Server::start(&[]);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let alice_other = alice.link_device(&server);
+    let bob = User::register(&bob_number, &server, &[]);
+    let client = alice.client();
+    let id = MessageId([0x30; 16]);
+    let send_once = |text: &str| {
+        block_on(async {
+            // Encrypted each time anew: a resend carries new ciphertexts under the same id.
+            let send = client
+                .prepare_send(&bob_number, text, id)
+                .await
+                .expect("encrypt");
+            let mut session = client.session(false).await.expect("session");
+            session.send(Kind::Send(send)).await.expect("send");
+            let deadline = tokio::time::Instant::now() + patience();
+            loop {
+                match session.recv(deadline).await.expect("recv") {
+                    Some(Kind::SendResult(result)) => break result.outcome,
+                    Some(_) => continue,
+                    None => panic!("no answer to the send"),
+                }
+            }
+        })
+    };
+    assert_eq!(send_once("settled once"), SendOutcome::Queued as i32);
+    assert_eq!(bob.receive_texts(1, PATIENCE), ["settled once"]);
+    assert_eq!(alice_other.receive_texts(1, PATIENCE), ["settled once"]);
+    // Settled: both devices showed it, and the server keeps nothing of it.
+    let outcome = send_once("settled once");
+    assert!(
+        [SendOutcome::Queued as i32, SendOutcome::Accepted as i32].contains(&outcome),
+        "{outcome}"
+    );
+    marker_comes_first(&alice, &bob, "after the resend");
+    // The sender's other device got the marker after the resend too: it comes first.
+    assert_eq!(alice_other.receive_texts(1, PATIENCE), ["after the resend"]);
+    for user in [&bob, &alice_other] {
+        let kept: Vec<serde_json::Value> = history(user)
+            .into_iter()
+            .filter(|m| m["id"] == id.to_text().as_str())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+    }
 }
