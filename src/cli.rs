@@ -124,6 +124,9 @@ pub enum Command {
     Disable,
     /// Show this profile's state (no network)
     Status,
+    /// List the messages this profile keeps (no network): those received, each with whether it
+    /// was shown, and those sent, each with where its route stands
+    History,
     /// Show or change how this profile routes messages and sends SMS (no network), or publish a
     /// new contact token (--rotate-contact-token)
     Settings(Box<SettingsArgs>),

@@ -643,6 +643,50 @@ pub fn status(context: &Context) -> anyhow::Result<ExitCode> {
 /// What `send` says of a message kept in the profile because it was not settled in time.
 const NOT_YET_SETTLED: &str = "not yet settled: it will be sent again by `tidings listen`";
 
+/// `tidings history`: every message the profile keeps, received (shown or not) and sent (with
+/// the phase of its route and, once finished, its outcome).
+pub fn history(context: &Context) -> anyhow::Result<ExitCode> {
+    let client = context.unlocked()?;
+    let inbox = client.inbox()?;
+    for (message, shown) in inbox.history_with_shown()? {
+        if context.json {
+            print_json(json!({
+                "type": "received",
+                "id": message.id.to_text(),
+                "sender_device": message.sender_device.to_text(),
+                "from": message.from,
+                "to": message.to,
+                "text": message.text,
+                "shown": shown,
+            }));
+        } else {
+            let state = if shown { "shown" } else { "not shown yet" };
+            println!("from {}: {} ({state})", message.from, message.text);
+        }
+    }
+    for kept in inbox.outgoing(true)? {
+        let (id, to, text, done) = (kept.id, kept.receiver, kept.body, kept.done);
+        let state: serde_json::Value = serde_json::from_str(&kept.state).unwrap_or_default();
+        let phase = state["phase"]["kind"].as_str().unwrap_or("unknown");
+        let outcome = state["phase"]["outcome"].as_str();
+        if context.json {
+            print_json(json!({
+                "type": "sent",
+                "id": id.to_text(),
+                "to": to,
+                "text": text,
+                "phase": phase,
+                "outcome": outcome,
+                "done": done,
+            }));
+        } else {
+            let state = outcome.unwrap_or(phase).replace('_', " ");
+            println!("to {to}: {text} ({state})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_send(report: &SendReport, json: bool) {
     let receipt = report.receipt.map(|kind| match kind {
         ReceiptKind::Delivered => "delivered",

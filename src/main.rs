@@ -96,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Disable => commands::disable(&context).await,
         Command::Settings(settings) => commands::settings(&context, *settings).await,
         Command::Status => commands::status(&context),
+        Command::History => commands::history(&context),
     }
 }
 

@@ -11,6 +11,7 @@ mod audit;
 mod blinding;
 mod budgets;
 mod connections;
+mod crash;
 mod defaults;
 mod discovery;
 mod e2e;

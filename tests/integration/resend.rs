@@ -3,17 +3,18 @@
 //! what a stopped `send` left under the same id, re-encrypted, and the receiver shows it once.
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-use tidings_client::FAILPOINT_VAR;
+use tidings_core::failpoint::VARIABLE as FAILPOINT_VAR;
 
 use crate::support::{number, patience, Server, User, BIN, PASSPHRASE, PATIENCE, QUIET};
 
-/// Starts `tidings send` stopped at `failpoint` and returns it once it is there, to be killed.
-fn send_stopped_at(user: &User, failpoint: &str, to: &str, text: &str) -> Child {
-    let mut child = Command::new(BIN)
+/// Runs `tidings send` armed to stop dead at `failpoint` (`tidings_core::failpoint`: the
+/// process aborts there, as if killed with `kill -9`) and waits until it has.
+fn send_stopped_at(user: &User, failpoint: &str, to: &str, text: &str) {
+    let status = Command::new(BIN)
         .arg("--profile")
         .arg(user.profile.path())
         .args(["--json", "send", to, text, "--wait", &PATIENCE.to_string()])
@@ -21,20 +22,14 @@ fn send_stopped_at(user: &User, failpoint: &str, to: &str, text: &str) -> Child 
         .env("TIDINGS_PASSPHRASE", PASSPHRASE)
         .env(FAILPOINT_VAR, failpoint)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tidings send");
-    let lines = lines_of(child.stderr.take().expect("stderr"));
-    let wanted = format!("failpoint {failpoint}");
-    let reached = std::iter::from_fn(|| lines.recv_timeout(patience()).ok()).any(|l| l == wanted);
-    assert!(reached, "send never reached the failpoint {failpoint}");
-    child
-}
-
-/// `kill -9`: the process gets no chance to tidy up.
-fn kill9(mut child: Child) {
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+        .stderr(Stdio::null())
+        .status()
+        .expect("run tidings send");
+    use std::os::unix::process::ExitStatusExt as _;
+    assert!(
+        status.signal().is_some(),
+        "send never reached the failpoint {failpoint}: it ended with {status}"
+    );
 }
 
 /// The lines a reader yields, on a channel (a thread reads them).
@@ -77,12 +72,12 @@ fn a_send_killed_after_its_commit_is_sent_by_listen_and_shown_once() {
     let bob = User::register(&bob_number, &server, &[]);
 
     // Stored in the profile, not a copy sent: killed there.
-    kill9(send_stopped_at(
+    send_stopped_at(
         &alice,
-        "after_commit",
+        "client-outgoing-committed",
         &bob_number,
         "kept through a kill",
-    ));
+    );
 
     // Her `listen` sends it (Bob is offline: queued, settled).
     let events = alice.listen_until(|events| !routed(events).is_empty());
@@ -116,14 +111,13 @@ fn a_resend_of_a_message_already_shown_is_not_shown_again() {
 
     // The send is written; Alice's process is killed before it reads the answer, once Bob
     // showed the message.
-    let sender = send_stopped_at(&alice, "after_send", &bob_number, "said once");
+    send_stopped_at(&alice, "client-send-after", &bob_number, "said once");
     let first: serde_json::Value = std::iter::from_fn(|| bob_lines.recv_timeout(patience()).ok())
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
         .find(|e| e["type"] == "message")
         .expect("Bob shows it");
     assert_eq!(first["text"], "said once");
     let id = first["id"].as_str().expect("id").to_string();
-    kill9(sender);
 
     // Her `listen` sends it again under the same id (re-encrypted); Bob's device takes the copy
     // and acknowledges it (the receipt says so), and shows nothing.
@@ -135,7 +129,8 @@ fn a_resend_of_a_message_already_shown_is_not_shown_again() {
         "the resent copy was not taken: {events:?}"
     );
     std::thread::sleep(Duration::from_secs(QUIET));
-    kill9(listener);
+    listener.kill().expect("SIGKILL");
+    let _ = listener.wait();
     let again: Vec<serde_json::Value> = bob_lines
         .try_iter()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())

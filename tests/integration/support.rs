@@ -80,6 +80,8 @@ pub struct Server {
     pub url: String,
     pub extra: Vec<String>,
     pub scheme: &'static str,
+    /// The failpoint (`tidings_core::failpoint`) the next start arms, if any.
+    pub failpoint: Option<String>,
 }
 
 impl Server {
@@ -117,6 +119,7 @@ impl Server {
             } else {
                 "http"
             },
+            failpoint: None,
         };
         server.url = format!("{}://127.0.0.1:{}", server.scheme, server.port);
         server.spawn();
@@ -124,6 +127,14 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        if let Err(line) = self.try_spawn() {
+            panic!("server did not start: {line:?}\n{}", self.log());
+        }
+    }
+
+    /// Starts the server process; `Err` with what it printed if it stopped before listening
+    /// (an armed failpoint may stop it that early).
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -149,18 +160,22 @@ impl Server {
                 format!("127.0.0.1:{}", self.metrics_port),
             )
             .env("HOME", self.dir.path())
+            .env_remove(tidings_core::failpoint::VARIABLE)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
+        if let Some(name) = &self.failpoint {
+            command.env(tidings_core::failpoint::VARIABLE, name);
+        }
         let mut child = command.spawn().expect("start tidings server");
         let stdout = child.stdout.take().expect("stdout");
         let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
         stdout.read_line(&mut line).expect("read listening line");
-        assert!(
-            line.contains("listening on"),
-            "server did not start: {line:?}\n{}",
-            self.log()
-        );
+        if !line.contains("listening on") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(line);
+        }
         // The rest of stdout goes to a file, kept as the log is (and the server never writes to
         // a closed pipe).
         let mut rest = std::fs::OpenOptions::new()
@@ -170,6 +185,7 @@ impl Server {
             .expect("stdout file");
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut rest));
         self.child = Some(child);
+        Ok(())
     }
 
     /// The server's log so far.

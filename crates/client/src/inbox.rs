@@ -56,6 +56,27 @@ impl std::fmt::Debug for Received {
     }
 }
 
+/// An outgoing message as the profile keeps it, with its routing state (see [`crate::route`]).
+pub struct KeptOutgoing {
+    pub id: MessageId,
+    /// The receiver's number.
+    pub receiver: String,
+    pub body: String,
+    /// The route's state, as `route` stores it.
+    pub state: String,
+    /// Whether the route has finished.
+    pub done: bool,
+}
+
+impl std::fmt::Debug for KeptOutgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptOutgoing")
+            .field("id", &self.id)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct SealedMessage {
     from: String,
@@ -368,24 +389,37 @@ impl Inbox {
 
     /// Every received message kept in the profile, shown or not (the history).
     pub fn history(&self) -> Result<Vec<Received>> {
-        let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = {
+        Ok(self
+            .history_with_shown()?
+            .into_iter()
+            .map(|(message, _)| message)
+            .collect())
+    }
+
+    /// Every received message kept in the profile, each with whether it was shown.
+    pub fn history_with_shown(&self) -> Result<Vec<(Received, bool)>> {
+        // sender_device, msg_id, sealed, shown
+        type Row = (Vec<u8>, Vec<u8>, Vec<u8>, bool);
+        let rows: Vec<Row> = {
             let mut statement = self
                 .conn
-                .prepare("SELECT sender_device, msg_id, sealed FROM messages")?;
+                .prepare("SELECT sender_device, msg_id, sealed, shown FROM messages")?;
             let rows = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
         let mut history = Vec::with_capacity(rows.len());
-        for (sender_device, id, sealed) in rows {
+        for (sender_device, id, sealed, shown) in rows {
             let (Some(sender_device), Some(id)) = (
                 DeviceId::from_slice(&sender_device),
                 MessageId::from_slice(&id),
             ) else {
                 continue;
             };
-            history.push(self.unseal(sender_device, id, &sealed)?);
+            history.push((self.unseal(sender_device, id, &sealed)?, shown));
         }
         Ok(history)
     }
@@ -430,16 +464,30 @@ impl Inbox {
 
     /// Outgoing messages whose route is not finished: (id, receiver, body, state).
     pub fn pending_outgoing(&self) -> Result<Vec<(MessageId, String, String, String)>> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT msg_id, sealed FROM outgoing WHERE done = 0 LIMIT 10000")?;
+        Ok(self
+            .outgoing(false)?
+            .into_iter()
+            .map(|kept| (kept.id, kept.receiver, kept.body, kept.state))
+            .collect())
+    }
+
+    /// Outgoing messages kept in the profile (finished ones too with `finished`), at most
+    /// 10,000.
+    pub fn outgoing(&self, finished: bool) -> Result<Vec<KeptOutgoing>> {
+        let mut statement = self.conn.prepare(
+            "SELECT msg_id, sealed, done FROM outgoing WHERE done = 0 OR ?1 LIMIT 10000",
+        )?;
         let rows = statement
-            .query_map([], |row| {
-                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+            .query_map([finished], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    row.get::<_, bool>(2)?,
+                ))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut pending = Vec::with_capacity(rows.len());
-        for (id, sealed) in rows {
+        let mut kept = Vec::with_capacity(rows.len());
+        for (id, sealed, done) in rows {
             let Some(id) = MessageId::from_slice(&id) else {
                 continue;
             };
@@ -447,9 +495,15 @@ impl Inbox {
             let record: serde_json::Value =
                 serde_json::from_slice(&plain).map_err(|e| ClientError::Inbox(e.to_string()))?;
             let field = |name: &str| record[name].as_str().unwrap_or_default().to_string();
-            pending.push((id, field("receiver"), field("body"), field("state")));
+            kept.push(KeptOutgoing {
+                id,
+                receiver: field("receiver"),
+                body: field("body"),
+                state: field("state"),
+                done,
+            });
         }
-        Ok(pending)
+        Ok(kept)
     }
 
     /// The pseudonyms this profile learned (see [`crate::discovery`]), sealed like the rest.

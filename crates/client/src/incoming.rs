@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use prost::Message as _;
+use tidings_core::failpoint::failpoint;
 use tidings_proto::frame::{self, AckStatus, Content, Envelope, Kind, ReceiptKind};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_proto::number::E164;
@@ -288,6 +289,9 @@ async fn listen_on(
                         false
                     }
                 };
+                if shown {
+                    failpoint("client-received-committed");
+                }
                 let ack = acknowledgement(account, inbox, sender_device, id, shown)?;
                 open.send(ack).await?;
             }

@@ -123,23 +123,6 @@ impl From<tidings_proto::frame::Error> for ClientError {
     }
 }
 
-/// The environment variable that names a test failpoint (see [`failpoint`]).
-pub const FAILPOINT_VAR: &str = "TIDINGS_FAILPOINT";
-
-/// A named point where a test stops the process to kill it (`kill -9`) there: when
-/// `TIDINGS_FAILPOINT` names `name`, this writes `failpoint <name>` to stderr and blocks the
-/// thread for good; otherwise it does nothing. Compiled in always, it reads only that variable.
-/// Points: `after_commit` (a message is stored in the profile, no copy has gone out) and
-/// `after_send` (its first `Send` is written, its answer not read).
-pub fn failpoint(name: &str) {
-    if std::env::var(FAILPOINT_VAR).is_ok_and(|wanted| wanted == name) {
-        eprintln!("failpoint {name}");
-        loop {
-            std::thread::park();
-        }
-    }
-}
-
 /// The wait a session's refusal carries (`retry_after_ms`, 0 for none), rounded up to whole
 /// seconds so that it is never shown shorter than it is.
 pub fn retry_after(retry_after_ms: u64) -> Option<std::time::Duration> {

@@ -282,7 +282,7 @@ pub async fn send(
     // Committed before the first copy goes out: from here on the message is `listen`'s to send
     // again if this process stops before it is settled.
     commit(&inbox, id, &to, text, &machine)?;
-    crate::failpoint("after_commit");
+    tidings_core::failpoint::failpoint("client-outgoing-committed");
     let mut changed: Option<ChangedDevices> = None;
     let mut deadline = Instant::now() + wait;
     let mut answer: Option<SendOutcome> = None;
@@ -327,7 +327,6 @@ pub async fn send(
                         ..frame::Send::default()
                     }))
                     .await?;
-                crate::failpoint("after_send");
                 deadline = Instant::now() + wait;
             }
             Some(Action::Finished(Outcome::NotSent(SendOutcome::DevicesChanged))) => {

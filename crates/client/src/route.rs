@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tidings_core::failpoint::failpoint;
 use tidings_core::fallback::{Action, Event, Outcome, Outgoing, Policy, Route, Withdrawal};
 use tidings_core::{Millis, SECOND};
 use tidings_gateway::{Sms, Transport};
@@ -173,6 +174,7 @@ impl<'a> Router<'a> {
             },
         );
         self.persist(id)?;
+        failpoint("client-outgoing-committed");
         self.advance(id, session, None).await?;
         Ok(id)
     }

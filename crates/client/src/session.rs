@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ed25519_dalek::{Signer as _, SigningKey};
+use tidings_core::failpoint::failpoint;
 use tidings_proto::codec;
 use tidings_proto::frame::{self, Frame, Kind};
 use tidings_proto::id::DeviceId;
@@ -152,7 +153,11 @@ impl Session {
     /// Sends several frames in one write, so that they reach the server together (pipelining).
     pub async fn send_many(&mut self, kinds: impl IntoIterator<Item = Kind>) -> Result<()> {
         let mut bytes = bytes::BytesMut::new();
+        let mut after = Vec::new();
         for kind in kinds {
+            let (before, then) = failpoints(&kind);
+            before.into_iter().for_each(failpoint);
+            after.extend(then);
             codec::encode(&Frame::from(kind), &mut bytes);
         }
         let write = async {
@@ -164,22 +169,13 @@ impl Session {
             .map_err(|_| ClientError::Timeout)?
             .map_err(|e| ClientError::Network(e.to_string()))?;
         self.last_sent = Instant::now();
+        after.into_iter().for_each(failpoint);
         Ok(())
     }
 
     /// Sends one frame.
     pub async fn send(&mut self, kind: Kind) -> Result<()> {
-        let bytes = codec::encode_to_bytes(&Frame::from(kind));
-        let write = async {
-            self.stream.write_all(&bytes).await?;
-            self.stream.flush().await
-        };
-        tokio::time::timeout(NETWORK_TIMEOUT, write)
-            .await
-            .map_err(|_| ClientError::Timeout)?
-            .map_err(|e| ClientError::Network(e.to_string()))?;
-        self.last_sent = Instant::now();
-        Ok(())
+        self.send_many([kind]).await
     }
 
     /// The next frame from the server, or `None` when `deadline` passes first. Sends heartbeats
@@ -217,5 +213,15 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// The failpoints (`tidings_core::failpoint`) before and after a frame of this kind is written:
+/// a message's copies before and after they leave, an acknowledgement after it left.
+fn failpoints(kind: &Kind) -> (Option<&'static str>, Option<&'static str>) {
+    match kind {
+        Kind::Send(_) => (Some("client-send-before"), Some("client-send-after")),
+        Kind::Ack(_) => (None, Some("client-ack-after")),
+        _ => (None, None),
     }
 }

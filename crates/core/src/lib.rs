@@ -15,12 +15,15 @@
 //! - [`presence`]: who may see a device online: its owner's mode, and the tokens and proofs
 //!   that let the people it wrote to see it;
 //! - [`oprf`]: the server's evaluation of blinded numbers, checked element by element, with its
-//!   batch proof (the key and the randomness come in from the caller).
+//!   batch proof (the key and the randomness come in from the caller);
+//! - [`failpoint`]: named points where a process aborts when the crash test says so.
 //!
 //! This crate must never do I/O, read a clock, spawn, log, or see a phone number in clear: it is
-//! handed pseudonyms, device ids and counts.
+//! handed pseudonyms, device ids and counts. The one exception is [`failpoint`], which reads one
+//! environment variable once.
 
 pub mod delivery;
+pub mod failpoint;
 pub mod fallback;
 pub mod heartbeat;
 pub mod limits;

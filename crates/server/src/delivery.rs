@@ -6,6 +6,7 @@
 //! message anywhere. Nothing here logs a payload or a key.
 
 use bytes::Bytes;
+use tidings_core::failpoint::failpoint;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::{self, AckStatus, ErrorCode, Frame, Kind, ReceiptKind, WithdrawState};
@@ -171,6 +172,7 @@ pub async fn ack<S: Store>(
             },
         })
         .inc();
+    failpoint("server-ack-answer-before");
     reply(
         outbox,
         Kind::AckResult(frame::AckResult {
@@ -180,6 +182,7 @@ pub async fn ack<S: Store>(
         }),
     )
     .await;
+    failpoint("server-ack-answer-after");
 }
 
 /// Handles `ReceiptAck`: the receipt is deleted; nothing is answered.
@@ -253,6 +256,7 @@ pub async fn withdraw<S: Store>(
         .withdrawals
         .get_or_create(&Outcome { outcome: label })
         .inc();
+    failpoint("server-withdraw-answer-before");
     reply(
         outbox,
         Kind::WithdrawResult(frame::WithdrawResult {
@@ -262,4 +266,5 @@ pub async fn withdraw<S: Store>(
         }),
     )
     .await;
+    failpoint("server-withdraw-answer-after");
 }

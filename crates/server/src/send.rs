@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tidings_core::delivery::STRANGER_TTL;
+use tidings_core::failpoint::failpoint;
 use tidings_core::routing::{self, Decision, Receiver};
 use tidings_core::{Millis, DAY, SECOND};
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome};
@@ -165,6 +166,7 @@ pub async fn send<S: Store>(
             outcome: outcome.as_str(),
         })
         .inc();
+    failpoint("server-send-answer-before");
     reply(
         outbox,
         Kind::SendResult(frame::SendResult {
@@ -182,6 +184,7 @@ pub async fn send<S: Store>(
         }),
     )
     .await;
+    failpoint("server-send-answer-after");
 }
 
 /// A length of time given in seconds, in whole days when it is some.
@@ -260,7 +263,9 @@ async fn decide_and_store<S: Store>(
         Ok((stored, (sender, id, sent_at, copies))) => {
             for (device, payload) in copies {
                 let frame = deliver_frame(sender, id, sent_at, payload);
+                failpoint("server-push-before");
                 state.hub.deliver(&device, &frame);
+                failpoint("server-push-after");
             }
             stored
         }

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+use tidings_core::failpoint::failpoint;
 use tidings_core::Millis;
 use tidings_proto::id::{DeviceId, MessageId};
 use tokio::sync::{mpsc, oneshot};
@@ -572,6 +573,7 @@ pub(super) fn commit_batch(
         kept.lazy_mode = lazy;
     }
     let operations = writes.len();
+    failpoint("store-transaction-before");
     let txn = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(txn) => txn,
         Err(e) => {
@@ -612,7 +614,10 @@ pub(super) fn commit_batch(
             "a write failed and its batch was rolled back; try again",
         ))
     } else {
-        txn.commit().map_err(StoreError::from)
+        failpoint("store-sync-before");
+        let committed = txn.commit().map_err(StoreError::from);
+        failpoint("store-sync-after");
+        committed
     };
     if committed.is_err() {
         // Nothing of the batch stays, nor anything it counted.
@@ -648,4 +653,5 @@ pub(super) fn commit_batch(
             Err(e) => Err(StoreError::engine(e.to_string())),
         });
     }
+    failpoint("store-transaction-after");
 }
