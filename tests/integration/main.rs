@@ -26,4 +26,5 @@ mod queues;
 mod registration;
 mod revocation;
 mod robustness;
+mod rotation;
 mod sms;

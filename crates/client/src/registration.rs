@@ -150,6 +150,7 @@ fn save_registration(
         routing: existing_routing,
         presence: existing_presence,
         oprf_key: None,
+        previous_oprf_key: None,
     })?;
     Ok((number, endpoint))
 }
@@ -248,6 +249,7 @@ async fn bind_device(
     })?;
     data.device_id = Some(device_id.to_text());
     data.oprf_key = crate::discovery::pinned_key_of(&body);
+    data.previous_oprf_key = None;
     profile.save(&data)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
@@ -363,6 +365,7 @@ pub async fn link(
         routing: Default::default(),
         presence: Default::default(),
         oprf_key: crate::discovery::pinned_key_of(&body),
+        previous_oprf_key: None,
     };
     profile.save(&data)?;
     crate::discovery::learn_own(&mut inbox, &data, &body)?;
