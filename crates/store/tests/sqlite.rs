@@ -1603,3 +1603,55 @@ async fn discarded_and_unreceipted_copies_in(store: &impl Store) {
     let expired: Vec<MessageId> = expired.iter().map(|e| e.id).collect();
     assert_eq!(expired, [id(3)]);
 }
+
+/// A database made before OPRF keys had versions: its accounts are on key 1 with no previous
+/// pseudonym, found as before, and can move to a new key, after which both pseudonyms name them.
+#[tokio::test]
+async fn a_database_from_before_key_versions_is_brought_up_to_them() {
+    let dir = temp_dir("key-versions");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let (old, new) = (Pseudonym([0x51; 32]), Pseudonym([0x52; 32]));
+    let account = store
+        .register_device(old, 1, DeviceId([0x51; 16]), [0x51; 32], 0)
+        .await
+        .expect("register")
+        .account;
+    drop(store);
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    database
+        .execute_batch(
+            "DROP INDEX accounts_by_previous_pseudonym;
+             ALTER TABLE accounts DROP COLUMN previous_pseudonym;
+             ALTER TABLE accounts DROP COLUMN key_version;",
+        )
+        .expect("an older database");
+    drop(database);
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    let found = store.account(old).await.expect("read").expect("found");
+    assert_eq!(found.account, account);
+    assert_eq!(
+        store.accounts_by_key_version().await.expect("count"),
+        vec![(1, 1)]
+    );
+    assert_eq!(
+        store
+            .rekey_account(account, old, new, 2)
+            .await
+            .expect("rekey"),
+        tidings_store::Rekeyed::Moved
+    );
+    for pseudonym in [old, new] {
+        let route = store.route(pseudonym).await.expect("route").expect("found");
+        assert_eq!(route.account, account);
+    }
+    assert_eq!(
+        store.accounts_by_key_version().await.expect("count"),
+        vec![(2, 1)]
+    );
+    assert_eq!(store.forget_previous_pseudonyms().await.expect("forget"), 1);
+    assert!(store.route(old).await.expect("route").is_none());
+    assert!(store.account(new).await.expect("read").is_some());
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
