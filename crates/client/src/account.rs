@@ -204,6 +204,20 @@ impl Account {
         Ok(true)
     }
 
+    /// Right after a registration or link, which pinned the server's current key: if the server
+    /// is in a rotation's window, keeps the key before it as the previous key too, so that this
+    /// new profile also finds the contacts not moved to the current key yet.
+    pub(crate) async fn learn_previous_key(&self) -> Result<()> {
+        let Some(pinned) = self.pinned().current else {
+            return Ok(());
+        };
+        let (current, previous) = crate::discovery::fetch_keys(self).await?;
+        if current == pinned && previous.is_some() {
+            self.set_pinned(Some(current), previous)?;
+        }
+        Ok(())
+    }
+
     /// `Rekey`: moves this account to the server's current key; its pseudonym under it.
     pub(crate) async fn rekey(&self, session: &mut Session) -> Result<AccountKey> {
         let request_id = session.request_id();

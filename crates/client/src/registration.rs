@@ -254,6 +254,7 @@ async fn bind_device(
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
+    account.learn_previous_key().await?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     crate::discovery::learn_own(&mut inbox, &data, &body)?;
@@ -372,6 +373,7 @@ pub async fn link(
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
+    account.learn_previous_key().await?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     // This device and the number's devices listed now are trusted for the number; a device that

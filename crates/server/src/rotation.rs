@@ -188,7 +188,7 @@ pub async fn rekey<S: Store>(
         if let Ok(mut refusals) = state.rekey_refusals.lock() {
             refusals.record(identity.device, REKEY_REFUSALS, now);
         }
-        let message = "that number is not this account's: Rekey takes the device's own number";
+        let message = "that number is not this account's: Rekey takes the device's own number (an account left on a retired key registers again)";
         return reply(
             outbox,
             error(ErrorCode::InvalidRequest, message, request_id),
