@@ -68,8 +68,8 @@ pub enum Mode {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the server (embedded storage; see docs/CONFIGURATION.md)
-    Server(Box<ServerArgs>),
+    /// Run the server (embedded storage; see docs/CONFIGURATION.md), or rotate its OPRF key
+    Server(Box<ServerCommand>),
     /// Opt in: save the server in this profile and have a code sent to your number by SMS (or,
     /// with --by-own-sms, text one from your phone)
     Register(RegisterArgs),
@@ -190,6 +190,35 @@ pub struct LinkArgs {
     /// Seconds the registered device waits for the new one
     #[arg(long, default_value_t = defaults::LINK_WAIT_SECONDS)]
     pub wait: u64,
+}
+
+/// `tidings server`: run it, or one of the operator's key commands.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerCommand {
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
+    #[command(flatten)]
+    pub args: ServerArgs,
+}
+
+/// The operator's commands on the server's key file. Each takes effect at the server's next
+/// start (docs/CONFIGURATION.md, "Rotating the discovery key").
+#[derive(Debug, Subcommand)]
+pub enum ServerAction {
+    /// Make a new discovery (OPRF) key; the current one becomes the previous one, still used for
+    /// accounts not yet moved, until `retire-oprf-key`
+    RotateOprfKey {
+        /// The key file [default: the server's, as `tidings server` resolves it]
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Drop the previous discovery key (once `tidings_accounts_on_previous_oprf_key` is 0)
+    RetireOprfKey {
+        /// The key file [default: the server's, as `tidings server` resolves it]
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 /// How to trust the server, for `register` and `link`.

@@ -21,8 +21,11 @@ use tidings_gateway::TransportConfig;
 use tidings_proto::frame::{Presence, ReceiptKind, SendMode, SendOutcome};
 use tidings_proto::id::DeviceId;
 
+use tidings_server::config::ServerArgs;
+
 use crate::cli::{
-    LinkArgs, Mode, RegisterArgs, SendArgs, SettingsArgs, EXIT_NOT_TAKEN, EXIT_PENDING,
+    LinkArgs, Mode, RegisterArgs, SendArgs, ServerAction, SettingsArgs, EXIT_NOT_TAKEN,
+    EXIT_PENDING,
 };
 
 /// What every client command starts from: the profile, the output format, and where the
@@ -453,6 +456,38 @@ pub async fn repin(context: &Context) -> anyhow::Result<ExitCode> {
             "Pinned the server's discovery key (version {}); contacts' pseudonyms are derived again when next needed.",
             key.key_version
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tidings server rotate-oprf-key` and `tidings server retire-oprf-key`: change the key file;
+/// the server reads it at its next start.
+pub fn server_key(action: ServerAction, args: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let key_file = |given: Option<PathBuf>| -> anyhow::Result<PathBuf> {
+        match given {
+            Some(path) => Ok(path),
+            None => Ok(args.resolve()?.key_file),
+        }
+    };
+    match action {
+        ServerAction::RotateOprfKey { key_file: given } => {
+            let path = key_file(given)?;
+            let version = tidings_server::keys::rotate_oprf_key(&path)?;
+            println!(
+                "Made discovery key version {version} in {}; the previous one is kept for accounts not yet moved. Takes effect when the server next starts: restart it. Retire the previous key (tidings server retire-oprf-key) once tidings_accounts_on_previous_oprf_key is 0.",
+                path.display()
+            );
+        }
+        ServerAction::RetireOprfKey { key_file: given } => {
+            let path = key_file(given)?;
+            match tidings_server::keys::retire_oprf_key(&path)? {
+                Some(version) => println!(
+                    "Retired discovery key version {version} in {}. Takes effect when the server next starts: restart it.",
+                    path.display()
+                ),
+                None => println!("{} holds no previous discovery key: nothing to retire.", path.display()),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,7 +41,7 @@ fn server_worker_threads() -> Option<usize> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_server = matches!(cli.command, Command::Server(_));
+    let is_server = matches!(&cli.command, Command::Server(server) if server.action.is_none());
     init_logging(cli.log.as_deref(), if is_server { "info" } else { "warn" });
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if is_server {
@@ -82,7 +82,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let context = Context::new(cli.profile, cli.json, cli.passphrase_file);
     match cli.command {
-        Command::Server(args) => serve(*args).await,
+        Command::Server(server) => match server.action {
+            None => serve(server.args).await,
+            Some(action) => commands::server_key(action, &server.args),
+        },
         Command::Register(args) => commands::register(&context, args).await,
         Command::Verify { code } => commands::verify(&context, &code).await,
         Command::Send(args) => commands::send(&context, args).await,

@@ -28,4 +28,5 @@ mod registration;
 mod resend;
 mod revocation;
 mod robustness;
+mod rotation;
 mod sms;

@@ -473,6 +473,24 @@ impl User {
         device
     }
 
+    /// A lookup of `other` and a send to it both stop with "the server's discovery key changed"
+    /// and the advice to repin: the key this profile pinned is not the one the server uses.
+    pub fn says_the_key_changed(&self, other: &str) {
+        for args in [
+            vec!["lookup", other],
+            vec!["send", other, "hello", "--route", "ip-only"],
+        ] {
+            let out = self.run(&args);
+            assert!(!out.status.success(), "{args:?} went through");
+            let said = text(&out.stderr);
+            assert!(
+                said.contains("the server's discovery key changed")
+                    && said.contains("tidings repin"),
+                "{args:?}: {said}"
+            );
+        }
+    }
+
     /// This user's device id, from `tidings devices`.
     pub fn device_id(&self) -> String {
         self.ok(&["--json", "devices"])

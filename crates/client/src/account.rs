@@ -33,8 +33,17 @@ pub struct Account {
     /// The local store was brought up to date once ([`Account::inbox`]).
     inbox_migrated: std::sync::OnceLock<()>,
     /// The server's discovery key as pinned (from the profile, or fetched once for a profile
-    /// made before tidings/2).
-    pinned: std::sync::OnceLock<PinnedKey>,
+    /// made before tidings/2), and the one pinned before the server's last rotation while the
+    /// server still holds it. Changed only by [`Account::pin_key`] and
+    /// [`Account::follow_rotation`], which save the profile too.
+    pinned: std::sync::Mutex<Pinned>,
+}
+
+/// The keys an [`Account`] pinned.
+#[derive(Debug, Default, Clone)]
+struct Pinned {
+    current: Option<PinnedKey>,
+    previous: Option<PinnedKey>,
 }
 
 /// A 32-byte key from the wire, if it is one.
@@ -53,10 +62,10 @@ impl Account {
             .and_then(DeviceId::from_text)
             .ok_or(ClientError::NotVerified)?;
         let endpoint = Endpoint::parse(&data.server, data.trust.clone())?;
-        let pinned = std::sync::OnceLock::new();
-        if let Some(key) = data.oprf_key.clone() {
-            let _ = pinned.set(key);
-        }
+        let pinned = std::sync::Mutex::new(Pinned {
+            current: data.oprf_key.clone(),
+            previous: data.previous_oprf_key.clone(),
+        });
         Ok(Self {
             pinned,
             profile,
@@ -111,8 +120,8 @@ impl Account {
     /// The server's discovery key this profile pinned. A profile made before tidings/2 has
     /// none: the key the server shows now is fetched and pinned, once, and a warning says so.
     pub async fn pinned_key(&self) -> Result<PinnedKey> {
-        if let Some(key) = self.pinned.get() {
-            return Ok(key.clone());
+        if let Some(key) = self.pinned().current {
+            return Ok(key);
         }
         let key = crate::discovery::fetch_key(self).await?;
         self.pin_key(key.clone())?;
@@ -123,14 +132,127 @@ impl Account {
         Ok(key)
     }
 
-    /// Pins `key` in the profile (replacing any pinned before).
+    /// Pins `key` in the profile (replacing any pinned before, and forgetting a previous one).
     pub fn pin_key(&self, key: PinnedKey) -> Result<()> {
+        self.set_pinned(Some(key), None)
+    }
+
+    /// The keys pinned now.
+    fn pinned(&self) -> Pinned {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The key pinned before the server's last rotation, while the server still holds it.
+    pub fn previous_key(&self) -> Option<PinnedKey> {
+        self.pinned().previous
+    }
+
+    /// Saves the pinned keys in the profile, then holds them here.
+    fn set_pinned(&self, current: Option<PinnedKey>, previous: Option<PinnedKey>) -> Result<()> {
         let mut data = self.profile.load()?.ok_or(ClientError::NotRegistered)?;
-        data.oprf_key = Some(key.clone());
+        data.oprf_key = current.clone();
+        data.previous_oprf_key = previous.clone();
         self.profile.save(&data)?;
-        // A process pins once: a second pin (`tidings repin`) is this process's last act.
-        let _ = self.pinned.set(key);
+        *self
+            .pinned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Pinned { current, previous };
         Ok(())
+    }
+
+    /// Forgets the previous key: the server no longer evaluates under it.
+    pub fn forget_previous_key(&self) -> Result<()> {
+        let current = self.pinned().current;
+        self.set_pinned(current, None)
+    }
+
+    /// Follows a rotation of the server's discovery key: if the server now evaluates under a
+    /// newer key and names the pinned one as its previous key, pins the new one (keeping the old
+    /// as the previous one while the server holds it), moves this account to it (`Rekey`, with
+    /// this device's own number, as at registration) and keeps its own new pseudonym (which
+    /// drops the pseudonyms learned under the old key: they are derived again when next needed).
+    /// True if it did. A server key that does not follow from the pinned one is
+    /// [`ClientError::DiscoveryKeyChanged`]: the user checks with the operator and runs
+    /// `tidings repin`.
+    pub async fn follow_rotation(&self, session: &mut Session) -> Result<bool> {
+        let Some(pinned) = self.pinned().current else {
+            return Ok(false);
+        };
+        let (current, previous) = crate::discovery::fetch_keys(self).await?;
+        if current == pinned {
+            if self.previous_key().is_some() && previous.is_none() {
+                self.forget_previous_key()?;
+            }
+            return Ok(false);
+        }
+        if current.key_version <= pinned.key_version || previous.as_ref() != Some(&pinned) {
+            return Err(ClientError::DiscoveryKeyChanged);
+        }
+        // Moved first, pinned after: a pin that is not saved is followed again at the next login
+        // (a second `Rekey` changes nothing), while a pin without the move would never be.
+        let own = self.rekey(session).await?;
+        self.set_pinned(Some(current.clone()), Some(pinned))?;
+        self.inbox()?
+            .learn_pseudonyms(&current, &[(self.number().to_string(), own)])?;
+        tracing::info!(
+            key_version = current.key_version,
+            "the server rotated its discovery key: pinned the new one and moved this account to it"
+        );
+        Ok(true)
+    }
+
+    /// Right after a registration or link, which pinned the server's current key: if the server
+    /// is in a rotation's window, keeps the key before it as the previous key too, so that this
+    /// new profile also finds the contacts not moved to the current key yet.
+    pub(crate) async fn learn_previous_key(&self) -> Result<()> {
+        let Some(pinned) = self.pinned().current else {
+            return Ok(());
+        };
+        let (current, previous) = crate::discovery::fetch_keys(self).await?;
+        if current == pinned && previous.is_some() {
+            self.set_pinned(Some(current), previous)?;
+        }
+        Ok(())
+    }
+
+    /// `Rekey`: moves this account to the server's current key; its pseudonym under it.
+    pub(crate) async fn rekey(&self, session: &mut Session) -> Result<AccountKey> {
+        let request_id = session.request_id();
+        let request = Kind::Rekey(frame::Rekey {
+            request_id,
+            number: self.number().to_string(),
+        });
+        match session.call(request, request_id).await? {
+            Kind::RekeyResult(result) => key_of(&result.account)
+                .ok_or_else(|| ClientError::Protocol("a Rekey answer without a pseudonym".into())),
+            Kind::Error(e) => Err(e.into()),
+            _ => Err(ClientError::Protocol("unexpected answer to a Rekey".into())),
+        }
+    }
+
+    /// The pseudonym that reaches `number`'s account. Outside a rotation, its pseudonym; while
+    /// the server still holds the key this profile pinned before, a contact not found under the
+    /// current key (its owner has not moved to it yet) is named by its pseudonym under the
+    /// previous one, so that no account is unreachable meanwhile. That check costs a device
+    /// list, during the window only.
+    pub async fn reachable_pseudonym(
+        &self,
+        session: &mut Session,
+        number: &str,
+    ) -> Result<AccountKey> {
+        let current = self.pseudonym(session, number).await?;
+        if self.previous_key().is_none() || number == self.number() {
+            return Ok(current);
+        }
+        if !self.devices_of(session, current, None).await?.is_empty() {
+            return Ok(current);
+        }
+        Ok(crate::discovery::previous_pseudonym(self, session, number)
+            .await?
+            .unwrap_or(current))
     }
 
     /// The pseudonym that names `number`'s account (see [`crate::discovery`]): learned before,
@@ -172,6 +294,18 @@ impl Account {
     pub async fn session(&self, listen: bool) -> Result<Session> {
         let mut session =
             Session::open(&self.endpoint, self.device, self.login_key()?, listen).await?;
+        // The server rotated its discovery key since this profile pinned one.
+        let pinned = self.pinned().current.map_or(0, |key| key.key_version);
+        if pinned != 0 && session.oprf_key_version() > pinned {
+            match self.follow_rotation(&mut session).await {
+                // Said again, as an error, by the first evaluation that needs the key.
+                Err(ClientError::DiscoveryKeyChanged) => tracing::warn!(
+                    "the server's discovery key changed and does not follow from the pinned one: check with its operator, then run `tidings repin`"
+                ),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
         if listen {
             self.set_presence(&mut session).await?;
         }
@@ -326,6 +460,24 @@ impl Account {
         let account = self
             .pseudonym_checking(session, number, sender_device)
             .await?;
+        let devices = self.devices_of(session, account, sender_device).await?;
+        if !devices.is_empty() || self.previous_key().is_none() {
+            return Ok(devices);
+        }
+        // Not found under the current key: its owner may not have moved to it yet.
+        match crate::discovery::previous_pseudonym(self, session, number).await? {
+            Some(previous) => self.devices_of(session, previous, sender_device).await,
+            None => Ok(devices),
+        }
+    }
+
+    /// The devices the server lists for the account `account` names.
+    async fn devices_of(
+        &self,
+        session: &mut Session,
+        account: AccountKey,
+        sender_device: Option<DeviceId>,
+    ) -> Result<Vec<frame::DeviceKeys>> {
         let request_id = session.request_id();
         let request = Kind::Devices(frame::DevicesRequest {
             request_id,
@@ -349,7 +501,7 @@ impl Account {
         number: &str,
         only: &[DeviceId],
     ) -> Result<Vec<frame::ClaimedKey>> {
-        let account = self.pseudonym(session, number).await?;
+        let account = self.reachable_pseudonym(session, number).await?;
         let request_id = session.request_id();
         let request = Kind::KeysClaim(frame::KeysClaim {
             request_id,

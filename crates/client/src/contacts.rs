@@ -57,6 +57,22 @@ pub async fn lookup(account: &Account, numbers: &[String]) -> Result<Vec<(String
         })?;
         presences.extend(lookup_accounts(&mut session, batch, proofs).await?);
     }
+    // While the server still holds the key pinned before its last rotation, a number not found
+    // under the current key is looked up again under the previous one: its owner may not have
+    // moved to the new key yet.
+    if account.previous_key().is_some() {
+        for (number, presence) in valid.iter().zip(presences.iter_mut()) {
+            if *presence != Presence::NotAUser || number == account.number() {
+                continue;
+            }
+            if let Some(previous) =
+                crate::discovery::previous_pseudonym(account, &mut session, number).await?
+            {
+                let found = lookup_accounts(&mut session, &[previous], Vec::new()).await?;
+                *presence = found.into_iter().next().unwrap_or(Presence::NotAUser);
+            }
+        }
+    }
     let mut presences = presences.into_iter();
     Ok(numbers
         .iter()

@@ -116,23 +116,73 @@ fn point_of(text: &str) -> Option<<Ristretto255 as voprf::Group>::Elem> {
 
 /// Asks the server for the key it evaluates with now (`GET /v1/oprf-key`).
 pub async fn fetch_key(account: &Account) -> Result<PinnedKey> {
+    Ok(fetch_keys(account).await?.0)
+}
+
+/// Asks the server for the key it evaluates with now and, after a rotation, the previous one
+/// while it still holds it (`GET /v1/oprf-key`).
+pub async fn fetch_keys(account: &Account) -> Result<(PinnedKey, Option<PinnedKey>)> {
     let (status, body) = account.endpoint().get_json("/v1/oprf-key").await?;
     if status != hyper::StatusCode::OK {
         return Err(ClientError::Protocol(format!(
             "GET /v1/oprf-key answered {status}"
         )));
     }
-    pinned_key_of(&body).ok_or_else(|| {
+    let current = pinned_key_of(&body).ok_or_else(|| {
         ClientError::Protocol("GET /v1/oprf-key answered without a valid key".into())
-    })
+    })?;
+    let previous = body
+        .get("previous_public_key")
+        .and_then(serde_json::Value::as_str)
+        .filter(|key| point_of(key).is_some())
+        .zip(
+            body.get("previous_key_version")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok()),
+        )
+        .map(|(public_key, key_version)| PinnedKey {
+            public_key: public_key.to_string(),
+            key_version,
+        });
+    Ok((current, previous))
 }
 
-/// Pins the key the server shows now and forgets every pseudonym learned under the old one:
-/// what to do after the operator announced a new discovery key.
+/// The pseudonym of `number` under the key pinned before the server's last rotation, while the
+/// server still evaluates under it (a contact that has not moved to the current key yet); `None`
+/// without such a key, and once the server refuses it (the previous key is then forgotten).
+/// Not kept: it is needed only until the contact moves or the key is retired.
+pub async fn previous_pseudonym(
+    account: &Account,
+    session: &mut Session,
+    number: &str,
+) -> Result<Option<AccountKey>> {
+    let Some(previous) = account.previous_key() else {
+        return Ok(None);
+    };
+    match evaluate(session, &previous, &[number], None).await {
+        Ok(found) => Ok(found.into_iter().next()),
+        Err(ClientError::DiscoveryKeyChanged) => {
+            account.forget_previous_key()?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Pins the key the server shows now, forgets every pseudonym learned under the old one and
+/// moves this account to the new key (`Rekey`, refused if the server no longer holds the key
+/// the account is under): what to do after the operator announced a new discovery key that this
+/// profile could not follow by itself ([`Account::follow_rotation`]).
 pub async fn repin(account: &Account) -> Result<PinnedKey> {
     let key = fetch_key(account).await?;
     account.pin_key(key.clone())?;
-    account.inbox()?.forget_pseudonyms()?;
+    let mut inbox = account.inbox()?;
+    inbox.forget_pseudonyms()?;
+    // The account moves to the key too, if the server can still tell it is this number's.
+    let mut session = account.session(false).await?;
+    if let Ok(own) = account.rekey(&mut session).await {
+        inbox.learn_pseudonyms(&key, &[(account.number().to_string(), own)])?;
+    }
     Ok(key)
 }
 
@@ -146,6 +196,29 @@ pub async fn pseudonyms(
     sender_device: Option<DeviceId>,
 ) -> Result<Vec<AccountKey>> {
     let key = account.pinned_key().await?;
+    match pseudonyms_under(account, session, &key, numbers, sender_device).await {
+        // The server evaluates under another key: a rotation this profile has not followed yet
+        // (then once more under the new key), or a key it cannot follow.
+        Err(ClientError::DiscoveryKeyChanged) => {
+            if !account.follow_rotation(session).await? {
+                return Err(ClientError::DiscoveryKeyChanged);
+            }
+            let key = account.pinned_key().await?;
+            pseudonyms_under(account, session, &key, numbers, sender_device).await
+        }
+        found => found,
+    }
+}
+
+/// [`pseudonyms`] under the pinned `key`.
+async fn pseudonyms_under(
+    account: &Account,
+    session: &mut Session,
+    key: &PinnedKey,
+    numbers: &[String],
+    sender_device: Option<DeviceId>,
+) -> Result<Vec<AccountKey>> {
+    let key = key.clone();
     let mut inbox = account.inbox()?;
     let known = inbox.pseudonyms()?;
     let mut found: Vec<Option<AccountKey>> = numbers.iter().map(|n| known.get(&key, n)).collect();
@@ -202,6 +275,11 @@ async fn evaluate(
     });
     let result = match session.call(request, request_id).await? {
         Kind::EvaluateResult(result) => result,
+        // What this client sends is well formed: a refusal is of the key version it pinned,
+        // which the server no longer holds.
+        Kind::Error(e) if e.code == frame::ErrorCode::InvalidRequest as i32 => {
+            return Err(ClientError::DiscoveryKeyChanged)
+        }
         Kind::Error(e) => return Err(e.into()),
         _ => {
             return Err(ClientError::Protocol(

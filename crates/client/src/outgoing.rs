@@ -265,7 +265,7 @@ pub async fn send(
     account.ensure_keys(&mut inbox, &mut session).await?;
     let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
     let plaintext = content(account.number(), &to, text, id, own_token);
-    let to_account = account.pseudonym(&mut session, &to).await?;
+    let to_account = account.reachable_pseudonym(&mut session, &to).await?;
 
     // A first message to a number: claim keys for all its devices now rather than learn them
     // from a refused send.
@@ -476,7 +476,7 @@ pub async fn prepare_batch(
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     let (own_token, receiver_token) = contact_tokens(&mut inbox, &to)?;
-    let to_account = account.pseudonym(&mut session, &to).await?;
+    let to_account = account.reachable_pseudonym(&mut session, &to).await?;
     let mut changes = match changed {
         Some(changed) => claim_changed(account, &mut session, &to, changed).await?,
         None => claim_unknown(account, &mut inbox, &mut session, &to).await?,

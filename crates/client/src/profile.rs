@@ -92,6 +92,10 @@ pub struct ProfileData {
     /// tidings/2, until it is first needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oprf_key: Option<PinnedKey>,
+    /// The key pinned before the server's last rotation, kept while the server still evaluates
+    /// under it: a contact not yet moved to the new key is found under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_oprf_key: Option<PinnedKey>,
 }
 
 /// Who may see this device online (`tidings settings --presence`). Sent to the server by every

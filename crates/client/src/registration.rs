@@ -150,6 +150,7 @@ fn save_registration(
         routing: existing_routing,
         presence: existing_presence,
         oprf_key: None,
+        previous_oprf_key: None,
     })?;
     Ok((number, endpoint))
 }
@@ -248,10 +249,12 @@ async fn bind_device(
     })?;
     data.device_id = Some(device_id.to_text());
     data.oprf_key = crate::discovery::pinned_key_of(&body);
+    data.previous_oprf_key = None;
     profile.save(&data)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
+    account.learn_previous_key().await?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     crate::discovery::learn_own(&mut inbox, &data, &body)?;
@@ -363,12 +366,14 @@ pub async fn link(
         routing: Default::default(),
         presence: Default::default(),
         oprf_key: crate::discovery::pinned_key_of(&body),
+        previous_oprf_key: None,
     };
     profile.save(&data)?;
     crate::discovery::learn_own(&mut inbox, &data, &body)?;
     let account = Account::open(profile.clone())?
         .with_passphrase(passphrase.clone())
         .with_vault(inbox.vault().clone());
+    account.learn_previous_key().await?;
     let mut session = account.session(false).await?;
     account.ensure_keys(&mut inbox, &mut session).await?;
     // This device and the number's devices listed now are trusted for the number; a device that

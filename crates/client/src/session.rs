@@ -25,6 +25,8 @@ pub struct Session {
     keys: KeySupply,
     /// Whether the login asked for deliveries.
     listening: bool,
+    /// The version of the server's OPRF key, as its login answer reported it (0: not said).
+    oprf_key_version: u32,
 }
 
 /// What the server holds of this device's keys, as its login answer reported it.
@@ -61,6 +63,7 @@ impl Session {
             deferred: std::collections::VecDeque::new(),
             keys: KeySupply::default(),
             listening: listen,
+            oprf_key_version: 0,
         };
         let signature = key.sign(&tidings_proto::transcript::login(
             &challenge,
@@ -80,6 +83,7 @@ impl Session {
                     one_time_keys: result.one_time_keys,
                     published: result.keys_published,
                 };
+                session.oprf_key_version = result.oprf_key_version;
                 Ok(session)
             }
             Some(Kind::Error(error)) if error.code == frame::ErrorCode::AuthFailed as i32 => {
@@ -97,6 +101,12 @@ impl Session {
     /// Whether this session asked for deliveries at login.
     pub fn is_listening(&self) -> bool {
         self.listening
+    }
+
+    /// The version of the OPRF key the server evaluates with now, as of the login (0 from a
+    /// server that does not say).
+    pub fn oprf_key_version(&self) -> u32 {
+        self.oprf_key_version
     }
 
     /// This device's keys on the server, as of the login.

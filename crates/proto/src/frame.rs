@@ -10,7 +10,7 @@ use bytes::Bytes;
 pub struct Frame {
     #[prost(
         oneof = "Kind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 40, 41, 43"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 39, 40, 41, 42, 43"
     )]
     pub kind: Option<Kind>,
 }
@@ -52,6 +52,8 @@ pub enum Kind {
     Evaluate(Evaluate),
     #[prost(message, tag = "18")]
     PresenceSet(PresenceSet),
+    #[prost(message, tag = "19")]
+    Rekey(Rekey),
     #[prost(message, tag = "20")]
     LoginResult(LoginResult),
     #[prost(message, tag = "21")]
@@ -94,6 +96,8 @@ pub enum Kind {
     EvaluateResult(EvaluateResult),
     #[prost(message, tag = "41")]
     PresenceSetResult(PresenceSetResult),
+    #[prost(message, tag = "42")]
+    RekeyResult(RekeyResult),
     #[prost(message, tag = "43")]
     Settled(Settled),
 }
@@ -112,6 +116,7 @@ impl Kind {
             Kind::VouchResult(r) => Some(r.request_id),
             Kind::EvaluateResult(r) => Some(r.request_id),
             Kind::PresenceSetResult(r) => Some(r.request_id),
+            Kind::RekeyResult(r) => Some(r.request_id),
             Kind::Error(e) if e.request_id != 0 => Some(e.request_id),
             _ => None,
         }
@@ -146,6 +151,10 @@ pub struct LoginResult {
     /// Whether this device has published its identity keys and a fallback key.
     #[prost(bool, tag = "4")]
     pub keys_published: bool,
+    /// The version of the OPRF key the server evaluates with now: above the client's pinned one,
+    /// the key was rotated (the client pins the new one and sends `Rekey`).
+    #[prost(uint32, tag = "5")]
+    pub oprf_key_version: u32,
 }
 
 /// Sent at the start of a listening session while own messages were not kept for this device:
@@ -802,6 +811,38 @@ pub struct Evaluate {
     pub key_version: u32,
 }
 
+/// Moves the asking device's account to the server's current OPRF key: `number` is the device's
+/// own (as in registration, the only number in clear this protocol carries); the server checks
+/// that it is the account's and stores its pseudonym under the current key.
+#[derive(Clone, PartialEq, prost::Message)]
+#[prost(skip_debug)]
+pub struct Rekey {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    /// The device's own number, E.164.
+    #[prost(string, tag = "2")]
+    pub number: String,
+}
+
+impl std::fmt::Debug for Rekey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekey")
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The account's pseudonym under the current key, and that key's version.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RekeyResult {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub account: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub key_version: u32,
+}
+
 /// The evaluated elements, in order, with one batch DLEQ proof for all of them.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct EvaluateResult {
@@ -1076,6 +1117,15 @@ mod tests {
                 evaluated: vec![vec![2; 32]],
                 proof: vec![3; 64],
                 key_version: 1,
+            }),
+            Kind::Rekey(Rekey {
+                request_id: 5,
+                number: "+14155550100".into(),
+            }),
+            Kind::RekeyResult(RekeyResult {
+                request_id: 5,
+                account: vec![6; 32],
+                key_version: 2,
             }),
         ];
         for kind in kinds {

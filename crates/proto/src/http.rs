@@ -159,6 +159,13 @@ pub struct OprfKey {
     pub public_key: String,
     /// The version of that key.
     pub key_version: u32,
+    /// The key before the last rotation, while the server still holds it (base64url): a
+    /// contact not yet moved to the current key is found by evaluating under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_public_key: Option<String>,
+    /// The version of `previous_public_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_version: Option<u32>,
 }
 
 /// Every error answer of the HTTP API.

@@ -22,7 +22,7 @@ use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
-use crate::keys::{EvaluateError, OPRF_KEY_VERSION};
+use crate::keys::EvaluateError;
 use crate::reply::{error, rate_limited, reply, storage_unavailable};
 use crate::state::{SenderCheck, Shared};
 
@@ -39,13 +39,20 @@ pub async fn evaluate<S: Store>(
         let message = format!("an evaluation carries 1 to {MAX_LOOKUP_NUMBERS} blinded elements");
         return reply(outbox, invalid(message)).await;
     }
-    if request.key_version != 0 && request.key_version != OPRF_KEY_VERSION {
-        let message = format!(
-            "the server's discovery key is version {OPRF_KEY_VERSION}, not {}: pin it again",
-            request.key_version
-        );
-        return reply(outbox, invalid(message)).await;
-    }
+    // The current key, or the previous one while it is held (a contact not yet moved to the
+    // current key is found under it); 0 asks for the current one.
+    let key_version = match request.key_version {
+        0 => state.keys.current_version(),
+        asked if Some(asked) == state.keys.previous_version() => asked,
+        asked if asked == state.keys.current_version() => asked,
+        asked => {
+            let message = format!(
+                "the server's discovery key is version {}, not {asked}: pin it again",
+                state.keys.current_version()
+            );
+            return reply(outbox, invalid(message)).await;
+        }
+    };
     // A wrong length is refused before any budget is charged; a value that is not a point is
     // found while evaluating, after.
     if let Some(place) = request
@@ -92,13 +99,15 @@ pub async fn evaluate<S: Store>(
     let computing = state.clone();
     let blinded = request.blinded;
     let evaluated =
-        tokio::task::spawn_blocking(move || computing.keys.evaluate_blinded(&blinded)).await;
+        tokio::task::spawn_blocking(move || computing.keys.evaluate_blinded(key_version, &blinded))
+            .await;
     let evaluated = match evaluated {
-        Ok(Ok(evaluated)) => evaluated,
-        Ok(Err(e @ (EvaluateError::WrongLength(_) | EvaluateError::NotAnElement(_)))) => {
+        Ok(Some(Ok(evaluated))) => evaluated,
+        Ok(Some(Err(e @ (EvaluateError::WrongLength(_) | EvaluateError::NotAnElement(_))))) => {
             return reply(outbox, invalid(e.to_string())).await;
         }
-        Ok(Err(EvaluateError::Failed)) | Err(_) => {
+        // The key is held for the server's lifetime: `None` cannot come; answered as a failure.
+        Ok(Some(Err(EvaluateError::Failed)) | None) | Err(_) => {
             let answer = error(
                 ErrorCode::Unavailable,
                 "the evaluation failed: try again",
@@ -113,7 +122,7 @@ pub async fn evaluate<S: Store>(
             request_id,
             evaluated: evaluated.elements,
             proof: evaluated.proof,
-            key_version: OPRF_KEY_VERSION,
+            key_version,
         }),
     )
     .await;

@@ -34,7 +34,6 @@ use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
 use crate::inbound::{self, Completion, Refused};
-use crate::keys::OPRF_KEY_VERSION;
 use crate::metrics::Outcome;
 use crate::state::Shared;
 
@@ -144,6 +143,24 @@ fn pseudonym_of<S: Store>(
             "try again shortly",
         )
     })
+}
+
+/// The pseudonym of a number that proved itself (a registration or a link), its account moved to
+/// the current OPRF key if it was still on the previous one; a 503 answer if storage failed.
+async fn registrant_pseudonym<S: Store>(
+    state: &Shared<S>,
+    number: &E164,
+) -> Result<tidings_store::Pseudonym, Response> {
+    crate::rotation::registrant_pseudonym(state, number)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "could not move an account to the current OPRF key");
+            api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "try again shortly",
+            )
+        })
 }
 
 /// Counts a request against its client's address blocks (the peer, or the client a trusted proxy
@@ -527,7 +544,7 @@ async fn verify<S: Store>(
             ))
         }
     }
-    register_device(&state, pseudonym, key_bytes, now).await
+    register_device(&state, &number, key_bytes, now).await
 }
 
 /// The device key of a registration, once the signature by it over the register transcript of
@@ -560,16 +577,18 @@ fn signed_device_key(
 /// signed out and deleted.
 async fn register_device<S: Store>(
     state: &Shared<S>,
-    pseudonym: tidings_store::Pseudonym,
+    number: &E164,
     key_bytes: [u8; 32],
     now: tidings_core::Millis,
 ) -> Result<Response, Response> {
+    let pseudonym = registrant_pseudonym(state, number).await?;
+    let key_version = state.keys.current_version();
     let mut device = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut device);
     let device = DeviceId(device);
     match state
         .store
-        .register_device(pseudonym, device, key_bytes, now)
+        .register_device(pseudonym, key_version, device, key_bytes, now)
         .await
     {
         Ok(registered) => {
@@ -586,7 +605,7 @@ async fn register_device<S: Store>(
                 device_id: device.to_text(),
                 replaced_devices,
                 oprf_public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
-                key_version: OPRF_KEY_VERSION,
+                key_version: state.keys.current_version(),
                 account: tidings_proto::id::to_text(&pseudonym.0),
             })
             .into_response())
@@ -767,7 +786,7 @@ async fn complete_inbound<S: Store>(
         .get_or_create(&Outcome { outcome: label })
         .inc();
     match completion {
-        Completion::Done => register_device(&state, pseudonym, key_bytes, now_ms()).await,
+        Completion::Done => register_device(&state, &number, key_bytes, now_ms()).await,
         Completion::Waiting => Err(api_error(
             StatusCode::CONFLICT,
             "not_received",
@@ -855,7 +874,7 @@ async fn link<S: Store>(
     };
     let now = now_ms();
     check_attempt_address(&state, &peer, &headers, now)?;
-    let pseudonym = pseudonym_of(&state, &number)?;
+    let pseudonym = registrant_pseudonym(&state, &number).await?;
     let unavailable = || {
         api_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -932,7 +951,7 @@ async fn link<S: Store>(
             Ok(Json(Linked {
                 device_id: device.to_text(),
                 oprf_public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
-                key_version: OPRF_KEY_VERSION,
+                key_version: state.keys.current_version(),
                 account: tidings_proto::id::to_text(&pseudonym.0),
             })
             .into_response())
@@ -953,11 +972,14 @@ async fn link<S: Store>(
 
 /// The OPRF public key that evaluates blinded numbers now, for a client to pin.
 #[utoipa::path(get, path = "/v1/oprf-key", tag = "session",
-    responses((status = 200, description = "The server's OPRF public key (ristretto255, base64url) and its version; every `EvaluateResult` proof verifies under it", body = OprfKey)))]
+    responses((status = 200, description = "The server's OPRF public key (ristretto255, base64url) and its version, under which every `EvaluateResult` of `key_version` 0 or that version verifies; after a rotation, while the server still holds the key before it, that key and its version too (`previous_public_key`, `previous_key_version`)", body = OprfKey)))]
 async fn oprf_key<S: Store>(State(state): State<Shared<S>>) -> Json<OprfKey> {
+    let previous = state.keys.previous_public_key();
     Json(OprfKey {
         public_key: tidings_proto::id::to_text(&state.keys.oprf_public_key()),
-        key_version: OPRF_KEY_VERSION,
+        key_version: state.keys.current_version(),
+        previous_public_key: previous.map(|(_, key)| tidings_proto::id::to_text(&key)),
+        previous_key_version: previous.map(|(version, _)| version),
     })
 }
 

@@ -27,6 +27,8 @@
 //!   discovery budget (evaluations, lookups, device lists, sends, withdraws, key claims), and the
 //!   charge;
 //! - `evaluate`: the OPRF evaluation of blinded numbers, charged to the discovery budget;
+//! - `rotation`: OPRF key rotation while serving: `Rekey`, moving a registrant's account to the
+//!   current key, and what the start does about the previous key;
 //! - `lookup`: lookups and device lists by pseudonym;
 //! - `presence`: who may see a session's device online (`PresenceSet`, in memory only) and the
 //!   shape of the proofs that lookups and sends present;
@@ -45,7 +47,8 @@
 //!
 //! The server must never log or store a phone number, a message payload, a code or a key in
 //! clear. The only number it ever receives is a registrant's own, in the HTTP registration
-//! requests, where it becomes a pseudonym at once and is dropped; every session request names
+//! requests and in `Rekey` (the device's own, after a key rotation), where it becomes a
+//! pseudonym at once and is dropped; every session request names
 //! accounts by the pseudonym the client derived with `evaluate` (blinded, promise P3).
 
 mod abuse;
@@ -68,6 +71,7 @@ mod presence;
 mod receiver;
 mod reply;
 mod request;
+mod rotation;
 mod send;
 mod session;
 mod state;
@@ -336,6 +340,7 @@ impl<S: Store> Server<S> {
             state.config.pre_login_connections_per_address,
             state.config.pre_login_connections_per_block,
         );
+        rotation::at_start(&state).await;
         sweeps::spawn(&state);
         receiver::spawn(&state);
         if let Some(metrics_listener) = metrics_listener {

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub sync_batch: Histogram,
     pub expired: Counter,
     pub withdrawals: Family<Outcome, Counter>,
+    /// Accounts whose pseudonym is still under the previous OPRF key (0 without one): the
+    /// previous key can be retired once it is 0.
+    pub accounts_on_previous_oprf_key: Gauge,
 }
 
 impl Metrics {
@@ -71,6 +74,7 @@ impl Metrics {
             sync_batch: Histogram::new((0..=12).map(|power| f64::from(1u32 << power))),
             expired: Counter::default(),
             withdrawals: Family::default(),
+            accounts_on_previous_oprf_key: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +133,11 @@ impl Metrics {
             "expired_messages",
             "Messages deleted at the end of their TTL",
             metrics.expired.clone(),
+        );
+        registry.register(
+            "accounts_on_previous_oprf_key",
+            "Accounts whose pseudonym is still under the previous OPRF key",
+            metrics.accounts_on_previous_oprf_key.clone(),
         );
         Self {
             registry,

@@ -16,7 +16,7 @@ use crate::identity::Identity;
 use crate::reply::reply;
 use crate::send::SendOrder;
 use crate::state::Shared;
-use crate::{delivery, directory, evaluate, lookup, presence, send};
+use crate::{delivery, directory, evaluate, lookup, presence, rotation, send};
 
 #[cfg(test)]
 mod tests;
@@ -40,6 +40,7 @@ pub enum Request {
     Vouch(frame::Vouch),
     Disable(frame::Disable),
     PresenceSet(frame::PresenceSet),
+    Rekey(frame::Rekey),
 }
 
 /// Why a frame read on a logged-in session is not a request.
@@ -89,6 +90,7 @@ impl Request {
             Kind::Vouch(vouch) => Self::Vouch(vouch),
             Kind::Disable(disable) => Self::Disable(disable),
             Kind::PresenceSet(set) => Self::PresenceSet(set),
+            Kind::Rekey(rekey) => Self::Rekey(rekey),
             Kind::Login(_) => return Err(NotARequest::SecondLogin),
             _ => return Err(NotARequest::FromServer),
         })
@@ -155,6 +157,7 @@ impl Request {
                     directory::disable(state, identity, request, outbox).await
                 }
                 Self::PresenceSet(request) => presence::set(state, identity, request, outbox).await,
+                Self::Rekey(request) => rotation::rekey(state, identity, request, outbox).await,
             }
         }
     }

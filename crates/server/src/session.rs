@@ -175,6 +175,7 @@ where
         heartbeat_seconds: state.config.heartbeat_seconds,
         one_time_keys: keys.one_time_keys,
         keys_published: keys.published,
+        oprf_key_version: state.keys.current_version(),
     })
     .into();
     write_frame(&mut io, &login_result).await.ok()?;

@@ -51,6 +51,8 @@ pub struct State<S: Store> {
     /// sender device, which check) ([`State::take_free_sender_check`]). Device ids only: never a
     /// number.
     pub free_sender_checks: Mutex<WindowTable<(DeviceId, DeviceId, SenderCheck)>>,
+    /// `Rekey` requests refused, by device ([`REKEY_REFUSALS`]).
+    pub rekey_refusals: Mutex<WindowTable<DeviceId>>,
     /// Live link codes, by SHA-256 of the code. Kept in memory only: a restart forgets them.
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     /// Registrations by own SMS waiting for their SMS. In memory only.
@@ -82,6 +84,13 @@ pub enum SenderCheck {
     Evaluation,
     Devices,
 }
+
+/// `Rekey` requests a device may have refused (a number not its own): an honest client sends
+/// its own number once per rotation, so a few per day leave no oracle of whose number is whose.
+pub const REKEY_REFUSALS: Window = Window {
+    max: 3,
+    period: DAY,
+};
 
 /// How long a link code stays valid.
 pub const LINK_CODE_LIFETIME: Millis = 10 * MINUTE;
@@ -126,6 +135,7 @@ impl<S: Store> State<S> {
             claim_budgets: Mutex::default(),
             links: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             free_sender_checks: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
+            rekey_refusals: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
             declarations,
             send_budgets: Mutex::default(),
@@ -191,6 +201,9 @@ impl<S: Store> State<S> {
         }
         if let Ok(mut checks) = self.free_sender_checks.lock() {
             checks.prune(FREE_SENDER_CHECK.period, now);
+        }
+        if let Ok(mut refusals) = self.rekey_refusals.lock() {
+            refusals.prune(REKEY_REFUSALS.period, now);
         }
         for budgets in [
             &self.lookup_budgets,

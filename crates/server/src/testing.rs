@@ -103,7 +103,7 @@ impl World {
                 signing_key: signing.verifying_key().to_bytes(),
             };
             let account = if n == 0 {
-                let registered = store.register_device(pseudonym, id, login_key, now_ms());
+                let registered = store.register_device(pseudonym, 1, id, login_key, now_ms());
                 registered.await.expect("register").account
             } else {
                 let account: Identity = made

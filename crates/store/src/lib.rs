@@ -57,6 +57,18 @@ pub struct Actor {
     pub device: DeviceId,
 }
 
+/// What moving an account to another OPRF key did ([`Store::rekey_account`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rekeyed {
+    /// The account's pseudonym is now the new one; the old one is kept as its previous
+    /// pseudonym (it still names the account until [`Store::forget_previous_pseudonyms`]).
+    Moved,
+    /// The account had the new pseudonym already: nothing changed but its recorded version.
+    AlreadyMoved,
+    /// The account's pseudonym is neither: nothing changed.
+    NotItsPseudonym,
+}
+
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -604,12 +616,14 @@ pub trait Store: Send + Sync + 'static {
     /// The devices of an account.
     fn devices_of(&self, account: AccountId) -> impl Future<Output = Result<Vec<DeviceId>>> + Send;
 
-    /// Binds a new device to the number's account (creating it), deleting every other device
-    /// of that account with its queue and receipts. A created account's id was never handed out
-    /// before, even to an account since deleted.
+    /// Binds a new device to the number's account (creating it, its pseudonym under the OPRF key
+    /// of `key_version`), deleting every other device of that account with its queue and
+    /// receipts. A created account's id was never handed out before, even to an account since
+    /// deleted.
     fn register_device(
         &self,
         pseudonym: Pseudonym,
+        key_version: u32,
         device: DeviceId,
         public_key: [u8; 32],
         now: Millis,
@@ -823,6 +837,26 @@ pub trait Store: Send + Sync + 'static {
         device: DeviceId,
         id: MessageId,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Moves an account to the OPRF key of `key_version`, in one transaction: if its pseudonym is
+    /// still `old`, it becomes `new` and `old` is kept as its previous pseudonym (both name the
+    /// account: every lookup by pseudonym matches either); if it is `new` already, only the
+    /// version is recorded. [`StoreError::NoSuchAccount`] if the account is gone; an engine
+    /// failure, with nothing changed, if `old` or `new` names another account.
+    fn rekey_account(
+        &self,
+        account: AccountId,
+        old: Pseudonym,
+        new: Pseudonym,
+        key_version: u32,
+    ) -> impl Future<Output = Result<Rekeyed>> + Send;
+
+    /// How many accounts have their pseudonym under each OPRF key version, by version.
+    fn accounts_by_key_version(&self) -> impl Future<Output = Result<Vec<(u32, u64)>>> + Send;
+
+    /// Forgets every account's previous pseudonym (run when the server starts without a previous
+    /// OPRF key: nothing can evaluate under it any more). Returns how many were forgotten.
+    fn forget_previous_pseudonyms(&self) -> impl Future<Output = Result<u64>> + Send;
 
     /// Deletes code records that no longer matter at `now`.
     fn prune_codes(&self, now: Millis) -> impl Future<Output = Result<usize>> + Send;

@@ -28,7 +28,7 @@ use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Admission, Admitted, Backlog, Claimed,
     ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked,
     ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
-    Registered, Result, Route, SignedKey, Store, StoreError, Voucher,
+    Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -77,6 +77,10 @@ struct Tombstone {
 
 struct Account {
     pseudonym: Pseudonym,
+    /// The version of the OPRF key `pseudonym` is under.
+    key_version: u32,
+    /// Its pseudonym under the previous key, once it moved ([`Store::rekey_account`]).
+    previous: Option<Pseudonym>,
     /// Its devices, in the order they were added.
     devices: Vec<DeviceId>,
 }
@@ -178,11 +182,48 @@ impl State {
         }
     }
 
+    /// The account a pseudonym names: its pseudonym, or its previous one. Every lookup of an
+    /// account by pseudonym goes through here.
     fn account_of(&self, pseudonym: Pseudonym) -> Option<AccountId> {
         self.accounts
             .iter()
-            .find(|(_, account)| account.pseudonym == pseudonym)
+            .find(|(_, account)| {
+                account.pseudonym == pseudonym || account.previous == Some(pseudonym)
+            })
             .map(|(id, _)| *id)
+    }
+
+    fn rekey_account(
+        &mut self,
+        account: AccountId,
+        old: Pseudonym,
+        new: Pseudonym,
+        key_version: u32,
+    ) -> Result<Rekeyed> {
+        let clash = self.accounts.iter().any(|(id, other)| {
+            *id != account
+                && [Some(other.pseudonym), other.previous]
+                    .iter()
+                    .any(|p| *p == Some(old) || *p == Some(new))
+        });
+        let row = self
+            .accounts
+            .get_mut(&account)
+            .ok_or(StoreError::NoSuchAccount)?;
+        if row.pseudonym == new {
+            row.key_version = key_version;
+            return Ok(Rekeyed::AlreadyMoved);
+        }
+        if row.pseudonym != old {
+            return Ok(Rekeyed::NotItsPseudonym);
+        }
+        if clash {
+            return Err(StoreError::engine("the pseudonym names another account"));
+        }
+        row.previous = Some(old);
+        row.pseudonym = new;
+        row.key_version = key_version;
+        Ok(Rekeyed::Moved)
     }
 
     fn devices_of(&self, account: AccountId) -> Vec<DeviceId> {
@@ -291,6 +332,7 @@ impl State {
     fn register_device(
         &mut self,
         pseudonym: Pseudonym,
+        key_version: u32,
         device: DeviceId,
         public_key: [u8; 32],
     ) -> Result<Registered> {
@@ -306,8 +348,13 @@ impl State {
                 self.last_account += 1;
                 let account = AccountId(self.last_account);
                 let devices = Vec::new();
-                self.accounts
-                    .insert(account, Account { pseudonym, devices });
+                let row = Account {
+                    pseudonym,
+                    key_version,
+                    previous: None,
+                    devices,
+                };
+                self.accounts.insert(account, row);
                 account
             }
         };
@@ -766,11 +813,13 @@ impl Store for MemoryStore {
     async fn register_device(
         &self,
         pseudonym: Pseudonym,
+        key_version: u32,
         device: DeviceId,
         public_key: [u8; 32],
         _now: Millis,
     ) -> Result<Registered> {
-        self.state()?.register_device(pseudonym, device, public_key)
+        self.state()?
+            .register_device(pseudonym, key_version, device, public_key)
     }
 
     async fn add_device(
@@ -954,6 +1003,34 @@ impl Store for MemoryStore {
     async fn ack_receipt(&self, device: DeviceId, id: MessageId) -> Result<()> {
         self.state()?.receipts.remove(&(device, id));
         Ok(())
+    }
+
+    async fn rekey_account(
+        &self,
+        account: AccountId,
+        old: Pseudonym,
+        new: Pseudonym,
+        key_version: u32,
+    ) -> Result<Rekeyed> {
+        self.state()?.rekey_account(account, old, new, key_version)
+    }
+
+    async fn accounts_by_key_version(&self) -> Result<Vec<(u32, u64)>> {
+        let state = self.state()?;
+        let mut counts = BTreeMap::<u32, u64>::new();
+        for account in state.accounts.values() {
+            *counts.entry(account.key_version).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
+    async fn forget_previous_pseudonyms(&self) -> Result<u64> {
+        let mut state = self.state()?;
+        let mut forgotten = 0;
+        for account in state.accounts.values_mut() {
+            forgotten += u64::from(account.previous.take().is_some());
+        }
+        Ok(forgotten)
     }
 
     async fn prune_codes(&self, now: Millis) -> Result<usize> {

@@ -60,7 +60,17 @@ enum Op {
     Register {
         number: u8,
         device: u8,
+        /// The OPRF key version its pseudonym is under ([`keyed`]).
+        version: u32,
     },
+    /// Moves the number's account from its pseudonym under `old` to the one under `new`.
+    Rekey {
+        number: u8,
+        old: u32,
+        new: u32,
+    },
+    AccountsByKeyVersion,
+    ForgetPreviousPseudonyms,
     /// `by` is the acting device of the number's account ([`Actor`]): `None` for its first
     /// device (by id), as a live request would be; a device index for any other, mostly one
     /// that is not the account's.
@@ -237,7 +247,11 @@ fn op() -> impl Strategy<Value = Op> {
     // Message times: sent at 1, expiring within a hundred milliseconds of the clock's start.
     let clock = 0..120u64;
     prop_oneof![
-        4 => (number(), device()).prop_map(|(number, device)| Op::Register { number, device }),
+        4 => (number(), device(), prop_oneof![4 => Just(1u32), 1 => 2..4u32])
+            .prop_map(|(number, device, version)| Op::Register { number, device, version }),
+        2 => (number(), 1..4u32, 1..4u32).prop_map(|(number, old, new)| Op::Rekey { number, old, new }),
+        1 => Just(Op::AccountsByKeyVersion),
+        1 => Just(Op::ForgetPreviousPseudonyms),
         3 => (number(), actor(), device(), 0..3u8, 1..4usize).prop_map(
             |(number, by, device, identity, max_devices)| Op::AddDevice {
                 number,
@@ -355,7 +369,13 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pseudonym(number: u8) -> Pseudonym {
-    Pseudonym([0xA0 + number; 32])
+    keyed(number, 1)
+}
+
+/// The number's pseudonym under the OPRF key of `version` (1 to 3).
+fn keyed(number: u8, version: u32) -> Pseudonym {
+    let version = u8::try_from(version).unwrap_or(0);
+    Pseudonym([0xA0 + number + 0x10 * version.saturating_sub(1); 32])
 }
 
 fn device_id(device: u8) -> DeviceId {
@@ -494,9 +514,28 @@ impl<S: Store> Run<'_, S> {
     async fn apply(&mut self, op: &Op) -> String {
         let store = self.store;
         match op.clone() {
-            Op::Register { number, device } => {
+            Op::Rekey { number, old, new } => {
+                let account = self.account(number);
+                let rekeyed = store
+                    .rekey_account(account, keyed(number, old), keyed(number, new), new)
+                    .await;
+                self.result(rekeyed)
+            }
+            Op::AccountsByKeyVersion => self.result(store.accounts_by_key_version().await),
+            Op::ForgetPreviousPseudonyms => self.result(store.forget_previous_pseudonyms().await),
+            Op::Register {
+                number,
+                device,
+                version,
+            } => {
                 let registered = store
-                    .register_device(pseudonym(number), device_id(device), [device; 32], 5)
+                    .register_device(
+                        keyed(number, version),
+                        version,
+                        device_id(device),
+                        [device; 32],
+                        5,
+                    )
                     .await;
                 let mut reused = "";
                 if let Ok(registered) = &registered {
@@ -729,10 +768,14 @@ impl<S: Store> Run<'_, S> {
             }
             Op::Reads { number, device } => {
                 let (account, device) = (self.account(number), device_id(device));
-                let all = (0..NUMBERS).map(pseudonym).collect();
+                let all = (0..NUMBERS)
+                    .flat_map(|n| (1..4).map(move |v| keyed(n, v)))
+                    .collect();
                 [
                     self.result(store.account(pseudonym(number)).await),
+                    self.result(store.account(keyed(number, 2)).await),
                     self.result(store.route(pseudonym(number)).await),
+                    self.result(store.route(keyed(number, 2)).await),
                     self.result(store.accounts(all).await),
                     self.result(store.devices_of(account).await),
                     self.result(store.device_keys(account).await),
@@ -783,6 +826,7 @@ fn populated() -> Vec<Op> {
         ops.push(Op::Register {
             number,
             device: number,
+            version: 1,
         });
     }
     for (number, device) in [(0, 3), (1, 4)] {

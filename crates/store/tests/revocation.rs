@@ -34,7 +34,7 @@ fn revoked<T: std::fmt::Debug>(answer: Result<T, StoreError>, what: &str) {
 async fn a_removed_device_changes_nothing_in(store: &impl Store) {
     let [phone, laptop, tablet, stranger, bob_phone] = [1, 2, 3, 4, 5].map(|n| DeviceId([n; 16]));
     let alice = store
-        .register_device(Pseudonym([1; 32]), phone, [1; 32], 1)
+        .register_device(Pseudonym([1; 32]), 1, phone, [1; 32], 1)
         .await
         .expect("register")
         .account;
@@ -50,7 +50,7 @@ async fn a_removed_device_changes_nothing_in(store: &impl Store) {
         assert_eq!(linked, Linked::Added);
     }
     let bob = store
-        .register_device(Pseudonym([2; 32]), bob_phone, [5; 32], 1)
+        .register_device(Pseudonym([2; 32]), 1, bob_phone, [5; 32], 1)
         .await
         .expect("register")
         .account;

@@ -149,12 +149,12 @@ impl Held {
 async fn alice_and_bob(store: &impl Store) -> ((DeviceId, AccountId), (DeviceId, AccountId)) {
     let (alice_device, bob_device) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let alice_account = store
-        .register_device(Pseudonym([0xA1; 32]), alice_device, [9; 32], 0)
+        .register_device(Pseudonym([0xA1; 32]), 1, alice_device, [9; 32], 0)
         .await
         .expect("alice")
         .account;
     let bob_account = store
-        .register_device(Pseudonym([0xB0; 32]), bob_device, [8; 32], 0)
+        .register_device(Pseudonym([0xB0; 32]), 1, bob_device, [8; 32], 0)
         .await
         .expect("bob")
         .account;
@@ -177,19 +177,19 @@ async fn queue_ack_receipt_and_residue() {
     let alice = Pseudonym([0xA1; 32]);
     let bob = Pseudonym([0xB0; 32]);
     let alice_account = store
-        .register_device(alice, alice_device, [9; 32], 0)
+        .register_device(alice, 1, alice_device, [9; 32], 0)
         .await
         .expect("alice")
         .account;
     let alice_ = (alice_device, alice_account);
     let bob_account = store
-        .register_device(bob, bob_phone, [8; 32], 0)
+        .register_device(bob, 1, bob_phone, [8; 32], 0)
         .await
         .expect("bob")
         .account;
     // A second registration of bob's number replaces the phone with the laptop.
     let replaced = store
-        .register_device(bob, bob_laptop, [7; 32], 0)
+        .register_device(bob, 1, bob_laptop, [7; 32], 0)
         .await
         .expect("bob again");
     assert_eq!(replaced.removed, vec![bob_phone]);
@@ -509,7 +509,7 @@ async fn acknowledgements_of_a_message_with_several_copies_in_memory() {
 async fn acknowledgements_of_a_message_with_several_copies_in(store: &impl Store) {
     let (alice_phone, alice_tablet) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let (bob_phone, bob_laptop) = (DeviceId([3; 16]), DeviceId([4; 16]));
-    let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
+    let register = |pseudonym, device| store.register_device(pseudonym, 1, device, [9; 32], 0);
     let alice_account = register(Pseudonym([0xA1; 32]), alice_phone)
         .await
         .expect("alice")
@@ -869,7 +869,7 @@ async fn queue_lengths_follow_every_write() {
     // queued for her with the copies bob's laptop held of them.
     let alice_new = DeviceId([7; 16]);
     store
-        .register_device(Pseudonym([0xA1; 32]), alice_new, [9; 32], 0)
+        .register_device(Pseudonym([0xA1; 32]), 1, alice_new, [9; 32], 0)
         .await
         .expect("register again");
     assert_queue_lengths(store, &database, "after a new registration").await;
@@ -910,7 +910,7 @@ async fn queue_lengths_follow_every_write() {
     let queued = store.account(Pseudonym([0xB0; 32])).await.expect("account");
     assert_eq!(queued.expect("bob").devices, vec![(bob_phone, 1)]);
     store
-        .register_device(Pseudonym([0xB0; 32]), bob_phone, [8; 32], 0)
+        .register_device(Pseudonym([0xB0; 32]), 1, bob_phone, [8; 32], 0)
         .await
         .expect("register again");
     assert_queue_lengths(
@@ -969,7 +969,7 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
     check("before registration", vec![]).await;
     let (phone, laptop, tablet) = (DeviceId([1; 16]), DeviceId([2; 16]), DeviceId([3; 16]));
     let account = store
-        .register_device(pseudonym, phone, [9; 32], 0)
+        .register_device(pseudonym, 1, phone, [9; 32], 0)
         .await
         .expect("register")
         .account;
@@ -986,7 +986,7 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
         .expect("remove"));
     check("removed", vec![laptop]).await;
     let replaced = store
-        .register_device(pseudonym, tablet, [5; 32], 0)
+        .register_device(pseudonym, 1, tablet, [5; 32], 0)
         .await
         .expect("register again");
     assert_eq!(replaced.removed, vec![laptop]);
@@ -1002,7 +1002,7 @@ async fn routes_follow_every_device_change_in(store: &impl Store) {
         "an opted-out number routes like a non-user"
     );
     store
-        .register_device(pseudonym, phone, [9; 32], 0)
+        .register_device(pseudonym, 1, phone, [9; 32], 0)
         .await
         .expect("register after opting out");
     check("registered after opting out", vec![phone]).await;
@@ -1028,12 +1028,12 @@ async fn receipts_expire_one_ttl_after_their_message_in(store: &impl Store) {
     use tidings_core::DAY;
     let (alice, bob) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let alice_account = store
-        .register_device(Pseudonym([0xA1; 32]), alice, [9; 32], 0)
+        .register_device(Pseudonym([0xA1; 32]), 1, alice, [9; 32], 0)
         .await
         .expect("alice")
         .account;
     let bob_account = store
-        .register_device(Pseudonym([0xB0; 32]), bob, [8; 32], 0)
+        .register_device(Pseudonym([0xB0; 32]), 1, bob, [8; 32], 0)
         .await
         .expect("bob")
         .account;
@@ -1139,7 +1139,7 @@ async fn account_ids_are_never_reused() {
     seen = account_ids_are_never_reused_in(&store, 10, seen).await;
     // The newest account stays, so that the database below holds the largest id handed out.
     let kept = store
-        .register_device(Pseudonym([30; 32]), DeviceId([30; 16]), [30; 32], 0)
+        .register_device(Pseudonym([30; 32]), 1, DeviceId([30; 16]), [30; 32], 0)
         .await
         .expect("register");
     seen.push(kept.account);
@@ -1172,7 +1172,7 @@ async fn account_ids_are_never_reused_in(
 ) -> Vec<AccountId> {
     for n in first..first + 4 {
         let registered = store
-            .register_device(Pseudonym([n; 32]), DeviceId([n; 16]), [n; 32], 0)
+            .register_device(Pseudonym([n; 32]), 1, DeviceId([n; 16]), [n; 32], 0)
             .await
             .expect("register");
         assert!(
@@ -1520,7 +1520,7 @@ async fn strangers_copies_leave_their_pool_on_every_deletion_in(store: &impl Sto
         .expect("delete alice");
     let carol = DeviceId([3; 16]);
     let carol_account = store
-        .register_device(Pseudonym([0xC0; 32]), carol, [7; 32], 0)
+        .register_device(Pseudonym([0xC0; 32]), 1, carol, [7; 32], 0)
         .await
         .expect("carol")
         .account;
@@ -1551,7 +1551,7 @@ async fn a_discarded_copy_answers_as_a_waiting_one_and_one_shown_without_a_recei
 
 async fn discarded_and_unreceipted_copies_in(store: &impl Store) {
     let (alice, bob) = (DeviceId([1; 16]), DeviceId([3; 16]));
-    let register = |pseudonym, device| store.register_device(pseudonym, device, [9; 32], 0);
+    let register = |pseudonym, device| store.register_device(pseudonym, 1, device, [9; 32], 0);
     let alice_account = register(Pseudonym([0xA1; 32]), alice)
         .await
         .expect("alice")
@@ -1602,4 +1602,56 @@ async fn discarded_and_unreceipted_copies_in(store: &impl Store) {
     let expired = store.expire(1_000, 10).await.expect("expire");
     let expired: Vec<MessageId> = expired.iter().map(|e| e.id).collect();
     assert_eq!(expired, [id(3)]);
+}
+
+/// A database made before OPRF keys had versions: its accounts are on key 1 with no previous
+/// pseudonym, found as before, and can move to a new key, after which both pseudonyms name them.
+#[tokio::test]
+async fn a_database_from_before_key_versions_is_brought_up_to_them() {
+    let dir = temp_dir("key-versions");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    let (old, new) = (Pseudonym([0x51; 32]), Pseudonym([0x52; 32]));
+    let account = store
+        .register_device(old, 1, DeviceId([0x51; 16]), [0x51; 32], 0)
+        .await
+        .expect("register")
+        .account;
+    drop(store);
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    database
+        .execute_batch(
+            "DROP INDEX accounts_by_previous_pseudonym;
+             ALTER TABLE accounts DROP COLUMN previous_pseudonym;
+             ALTER TABLE accounts DROP COLUMN key_version;",
+        )
+        .expect("an older database");
+    drop(database);
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    let found = store.account(old).await.expect("read").expect("found");
+    assert_eq!(found.account, account);
+    assert_eq!(
+        store.accounts_by_key_version().await.expect("count"),
+        vec![(1, 1)]
+    );
+    assert_eq!(
+        store
+            .rekey_account(account, old, new, 2)
+            .await
+            .expect("rekey"),
+        tidings_store::Rekeyed::Moved
+    );
+    for pseudonym in [old, new] {
+        let route = store.route(pseudonym).await.expect("route").expect("found");
+        assert_eq!(route.account, account);
+    }
+    assert_eq!(
+        store.accounts_by_key_version().await.expect("count"),
+        vec![(2, 1)]
+    );
+    assert_eq!(store.forget_previous_pseudonyms().await.expect("forget"), 1);
+    assert!(store.route(old).await.expect("route").is_none());
+    assert!(store.account(new).await.expect("read").is_some());
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,7 +16,7 @@ use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
 use crate::{
     AccountDevices, AccountId, Actor, Device, IdentityKeys, KeyStatus, Linked, Pseudonym,
-    Registered, Result, StoreError, Voucher,
+    Registered, Rekeyed, Result, StoreError, Voucher,
 };
 
 /// A registered device, read on `conn`.
@@ -64,16 +64,24 @@ pub(super) fn check_actor(txn: &Transaction<'_>, actor: Actor) -> Result<()> {
     }
 }
 
+/// The account a pseudonym names, read on `conn`: the one whose pseudonym it is, or, while the
+/// server holds its previous OPRF key, the one that had it under that key
+/// (`accounts.previous_pseudonym`). Every lookup of an account by pseudonym goes through here.
+pub(super) fn account_id_of(conn: &Connection, pseudonym: Pseudonym) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id FROM accounts WHERE pseudonym = ?1 OR previous_pseudonym = ?1 LIMIT 1",
+        )?
+        .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
+        .optional()?)
+}
+
 /// The account behind a pseudonym and its devices, read on `conn`.
 pub(super) fn account_in(
     conn: &Connection,
     pseudonym: Pseudonym,
 ) -> Result<Option<AccountDevices>> {
-    let account = conn
-        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
-        .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
-        .optional()?;
-    let Some(account) = account else {
+    let Some(account) = account_id_of(conn, pseudonym)? else {
         return Ok(None);
     };
     let mut statement =
@@ -115,26 +123,27 @@ pub(super) fn register_device(
     txn: &Transaction<'_>,
     notes: &mut Notes,
     pseudonym: Pseudonym,
+    key_version: u32,
     device: DeviceId,
     public_key: [u8; 32],
     now: Millis,
 ) -> Result<Registered> {
-    // A new account takes the id after the last one ever handed out (see `account_ids` in the
-    // schema); `WHERE true` lets SQLite tell the upsert from the `SELECT`.
-    let created = txn
-        .prepare_cached(
-            "INSERT INTO accounts (id, pseudonym, created_at)
-             SELECT last + 1, ?1, ?2 FROM account_ids WHERE true
-             ON CONFLICT (pseudonym) DO NOTHING",
-        )?
-        .execute(params![&pseudonym.0[..], sql_millis(now)])?;
-    if created > 0 {
-        txn.prepare_cached("UPDATE account_ids SET last = last + 1")?
-            .execute([])?;
-    }
-    let account: i64 = txn
-        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
-        .query_row(params![&pseudonym.0[..]], |row| row.get(0))?;
+    let account = match account_id_of(txn, pseudonym)? {
+        Some(account) => account,
+        None => {
+            // A new account takes the id after the last one ever handed out (see
+            // `account_ids` in the schema).
+            txn.prepare_cached("UPDATE account_ids SET last = last + 1")?
+                .execute([])?;
+            txn.prepare_cached(
+                "INSERT INTO accounts (id, pseudonym, created_at, key_version)
+                 SELECT last, ?1, ?2, ?3 FROM account_ids",
+            )?
+            .execute(params![&pseudonym.0[..], sql_millis(now), key_version])?;
+            txn.prepare_cached("SELECT last FROM account_ids")?
+                .query_row([], |row| row.get(0))?
+        }
+    };
     let removed = {
         let mut statement = txn.prepare_cached("SELECT id FROM devices WHERE account_id = ?1")?;
         let removed = statement
@@ -337,4 +346,73 @@ pub(super) fn delete_devices(
         notes.devices_changed = true;
     }
     Ok(())
+}
+
+/// [`Store::rekey_account`](crate::Store::rekey_account): moves the account from `old` to `new`
+/// (keeping `old` as its previous pseudonym), if `old` is still its pseudonym.
+pub(super) fn rekey_account(
+    txn: &Transaction<'_>,
+    account: AccountId,
+    old: Pseudonym,
+    new: Pseudonym,
+    key_version: u32,
+) -> Result<Rekeyed> {
+    let current: Option<Vec<u8>> = txn
+        .prepare_cached("SELECT pseudonym FROM accounts WHERE id = ?1")?
+        .query_row(params![account.0], |row| row.get(0))
+        .optional()?;
+    let Some(current) = current else {
+        return Err(StoreError::NoSuchAccount);
+    };
+    if current == new.0 {
+        txn.prepare_cached("UPDATE accounts SET key_version = ?2 WHERE id = ?1")?
+            .execute(params![account.0, key_version])?;
+        return Ok(Rekeyed::AlreadyMoved);
+    }
+    if current != old.0 {
+        return Ok(Rekeyed::NotItsPseudonym);
+    }
+    let clash = txn
+        .prepare_cached(
+            "SELECT 1 FROM accounts WHERE id != ?1
+             AND (pseudonym IN (?2, ?3) OR previous_pseudonym IN (?2, ?3))",
+        )?
+        .exists(params![account.0, &old.0[..], &new.0[..]])?;
+    if clash {
+        return Err(StoreError::engine("the pseudonym names another account"));
+    }
+    txn.prepare_cached(
+        "UPDATE accounts SET previous_pseudonym = pseudonym, pseudonym = ?2, key_version = ?3
+         WHERE id = ?1",
+    )?
+    .execute(params![account.0, &new.0[..], key_version])?;
+    Ok(Rekeyed::Moved)
+}
+
+/// [`Store::accounts_by_key_version`](crate::Store::accounts_by_key_version), read on `conn`.
+pub(super) fn accounts_by_key_version(conn: &Connection) -> Result<Vec<(u32, u64)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT key_version, COUNT(*) FROM accounts GROUP BY key_version ORDER BY key_version",
+    )?;
+    let counts = statement
+        .query_map([], |row| {
+            Ok((
+                u32::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+                u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(counts)
+}
+
+/// [`Store::forget_previous_pseudonyms`](crate::Store::forget_previous_pseudonyms).
+pub(super) fn forget_previous_pseudonyms(txn: &Transaction<'_>, notes: &mut Notes) -> Result<u64> {
+    let forgotten = txn
+        .prepare_cached(
+            "UPDATE accounts SET previous_pseudonym = NULL WHERE previous_pseudonym IS NOT NULL",
+        )?
+        .execute([])?;
+    // Routes held under a forgotten pseudonym must go with it.
+    notes.devices_changed = true;
+    Ok(forgotten as u64)
 }

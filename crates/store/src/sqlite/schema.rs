@@ -123,6 +123,13 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The tombstone is of a message delivered without a receipt (`AckKind::ShownWithoutReceipt`),
     // not of a withdrawn one: a withdraw answers delivered.
     ("withdrawn", "delivered", "INTEGER NOT NULL DEFAULT 0"),
+    // The version of the OPRF key the account's pseudonym is under; an account made before keys
+    // had versions is under the first.
+    ("accounts", "key_version", "INTEGER NOT NULL DEFAULT 1"),
+    // The account's pseudonym under the previous OPRF key, once it moved to the current one,
+    // until the server starts without the previous key (`forget_previous_pseudonyms`). Unique
+    // through `accounts_by_previous_pseudonym`.
+    ("accounts", "previous_pseudonym", "BLOB"),
 ];
 
 /// Columns an earlier version added that must not stay on disk, with the indexes on them (dropped
@@ -162,6 +169,11 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     // `receipts.expires_at` has no index (see the `receipts` module); a database made while it
     // had one loses it.
     conn.execute_batch("DROP INDEX IF EXISTS receipts_by_expiry;")?;
+    // `ALTER TABLE ... ADD COLUMN` cannot say UNIQUE; this index does (NULLs never clash).
+    conn.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS accounts_by_previous_pseudonym
+         ON accounts(previous_pseudonym);",
+    )?;
     drop_columns(conn)?;
     Ok(())
 }

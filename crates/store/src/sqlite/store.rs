@@ -15,8 +15,8 @@ use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Backlog, Claimed, Completion, Device,
     Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Result, Route,
-    SignedKey, Store, Voucher,
+    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Rekeyed, Result,
+    Route, SignedKey, Store, Voucher,
 };
 
 impl Store for SqliteStore {
@@ -69,14 +69,37 @@ impl Store for SqliteStore {
     async fn register_device(
         &self,
         pseudonym: Pseudonym,
+        key_version: u32,
         device: DeviceId,
         public_key: [u8; 32],
         now: Millis,
     ) -> Result<Registered> {
         self.write(Undo::Operation, move |txn, notes| {
-            accounts::register_device(txn, notes, pseudonym, device, public_key, now)
+            accounts::register_device(txn, notes, pseudonym, key_version, device, public_key, now)
         })
         .await
+    }
+
+    async fn rekey_account(
+        &self,
+        account: AccountId,
+        old: Pseudonym,
+        new: Pseudonym,
+        key_version: u32,
+    ) -> Result<Rekeyed> {
+        self.write(Undo::Operation, move |txn, _| {
+            accounts::rekey_account(txn, account, old, new, key_version)
+        })
+        .await
+    }
+
+    async fn accounts_by_key_version(&self) -> Result<Vec<(u32, u64)>> {
+        self.read(accounts::accounts_by_key_version).await
+    }
+
+    async fn forget_previous_pseudonyms(&self) -> Result<u64> {
+        self.write(Undo::Operation, accounts::forget_previous_pseudonyms)
+            .await
     }
 
     async fn add_device(
