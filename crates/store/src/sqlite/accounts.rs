@@ -64,32 +64,34 @@ pub(super) fn check_actor(txn: &Transaction<'_>, actor: Actor) -> Result<()> {
     }
 }
 
-/// The account behind a pseudonym and its devices, read on `conn`.
+/// The account behind a pseudonym and its devices, read on `conn` in one statement (a lookup
+/// runs it once per number of a phonebook).
 pub(super) fn account_in(
     conn: &Connection,
     pseudonym: Pseudonym,
 ) -> Result<Option<AccountDevices>> {
-    let account = conn
-        .prepare_cached("SELECT id FROM accounts WHERE pseudonym = ?1")?
-        .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
-        .optional()?;
-    let Some(account) = account else {
-        return Ok(None);
-    };
-    let mut statement =
-        conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
-    let devices = statement
-        .query_map(params![account], |row| {
-            Ok((
-                device_id(row.get(0)?)?,
-                u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(AccountDevices {
-        account: AccountId(account),
-        devices,
-    }))
+    let mut statement = conn.prepare_cached(
+        "SELECT accounts.id, devices.id, devices.queue_len
+         FROM accounts LEFT JOIN devices ON devices.account_id = accounts.id
+         WHERE accounts.pseudonym = ?1",
+    )?;
+    let mut rows = statement.query(params![&pseudonym.0[..]])?;
+    let mut found: Option<AccountDevices> = None;
+    while let Some(row) = rows.next()? {
+        let id = AccountId(row.get(0)?);
+        let account = found.get_or_insert_with(|| AccountDevices {
+            account: id,
+            devices: Vec::new(),
+        });
+        // An account without devices has one row, with no device in it.
+        if let Some(id) = row.get::<_, Option<Vec<u8>>>(1)? {
+            account.devices.push((
+                device_id(id)?,
+                u32::try_from(row.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// [`Store::login_device`](crate::Store::login_device): a device and its key supply, read on
