@@ -64,40 +64,54 @@ pub(super) fn check_actor(txn: &Transaction<'_>, actor: Actor) -> Result<()> {
     }
 }
 
-/// The account a pseudonym names, read on `conn`: the one whose pseudonym it is, or, while the
-/// server holds its previous OPRF key, the one that had it under that key
-/// (`accounts.previous_pseudonym`). Every lookup of an account by pseudonym goes through here.
+/// The one rule that names an account by pseudonym: the account whose pseudonym it is, or,
+/// while the server holds its previous OPRF key, the one that had it under that key
+/// (`accounts.previous_pseudonym`). Every lookup of an account by pseudonym uses it.
+/// A macro so that statements embed it in their literal (no text built per call).
+macro_rules! account_of_pseudonym {
+    () => {
+        "SELECT id FROM accounts WHERE pseudonym = ?1 OR previous_pseudonym = ?1 LIMIT 1"
+    };
+}
+
+/// The account a pseudonym names (`account_of_pseudonym!`), read on `conn`.
 pub(super) fn account_id_of(conn: &Connection, pseudonym: Pseudonym) -> Result<Option<i64>> {
     Ok(conn
-        .prepare_cached(
-            "SELECT id FROM accounts WHERE pseudonym = ?1 OR previous_pseudonym = ?1 LIMIT 1",
-        )?
+        .prepare_cached(account_of_pseudonym!())?
         .query_row(params![&pseudonym.0[..]], |row| row.get::<_, i64>(0))
         .optional()?)
 }
 
-/// The account behind a pseudonym and its devices, read on `conn`.
+/// The account behind a pseudonym and its devices, read on `conn` in one statement (a lookup
+/// runs it once per number of a phonebook).
 pub(super) fn account_in(
     conn: &Connection,
     pseudonym: Pseudonym,
 ) -> Result<Option<AccountDevices>> {
-    let Some(account) = account_id_of(conn, pseudonym)? else {
-        return Ok(None);
-    };
-    let mut statement =
-        conn.prepare_cached("SELECT id, queue_len FROM devices WHERE account_id = ?1")?;
-    let devices = statement
-        .query_map(params![account], |row| {
-            Ok((
-                device_id(row.get(0)?)?,
-                u32::try_from(row.get::<_, i64>(1)?).unwrap_or(u32::MAX),
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(AccountDevices {
-        account: AccountId(account),
-        devices,
-    }))
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT accounts.id, devices.id, devices.queue_len
+         FROM accounts LEFT JOIN devices ON devices.account_id = accounts.id
+         WHERE accounts.id = (",
+        account_of_pseudonym!(),
+        ")"
+    ))?;
+    let mut rows = statement.query(params![&pseudonym.0[..]])?;
+    let mut found: Option<AccountDevices> = None;
+    while let Some(row) = rows.next()? {
+        let id = AccountId(row.get(0)?);
+        let account = found.get_or_insert_with(|| AccountDevices {
+            account: id,
+            devices: Vec::new(),
+        });
+        // An account without devices has one row, with no device in it.
+        if let Some(id) = row.get::<_, Option<Vec<u8>>>(1)? {
+            account.devices.push((
+                device_id(id)?,
+                u32::try_from(row.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// [`Store::login_device`](crate::Store::login_device): a device and its key supply, read on

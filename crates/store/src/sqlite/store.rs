@@ -52,11 +52,16 @@ impl Store for SqliteStore {
     }
 
     async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
+        // One read transaction for the whole batch: one snapshot, and SQLite's locks taken
+        // once instead of once per statement (a file-lock system call each).
         self.read(move |conn| {
-            pseudonyms
+            let snapshot = conn.unchecked_transaction()?;
+            let accounts = pseudonyms
                 .into_iter()
-                .map(|pseudonym| accounts::account_in(conn, pseudonym))
-                .collect()
+                .map(|pseudonym| accounts::account_in(&snapshot, pseudonym))
+                .collect::<Result<Vec<_>>>()?;
+            snapshot.commit()?;
+            Ok(accounts)
         })
         .await
     }
