@@ -144,6 +144,11 @@ pub struct LoginResult {
     /// Whether this device has published its identity keys and a fallback key.
     #[prost(bool, tag = "4")]
     pub keys_published: bool,
+    /// A fresh resumption token for this device's next connect (sent in the
+    /// `Tidings-Resume` header of `GET /v1/connect`): single use, valid for a bounded time;
+    /// empty when the server issues none. Opaque to the client.
+    #[prost(bytes = "vec", tag = "6")]
+    pub resume_token: Vec<u8>,
 }
 
 /// Sent at the start of a listening session while own messages were not kept for this device:

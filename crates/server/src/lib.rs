@@ -68,6 +68,7 @@ mod presence;
 mod receiver;
 mod reply;
 mod request;
+mod resume;
 mod send;
 mod session;
 mod state;

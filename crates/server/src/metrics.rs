@@ -50,6 +50,9 @@ pub struct Metrics {
     pub sync_batch: Histogram,
     pub expired: Counter,
     pub withdrawals: Family<Outcome, Counter>,
+    /// Connects that presented a resumption token, by outcome (`resumed`, or why it was
+    /// refused: the connect then logs in by challenge).
+    pub resumes: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -71,6 +74,7 @@ impl Metrics {
             sync_batch: Histogram::new((0..=12).map(|power| f64::from(1u32 << power))),
             expired: Counter::default(),
             withdrawals: Family::default(),
+            resumes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +128,11 @@ impl Metrics {
             "store_sync_batch_operations",
             "Operations per storage sync",
             metrics.sync_batch.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Connects with a resumption token, by outcome",
+            metrics.resumes.clone(),
         );
         registry.register(
             "expired_messages",
