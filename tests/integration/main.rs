@@ -24,6 +24,7 @@ mod presence;
 mod privacy;
 mod queues;
 mod registration;
+mod resumption;
 mod revocation;
 mod robustness;
 mod sms;
