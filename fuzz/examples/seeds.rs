@@ -129,6 +129,7 @@ fn frames() {
             heartbeat_seconds: 30,
             one_time_keys: 50,
             keys_published: true,
+            resume_token: vec![1; 73],
         }),
         Kind::Pong(Pong { nonce: 1 }),
         Kind::SendResult(SendResult {

@@ -26,6 +26,7 @@ mod privacy;
 mod queues;
 mod registration;
 mod resend;
+mod resumption;
 mod revocation;
 mod robustness;
 mod rotation;

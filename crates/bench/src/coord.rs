@@ -720,7 +720,48 @@ async fn idle(
                     first_error = first_error.or(e);
                 }
             }
+            // The reconnect step: every client closes its connection; once the closes are
+            // done, every one connects again the cheapest way its protocol offers (Tidings: its
+            // resumption token), and the server's CPU over the reconnects is theirs alone.
+            fleet.send_all(&Ctl::Close).await?;
+            fleet
+                .wait_all("connections closed", Duration::from_secs(300), |e| {
+                    matches!(e, Event::Closed)
+                })
+                .await?;
+            tokio::time::sleep(Duration::from_secs_f64(sizes.idle_settle_secs)).await;
+            let reconnect_cpu0 = server.usage().cpu_secs;
+            let reconnect_started = Instant::now();
+            fleet.send_all(&Ctl::Reconnect).await?;
+            let reconnects = fleet
+                .wait_all("users reconnected", Duration::from_secs(900), |e| {
+                    matches!(e, Event::Connected { .. })
+                })
+                .await?;
+            let reconnect_secs = reconnect_started.elapsed().as_secs_f64();
+            let reconnect_server_cpu_secs = server.usage().cpu_secs - reconnect_cpu0;
+            let (mut reconnected, mut reconnect_failed, mut reconnect_first_error) = (0, 0, None);
+            for event in reconnects {
+                if let Event::Connected {
+                    ok: o,
+                    failed: f,
+                    first_error: e,
+                    ..
+                } = event
+                {
+                    reconnected += o;
+                    reconnect_failed += f;
+                    reconnect_first_error = reconnect_first_error.or(e);
+                }
+            }
             let result = IdleResult {
+                login_server_cpu_secs: server_connect,
+                reconnected,
+                reconnect_failed,
+                reconnect_secs,
+                reconnects_per_sec: reconnected as f64 / reconnect_secs.max(1e-9),
+                reconnect_server_cpu_secs,
+                reconnect_first_error,
                 clients: u64::from(sizes.idle_clients),
                 connected: ok,
                 failed,
@@ -745,6 +786,22 @@ async fn idle(
                 before.rss_bytes as f64 / 1048576.0,
                 after.rss_bytes as f64 / 1048576.0,
                 result.bytes_per_connection
+            ));
+            say(&format!(
+                "{}: server CPU {:.1} µs per first login; {}/{} reconnected ({} failed) in {:.2} s = {:.0}/s, server CPU {:.1} µs each{}",
+                label,
+                result.login_server_cpu_secs * 1e6 / (ok.max(1) as f64),
+                result.reconnected,
+                ok,
+                result.reconnect_failed,
+                result.reconnect_secs,
+                result.reconnects_per_sec,
+                result.reconnect_server_cpu_secs * 1e6 / (result.reconnected.max(1) as f64),
+                result
+                    .reconnect_first_error
+                    .as_deref()
+                    .map(|e| format!(" (first error: {e})"))
+                    .unwrap_or_default()
             ));
             if ok == 0 {
                 bail!(

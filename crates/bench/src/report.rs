@@ -47,6 +47,17 @@ pub struct IdleSummary {
     pub server_cpu_secs: f64,
     pub generator_cpu_secs: f64,
     pub background_cpu_secs: f64,
+    /// Server CPU per first login (connect, upgrade, signed login), microseconds.
+    #[serde(default)]
+    pub login_cpu_us: f64,
+    /// The reconnect step: reconnects per second, and server CPU per reconnect (Tidings: a
+    /// resumed connect), microseconds.
+    #[serde(default)]
+    pub reconnected: f64,
+    #[serde(default)]
+    pub reconnects_per_sec: f64,
+    #[serde(default)]
+    pub reconnect_cpu_us: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -138,6 +149,20 @@ pub fn summarize(runs: &[TargetRun], targets: &[Target], sizes: &Sizes) -> Vec<S
                 server_cpu_secs: median(idles.iter().map(|i| i.server_cpu_secs).collect()),
                 generator_cpu_secs: median(idles.iter().map(|i| i.generator_cpu_secs).collect()),
                 background_cpu_secs: median(idles.iter().map(|i| i.background_cpu_secs).collect()),
+                login_cpu_us: median(
+                    idles
+                        .iter()
+                        .map(|i| i.login_server_cpu_secs * 1e6 / (i.connected.max(1) as f64))
+                        .collect(),
+                ),
+                reconnected: median(idles.iter().map(|i| i.reconnected as f64).collect()),
+                reconnects_per_sec: median(idles.iter().map(|i| i.reconnects_per_sec).collect()),
+                reconnect_cpu_us: median(
+                    idles
+                        .iter()
+                        .map(|i| i.reconnect_server_cpu_secs * 1e6 / (i.reconnected.max(1) as f64))
+                        .collect(),
+                ),
             });
         }
         for &pairs in &sizes.relay_pairs {
@@ -284,6 +309,21 @@ fn ratio_rows(sizes: &Sizes) -> Vec<(String, &'static str, Getter)> {
             "higher",
             Box::new(|s: &Summary| s.idle.as_ref().map(|i| i.connects_per_sec)),
         ),
+        (
+            "idle: server CPU per first login, µs".into(),
+            "lower",
+            Box::new(|s: &Summary| s.idle.as_ref().map(|i| i.login_cpu_us)),
+        ),
+        (
+            "reconnect: reconnects per second".into(),
+            "higher",
+            Box::new(|s: &Summary| s.idle.as_ref().map(|i| i.reconnects_per_sec)),
+        ),
+        (
+            "reconnect: server CPU per reconnect, µs".into(),
+            "lower",
+            Box::new(|s: &Summary| s.idle.as_ref().map(|i| i.reconnect_cpu_us)),
+        ),
     ];
     for &pairs in &sizes.relay_pairs {
         let get = move |s: &Summary| s.relay.iter().find(|r| r.pairs == pairs).cloned();
@@ -422,6 +462,29 @@ pub fn markdown(report: &Report) -> String {
                     i.server_cpu_secs,
                     i.generator_cpu_secs,
                     i.background_cpu_secs
+                );
+            }
+        }
+        md.push('\n');
+        let _ = writeln!(
+            md,
+            "Then every client closes its connection and, once the closes are done, connects again the cheapest way its protocol offers: Tidings with the resumption token its login's answer carried (one round trip, an HMAC instead of an Ed25519 verification), Mosquitto to its persistent session (clean session off, no SUBSCRIBE), ejabberd by logging in again. Server CPU over the reconnects alone, per reconnect; the first login's (from the phase above) beside it.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| target | reconnected | reconnects/s | server CPU per reconnect | server CPU per first login |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+        for x in s {
+            if let (Some(t), Some(i)) = (x.target, &x.idle) {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.1} µs | {:.1} µs |",
+                    t.title(),
+                    num(i.reconnected),
+                    num(i.reconnects_per_sec),
+                    i.reconnect_cpu_us,
+                    i.login_cpu_us
                 );
             }
         }
@@ -573,6 +636,26 @@ pub fn bar_rows(s: &[Summary], sizes: &Sizes) -> Vec<(String, String, Option<boo
         idle.map(|i| bytes(i.bytes_per_connection))
             .unwrap_or_else(|| "–".into()),
         idle.map(|i| i.bytes_per_connection <= 1000.0),
+    ));
+    rows.push((
+        "resumed connects ≤ 33 µs of server CPU each".to_string(),
+        idle.map(|i| {
+            let mosquitto = peer(Target::Mosquitto).and_then(|p| p.idle.as_ref());
+            format!(
+                "{:.1} µs each, {}/s{}",
+                i.reconnect_cpu_us,
+                num(i.reconnects_per_sec),
+                mosquitto
+                    .map(|m| format!(
+                        " (Mosquitto's reconnect: {:.1} µs, {}/s)",
+                        m.reconnect_cpu_us,
+                        num(m.reconnects_per_sec)
+                    ))
+                    .unwrap_or_default()
+            )
+        })
+        .unwrap_or_else(|| "–".into()),
+        idle.map(|i| i.reconnected > 0.0 && i.reconnect_cpu_us <= 33.0),
     ));
     rows.push((
         "≥ 30,000 connects/s".to_string(),

@@ -65,6 +65,25 @@ pub struct IdleResult {
     pub background_cpu_secs: f64,
     pub workers: usize,
     pub first_error: Option<String>,
+    /// Server CPU seconds from Go to the last client logged in: the first logins alone.
+    #[serde(default)]
+    pub login_server_cpu_secs: f64,
+    /// The reconnect step: every client closed, then connected again (Tidings with its
+    /// resumption token).
+    #[serde(default)]
+    pub reconnected: u64,
+    #[serde(default)]
+    pub reconnect_failed: u64,
+    /// Wall time from the reconnect's Go to the last client reconnected.
+    #[serde(default)]
+    pub reconnect_secs: f64,
+    #[serde(default)]
+    pub reconnects_per_sec: f64,
+    /// Server CPU seconds over the reconnects.
+    #[serde(default)]
+    pub reconnect_server_cpu_secs: f64,
+    #[serde(default)]
+    pub reconnect_first_error: Option<String>,
 }
 
 /// One rate step of phase 2.

@@ -201,6 +201,10 @@ pub struct StepSpec {
 pub enum Ctl {
     Go,
     Step(StepSpec),
+    /// Idle phase: close every held connection (answered `Closed`).
+    Close,
+    /// Idle phase: connect every closed one again (answered `Connected`).
+    Reconnect,
     Release,
     Stop,
 }
@@ -256,6 +260,8 @@ pub enum Event {
         secs: f64,
         first_error: Option<String>,
     },
+    /// Every held connection was closed (idle phase).
+    Closed,
     StepDone(StepReport),
     Stored {
         ok: u64,

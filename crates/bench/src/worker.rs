@@ -4,6 +4,7 @@
 //! when its job ends, when told to stop, or when the harness goes away (stdin closes).
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write as _;
 use std::rc::Rc;
@@ -334,13 +335,76 @@ async fn register(
     Ok(())
 }
 
-async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<TaskGuard> {
-    match ctx.endpoint.target {
-        Target::Tidings | Target::TidingsTls => tidings::hold(ctx, index).await,
-        Target::Mosquitto => mqtt::hold(ctx, index).await,
-        Target::Ejabberd => xmpp::hold(ctx, index).await,
+/// A user held connected, and what its next reconnect presents (Tidings: the resumption token
+/// of its last login).
+struct Held {
+    index: u32,
+    guard: Option<TaskGuard>,
+    token: Vec<u8>,
+}
+
+async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<Held> {
+    let (guard, token) = match ctx.endpoint.target {
+        Target::Tidings | Target::TidingsTls => tidings::hold(ctx, index).await?,
+        Target::Mosquitto => (mqtt::hold(ctx, index).await?, Vec::new()),
+        Target::Ejabberd => (xmpp::hold(ctx, index).await?, Vec::new()),
         Target::Nats => bail!("the idle phase does not apply to NATS"),
-    }
+    };
+    Ok(Held {
+        index,
+        guard: Some(guard),
+        token,
+    })
+}
+
+/// Connects a user held before again, the cheapest way its protocol offers: Tidings with its
+/// resumption token, MQTT to its persistent session without subscribing again, XMPP by logging
+/// in again.
+async fn reconnect(ctx: &Ctx, index: u32, token: &[u8]) -> anyhow::Result<Held> {
+    let (guard, token) = match ctx.endpoint.target {
+        Target::Tidings | Target::TidingsTls => tidings::resume(ctx, index, token).await?,
+        Target::Mosquitto => (mqtt::reconnect(ctx, index).await?, Vec::new()),
+        Target::Ejabberd => (xmpp::hold(ctx, index).await?, Vec::new()),
+        Target::Nats => bail!("the idle phase does not apply to NATS"),
+    };
+    Ok(Held {
+        index,
+        guard: Some(guard),
+        token,
+    })
+}
+
+/// Connects each of `held` again (their connections closed before), at most `concurrency` at
+/// once, and says how many made it.
+async fn reconnect_all(ctx: &Ctx, held: &Rc<std::cell::RefCell<Vec<Held>>>, concurrency: usize) {
+    let before: Vec<(u32, Vec<u8>)> = held
+        .borrow_mut()
+        .drain(..)
+        .map(|h| (h.index, h.token))
+        .collect();
+    let tokens: Rc<HashMap<u32, Vec<u8>>> = Rc::new(before.into_iter().collect());
+    let errors = Rc::new(Errors::default());
+    let started = Instant::now();
+    let mut indices: Vec<u32> = tokens.keys().copied().collect();
+    indices.sort_unstable();
+    let ok = for_each_limited(indices, concurrency, Rc::clone(&errors), |index| {
+        let ctx = ctx.clone();
+        let held = Rc::clone(held);
+        let tokens = Rc::clone(&tokens);
+        async move {
+            let token = tokens.get(&index).map_or(&[][..], Vec::as_slice);
+            let again = reconnect(&ctx, index, token).await?;
+            held.borrow_mut().push(again);
+            Ok(())
+        }
+    })
+    .await;
+    emit(&Event::Connected {
+        ok,
+        failed: errors.count.get(),
+        secs: started.elapsed().as_secs_f64(),
+        first_error: errors.first(),
+    });
 }
 
 async fn idle(
@@ -353,7 +417,7 @@ async fn idle(
     emit(&Event::Ready);
     controls.go().await?;
     let started = Instant::now();
-    let held: Rc<std::cell::RefCell<Vec<TaskGuard>>> = Rc::default();
+    let held: Rc<std::cell::RefCell<Vec<Held>>> = Rc::default();
     let errors = Rc::new(Errors::default());
     let ok = for_each_limited(
         (first..first + count).collect(),
@@ -363,8 +427,8 @@ async fn idle(
             let ctx = ctx.clone();
             let held = Rc::clone(&held);
             async move {
-                let guard = hold(&ctx, index).await?;
-                held.borrow_mut().push(guard);
+                let one = hold(&ctx, index).await?;
+                held.borrow_mut().push(one);
                 Ok(())
             }
         },
@@ -379,6 +443,15 @@ async fn idle(
     loop {
         match controls.next().await {
             Ctl::Release | Ctl::Stop => break,
+            Ctl::Close => {
+                for one in held.borrow_mut().iter_mut() {
+                    one.guard = None;
+                }
+                // Give the closes a moment to leave.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                emit(&Event::Closed);
+            }
+            Ctl::Reconnect => reconnect_all(ctx, &held, concurrency).await,
             _ => {}
         }
     }
@@ -447,7 +520,7 @@ async fn relay(
                 emit(&Event::StepDone(report));
             }
             Ctl::Stop | Ctl::Release => break,
-            Ctl::Go => {}
+            Ctl::Go | Ctl::Close | Ctl::Reconnect => {}
         }
     }
     drop(links);

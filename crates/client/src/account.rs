@@ -288,12 +288,24 @@ impl Account {
         self.data.presence
     }
 
-    /// Opens a session, unsealing the login key the first time. A listening session (the one
-    /// that makes the device online) first tells the server who may see it online: until it
-    /// does, the server shows it to nobody.
+    /// Opens a session, unsealing the login key the first time: with the resumption token the
+    /// last login left sealed in the profile if the server takes it (one round trip, no
+    /// signature), else by signing the server's challenge; the new token the answer carries
+    /// replaces the one kept. A listening session (the one that makes the device online) first
+    /// tells the server who may see it online: until it does, the server shows it to nobody.
     pub async fn session(&self, listen: bool) -> Result<Session> {
+        let key = self.login_key()?;
+        let vault = self.vault()?;
+        let token = self.profile.resume_token(&vault);
         let mut session =
-            Session::open(&self.endpoint, self.device, self.login_key()?, listen).await?;
+            Session::open(&self.endpoint, self.device, key, listen, token.as_deref()).await?;
+        let fresh = session.take_resume_token();
+        if !fresh.is_empty() || token.is_some() {
+            // A token not kept only costs the next connect its signature.
+            if let Err(e) = self.profile.store_resume_token(&vault, &fresh) {
+                tracing::warn!(error = %e, "could not keep the resumption token");
+            }
+        }
         // The server rotated its discovery key since this profile pinned one.
         let pinned = self.pinned().current.map_or(0, |key| key.key_version);
         if pinned != 0 && session.oprf_key_version() > pinned {
@@ -338,12 +350,16 @@ impl Account {
         if let Some(key) = self.key.get() {
             return Ok(key);
         }
-        let vault = match self.vault.get() {
-            Some(vault) => vault.clone(),
-            None => self.inbox()?.vault().clone(),
-        };
-        let key = self.profile.device_key(&vault)?;
+        let key = self.profile.device_key(&self.vault()?)?;
         Ok(self.key.get_or_init(|| key))
+    }
+
+    /// The passphrase's key, derived (by opening the local store) the first time.
+    fn vault(&self) -> Result<Vault> {
+        match self.vault.get() {
+            Some(vault) => Ok(vault.clone()),
+            None => Ok(self.inbox()?.vault().clone()),
+        }
     }
 
     /// Opens the local store with the passphrase; the first open brings a store made by an

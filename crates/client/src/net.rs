@@ -185,21 +185,34 @@ impl Endpoint {
         result
     }
 
-    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/2`. Returns the
-    /// upgraded stream and the login challenge.
-    pub async fn upgrade(&self) -> Result<(Box<dyn Stream>, Vec<u8>)> {
+    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/2`, presenting
+    /// `resume` (a resumption token, and whether the session listens) if given. Returns the
+    /// upgraded stream and how the session logs in.
+    pub async fn upgrade(
+        &self,
+        resume: Option<(&[u8], bool)>,
+    ) -> Result<(Box<dyn Stream>, Upgraded)> {
         let stream = self.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                 .await
                 .map_err(|e| ClientError::Network(e.to_string()))?;
         tokio::spawn(connection.with_upgrades());
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::GET)
             .uri("/v1/connect")
             .header(hyper::header::HOST, self.authority())
             .header(hyper::header::CONNECTION, "upgrade")
-            .header(hyper::header::UPGRADE, tidings_proto::UPGRADE_PROTOCOL)
+            .header(hyper::header::UPGRADE, tidings_proto::UPGRADE_PROTOCOL);
+        if let Some((token, listen)) = resume {
+            request = request
+                .header(
+                    tidings_proto::RESUME_HEADER,
+                    tidings_proto::id::to_text(token),
+                )
+                .header(tidings_proto::LISTEN_HEADER, if listen { "1" } else { "0" });
+        }
+        let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let exchange = async {
@@ -213,27 +226,44 @@ impl Endpoint {
                     response.status()
                 )));
             }
-            let challenge = response
-                .headers()
-                .get(tidings_proto::CHALLENGE_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(tidings_proto::id::from_text)
-                .filter(|c| c.len() == 32)
-                .ok_or_else(|| {
-                    ClientError::Protocol("the upgrade carried no valid challenge".into())
-                })?;
+            let headers = response.headers();
+            let upgraded_as = if headers
+                .get(tidings_proto::RESUMED_HEADER)
+                .is_some_and(|v| v.as_bytes() == b"1")
+            {
+                Upgraded::Resumed
+            } else {
+                let challenge = headers
+                    .get(tidings_proto::CHALLENGE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(tidings_proto::id::from_text)
+                    .filter(|c| c.len() == 32)
+                    .ok_or_else(|| {
+                        ClientError::Protocol("the upgrade carried no valid challenge".into())
+                    })?;
+                Upgraded::Challenge(challenge)
+            };
             let upgraded = hyper::upgrade::on(&mut response)
                 .await
                 .map_err(|e| ClientError::Network(e.to_string()))?;
             Ok::<_, ClientError>((
                 Box::new(TokioIo::new(upgraded)) as Box<dyn Stream>,
-                challenge,
+                upgraded_as,
             ))
         };
         tokio::time::timeout(NETWORK_TIMEOUT, exchange)
             .await
             .map_err(|_| ClientError::Timeout)?
     }
+}
+
+/// How an upgraded connection logs in.
+#[derive(Debug)]
+pub enum Upgraded {
+    /// By signing this challenge in a `Login`.
+    Challenge(Vec<u8>),
+    /// Already: the resumption token held, and `LoginResult` comes next.
+    Resumed,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -3,6 +3,7 @@
 //! - `profile.json`: the number, the server address and how to trust it, the device id;
 //! - `device.key`: the Ed25519 login key, sealed under the passphrase (see [`crate::vault`]) and
 //!   readable only by its owner;
+//! - `resume.token`: the server's resumption token for the next connect, sealed the same way;
 //! - `inbox.sqlite`: received messages (see [`crate::inbox`]).
 //!
 //! Files are written to a temporary name and renamed, so a crash leaves the old or the new
@@ -169,6 +170,11 @@ const SEALED_KEY_MAGIC: &[u8] = b"tidings-sealed-device-key-v1\n";
 /// The name the key is sealed under (the vault's associated data).
 const SEALED_KEY_NAME: &str = "device-key";
 const UNSEALED_KEY_LEN: usize = 32;
+const RESUME_FILE: &str = "resume.token";
+/// What a sealed `resume.token` starts with.
+const SEALED_RESUME_MAGIC: &[u8] = b"tidings-sealed-resume-token-v1\n";
+/// The name the resumption token is sealed under.
+const SEALED_RESUME_NAME: &str = "resume-token";
 
 fn io_error(path: &Path, e: std::io::Error) -> ClientError {
     ClientError::Profile(format!("{}: {e}", path.display()))
@@ -272,9 +278,34 @@ impl Profile {
         write_atomic(&self.dir.join(KEY_FILE), &bytes)
     }
 
-    /// Forgets the registration and the device key (after opting out).
+    /// The resumption token the server gave at the last login, if one is kept and opens under
+    /// `vault`. A missing, damaged or foreign one is `None`: the next connect logs in by
+    /// challenge, as it would with a token the server refuses.
+    pub fn resume_token(&self, vault: &Vault) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.dir.join(RESUME_FILE)).ok()?;
+        let sealed = bytes.strip_prefix(SEALED_RESUME_MAGIC)?;
+        let token = vault.open(SEALED_RESUME_NAME, sealed).ok()?;
+        Some(token.to_vec())
+    }
+
+    /// Keeps `token` sealed for the next connect, replacing the one kept; an empty token (a
+    /// server that issues none) removes it.
+    pub fn store_resume_token(&self, vault: &Vault, token: &[u8]) -> Result<()> {
+        let path = self.dir.join(RESUME_FILE);
+        if token.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&path, e)),
+                _ => Ok(()),
+            };
+        }
+        let mut bytes = SEALED_RESUME_MAGIC.to_vec();
+        bytes.extend_from_slice(&vault.seal(SEALED_RESUME_NAME, token));
+        write_atomic(&path, &bytes)
+    }
+
+    /// Forgets the registration, the device key and the resumption token (after opting out).
     pub fn forget_registration(&self) -> Result<()> {
-        for name in [DATA_FILE, KEY_FILE] {
+        for name in [DATA_FILE, KEY_FILE, RESUME_FILE] {
             let path = self.dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -333,6 +364,32 @@ mod tests {
                 Err(ClientError::Profile(_))
             ));
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The resumption token is kept sealed, opens only under its vault, and an empty one
+    /// removes it.
+    #[test]
+    fn the_resumption_token_is_sealed_and_replaced() {
+        let dir =
+            std::env::temp_dir().join(format!("tidings-profile-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let profile = Profile::at(&dir);
+        let (vault, _) = Vault::create(&Passphrase::new("right")).expect("vault");
+        let (other, _) = Vault::create(&Passphrase::new("wrong")).expect("vault");
+        assert_eq!(profile.resume_token(&vault), None);
+        profile.ensure_dir().expect("dir");
+        let token = [0x5a; 73];
+        profile.store_resume_token(&vault, &token).expect("store");
+        let on_disk = std::fs::read(dir.join(RESUME_FILE)).expect("read");
+        assert!(!on_disk.windows(16).any(|w| w == &token[..16]));
+        assert_eq!(profile.resume_token(&vault).as_deref(), Some(&token[..]));
+        assert_eq!(profile.resume_token(&other), None);
+        profile.store_resume_token(&vault, &[]).expect("remove");
+        assert_eq!(profile.resume_token(&vault), None);
+        profile
+            .store_resume_token(&vault, &[])
+            .expect("nothing to remove");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -11,7 +11,7 @@ use tidings_proto::id::DeviceId;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
-use crate::net::{Endpoint, Stream, NETWORK_TIMEOUT};
+use crate::net::{Endpoint, Stream, Upgraded, NETWORK_TIMEOUT};
 use crate::{ClientError, Result};
 
 /// A session with the server.
@@ -27,6 +27,10 @@ pub struct Session {
     listening: bool,
     /// The version of the server's OPRF key, as its login answer reported it (0: not said).
     oprf_key_version: u32,
+    /// The resumption token the login answer carried, until taken.
+    resume_token: Vec<u8>,
+    /// Whether this session was opened by a resumption token rather than a signature.
+    resumed: bool,
 }
 
 /// What the server holds of this device's keys, as its login answer reported it.
@@ -45,15 +49,19 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Connects, upgrades and logs in with the device key. `listen` asks for deliveries and makes
+    /// Connects, upgrades and logs in: with `resume_token` (from the last login's answer) if
+    /// the server takes it, else with the device key. `listen` asks for deliveries and makes
     /// the account show as online while the session lives.
     pub async fn open(
         endpoint: &Endpoint,
         device: DeviceId,
         key: &SigningKey,
         listen: bool,
+        resume_token: Option<&[u8]>,
     ) -> Result<Self> {
-        let (stream, challenge) = endpoint.upgrade().await?;
+        let (stream, upgraded) = endpoint
+            .upgrade(resume_token.map(|token| (token, listen)))
+            .await?;
         let mut session = Self {
             stream,
             buf: BytesMut::new(),
@@ -64,18 +72,22 @@ impl Session {
             keys: KeySupply::default(),
             listening: listen,
             oprf_key_version: 0,
+            resume_token: Vec::new(),
+            resumed: matches!(upgraded, Upgraded::Resumed),
         };
-        let signature = key.sign(&tidings_proto::transcript::login(
-            &challenge,
-            device.as_bytes(),
-        ));
-        session
-            .send(Kind::Login(frame::Login {
-                device_id: device.as_bytes().to_vec(),
-                signature: signature.to_bytes().to_vec(),
-                listen,
-            }))
-            .await?;
+        if let Upgraded::Challenge(challenge) = upgraded {
+            let signature = key.sign(&tidings_proto::transcript::login(
+                &challenge,
+                device.as_bytes(),
+            ));
+            session
+                .send(Kind::Login(frame::Login {
+                    device_id: device.as_bytes().to_vec(),
+                    signature: signature.to_bytes().to_vec(),
+                    listen,
+                }))
+                .await?;
+        }
         match session.recv(Instant::now() + NETWORK_TIMEOUT).await? {
             Some(Kind::LoginResult(result)) => {
                 session.heartbeat = Duration::from_secs(u64::from(result.heartbeat_seconds.max(1)));
@@ -84,6 +96,7 @@ impl Session {
                     published: result.keys_published,
                 };
                 session.oprf_key_version = result.oprf_key_version;
+                session.resume_token = result.resume_token;
                 Ok(session)
             }
             Some(Kind::Error(error)) if error.code == frame::ErrorCode::AuthFailed as i32 => {
@@ -96,6 +109,17 @@ impl Session {
             Some(_) => Err(ClientError::Protocol("expected LoginResult".into())),
             None => Err(ClientError::Timeout),
         }
+    }
+
+    /// The resumption token the login answer carried (empty if the server issues none), for
+    /// the caller to keep; a second call gives an empty one.
+    pub fn take_resume_token(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.resume_token)
+    }
+
+    /// Whether a resumption token logged this session in (no signature was made).
+    pub fn was_resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Whether this session asked for deliveries at login.

@@ -155,6 +155,11 @@ pub struct LoginResult {
     /// the key was rotated (the client pins the new one and sends `Rekey`).
     #[prost(uint32, tag = "5")]
     pub oprf_key_version: u32,
+    /// A fresh resumption token for this device's next connect (sent in the
+    /// `Tidings-Resume` header of `GET /v1/connect`): single use, valid for a bounded time;
+    /// empty when the server issues none. Opaque to the client.
+    #[prost(bytes = "vec", tag = "6")]
+    pub resume_token: Vec<u8>,
 }
 
 /// Sent at the start of a listening session while own messages were not kept for this device:

@@ -51,3 +51,14 @@ pub const PSEUDONYM_BYTES: usize = 32;
 pub const UPGRADE_PROTOCOL: &str = "tidings/2";
 /// The response header that carries the login challenge.
 pub const CHALLENGE_HEADER: &str = "tidings-challenge";
+/// The request header of `GET /v1/connect` that carries a resumption token (base64url), in place
+/// of the challenge login.
+pub const RESUME_HEADER: &str = "tidings-resume";
+/// The request header that says whether a resumed session listens (`1`) or not (`0`, or
+/// absent): what `Login.listen` says in a challenge login.
+pub const LISTEN_HEADER: &str = "tidings-listen";
+/// The response header that says the token was accepted (`1`): the session is logged in and its
+/// `LoginResult` follows the upgrade; the client sends no `Login`. Absent: the challenge login.
+pub const RESUMED_HEADER: &str = "tidings-resumed";
+/// Largest resumption token either side accepts, in bytes.
+pub const MAX_RESUME_TOKEN_BYTES: usize = 128;

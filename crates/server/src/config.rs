@@ -115,6 +115,10 @@ pub struct ServerArgs {
     /// Most sessions one device may hold at once; a login past it is refused [default: 4]
     #[arg(long, env = "TIDINGS_SESSIONS_PER_DEVICE")]
     pub sessions_per_device: Option<usize>,
+    /// Seconds a resumption token stays valid, at most 86400; 0 issues none (every connect
+    /// logs in by challenge) [default: 86400]
+    #[arg(long, env = "TIDINGS_RESUME_TOKEN_SECONDS")]
+    pub resume_token_seconds: Option<u64>,
     /// Seconds a request's body may take to arrive after its headers; later it is answered 408
     /// and the connection closed [default: 10]
     #[arg(long, env = "TIDINGS_BODY_TIMEOUT_SECONDS")]
@@ -237,6 +241,7 @@ struct FileConfig {
     pre_login_connections_per_address: Option<usize>,
     pre_login_connections_per_block: Option<usize>,
     sessions_per_device: Option<usize>,
+    resume_token_seconds: Option<u64>,
     body_timeout_seconds: Option<u64>,
     scrub_interval_ms: Option<u64>,
     send_burst: Option<u32>,
@@ -283,6 +288,8 @@ pub struct ServerConfig {
     pub pre_login_connections_per_address: usize,
     pub pre_login_connections_per_block: usize,
     pub sessions_per_device: usize,
+    /// How long a resumption token stays valid, in seconds (at most a day); 0: none issued.
+    pub resume_token_seconds: u64,
     /// What a request's body may take to arrive after its headers.
     pub body_timeout: std::time::Duration,
     pub scrub_interval_ms: u64,
@@ -514,6 +521,16 @@ impl ServerArgs {
         if heartbeat_seconds == 0 {
             anyhow::bail!("heartbeat_seconds must be at least 1");
         }
+        let resume_token_seconds = self
+            .resume_token_seconds
+            .or(file.resume_token_seconds)
+            .unwrap_or(crate::resume::MAX_LIFETIME_SECONDS);
+        if resume_token_seconds > crate::resume::MAX_LIFETIME_SECONDS {
+            anyhow::bail!(
+                "resume_token_seconds must be at most {} (a day)",
+                crate::resume::MAX_LIFETIME_SECONDS
+            );
+        }
         let config = ServerConfig {
             listen: self
                 .listen
@@ -558,6 +575,7 @@ impl ServerArgs {
                 .sessions_per_device
                 .or(file.sessions_per_device)
                 .unwrap_or(4),
+            resume_token_seconds,
             body_timeout: std::time::Duration::from_secs(
                 self.body_timeout_seconds
                     .or(file.body_timeout_seconds)

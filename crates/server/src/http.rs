@@ -33,8 +33,10 @@ use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
+use crate::identity::Identity;
 use crate::inbound::{self, Completion, Refused};
 use crate::metrics::Outcome;
+use crate::session::{Opening, Resumed};
 use crate::state::Shared;
 
 #[cfg(test)]
@@ -983,10 +985,16 @@ async fn oprf_key<S: Store>(State(state): State<Shared<S>>) -> Json<OprfKey> {
     })
 }
 
-/// Upgrades to the session protocol (`Upgrade: tidings/2`); see docs/PROTOCOL.md.
+/// Upgrades to the session protocol (`Upgrade: tidings/2`); see docs/PROTOCOL.md. A
+/// `Tidings-Resume` header with a resumption token from the last `LoginResult` (and
+/// `Tidings-Listen: 1` for a listening session) logs the device in at once when the token holds.
 #[utoipa::path(get, path = "/v1/connect", tag = "session",
+    params(
+        ("Tidings-Resume" = Option<String>, Header, description = "A resumption token (base64url) from the device's last LoginResult: single use, valid at most 24 h. When it holds, the answer carries Tidings-Resumed: 1 and the session is logged in; otherwise the challenge login follows"),
+        ("Tidings-Listen" = Option<String>, Header, description = "With Tidings-Resume: 1 for a listening session (what Login.listen says in a challenge login)"),
+    ),
     responses(
-        (status = 101, description = "Switching to the session protocol; the Tidings-Challenge header carries the login challenge"),
+        (status = 101, description = "Switching to the session protocol; the Tidings-Resumed header (1) says a resumption token logged the device in and LoginResult follows; otherwise the Tidings-Challenge header carries the login challenge"),
         (status = 426, description = "The request did not ask to upgrade to tidings/2 (a tidings/1 client is told to update: since tidings/2 numbers are blinded on the device)", body = ApiError),
     ))]
 async fn connect<S: Store>(
@@ -1017,17 +1025,19 @@ async fn connect<S: Store>(
         );
         return response;
     }
+    let resumed = match request.headers().get(tidings_proto::RESUME_HEADER) {
+        Some(token) => {
+            let listen = request
+                .headers()
+                .get(tidings_proto::LISTEN_HEADER)
+                .is_some_and(|v| v.as_bytes() == b"1");
+            resume(&state, token.as_bytes(), listen).await
+        }
+        None => None,
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let mut challenge = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut challenge);
     let session_state = state.clone();
     let slot = slot.map(|Extension(slot)| slot);
-    state.tasks.spawn(crate::session::start(
-        session_state,
-        on_upgrade,
-        challenge,
-        slot,
-    ));
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1035,10 +1045,79 @@ async fn connect<S: Store>(
         header::UPGRADE,
         HeaderValue::from_static(tidings_proto::UPGRADE_PROTOCOL),
     );
-    if let Ok(value) = HeaderValue::from_str(&tidings_proto::id::to_text(&challenge)) {
-        headers.insert(tidings_proto::CHALLENGE_HEADER, value);
-    }
+    let opening = match resumed {
+        Some(resumed) => {
+            headers.insert(tidings_proto::RESUMED_HEADER, HeaderValue::from_static("1"));
+            Opening::Resumed(resumed)
+        }
+        None => {
+            let mut challenge = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut challenge);
+            if let Ok(value) = HeaderValue::from_str(&tidings_proto::id::to_text(&challenge)) {
+                headers.insert(tidings_proto::CHALLENGE_HEADER, value);
+            }
+            Opening::Challenge(challenge)
+        }
+    };
+    state.tasks.spawn(crate::session::start(
+        session_state,
+        on_upgrade,
+        opening,
+        slot,
+    ));
     response
+}
+
+/// The device a resumption token logs in, if the token holds ([`crate::resume`]) and the
+/// device still exists (read in the store at every use); `None` sends the client to the
+/// challenge login, whatever the reason, which only the `resumes` metric tells.
+async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Option<Resumed> {
+    let outcome = |label: &'static str| {
+        state
+            .metrics
+            .resumes
+            .get_or_create(&Outcome { outcome: label })
+            .inc();
+    };
+    let Some(token) = std::str::from_utf8(token)
+        .ok()
+        .filter(|text| text.len() <= tidings_proto::MAX_RESUME_TOKEN_BYTES * 4 / 3 + 4)
+        .and_then(tidings_proto::id::from_text)
+    else {
+        outcome(crate::resume::Refused::Malformed.label());
+        return None;
+    };
+    let device = match state.resumption.redeem(&state.keys, &token, now_ms()) {
+        Ok(device) => device,
+        Err(refused) => {
+            outcome(refused.label());
+            return None;
+        }
+    };
+    match state.store.login_device(device).await {
+        Ok(Some((stored, keys))) => {
+            outcome("resumed");
+            Some(Resumed {
+                identity: Identity {
+                    device,
+                    account: stored.account,
+                    budgets: state.keys.budget_key(&stored.pseudonym),
+                },
+                listen,
+                keys,
+            })
+        }
+        Ok(None) => {
+            state.resumption.forget(device);
+            outcome("refused_device_gone");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage failed while resuming a session");
+            outcome("refused_unavailable");
+            None
+        }
+    }
 }
 
 /// Answers while the server runs.

@@ -1,8 +1,9 @@
 //! Who is logged in on a session: the device that proved its key at login, its account, and the
 //! budgets it draws from (its account's).
 //!
-//! Made only by the session's login, after the signature over the server's challenge verified;
-//! every request handler acts for exactly this device and never for one named in a frame.
+//! Made only by the session's login, after the signature over the server's challenge verified,
+//! or by `GET /v1/connect` after a resumption token held and the store still had its device
+//! (`crate::resume`); every request handler acts for exactly this device and never for one named in a frame.
 
 use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Actor};

@@ -1,6 +1,7 @@
-//! The server's secrets: the OPRF key that turns numbers into pseudonyms and the key that hashes
-//! verification codes. They live in one file outside the data directory, so that a copy of the
-//! data directory alone cannot be tested against guessed numbers.
+//! The server's secrets: the OPRF key that turns numbers into pseudonyms, the key that hashes
+//! verification codes and the key that seals resumption tokens. They live in one file outside the
+//! data directory, so that a copy of the data directory alone can neither be tested against
+//! guessed numbers nor make a token that logs a device in.
 
 use std::path::Path;
 
@@ -36,6 +37,10 @@ struct KeyFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_oprf_key_version: Option<u32>,
     code_key: String,
+    /// Added with resumption tokens: a key file written before has none, and gets one at its
+    /// next load ([`ServerKeys::load_or_create`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resume_key: Option<String>,
 }
 
 /// One OPRF key with its version.
@@ -68,12 +73,18 @@ impl VersionedKey {
     }
 }
 
+/// The key file's name for the resumption key.
+const RESUME_KEY_FIELD: &str = "resume_key";
+
 /// The loaded secrets.
 pub struct ServerKeys {
     current: VersionedKey,
     /// The key before the last rotation, while it is held.
     previous: Option<VersionedKey>,
     code_key: [u8; 32],
+    /// The MAC key of resumption tokens ([`crate::resume`]); the same on every node that shares
+    /// the key file.
+    resume_key: [u8; 32],
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -96,6 +107,8 @@ fn read_key_file(path: &Path) -> anyhow::Result<KeyFile> {
 
 impl ServerKeys {
     /// Loads the key file, creating it (mode 0600) with fresh random keys if it does not exist.
+    /// A key file without a resumption key (written before there was one) gets one, written
+    /// back in place with every other field kept as it was.
     pub fn load_or_create(path: &Path) -> anyhow::Result<Self> {
         if !path.exists() {
             let file = KeyFile {
@@ -104,6 +117,7 @@ impl ServerKeys {
                 previous_oprf_seed: None,
                 previous_oprf_key_version: None,
                 code_key: fresh_secret(),
+                resume_key: Some(fresh_secret()),
             };
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)
@@ -129,10 +143,17 @@ impl ServerKeys {
                 "key file: previous_oprf_seed and previous_oprf_key_version go together, with a version other than oprf_key_version"
             ),
         };
+        let resume_key = match &file.resume_key {
+            Some(text) => tidings_proto::id::from_text(text)
+                .and_then(|key| <[u8; 32]>::try_from(key.as_slice()).ok())
+                .context("key file: resume_key must be 32 bytes of base64url")?,
+            None => add_resume_key(path)?,
+        };
         Ok(Self {
             current,
             previous,
             code_key,
+            resume_key,
         })
     }
 
@@ -210,6 +231,22 @@ impl ServerKeys {
         BudgetKey(self.keyed_hash(b"tidings-budget-v1", &[&pseudonym.0]))
     }
 
+    /// The MAC of a resumption token's body: HMAC-SHA256 under the resumption key.
+    pub fn resume_mac(&self, body: &[u8]) -> [u8; 32] {
+        resume_hmac(&self.resume_key, body)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Whether `mac` is the MAC of `body` ([`ServerKeys::resume_mac`]), compared in constant
+    /// time.
+    pub fn resume_mac_holds(&self, body: &[u8], mac: &[u8]) -> bool {
+        resume_hmac(&self.resume_key, body)
+            .verify_slice(mac)
+            .is_ok()
+    }
+
     /// HMAC-SHA256 under the code key of `label` then `parts`.
     fn keyed_hash(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         // HMAC accepts keys of any length, so this cannot fail.
@@ -270,12 +307,50 @@ pub fn retire_oprf_key(path: &Path) -> anyhow::Result<Option<u32>> {
     Ok(retired)
 }
 
+/// HMAC-SHA256 under the resumption key, fed the token body.
+fn resume_hmac(key: &[u8; 32], body: &[u8]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(b"tidings-resume-v1");
+    mac.update(body);
+    mac
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    key
+}
+
+/// Adds a fresh resumption key to the key file at `path`, keeping every other field as it
+/// is (fields this version does not know included), and replaces the file atomically.
+fn add_resume_key(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let key = random_key();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("key file {} is damaged", path.display()))?;
+    table.insert(
+        RESUME_KEY_FIELD.into(),
+        toml::Value::String(tidings_proto::id::to_text(&key)),
+    );
+    let text = toml::to_string(&table).context("cannot encode the key file")?;
+    write_key_text(path, &text, true)?;
+    tracing::info!(path = %path.display(), "added a resumption key to the server key file; back it up");
+    Ok(key)
+}
+
 /// Writes the key file readable only by its owner: created new, or (`replace`) written to a new
 /// file beside it and renamed over it, so that a crash leaves either the old file or the new one.
 fn write_key_file(path: &Path, file: &KeyFile, replace: bool) -> anyhow::Result<()> {
+    let text = toml::to_string(file).context("cannot encode the key file")?;
+    write_key_text(path, &text, replace)
+}
+
+/// [`write_key_file`] of a key file already encoded.
+fn write_key_text(path: &Path, text: &str, replace: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let text = toml::to_string(file).context("cannot encode the key file")?;
     let target = if replace {
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".new");
@@ -319,6 +394,30 @@ mod tests {
         let keys = ServerKeys::load_or_create(&dir.join("keys.toml")).expect("keys");
         let _ = std::fs::remove_dir_all(&dir);
         keys
+    }
+
+    /// A key file written before resumption tokens loads with the same OPRF and code keys, and
+    /// gets a resumption key that the next load reads back, every other field kept.
+    #[test]
+    fn a_key_file_without_a_resumption_key_gets_one_and_keeps_the_rest() {
+        let dir = std::env::temp_dir().join(format!("tidings-keys-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("keys.toml");
+        let seed = tidings_proto::id::to_text(&[7u8; 32]);
+        let code = tidings_proto::id::to_text(&[9u8; 32]);
+        let old = format!("oprf_seed = \"{seed}\"\ncode_key = \"{code}\"\nfuture_field = 3\n");
+        std::fs::write(&path, &old).expect("write");
+        let first = ServerKeys::load_or_create(&path).expect("old file loads");
+        let again = ServerKeys::load_or_create(&path).expect("new file loads");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(first.resume_key, again.resume_key, "the added key is kept");
+        assert_eq!(first.code_key, [9u8; 32]);
+        assert_eq!(first.oprf_public_key(), again.oprf_public_key());
+        assert!(text.contains(&seed) && text.contains(&code) && text.contains("future_field"));
+        assert!(first.resume_mac_holds(b"body", &first.resume_mac(b"body")));
+        assert!(!first.resume_mac_holds(b"other", &first.resume_mac(b"body")));
     }
 
     /// The pseudonym the server computes from a number equals what a client gets by blinding,

@@ -71,6 +71,7 @@ mod presence;
 mod receiver;
 mod reply;
 mod request;
+mod resume;
 mod rotation;
 mod send;
 mod session;

@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Accounts whose pseudonym is still under the previous OPRF key (0 without one): the
     /// previous key can be retired once it is 0.
     pub accounts_on_previous_oprf_key: Gauge,
+    /// Connects that presented a resumption token, by outcome (`resumed`, or why it was
+    /// refused: the connect then logs in by challenge).
+    pub resumes: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +78,7 @@ impl Metrics {
             expired: Counter::default(),
             withdrawals: Family::default(),
             accounts_on_previous_oprf_key: Gauge::default(),
+            resumes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,6 +132,11 @@ impl Metrics {
             "store_sync_batch_operations",
             "Operations per storage sync",
             metrics.sync_batch.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Connects with a resumption token, by outcome",
+            metrics.resumes.clone(),
         );
         registry.register(
             "expired_messages",

@@ -83,6 +83,20 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// How a connection being upgraded logs in: by signing the challenge its upgrade carried, or
+/// already logged in by a resumption token its upgrade request presented.
+pub enum Opening {
+    Challenge([u8; 32]),
+    Resumed(Resumed),
+}
+
+/// A device that a resumption token logged in ([`crate::resume`]), checked in the store.
+pub struct Resumed {
+    pub identity: Identity,
+    pub listen: bool,
+    pub keys: tidings_store::KeyStatus,
+}
+
 /// Runs a session on a connection being upgraded: waits for the upgrade, logs the client in,
 /// then serves it; `slot` (the connection's place under the limit) is held until it ends. Not
 /// an `async fn`: the opening (upgrade, login, registration) runs boxed and is gone once the
@@ -91,10 +105,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
 pub fn start<S: Store>(
     state: Shared<S>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    challenge: [u8; 32],
+    opening: Opening,
     slot: Option<Slot>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let opening = Box::pin(open_upgraded(state, on_upgrade, challenge, slot));
+    let opening = Box::pin(open_upgraded(state, on_upgrade, opening, slot));
     async move {
         // `let … else`: the opening's result is not kept beside the session it holds.
         let Some(serving) = opening.await else {
@@ -112,7 +126,7 @@ pub fn start<S: Store>(
 async fn open_upgraded<S: Store>(
     state: Shared<S>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    challenge: [u8; 32],
+    opening: Opening,
     slot: Option<Slot>,
 ) -> Option<impl std::future::Future<Output = ()> + Send> {
     use hyper_util::rt::TokioIo;
@@ -126,7 +140,7 @@ async fn open_upgraded<S: Store>(
                 // freed now rather than held for the life of the session.
                 let read = BytesMut::from(&parts.read_buf[..]);
                 drop(parts.read_buf);
-                let live = open(state, io, read, challenge, slot).await?;
+                let live = open(state, io, read, opening, slot).await?;
                 Either::Left(live.run())
             }
             Err(upgraded) => {
@@ -134,7 +148,7 @@ async fn open_upgraded<S: Store>(
                     state,
                     TokioIo::new(upgraded),
                     BytesMut::new(),
-                    challenge,
+                    opening,
                     slot,
                 )
                 .await?;
@@ -144,19 +158,27 @@ async fn open_upgraded<S: Store>(
     )
 }
 
-/// Logs the client in and registers its session. `None`: the connection is done.
+/// Logs the client in (unless a resumption token did) and registers its session. `None`: the
+/// connection is done.
 async fn open<S, Io>(
     state: Shared<S>,
     mut io: Io,
     mut buf: BytesMut,
-    challenge: [u8; 32],
+    opening: Opening,
     slot: Option<Slot>,
 ) -> Option<Live<S, Io>>
 where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (identity, listen, keys) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+    let (identity, listen, keys) = match opening {
+        Opening::Challenge(challenge) => log_in(&state, &mut io, &mut buf, &challenge).await?,
+        Opening::Resumed(Resumed {
+            identity,
+            listen,
+            keys,
+        }) => (identity, listen, keys),
+    };
     // The session is registered before the login is answered, so that the device's bound on
     // sessions is checked and taken at once. What is queued for it meanwhile is written after
     // `LoginResult`.
@@ -176,6 +198,10 @@ where
         one_time_keys: keys.one_time_keys,
         keys_published: keys.published,
         oprf_key_version: state.keys.current_version(),
+        // A fresh token at every login and resumption: the one presented is used up.
+        resume_token: state
+            .resumption
+            .issue(&state.keys, identity.device, now_ms()),
     })
     .into();
     write_frame(&mut io, &login_result).await.ok()?;

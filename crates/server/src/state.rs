@@ -25,6 +25,7 @@ use crate::hub::Hub;
 use crate::inbound::Declarations;
 use crate::keys::{BudgetKey, ServerKeys};
 use crate::metrics::Metrics;
+use crate::resume::Resumption;
 
 /// Most addresses or devices tracked by one in-memory limiter before it refuses new ones.
 pub const LIMITER_CAPACITY: usize = 1_000_000;
@@ -57,6 +58,8 @@ pub struct State<S: Store> {
     pub link_offers: Mutex<HashMap<[u8; 32], LinkOffer>>,
     /// Registrations by own SMS waiting for their SMS. In memory only.
     pub declarations: Declarations,
+    /// The resumption tokens issued and not yet used. In memory only.
+    pub resumption: Resumption,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub openapi_json: std::sync::OnceLock<String>,
@@ -121,6 +124,7 @@ impl<S: Store> State<S> {
         let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
         let abuse = AbuseLimits::new(config.limiter_capacity);
         let declarations = Declarations::new(config.code_policy.max_attempts);
+        let config_resume_seconds = config.resume_token_seconds;
         Self {
             code_policy: config.code_policy,
             config,
@@ -138,6 +142,7 @@ impl<S: Store> State<S> {
             rekey_refusals: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
             declarations,
+            resumption: Resumption::new(config_resume_seconds, LIMITER_CAPACITY),
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -197,6 +197,18 @@ async fn read_packets(
 /// Logs in a user (persistent session, subscribed) and holds it until dropped.
 pub async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<TaskGuard> {
     let conn = login(ctx, index, false, true).await?;
+    Ok(keep(conn))
+}
+
+/// Reconnects a user held before to its persistent session: CONNECT without a clean session and
+/// without SUBSCRIBE (the broker kept the subscription), MQTT's nearest to a resumed session.
+pub async fn reconnect(ctx: &Ctx, index: u32) -> anyhow::Result<TaskGuard> {
+    let conn = login(ctx, index, false, false).await?;
+    Ok(keep(conn))
+}
+
+/// Keeps a connection alive (acknowledging what arrives) until the guard is dropped.
+fn keep(conn: Conn) -> TaskGuard {
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer = spawn_guarded(writer_task(conn.writer, rx, None, None));
     let reader = spawn_guarded(async move {
@@ -208,7 +220,7 @@ pub async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<TaskGuard> {
         })
         .await;
     });
-    Ok(TaskGuard::many(vec![writer, reader]))
+    TaskGuard::many(vec![writer, reader])
 }
 
 /// Connects one relay pair (sender `2p`, receiver `2p+1`).

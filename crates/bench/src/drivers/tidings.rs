@@ -349,6 +349,8 @@ pub struct Session {
     pub reader: ReadHalf<BoxIo>,
     pub writer: WriteHalf<BoxIo>,
     pub buf: BytesMut,
+    /// The resumption token the login's answer carried (empty if none).
+    pub resume_token: Vec<u8>,
 }
 
 /// The Olm keys user `index` publishes: an Ed25519 signing key, its Curve25519 form as the
@@ -427,10 +429,32 @@ async fn login_as(
     device: [u8; 16],
     listen: bool,
 ) -> anyhow::Result<Session> {
-    let key = common::device_key(index);
+    connect_as(ctx, index, device, listen, None).await
+}
+
+/// Connects and upgrades, presenting `resume` (a resumption token) if given: a token the server
+/// takes logs the session in with the upgrade (no `Login`, no signature); without one, the
+/// challenge is signed. A token refused is an error: the reconnect step measures resumptions.
+async fn connect_as(
+    ctx: &Ctx,
+    index: u32,
+    device: [u8; 16],
+    listen: bool,
+    resume: Option<&[u8]>,
+) -> anyhow::Result<Session> {
     let mut io = open(ctx).await?;
+    let resume_headers = match resume {
+        Some(token) => format!(
+            "{}: {}\r\n{}: {}\r\n",
+            tidings_proto::RESUME_HEADER,
+            tidings_proto::id::to_text(token),
+            tidings_proto::LISTEN_HEADER,
+            if listen { "1" } else { "0" }
+        ),
+        None => String::new(),
+    };
     let request = format!(
-        "GET /v1/connect HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
+        "GET /v1/connect HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{resume_headers}\r\n",
         ctx.endpoint.addr,
         tidings_proto::UPGRADE_PROTOCOL
     );
@@ -442,19 +466,28 @@ async fn login_as(
     if status != 101 {
         bail!("upgrade answered HTTP {status}");
     }
-    let challenge = headers
-        .get(tidings_proto::CHALLENGE_HEADER)
-        .and_then(|c| tidings_proto::id::from_text(c))
-        .ok_or_else(|| anyhow!("no challenge in the upgrade"))?;
-    let signature = key.sign(&tidings_proto::transcript::login(&challenge, &device));
-    let login: Frame = Kind::Login(frame::Login {
-        device_id: device.to_vec(),
-        signature: signature.to_bytes().to_vec(),
-        listen,
-    })
-    .into();
-    io.write_all(&codec::encode_to_bytes(&login)).await?;
-    io.flush().await?;
+    let resumed = headers
+        .get(tidings_proto::RESUMED_HEADER)
+        .is_some_and(|v| v == "1");
+    if resume.is_some() && !resumed {
+        bail!("the server refused the resumption token");
+    }
+    if !resumed {
+        let key = common::device_key(index);
+        let challenge = headers
+            .get(tidings_proto::CHALLENGE_HEADER)
+            .and_then(|c| tidings_proto::id::from_text(c))
+            .ok_or_else(|| anyhow!("no challenge in the upgrade"))?;
+        let signature = key.sign(&tidings_proto::transcript::login(&challenge, &device));
+        let login: Frame = Kind::Login(frame::Login {
+            device_id: device.to_vec(),
+            signature: signature.to_bytes().to_vec(),
+            listen,
+        })
+        .into();
+        io.write_all(&codec::encode_to_bytes(&login)).await?;
+        io.flush().await?;
+    }
     let answer = tokio::time::timeout(LOGIN_TIMEOUT, async {
         loop {
             if let Some(frame) = codec::decode(&mut buf)? {
@@ -467,15 +500,17 @@ async fn login_as(
     })
     .await
     .map_err(|_| anyhow!("login timed out"))??;
-    match answer.kind {
-        Some(Kind::LoginResult(_)) => {}
+    let resume_token = match answer.kind {
+        Some(Kind::LoginResult(result)) => result.resume_token,
         Some(Kind::Error(e)) => bail!("login refused: {}", e.message),
         _ => bail!("login answered with an unexpected frame"),
-    }
+    };
     // A listening bench device shows itself online to everyone, as every device did before
     // presence could be chosen, so that sends to it are answered and delivered as to a device
-    // online. The answer is read, and ignored, with whatever comes next.
-    if listen {
+    // online. The answer is read, and ignored, with whatever comes next. A resumed session
+    // sends nothing: the reconnect step measures the connect alone, as an MQTT reconnect to a
+    // persistent session re-subscribes nothing.
+    if listen && !resumed {
         let everyone: Frame = Kind::PresenceSet(frame::PresenceSet {
             request_id: u64::MAX,
             mode: frame::PresenceMode::Everyone as i32,
@@ -490,6 +525,7 @@ async fn login_as(
         reader,
         writer,
         buf,
+        resume_token,
     })
 }
 
@@ -567,16 +603,30 @@ async fn read_frames(
     }
 }
 
-/// Logs in a listening user and keeps the session alive (pings, reads) until dropped.
-pub async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<TaskGuard> {
+/// Logs in a listening user and keeps the session alive (pings, reads) until dropped; with the
+/// resumption token its login's answer carried.
+pub async fn hold(ctx: &Ctx, index: u32) -> anyhow::Result<(TaskGuard, Vec<u8>)> {
     let session = login(ctx, index, true).await?;
+    Ok(keep(session))
+}
+
+/// Reconnects a listening user with the resumption token of its last login, and holds it like
+/// [`hold`].
+pub async fn resume(ctx: &Ctx, index: u32, token: &[u8]) -> anyhow::Result<(TaskGuard, Vec<u8>)> {
+    let session = connect_as(ctx, index, device(ctx, index)?, true, Some(token)).await?;
+    Ok(keep(session))
+}
+
+/// Keeps a session alive (pings, reads) until the guard is dropped.
+fn keep(mut session: Session) -> (TaskGuard, Vec<u8>) {
+    let token = std::mem::take(&mut session.resume_token);
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer = spawn_guarded(writer_task(session.writer, rx, None, None));
     let reader = spawn_guarded(async move {
         let _ = read_frames(session.reader, session.buf, |_| true).await;
         drop(tx);
     });
-    Ok(TaskGuard::many(vec![writer, reader]))
+    (TaskGuard::many(vec![writer, reader]), token)
 }
 
 /// Connects one relay pair: the sender (`2p`) and the receiver (`2p+1`), both listening.

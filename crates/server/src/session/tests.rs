@@ -48,7 +48,15 @@ async fn connect(world: &World, first: impl FnOnce(&[u8; 32]) -> Kind) -> Client
     let challenge: [u8; 32] = rand::random();
     let state = std::sync::Arc::clone(&world.state);
     tokio::spawn(async move {
-        if let Some(live) = open(state, server, BytesMut::new(), challenge, None).await {
+        if let Some(live) = open(
+            state,
+            server,
+            BytesMut::new(),
+            super::Opening::Challenge(challenge),
+            None,
+        )
+        .await
+        {
             live.run().await;
         }
     });
