@@ -230,6 +230,11 @@ impl Session {
                 Ok(None) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
+            // A deadline already passed answers `None` before the socket is read, whatever has
+            // arrived: a wait of zero is a wait of zero, not a race with the server's answer.
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
             let ping_at = self.last_sent + self.heartbeat;
             tokio::select! {
                 read = self.stream.read_buf(&mut self.buf) => {
