@@ -429,24 +429,59 @@ pub(super) fn ack_in(
     id: MessageId,
     kind: AckKind,
 ) -> Result<Acked> {
-    // A single copy first (nearly every message): one statement decides and deletes.
-    let single = params![sender_device.as_bytes(), id.as_bytes(), device.as_bytes()];
-    const SINGLE: &str = "sender_device = ?1 AND msg_id = ?2 AND device_id = ?3 AND discarded = 0";
-    if kind == AckKind::Discarded {
-        let set_aside = txn
-            .prepare_cached(&format!(
-                "UPDATE single_copies SET discarded = 1 WHERE {SINGLE}"
-            ))?
-            .execute(single)?;
-        if set_aside > 0 {
+    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
+    // (then the device must be told not to show it).
+    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
+        Ok(match tombstone(txn, sender_device, id)? {
+            Some(false) => Acked::Withdrawn,
+            _ => Acked::Unknown,
+        })
+    };
+    // A single copy first (nearly every message): found by the message's id, deleted by its key.
+    // (A deletion by the id with `RETURNING` cost SQLite an ephemeral table and a statement
+    // journal: more than the two statements.)
+    let single = txn
+        .prepare_cached(
+            "SELECT device_id = ?3, discarded, seq, sent_at, expires_at, sender_account,
+                    length(payload)
+             FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2",
+        )?
+        .query_row(
+            params![sender_device.as_bytes(), id.as_bytes(), device.as_bytes()],
+            |row| {
+                Ok((
+                    row.get::<_, bool>(0)? && !row.get::<_, bool>(1)?,
+                    row.get::<_, i64>(2)?,
+                    millis(row.get(3)?),
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, Option<i64>>(5)?,
+                    row.get::<_, i64>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((waiting, seq, sent_at, expires_at, sender, bytes)) = single {
+        // The message is in no other row: a copy that is not this device's, or set aside, is gone.
+        if !waiting {
+            return gone(txn);
+        }
+        let key = params![device.as_bytes(), seq];
+        if kind == AckKind::Discarded {
+            txn.prepare_cached(
+                "UPDATE single_copies SET discarded = 1 WHERE device_id = ?1 AND seq = ?2",
+            )?
+            .execute(key)?;
             return Ok(Acked::Confirmed { first: false });
         }
-    } else if let Some(copy) = delete_single_copies(txn, notes, SINGLE, single)?.pop() {
+        txn.prepare_cached("DELETE FROM single_copies WHERE device_id = ?1 AND seq = ?2")?
+            .execute(key)?;
+        notes.queued.add(device, -1);
+        note_deleted_copy(notes, device, seq, sender, bytes);
         if kind == AckKind::ShownWithoutReceipt {
-            withdrawn_tombstone(txn, sender_device, id, copy.expires_at, true)?;
+            withdrawn_tombstone(txn, sender_device, id, expires_at, true)?;
             return Ok(Acked::Confirmed { first: false });
         }
-        let receipt_ends = receipt_expires_at(copy.sent_at, millis(copy.expires_at));
+        let receipt_ends = receipt_expires_at(sent_at, millis(expires_at));
         receipts::store_receipt(
             txn,
             notes,
@@ -457,8 +492,7 @@ pub(super) fn ack_in(
         )?;
         return Ok(Acked::Confirmed { first: true });
     }
-    // Otherwise the message has several copies (or its single copy is not this device's, or set
-    // aside, or gone: then no row of `messages` names it either).
+    // Otherwise the message has several copies, or is gone.
     let message = txn
         .prepare_cached(
             "SELECT seq, delivered, sent_at, expires_at, sender_account FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
@@ -473,14 +507,6 @@ pub(super) fn ack_in(
             ))
         })
         .optional()?;
-    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
-    // (then the device must be told not to show it).
-    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
-        Ok(match tombstone(txn, sender_device, id)? {
-            Some(false) => Acked::Withdrawn,
-            _ => Acked::Unknown,
-        })
-    };
     let Some((seq, delivered, receipt_ends, sender, expires_at)) = message else {
         return gone(txn);
     };
