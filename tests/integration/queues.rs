@@ -496,7 +496,10 @@ fn a_strangers_message_is_stored_with_the_short_ttl() {
         let sender_device = account_number.client().device();
         database
             .query_row(
-                "SELECT MAX(expires_at - sent_at) FROM messages WHERE sender_device = ?1",
+                "SELECT MAX(expires_at - sent_at) FROM (
+                     SELECT expires_at, sent_at FROM messages WHERE sender_device = ?1
+                     UNION ALL
+                     SELECT expires_at, sent_at FROM single_copies WHERE sender_device = ?1)",
                 [sender_device.as_bytes().to_vec()],
                 |row| row.get(0),
             )

@@ -558,11 +558,6 @@ impl State {
             Admission::Refused(answer) => return Ok(answer),
         };
         let mut copies = BTreeMap::new();
-        for device in &skipped {
-            if let Some(row) = self.devices.get_mut(device) {
-                row.missed = row.missed.saturating_add(1);
-            }
-        }
         for (device, payload) in message.copies {
             if skipped.contains(&device) {
                 continue;
@@ -570,6 +565,13 @@ impl State {
             let copy = (payload, addressees.to_receiver(device));
             if copies.insert(device, copy).is_some() {
                 return Err(StoreError::engine("two copies for one device"));
+            }
+        }
+        // Only once nothing can fail: a failed send leaves nothing behind, as in SQLite (whose
+        // savepoint takes the count back).
+        for device in &skipped {
+            if let Some(row) = self.devices.get_mut(device) {
+                row.missed = row.missed.saturating_add(1);
             }
         }
         self.last_position += 1;

@@ -633,10 +633,11 @@ async fn a_failing_write_takes_back_its_own_changes_or_its_whole_batch() {
     let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
         .expect("second connection");
 
-    // A send that fails in the batch of an acknowledgement: the acknowledgement stands.
+    // A send that fails in the batch of an acknowledgement: the acknowledgement stands. (Its one
+    // copy, to the receiver, is a row of `single_copies`.)
     database
         .execute_batch(
-            "CREATE TRIGGER fail_insert BEFORE INSERT ON copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            "CREATE TRIGGER fail_insert BEFORE INSERT ON single_copies BEGIN SELECT RAISE(ABORT, 'injected'); END;",
         )
         .expect("trigger");
     let release = held.hold().await;
@@ -727,7 +728,8 @@ async fn assert_queue_lengths(store: &SqliteStore, database: &rusqlite::Connecti
         for (device, length) in account.devices {
             let held: u32 = database
                 .query_row(
-                    "SELECT count(*) FROM copies WHERE device_id = ?1",
+                    "SELECT (SELECT count(*) FROM copies WHERE device_id = ?1)
+                          + (SELECT count(*) FROM single_copies WHERE device_id = ?1)",
                     [device.as_bytes()],
                     |row| row.get(0),
                 )
@@ -737,7 +739,11 @@ async fn assert_queue_lengths(store: &SqliteStore, database: &rusqlite::Connecti
         }
     }
     let all: u32 = database
-        .query_row("SELECT count(*) FROM copies", [], |row| row.get(0))
+        .query_row(
+            "SELECT (SELECT count(*) FROM copies) + (SELECT count(*) FROM single_copies)",
+            [],
+            |row| row.get(0),
+        )
         .expect("count");
     assert_eq!(all, listed, "copies of devices no account lists {when}");
     assert_references_hold(database, when);
@@ -1269,10 +1275,28 @@ fn schema_of(database: &rusqlite::Connection) -> String {
     rows.join("\n")
 }
 
-/// Every column of `copies` but its ids and its payload, for the copies in `device`'s queue.
+/// Every column of `copies` but its ids and its payload, for the copies in `device`'s queue; then
+/// every column of `single_copies` but its ids (the message's id too) and its payload, for its
+/// single copies.
 fn copy_columns(database: &rusqlite::Connection, device: DeviceId) -> Vec<Vec<String>> {
+    let mut rows = copy_columns_of(database, device, "copies", &["device_id", "seq", "payload"]);
+    rows.extend(copy_columns_of(
+        database,
+        device,
+        "single_copies",
+        &["device_id", "seq", "payload", "msg_id"],
+    ));
+    rows
+}
+
+fn copy_columns_of(
+    database: &rusqlite::Connection,
+    device: DeviceId,
+    table: &str,
+    ids: &[&str],
+) -> Vec<Vec<String>> {
     let columns: Vec<String> = database
-        .prepare("SELECT name FROM pragma_table_info('copies')")
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
         .expect("columns")
         .query_map([], |row| row.get(0))
         .expect("columns")
@@ -1280,14 +1304,14 @@ fn copy_columns(database: &rusqlite::Connection, device: DeviceId) -> Vec<Vec<St
         .expect("columns");
     let kept: Vec<&String> = columns
         .iter()
-        .filter(|c| !["device_id", "seq", "payload"].contains(&c.as_str()))
+        .filter(|c| !ids.contains(&c.as_str()))
         .collect();
     let select = if kept.is_empty() {
-        "SELECT 'none' FROM copies WHERE device_id = ?1".to_string()
+        format!("SELECT 'none' FROM {table} WHERE device_id = ?1")
     } else {
         let list: Vec<String> = kept.iter().map(|c| format!("quote({c})")).collect();
         format!(
-            "SELECT {} FROM copies WHERE device_id = ?1 ORDER BY seq",
+            "SELECT {} FROM {table} WHERE device_id = ?1 ORDER BY seq",
             list.join(", ")
         )
     };
@@ -1301,6 +1325,139 @@ fn copy_columns(database: &rusqlite::Connection, device: DeviceId) -> Vec<Vec<St
         .collect::<rusqlite::Result<Vec<Vec<String>>>>()
         .expect("copies");
     rows
+}
+
+/// Moves every single copy (a row of `single_copies`) into `messages` and `copies`, where every
+/// message was before that table existed.
+fn as_an_earlier_version_stored(database: &rusqlite::Connection) {
+    database
+        .execute_batch(
+            "INSERT INTO messages (seq, sender_device, msg_id, receiver_account, sent_at,
+                                   expires_at, payload, sender_account)
+                 SELECT s.seq, s.sender_device, s.msg_id, d.account_id, s.sent_at, s.expires_at,
+                        x'', s.sender_account
+                 FROM single_copies s JOIN devices d ON d.id = s.device_id;
+             INSERT INTO copies (device_id, seq, payload, to_receiver, discarded)
+                 SELECT device_id, seq, payload, 1, discarded FROM single_copies;
+             DELETE FROM single_copies;",
+        )
+        .expect("the earlier layout");
+}
+
+/// Messages stored before `single_copies` existed (each in `messages` with its copies) are served
+/// as before, in one queue order with the single copies stored after them: read, acknowledged,
+/// withdrawn, with the queue lengths and references right after each.
+#[tokio::test]
+async fn messages_stored_before_single_copies_stay_in_their_order() {
+    let dir = temp_dir("before-single-copies");
+    let (alice, (bob_device, bob_account)) = {
+        let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+        let (alice, bob) = alice_and_bob(&store).await;
+        for id in [1, 2] {
+            let sent = message(alice, id, bob.1, &[(bob.0, b"before")]);
+            assert_eq!(
+                store.enqueue(sent, 10).await.expect("enqueue"),
+                Enqueued::Stored
+            );
+        }
+        (alice, bob)
+    };
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    as_an_earlier_version_stored(&database);
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("reopen");
+    assert_queue_lengths(&store, &database, "after the reopen").await;
+    let sent = message(alice, 3, bob_account, &[(bob_device, b"after")]);
+    assert_eq!(
+        store.enqueue(sent, 10).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+    let single: u32 = database
+        .query_row("SELECT count(*) FROM single_copies", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(single, 1, "the new message is a single copy");
+    let ids = |pending: &[tidings_store::Pending]| -> Vec<u8> {
+        pending.iter().map(|p| p.id.0[0]).collect()
+    };
+    let waiting = store
+        .pending(bob_device, QueueCursor::START, 10, 0)
+        .await
+        .expect("pending");
+    assert_eq!(ids(&waiting), [1, 2, 3], "one queue order");
+    let after_first = store
+        .pending(bob_device, waiting[0].cursor, 1, 0)
+        .await
+        .expect("pending after the first");
+    assert_eq!(ids(&after_first), [2], "a page of one after the first");
+    assert_eq!(
+        store
+            .enqueue(
+                message(alice, 1, bob_account, &[(bob_device, b"again")]),
+                10
+            )
+            .await
+            .expect("again"),
+        Enqueued::Duplicate,
+        "an old message's id is still taken"
+    );
+    assert_eq!(
+        store
+            .enqueue(
+                message(alice, 3, bob_account, &[(bob_device, b"again")]),
+                10
+            )
+            .await
+            .expect("again"),
+        Enqueued::Duplicate,
+        "a single copy's id is taken"
+    );
+    assert_eq!(
+        store
+            .ack(bob_device, alice.0, MessageId([1; 16]))
+            .await
+            .expect("ack 1"),
+        Acked::Confirmed { first: true }
+    );
+    assert_queue_lengths(&store, &database, "after the old message's ack").await;
+    assert_eq!(
+        store
+            .withdraw(alice.0, MessageId([2; 16]))
+            .await
+            .expect("withdraw 2"),
+        Withdrawal::Withdrawn
+    );
+    assert_queue_lengths(&store, &database, "after the old message's withdraw").await;
+    assert_eq!(
+        store
+            .ack(bob_device, alice.0, MessageId([3; 16]))
+            .await
+            .expect("ack 3"),
+        Acked::Confirmed { first: true }
+    );
+    assert_eq!(
+        store
+            .ack(bob_device, alice.0, MessageId([3; 16]))
+            .await
+            .expect("ack 3 again"),
+        Acked::Unknown,
+        "a single copy is acknowledged once"
+    );
+    assert_queue_lengths(&store, &database, "after the single copy's ack").await;
+    let mut receipts: Vec<u8> = store
+        .receipts(alice.0)
+        .await
+        .expect("receipts")
+        .iter()
+        .map(|r| r.id.0[0])
+        .collect();
+    receipts.sort_unstable();
+    assert_eq!(
+        receipts,
+        [1, 3],
+        "a Delivered receipt for each acknowledged"
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 28, contact tokens: who is a stranger of whom is never written. A stranger's copy and
@@ -1371,6 +1528,7 @@ async fn a_database_that_marked_strangers_loses_the_mark_on_open() {
         // As an earlier version left it: the copy marked as a stranger's, on an index.
         let old = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
             .expect("old database");
+        as_an_earlier_version_stored(&old);
         let columns = old
             .prepare("SELECT name FROM pragma_table_info('copies') WHERE name = 'stranger'")
             .expect("columns")

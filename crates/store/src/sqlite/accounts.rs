@@ -10,7 +10,8 @@ use tidings_proto::id::DeviceId;
 
 use super::keys::key_status_in;
 use super::messages::{
-    delete_copies, delete_if_no_copies, note_deleted_copy, COPY_SENDER_AND_BYTES,
+    delete_copies, delete_if_no_copies, delete_single_copies, note_deleted_copy,
+    COPY_SENDER_AND_BYTES,
 };
 use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
@@ -298,6 +299,7 @@ pub(super) fn delete_account(
         )?;
         txn.prepare_cached("DELETE FROM messages WHERE sender_device = ?1")?
             .execute(params![device.as_bytes()])?;
+        delete_single_copies(txn, notes, "sender_device = ?1", params![device.as_bytes()])?;
         txn.prepare_cached("DELETE FROM withdrawn WHERE sender_device = ?1")?
             .execute(params![device.as_bytes()])?;
     }
@@ -350,6 +352,8 @@ pub(super) fn delete_devices(
             note_deleted_copy(notes, *device, seq, sender, bytes);
             delete_if_no_copies(txn, seq)?;
         }
+        // Its single copies are whole messages.
+        delete_single_copies(txn, notes, "device_id = ?1", params![id])?;
         txn.prepare_cached("DELETE FROM receipts WHERE device_id = ?1")?
             .execute(params![id])?;
         txn.prepare_cached("DELETE FROM one_time_keys WHERE device_id = ?1")?

@@ -67,13 +67,15 @@ pub(super) fn enqueue(
     limits: QueueLimits,
 ) -> Result<Enqueued> {
     let duplicate = txn
-        .prepare_cached("SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2)
+                 OR EXISTS (SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2)",
+        )?
         .query_row(
             params![message.sender_device.as_bytes(), message.id.as_bytes()],
-            |_| Ok(()),
-        )
-        .optional()?;
-    if duplicate.is_some() {
+            |row| row.get::<_, bool>(0),
+        )?;
+    if duplicate {
         return Ok(Enqueued::Duplicate);
     }
     let sender = message.sender_account;
@@ -95,32 +97,60 @@ pub(super) fn enqueue(
         Admission::Admitted(admitted) => admitted,
         Admission::Refused(answer) => return Ok(answer),
     };
-    txn.prepare_cached(
-        "INSERT INTO messages (sender_device, msg_id, receiver_account, sent_at, expires_at, payload, sender_account)
-         VALUES (?1, ?2, ?3, ?4, ?5, x'', ?6)")?.execute(
-        params![
-            message.sender_device.as_bytes(),
-            message.id.as_bytes(),
-            message.receiver.0,
-            sql_millis(message.sent_at),
-            sql_millis(expires_at),
-            sender.0,
-        ],
-    )?;
-    let seq = txn.last_insert_rowid();
-    let mut insert = txn.prepare_cached(
-        "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
-    )?;
+    let seq = notes.take_seq();
     for device in &skipped {
         txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
             .execute(params![device.as_bytes()])?;
     }
-    for (device, payload) in &message.copies {
-        if skipped.contains(device) {
-            continue;
+    let stored: Vec<&(DeviceId, Bytes)> = message
+        .copies
+        .iter()
+        .filter(|(device, _)| !skipped.contains(device))
+        .collect();
+    match stored[..] {
+        // One copy, to the receiver: one row (see `single_copies` in the schema).
+        [(device, payload)] if addressees.to_receiver(*device) => {
+            txn.prepare_cached(
+                "INSERT INTO single_copies
+                     (device_id, seq, sender_device, msg_id, sender_account, sent_at, expires_at, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                device.as_bytes(),
+                seq,
+                message.sender_device.as_bytes(),
+                message.id.as_bytes(),
+                sender.0,
+                sql_millis(message.sent_at),
+                sql_millis(expires_at),
+                &payload[..],
+            ])?;
         }
+        _ => {
+            txn.prepare_cached(
+                "INSERT INTO messages (seq, sender_device, msg_id, receiver_account, sent_at, expires_at, payload, sender_account)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'', ?7)")?.execute(
+                params![
+                    seq,
+                    message.sender_device.as_bytes(),
+                    message.id.as_bytes(),
+                    message.receiver.0,
+                    sql_millis(message.sent_at),
+                    sql_millis(expires_at),
+                    sender.0,
+                ],
+            )?;
+            let mut insert = txn.prepare_cached(
+                "INSERT INTO copies (device_id, seq, payload, to_receiver) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (device, payload) in &stored {
+                let to_receiver = addressees.to_receiver(*device);
+                insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
+            }
+        }
+    }
+    for (device, payload) in stored {
         let to_receiver = addressees.to_receiver(*device);
-        insert.execute(params![device.as_bytes(), seq, &payload[..], to_receiver])?;
         // Only the receiver's copies of a stranger's message count in a stranger pool.
         if stranger && to_receiver {
             notes.strangers.stored(*device, seq);
@@ -142,11 +172,19 @@ pub(super) fn pending(
     limit: usize,
     now: Millis,
 ) -> Result<Vec<Pending>> {
+    // Both tables' copies in one order; each branch stops at the limit by itself.
     let mut statement = conn.prepare_cached(
-        "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, COALESCE(c.payload, m.payload)
-         FROM copies c JOIN messages m ON m.seq = c.seq
-         WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3 AND c.discarded = 0
-         ORDER BY c.seq LIMIT ?4",
+        "SELECT * FROM (
+             SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, COALESCE(c.payload, m.payload)
+             FROM copies c JOIN messages m ON m.seq = c.seq
+             WHERE c.device_id = ?1 AND c.seq > ?2 AND m.expires_at > ?3 AND c.discarded = 0
+             ORDER BY c.seq LIMIT ?4)
+         UNION ALL
+         SELECT * FROM (
+             SELECT seq, sender_device, msg_id, sent_at, payload FROM single_copies
+             WHERE device_id = ?1 AND seq > ?2 AND expires_at > ?3 AND discarded = 0
+             ORDER BY seq LIMIT ?4)
+         ORDER BY 1 LIMIT ?4",
     )?;
     let rows = statement
         .query_map(
@@ -179,7 +217,10 @@ pub(super) fn holds_copy_from(
 ) -> Result<bool> {
     Ok(conn
         .prepare_cached(
-            "SELECT 1 FROM messages m JOIN copies c ON c.seq = m.seq
+            "SELECT 1 FROM single_copies
+             WHERE sender_device = ?2 AND device_id = ?1 AND discarded = 0
+             UNION ALL
+             SELECT 1 FROM messages m JOIN copies c ON c.seq = m.seq
              WHERE m.sender_device = ?2 AND c.device_id = ?1 AND c.discarded = 0 LIMIT 1",
         )?
         .exists(params![device.as_bytes(), sender_device.as_bytes()])?)
@@ -192,6 +233,17 @@ pub(super) fn withdraw(
     sender_device: DeviceId,
     id: MessageId,
 ) -> Result<Withdrawal> {
+    // A single copy is to the receiver and undelivered while its row is there.
+    let single = delete_single_copies(
+        txn,
+        notes,
+        "sender_device = ?1 AND msg_id = ?2",
+        params![sender_device.as_bytes(), id.as_bytes()],
+    )?;
+    if let Some(expires_at) = single.first().map(|copy| copy.expires_at) {
+        withdrawn_tombstone(txn, sender_device, id, expires_at, false)?;
+        return Ok(Withdrawal::Withdrawn);
+    }
     let message = txn
         .prepare_cached(
             "SELECT seq, delivered, expires_at FROM messages WHERE sender_device = ?1 AND msg_id = ?2")?.query_row(
@@ -208,10 +260,7 @@ pub(super) fn withdraw(
             // acknowledgement racing the withdraw is told not to show it.
             delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
             delete_if_no_copies(txn, seq)?;
-            txn.prepare_cached(
-                "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, 0)")?.execute(
-                params![sender_device.as_bytes(), id.as_bytes(), expires_at],
-            )?;
+            withdrawn_tombstone(txn, sender_device, id, expires_at, false)?;
             Ok(Withdrawal::Withdrawn)
         }
         None => {
@@ -239,6 +288,22 @@ pub(super) fn withdraw(
     }
 }
 
+/// Stores a message's tombstone, living until `expires_at` (the message's TTL): withdrawn, or
+/// `delivered` without a receipt.
+fn withdrawn_tombstone(
+    txn: &Transaction<'_>,
+    sender_device: DeviceId,
+    id: MessageId,
+    expires_at: i64,
+    delivered: bool,
+) -> Result<()> {
+    txn.prepare_cached(
+        "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![sender_device.as_bytes(), id.as_bytes(), expires_at, delivered])?;
+    Ok(())
+}
+
 /// A message's tombstone, if it has one: whether it was delivered without a receipt (else it
 /// was withdrawn).
 fn tombstone(
@@ -258,7 +323,10 @@ fn tombstone(
 /// receipts are looked at in memory, [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
 pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1")?
+        .prepare_cached(
+            "SELECT 1 FROM single_copies WHERE expires_at <= ?1
+             UNION ALL SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1",
+        )?
         .query_row(params![sql_millis(now)], |_| Ok(()))
         .optional()?
         .is_some())
@@ -273,26 +341,43 @@ pub(super) fn expire(
     limit: usize,
     receipts_ended: bool,
 ) -> Result<Vec<ExpiredMessage>> {
+    // The `limit` oldest deadlines across both tables, ties in the order stored (`seq` is one
+    // count over both): the last of them bounds what each table gives up.
+    let (cut_expiry, cut_seq) = txn
+        .prepare_cached(
+            "SELECT expires_at, seq FROM (
+                 SELECT expires_at, seq FROM messages WHERE expires_at <= ?1
+                 UNION ALL SELECT expires_at, seq FROM single_copies WHERE expires_at <= ?1)
+             ORDER BY expires_at, seq LIMIT 1 OFFSET ?2",
+        )?
+        .query_row(
+            params![
+                sql_millis(now),
+                i64::try_from(limit.saturating_sub(1)).unwrap_or(i64::MAX)
+            ],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+        )
+        .optional()?
+        .unwrap_or((sql_millis(now), i64::MAX));
     let expired = {
         let mut statement = txn.prepare_cached(
-            "SELECT seq, sender_device, msg_id, delivered, sent_at, expires_at FROM messages WHERE expires_at <= ?1 LIMIT ?2",
+            "SELECT seq, sender_device, msg_id, delivered, sent_at, expires_at FROM messages
+             WHERE expires_at <= ?1 AND (expires_at, seq) <= (?2, ?3)",
         )?;
         let expired = statement
-            .query_map(
-                params![sql_millis(now), i64::try_from(limit).unwrap_or(i64::MAX)],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        device_id(row.get(1)?)?,
-                        message_id(row.get(2)?)?,
-                        row.get::<_, i64>(3)? != 0,
-                        receipt_expires_at(
-                            millis(row.get::<_, i64>(4)?),
-                            millis(row.get::<_, i64>(5)?),
-                        ),
-                    ))
-                },
-            )?
+            .query_map(params![sql_millis(now), cut_expiry, cut_seq], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    device_id(row.get(1)?)?,
+                    message_id(row.get(2)?)?,
+                    row.get::<_, i64>(3)? != 0,
+                    receipt_expires_at(
+                        millis(row.get::<_, i64>(4)?),
+                        millis(row.get::<_, i64>(5)?),
+                    ),
+                    row.get::<_, i64>(5)?,
+                ))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         expired
     };
@@ -303,7 +388,34 @@ pub(super) fn expire(
         receipts::expire_receipts(txn, notes, now)?;
     }
     let mut receipts = Vec::new();
-    for (seq, sender_device, id, delivered, receipt_ends) in expired {
+    let single = delete_single_copies(
+        txn,
+        notes,
+        "(device_id, seq) IN (SELECT device_id, seq FROM single_copies
+             WHERE expires_at <= ?1 AND (expires_at, seq) <= (?2, ?3))",
+        params![sql_millis(now), cut_expiry, cut_seq],
+    )?;
+    for copy in single {
+        let ends = receipt_expires_at(copy.sent_at, millis(copy.expires_at));
+        if receipts::store_receipt(
+            txn,
+            notes,
+            copy.sender_device,
+            copy.id,
+            ReceiptKind::Expired,
+            ends,
+        )? {
+            receipts.push((
+                copy.expires_at,
+                copy.seq,
+                ExpiredMessage {
+                    sender_device: copy.sender_device,
+                    id: copy.id,
+                },
+            ));
+        }
+    }
+    for (seq, sender_device, id, delivered, receipt_ends, expires_at) in expired {
         delete_copies(txn, notes, "seq = ?1", params![seq])?;
         txn.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
             .execute(params![seq])?;
@@ -317,11 +429,16 @@ pub(super) fn expire(
                 receipt_ends,
             )?;
             if stored {
-                receipts.push(ExpiredMessage { sender_device, id });
+                receipts.push((expires_at, seq, ExpiredMessage { sender_device, id }));
             }
         }
     }
-    Ok(receipts)
+    // The oldest deadlines first, ties in the order stored, across both tables.
+    receipts.sort_unstable_by_key(|(expires_at, seq, _)| (*expires_at, *seq));
+    Ok(receipts
+        .into_iter()
+        .map(|(_, _, expired)| expired)
+        .collect())
 }
 
 /// Settles a device's copy on its acknowledgement, as `kind` says: a copy shown is deleted, and
@@ -338,6 +455,70 @@ pub(super) fn ack_in(
     id: MessageId,
     kind: AckKind,
 ) -> Result<Acked> {
+    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
+    // (then the device must be told not to show it).
+    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
+        Ok(match tombstone(txn, sender_device, id)? {
+            Some(false) => Acked::Withdrawn,
+            _ => Acked::Unknown,
+        })
+    };
+    // A single copy first (nearly every message): found by the message's id, deleted by its key.
+    // (A deletion by the id with `RETURNING` cost SQLite an ephemeral table and a statement
+    // journal: more than the two statements.)
+    let single = txn
+        .prepare_cached(
+            "SELECT device_id = ?3, discarded, seq, sent_at, expires_at, sender_account,
+                    length(payload)
+             FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2",
+        )?
+        .query_row(
+            params![sender_device.as_bytes(), id.as_bytes(), device.as_bytes()],
+            |row| {
+                Ok((
+                    row.get::<_, bool>(0)? && !row.get::<_, bool>(1)?,
+                    row.get::<_, i64>(2)?,
+                    millis(row.get(3)?),
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, Option<i64>>(5)?,
+                    row.get::<_, i64>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    if let Some((waiting, seq, sent_at, expires_at, sender, bytes)) = single {
+        // The message is in no other row: a copy that is not this device's, or set aside, is gone.
+        if !waiting {
+            return gone(txn);
+        }
+        let key = params![device.as_bytes(), seq];
+        if kind == AckKind::Discarded {
+            txn.prepare_cached(
+                "UPDATE single_copies SET discarded = 1 WHERE device_id = ?1 AND seq = ?2",
+            )?
+            .execute(key)?;
+            return Ok(Acked::Confirmed { first: false });
+        }
+        txn.prepare_cached("DELETE FROM single_copies WHERE device_id = ?1 AND seq = ?2")?
+            .execute(key)?;
+        notes.queued.add(device, -1);
+        note_deleted_copy(notes, device, seq, sender, bytes);
+        if kind == AckKind::ShownWithoutReceipt {
+            withdrawn_tombstone(txn, sender_device, id, expires_at, true)?;
+            return Ok(Acked::Confirmed { first: false });
+        }
+        let receipt_ends = receipt_expires_at(sent_at, millis(expires_at));
+        receipts::store_receipt(
+            txn,
+            notes,
+            sender_device,
+            id,
+            ReceiptKind::Delivered,
+            receipt_ends,
+        )?;
+        return Ok(Acked::Confirmed { first: true });
+    }
+    // Otherwise the message has several copies, or is gone.
     let message = txn
         .prepare_cached(
             "SELECT seq, delivered, sent_at, expires_at, sender_account FROM messages WHERE sender_device = ?1 AND msg_id = ?2",
@@ -352,14 +533,6 @@ pub(super) fn ack_in(
             ))
         })
         .optional()?;
-    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
-    // (then the device must be told not to show it).
-    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
-        Ok(match tombstone(txn, sender_device, id)? {
-            Some(false) => Acked::Withdrawn,
-            _ => Acked::Unknown,
-        })
-    };
     let Some((seq, delivered, receipt_ends, sender, expires_at)) = message else {
         return gone(txn);
     };
@@ -402,10 +575,7 @@ pub(super) fn ack_in(
             .execute(params![seq])?;
     }
     if kind == AckKind::ShownWithoutReceipt {
-        txn.prepare_cached(
-            "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, 1)",
-        )?
-        .execute(params![sender_device.as_bytes(), id.as_bytes(), expires_at])?;
+        withdrawn_tombstone(txn, sender_device, id, expires_at, true)?;
         return Ok(Acked::Confirmed { first: false });
     }
     receipts::store_receipt(
@@ -438,6 +608,47 @@ pub(super) fn delete_copies(
         note_deleted_copy(notes, device, row.get(1)?, row.get(2)?, row.get(3)?);
     }
     Ok(())
+}
+
+/// A single copy (a row of `single_copies`) deleted by [`delete_single_copies`].
+pub(super) struct DeletedSingle {
+    pub(super) sender_device: DeviceId,
+    pub(super) id: MessageId,
+    pub(super) sent_at: Millis,
+    /// As stored (the tombstone of a withdrawn message keeps it).
+    pub(super) expires_at: i64,
+    /// Its place in its device's queue (one count over both tables).
+    pub(super) seq: i64,
+}
+
+/// Deletes the single copies `condition` selects (an SQL condition on `single_copies`, with
+/// `params`), each a whole message, and counts them off their devices' queues as
+/// [`delete_copies`] does.
+pub(super) fn delete_single_copies(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    condition: &'static str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<DeletedSingle>> {
+    let mut statement = txn.prepare_cached(&format!(
+        "DELETE FROM single_copies WHERE {condition} RETURNING device_id, seq, sender_account,
+             length(payload), sender_device, msg_id, sent_at, expires_at"
+    ))?;
+    let mut rows = statement.query(params)?;
+    let mut deleted = Vec::new();
+    while let Some(row) = rows.next()? {
+        let device = device_id(row.get(0)?)?;
+        notes.queued.add(device, -1);
+        note_deleted_copy(notes, device, row.get(1)?, row.get(2)?, row.get(3)?);
+        deleted.push(DeletedSingle {
+            sender_device: device_id(row.get(4)?)?,
+            id: message_id(row.get(5)?)?,
+            sent_at: millis(row.get(6)?),
+            expires_at: row.get(7)?,
+            seq: row.get(1)?,
+        });
+    }
+    Ok(deleted)
 }
 
 /// The columns a deletion of copies returns for [`note_deleted_copy`]: the sending account of

@@ -115,6 +115,7 @@ impl SqliteStore {
         let conn = connection::open_writer(&path)?;
         schema::migrate(&conn)?;
         let senders = writer::SenderCounts::load(&conn)?;
+        let next_seq = writer::first_free_seq(&conn)?;
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
         let held = Arc::new(HeldInMemory {
             routes: RouteCache::default(),
@@ -127,7 +128,7 @@ impl SqliteStore {
                 let held = Arc::clone(&held);
                 move || {
                     let observer = options.sync_observer;
-                    writer::run_writer(conn, jobs, max_batch, observer, &held, senders)
+                    writer::run_writer(conn, jobs, max_batch, observer, &held, senders, next_seq)
                 }
             })
             .map_err(|e| StoreError::engine(e.to_string()))?;

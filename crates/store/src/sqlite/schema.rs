@@ -53,6 +53,26 @@ CREATE TABLE IF NOT EXISTS copies (
     PRIMARY KEY (device_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS copies_by_message ON copies(seq);
+-- A message with one copy, to a receiver device (nearly every message: one receiver device, no
+-- other device of the sender's), as one row: the message and its copy, keyed by the device's
+-- queue. Its acknowledgement deletes one row (three B-trees) instead of a copy and a message (six),
+-- with no `delivered` mark (its one copy goes with the row). `seq` comes from the same sequence as
+-- `messages.seq` (`Notes::next_seq`), so a device's queue is ordered across both tables; a message
+-- is in one of them, never both.
+CREATE TABLE IF NOT EXISTS single_copies (
+    device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    sender_device BLOB NOT NULL,
+    msg_id BLOB NOT NULL,
+    sender_account INTEGER,
+    sent_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    discarded INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS single_copies_by_id ON single_copies(sender_device, msg_id);
+CREATE INDEX IF NOT EXISTS single_copies_by_expiry ON single_copies(expires_at);
 -- `devices.queue_len` was kept by these triggers, one update of the device's row for every copy
 -- stored or deleted; the writer now counts a batch's copies and updates each device once (see
 -- `Notes::queued`).

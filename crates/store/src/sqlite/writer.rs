@@ -53,6 +53,30 @@ pub(super) struct Notes {
     pub(super) receipts_stored: Option<Millis>,
     /// A sweep deleted the ended receipts: the earliest deadline it left.
     pub(super) receipts_swept: Option<Millis>,
+    /// The `seq` the next message stored takes, in `messages` or in `single_copies` alike: the
+    /// writer's own count, lent to each batch like `senders`, never taken back (a message rolled
+    /// back leaves a gap, which orders nothing differently).
+    pub(super) next_seq: i64,
+}
+
+impl Notes {
+    /// The `seq` of a message about to be stored.
+    pub(super) fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+}
+
+/// The `seq` the next message stored takes when the engine opens: after every one stored in
+/// either table.
+pub(super) fn first_free_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT MAX(IFNULL((SELECT MAX(seq) FROM messages), 0),
+                    IFNULL((SELECT MAX(seq) FROM single_copies), 0)) + 1",
+        [],
+        |row| row.get(0),
+    )
 }
 
 /// A batch's changes to queue lengths: the total per device, and the log of each change so that
@@ -128,7 +152,11 @@ impl SenderCounts {
         let mut statement = conn.prepare(
             "SELECT m.sender_account, c.device_id, COUNT(*), SUM(IFNULL(length(c.payload), 0))
              FROM copies c JOIN messages m ON m.seq = c.seq
-             WHERE m.sender_account IS NOT NULL GROUP BY m.sender_account, c.device_id",
+             WHERE m.sender_account IS NOT NULL GROUP BY m.sender_account, c.device_id
+             UNION ALL
+             SELECT sender_account, device_id, COUNT(*), SUM(length(payload))
+             FROM single_copies
+             WHERE sender_account IS NOT NULL GROUP BY sender_account, device_id",
         )?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
@@ -465,6 +493,7 @@ pub(super) struct Kept {
     lazy_mode: bool,
     senders: SenderCounts,
     strangers: StrangerCopies,
+    next_seq: i64,
 }
 
 /// What the engine holds in memory beside the database, which the writer brings up to date after
@@ -481,12 +510,14 @@ pub(super) fn run_writer(
     observer: Option<SyncObserver>,
     held: &HeldInMemory,
     senders: SenderCounts,
+    next_seq: i64,
 ) {
     let mut seq = 0u64;
     let mut kept = Kept {
         lazy_mode: false,
         senders,
         strangers: StrangerCopies::default(),
+        next_seq,
     };
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
@@ -589,6 +620,7 @@ pub(super) fn commit_batch(
     let mut notes = Notes {
         senders: std::mem::take(&mut kept.senders),
         strangers: std::mem::take(&mut kept.strangers),
+        next_seq: kept.next_seq,
         ..Notes::default()
     };
     let completions: Vec<AnswerOnCommit> = writes
@@ -628,6 +660,7 @@ pub(super) fn commit_batch(
     notes.strangers.log.clear();
     kept.senders = std::mem::take(&mut notes.senders);
     kept.strangers = std::mem::take(&mut notes.strangers);
+    kept.next_seq = notes.next_seq;
     held.receipt_deadlines
         .after_batch(&notes, committed.is_ok());
     if committed.is_ok() {
