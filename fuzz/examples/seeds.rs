@@ -57,6 +57,7 @@ fn frames() {
                 mac: vec![16; 32],
             }],
             to_account: account.clone(),
+            resend: true,
         }),
         Kind::Ack(Ack {
             sender_device: id.clone(),
@@ -130,6 +131,7 @@ fn frames() {
             one_time_keys: 50,
             keys_published: true,
             resume_token: vec![1; 73],
+            oprf_key_version: 2,
         }),
         Kind::Pong(Pong { nonce: 1 }),
         Kind::SendResult(SendResult {
@@ -142,6 +144,7 @@ fn frames() {
             skipped_own_devices: vec![vec![2; 16]],
             retry_after_ms: 1_500,
             ttl_seconds: 259_200,
+            settled: true,
         }),
         Kind::Deliver(Deliver {
             sender_device: id.clone(),
