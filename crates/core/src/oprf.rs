@@ -106,7 +106,10 @@ impl OprfKey {
         let hash_to_scalar = |parts: &[&[u8]]| -> Scalar {
             let dst = [b"HashToScalar-".as_slice(), CONTEXT].concat();
             // Cannot fail: the lengths are fixed and far below the limits.
+            // voprf's scalar is curve25519-dalek 4's; its canonical bytes are the same scalar.
             <Ristretto255 as voprf::Group>::hash_to_scalar::<Sha512>(parts, &[&dst])
+                .ok()
+                .and_then(|s| Option::from(Scalar::from_canonical_bytes(s.to_bytes())))
                 .unwrap_or(Scalar::ZERO)
         };
         let key = self.scalar;
@@ -146,7 +149,9 @@ impl OprfKey {
             .collect();
         let composite = RistrettoPoint::vartime_multiscalar_mul(&weights, points);
         let z = composite * key;
-        let r = Scalar::random(rng);
+        let mut wide = [0u8; 64];
+        rng.fill_bytes(&mut wide);
+        let r = Scalar::from_bytes_mod_order_wide(&wide);
         let t2 = RISTRETTO_BASEPOINT_TABLE * &r;
         let t3 = composite * r;
         let challenge = hash_to_scalar(&[
