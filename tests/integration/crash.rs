@@ -7,7 +7,10 @@
 //! profile) went over IP or as SMS, never both, never neither; one that went over IP is shown on
 //! every device of the receiver and of the sender's number, one that went as SMS on none of the
 //! receiver's; nothing is shown that the sender did not accept, and no device displays a message
-//! twice.
+//! twice. Beside them, messages sent over IP only (committed too, and sent again under their id
+//! until the server settles them): each one the server answered as taken, or that its client
+//! settled, is shown on every device of the receiver and of the sender's number; one its client
+//! ended as not sent is shown on none of the receiver's.
 //!
 //! A failure prints the seed; `TIDINGS_CRASH_SEED=<seed>` runs the same draws again (the
 //! machine's timing still varies).
@@ -366,6 +369,7 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     fleet.server.kill9();
     fleet.tend();
     let sends_out = outputs_of("sends");
+    let ip_sends_out = outputs_of("ip-sends");
     while !fleet.goal_reached() && fleet.started.elapsed() < ROUNDS_BUDGET {
         fleet.round += 1;
         let round = fleet.round;
@@ -400,6 +404,21 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
                 armed,
             ));
         }
+        // And one over IP only, with two other processes on the same profile at once: answered
+        // `accepted` or `queued` only once every copy is durable (settled), and until then kept
+        // in the profile and sent again by the sender's listen.
+        let body = format!("crash {seed} round {round} over ip only");
+        let args = [
+            "--json",
+            "send",
+            &bob_number,
+            &body,
+            "--route",
+            "ip-only",
+            "--wait",
+            "2",
+        ];
+        sends.push((spawn_client(&alice, &args, None, &ip_sends_out), None));
         let kill_at =
             (fleet.draws.below(3) == 0).then(|| Instant::now() + fleet.draws.millis(0, 600));
         let deadline = Instant::now() + patience();
@@ -409,7 +428,13 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
                 "a send did not end (seed {seed})"
             );
             if kill_at.is_some_and(|at| Instant::now() >= at) {
-                if let Some((send, _)) = sends.iter_mut().find(|(_, armed)| armed.is_none()) {
+                let unarmed = sends.iter().filter(|(_, armed)| armed.is_none()).count();
+                let victim = fleet.draws.below(unarmed as u64) as usize;
+                if let Some((send, _)) = sends
+                    .iter_mut()
+                    .filter(|(_, armed)| armed.is_none())
+                    .nth(victim)
+                {
                     let _ = send.kill();
                 }
             }
@@ -511,16 +536,38 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     );
     let outcome_of = |m: &serde_json::Value| m["outcome"].as_str().unwrap_or_default().to_string();
     let id_of = |m: &serde_json::Value| m["id"].as_str().unwrap_or_default().to_string();
-    let went_over_ip = |m: &serde_json::Value| outcome_of(m) == "delivered";
+    // Over IP: a routed message delivered, or an IP-only one settled (its client keeps it
+    // until the server settles it, and it ends with the server's answer).
+    let went_over_ip = |m: &serde_json::Value| {
+        let ip_only = m["text"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("over ip only"));
+        match outcome_of(m).as_str() {
+            "delivered" => true,
+            "accepted" | "queued" => ip_only,
+            _ => false,
+        }
+    };
     let over_ip: BTreeSet<String> = accepted
         .iter()
         .filter(|m| went_over_ip(m))
         .map(id_of)
         .collect();
+    // The IP-only sends the server answered as taken: every device of the receiver and the
+    // sender's other device must show them.
+    let ip_only: BTreeSet<String> = std::fs::read_to_string(&ip_sends_out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|answer| ["accepted", "queued"].contains(&outcome_of(answer).as_str()))
+        .map(|answer| id_of(&answer))
+        .collect();
+    let over_ip: BTreeSet<String> = over_ip.union(&ip_only).cloned().collect();
     let to_bob_over_ip: BTreeSet<String> = accepted
         .iter()
         .filter(|m| went_over_ip(m) && m["to"] == bob_number.as_str())
         .map(id_of)
+        .chain(ip_only.iter().cloned())
         .collect();
     let other_outs: Vec<PathBuf> = ["bob-other", "alice-other", "carol"]
         .iter()
@@ -571,8 +618,20 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
         ),
         ("the SMS receiver's device", &carol, other_outs[2].clone()),
     ] {
+        let texts: BTreeMap<String, String> = history(user)
+            .into_iter()
+            .map(|m| {
+                (
+                    id_of(&m),
+                    m["text"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
         for id in shown(user) {
             match bodies.get(&id) {
+                // An IP-only send goes before it is answered: one whose process was stopped
+                // after it left is delivered, though its sender never learned of it.
+                None if texts.get(&id).is_some_and(|t| t.ends_with("over ip only")) => {}
                 None => failures.push(format!(
                     "{name} shows {id}, which the sender never accepted"
                 )),
@@ -606,6 +665,13 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
         match (outcome_of(m).as_str(), sms) {
             ("sent_as_sms", 1) => {}
             (_, 0) if went_over_ip(m) => {}
+            // An IP-only message its client ended as not sent (refused with nothing stored, or
+            // copies it could not make after the server named devices it lacked): nothing went,
+            // and above no receiver device shows it.
+            (_, 0)
+                if m["text"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("over ip only")) => {}
             // `Outgoing::resume`: a stop exactly while the SMS was with the transport sends it
             // again; never lost, and never beside an IP copy.
             ("sent_as_sms", n) if n > 1 => duplicate_sms.push(text(&body)),
@@ -632,8 +698,9 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
         }
     }
     eprintln!(
-        "{} messages accepted: {} over IP, {} as SMS ({} SMS sent twice after a stop during the SMS step)",
+        "{} routed messages accepted and {} over IP only: {} over IP, {} as SMS ({} SMS sent twice after a stop during the SMS step)",
         accepted_ids.len(),
+        ip_only.len(),
         over_ip.len(),
         accepted.iter().filter(|m| outcome_of(m) == "sent_as_sms").count(),
         duplicate_sms.len()

@@ -51,6 +51,12 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // `TIDINGS_KEEP_TEMP=1` keeps every test directory (logs, profiles, stores) to look at
+        // after a failure; each one's path is printed then.
+        if std::env::var_os("TIDINGS_KEEP_TEMP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -228,12 +228,16 @@ impl Inbox {
             .optional()?)
     }
 
-    /// The current state: the cached one if no process changed it since, else unsealed anew.
+    /// The current state and its version: the cached one if no process changed it since, else
+    /// unsealed anew. `conn` must be a transaction, so that the version and the state it names
+    /// are read from one snapshot: a version read apart from the state may be newer than it
+    /// (another process saved in between), and the cache would then hold an older state under
+    /// the newer version.
     fn current(
         conn: &Connection,
         vault: &Vault,
         cache: &mut Option<(i64, Crypto)>,
-    ) -> Result<Crypto> {
+    ) -> Result<(i64, Crypto)> {
         let Some(version) = Self::version(conn)? else {
             return Err(ClientError::Profile(
                 "this profile has no encryption keys: register again (`tidings register`, then `tidings verify`)".into(),
@@ -241,7 +245,7 @@ impl Inbox {
         };
         if let Some((cached, crypto)) = cache.take() {
             if cached == version {
-                return Ok(crypto);
+                return Ok((version, crypto));
             }
         }
         let sealed: Vec<u8> =
@@ -249,7 +253,7 @@ impl Inbox {
                 row.get(0)
             })?;
         let bytes = vault.open(CRYPTO_NAME, &sealed)?;
-        Ok(Crypto::from_bytes(&bytes)?)
+        Ok((version, Crypto::from_bytes(&bytes)?))
     }
 
     /// Changes the end-to-end state (and, through the [`Tx`], the messages) in one immediate
@@ -261,8 +265,7 @@ impl Inbox {
         let txn = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version = Self::version(&txn)?.unwrap_or(0);
-        let mut crypto = Self::current(&txn, &self.vault, &mut self.cache)?;
+        let (version, mut crypto) = Self::current(&txn, &self.vault, &mut self.cache)?;
         let tx = Tx {
             conn: &txn,
             vault: &self.vault,
@@ -290,12 +293,21 @@ impl Inbox {
     }
 
     /// A look at the current state without changing it.
+    ///
+    /// Issue 30: the state and its version are read in one read transaction. Read apart, another
+    /// process (a `send` beside a `listen`, or two `send`s) could save between the two reads;
+    /// the cache then held the older state under the newer version, and this handle's next
+    /// [`Inbox::update`] started from it and saved over the other's change: an Olm message key
+    /// used twice, and a message that no device could decrypt although the server took it.
     pub fn look<R>(&mut self, look: impl FnOnce(&Crypto) -> R) -> Result<R> {
-        let crypto = Self::current(&self.conn, &self.vault, &mut self.cache)?;
+        let txn = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let (version, crypto) = Self::current(&txn, &self.vault, &mut self.cache)?;
+        // Only read: ending it releases the snapshot.
+        txn.rollback()?;
         let value = look(&crypto);
-        if let Some(version) = Self::version(&self.conn)? {
-            self.cache = Some((version, crypto));
-        }
+        self.cache = Some((version, crypto));
         Ok(value)
     }
 
@@ -313,7 +325,7 @@ impl Inbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let old = match Self::version(&txn)? {
-            Some(_) => Some(Self::current(&txn, &self.vault, &mut self.cache)?),
+            Some(_) => Some(Self::current(&txn, &self.vault, &mut self.cache)?.1),
             None => None,
         };
         let crypto = make(old);
@@ -614,5 +626,76 @@ impl Tx<'_> {
             ],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A profile directory of its own, removed afterwards.
+    struct ProfileDir(std::path::PathBuf);
+
+    impl ProfileDir {
+        fn new(label: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "tidings-inbox-{label}-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            Self(dir)
+        }
+    }
+
+    impl Drop for ProfileDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const ONE: &str = "+4915110000001";
+    const TWO: &str = "+4915110000002";
+
+    fn note_written_to(inbox: &mut Inbox, number: &str) {
+        inbox
+            .update(|_, crypto| {
+                crypto.note_written_to(number);
+                Ok(Change::Save(()))
+            })
+            .expect("update");
+    }
+
+    /// Issue 30: two processes on one profile (a `send` and another `send`, or `listen`). One
+    /// looks at the state while the other saves a change: the looking one must not keep the
+    /// state it read under the newer version, or its next change starts from the older state
+    /// and saves over the other's. With Olm sessions in the state, that change is an
+    /// encryption: a message key used twice, and a message no device can decrypt.
+    #[test]
+    fn a_change_saved_by_another_process_during_a_look_is_never_lost() {
+        let dir = ProfileDir::new("look");
+        let passphrase = Passphrase::new("correct horse battery staple");
+        let mut first = Inbox::open(&dir.0, &passphrase).expect("open");
+        first.replace_crypto(|_| Crypto::new()).expect("keys");
+        let mut second = Inbox::open_unlocked(&dir.0, first.vault().clone()).expect("open");
+        // The first has the state cached; the second changes it while the first looks.
+        first.look(|_| ()).expect("look");
+        first
+            .look(|_| note_written_to(&mut second, ONE))
+            .expect("look");
+        assert!(
+            first
+                .look(|crypto| crypto.has_written_to(ONE))
+                .expect("look"),
+            "the first reads the state as the second saved it"
+        );
+        // The first's next change builds on the second's, which stays.
+        note_written_to(&mut first, TWO);
+        let mut third = Inbox::open_unlocked(&dir.0, first.vault().clone()).expect("open");
+        assert_eq!(
+            third
+                .look(|crypto| (crypto.has_written_to(ONE), crypto.has_written_to(TWO)))
+                .expect("look"),
+            (true, true)
+        );
     }
 }
