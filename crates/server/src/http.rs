@@ -33,10 +33,9 @@ use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
-use crate::identity::Identity;
 use crate::inbound::{self, Completion, Refused};
 use crate::metrics::Outcome;
-use crate::session::{Opening, Resumed};
+use crate::session::{NotResumed, Opening, Resumed};
 use crate::state::Shared;
 
 #[cfg(test)]
@@ -1068,9 +1067,10 @@ async fn connect<S: Store>(
     response
 }
 
-/// The device a resumption token logs in, if the token holds ([`crate::resume`]) and the
-/// device still exists (read in the store at every use); `None` sends the client to the
-/// challenge login, whatever the reason, which only the `resumes` metric tells.
+/// The device a resumption token logs in, its session registered, if the token holds
+/// ([`crate::resume`]) and the device still exists (read in the store at every use,
+/// [`Resumed::open`]); `None` sends the client to the challenge login, whatever the reason,
+/// which only the `resumes` metric tells.
 async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Option<Resumed> {
     let outcome = |label: &'static str| {
         state
@@ -1094,25 +1094,21 @@ async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Opti
             return None;
         }
     };
-    match state.store.login_device(device).await {
-        Ok(Some((stored, keys))) => {
+    match Resumed::open(state, device, listen).await {
+        Ok(resumed) => {
             outcome("resumed");
-            Some(Resumed {
-                identity: Identity {
-                    device,
-                    account: stored.account,
-                    budgets: state.keys.budget_key(&stored.pseudonym),
-                },
-                listen,
-                keys,
-            })
+            Some(resumed)
         }
-        Ok(None) => {
+        Err(NotResumed::DeviceGone) => {
             state.resumption.forget(device);
             outcome("refused_device_gone");
             None
         }
-        Err(e) => {
+        Err(NotResumed::TooManySessions) => {
+            outcome("refused_too_many_sessions");
+            None
+        }
+        Err(NotResumed::Unavailable(e)) => {
             tracing::warn!(error = %e, "storage failed while resuming a session");
             outcome("refused_unavailable");
             None
