@@ -482,16 +482,20 @@ async fn verify<S: Store>(
             "the code is the 6 digits from the SMS",
         ));
     }
-    let key_bytes = signed_device_key(
+    let CodeAttempt {
+        key_bytes,
+        now,
+        pseudonym,
+        presented,
+    } = code_attempt(
+        &state,
+        &peer,
+        &headers,
         &number,
         &request.code,
         &request.device_key,
         &request.signature,
     )?;
-    let now = now_ms();
-    check_attempt_address(&state, &peer, &headers, now)?;
-    let pseudonym = pseudonym_of(&state, &number)?;
-    let presented = state.keys.code_hash(&pseudonym, &request.code);
     let policy = state.code_policy;
     let attempt = state
         .store
@@ -546,6 +550,41 @@ async fn verify<S: Store>(
         }
     }
     register_device(&state, &number, key_bytes, now).await
+}
+
+/// What both ways of registering with a code (`verify` and `complete_inbound`) establish before
+/// the code itself is compared: the device key, signed over the register transcript; the time;
+/// the number's pseudonym; and the keyed hash of the code presented.
+struct CodeAttempt {
+    key_bytes: [u8; 32],
+    now: tidings_core::Millis,
+    pseudonym: tidings_store::Pseudonym,
+    presented: [u8; 32],
+}
+
+/// Checks, in this order, the device key's signature ([`signed_device_key`]) and the attempt
+/// budget of the client's address, then derives the number's pseudonym and the hash of the
+/// code to compare with the stored one; the error answer otherwise.
+fn code_attempt<S: Store>(
+    state: &Shared<S>,
+    peer: &Peer,
+    headers: &HeaderMap,
+    number: &E164,
+    code: &str,
+    device_key: &str,
+    signature: &str,
+) -> Result<CodeAttempt, Response> {
+    let key_bytes = signed_device_key(number, code, device_key, signature)?;
+    let now = now_ms();
+    check_attempt_address(state, peer, headers, now)?;
+    let pseudonym = pseudonym_of(state, number)?;
+    let presented = state.keys.code_hash(&pseudonym, code);
+    Ok(CodeAttempt {
+        key_bytes,
+        now,
+        pseudonym,
+        presented,
+    })
 }
 
 /// The device key of a registration, once the signature by it over the register transcript of
@@ -744,16 +783,20 @@ async fn complete_inbound<S: Store>(
     if request.wait_seconds > MAX_INBOUND_WAIT {
         return Err(bad("wait_seconds is at most 25"));
     }
-    let key_bytes = signed_device_key(
+    let CodeAttempt {
+        key_bytes,
+        pseudonym,
+        presented,
+        ..
+    } = code_attempt(
+        &state,
+        &peer,
+        &headers,
         &number,
         &request.code,
         &request.device_key,
         &request.signature,
     )?;
-    let now = now_ms();
-    check_attempt_address(&state, &peer, &headers, now)?;
-    let pseudonym = pseudonym_of(&state, &number)?;
-    let presented = state.keys.code_hash(&pseudonym, &request.code);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(request.wait_seconds);
     let completion = loop {
         // Interest is registered before the check, so an SMS that arrives between the two
