@@ -482,24 +482,11 @@ async fn verify<S: Store>(
             "the code is the 6 digits from the SMS",
         ));
     }
-    let CodeAttempt {
-        key_bytes,
-        now,
-        pseudonym,
-        presented,
-    } = code_attempt(
-        &state,
-        &peer,
-        &headers,
-        &number,
-        &request.code,
-        &request.device_key,
-        &request.signature,
-    )?;
-    let policy = state.code_policy;
+    let checked = code_attempt(&state, &peer, &headers, &number, &request)?;
+    let (policy, presented, now) = (state.code_policy, checked.presented, checked.now);
     let attempt = state
         .store
-        .update_code_record(pseudonym, move |record| match record.as_mut() {
+        .update_code_record(checked.pseudonym, move |record| match record.as_mut() {
             Some(current) => verification::attempt(&policy, current, &presented, now),
             None => Attempt::NoCode,
         })
@@ -549,7 +536,7 @@ async fn verify<S: Store>(
             ))
         }
     }
-    register_device(&state, &number, key_bytes, now).await
+    register_device(&state, &number, checked.key_bytes, now).await
 }
 
 /// What both ways of registering with a code (`verify` and `complete_inbound`) establish before
@@ -562,6 +549,24 @@ struct CodeAttempt {
     presented: [u8; 32],
 }
 
+/// A registration request that carries a code and a device key signed over it.
+trait SignedCode {
+    /// The code, the device key and the signature, as the request has them.
+    fn signed_code(&self) -> (&str, &str, &str);
+}
+
+impl SignedCode for VerifyRequest {
+    fn signed_code(&self) -> (&str, &str, &str) {
+        (&self.code, &self.device_key, &self.signature)
+    }
+}
+
+impl SignedCode for InboundCompleteRequest {
+    fn signed_code(&self) -> (&str, &str, &str) {
+        (&self.code, &self.device_key, &self.signature)
+    }
+}
+
 /// Checks, in this order, the device key's signature ([`signed_device_key`]) and the attempt
 /// budget of the client's address, then derives the number's pseudonym and the hash of the
 /// code to compare with the stored one; the error answer otherwise.
@@ -570,10 +575,9 @@ fn code_attempt<S: Store>(
     peer: &Peer,
     headers: &HeaderMap,
     number: &E164,
-    code: &str,
-    device_key: &str,
-    signature: &str,
+    request: &impl SignedCode,
 ) -> Result<CodeAttempt, Response> {
+    let (code, device_key, signature) = request.signed_code();
     let key_bytes = signed_device_key(number, code, device_key, signature)?;
     let now = now_ms();
     check_attempt_address(state, peer, headers, now)?;
@@ -783,20 +787,7 @@ async fn complete_inbound<S: Store>(
     if request.wait_seconds > MAX_INBOUND_WAIT {
         return Err(bad("wait_seconds is at most 25"));
     }
-    let CodeAttempt {
-        key_bytes,
-        pseudonym,
-        presented,
-        ..
-    } = code_attempt(
-        &state,
-        &peer,
-        &headers,
-        &number,
-        &request.code,
-        &request.device_key,
-        &request.signature,
-    )?;
+    let attempt = code_attempt(&state, &peer, &headers, &number, &request)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(request.wait_seconds);
     let completion = loop {
         // Interest is registered before the check, so an SMS that arrives between the two
@@ -804,9 +795,10 @@ async fn complete_inbound<S: Store>(
         let arrival = state.declarations.arrival().notified();
         tokio::pin!(arrival);
         arrival.as_mut().enable();
-        let completion = state
-            .declarations
-            .complete(&pseudonym, &presented, now_ms());
+        let completion =
+            state
+                .declarations
+                .complete(&attempt.pseudonym, &attempt.presented, now_ms());
         if completion != Completion::Waiting || tokio::time::Instant::now() >= deadline {
             break completion;
         }
@@ -830,7 +822,7 @@ async fn complete_inbound<S: Store>(
         .get_or_create(&Outcome { outcome: label })
         .inc();
     match completion {
-        Completion::Done => register_device(&state, &number, key_bytes, now_ms()).await,
+        Completion::Done => register_device(&state, &number, attempt.key_bytes, now_ms()).await,
         Completion::Waiting => Err(api_error(
             StatusCode::CONFLICT,
             "not_received",
