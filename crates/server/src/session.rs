@@ -257,10 +257,7 @@ where
 /// A session that logged in and took its place in the hub.
 struct Opened {
     identity: Identity,
-    listen: bool,
-    tx: Outbox,
-    registration: Registration,
-    heartbeat_interval: Millis,
+    entry: HubEntry,
 }
 
 impl Opened {
@@ -309,10 +306,7 @@ impl HubEntry {
     fn with(self, identity: Identity) -> Opened {
         Opened {
             identity,
-            listen: self.listen,
-            tx: self.tx,
-            registration: self.registration,
-            heartbeat_interval: self.heartbeat_interval,
+            entry: self,
         }
     }
 }
@@ -333,10 +327,13 @@ where
 {
     let Opened {
         identity,
-        listen,
-        tx,
-        registration,
-        heartbeat_interval,
+        entry:
+            HubEntry {
+                listen,
+                tx,
+                registration,
+                heartbeat_interval,
+            },
     } = opened;
     let mut live = Live {
         state,
