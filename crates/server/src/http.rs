@@ -33,10 +33,9 @@ use crate::abuse::{self, AddressLimit, Refusal, Tripped};
 use crate::clock::now_ms;
 use crate::connection::{Peer, Slot};
 use crate::directory::{identity_keys, link_code_hash, too_many_links};
-use crate::identity::Identity;
 use crate::inbound::{self, Completion, Refused};
 use crate::metrics::Outcome;
-use crate::session::{Opening, Resumed};
+use crate::session::{NotResumed, Opening, Resumed};
 use crate::state::Shared;
 
 #[cfg(test)]
@@ -483,20 +482,11 @@ async fn verify<S: Store>(
             "the code is the 6 digits from the SMS",
         ));
     }
-    let key_bytes = signed_device_key(
-        &number,
-        &request.code,
-        &request.device_key,
-        &request.signature,
-    )?;
-    let now = now_ms();
-    check_attempt_address(&state, &peer, &headers, now)?;
-    let pseudonym = pseudonym_of(&state, &number)?;
-    let presented = state.keys.code_hash(&pseudonym, &request.code);
-    let policy = state.code_policy;
+    let checked = code_attempt(&state, &peer, &headers, &number, &request)?;
+    let (policy, presented, now) = (state.code_policy, checked.presented, checked.now);
     let attempt = state
         .store
-        .update_code_record(pseudonym, move |record| match record.as_mut() {
+        .update_code_record(checked.pseudonym, move |record| match record.as_mut() {
             Some(current) => verification::attempt(&policy, current, &presented, now),
             None => Attempt::NoCode,
         })
@@ -546,7 +536,59 @@ async fn verify<S: Store>(
             ))
         }
     }
-    register_device(&state, &number, key_bytes, now).await
+    register_device(&state, &number, checked.key_bytes, now).await
+}
+
+/// What both ways of registering with a code (`verify` and `complete_inbound`) establish before
+/// the code itself is compared: the device key, signed over the register transcript; the time;
+/// the number's pseudonym; and the keyed hash of the code presented.
+struct CodeAttempt {
+    key_bytes: [u8; 32],
+    now: tidings_core::Millis,
+    pseudonym: tidings_store::Pseudonym,
+    presented: [u8; 32],
+}
+
+/// A registration request that carries a code and a device key signed over it.
+trait SignedCode {
+    /// The code, the device key and the signature, as the request has them.
+    fn signed_code(&self) -> (&str, &str, &str);
+}
+
+impl SignedCode for VerifyRequest {
+    fn signed_code(&self) -> (&str, &str, &str) {
+        (&self.code, &self.device_key, &self.signature)
+    }
+}
+
+impl SignedCode for InboundCompleteRequest {
+    fn signed_code(&self) -> (&str, &str, &str) {
+        (&self.code, &self.device_key, &self.signature)
+    }
+}
+
+/// Checks, in this order, the device key's signature ([`signed_device_key`]) and the attempt
+/// budget of the client's address, then derives the number's pseudonym and the hash of the
+/// code to compare with the stored one; the error answer otherwise.
+fn code_attempt<S: Store>(
+    state: &Shared<S>,
+    peer: &Peer,
+    headers: &HeaderMap,
+    number: &E164,
+    request: &impl SignedCode,
+) -> Result<CodeAttempt, Response> {
+    let (code, device_key, signature) = request.signed_code();
+    let key_bytes = signed_device_key(number, code, device_key, signature)?;
+    let now = now_ms();
+    check_attempt_address(state, peer, headers, now)?;
+    let pseudonym = pseudonym_of(state, number)?;
+    let presented = state.keys.code_hash(&pseudonym, code);
+    Ok(CodeAttempt {
+        key_bytes,
+        now,
+        pseudonym,
+        presented,
+    })
 }
 
 /// The device key of a registration, once the signature by it over the register transcript of
@@ -745,16 +787,7 @@ async fn complete_inbound<S: Store>(
     if request.wait_seconds > MAX_INBOUND_WAIT {
         return Err(bad("wait_seconds is at most 25"));
     }
-    let key_bytes = signed_device_key(
-        &number,
-        &request.code,
-        &request.device_key,
-        &request.signature,
-    )?;
-    let now = now_ms();
-    check_attempt_address(&state, &peer, &headers, now)?;
-    let pseudonym = pseudonym_of(&state, &number)?;
-    let presented = state.keys.code_hash(&pseudonym, &request.code);
+    let attempt = code_attempt(&state, &peer, &headers, &number, &request)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(request.wait_seconds);
     let completion = loop {
         // Interest is registered before the check, so an SMS that arrives between the two
@@ -762,9 +795,10 @@ async fn complete_inbound<S: Store>(
         let arrival = state.declarations.arrival().notified();
         tokio::pin!(arrival);
         arrival.as_mut().enable();
-        let completion = state
-            .declarations
-            .complete(&pseudonym, &presented, now_ms());
+        let completion =
+            state
+                .declarations
+                .complete(&attempt.pseudonym, &attempt.presented, now_ms());
         if completion != Completion::Waiting || tokio::time::Instant::now() >= deadline {
             break completion;
         }
@@ -788,7 +822,7 @@ async fn complete_inbound<S: Store>(
         .get_or_create(&Outcome { outcome: label })
         .inc();
     match completion {
-        Completion::Done => register_device(&state, &number, key_bytes, now_ms()).await,
+        Completion::Done => register_device(&state, &number, attempt.key_bytes, now_ms()).await,
         Completion::Waiting => Err(api_error(
             StatusCode::CONFLICT,
             "not_received",
@@ -1068,9 +1102,10 @@ async fn connect<S: Store>(
     response
 }
 
-/// The device a resumption token logs in, if the token holds ([`crate::resume`]) and the
-/// device still exists (read in the store at every use); `None` sends the client to the
-/// challenge login, whatever the reason, which only the `resumes` metric tells.
+/// The device a resumption token logs in, its session registered, if the token holds
+/// ([`crate::resume`]) and the device still exists (read in the store at every use,
+/// [`Resumed::open`]); `None` sends the client to the challenge login, whatever the reason,
+/// which only the `resumes` metric tells.
 async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Option<Resumed> {
     let outcome = |label: &'static str| {
         state
@@ -1094,25 +1129,21 @@ async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Opti
             return None;
         }
     };
-    match state.store.login_device(device).await {
-        Ok(Some((stored, keys))) => {
+    match Resumed::open(state, device, listen).await {
+        Ok(resumed) => {
             outcome("resumed");
-            Some(Resumed {
-                identity: Identity {
-                    device,
-                    account: stored.account,
-                    budgets: state.keys.budget_key(&stored.pseudonym),
-                },
-                listen,
-                keys,
-            })
+            Some(resumed)
         }
-        Ok(None) => {
+        Err(NotResumed::DeviceGone) => {
             state.resumption.forget(device);
             outcome("refused_device_gone");
             None
         }
-        Err(e) => {
+        Err(NotResumed::TooManySessions) => {
+            outcome("refused_too_many_sessions");
+            None
+        }
+        Err(NotResumed::Unavailable(e)) => {
             tracing::warn!(error = %e, "storage failed while resuming a session");
             outcome("refused_unavailable");
             None

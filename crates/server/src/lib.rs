@@ -367,15 +367,22 @@ impl<S: Store> Server<S> {
             pre_login,
             counted: Some(state.metrics.connections.clone()),
         };
-        accept(
+        // The accept loop runs as a task of the runtime, not on the thread that awaits `run`
+        // (the binary's main thread, outside the runtime's worker threads): there, an accept
+        // could cost two cross-thread wake-ups (the worker that polls the sockets woke the
+        // main thread, whose spawned connection then woke a worker). On a worker, a connection
+        // it accepts starts on the same thread.
+        let accepting = tokio::spawn(accept(
             Arc::clone(&state),
             listener,
             router,
             tls,
             admission,
             shutdown,
-        )
-        .await;
+        ));
+        if accepting.await.is_err() {
+            tracing::warn!("the accept loop ended abnormally");
+        }
         tracing::info!("shutting down: finishing sessions");
         state.shutdown.cancel();
         // Idle sessions wait on their mailbox only: wake them to see the shutdown.

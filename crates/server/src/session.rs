@@ -90,11 +90,54 @@ pub enum Opening {
     Resumed(Resumed),
 }
 
-/// A device that a resumption token logged in ([`crate::resume`]), checked in the store.
+/// A device that a resumption token logged in ([`crate::resume`]): its session registered in
+/// the hub, then the device checked in the store by the one read that also says what waits for
+/// it (a login reads the device, then, once registered, its backlog).
 pub struct Resumed {
-    pub identity: Identity,
-    pub listen: bool,
-    pub keys: tidings_store::KeyStatus,
+    opened: Opened,
+    keys: tidings_store::KeyStatus,
+    backlog: Backlog,
+}
+
+/// Why a device whose token held is not resumed; the client then logs in by challenge.
+#[derive(Debug)]
+pub enum NotResumed {
+    /// The device is no longer registered (removed, replaced or disabled).
+    DeviceGone,
+    /// The device holds as many sessions as it may (the challenge login then says so).
+    TooManySessions,
+    /// The store failed.
+    Unavailable(tidings_store::StoreError),
+}
+
+impl Resumed {
+    /// Registers a session of `device` in the hub, then reads the device in the store: it must
+    /// still exist. Registered first, as a login's session is before its backlog is read, so
+    /// that nothing stored after the read can miss it (that is pushed). A refusal drops the
+    /// registration.
+    pub async fn open<S: Store>(
+        state: &Shared<S>,
+        device: DeviceId,
+        listen: bool,
+    ) -> Result<Self, NotResumed> {
+        let entry = HubEntry::add(state, device, listen)
+            .map_err(|TooManySessions| NotResumed::TooManySessions)?;
+        let (stored, keys, backlog) = match state.store.resume_device(device).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return Err(NotResumed::DeviceGone),
+            Err(e) => return Err(NotResumed::Unavailable(e)),
+        };
+        let identity = Identity {
+            device,
+            account: stored.account,
+            budgets: state.keys.budget_key(&stored.pseudonym),
+        };
+        Ok(Self {
+            opened: entry.with(identity),
+            keys,
+            backlog,
+        })
+    }
 }
 
 /// Runs a session on a connection being upgraded: waits for the upgrade, logs the client in,
@@ -171,27 +214,31 @@ where
     S: Store,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (identity, listen, keys) = match opening {
-        Opening::Challenge(challenge) => log_in(&state, &mut io, &mut buf, &challenge).await?,
+    let (opened, keys, backlog) = match opening {
+        Opening::Challenge(challenge) => {
+            let (identity, listen, keys) = log_in(&state, &mut io, &mut buf, &challenge).await?;
+            // The session is registered before the login is answered, so that the device's
+            // bound on sessions is checked and taken at once. What is queued for it meanwhile
+            // is written after `LoginResult`.
+            let Ok(opened) = Opened::register(&state, identity, listen) else {
+                tracing::debug!("login refused: the device holds as many sessions as it may");
+                let most = state.config.sessions_per_device;
+                let refusal = fatal(
+                    ErrorCode::TooManySessions,
+                    format!("this device already has {most} sessions open, the most it may: close one (a lost one closes after its heartbeat lapses) and try again"),
+                );
+                let _ = write_frame(&mut io, &refusal).await;
+                return None;
+            };
+            (opened, keys, None)
+        }
         Opening::Resumed(Resumed {
-            identity,
-            listen,
+            opened,
             keys,
-        }) => (identity, listen, keys),
+            backlog,
+        }) => (opened, keys, Some(backlog)),
     };
-    // The session is registered before the login is answered, so that the device's bound on
-    // sessions is checked and taken at once. What is queued for it meanwhile is written after
-    // `LoginResult`.
-    let Ok(opened) = Opened::register(&state, identity, listen) else {
-        tracing::debug!("login refused: the device holds as many sessions as it may");
-        let most = state.config.sessions_per_device;
-        let refusal = fatal(
-            ErrorCode::TooManySessions,
-            format!("this device already has {most} sessions open, the most it may: close one (a lost one closes after its heartbeat lapses) and try again"),
-        );
-        let _ = write_frame(&mut io, &refusal).await;
-        return None;
-    };
+    let device = opened.identity.device;
     let login_result: Frame = Kind::LoginResult(frame::LoginResult {
         server_time_ms: now_ms(),
         heartbeat_seconds: state.config.heartbeat_seconds,
@@ -199,54 +246,79 @@ where
         keys_published: keys.published,
         oprf_key_version: state.keys.current_version(),
         // A fresh token at every login and resumption: the one presented is used up.
-        resume_token: state
-            .resumption
-            .issue(&state.keys, identity.device, now_ms()),
+        resume_token: state.resumption.issue(&state.keys, device, now_ms()),
     })
     .into();
     write_frame(&mut io, &login_result).await.ok()?;
     let slot = slot.map(Slot::logged_in);
-    Some(register(state, io, buf, opened, slot).await)
+    Some(register(state, io, buf, opened, backlog, slot).await)
 }
 
 /// A session that logged in and took its place in the hub.
 struct Opened {
     identity: Identity,
+    entry: HubEntry,
+}
+
+impl Opened {
+    /// Registers a logged-in session in the hub, unless its device holds as many sessions as
+    /// it may.
+    fn register<S: Store>(
+        state: &Shared<S>,
+        identity: Identity,
+        listen: bool,
+    ) -> Result<Self, TooManySessions> {
+        Ok(HubEntry::add(state, identity.device, listen)?.with(identity))
+    }
+}
+
+/// A session's place in the hub, taken before its device's identity is known in full (a
+/// resumed connect registers, then reads the device).
+struct HubEntry {
     listen: bool,
     tx: Outbox,
     registration: Registration,
     heartbeat_interval: Millis,
 }
 
-impl Opened {
-    /// Registers a logged-in session in the hub, unless its device holds as many sessions as
+impl HubEntry {
+    /// Registers a session of `device` in the hub, unless the device holds as many sessions as
     /// it may. Its heartbeat deadline is set before the hub's sweep can see it.
-    fn register<S: Store>(
+    fn add<S: Store>(
         state: &Shared<S>,
-        identity: Identity,
+        device: DeviceId,
         listen: bool,
     ) -> Result<Self, TooManySessions> {
         let tx = Mailbox::new();
         let heartbeat_interval = Millis::from(state.config.heartbeat_seconds) * SECOND;
         tx.heard_until(heartbeat::deadline(session_ms(), heartbeat_interval));
         let most = state.config.sessions_per_device;
-        let registration = state.hub.add(identity.device, listen, tx.clone(), most)?;
+        let registration = state.hub.add(device, listen, tx.clone(), most)?;
         Ok(Self {
-            identity,
             listen,
             tx,
             registration,
             heartbeat_interval,
         })
     }
+
+    /// The registered session of `identity`, whose device this entry was added for.
+    fn with(self, identity: Identity) -> Opened {
+        Opened {
+            identity,
+            entry: self,
+        }
+    }
 }
 
-/// Starts what waits for a logged-in session's device.
+/// Starts what waits for a logged-in session's device; `backlog`: already read, after the
+/// session registered (a resumed connect's read).
 async fn register<S, Io>(
     state: Shared<S>,
     io: Io,
     buf: BytesMut,
     opened: Opened,
+    backlog: Option<Backlog>,
     slot: Option<SessionSlot>,
 ) -> Live<S, Io>
 where
@@ -255,10 +327,13 @@ where
 {
     let Opened {
         identity,
-        listen,
-        tx,
-        registration,
-        heartbeat_interval,
+        entry:
+            HubEntry {
+                listen,
+                tx,
+                registration,
+                heartbeat_interval,
+            },
     } = opened;
     let mut live = Live {
         state,
@@ -281,17 +356,20 @@ where
     // same read checks that the device still exists: a removal that committed after the login
     // read the device signed out every session registered by then, but not this one if it
     // registered later. (A storage error keeps the session: the login has just read the device.)
-    let backlog = live
-        .state
-        .store
-        .backlog(identity.device)
-        .await
-        .unwrap_or(Backlog {
-            registered: true,
-            queued: true,
-            receipts: true,
-            missed: 0,
-        });
+    let backlog = match backlog {
+        Some(backlog) => backlog,
+        None => live
+            .state
+            .store
+            .backlog(identity.device)
+            .await
+            .unwrap_or(Backlog {
+                registered: true,
+                queued: true,
+                receipts: true,
+                missed: 0,
+            }),
+    };
     if !backlog.registered {
         tracing::debug!("session signed out: its device was removed while it logged in");
         live.tx

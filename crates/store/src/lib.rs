@@ -597,6 +597,22 @@ pub trait Store: Send + Sync + 'static {
         id: DeviceId,
     ) -> impl Future<Output = Result<Option<(Device, KeyStatus)>>> + Send;
 
+    /// [`Store::login_device`] and [`Store::backlog`] in one read, as a resumed connect needs
+    /// them: its session is registered before the read, so that nothing stored after the read
+    /// can miss it, and the read checks that the device still exists. `None`: it does not.
+    fn resume_device(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<(Device, KeyStatus, Backlog)>>> + Send {
+        async move {
+            let Some((device, keys)) = self.login_device(id).await? else {
+                return Ok(None);
+            };
+            let backlog = self.backlog(id).await?;
+            Ok(backlog.registered.then_some((device, keys, backlog)))
+        }
+    }
+
     /// The account behind a pseudonym and its devices.
     fn account(
         &self,

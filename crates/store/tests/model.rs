@@ -781,6 +781,7 @@ impl<S: Store> Run<'_, S> {
                     self.result(store.device_keys(account).await),
                     self.result(store.device(device).await),
                     self.result(store.login_device(device).await),
+                    self.result(store.resume_device(device).await),
                     self.result(store.key_status(device).await),
                 ]
                 .join("; ")

@@ -230,7 +230,7 @@ async fn a_login_that_registers_after_its_device_was_removed_is_signed_out() {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let state = std::sync::Arc::clone(&world.state);
     let opened = Opened::register(&state, second.identity, true).expect("under the bound");
-    let live = register(state, server, BytesMut::new(), opened, None).await;
+    let live = register(state, server, BytesMut::new(), opened, None, None).await;
     tokio::spawn(live.run());
     let mut client = Client {
         io: client,

@@ -8,7 +8,6 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tidings_core::Millis;
 use tidings_proto::id::DeviceId;
 
-use super::keys::key_status_in;
 use super::messages::{
     delete_copies, delete_if_no_copies, delete_single_copies, note_deleted_copy,
     COPY_SENDER_AND_BYTES,
@@ -16,7 +15,7 @@ use super::messages::{
 use super::rows::{device_id, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountDevices, AccountId, Actor, Device, IdentityKeys, KeyStatus, Linked, Pseudonym,
+    AccountDevices, AccountId, Actor, Backlog, Device, IdentityKeys, KeyStatus, Linked, Pseudonym,
     Registered, Rekeyed, Result, StoreError, Voucher,
 };
 
@@ -115,13 +114,68 @@ pub(super) fn account_in(
     Ok(found)
 }
 
-/// [`Store::login_device`](crate::Store::login_device): a device and its key supply, read on
-/// `conn`.
+/// [`Store::login_device`](crate::Store::login_device): [`resume_device`] without the backlog.
 pub(super) fn login_device(conn: &Connection, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
-    let Some(device) = device_in(conn, id)? else {
-        return Ok(None);
-    };
-    Ok(Some((device, key_status_in(conn, id)?)))
+    Ok(resume_device(conn, id)?.map(|(device, keys, _)| (device, keys)))
+}
+
+/// [`Store::resume_device`](crate::Store::resume_device): a device, its key supply and what
+/// waits for it, read on `conn` in one statement. Every login and every resumed connect runs
+/// it: one statement is one read transaction, whose locks (on the database file and on the
+/// write-ahead log's index) are system calls, where a statement each for the device, its
+/// one-time keys, its identity key and its backlog took four. It answers what [`device_in`],
+/// [`key_status_in`](super::keys::key_status_in) and
+/// [`backlog`](super::receipts::backlog) answer together.
+pub(super) fn resume_device(
+    conn: &Connection,
+    id: DeviceId,
+) -> Result<Option<(Device, KeyStatus, Backlog)>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT devices.account_id, devices.public_key, accounts.pseudonym,
+                    devices.identity_key IS NOT NULL,
+                    (SELECT COUNT(*) FROM one_time_keys WHERE device_id = ?1 AND fallback = 0),
+                    EXISTS (SELECT 1 FROM one_time_keys WHERE device_id = ?1 AND fallback = 1),
+                    devices.queue_len > 0,
+                    EXISTS (SELECT 1 FROM receipts WHERE device_id = ?1),
+                    devices.missed
+             FROM devices JOIN accounts ON accounts.id = devices.account_id WHERE devices.id = ?1",
+        )?
+        .query_row(params![id.as_bytes()], |row| {
+            let backlog = Backlog {
+                registered: true,
+                queued: row.get(6)?,
+                receipts: row.get(7)?,
+                missed: u32::try_from(row.get::<_, i64>(8)?).unwrap_or(u32::MAX),
+            };
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, bool>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, bool>(5)?,
+                backlog,
+            ))
+        })
+        .optional()?;
+    Ok(row.and_then(
+        |(account, key, pseudonym, has_identity, one_time_keys, has_fallback, backlog)| {
+            let public_key = <[u8; 32]>::try_from(key.as_slice()).ok()?;
+            let pseudonym = <[u8; 32]>::try_from(pseudonym.as_slice()).ok()?;
+            let device = Device {
+                id,
+                account: AccountId(account),
+                pseudonym: Pseudonym(pseudonym),
+                public_key,
+            };
+            let keys = KeyStatus {
+                one_time_keys: u32::try_from(one_time_keys).unwrap_or(u32::MAX),
+                published: has_identity && has_fallback,
+            };
+            Some((device, keys, backlog))
+        },
+    ))
 }
 
 /// [`Store::devices_of`](crate::Store::devices_of).

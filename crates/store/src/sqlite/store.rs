@@ -28,6 +28,10 @@ impl Store for SqliteStore {
         self.read_here(|conn| accounts::login_device(conn, id))
     }
 
+    async fn resume_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus, Backlog)>> {
+        self.read_here(|conn| accounts::resume_device(conn, id))
+    }
+
     async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
         self.read_here(|conn| accounts::account_in(conn, pseudonym))
     }
