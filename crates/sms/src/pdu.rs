@@ -246,7 +246,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 /// Parses hex digits (either case) into bytes.
 pub fn from_hex(hex: &str) -> Result<Vec<u8>, DecodeError> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(DecodeError::OddHexLength { length: hex.len() });
     }
     let digit = |position: usize, c: u8| match c {
