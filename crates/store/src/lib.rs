@@ -31,6 +31,7 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 /// A number's pseudonym: the VOPRF output under the server's key, truncated to 32 bytes.
