@@ -68,9 +68,13 @@ async fn registered(store: &impl Store, pseudonym: u8, device: DeviceId) -> Acco
     account
 }
 
-/// A raw connection to the test's schema, to look at what is stored.
+/// A raw connection to the test's schema, to look at what is stored (named as the store's own
+/// sessions are, so that dropping the schema ends it too).
 async fn raw(schema: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+    let base = postgres_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}application_name={schema}");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("connect");
     tokio::spawn(connection);
@@ -173,9 +177,11 @@ async fn an_acknowledgement_racing_a_withdraw_ends_in_one_state() {
     assert_eq!(delivered + withdrawn, 60);
 }
 
-/// Sends racing the link of a new device to the receiver's account: every send either names the
-/// devices as they were when it was stored or is refused as out of date, never stored without a
-/// copy for a device that was there.
+/// A send caught between its check of the receiver's devices and the insert of its message (a raw
+/// session holds the messages table, so the send waits at its insert), and a link of a new device
+/// to the receiver's account asked meanwhile: the link waits for the send to commit, so the send's
+/// copies match the devices as they were when it was stored. Were the check and the insert not one
+/// state, the link would commit first and the send be stored without a copy for the new device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_copy_set_check_and_the_insert_see_one_state() {
     let temp = TempPostgres::open().await;
@@ -183,48 +189,70 @@ async fn the_copy_set_check_and_the_insert_see_one_state() {
     let (alice, bob, bob_laptop) = (DeviceId([1; 16]), DeviceId([2; 16]), DeviceId([3; 16]));
     let alice_account = registered(&*store, 0xA1, alice).await;
     let bob_account = registered(&*store, 0xB0, bob).await;
-    let sends = (1..=40u8).map(|id| {
+    let mut holder = raw(&temp.schema).await;
+    let hold = holder.transaction().await.expect("begin");
+    hold.batch_execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+        .await
+        .expect("hold the messages");
+    let watcher = raw(&temp.schema).await;
+    let waiting = || async {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&temp.schema],
+            )
+            .await
+            .expect("activity");
+        row.get::<_, i64>(0)
+    };
+    let send = tokio::spawn({
         let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            // Addressed to the phone only: right until the laptop is linked.
-            let sent = message((alice, alice_account), id, bob_account, &[bob]);
+        async move {
+            let sent = message((alice, alice_account), 1, bob_account, &[bob]);
             store
                 .enqueue(sent, QueueLimits::DEFAULT)
                 .await
                 .expect("send")
-        })
-    });
-    let sends: Vec<_> = sends.collect();
-    let approver = Actor {
-        account: bob_account,
-        device: bob,
-    };
-    store
-        .add_device(approver, bob_laptop, [3; 32], identity(3), 5, 0)
-        .await
-        .expect("link");
-    let mut stored = 0;
-    for send in sends {
-        match send.await.expect("task") {
-            Enqueued::Stored => stored += 1,
-            Enqueued::DevicesChanged(_) => {}
-            other => panic!("unexpected answer {other:?}"),
         }
+    });
+    while waiting().await < 1 {
+        assert!(!send.is_finished(), "the send went past the held table");
+        tokio::task::yield_now().await;
     }
-    // Each stored message went in before the link: the phone holds exactly those, and no
-    // message stored after the link lacks the laptop's copy.
-    let pending = store
-        .pending(bob, tidings_store::QueueCursor::START, 100, 0)
-        .await
-        .expect("pending");
-    assert_eq!(pending.len(), stored);
-    let laptop = store
-        .pending(bob_laptop, tidings_store::QueueCursor::START, 100, 0)
-        .await
-        .expect("pending");
-    assert!(laptop.is_empty());
+    let link = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let approver = Actor {
+                account: bob_account,
+                device: bob,
+            };
+            store
+                .add_device(approver, bob_laptop, [3; 32], identity(3), 5, 0)
+                .await
+                .expect("link")
+        }
+    });
+    while waiting().await < 2 {
+        assert!(
+            !link.is_finished(),
+            "the link committed while a send to the account was between its check and its insert"
+        );
+        tokio::task::yield_now().await;
+    }
+    hold.rollback().await.expect("release the messages");
+    assert_eq!(send.await.expect("task"), Enqueued::Stored);
+    assert_eq!(link.await.expect("task"), tidings_store::Linked::Added);
+    // From now on the laptop must get a copy.
+    let stale = message((alice, alice_account), 2, bob_account, &[bob]);
+    assert!(matches!(
+        store
+            .enqueue(stale, QueueLimits::DEFAULT)
+            .await
+            .expect("send"),
+        Enqueued::DevicesChanged(_)
+    ));
 }
-
 /// Connecting again applies no migration twice; the schema records the version it is at.
 #[tokio::test]
 async fn migrations_apply_once() {

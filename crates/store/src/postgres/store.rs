@@ -211,6 +211,14 @@ async fn delivery_devices<C: GenericClient + Sync>(
 /// Deletes a device with its copies (and each message left without a copy), its receipts and
 /// its keys.
 async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result<()> {
+    // The messages first, then their copies, in the order an acknowledgement and a withdraw
+    // take them: a removal racing them waits instead of deadlocking.
+    db.execute(
+        "SELECT 1 FROM messages m WHERE m.seq IN (SELECT seq FROM copies WHERE device_id = $1)
+         ORDER BY m.seq FOR UPDATE",
+        &[&device.as_bytes()],
+    )
+    .await?;
     db.execute(
         "WITH gone AS (DELETE FROM copies WHERE device_id = $1 RETURNING seq)
          DELETE FROM messages m USING gone
