@@ -1183,13 +1183,17 @@ impl Store for PostgresStore {
         // A sweep that finds no message and no receipt to expire writes nothing: tombstones
         // whose time is up go with the next sweep that does.
         if ended.is_empty() {
-            let due = txn
-                .query_opt(
-                    "SELECT 1 FROM receipts WHERE expires_at <= $1 LIMIT 1",
+            // (A message can have ended unread here: the sweep's limit, or another
+            // transaction holding it.)
+            let due: bool = txn
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM receipts WHERE expires_at <= $1)
+                         OR EXISTS (SELECT 1 FROM messages WHERE expires_at <= $1)",
                     &[&now_sql],
                 )
-                .await?;
-            if due.is_none() {
+                .await?
+                .try_get(0)?;
+            if !due {
                 return Ok(Vec::new());
             }
         }
