@@ -488,6 +488,9 @@ impl PostgresStore {
             Acked::Confirmed { first: true }
         };
         txn.commit().await?;
+        if emptied {
+            self.forget_strangers(&[position])?;
+        }
         Ok(answer)
     }
 }
@@ -1163,6 +1166,8 @@ impl Store for PostgresStore {
         .await?;
         store_tombstone(&txn, sender_device, id, expires_at, false).await?;
         txn.commit().await?;
+        // No receiver copy is left to count in a pool.
+        self.forget_strangers(&[position])?;
         Ok(Withdrawal::Withdrawn)
     }
 
@@ -1221,6 +1226,21 @@ impl Store for PostgresStore {
         }
         txn.commit().await?;
         self.forget_strangers(&positions)?;
+        // Messages deleted with a device or an account leave their positions behind: the
+        // ones held before this read that are gone go now (one noted since is left alone).
+        let held = self.stranger_positions()?;
+        if !held.is_empty() {
+            let rows = conn
+                .client()
+                .query("SELECT seq FROM messages WHERE seq = ANY($1)", &[&held])
+                .await?;
+            let kept = rows
+                .iter()
+                .map(|row| row.try_get::<_, i64>(0))
+                .collect::<std::result::Result<std::collections::HashSet<i64>, _>>()?;
+            let gone: Vec<i64> = held.into_iter().filter(|p| !kept.contains(p)).collect();
+            self.forget_strangers(&gone)?;
+        }
         Ok(receipts)
     }
 
