@@ -5,6 +5,9 @@
 #   - python-gsmmodem-new and smppy (with its PDU codec smpppdu) in a private virtualenv: the
 #     independent SMS PDU codec the SMS and modem tests compare against, and the SMPP server the
 #     SMPP tests run (tests/smsc/);
+#   - PostgreSQL, for the store's tests of its PostgreSQL engine (each in a schema of its own in
+#     the database TIDINGS_TEST_POSTGRES names, by default postgres://postgres@127.0.0.1:5432/test):
+#     installed, started and given the database `test` when that URL does not answer;
 #   - schemathesis, in the same virtualenv, which then checks a running server against its
 #     OpenAPI document (scripts/schemathesis.toml: every check, 100 cases per operation, a fixed
 #     seed, about a minute; no failure allowed).
@@ -25,6 +28,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+pg_url=${TIDINGS_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
+pg_answers() { command -v psql >/dev/null && psql "$pg_url" -Atqc 'SELECT 1' >/dev/null 2>&1; }
+if ! pg_answers; then
+  if ! command -v pg_ctlcluster >/dev/null || ! command -v psql >/dev/null; then
+    echo "installing postgresql (Debian package)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  as_root service postgresql start >/dev/null || true
+  as_root su postgres -c "createdb test" 2>/dev/null || true
+  if ! pg_answers; then
+    echo "PostgreSQL does not answer at $pg_url: allow the user without a password from" \
+      "127.0.0.1 (a 'host all postgres 127.0.0.1/32 trust' line in pg_hba.conf, then" \
+      "'service postgresql reload'), or set TIDINGS_TEST_POSTGRES (README.md, Tests)" >&2
+    exit 1
+  fi
+fi
+export TIDINGS_TEST_POSTGRES="$pg_url"
 
 venv=target/test-venv
 if ! "$venv/bin/python" -c 'import gsmmodem.pdu, smppy, smpp.pdu, schemathesis' 2>/dev/null; then

@@ -5,11 +5,12 @@
 //!   what a write's answer promises ([`Durability`], [`Completion`]), the queue position a
 //!   reader pages with ([`QueueCursor`]), and what a sync reports ([`SyncReport`]);
 //! - [`sqlite`]: the embedded engine (one file, group commit, secure deletion);
+//! - [`postgres`]: the engine over a PostgreSQL database (transactions with row locks, for
+//!   several nodes over one database);
 //! - [`memory`]: the reference model of the contract, plain maps in memory, for tests.
 //!
 //! The rules of what a message may be stored with are not here but in `tidings_core::delivery`,
-//! so that every engine applies the same ones. A PostgreSQL engine will sit beside `sqlite`;
-//! nothing above [`Store`] may assume that the store lives in this process or that every account
+//! so that every engine applies the same ones. Nothing above [`Store`] may assume that the store lives in this process or that every account
 //! fits in memory.
 //!
 //! What is stored, and nothing more: account pseudonyms (never numbers), device ids and public
@@ -31,6 +32,7 @@ use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 /// A number's pseudonym: the VOPRF output under the server's key, truncated to 32 bytes.

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
@@ -18,11 +19,15 @@ use tidings_core::verification::{CodeRecord, LiveCode};
 use tidings_core::{Millis, DAY, HOUR};
 use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
+use tidings_store::postgres::PostgresStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
     AccountId, AckKind, Actor, IdentityKeys, NewMessage, Pseudonym, QueueCursor, QueueLimits,
     SignedKey, Store, StoreError, Voucher,
 };
+
+mod common;
+use common::TempPostgres;
 
 const NUMBERS: u8 = 3;
 const DEVICES: u8 = 6;
@@ -855,7 +860,7 @@ fn populated() -> Vec<Op> {
 trait Engine {
     type Store: Store;
     fn store(&self) -> &Self::Store;
-    fn restart(&mut self);
+    async fn restart(&mut self);
 }
 
 impl Engine for MemoryStore {
@@ -865,7 +870,7 @@ impl Engine for MemoryStore {
         self
     }
 
-    fn restart(&mut self) {
+    async fn restart(&mut self) {
         MemoryStore::restart(self).expect("restart the model");
     }
 }
@@ -876,7 +881,7 @@ async fn answers<E: Engine>(engine: &mut E, ops: &[Op]) -> Vec<String> {
     let mut answers = Vec::with_capacity(ops.len());
     for op in ops {
         if let Op::Restart = op {
-            engine.restart();
+            engine.restart().await;
             answers.push("restarted".to_string());
             continue;
         }
@@ -893,9 +898,9 @@ async fn answers<E: Engine>(engine: &mut E, ops: &[Op]) -> Vec<String> {
 
 /// Runs `ops` on the model and on a fresh engine from `open`, and fails at the first answer
 /// that differs.
-fn check_against_model<E: Engine>(
+fn check_against_model<E: Engine, Opened: Future<Output = E>>(
     engine: &str,
-    open: impl FnOnce() -> E,
+    open: impl FnOnce() -> Opened,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -904,7 +909,7 @@ fn check_against_model<E: Engine>(
         .expect("runtime");
     let (expected, got) = runtime.block_on(async {
         let mut model = MemoryStore::new();
-        let mut store = open();
+        let mut store = open().await;
         (
             answers(&mut model, ops).await,
             answers(&mut store, ops).await,
@@ -937,7 +942,7 @@ impl Engine for TempSqlite {
     }
 
     /// Closes the store and opens the database again.
-    fn restart(&mut self) {
+    async fn restart(&mut self) {
         drop(self.store.take());
         self.store = Some(SqliteStore::open(&self.dir, Self::options()).expect("reopen"));
     }
@@ -974,6 +979,19 @@ impl Drop for TempSqlite {
     }
 }
 
+impl Engine for TempPostgres {
+    type Store = PostgresStore;
+
+    fn store(&self) -> &PostgresStore {
+        TempPostgres::store(self)
+    }
+
+    /// Closes the store and connects again: what it held in memory only is gone.
+    async fn restart(&mut self) {
+        self.reopen().await;
+    }
+}
+
 proptest! {
     // Each case opens a database and syncs every write: about a hundred cases of up to 48 operations
     // keep this test near twenty seconds.
@@ -985,6 +1003,7 @@ proptest! {
     #[test]
     fn every_engine_answers_as_the_model_does(generated in prop::collection::vec(op(), 1..48)) {
         let ops: Vec<Op> = populated().into_iter().chain(generated).collect();
-        check_against_model("SQLite", TempSqlite::open, &ops)?;
+        check_against_model("SQLite", || async { TempSqlite::open() }, &ops)?;
+        check_against_model("PostgreSQL", TempPostgres::open, &ops)?;
     }
 }

@@ -10,6 +10,8 @@ use tidings_store::{
     Actor, IdentityKeys, Linked, Pseudonym, Published, SignedKey, Store, StoreError, Voucher,
 };
 
+mod common;
+
 fn identity(n: u8) -> IdentityKeys {
     IdentityKeys {
         identity_key: [n; 32],
@@ -149,4 +151,10 @@ async fn a_removed_device_changes_nothing_in_sqlite() {
     a_removed_device_changes_nothing_in(&store).await;
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_removed_device_changes_nothing_on_postgres() {
+    let store = common::TempPostgres::open().await;
+    a_removed_device_changes_nothing_in(store.store()).await;
 }

@@ -1,6 +1,7 @@
 //! The embedded engine through the `Store` trait: queue semantics, receipts, and that deleted
 //! bytes leave the data files after a scrub. Tests of the contract alone run against the
-//! in-memory engine too (`..._in_memory`).
+//! in-memory engine too (`..._in_memory`), and against the PostgreSQL engine (`..._on_postgres`,
+//! each in a schema of its own; PostgreSQL must be reachable, see `common`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,9 @@ use tidings_store::{
     PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, SignedKey, Store, SyncReport,
     Voucher,
 };
+
+mod common;
+use common::TempPostgres;
 
 /// A device of an account, as the actor of an operation that changes it.
 fn by(account: AccountId, device: DeviceId) -> Actor {
@@ -506,6 +510,12 @@ async fn acknowledgements_of_a_message_with_several_copies_in_memory() {
     acknowledgements_of_a_message_with_several_copies_in(&MemoryStore::new()).await;
 }
 
+#[tokio::test]
+async fn acknowledgements_of_a_message_with_several_copies_on_postgres() {
+    let store = TempPostgres::open().await;
+    acknowledgements_of_a_message_with_several_copies_in(store.store()).await;
+}
+
 async fn acknowledgements_of_a_message_with_several_copies_in(store: &impl Store) {
     let (alice_phone, alice_tablet) = (DeviceId([1; 16]), DeviceId([2; 16]));
     let (bob_phone, bob_laptop) = (DeviceId([3; 16]), DeviceId([4; 16]));
@@ -955,6 +965,12 @@ async fn routes_follow_every_device_change_in_memory() {
     routes_follow_every_device_change_in(&MemoryStore::new()).await;
 }
 
+#[tokio::test]
+async fn routes_follow_every_device_change_on_postgres() {
+    let store = TempPostgres::open().await;
+    routes_follow_every_device_change_in(store.store()).await;
+}
+
 async fn routes_follow_every_device_change_in(store: &impl Store) {
     let pseudonym = Pseudonym([0xC3; 32]);
     let check = |when: &'static str, expected: Vec<DeviceId>| {
@@ -1028,6 +1044,12 @@ async fn receipts_expire_one_ttl_after_their_message() {
 #[tokio::test]
 async fn receipts_expire_one_ttl_after_their_message_in_memory() {
     receipts_expire_one_ttl_after_their_message_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn receipts_expire_one_ttl_after_their_message_on_postgres() {
+    let store = TempPostgres::open().await;
+    receipts_expire_one_ttl_after_their_message_in(store.store()).await;
 }
 
 async fn receipts_expire_one_ttl_after_their_message_in(store: &impl Store) {
@@ -1162,6 +1184,15 @@ async fn account_ids_are_never_reused() {
     account_ids_are_never_reused_in(&store, 20, seen).await;
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn account_ids_are_never_reused_on_postgres() {
+    let mut store = TempPostgres::open().await;
+    let seen = account_ids_are_never_reused_in(store.store(), 0, Vec::new()).await;
+    // Connected again: the sequence remembers what it handed out.
+    store.reopen().await;
+    account_ids_are_never_reused_in(store.store(), 10, seen).await;
 }
 
 #[tokio::test]
@@ -1610,6 +1641,12 @@ async fn a_strangers_copies_leave_its_pool_on_every_deletion_in_memory() {
     strangers_copies_leave_their_pool_on_every_deletion_in(&MemoryStore::new()).await;
 }
 
+#[tokio::test]
+async fn strangers_copies_leave_their_pool_on_every_deletion_on_postgres() {
+    let store = TempPostgres::open().await;
+    strangers_copies_leave_their_pool_on_every_deletion_in(store.store()).await;
+}
+
 /// A stranger's message is kept at most `STRANGER_TTL` and says so; its copy takes a place in the
 /// receiver device's stranger pool until it is acknowledged, withdrawn, expired or deleted with
 /// its sender's account, and a contact's copy takes none.
@@ -1705,6 +1742,12 @@ async fn a_discarded_copy_answers_as_a_waiting_one_and_one_shown_without_a_recei
     discarded_and_unreceipted_copies_in(&store).await;
     let _ = std::fs::remove_dir_all(&dir);
     discarded_and_unreceipted_copies_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn discarded_and_unreceipted_copies_on_postgres() {
+    let store = TempPostgres::open().await;
+    discarded_and_unreceipted_copies_in(store.store()).await;
 }
 
 async fn discarded_and_unreceipted_copies_in(store: &impl Store) {
