@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde_json::json;
 use tidings_client::ClientError;
-use tidings_server::config::ServerArgs;
+use tidings_server::config::{ServerArgs, StoreEngine};
 
 use crate::cli::{Cli, Command, EXIT_NOT_REGISTERED};
 use crate::commands::Context;
@@ -105,23 +105,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve()?;
-    // The one place the server's storage engine is named.
-    let data_dir = config.data_dir.clone();
-    let server = tidings_server::Server::bind(config, |observer| {
-        let options = tidings_store::sqlite::SqliteOptions {
-            // As many as the writer's queue holds: under load a batch's one sync is shared by
-            // more writes (at 1,024 the relay's peaks were 14-17 % lower, the durable store's
-            // 21 %; docs/BENCHMARKS.md, change 21).
-            max_batch: tidings_store::sqlite::WRITER_QUEUE,
-            sync_observer: Some(observer),
-        };
-        Ok(tidings_store::sqlite::SqliteStore::open(
-            &data_dir, options,
-        )?)
+    // The one place the server's storage engine is chosen.
+    match config.store.clone() {
+        StoreEngine::Sqlite => {
+            let data_dir = config.data_dir.clone();
+            let server = tidings_server::Server::bind(config, |observer| {
+                let options = tidings_store::sqlite::SqliteOptions {
+                    // As many as the writer's queue holds: under load a batch's one sync is
+                    // shared by more writes (at 1,024 the relay's peaks were 14-17 % lower, the
+                    // durable store's 21 %; docs/BENCHMARKS.md, change 21).
+                    max_batch: tidings_store::sqlite::WRITER_QUEUE,
+                    sync_observer: Some(observer),
+                };
+                Ok(tidings_store::sqlite::SqliteStore::open(
+                    &data_dir, options,
+                )?)
+            })
+            .await?;
+            run_server(server, &args).await
+        }
+        StoreEngine::Postgres { url } => {
+            let store = connect_postgres(&url, &config.store).await?;
+            // Every commit is durable when it returns: there is no sync of the server's to
+            // observe (crates/store/src/postgres/mod.rs).
+            let server = tidings_server::Server::bind(config, move |_observer| Ok(store)).await?;
+            run_server(server, &args).await
+        }
+    }
+}
+
+/// Seconds a connection to PostgreSQL may take to open, unless the URL says otherwise: a
+/// database that cannot be reached fails the start in this time instead of the system's TCP
+/// timeout (minutes).
+const POSTGRES_CONNECT_TIMEOUT_SECONDS: u32 = 10;
+
+/// Connects the PostgreSQL engine; the error names the database without the URL's password.
+async fn connect_postgres(
+    url: &str,
+    engine: &StoreEngine,
+) -> anyhow::Result<tidings_store::postgres::PostgresStore> {
+    let url = if url.contains("connect_timeout=") {
+        url.to_string()
+    } else {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}connect_timeout={POSTGRES_CONNECT_TIMEOUT_SECONDS}")
+    };
+    tracing::info!(store = %engine.describe(), "connecting to PostgreSQL");
+    tidings_store::postgres::PostgresStore::connect(
+        &url,
+        tidings_store::postgres::PostgresOptions::default(),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the PostgreSQL store at {}: {e}; check that PostgreSQL runs there and that the URL's user, password, host, port and database are right",
+            engine.describe()
+        )
     })
-    .await?;
+}
+
+/// Serves on an opened server until SIGTERM or Ctrl-C.
+async fn run_server<S: tidings_store::Store>(
+    server: tidings_server::Server<S>,
+    args: &ServerArgs,
+) -> anyhow::Result<ExitCode> {
     let address = server.local_addr()?;
-    let scheme = if server_tls(&args) { "https" } else { "http" };
+    let scheme = if server_tls(args) { "https" } else { "http" };
     println!("tidings server listening on {scheme}://{address}");
     if let Some(metrics) = server.metrics_addr()? {
         tracing::info!("metrics on http://{metrics}/metrics");

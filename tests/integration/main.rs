@@ -21,6 +21,7 @@ mod linking;
 mod messaging;
 mod operations;
 mod own_sms;
+mod postgres;
 mod presence;
 mod privacy;
 mod queues;

@@ -32,6 +32,11 @@ pub struct ServerArgs {
     /// Directory holding all server state [default: $XDG_DATA_HOME/tidings/server]
     #[arg(long, env = "TIDINGS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where accounts and messages are stored: `sqlite` (in the data directory) or a
+    /// postgres://user@host:port/database URL (prefer the environment variable or the config
+    /// file when it holds a password) [default: sqlite]
+    #[arg(long, env = "TIDINGS_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// The server's secret key file (OPRF and code keys), kept outside the data directory
     /// [default: $XDG_CONFIG_HOME/tidings/server.key]
     #[arg(long, env = "TIDINGS_KEY_FILE")]
@@ -123,7 +128,8 @@ pub struct ServerArgs {
     /// and the connection closed [default: 10]
     #[arg(long, env = "TIDINGS_BODY_TIMEOUT_SECONDS")]
     pub body_timeout_seconds: Option<u64>,
-    /// Milliseconds between scrubs that remove deleted bytes from the data files [default: 2000]
+    /// Milliseconds between scrubs that remove deleted bytes from the data files
+    /// [default: 2000 with SQLite, 60000 with PostgreSQL]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
     /// Messages a device may send at once before the rate limit [default: 200]
@@ -215,6 +221,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
     key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -277,6 +284,8 @@ pub struct ServerConfig {
     /// Where `/metrics` is served; `None` when turned off.
     pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
+    /// The storage engine the server runs on.
+    pub store: StoreEngine,
     pub key_file: PathBuf,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub gateway: tidings_gateway::TransportConfig,
@@ -316,6 +325,94 @@ pub struct ServerConfig {
     pub limiter_capacity: usize,
     pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
+}
+
+/// Milliseconds between scrubs on SQLite unless configured otherwise: a scrub truncates the WAL,
+/// which is cheap, and bounds how long a delivered message stays in the data files (P5).
+pub const SQLITE_SCRUB_INTERVAL_MS: u64 = 2_000;
+
+/// Milliseconds between scrubs on PostgreSQL unless configured otherwise. There a scrub is a
+/// `VACUUM` of the tables that hold payloads, keys and receipts: it reads every page of them, so
+/// every 2 s would keep a busy database vacuuming; autovacuum runs besides it. It bounds nothing
+/// on disk either way (docs/ARCHITECTURE.md, "Deleted bytes on PostgreSQL").
+pub const POSTGRES_SCRUB_INTERVAL_MS: u64 = 60_000;
+
+/// The storage engine, from the `store` setting.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreEngine {
+    /// The embedded SQLite database in the data directory (the default).
+    Sqlite,
+    /// One PostgreSQL database, by its connection URL (which may hold a password).
+    Postgres { url: String },
+}
+
+impl StoreEngine {
+    /// Parses the `store` setting: `sqlite`, or a `postgres://` / `postgresql://` URL.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = text.trim();
+        if text == "sqlite" {
+            return Ok(Self::Sqlite);
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Self::Postgres { url: text.into() });
+        }
+        anyhow::bail!(
+            "store must be sqlite or a postgres://user@host:port/database URL, not `{}`",
+            redact_url(text)
+        )
+    }
+
+    /// The engine named for logs and errors, without any password.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite => "sqlite".into(),
+            Self::Postgres { url } => redact_url(url),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password, wherever a configuration is printed.
+        f.write_str(&self.describe())
+    }
+}
+
+/// `url` with the password it holds, in its user part or as a `password=` parameter, replaced
+/// by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (user_info, host) = authority.split_at(at);
+            match user_info.find(':') {
+                Some(colon) => format!("{}:***{host}", &user_info[..colon]),
+                None => authority.to_string(),
+            }
+        }
+        None => authority.to_string(),
+    };
+    let path = match path.split_once('?') {
+        Some((before, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{before}?{}", query.join("&"))
+        }
+        None => path.to_string(),
+    };
+    format!("{scheme}{authority}{path}")
 }
 
 /// Registration by the user's own SMS, when it is offered.
@@ -531,6 +628,14 @@ impl ServerArgs {
                 crate::resume::MAX_LIFETIME_SECONDS
             );
         }
+        let store = match self.store.clone().or(file.store) {
+            Some(text) => StoreEngine::parse(&text)?,
+            None => StoreEngine::Sqlite,
+        };
+        let default_scrub_interval_ms = match store {
+            StoreEngine::Sqlite => SQLITE_SCRUB_INTERVAL_MS,
+            StoreEngine::Postgres { .. } => POSTGRES_SCRUB_INTERVAL_MS,
+        };
         let config = ServerConfig {
             listen: self
                 .listen
@@ -545,6 +650,7 @@ impl ServerArgs {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| data_home().join("server")),
+            store,
             key_file: self
                 .key_file
                 .clone()
@@ -584,7 +690,7 @@ impl ServerArgs {
             scrub_interval_ms: self
                 .scrub_interval_ms
                 .or(file.scrub_interval_ms)
-                .unwrap_or(2000)
+                .unwrap_or(default_scrub_interval_ms)
                 .max(10),
             send_burst: self.send_burst.or(file.send_burst).unwrap_or(200),
             send_per_second: self.send_per_second.or(file.send_per_second).unwrap_or(100),
@@ -834,5 +940,41 @@ mod tests {
             let error = resolve(|args| settings(args)).expect_err(expected);
             assert!(error.contains(expected), "{error}");
         }
+    }
+
+    #[test]
+    fn the_store_setting_names_an_engine_and_never_shows_a_password() {
+        let default = resolve(|_| {}).expect("the defaults");
+        assert_eq!(default.store, StoreEngine::Sqlite);
+        assert_eq!(default.scrub_interval_ms, SQLITE_SCRUB_INTERVAL_MS);
+        let postgres = resolve(|args| {
+            args.store = Some("postgres://tidings:hunter2@db.example:5433/tidings".into());
+        })
+        .expect("a PostgreSQL URL");
+        assert_eq!(postgres.scrub_interval_ms, POSTGRES_SCRUB_INTERVAL_MS);
+        assert!(!format!("{postgres:?}").contains("hunter2"));
+        let given = resolve(|args| {
+            args.store = Some("postgresql://db.example/tidings".into());
+            args.scrub_interval_ms = Some(5000);
+        })
+        .expect("a PostgreSQL URL and an interval");
+        assert_eq!(given.scrub_interval_ms, 5000);
+
+        let redacted = [
+            ("postgres://u:secret@h:5432/d", "postgres://u:***@h:5432/d"),
+            (
+                "postgres://u@h/d?password=secret&x=1",
+                "postgres://u@h/d?password=***&x=1",
+            ),
+            ("postgres://u:p:q@h/d", "postgres://u:***@h/d"),
+            ("postgres://h/d", "postgres://h/d"),
+        ];
+        for (url, expected) in redacted {
+            assert_eq!(redact_url(url), expected);
+        }
+        let error = resolve(|args| args.store = Some("mysql://u:secret@h/d".into()))
+            .expect_err("not an engine");
+        assert!(error.contains("postgres://"), "{error}");
+        assert!(!error.contains("secret"), "{error}");
     }
 }

@@ -243,9 +243,10 @@ fn sync_observer(
 }
 
 impl<S: Store> Server<S> {
-    /// Opens keys and storage and binds the port. `open_store` opens the engine in
-    /// `config.data_dir` (created before it is called) and hands every sync report to the
-    /// observer it is given; the engine is chosen by the caller, not here.
+    /// Opens keys and storage and binds the port. `open_store` opens the engine (SQLite in
+    /// `config.data_dir`, created before it is called, or one the caller connected already) and
+    /// hands every sync report to the observer it is given; the engine is chosen by the caller,
+    /// not here.
     pub async fn bind<F>(config: ServerConfig, open_store: F) -> anyhow::Result<Self>
     where
         F: FnOnce(SyncObserver) -> anyhow::Result<S>,
