@@ -16,9 +16,17 @@ use tidings_server::config::{ServerArgs, StoreEngine};
 use crate::cli::{Cli, Command, EXIT_NOT_REGISTERED};
 use crate::commands::Context;
 
+/// The PostgreSQL driver logs each statement's parameters at debug level: pseudonyms, keys,
+/// code hashes and payloads. Its log stops at info whatever `--log` asks.
+const POSTGRES_DRIVER_LOG: &str = "tokio_postgres=info";
+
 fn init_logging(filter: Option<&str>, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = match POSTGRES_DRIVER_LOG.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -175,6 +175,25 @@ fn two_users_talk_online_and_offline_across_a_restart_and_opt_out_on_postgres() 
         (Some("not_a_user"), 3),
         "{answer}"
     );
+
+    // Even at `--log debug` (as test servers run), the driver logs no statement's parameters:
+    // they hold pseudonyms, keys, code hashes and payloads.
+    let log = server.log();
+    assert!(
+        !log.contains("with parameters"),
+        "the server's log shows statement parameters:\n{}",
+        log.lines()
+            .filter(|line| line.contains("with parameters"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for number in [&alice_number, &bob_number] {
+        assert!(
+            !log.contains(number.as_str()),
+            "a number in the server's log"
+        );
+    }
 }
 
 /// One way of giving the server a setting: adds it to the command, with a directory for files.
