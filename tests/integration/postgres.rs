@@ -194,6 +194,8 @@ fn two_users_talk_online_and_offline_across_a_restart_and_opt_out_on_postgres() 
             "a number in the server's log"
         );
     }
+    // A graceful stop ends with a scrub, a VACUUM here, and exits 0.
+    assert!(server.sigterm(), "{}", server.log());
 }
 
 /// One way of giving the server a setting: adds it to the command, with a directory for files.
