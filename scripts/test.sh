@@ -39,6 +39,16 @@ if ! pg_answers; then
   fi
   as_root service postgresql start >/dev/null || true
   as_root su postgres -c "createdb test" 2>/dev/null || true
+  if ! pg_answers && [ -z "${TIDINGS_TEST_POSTGRES:-}" ]; then
+    # A fresh Debian cluster asks for a password over TCP (scram-sha-256 in pg_hba.conf): the
+    # tests get a role of their own, with a password, that may make the databases they use.
+    as_root su postgres -c "psql -q -v ON_ERROR_STOP=1" >/dev/null <<'SQL' || true
+SELECT 'CREATE ROLE tidings_test LOGIN CREATEDB PASSWORD ''tidings-test'''
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tidings_test')\gexec
+GRANT ALL ON DATABASE test TO tidings_test;
+SQL
+    pg_url=postgres://tidings_test:tidings-test@127.0.0.1:5432/test
+  fi
   if ! pg_answers; then
     echo "PostgreSQL does not answer at $pg_url: allow the user without a password from" \
       "127.0.0.1 (a 'host all postgres 127.0.0.1/32 trust' line in pg_hba.conf, then" \
