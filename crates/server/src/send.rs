@@ -389,6 +389,7 @@ async fn decide_and_enqueue<S: Store>(
         return answer(SendOutcome::NotAUser, "");
     };
     let message = NewMessage {
+        decided: Vec::new(),
         sender_device: identity.device,
         sender_account: identity.account,
         id,

@@ -99,6 +99,7 @@ fn main() {
             tasks.push(tokio::spawn(async move {
                 for n in 0..per_user {
                     let message = NewMessage {
+                        decided: Vec::new(),
                         sender_device: device(user, 1),
                         sender_account: sender,
                         id: message_id(user, n),

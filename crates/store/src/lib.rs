@@ -214,9 +214,30 @@ pub struct NewMessage {
     pub sent_at: Millis,
     pub expires_at: Millis,
     pub copies: Vec<(DeviceId, Bytes)>,
+    /// Devices that must get a copy but whose copy is decided already (it was pushed, held, and
+    /// acknowledged): the copy check counts them as addressed, and nothing is stored for them.
+    /// Empty but when the server stores a held message's undecided copies.
+    pub decided: Vec<DeviceId>,
     /// SHA-256 of the contact token the send presented for the receiver, if any: checked against
     /// the receiver's devices in the write that stores the copies, and never stored.
     pub contact_token_hash: Option<[u8; 32]>,
+}
+
+/// How long a message's decision record outlives the message's TTL: a sending client that was
+/// offline when its message was settled sends it again once it is back, and the record then
+/// still answers for the copies already decided.
+pub const DECISION_MARGIN: Millis = tidings_core::DAY;
+
+/// A held copy's acknowledgement, as the server names it to [`Store::ack_held`]: the copy was
+/// pushed to a live session of `device`, one of the receiver's devices, and never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldAck {
+    pub device: DeviceId,
+    pub sender_device: DeviceId,
+    pub id: MessageId,
+    pub sent_at: Millis,
+    /// When the message's TTL ends.
+    pub expires_at: Millis,
 }
 
 /// What the delivery rules decided for a message, in the trait's answers.
@@ -255,7 +276,12 @@ impl NewMessage {
         sender_bytes: u64,
         limits: QueueLimits,
     ) -> Result<Admission> {
-        let addressed: Vec<DeviceId> = self.copies.iter().map(|(d, _)| *d).collect();
+        let addressed: Vec<DeviceId> = self
+            .copies
+            .iter()
+            .map(|(d, _)| *d)
+            .chain(self.decided.iter().copied())
+            .collect();
         let addressees = match delivery::check_copies(self.sender_device, receiver, own, &addressed)
         {
             CopyCheck::Complete(addressees) => addressees,
@@ -265,6 +291,9 @@ impl NewMessage {
             CopyCheck::NoReceiverDevice => return Err(StoreError::NoSuchAccount),
         };
         let mut addressees = addressees;
+        // A decided copy is stored nowhere: its device's queue is not looked at.
+        addressees.receiver.retain(|d| !self.decided.contains(&d.id));
+        addressees.own.retain(|d| !self.decided.contains(&d.id));
         let skipped = delivery::own_without_room(
             addressees.own.iter().map(|d| (d, self.copy_bytes(d.id))),
             limits,
@@ -734,7 +763,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a message with its copies, refusing if they do not match the devices that must get
     /// one or if a queue, or the sending account's share of one or its quota, would pass
-    /// `limits` (a bare number bounds each device's queue only). Engines count what each sending
+    /// `limits` (a bare number bounds each device's queue only). A message stored already, or
+    /// decided withdrawn, is [`Enqueued::Duplicate`]: a resend never brings back over IP what was
+    /// sent as SMS. Engines count what each sending
     /// account has waiting per device and in all; a copy counts as its payload's bytes.
     fn enqueue(
         &self,
@@ -776,7 +807,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Settles a device's copy as `kind` says ([`AckKind`]). A copy set aside
     /// ([`AckKind::Discarded`]) is never handed out again, and acknowledging it again is
-    /// [`Acked::Unknown`].
+    /// [`Acked::Unknown`]. A receiver device's copy shown writes the message's `DELIVERED`
+    /// decision record (kept until the message's TTL ends plus [`DECISION_MARGIN`]) in the same
+    /// write, unless it has one. An acknowledgement of a copy no longer stored (its device acknowledged
+    /// it before and never heard the answer) is answered from what is left: a `WITHDRAWN` record
+    /// [`Acked::Withdrawn`]; a `DELIVERED` record, or the message still stored for other
+    /// devices, `Confirmed { first: false }`; nothing, [`Acked::Unknown`] (the device must not
+    /// show it).
     fn ack_as(
         &self,
         device: DeviceId,
@@ -814,7 +851,48 @@ pub trait Store: Send + Sync + 'static {
         &self,
         sender_device: DeviceId,
         id: MessageId,
+    ) -> impl Future<Output = Result<Withdrawal>> + Send {
+        self.withdraw_held(sender_device, id, None)
+    }
+
+    /// [`Store::withdraw`] of a message whose copies the server may hold in memory
+    /// ([`Store::ack_held`]). Decided against the message's decision record in one write: a
+    /// `DELIVERED` record (or a stored copy's acknowledgement) answers delivered. With
+    /// `held_until` (the server holds copies of it, and the message's TTL ends then), a message
+    /// with nothing stored and no record is decided withdrawn: its `WITHDRAWN` record is written,
+    /// kept until `held_until` plus [`DECISION_MARGIN`], and every later acknowledgement of it,
+    /// held or stored, is answered [`Acked::Withdrawn`].
+    fn withdraw_held(
+        &self,
+        sender_device: DeviceId,
+        id: MessageId,
+        held_until: Option<Millis>,
     ) -> impl Future<Output = Result<Withdrawal>> + Send;
+
+    /// Whether a message may be pushed to its devices' live sessions before anything is stored
+    /// (deliver first), read without writing: its copies name exactly the devices that must get
+    /// one (E1, with [`NewMessage::decided`]), the sender is a contact of the receiver (a
+    /// stranger's message takes the stored path, where the stranger pools apply), and the message
+    /// is neither stored nor decided withdrawn. Queue room is not looked at: a held copy that must
+    /// wait is stored then, under the limits of that moment. `false` also when the receiver has
+    /// no device: [`Store::enqueue`] gives every refusal its answer.
+    fn screen(&self, message: &NewMessage) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Decides a copy that was pushed to a live session of a receiver's device without being
+    /// stored (a held copy), on that device's acknowledgement `kind` ([`AckKind::Shown`] or
+    /// [`AckKind::ShownWithoutReceipt`]; a held copy to be discarded is stored first and then
+    /// acknowledged as a stored one). In one write, against the message's decision record:
+    /// `WITHDRAWN` answers [`Acked::Withdrawn`]; `DELIVERED` answers `Confirmed { first: false }`;
+    /// none writes a `DELIVERED` record (kept until `copy.expires_at` plus [`DECISION_MARGIN`])
+    /// and, for [`AckKind::Shown`], the sender's `Delivered` receipt, answering
+    /// `Confirmed { first: true }` (`first: false` without a receipt). Answered through a
+    /// [`Completion`] as [`Store::ack_staged`]: once executed (the receipt may go then) and once
+    /// durable (only then may the device be told `CONFIRMED`).
+    fn ack_held(
+        &self,
+        copy: HeldAck,
+        kind: AckKind,
+    ) -> impl Future<Output = Result<Completion<Acked>>> + Send;
 
     /// Deletes messages whose TTL ended at `now` (at most `limit`), storing `Expired` receipts for
     /// the ones no device acknowledged, and receipts whose wait ended at `now`

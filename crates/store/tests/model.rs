@@ -642,6 +642,7 @@ impl<S: Store> Run<'_, S> {
                 };
                 let copies = self.copies(sender_device, receiver, &copies).await;
                 let message = NewMessage {
+                    decided: Vec::new(),
                     sender_device,
                     sender_account,
                     id: id(message),

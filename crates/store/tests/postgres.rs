@@ -40,6 +40,7 @@ fn message(
     copies: &[DeviceId],
 ) -> NewMessage {
     NewMessage {
+        decided: Vec::new(),
         sender_device: sender,
         sender_account,
         id: MessageId([id; 16]),

@@ -46,6 +46,7 @@ fn message(
     copies: &[(DeviceId, &[u8])],
 ) -> NewMessage {
     NewMessage {
+        decided: Vec::new(),
         sender_device: sender,
         sender_account,
         id: MessageId([id; 16]),
@@ -1663,6 +1664,7 @@ async fn strangers_copies_leave_their_pool_on_every_deletion_in(store: &impl Sto
         ..QueueLimits::DEFAULT
     };
     let from = |sender: (DeviceId, AccountId), id: u8, expires_at| NewMessage {
+        decided: Vec::new(),
         expires_at,
         ..message(sender, id, bob_account, &[(bob_device, b"hello")])
     };

@@ -204,6 +204,7 @@ async fn a_send_to_a_full_queue_is_refused() {
     for _ in 0..device_copies {
         let state = Arc::clone(&world.state);
         let message = NewMessage {
+            decided: Vec::new(),
             sender_device: alice.identity.device,
             sender_account: alice.identity.account,
             id: random_id(),

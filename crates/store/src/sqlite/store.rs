@@ -273,7 +273,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn withdraw(&self, sender_device: DeviceId, id: MessageId) -> Result<Withdrawal> {
+    
+    async fn screen(&self, _message: &NewMessage) -> Result<bool> {
+        Ok(false) // STUB: deliver first not built for this engine yet
+    }
+
+    async fn ack_held(&self, _copy: crate::HeldAck, _kind: AckKind) -> Result<Completion<Acked>> {
+        Err(crate::StoreError::engine("STUB: held copies not built for this engine yet"))
+    }
+
+    async fn withdraw_held(
+        &self,
+        sender_device: DeviceId,
+        id: MessageId,
+        _held_until: Option<Millis>,
+    ) -> Result<Withdrawal> {
         self.write(Undo::Operation, move |txn, notes| {
             messages::withdraw(txn, notes, sender_device, id)
         })
