@@ -248,7 +248,7 @@ fn a_tidings_1_client_is_told_to_update() {
     });
     assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
     assert!(
-        answer.contains("speaks tidings/2") && answer.contains("update the client"),
+        answer.contains("speaks tidings/3") && answer.contains("update the client"),
         "{answer}"
     );
 }

@@ -198,6 +198,12 @@ struct Fleet<'a> {
     bob_listen: Listener,
     /// Whether the sender's listen is to run now (not while one-shot sends run).
     sender_listens: bool,
+    /// The receiver's other device and the sender's other device, each with its `listen` and
+    /// where that writes: online (unarmed, started again when they stop) in every other round,
+    /// so that messages whose every copy goes to a device online are pushed and held in memory
+    /// (deliver first), and in the other rounds offline, so that some copies wait on disk.
+    others: Vec<(&'a User, Listener, PathBuf)>,
+    others_online: bool,
     server_points: Rotation,
     receiver_points: Rotation,
     sender_points: Rotation,
@@ -266,6 +272,28 @@ impl Fleet<'_> {
         if self.sender_listens && self.alice_listen.child.is_none() {
             self.alice_listen = Listener::start(self.alice, None, self.alice_out.clone());
         }
+        if self.others_online {
+            for (user, listen, out) in &mut self.others {
+                if listen.child.is_none() || listen.stopped().is_some() {
+                    *listen = Listener::start(user, None, out.clone());
+                }
+            }
+        }
+    }
+
+    /// Takes the other devices online or offline (`kill -9`, counted) for a round.
+    fn others_online(&mut self, online: bool) {
+        self.others_online = online;
+        if !online {
+            let mut killed = 0;
+            for (_, listen, _) in &mut self.others {
+                killed += usize::from(listen.kill9());
+            }
+            for _ in 0..killed {
+                self.note("kill -9 another device's listen".into());
+            }
+        }
+        self.tend();
     }
 
     /// Tends the processes for `duration`.
@@ -329,7 +357,8 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     let outputs = TempDir::new("crash");
 
     let kannel = Kannel::start();
-    let mut server = Server::start(&[]);
+    // A short acknowledgement window, so that held copies are also stored within the run.
+    let mut server = Server::start(&["--ack-window-ms", "150"]);
     let (alice_number, bob_number, carol_number) = (number(), number(), number());
     // The sender: one device sending (SMS fallback through Kannel, a short receipt wait so that
     // unanswered messages are withdrawn and go as SMS within the run) and one of its own,
@@ -354,6 +383,19 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
         alice_listen: Listener { child: None },
         bob_listen: Listener { child: None },
         sender_listens: true,
+        others: vec![
+            (
+                &bob_other,
+                Listener { child: None },
+                outputs_of("bob-other"),
+            ),
+            (
+                &alice_other,
+                Listener { child: None },
+                outputs_of("alice-other"),
+            ),
+        ],
+        others_online: false,
         server_points: Rotation::new(&["server-", "store-"]),
         receiver_points: Rotation::new(&["client-received-", "client-ack-"]),
         sender_points: Rotation::new(&["client-outgoing-", "client-send-"]),
@@ -373,6 +415,7 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     while !fleet.goal_reached() && fleet.started.elapsed() < ROUNDS_BUDGET {
         fleet.round += 1;
         let round = fleet.round;
+        fleet.others_online(round.is_multiple_of(2));
         // 1. The sender's listen stops dead, wherever it is (see the module's documentation).
         fleet.sender_listens = false;
         if fleet.alice_listen.kill9() {

@@ -13,6 +13,7 @@ mod budgets;
 mod connections;
 mod crash;
 mod defaults;
+mod deliver_first;
 mod discovery;
 mod e2e;
 mod gateways;

@@ -22,7 +22,7 @@ pub async fn raw_session(port: u16) -> TcpStream {
 /// Asks to upgrade `stream` to a session and reads the `101` answer.
 pub async fn upgrade(mut stream: TcpStream) -> TcpStream {
     stream
-        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/2\r\n\r\n")
+        .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/3\r\n\r\n")
         .await
         .expect("write");
     let mut head = Vec::new();

@@ -224,6 +224,12 @@ async fn listen_on(
     // Messages left pending by an earlier run or session (a delayed fallback, an SMS to retry)
     // go on.
     router.tick(session).await?;
+    // Acknowledgements this session has sent and not yet heard answered, by message: the
+    // session began by acknowledging again every message stored and not shown. An `UNKNOWN`
+    // forgets a message only when no later acknowledgement of it is on its way (its sender's
+    // resend may have arrived meanwhile, and that one's answer decides).
+    let mut awaiting: std::collections::HashMap<(DeviceId, MessageId), u32> =
+        inbox.unshown()?.into_iter().map(|key| (key, 1)).collect();
     loop {
         if !report_finished(router, handle) {
             return Ok(());
@@ -294,6 +300,7 @@ async fn listen_on(
                 }
                 let ack = acknowledgement(account, inbox, sender_device, id, shown)?;
                 open.send(ack).await?;
+                *awaiting.entry((sender_device, id)).or_default() += 1;
             }
             Kind::AckResult(result) => {
                 let (Some(sender_device), Some(id)) = (
@@ -302,16 +309,34 @@ async fn listen_on(
                 ) else {
                     continue;
                 };
-                if AckStatus::try_from(result.status) == Ok(AckStatus::Withdrawn) {
-                    // The sender withdrew it (and sends it as SMS): never show it here.
-                    inbox.discard(sender_device, id)?;
-                    continue;
+                let key = (sender_device, id);
+                let later = awaiting.get_mut(&key).map_or(0, |n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                if later == 0 {
+                    awaiting.remove(&key);
                 }
-                // CONFIRMED: the server deleted our copy. UNKNOWN: an earlier acknowledgement
-                // (ours, before a restart) already did. Either way it is ours to show once.
-                if let Some(message) = inbox.take_to_show(sender_device, id)? {
-                    if !handle(Event::Message(message)) {
-                        return Ok(());
+                match AckStatus::try_from(result.status) {
+                    // The sender withdrew it (and sends it as SMS): never show it here.
+                    Ok(AckStatus::Withdrawn) => inbox.discard(sender_device, id)?,
+                    // The server holds a durable record that it was delivered (ours, or our
+                    // account's): ours to show once.
+                    Ok(AckStatus::Confirmed) => {
+                        if let Some(message) = inbox.take_to_show(sender_device, id)? {
+                            if !handle(Event::Message(message)) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    // No copy and no record: the message was pushed but never decided (the
+                    // server stopped first). Never shown: its sender, whose message is not
+                    // settled, sends it again (then it is received anew) or withdraws it and
+                    // sends an SMS.
+                    Ok(AckStatus::Unknown) | Err(_) => {
+                        if later == 0 {
+                            inbox.discard(sender_device, id)?;
+                        }
                     }
                 }
             }
@@ -347,8 +372,8 @@ async fn listen_on(
 
 /// Acknowledges again every message an earlier run stored but did not show (it stopped before
 /// the server confirmed the acknowledgement, or the acknowledgement never arrived). The answers
-/// come back as `AckResult`s and are handled like any other: shown on `CONFIRMED` or `UNKNOWN`,
-/// discarded on `WITHDRAWN`. Showing them without asking would show a message its sender
+/// come back as `AckResult`s and are handled like any other: shown on `CONFIRMED`, forgotten on
+/// `UNKNOWN`, discarded on `WITHDRAWN`. Showing them without asking would show a message its sender
 /// withdrew meanwhile and sent as SMS: shown twice, by both routes.
 async fn acknowledge_unshown(
     account: &Account,

@@ -185,7 +185,7 @@ impl Endpoint {
         result
     }
 
-    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/2`, presenting
+    /// Opens a session connection: `GET /v1/connect` with `Upgrade: tidings/3`, presenting
     /// `resume` (a resumption token, and whether the session listens) if given. Returns the
     /// upgraded stream and how the session logs in.
     pub async fn upgrade(

@@ -19,7 +19,9 @@ use std::sync::OnceLock;
 pub const VARIABLE: &str = "TIDINGS_FAILPOINT";
 
 /// Every failpoint the code has, one per durability point. Server: the push of a copy to a live
-/// session (`server-push-*`); the SQLite writer's batch: before its transaction begins, before
+/// session (`server-push-*`); the decision of a held copy's acknowledgement, around its record's
+/// write (`server-held-decision-*`); the storing of held copies whose window ended
+/// (`server-held-store-*`); the `Settled` to a sender (`server-settled-before`); the SQLite writer's batch: before its transaction begins, before
 /// and after the commit that syncs it (a lazy batch's commit, which does not sync, counts too),
 /// and after its operations were answered (`store-*`); each answer of a send, an
 /// acknowledgement and a withdraw (`server-*-answer-*`). Client: after the local commit of an
@@ -28,6 +30,11 @@ pub const VARIABLE: &str = "TIDINGS_FAILPOINT";
 pub const NAMES: &[&str] = &[
     "server-push-before",
     "server-push-after",
+    "server-held-decision-before",
+    "server-held-decision-after",
+    "server-held-store-before",
+    "server-held-store-after",
+    "server-settled-before",
     "store-transaction-before",
     "store-sync-before",
     "store-sync-after",

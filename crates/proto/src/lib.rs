@@ -48,7 +48,7 @@ pub const MAX_SEND_PROOFS: usize = MAX_DEVICES;
 /// Bytes of an account's pseudonym, as requests name accounts since tidings/2.
 pub const PSEUDONYM_BYTES: usize = 32;
 /// The token in `Upgrade:` that opens a session.
-pub const UPGRADE_PROTOCOL: &str = "tidings/2";
+pub const UPGRADE_PROTOCOL: &str = "tidings/3";
 /// The response header that carries the login challenge.
 pub const CHALLENGE_HEADER: &str = "tidings-challenge";
 /// The request header of `GET /v1/connect` that carries a resumption token (base64url), in place

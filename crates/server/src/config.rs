@@ -132,6 +132,15 @@ pub struct ServerArgs {
     /// [default: 2000 with SQLite, 60000 with PostgreSQL]
     #[arg(long, env = "TIDINGS_SCRUB_INTERVAL_MS")]
     pub scrub_interval_ms: Option<u64>,
+    /// Milliseconds a copy pushed to a live session waits in memory for its device's
+    /// acknowledgement before it is stored; 0 stores every message before it is pushed
+    /// [default: 1000]
+    #[arg(long, env = "TIDINGS_ACK_WINDOW_MS")]
+    pub ack_window_ms: Option<u64>,
+    /// Bytes of copies held in memory waiting for an acknowledgement, at most; past it a message
+    /// is stored before it is pushed [default: 67108864]
+    #[arg(long, env = "TIDINGS_HELD_BYTES")]
+    pub held_bytes: Option<usize>,
     /// Messages a device may send at once before the rate limit [default: 200]
     #[arg(long, env = "TIDINGS_SEND_BURST")]
     pub send_burst: Option<u32>,
@@ -251,6 +260,8 @@ struct FileConfig {
     resume_token_seconds: Option<u64>,
     body_timeout_seconds: Option<u64>,
     scrub_interval_ms: Option<u64>,
+    ack_window_ms: Option<u64>,
+    held_bytes: Option<usize>,
     send_burst: Option<u32>,
     send_per_second: Option<u32>,
     queue_copies_per_sender: Option<u32>,
@@ -302,6 +313,11 @@ pub struct ServerConfig {
     /// What a request's body may take to arrive after its headers.
     pub body_timeout: std::time::Duration,
     pub scrub_interval_ms: u64,
+    /// How long a held copy waits for its acknowledgement before it is stored (0: deliver first
+    /// is off, every message is stored before it is pushed).
+    pub ack_window_ms: u64,
+    /// Bytes of held copies at most.
+    pub held_bytes: usize,
     pub send_burst: u32,
     pub send_per_second: u32,
     /// What a message may be stored with: each device's queue, and one sender's share of it and
@@ -326,6 +342,12 @@ pub struct ServerConfig {
     pub code_policy: tidings_core::verification::CodePolicy,
     pub sync_trace: Option<PathBuf>,
 }
+
+/// How long a held copy waits for its acknowledgement unless configured otherwise (see
+/// docs/BENCHMARKS.md for the acknowledgement times it was chosen from).
+pub const DEFAULT_ACK_WINDOW_MS: u64 = 1000;
+/// Bytes of held copies at most unless configured otherwise.
+pub const DEFAULT_HELD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Milliseconds between scrubs on SQLite unless configured otherwise: a scrub truncates the WAL,
 /// which is cheap, and bounds how long a delivered message stays in the data files (P5).
@@ -691,6 +713,14 @@ impl ServerArgs {
                 .or(file.scrub_interval_ms)
                 .unwrap_or(default_scrub_interval_ms)
                 .max(10),
+            ack_window_ms: self
+                .ack_window_ms
+                .or(file.ack_window_ms)
+                .unwrap_or(DEFAULT_ACK_WINDOW_MS),
+            held_bytes: self
+                .held_bytes
+                .or(file.held_bytes)
+                .unwrap_or(DEFAULT_HELD_BYTES),
             send_burst: self.send_burst.or(file.send_burst).unwrap_or(200),
             send_per_second: self.send_per_second.or(file.send_per_second).unwrap_or(100),
             queue_limits: {

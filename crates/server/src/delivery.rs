@@ -11,7 +11,9 @@ use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::{self, AckStatus, ErrorCode, Frame, Kind, ReceiptKind, WithdrawState};
 use tidings_proto::id::{DeviceId, MessageId};
-use tidings_store::{AckKind, Acked, Store};
+use tidings_store::{AckKind, Acked, HeldAck, Store};
+
+use crate::held::ForAck;
 
 use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure};
@@ -108,14 +110,11 @@ pub async fn ack<S: Store>(
         return reply(outbox, error(ErrorCode::InvalidRequest, message, 0)).await;
     };
     // The sender's receipt goes as soon as the acknowledgement has executed; the receiver's
-    // `CONFIRMED` (after which it shows the message) only once it is durable. The message itself
-    // was durable before it was pushed, so a crash between the two loses nothing: the copy is
-    // delivered again, acknowledged again, and the receipt sent again (the sender ignores a
-    // second one), while a withdraw in between still finds the message undelivered.
+    // `CONFIRMED` (after which it shows the message) only once it is durable. A receipt is not
+    // what settles a message: a crash between the two leaves a stored copy to deliver again, or,
+    // for a held copy, no record, so the device is told `UNKNOWN` (and does not show it) and the
+    // sender, whose message is not settled, sends it again or withdraws it.
     //
-    // A sender session that registers after the early receipt but before the sync may read the
-    // store too early to see the receipt, so the sessions registered since are offered it again
-    // after the sync (a second copy would be ignored).
     // The device decides whether its sender hears of it (P7): a copy it will not show is set
     // aside as if never fetched, and one shown to a sender it never wrote to gets no receipt.
     let kind = if ack.discard {
@@ -125,33 +124,144 @@ pub async fn ack<S: Store>(
     } else {
         AckKind::Shown
     };
-    let acked = match state
-        .store
-        .ack_staged_as(identity.device, sender_device, id, kind)
-        .await
-    {
-        Ok(mut staged) => {
-            let receipt = || -> Frame {
-                Kind::Receipt(frame::Receipt {
-                    id: id.as_bytes().to_vec(),
-                    kind: ReceiptKind::Delivered as i32,
-                })
-                .into()
-            };
-            let newer = match staged.executed().await {
-                Some(Acked::Confirmed { first: true }) => {
-                    Some(state.hub.notify_from(&sender_device, &receipt(), 0))
-                }
-                _ => None,
-            };
-            let durable = staged.durable().await;
-            if let (Some(newer), Ok(_)) = (newer, &durable) {
-                state.hub.notify_from(&sender_device, &receipt(), newer);
-            }
-            durable
-        }
-        Err(e) => Err(e),
+    let acked = match ack_held(state, identity.device, sender_device, id, kind).await {
+        Some(acked) => acked,
+        None => ack_stored(state, identity.device, sender_device, id, kind).await,
     };
+    answer_ack(state, ack, acked, outbox).await;
+}
+
+/// The frame that tells a sending device its message was delivered.
+fn delivered_receipt(id: MessageId) -> Frame {
+    Kind::Receipt(frame::Receipt {
+        id: id.as_bytes().to_vec(),
+        kind: ReceiptKind::Delivered as i32,
+    })
+    .into()
+}
+
+/// Settles a copy the server holds in memory ([`crate::held`]) on its device's
+/// acknowledgement; None when the copy is not held here (a stored copy, or none). A copy for the
+/// sender's own other device needs no record (it was sent either way); a copy for the receiver
+/// is decided by the message's `DELIVERED` record, `CONFIRMED` only once it is durable. A copy to
+/// be set aside is stored first, then acknowledged as a stored copy.
+async fn ack_held<S: Store>(
+    state: &Shared<S>,
+    device: DeviceId,
+    sender_device: DeviceId,
+    id: MessageId,
+    kind: AckKind,
+) -> Option<tidings_store::Result<Acked>> {
+    let key = (sender_device, id);
+    let (to_receiver, sent_at, expires_at) = loop {
+        match state.held.for_ack(key, device) {
+            ForAck::Held {
+                to_receiver,
+                sent_at,
+                expires_at,
+            } => break (to_receiver, sent_at, expires_at),
+            ForAck::Storing => state.held.wait_stored(key, device).await,
+            ForAck::NotHeld => return None,
+        }
+    };
+    let settle = |decided: bool| {
+        if state.held.decided(key, device, decided) {
+            crate::held::settle(state, key);
+        }
+    };
+    if kind == AckKind::Discarded {
+        // Set aside as a stored copy is, so that its sender sees what it would see for a device
+        // that never came online.
+        settle(false);
+        crate::held::store_held(state, key).await;
+        return None;
+    }
+    let count = |fate| {
+        state
+            .metrics
+            .held_copies
+            .get_or_create(&Outcome { outcome: fate })
+            .inc();
+    };
+    if !to_receiver {
+        count("decided");
+        settle(true);
+        return Some(Ok(Acked::Confirmed { first: false }));
+    }
+    let copy = HeldAck {
+        device,
+        sender_device,
+        id,
+        sent_at,
+        expires_at,
+    };
+    failpoint("server-held-decision-before");
+    let staged = state.store.ack_held(copy, kind).await;
+    let acked = with_receipt(state, sender_device, id, staged).await;
+    failpoint("server-held-decision-after");
+    match &acked {
+        Ok(Acked::Confirmed { .. } | Acked::Withdrawn) => {
+            count("decided");
+            settle(true);
+        }
+        // Not decided: held again, and stored when its window ends.
+        Ok(Acked::Unknown) | Err(_) => settle(false),
+    }
+    Some(acked)
+}
+
+/// Settles a stored copy on its device's acknowledgement.
+async fn ack_stored<S: Store>(
+    state: &Shared<S>,
+    device: DeviceId,
+    sender_device: DeviceId,
+    id: MessageId,
+    kind: AckKind,
+) -> tidings_store::Result<Acked> {
+    let staged = state
+        .store
+        .ack_staged_as(device, sender_device, id, kind)
+        .await;
+    with_receipt(state, sender_device, id, staged).await
+}
+
+/// Waits for an acknowledgement's write, sending the sender's receipt as soon as the write has
+/// executed (before it is durable) when it is the message's first delivery.
+///
+/// A sender session that registers after the early receipt but before the sync may read the
+/// store too early to see the receipt, so the sessions registered since are offered it again
+/// after the sync (a second copy would be ignored).
+async fn with_receipt<S: Store>(
+    state: &Shared<S>,
+    sender_device: DeviceId,
+    id: MessageId,
+    staged: tidings_store::Result<tidings_store::Completion<Acked>>,
+) -> tidings_store::Result<Acked> {
+    let mut staged = staged?;
+    let newer = match staged.executed().await {
+        Some(Acked::Confirmed { first: true }) => Some(state.hub.notify_from(
+            &sender_device,
+            &delivered_receipt(id),
+            0,
+        )),
+        _ => None,
+    };
+    let durable = staged.durable().await;
+    if let (Some(newer), Ok(_)) = (newer, &durable) {
+        state
+            .hub
+            .notify_from(&sender_device, &delivered_receipt(id), newer);
+    }
+    durable
+}
+
+/// Answers an acknowledgement with what its write came to.
+async fn answer_ack<S: Store>(
+    state: &Shared<S>,
+    ack: frame::Ack,
+    acked: tidings_store::Result<Acked>,
+    outbox: &Outbox,
+) {
     let status = match acked {
         Ok(Acked::Confirmed { .. }) => AckStatus::Confirmed,
         Ok(Acked::Unknown) => AckStatus::Unknown,
@@ -239,8 +349,21 @@ pub async fn withdraw<S: Store>(
         };
         return reply(outbox, Kind::WithdrawResult(refused)).await;
     }
-    let withdrawal = match state.store.withdraw(identity.device, id).await {
-        Ok(withdrawal) => withdrawal,
+    // A message held here is decided against its record even with nothing stored: a
+    // `WITHDRAWN` record then refuses its held copies' acknowledgements.
+    let key = (identity.device, id);
+    let held_until = state.held.expires_at(key);
+    let withdrawal = match state
+        .store
+        .withdraw_held(identity.device, id, held_until)
+        .await
+    {
+        Ok(withdrawal) => {
+            if withdrawal == Withdrawal::Withdrawn && state.held.withdrawn(key) {
+                crate::held::settle(state, key);
+            }
+            withdrawal
+        }
         Err(e) => {
             tracing::warn!(error = %e, "storage write failed during a withdraw");
             return reply(outbox, storage_unavailable("withdraw again", 0)).await;

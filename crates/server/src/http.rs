@@ -1019,7 +1019,7 @@ async fn oprf_key<S: Store>(State(state): State<Shared<S>>) -> Json<OprfKey> {
     })
 }
 
-/// Upgrades to the session protocol (`Upgrade: tidings/2`); see docs/PROTOCOL.md. A
+/// Upgrades to the session protocol (`Upgrade: tidings/3`); see docs/PROTOCOL.md. A
 /// `Tidings-Resume` header with a resumption token from the last `LoginResult` (and
 /// `Tidings-Listen: 1` for a listening session) logs the device in at once when the token holds.
 #[utoipa::path(get, path = "/v1/connect", tag = "session",
@@ -1029,7 +1029,7 @@ async fn oprf_key<S: Store>(State(state): State<Shared<S>>) -> Json<OprfKey> {
     ),
     responses(
         (status = 101, description = "Switching to the session protocol; the Tidings-Resumed header (1) says a resumption token logged the device in and LoginResult follows; otherwise the Tidings-Challenge header carries the login challenge"),
-        (status = 426, description = "The request did not ask to upgrade to tidings/2 (a tidings/1 client is told to update: since tidings/2 numbers are blinded on the device)", body = ApiError),
+        (status = 426, description = "The request did not ask to upgrade to tidings/3 (an older client is told to update: since tidings/2 numbers are blinded on the device, since tidings/3 a receiver shows a message only on CONFIRMED)", body = ApiError),
     ))]
 async fn connect<S: Store>(
     State(state): State<Shared<S>>,
@@ -1042,15 +1042,15 @@ async fn connect<S: Store>(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(tidings_proto::UPGRADE_PROTOCOL));
     if !wants_upgrade {
-        let old_client = request
+        let asked = request
             .headers()
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("tidings/1"));
-        let message = if old_client {
-            "this server speaks tidings/2, where numbers are blinded on the device: update the client (tidings/1 sent contacts' numbers in clear)"
-        } else {
-            "this endpoint opens a session: send Connection: Upgrade and Upgrade: tidings/2"
+            .map(str::to_ascii_lowercase);
+        let message = match asked.as_deref() {
+            Some("tidings/1") => "this server speaks tidings/3, where numbers are blinded on the device: update the client (tidings/1 sent contacts' numbers in clear)",
+            Some("tidings/2") => "this server speaks tidings/3, where a message is shown only once the server confirms its delivery is recorded: update the client (a tidings/2 client could show a message that was also sent as SMS)",
+            _ => "this endpoint opens a session: send Connection: Upgrade and Upgrade: tidings/3",
         };
         let mut response = api_error(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message);
         response.headers_mut().insert(

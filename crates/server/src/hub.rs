@@ -615,13 +615,38 @@ impl Hub {
             .count()
     }
 
+    /// Whether every one of these devices holds a live listening session on this node, whoever
+    /// it shows itself to (a copy for each could be pushed at once).
+    pub fn all_listening(&self, devices: impl IntoIterator<Item = DeviceId>) -> bool {
+        let Ok(sessions) = self.sessions.lock() else {
+            return false;
+        };
+        devices
+            .into_iter()
+            .all(|device| sessions.of(&device).any(|e| e.listen))
+    }
+
+    /// The number the next session to register will get (see [`Hub::deliver_from`]).
+    pub fn next_session(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
     /// Offers a delivery to every listening session of a device; returns how many took it.
     pub fn deliver(&self, device: &DeviceId, frame: &Frame) -> usize {
+        self.deliver_from(device, frame, 0)
+    }
+
+    /// [`Hub::deliver`] to the sessions registered from `first` on (those that had not
+    /// registered when an earlier offer of the same copy was made).
+    pub fn deliver_from(&self, device: &DeviceId, frame: &Frame, first: u64) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;
         };
         let mut delivered = 0;
-        for entry in sessions.of(device).filter(|e| e.listen) {
+        for entry in sessions
+            .of(device)
+            .filter(|e| e.listen && e.session >= first)
+        {
             if entry.tx.offer(Outbound::Deliver(frame.clone())) {
                 delivered += 1;
             }

@@ -60,6 +60,7 @@ mod directory;
 mod discovery;
 mod evaluate;
 mod gateway;
+mod held;
 mod http;
 mod hub;
 mod identity;

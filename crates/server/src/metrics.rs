@@ -56,6 +56,11 @@ pub struct Metrics {
     /// Connects that presented a resumption token, by outcome (`resumed`, or why it was
     /// refused: the connect then logs in by challenge).
     pub resumes: Family<Outcome, Counter>,
+    /// Copies pushed without a disk write (deliver first), by how each ended: `decided` (its
+    /// device acknowledged it, or its message was withdrawn), `stored` (it waited past the
+    /// acknowledgement window, or its session could not take it), `unstored` (storing it was
+    /// refused or failed: the sender sends it again).
+    pub held_copies: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -79,6 +84,7 @@ impl Metrics {
             withdrawals: Family::default(),
             accounts_on_previous_oprf_key: Gauge::default(),
             resumes: Family::default(),
+            held_copies: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,6 +138,11 @@ impl Metrics {
             "store_sync_batch_operations",
             "Operations per storage sync",
             metrics.sync_batch.clone(),
+        );
+        registry.register(
+            "held_copies",
+            "Copies pushed without a disk write, by how each ended",
+            metrics.held_copies.clone(),
         );
         registry.register(
             "resumes",

@@ -115,8 +115,13 @@ pub async fn send<S: Store>(
     let mut skipped = Vec::new();
     let mut retry_after_ms = 0;
     let mut ttl_seconds = 0;
+    let mut settled = true;
     let (outcome, detail, difference) = match stored {
         Stored::Answer(outcome, detail) => (outcome, detail, DeviceDifference::default()),
+        Stored::Held => {
+            settled = false;
+            (SendOutcome::Accepted, String::new(), DeviceDifference::default())
+        }
         Stored::Kept {
             outcome,
             skipped: devices,
@@ -179,8 +184,9 @@ pub async fn send<S: Store>(
             skipped_own_devices: ids(&skipped),
             retry_after_ms,
             ttl_seconds,
-            // Answered only once every copy is durable (or a receiver device acknowledged it).
-            settled: matches!(outcome, SendOutcome::Accepted | SendOutcome::Queued),
+            // Stored: answered only once every copy is durable. Held: a `Settled` follows once
+            // every copy is decided or stored.
+            settled: settled && matches!(outcome, SendOutcome::Accepted | SendOutcome::Queued),
         }),
     )
     .await;
@@ -207,6 +213,9 @@ enum Stored {
         skipped: Vec<DeviceId>,
         shortened_to: Option<u32>,
     },
+    /// Pushed to every device's live session without being stored, and held until each copy is
+    /// settled ([`crate::held`]): `ACCEPTED`, not yet settled.
+    Held,
     /// Refused for the sender's message rate or its discovery budget (named): the wait until a
     /// send would be accepted.
     RateLimited(Millis, &'static str),
@@ -261,11 +270,21 @@ async fn decide_and_store<S: Store>(
     let _push_turn = order.push.wait(place.ticket).await;
     match decided {
         Ok((stored, (sender, id, sent_at, copies))) => {
+            let held = matches!(stored, Stored::Held);
+            let mut untaken = false;
             for (device, payload) in copies {
                 let frame = deliver_frame(sender, id, sent_at, payload);
                 failpoint("server-push-before");
-                state.hub.deliver(&device, &frame);
+                if state.hub.deliver(&device, &frame) == 0 && held {
+                    // Its session went, or could not take it: stored at once, not at the end
+                    // of the window.
+                    state.held.not_taken((sender, id), device);
+                    untaken = true;
+                }
                 failpoint("server-push-after");
+            }
+            if untaken {
+                crate::held::store_held(state, (sender, id)).await;
             }
             stored
         }
@@ -399,6 +418,29 @@ async fn decide_and_enqueue<S: Store>(
         copies: copies.clone(),
         contact_token_hash,
     };
+    // Deliver first: a message accepted because the receiver is online, whose every copy goes
+    // to a device with a live session here, is pushed with no disk write on the way and held
+    // until each copy is decided or stored ([`crate::held`]).
+    if outcome == SendOutcome::Accepted
+        && state.held.enabled()
+        && state.hub.all_listening(copy_devices.iter().copied())
+    {
+        let key = (identity.device, id);
+        if state.held.is_held(key) {
+            // Sent again while the first is still held: that one settles it.
+            return Err(Stored::Held);
+        }
+        match state.store.screen(&message).await {
+            Ok(true) => {
+                let offered_from = state.hub.next_session();
+                if state.held.hold(&message, &route.devices, offered_from, now) {
+                    return Ok((Stored::Held, (identity.device, id, now, copies)));
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "storage read failed while screening a send"),
+        }
+    }
     let turn = place.order.hand_over.wait(place.ticket).await;
     let submitted = state
         .store

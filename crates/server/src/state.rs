@@ -60,6 +60,8 @@ pub struct State<S: Store> {
     pub declarations: Declarations,
     /// The resumption tokens issued and not yet used. In memory only.
     pub resumption: Resumption,
+    /// Copies pushed without a disk write, until each is settled. In memory only.
+    pub held: crate::held::Held,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub openapi_json: std::sync::OnceLock<String>,
@@ -125,6 +127,7 @@ impl<S: Store> State<S> {
         let abuse = AbuseLimits::new(config.limiter_capacity);
         let declarations = Declarations::new(config.code_policy.max_attempts);
         let config_resume_seconds = config.resume_token_seconds;
+        let held = crate::held::Held::new(config.ack_window_ms, config.held_bytes);
         Self {
             code_policy: config.code_policy,
             config,
@@ -143,6 +146,7 @@ impl<S: Store> State<S> {
             link_offers: Mutex::default(),
             declarations,
             resumption: Resumption::new(config_resume_seconds, LIMITER_CAPACITY),
+            held,
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -1,5 +1,5 @@
-//! Background work on intervals, each on its own: expiry (with its receipts), the heartbeat
-//! sweep that wakes lapsed idle sessions, pruning of codes and limiters, and scrubbing.
+//! Background work on intervals, each on its own: expiry (with its receipts), storing held
+//! copies whose acknowledgement window ended, the heartbeat sweep that wakes lapsed idle sessions, pruning of codes and limiters, and scrubbing.
 //!
 //! A sweep never holds up a request: each is a task of the server that runs its work, waits for
 //! its next tick, and stops at shutdown. None logs what it expired or pruned beyond counts.
@@ -33,6 +33,11 @@ pub fn spawn<S: Store>(state: &Shared<S>) {
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
         }
     });
+    // Held copies not acknowledged within the window are stored.
+    if state.held.enabled() {
+        let period = Duration::from_millis((state.held.window() / 4).max(5));
+        every(state, period, crate::held::store_due);
+    }
     // The heartbeat sweep: an idle session keeps no timer of its own.
     every(state, Duration::from_millis(500), |state| async move {
         state.hub.wake_lapsed(Some(session_ms()));

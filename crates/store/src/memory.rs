@@ -979,13 +979,14 @@ impl Store for MemoryStore {
         Ok(Completion::done(Ok(acked)))
     }
 
-    
     async fn screen(&self, _message: &NewMessage) -> Result<bool> {
         Ok(false) // STUB: deliver first not built for this engine yet
     }
 
     async fn ack_held(&self, _copy: crate::HeldAck, _kind: AckKind) -> Result<Completion<Acked>> {
-        Err(crate::StoreError::engine("STUB: held copies not built for this engine yet"))
+        Err(crate::StoreError::engine(
+            "STUB: held copies not built for this engine yet",
+        ))
     }
 
     async fn withdraw_held(

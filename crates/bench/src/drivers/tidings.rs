@@ -1,5 +1,5 @@
 //! Tidings' own protocol, as a real client speaks it: registration over HTTP with the code from
-//! the outbox gateway, `GET /v1/connect` with `Upgrade: tidings/2`, a `Login` signed over the
+//! the outbox gateway, `GET /v1/connect` with `Upgrade: tidings/3`, a `Login` signed over the
 //! server's challenge, then length-prefixed protobuf frames (`tidings_proto::codec`). Nothing
 //! here takes a path a client could not take: a receiver or a phonebook is named by the pseudonyms
 //! a client derives by blinding the numbers (`Evaluate`, checked against `GET /v1/oprf-key`).

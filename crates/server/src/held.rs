@@ -1,0 +1,561 @@
+//! Copies held in memory (deliver first). A message whose every copy goes to a device with a
+//! live session on this node, from a contact, is pushed at once with no disk write on the way,
+//! and held here until each copy is settled: *decided* (its device acknowledged it and the
+//! message's `DELIVERED` record is durable, or the message was decided withdrawn) or *stored*
+//! (it waited past the acknowledgement window, or no session could take it). Once every copy is
+//! settled the sending device is told `Settled`.
+//!
+//! A crash loses what is held here and nothing else: the sending client keeps every unsettled
+//! message and sends it again (or withdraws it and sends an SMS), and a receiver shows a message
+//! only once its decision is durable. Copies for one device are pushed in their session's order
+//! (the send's push turn) whether held or stored, so a held copy never lets a later one overtake
+//! it.
+//!
+//! Bounded by the bytes it holds (`held_bytes`): past it a message is stored before it is
+//! pushed. Holds ciphertexts and ids only, and never logs one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tidings_core::failpoint::failpoint;
+use tidings_core::Millis;
+use tidings_proto::frame::{self, Kind};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_store::{AccountId, Enqueued, NewMessage, Store};
+use tokio::sync::Notify;
+
+use crate::clock::now_ms;
+use crate::delivery::deliver_frame;
+use crate::metrics::Outcome;
+use crate::state::Shared;
+
+/// A message as the server names it: its sending device and id.
+pub type Key = (DeviceId, MessageId);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyState {
+    /// Pushed; no acknowledgement yet.
+    Pushed,
+    /// Its device's acknowledgement is being decided.
+    Deciding,
+    /// Being stored.
+    Storing,
+    /// Decided or stored.
+    Settled,
+}
+
+#[derive(Debug)]
+struct HeldCopy {
+    device: DeviceId,
+    payload: Bytes,
+    /// A copy for the receiver's device (rather than the sender's own other device): only its
+    /// acknowledgement is a delivery, and only it is withdrawn.
+    to_receiver: bool,
+    state: CopyState,
+    /// Once stored, the copy is offered again to the device's sessions registered from this
+    /// number on: those that had not registered when it was pushed (0: every session, for a copy
+    /// no session took).
+    offered_from: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    sender_account: AccountId,
+    receiver: AccountId,
+    sent_at: Millis,
+    expires_at: Millis,
+    contact_token_hash: Option<[u8; 32]>,
+    copies: Vec<HeldCopy>,
+    /// Storing has begun (it happens at most once per message).
+    storing: bool,
+    bytes: usize,
+}
+
+impl Entry {
+    fn is_settled(&self) -> bool {
+        self.copies.iter().all(|c| c.state == CopyState::Settled)
+    }
+
+    fn copy(&mut self, device: DeviceId) -> Option<&mut HeldCopy> {
+        self.copies.iter_mut().find(|c| c.device == device)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    /// When each held message's window ends, in the order they were held (one window for all,
+    /// so the deadlines grow).
+    deadlines: VecDeque<(Millis, Key)>,
+    bytes: usize,
+}
+
+/// What an acknowledgement finds here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForAck {
+    /// A held copy, now being decided by this acknowledgement.
+    Held {
+        to_receiver: bool,
+        sent_at: Millis,
+        expires_at: Millis,
+    },
+    /// Being stored: to be acknowledged as a stored copy once it is.
+    Storing,
+    /// Not held here: a stored copy, or none.
+    NotHeld,
+}
+
+/// A held message's copies to store: the message (with only the copies not yet settled, and
+/// the devices whose copies are decided), and whom to offer each stored copy to again.
+#[derive(Debug)]
+pub struct ToStore {
+    pub message: NewMessage,
+    pub offers: Vec<(DeviceId, u64)>,
+}
+
+/// The copies this node holds in memory.
+#[derive(Debug)]
+pub struct Held {
+    inner: Mutex<Inner>,
+    /// How long a copy waits for its acknowledgement before it is stored; 0: nothing is held.
+    window: Millis,
+    max_bytes: usize,
+    /// Woken whenever a message's storing ends.
+    stored: Notify,
+}
+
+impl Held {
+    pub fn new(window: Millis, max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            window,
+            max_bytes,
+            stored: Notify::new(),
+        }
+    }
+
+    /// Whether deliver first is on.
+    pub fn enabled(&self) -> bool {
+        self.window > 0
+    }
+
+    /// The acknowledgement window.
+    pub fn window(&self) -> Millis {
+        self.window
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds a message whose copies are about to be pushed (`receiver_devices`: the receiver's;
+    /// the others are the sender's own), offered to the sessions registered before
+    /// `offered_from`. False when it is held already or there is no room: then it is stored
+    /// before it is pushed.
+    pub fn hold(
+        &self,
+        message: &NewMessage,
+        receiver_devices: &[DeviceId],
+        offered_from: u64,
+        now: Millis,
+    ) -> bool {
+        let key = (message.sender_device, message.id);
+        let bytes: usize = message.copies.iter().map(|(_, p)| p.len()).sum();
+        let mut inner = self.inner();
+        if inner.entries.contains_key(&key) || inner.bytes + bytes > self.max_bytes {
+            return false;
+        }
+        let copies = message
+            .copies
+            .iter()
+            .map(|(device, payload)| HeldCopy {
+                device: *device,
+                payload: payload.clone(),
+                to_receiver: receiver_devices.contains(device),
+                state: CopyState::Pushed,
+                offered_from,
+            })
+            .collect();
+        inner.entries.insert(
+            key,
+            Entry {
+                sender_account: message.sender_account,
+                receiver: message.receiver,
+                sent_at: message.sent_at,
+                expires_at: message.expires_at,
+                contact_token_hash: message.contact_token_hash,
+                copies,
+                storing: false,
+                bytes,
+            },
+        );
+        inner.bytes += bytes;
+        inner
+            .deadlines
+            .push_back((now.saturating_add(self.window), key));
+        true
+    }
+
+    /// Whether a message is held.
+    pub fn is_held(&self, key: Key) -> bool {
+        self.inner().entries.contains_key(&key)
+    }
+
+    /// When a held message's TTL ends (None: not held).
+    pub fn expires_at(&self, key: Key) -> Option<Millis> {
+        self.inner().entries.get(&key).map(|e| e.expires_at)
+    }
+
+    /// A copy's push found no session to take it: once stored, it goes to every session.
+    pub fn not_taken(&self, key: Key, device: DeviceId) {
+        if let Some(copy) = self
+            .inner()
+            .entries
+            .get_mut(&key)
+            .and_then(|e| e.copy(device))
+        {
+            copy.offered_from = 0;
+        }
+    }
+
+    /// What `device`'s acknowledgement of a message finds; a held copy is now being decided.
+    pub fn for_ack(&self, key: Key, device: DeviceId) -> ForAck {
+        let mut inner = self.inner();
+        let Some(entry) = inner.entries.get_mut(&key) else {
+            return ForAck::NotHeld;
+        };
+        let (sent_at, expires_at) = (entry.sent_at, entry.expires_at);
+        match entry.copy(device) {
+            Some(copy) if copy.state == CopyState::Pushed => {
+                copy.state = CopyState::Deciding;
+                ForAck::Held {
+                    to_receiver: copy.to_receiver,
+                    sent_at,
+                    expires_at,
+                }
+            }
+            Some(copy) if copy.state == CopyState::Storing => ForAck::Storing,
+            _ => ForAck::NotHeld,
+        }
+    }
+
+    /// An acknowledgement's decision ended: `settled` when it was decided (confirmed or
+    /// withdrawn), otherwise (it failed) the copy is held again, to be stored when its window
+    /// ends. True when the whole message is settled now (and forgotten here).
+    pub fn decided(&self, key: Key, device: DeviceId, settled: bool) -> bool {
+        let mut inner = self.inner();
+        let Some(entry) = inner.entries.get_mut(&key) else {
+            return false;
+        };
+        if let Some(copy) = entry.copy(device) {
+            if copy.state == CopyState::Deciding {
+                copy.state = if settled {
+                    CopyState::Settled
+                } else {
+                    CopyState::Pushed
+                };
+            }
+        }
+        settle_if_done(&mut inner, key)
+    }
+
+    /// The message was decided withdrawn: its copies for the receiver are settled (the record
+    /// decides them). True when the whole message is settled now.
+    pub fn withdrawn(&self, key: Key) -> bool {
+        let mut inner = self.inner();
+        let Some(entry) = inner.entries.get_mut(&key) else {
+            return false;
+        };
+        for copy in entry.copies.iter_mut().filter(|c| c.to_receiver) {
+            if copy.state == CopyState::Pushed {
+                copy.state = CopyState::Settled;
+            }
+        }
+        settle_if_done(&mut inner, key)
+    }
+
+    /// The held messages whose window has ended at `now`.
+    pub fn due(&self, now: Millis) -> Vec<Key> {
+        let mut inner = self.inner();
+        let mut due = Vec::new();
+        while inner
+            .deadlines
+            .front()
+            .is_some_and(|(deadline, _)| *deadline <= now)
+        {
+            if let Some((_, key)) = inner.deadlines.pop_front() {
+                if inner.entries.contains_key(&key) {
+                    due.push(key);
+                }
+            }
+        }
+        due
+    }
+
+    /// Starts storing a held message's copies that are not settled yet, once per message (the
+    /// copies being decided count as decided). None when it is not held, is being stored, or
+    /// has nothing left to store.
+    pub fn start_storing(&self, key: Key) -> Option<ToStore> {
+        let mut inner = self.inner();
+        let entry = inner.entries.get_mut(&key)?;
+        if entry.storing {
+            return None;
+        }
+        let mut copies = Vec::new();
+        let mut decided = Vec::new();
+        let mut offers = Vec::new();
+        for copy in &mut entry.copies {
+            match copy.state {
+                CopyState::Pushed => {
+                    copy.state = CopyState::Storing;
+                    copies.push((copy.device, copy.payload.clone()));
+                    offers.push((copy.device, copy.offered_from));
+                }
+                CopyState::Deciding | CopyState::Settled => decided.push(copy.device),
+                CopyState::Storing => {}
+            }
+        }
+        if copies.is_empty() {
+            return None;
+        }
+        entry.storing = true;
+        Some(ToStore {
+            message: NewMessage {
+                sender_device: key.0,
+                sender_account: entry.sender_account,
+                id: key.1,
+                receiver: entry.receiver,
+                sent_at: entry.sent_at,
+                expires_at: entry.expires_at,
+                copies,
+                decided,
+                contact_token_hash: entry.contact_token_hash,
+            },
+            offers,
+        })
+    }
+
+    /// Storing ended: `stored` (the copies are settled), or not (refused or failed: the message
+    /// is forgotten here and never reported settled, so its sender sends it again). True when the
+    /// message is settled now.
+    pub fn stored(&self, key: Key, stored: bool) -> bool {
+        let settled = {
+            let mut inner = self.inner();
+            if stored {
+                if let Some(entry) = inner.entries.get_mut(&key) {
+                    for copy in &mut entry.copies {
+                        if copy.state == CopyState::Storing {
+                            copy.state = CopyState::Settled;
+                        }
+                    }
+                }
+                settle_if_done(&mut inner, key)
+            } else {
+                forget(&mut inner, key);
+                false
+            }
+        };
+        self.stored.notify_waiters();
+        settled
+    }
+
+    /// Waits until `device`'s copy of a message is no longer being stored.
+    pub async fn wait_stored(&self, key: Key, device: DeviceId) {
+        loop {
+            let stored = self.stored.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            let storing = self
+                .inner()
+                .entries
+                .get_mut(&key)
+                .and_then(|e| e.copy(device))
+                .is_some_and(|c| c.state == CopyState::Storing);
+            if !storing {
+                return;
+            }
+            stored.await;
+        }
+    }
+
+    /// The bytes held now.
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.inner().bytes
+    }
+}
+
+/// Forgets a message once every copy is settled; whether it was.
+fn settle_if_done(inner: &mut Inner, key: Key) -> bool {
+    if inner.entries.get(&key).is_some_and(Entry::is_settled) {
+        forget(inner, key);
+        true
+    } else {
+        false
+    }
+}
+
+fn forget(inner: &mut Inner, key: Key) {
+    if let Some(entry) = inner.entries.remove(&key) {
+        inner.bytes = inner.bytes.saturating_sub(entry.bytes);
+    }
+}
+
+/// Tells the sending device that a message is settled.
+pub fn settle<S: Store>(state: &Shared<S>, key: Key) {
+    failpoint("server-settled-before");
+    let frame = Kind::Settled(frame::Settled {
+        ids: vec![key.1.as_bytes().to_vec()],
+    })
+    .into();
+    state.hub.notify(&key.0, &frame);
+}
+
+/// Stores a held message's copies that are not settled yet (at the end of its window, or when
+/// a copy could not be pushed or is to be set aside), then offers each again to the device's
+/// sessions that did not have it.
+pub async fn store_held<S: Store>(state: &Shared<S>, key: Key) {
+    let Some(ToStore { message, offers }) = state.held.start_storing(key) else {
+        return;
+    };
+    let sent_at = message.sent_at;
+    let copies = message.copies.clone();
+    failpoint("server-held-store-before");
+    let stored = match state
+        .store
+        .enqueue(message, state.config.queue_limits)
+        .await
+    {
+        Ok(
+            Enqueued::Stored
+            | Enqueued::StoredSkipping(_)
+            | Enqueued::StoredShortened { .. }
+            // Stored already (a resend), or decided withdrawn: nothing more to keep.
+            | Enqueued::Duplicate,
+        ) => true,
+        Ok(refused) => {
+            tracing::info!(
+                answer = ?refused,
+                "a held message could not be stored: its sender sends it again"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storage write failed while storing a held message");
+            false
+        }
+    };
+    failpoint("server-held-store-after");
+    state
+        .metrics
+        .held_copies
+        .get_or_create(&Outcome {
+            outcome: if stored { "stored" } else { "unstored" },
+        })
+        .inc_by(copies.len() as u64);
+    if stored {
+        for ((device, payload), (_, offered_from)) in copies.into_iter().zip(offers) {
+            let frame = deliver_frame(key.0, key.1, sent_at, payload);
+            state.hub.deliver_from(&device, &frame, offered_from);
+        }
+    }
+    if state.held.stored(key, stored) {
+        settle(state, key);
+    }
+}
+
+/// Stores every held message whose window has ended (run every quarter window by
+/// `crate::sweeps`), each in a task of its own.
+pub async fn store_due<S: Store>(state: Shared<S>) {
+    for key in state.held.due(now_ms()) {
+        let task_state = state.clone();
+        state
+            .tasks
+            .spawn(async move { store_held(&task_state, key).await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u8, devices: &[u8]) -> NewMessage {
+        NewMessage {
+            sender_device: DeviceId([1; 16]),
+            sender_account: AccountId(1),
+            id: MessageId([id; 16]),
+            receiver: AccountId(2),
+            sent_at: 10,
+            expires_at: 1_000,
+            copies: devices
+                .iter()
+                .map(|d| (DeviceId([*d; 16]), Bytes::from(vec![*d; 100])))
+                .collect(),
+            decided: Vec::new(),
+            contact_token_hash: None,
+        }
+    }
+
+    #[test]
+    fn a_message_is_settled_once_every_copy_is_decided_or_stored() {
+        let held = Held::new(100, 1 << 20);
+        let m = message(1, &[2, 3]);
+        let key = (m.sender_device, m.id);
+        assert!(held.hold(&m, &[DeviceId([2; 16])], 0, 0));
+        assert!(!held.hold(&m, &[], 0, 0), "held once");
+        assert_eq!(held.bytes(), 200);
+        assert_eq!(
+            held.for_ack(key, DeviceId([2; 16])),
+            ForAck::Held {
+                to_receiver: true,
+                sent_at: 10,
+                expires_at: 1_000
+            }
+        );
+        assert_eq!(held.for_ack(key, DeviceId([2; 16])), ForAck::NotHeld);
+        assert!(!held.decided(key, DeviceId([2; 16]), true));
+        assert!(held.due(99).is_empty());
+        assert_eq!(held.due(100), vec![key]);
+        let to_store = held.start_storing(key).expect("one copy left");
+        assert_eq!(to_store.message.copies.len(), 1);
+        assert_eq!(to_store.message.decided, vec![DeviceId([2; 16])]);
+        assert!(held.start_storing(key).is_none(), "stored once");
+        assert_eq!(held.for_ack(key, DeviceId([3; 16])), ForAck::Storing);
+        assert!(held.stored(key, true));
+        assert!(!held.is_held(key));
+        assert_eq!(held.bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_decision_holds_the_copy_again_and_a_withdraw_settles_the_receivers_copies() {
+        let held = Held::new(100, 1 << 20);
+        let m = message(1, &[2, 3]);
+        let key = (m.sender_device, m.id);
+        assert!(held.hold(&m, &[DeviceId([2; 16])], 0, 0));
+        assert!(matches!(
+            held.for_ack(key, DeviceId([2; 16])),
+            ForAck::Held { .. }
+        ));
+        assert!(!held.decided(key, DeviceId([2; 16]), false));
+        assert!(!held.withdrawn(key), "the sender's own copy is not settled");
+        assert!(matches!(
+            held.for_ack(key, DeviceId([3; 16])),
+            ForAck::Held {
+                to_receiver: false,
+                ..
+            }
+        ));
+        assert!(held.decided(key, DeviceId([3; 16]), true));
+    }
+
+    #[test]
+    fn holding_is_bounded_by_bytes() {
+        let held = Held::new(100, 250);
+        assert!(held.hold(&message(1, &[2, 3]), &[], 0, 0));
+        assert!(!held.hold(&message(2, &[2]), &[], 0, 0));
+        let key = (DeviceId([1; 16]), MessageId([1; 16]));
+        assert!(!held.stored(key, false), "refused: forgotten, not settled");
+        assert!(held.hold(&message(2, &[2]), &[], 0, 0));
+    }
+}
