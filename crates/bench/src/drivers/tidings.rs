@@ -340,8 +340,19 @@ fn encrypted_send(tag: Tag, to: [u8; 32], device: [u8; 16], copy: Bytes) -> fram
             device_id: device.to_vec(),
             payload: copy,
         }],
+        receiver_contact_token: contact_token(device).to_vec(),
         ..Default::default()
     }
+}
+
+/// The contact token of a harness device, derived from its id: every sender holds its
+/// receiver's, as people who write to each other do, so every send is a contact's.
+fn contact_token(device: [u8; 16]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"tidings-bench contact token");
+    hasher.update(device);
+    hasher.finalize().into()
 }
 
 /// A logged-in session's two halves and the frame bytes already read.
@@ -382,9 +393,12 @@ fn olm_keys(index: u32, device: [u8; 16]) -> frame::KeysUpload {
             public_key: fallback.to_vec(),
             signature: signature.to_bytes().to_vec(),
         }),
-        // The benchmark's clients hand out no contact tokens: every send is a stranger's (the
-        // server's configuration lifts the stranger pool to match).
-        contact_token_hash: Vec::new(),
+        // Every sender holds its receiver's contact token (`contact_token`): messages between
+        // people who write to each other, which a server may push before storing them.
+        contact_token_hash: {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(contact_token(device)).to_vec()
+        },
     }
 }
 
