@@ -229,26 +229,34 @@ fn a_known_contact_costs_no_evaluation() {
         .any(|w| w == bob_number.as_bytes()));
 }
 
-/// A client that still speaks tidings/1 (and would send numbers in clear) is told to update.
+/// A client that still speaks tidings/1 (and would send numbers in clear) or tidings/2 (and would
+/// show a message the server answered `UNKNOWN`) is told to update.
 #[test]
-fn a_tidings_1_client_is_told_to_update() {
+fn a_tidings_1_or_2_client_is_told_to_update() {
     let server = Server::start(&[]);
-    let answer = block_on(async {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: tidings/1\r\n\r\n")
-            .await
-            .expect("write");
-        let mut answer = vec![0u8; 4096];
-        let n = stream.read(&mut answer).await.expect("read");
-        String::from_utf8_lossy(&answer[..n]).to_string()
-    });
-    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
-    assert!(
-        answer.contains("speaks tidings/3") && answer.contains("update the client"),
-        "{answer}"
-    );
+    for (old, why) in [
+        ("tidings/1", "numbers in clear"),
+        ("tidings/2", "also sent as SMS"),
+    ] {
+        let answer = block_on(async {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+                .await
+                .expect("connect");
+            let request = format!(
+                "GET /v1/connect HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: {old}\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut answer = vec![0u8; 4096];
+            let n = stream.read(&mut answer).await.expect("read");
+            String::from_utf8_lossy(&answer[..n]).to_string()
+        });
+        assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+        assert!(
+            answer.contains("speaks tidings/3")
+                && answer.contains("update the client")
+                && answer.contains(why),
+            "{answer}"
+        );
+    }
 }
