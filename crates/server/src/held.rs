@@ -69,12 +69,14 @@ struct Entry {
     copies: Vec<HeldCopy>,
     /// Storing has begun (it happens at most once per message).
     storing: bool,
+    /// The send's answer has gone to the sender: `Settled` never comes before it.
+    answered: bool,
     bytes: usize,
 }
 
 impl Entry {
     fn is_settled(&self) -> bool {
-        self.copies.iter().all(|c| c.state == CopyState::Settled)
+        self.answered && self.copies.iter().all(|c| c.state == CopyState::Settled)
     }
 
     fn copy(&mut self, device: DeviceId) -> Option<&mut HeldCopy> {
@@ -187,6 +189,7 @@ impl Held {
                 contact_token_hash: message.contact_token_hash,
                 copies,
                 storing: false,
+                answered: false,
                 bytes,
             },
         );
@@ -195,6 +198,22 @@ impl Held {
             .deadlines
             .push_back((now.saturating_add(self.window), key));
         true
+    }
+
+    /// The send's answer went to the sender. True when the message is settled now (every copy
+    /// was settled before the answer went).
+    pub fn answered(&self, key: Key) -> bool {
+        let mut inner = self.inner();
+        let Some(entry) = inner.entries.get_mut(&key) else {
+            return false;
+        };
+        entry.answered = true;
+        settle_if_done(&mut inner, key)
+    }
+
+    /// Every message held now.
+    pub fn keys(&self) -> Vec<Key> {
+        self.inner().entries.keys().copied().collect()
     }
 
     /// Whether a message is held.
@@ -465,6 +484,14 @@ pub async fn store_held<S: Store>(state: &Shared<S>, key: Key) {
     }
 }
 
+/// Stores every message still held, at shutdown once the sessions have ended (no
+/// acknowledgement can come any more): what was settled needs nothing, the rest is kept.
+pub async fn store_all<S: Store>(state: &Shared<S>) {
+    for key in state.held.keys() {
+        store_held(state, key).await;
+    }
+}
+
 /// Stores every held message whose window has ended (run every quarter window by
 /// `crate::sweeps`), each in a task of its own.
 pub async fn store_due<S: Store>(state: Shared<S>) {
@@ -504,6 +531,7 @@ mod tests {
         let key = (m.sender_device, m.id);
         assert!(held.hold(&m, &[DeviceId([2; 16])], 0, 0));
         assert!(!held.hold(&m, &[], 0, 0), "held once");
+        assert!(!held.answered(key));
         assert_eq!(held.bytes(), 200);
         assert_eq!(
             held.for_ack(key, DeviceId([2; 16])),
@@ -539,6 +567,27 @@ mod tests {
         ));
         assert!(!held.decided(key, DeviceId([2; 16]), false));
         assert!(!held.withdrawn(key), "the sender's own copy is not settled");
+        assert!(matches!(
+            held.for_ack(key, DeviceId([3; 16])),
+            ForAck::Held {
+                to_receiver: false,
+                ..
+            }
+        ));
+        assert!(
+            !held.decided(key, DeviceId([3; 16]), true),
+            "every copy settled, but the send not answered yet"
+        );
+        assert!(held.answered(key), "settled once answered");
+    }
+
+    #[test]
+    fn a_copy_decided_after_the_answer_settles_the_message() {
+        let held = Held::new(100, 1 << 20);
+        let m = message(1, &[3]);
+        let key = (m.sender_device, m.id);
+        assert!(held.hold(&m, &[], 0, 0));
+        assert!(!held.answered(key));
         assert!(matches!(
             held.for_ack(key, DeviceId([3; 16])),
             ForAck::Held {

@@ -396,6 +396,8 @@ impl<S: Store> Server<S> {
         {
             tracing::warn!("some sessions did not finish in time");
         }
+        // What is still held in memory is stored: no acknowledgement can come any more.
+        crate::held::store_all(&state).await;
         // A final scrub so that nothing deleted lingers in the write-ahead log.
         let _ = state.store.scrub().await;
         tracing::info!("stopped");

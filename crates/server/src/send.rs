@@ -163,6 +163,12 @@ pub async fn send<S: Store>(
             difference,
         ),
     };
+    // A held message is settled only once this answer has gone (`Settled` never overtakes it).
+    let held = if settled {
+        None
+    } else {
+        MessageId::from_slice(&id_bytes).map(|id| (identity.device, id))
+    };
     let ids = |devices: &[DeviceId]| devices.iter().map(|d| d.as_bytes().to_vec()).collect();
     state
         .metrics
@@ -191,6 +197,11 @@ pub async fn send<S: Store>(
     )
     .await;
     failpoint("server-send-answer-after");
+    if let Some(key) = held {
+        if state.held.answered(key) {
+            crate::held::settle(state, key);
+        }
+    }
 }
 
 /// A length of time given in seconds, in whole days when it is some.
