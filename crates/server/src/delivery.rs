@@ -153,13 +153,14 @@ async fn ack_held<S: Store>(
     kind: AckKind,
 ) -> Option<tidings_store::Result<Acked>> {
     let key = (sender_device, id);
-    let (to_receiver, sent_at, expires_at) = loop {
-        match state.held.for_ack(key, device) {
+    let (to_receiver, sent_at, expires_at, receipt_now) = loop {
+        match state.held.for_ack(key, device, kind == AckKind::Shown) {
             ForAck::Held {
                 to_receiver,
                 sent_at,
                 expires_at,
-            } => break (to_receiver, sent_at, expires_at),
+                receipt_now,
+            } => break (to_receiver, sent_at, expires_at, receipt_now),
             ForAck::Storing => state.held.wait_stored(key, device).await,
             ForAck::NotHeld => return None,
         }
@@ -195,9 +196,29 @@ async fn ack_held<S: Store>(
         sent_at,
         expires_at,
     };
+    // The receipt goes before anything is written: it settles nothing (a withdraw racing this
+    // acknowledgement is still decided against the record), and the sender, online a moment
+    // ago, hears at once. The store keeps a copy of it for a sender that is not online.
+    let newer = receipt_now.then(|| {
+        state
+            .hub
+            .notify_from(&sender_device, &delivered_receipt(id), 0)
+    });
     failpoint("server-held-decision-before");
-    let staged = state.store.ack_held(copy, kind).await;
-    let acked = with_receipt(state, sender_device, id, staged).await;
+    let acked = match state.store.ack_held(copy, kind).await {
+        Ok(staged) => {
+            let acked = staged.durable().await;
+            if let (Some(newer), Ok(Acked::Confirmed { first: true })) = (newer, &acked) {
+                // A session that registered meanwhile may have read the receipts before this
+                // one was stored.
+                state
+                    .hub
+                    .notify_from(&sender_device, &delivered_receipt(id), newer);
+            }
+            acked
+        }
+        Err(e) => Err(e),
+    };
     failpoint("server-held-decision-after");
     match &acked {
         Ok(Acked::Confirmed { .. } | Acked::Withdrawn) => {

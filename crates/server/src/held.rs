@@ -71,6 +71,9 @@ struct Entry {
     storing: bool,
     /// The send's answer has gone to the sender: `Settled` never comes before it.
     answered: bool,
+    /// The sender was sent its `Delivered` receipt (at the first acknowledgement of a receiver's
+    /// copy that asked for one).
+    receipted: bool,
     bytes: usize,
 }
 
@@ -101,6 +104,9 @@ pub enum ForAck {
         to_receiver: bool,
         sent_at: Millis,
         expires_at: Millis,
+        /// The first acknowledgement of a receiver's copy that asked for a receipt: the sender's
+        /// receipt goes now, before anything is written (a receipt settles nothing).
+        receipt_now: bool,
     },
     /// Being stored: to be acknowledged as a stored copy once it is.
     Storing,
@@ -190,6 +196,7 @@ impl Held {
                 copies,
                 storing: false,
                 answered: false,
+                receipted: false,
                 bytes,
             },
         );
@@ -238,20 +245,25 @@ impl Held {
         }
     }
 
-    /// What `device`'s acknowledgement of a message finds; a held copy is now being decided.
-    pub fn for_ack(&self, key: Key, device: DeviceId) -> ForAck {
+    /// What `device`'s acknowledgement of a message finds (`receipt`: it asks for the sender's
+    /// receipt); a held copy is now being decided.
+    pub fn for_ack(&self, key: Key, device: DeviceId, receipt: bool) -> ForAck {
         let mut inner = self.inner();
         let Some(entry) = inner.entries.get_mut(&key) else {
             return ForAck::NotHeld;
         };
-        let (sent_at, expires_at) = (entry.sent_at, entry.expires_at);
+        let (sent_at, expires_at, receipted) = (entry.sent_at, entry.expires_at, entry.receipted);
         match entry.copy(device) {
             Some(copy) if copy.state == CopyState::Pushed => {
                 copy.state = CopyState::Deciding;
+                let to_receiver = copy.to_receiver;
+                let receipt_now = to_receiver && receipt && !receipted;
+                entry.receipted |= receipt_now;
                 ForAck::Held {
-                    to_receiver: copy.to_receiver,
+                    to_receiver,
                     sent_at,
                     expires_at,
+                    receipt_now,
                 }
             }
             Some(copy) if copy.state == CopyState::Storing => ForAck::Storing,
@@ -534,14 +546,15 @@ mod tests {
         assert!(!held.answered(key));
         assert_eq!(held.bytes(), 200);
         assert_eq!(
-            held.for_ack(key, DeviceId([2; 16])),
+            held.for_ack(key, DeviceId([2; 16]), true),
             ForAck::Held {
                 to_receiver: true,
                 sent_at: 10,
-                expires_at: 1_000
+                expires_at: 1_000,
+                receipt_now: true,
             }
         );
-        assert_eq!(held.for_ack(key, DeviceId([2; 16])), ForAck::NotHeld);
+        assert_eq!(held.for_ack(key, DeviceId([2; 16]), true), ForAck::NotHeld);
         assert!(!held.decided(key, DeviceId([2; 16]), true));
         assert!(held.due(99).is_empty());
         assert_eq!(held.due(100), vec![key]);
@@ -549,7 +562,7 @@ mod tests {
         assert_eq!(to_store.message.copies.len(), 1);
         assert_eq!(to_store.message.decided, vec![DeviceId([2; 16])]);
         assert!(held.start_storing(key).is_none(), "stored once");
-        assert_eq!(held.for_ack(key, DeviceId([3; 16])), ForAck::Storing);
+        assert_eq!(held.for_ack(key, DeviceId([3; 16]), true), ForAck::Storing);
         assert!(held.stored(key, true));
         assert!(!held.is_held(key));
         assert_eq!(held.bytes(), 0);
@@ -562,13 +575,13 @@ mod tests {
         let key = (m.sender_device, m.id);
         assert!(held.hold(&m, &[DeviceId([2; 16])], 0, 0));
         assert!(matches!(
-            held.for_ack(key, DeviceId([2; 16])),
+            held.for_ack(key, DeviceId([2; 16]), true),
             ForAck::Held { .. }
         ));
         assert!(!held.decided(key, DeviceId([2; 16]), false));
         assert!(!held.withdrawn(key), "the sender's own copy is not settled");
         assert!(matches!(
-            held.for_ack(key, DeviceId([3; 16])),
+            held.for_ack(key, DeviceId([3; 16]), true),
             ForAck::Held {
                 to_receiver: false,
                 ..
@@ -589,7 +602,7 @@ mod tests {
         assert!(held.hold(&m, &[], 0, 0));
         assert!(!held.answered(key));
         assert!(matches!(
-            held.for_ack(key, DeviceId([3; 16])),
+            held.for_ack(key, DeviceId([3; 16]), true),
             ForAck::Held {
                 to_receiver: false,
                 ..
