@@ -292,7 +292,9 @@ impl NewMessage {
         };
         let mut addressees = addressees;
         // A decided copy is stored nowhere: its device's queue is not looked at.
-        addressees.receiver.retain(|d| !self.decided.contains(&d.id));
+        addressees
+            .receiver
+            .retain(|d| !self.decided.contains(&d.id));
         addressees.own.retain(|d| !self.decided.contains(&d.id));
         let skipped = delivery::own_without_room(
             addressees.own.iter().map(|d| (d, self.copy_bytes(d.id))),
