@@ -826,10 +826,12 @@ impl State {
             .filter(|(_, m)| m.expires_at <= now)
             .map(|(position, m)| (m.expires_at, *position))
             .collect();
-        // A sweep that finds no message and no receipt to expire writes nothing: records
-        // whose time is up go with the next sweep that does (as in the SQLite engine, whose idle
-        // sweeps only look).
-        if ended.is_empty() && !self.receipts.values().any(|(_, ends)| *ends <= now) {
+        // A sweep that finds no message, receipt or decision record to expire writes nothing
+        // (as in the SQLite engine, whose idle sweeps only look).
+        if ended.is_empty()
+            && !self.receipts.values().any(|(_, ends)| *ends <= now)
+            && !self.withdrawn.values().any(|record| record.ends <= now)
+        {
             return Vec::new();
         }
         ended.sort_unstable();

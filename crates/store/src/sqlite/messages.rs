@@ -462,13 +462,15 @@ pub(super) fn ack_held(
     })
 }
 
-/// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing;
-/// receipts are looked at in memory, [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
+/// Whether any message's TTL, or decision record's time, has ended at `now` (most sweeps find
+/// none, and then write nothing; receipts are looked at in memory,
+/// [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
 pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM single_copies WHERE expires_at <= ?1
-             UNION ALL SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1",
+             UNION ALL SELECT 1 FROM messages WHERE expires_at <= ?1
+             UNION ALL SELECT 1 FROM withdrawn WHERE expires_at <= ?1 LIMIT 1",
         )?
         .query_row(params![sql_millis(now)], |_| Ok(()))
         .optional()?
