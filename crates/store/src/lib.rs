@@ -897,9 +897,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Completion<Acked>>> + Send;
 
     /// Deletes messages whose TTL ended at `now` (at most `limit`), storing `Expired` receipts for
-    /// the ones no device acknowledged, and receipts whose wait ended at `now`
-    /// (`tidings_core::delivery::receipt_expires_at`, decided when each is stored). Returns the
-    /// new `Expired` receipts.
+    /// the ones not decided delivered, receipts whose wait ended at `now`
+    /// (`tidings_core::delivery::receipt_expires_at`, decided when each is stored), and decision
+    /// records whose time ended (after the messages they decide). Returns the new `Expired`
+    /// receipts.
     fn expire(
         &self,
         now: Millis,

@@ -3,7 +3,7 @@
 //! Plain maps under one mutex, each operation a short function over them, written to be
 //! obviously right rather than fast: queues are found by scanning every message. Every answer is
 //! the one the SQLite engine gives, including its refusals (E1 and full queues through
-//! `tidings_core::delivery`, duplicates, withdrawals and their tombstones, expiry receipts, key
+//! `tidings_core::delivery`, duplicates, withdrawals and decision records, expiry receipts, key
 //! claims, vouchers, and what a deleted device or account takes with it); the model test
 //! (`crates/store/tests/model.rs`) holds every engine to it. Server unit tests use it as a store
 //! that costs nothing to make.
@@ -17,7 +17,9 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
+use tidings_core::delivery::{
+    self, receipt_expires_at, AccountDevice, CopyCheck, QueueLimits, Usage,
+};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -26,9 +28,9 @@ use tidings_proto::id::{DeviceId, MessageId};
 
 use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Admission, Admitted, Backlog, Claimed,
-    ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked,
-    ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
-    Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher,
+    ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, HeldAck, IdentityKeys, KeyStatus,
+    Linked, ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
+    Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher, DECISION_MARGIN,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the SQLite engine does).
@@ -58,19 +60,20 @@ struct State {
     last_position: i64,
     /// Messages still held, by queue position (so in the order they were stored).
     messages: BTreeMap<i64, Message>,
-    /// Tombstones of messages settled without their copies, by sending device and id: withdrawn,
-    /// or delivered without a receipt ([`AckKind::ShownWithoutReceipt`]).
-    withdrawn: HashMap<(DeviceId, MessageId), Tombstone>,
+    /// Messages' decision records, by sending device and id (never a receiver device): withdrawn,
+    /// or delivered (a receiver device showed a copy, stored or held). Each lives until the
+    /// message's TTL ends plus [`DECISION_MARGIN`].
+    withdrawn: HashMap<(DeviceId, MessageId), Decision>,
     /// Receipts waiting for sending devices, by device and message id, with when they end
     /// ([`receipt_expires_at`]).
     receipts: BTreeMap<(DeviceId, MessageId), (ReceiptKind, Millis)>,
     codes: HashMap<Pseudonym, CodeRecord>,
 }
 
-/// A tombstone: when it ends (the message's TTL), and whether the message was delivered
-/// without a receipt (else withdrawn).
+/// A decision record: when it ends (the message's TTL plus [`DECISION_MARGIN`]), and whether the
+/// message was delivered (else withdrawn).
 #[derive(Clone, Copy)]
-struct Tombstone {
+struct Decision {
     ends: Millis,
     delivered: bool,
 }
@@ -534,9 +537,11 @@ impl State {
     }
 
     fn enqueue(&mut self, message: NewMessage, limits: QueueLimits) -> Result<Enqueued> {
+        // Stored already, or decided withdrawn (a resend never brings back what was withdrawn).
         if self
             .message_position(message.sender_device, message.id)
             .is_some()
+            || self.record(message.sender_device, message.id) == Some(false)
         {
             return Ok(Enqueued::Duplicate);
         }
@@ -559,7 +564,8 @@ impl State {
         };
         let mut copies = BTreeMap::new();
         for (device, payload) in message.copies {
-            if skipped.contains(&device) {
+            // A decided copy is stored nowhere.
+            if skipped.contains(&device) || message.decided.contains(&device) {
                 continue;
             }
             let copy = (payload, addressees.to_receiver(device));
@@ -573,6 +579,10 @@ impl State {
             if let Some(row) = self.devices.get_mut(device) {
                 row.missed = row.missed.saturating_add(1);
             }
+        }
+        // Every copy decided already or skipped: nothing to store.
+        if copies.is_empty() {
+            return Ok(Admission::stored(skipped, message.expires_at, expires_at));
         }
         self.last_position += 1;
         let stored = Message {
@@ -618,6 +628,29 @@ impl State {
             .collect()
     }
 
+    /// The message's decision record: `Some(true)` delivered, `Some(false)` withdrawn.
+    fn record(&self, sender_device: DeviceId, id: MessageId) -> Option<bool> {
+        self.withdrawn
+            .get(&(sender_device, id))
+            .map(|record| record.delivered)
+    }
+
+    /// Writes a message's decision record, kept until `expires_at` (its TTL) plus
+    /// [`DECISION_MARGIN`].
+    fn decide(
+        &mut self,
+        sender_device: DeviceId,
+        id: MessageId,
+        expires_at: Millis,
+        delivered: bool,
+    ) {
+        let record = Decision {
+            ends: expires_at.saturating_add(DECISION_MARGIN),
+            delivered,
+        };
+        self.withdrawn.insert((sender_device, id), record);
+    }
+
     fn ack(
         &mut self,
         device: DeviceId,
@@ -625,18 +658,28 @@ impl State {
         id: MessageId,
         kind: AckKind,
     ) -> Acked {
-        let gone = |state: &State| match state.withdrawn.get(&(sender_device, id)) {
-            Some(tombstone) if !tombstone.delivered => Acked::Withdrawn,
-            _ => Acked::Unknown,
+        // No copy for this device: answered from what is left (see `Store::ack_as`). A copy
+        // set aside is known only as withdrawn; `elsewhere`: the message is still stored.
+        let gone = |state: &State, set_aside: bool, elsewhere: bool| match state
+            .record(sender_device, id)
+        {
+            Some(false) => Acked::Withdrawn,
+            _ if set_aside => Acked::Unknown,
+            Some(true) => Acked::Confirmed { first: false },
+            None if elsewhere => Acked::Confirmed { first: false },
+            None => Acked::Unknown,
         };
         let Some(position) = self.message_position(sender_device, id) else {
-            return gone(self);
+            return gone(self, false, false);
         };
         let Some(message) = self.messages.get_mut(&position) else {
-            return gone(self);
+            return gone(self, false, false);
         };
-        if message.discarded.contains(&device) || !message.copies.contains_key(&device) {
-            return gone(self);
+        if message.discarded.contains(&device) {
+            return gone(self, true, true);
+        }
+        if !message.copies.contains_key(&device) {
+            return gone(self, false, true);
         }
         if kind == AckKind::Discarded {
             // Kept as if never fetched: a withdraw and the TTL's end treat it as waiting.
@@ -644,7 +687,7 @@ impl State {
             return Acked::Confirmed { first: false };
         }
         let Some((_, to_receiver)) = message.copies.remove(&device) else {
-            return gone(self);
+            return gone(self, false, true);
         };
         let delivered = message.delivered;
         let expires_at = message.expires_at;
@@ -659,42 +702,109 @@ impl State {
         if !to_receiver {
             return Acked::Confirmed { first: false };
         }
-        if delivered {
-            return Acked::Confirmed { first: false };
+        // A copy shown decides the message delivered, unless it was decided before (another
+        // copy shown, stored or held): then there is no second receipt.
+        let decided = self.record(sender_device, id).is_some();
+        if !decided {
+            self.decide(sender_device, id, expires_at, true);
         }
-        if kind == AckKind::ShownWithoutReceipt {
-            let tombstone = Tombstone {
-                ends: expires_at,
-                delivered: true,
-            };
-            self.withdrawn.insert((sender_device, id), tombstone);
+        if delivered || decided || kind == AckKind::ShownWithoutReceipt {
             return Acked::Confirmed { first: false };
         }
         self.store_receipt(sender_device, id, ReceiptKind::Delivered, receipt_ends);
         Acked::Confirmed { first: true }
     }
 
-    fn withdraw(&mut self, sender_device: DeviceId, id: MessageId) -> Withdrawal {
+    fn ack_held(&mut self, copy: HeldAck, kind: AckKind) -> Result<Acked> {
+        if kind == AckKind::Discarded {
+            return Err(StoreError::engine(
+                "a held copy is not acknowledged as discarded",
+            ));
+        }
+        let HeldAck {
+            sender_device, id, ..
+        } = copy;
+        Ok(match self.record(sender_device, id) {
+            Some(false) => Acked::Withdrawn,
+            Some(true) => Acked::Confirmed { first: false },
+            None => {
+                self.decide(sender_device, id, copy.expires_at, true);
+                let shown = kind == AckKind::Shown;
+                if shown {
+                    let ends = receipt_expires_at(copy.sent_at, copy.expires_at);
+                    self.store_receipt(sender_device, id, ReceiptKind::Delivered, ends);
+                }
+                Acked::Confirmed { first: shown }
+            }
+        })
+    }
+
+    /// [`Store::screen`].
+    fn screen(&self, message: &NewMessage) -> bool {
+        if self
+            .message_position(message.sender_device, message.id)
+            .is_some()
+            || self.record(message.sender_device, message.id) == Some(false)
+        {
+            return false;
+        }
+        let sender = message.sender_account;
+        let receiver = self.delivery_devices(message.receiver, sender);
+        let own = if sender == message.receiver {
+            Vec::new()
+        } else {
+            self.delivery_devices(sender, sender)
+        };
+        let addressed: Vec<DeviceId> = message
+            .copies
+            .iter()
+            .map(|(d, _)| *d)
+            .chain(message.decided.iter().copied())
+            .collect();
+        match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
+            CopyCheck::Complete(_) => delivery::from_contact(
+                sender == message.receiver,
+                message.contact_token_hash,
+                &receiver,
+            ),
+            CopyCheck::DevicesChanged(_) | CopyCheck::NoReceiverDevice => false,
+        }
+    }
+
+    fn withdraw(
+        &mut self,
+        sender_device: DeviceId,
+        id: MessageId,
+        held_until: Option<Millis>,
+    ) -> Withdrawal {
+        let record = self.record(sender_device, id);
         let Some(position) = self.message_position(sender_device, id) else {
             let delivered = self
                 .receipts
                 .get(&(sender_device, id))
                 .is_some_and(|(kind, _)| *kind == ReceiptKind::Delivered);
-            return match self.withdrawn.get(&(sender_device, id)) {
+            return match record {
                 _ if delivered => Withdrawal::Delivered,
-                Some(tombstone) if tombstone.delivered => Withdrawal::Delivered,
-                Some(_) => Withdrawal::Withdrawn,
-                None => Withdrawal::Unknown,
+                Some(true) => Withdrawal::Delivered,
+                Some(false) => Withdrawal::Withdrawn,
+                None => match held_until {
+                    // Nothing stored, nothing decided, and copies held: decided withdrawn.
+                    Some(until) => {
+                        self.decide(sender_device, id, until, false);
+                        Withdrawal::Withdrawn
+                    }
+                    None => Withdrawal::Unknown,
+                },
             };
         };
         let Some(message) = self.messages.get_mut(&position) else {
             return Withdrawal::Unknown;
         };
-        if message.delivered {
+        if message.delivered || record == Some(true) {
             return Withdrawal::Delivered;
         }
         // The receiver's copies go (those set aside too); the sender's own other devices keep
-        // theirs. The tombstone lives until the message's TTL would have ended.
+        // theirs. The record lives until the message's TTL would have ended, and the margin.
         message.copies.retain(|_, (_, to_receiver)| !*to_receiver);
         let copies = &message.copies;
         message
@@ -704,11 +814,7 @@ impl State {
         if message.copies.is_empty() {
             self.messages.remove(&position);
         }
-        let tombstone = Tombstone {
-            ends: expires_at,
-            delivered: false,
-        };
-        self.withdrawn.insert((sender_device, id), tombstone);
+        self.decide(sender_device, id, expires_at, false);
         Withdrawal::Withdrawn
     }
 
@@ -720,15 +826,16 @@ impl State {
             .filter(|(_, m)| m.expires_at <= now)
             .map(|(position, m)| (m.expires_at, *position))
             .collect();
-        // A sweep that finds no message and no receipt to expire writes nothing: tombstones
-        // whose time is up go with the next sweep that does (as in the SQLite engine, whose idle
-        // sweeps only look).
-        if ended.is_empty() && !self.receipts.values().any(|(_, ends)| *ends <= now) {
+        // A sweep that finds no message, receipt or decision record to expire writes nothing
+        // (as in the SQLite engine, whose idle sweeps only look).
+        if ended.is_empty()
+            && !self.receipts.values().any(|(_, ends)| *ends <= now)
+            && !self.withdrawn.values().any(|record| record.ends <= now)
+        {
             return Vec::new();
         }
         ended.sort_unstable();
         ended.truncate(limit);
-        self.withdrawn.retain(|_, tombstone| tombstone.ends > now);
         self.receipts.retain(|_, (_, ends)| *ends > now);
         let mut receipts = Vec::new();
         for (_, position) in ended {
@@ -737,12 +844,18 @@ impl State {
             };
             let (sender_device, id) = (message.sender_device, message.id);
             let receipt_ends = receipt_expires_at(message.sent_at, message.expires_at);
-            if !message.delivered
+            // A message decided delivered (a copy shown, stored or held) has no `Expired`
+            // receipt.
+            let delivered = message.delivered || self.record(sender_device, id) == Some(true);
+            if !delivered
                 && self.store_receipt(sender_device, id, ReceiptKind::Expired, receipt_ends)
             {
                 receipts.push(ExpiredMessage { sender_device, id });
             }
         }
+        // Decision records last: an expired message's record still said whether it was
+        // delivered.
+        self.withdrawn.retain(|_, record| record.ends > now);
         receipts
     }
 
@@ -979,23 +1092,22 @@ impl Store for MemoryStore {
         Ok(Completion::done(Ok(acked)))
     }
 
-    async fn screen(&self, _message: &NewMessage) -> Result<bool> {
-        Ok(false) // STUB: deliver first not built for this engine yet
+    async fn screen(&self, message: &NewMessage) -> Result<bool> {
+        Ok(self.state()?.screen(message))
     }
 
-    async fn ack_held(&self, _copy: crate::HeldAck, _kind: AckKind) -> Result<Completion<Acked>> {
-        Err(crate::StoreError::engine(
-            "STUB: held copies not built for this engine yet",
-        ))
+    async fn ack_held(&self, copy: HeldAck, kind: AckKind) -> Result<Completion<Acked>> {
+        let acked = self.state()?.ack_held(copy, kind)?;
+        Ok(Completion::done(Ok(acked)))
     }
 
     async fn withdraw_held(
         &self,
         sender_device: DeviceId,
         id: MessageId,
-        _held_until: Option<Millis>,
+        held_until: Option<Millis>,
     ) -> Result<Withdrawal> {
-        Ok(self.state()?.withdraw(sender_device, id))
+        Ok(self.state()?.withdraw(sender_device, id, held_until))
     }
 
     async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use tidings_core::delivery::{receipt_expires_at, AccountDevice};
+use tidings_core::delivery::{self, receipt_expires_at, AccountDevice, CopyCheck, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -19,8 +19,8 @@ use super::receipts;
 use super::rows::{device_id, message_id, millis, sql_millis};
 use super::writer::Notes;
 use crate::{
-    AccountId, AckKind, Acked, Admission, Admitted, Enqueued, ExpiredMessage, NewMessage, Pending,
-    QueueCursor, QueueLimits, Result,
+    AccountId, AckKind, Acked, Admission, Admitted, Enqueued, ExpiredMessage, HeldAck, NewMessage,
+    Pending, QueueCursor, QueueLimits, Result, DECISION_MARGIN,
 };
 
 /// The devices of an account as the delivery rules read them: whether each has published
@@ -58,6 +58,79 @@ pub(super) fn keyed_devices(
     rows
 }
 
+/// The devices of an account as a screen reads them ([`screen`]), on a read connection: whether
+/// each has published identity keys and its contact token hash. Queues are not looked at (the
+/// writer's counts are its own), so they read as empty.
+fn screened_devices(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<AccountDevice>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, contact_token_hash
+         FROM devices WHERE account_id = ?1",
+    )?;
+    let rows = statement
+        .query_map(params![account.0], |row| {
+            Ok(AccountDevice {
+                id: device_id(row.get(0)?)?,
+                keyed: row.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                queued: 0,
+                from_sender: Usage::default(),
+                strangers: 0,
+                contact_token_hash: row
+                    .get::<_, Option<Vec<u8>>>(2)?
+                    .and_then(|hash| <[u8; 32]>::try_from(hash).ok()),
+            })
+        })?
+        .collect();
+    rows
+}
+
+/// [`Store::screen`](crate::Store::screen): a read of one snapshot on a read connection, never
+/// the writer's.
+pub(super) fn screen(conn: &Connection, message: &NewMessage) -> Result<bool> {
+    let snapshot = conn.unchecked_transaction()?;
+    let screened = screen_in(&snapshot, message)?;
+    snapshot.commit()?;
+    Ok(screened)
+}
+
+fn screen_in(conn: &Connection, message: &NewMessage) -> Result<bool> {
+    let taken = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2)
+                 OR EXISTS (SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2)
+                 OR EXISTS (SELECT 1 FROM withdrawn
+                            WHERE sender_device = ?1 AND msg_id = ?2 AND delivered = 0)",
+        )?
+        .query_row(
+            params![message.sender_device.as_bytes(), message.id.as_bytes()],
+            |row| row.get::<_, bool>(0),
+        )?;
+    if taken {
+        return Ok(false);
+    }
+    let sender = message.sender_account;
+    let within_account = sender == message.receiver;
+    let receiver = screened_devices(conn, message.receiver)?;
+    let own = if within_account {
+        Vec::new()
+    } else {
+        screened_devices(conn, sender)?
+    };
+    let addressed: Vec<DeviceId> = message
+        .copies
+        .iter()
+        .map(|(d, _)| *d)
+        .chain(message.decided.iter().copied())
+        .collect();
+    Ok(
+        match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
+            CopyCheck::Complete(_) => {
+                delivery::from_contact(within_account, message.contact_token_hash, &receiver)
+            }
+            CopyCheck::DevicesChanged(_) | CopyCheck::NoReceiverDevice => false,
+        },
+    )
+}
+
 /// [`Store::enqueue`](crate::Store::enqueue): applies the delivery rules to the devices it reads
 /// and stores what they decided.
 pub(super) fn enqueue(
@@ -66,10 +139,13 @@ pub(super) fn enqueue(
     message: NewMessage,
     limits: QueueLimits,
 ) -> Result<Enqueued> {
+    // Stored already, or decided withdrawn (a resend never brings back what was withdrawn).
     let duplicate = txn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2)
-                 OR EXISTS (SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2)",
+                 OR EXISTS (SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2)
+                 OR EXISTS (SELECT 1 FROM withdrawn
+                            WHERE sender_device = ?1 AND msg_id = ?2 AND delivered = 0)",
         )?
         .query_row(
             params![message.sender_device.as_bytes(), message.id.as_bytes()],
@@ -97,18 +173,23 @@ pub(super) fn enqueue(
         Admission::Admitted(admitted) => admitted,
         Admission::Refused(answer) => return Ok(answer),
     };
-    let seq = notes.take_seq();
     for device in &skipped {
         txn.prepare_cached("UPDATE devices SET missed = missed + 1 WHERE id = ?1")?
             .execute(params![device.as_bytes()])?;
     }
+    // A decided copy is stored nowhere.
     let stored: Vec<&(DeviceId, Bytes)> = message
         .copies
         .iter()
-        .filter(|(device, _)| !skipped.contains(device))
+        .filter(|(device, _)| !skipped.contains(device) && !message.decided.contains(device))
         .collect();
+    if stored.is_empty() {
+        return Ok(Admission::stored(skipped, message.expires_at, expires_at));
+    }
+    let seq = notes.take_seq();
     match stored[..] {
-        // One copy, to the receiver: one row (see `single_copies` in the schema).
+        // One copy, to the receiver: one row (see `single_copies` in the schema). Its message
+        // may have had other receiver copies, decided already: the `DELIVERED` record says so.
         [(device, payload)] if addressees.to_receiver(*device) => {
             txn.prepare_cached(
                 "INSERT INTO single_copies
@@ -226,14 +307,22 @@ pub(super) fn holds_copy_from(
         .exists(params![device.as_bytes(), sender_device.as_bytes()])?)
 }
 
-/// [`Store::withdraw`](crate::Store::withdraw).
+/// [`Store::withdraw_held`](crate::Store::withdraw_held) (and so
+/// [`Store::withdraw`](crate::Store::withdraw)): decided against the message's decision record.
 pub(super) fn withdraw(
     txn: &Transaction<'_>,
     notes: &mut Notes,
     sender_device: DeviceId,
     id: MessageId,
+    held_until: Option<Millis>,
 ) -> Result<Withdrawal> {
-    // A single copy is to the receiver and undelivered while its row is there.
+    let record = record(txn, sender_device, id)?;
+    // A copy shown (stored or held) decided it first.
+    if record == Some(true) {
+        return Ok(Withdrawal::Delivered);
+    }
+    // A single copy is to the receiver and undelivered while its row is there (but for the
+    // record read above: a held copy of the same message may have been shown).
     let single = delete_single_copies(
         txn,
         notes,
@@ -241,7 +330,7 @@ pub(super) fn withdraw(
         params![sender_device.as_bytes(), id.as_bytes()],
     )?;
     if let Some(expires_at) = single.first().map(|copy| copy.expires_at) {
-        withdrawn_tombstone(txn, sender_device, id, expires_at, false)?;
+        decide(txn, sender_device, id, expires_at, false)?;
         return Ok(Withdrawal::Withdrawn);
     }
     let message = txn
@@ -255,12 +344,12 @@ pub(super) fn withdraw(
         Some((_, true, _)) => Ok(Withdrawal::Delivered),
         Some((seq, false, expires_at)) => {
             // The receiver's copies go; the sender's own other devices keep theirs (the
-            // message was sent, as SMS). The tombstone names only the sending device and
-            // the id, never the receiver, and lives until the TTL would have ended: an
+            // message was sent, as SMS). The record names only the sending device and the id,
+            // never the receiver, and lives until the TTL would have ended and the margin: an
             // acknowledgement racing the withdraw is told not to show it.
             delete_copies(txn, notes, "seq = ?1 AND to_receiver = 1", params![seq])?;
             delete_if_no_copies(txn, seq)?;
-            withdrawn_tombstone(txn, sender_device, id, expires_at, false)?;
+            decide(txn, sender_device, id, expires_at, false)?;
             Ok(Withdrawal::Withdrawn)
         }
         None => {
@@ -278,40 +367,45 @@ pub(super) fn withdraw(
                 )
                 .optional()?
                 .is_some();
-            Ok(match tombstone(txn, sender_device, id)? {
+            Ok(match record {
                 _ if delivered => Withdrawal::Delivered,
                 Some(true) => Withdrawal::Delivered,
                 Some(false) => Withdrawal::Withdrawn,
-                None => Withdrawal::Unknown,
+                None => match held_until {
+                    // Nothing stored, nothing decided, and copies held: decided withdrawn.
+                    Some(until) => {
+                        decide(txn, sender_device, id, sql_millis(until), false)?;
+                        Withdrawal::Withdrawn
+                    }
+                    None => Withdrawal::Unknown,
+                },
             })
         }
     }
 }
 
-/// Stores a message's tombstone, living until `expires_at` (the message's TTL): withdrawn, or
-/// `delivered` without a receipt.
-fn withdrawn_tombstone(
+/// Writes a message's decision record (replacing one), kept until `expires_at` (the message's
+/// TTL, as stored) plus [`DECISION_MARGIN`]: `delivered` (a receiver device showed a copy), or
+/// withdrawn. It names the sending device and the id, never a receiver device.
+fn decide(
     txn: &Transaction<'_>,
     sender_device: DeviceId,
     id: MessageId,
     expires_at: i64,
     delivered: bool,
 ) -> Result<()> {
+    let ends = expires_at.saturating_add(sql_millis(DECISION_MARGIN));
     txn.prepare_cached(
         "INSERT OR REPLACE INTO withdrawn (sender_device, msg_id, expires_at, delivered) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![sender_device.as_bytes(), id.as_bytes(), expires_at, delivered])?;
+    .execute(params![sender_device.as_bytes(), id.as_bytes(), ends, delivered])?;
     Ok(())
 }
 
-/// A message's tombstone, if it has one: whether it was delivered without a receipt (else it
-/// was withdrawn).
-fn tombstone(
-    txn: &Transaction<'_>,
-    sender_device: DeviceId,
-    id: MessageId,
-) -> Result<Option<bool>> {
-    Ok(txn
+/// A message's decision record, if it has one: whether it was decided delivered (else
+/// withdrawn).
+fn record(conn: &Connection, sender_device: DeviceId, id: MessageId) -> Result<Option<bool>> {
+    Ok(conn
         .prepare_cached("SELECT delivered FROM withdrawn WHERE sender_device = ?1 AND msg_id = ?2")?
         .query_row(params![sender_device.as_bytes(), id.as_bytes()], |row| {
             row.get::<_, bool>(0)
@@ -319,13 +413,64 @@ fn tombstone(
         .optional()?)
 }
 
-/// Whether any message's TTL has ended at `now` (most sweeps find none, and then write nothing;
-/// receipts are looked at in memory, [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
+/// Writes the `DELIVERED` record of a message a receiver device showed a stored copy of, unless
+/// it has a record; true if it had one (it was decided before: no second receipt).
+fn decide_delivered(
+    txn: &Transaction<'_>,
+    sender_device: DeviceId,
+    id: MessageId,
+    expires_at: i64,
+) -> Result<bool> {
+    let decided = record(txn, sender_device, id)?.is_some();
+    if !decided {
+        decide(txn, sender_device, id, expires_at, true)?;
+    }
+    Ok(decided)
+}
+
+/// [`Store::ack_held`](crate::Store::ack_held), for [`AckKind::Shown`] or
+/// [`AckKind::ShownWithoutReceipt`] (checked by the caller before the write: like an
+/// acknowledgement of a stored copy, it runs without a savepoint of its own).
+pub(super) fn ack_held(
+    txn: &Transaction<'_>,
+    notes: &mut Notes,
+    copy: HeldAck,
+    kind: AckKind,
+) -> Result<Acked> {
+    let HeldAck {
+        sender_device, id, ..
+    } = copy;
+    Ok(match record(txn, sender_device, id)? {
+        Some(false) => Acked::Withdrawn,
+        Some(true) => Acked::Confirmed { first: false },
+        None => {
+            decide(txn, sender_device, id, sql_millis(copy.expires_at), true)?;
+            let shown = kind == AckKind::Shown;
+            if shown {
+                let ends = receipt_expires_at(copy.sent_at, copy.expires_at);
+                receipts::store_receipt(
+                    txn,
+                    notes,
+                    sender_device,
+                    id,
+                    ReceiptKind::Delivered,
+                    ends,
+                )?;
+            }
+            Acked::Confirmed { first: shown }
+        }
+    })
+}
+
+/// Whether any message's TTL, or decision record's time, has ended at `now` (most sweeps find
+/// none, and then write nothing; receipts are looked at in memory,
+/// [`ReceiptDeadlines`](super::receipts::ReceiptDeadlines)).
 pub(super) fn any_expired(conn: &Connection, now: Millis) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM single_copies WHERE expires_at <= ?1
-             UNION ALL SELECT 1 FROM messages WHERE expires_at <= ?1 LIMIT 1",
+             UNION ALL SELECT 1 FROM messages WHERE expires_at <= ?1
+             UNION ALL SELECT 1 FROM withdrawn WHERE expires_at <= ?1 LIMIT 1",
         )?
         .query_row(params![sql_millis(now)], |_| Ok(()))
         .optional()?
@@ -360,9 +505,14 @@ pub(super) fn expire(
         .optional()?
         .unwrap_or((sql_millis(now), i64::MAX));
     let expired = {
+        // A message decided delivered (a copy shown, stored or held) has no `Expired` receipt.
         let mut statement = txn.prepare_cached(
-            "SELECT seq, sender_device, msg_id, delivered, sent_at, expires_at FROM messages
-             WHERE expires_at <= ?1 AND (expires_at, seq) <= (?2, ?3)",
+            "SELECT seq, sender_device, msg_id,
+                    delivered OR EXISTS (SELECT 1 FROM withdrawn w
+                        WHERE w.sender_device = messages.sender_device
+                          AND w.msg_id = messages.msg_id AND w.delivered = 1),
+                    sent_at, expires_at
+             FROM messages WHERE expires_at <= ?1 AND (expires_at, seq) <= (?2, ?3)",
         )?;
         let expired = statement
             .query_map(params![sql_millis(now), cut_expiry, cut_seq], |row| {
@@ -381,8 +531,6 @@ pub(super) fn expire(
             .collect::<rusqlite::Result<Vec<_>>>()?;
         expired
     };
-    txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?
-        .execute(params![sql_millis(now)])?;
     // Receipts whose sending device did not come for them in time.
     if receipts_ended {
         receipts::expire_receipts(txn, notes, now)?;
@@ -396,6 +544,9 @@ pub(super) fn expire(
         params![sql_millis(now), cut_expiry, cut_seq],
     )?;
     for copy in single {
+        if record(txn, copy.sender_device, copy.id)? == Some(true) {
+            continue;
+        }
         let ends = receipt_expires_at(copy.sent_at, millis(copy.expires_at));
         if receipts::store_receipt(
             txn,
@@ -433,6 +584,9 @@ pub(super) fn expire(
             }
         }
     }
+    // Decision records last: an expired message's record still said whether it was delivered.
+    txn.prepare_cached("DELETE FROM withdrawn WHERE expires_at <= ?1")?
+        .execute(params![sql_millis(now)])?;
     // The oldest deadlines first, ties in the order stored, across both tables.
     receipts.sort_unstable_by_key(|(expires_at, seq, _)| (*expires_at, *seq));
     Ok(receipts
@@ -442,11 +596,12 @@ pub(super) fn expire(
 }
 
 /// Settles a device's copy on its acknowledgement, as `kind` says: a copy shown is deleted, and
-/// on a message's first acknowledgement by a receiver device the message is marked delivered
-/// with the sender's `Delivered` receipt (or, shown without a receipt, a tombstone that says it
-/// was delivered); a copy discarded is only marked so. Every answer it gives comes from what it
-/// reads; it fails only when the engine does, so it runs without a savepoint of its own
-/// ([`Undo::Batch`](super::writer::Undo::Batch)).
+/// a receiver device's copy shown decides the message delivered (its `DELIVERED` record, unless
+/// it has a record) with, on the message's first such acknowledgement and for
+/// [`AckKind::Shown`], the sender's `Delivered` receipt; a copy discarded is only marked so. An
+/// acknowledgement of a copy no longer stored is answered from what is left. Every answer it
+/// gives comes from what it reads; it fails only when the engine does, so it runs without a
+/// savepoint of its own ([`Undo::Batch`](super::writer::Undo::Batch)).
 pub(super) fn ack_in(
     txn: &Transaction<'_>,
     notes: &mut Notes,
@@ -455,12 +610,16 @@ pub(super) fn ack_in(
     id: MessageId,
     kind: AckKind,
 ) -> Result<Acked> {
-    // No copy for this device: a replay, a copy set aside, or a message its sender withdrew
-    // (then the device must be told not to show it).
-    let gone = |txn: &Transaction<'_>| -> Result<Acked> {
-        Ok(match tombstone(txn, sender_device, id)? {
+    // No copy for this device: a replay (its device never heard the answer), a copy set aside,
+    // or a message its sender withdrew (then the device must be told not to show it). A copy
+    // set aside is known only as withdrawn; `elsewhere`: the message is still stored.
+    let gone = |txn: &Transaction<'_>, set_aside: bool, elsewhere: bool| -> Result<Acked> {
+        Ok(match record(txn, sender_device, id)? {
             Some(false) => Acked::Withdrawn,
-            _ => Acked::Unknown,
+            _ if set_aside => Acked::Unknown,
+            Some(true) => Acked::Confirmed { first: false },
+            None if elsewhere => Acked::Confirmed { first: false },
+            None => Acked::Unknown,
         })
     };
     // A single copy first (nearly every message): found by the message's id, deleted by its key.
@@ -476,7 +635,8 @@ pub(super) fn ack_in(
             params![sender_device.as_bytes(), id.as_bytes(), device.as_bytes()],
             |row| {
                 Ok((
-                    row.get::<_, bool>(0)? && !row.get::<_, bool>(1)?,
+                    row.get::<_, bool>(0)?,
+                    row.get::<_, bool>(1)?,
                     row.get::<_, i64>(2)?,
                     millis(row.get(3)?),
                     row.get::<_, i64>(4)?,
@@ -486,10 +646,13 @@ pub(super) fn ack_in(
             },
         )
         .optional()?;
-    if let Some((waiting, seq, sent_at, expires_at, sender, bytes)) = single {
-        // The message is in no other row: a copy that is not this device's, or set aside, is gone.
-        if !waiting {
-            return gone(txn);
+    if let Some((mine, discarded, seq, sent_at, expires_at, sender, bytes)) = single {
+        // The message is in no other row: a copy that is not this device's is another device's.
+        if !mine {
+            return gone(txn, false, true);
+        }
+        if discarded {
+            return gone(txn, true, true);
         }
         let key = params![device.as_bytes(), seq];
         if kind == AckKind::Discarded {
@@ -503,8 +666,10 @@ pub(super) fn ack_in(
             .execute(key)?;
         notes.queued.add(device, -1);
         note_deleted_copy(notes, device, seq, sender, bytes);
-        if kind == AckKind::ShownWithoutReceipt {
-            withdrawn_tombstone(txn, sender_device, id, expires_at, true)?;
+        // A single copy is the receiver's; another copy of its message may have been decided
+        // (held and shown) before it was stored.
+        let decided = decide_delivered(txn, sender_device, id, expires_at)?;
+        if decided || kind == AckKind::ShownWithoutReceipt {
             return Ok(Acked::Confirmed { first: false });
         }
         let receipt_ends = receipt_expires_at(sent_at, millis(expires_at));
@@ -534,7 +699,16 @@ pub(super) fn ack_in(
         })
         .optional()?;
     let Some((seq, delivered, receipt_ends, sender, expires_at)) = message else {
-        return gone(txn);
+        return gone(txn, false, false);
+    };
+    // The message is stored, but not this device's copy (set aside, or none).
+    let gone_here = |txn: &Transaction<'_>| -> Result<Acked> {
+        let set_aside = txn
+            .prepare_cached(
+                "SELECT 1 FROM copies WHERE device_id = ?1 AND seq = ?2 AND discarded = 1",
+            )?
+            .exists(params![device.as_bytes(), seq])?;
+        gone(txn, set_aside, true)
     };
     if kind == AckKind::Discarded {
         let set_aside = txn
@@ -545,7 +719,7 @@ pub(super) fn ack_in(
         return if set_aside > 0 {
             Ok(Acked::Confirmed { first: false })
         } else {
-            gone(txn)
+            gone_here(txn)
         };
     }
     let deleted = txn
@@ -558,24 +732,24 @@ pub(super) fn ack_in(
         })
         .optional()?;
     let Some((to_receiver, bytes)) = deleted else {
-        return gone(txn);
+        return gone_here(txn);
     };
     notes.queued.add(device, -1);
     note_deleted_copy(notes, device, seq, sender.map(|s| s.0), bytes);
     // The last copy takes the message with it.
     let message_gone = delete_if_no_copies(txn, seq)?;
     // The sender's own other devices taking their copies is not a delivery.
-    if !to_receiver || delivered {
+    if !to_receiver {
         return Ok(Acked::Confirmed { first: false });
     }
     // A message still held is marked delivered, so that a withdraw racing the other
     // devices' acknowledgements answers DELIVERED.
-    if !message_gone {
+    if !message_gone && !delivered {
         txn.prepare_cached("UPDATE messages SET delivered = 1 WHERE seq = ?1")?
             .execute(params![seq])?;
     }
-    if kind == AckKind::ShownWithoutReceipt {
-        withdrawn_tombstone(txn, sender_device, id, expires_at, true)?;
+    let decided = decide_delivered(txn, sender_device, id, expires_at)?;
+    if delivered || decided || kind == AckKind::ShownWithoutReceipt {
         return Ok(Acked::Confirmed { first: false });
     }
     receipts::store_receipt(
@@ -615,7 +789,7 @@ pub(super) struct DeletedSingle {
     pub(super) sender_device: DeviceId,
     pub(super) id: MessageId,
     pub(super) sent_at: Millis,
-    /// As stored (the tombstone of a withdrawn message keeps it).
+    /// As stored (the decision record of a withdrawn message is kept from it).
     pub(super) expires_at: i64,
     /// Its place in its device's queue (one count over both tables).
     pub(super) seq: i64,

@@ -84,12 +84,16 @@ CREATE TABLE IF NOT EXISTS receipts (
     kind INTEGER NOT NULL,
     PRIMARY KEY (device_id, msg_id)
 ) WITHOUT ROWID;
+-- Messages' decision records (`delivered` 0: withdrawn, 1: delivered), by the sending device and
+-- the id only, never a receiver device: no social graph on disk. Each lives until its message's TTL
+-- ends plus `DECISION_MARGIN`; the expiry sweep deletes it by the index.
 CREATE TABLE IF NOT EXISTS withdrawn (
     sender_device BLOB NOT NULL,
     msg_id BLOB NOT NULL,
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (sender_device, msg_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS withdrawn_by_expiry ON withdrawn(expires_at);
 CREATE TABLE IF NOT EXISTS one_time_keys (
     device_id BLOB NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
     fallback INTEGER NOT NULL,
@@ -140,8 +144,8 @@ pub(super) const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // The device set the copy aside without showing it (`AckKind::Discarded`): never handed out
     // again, otherwise kept as if never fetched until the message's TTL ends.
     ("copies", "discarded", "INTEGER NOT NULL DEFAULT 0"),
-    // The tombstone is of a message delivered without a receipt (`AckKind::ShownWithoutReceipt`),
-    // not of a withdrawn one: a withdraw answers delivered.
+    // The record is of a message decided delivered (a receiver device showed a copy), not of a
+    // withdrawn one: a withdraw answers delivered.
     ("withdrawn", "delivered", "INTEGER NOT NULL DEFAULT 0"),
     // The version of the OPRF key the account's pseudonym is under; an account made before keys
     // had versions is under the first.

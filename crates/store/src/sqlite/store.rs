@@ -14,9 +14,9 @@ use super::writer::Undo;
 use super::{accounts, codes, keys, messages, receipts, SqliteStore};
 use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Backlog, Claimed, Completion, Device,
-    Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage, Pending,
-    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Rekeyed, Result,
-    Route, SignedKey, Store, Voucher,
+    Enqueued, ExpiredMessage, HeldAck, IdentityKeys, KeyStatus, Linked, ListedDevice, NewMessage,
+    Pending, PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, Registered, Rekeyed,
+    Result, Route, SignedKey, Store, StoreError, Voucher,
 };
 
 impl Store for SqliteStore {
@@ -273,24 +273,33 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn screen(&self, _message: &NewMessage) -> Result<bool> {
-        Ok(false) // STUB: deliver first not built for this engine yet
+    async fn screen(&self, message: &NewMessage) -> Result<bool> {
+        // A few rows by key: a point read, on a read connection (never the writer's).
+        self.read_here(|conn| messages::screen(conn, message))
     }
 
-    async fn ack_held(&self, _copy: crate::HeldAck, _kind: AckKind) -> Result<Completion<Acked>> {
-        Err(crate::StoreError::engine(
-            "STUB: held copies not built for this engine yet",
-        ))
+    async fn ack_held(&self, copy: HeldAck, kind: AckKind) -> Result<Completion<Acked>> {
+        // Checked before the write, which runs without a savepoint (its failure would take its
+        // batch with it).
+        if kind == AckKind::Discarded {
+            return Err(StoreError::engine(
+                "a held copy is not acknowledged as discarded",
+            ));
+        }
+        self.submit_staged(Undo::Batch, move |txn, notes| {
+            messages::ack_held(txn, notes, copy, kind)
+        })
+        .await
     }
 
     async fn withdraw_held(
         &self,
         sender_device: DeviceId,
         id: MessageId,
-        _held_until: Option<Millis>,
+        held_until: Option<Millis>,
     ) -> Result<Withdrawal> {
         self.write(Undo::Operation, move |txn, notes| {
-            messages::withdraw(txn, notes, sender_device, id)
+            messages::withdraw(txn, notes, sender_device, id, held_until)
         })
         .await
     }
