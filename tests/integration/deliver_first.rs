@@ -16,6 +16,14 @@ fn stored(server: &Server, id: &MessageId) -> bool {
         .contains(&to_text(id.as_bytes()))
 }
 
+/// Bob writes to Alice first, so that Alice holds his contact token: her sends to him are then a
+/// contact's, which deliver first takes (a stranger's message is always stored).
+fn acquainted(alice: &User, bob: &User) {
+    let (answer, code) = bob.send(&alice.number, "hello alice", &[]);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(alice.receive_texts(1, PATIENCE), vec!["hello alice"]);
+}
+
 /// A metric's value in `/metrics`, 0 if absent.
 fn metric(server: &Server, line_start: &str) -> u64 {
     let (_, body) = crate::operations::get(server.metrics_port, "/metrics");
@@ -31,6 +39,7 @@ fn a_message_to_devices_online_is_pushed_with_no_disk_write_and_settled_once_dec
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    acquainted(&alice, &bob);
     bob.ok(&["settings", "--presence", "everyone"]);
     let until = (2 * PATIENCE).to_string();
     let listener = bob.spawn(&["--json", "listen", "--count", "1", "--timeout", &until]);
@@ -85,6 +94,7 @@ fn a_held_copy_not_acknowledged_within_the_window_is_stored_and_delivered_later(
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    acquainted(&alice, &bob);
     bob.ok(&["settings", "--presence", "everyone"]);
     let id = MessageId([8; 16]);
     let (sender, receiver) = (alice.client(), bob.client());
@@ -142,6 +152,7 @@ fn an_acknowledgement_the_server_never_recorded_is_answered_unknown_after_a_cras
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
+    acquainted(&alice, &bob);
     bob.ok(&["settings", "--presence", "everyone"]);
     let id = MessageId([9; 16]);
     let (sender, receiver) = (alice.client(), bob.client());
