@@ -2378,3 +2378,51 @@ async fn a_screen_reads_what_a_send_would_be_stored_with_in(store: &impl Store) 
     assert!(screen(pair.message(3, &both, &[])).await, "queues full");
     assert!(!screen(pair.message(2, &both, &[])).await, "stored already");
 }
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it() {
+    let dir = temp_dir("records-account");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    an_accounts_decision_records_go_with_it_in(&store).await;
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    let left: i64 = database
+        .query_row("SELECT count(*) FROM withdrawn", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(left, 0, "records of a deleted account's devices");
+}
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it_in_memory() {
+    an_accounts_decision_records_go_with_it_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    an_accounts_decision_records_go_with_it_in(store.store()).await;
+}
+
+async fn an_accounts_decision_records_go_with_it_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let (alice, alice_account) = pair.alice;
+    let shown = ack_held(store, pair.held(pair.bob_phone, 1), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    let withdrawal = store.withdraw_held(alice, MessageId([2; 16]), Some(1_000));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    store
+        .delete_account(by(alice_account, alice))
+        .await
+        .expect("delete");
+    for id in [1, 2] {
+        let withdrawal = store.withdraw(alice, MessageId([id; 16]));
+        assert_eq!(
+            withdrawal.await.expect("withdraw"),
+            Withdrawal::Unknown,
+            "no record of {id} left"
+        );
+    }
+}
