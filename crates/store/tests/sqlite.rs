@@ -13,9 +13,9 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::memory::MemoryStore;
 use tidings_store::sqlite::{SqliteOptions, SqliteStore};
 use tidings_store::{
-    AccountId, AckKind, Acked, Actor, DeviceDifference, Enqueued, IdentityKeys, Linked, NewMessage,
-    PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, SignedKey, Store, SyncReport,
-    Voucher,
+    AccountId, AckKind, Acked, Actor, DeviceDifference, Enqueued, HeldAck, IdentityKeys, Linked,
+    NewMessage, PendingReceipt, Pseudonym, Published, QueueCursor, QueueLimits, SignedKey, Store,
+    StoreError, SyncReport, Voucher, DECISION_MARGIN,
 };
 
 mod common;
@@ -1870,4 +1870,559 @@ async fn a_database_from_before_key_versions_is_brought_up_to_them() {
     assert!(store.account(new).await.expect("read").is_some());
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Alice (one device) and Bob (a phone and a laptop, with a contact token Alice presents), every
+/// device with keys published, for the deliver-first tests.
+struct Pair {
+    alice: (DeviceId, AccountId),
+    bob: AccountId,
+    bob_phone: DeviceId,
+    bob_laptop: DeviceId,
+}
+
+const BOB_TOKEN: [u8; 32] = [0x5B; 32];
+
+impl Pair {
+    async fn register(store: &impl Store) -> Self {
+        let (alice_phone, bob_phone, bob_laptop) =
+            (DeviceId([1; 16]), DeviceId([3; 16]), DeviceId([4; 16]));
+        let register = |pseudonym, device| store.register_device(pseudonym, 1, device, [9; 32], 0);
+        let alice = register(Pseudonym([0xA1; 32]), alice_phone)
+            .await
+            .expect("alice")
+            .account;
+        let bob = register(Pseudonym([0xB0; 32]), bob_phone)
+            .await
+            .expect("bob")
+            .account;
+        let linked = store.add_device(by(bob, bob_phone), bob_laptop, [6; 32], identity(40), 6, 0);
+        assert_eq!(linked.await.expect("link"), Linked::Added);
+        for (device, n) in [(alice_phone, 10), (bob_phone, 20), (bob_laptop, 40)] {
+            store
+                .publish_keys(device, identity(n), vec![key(n)], Some(key(n + 5)), 100)
+                .await
+                .expect("publish");
+        }
+        store
+            .set_contact_token(bob_phone, BOB_TOKEN)
+            .await
+            .expect("token");
+        Self {
+            alice: (alice_phone, alice),
+            bob,
+            bob_phone,
+            bob_laptop,
+        }
+    }
+
+    /// Alice's message `id` to Bob with copies for `copies` and `decided` named as decided, as
+    /// a contact's.
+    fn message(&self, id: u8, copies: &[DeviceId], decided: &[DeviceId]) -> NewMessage {
+        let copies: Vec<(DeviceId, &[u8])> = copies.iter().map(|d| (*d, &b"held"[..])).collect();
+        NewMessage {
+            decided: decided.to_vec(),
+            contact_token_hash: Some(BOB_TOKEN),
+            ..message(self.alice, id, self.bob, &copies)
+        }
+    }
+
+    /// The held copy of Alice's message `id` on `device` (its TTL ends at 1 000, as `message`'s).
+    fn held(&self, device: DeviceId, id: u8) -> HeldAck {
+        HeldAck {
+            device,
+            sender_device: self.alice.0,
+            id: MessageId([id; 16]),
+            sent_at: 1,
+            expires_at: 1_000,
+        }
+    }
+
+    async fn receipts(&self, store: &impl Store) -> Vec<PendingReceipt> {
+        store.receipts(self.alice.0).await.expect("receipts")
+    }
+}
+
+fn delivered(id: u8) -> PendingReceipt {
+    PendingReceipt {
+        id: MessageId([id; 16]),
+        kind: ReceiptKind::Delivered,
+    }
+}
+
+/// A held copy's acknowledgement, answered once executed and once durable (the same).
+async fn ack_held(store: &impl Store, copy: HeldAck, kind: AckKind) -> Acked {
+    let mut completion = store.ack_held(copy, kind).await.expect("ack held");
+    let early = completion.executed().await.expect("executed");
+    let durable = completion.durable().await.expect("durable");
+    assert_eq!(early, durable, "the executed answer is the durable one");
+    durable
+}
+
+#[tokio::test]
+async fn a_held_acknowledgement_and_a_withdraw_decide_once() {
+    let dir = temp_dir("held-decide");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    a_held_acknowledgement_and_a_withdraw_decide_once_in(&store).await;
+}
+
+#[tokio::test]
+async fn a_held_acknowledgement_and_a_withdraw_decide_once_in_memory() {
+    a_held_acknowledgement_and_a_withdraw_decide_once_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn a_held_acknowledgement_and_a_withdraw_decide_once_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    a_held_acknowledgement_and_a_withdraw_decide_once_in(store.store()).await;
+}
+
+async fn a_held_acknowledgement_and_a_withdraw_decide_once_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let alice = pair.alice.0;
+    let withdraw_held = |id| store.withdraw_held(alice, MessageId([id; 16]), Some(1_000));
+
+    // The acknowledgement first: delivered, with one receipt, whatever comes after.
+    let shown = ack_held(store, pair.held(pair.bob_phone, 1), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    assert_eq!(
+        withdraw_held(1).await.expect("withdraw"),
+        Withdrawal::Delivered
+    );
+    let laptop = ack_held(store, pair.held(pair.bob_laptop, 1), AckKind::Shown).await;
+    assert_eq!(laptop, Acked::Confirmed { first: false });
+    let again = ack_held(store, pair.held(pair.bob_phone, 1), AckKind::Shown).await;
+    assert_eq!(
+        again,
+        Acked::Confirmed { first: false },
+        "an acknowledgement again"
+    );
+    assert_eq!(pair.receipts(store).await, vec![delivered(1)]);
+
+    // The withdraw first: no device may show it, and a resend brings nothing back.
+    assert_eq!(
+        withdraw_held(2).await.expect("withdraw"),
+        Withdrawal::Withdrawn
+    );
+    for device in [pair.bob_phone, pair.bob_laptop] {
+        let acked = ack_held(store, pair.held(device, 2), AckKind::Shown).await;
+        assert_eq!(acked, Acked::Withdrawn);
+    }
+    let resend = pair.message(2, &[pair.bob_phone, pair.bob_laptop], &[]);
+    assert!(!store.screen(&resend).await.expect("screen"));
+    let enqueued = store.enqueue(resend, 10).await.expect("enqueue");
+    assert_eq!(enqueued, Enqueued::Duplicate);
+    assert_eq!(
+        withdraw_held(2).await.expect("again"),
+        Withdrawal::Withdrawn
+    );
+    assert_eq!(
+        pair.receipts(store).await,
+        vec![delivered(1)],
+        "no receipt for 2"
+    );
+
+    // Shown without a receipt is delivered all the same.
+    let quiet = ack_held(
+        store,
+        pair.held(pair.bob_laptop, 3),
+        AckKind::ShownWithoutReceipt,
+    )
+    .await;
+    assert_eq!(quiet, Acked::Confirmed { first: false });
+    let withdrawal = store.withdraw(alice, MessageId([3; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Delivered);
+    assert_eq!(pair.receipts(store).await, vec![delivered(1)]);
+
+    // A plain withdraw of a message the server does not hold decides nothing.
+    let withdrawal = store.withdraw(alice, MessageId([4; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Unknown);
+    let shown = ack_held(store, pair.held(pair.bob_phone, 4), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+
+    // A held copy is never acknowledged as discarded (it is stored first): a caller's mistake.
+    let discarded = store
+        .ack_held(pair.held(pair.bob_phone, 5), AckKind::Discarded)
+        .await;
+    let failed = match discarded {
+        Err(e) => Err(e),
+        Ok(completion) => completion.durable().await,
+    };
+    assert!(matches!(failed, Err(StoreError::Engine(_))), "{failed:?}");
+    let shown = ack_held(store, pair.held(pair.bob_phone, 5), AckKind::Shown).await;
+    assert_eq!(
+        shown,
+        Acked::Confirmed { first: true },
+        "nothing was decided"
+    );
+}
+
+/// A held acknowledgement and a withdraw of the same message handed to the writer while it is
+/// held (so mostly taken in one batch), in either order, and both at once: exactly one of them
+/// decides, and the other reads its decision.
+#[tokio::test]
+async fn a_held_acknowledgement_racing_a_withdraw_in_one_batch() {
+    let dir = temp_dir("held-race");
+    let held = Held::open(&dir);
+    let store = &held.store;
+    let pair = Pair::register(store).await;
+    let alice = pair.alice.0;
+
+    // The acknowledgement handed over first, the withdraw behind it.
+    let release = held.hold().await;
+    let mut ack = store
+        .ack_held(pair.held(pair.bob_phone, 1), AckKind::Shown)
+        .await
+        .expect("ack held");
+    let withdraw = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .withdraw_held(alice, MessageId([1; 16]), Some(1_000))
+                .await
+        })
+    };
+    release.send(()).expect("release");
+    assert_eq!(ack.executed().await, Some(Acked::Confirmed { first: true }));
+    assert_eq!(
+        ack.durable().await.expect("ack"),
+        Acked::Confirmed { first: true }
+    );
+    let withdrawal = withdraw.await.expect("join").expect("withdraw");
+    assert_eq!(withdrawal, Withdrawal::Delivered);
+
+    // The withdraw first (the acknowledgement is handed over once its answer came): the
+    // acknowledgement reads the withdrawn decision.
+    let release = held.hold().await;
+    let withdraw = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .withdraw_held(alice, MessageId([2; 16]), Some(1_000))
+                .await
+        })
+    };
+    release.send(()).expect("release");
+    let withdrawal = withdraw.await.expect("join").expect("withdraw");
+    assert_eq!(withdrawal, Withdrawal::Withdrawn);
+    let acked = ack_held(store, pair.held(pair.bob_phone, 2), AckKind::Shown).await;
+    assert_eq!(acked, Acked::Withdrawn);
+
+    // Both at once, in whatever order they reach the writer: one decision, read by the other.
+    for id in 3..13 {
+        let (acked, withdrawal) = tokio::join!(
+            ack_held(store, pair.held(pair.bob_laptop, id), AckKind::Shown),
+            store.withdraw_held(alice, MessageId([id; 16]), Some(1_000))
+        );
+        match (acked, withdrawal.expect("withdraw")) {
+            (Acked::Confirmed { first: true }, Withdrawal::Delivered)
+            | (Acked::Withdrawn, Withdrawal::Withdrawn) => {}
+            other => panic!("message {id} was decided twice: {other:?}"),
+        }
+    }
+    let receipts = store.receipts(alice).await.expect("receipts");
+    assert!(receipts.contains(&delivered(1)));
+    assert!(!receipts.contains(&delivered(2)));
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn stored_copies_answer_from_the_decision_records() {
+    let dir = temp_dir("records-stored");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    stored_copies_answer_from_the_decision_records_in(&store).await;
+}
+
+#[tokio::test]
+async fn stored_copies_answer_from_the_decision_records_in_memory() {
+    stored_copies_answer_from_the_decision_records_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn stored_copies_answer_from_the_decision_records_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    stored_copies_answer_from_the_decision_records_in(store.store()).await;
+}
+
+async fn stored_copies_answer_from_the_decision_records_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let alice = pair.alice.0;
+    let both = [pair.bob_phone, pair.bob_laptop];
+    let ack = |device, id| store.ack(device, alice, MessageId([id; 16]));
+
+    // A stored copy acknowledged again (its device never heard the answer) is confirmed again,
+    // without a second receipt, while the message is stored and after it is gone.
+    let stored = store.enqueue(pair.message(1, &both, &[]), 10).await;
+    assert_eq!(stored.expect("enqueue"), Enqueued::Stored);
+    assert_eq!(
+        ack(pair.bob_phone, 1).await.expect("ack"),
+        Acked::Confirmed { first: true }
+    );
+    assert_eq!(
+        ack(pair.bob_phone, 1).await.expect("again"),
+        Acked::Confirmed { first: false }
+    );
+    assert_eq!(
+        ack(pair.bob_laptop, 1).await.expect("ack"),
+        Acked::Confirmed { first: false }
+    );
+    assert_eq!(
+        ack(pair.bob_laptop, 1).await.expect("again, gone"),
+        Acked::Confirmed { first: false }
+    );
+    assert_eq!(
+        ack(pair.bob_laptop, 9).await.expect("never sent"),
+        Acked::Unknown
+    );
+    assert_eq!(pair.receipts(store).await, vec![delivered(1)]);
+    // A resend of a delivered message is not a duplicate (its record is not a withdrawal).
+    let resend = store.enqueue(pair.message(1, &both, &[]), 10).await;
+    assert_eq!(resend.expect("resend"), Enqueued::Stored);
+
+    // A resend of a withdrawn message is.
+    let stored = store.enqueue(pair.message(2, &both, &[]), 10).await;
+    assert_eq!(stored.expect("enqueue"), Enqueued::Stored);
+    let withdrawal = store.withdraw(alice, MessageId([2; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    let resend = store.enqueue(pair.message(2, &both, &[]), 10).await;
+    assert_eq!(resend.expect("resend"), Enqueued::Duplicate);
+    assert_eq!(ack(pair.bob_phone, 2).await.expect("ack"), Acked::Withdrawn);
+
+    // A held message's undecided copy stored after the phone showed its held one: one copy
+    // stored (a single one), the phone's decided, and no second receipt when the laptop shows.
+    let shown = ack_held(store, pair.held(pair.bob_phone, 3), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    let rest = pair.message(3, &[pair.bob_laptop], &[pair.bob_phone]);
+    assert_eq!(
+        store.enqueue(rest, 10).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+    let phone = store.pending(pair.bob_phone, QueueCursor::START, 10, 0);
+    assert!(phone
+        .await
+        .expect("pending")
+        .iter()
+        .all(|p| p.id != MessageId([3; 16])));
+    let laptop = store.pending(pair.bob_laptop, QueueCursor::START, 10, 0);
+    let laptop = laptop.await.expect("pending");
+    assert_eq!(
+        laptop.iter().filter(|p| p.id == MessageId([3; 16])).count(),
+        1
+    );
+    let withdrawal = store.withdraw(alice, MessageId([3; 16]));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Delivered);
+    assert_eq!(
+        ack(pair.bob_laptop, 3).await.expect("ack"),
+        Acked::Confirmed { first: false }
+    );
+    assert_eq!(pair.receipts(store).await, vec![delivered(1), delivered(3)]);
+
+    // Another one whose stored copy is never fetched: its TTL's end brings no `Expired`
+    // receipt, for the message was delivered.
+    let shown = ack_held(
+        store,
+        pair.held(pair.bob_laptop, 4),
+        AckKind::ShownWithoutReceipt,
+    )
+    .await;
+    assert_eq!(shown, Acked::Confirmed { first: false });
+    let rest = pair.message(4, &[pair.bob_phone], &[pair.bob_laptop]);
+    assert_eq!(
+        store.enqueue(rest, 10).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+    // Every copy decided: nothing to store.
+    let shown = ack_held(store, pair.held(pair.bob_phone, 5), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    let none = pair.message(5, &[], &[pair.bob_phone, pair.bob_laptop]);
+    assert_eq!(
+        store.enqueue(none, 10).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+    let expired = store.expire(1_000, 10).await.expect("expire");
+    assert!(
+        expired.iter().all(|e| e.id != MessageId([4; 16])),
+        "{expired:?}"
+    );
+    let receipts = pair.receipts(store).await;
+    assert!(
+        receipts.iter().all(|r| r.kind != ReceiptKind::Expired),
+        "{receipts:?}"
+    );
+}
+
+#[tokio::test]
+async fn decision_records_expire_a_margin_after_their_message() {
+    let dir = temp_dir("records-expire");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    decision_records_expire_a_margin_after_their_message_in(&store).await;
+}
+
+#[tokio::test]
+async fn decision_records_expire_a_margin_after_their_message_in_memory() {
+    decision_records_expire_a_margin_after_their_message_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn decision_records_expire_a_margin_after_their_message_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    decision_records_expire_a_margin_after_their_message_in(store.store()).await;
+}
+
+async fn decision_records_expire_a_margin_after_their_message_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let alice = pair.alice.0;
+    let ends = 1_000 + DECISION_MARGIN;
+    // 1 delivered (held), 2 withdrawn (held), 3 delivered (stored).
+    let shown = ack_held(store, pair.held(pair.bob_phone, 1), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    let withdrawal = store.withdraw_held(alice, MessageId([2; 16]), Some(1_000));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    let stored = store.enqueue(pair.message(3, &[pair.bob_phone, pair.bob_laptop], &[]), 10);
+    assert_eq!(stored.await.expect("enqueue"), Enqueued::Stored);
+    for device in [pair.bob_phone, pair.bob_laptop] {
+        store
+            .ack(device, alice, MessageId([3; 16]))
+            .await
+            .expect("ack");
+    }
+    // Receipts taken, so that only the records answer.
+    for id in [1, 3] {
+        store
+            .ack_receipt(alice, MessageId([id; 16]))
+            .await
+            .expect("receipt");
+    }
+
+    // Past the messages' TTL, within the margin: the records still answer.
+    store.expire(ends - 1, 10).await.expect("expire");
+    let withdraw = |id| store.withdraw(alice, MessageId([id; 16]));
+    assert_eq!(withdraw(1).await.expect("1"), Withdrawal::Delivered);
+    assert_eq!(withdraw(2).await.expect("2"), Withdrawal::Withdrawn);
+    assert_eq!(withdraw(3).await.expect("3"), Withdrawal::Delivered);
+    let again = store.ack(pair.bob_phone, alice, MessageId([3; 16]));
+    assert_eq!(again.await.expect("ack"), Acked::Confirmed { first: false });
+
+    // At its end, each goes (a sweep that finds only records runs for them).
+    assert_eq!(store.expire(ends, 10).await.expect("expire"), vec![]);
+    for id in 1..=3 {
+        assert_eq!(withdraw(id).await.expect("withdraw"), Withdrawal::Unknown);
+    }
+    let again = store.ack(pair.bob_phone, alice, MessageId([3; 16]));
+    assert_eq!(again.await.expect("ack"), Acked::Unknown);
+    let resend = store.enqueue(pair.message(2, &[pair.bob_phone, pair.bob_laptop], &[]), 10);
+    assert_eq!(resend.await.expect("resend"), Enqueued::Stored);
+}
+
+#[tokio::test]
+async fn a_screen_reads_what_a_send_would_be_stored_with() {
+    let dir = temp_dir("screen");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    a_screen_reads_what_a_send_would_be_stored_with_in(&store).await;
+}
+
+#[tokio::test]
+async fn a_screen_reads_what_a_send_would_be_stored_with_in_memory() {
+    a_screen_reads_what_a_send_would_be_stored_with_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn a_screen_reads_what_a_send_would_be_stored_with_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    a_screen_reads_what_a_send_would_be_stored_with_in(store.store()).await;
+}
+
+async fn a_screen_reads_what_a_send_would_be_stored_with_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let both = [pair.bob_phone, pair.bob_laptop];
+    let screen = |message: NewMessage| async move { store.screen(&message).await.expect("screen") };
+    assert!(
+        screen(pair.message(1, &both, &[])).await,
+        "a contact's, every copy"
+    );
+    assert!(
+        screen(pair.message(1, &[pair.bob_laptop], &[pair.bob_phone])).await,
+        "a copy decided"
+    );
+    assert!(
+        !screen(pair.message(1, &[pair.bob_laptop], &[])).await,
+        "a copy missing"
+    );
+    let stranger = NewMessage {
+        contact_token_hash: Some([0x77; 32]),
+        ..pair.message(1, &both, &[])
+    };
+    assert!(!screen(stranger).await, "a stranger's");
+    let nobody = NewMessage {
+        receiver: AccountId(i64::MAX),
+        ..pair.message(1, &[], &[])
+    };
+    assert!(!screen(nobody).await, "no receiver device");
+    // Queues are not looked at: a full one is the stored path's business.
+    let limits = QueueLimits::from(1);
+    let stored = store.enqueue(pair.message(2, &both, &[]), limits).await;
+    assert_eq!(stored.expect("enqueue"), Enqueued::Stored);
+    assert!(screen(pair.message(3, &both, &[])).await, "queues full");
+    assert!(!screen(pair.message(2, &both, &[])).await, "stored already");
+}
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it() {
+    let dir = temp_dir("records-account");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    an_accounts_decision_records_go_with_it_in(&store).await;
+    let database = rusqlite::Connection::open(dir.join(tidings_store::sqlite::DATABASE_FILE))
+        .expect("database");
+    let left: i64 = database
+        .query_row("SELECT count(*) FROM withdrawn", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(left, 0, "records of a deleted account's devices");
+}
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it_in_memory() {
+    an_accounts_decision_records_go_with_it_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn an_accounts_decision_records_go_with_it_on_postgres() {
+    if !POSTGRES_HAS_HELD {
+        return;
+    }
+    let store = TempPostgres::open().await;
+    an_accounts_decision_records_go_with_it_in(store.store()).await;
+}
+
+async fn an_accounts_decision_records_go_with_it_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let (alice, alice_account) = pair.alice;
+    let shown = ack_held(store, pair.held(pair.bob_phone, 1), AckKind::Shown).await;
+    assert_eq!(shown, Acked::Confirmed { first: true });
+    let withdrawal = store.withdraw_held(alice, MessageId([2; 16]), Some(1_000));
+    assert_eq!(withdrawal.await.expect("withdraw"), Withdrawal::Withdrawn);
+    store
+        .delete_account(by(alice_account, alice))
+        .await
+        .expect("delete");
+    for id in [1, 2] {
+        let withdrawal = store.withdraw(alice, MessageId([id; 16]));
+        assert_eq!(
+            withdrawal.await.expect("withdraw"),
+            Withdrawal::Unknown,
+            "no record of {id} left"
+        );
+    }
 }
