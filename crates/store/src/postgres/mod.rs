@@ -19,6 +19,14 @@
 //! - an acknowledgement and a withdraw both take the message's row lock (`FOR UPDATE`) and decide
 //!   under it, so whichever commits first wins and the other sees its outcome (the copy gone and
 //!   a tombstone, or the message delivered);
+//! - a message's decision record (a row of `withdrawn`: delivered or withdrawn, naming only the
+//!   sending device and the id) is written by one `INSERT ... ON CONFLICT DO NOTHING`, by a
+//!   receiver's copy shown, a held copy's acknowledgement or a withdraw: of two at once, the
+//!   insert of one waits for the other to commit and then reads its record, so a held copy's
+//!   acknowledgement and a withdraw on two nodes end in one state;
+//! - a send and a withdraw of one message take a transaction-scoped advisory lock on its id
+//!   (sending device and id) first: a withdraw that finds nothing stored and decides the message
+//!   withdrawn is never overtaken by a send of it still under way;
 //! - a code record is read and rewritten under a transaction-scoped advisory lock on its
 //!   pseudonym, so that two first writes of one number cannot both insert.
 //!
