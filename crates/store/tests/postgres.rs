@@ -949,3 +949,50 @@ async fn a_held_message_stored_while_it_is_withdrawn_is_never_left_to_show() {
     }
     assert_eq!(stored_first + withdrawn_first, 80);
 }
+
+/// The engine's locking reads what has committed before each statement (read committed), even on
+/// a database whose sessions default to a stricter isolation: a held copy's acknowledgement
+/// racing a withdraw there still ends in one state, with no serialization failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_decides_in_one_state_on_a_database_defaulting_to_serializable() {
+    let temp = TempPostgres::open().await;
+    let base = postgres_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{base}{separator}application_name={}&options=-c%20default_transaction_isolation%3Dserializable",
+        temp.schema
+    );
+    let connect = || {
+        let options = tidings_store::postgres::PostgresOptions {
+            max_connections: 4,
+            schema: Some(temp.schema.clone()),
+        };
+        tidings_store::postgres::PostgresStore::connect(&url, options)
+    };
+    let node_a = Arc::new(connect().await.expect("connect"));
+    let node_b = Arc::new(connect().await.expect("connect"));
+    let (alice, bob) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    registered(&*node_a, 0xA1, alice).await;
+    registered(&*node_a, 0xB0, bob).await;
+    for round in 1..=40u8 {
+        let id = MessageId([round; 16]);
+        let ack = tokio::spawn({
+            let store = Arc::clone(&node_a);
+            async move { ack_held(&*store, held(bob, alice, id), AckKind::Shown).await }
+        });
+        let withdraw = tokio::spawn({
+            let store = Arc::clone(&node_b);
+            async move {
+                store
+                    .withdraw_held(alice, id, Some(EXPIRES_AT))
+                    .await
+                    .expect("withdraw")
+            }
+        });
+        match (ack.await.expect("task"), withdraw.await.expect("task")) {
+            (Acked::Confirmed { first: true }, Withdrawal::Delivered)
+            | (Acked::Withdrawn, Withdrawal::Withdrawn) => {}
+            other => panic!("message {round} ended in two states: {other:?}"),
+        }
+    }
+}

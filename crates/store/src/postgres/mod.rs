@@ -1,7 +1,9 @@
 //! The PostgreSQL engine: every node of a deployment over one database.
 //!
-//! Each operation is one transaction on a pooled connection, answered once it has committed;
-//! `synchronous_commit` is on for every connection, so a commit is durable (its WAL flushed)
+//! Each operation is one transaction on a pooled connection, answered once it has committed, at
+//! read committed (set for every connection, whatever the database's default: the locks below
+//! rely on each statement reading what committed before it); `synchronous_commit` is on for
+//! every connection, so a commit is durable (its WAL flushed)
 //! when it returns: a [`Completion`](crate::Completion) this engine hands back is answered at
 //! once, both its executed and its durable answer at COMMIT.
 //!
@@ -232,7 +234,12 @@ impl Pool {
             // itself closed and the pool drops it.
             let _ = connection.await;
         });
-        let mut settings = String::from("SET synchronous_commit = on;");
+        // Read committed whatever the database's default: the locking writes rely on each
+        // statement reading what committed before it (a decision record another transaction
+        // inserted, a row re-read under its lock).
+        let mut settings = String::from(
+            "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed';",
+        );
         if let Some(schema) = &self.schema {
             settings.push_str(&format!(
                 "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path = \"{schema}\";"
