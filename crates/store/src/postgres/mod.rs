@@ -1,7 +1,9 @@
 //! The PostgreSQL engine: every node of a deployment over one database.
 //!
-//! Each operation is one transaction on a pooled connection, answered once it has committed;
-//! `synchronous_commit` is on for every connection, so a commit is durable (its WAL flushed)
+//! Each operation is one transaction on a pooled connection, answered once it has committed, at
+//! read committed (set for every connection, whatever the database's default: the locks below
+//! rely on each statement reading what committed before it); `synchronous_commit` is on for
+//! every connection, so a commit is durable (its WAL flushed)
 //! when it returns: a [`Completion`](crate::Completion) this engine hands back is answered at
 //! once, both its executed and its durable answer at COMMIT.
 //!
@@ -19,6 +21,14 @@
 //! - an acknowledgement and a withdraw both take the message's row lock (`FOR UPDATE`) and decide
 //!   under it, so whichever commits first wins and the other sees its outcome (the copy gone and
 //!   a tombstone, or the message delivered);
+//! - a message's decision record (a row of `withdrawn`: delivered or withdrawn, naming only the
+//!   sending device and the id) is written by one `INSERT ... ON CONFLICT DO NOTHING`, by a
+//!   receiver's copy shown, a held copy's acknowledgement or a withdraw: of two at once, the
+//!   insert of one waits for the other to commit and then reads its record, so a held copy's
+//!   acknowledgement and a withdraw on two nodes end in one state;
+//! - a send and a withdraw of one message take a transaction-scoped advisory lock on its id
+//!   (sending device and id) first: a withdraw that finds nothing stored and decides the message
+//!   withdrawn is never overtaken by a send of it still under way;
 //! - a code record is read and rewritten under a transaction-scoped advisory lock on its
 //!   pseudonym, so that two first writes of one number cannot both insert.
 //!
@@ -224,7 +234,12 @@ impl Pool {
             // itself closed and the pool drops it.
             let _ = connection.await;
         });
-        let mut settings = String::from("SET synchronous_commit = on;");
+        // Read committed whatever the database's default: the locking writes rely on each
+        // statement reading what committed before it (a decision record another transaction
+        // inserted, a row re-read under its lock).
+        let mut settings = String::from(
+            "SET synchronous_commit = on; SET default_transaction_isolation = 'read committed';",
+        );
         if let Some(schema) = &self.schema {
             settings.push_str(&format!(
                 "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path = \"{schema}\";"

@@ -3,7 +3,9 @@
 //! in the module documentation of `postgres`.
 
 use bytes::Bytes;
-use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
+use tidings_core::delivery::{
+    self, receipt_expires_at, AccountDevice, CopyCheck, QueueLimits, Usage,
+};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord, LiveCode};
 use tidings_core::Millis;
@@ -15,9 +17,9 @@ use super::rows::{self, count, millis, sql_millis};
 use super::PostgresStore;
 use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Admission, Admitted, Backlog, Claimed,
-    ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, IdentityKeys, KeyStatus, Linked,
-    ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
-    Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher,
+    ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, HeldAck, IdentityKeys, KeyStatus,
+    Linked, ListedDevice, NewMessage, Pending, PendingReceipt, Pseudonym, Published, QueueCursor,
+    Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher, DECISION_MARGIN,
 };
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the other engines do).
@@ -208,8 +210,8 @@ async fn delivery_devices<C: GenericClient + Sync>(
         .collect()
 }
 
-/// Deletes a device with its copies (and each message left without a copy), its receipts and
-/// its keys.
+/// Deletes a device with its copies (and each message left without a copy), its receipts, its
+/// keys and the decision records of the messages it sent.
 async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result<()> {
     // The messages first, then their copies, in the order an acknowledgement and a withdraw
     // take them: a removal racing them waits instead of deadlocking.
@@ -224,6 +226,12 @@ async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Res
          DELETE FROM messages m USING gone
          WHERE m.seq = gone.seq
            AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = m.seq AND c.device_id <> $1)",
+        &[&device.as_bytes()],
+    )
+    .await?;
+    // The decision records of what it sent: nothing of a device is left behind.
+    db.execute(
+        "DELETE FROM withdrawn WHERE sender_device = $1",
         &[&device.as_bytes()],
     )
     .await?;
@@ -258,31 +266,80 @@ async fn store_receipt<C: GenericClient + Sync>(
     Ok(stored > 0)
 }
 
-/// Records a tombstone (replacing one): a withdrawn message, or one delivered without a receipt.
-async fn store_tombstone<C: GenericClient + Sync>(
+/// Writes a message's decision record (`delivered`, else withdrawn), kept until `ends`, unless it
+/// has one: `None` when this wrote it, else what the record it found says (true: delivered).
+///
+/// Decided by one conditional write on the record's row: of two transactions deciding one
+/// message at once (a held copy's acknowledgement and a withdraw, on two connections or two
+/// nodes), the insert of one waits for the other to end and then finds its record, which the
+/// next statement reads (each statement reads what has committed before it).
+async fn decide<C: GenericClient + Sync>(
     db: &C,
     sender_device: DeviceId,
     id: MessageId,
     ends: Millis,
     delivered: bool,
+) -> Result<Option<bool>> {
+    // A record found here and deleted before it is read (its time was up) is written again.
+    for _ in 0..3 {
+        let written = db
+            .query_opt(
+                "INSERT INTO withdrawn (sender_device, msg_id, expires_at, delivered)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (sender_device, msg_id) DO NOTHING RETURNING delivered",
+                &[
+                    &sender_device.as_bytes(),
+                    &id.as_bytes(),
+                    &sql_millis(ends),
+                    &delivered,
+                ],
+            )
+            .await?;
+        if written.is_some() {
+            return Ok(None);
+        }
+        if let Some(found) = tombstone(db, sender_device, id).await? {
+            return Ok(Some(found));
+        }
+    }
+    Err(StoreError::engine(
+        "a decision record kept changing under its write",
+    ))
+}
+
+/// When the decision record of a message whose TTL ends at `expires_at` ends.
+fn record_ends(expires_at: Millis) -> Millis {
+    expires_at.saturating_add(DECISION_MARGIN)
+}
+
+/// Takes the transaction-scoped advisory lock on a message's id (its sending device and id),
+/// which the writes that decide whether a message with nothing stored is stored or withdrawn
+/// take first ([`Store::enqueue`] and [`Store::withdraw_held`]): a withdraw that finds nothing
+/// stored waits for a send of the message that is under way, and a send for a withdraw's record.
+/// Its two 32-bit keys are a space apart from the single 64-bit keys of code records and
+/// migrations; two ids that hash alike only wait for each other.
+async fn lock_message_id<C: GenericClient + Sync>(
+    db: &C,
+    sender_device: DeviceId,
+    id: MessageId,
 ) -> Result<()> {
-    db.execute(
-        "INSERT INTO withdrawn (sender_device, msg_id, expires_at, delivered)
-         VALUES ($1, $2, $3, $4)
-         ON CONFLICT (sender_device, msg_id)
-         DO UPDATE SET expires_at = EXCLUDED.expires_at, delivered = EXCLUDED.delivered",
-        &[
-            &sender_device.as_bytes(),
-            &id.as_bytes(),
-            &sql_millis(ends),
-            &delivered,
-        ],
-    )
-    .await?;
+    // FNV-1a over the sending device and the id.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sender_device.as_bytes().iter().chain(id.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let [a, b, c, d, e, f, g, h] = hash.to_le_bytes();
+    let (high, low) = (
+        i32::from_le_bytes([a, b, c, d]),
+        i32::from_le_bytes([e, f, g, h]),
+    );
+    db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&high, &low])
+        .await?;
     Ok(())
 }
 
-/// The tombstone of a message: whether it was delivered (else withdrawn).
+/// The decision record of a message: whether it was delivered (else withdrawn).
 async fn tombstone<C: GenericClient + Sync>(
     db: &C,
     sender_device: DeviceId,
@@ -306,6 +363,8 @@ impl PostgresStore {
         let mut conn = self.pool.get().await?;
         let txn = conn.client().transaction().await?;
         let sender = message.sender_account;
+        // The message's id first: a withdraw deciding it withdrawn waits for this, or this for it.
+        lock_message_id(&txn, message.sender_device, message.id).await?;
         // The two accounts' rows, in id order: no device change of either slips in between the
         // check of the copies and their insert, and positions follow commit order per queue.
         let mut locked = vec![sender.0, message.receiver.0];
@@ -316,16 +375,21 @@ impl PostgresStore {
             &[&locked],
         )
         .await?;
-        let duplicate = txn
-            .query_opt(
-                "SELECT 1 FROM messages WHERE sender_device = $1 AND msg_id = $2",
+        // Stored already, or decided withdrawn (a resend never brings back over IP what went as
+        // SMS); a message decided delivered may still store the copies that must wait.
+        let duplicate: bool = txn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE sender_device = $1 AND msg_id = $2)
+                     OR EXISTS (SELECT 1 FROM withdrawn
+                                WHERE sender_device = $1 AND msg_id = $2 AND NOT delivered)",
                 &[
                     &message.sender_device.as_bytes(),
                     &message_bytes(&message.id),
                 ],
             )
-            .await?;
-        if duplicate.is_some() {
+            .await?
+            .try_get(0)?;
+        if duplicate {
             return Ok(Enqueued::Duplicate);
         }
         let strangers = self.stranger_positions()?;
@@ -354,7 +418,8 @@ impl PostgresStore {
         };
         let mut copies: Vec<(DeviceId, &Bytes, bool)> = Vec::new();
         for (device, payload) in &message.copies {
-            if skipped.contains(device) {
+            // A decided copy is stored for no one.
+            if skipped.contains(device) || message.decided.contains(device) {
                 continue;
             }
             if copies.iter().any(|(d, _, _)| d == device) {
@@ -368,6 +433,11 @@ impl PostgresStore {
                 &[&device.as_bytes()],
             )
             .await?;
+        }
+        if copies.is_empty() {
+            // Every copy decided or skipped: nothing waits, so no message is stored.
+            txn.commit().await?;
+            return Ok(Admission::stored(skipped, message.expires_at, expires_at));
         }
         let position: i64 = txn
             .query_one("SELECT nextval('queue_positions')", &[])
@@ -426,17 +496,26 @@ impl PostgresStore {
             Some(message) => {
                 let position: i64 = message.try_get(0)?;
                 txn.query_opt(
-                    "SELECT to_receiver FROM copies
-                     WHERE device_id = $1 AND seq = $2 AND NOT discarded",
+                    "SELECT to_receiver, discarded FROM copies WHERE device_id = $1 AND seq = $2",
                     &[&device.as_bytes(), &position],
                 )
                 .await?
             }
         };
-        let (Some(message), Some(copy)) = (message, copy) else {
+        let discarded = match &copy {
+            Some(copy) => copy.try_get::<_, bool>(1)?,
+            None => false,
+        };
+        let (Some(message), Some(copy), false) = (&message, &copy, discarded) else {
+            // No copy stored (acknowledged before, the answer lost; or withdrawn): answered
+            // from what is left. A copy set aside is not shown: acknowledging it again tells
+            // nothing but a withdraw.
             let answer = match tombstone(&txn, sender_device, id).await? {
                 Some(false) => Acked::Withdrawn,
-                _ => Acked::Unknown,
+                _ if discarded => Acked::Unknown,
+                Some(true) => Acked::Confirmed { first: false },
+                None if message.is_some() => Acked::Confirmed { first: false },
+                None => Acked::Unknown,
             };
             return Ok(answer);
         };
@@ -455,6 +534,13 @@ impl PostgresStore {
             txn.commit().await?;
             return Ok(Acked::Confirmed { first: false });
         }
+        // A receiver's copy shown decides the message delivered, unless it was decided before
+        // (a held copy acknowledged, or another stored copy shown).
+        let decided = if to_receiver {
+            decide(&txn, sender_device, id, record_ends(expires_at), true).await?
+        } else {
+            None
+        };
         txn.execute(
             "DELETE FROM copies WHERE device_id = $1 AND seq = $2",
             &[&device.as_bytes(), &position],
@@ -469,6 +555,15 @@ impl PostgresStore {
             )
             .await?
             > 0;
+        if decided == Some(false) {
+            // Decided withdrawn, though a receiver's copy was still stored (a withdraw takes
+            // them with it): the device must not show it, and it is not kept for it.
+            txn.commit().await?;
+            if emptied {
+                self.forget_strangers(&[position])?;
+            }
+            return Ok(Acked::Withdrawn);
+        }
         if !emptied && to_receiver {
             txn.execute(
                 "UPDATE messages SET delivered = true WHERE seq = $1",
@@ -476,22 +571,126 @@ impl PostgresStore {
             )
             .await?;
         }
-        let answer = if !to_receiver || delivered {
-            // The sender's own other devices taking their copies is not a delivery.
-            Acked::Confirmed { first: false }
-        } else if kind == AckKind::ShownWithoutReceipt {
-            store_tombstone(&txn, sender_device, id, expires_at, true).await?;
-            Acked::Confirmed { first: false }
-        } else {
+        let first = to_receiver && !delivered && decided.is_none() && kind == AckKind::Shown;
+        // The sender's own other devices taking their copies is not a delivery.
+        if first {
             let ends = receipt_expires_at(sent_at, expires_at);
             store_receipt(&txn, sender_device, id, ReceiptKind::Delivered, ends).await?;
-            Acked::Confirmed { first: true }
-        };
+        }
         txn.commit().await?;
         if emptied {
             self.forget_strangers(&[position])?;
         }
+        Ok(Acked::Confirmed { first })
+    }
+
+    async fn ack_held_in(&self, copy: HeldAck, kind: AckKind) -> Result<Acked> {
+        let shown = match kind {
+            AckKind::Shown => true,
+            AckKind::ShownWithoutReceipt => false,
+            AckKind::Discarded => {
+                return Err(StoreError::engine(
+                    "a held copy to be discarded is stored first",
+                ))
+            }
+        };
+        let mut conn = self.pool.get().await?;
+        let txn = conn.client().transaction().await?;
+        let answer = match decide(
+            &txn,
+            copy.sender_device,
+            copy.id,
+            record_ends(copy.expires_at),
+            true,
+        )
+        .await?
+        {
+            Some(false) => Acked::Withdrawn,
+            Some(true) => Acked::Confirmed { first: false },
+            None => {
+                if shown {
+                    let ends = receipt_expires_at(copy.sent_at, copy.expires_at);
+                    store_receipt(
+                        &txn,
+                        copy.sender_device,
+                        copy.id,
+                        ReceiptKind::Delivered,
+                        ends,
+                    )
+                    .await?;
+                }
+                Acked::Confirmed { first: shown }
+            }
+        };
+        txn.commit().await?;
         Ok(answer)
+    }
+
+    async fn screen_in(&self, message: &NewMessage) -> Result<bool> {
+        let mut copied: Vec<DeviceId> = Vec::with_capacity(message.copies.len());
+        for (device, _) in &message.copies {
+            if copied.contains(device) {
+                // Refused by the write that would store it.
+                return Ok(false);
+            }
+            copied.push(*device);
+        }
+        let accounts = [message.receiver.0, message.sender_account.0];
+        let mut conn = self.pool.get().await?;
+        // One statement, no lock: the send's write or the held copy's acknowledgement decides.
+        let rows = conn
+            .client()
+            .query(
+                "SELECT d.account_id, d.id, d.identity_key IS NOT NULL, d.contact_token_hash,
+                     EXISTS (SELECT 1 FROM messages WHERE sender_device = $2 AND msg_id = $3)
+                     OR EXISTS (SELECT 1 FROM withdrawn
+                                WHERE sender_device = $2 AND msg_id = $3 AND NOT delivered)
+                 FROM devices d WHERE d.account_id = ANY($1) ORDER BY d.added",
+                &[
+                    &&accounts[..],
+                    &message.sender_device.as_bytes(),
+                    &message_bytes(&message.id),
+                ],
+            )
+            .await?;
+        let mut receiver = Vec::new();
+        let mut own = Vec::new();
+        for row in &rows {
+            if row.try_get::<_, bool>(4)? {
+                // Stored already, or decided withdrawn.
+                return Ok(false);
+            }
+            let device = AccountDevice {
+                id: rows::device_id(row, 1)?,
+                keyed: row.try_get(2)?,
+                contact_token_hash: rows::optional_array(row, 3)?,
+                queued: 0,
+                from_sender: Usage::default(),
+                strangers: 0,
+            };
+            let account: i64 = row.try_get(0)?;
+            if account == message.receiver.0 {
+                receiver.push(device);
+            } else {
+                own.push(device);
+            }
+        }
+        let addressed: Vec<DeviceId> = copied
+            .into_iter()
+            .chain(message.decided.iter().copied())
+            .collect();
+        if !matches!(
+            delivery::check_copies(message.sender_device, &receiver, &own, &addressed),
+            CopyCheck::Complete(_)
+        ) {
+            return Ok(false);
+        }
+        let within_account = message.sender_account == message.receiver;
+        Ok(delivery::from_contact(
+            within_account,
+            message.contact_token_hash,
+            &receiver,
+        ))
     }
 }
 
@@ -1116,25 +1315,28 @@ impl Store for PostgresStore {
         Ok(Completion::done(Ok(acked)))
     }
 
-    async fn screen(&self, _message: &NewMessage) -> Result<bool> {
-        Ok(false) // STUB: deliver first not built for this engine yet
+    async fn screen(&self, message: &NewMessage) -> Result<bool> {
+        self.screen_in(message).await
     }
 
-    async fn ack_held(&self, _copy: crate::HeldAck, _kind: AckKind) -> Result<Completion<Acked>> {
-        Err(crate::StoreError::engine(
-            "STUB: held copies not built for this engine yet",
-        ))
+    async fn ack_held(&self, copy: HeldAck, kind: AckKind) -> Result<Completion<Acked>> {
+        // Executed and durable at the same point: the commit.
+        let acked = self.ack_held_in(copy, kind).await?;
+        Ok(Completion::done(Ok(acked)))
     }
 
     async fn withdraw_held(
         &self,
         sender_device: DeviceId,
         id: MessageId,
-        _held_until: Option<Millis>,
+        held_until: Option<Millis>,
     ) -> Result<Withdrawal> {
         let mut conn = self.pool.get().await?;
         let txn = conn.client().transaction().await?;
-        // The message's row lock decides between this and an acknowledgement.
+        // A send of the message under way is stored before this looks (or refused after).
+        lock_message_id(&txn, sender_device, id).await?;
+        // The message's row lock decides between this and a stored copy's acknowledgement;
+        // its decision record between this and a held copy's.
         let message = txn
             .query_opt(
                 "SELECT seq, expires_at, delivered FROM messages
@@ -1153,21 +1355,35 @@ impl Store for PostgresStore {
                     ],
                 )
                 .await?;
-            let answer = match tombstone(&txn, sender_device, id).await? {
-                _ if receipt.is_some() => Withdrawal::Delivered,
+            if receipt.is_some() {
+                return Ok(Withdrawal::Delivered);
+            }
+            let found = match held_until {
+                // Copies are held: nothing stored and no record decides it withdrawn.
+                Some(ends) => {
+                    let found = decide(&txn, sender_device, id, record_ends(ends), false).await?;
+                    txn.commit().await?;
+                    found.or(Some(false))
+                }
+                None => tombstone(&txn, sender_device, id).await?,
+            };
+            return Ok(match found {
                 Some(true) => Withdrawal::Delivered,
                 Some(false) => Withdrawal::Withdrawn,
                 None => Withdrawal::Unknown,
-            };
-            return Ok(answer);
+            });
         };
         let position: i64 = message.try_get(0)?;
         let expires_at = millis(message.try_get(1)?);
         if message.try_get::<_, bool>(2)? {
             return Ok(Withdrawal::Delivered);
         }
+        // Decided delivered already (a held copy acknowledged): nothing is withdrawn.
+        if decide(&txn, sender_device, id, record_ends(expires_at), false).await? == Some(true) {
+            return Ok(Withdrawal::Delivered);
+        }
         // The receiver's copies go (those set aside too); the sender's own other devices keep
-        // theirs. The tombstone lives until the message's TTL would have ended.
+        // theirs. The record lives until the message's TTL ends plus the margin.
         txn.execute(
             "DELETE FROM copies WHERE seq = $1 AND to_receiver",
             &[&position],
@@ -1179,7 +1395,6 @@ impl Store for PostgresStore {
             &[&position],
         )
         .await?;
-        store_tombstone(&txn, sender_device, id, expires_at, false).await?;
         txn.commit().await?;
         // No receiver copy is left to count in a pool.
         self.forget_strangers(&[position])?;
@@ -1194,21 +1409,27 @@ impl Store for PostgresStore {
         // or withdrawn) waits for the next sweep.
         let ended = txn
             .query(
-                "SELECT seq, sender_device, msg_id, sent_at, expires_at, delivered FROM messages
-                 WHERE expires_at <= $1 ORDER BY expires_at, seq LIMIT $2
+                "SELECT m.seq, m.sender_device, m.msg_id, m.sent_at, m.expires_at,
+                     m.delivered OR EXISTS (SELECT 1 FROM withdrawn w
+                         WHERE w.sender_device = m.sender_device AND w.msg_id = m.msg_id
+                           AND w.delivered)
+                 FROM messages m
+                 WHERE m.expires_at <= $1 ORDER BY m.expires_at, m.seq LIMIT $2
                  FOR UPDATE SKIP LOCKED",
                 &[&now_sql, &i64::try_from(limit).unwrap_or(i64::MAX)],
             )
             .await?;
-        // A sweep that finds no message and no receipt to expire writes nothing: tombstones
-        // whose time is up go with the next sweep that does.
+        // A sweep that finds no message, receipt or decision record to expire writes nothing.
+        // (A message delivered by its held copies leaves only its record, which goes once its
+        // time is up even if nothing else does.)
         if ended.is_empty() {
             // (A message can have ended unread here: the sweep's limit, or another
             // transaction holding it.)
             let due: bool = txn
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM receipts WHERE expires_at <= $1)
-                         OR EXISTS (SELECT 1 FROM messages WHERE expires_at <= $1)",
+                         OR EXISTS (SELECT 1 FROM messages WHERE expires_at <= $1)
+                         OR EXISTS (SELECT 1 FROM withdrawn WHERE expires_at <= $1)",
                     &[&now_sql],
                 )
                 .await?
