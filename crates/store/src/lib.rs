@@ -327,6 +327,28 @@ impl NewMessage {
         }))
     }
 
+    /// [`Store::screen`]'s decision on the devices an engine read (`receiver` the receiving
+    /// account's, `own` the sending account's, empty when they are one account), once it found
+    /// the message neither stored nor decided withdrawn: every copy names a different device, the
+    /// copies (with [`NewMessage::decided`]) name exactly the devices that must get one, and the
+    /// sender is a contact of the receiver.
+    pub(crate) fn screens(&self, receiver: &[AccountDevice], own: &[AccountDevice]) -> bool {
+        let mut addressed: Vec<DeviceId> = Vec::with_capacity(self.copies.len());
+        for (device, _) in &self.copies {
+            if addressed.contains(device) {
+                // Refused by the write that would store it.
+                return false;
+            }
+            addressed.push(*device);
+        }
+        addressed.extend(self.decided.iter().copied());
+        let within_account = self.sender_account == self.receiver;
+        matches!(
+            delivery::check_copies(self.sender_device, receiver, own, &addressed),
+            CopyCheck::Complete(_)
+        ) && delivery::from_contact(within_account, self.contact_token_hash, receiver)
+    }
+
     /// The size of the copy for `device`, as queues count it (0 if there is none).
     pub fn copy_bytes(&self, device: DeviceId) -> u64 {
         self.copies

@@ -17,9 +17,7 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tidings_core::delivery::{
-    self, receipt_expires_at, AccountDevice, CopyCheck, QueueLimits, Usage,
-};
+use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord};
 use tidings_core::Millis;
@@ -755,20 +753,7 @@ impl State {
         } else {
             self.delivery_devices(sender, sender)
         };
-        let addressed: Vec<DeviceId> = message
-            .copies
-            .iter()
-            .map(|(d, _)| *d)
-            .chain(message.decided.iter().copied())
-            .collect();
-        match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
-            CopyCheck::Complete(_) => delivery::from_contact(
-                sender == message.receiver,
-                message.contact_token_hash,
-                &receiver,
-            ),
-            CopyCheck::DevicesChanged(_) | CopyCheck::NoReceiverDevice => false,
-        }
+        message.screens(&receiver, &own)
     }
 
     fn withdraw(

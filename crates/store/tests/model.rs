@@ -27,7 +27,7 @@ use tidings_store::{
 };
 
 mod common;
-use common::{TempPostgres, POSTGRES_HAS_HELD};
+use common::TempPostgres;
 
 const NUMBERS: u8 = 3;
 const DEVICES: u8 = 6;
@@ -1137,44 +1137,6 @@ impl Engine for TempPostgres {
     }
 }
 
-/// `ops` without what the PostgreSQL engine does not have yet ([`POSTGRES_HAS_HELD`]): held
-/// copies, screening, and what decision records change (acknowledgements and withdraws; sends
-/// name no decided copy).
-fn without_held(ops: Vec<Op>) -> Vec<Op> {
-    ops.into_iter()
-        .filter(|op| {
-            !matches!(
-                op,
-                Op::Ack { .. } | Op::Withdraw { .. } | Op::Screen { .. } | Op::AckHeld { .. }
-            )
-        })
-        .map(|op| match op {
-            Op::Enqueue {
-                sender,
-                id,
-                receiver,
-                copies,
-                limits,
-                expires_at,
-                submitted,
-                token,
-                decided: _,
-            } => Op::Enqueue {
-                sender,
-                id,
-                receiver,
-                copies,
-                limits,
-                expires_at,
-                submitted,
-                token,
-                decided: Vec::new(),
-            },
-            op => op,
-        })
-        .collect()
-}
-
 proptest! {
     // Each case opens a database and syncs every write: about a hundred cases of up to 48 operations
     // keep this test near twenty seconds.
@@ -1187,7 +1149,6 @@ proptest! {
     fn every_engine_answers_as_the_model_does(generated in prop::collection::vec(op(), 1..48)) {
         let ops: Vec<Op> = populated().into_iter().chain(generated).collect();
         check_against_model("SQLite", || async { TempSqlite::open() }, &ops)?;
-        let ops = if POSTGRES_HAS_HELD { ops } else { without_held(ops) };
         check_against_model("PostgreSQL", TempPostgres::open, &ops)?;
     }
 }

@@ -19,7 +19,7 @@ use tidings_store::{
 };
 
 mod common;
-use common::{TempPostgres, POSTGRES_HAS_HELD};
+use common::TempPostgres;
 
 /// A device of an account, as the actor of an operation that changes it.
 fn by(account: AccountId, device: DeviceId) -> Actor {
@@ -520,9 +520,6 @@ async fn acknowledgements_of_a_message_with_several_copies_in_memory() {
 
 #[tokio::test]
 async fn acknowledgements_of_a_message_with_several_copies_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     acknowledgements_of_a_message_with_several_copies_in(store.store()).await;
 }
@@ -1973,9 +1970,6 @@ async fn a_held_acknowledgement_and_a_withdraw_decide_once_in_memory() {
 
 #[tokio::test]
 async fn a_held_acknowledgement_and_a_withdraw_decide_once_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     a_held_acknowledgement_and_a_withdraw_decide_once_in(store.store()).await;
 }
@@ -2144,9 +2138,6 @@ async fn stored_copies_answer_from_the_decision_records_in_memory() {
 
 #[tokio::test]
 async fn stored_copies_answer_from_the_decision_records_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     stored_copies_answer_from_the_decision_records_in(store.store()).await;
 }
@@ -2272,9 +2263,6 @@ async fn decision_records_expire_a_margin_after_their_message_in_memory() {
 
 #[tokio::test]
 async fn decision_records_expire_a_margin_after_their_message_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     decision_records_expire_a_margin_after_their_message_in(store.store()).await;
 }
@@ -2338,9 +2326,6 @@ async fn a_screen_reads_what_a_send_would_be_stored_with_in_memory() {
 
 #[tokio::test]
 async fn a_screen_reads_what_a_send_would_be_stored_with_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     a_screen_reads_what_a_send_would_be_stored_with_in(store.store()).await;
 }
@@ -2399,9 +2384,6 @@ async fn an_accounts_decision_records_go_with_it_in_memory() {
 
 #[tokio::test]
 async fn an_accounts_decision_records_go_with_it_on_postgres() {
-    if !POSTGRES_HAS_HELD {
-        return;
-    }
     let store = TempPostgres::open().await;
     an_accounts_decision_records_go_with_it_in(store.store()).await;
 }

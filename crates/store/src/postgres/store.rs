@@ -3,9 +3,7 @@
 //! in the module documentation of `postgres`.
 
 use bytes::Bytes;
-use tidings_core::delivery::{
-    self, receipt_expires_at, AccountDevice, CopyCheck, QueueLimits, Usage,
-};
+use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord, LiveCode};
 use tidings_core::Millis;
@@ -627,14 +625,6 @@ impl PostgresStore {
     }
 
     async fn screen_in(&self, message: &NewMessage) -> Result<bool> {
-        let mut copied: Vec<DeviceId> = Vec::with_capacity(message.copies.len());
-        for (device, _) in &message.copies {
-            if copied.contains(device) {
-                // Refused by the write that would store it.
-                return Ok(false);
-            }
-            copied.push(*device);
-        }
         let accounts = [message.receiver.0, message.sender_account.0];
         let mut conn = self.pool.get().await?;
         // One statement, no lock: the send's write or the held copy's acknowledgement decides.
@@ -675,22 +665,7 @@ impl PostgresStore {
                 own.push(device);
             }
         }
-        let addressed: Vec<DeviceId> = copied
-            .into_iter()
-            .chain(message.decided.iter().copied())
-            .collect();
-        if !matches!(
-            delivery::check_copies(message.sender_device, &receiver, &own, &addressed),
-            CopyCheck::Complete(_)
-        ) {
-            return Ok(false);
-        }
-        let within_account = message.sender_account == message.receiver;
-        Ok(delivery::from_contact(
-            within_account,
-            message.contact_token_hash,
-            &receiver,
-        ))
+        Ok(message.screens(&receiver, &own))
     }
 }
 

@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use tidings_core::delivery::{self, receipt_expires_at, AccountDevice, CopyCheck, Usage};
+use tidings_core::delivery::{receipt_expires_at, AccountDevice, Usage};
 use tidings_core::fallback::Withdrawal;
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
@@ -108,27 +108,13 @@ fn screen_in(conn: &Connection, message: &NewMessage) -> Result<bool> {
         return Ok(false);
     }
     let sender = message.sender_account;
-    let within_account = sender == message.receiver;
     let receiver = screened_devices(conn, message.receiver)?;
-    let own = if within_account {
+    let own = if sender == message.receiver {
         Vec::new()
     } else {
         screened_devices(conn, sender)?
     };
-    let addressed: Vec<DeviceId> = message
-        .copies
-        .iter()
-        .map(|(d, _)| *d)
-        .chain(message.decided.iter().copied())
-        .collect();
-    Ok(
-        match delivery::check_copies(message.sender_device, &receiver, &own, &addressed) {
-            CopyCheck::Complete(_) => {
-                delivery::from_contact(within_account, message.contact_token_hash, &receiver)
-            }
-            CopyCheck::DevicesChanged(_) | CopyCheck::NoReceiverDevice => false,
-        },
-    )
+    Ok(message.screens(&receiver, &own))
 }
 
 /// [`Store::enqueue`](crate::Store::enqueue): applies the delivery rules to the devices it reads

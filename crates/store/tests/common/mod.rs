@@ -9,13 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tidings_store::postgres::{PostgresOptions, PostgresStore};
 
-/// Whether the PostgreSQL engine has deliver first (held copies, decision records, screening,
-/// and acknowledgements of gone copies answered from the records). Until it does, the tests
-/// leave it out of what depends on those: the model test runs it only on sequences without an
-/// acknowledgement, a withdraw or a held copy, and the focused tests of them skip it. To be set
-/// to `true` with the engine's part.
-pub const POSTGRES_HAS_HELD: bool = false;
-
 /// The database tests connect to.
 pub fn postgres_url() -> String {
     std::env::var("TIDINGS_TEST_POSTGRES")
