@@ -894,12 +894,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Withdrawal>> + Send;
 
     /// Whether a message may be pushed to its devices' live sessions before anything is stored
-    /// (deliver first), read without writing: its copies name exactly the devices that must get
-    /// one (E1, with [`NewMessage::decided`]), the sender is a contact of the receiver (a
-    /// stranger's message takes the stored path, where the stranger pools apply), and the message
-    /// is neither stored nor decided withdrawn. Queue room is not looked at: a held copy that must
-    /// wait is stored then, under the limits of that moment. `false` also when the receiver has
-    /// no device: [`Store::enqueue`] gives every refusal its answer.
+    /// (deliver first), read without writing (an engine may answer from memory what it keeps up
+    /// to date with every device, key and contact token change): its copies name exactly the
+    /// devices that must get one (E1, with [`NewMessage::decided`]), and the sender is a contact
+    /// of the receiver (a stranger's message takes the stored path, where the stranger pools
+    /// apply). Whether the id was sent before is not looked at: a held copy's acknowledgement is
+    /// decided against the message's record ([`Store::ack_held`]), so a message decided withdrawn
+    /// is never shown, and one stored is shown once. Queue room is not looked at either: a held
+    /// copy that must wait is stored then, under the limits of that moment. `false` also when the
+    /// receiver has no device: [`Store::enqueue`] gives every refusal its answer.
     fn screen(&self, message: &NewMessage) -> impl Future<Output = Result<bool>> + Send;
 
     /// Decides a copy that was pushed to a live session of a receiver's device without being

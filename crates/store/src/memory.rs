@@ -739,13 +739,6 @@ impl State {
 
     /// [`Store::screen`].
     fn screen(&self, message: &NewMessage) -> bool {
-        if self
-            .message_position(message.sender_device, message.id)
-            .is_some()
-            || self.record(message.sender_device, message.id) == Some(false)
-        {
-            return false;
-        }
         let sender = message.sender_account;
         let receiver = self.delivery_devices(message.receiver, sender);
         let own = if sender == message.receiver {

@@ -2005,8 +2005,10 @@ async fn a_held_acknowledgement_and_a_withdraw_decide_once_in(store: &impl Store
         let acked = ack_held(store, pair.held(device, 2), AckKind::Shown).await;
         assert_eq!(acked, Acked::Withdrawn);
     }
+    // A resend screens (ids are not looked at) but is never shown: its held copies' acks are
+    // refused as above; stored, it is a duplicate.
     let resend = pair.message(2, &[pair.bob_phone, pair.bob_laptop], &[]);
-    assert!(!store.screen(&resend).await.expect("screen"));
+    assert!(store.screen(&resend).await.expect("screen"));
     let enqueued = store.enqueue(resend, 10).await.expect("enqueue");
     assert_eq!(enqueued, Enqueued::Duplicate);
     assert_eq!(
@@ -2312,6 +2314,98 @@ async fn decision_records_expire_a_margin_after_their_message_in(store: &impl St
     assert_eq!(resend.await.expect("resend"), Enqueued::Stored);
 }
 
+/// Screening follows every change of what it reads, at once (the SQLite engine answers it from
+/// memory): a device linked, keys published, a contact token rotated, a device removed.
+async fn screening_follows_every_device_key_and_token_change_in(store: &impl Store) {
+    let pair = Pair::register(store).await;
+    let both = [pair.bob_phone, pair.bob_laptop];
+    let screen = |message: NewMessage| async move { store.screen(&message).await.expect("screen") };
+    assert!(screen(pair.message(1, &both, &[])).await);
+    // A number whose device has published no keys yet has no device to get a copy; once it
+    // publishes them it has.
+    let carol_phone = DeviceId([6; 16]);
+    let carol = store
+        .register_device(Pseudonym([0xC0; 32]), 1, carol_phone, [8; 32], 0)
+        .await
+        .expect("carol")
+        .account;
+    let to_carol = NewMessage {
+        receiver: carol,
+        contact_token_hash: None,
+        ..pair.message(1, &[], &[])
+    };
+    assert!(!screen(to_carol.clone()).await, "no keyed device yet");
+    store
+        .publish_keys(carol_phone, identity(60), vec![key(60)], Some(key(65)), 100)
+        .await
+        .expect("publish");
+    let to_carol = NewMessage {
+        copies: vec![(carol_phone, bytes::Bytes::from_static(b"held"))],
+        ..to_carol
+    };
+    store
+        .set_contact_token(carol_phone, [0xCC; 32])
+        .await
+        .expect("token");
+    let to_carol = NewMessage {
+        contact_token_hash: Some([0xCC; 32]),
+        ..to_carol
+    };
+    assert!(screen(to_carol).await, "keys published");
+    // A third device of Bob's, linked with its keys, must get a copy.
+    let tablet = DeviceId([5; 16]);
+    let linked = store.add_device(
+        by(pair.bob, pair.bob_phone),
+        tablet,
+        [7; 32],
+        identity(50),
+        6,
+        0,
+    );
+    assert_eq!(linked.await.expect("link"), Linked::Added);
+    assert!(
+        !screen(pair.message(1, &both, &[])).await,
+        "a device linked"
+    );
+    let all = [pair.bob_phone, pair.bob_laptop, tablet];
+    assert!(screen(pair.message(1, &all, &[])).await);
+    // The token rotated: the old one is a stranger's.
+    store
+        .set_contact_token(pair.bob_phone, [0x5C; 32])
+        .await
+        .expect("rotate");
+    assert!(!screen(pair.message(1, &all, &[])).await, "a token rotated");
+    let rotated = NewMessage {
+        contact_token_hash: Some([0x5C; 32]),
+        ..pair.message(1, &all, &[])
+    };
+    assert!(screen(rotated.clone()).await);
+    // Removed: its copy is one too many.
+    assert!(store
+        .remove_device(by(pair.bob, pair.bob_phone), tablet)
+        .await
+        .expect("remove"));
+    assert!(!screen(rotated).await, "a device removed");
+}
+
+#[tokio::test]
+async fn screening_follows_every_device_key_and_token_change() {
+    let dir = temp_dir("screen-changes");
+    let store = SqliteStore::open(&dir, SqliteOptions::default()).expect("open");
+    screening_follows_every_device_key_and_token_change_in(&store).await;
+}
+
+#[tokio::test]
+async fn screening_follows_every_device_key_and_token_change_in_memory() {
+    screening_follows_every_device_key_and_token_change_in(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn screening_follows_every_device_key_and_token_change_on_postgres() {
+    let store = TempPostgres::open().await;
+    screening_follows_every_device_key_and_token_change_in(store.store()).await;
+}
+
 #[tokio::test]
 async fn a_screen_reads_what_a_send_would_be_stored_with() {
     let dir = temp_dir("screen");
@@ -2361,7 +2455,8 @@ async fn a_screen_reads_what_a_send_would_be_stored_with_in(store: &impl Store) 
     let stored = store.enqueue(pair.message(2, &both, &[]), limits).await;
     assert_eq!(stored.expect("enqueue"), Enqueued::Stored);
     assert!(screen(pair.message(3, &both, &[])).await, "queues full");
-    assert!(!screen(pair.message(2, &both, &[])).await, "stored already");
+    // Nor the id: a held copy's acknowledgement is decided against the message's record.
+    assert!(screen(pair.message(2, &both, &[])).await, "stored already");
 }
 
 #[tokio::test]

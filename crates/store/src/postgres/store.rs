@@ -208,8 +208,9 @@ async fn delivery_devices<C: GenericClient + Sync>(
         .collect()
 }
 
-/// Deletes a device with its copies (and each message left without a copy), its receipts, its
-/// keys and the decision records of the messages it sent.
+/// Deletes a device with its copies (and each message left without a copy), its receipts and its
+/// keys. The decision records of the messages it sent stay until they expire, as in the other
+/// engines (they name no receiver); an account's deletion takes them with it.
 async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result<()> {
     // The messages first, then their copies, in the order an acknowledgement and a withdraw
     // take them: a removal racing them waits instead of deadlocking.
@@ -224,12 +225,6 @@ async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Res
          DELETE FROM messages m USING gone
          WHERE m.seq = gone.seq
            AND NOT EXISTS (SELECT 1 FROM copies c WHERE c.seq = m.seq AND c.device_id <> $1)",
-        &[&device.as_bytes()],
-    )
-    .await?;
-    // The decision records of what it sent: nothing of a device is left behind.
-    db.execute(
-        "DELETE FROM withdrawn WHERE sender_device = $1",
         &[&device.as_bytes()],
     )
     .await?;
@@ -631,25 +626,14 @@ impl PostgresStore {
         let rows = conn
             .client()
             .query(
-                "SELECT d.account_id, d.id, d.identity_key IS NOT NULL, d.contact_token_hash,
-                     EXISTS (SELECT 1 FROM messages WHERE sender_device = $2 AND msg_id = $3)
-                     OR EXISTS (SELECT 1 FROM withdrawn
-                                WHERE sender_device = $2 AND msg_id = $3 AND NOT delivered)
+                "SELECT d.account_id, d.id, d.identity_key IS NOT NULL, d.contact_token_hash
                  FROM devices d WHERE d.account_id = ANY($1) ORDER BY d.added",
-                &[
-                    &&accounts[..],
-                    &message.sender_device.as_bytes(),
-                    &message_bytes(&message.id),
-                ],
+                &[&&accounts[..]],
             )
             .await?;
         let mut receiver = Vec::new();
         let mut own = Vec::new();
         for row in &rows {
-            if row.try_get::<_, bool>(4)? {
-                // Stored already, or decided withdrawn.
-                return Ok(false);
-            }
             let device = AccountDevice {
                 id: rows::device_id(row, 1)?,
                 keyed: row.try_get(2)?,

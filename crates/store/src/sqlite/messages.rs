@@ -58,10 +58,14 @@ pub(super) fn keyed_devices(
     rows
 }
 
-/// The devices of an account as a screen reads them ([`screen`]), on a read connection: whether
+/// The devices of an account as a screen reads them ([`Store::screen`](crate::Store::screen)),
+/// on a read connection: whether
 /// each has published identity keys and its contact token hash. Queues are not looked at (the
 /// writer's counts are its own), so they read as empty.
-fn screened_devices(conn: &Connection, account: AccountId) -> rusqlite::Result<Vec<AccountDevice>> {
+pub(super) fn screened_devices(
+    conn: &Connection,
+    account: AccountId,
+) -> rusqlite::Result<Vec<AccountDevice>> {
     let mut statement = conn.prepare_cached(
         "SELECT id, length(identity_key) = 32 AND length(signing_key) = 32, contact_token_hash
          FROM devices WHERE account_id = ?1",
@@ -81,40 +85,6 @@ fn screened_devices(conn: &Connection, account: AccountId) -> rusqlite::Result<V
         })?
         .collect();
     rows
-}
-
-/// [`Store::screen`](crate::Store::screen): a read of one snapshot on a read connection, never
-/// the writer's.
-pub(super) fn screen(conn: &Connection, message: &NewMessage) -> Result<bool> {
-    let snapshot = conn.unchecked_transaction()?;
-    let screened = screen_in(&snapshot, message)?;
-    snapshot.commit()?;
-    Ok(screened)
-}
-
-fn screen_in(conn: &Connection, message: &NewMessage) -> Result<bool> {
-    let taken = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM single_copies WHERE sender_device = ?1 AND msg_id = ?2)
-                 OR EXISTS (SELECT 1 FROM messages WHERE sender_device = ?1 AND msg_id = ?2)
-                 OR EXISTS (SELECT 1 FROM withdrawn
-                            WHERE sender_device = ?1 AND msg_id = ?2 AND delivered = 0)",
-        )?
-        .query_row(
-            params![message.sender_device.as_bytes(), message.id.as_bytes()],
-            |row| row.get::<_, bool>(0),
-        )?;
-    if taken {
-        return Ok(false);
-    }
-    let sender = message.sender_account;
-    let receiver = screened_devices(conn, message.receiver)?;
-    let own = if sender == message.receiver {
-        Vec::new()
-    } else {
-        screened_devices(conn, sender)?
-    };
-    Ok(message.screens(&receiver, &own))
 }
 
 /// [`Store::enqueue`](crate::Store::enqueue): applies the delivery rules to the devices it reads

@@ -27,7 +27,7 @@
 //! - `connection`: connection settings (pragmas) and the read connections;
 //! - `writer`: the group-commit writer: batches, what a failing write takes back, the notes a
 //!   batch keeps for its commit (sync report, queue lengths, dropped routes, receipt deadlines);
-//! - `routes`: the route cache sends read instead of the tables;
+//! - `routes`: what sends read instead of the tables (routes, and the devices a screen checks);
 //! - `receipts` also holds the earliest receipt deadline, which the expiry sweep reads instead
 //!   of an index;
 //! - `rows`: how domain values are stored in columns and read back;
@@ -60,7 +60,7 @@ pub use writer::WRITER_QUEUE;
 
 use connection::{ReaderPool, STORES};
 use receipts::ReceiptDeadlines;
-use routes::RouteCache;
+use routes::{RouteCache, ScreenCache};
 use writer::{HeldInMemory, Job};
 
 /// The database file inside the data directory.
@@ -119,6 +119,7 @@ impl SqliteStore {
         let (writer, jobs) = mpsc::channel(WRITER_QUEUE);
         let held = Arc::new(HeldInMemory {
             routes: RouteCache::default(),
+            screened: ScreenCache::default(),
             receipt_deadlines: ReceiptDeadlines::read(&conn)?,
         });
         let max_batch = options.max_batch.max(1);

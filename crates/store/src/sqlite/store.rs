@@ -144,14 +144,16 @@ impl Store for SqliteStore {
         fallback: Option<SignedKey>,
         max_stored: u32,
     ) -> Result<Published> {
-        self.write(Undo::Operation, move |txn, _| {
+        self.write(Undo::Operation, move |txn, notes| {
+            notes.keys_changed = true;
             keys::publish_keys(txn, device, identity, one_time_keys, fallback, max_stored)
         })
         .await
     }
 
     async fn set_contact_token(&self, device: DeviceId, hash: [u8; 32]) -> Result<()> {
-        self.write(Undo::Statement, move |txn, _| {
+        self.write(Undo::Statement, move |txn, notes| {
+            notes.keys_changed = true;
             keys::set_contact_token(txn, device, hash)
         })
         .await
@@ -274,8 +276,13 @@ impl Store for SqliteStore {
     }
 
     async fn screen(&self, message: &NewMessage) -> Result<bool> {
-        // A few rows by key: a point read, on a read connection (never the writer's).
-        self.read_here(|conn| messages::screen(conn, message))
+        let receiver = self.screened_devices(message.receiver)?;
+        let own = if message.sender_account == message.receiver {
+            Vec::new()
+        } else {
+            self.screened_devices(message.sender_account)?
+        };
+        Ok(message.screens(&receiver, &own))
     }
 
     async fn ack_held(&self, copy: HeldAck, kind: AckKind) -> Result<Completion<Acked>> {
@@ -355,5 +362,24 @@ impl Store for SqliteStore {
 
     async fn scrub(&self) -> Result<()> {
         self.checkpoint().await
+    }
+}
+
+impl SqliteStore {
+    /// An account's devices as a screen reads them: from memory while no device, key or contact
+    /// token changed since they were read, otherwise by a point read on the calling thread.
+    fn screened_devices(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<tidings_core::delivery::AccountDevice>> {
+        let (generation, held) = self.held.screened.get(&account);
+        if let Some(devices) = held {
+            return Ok(devices);
+        }
+        let devices = self.read_here(|conn| Ok(messages::screened_devices(conn, account)?))?;
+        self.held
+            .screened
+            .insert(generation, account, devices.clone());
+        Ok(devices)
     }
 }

@@ -16,7 +16,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::receipts::ReceiptDeadlines;
-use super::routes::RouteCache;
+use super::routes::{RouteCache, ScreenCache};
 use super::SqliteStore;
 use crate::{
     AccountId, Completion, Durability, Result, StoreError, SyncObserver, SyncReport, Usage,
@@ -49,6 +49,9 @@ pub(super) struct Notes {
     /// Devices were added or deleted: the routes held in memory are dropped once the batch has
     /// committed, before any of its operations is answered.
     pub(super) devices_changed: bool,
+    /// Keys were published or a contact token set: the screened devices held in memory are
+    /// dropped once the batch has committed, before any of its operations is answered.
+    pub(super) keys_changed: bool,
     /// The earliest deadline of the receipts stored in this batch, for [`ReceiptDeadlines`].
     pub(super) receipts_stored: Option<Millis>,
     /// A sweep deleted the ended receipts: the earliest deadline it left.
@@ -500,6 +503,7 @@ pub(super) struct Kept {
 /// each batch.
 pub(super) struct HeldInMemory {
     pub(super) routes: RouteCache,
+    pub(super) screened: ScreenCache,
     pub(super) receipt_deadlines: ReceiptDeadlines,
 }
 
@@ -678,6 +682,9 @@ pub(super) fn commit_batch(
     // Dropped whether or not the batch committed: a route read later reads the outcome.
     if notes.devices_changed {
         held.routes.invalidate();
+    }
+    if notes.devices_changed || notes.keys_changed {
+        held.screened.invalidate();
     }
 
     for complete in completions {
