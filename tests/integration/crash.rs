@@ -359,8 +359,10 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     let outputs = TempDir::new("crash");
 
     let kannel = Kannel::start();
-    // A short acknowledgement window, so that held copies are also stored within the run.
-    let mut server = Server::start(&["--ack-window-ms", "150"]);
+    // A short acknowledgement window (a client's acknowledgement, decrypted and committed first,
+    // takes longer than that often enough), so that held copies are both decided and stored
+    // within the run.
+    let mut server = Server::start(&["--ack-window-ms", "30"]);
     let (alice_number, bob_number, carol_number) = (number(), number(), number());
     // The sender: one device sending (SMS fallback through Kannel, a short receipt wait so that
     // unanswered messages are withdrawn and go as SMS within the run) and one of its own,
