@@ -24,6 +24,42 @@ fn acquainted(alice: &User, bob: &User) {
     assert_eq!(alice.receive_texts(1, PATIENCE), vec!["hello alice"]);
 }
 
+/// Alice sends `text` as message `id` to Bob, whose device takes it in a session that never
+/// acknowledges: Bob's session, Alice's session, and the delivery.
+async fn sent_to_a_silent_device(
+    sender: &tidings_client::client::Client,
+    receiver: &tidings_client::client::Client,
+    receiver_number: &str,
+    id: MessageId,
+    text: &str,
+) -> (
+    tidings_client::session::Session,
+    tidings_client::session::Session,
+    tidings_proto::frame::Deliver,
+) {
+    let mut silent = receiver
+        .session(true)
+        .await
+        .expect("the receiver's session");
+    let sends = sender
+        .prepare_sends(receiver_number, &[(id, text.to_string())])
+        .await
+        .expect("encrypt");
+    let mut session = sender.session(false).await.expect("session");
+    session
+        .send_many(sends.into_iter().map(Kind::Send))
+        .await
+        .expect("send");
+    let deadline = Instant::now() + patience();
+    loop {
+        match silent.recv(deadline).await.expect("recv") {
+            Some(Kind::Deliver(d)) if d.id == id.as_bytes() => return (silent, session, d),
+            Some(_) => {}
+            None => panic!("no delivery"),
+        }
+    }
+}
+
 /// A metric's value in `/metrics`, 0 if absent.
 fn metric(server: &Server, line_start: &str) -> u64 {
     let (_, body) = crate::operations::get(server.metrics_port, "/metrics");
@@ -100,24 +136,9 @@ fn a_held_copy_not_acknowledged_within_the_window_is_stored_and_delivered_later(
     let (sender, receiver) = (alice.client(), bob.client());
     block_on(async {
         // Bob's device takes the copy and never acknowledges it.
-        let mut silent = receiver.session(true).await.expect("bob's session");
-        let sends = sender
-            .prepare_sends(&bob_number, &[(id, "waits on disk".to_string())])
-            .await
-            .expect("encrypt");
-        let mut session = sender.session(false).await.expect("session");
-        session
-            .send_many(sends.into_iter().map(Kind::Send))
-            .await
-            .expect("send");
+        let (_silent, mut session, _) =
+            sent_to_a_silent_device(&sender, &receiver, &bob_number, id, "waits on disk").await;
         let deadline = Instant::now() + patience();
-        loop {
-            match silent.recv(deadline).await.expect("recv") {
-                Some(Kind::Deliver(d)) if d.id == id.as_bytes() => break,
-                Some(_) => {}
-                None => panic!("no delivery"),
-            }
-        }
         let mut answered = false;
         loop {
             match session.recv(deadline).await.expect("recv") {
@@ -157,24 +178,10 @@ fn an_acknowledgement_the_server_never_recorded_is_answered_unknown_after_a_cras
     let id = MessageId([9; 16]);
     let (sender, receiver) = (alice.client(), bob.client());
     let deliver = block_on(async {
-        let mut silent = receiver.session(true).await.expect("bob's session");
-        let sends = sender
-            .prepare_sends(&bob_number, &[(id, "lost with the server".to_string())])
-            .await
-            .expect("encrypt");
-        let mut session = sender.session(false).await.expect("session");
-        session
-            .send_many(sends.into_iter().map(Kind::Send))
-            .await
-            .expect("send");
-        let deadline = Instant::now() + patience();
-        loop {
-            match silent.recv(deadline).await.expect("recv") {
-                Some(Kind::Deliver(d)) if d.id == id.as_bytes() => return d,
-                Some(_) => {}
-                None => panic!("no delivery"),
-            }
-        }
+        let (_, _, deliver) =
+            sent_to_a_silent_device(&sender, &receiver, &bob_number, id, "lost with the server")
+                .await;
+        deliver
     });
     // The server dies holding the copy: nothing of it was written.
     server.kill9();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tidings_core::fallback::Withdrawal;
 use tidings_proto::id::{DeviceId, MessageId};
-use tidings_store::postgres::SCHEMA_VERSION;
+use tidings_store::postgres::{PostgresStore, SCHEMA_VERSION};
 use tidings_store::{
     AccountId, AckKind, Acked, Actor, Enqueued, HeldAck, IdentityKeys, NewMessage, Pseudonym,
     QueueLimits, SignedKey, Store, DECISION_MARGIN,
@@ -352,6 +352,29 @@ async fn ack_held(store: &impl Store, copy: HeldAck, kind: AckKind) -> Acked {
         .expect("durable")
 }
 
+/// Bob's device acknowledges a held copy of Alice's message on one node while Alice withdraws it
+/// on the other, at once: what each was answered.
+async fn race(
+    node_a: &Arc<PostgresStore>,
+    node_b: &Arc<PostgresStore>,
+    copy: HeldAck,
+) -> (Acked, Withdrawal) {
+    let ack = tokio::spawn({
+        let store = Arc::clone(node_a);
+        async move { ack_held(&*store, copy, AckKind::Shown).await }
+    });
+    let withdraw = tokio::spawn({
+        let store = Arc::clone(node_b);
+        async move {
+            store
+                .withdraw_held(copy.sender_device, copy.id, Some(EXPIRES_AT))
+                .await
+                .expect("withdraw")
+        }
+    });
+    (ack.await.expect("task"), withdraw.await.expect("task"))
+}
+
 /// Links a device, with its keys, to the account of `approver`.
 async fn linked(store: &impl Store, approver: Actor, device: DeviceId, n: u8) {
     let added = store
@@ -390,20 +413,7 @@ async fn a_held_acknowledgement_racing_a_withdraw_ends_in_one_state() {
     let (mut delivered, mut withdrawn) = (0, 0);
     for round in 1..=80u8 {
         let id = MessageId([round; 16]);
-        let ack = tokio::spawn({
-            let store = Arc::clone(&node_a);
-            async move { ack_held(&*store, held(bob, alice, id), AckKind::Shown).await }
-        });
-        let withdraw = tokio::spawn({
-            let store = Arc::clone(&node_b);
-            async move {
-                store
-                    .withdraw_held(alice, id, Some(EXPIRES_AT))
-                    .await
-                    .expect("withdraw")
-            }
-        });
-        let (acked, withdrawal) = (ack.await.expect("task"), withdraw.await.expect("task"));
+        let (acked, withdrawal) = race(&node_a, &node_b, held(bob, alice, id)).await;
         match (acked, withdrawal) {
             (Acked::Confirmed { first: true }, Withdrawal::Delivered) => delivered += 1,
             (Acked::Withdrawn, Withdrawal::Withdrawn) => withdrawn += 1,
@@ -458,20 +468,7 @@ async fn a_held_acknowledgement_racing_a_withdraw_of_stored_copies_ends_in_one_s
                 .expect("send"),
             Enqueued::Stored
         );
-        let ack = tokio::spawn({
-            let store = Arc::clone(&node_a);
-            async move { ack_held(&*store, held(bob, alice, id), AckKind::Shown).await }
-        });
-        let withdraw = tokio::spawn({
-            let store = Arc::clone(&node_b);
-            async move {
-                store
-                    .withdraw_held(alice, id, Some(EXPIRES_AT))
-                    .await
-                    .expect("withdraw")
-            }
-        });
-        let (acked, withdrawal) = (ack.await.expect("task"), withdraw.await.expect("task"));
+        let (acked, withdrawal) = race(&node_a, &node_b, held(bob, alice, id)).await;
         let kept = node_a
             .holds_copy_from(bob_laptop, alice)
             .await
