@@ -377,6 +377,9 @@ fn kills_at_every_durability_point_lose_nothing_and_double_nothing() {
     let bob = User::register(&bob_number, &server, &[]);
     bob.ok(&["settings", "--presence", "everyone"]);
     let bob_other = bob.link_device(&server);
+    // Online to everyone too: a message is pushed from memory only when every device of the
+    // receiver it goes to shows itself online to the sender.
+    bob_other.ok(&["settings", "--presence", "everyone"]);
     let carol = User::register(&carol_number, &server, &[]);
     // Bob writes to Alice first: her messages to him are then a contact's, which deliver first
     // pushes from memory when every device they go to is online.

@@ -71,6 +71,9 @@ struct Entry {
     storing: bool,
     /// The send's answer has gone to the sender: `Settled` never comes before it.
     answered: bool,
+    /// Its window has ended: `Settled` never comes before that either, so that when it comes
+    /// tells the sender nothing of when each device acknowledged it.
+    due: bool,
     /// The sender was sent its `Delivered` receipt (at the first acknowledgement of a receiver's
     /// copy that asked for one).
     receipted: bool,
@@ -79,7 +82,7 @@ struct Entry {
 
 impl Entry {
     fn is_settled(&self) -> bool {
-        self.answered && self.copies.iter().all(|c| c.state == CopyState::Settled)
+        self.answered && self.due && self.copies.iter().all(|c| c.state == CopyState::Settled)
     }
 
     fn copy(&mut self, device: DeviceId) -> Option<&mut HeldCopy> {
@@ -196,6 +199,7 @@ impl Held {
                 copies,
                 storing: false,
                 answered: false,
+                due: false,
                 receipted: false,
                 bytes,
             },
@@ -306,22 +310,31 @@ impl Held {
         settle_if_done(&mut inner, key)
     }
 
-    /// The held messages whose window has ended at `now`.
-    pub fn due(&self, now: Millis) -> Vec<Key> {
+    /// The held messages whose window has ended at `now`: those settled already are forgotten
+    /// and returned as settled (the sender is to be told), the others returned as due (their
+    /// copies not yet settled are to be stored).
+    pub fn due(&self, now: Millis) -> (Vec<Key>, Vec<Key>) {
         let mut inner = self.inner();
-        let mut due = Vec::new();
+        let (mut settled, mut due) = (Vec::new(), Vec::new());
         while inner
             .deadlines
             .front()
             .is_some_and(|(deadline, _)| *deadline <= now)
         {
-            if let Some((_, key)) = inner.deadlines.pop_front() {
-                if inner.entries.contains_key(&key) {
-                    due.push(key);
-                }
+            let Some((_, key)) = inner.deadlines.pop_front() else {
+                break;
+            };
+            let Some(entry) = inner.entries.get_mut(&key) else {
+                continue;
+            };
+            entry.due = true;
+            if settle_if_done(&mut inner, key) {
+                settled.push(key);
+            } else {
+                due.push(key);
             }
         }
-        due
+        (settled, due)
     }
 
     /// Starts storing a held message's copies that are not settled yet, once per message (the
@@ -507,7 +520,11 @@ pub async fn store_all<S: Store>(state: &Shared<S>) {
 /// Stores every held message whose window has ended (run every quarter window by
 /// `crate::sweeps`), each in a task of its own.
 pub async fn store_due<S: Store>(state: Shared<S>) {
-    for key in state.held.due(now_ms()) {
+    let (settled, due) = state.held.due(now_ms());
+    for key in settled {
+        settle(&state, key);
+    }
+    for key in due {
         let task_state = state.clone();
         state
             .tasks
@@ -556,8 +573,8 @@ mod tests {
         );
         assert_eq!(held.for_ack(key, DeviceId([2; 16]), true), ForAck::NotHeld);
         assert!(!held.decided(key, DeviceId([2; 16]), true));
-        assert!(held.due(99).is_empty());
-        assert_eq!(held.due(100), vec![key]);
+        assert_eq!(held.due(99), (vec![], vec![]));
+        assert_eq!(held.due(100), (vec![], vec![key]), "due, a copy to store");
         let to_store = held.start_storing(key).expect("one copy left");
         assert_eq!(to_store.message.copies.len(), 1);
         assert_eq!(to_store.message.decided, vec![DeviceId([2; 16])]);
@@ -591,7 +608,16 @@ mod tests {
             !held.decided(key, DeviceId([3; 16]), true),
             "every copy settled, but the send not answered yet"
         );
-        assert!(held.answered(key), "settled once answered");
+        assert!(
+            !held.answered(key),
+            "answered, but its window has not ended"
+        );
+        assert_eq!(
+            held.due(100),
+            (vec![key], vec![]),
+            "settled at the window's end"
+        );
+        assert!(!held.is_held(key));
     }
 
     #[test]
@@ -608,7 +634,15 @@ mod tests {
                 ..
             }
         ));
-        assert!(held.decided(key, DeviceId([3; 16]), true));
+        assert_eq!(
+            held.due(100),
+            (vec![], vec![key]),
+            "its copy still undecided"
+        );
+        assert!(
+            held.decided(key, DeviceId([3; 16]), true),
+            "decided after its window"
+        );
     }
 
     #[test]

@@ -432,9 +432,22 @@ async fn decide_and_enqueue<S: Store>(
     // Deliver first: a message accepted because the receiver is online, whose every copy goes
     // to a device with a live session here, is pushed with no disk write on the way and held
     // until each copy is decided or stored ([`crate::held`]).
+    //
+    // Only when every receiver device it goes to shows itself online to this sender (the
+    // sender's own devices are its own business): an answer that says the message is held
+    // (`settled = false`) then tells the sender nothing its presence proofs do not, and the
+    // `Settled` goes at the window's end, not at the last acknowledgement, so that when it comes
+    // says nothing of when each device took it (P7).
+    let (to_receiver, own_copies): (Vec<DeviceId>, Vec<DeviceId>) = copy_devices
+        .iter()
+        .partition(|device| route.devices.contains(device));
     if outcome == SendOutcome::Accepted
         && state.held.enabled()
-        && state.hub.all_listening(copy_devices.iter().copied())
+        && state.hub.all_listening(own_copies.iter().copied())
+        && state
+            .hub
+            .count_visible(&to_receiver, identity.device, &proofs, now)
+            == to_receiver.len()
     {
         let key = (identity.device, id);
         if state.held.is_held(key) {
