@@ -30,6 +30,10 @@ use crate::delivery::deliver_frame;
 use crate::metrics::Outcome;
 use crate::state::Shared;
 
+/// What a held copy costs beyond its payload, as the bound counts it (the copy's entry, its
+/// message's share and its deadline): so that copies with tiny payloads are bounded too.
+pub const COPY_OVERHEAD: usize = 128;
+
 /// A message as the server names it: its sending device and id.
 pub type Key = (DeviceId, MessageId);
 
@@ -172,7 +176,11 @@ impl Held {
         now: Millis,
     ) -> bool {
         let key = (message.sender_device, message.id);
-        let bytes: usize = message.copies.iter().map(|(_, p)| p.len()).sum();
+        let bytes: usize = message
+            .copies
+            .iter()
+            .map(|(_, p)| p.len() + COPY_OVERHEAD)
+            .sum();
         let mut inner = self.inner();
         if inner.entries.contains_key(&key) || inner.bytes + bytes > self.max_bytes {
             return false;
@@ -561,7 +569,7 @@ mod tests {
         assert!(held.hold(&m, &[DeviceId([2; 16])], 0, 0));
         assert!(!held.hold(&m, &[], 0, 0), "held once");
         assert!(!held.answered(key));
-        assert_eq!(held.bytes(), 200);
+        assert_eq!(held.bytes(), 200 + 2 * COPY_OVERHEAD);
         assert_eq!(
             held.for_ack(key, DeviceId([2; 16]), true),
             ForAck::Held {
@@ -647,11 +655,24 @@ mod tests {
 
     #[test]
     fn holding_is_bounded_by_bytes() {
-        let held = Held::new(100, 250);
+        let held = Held::new(100, 250 + 2 * COPY_OVERHEAD);
         assert!(held.hold(&message(1, &[2, 3]), &[], 0, 0));
         assert!(!held.hold(&message(2, &[2]), &[], 0, 0));
         let key = (DeviceId([1; 16]), MessageId([1; 16]));
         assert!(!held.stored(key, false), "refused: forgotten, not settled");
         assert!(held.hold(&message(2, &[2]), &[], 0, 0));
+    }
+
+    #[test]
+    fn copies_with_empty_payloads_are_bounded_too() {
+        let held = Held::new(100, 10 * COPY_OVERHEAD);
+        let empty = |id: u8| NewMessage {
+            copies: vec![(DeviceId([2; 16]), Bytes::new())],
+            ..message(id, &[])
+        };
+        let taken = (0..=20u8)
+            .filter(|id| held.hold(&empty(*id), &[], 0, 0))
+            .count();
+        assert_eq!(taken, 10);
     }
 }
