@@ -12,6 +12,12 @@
 //! settled, is shown on every device of the receiver and of the sender's number; one its client
 //! ended as not sent is shown on none of the receiver's.
 //!
+//! The receiver writes to the sender first, so the sender's messages are a contact's; in every
+//! other round the receiver's second device and the sender's own listen too, so that messages
+//! whose every device is online are pushed from memory and held (deliver first, with a 30 ms
+//! acknowledgement window so that held copies are both decided and stored), and in the others
+//! some copies wait on disk.
+//!
 //! A failure prints the seed; `TIDINGS_CRASH_SEED=<seed>` runs the same draws again (the
 //! machine's timing still varies).
 //!
