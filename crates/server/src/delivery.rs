@@ -204,6 +204,11 @@ async fn ack_held<S: Store>(
             .hub
             .notify_from(&sender_device, &delivered_receipt(id), 0)
     });
+    if newer.is_some() {
+        // The sender's session writes the receipt before the record's write wakes the store's
+        // writer (a system call, and a thread that then competes for the cores).
+        crate::hub::let_woken_run().await;
+    }
     failpoint("server-held-decision-before");
     let acked = match state.store.ack_held(copy, kind).await {
         Ok(staged) => {

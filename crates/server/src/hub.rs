@@ -16,6 +16,14 @@ use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
 use tokio::sync::Notify;
 
+/// Lets the sessions a task has just woken (by pushing to their mailboxes) run before the task
+/// goes on. The runtime runs the task woken last first, so without this a request's own answer
+/// (or a system call of its next step) would go before the frames it pushed to others, which are
+/// what the other side is waiting for.
+pub async fn let_woken_run() {
+    tokio::task::yield_now().await;
+}
+
 /// Frames queued per session before the session counts as slow.
 pub const SESSION_QUEUE: usize = 1024;
 /// Bytes queued per session (as they will be written, length prefixes included). A delivery

@@ -278,24 +278,35 @@ async fn decide_and_store<S: Store>(
     if !handed_over {
         drop(order.hand_over.wait(place.ticket).await);
     }
-    let _push_turn = order.push.wait(place.ticket).await;
+    let push_turn = order.push.wait(place.ticket).await;
     match decided {
         Ok((stored, (sender, id, sent_at, copies))) => {
             let held = matches!(stored, Stored::Held);
             let mut untaken = false;
+            let mut pushed = false;
             for (device, payload) in copies {
                 let frame = deliver_frame(sender, id, sent_at, payload);
                 failpoint("server-push-before");
-                if state.hub.deliver(&device, &frame) == 0 && held {
-                    // Its session went, or could not take it: stored at once, not at the end
-                    // of the window.
-                    state.held.not_taken((sender, id), device);
-                    untaken = true;
+                if state.hub.deliver(&device, &frame) == 0 {
+                    if held {
+                        // Its session went, or could not take it: stored at once, not at the
+                        // end of the window.
+                        state.held.not_taken((sender, id), device);
+                        untaken = true;
+                    }
+                } else {
+                    pushed = true;
                 }
                 failpoint("server-push-after");
             }
             if untaken {
                 crate::held::store_held(state, (sender, id)).await;
+            }
+            drop(push_turn);
+            if pushed {
+                // The receivers' sessions write their copies before the sender's session writes
+                // this send's answer: woken last, the sender's would run first.
+                crate::hub::let_woken_run().await;
             }
             stored
         }

@@ -41,6 +41,11 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a shutdown waits for a session's requests to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Room made for each read of a busy session, at least. A read that fills its room leaves the
+/// socket marked readable, so the next costs a system call that finds nothing; with room to
+/// spare, one read takes what came (a frame is usually a few hundred bytes) and the runtime knows
+/// the socket is drained.
+const READ_ROOM: usize = 4096;
 
 async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
     writer.write_all(&codec::encode_to_bytes(frame)).await?;
@@ -522,8 +527,8 @@ where
     /// Waits, with nothing in flight, for a frame or a message to write; the hub's wake-up
     /// (heartbeat sweep, shutdown) makes it look again. False when the session is to end.
     /// Polled by hand: an idle session's task holds this future, so it keeps no `select!` state,
-    /// no wait-list entry and no read buffer (a read makes room for 64 bytes; when nothing came,
-    /// they are freed at once).
+    /// no wait-list entry and no read buffer (a read makes room for [`READ_ROOM`] bytes; when
+    /// nothing came, they are freed at once).
     fn idle_wait(&mut self) -> impl std::future::Future<Output = bool> + Send + '_ {
         std::future::poll_fn(move |cx| {
             loop {
@@ -544,6 +549,7 @@ where
                     Poll::Pending => break,
                 }
             }
+            self.buf.reserve(READ_ROOM);
             match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                 Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(false),
                 Poll::Ready(Ok(_)) => {
@@ -648,9 +654,9 @@ where
                 }
             }
         }
-        if let Ok(Some(needed)) = codec::needed(&self.buf) {
-            self.buf.reserve(needed.saturating_sub(self.buf.len()));
-        }
+        let needed = codec::needed(&self.buf).ok().flatten().unwrap_or(0);
+        self.buf
+            .reserve(needed.saturating_sub(self.buf.len()).max(READ_ROOM));
         if !out.is_empty() && !self.write_out(out).await {
             return Some(End::Close);
         }
