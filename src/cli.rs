@@ -137,7 +137,8 @@ pub enum Command {
 pub struct RegisterArgs {
     /// Your phone number in international form, such as +4915112345678
     pub number: String,
-    /// The server's URL, such as https://tidings.example:7433
+    /// The server's URL, such as https://tidings.example:7433; several addresses of the same
+    /// service separated by commas are tried in turn
     #[arg(long, env = "TIDINGS_SERVER")]
     pub server: String,
     /// Prove the number with an SMS you send (shown here) instead of a code the server sends;
@@ -182,7 +183,8 @@ pub struct LinkArgs {
     /// The whole link string shown on the registered device (its code and secret)
     #[arg(value_name = "LINK_STRING")]
     pub code: Option<String>,
-    /// The server's URL (on the new device)
+    /// The server's URL (on the new device); several addresses separated by commas are tried
+    /// in turn
     #[arg(long, env = "TIDINGS_SERVER")]
     pub server: Option<String>,
     #[command(flatten)]

@@ -264,3 +264,50 @@ fn a_refused_registration_says_when_to_try_again() {
         "{stderr}"
     );
 }
+
+/// A profile may name several addresses of the service, separated by commas: the client tries
+/// them in turn, so a node that is down costs a refused connection, not the user's messages;
+/// when none answers, the error names each address.
+#[test]
+fn a_profile_with_several_addresses_uses_the_next_when_one_is_down() {
+    let server = Server::start(&[]);
+    // An address where nothing listens: a port held by a socket that never listens, so that
+    // no other test's server can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().expect("socket");
+    held.bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let dead = format!("http://{}", held.local_addr().expect("local address"));
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register_via(
+        &alice_number,
+        &server,
+        &format!("{dead},{}", server.url),
+        &[],
+    );
+    let bob = User::register_via(
+        &bob_number,
+        &server,
+        &format!("{}, {dead}", server.url),
+        &[],
+    );
+    let (answer, code) = alice.send(&bob_number, "through the second address", &[]);
+    assert_eq!(
+        (answer["outcome"].as_str(), code),
+        (Some("queued"), 0),
+        "{answer}"
+    );
+    let received = bob.receive(1, PATIENCE);
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0]["text"], "through the second address");
+
+    let nobody = number();
+    let lost = User::new(&nobody);
+    let out = lost.run(&["register", &nobody, "--server", &format!("{dead},{dead}")]);
+    assert!(!out.status.success());
+    let error = text(&out.stderr);
+    assert!(
+        error.contains("no address of the server answered")
+            && error.matches("127.0.0.1").count() >= 2,
+        "{error}"
+    );
+}

@@ -5,6 +5,7 @@
 //! would break, so nothing else may open a connection.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,19 +32,27 @@ const MAX_RESPONSE: usize = 256 * 1024;
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-/// Where the server is and how to trust it.
+/// Where the server is and how to trust it: one or more addresses of the same service (its
+/// nodes), tried in turn.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
+    addresses: Arc<[Address]>,
+    trust: Trust,
+    /// The address that answered last, tried first next time.
+    preferred: Arc<AtomicUsize>,
+}
+
+/// One address of the server.
+#[derive(Debug)]
+struct Address {
     tls: bool,
     host: String,
     port: u16,
-    trust: Trust,
 }
 
-impl Endpoint {
-    /// Parses `http://host:port` or `https://host:port`. A plain-HTTP server that is not on this
-    /// machine is refused unless `trust.insecure` is set.
-    pub fn parse(url: &str, trust: Trust) -> Result<Self> {
+impl Address {
+    /// Parses `http://host:port` or `https://host:port`.
+    fn parse(url: &str) -> Result<Self> {
         let uri: hyper::Uri = url.parse().map_err(|_| {
             ClientError::Profile(format!(
                 "`{url}` is not a URL such as https://tidings.example:7433"
@@ -65,18 +74,7 @@ impl Endpoint {
             .trim_end_matches(']')
             .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let endpoint = Self {
-            tls,
-            host,
-            port,
-            trust,
-        };
-        if !tls && !endpoint.is_loopback() && !endpoint.trust.insecure {
-            return Err(ClientError::Profile(
-                "refusing plain HTTP to a server that is not on this machine: use https://, or pass --insecure".into(),
-            ));
-        }
-        Ok(endpoint)
+        Ok(Self { tls, host, port })
     }
 
     fn is_loopback(&self) -> bool {
@@ -92,7 +90,7 @@ impl Endpoint {
     }
 
     /// Opens a byte stream (TCP, then TLS if the URL says https).
-    pub async fn connect(&self) -> Result<Box<dyn Stream>> {
+    async fn connect(&self, trust: &Trust) -> Result<Box<dyn Stream>> {
         let tcp = tokio::time::timeout(
             NETWORK_TIMEOUT,
             TcpStream::connect((self.host.as_str(), self.port)),
@@ -104,7 +102,7 @@ impl Endpoint {
         if !self.tls {
             return Ok(Box::new(tcp));
         }
-        let config = tls_config(&self.trust)?;
+        let config = tls_config(trust)?;
         let name = ServerName::try_from(self.host.clone()).map_err(|_| {
             ClientError::Profile(format!("`{}` is not a valid server name", self.host))
         })?;
@@ -116,6 +114,60 @@ impl Endpoint {
         .map_err(|_| ClientError::Timeout)?
         .map_err(|e| ClientError::Network(format!("TLS with {}: {e}", self.authority())))?;
         Ok(Box::new(tls))
+    }
+}
+
+impl Endpoint {
+    /// Parses `http://host:port` or `https://host:port`, or several such URLs separated by
+    /// commas: addresses of the same service, each trusted the same way. A plain-HTTP server
+    /// that is not on this machine is refused unless `trust.insecure` is set.
+    pub fn parse(urls: &str, trust: Trust) -> Result<Self> {
+        let addresses = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(Address::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if addresses.is_empty() {
+            return Err(ClientError::Profile("no server URL was given".into()));
+        }
+        if !trust.insecure && addresses.iter().any(|a| !a.tls && !a.is_loopback()) {
+            return Err(ClientError::Profile(
+                "refusing plain HTTP to a server that is not on this machine: use https://, or pass --insecure".into(),
+            ));
+        }
+        Ok(Self {
+            addresses: addresses.into(),
+            trust,
+            preferred: Arc::default(),
+        })
+    }
+
+    /// Opens a byte stream to the first address that answers, starting with the one that
+    /// answered last; returns it with the address's `host:port` (the request's `Host`). When
+    /// none answers, the error names each address's failure.
+    async fn connect(&self) -> Result<(Box<dyn Stream>, String)> {
+        let count = self.addresses.len();
+        let first = self.preferred.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        for index in (0..count).map(|k| (first + k) % count) {
+            let address = &self.addresses[index];
+            match address.connect(&self.trust).await {
+                Ok(stream) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok((stream, address.authority()));
+                }
+                // A refusal of the configuration (a bad name, an unreadable CA file) is the
+                // same at every address.
+                Err(e @ ClientError::Profile(_)) => return Err(e),
+                Err(e) if count == 1 => return Err(e),
+                Err(e) => failures.push(format!("{}: {e}", address.authority())),
+            }
+        }
+        Err(ClientError::Network(format!(
+            "no address of the server answered ({})",
+            failures.join("; ")
+        )))
     }
 
     /// Sends one JSON request and returns the status and the JSON body (with `retry_after` taken
@@ -139,7 +191,7 @@ impl Endpoint {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value)> {
-        let stream = self.connect().await?;
+        let (stream, authority) = self.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                 .await
@@ -148,7 +200,7 @@ impl Endpoint {
         let request = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, self.authority())
+            .header(hyper::header::HOST, authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(
                 body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
@@ -192,7 +244,7 @@ impl Endpoint {
         &self,
         resume: Option<(&[u8], bool)>,
     ) -> Result<(Box<dyn Stream>, Upgraded)> {
-        let stream = self.connect().await?;
+        let (stream, authority) = self.connect().await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                 .await
@@ -201,7 +253,7 @@ impl Endpoint {
         let mut request = Request::builder()
             .method(Method::GET)
             .uri("/v1/connect")
-            .header(hyper::header::HOST, self.authority())
+            .header(hyper::header::HOST, authority)
             .header(hyper::header::CONNECTION, "upgrade")
             .header(hyper::header::UPGRADE, tidings_proto::UPGRADE_PROTOCOL);
         if let Some((token, listen)) = resume {
