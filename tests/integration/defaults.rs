@@ -4,12 +4,12 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::support::{
-    eventually, free_port, number, patience, wait_output, Server, TempDir, User, BIN, PATIENCE,
-    QUIET,
+    eventually, free_port, isolated_server, number, patience, wait_output, Server, TempDir, User,
+    PATIENCE, QUIET,
 };
 
 /// The permission bits of a file or directory.
@@ -62,16 +62,8 @@ fn a_zero_address_limit_is_refused_at_start_with_its_name() {
         ("--body-timeout-seconds", "body_timeout_seconds"),
     ] {
         let dir = TempDir::new("zero-limit");
-        let mut child = Command::new(BIN)
-            .args(["server", "--listen", "127.0.0.1:0", flag, "0"])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--key-file")
-            .arg(dir.path().join("server.key"))
-            .arg("--outbox-dir")
-            .arg(dir.path().join("outbox"))
-            .env_remove("TIDINGS_CONFIG")
-            .env("HOME", dir.path())
+        let mut child = isolated_server(&dir, "127.0.0.1:0")
+            .args([flag, "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -100,17 +92,8 @@ fn plain_tcp_on_a_public_address_is_warned_about_at_start() {
     let log_file = dir.path().join("server.log");
     let log = std::fs::File::create(&log_file).expect("log file");
     let port = free_port();
-    let mut child = Command::new(BIN)
-        .args(["server", "--listen", &format!("0.0.0.0:{port}")])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--key-file")
-        .arg(dir.path().join("server.key"))
-        .arg("--outbox-dir")
-        .arg(dir.path().join("outbox"))
+    let mut child = isolated_server(&dir, &format!("0.0.0.0:{port}"))
         .args(["--metrics-listen", "off"])
-        .env_remove("TIDINGS_CONFIG")
-        .env("HOME", dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

@@ -188,6 +188,30 @@ fn metrics_count_events_without_identifiers() {
     );
 }
 
+/// Each node names itself in its metrics (`tidings_node_info`), so that an operator scraping
+/// several tells them apart; a name that would not be a clean label value is refused at start.
+#[test]
+fn metrics_name_the_node() {
+    let server = Server::start(&["--node-name", "tidings-b.2"]);
+    let (status, body) = get(server.metrics_port, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(r#"tidings_node_info{node="tidings-b.2"} 1"#),
+        "{body}"
+    );
+    let dir = TempDir::new("node-name");
+    let out = crate::support::isolated_server(&dir, "127.0.0.1:0")
+        .args(["--node-name", "a\"b"])
+        .output()
+        .expect("run tidings");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("node_name `a\"b` must be 1-64 letters"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// `/metrics` is the operator's: it is served on an address of its own (loopback by default),
 /// never on the public port, where anyone could watch the server's traffic.
 #[test]

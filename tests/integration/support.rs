@@ -11,6 +11,23 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tidings");
 
+/// `tidings server` listening on `listen`, with every path in `dir` and neither the caller's
+/// config file nor its home: for checks of how the server starts, or refuses to.
+pub fn isolated_server(dir: &TempDir, listen: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["server", "--listen", listen])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--key-file")
+        .arg(dir.path().join("server.key"))
+        .arg("--outbox-dir")
+        .arg(dir.path().join("outbox"))
+        .env_remove("TIDINGS_CONFIG")
+        .env("HOME", dir.path());
+    command
+}
+
 /// Seconds a test waits at most for something that should happen. Generous, because the machine
 /// may be loaded; a passing test does not wait it out, as every such wait ends when the awaited
 /// thing happens (`listen --count`, `eventually`, `listen_until`).

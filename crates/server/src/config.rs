@@ -29,6 +29,10 @@ pub struct ServerArgs {
     /// [default: 127.0.0.1:9464]
     #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// This node's name, the `node` label of every metric (1-64 letters, digits, `.`, `_`,
+    /// `-`) [default: the machine's host name]
+    #[arg(long, env = "TIDINGS_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Directory holding all server state [default: $XDG_DATA_HOME/tidings/server]
     #[arg(long, env = "TIDINGS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -229,6 +233,7 @@ pub struct ServerArgs {
 struct FileConfig {
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
+    node_name: Option<String>,
     data_dir: Option<PathBuf>,
     store: Option<String>,
     key_file: Option<PathBuf>,
@@ -294,6 +299,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where `/metrics` is served; `None` when turned off.
     pub metrics_listen: Option<SocketAddr>,
+    /// This node's name: the `node` label of every metric.
+    pub node_name: String,
     pub data_dir: PathBuf,
     /// The storage engine the server runs on.
     pub store: StoreEngine,
@@ -470,6 +477,29 @@ pub fn data_home() -> PathBuf {
 /// The default metrics address: loopback, the port Prometheus exporters commonly use.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Checks a node name given by the operator: it becomes a label value of every metric.
+fn node_name(name: &str) -> anyhow::Result<String> {
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        anyhow::bail!(
+            "node_name `{name}` must be 1-64 letters, digits, `.`, `_` or `-`, such as tidings-1"
+        );
+    }
+    Ok(name.to_string())
+}
+
+/// The machine's host name, as the kernel holds it, when it is a valid node name; else
+/// `tidings`.
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|name| node_name(name.trim()).ok())
+        .unwrap_or_else(|| "tidings".to_string())
+}
 
 /// `off`, or an address and port.
 fn metrics_address(text: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -665,6 +695,10 @@ impl ServerArgs {
             metrics_listen: match self.metrics_listen.clone().or(file.metrics_listen) {
                 Some(text) => metrics_address(&text)?,
                 None => Some(DEFAULT_METRICS_LISTEN),
+            },
+            node_name: match self.node_name.clone().or(file.node_name) {
+                Some(name) => node_name(&name)?,
+                None => default_node_name(),
             },
             data_dir: self
                 .data_dir

@@ -278,7 +278,7 @@ impl<S: Store> Server<S> {
             );
         }
         let keys = keys::ServerKeys::load_or_create(&config.key_file)?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&config.node_name));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let workers = runtime.metrics().num_workers();
             metrics

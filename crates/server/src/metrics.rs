@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// A label with one fixed word.
@@ -64,9 +65,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
-    pub fn new() -> Self {
+    /// Creates and registers every metric; `tidings_node_info{node="..."} 1` names the node.
+    pub fn new(node: &str) -> Self {
         let mut registry = Registry::with_prefix("tidings");
+        registry.register(
+            "node",
+            "This node's name (the `node_name` setting), in the label `node`",
+            Info::new(vec![("node".to_string(), node.to_string())]),
+        );
         let metrics = Self {
             connections: Counter::default(),
             sessions_active: Gauge::default(),
@@ -190,6 +196,6 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> axum::response::Response
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new("tidings")
     }
 }

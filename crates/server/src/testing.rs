@@ -77,7 +77,7 @@ impl World {
         let config = args.resolve().expect("settings");
         let keys = ServerKeys::load_or_create(&config.key_file).expect("keys");
         let store = MemoryStore::new();
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&config.node_name));
         let state = Arc::new(State::new(config, store, keys, metrics));
         Self { state, dir }
     }
