@@ -29,8 +29,8 @@ pub struct ServerArgs {
     /// [default: 127.0.0.1:9464]
     #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// This node's name, the `node` label of every metric (1-64 letters, digits, `.`, `_`,
-    /// `-`) [default: the machine's host name]
+    /// This node's name, given in /metrics as `tidings_node_info{node="..."}` (1-64 letters,
+    /// digits, `.`, `_`, `-`) [default: the machine's host name]
     #[arg(long, env = "TIDINGS_NODE_NAME")]
     pub node_name: Option<String>,
     /// Directory holding all server state [default: $XDG_DATA_HOME/tidings/server]
@@ -299,7 +299,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Where `/metrics` is served; `None` when turned off.
     pub metrics_listen: Option<SocketAddr>,
-    /// This node's name: the `node` label of every metric.
+    /// This node's name, given in `/metrics` (`tidings_node_info`).
     pub node_name: String,
     pub data_dir: PathBuf,
     /// The storage engine the server runs on.
@@ -478,7 +478,7 @@ pub fn data_home() -> PathBuf {
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
-/// Checks a node name given by the operator: it becomes a label value of every metric.
+/// Checks a node name given by the operator: it becomes a label value in `/metrics`.
 fn node_name(name: &str) -> anyhow::Result<String> {
     let valid = (1..=64).contains(&name.len())
         && name

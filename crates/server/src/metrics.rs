@@ -193,9 +193,3 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
 async fn render(State(metrics): State<Arc<Metrics>>) -> axum::response::Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.render()).into_response()
 }
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new("tidings")
-    }
-}
