@@ -25,8 +25,3 @@ fn session_start() -> std::time::Instant {
 pub fn session_ms() -> Millis {
     Millis::try_from(session_start().elapsed().as_millis()).unwrap_or(Millis::MAX)
 }
-
-/// A time on the session clock as an instant, for a session that waits on a timer of its own.
-pub fn session_instant(at_ms: Millis) -> tokio::time::Instant {
-    tokio::time::Instant::from_std(session_start() + std::time::Duration::from_millis(at_ms))
-}

@@ -1135,7 +1135,6 @@ async fn resume<S: Store>(state: &Shared<S>, token: &[u8], listen: bool) -> Opti
             Some(resumed)
         }
         Err(NotResumed::DeviceGone) => {
-            state.resumption.forget(device);
             outcome("refused_device_gone");
             None
         }

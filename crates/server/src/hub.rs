@@ -32,6 +32,16 @@ pub const SESSION_QUEUE: usize = 1024;
 /// gets them at its next login. What waits for room (the stored queue's drain, answers) waits.
 pub const SESSION_QUEUE_BYTES: usize = 1024 * 1024;
 
+/// What a busy session's mailbox has for it ([`Mailbox::next_event`]).
+#[derive(Debug)]
+pub enum MailEvent {
+    /// Its queue overflowed: the session is to close.
+    Overflowed,
+    Message(Outbound),
+    /// Woken without a message: look at the heartbeat deadline and the shutdown.
+    Woken,
+}
+
 /// What a session is asked to do.
 #[derive(Debug)]
 pub enum Outbound {
@@ -263,6 +273,26 @@ impl Mailbox {
         .await
     }
 
+    /// The next thing a busy session must look at: its queue overflowed, a message, or a wake-up
+    /// without one (the heartbeat sweep or a shutdown: the session looks at its deadline and
+    /// the shutdown again). Cancel-safe, and only the session's own task waits on it, as for
+    /// [`Mailbox::recv`]. A busy session so needs no timer and no shutdown future of its own.
+    pub async fn next_event(&self) -> MailEvent {
+        std::future::poll_fn(|cx| {
+            if self.is_overflowed() {
+                return Poll::Ready(MailEvent::Overflowed);
+            }
+            if let Some(message) = self.take(Some(cx)) {
+                return Poll::Ready(MailEvent::Message(message));
+            }
+            if std::mem::take(&mut self.inner().woken) {
+                return Poll::Ready(MailEvent::Woken);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Ready with `true` when something is queued, with `false` when the session was woken to
     /// look at its state again (which may be spuriously); takes nothing. Otherwise the task is
     /// woken by either. Only the session's own task polls it, as for [`Mailbox::recv`].
@@ -296,11 +326,6 @@ impl Mailbox {
     /// Whether the heartbeat deadline has passed at `now_ms`.
     pub fn lapsed(&self, now_ms: u64) -> bool {
         now_ms >= self.heard_until.load(Ordering::Relaxed)
-    }
-
-    /// The heartbeat deadline as an instant, for a session that waits on a timer of its own.
-    pub fn deadline(&self) -> tokio::time::Instant {
-        crate::clock::session_instant(self.heard_until.load(Ordering::Relaxed))
     }
 
     /// Whether nothing is queued.

@@ -9,16 +9,16 @@
 //! passed, and its serial is one this process issued to that device and has not yet seen back.
 //! The caller then checks the device in the store, at every use.
 //!
-//! Single use without a disk write per connect: the serials issued and not yet used are kept in
-//! memory only, a few per device ([`SLOTS`]), and a use takes its serial out. A restart forgets
-//! them, and the epoch (random, drawn at start) makes every token of an earlier process fail
-//! before its serial is even looked at, so a serial the new process reissues cannot be matched
-//! by an old token. A refused token is never an error for the client: it falls back to the
-//! challenge login. Nothing here is written or logged.
+//! Single use without a disk write per connect, and without memory per device: serials are
+//! issued in order, and a window over the last [`WINDOW`] of them holds one bit each, set while
+//! its token is unused. A use clears its bit; a serial older than the window counts as used (its
+//! device falls back to the challenge login). A restart forgets the window, and the epoch
+//! (random, drawn at start) makes every token of an earlier process fail before its serial is
+//! even looked at, so a serial the new process reissues cannot be matched by an old token. A
+//! refused token is never an error for the client: it falls back to the challenge login. Nothing
+//! here is written or logged.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use rand::RngCore as _;
 use tidings_core::Millis;
@@ -38,10 +38,10 @@ const MAC_BYTES: usize = 32;
 pub const TOKEN_BYTES: usize = BODY_BYTES + MAC_BYTES;
 /// The longest a token may be valid: the `resume_token_seconds` setting is capped to it.
 pub const MAX_LIFETIME_SECONDS: u64 = 24 * 60 * 60;
-/// Unused tokens kept per device: one per session it may hold ([`crate::config`]'s default
-/// `sessions_per_device`). A device that logs in more often than it resumes loses its oldest
-/// token, which then falls back to the challenge login.
-pub const SLOTS: usize = 4;
+/// Serials a token stays usable for: one issued this many logins later takes its place. Four per
+/// device for a million devices (`state::LIMITER_CAPACITY`), in 512 KiB whose pages are touched
+/// only as serials are issued.
+pub const WINDOW: u64 = 1 << 22;
 
 /// Why a token was refused (the `resumes` metric's outcome).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,7 @@ pub enum Refused {
     OtherEpoch,
     /// Past its expiry.
     Expired,
-    /// Already used, or forgotten (a newer token took its slot, or the table was full).
+    /// Already used, or older than the window of serials.
     Used,
 }
 
@@ -75,24 +75,37 @@ pub struct Resumption {
     next_serial: AtomicU64,
     /// How long a token is valid; 0: none is issued.
     lifetime: Millis,
-    /// Each device's unused serials (0: an empty slot), at most `capacity` devices.
-    outstanding: Mutex<HashMap<DeviceId, [u64; SLOTS]>>,
-    capacity: usize,
+    /// One bit per serial of the window (serial modulo its size), set while its token is unused.
+    unused: Box<[AtomicU64]>,
 }
 
 impl Resumption {
-    /// A table for at most `capacity` devices, issuing tokens valid for `lifetime_seconds`
-    /// (capped at [`MAX_LIFETIME_SECONDS`]; 0 issues none).
-    pub fn new(lifetime_seconds: u64, capacity: usize) -> Self {
+    /// A table issuing tokens valid for `lifetime_seconds` (capped at [`MAX_LIFETIME_SECONDS`];
+    /// 0 issues none), each usable until `window` later serials were issued (rounded up to a
+    /// multiple of 64).
+    pub fn new(lifetime_seconds: u64, window: u64) -> Self {
         let mut epoch = [0u8; 8];
         rand::rngs::OsRng.fill_bytes(&mut epoch);
+        let words = window.div_ceil(64).max(1);
         Self {
             epoch,
             next_serial: AtomicU64::new(1),
             lifetime: lifetime_seconds.min(MAX_LIFETIME_SECONDS) * 1000,
-            outstanding: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
+            unused: (0..words).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// Serials in the window.
+    fn window(&self) -> u64 {
+        self.unused.len() as u64 * 64
+    }
+
+    /// The word and bit of `serial`.
+    fn bit(&self, serial: u64) -> (&AtomicU64, u64) {
+        let at = serial % self.window();
+        // Below the window's length: a valid index.
+        let word = &self.unused[usize::try_from(at / 64).unwrap_or(0)];
+        (word, 1 << (at % 64))
     }
 
     /// A fresh token for `device`, valid from `now` for the lifetime; empty when resumption is
@@ -102,26 +115,8 @@ impl Resumption {
             return Vec::new();
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut outstanding = self
-                .outstanding
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !outstanding.contains_key(&device) && outstanding.len() >= self.capacity {
-                // Full: forget some device's tokens (they fall back to the challenge login)
-                // rather than refuse to issue.
-                if let Some(victim) = outstanding.keys().next().copied() {
-                    outstanding.remove(&victim);
-                }
-            }
-            let slots = outstanding.entry(device).or_insert([0; SLOTS]);
-            // The empty slot, or else the oldest serial (serials only grow).
-            let slot = slots
-                .iter_mut()
-                .min_by_key(|serial| **serial)
-                .unwrap_or_else(|| unreachable!());
-            *slot = serial;
-        }
+        let (word, bit) = self.bit(serial);
+        word.fetch_or(bit, Ordering::AcqRel);
         let mut token = Vec::with_capacity(TOKEN_BYTES);
         token.push(VERSION);
         token.extend_from_slice(device.as_bytes());
@@ -162,37 +157,25 @@ impl Resumption {
         if now >= field(epoch_at + 16) {
             return Err(Refused::Expired);
         }
-        let mut outstanding = self
-            .outstanding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slots = outstanding.get_mut(&device).ok_or(Refused::Used)?;
-        let slot = slots
-            .iter_mut()
-            .find(|held| **held == serial)
-            .ok_or(Refused::Used)?;
-        *slot = 0;
-        if slots.iter().all(|held| *held == 0) {
-            outstanding.remove(&device);
+        // Older than the window: its bit now stands for a newer serial.
+        let issued = self.next_serial.load(Ordering::Acquire);
+        if serial >= issued || issued - serial > self.window() {
+            return Err(Refused::Used);
+        }
+        let (word, bit) = self.bit(serial);
+        if word.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+            return Err(Refused::Used);
         }
         Ok(device)
     }
 
-    /// Forgets every token of `device` (it was removed or signed out).
-    pub fn forget(&self, device: DeviceId) {
-        self.outstanding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&device);
-    }
-
-    /// Devices holding an unused token now.
+    /// Serials whose tokens are unused now.
     #[cfg(test)]
-    fn devices(&self) -> usize {
-        self.outstanding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+    fn unused(&self) -> u32 {
+        self.unused
+            .iter()
+            .map(|word| word.load(Ordering::Acquire).count_ones())
+            .sum()
     }
 }
 
@@ -214,12 +197,12 @@ mod tests {
     }
 
     /// Each rule of a token, one case each: it resumes once, and never after its expiry, from
-    /// another process, with a changed byte, under another key, or past its device's slots.
+    /// another process, with a changed byte or under another key.
     #[test]
     fn a_token_resumes_once_and_only_as_issued() {
         let keys = keys("once");
         let other_keys = self::keys("other");
-        let table = Resumption::new(60, 100);
+        let table = Resumption::new(60, 128);
         let now = 1_000_000;
         let token = table.issue(&keys, device(1), now);
         assert_eq!(token.len(), TOKEN_BYTES);
@@ -232,7 +215,7 @@ mod tests {
             Err(Refused::Expired)
         );
         assert_eq!(
-            Resumption::new(60, 100).redeem(&keys, &token, now),
+            Resumption::new(60, 128).redeem(&keys, &token, now),
             Err(Refused::OtherEpoch)
         );
         assert_eq!(
@@ -255,37 +238,31 @@ mod tests {
         assert_eq!(table.redeem(&keys, &[], now), Err(Refused::Malformed));
         assert_eq!(table.redeem(&keys, &token, now), Ok(device(1)));
 
-        // One device holds SLOTS unused tokens: a newer one pushes out the oldest.
-        let tokens: Vec<_> = (0..=SLOTS)
-            .map(|_| table.issue(&keys, device(2), now))
-            .collect();
-        assert_eq!(table.redeem(&keys, &tokens[0], now), Err(Refused::Used));
-        for token in &tokens[1..] {
+        // A device may hold several unused tokens, each good once.
+        let tokens: Vec<_> = (0..5).map(|_| table.issue(&keys, device(2), now)).collect();
+        for token in &tokens {
             assert_eq!(table.redeem(&keys, token, now), Ok(device(2)));
         }
-        assert_eq!(table.devices(), 0, "used tokens leave nothing behind");
-
-        let token = table.issue(&keys, device(3), now);
-        table.forget(device(3));
-        assert_eq!(table.redeem(&keys, &token, now), Err(Refused::Used));
-        assert!(Resumption::new(0, 100)
+        assert_eq!(table.unused(), 0, "used tokens leave nothing behind");
+        assert!(Resumption::new(0, 128)
             .issue(&keys, device(4), now)
             .is_empty());
     }
 
-    /// The table holds at most its capacity of devices, forgetting one to make room.
+    /// A token is refused once a window's worth of newer serials was issued: its bit then stands
+    /// for a newer token, which still resumes.
     #[test]
-    fn the_table_is_bounded() {
-        let keys = keys("bounded");
-        let table = Resumption::new(60, 3);
-        let tokens: Vec<_> = (0..10u8)
+    fn a_token_older_than_the_window_is_refused() {
+        let keys = keys("window");
+        let table = Resumption::new(60, 64);
+        let oldest = table.issue(&keys, device(1), 0);
+        let tokens: Vec<_> = (0..64u8)
             .map(|n| table.issue(&keys, device(n), 0))
             .collect();
-        assert_eq!(table.devices(), 3);
-        let resumed = tokens
-            .iter()
-            .filter(|token| table.redeem(&keys, token, 1).is_ok())
-            .count();
-        assert_eq!(resumed, 3);
+        assert_eq!(table.redeem(&keys, &oldest, 1), Err(Refused::Used));
+        for (n, token) in (0..64u8).zip(&tokens) {
+            assert_eq!(table.redeem(&keys, token, 1), Ok(device(n)), "token {n}");
+        }
+        assert_eq!(table.unused(), 0);
     }
 }

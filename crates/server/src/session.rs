@@ -6,9 +6,10 @@
 //! frame becomes a `Request` that `request` dispatches to its handler. Everything the session
 //! writes goes through one bounded queue and is coalesced into as few writes as the socket allows.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -25,7 +26,7 @@ use tokio_util::io::poll_read_buf;
 use crate::clock::{now_ms, session_ms};
 use crate::connection::{SessionSlot, Slot};
 use crate::delivery::{drain_queue, send_pending_receipts};
-use crate::hub::{Mailbox, Outbound, Outbox, Registration, TooManySessions};
+use crate::hub::{MailEvent, Mailbox, Outbound, Outbox, Registration, TooManySessions};
 use crate::identity::Identity;
 use crate::reply::{error, fatal};
 use crate::request::Request;
@@ -465,9 +466,10 @@ where
 
     /// Serves the session until it ends. An idle session waits in a small future of its own;
     /// everything a busy stretch needs runs boxed, allocated while traffic flows. So an idle
-    /// session's task holds little more than its socket and its mailbox: its heartbeat deadline
-    /// is checked by the hub's sweep and shutdown reaches it through the mailbox, so it keeps no
-    /// timer and no cancellation future of its own.
+    /// session's task holds little more than its socket and its mailbox. Idle or busy, its
+    /// heartbeat deadline is checked by the hub's sweep and shutdown reaches it through the
+    /// mailbox ([`Mailbox::next_event`]), so it keeps no timer and no cancellation future of its
+    /// own: none is registered and dropped again on every turn of a busy session's loop.
     async fn serve(&mut self) -> End {
         loop {
             if self.is_idle() {
@@ -582,13 +584,23 @@ where
             }
             tokio::select! {
                 biased;
-                () = self.state.shutdown.cancelled() => return Some(End::Close),
-                () = self.tx.overflowed() => return Some(self.ending()),
-                message = self.tx.recv() => {
-                    if self.write_mail(message, &mut out).await {
-                        return Some(self.ending());
+                event = self.tx.next_event() => match event {
+                    MailEvent::Overflowed => return Some(self.ending()),
+                    MailEvent::Message(message) => {
+                        if self.write_mail(message, &mut out).await {
+                            return Some(self.ending());
+                        }
                     }
-                }
+                    MailEvent::Woken => {
+                        if self.state.shutdown.is_cancelled() {
+                            return Some(End::Close);
+                        }
+                        if self.tx.lapsed(session_ms()) {
+                            tracing::debug!("session closed: heartbeat lapsed");
+                            return Some(End::Close);
+                        }
+                    }
+                },
                 read = self.io.read_buf(&mut self.buf), if self.tasks.as_ref().map_or(0, JoinSet::len) < MAX_IN_FLIGHT => {
                     match read {
                         Ok(0) | Err(_) => return Some(End::Close),
@@ -598,10 +610,6 @@ where
                     if let Some(end) = self.serve_input(&mut out).await {
                         return Some(end);
                     }
-                }
-                () = tokio::time::sleep_until(self.tx.deadline()) => {
-                    tracing::debug!("session closed: heartbeat lapsed");
-                    return Some(End::Close);
                 }
                 Some(_) = join_next(&mut self.tasks) => {}
             }
@@ -679,13 +687,25 @@ where
             codec::encode(&answer, out);
             return;
         }
-        let task = request.run(
+        let mut task = Box::pin(request.run(
             self.state.clone(),
             self.identity,
             self.tx.clone(),
             &mut self.send_order,
-        );
-        self.tasks().spawn(task);
+        ));
+        // Run at once, on this task: most requests finish without waiting (an acknowledgement,
+        // a send pushed to live sessions), and a task of their own would cost a spawn and a
+        // turn of the scheduler on the path of every message. One that must wait goes on as a
+        // task of the session. Polling it again there with that task's waker is what every
+        // future allows. It first lets the tasks it woke run (the receivers' sessions write
+        // before its answer, as it asked by yielding).
+        let mut cx = Context::from_waker(Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            self.tasks().spawn(async move {
+                crate::hub::let_woken_run().await;
+                task.await;
+            });
+        }
     }
 
     /// How long one write may wait for the client to take its bytes: as long as a client may stay

@@ -145,7 +145,7 @@ impl<S: Store> State<S> {
             rekey_refusals: Mutex::new(WindowTable::new(LIMITER_CAPACITY)),
             link_offers: Mutex::default(),
             declarations,
-            resumption: Resumption::new(config_resume_seconds, LIMITER_CAPACITY),
+            resumption: Resumption::new(config_resume_seconds, crate::resume::WINDOW),
             held,
             send_budgets: Mutex::default(),
             shutdown: CancellationToken::new(),

@@ -1,5 +1,5 @@
 //! Background work on intervals, each on its own: expiry (with its receipts), storing held
-//! copies whose acknowledgement window ended, the heartbeat sweep that wakes lapsed idle sessions, pruning of codes and limiters, and scrubbing.
+//! copies whose acknowledgement window ended, the heartbeat sweep that wakes lapsed sessions, pruning of codes and limiters, and scrubbing.
 //!
 //! A sweep never holds up a request: each is a task of the server that runs its work, waits for
 //! its next tick, and stops at shutdown. None logs what it expired or pruned beyond counts.
@@ -38,7 +38,7 @@ pub fn spawn<S: Store>(state: &Shared<S>) {
         let period = Duration::from_millis((state.held.window() / 4).max(5));
         every(state, period, crate::held::store_due);
     }
-    // The heartbeat sweep: an idle session keeps no timer of its own.
+    // The heartbeat sweep: a session keeps no timer of its own, idle or busy.
     every(state, Duration::from_millis(500), |state| async move {
         state.hub.wake_lapsed(Some(session_ms()));
     });
