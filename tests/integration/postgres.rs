@@ -7,103 +7,11 @@
 //! PostgreSQL tests, these fail when PostgreSQL is absent (README.md, Tests).
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::support::{
-    block_on, eventually, free_port, number, patience, text, wait_output, Server, TempDir, User,
-    BIN, PATIENCE,
+    eventually, free_port, number, patience, text, wait_output, Server, TempDatabase, TempDir,
+    User, BIN, PATIENCE,
 };
-
-/// The PostgreSQL server tests connect to, by a database they may create databases from.
-fn postgres_url() -> String {
-    std::env::var("TIDINGS_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-/// `url` naming the database `name` instead of its own.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let after_scheme = base.find("://").map_or(0, |at| at + 3);
-    let server = match base[after_scheme..].find('/') {
-        Some(slash) => &base[..after_scheme + slash],
-        None => base,
-    };
-    format!("{server}/{name}{query}")
-}
-
-/// A database of its own for one test, dropped (its sessions ended) with the value.
-struct TempDatabase {
-    name: String,
-    url: String,
-}
-
-impl TempDatabase {
-    fn create() -> Self {
-        static CREATED: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "tidings_it_{}_{}",
-            std::process::id(),
-            CREATED.fetch_add(1, Ordering::Relaxed)
-        );
-        let statement =
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}");
-        block_on(async {
-            let client = admin().await;
-            for part in statement.split("; ") {
-                client
-                    .batch_execute(part)
-                    .await
-                    .expect("create a test database");
-            }
-        });
-        let url = with_database(&postgres_url(), &name);
-        Self { name, url }
-    }
-
-    /// Rows in `table` of the server's database.
-    fn count(&self, table: &str) -> i64 {
-        let url = self.url.clone();
-        let query = format!("SELECT count(*) FROM {table}");
-        block_on(async move {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .expect("connect to the test database");
-            tokio::spawn(connection);
-            client
-                .query_one(&query, &[])
-                .await
-                .expect("count rows")
-                .get(0)
-        })
-    }
-}
-
-impl Drop for TempDatabase {
-    fn drop(&mut self) {
-        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        block_on(async {
-            let _ = admin().await.batch_execute(&statement).await;
-        });
-    }
-}
-
-/// A connection to the database named by `TIDINGS_TEST_POSTGRES`.
-async fn admin() -> tokio_postgres::Client {
-    match tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            client
-        }
-        Err(e) => panic!(
-            "PostgreSQL is needed for this test and is not reachable at {} ({e}); see README.md \
-             (Tests) for how to install it, or set TIDINGS_TEST_POSTGRES",
-            postgres_url()
-        ),
-    }
-}
 
 #[test]
 fn two_users_talk_online_and_offline_across_a_restart_and_opt_out_on_postgres() {

@@ -92,6 +92,104 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The PostgreSQL server tests connect to, by a database they may create databases from.
+pub fn postgres_url() -> String {
+    std::env::var("TIDINGS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// `url` naming the database `name` instead of its own.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let after_scheme = base.find("://").map_or(0, |at| at + 3);
+    let server = match base[after_scheme..].find('/') {
+        Some(slash) => &base[..after_scheme + slash],
+        None => base,
+    };
+    format!("{server}/{name}{query}")
+}
+
+/// A database of its own for one test, dropped (its sessions ended) with the value.
+#[derive(Debug)]
+pub struct TempDatabase {
+    name: String,
+    pub url: String,
+}
+
+impl TempDatabase {
+    pub fn create() -> Self {
+        static CREATED: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "tidings_it_{}_{}",
+            std::process::id(),
+            CREATED.fetch_add(1, Ordering::Relaxed)
+        );
+        let statement =
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}");
+        block_on(async {
+            let client = admin().await;
+            for part in statement.split("; ") {
+                client
+                    .batch_execute(part)
+                    .await
+                    .expect("create a test database");
+            }
+        });
+        let url = with_database(&postgres_url(), &name);
+        Self { name, url }
+    }
+
+    /// Rows in `table` of the server's database.
+    pub fn count(&self, table: &str) -> i64 {
+        let url = self.url.clone();
+        let query = format!("SELECT count(*) FROM {table}");
+        block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test database");
+            tokio::spawn(connection);
+            client
+                .query_one(&query, &[])
+                .await
+                .expect("count rows")
+                .get(0)
+        })
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        block_on(async {
+            let _ = admin().await.batch_execute(&statement).await;
+        });
+    }
+}
+
+/// A connection to the database named by `TIDINGS_TEST_POSTGRES`.
+async fn admin() -> tokio_postgres::Client {
+    match tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            client
+        }
+        Err(e) => panic!(
+            "PostgreSQL is needed for this test and is not reachable at {} ({e}); see README.md \
+             (Tests) for how to install it, or set TIDINGS_TEST_POSTGRES",
+            postgres_url()
+        ),
+    }
+}
+
+/// Whether this run's servers keep their data in PostgreSQL (`TIDINGS_TEST_ENGINE=postgres`)
+/// rather than in the embedded engine: the same suite, run once per engine (scripts/test.sh).
+pub fn on_postgres() -> bool {
+    std::env::var("TIDINGS_TEST_ENGINE").is_ok_and(|engine| engine == "postgres")
+}
+
 /// A running `tidings server`.
 #[derive(Debug)]
 pub struct Server {
@@ -105,6 +203,9 @@ pub struct Server {
     pub scheme: &'static str,
     /// The failpoint (`tidings_core::failpoint`) the next start arms, if any.
     pub failpoint: Option<String>,
+    /// The server's own database when the run is on PostgreSQL ([`on_postgres`]) and the test
+    /// named no store itself; dropped with the server.
+    pub database: Option<TempDatabase>,
 }
 
 impl Server {
@@ -143,6 +244,7 @@ impl Server {
                 "http"
             },
             failpoint: None,
+            database: (on_postgres() && !extra.contains(&"--store")).then(TempDatabase::create),
         };
         server.url = format!("{}://127.0.0.1:{}", server.scheme, server.port);
         server.spawn();
@@ -175,6 +277,11 @@ impl Server {
             .arg("--sync-trace")
             .arg(self.sync_trace())
             .args(["--scrub-interval-ms", "200", "--log", "debug"])
+            .args(
+                self.database
+                    .iter()
+                    .flat_map(|db| ["--store", db.url.as_str()]),
+            )
             .args(&self.extra)
             .env_remove("TIDINGS_CONFIG")
             // Each test server has a metrics address of its own, so that they can run at once.
