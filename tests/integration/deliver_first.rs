@@ -7,7 +7,9 @@ use tidings_proto::frame::{AckStatus, Kind, SendOutcome};
 use tidings_proto::id::{to_text, MessageId};
 use tokio::time::Instant;
 
-use crate::support::{block_on, eventually, number, patience, Server, User, PATIENCE};
+use crate::support::{
+    block_on, embedded_only, eventually, number, patience, Server, User, PATIENCE,
+};
 
 /// What the sync trace says about a message: whether a sync ever made it durable.
 fn stored(server: &Server, id: &MessageId) -> bool {
@@ -126,6 +128,9 @@ fn a_message_to_devices_online_is_pushed_with_no_disk_write_and_settled_once_dec
 
 #[test]
 fn a_held_copy_not_acknowledged_within_the_window_is_stored_and_delivered_later() {
+    if embedded_only("it reads the embedded engine's sync trace to see when a copy was stored") {
+        return;
+    }
     let server = Server::start(&["--ack-window-ms", "300"]);
     let (alice_number, bob_number) = (number(), number());
     let alice = User::register(&alice_number, &server, &[]);

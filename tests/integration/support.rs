@@ -190,6 +190,16 @@ pub fn on_postgres() -> bool {
     std::env::var("TIDINGS_TEST_ENGINE").is_ok_and(|engine| engine == "postgres")
 }
 
+/// True, after saying so, when the run is on PostgreSQL and the calling test looks into the
+/// embedded engine's own files (`why` says which): such a test then returns at once. Every test
+/// runs on the embedded engine; the PostgreSQL pass lists the ones it leaves out this way.
+pub fn embedded_only(why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("embedded engine only: {why}");
+    }
+    on_postgres()
+}
+
 /// A running `tidings server`.
 #[derive(Debug)]
 pub struct Server {

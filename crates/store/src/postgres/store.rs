@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use tidings_core::delivery::{receipt_expires_at, AccountDevice, QueueLimits, Usage};
+use tidings_core::failpoint::failpoint;
 use tidings_core::fallback::Withdrawal;
 use tidings_core::verification::{CodePolicy, CodeRecord, LiveCode};
 use tidings_core::Millis;
@@ -354,7 +355,7 @@ fn message_bytes(id: &MessageId) -> &[u8] {
 impl PostgresStore {
     async fn enqueue_in(&self, message: NewMessage, limits: QueueLimits) -> Result<Enqueued> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let sender = message.sender_account;
         // The message's id first: a withdraw deciding it withdrawn waits for this, or this for it.
         lock_message_id(&txn, message.sender_device, message.id).await?;
@@ -429,7 +430,7 @@ impl PostgresStore {
         }
         if copies.is_empty() {
             // Every copy decided or skipped: nothing waits, so no message is stored.
-            txn.commit().await?;
+            commit(txn).await?;
             return Ok(Admission::stored(skipped, message.expires_at, expires_at));
         }
         let position: i64 = txn
@@ -460,7 +461,7 @@ impl PostgresStore {
             &[&position, &devices, &to_receiver, &payloads],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         if stranger {
             self.note_stranger(position)?;
         }
@@ -475,7 +476,7 @@ impl PostgresStore {
         kind: AckKind,
     ) -> Result<Acked> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         // The message's row lock decides between this and a withdraw.
         let message = txn
             .query_opt(
@@ -524,7 +525,7 @@ impl PostgresStore {
                 &[&device.as_bytes(), &position],
             )
             .await?;
-            txn.commit().await?;
+            commit(txn).await?;
             return Ok(Acked::Confirmed { first: false });
         }
         // A receiver's copy shown decides the message delivered, unless it was decided before
@@ -551,7 +552,7 @@ impl PostgresStore {
         if decided == Some(false) {
             // Decided withdrawn, though a receiver's copy was still stored (a withdraw takes
             // them with it): the device must not show it, and it is not kept for it.
-            txn.commit().await?;
+            commit(txn).await?;
             if emptied {
                 self.forget_strangers(&[position])?;
             }
@@ -570,7 +571,7 @@ impl PostgresStore {
             let ends = receipt_expires_at(sent_at, expires_at);
             store_receipt(&txn, sender_device, id, ReceiptKind::Delivered, ends).await?;
         }
-        txn.commit().await?;
+        commit(txn).await?;
         if emptied {
             self.forget_strangers(&[position])?;
         }
@@ -588,7 +589,7 @@ impl PostgresStore {
             }
         };
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let answer = match decide(
             &txn,
             copy.sender_device,
@@ -615,7 +616,7 @@ impl PostgresStore {
                 Acked::Confirmed { first: shown }
             }
         };
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(answer)
     }
 
@@ -661,20 +662,20 @@ impl Store for PostgresStore {
 
     async fn login_device(&self, id: DeviceId) -> Result<Option<(Device, KeyStatus)>> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let Some(found) = device(&txn, id).await? else {
             return Ok(None);
         };
         let status = key_status(&txn, id).await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Some((found, status)))
     }
 
     async fn account(&self, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let account = account_devices(&txn, pseudonym).await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(account)
     }
 
@@ -715,7 +716,7 @@ impl Store for PostgresStore {
         for pseudonym in pseudonyms {
             answers.push(account_devices(&txn, pseudonym).await?);
         }
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(answers)
     }
 
@@ -733,7 +734,7 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<Registered> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let existing = match account_of(&txn, pseudonym).await? {
             Some(account) if lock_account(&txn, account).await? => Some(account),
             _ => None,
@@ -784,7 +785,7 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Registered { account, removed })
     }
 
@@ -798,7 +799,7 @@ impl Store for PostgresStore {
         now: Millis,
     ) -> Result<Linked> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         lock_actor(&txn, approver).await?;
         let count = devices_of(&txn, approver.account).await?.len();
         if count == 0 {
@@ -826,13 +827,13 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Linked::Added)
     }
 
     async fn remove_device(&self, actor: Actor, device: DeviceId) -> Result<bool> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         lock_actor(&txn, actor).await?;
         let row = txn
             .query_opt(
@@ -844,7 +845,7 @@ impl Store for PostgresStore {
             return Ok(false);
         }
         delete_device(&txn, device).await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(true)
     }
 
@@ -857,7 +858,7 @@ impl Store for PostgresStore {
         max_stored: u32,
     ) -> Result<Published> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         // The device is the actor: gone, it publishes nothing.
         if lock_account_of(&txn, device).await?.is_none() {
             return Err(StoreError::Revoked);
@@ -889,7 +890,7 @@ impl Store for PostgresStore {
         let held = u32::try_from(row.try_get::<_, i64>(2)?).unwrap_or(u32::MAX);
         let new = u32::try_from(one_time_keys.len()).unwrap_or(u32::MAX);
         if held.saturating_add(new) > max_stored {
-            txn.commit().await?;
+            commit(txn).await?;
             return Ok(Published::TooMany);
         }
         let publics: Vec<&[u8]> = one_time_keys.iter().map(|k| &k.public_key[..]).collect();
@@ -921,7 +922,7 @@ impl Store for PostgresStore {
             )
             .await?
             .try_get(0)?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Published::Stored {
             one_time_keys: u32::try_from(count).unwrap_or(u32::MAX),
         })
@@ -929,7 +930,7 @@ impl Store for PostgresStore {
 
     async fn set_contact_token(&self, device: DeviceId, hash: [u8; 32]) -> Result<()> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         if lock_account_of(&txn, device).await?.is_none() {
             return Err(StoreError::Revoked);
         }
@@ -938,7 +939,7 @@ impl Store for PostgresStore {
             &[&device.as_bytes(), &&hash[..]],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(())
     }
 
@@ -954,7 +955,7 @@ impl Store for PostgresStore {
         only: Vec<DeviceId>,
     ) -> Result<Claimed> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         // A share lock: claims run beside each other, not beside a removal of the claimer.
         txn.execute(
             "SELECT 1 FROM accounts WHERE id = $1 FOR SHARE",
@@ -1023,7 +1024,7 @@ impl Store for PostgresStore {
                 });
             }
         }
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Claimed { keys, unknown })
     }
 
@@ -1055,7 +1056,7 @@ impl Store for PostgresStore {
         voucher: Voucher,
     ) -> Result<bool> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         lock_actor(
             &txn,
             Actor {
@@ -1076,13 +1077,13 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(set > 0)
     }
 
     async fn delete_account(&self, actor: Actor) -> Result<Vec<DeviceId>> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         lock_actor(&txn, actor).await?;
         let Some(row) = txn
             .query_opt(
@@ -1114,7 +1115,7 @@ impl Store for PostgresStore {
         }
         txn.execute("DELETE FROM accounts WHERE id = $1", &[&actor.account.0])
             .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(devices)
     }
 
@@ -1124,7 +1125,7 @@ impl Store for PostgresStore {
         F: FnOnce(&mut Option<CodeRecord>) -> R + Send + 'static,
     {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let lock = i64::from_le_bytes([
             pseudonym.0[0],
             pseudonym.0[1],
@@ -1194,7 +1195,7 @@ impl Store for PostgresStore {
                 .await?;
             }
         }
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(value)
     }
 
@@ -1291,7 +1292,7 @@ impl Store for PostgresStore {
         held_until: Option<Millis>,
     ) -> Result<Withdrawal> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         // A send of the message under way is stored before this looks (or refused after).
         lock_message_id(&txn, sender_device, id).await?;
         // The message's row lock decides between this and a stored copy's acknowledgement;
@@ -1321,7 +1322,7 @@ impl Store for PostgresStore {
                 // Copies are held: nothing stored and no record decides it withdrawn.
                 Some(ends) => {
                     let found = decide(&txn, sender_device, id, record_ends(ends), false).await?;
-                    txn.commit().await?;
+                    commit(txn).await?;
                     found.or(Some(false))
                 }
                 None => tombstone(&txn, sender_device, id).await?,
@@ -1354,7 +1355,7 @@ impl Store for PostgresStore {
             &[&position],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         // No receiver copy is left to count in a pool.
         self.forget_strangers(&[position])?;
         Ok(Withdrawal::Withdrawn)
@@ -1362,7 +1363,7 @@ impl Store for PostgresStore {
 
     async fn expire(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredMessage>> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let now_sql = sql_millis(now);
         // The oldest deadlines first; a message another transaction holds (being acknowledged
         // or withdrawn) waits for the next sweep.
@@ -1419,7 +1420,7 @@ impl Store for PostgresStore {
                 receipts.push(ExpiredMessage { sender_device, id });
             }
         }
-        txn.commit().await?;
+        commit(txn).await?;
         self.forget_strangers(&positions)?;
         // Messages deleted with a device or an account leave their positions behind: the
         // ones held before this read that are gone go now (one noted since is left alone).
@@ -1521,7 +1522,7 @@ impl Store for PostgresStore {
         key_version: u32,
     ) -> Result<Rekeyed> {
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let row = txn
             .query_opt(
                 "SELECT pseudonym FROM accounts WHERE id = $1 FOR UPDATE",
@@ -1538,7 +1539,7 @@ impl Store for PostgresStore {
                 &[&account.0, &i64::from(key_version)],
             )
             .await?;
-            txn.commit().await?;
+            commit(txn).await?;
             return Ok(Rekeyed::AlreadyMoved);
         }
         if current != old.0 {
@@ -1565,7 +1566,7 @@ impl Store for PostgresStore {
             ],
         )
         .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(Rekeyed::Moved)
     }
 
@@ -1604,7 +1605,7 @@ impl Store for PostgresStore {
     async fn prune_codes(&self, now: Millis) -> Result<usize> {
         let policy = CodePolicy::default();
         let mut conn = self.pool.get().await?;
-        let txn = conn.client().transaction().await?;
+        let txn = begin(conn.client()).await?;
         let rows = txn
             .query(
                 "SELECT pseudonym, live_expires_at, sent_at FROM codes FOR UPDATE",
@@ -1632,7 +1633,7 @@ impl Store for PostgresStore {
             txn.execute("DELETE FROM codes WHERE pseudonym = ANY($1)", &[&spent])
                 .await?;
         }
-        txn.commit().await?;
+        commit(txn).await?;
         Ok(spent.len())
     }
 
@@ -1646,4 +1647,21 @@ impl Store for PostgresStore {
             .await?;
         Ok(())
     }
+}
+
+/// Starts a transaction on `client`, at the failpoint the embedded engine's writer passes before
+/// each batch (the crash test stops the server there).
+async fn begin(client: &mut tokio_postgres::Client) -> Result<tokio_postgres::Transaction<'_>> {
+    failpoint("store-transaction-before");
+    Ok(client.transaction().await?)
+}
+
+/// Commits `txn`: this engine's durability point, between the failpoints the embedded engine's
+/// writer passes around its sync and after its batch (the crash test stops the server at each).
+async fn commit(txn: tokio_postgres::Transaction<'_>) -> Result<()> {
+    failpoint("store-sync-before");
+    txn.commit().await?;
+    failpoint("store-sync-after");
+    failpoint("store-transaction-after");
+    Ok(())
 }
