@@ -39,8 +39,7 @@ pub const TOKEN_BYTES: usize = BODY_BYTES + MAC_BYTES;
 /// The longest a token may be valid: the `resume_token_seconds` setting is capped to it.
 pub const MAX_LIFETIME_SECONDS: u64 = 24 * 60 * 60;
 /// Serials a token stays usable for: one issued this many logins later takes its place. Four per
-/// device for a million devices (`state::LIMITER_CAPACITY`), in 512 KiB whose pages are touched
-/// only as serials are issued.
+/// device for a million devices (`state::LIMITER_CAPACITY`), in 512 KiB zeroed once at start.
 pub const WINDOW: u64 = 1 << 22;
 
 /// Why a token was refused (the `resumes` metric's outcome).
