@@ -10,6 +10,7 @@ mod at_rest;
 mod audit;
 mod blinding;
 mod budgets;
+mod cluster;
 mod connections;
 mod crash;
 mod defaults;

@@ -3,59 +3,11 @@
 //! owner is online: not from a lookup, not from a send's answer, not from a receipt, not from a
 //! withdraw. The attacker speaks the protocol directly (a raw session); the users use the CLI.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::Child;
-use std::sync::mpsc;
-
 use tidings_proto::frame::{self, Kind, SendMode, SendOutcome, WithdrawState};
 use tidings_proto::id::MessageId;
 use tokio::time::Instant;
 
-use crate::support::{block_on, eventually, number, patience, Server, User, PATIENCE};
-
-/// A `tidings listen --json` running in the background, its event lines read as they come.
-struct Listener {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Listener {
-    fn start(user: &User) -> Self {
-        let mut child = user.spawn(&["--json", "listen", "--timeout", &(4 * PATIENCE).to_string()]);
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str(&line) {
-                    if tx.send(value).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Waits for the first event that `wanted` accepts.
-    fn wait_for(&self, mut wanted: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + patience();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(event) if wanted(&event) => return event,
-                Ok(_) => {}
-                Err(_) => panic!("the listener never showed the awaited event"),
-            }
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::support::{block_on, eventually, number, patience, Listener, Server, User, PATIENCE};
 
 /// Three users: `bob` has written to `carol` (so she is his contact and holds his presence
 /// token) and is listening; `carol` sees him online. Returns bob's listener.

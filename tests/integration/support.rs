@@ -112,6 +112,12 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
+/// The NATS server the multi-node tests use: `TIDINGS_TEST_NATS`, by default `nats-server` on
+/// its default port (README.md, Tests).
+pub fn nats_url() -> String {
+    std::env::var("TIDINGS_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
+}
+
 /// A database of its own for one test, dropped (its sessions ended) with the value.
 #[derive(Debug)]
 pub struct TempDatabase {
@@ -257,6 +263,46 @@ impl Server {
             database: (on_postgres() && !extra.contains(&"--store")).then(TempDatabase::create),
         };
         server.url = format!("{}://127.0.0.1:{}", server.scheme, server.port);
+        server.spawn();
+        server
+    }
+
+    /// Starts a node of a deployment over the database `store` and the NATS subjects under
+    /// `bus_prefix`, with the key file of `keys_from` (every node holds the same keys), plus
+    /// `extra` flags.
+    pub fn start_node(
+        store: &TempDatabase,
+        bus_prefix: &str,
+        keys_from: Option<&Server>,
+        extra: &[&str],
+    ) -> Self {
+        let nats = nats_url();
+        let mut flags = vec![
+            "--store",
+            store.url.as_str(),
+            "--bus",
+            nats.as_str(),
+            "--bus-prefix",
+            bus_prefix,
+        ];
+        flags.extend_from_slice(extra);
+        let mut server = Self {
+            child: None,
+            dir: TempDir::new("node"),
+            port: free_port(),
+            metrics_port: free_port(),
+            url: String::new(),
+            extra: flags.iter().map(|s| s.to_string()).collect(),
+            scheme: "http",
+            failpoint: None,
+            database: None,
+        };
+        server.url = format!("http://127.0.0.1:{}", server.port);
+        if let Some(first) = keys_from {
+            std::fs::create_dir_all(server.key_file().parent().expect("keys dir"))
+                .expect("keys dir");
+            std::fs::copy(first.key_file(), server.key_file()).expect("copy the key file");
+        }
         server.spawn();
         server
     }
@@ -1208,4 +1254,51 @@ fn relay(
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+/// A `tidings listen --json` running in the background, its event lines read as they come.
+pub struct Listener {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Listener {
+    pub fn start(user: &User) -> Self {
+        let mut child = user.spawn(&["--json", "listen", "--timeout", &(4 * PATIENCE).to_string()]);
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str(&line) {
+                    if tx.send(value).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Waits for the first event that `wanted` accepts.
+    pub fn wait_for(
+        &self,
+        mut wanted: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + patience();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(event) if wanted(&event) => return event,
+                Ok(_) => {}
+                Err(_) => panic!("the listener never showed the awaited event"),
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

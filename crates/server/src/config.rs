@@ -41,6 +41,14 @@ pub struct ServerArgs {
     /// file when it holds a password) [default: sqlite]
     #[arg(long, env = "TIDINGS_STORE", hide_env_values = true)]
     pub store: Option<String>,
+    /// The NATS server the nodes of one deployment share, as nats://host:port (several nodes
+    /// over one PostgreSQL store); none for a single node [default: none]
+    #[arg(long, env = "TIDINGS_BUS", hide_env_values = true)]
+    pub bus: Option<String>,
+    /// The first part of every NATS subject this deployment uses, so that several deployments
+    /// can share one NATS (1-32 letters, digits, `_`, `-`) [default: tidings]
+    #[arg(long, env = "TIDINGS_BUS_PREFIX")]
+    pub bus_prefix: Option<String>,
     /// The server's secret key file (OPRF and code keys), kept outside the data directory
     /// [default: $XDG_CONFIG_HOME/tidings/server.key]
     #[arg(long, env = "TIDINGS_KEY_FILE")]
@@ -236,6 +244,8 @@ struct FileConfig {
     node_name: Option<String>,
     data_dir: Option<PathBuf>,
     store: Option<String>,
+    bus: Option<String>,
+    bus_prefix: Option<String>,
     key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -304,6 +314,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The storage engine the server runs on.
     pub store: StoreEngine,
+    /// The NATS URL of the deployment's bus, and its subjects' prefix ([`crate::bus`]).
+    pub bus: Option<(String, String)>,
     pub key_file: PathBuf,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub gateway: tidings_gateway::TransportConfig,
@@ -477,6 +489,27 @@ pub fn data_home() -> PathBuf {
 /// The default metrics address: loopback, the port Prometheus exporters commonly use.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Checks the bus setting: a nats:// URL.
+fn bus_url(url: &str) -> anyhow::Result<String> {
+    if !(url.starts_with("nats://") || url.starts_with("tls://")) || url.len() > 1024 {
+        anyhow::bail!("bus must be a nats://host:port URL");
+    }
+    Ok(url.to_string())
+}
+
+/// Checks the bus prefix: the first token of NATS subjects.
+fn bus_prefix(prefix: Option<String>) -> anyhow::Result<String> {
+    let prefix = prefix.unwrap_or_else(|| "tidings".to_string());
+    let valid = (1..=32).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        anyhow::bail!("bus_prefix `{prefix}` must be 1-32 letters, digits, `_` or `-`");
+    }
+    Ok(prefix)
+}
 
 /// Checks a node name given by the operator: it becomes a label value in `/metrics`.
 fn node_name(name: &str) -> anyhow::Result<String> {
@@ -706,6 +739,13 @@ impl ServerArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| data_home().join("server")),
             store,
+            bus: match self.bus.clone().or(file.bus) {
+                Some(url) => Some((
+                    bus_url(&url)?,
+                    bus_prefix(self.bus_prefix.clone().or(file.bus_prefix))?,
+                )),
+                None => None,
+            },
             key_file: self
                 .key_file
                 .clone()

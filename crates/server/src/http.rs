@@ -248,6 +248,7 @@ pub fn router<S: Store>(state: Shared<S>) -> Router {
         .routes(routes!(connect))
         .routes(routes!(oprf_key))
         .routes(routes!(health))
+        .routes(routes!(ready))
         .routes(routes!(openapi))
         .split_for_parts();
     let json = api.to_pretty_json().unwrap_or_else(|_| "{}".into());
@@ -931,8 +932,8 @@ async fn link<S: Store>(
             "no live link code for this number matches: run `tidings link` on a device of the number for a new one",
         )
     };
+    let hash = link_code_hash(&request.code);
     let offer = {
-        let hash = link_code_hash(&request.code);
         let Ok(mut offers) = state.link_offers.lock() else {
             return Err(unavailable());
         };
@@ -944,6 +945,11 @@ async fn link<S: Store>(
             }
             _ => None,
         }
+    };
+    // A code asked for at another node is held there.
+    let offer = match (offer, state.hub.bus(), &account) {
+        (None, Some(bus), Some(account)) => bus.take_link_offer(hash, account.account, now).await,
+        (offer, _, _) => offer,
     };
     let Some(offer) = offer else {
         return Err(wrong_code());
@@ -1158,6 +1164,29 @@ async fn health() -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     })
+}
+
+/// Answers `ready` while this node can serve every device: on a node of several, while its bus
+/// to the others is connected (without it, copies for devices on other nodes wait in storage
+/// and their presence is unknown here).
+#[utoipa::path(get, path = "/v1/ready", tag = "operations",
+    responses(
+        (status = 200, description = "The node serves every device", body = Health),
+        (status = 503, description = "The node's bus to the other nodes is down", body = ApiError),
+    ))]
+async fn ready<S: Store>(State(state): State<Shared<S>>) -> Response {
+    if state.hub.bus().is_some_and(|bus| !bus.is_up()) {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_down",
+            "this node cannot reach the other nodes: messages for their devices are stored until it can",
+        );
+    }
+    Json(Health {
+        status: "ready".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+    .into_response()
 }
 
 /// This document.

@@ -1,12 +1,12 @@
 //! Live sessions on this node: which devices are online, and how to reach their sessions.
 //!
 //! Only sessions are kept here, never accounts or numbers: the hub is as large as the number of
-//! open connections. A multi-node deployment replaces the reach-a-device half with a bus; the
-//! server only uses the methods below.
+//! open connections. With other nodes ([`crate::bus`]), what is for a device with no session here
+//! is handed to the node that serves it.
 
 use std::collections::{hash_map, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use prost::Message as _;
@@ -15,6 +15,8 @@ use tidings_core::Millis;
 use tidings_proto::frame::Frame;
 use tidings_proto::id::DeviceId;
 use tokio::sync::Notify;
+
+use crate::bus::Bus;
 
 /// Lets the sessions a task has just woken (by pushing to their mailboxes) run before the task
 /// goes on. The runtime runs the task woken last first, so without this a request's own answer
@@ -298,7 +300,7 @@ impl Mailbox {
     /// woken by either. Only the session's own task polls it, as for [`Mailbox::recv`].
     pub fn poll_woken(&self, cx: &Context<'_>) -> Poll<bool> {
         let mut inner = self.inner();
-        if !inner.queue.is_empty() {
+        if !inner.queue.is_empty() || inner.behind {
             return Poll::Ready(true);
         }
         if std::mem::take(&mut inner.woken) {
@@ -306,6 +308,17 @@ impl Mailbox {
         }
         inner.wait(cx);
         Poll::Pending
+    }
+
+    /// Makes the session read its device's queue from the store again, and wakes it.
+    pub fn fall_behind(&self) {
+        let reader = {
+            let mut inner = self.inner();
+            inner.behind = true;
+            inner.woken = true;
+            inner.reader.take()
+        };
+        wake_reader(reader);
     }
 
     /// Wakes the session's idle wait without a message.
@@ -451,16 +464,22 @@ struct Sessions {
 }
 
 impl Sessions {
-    fn add(&mut self, device: DeviceId, entry: Entry) {
+    /// Adds a session; true when it is its device's first here.
+    fn add(&mut self, device: DeviceId, entry: Entry) -> bool {
         match self.first.entry(device) {
             hash_map::Entry::Vacant(slot) => {
                 slot.insert(entry);
+                true
             }
-            hash_map::Entry::Occupied(_) => self.more.entry(device).or_default().push(entry),
+            hash_map::Entry::Occupied(_) => {
+                self.more.entry(device).or_default().push(entry);
+                false
+            }
         }
     }
 
-    fn remove(&mut self, device: DeviceId, session: u64) {
+    /// Removes a session; true when its device has none left here.
+    fn remove(&mut self, device: DeviceId, session: u64) -> bool {
         if self
             .first
             .get(&device)
@@ -477,6 +496,7 @@ impl Sessions {
                 }
                 None => {
                     self.first.remove(&device);
+                    return true;
                 }
             }
         } else if let Some(others) = self.more.get_mut(&device) {
@@ -485,6 +505,7 @@ impl Sessions {
                 self.more.remove(&device);
             }
         }
+        false
     }
 
     /// The sessions of one device.
@@ -508,6 +529,9 @@ impl Sessions {
 pub struct Hub {
     sessions: Mutex<Sessions>,
     next: AtomicU64,
+    /// The other nodes, when there are ([`crate::bus`]): told which devices are served here,
+    /// and handed what is for a device served elsewhere.
+    bus: OnceLock<Arc<Bus>>,
 }
 
 impl Hub {
@@ -529,7 +553,7 @@ impl Hub {
             }
         }
         let session = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Some(sessions) = sessions.as_mut() {
+        let first = sessions.as_mut().is_some_and(|sessions| {
             sessions.add(
                 device,
                 Entry {
@@ -538,9 +562,14 @@ impl Hub {
                     tx,
                     presence: None,
                 },
-            );
-        }
+            )
+        });
         drop(sessions);
+        if first {
+            if let Some(bus) = self.bus.get() {
+                bus.announce(device, true);
+            }
+        }
         Ok(Registration {
             hub: Arc::clone(self),
             device,
@@ -549,8 +578,46 @@ impl Hub {
     }
 
     fn remove(&self, device: DeviceId, session: u64) {
-        if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.remove(device, session);
+        let gone = self
+            .sessions
+            .lock()
+            .is_ok_and(|mut sessions| sessions.remove(device, session));
+        if gone {
+            if let Some(bus) = self.bus.get() {
+                bus.announce(device, false);
+            }
+        }
+    }
+
+    /// Links this node's hub to the other nodes (once, when the server starts).
+    pub fn join(&self, bus: Arc<Bus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    /// The link to the other nodes, if there are.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.get()
+    }
+
+    /// The devices with a session here.
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.sessions
+            .lock()
+            .map(|sessions| sessions.first.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Makes the listening sessions numbered from `first` to before `until` read their
+    /// device's queue from the store again.
+    pub fn fall_behind_from(&self, first: u64, until: u64) {
+        let Ok(sessions) = self.sessions.lock() else {
+            return;
+        };
+        for entry in sessions
+            .all()
+            .filter(|e| e.listen && (first..until).contains(&e.session))
+        {
+            entry.tx.fall_behind();
         }
     }
 
@@ -567,8 +634,7 @@ impl Hub {
         }
     }
 
-    /// Whether the device holds a live listening session.
-    #[cfg(test)]
+    /// Whether the device holds a live listening session here.
     pub fn is_online(&self, device: &DeviceId) -> bool {
         self.sessions
             .lock()
@@ -664,7 +730,9 @@ impl Hub {
         self.next.load(Ordering::Relaxed)
     }
 
-    /// Offers a delivery to every listening session of a device; returns how many took it.
+    /// Offers a stored copy to every listening session of a device, or, when none here took
+    /// it, to the node that serves the device, if another one does; returns how many sessions
+    /// here took it.
     pub fn deliver(&self, device: &DeviceId, frame: &Frame) -> usize {
         self.deliver_from(device, frame, 0)
     }
@@ -672,6 +740,18 @@ impl Hub {
     /// [`Hub::deliver`] to the sessions registered from `first` on (those that had not
     /// registered when an earlier offer of the same copy was made).
     pub fn deliver_from(&self, device: &DeviceId, frame: &Frame, first: u64) -> usize {
+        let delivered = self.deliver_here(device, frame, first);
+        if delivered == 0 {
+            if let Some(bus) = self.bus.get() {
+                bus.forward(device, frame, true);
+            }
+        }
+        delivered
+    }
+
+    /// [`Hub::deliver_from`] to this node's sessions only: for a held copy, which never leaves
+    /// its node ([`crate::held`]).
+    pub fn deliver_here(&self, device: &DeviceId, frame: &Frame, first: u64) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;
         };
@@ -688,26 +768,46 @@ impl Hub {
     }
 
     /// Sends a frame to every session of a device (listening or not), dropping it for a session
-    /// whose queue is full (receipts stay stored and are sent again at the next login).
+    /// whose queue is full (receipts stay stored and are sent again at the next login); when the
+    /// device has no session here, to the node that serves it, if another one does.
     pub fn notify(&self, device: &DeviceId, frame: &Frame) {
         self.notify_from(device, frame, 0);
     }
 
     /// [`Hub::notify`] for the sessions registered from `first` on; returns the number the
     /// next session will get, so that a caller can later reach exactly the sessions that
-    /// registered after this call.
+    /// registered after this call. Only the first offer (`first` 0) goes to another node.
     pub fn notify_from(&self, device: &DeviceId, frame: &Frame, first: u64) -> u64 {
         let Ok(sessions) = self.sessions.lock() else {
             return first;
         };
-        for entry in sessions.of(device).filter(|entry| entry.session >= first) {
-            let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
+        let mut here = false;
+        for entry in sessions.of(device) {
+            here = true;
+            if entry.session >= first {
+                let _ = entry.tx.try_send(Outbound::Frame(frame.clone()));
+            }
         }
-        self.next.load(Ordering::Relaxed)
+        let next = self.next.load(Ordering::Relaxed);
+        drop(sessions);
+        if !here && first == 0 {
+            if let Some(bus) = self.bus.get() {
+                bus.forward(device, frame, false);
+            }
+        }
+        next
     }
 
-    /// Signs out every session of these devices.
+    /// Signs out every session of these devices, here and on every other node.
     pub fn sign_out(&self, devices: &[DeviceId], reason: &'static str) {
+        self.sign_out_here(devices, reason);
+        if let Some(bus) = self.bus.get() {
+            bus.sign_out(devices, reason);
+        }
+    }
+
+    /// Signs out this node's sessions of these devices.
+    pub fn sign_out_here(&self, devices: &[DeviceId], reason: &'static str) {
         let Ok(sessions) = self.sessions.lock() else {
             return;
         };

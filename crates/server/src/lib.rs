@@ -52,6 +52,7 @@
 //! accounts by the pseudonym the client derived with `evaluate` (blinded, promise P3).
 
 mod abuse;
+mod bus;
 mod clock;
 pub mod config;
 mod connection;
@@ -306,7 +307,14 @@ impl<S: Store> Server<S> {
             )?),
             None => None,
         };
+        let bus = match &config.bus {
+            Some((url, prefix)) => Some(bus::Bus::connect(url, prefix, &config.node_name).await?),
+            None => None,
+        };
         let state = Arc::new(State::new(config, store, keys, metrics));
+        if let Some(bus) = bus {
+            state.hub.join(bus);
+        }
         Ok(Self {
             state,
             listener,
@@ -345,6 +353,11 @@ impl<S: Store> Server<S> {
         );
         rotation::at_start(&state).await;
         sweeps::spawn(&state);
+        if let Some(bus) = state.hub.bus() {
+            state
+                .tasks
+                .spawn(bus::run(Arc::clone(&state), Arc::clone(bus)));
+        }
         receiver::spawn(&state);
         if let Some(metrics_listener) = metrics_listener {
             // The operator's address also takes SMS from Kannel: only it may claim a sender.

@@ -129,23 +129,24 @@ async fn presences<S: Store>(
         .accounts(pseudonyms.to_vec())
         .await
         .map_err(|_| ())?;
-    Ok(accounts
-        .iter()
-        .map(|account| match account {
+    let mut presences = Vec::with_capacity(accounts.len());
+    for account in &accounts {
+        presences.push(match account {
             None => Presence::NotAUser,
-            Some(account)
-                if state.hub.count_visible(
-                    account.devices.iter().map(|(d, _)| d),
-                    identity.device,
-                    proofs,
-                    now,
-                ) > 0 =>
-            {
-                Presence::Online
+            Some(account) => {
+                let devices: Vec<DeviceId> = account.devices.iter().map(|(d, _)| *d).collect();
+                let shown =
+                    crate::bus::count_visible(&state.hub, &devices, identity.device, proofs, now)
+                        .await;
+                if shown > 0 {
+                    Presence::Online
+                } else {
+                    Presence::Offline
+                }
             }
-            Some(_) => Presence::Offline,
-        })
-        .collect())
+        });
+    }
+    Ok(presences)
 }
 
 /// Handles `DevicesRequest`: the devices of an account, with the keys they published (none for

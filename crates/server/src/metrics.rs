@@ -62,6 +62,10 @@ pub struct Metrics {
     /// acknowledgement window, or its session could not take it), `unstored` (storing it was
     /// refused or failed: the sender sends it again).
     pub held_copies: Family<Outcome, Counter>,
+    /// 1 while the bus to the other nodes is connected (0 without a bus).
+    pub bus_connected: Gauge,
+    /// Other nodes heard from on the bus.
+    pub bus_nodes: Gauge,
 }
 
 impl Metrics {
@@ -91,6 +95,8 @@ impl Metrics {
             accounts_on_previous_oprf_key: Gauge::default(),
             resumes: Family::default(),
             held_copies: Family::default(),
+            bus_connected: Gauge::default(),
+            bus_nodes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -107,6 +113,16 @@ impl Metrics {
             "runtime_worker_threads",
             "Threads of the async runtime",
             metrics.runtime_workers.clone(),
+        );
+        registry.register(
+            "bus_connected",
+            "1 while the bus to the other nodes is connected",
+            metrics.bus_connected.clone(),
+        );
+        registry.register(
+            "bus_nodes",
+            "Other nodes heard from on the bus",
+            metrics.bus_nodes.clone(),
         );
         registry.register("sends", "Sends by outcome", metrics.sends.clone());
         registry.register(

@@ -413,9 +413,14 @@ async fn decide_and_enqueue<S: Store>(
     let receiver = match &route {
         None => Receiver::NotAUser,
         Some(route) => Receiver::User {
-            devices_online: state
-                .hub
-                .count_visible(&route.devices, identity.device, &proofs, now),
+            devices_online: crate::bus::count_visible(
+                &state.hub,
+                &route.devices,
+                identity.device,
+                &proofs,
+                now,
+            )
+            .await,
         },
     };
     let (outcome, expires_at) =

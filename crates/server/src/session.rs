@@ -573,6 +573,7 @@ where
     /// buffer lives here: an idle session has none.
     async fn busy(&mut self) -> Option<End> {
         let mut out = BytesMut::new();
+        self.drain_if_behind();
         if !self.buf.is_empty() {
             if let Some(end) = self.serve_input(&mut out).await {
                 return Some(end);
@@ -592,6 +593,7 @@ where
                         }
                     }
                     MailEvent::Woken => {
+                        self.drain_if_behind();
                         if self.state.shutdown.is_cancelled() {
                             return Some(End::Close);
                         }
@@ -632,10 +634,16 @@ where
         if signed_out {
             return true;
         }
+        self.drain_if_behind();
+        false
+    }
+
+    /// Reads the device's queue from the store again if a delivery did not fit or the node
+    /// was told to ([`Mailbox::fall_behind`]).
+    fn drain_if_behind(&mut self) {
         if self.tx.take_behind() && self.listen {
             self.spawn_drain();
         }
-        false
     }
 
     /// Handles every whole frame read so far and writes the inline answers.

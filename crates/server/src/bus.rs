@@ -1,0 +1,687 @@
+//! Nodes over one database and one NATS (the `bus` setting): what one node cannot do alone.
+//!
+//! Each node has an id drawn at random when its process starts and three subjects under the
+//! `bus_prefix`:
+//! - `{prefix}.dir`: which node serves which device. Every node keeps the map of the others in
+//!   memory only, from what each announces: a device's first session on the node, its last
+//!   session gone, a beat every [`BEAT`], and its whole list when a node (re)joins. A node not
+//!   heard for [`SILENT`] is dropped with its devices, so a node killed with `kill -9` leaves no
+//!   trace anywhere. Nothing of it is ever written to disk (P6): no stream, no bucket.
+//! - `{prefix}.node.{id}`: the node's inbox. A stored copy or a receipt for a device served by
+//!   another node goes there, and so does a presence question: the device's presence setting
+//!   (its mode and key) stays on the node that serves it, which answers yes or no.
+//! - `{prefix}.all`: sign-outs, to every node (a directory entry may be stale).
+//!
+//! Core NATS delivers at most once: a copy or a receipt published while the bus is down, or
+//! lost, is still stored, and a session reads its queue again when the bus comes back and a
+//! beat after its device was announced (so that a copy stored by a node that did not know yet
+//! where the device was is not left waiting). A lost sign-out is why every privileged request
+//! checks its device in the database, and why a node whose bus is down checks every device it
+//! serves against the database each [`BEAT`]. Copies that wait are stored in the database every
+//! node shares; held copies (deliver first) never leave their node: a message whose devices are
+//! not all served here is stored before it is pushed.
+//!
+//! Nothing here carries a number or a message's text: device ids, sealed frames, and presence
+//! proofs (MACs that name no one) only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt as _;
+use prost::Message as _;
+use rand::RngCore as _;
+use tidings_core::presence::Secret;
+use tidings_core::Millis;
+use tidings_proto::frame::Frame;
+use tidings_proto::id::DeviceId;
+use tidings_store::{AccountId, Store};
+use tokio::sync::mpsc;
+
+use crate::clock::now_ms;
+use crate::hub::Hub;
+use crate::state::{LinkOffer, Shared};
+
+/// How often a node says it is alive, and checks its devices while its bus is down.
+pub const BEAT: Duration = Duration::from_secs(1);
+/// A node not heard for this long is gone: its devices are offline everywhere.
+pub const SILENT: Millis = 5_000;
+/// How long a presence question waits for the node that serves the device.
+const QUESTION_TIMEOUT: Duration = Duration::from_millis(500);
+/// Messages waiting to be published, at most (directory changes, copies, receipts).
+const OUTGOING: usize = 65_536;
+/// Devices per directory message (16 bytes each: 64 KiB, under NATS's 1 MiB default).
+const DEVICES_PER_MESSAGE: usize = 4_096;
+
+/// Why a session was signed out, as sign-outs carry it between nodes (an index, not text).
+const SIGN_OUT_REASONS: [&str; 4] = [
+    "this device was signed out",
+    "this device was removed from its number",
+    "the account was disabled",
+    "this number was registered on another device",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum DirKind {
+    Add = 1,
+    Remove = 2,
+    Beat = 3,
+    /// The first part of a node's whole list: replaces what was known of it.
+    ListFirst = 4,
+    ListMore = 5,
+    /// Asks every node for its whole list (a node that joined or came back).
+    Ask = 6,
+    Bye = 7,
+}
+
+impl DirKind {
+    fn parse(byte: u8) -> Option<Self> {
+        [
+            Self::Add,
+            Self::Remove,
+            Self::Beat,
+            Self::ListFirst,
+            Self::ListMore,
+            Self::Ask,
+            Self::Bye,
+        ]
+        .into_iter()
+        .find(|kind| *kind as u8 == byte)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum InboxKind {
+    /// A stored copy for the device's listening sessions.
+    Deliver = 1,
+    /// A frame for every session of the device (a receipt, a link's completion).
+    Notify = 2,
+    /// Whether the device shows itself online to an asker: answered `[1]` or `[0]`.
+    Presence = 3,
+}
+
+/// What is published, in the order it was handed over.
+#[derive(Debug)]
+enum Outgoing {
+    Directory(DirKind, Vec<DeviceId>),
+    Inbox(u64, Bytes),
+    SignOut(u8, Vec<DeviceId>),
+}
+
+/// The other nodes' devices, in memory only.
+#[derive(Debug, Default)]
+struct Directory {
+    devices: HashMap<DeviceId, u64>,
+    /// When each node was last heard (wall clock, ms).
+    nodes: HashMap<u64, Millis>,
+}
+
+impl Directory {
+    fn forget_node(&mut self, node: u64) {
+        self.nodes.remove(&node);
+        self.devices.retain(|_, serving| *serving != node);
+    }
+}
+
+/// This node's link to the others.
+#[derive(Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    node: u64,
+    prefix: String,
+    directory: Mutex<Directory>,
+    outgoing: mpsc::Sender<Outgoing>,
+    /// Connected to NATS (kept by the connection's event callback).
+    up: Arc<AtomicBool>,
+    /// An announcement could not be queued: the whole list goes out at the next beat.
+    dirty: AtomicBool,
+    /// The receiving end of `outgoing`, taken by [`run`].
+    pending: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Told of each reconnection.
+    reconnected: Arc<tokio::sync::Notify>,
+}
+
+impl Bus {
+    /// Connects to NATS at `url` (retrying in the background if it is not up yet).
+    pub async fn connect(url: &str, prefix: &str, node_name: &str) -> anyhow::Result<Arc<Self>> {
+        let node = rand::rngs::OsRng.next_u64();
+        let up = Arc::new(AtomicBool::new(false));
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        let (events_up, events_reconnected) = (Arc::clone(&up), Arc::clone(&reconnected));
+        let client = async_nats::ConnectOptions::new()
+            // A node never hears its own messages: a copy it publishes is for another node.
+            .no_echo()
+            .name(format!("tidings {node_name}"))
+            .retry_on_initial_connect()
+            .request_timeout(Some(QUESTION_TIMEOUT))
+            .event_callback(move |event| {
+                let (up, reconnected) = (Arc::clone(&events_up), Arc::clone(&events_reconnected));
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("the bus is connected");
+                            up.store(true, Ordering::Release);
+                            reconnected.notify_one();
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("the bus is disconnected: copies for devices on other nodes are stored until it is back");
+                            up.store(false, Ordering::Release);
+                        }
+                        other => tracing::debug!(event = %other, "bus event"),
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the bus at {}: {e}", redact(url)))?;
+        let (outgoing, pending) = mpsc::channel(OUTGOING);
+        Ok(Arc::new(Self {
+            client,
+            node,
+            prefix: prefix.to_string(),
+            directory: Mutex::default(),
+            outgoing,
+            up,
+            dirty: AtomicBool::new(false),
+            pending: Mutex::new(Some(pending)),
+            reconnected,
+        }))
+    }
+
+    /// Whether the bus is connected now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn subject_dir(&self) -> String {
+        format!("{}.dir", self.prefix)
+    }
+
+    fn subject_all(&self) -> String {
+        format!("{}.all", self.prefix)
+    }
+
+    fn subject_links(&self) -> String {
+        format!("{}.links", self.prefix)
+    }
+
+    fn subject_node(&self, node: u64) -> String {
+        format!("{}.node.{node:016x}", self.prefix)
+    }
+
+    fn queue(&self, message: Outgoing) -> bool {
+        self.outgoing.try_send(message).is_ok()
+    }
+
+    /// A device's first session on this node registered (`true`) or its last one ended.
+    pub fn announce(&self, device: DeviceId, here: bool) {
+        let kind = if here { DirKind::Add } else { DirKind::Remove };
+        if !self.queue(Outgoing::Directory(kind, vec![device])) {
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// The node that serves `device`, if another one does.
+    pub fn node_of(&self, device: &DeviceId) -> Option<u64> {
+        self.directory().devices.get(device).copied()
+    }
+
+    fn directory(&self) -> std::sync::MutexGuard<'_, Directory> {
+        self.directory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands a frame to the node that serves `device`, if another one does: a stored copy
+    /// (`deliver`) or a frame for every session. Whether it went out.
+    pub fn forward(&self, device: &DeviceId, frame: &Frame, deliver: bool) -> bool {
+        let Some(node) = self.node_of(device) else {
+            return false;
+        };
+        let kind = if deliver {
+            InboxKind::Deliver
+        } else {
+            InboxKind::Notify
+        };
+        let mut body = BytesMut::with_capacity(17 + frame.encoded_len());
+        body.put_u8(kind as u8);
+        body.put_slice(&device.0);
+        frame.encode(&mut body).ok();
+        self.queue(Outgoing::Inbox(node, body.freeze()))
+    }
+
+    /// Signs these devices out on every other node.
+    pub fn sign_out(&self, devices: &[DeviceId], reason: &str) {
+        let index = SIGN_OUT_REASONS
+            .iter()
+            .position(|known| *known == reason)
+            .unwrap_or(0);
+        for chunk in devices.chunks(DEVICES_PER_MESSAGE) {
+            let index = u8::try_from(index).unwrap_or(0);
+            if !self.queue(Outgoing::SignOut(index, chunk.to_vec())) {
+                tracing::warn!("a sign-out could not be handed to the bus; the devices' nodes find it in the database");
+            }
+        }
+    }
+
+    /// Whether `device`, served by another node, shows itself online to `asker` (with `proof`,
+    /// the asker's MAC for it, if any). No answer in time counts as offline.
+    pub async fn shows_online(
+        &self,
+        device: DeviceId,
+        asker: DeviceId,
+        proof: Option<&Secret>,
+        now: Millis,
+    ) -> bool {
+        let Some(node) = self.node_of(&device) else {
+            return false;
+        };
+        let mut body = BytesMut::with_capacity(17 + 16 + 33 + 8);
+        body.put_u8(InboxKind::Presence as u8);
+        body.put_slice(&device.0);
+        body.put_slice(&asker.0);
+        match proof {
+            Some(mac) => {
+                body.put_u8(1);
+                body.put_slice(mac);
+            }
+            None => body.put_u8(0),
+        }
+        body.put_u64(now);
+        match self
+            .client
+            .request(self.subject_node(node), body.freeze())
+            .await
+        {
+            Ok(answer) => answer.payload.first() == Some(&1),
+            Err(e) => {
+                tracing::debug!(error = %e, "a presence question went unanswered");
+                false
+            }
+        }
+    }
+
+    async fn publish(&self, message: Outgoing) {
+        let (subject, body) = match message {
+            Outgoing::Directory(kind, devices) => {
+                (self.subject_dir(), self.dir_message(kind, &devices))
+            }
+            Outgoing::Inbox(node, body) => (self.subject_node(node), body),
+            Outgoing::SignOut(reason, devices) => {
+                let mut body = BytesMut::with_capacity(1 + 16 * devices.len());
+                body.put_u8(reason);
+                for device in &devices {
+                    body.put_slice(&device.0);
+                }
+                (self.subject_all(), body.freeze())
+            }
+        };
+        if let Err(e) = self.client.publish(subject, body).await {
+            tracing::debug!(error = %e, "a bus message was not published");
+        }
+    }
+
+    fn dir_message(&self, kind: DirKind, devices: &[DeviceId]) -> Bytes {
+        let mut body = BytesMut::with_capacity(9 + 16 * devices.len());
+        body.put_u8(kind as u8);
+        body.put_u64(self.node);
+        for device in devices {
+            body.put_slice(&device.0);
+        }
+        body.freeze()
+    }
+
+    /// Publishes this node's whole list of devices (in parts).
+    async fn publish_list(&self, hub: &Hub) {
+        self.dirty.store(false, Ordering::Release);
+        let devices = hub.devices();
+        let mut parts = devices.chunks(DEVICES_PER_MESSAGE);
+        let first = parts.next().unwrap_or(&[]);
+        self.publish(Outgoing::Directory(DirKind::ListFirst, first.to_vec()))
+            .await;
+        for part in parts {
+            self.publish(Outgoing::Directory(DirKind::ListMore, part.to_vec()))
+                .await;
+        }
+    }
+
+    /// Takes in another node's directory message.
+    fn heard_directory(&self, body: &[u8], now: Millis) -> Option<DirKind> {
+        let (&kind, rest) = body.split_first()?;
+        let kind = DirKind::parse(kind)?;
+        let node = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+        if node == self.node {
+            return None;
+        }
+        let devices = rest[8..]
+            .chunks_exact(16)
+            .filter_map(DeviceId::from_slice)
+            .collect::<Vec<_>>();
+        let mut directory = self.directory();
+        if kind == DirKind::Bye {
+            directory.forget_node(node);
+            return Some(kind);
+        }
+        directory.nodes.insert(node, now);
+        match kind {
+            DirKind::Add | DirKind::ListMore => {
+                for device in devices {
+                    directory.devices.insert(device, node);
+                }
+            }
+            DirKind::ListFirst => {
+                directory.devices.retain(|_, serving| *serving != node);
+                for device in devices {
+                    directory.devices.insert(device, node);
+                }
+            }
+            DirKind::Remove => {
+                for device in devices {
+                    if directory.devices.get(&device) == Some(&node) {
+                        directory.devices.remove(&device);
+                    }
+                }
+            }
+            DirKind::Beat | DirKind::Ask | DirKind::Bye => {}
+        }
+        Some(kind)
+    }
+
+    /// Drops the nodes not heard for [`SILENT`]; how many there were.
+    fn forget_silent(&self, now: Millis) -> usize {
+        let mut directory = self.directory();
+        let silent: Vec<u64> = directory
+            .nodes
+            .iter()
+            .filter(|(_, heard)| now.saturating_sub(**heard) > SILENT)
+            .map(|(node, _)| *node)
+            .collect();
+        for node in &silent {
+            directory.forget_node(*node);
+        }
+        silent.len()
+    }
+
+    /// Takes the link offer with this code hash from the node that holds it, if another one
+    /// does and it is `account`'s and live at `now` (single use: the holder removes it).
+    pub async fn take_link_offer(
+        &self,
+        hash: [u8; 32],
+        account: AccountId,
+        now: Millis,
+    ) -> Option<LinkOffer> {
+        let mut body = BytesMut::with_capacity(48);
+        body.put_slice(&hash);
+        body.put_i64(account.0);
+        body.put_u64(now);
+        let answer = self
+            .client
+            .request(self.subject_links(), body.freeze())
+            .await
+            .ok()?;
+        let approver = answer.payload.get(..16).and_then(DeviceId::from_slice)?;
+        let expires_at = u64::from_be_bytes(answer.payload.get(16..24)?.try_into().ok()?);
+        Some(LinkOffer {
+            account,
+            approver,
+            expires_at,
+        })
+    }
+
+    /// Nodes heard from, this one excluded.
+    pub fn other_nodes(&self) -> usize {
+        self.directory().nodes.len()
+    }
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Runs the bus for this node until shutdown: publishes what is handed over, takes in the
+/// other nodes' messages, beats, and checks its devices while the bus is down.
+pub async fn run<S: Store>(state: Shared<S>, bus: Arc<Bus>) {
+    let subscribed = async {
+        let dir = bus.client.subscribe(bus.subject_dir()).await?;
+        let all = bus.client.subscribe(bus.subject_all()).await?;
+        let inbox = bus.client.subscribe(bus.subject_node(bus.node)).await?;
+        let links = bus.client.subscribe(bus.subject_links()).await?;
+        Ok::<_, async_nats::SubscribeError>((dir, all, inbox, links))
+    };
+    let (mut dir, mut all, mut inbox, mut links) = match subscribed.await {
+        Ok(subscribers) => subscribers,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to the bus: this node serves only its own sessions");
+            return;
+        }
+    };
+    let Some(mut pending) = bus
+        .pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
+    let hub = Arc::clone(&state.hub);
+    bus.publish(Outgoing::Directory(DirKind::Ask, Vec::new()))
+        .await;
+    bus.publish_list(&hub).await;
+    let mut beat = tokio::time::interval(BEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Sessions registered from this number on were announced in the current beat.
+    let mut announced_from = hub.next_session();
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => break,
+            Some(message) = pending.recv() => bus.publish(message).await,
+            Some(message) = dir.next() => {
+                if bus.heard_directory(&message.payload, now_ms()) == Some(DirKind::Ask) {
+                    bus.publish_list(&hub).await;
+                }
+            }
+            Some(message) = all.next() => signed_out(&state, &message.payload),
+            Some(message) = inbox.next() => inbox_message(&state, &bus, message).await,
+            Some(message) = links.next() => link_question(&state, &bus, message).await,
+            () = bus.reconnected.notified() => {
+                // Whatever was published while the bus was down may be lost: every list is
+                // asked for again, and every session reads its queue again.
+                bus.publish(Outgoing::Directory(DirKind::Ask, Vec::new())).await;
+                bus.publish_list(&hub).await;
+                hub.fall_behind_from(0, u64::MAX);
+                check_devices(&state).await;
+            }
+            _ = beat.tick() => {
+                bus.publish(Outgoing::Directory(DirKind::Beat, Vec::new())).await;
+                if bus.dirty.load(Ordering::Acquire) {
+                    bus.publish_list(&hub).await;
+                }
+                let forgotten = bus.forget_silent(now_ms());
+                state.metrics.bus_nodes.set(i64::try_from(bus.other_nodes()).unwrap_or(i64::MAX));
+                state.metrics.bus_connected.set(i64::from(bus.is_up()));
+                if forgotten > 0 {
+                    tracing::info!(nodes = forgotten, "nodes went silent: their devices are offline");
+                }
+                // A copy stored by a node that had not yet heard where its device is was not
+                // forwarded: the sessions announced in the last beat read their queues again.
+                let next = hub.next_session();
+                hub.fall_behind_from(announced_from, next);
+                announced_from = next;
+                if !bus.is_up() {
+                    check_devices(&state).await;
+                }
+            }
+        }
+    }
+    bus.publish(Outgoing::Directory(DirKind::Bye, Vec::new()))
+        .await;
+    let _ = bus.client.flush().await;
+}
+
+/// Signs out this node's sessions of the devices in a sign-out from another node.
+fn signed_out<S: Store>(state: &Shared<S>, body: &[u8]) {
+    let Some((&reason, devices)) = body.split_first() else {
+        return;
+    };
+    let reason = SIGN_OUT_REASONS
+        .get(usize::from(reason))
+        .copied()
+        .unwrap_or(SIGN_OUT_REASONS[0]);
+    let devices: Vec<DeviceId> = devices
+        .chunks_exact(16)
+        .filter_map(DeviceId::from_slice)
+        .collect();
+    state.hub.sign_out(&devices, reason);
+}
+
+/// Takes a message for a device this node serves.
+async fn inbox_message<S: Store>(state: &Shared<S>, bus: &Bus, message: async_nats::Message) {
+    let body = &message.payload;
+    let Some((&kind, rest)) = body.split_first() else {
+        return;
+    };
+    let Some(device) = rest.get(..16).and_then(DeviceId::from_slice) else {
+        return;
+    };
+    let rest = &rest[16..];
+    match kind {
+        k if k == InboxKind::Deliver as u8 || k == InboxKind::Notify as u8 => {
+            let Ok(frame) = Frame::decode(rest) else {
+                tracing::debug!("a bus frame did not decode");
+                return;
+            };
+            if k == InboxKind::Deliver as u8 {
+                state.hub.deliver(&device, &frame);
+            } else {
+                state.hub.notify(&device, &frame);
+            }
+        }
+        k if k == InboxKind::Presence as u8 => {
+            let Some(reply) = message.reply.clone() else {
+                return;
+            };
+            let shown = presence_question(state, device, rest);
+            if let Err(e) = bus
+                .client
+                .publish(reply, Bytes::from_static(if shown { &[1] } else { &[0] }))
+                .await
+            {
+                tracing::debug!(error = %e, "a presence answer was not published");
+            }
+        }
+        _ => tracing::debug!("an unknown bus message"),
+    }
+}
+
+/// Hands over a link offer this node holds to the node a new device reached, removing it here;
+/// says nothing when it holds no such offer (the node that holds it answers).
+async fn link_question<S: Store>(state: &Shared<S>, bus: &Bus, message: async_nats::Message) {
+    let body = &message.payload;
+    let (Some(reply), Some(hash), Some(account), Some(now)) = (
+        message.reply.clone(),
+        body.get(..32).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+        body.get(32..40).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        body.get(40..48).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+    ) else {
+        return;
+    };
+    let (account, now) = (
+        AccountId(i64::from_be_bytes(account)),
+        u64::from_be_bytes(now),
+    );
+    let offer = {
+        let Ok(mut offers) = state.link_offers.lock() else {
+            return;
+        };
+        match offers.get(&hash) {
+            Some(offer) if offer.account == account && offer.expires_at > now => {
+                offers.remove(&hash)
+            }
+            _ => None,
+        }
+    };
+    if let Some(offer) = offer {
+        let mut answer = BytesMut::with_capacity(24);
+        answer.put_slice(&offer.approver.0);
+        answer.put_u64(offer.expires_at);
+        if let Err(e) = bus.client.publish(reply, answer.freeze()).await {
+            tracing::debug!(error = %e, "a link offer was not handed over");
+        }
+    }
+}
+
+/// Answers a presence question about a device this node serves.
+fn presence_question<S: Store>(state: &Shared<S>, device: DeviceId, rest: &[u8]) -> bool {
+    let Some(asker) = rest.get(..16).and_then(DeviceId::from_slice) else {
+        return false;
+    };
+    let (proof, rest) = match rest.get(16) {
+        Some(1) => match rest
+            .get(17..49)
+            .and_then(|mac| <[u8; 32]>::try_from(mac).ok())
+        {
+            Some(mac) => (vec![(device, mac)], &rest[49..]),
+            None => return false,
+        },
+        Some(0) => (Vec::new(), &rest[17..]),
+        _ => return false,
+    };
+    let Some(now) = rest.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return false;
+    };
+    state
+        .hub
+        .count_visible(&[device], asker, &proof, u64::from_be_bytes(now))
+        > 0
+}
+
+/// Signs out this node's sessions whose device is no longer registered: a sign-out published
+/// while the bus was down never arrived.
+async fn check_devices<S: Store>(state: &Shared<S>) {
+    for device in state.hub.devices() {
+        if let Ok(backlog) = state.store.backlog(device).await {
+            if !backlog.registered {
+                state.hub.sign_out(
+                    &[device],
+                    "this device is no longer registered (removed, replaced or disabled)",
+                );
+            }
+        }
+    }
+}
+
+/// How many of these devices show themselves online to the device `asker` (see
+/// [`Hub::count_visible`]), wherever they are served: a device with no listening session here is
+/// asked about at the node that serves it, if another one does.
+pub async fn count_visible(
+    hub: &Hub,
+    devices: &[DeviceId],
+    asker: DeviceId,
+    proofs: &[(DeviceId, Secret)],
+    now: Millis,
+) -> usize {
+    let here = hub.count_visible(devices, asker, proofs, now);
+    let Some(bus) = hub.bus() else {
+        return here;
+    };
+    let elsewhere = devices
+        .iter()
+        .filter(|device| !hub.is_online(device) && bus.node_of(device).is_some())
+        .map(|device| {
+            let proof = proofs
+                .iter()
+                .find(|(proven, _)| proven == device)
+                .map(|(_, mac)| mac);
+            bus.shows_online(*device, asker, proof, now)
+        });
+    let shown = futures::future::join_all(elsewhere).await;
+    here + shown.into_iter().filter(|shown| *shown).count()
+}
