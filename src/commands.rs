@@ -740,6 +740,7 @@ fn print_send(report: &SendReport, json: bool) {
                 "skipped_own_devices": report.skipped_own_devices,
                 "retry_after": report.retry_after.map(|wait| wait.as_secs()),
                 "ttl_seconds": report.kept_for.map(|kept| kept.as_secs()),
+                "detail": (!report.detail.is_empty()).then_some(&report.detail),
             })
         );
         return;
@@ -795,6 +796,15 @@ fn print_send(report: &SendReport, json: bool) {
             "kept at most {}: the receiver has not written to you",
             in_days(kept)
         );
+    }
+    // What else the server said (the line above says the rest in the client's words).
+    for part in report.detail.split("; ") {
+        if !part.is_empty()
+            && !part.starts_with("kept at most")
+            && !part.starts_with("not kept for")
+        {
+            println!("{part}");
+        }
     }
 }
 

@@ -1,12 +1,21 @@
 //! Issue 31: several nodes over one PostgreSQL and one NATS. Users reach different nodes; a copy,
 //! a receipt, a presence question and a link code cross between them over the bus.
 
+use std::collections::BTreeMap;
+
 use crate::support::{
-    eventually, number, patience, Listener, Server, TempDatabase, User, PATIENCE,
+    eventually, nats_url, number, patience, Listener, NatsServer, Server, TempDatabase, User,
+    PATIENCE,
 };
 
-/// `count` nodes over a database of their own and NATS subjects of their own.
+/// `count` nodes over a database of their own and NATS subjects of their own, on the machine's
+/// NATS server.
 fn cluster(count: usize) -> (TempDatabase, Vec<Server>) {
+    cluster_on(&nats_url(), count)
+}
+
+/// [`cluster`] on the NATS server at `nats`.
+fn cluster_on(nats: &str, count: usize) -> (TempDatabase, Vec<Server>) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static CLUSTERS: AtomicU32 = AtomicU32::new(0);
     let prefix = format!(
@@ -15,10 +24,10 @@ fn cluster(count: usize) -> (TempDatabase, Vec<Server>) {
         CLUSTERS.fetch_add(1, Ordering::Relaxed)
     );
     let database = TempDatabase::create();
-    let first = Server::start_node(&database, &prefix, None, &[]);
+    let first = Server::start_node_on(nats, &database, &prefix, None, &[]);
     let mut nodes = vec![first];
     for _ in 1..count {
-        let node = Server::start_node(&database, &prefix, Some(&nodes[0]), &[]);
+        let node = Server::start_node_on(nats, &database, &prefix, Some(&nodes[0]), &[]);
         nodes.push(node);
     }
     (database, nodes)
@@ -66,4 +75,188 @@ fn users_on_different_nodes_talk_see_each_other_and_link_devices() {
     assert_eq!(code, 0, "{answer}");
     assert_eq!(alice.receive_texts(1, PATIENCE), vec!["to both of you"]);
     assert_eq!(alice_too.receive_texts(1, PATIENCE), vec!["to both of you"]);
+}
+
+/// The body of `GET /v1/ready` at `node`, with its status code.
+fn ready(node: &Server) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            &format!("{}/v1/ready", node.url),
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `tidings_sessions_active` at `node`.
+fn sessions_active(node: &Server) -> i64 {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!("http://127.0.0.1:{}/metrics", node.metrics_port),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("tidings_sessions_active "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+#[test]
+fn nothing_accepted_is_lost_while_the_bus_is_stopped_and_restarted() {
+    let mut nats = NatsServer::start();
+    let (_database, nodes) = cluster_on(&nats.url(), 2);
+    let alice = User::register(&number(), &nodes[0], &[]);
+    let bob = User::register(&number(), &nodes[1], &[]);
+    let bob_listening = Listener::start(&bob);
+    assert!(eventually(patience(), || ready(&nodes[0]).0 == 200));
+    let (answer, code) = alice.send(&bob.number, "before", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(
+        bob_listening.wait_for(|e| e["type"] == "message")["text"],
+        "before"
+    );
+
+    nats.stop();
+    // Told plainly: the node is not ready, and a send's answer says why it was queued.
+    assert!(
+        eventually(patience(), || ready(&nodes[0]).0 == 503),
+        "the node still said it was ready with its bus down"
+    );
+    assert!(ready(&nodes[0]).1.contains("bus_down"));
+    let mut accepted = Vec::new();
+    for i in 0..3 {
+        let text = format!("while down {i}");
+        let (answer, code) = alice.send(&bob.number, &text, &["--route", "ip-only"]);
+        assert_eq!(code, 0, "{answer}");
+        assert_eq!(answer["outcome"], "queued", "{answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("cannot reach its other nodes")),
+            "{answer}"
+        );
+        accepted.push(text);
+    }
+
+    nats.resume();
+    // Everything queued while the bus was down reaches the listening device once it is back,
+    // each message once.
+    let mut shown = Vec::new();
+    while shown.len() < accepted.len() {
+        let event = bob_listening.wait_for(|e| e["type"] == "message");
+        shown.push(event["text"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(shown, accepted);
+    assert!(eventually(patience(), || ready(&nodes[0]).0 == 200));
+    drop(bob_listening);
+    assert!(bob.receive(1, 2).is_empty(), "a message was shown twice");
+}
+
+#[test]
+fn a_device_removed_while_the_bus_is_down_is_signed_out_on_its_node() {
+    let mut nats = NatsServer::start();
+    let (_database, nodes) = cluster_on(&nats.url(), 2);
+    let alice = User::register(&number(), &nodes[0], &[]);
+    let bob = User::register(&number(), &nodes[1], &[]);
+    let second = alice.link_device_via(&nodes[1].url);
+    let second_id = second.device_id();
+    let mut second_listening =
+        second.spawn(&["--json", "listen", "--timeout", &(4 * PATIENCE).to_string()]);
+    // The second device's session lives on node 2 before the bus goes down.
+    assert!(eventually(patience(), || sessions_active(&nodes[1]) == 1));
+
+    nats.stop();
+    alice.ok(&["devices", "--remove", &second_id]);
+    // The sign-out node 1 published is lost; node 2 finds the removal in the database.
+    let exited = eventually(patience(), || {
+        matches!(second_listening.try_wait(), Ok(Some(_)))
+    });
+    let _ = second_listening.kill();
+    let out = second_listening.wait_with_output().expect("listener");
+    assert!(exited, "the removed device's session stayed open on node 2");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("no longer registered") || said.contains("removed"),
+        "{said}"
+    );
+    // And afterwards it can do nothing, on either node.
+    let (answer, code) = second.send(
+        &bob.number,
+        "from a removed device",
+        &["--route", "ip-only"],
+    );
+    assert_ne!(code, 0, "{answer}");
+    nats.resume();
+    assert!(second.run(&["devices"]).status.code() != Some(0));
+}
+
+#[test]
+fn a_node_killed_mid_flow_loses_no_message_and_its_clients_move_on() {
+    let (_database, mut nodes) = cluster(3);
+    let urls = |a: usize, b: usize| format!("{},{}", nodes[a].url, nodes[b].url);
+    let alice = User::register_via(&number(), &nodes[0], &urls(0, 1), &[]);
+    let bob = User::register_via(&number(), &nodes[1], &urls(1, 2), &[]);
+    // Bob shows himself to Alice: she wrote to him first.
+    let (answer, code) = alice.send(&bob.number, "hello", &["--route", "ip-only"]);
+    assert_eq!(code, 0, "{answer}");
+    let alice_listening = Listener::start(&alice);
+    let bob_listening = Listener::start(&bob);
+    assert_eq!(
+        bob_listening.wait_for(|e| e["type"] == "message")["text"],
+        "hello"
+    );
+
+    let mut accepted = Vec::new();
+    for i in 0..20 {
+        if i == 8 {
+            nodes[0].kill9();
+        }
+        let text = format!("flow {i}");
+        let (answer, code) = alice.send(&bob.number, &text, &["--route", "ip-only"]);
+        // Accepted by her client: sent, or kept for `listen` to send again.
+        if code == 0 || answer["id"].is_string() {
+            accepted.push(text);
+        }
+    }
+    assert!(accepted.len() >= 19, "{accepted:?}");
+    let mut shown = BTreeMap::<String, usize>::new();
+    let want: Vec<&String> = accepted.iter().collect();
+    let deadline = std::time::Instant::now() + patience();
+    while want.iter().any(|text| !shown.contains_key(*text)) && std::time::Instant::now() < deadline
+    {
+        let event = bob_listening.wait_for(|e| e["type"] == "message");
+        *shown
+            .entry(event["text"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    for text in &accepted {
+        assert_eq!(
+            shown.get(text),
+            Some(&1),
+            "{text} shown {:?} times: {shown:?}",
+            shown.get(text)
+        );
+    }
+    // Lookups stay right: Alice's listen moved to node 2, and Bob sees her online there.
+    drop(alice_listening);
+    let alice_listening = Listener::start(&alice);
+    assert!(
+        eventually(patience(), || bob.lookup(&[&alice.number])[0].1 == "online"),
+        "bob never saw alice online after her node died"
+    );
+    drop(alice_listening);
+    drop(bob_listening);
+    assert!(bob.receive(1, 2).is_empty(), "a message was shown twice");
 }

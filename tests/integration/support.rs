@@ -118,6 +118,63 @@ pub fn nats_url() -> String {
     std::env::var("TIDINGS_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
 }
 
+/// A `nats-server` of a test's own on a free loopback port, for tests that stop and start it
+/// (the machine's shared one serves every other test).
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let mut nats = Self {
+            child: None,
+            port: free_port(),
+        };
+        nats.resume();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it at once (`kill -9`).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on its port, and waits until it takes connections.
+    pub fn resume(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is needed for this test: see README.md (Tests)");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            eventually(patience(), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "nats-server did not start"
+        );
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A database of its own for one test, dropped (its sessions ended) with the value.
 #[derive(Debug)]
 pub struct TempDatabase {
@@ -276,12 +333,22 @@ impl Server {
         keys_from: Option<&Server>,
         extra: &[&str],
     ) -> Self {
-        let nats = nats_url();
+        Self::start_node_on(&nats_url(), store, bus_prefix, keys_from, extra)
+    }
+
+    /// [`Server::start_node`] with the NATS server at `nats`.
+    pub fn start_node_on(
+        nats: &str,
+        store: &TempDatabase,
+        bus_prefix: &str,
+        keys_from: Option<&Server>,
+        extra: &[&str],
+    ) -> Self {
         let mut flags = vec![
             "--store",
             store.url.as_str(),
             "--bus",
-            nats.as_str(),
+            nats,
             "--bus-prefix",
             bus_prefix,
         ];

@@ -32,7 +32,7 @@ use crate::session::Session;
 use crate::{ClientError, Result};
 
 /// What happened to a sent message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendReport {
     pub id: MessageId,
     /// The server's answer; `None` if none came within the wait (the message is kept).
@@ -52,6 +52,8 @@ pub struct SendReport {
     /// `Accepted`/`Queued`: how long the server keeps the message at most, when that is less
     /// than asked (the receiver has not written to this number: it is a stranger there).
     pub kept_for: Option<std::time::Duration>,
+    /// What the server added to its answer, for a person (empty if nothing).
+    pub detail: String,
 }
 
 /// A fresh random message id.
@@ -288,6 +290,7 @@ pub async fn send(
     let mut answer: Option<SendOutcome> = None;
     let mut retry_after = None;
     let mut kept_for = None;
+    let mut detail = String::new();
     let mut receipt: Option<ReceiptKind> = None;
     let mut receipt_came = false;
     let mut copies = 0;
@@ -364,6 +367,7 @@ pub async fn send(
                             .then(|| std::time::Duration::from_secs(u64::from(result.ttl_seconds)));
                         answer = Some(answered);
                         skipped_own_devices = result.skipped_own_devices.len();
+                        detail = result.detail.clone();
                         events.push(Event::Answer(answered));
                         if result.settled {
                             events.push(Event::Settled);
@@ -406,6 +410,7 @@ pub async fn send(
         skipped_own_devices,
         retry_after,
         kept_for,
+        detail,
     })
 }
 

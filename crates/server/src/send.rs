@@ -101,6 +101,10 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// What a queued send's answer adds while this node cannot reach the others: the receiver may
+/// be online at another node, which hears of the message once the bus is back.
+pub const BUS_DOWN: &str = "this server cannot reach its other nodes just now: the receiver may be online at one of them and gets the message once they are reachable again";
+
 /// Handles `Send`, in its turn among the session's sends (see [`SendOrder`]), and answers
 /// `SendResult`.
 pub async fn send<S: Store>(
@@ -140,6 +144,9 @@ pub async fn send<S: Store>(
                     in_words(seconds)
                 ));
                 ttl_seconds = seconds;
+            }
+            if outcome == SendOutcome::Queued && state.hub.bus().is_some_and(|bus| !bus.is_up()) {
+                details.push(BUS_DOWN.to_string());
             }
             skipped = devices;
             (outcome, details.join("; "), DeviceDifference::default())
