@@ -11,11 +11,11 @@ use crate::support::{
 /// `count` nodes over a database of their own and NATS subjects of their own, on the machine's
 /// NATS server.
 fn cluster(count: usize) -> (TempDatabase, Vec<Server>) {
-    cluster_on(&nats_url(), count)
+    cluster_on(&nats_url(), count, &[])
 }
 
 /// [`cluster`] on the NATS server at `nats`.
-fn cluster_on(nats: &str, count: usize) -> (TempDatabase, Vec<Server>) {
+fn cluster_on(nats: &str, count: usize, extra: &[&str]) -> (TempDatabase, Vec<Server>) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static CLUSTERS: AtomicU32 = AtomicU32::new(0);
     let prefix = format!(
@@ -24,10 +24,10 @@ fn cluster_on(nats: &str, count: usize) -> (TempDatabase, Vec<Server>) {
         CLUSTERS.fetch_add(1, Ordering::Relaxed)
     );
     let database = TempDatabase::create();
-    let first = Server::start_node_on(nats, &database, &prefix, None, &[]);
+    let first = Server::start_node_on(nats, &database, &prefix, None, extra);
     let mut nodes = vec![first];
     for _ in 1..count {
-        let node = Server::start_node_on(nats, &database, &prefix, Some(&nodes[0]), &[]);
+        let node = Server::start_node_on(nats, &database, &prefix, Some(&nodes[0]), extra);
         nodes.push(node);
     }
     (database, nodes)
@@ -93,8 +93,8 @@ fn ready(node: &Server) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-/// `tidings_sessions_active` at `node`.
-fn sessions_active(node: &Server) -> i64 {
+/// The gauge `name` in `/metrics` at `node` (-1 if it is not there).
+fn gauge(node: &Server, name: &str) -> i64 {
     let out = std::process::Command::new("curl")
         .args([
             "-s",
@@ -102,17 +102,27 @@ fn sessions_active(node: &Server) -> i64 {
         ])
         .output()
         .expect("curl");
+    let prefix = format!("{name} ");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|line| line.strip_prefix("tidings_sessions_active "))
+        .find_map(|line| line.strip_prefix(prefix.as_str()).map(str::to_string))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(-1)
+}
+
+fn sessions_active(node: &Server) -> i64 {
+    gauge(node, "tidings_sessions_active")
+}
+
+/// The other nodes `node` hears from.
+fn bus_nodes(node: &Server) -> i64 {
+    gauge(node, "tidings_bus_nodes")
 }
 
 #[test]
 fn nothing_accepted_is_lost_while_the_bus_is_stopped_and_restarted() {
     let mut nats = NatsServer::start();
-    let (_database, nodes) = cluster_on(&nats.url(), 2);
+    let (_database, nodes) = cluster_on(&nats.url(), 2, &[]);
     let alice = User::register(&number(), &nodes[0], &[]);
     let bob = User::register(&number(), &nodes[1], &[]);
     let bob_listening = Listener::start(&bob);
@@ -163,7 +173,7 @@ fn nothing_accepted_is_lost_while_the_bus_is_stopped_and_restarted() {
 #[test]
 fn a_device_removed_while_the_bus_is_down_is_signed_out_on_its_node() {
     let mut nats = NatsServer::start();
-    let (_database, nodes) = cluster_on(&nats.url(), 2);
+    let (_database, nodes) = cluster_on(&nats.url(), 2, &[]);
     let alice = User::register(&number(), &nodes[0], &[]);
     let bob = User::register(&number(), &nodes[1], &[]);
     let second = alice.link_device_via(&nodes[1].url);
@@ -259,4 +269,43 @@ fn a_node_killed_mid_flow_loses_no_message_and_its_clients_move_on() {
     drop(alice_listening);
     drop(bob_listening);
     assert!(bob.receive(1, 2).is_empty(), "a message was shown twice");
+}
+
+#[test]
+fn an_account_spread_over_every_node_draws_from_one_lookup_budget() {
+    // A lookup of a number not asked before costs two: its evaluation and the lookup.
+    let (_database, nodes) = cluster_on(
+        &nats_url(),
+        3,
+        &["--lookup-burst", "6", "--lookup-per-hour", "1"],
+    );
+    let alice = User::register(&number(), &nodes[0], &[]);
+    let devices = [
+        alice.link_device_via(&nodes[1].url),
+        alice.link_device_via(&nodes[2].url),
+    ];
+    // Every node knows the others before the budget is used.
+    assert!(eventually(patience(), || nodes
+        .iter()
+        .all(|node| bus_nodes(node) == 2)));
+    let mut granted = 0;
+    for device in devices.iter().chain(std::iter::once(&alice)) {
+        for _ in 0..4 {
+            let out = device.run(&["--json", "lookup", &number()]);
+            if !out.status.success() {
+                let said = String::from_utf8_lossy(&out.stdout).to_string();
+                assert!(
+                    said.contains("budget"),
+                    "refused for another reason: {said}"
+                );
+                break;
+            }
+            granted += 1;
+        }
+    }
+    assert!(granted >= 1, "no lookup was granted");
+    assert!(
+        granted <= 3,
+        "{granted} lookups were granted over three nodes with one budget of three"
+    );
 }

@@ -33,6 +33,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt as _;
 use prost::Message as _;
 use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
 use tidings_core::presence::Secret;
 use tidings_core::Millis;
 use tidings_proto::frame::Frame;
@@ -40,8 +41,10 @@ use tidings_proto::id::DeviceId;
 use tidings_store::{AccountId, Store};
 use tokio::sync::mpsc;
 
+use crate::budget::Budget;
 use crate::clock::now_ms;
 use crate::hub::Hub;
+use crate::keys::BudgetKey;
 use crate::state::{LinkOffer, Shared};
 
 /// How often a node says it is alive, and checks its devices while its bus is down.
@@ -102,6 +105,9 @@ enum InboxKind {
     Notify = 2,
     /// Whether the device shows itself online to an asker: answered `[1]` or `[0]`.
     Presence = 3,
+    /// A charge to an account's budget at its owner ([`crate::budget`]): answered `[0]`, or
+    /// `[1]` and the wait.
+    Budget = 4,
 }
 
 /// What is published, in the order it was handed over.
@@ -432,6 +438,62 @@ impl Bus {
         })
     }
 
+    /// The node that keeps the budgets of the account with `key`, if another one does: the
+    /// first by rendezvous hashing among the nodes heard from and this one. None while the bus
+    /// is down: this node then charges its own copy.
+    pub fn owner(&self, key: &BudgetKey) -> Option<u64> {
+        if !self.is_up() {
+            return None;
+        }
+        let rank = |node: u64| -> [u8; 32] {
+            let mut hash = Sha256::new();
+            hash.update(key.to_bytes());
+            hash.update(node.to_be_bytes());
+            hash.finalize().into()
+        };
+        let directory = self.directory();
+        let owner = directory
+            .nodes
+            .keys()
+            .copied()
+            .chain(std::iter::once(self.node))
+            .max_by_key(|node| rank(*node))?;
+        (owner != self.node).then_some(owner)
+    }
+
+    /// Asks `owner` to take `units` from an account's `budget`; `None` when it did not answer
+    /// in time.
+    pub async fn ask_budget(
+        &self,
+        owner: u64,
+        budget: Budget,
+        key: BudgetKey,
+        units: u32,
+        now: Millis,
+    ) -> Option<Result<(), Millis>> {
+        let mut body = BytesMut::with_capacity(1 + 1 + 32 + 4 + 8);
+        body.put_u8(InboxKind::Budget as u8);
+        body.put_u8(budget.to_byte());
+        body.put_slice(&key.to_bytes());
+        body.put_u32(units);
+        body.put_u64(now);
+        match self
+            .client
+            .request(self.subject_node(owner), body.freeze())
+            .await
+        {
+            Ok(answer) => match answer.payload.split_first() {
+                Some((0, _)) => Some(Ok(())),
+                Some((1, wait)) => Some(Err(u64::from_be_bytes(wait.get(..8)?.try_into().ok()?))),
+                _ => None,
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "a budget's owner did not answer: charged here");
+                None
+            }
+        }
+    }
+
     /// Nodes heard from, this one excluded.
     pub fn other_nodes(&self) -> usize {
         self.directory().nodes.len()
@@ -548,6 +610,9 @@ async fn inbox_message<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
     let Some((&kind, rest)) = body.split_first() else {
         return;
     };
+    if kind == InboxKind::Budget as u8 {
+        return budget_question(state, bus, rest, message.reply.clone()).await;
+    }
     let Some(device) = rest.get(..16).and_then(DeviceId::from_slice) else {
         return;
     };
@@ -615,6 +680,42 @@ async fn link_question<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
         if let Err(e) = bus.client.publish(reply, answer.freeze()).await {
             tracing::debug!(error = %e, "a link offer was not handed over");
         }
+    }
+}
+
+/// Charges a budget this node owns for another node, and answers.
+async fn budget_question<S: Store>(
+    state: &Shared<S>,
+    bus: &Bus,
+    body: &[u8],
+    reply: Option<async_nats::Subject>,
+) {
+    let (Some(reply), Some(budget), Some(key), Some(units), Some(now)) = (
+        reply,
+        body.first().copied().and_then(Budget::from_byte),
+        body.get(1..33).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+        body.get(33..37).and_then(|b| <[u8; 4]>::try_from(b).ok()),
+        body.get(37..45).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+    ) else {
+        return;
+    };
+    let taken = crate::budget::take_here(
+        state,
+        budget,
+        BudgetKey::from_bytes(key),
+        u32::from_be_bytes(units),
+        u64::from_be_bytes(now),
+    );
+    let mut answer = BytesMut::with_capacity(9);
+    match taken {
+        Ok(()) => answer.put_u8(0),
+        Err(wait) => {
+            answer.put_u8(1);
+            answer.put_u64(wait);
+        }
+    }
+    if let Err(e) = bus.client.publish(reply, answer.freeze()).await {
+        tracing::debug!(error = %e, "a budget answer was not published");
     }
 }
 

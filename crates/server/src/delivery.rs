@@ -360,7 +360,7 @@ pub async fn withdraw<S: Store>(
     };
     // Its outcome tells whether a receiver device took the message: charged before the store
     // decides anything, so a refusal withdraws nothing and tells nothing.
-    if let Err(wait) = discovery::charge(state, identity, Disclosure::Withdraw) {
+    if let Err(wait) = discovery::charge(state, identity, Disclosure::Withdraw).await {
         state
             .metrics
             .withdrawals

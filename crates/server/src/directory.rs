@@ -9,18 +9,18 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
-use tidings_core::HOUR;
 use tidings_proto::frame::{self, ErrorCode, Kind};
 use tidings_proto::id::DeviceId;
 use tidings_proto::{MAX_DEVICES, MAX_ONE_TIME_KEYS_PER_UPLOAD, MAX_ONE_TIME_KEYS_STORED};
 use tidings_store::{IdentityKeys, Published, SignedKey, Store, Voucher};
 
+use crate::budget::Budget;
 use crate::clock::now_ms;
 use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
 use crate::hub::Outbox;
 use crate::identity::Identity;
 use crate::reply::{error, rate_limited, reply, storage_unavailable, store_failed};
-use crate::state::{take_budget, LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
+use crate::state::{LinkOffer, Shared, LIMITER_CAPACITY, LINK_CODE_LIFETIME};
 
 #[cfg(test)]
 mod tests;
@@ -246,7 +246,7 @@ pub async fn claim<S: Store>(
         account: devices.as_deref(),
         named: &only,
     };
-    if let Err(wait) = discovery::charge(state, identity, asked) {
+    if let Err(wait) = discovery::charge(state, identity, asked).await {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     // Every claim of another number's keys costs at least one from the claim budget, including a
@@ -257,15 +257,15 @@ pub async fn claim<S: Store>(
             _ => only.len(),
         }
         .max(1);
-        let per_second = f64::from(state.config.key_claims_per_hour) / (HOUR as f64 / 1000.0);
-        if let Err(wait) = take_budget(
-            &state.claim_budgets,
+        if let Err(wait) = crate::budget::take(
+            state,
+            Budget::KeyClaims,
             identity.budgets,
             u32::try_from(cost).unwrap_or(u32::MAX),
-            state.config.key_claim_burst,
-            per_second,
             now_ms(),
-        ) {
+        )
+        .await
+        {
             let answer = rate_limited("too many key claims", wait, request_id);
             return reply(outbox, answer).await;
         }
@@ -376,7 +376,8 @@ pub async fn link_code<S: Store>(
             return reply(outbox, storage_unavailable("try again", request_id)).await;
         }
     }
-    if let Err(wait) = state.check_link(identity.budgets, now_ms(), false) {
+    let links = Budget::Links { record: false };
+    if let Err(wait) = crate::budget::take(state, links, identity.budgets, 1, now_ms()).await {
         let message = too_many_links(state.config.links_per_day);
         return reply(outbox, rate_limited(message, wait, request_id)).await;
     }

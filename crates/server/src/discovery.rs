@@ -16,13 +16,14 @@
 //! either. [`units`] is the one place that decides; each handler describes its answer as a
 //! [`Disclosure`] and calls [`charge`].
 
-use tidings_core::{Millis, HOUR};
+use tidings_core::Millis;
 use tidings_proto::id::DeviceId;
 use tidings_store::Store;
 
+use crate::budget::Budget;
 use crate::clock::now_ms;
 use crate::identity::Identity;
-use crate::state::{take_budget, Shared};
+use crate::state::Shared;
 
 /// The message of every refusal for this budget.
 pub const BUDGET_USED_UP: &str = "lookup budget used up";
@@ -121,7 +122,7 @@ pub fn units(disclosure: &Disclosure<'_>) -> u32 {
 /// Charges the asking account for `disclosure` before the answer is given: `Ok` with the units
 /// taken (0 for a free answer), `Err` with the wait until the budget would allow it (the request
 /// is then answered `RATE_LIMITED` and tells nothing).
-pub fn charge<S: Store>(
+pub async fn charge<S: Store>(
     state: &Shared<S>,
     identity: Identity,
     disclosure: Disclosure<'_>,
@@ -130,15 +131,7 @@ pub fn charge<S: Store>(
     if units == 0 {
         return Ok(0);
     }
-    let per_second = f64::from(state.config.lookup_per_hour) / (HOUR as f64 / 1000.0);
-    take_budget(
-        &state.lookup_budgets,
-        identity.budgets,
-        units,
-        state.config.lookup_burst,
-        per_second,
-        now_ms(),
-    )?;
+    crate::budget::take(state, Budget::Discovery, identity.budgets, units, now_ms()).await?;
     Ok(units)
 }
 

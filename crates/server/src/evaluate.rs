@@ -87,7 +87,7 @@ pub async fn evaluate<S: Store>(
         elements: request.blinded.len(),
         free_sender_check,
     };
-    if let Err(wait) = discovery::charge(state, identity, asked) {
+    if let Err(wait) = discovery::charge(state, identity, asked).await {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     state

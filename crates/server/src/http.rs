@@ -954,7 +954,9 @@ async fn link<S: Store>(
     let Some(offer) = offer else {
         return Err(wrong_code());
     };
-    if let Err(wait) = state.check_link(state.keys.budget_key(&pseudonym), now, true) {
+    let links = crate::budget::Budget::Links { record: true };
+    let key = state.keys.budget_key(&pseudonym);
+    if let Err(wait) = crate::budget::take(&state, links, key, 1, now).await {
         let message = too_many_links(state.config.links_per_day);
         return Err(rate_limited(wait, &message));
     }

@@ -267,6 +267,18 @@ impl ServerKeys {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BudgetKey([u8; 32]);
 
+impl BudgetKey {
+    /// The key's bytes, as a budget question to its owner node carries them ([`crate::budget`]).
+    pub fn to_bytes(self) -> [u8; 32] {
+        self.0
+    }
+
+    /// A key as a budget question carried it.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
 impl std::fmt::Debug for BudgetKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("BudgetKey(<redacted>)")

@@ -52,6 +52,7 @@
 //! accounts by the pseudonym the client derived with `evaluate` (blinded, promise P3).
 
 mod abuse;
+mod budget;
 mod bus;
 mod clock;
 pub mod config;

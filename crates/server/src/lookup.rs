@@ -86,7 +86,7 @@ pub async fn lookup<S: Store>(
     let asked = Disclosure::Lookup {
         accounts: pseudonyms.len(),
     };
-    if let Err(wait) = discovery::charge(state, identity, asked) {
+    if let Err(wait) = discovery::charge(state, identity, asked).await {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     state.metrics.lookups.inc_by(pseudonyms.len() as u64);
@@ -192,7 +192,7 @@ pub async fn devices<S: Store>(
         own,
         free_sender_check,
     };
-    if let Err(wait) = discovery::charge(state, identity, asked) {
+    if let Err(wait) = discovery::charge(state, identity, asked).await {
         return reply(outbox, rate_limited(BUDGET_USED_UP, wait, request_id)).await;
     }
     let mut device_ids = Vec::new();

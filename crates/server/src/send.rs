@@ -25,6 +25,7 @@ use tidings_proto::{MAX_COPIES, MAX_PAYLOAD_BYTES, MAX_SEND_PROOFS};
 use tidings_store::{DeviceDifference, Enqueued, NewMessage, Store, StoreError};
 use tokio::sync::Notify;
 
+use crate::budget::Budget;
 use crate::clock::now_ms;
 use crate::delivery::deliver_frame;
 use crate::discovery::{self, Disclosure, BUDGET_USED_UP};
@@ -33,7 +34,7 @@ use crate::identity::Identity;
 use crate::metrics::Outcome;
 use crate::presence::parse_proofs;
 use crate::reply::reply;
-use crate::state::{take_budget, Shared};
+use crate::state::Shared;
 
 #[cfg(test)]
 mod tests;
@@ -381,14 +382,7 @@ async fn decide_and_enqueue<S: Store>(
         ));
     }
     let now = now_ms();
-    if let Err(wait) = take_budget(
-        &state.send_budgets,
-        identity.budgets,
-        1,
-        state.config.send_burst,
-        f64::from(state.config.send_per_second),
-        now,
-    ) {
+    if let Err(wait) = crate::budget::take(state, Budget::Sends, identity.budgets, 1, now).await {
         return Err(Stored::RateLimited(wait, "too many messages"));
     }
     let route = match state.store.route(pseudonym).await {
@@ -409,7 +403,7 @@ async fn decide_and_enqueue<S: Store>(
         receiver: route.as_ref().map(|route| route.devices.as_slice()),
         copies: &copy_devices,
     };
-    let charged = match discovery::charge(state, identity, asked) {
+    let charged = match discovery::charge(state, identity, asked).await {
         Ok(units) => units > 0,
         Err(wait) => return Err(Stored::RateLimited(wait, BUDGET_USED_UP)),
     };
@@ -544,7 +538,7 @@ async fn decide_and_enqueue<S: Store>(
                 missing: difference.missing.len(),
             };
             if !charged {
-                if let Err(wait) = discovery::charge(state, identity, asked) {
+                if let Err(wait) = discovery::charge(state, identity, asked).await {
                     return Err(Stored::RateLimited(wait, BUDGET_USED_UP));
                 }
             }
