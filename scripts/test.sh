@@ -8,6 +8,9 @@
 #   - PostgreSQL, for the store's tests of its PostgreSQL engine (each in a schema of its own in
 #     the database TIDINGS_TEST_POSTGRES names, by default postgres://postgres@127.0.0.1:5432/test):
 #     installed, started and given the database `test` when that URL does not answer;
+#   - nats-server, for the tests of several nodes sharing a bus (tests/integration/cluster.rs):
+#     started on the URL TIDINGS_TEST_NATS names (by default nats://127.0.0.1:4222) when nothing
+#     answers there;
 #   - schemathesis, in the same virtualenv, which then checks a running server against its
 #     OpenAPI document (scripts/schemathesis.toml: every check, 100 cases per operation, a fixed
 #     seed, about a minute; no failure allowed).
@@ -23,6 +26,7 @@ command -v bearerbox >/dev/null || missing+=(kannel)
 [ -x /usr/lib/kannel/test/fakesmsc ] || missing+=(kannel-extras)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v nats-server >/dev/null || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (Debian packages)"
   as_root apt-get update -qq
@@ -57,6 +61,19 @@ SQL
   fi
 fi
 export TIDINGS_TEST_POSTGRES="$pg_url"
+
+nats_url=${TIDINGS_TEST_NATS:-nats://127.0.0.1:4222}
+nats_address=${nats_url#nats://}
+nats_host=${nats_address%:*}
+nats_port=${nats_address##*:}
+nats_answers() { (exec 3<>"/dev/tcp/$nats_host/$nats_port") 2>/dev/null; }
+if ! nats_answers; then
+  echo "starting nats-server on $nats_host:$nats_port"
+  nohup nats-server -a "$nats_host" -p "$nats_port" >/dev/null 2>&1 &
+  for _ in $(seq 50); do nats_answers && break; sleep 0.1; done
+  nats_answers || { echo "nats-server did not start on $nats_host:$nats_port" >&2; exit 1; }
+fi
+export TIDINGS_TEST_NATS="$nats_url"
 
 venv=target/test-venv
 if ! "$venv/bin/python" -c 'import gsmmodem.pdu, smppy, smpp.pdu, schemathesis' 2>/dev/null; then

@@ -152,7 +152,8 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects to NATS at `url` (retrying in the background if it is not up yet).
+    /// Connects to NATS at `url`, or at the first of several comma-separated URLs that answers
+    /// (retrying in the background if none is up yet).
     pub async fn connect(url: &str, prefix: &str, node_name: &str) -> anyhow::Result<Arc<Self>> {
         let node = rand::rngs::OsRng.next_u64();
         let up = Arc::new(AtomicBool::new(false));
@@ -181,7 +182,7 @@ impl Bus {
                     }
                 }
             })
-            .connect(url)
+            .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the bus at {}: {e}", redact(url)))?;
         let (outgoing, pending) = mpsc::channel(OUTGOING);

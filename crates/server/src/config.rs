@@ -41,8 +41,9 @@ pub struct ServerArgs {
     /// file when it holds a password) [default: sqlite]
     #[arg(long, env = "TIDINGS_STORE", hide_env_values = true)]
     pub store: Option<String>,
-    /// The NATS server the nodes of one deployment share, as nats://host:port (several nodes
-    /// over one PostgreSQL store); none for a single node [default: none]
+    /// The NATS server the nodes of one deployment share, as nats://host:port, or the servers of
+    /// a NATS cluster separated by commas (several nodes over one PostgreSQL store); none for a
+    /// single node [default: none]
     #[arg(long, env = "TIDINGS_BUS", hide_env_values = true)]
     pub bus: Option<String>,
     /// The first part of every NATS subject this deployment uses, so that several deployments
@@ -490,10 +491,15 @@ pub fn data_home() -> PathBuf {
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
 
-/// Checks the bus setting: a nats:// URL.
+/// Checks the bus setting: nats:// URLs.
 fn bus_url(url: &str) -> anyhow::Result<String> {
-    if !(url.starts_with("nats://") || url.starts_with("tls://")) || url.len() > 1024 {
-        anyhow::bail!("bus must be a nats://host:port URL");
+    let valid = url.len() <= 4096
+        && url
+            .split(',')
+            .map(str::trim)
+            .all(|one| one.starts_with("nats://") || one.starts_with("tls://"));
+    if !valid {
+        anyhow::bail!("bus must be a nats://host:port URL, or several separated by commas");
     }
     Ok(url.to_string())
 }
