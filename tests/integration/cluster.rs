@@ -60,6 +60,19 @@ fn users_on_different_nodes_talk_see_each_other_and_link_devices() {
     assert_eq!(answer["receipt"], "delivered", "{answer}");
     let shown = bob_listening.wait_for(|e| e["type"] == "message");
     assert_eq!(shown["text"], "across the bus", "{shown}");
+    // Deliver first across nodes: the copy was pushed from node 1's memory to node 2 and its
+    // acknowledgement decided back at node 1, with no copy written.
+    assert!(
+        eventually(patience(), || gauge(
+            &nodes[0],
+            r#"tidings_held_copies_total{outcome="decided"}"#
+        ) >= 1),
+        "the copy for a device on another node was not delivered first"
+    );
+    assert_eq!(
+        gauge(&nodes[0], r#"tidings_held_copies_total{outcome="stored"}"#),
+        -1
+    );
 
     // Bob stops: Alice sees him offline once his node said so.
     drop(bob_listening);

@@ -322,6 +322,7 @@ fn openapi_document_matches_the_routes() {
         ("GET", "/v1/connect"),
         ("GET", "/v1/oprf-key"),
         ("GET", "/v1/health"),
+        ("GET", "/v1/ready"),
         ("GET", "/v1/openapi.json"),
     ]
     .iter()

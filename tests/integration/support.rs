@@ -400,11 +400,18 @@ impl Server {
             .arg("--sync-trace")
             .arg(self.sync_trace())
             .args(["--scrub-interval-ms", "200", "--log", "debug"])
-            .args(
-                self.database
-                    .iter()
-                    .flat_map(|db| ["--store", db.url.as_str()]),
-            )
+            // On the PostgreSQL pass every server is a node with a bus of its own subjects too:
+            // the suite runs over PostgreSQL and NATS.
+            .args(self.database.iter().flat_map(|db| {
+                [
+                    "--store".to_string(),
+                    db.url.clone(),
+                    "--bus".to_string(),
+                    nats_url(),
+                    "--bus-prefix".to_string(),
+                    db.name.clone(),
+                ]
+            }))
             .args(&self.extra)
             .env_remove("TIDINGS_CONFIG")
             // Each test server has a metrics address of its own, so that they can run at once.

@@ -37,8 +37,8 @@ use sha2::{Digest as _, Sha256};
 use tidings_core::presence::Secret;
 use tidings_core::Millis;
 use tidings_proto::frame::Frame;
-use tidings_proto::id::DeviceId;
-use tidings_store::{AccountId, Store};
+use tidings_proto::id::{DeviceId, MessageId};
+use tidings_store::{AccountId, AckKind, Acked, Store, StoreError};
 use tokio::sync::mpsc;
 
 use crate::budget::Budget;
@@ -108,7 +108,74 @@ enum InboxKind {
     /// A charge to an account's budget at its owner ([`crate::budget`]): answered `[0]`, or
     /// `[1]` and the wait.
     Budget = 4,
+    /// A held copy (deliver first) for the device's listening sessions; its acknowledgement
+    /// goes back to the node that holds it.
+    HeldDeliver = 5,
+    /// A device's acknowledgement of a copy this node holds: decided here, answered with what it
+    /// came to ([`HeldAnswer`]).
+    HeldAck = 6,
 }
+
+/// What deciding an acknowledgement of a held copy came to, as the holding node answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum HeldAnswer {
+    NotHeld = 0,
+    Unknown = 1,
+    Confirmed = 2,
+    ConfirmedFirst = 3,
+    Withdrawn = 4,
+    Failed = 5,
+}
+
+impl HeldAnswer {
+    fn of(acked: Option<&tidings_store::Result<Acked>>) -> Self {
+        match acked {
+            None => Self::NotHeld,
+            Some(Ok(Acked::Unknown)) => Self::Unknown,
+            Some(Ok(Acked::Confirmed { first: false })) => Self::Confirmed,
+            Some(Ok(Acked::Confirmed { first: true })) => Self::ConfirmedFirst,
+            Some(Ok(Acked::Withdrawn)) => Self::Withdrawn,
+            Some(Err(_)) => Self::Failed,
+        }
+    }
+
+    fn acked(byte: u8) -> Option<tidings_store::Result<Acked>> {
+        Some(match byte {
+            1 => Ok(Acked::Unknown),
+            2 => Ok(Acked::Confirmed { first: false }),
+            3 => Ok(Acked::Confirmed { first: true }),
+            4 => Ok(Acked::Withdrawn),
+            5 => Err(StoreError::Engine(
+                "the node holding the copy could not decide its acknowledgement".into(),
+            )),
+            _ => return None,
+        })
+    }
+}
+
+fn ack_kind_byte(kind: AckKind) -> u8 {
+    match kind {
+        AckKind::Shown => 1,
+        AckKind::ShownWithoutReceipt => 2,
+        AckKind::Discarded => 3,
+    }
+}
+
+fn ack_kind(byte: u8) -> Option<AckKind> {
+    [
+        AckKind::Shown,
+        AckKind::ShownWithoutReceipt,
+        AckKind::Discarded,
+    ]
+    .into_iter()
+    .find(|kind| ack_kind_byte(*kind) == byte)
+}
+
+/// Most held copies of other nodes this node tracks for their acknowledgements.
+const HELD_HERE: usize = 1_000_000;
+/// How long this node remembers which node holds a copy it was handed.
+const HELD_HERE_FOR: Millis = 60_000;
 
 /// What is published, in the order it was handed over.
 #[derive(Debug)]
@@ -149,6 +216,9 @@ pub struct Bus {
     pending: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Told of each reconnection.
     reconnected: Arc<tokio::sync::Notify>,
+    /// Held copies other nodes pushed here, by message: the node that holds each and when this
+    /// entry lapses. Ids only.
+    held_here: Mutex<HashMap<(DeviceId, MessageId), (u64, Millis)>>,
 }
 
 impl Bus {
@@ -196,6 +266,7 @@ impl Bus {
             dirty: AtomicBool::new(false),
             pending: Mutex::new(Some(pending)),
             reconnected,
+            held_here: Mutex::default(),
         }))
     }
 
@@ -259,6 +330,81 @@ impl Bus {
         body.put_slice(&device.0);
         frame.encode(&mut body).ok();
         self.queue(Outgoing::Inbox(node, body.freeze()))
+    }
+
+    /// Hands a held copy to the node that serves `device`, if another one does; whether it went.
+    pub fn forward_held(&self, device: &DeviceId, frame: &Frame) -> bool {
+        let Some(node) = self.node_of(device) else {
+            return false;
+        };
+        let mut body = BytesMut::with_capacity(25 + frame.encoded_len());
+        body.put_u8(InboxKind::HeldDeliver as u8);
+        body.put_slice(&device.0);
+        body.put_u64(self.node);
+        frame.encode(&mut body).ok();
+        self.queue(Outgoing::Inbox(node, body.freeze()))
+    }
+
+    /// Asks the node that pushed a held copy of this message here to decide `device`'s
+    /// acknowledgement of it; `None` when no node holds it (or none answered): it is then a
+    /// stored copy, if any.
+    pub async fn ack_held_elsewhere(
+        &self,
+        device: DeviceId,
+        sender_device: DeviceId,
+        id: MessageId,
+        kind: AckKind,
+    ) -> Option<tidings_store::Result<Acked>> {
+        let (origin, _) = self
+            .held_here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(sender_device, id))?;
+        let mut body = BytesMut::with_capacity(50);
+        body.put_u8(InboxKind::HeldAck as u8);
+        body.put_slice(&device.0);
+        body.put_slice(&sender_device.0);
+        body.put_slice(id.as_bytes());
+        body.put_u8(ack_kind_byte(kind));
+        match self
+            .client
+            .request(self.subject_node(origin), body.freeze())
+            .await
+        {
+            Ok(answer) => HeldAnswer::acked(*answer.payload.first()?),
+            Err(e) => {
+                tracing::debug!(error = %e, "the node holding a copy did not answer its acknowledgement");
+                None
+            }
+        }
+    }
+
+    /// Notes that the node `origin` holds the copy `frame` (a `Deliver`) pushed here.
+    fn note_held(&self, origin: u64, frame: &Frame, now: Millis) {
+        let Some(tidings_proto::frame::Kind::Deliver(deliver)) = &frame.kind else {
+            return;
+        };
+        let (Some(sender), Some(id)) = (
+            DeviceId::from_slice(&deliver.sender_device),
+            MessageId::from_slice(&deliver.id),
+        ) else {
+            return;
+        };
+        let mut held = self
+            .held_here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if held.len() < HELD_HERE {
+            held.insert((sender, id), (origin, now + HELD_HERE_FOR));
+        }
+    }
+
+    /// Forgets the held copies of other nodes that lapsed.
+    fn forget_lapsed_held(&self, now: Millis) {
+        self.held_here
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, (_, lapses)| *lapses > now);
     }
 
     /// Signs these devices out on every other node.
@@ -443,12 +589,25 @@ impl Bus {
     /// first by rendezvous hashing among the nodes heard from and this one. None while the bus
     /// is down: this node then charges its own copy.
     pub fn owner(&self, key: &BudgetKey) -> Option<u64> {
+        self.owner_of(&key.to_bytes())
+    }
+
+    /// Whether this node runs the periodic job `job` over the shared store (expiry, pruning,
+    /// scrubbing): the first node for it by rendezvous hashing, or every node while the bus is
+    /// down (each run is a transaction of its own, so two nodes at once only repeat work).
+    pub fn runs_job(&self, job: &str) -> bool {
+        self.owner_of(job.as_bytes()).is_none()
+    }
+
+    /// The first node for `key` by rendezvous hashing, if another one than this; none while the
+    /// bus is down.
+    fn owner_of(&self, key: &[u8]) -> Option<u64> {
         if !self.is_up() {
             return None;
         }
         let rank = |node: u64| -> [u8; 32] {
             let mut hash = Sha256::new();
-            hash.update(key.to_bytes());
+            hash.update(key);
             hash.update(node.to_be_bytes());
             hash.finalize().into()
         };
@@ -567,6 +726,7 @@ pub async fn run<S: Store>(state: Shared<S>, bus: Arc<Bus>) {
                 if bus.dirty.load(Ordering::Acquire) {
                     bus.publish_list(&hub).await;
                 }
+                bus.forget_lapsed_held(now_ms());
                 let forgotten = bus.forget_silent(now_ms());
                 state.metrics.bus_nodes.set(i64::try_from(bus.other_nodes()).unwrap_or(i64::MAX));
                 state.metrics.bus_connected.set(i64::from(bus.is_up()));
@@ -614,10 +774,29 @@ async fn inbox_message<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
     if kind == InboxKind::Budget as u8 {
         return budget_question(state, bus, rest, message.reply.clone()).await;
     }
+    if kind == InboxKind::HeldAck as u8 {
+        // Deciding may wait for a sync: not on the loop that reads the bus.
+        let state = Arc::clone(state);
+        let client = bus.client.clone();
+        let body = message.payload.clone();
+        tokio::spawn(async move { held_ack_question(&state, &client, &body, message.reply).await });
+        return;
+    }
     let Some(device) = rest.get(..16).and_then(DeviceId::from_slice) else {
         return;
     };
     let rest = &rest[16..];
+    if kind == InboxKind::HeldDeliver as u8 {
+        let Some(origin) = rest.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+            return;
+        };
+        let Ok(frame) = Frame::decode(&rest[8..]) else {
+            return;
+        };
+        bus.note_held(u64::from_be_bytes(origin), &frame, now_ms());
+        state.hub.deliver_here(&device, &frame, 0);
+        return;
+    }
     match kind {
         k if k == InboxKind::Deliver as u8 || k == InboxKind::Notify as u8 => {
             let Ok(frame) = Frame::decode(rest) else {
@@ -681,6 +860,32 @@ async fn link_question<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
         if let Err(e) = bus.client.publish(reply, answer.freeze()).await {
             tracing::debug!(error = %e, "a link offer was not handed over");
         }
+    }
+}
+
+/// Decides an acknowledgement, made at another node, of a copy this node holds, and answers.
+async fn held_ack_question<S: Store>(
+    state: &Shared<S>,
+    client: &async_nats::Client,
+    body: &[u8],
+    reply: Option<async_nats::Subject>,
+) {
+    let (Some(reply), Some(device), Some(sender_device), Some(id), Some(kind)) = (
+        reply,
+        body.get(1..17).and_then(DeviceId::from_slice),
+        body.get(17..33).and_then(DeviceId::from_slice),
+        body.get(33..49).and_then(MessageId::from_slice),
+        body.get(49).copied().and_then(ack_kind),
+    ) else {
+        return;
+    };
+    let acked = crate::delivery::ack_held(state, device, sender_device, id, kind).await;
+    let answer = HeldAnswer::of(acked.as_ref()) as u8;
+    if let Err(e) = client
+        .publish(reply, Bytes::copy_from_slice(&[answer]))
+        .await
+    {
+        tracing::debug!(error = %e, "an acknowledgement's decision was not published");
     }
 }
 
@@ -761,8 +966,7 @@ async fn check_devices<S: Store>(state: &Shared<S>) {
 }
 
 /// How many of these devices show themselves online to the device `asker` (see
-/// [`Hub::count_visible`]), wherever they are served: a device with no listening session here is
-/// asked about at the node that serves it, if another one does.
+/// [`Hub::count_visible`]), wherever they are served.
 pub async fn count_visible(
     hub: &Hub,
     devices: &[DeviceId],
@@ -770,20 +974,52 @@ pub async fn count_visible(
     proofs: &[(DeviceId, Secret)],
     now: Millis,
 ) -> usize {
-    let here = hub.count_visible(devices, asker, proofs, now);
+    visible(hub, devices, asker, proofs, now).await.len()
+}
+
+/// Which of these devices show themselves online to the device `asker` (see
+/// [`Hub::count_visible`]), wherever they are served: a device with no listening session here is
+/// asked about at the node that serves it, if another one does.
+pub async fn visible(
+    hub: &Hub,
+    devices: &[DeviceId],
+    asker: DeviceId,
+    proofs: &[(DeviceId, Secret)],
+    now: Millis,
+) -> Vec<DeviceId> {
+    let mut shown: Vec<DeviceId> = devices
+        .iter()
+        .filter(|device| hub.count_visible(std::iter::once(*device), asker, proofs, now) > 0)
+        .copied()
+        .collect();
     let Some(bus) = hub.bus() else {
-        return here;
+        return shown;
     };
-    let elsewhere = devices
+    let elsewhere: Vec<DeviceId> = devices
         .iter()
         .filter(|device| !hub.is_online(device) && bus.node_of(device).is_some())
-        .map(|device| {
-            let proof = proofs
-                .iter()
-                .find(|(proven, _)| proven == device)
-                .map(|(_, mac)| mac);
-            bus.shows_online(*device, asker, proof, now)
-        });
-    let shown = futures::future::join_all(elsewhere).await;
-    here + shown.into_iter().filter(|shown| *shown).count()
+        .copied()
+        .collect();
+    let answers = futures::future::join_all(elsewhere.iter().map(|device| {
+        let proof = proofs
+            .iter()
+            .find(|(proven, _)| proven == device)
+            .map(|(_, mac)| mac);
+        bus.shows_online(*device, asker, proof, now)
+    }))
+    .await;
+    shown.extend(
+        elsewhere
+            .into_iter()
+            .zip(answers)
+            .filter_map(|(device, yes)| yes.then_some(device)),
+    );
+    shown
+}
+
+/// Whether every one of these devices holds a listening session, here or at another node.
+pub fn all_listening(hub: &Hub, devices: &[DeviceId]) -> bool {
+    devices.iter().all(|device| {
+        hub.is_online(device) || hub.bus().is_some_and(|bus| bus.node_of(device).is_some())
+    })
 }

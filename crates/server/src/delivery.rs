@@ -126,7 +126,20 @@ pub async fn ack<S: Store>(
     };
     let acked = match ack_held(state, identity.device, sender_device, id, kind).await {
         Some(acked) => acked,
-        None => ack_stored(state, identity.device, sender_device, id, kind).await,
+        None => {
+            // Held by the node that pushed it here, if another one did.
+            let elsewhere = match state.hub.bus() {
+                Some(bus) => {
+                    bus.ack_held_elsewhere(identity.device, sender_device, id, kind)
+                        .await
+                }
+                None => None,
+            };
+            match elsewhere {
+                Some(acked) => acked,
+                None => ack_stored(state, identity.device, sender_device, id, kind).await,
+            }
+        }
     };
     answer_ack(state, ack, acked, outbox).await;
 }
@@ -145,7 +158,7 @@ fn delivered_receipt(id: MessageId) -> Frame {
 /// sender's own other device needs no record (it was sent either way); a copy for the receiver
 /// is decided by the message's `DELIVERED` record, `CONFIRMED` only once it is durable. A copy to
 /// be set aside is stored first, then acknowledged as a stored copy.
-async fn ack_held<S: Store>(
+pub(crate) async fn ack_held<S: Store>(
     state: &Shared<S>,
     device: DeviceId,
     sender_device: DeviceId,

@@ -714,17 +714,6 @@ impl Hub {
             .count()
     }
 
-    /// Whether every one of these devices holds a live listening session on this node, whoever
-    /// it shows itself to (a copy for each could be pushed at once).
-    pub fn all_listening(&self, devices: impl IntoIterator<Item = DeviceId>) -> bool {
-        let Ok(sessions) = self.sessions.lock() else {
-            return false;
-        };
-        devices
-            .into_iter()
-            .all(|device| sessions.of(&device).any(|e| e.listen))
-    }
-
     /// The number the next session to register will get (see [`Hub::deliver_from`]).
     pub fn next_session(&self) -> u64 {
         self.next.load(Ordering::Relaxed)

@@ -295,7 +295,22 @@ async fn decide_and_store<S: Store>(
             for (device, payload) in copies {
                 let frame = deliver_frame(sender, id, sent_at, payload);
                 failpoint("server-push-before");
-                if state.hub.deliver(&device, &frame) == 0 {
+                let taken = if held {
+                    // A held copy for a device served by another node goes there as held: its
+                    // acknowledgement comes back here to be decided.
+                    match state.hub.deliver_here(&device, &frame, 0) {
+                        0 => usize::from(
+                            state
+                                .hub
+                                .bus()
+                                .is_some_and(|bus| bus.forward_held(&device, &frame)),
+                        ),
+                        here => here,
+                    }
+                } else {
+                    state.hub.deliver(&device, &frame)
+                };
+                if taken == 0 {
                     if held {
                         // Its session went, or could not take it: stored at once, not at the
                         // end of the window.
@@ -411,17 +426,16 @@ async fn decide_and_enqueue<S: Store>(
     // hidden from it is answered as an offline one (`NOW_OR_NEVER` refused, `QUEUE` queued), so
     // that no answer tells the sender more than its lookup would (P7). Its copies still reach
     // the receiver's live sessions, which decide on a receipt themselves.
+    let mut visible = Vec::new();
     let receiver = match &route {
         None => Receiver::NotAUser,
         Some(route) => Receiver::User {
-            devices_online: crate::bus::count_visible(
-                &state.hub,
-                &route.devices,
-                identity.device,
-                &proofs,
-                now,
-            )
-            .await,
+            devices_online: {
+                visible =
+                    crate::bus::visible(&state.hub, &route.devices, identity.device, &proofs, now)
+                        .await;
+                visible.len()
+            },
         },
     };
     let (outcome, expires_at) =
@@ -447,8 +461,9 @@ async fn decide_and_enqueue<S: Store>(
         contact_token_hash,
     };
     // Deliver first: a message accepted because the receiver is online, whose every copy goes
-    // to a device with a live session here, is pushed with no disk write on the way and held
-    // until each copy is decided or stored ([`crate::held`]).
+    // to a device with a live session (here, or at the node that serves it), is pushed with no
+    // disk write on the way and held here until each copy is decided or stored
+    // ([`crate::held`]).
     //
     // Only when every receiver device it goes to shows itself online to this sender (the
     // sender's own devices are its own business): an answer that says the message is held
@@ -460,11 +475,8 @@ async fn decide_and_enqueue<S: Store>(
         .partition(|device| route.devices.contains(device));
     if outcome == SendOutcome::Accepted
         && state.held.enabled()
-        && state.hub.all_listening(own_copies.iter().copied())
-        && state
-            .hub
-            .count_visible(&to_receiver, identity.device, &proofs, now)
-            == to_receiver.len()
+        && crate::bus::all_listening(&state.hub, &own_copies)
+        && to_receiver.iter().all(|device| visible.contains(device))
     {
         let key = (identity.device, id);
         if state.held.is_held(key) {
