@@ -322,3 +322,20 @@ fn an_account_spread_over_every_node_draws_from_one_lookup_budget() {
         "{granted} lookups were granted over three nodes with one budget of three"
     );
 }
+
+#[test]
+fn a_bus_with_a_password_takes_only_nodes_that_give_it() {
+    let nats = NatsServer::start_with(&["--user", "tidings", "--pass", "bus-secret"]);
+    let with_password = format!("nats://tidings:bus-secret@127.0.0.1:{}", nats.port);
+    let (_database, nodes) = cluster_on(&with_password, 1, &[]);
+    assert!(
+        eventually(patience(), || ready(&nodes[0]).0 == 200),
+        "a node with the bus's password never got ready"
+    );
+    let wrong = format!("nats://tidings:wrong@127.0.0.1:{}", nats.port);
+    let (_other_database, others) = cluster_on(&wrong, 1, &[]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (status, body) = ready(&others[0]);
+    assert_eq!(status, 503, "{body}");
+    assert!(!others[0].log().contains("bus-secret") && !others[0].log().contains(":wrong@"));
+}

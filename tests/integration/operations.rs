@@ -548,3 +548,12 @@ fn the_binary_allocates_with_jemalloc_set_to_give_freed_memory_back() {
                        \"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\"";
     assert!(stderr.contains(compiled_in), "{stderr}");
 }
+
+#[test]
+fn a_single_node_is_ready_and_says_so() {
+    let server = Server::start(&[]);
+    let (status, body) = get(server.port, "/v1/ready");
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(ready["status"], "ready", "{body}");
+}

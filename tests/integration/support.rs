@@ -124,13 +124,20 @@ pub fn nats_url() -> String {
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    flags: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with these further `nats-server` flags (such as `--user` and `--pass`).
+    pub fn start_with(flags: &[&str]) -> Self {
         let mut nats = Self {
             child: None,
             port: free_port(),
+            flags: flags.iter().map(|flag| flag.to_string()).collect(),
         };
         nats.resume();
         nats
@@ -152,6 +159,7 @@ impl NatsServer {
     pub fn resume(&mut self) {
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

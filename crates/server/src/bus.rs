@@ -229,7 +229,21 @@ impl Bus {
         let up = Arc::new(AtomicBool::new(false));
         let reconnected = Arc::new(tokio::sync::Notify::new());
         let (events_up, events_reconnected) = (Arc::clone(&up), Arc::clone(&reconnected));
-        let client = async_nats::ConnectOptions::new()
+        let addresses = url
+            .split(',')
+            .map(|one| one.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("the bus URL {} is not valid: {e}", redact(url)))?;
+        let mut options = async_nats::ConnectOptions::new();
+        // A user and password in a URL are the bus's credentials (the client would not send them
+        // by itself).
+        if let Some(address) = addresses.iter().find(|address| address.has_user_pass()) {
+            options = options.user_and_password(
+                address.username().unwrap_or_default().to_string(),
+                address.password().unwrap_or_default().to_string(),
+            );
+        }
+        let client = options
             // A node never hears its own messages: a copy it publishes is for another node.
             .no_echo()
             .name(format!("tidings {node_name}"))
@@ -252,7 +266,7 @@ impl Bus {
                     }
                 }
             })
-            .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
+            .connect(addresses)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the bus at {}: {e}", redact(url)))?;
         let (outgoing, pending) = mpsc::channel(OUTGOING);
