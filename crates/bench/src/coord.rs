@@ -351,6 +351,11 @@ fn spec(worker: u32, target: Target, prepared: &Prepared, job: Job) -> WorkerSpe
                 _ => None,
             },
             devices: prepared.devices.clone(),
+            nodes: if target.is_tidings() {
+                servers::TIDINGS_NODES.load(std::sync::atomic::Ordering::Relaxed)
+            } else {
+                1
+            },
         },
         job,
     }

@@ -129,6 +129,10 @@ struct RunArgs {
     /// "valgrind --tool=callgrind --callgrind-out-file=/tmp/callgrind.%p"
     #[arg(long)]
     tidings_wrapper: Option<String>,
+    /// Run Tidings as this many nodes over PostgreSQL and NATS (crates/bench/cluster.sh, which
+    /// starts them): clients connect to the nodes in turn [default: 1, one node on SQLite]
+    #[arg(long)]
+    tidings_nodes: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -294,6 +298,12 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let mut programs = servers::Programs::find(tidings_bin.clone(), &targets)?;
     if let Some(wrapper) = &args.tidings_wrapper {
         programs.tidings_wrapper = wrapper.split_whitespace().map(str::to_string).collect();
+    }
+    programs.tidings_nodes = args.tidings_nodes.unwrap_or(1).max(1);
+    servers::TIDINGS_NODES.store(programs.tidings_nodes, std::sync::atomic::Ordering::Relaxed);
+    if programs.tidings_nodes > 1 && programs.tidings_wrapper.is_empty() {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.sh");
+        programs.tidings_wrapper = vec![script.display().to_string()];
     }
     // The scratch directory: a subdirectory of our own (named by our pid), so that concurrent
     // invocations never touch each other's state; those of invocations that are gone are removed.

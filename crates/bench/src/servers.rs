@@ -26,6 +26,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a server has to stop after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 
+/// Tidings nodes in this invocation ([`Programs::tidings_nodes`]), for the workers' endpoints.
+pub static TIDINGS_NODES: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+
 /// The first of this invocation's ports (see [`choose_ports`]).
 static PORT_BASE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(17_430);
 
@@ -71,6 +74,8 @@ pub struct Programs {
     pub tidings: PathBuf,
     /// A command the Tidings server is started under (a profiler), split on spaces.
     pub tidings_wrapper: Vec<String>,
+    /// Tidings nodes (more than one: `cluster.sh` starts them over PostgreSQL and NATS).
+    pub tidings_nodes: u16,
     pub mosquitto: PathBuf,
     pub mosquitto_passwd: PathBuf,
     pub nats: PathBuf,
@@ -130,6 +135,7 @@ impl Programs {
         Ok(Programs {
             tidings,
             tidings_wrapper: Vec::new(),
+            tidings_nodes: 1,
             mosquitto: need("mosquitto", has(Target::Mosquitto))?,
             mosquitto_passwd: need("mosquitto_passwd", has(Target::Mosquitto))?,
             nats: need("nats-server", has(Target::Nats))?,
@@ -183,6 +189,8 @@ pub struct Server {
     pub pid: u32,
     pub addr: SocketAddr,
     child: tokio::process::Child,
+    /// Several Tidings nodes: PostgreSQL's processes' CPU counts as the server's too.
+    with_postgres: bool,
 }
 
 fn fill(template: &str, pairs: &[(&str, String)]) -> String {
@@ -367,6 +375,7 @@ impl Server {
                     .arg("--config")
                     .arg(&config_path)
                     .env("TIDINGS_LOG", "warn")
+                    .env("TIDINGS_BENCH_NODES", programs.tidings_nodes.to_string())
                     .stdout(Stdio::piped());
             }
             Target::Mosquitto => {
@@ -467,6 +476,7 @@ impl Server {
             pid,
             addr,
             child,
+            with_postgres: target.is_tidings() && programs.tidings_nodes > 1,
         };
         if let Err(e) = sys::wait_port(addr, START_TIMEOUT, pid).await {
             let _ = server.stop().await;
@@ -516,7 +526,12 @@ impl Server {
 
     /// CPU seconds and RSS of the server's process tree now.
     pub fn usage(&self) -> sys::Usage {
-        sys::usage(self.pid)
+        let mut usage = sys::usage(self.pid);
+        if self.with_postgres {
+            // Its CPU only: each backend's RSS counts the shared buffers it touched again.
+            usage.cpu_secs += sys::usage_named("postgres").cpu_secs;
+        }
+        usage
     }
 
     /// Stops the server by its process id (SIGTERM, then SIGKILL after the grace period).

@@ -101,6 +101,30 @@ pub fn usage(pid: u32) -> Usage {
     usage
 }
 
+/// CPU seconds and RSS of every process whose command name is `name` (PostgreSQL's server and
+/// its backends, for a benchmark of several Tidings nodes over it).
+pub fn usage_named(name: &str) -> Usage {
+    let mut usage = Usage::default();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == name {
+            usage.cpu_secs += cpu_secs(pid);
+            usage.rss_bytes += rss_bytes(pid);
+        }
+    }
+    usage
+}
+
 /// Whether the process still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))

@@ -135,6 +135,14 @@ pub struct Endpoint {
     pub tls_pin: Option<String>,
     /// Tidings: the file mapping user index to device id (one base64url id per line).
     pub devices: Option<PathBuf>,
+    /// Tidings nodes: node `k` listens `100 * k` ports above `addr`, and a worker's clients
+    /// connect to them in turn.
+    #[serde(default = "one_node")]
+    pub nodes: u16,
+}
+
+fn one_node() -> u16 {
+    1
 }
 
 /// What a worker is asked to do. Users are named by index (see `ident`).

@@ -172,6 +172,12 @@ fn ack_kind(byte: u8) -> Option<AckKind> {
     .find(|kind| ack_kind_byte(*kind) == byte)
 }
 
+/// Most devices of other nodes the directory keeps (a bound, far above what a deployment
+/// serves: 16 bytes and a node id each, about 70 bytes with the map's overhead).
+const DIRECTORY_DEVICES: usize = 4_000_000;
+/// Most other nodes the directory keeps.
+const DIRECTORY_NODES: usize = 1_024;
+
 /// Most held copies of other nodes this node tracks for their acknowledgements.
 const HELD_HERE: usize = 1_000_000;
 /// How long this node remembers which node holds a copy it was handed.
@@ -533,7 +539,19 @@ impl Bus {
             directory.forget_node(node);
             return Some(kind);
         }
+        if directory.nodes.len() >= DIRECTORY_NODES && !directory.nodes.contains_key(&node) {
+            tracing::warn!("more nodes on the bus than a directory keeps: one is ignored");
+            return None;
+        }
         directory.nodes.insert(node, now);
+        if matches!(kind, DirKind::Add | DirKind::ListFirst | DirKind::ListMore)
+            && directory.devices.len() + devices.len() > DIRECTORY_DEVICES
+        {
+            tracing::warn!(
+                "the directory of other nodes' devices is full: an announcement is ignored"
+            );
+            return Some(kind);
+        }
         match kind {
             DirKind::Add | DirKind::ListMore => {
                 for device in devices {

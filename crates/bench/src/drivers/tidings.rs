@@ -48,9 +48,30 @@ fn device(ctx: &Ctx, index: u32) -> anyhow::Result<[u8; 16]> {
         .ok_or_else(|| anyhow!("user {index} has no registered device"))
 }
 
+/// The address of the node a connection goes to: user `index`'s node (so that a user's
+/// reconnect, with the resumption token its node issued, reaches that node again), or the nodes
+/// in turn.
+fn node_addr(ctx: &Ctx, index: Option<u32>) -> std::net::SocketAddr {
+    thread_local! {
+        static OPENED: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
+    }
+    let nodes = ctx.endpoint.nodes.max(1);
+    let k = match index {
+        Some(index) => u16::try_from(index % u32::from(nodes)).unwrap_or(0),
+        None => OPENED.with(|opened| {
+            let k = opened.get();
+            opened.set(k.wrapping_add(1));
+            k % nodes
+        }),
+    };
+    let mut addr = ctx.endpoint.addr;
+    addr.set_port(addr.port() + 100 * k);
+    addr
+}
+
 /// Opens the byte stream: TCP from the worker's source address, then TLS if pinned.
-async fn open(ctx: &Ctx) -> anyhow::Result<BoxIo> {
-    let tcp = common::tcp_connect(ctx.endpoint.src_ip, ctx.endpoint.addr).await?;
+async fn open(ctx: &Ctx, index: Option<u32>) -> anyhow::Result<BoxIo> {
+    let tcp = common::tcp_connect(ctx.endpoint.src_ip, node_addr(ctx, index)).await?;
     match &ctx.tls {
         None => Ok(Box::new(tcp)),
         Some(connector) => {
@@ -162,7 +183,7 @@ pub async fn register(
         let host = host.clone();
         let done = Rc::clone(&done);
         tasks.push(tokio::task::spawn_local(async move {
-            let mut io = open(&ctx).await?;
+            let mut io = open(&ctx, None).await?;
             for index in chunk {
                 let (status, body) = post_json(
                     &mut io,
@@ -234,7 +255,7 @@ pub async fn register(
         let codes = Rc::clone(&codes);
         let done = Rc::clone(&done);
         tasks.push(tokio::task::spawn_local(async move {
-            let mut io = open(&ctx).await?;
+            let mut io = open(&ctx, None).await?;
             let mut out = Vec::new();
             for index in chunk {
                 let key = common::device_key(index);
@@ -456,7 +477,7 @@ async fn connect_as(
     listen: bool,
     resume: Option<&[u8]>,
 ) -> anyhow::Result<Session> {
-    let mut io = open(ctx).await?;
+    let mut io = open(ctx, Some(index)).await?;
     let resume_headers = match resume {
         Some(token) => format!(
             "{}: {}\r\n{}: {}\r\n",
@@ -985,7 +1006,7 @@ async fn oprf_key(ctx: &Ctx) -> anyhow::Result<[u8; 32]> {
     if let Some(key) = OPRF_KEYS.with(|keys| keys.borrow().get(&addr).copied()) {
         return Ok(key);
     }
-    let mut io = open(ctx).await?;
+    let mut io = open(ctx, None).await?;
     let (status, body) = http_json(&mut io, "GET", &addr.to_string(), "/v1/oprf-key", "").await?;
     let key = body["public_key"]
         .as_str()
