@@ -41,11 +41,13 @@
 //! - `rows`: how domain values are stored in columns and read back;
 //! - `store`: the `impl Store`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement, Transaction};
 
 use crate::{Result, StoreError};
 
@@ -123,7 +125,7 @@ impl PostgresStore {
         });
         {
             let mut conn = pool.get().await?;
-            schema::migrate(conn.client()).await?;
+            schema::migrate(&mut conn.client().client).await?;
         }
         Ok(Self {
             pool,
@@ -162,23 +164,162 @@ impl PostgresStore {
     }
 }
 
+/// Parameters of a statement, as tokio-postgres takes them.
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// What the engine's statements run on: a pooled connection or a transaction on one. Every
+/// statement is one of the engine's own literals, prepared once per connection and kept
+/// ([`Statements`]), so running it again costs one round trip and no parsing or planning.
+pub(super) trait Sql: Sync {
+    fn query(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = std::result::Result<Vec<Row>, tokio_postgres::Error>> + Send;
+    fn query_opt(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = std::result::Result<Option<Row>, tokio_postgres::Error>> + Send;
+    fn query_one(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = std::result::Result<Row, tokio_postgres::Error>> + Send;
+    fn execute(
+        &self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> impl Future<Output = std::result::Result<u64, tokio_postgres::Error>> + Send;
+}
+
+/// A connection's prepared statements, by their text. Bounded by the engine's literals.
+#[derive(Default)]
+struct Statements(Mutex<HashMap<&'static str, Statement>>);
+
+impl Statements {
+    async fn get<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        sql: &'static str,
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        if let Some(found) = self.0.lock().ok().and_then(|held| held.get(sql).cloned()) {
+            return Ok(found);
+        }
+        let prepared = client.prepare(sql).await?;
+        if let Ok(mut held) = self.0.lock() {
+            held.insert(sql, prepared.clone());
+        }
+        Ok(prepared)
+    }
+}
+
+/// [`Sql`] for a client and its statements, whichever kind of client it is.
+macro_rules! impl_sql {
+    ($type:ty, $client:ident) => {
+        impl Sql for $type {
+            async fn query(
+                &self,
+                sql: &'static str,
+                params: Params<'_>,
+            ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+                let statement = self.statements.get(&self.$client, sql).await?;
+                self.$client.query(&statement, params).await
+            }
+            async fn query_opt(
+                &self,
+                sql: &'static str,
+                params: Params<'_>,
+            ) -> std::result::Result<Option<Row>, tokio_postgres::Error> {
+                let statement = self.statements.get(&self.$client, sql).await?;
+                self.$client.query_opt(&statement, params).await
+            }
+            async fn query_one(
+                &self,
+                sql: &'static str,
+                params: Params<'_>,
+            ) -> std::result::Result<Row, tokio_postgres::Error> {
+                let statement = self.statements.get(&self.$client, sql).await?;
+                self.$client.query_one(&statement, params).await
+            }
+            async fn execute(
+                &self,
+                sql: &'static str,
+                params: Params<'_>,
+            ) -> std::result::Result<u64, tokio_postgres::Error> {
+                let statement = self.statements.get(&self.$client, sql).await?;
+                self.$client.execute(&statement, params).await
+            }
+        }
+    };
+}
+
+/// An open connection with its prepared statements.
+struct Pooled {
+    client: Client,
+    statements: Statements,
+}
+
+impl Pooled {
+    /// Starts a transaction, which prepares its statements into the connection's.
+    async fn transaction(&mut self) -> std::result::Result<Txn<'_>, tokio_postgres::Error> {
+        Ok(Txn {
+            txn: self.client.transaction().await?,
+            statements: &self.statements,
+        })
+    }
+
+    /// Starts a read-only transaction that reads one snapshot throughout.
+    async fn snapshot(&mut self) -> std::result::Result<Txn<'_>, tokio_postgres::Error> {
+        Ok(Txn {
+            txn: self
+                .client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?,
+            statements: &self.statements,
+        })
+    }
+
+    async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+}
+
+/// A transaction on a pooled connection.
+struct Txn<'a> {
+    txn: Transaction<'a>,
+    statements: &'a Statements,
+}
+
+impl Txn<'_> {
+    async fn commit(self) -> std::result::Result<(), tokio_postgres::Error> {
+        self.txn.commit().await
+    }
+}
+
+impl_sql!(Pooled, client);
+impl_sql!(Txn<'_>, txn);
+
 /// Open connections, each with its settings applied, and a bound on how many there are.
 struct Pool {
     config: Config,
     schema: Option<String>,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Pooled>>,
     permits: Semaphore,
 }
 
 /// A connection taken from the pool; it goes back when dropped, unless it has closed.
 struct Conn<'a> {
-    client: Option<Client>,
+    client: Option<Pooled>,
     pool: &'a Pool,
     _permit: SemaphorePermit<'a>,
 }
 
 impl Conn<'_> {
-    fn client(&mut self) -> &mut Client {
+    fn client(&mut self) -> &mut Pooled {
         // Set when the connection is taken, taken out only in `drop`.
         self.client
             .as_mut()
@@ -188,10 +329,10 @@ impl Conn<'_> {
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            if !client.is_closed() {
+        if let Some(pooled) = self.client.take() {
+            if !pooled.client.is_closed() {
                 if let Ok(mut idle) = self.pool.idle.lock() {
-                    idle.push(client);
+                    idle.push(pooled);
                 }
             }
         }
@@ -212,13 +353,16 @@ impl Pool {
                 .map_err(|_| StoreError::engine("an earlier operation panicked"))?
                 .pop();
             match next {
-                Some(client) if client.is_closed() => continue,
+                Some(pooled) if pooled.client.is_closed() => continue,
                 other => break other,
             }
         };
         let client = match reused {
-            Some(client) => client,
-            None => self.open().await?,
+            Some(pooled) => pooled,
+            None => Pooled {
+                client: self.open().await?,
+                statements: Statements::default(),
+            },
         };
         Ok(Conn {
             client: Some(client),

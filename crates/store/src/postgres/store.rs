@@ -10,10 +10,9 @@ use tidings_core::verification::{CodePolicy, CodeRecord, LiveCode};
 use tidings_core::Millis;
 use tidings_proto::frame::ReceiptKind;
 use tidings_proto::id::{DeviceId, MessageId};
-use tokio_postgres::GenericClient;
 
 use super::rows::{self, count, millis, sql_millis};
-use super::PostgresStore;
+use super::{Pooled, PostgresStore, Sql, Txn};
 use crate::{
     AccountDevices, AccountId, AckKind, Acked, Actor, Admission, Admitted, Backlog, Claimed,
     ClaimedKey, Completion, Device, Enqueued, ExpiredMessage, HeldAck, IdentityKeys, KeyStatus,
@@ -25,7 +24,7 @@ use crate::{
 const RECEIPTS_PER_READ: i64 = 1000;
 
 /// Locks an account's row for a change of its devices; false if the account is gone.
-async fn lock_account<C: GenericClient + Sync>(db: &C, account: AccountId) -> Result<bool> {
+async fn lock_account<C: Sql>(db: &C, account: AccountId) -> Result<bool> {
     let row = db
         .query_opt(
             "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
@@ -36,12 +35,12 @@ async fn lock_account<C: GenericClient + Sync>(db: &C, account: AccountId) -> Re
 }
 
 /// Locks the account's row and refuses an actor that is no longer one of its devices.
-async fn lock_actor<C: GenericClient + Sync>(db: &C, actor: Actor) -> Result<()> {
+async fn lock_actor<C: Sql>(db: &C, actor: Actor) -> Result<()> {
     lock_account(db, actor.account).await?;
     check_actor(db, actor).await
 }
 
-async fn check_actor<C: GenericClient + Sync>(db: &C, actor: Actor) -> Result<()> {
+async fn check_actor<C: Sql>(db: &C, actor: Actor) -> Result<()> {
     let row = db
         .query_opt(
             "SELECT 1 FROM devices WHERE id = $1 AND account_id = $2",
@@ -55,10 +54,7 @@ async fn check_actor<C: GenericClient + Sync>(db: &C, actor: Actor) -> Result<()
 }
 
 /// Locks the row of the account a device belongs to; its id, or `None` if the device is gone.
-async fn lock_account_of<C: GenericClient + Sync>(
-    db: &C,
-    device: DeviceId,
-) -> Result<Option<AccountId>> {
+async fn lock_account_of<C: Sql>(db: &C, device: DeviceId) -> Result<Option<AccountId>> {
     loop {
         let Some(row) = db
             .query_opt(
@@ -87,10 +83,7 @@ async fn lock_account_of<C: GenericClient + Sync>(
 }
 
 /// The account a pseudonym names: its pseudonym, or its previous one.
-async fn account_of<C: GenericClient + Sync>(
-    db: &C,
-    pseudonym: Pseudonym,
-) -> Result<Option<AccountId>> {
+async fn account_of<C: Sql>(db: &C, pseudonym: Pseudonym) -> Result<Option<AccountId>> {
     let row = db
         .query_opt(
             "SELECT id FROM accounts WHERE pseudonym = $1 OR previous_pseudonym = $1",
@@ -100,7 +93,7 @@ async fn account_of<C: GenericClient + Sync>(
     row.map(|row| Ok(AccountId(row.try_get(0)?))).transpose()
 }
 
-async fn devices_of<C: GenericClient + Sync>(db: &C, account: AccountId) -> Result<Vec<DeviceId>> {
+async fn devices_of<C: Sql>(db: &C, account: AccountId) -> Result<Vec<DeviceId>> {
     let rows = db
         .query(
             "SELECT id FROM devices WHERE account_id = $1 ORDER BY added",
@@ -110,7 +103,7 @@ async fn devices_of<C: GenericClient + Sync>(db: &C, account: AccountId) -> Resu
     rows.iter().map(|row| rows::device_id(row, 0)).collect()
 }
 
-async fn device<C: GenericClient + Sync>(db: &C, id: DeviceId) -> Result<Option<Device>> {
+async fn device<C: Sql>(db: &C, id: DeviceId) -> Result<Option<Device>> {
     let row = db
         .query_opt(
             "SELECT d.account_id, a.pseudonym, d.public_key
@@ -127,7 +120,7 @@ async fn device<C: GenericClient + Sync>(db: &C, id: DeviceId) -> Result<Option<
     }))
 }
 
-async fn key_status<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result<KeyStatus> {
+async fn key_status<C: Sql>(db: &C, device: DeviceId) -> Result<KeyStatus> {
     let row = db
         .query_opt(
             "SELECT (SELECT count(*) FROM one_time_keys WHERE device_id = d.id),
@@ -145,10 +138,7 @@ async fn key_status<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result
     })
 }
 
-async fn account_devices<C: GenericClient + Sync>(
-    db: &C,
-    pseudonym: Pseudonym,
-) -> Result<Option<AccountDevices>> {
+async fn account_devices<C: Sql>(db: &C, pseudonym: Pseudonym) -> Result<Option<AccountDevices>> {
     let Some(account) = account_of(db, pseudonym).await? else {
         return Ok(None);
     };
@@ -171,7 +161,7 @@ async fn account_devices<C: GenericClient + Sync>(
 
 /// An account's devices as the delivery rules read them, with what `sender` has waiting in each
 /// one's queue and how many strangers' copies (of the messages at `strangers`) each holds.
-async fn delivery_devices<C: GenericClient + Sync>(
+async fn delivery_devices<C: Sql>(
     db: &C,
     account: AccountId,
     sender: AccountId,
@@ -212,7 +202,7 @@ async fn delivery_devices<C: GenericClient + Sync>(
 /// Deletes a device with its copies (and each message left without a copy), its receipts and its
 /// keys. The decision records of the messages it sent stay until they expire, as in the other
 /// engines (they name no receiver); an account's deletion takes them with it.
-async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Result<()> {
+async fn delete_device<C: Sql>(db: &C, device: DeviceId) -> Result<()> {
     // The messages first, then their copies, in the order an acknowledgement and a withdraw
     // take them: a removal racing them waits instead of deadlocking.
     db.execute(
@@ -236,7 +226,7 @@ async fn delete_device<C: GenericClient + Sync>(db: &C, device: DeviceId) -> Res
 }
 
 /// Stores (or replaces) a receipt for a sending device if it still exists; true if it did.
-async fn store_receipt<C: GenericClient + Sync>(
+async fn store_receipt<C: Sql>(
     db: &C,
     device: DeviceId,
     id: MessageId,
@@ -267,7 +257,7 @@ async fn store_receipt<C: GenericClient + Sync>(
 /// message at once (a held copy's acknowledgement and a withdraw, on two connections or two
 /// nodes), the insert of one waits for the other to end and then finds its record, which the
 /// next statement reads (each statement reads what has committed before it).
-async fn decide<C: GenericClient + Sync>(
+async fn decide<C: Sql>(
     db: &C,
     sender_device: DeviceId,
     id: MessageId,
@@ -312,11 +302,7 @@ fn record_ends(expires_at: Millis) -> Millis {
 /// stored waits for a send of the message that is under way, and a send for a withdraw's record.
 /// Its two 32-bit keys are a space apart from the single 64-bit keys of code records and
 /// migrations; two ids that hash alike only wait for each other.
-async fn lock_message_id<C: GenericClient + Sync>(
-    db: &C,
-    sender_device: DeviceId,
-    id: MessageId,
-) -> Result<()> {
+async fn lock_message_id<C: Sql>(db: &C, sender_device: DeviceId, id: MessageId) -> Result<()> {
     // FNV-1a over the sending device and the id.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in sender_device.as_bytes().iter().chain(id.as_bytes()) {
@@ -334,11 +320,7 @@ async fn lock_message_id<C: GenericClient + Sync>(
 }
 
 /// The decision record of a message: whether it was delivered (else withdrawn).
-async fn tombstone<C: GenericClient + Sync>(
-    db: &C,
-    sender_device: DeviceId,
-    id: MessageId,
-) -> Result<Option<bool>> {
+async fn tombstone<C: Sql>(db: &C, sender_device: DeviceId, id: MessageId) -> Result<Option<bool>> {
     let row = db
         .query_opt(
             "SELECT delivered FROM withdrawn WHERE sender_device = $1 AND msg_id = $2",
@@ -705,13 +687,7 @@ impl Store for PostgresStore {
     async fn accounts(&self, pseudonyms: Vec<Pseudonym>) -> Result<Vec<Option<AccountDevices>>> {
         let mut conn = self.pool.get().await?;
         // One snapshot for the whole batch.
-        let txn = conn
-            .client()
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let txn = conn.client().snapshot().await?;
         let mut answers = Vec::with_capacity(pseudonyms.len());
         for pseudonym in pseudonyms {
             answers.push(account_devices(&txn, pseudonym).await?);
@@ -1651,14 +1627,14 @@ impl Store for PostgresStore {
 
 /// Starts a transaction on `client`, at the failpoint the embedded engine's writer passes before
 /// each batch (the crash test stops the server there).
-async fn begin(client: &mut tokio_postgres::Client) -> Result<tokio_postgres::Transaction<'_>> {
+async fn begin(client: &mut Pooled) -> Result<Txn<'_>> {
     failpoint("store-transaction-before");
     Ok(client.transaction().await?)
 }
 
 /// Commits `txn`: this engine's durability point, between the failpoints the embedded engine's
 /// writer passes around its sync and after its batch (the crash test stops the server at each).
-async fn commit(txn: tokio_postgres::Transaction<'_>) -> Result<()> {
+async fn commit(txn: Txn<'_>) -> Result<()> {
     failpoint("store-sync-before");
     txn.commit().await?;
     failpoint("store-sync-after");
