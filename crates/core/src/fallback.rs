@@ -474,8 +474,24 @@ impl Outgoing {
             (Phase::AwaitingReceipt { .. }, Event::Receipt(ReceiptKind::Expired)) => {
                 Phase::Done(Outcome::Expired)
             }
-            (Phase::Withdrawing { .. }, Event::Withdrawn(Withdrawal::Delivered)) => {
+            (Phase::Withdrawing { .. }, Event::Withdrawn(Withdrawal::Delivered))
+                if self.settled =>
+            {
                 Phase::Done(Outcome::Delivered)
+            }
+            // Delivered to a device, but not settled: the copies for the others may have been only
+            // in the server's memory when it stopped. No SMS may follow a delivery, so the message
+            // goes on over IP only: a `Settled` within the receipt timeout finishes it; otherwise
+            // it is sent again under its id until the server settles it (devices that have it
+            // acknowledge the copy without showing it again).
+            (Phase::Withdrawing { .. }, Event::Withdrawn(Withdrawal::Delivered)) => {
+                self.delivered = true;
+                self.route = Route::IP_QUEUED;
+                self.sends = self.sends.max(1);
+                Phase::Resend {
+                    at: now.saturating_add(policy.receipt_timeout),
+                    attempt: 0,
+                }
             }
             (
                 Phase::Withdrawing { .. },

@@ -1,5 +1,5 @@
 use super::*;
-use crate::MINUTE;
+use crate::{HOUR, MINUTE};
 use Action::{Finished, Reencrypt, SendSms, Wait, Withdraw};
 use Event::{Answer, DevicesChanged, Receipt, SmsFailed, SmsSent, Unreachable, Withdrawn};
 
@@ -145,7 +145,8 @@ fn the_receipt_just_after_the_deadline_wins() {
             ),
         ],
     );
-    // The receiver came online and acknowledged during the withdraw: the server says so.
+    // The receiver came online and acknowledged during the withdraw: the server says so, and
+    // settles it.
     check(
         Route::Auto,
         ip(SendMode::NowOrNever),
@@ -159,10 +160,88 @@ fn the_receipt_just_after_the_deadline_wins() {
             (
                 deadline + 1,
                 Some(Withdrawn(Withdrawal::Delivered)),
+                Wait {
+                    until: deadline + 1 + 5 * SECOND,
+                },
+            ),
+            (
+                deadline + 2,
+                Some(Event::Settled),
                 Finished(Outcome::Delivered),
             ),
         ],
     );
+}
+
+#[test]
+fn a_withdraw_answered_delivered_before_the_message_settled_goes_on_over_ip_never_as_sms() {
+    // One device acknowledged (its record is durable) while the copies for the others were held
+    // in the server's memory, and the server stopped: no `Settled` ever comes for that send.
+    // The message is sent again under its id, queued over IP, until the server settles it.
+    let deadline = T0 + 5 * SECOND;
+    let resend = deadline + 1 + 5 * SECOND;
+    check(
+        Route::Auto,
+        ip(SendMode::NowOrNever),
+        &[
+            (
+                T0,
+                Some(Answer(SendOutcome::Accepted)),
+                Wait { until: deadline },
+            ),
+            (deadline, None, Withdraw),
+            (
+                deadline + 1,
+                Some(Withdrawn(Withdrawal::Delivered)),
+                Wait { until: resend },
+            ),
+            (resend, None, ip(SendMode::Queue)),
+            (
+                resend + 1,
+                Some(Unreachable { maybe_stored: true }),
+                Wait {
+                    until: resend + 1 + SECOND,
+                },
+            ),
+            (resend + 1 + SECOND, None, ip(SendMode::Queue)),
+            (
+                resend + 2 + SECOND,
+                Some(Answer(SendOutcome::Queued)),
+                Wait { until: Millis::MAX },
+            ),
+            (
+                resend + 3 + SECOND,
+                Some(Event::Settled),
+                Finished(Outcome::Delivered),
+            ),
+        ],
+    );
+    let mut outgoing = Outgoing::new(Route::QueueThenSms { after: MINUTE }, T0);
+    let policy = Policy::default();
+    outgoing.next(T0);
+    outgoing.handle(&policy, Answer(SendOutcome::Queued), T0);
+    assert_eq!(outgoing.next(T0 + MINUTE), Withdraw);
+    outgoing.handle(&policy, Withdrawn(Withdrawal::Delivered), T0 + MINUTE);
+    assert!(outgoing.is_resend() || outgoing.sends >= 1);
+    // Whatever comes next, no SMS: the message was delivered to a device.
+    for event in [
+        Receipt(ReceiptKind::Expired),
+        Unreachable { maybe_stored: true },
+        Withdrawn(Withdrawal::Withdrawn),
+        Answer(SendOutcome::RefusedNotReachable),
+    ] {
+        let mut after = outgoing;
+        let mut now = T0 + MINUTE;
+        let mut action = after.handle(&policy, event, now);
+        for _ in 0..6 {
+            assert_ne!(action, SendSms, "an SMS after a delivery, on {event:?}");
+            if let Wait { until } = action {
+                now = until.min(now + HOUR);
+            }
+            action = after.next(now);
+        }
+        assert_ne!(action, SendSms, "an SMS after a delivery, on {event:?}");
+    }
 }
 
 #[test]
@@ -222,6 +301,13 @@ fn an_unreachable_server_gets_no_sms_until_it_answers_the_withdraw() {
             (
                 T0 + SECOND,
                 Some(Withdrawn(Withdrawal::Delivered)),
+                Wait {
+                    until: T0 + 6 * SECOND,
+                },
+            ),
+            (
+                T0 + 2 * SECOND,
+                Some(Event::Settled),
                 Finished(Outcome::Delivered),
             ),
         ],
