@@ -356,6 +356,8 @@ fn spec(worker: u32, target: Target, prepared: &Prepared, job: Job) -> WorkerSpe
             } else {
                 1
             },
+            pairs_on_one_node: servers::PAIRS_ON_ONE_NODE
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
         job,
     }

@@ -133,6 +133,11 @@ struct RunArgs {
     /// starts them): clients connect to the nodes in turn [default: 1, one node on SQLite]
     #[arg(long)]
     tidings_nodes: Option<u16>,
+    /// With several nodes: put both ends of each relay pair on one node (users 2p and 2p+1 on
+    /// node p mod N), so that the relay measures same-node messages; by default the ends of a
+    /// pair are on different nodes and every message crosses the bus
+    #[arg(long)]
+    pairs_on_one_node: bool,
 }
 
 fn main() -> ExitCode {
@@ -301,6 +306,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     }
     programs.tidings_nodes = args.tidings_nodes.unwrap_or(1).max(1);
     servers::TIDINGS_NODES.store(programs.tidings_nodes, std::sync::atomic::Ordering::Relaxed);
+    servers::PAIRS_ON_ONE_NODE.store(args.pairs_on_one_node, std::sync::atomic::Ordering::Relaxed);
     if programs.tidings_nodes > 1 && programs.tidings_wrapper.is_empty() {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster.sh");
         programs.tidings_wrapper = vec![script.display().to_string()];

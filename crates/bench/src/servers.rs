@@ -28,6 +28,9 @@ const STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// Tidings nodes in this invocation ([`Programs::tidings_nodes`]), for the workers' endpoints.
 pub static TIDINGS_NODES: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+/// Whether both ends of a relay pair connect to one Tidings node (`--pairs-on-one-node`).
+pub static PAIRS_ON_ONE_NODE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// The first of this invocation's ports (see [`choose_ports`]).
 static PORT_BASE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(17_430);

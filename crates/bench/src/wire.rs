@@ -139,6 +139,10 @@ pub struct Endpoint {
     /// connect to them in turn.
     #[serde(default = "one_node")]
     pub nodes: u16,
+    /// Users `2p` and `2p+1` (a relay pair's two ends) on one node, instead of user `i` on node
+    /// `i mod nodes`.
+    #[serde(default)]
+    pub pairs_on_one_node: bool,
 }
 
 fn one_node() -> u16 {

@@ -128,6 +128,14 @@ impl TokenBucket {
         Err(((n - self.tokens) / self.refill_per_ms).ceil() as Millis)
     }
 
+    /// Takes up to `max` whole tokens, as many as there are; how many it took.
+    pub fn take_up_to(&mut self, max: u32, now: Millis) -> u32 {
+        self.refill(now);
+        let taken = self.tokens.floor().clamp(0.0, f64::from(max));
+        self.tokens -= taken;
+        taken as u32
+    }
+
     /// Returns `n` tokens taken for something that did not happen after all (up to the capacity).
     pub fn give_back(&mut self, n: u32) {
         self.tokens = (self.tokens + f64::from(n)).min(self.capacity);
@@ -268,6 +276,16 @@ impl<K: Hash + Eq + Clone> WindowTable<K> {
 mod tests {
     use super::*;
     use crate::{HOUR, MINUTE, SECOND};
+
+    #[test]
+    fn taking_up_to_takes_what_there_is_and_no_more() {
+        let mut bucket = TokenBucket::new(10, 1.0, 0);
+        bucket.try_take(7, 0).expect("seven of ten");
+        assert_eq!(bucket.take_up_to(5, 0), 3);
+        assert_eq!(bucket.take_up_to(5, 0), 0);
+        assert_eq!(bucket.try_take(1, 0), Err(1000));
+        assert_eq!(bucket.take_up_to(5, 2_500), 2, "whole tokens only");
+    }
 
     #[test]
     fn address_blocks_group_what_one_client_holds() {

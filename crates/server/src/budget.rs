@@ -9,12 +9,87 @@
 //! charges its own copy: a node cut off from the others cannot let more through than one node
 //! would. When an owner dies its accounts' budgets start afresh on the next owner, as they do
 //! when a single node restarts.
+//!
+//! Sends are charged once per message, so an account that sends fast through a node that does not
+//! own its budget would cost a round trip over the bus per message. Such a node asks the owner
+//! for a few sends more than it needs ([`Leases`]) once the account has sent through it within the
+//! last second, and lets the next sends through from them; the owner has taken them from the one
+//! budget, so nothing is multiplied, and a lease unused after a second is dropped (the account
+//! then had fewer sends, never more).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use tidings_core::{Millis, HOUR};
 use tidings_store::Store;
 
 use crate::keys::BudgetKey;
-use crate::state::{take_budget, Shared};
+use crate::state::{take_budget, take_budget_and_more, Shared};
+
+/// How long sends taken ahead for an account stay this node's to let through.
+pub const LEASE_MS: Millis = 1000;
+
+/// Accounts with sends taken ahead, at most (beyond it, sends are asked one by one).
+const LEASES_MAX: usize = 100_000;
+
+/// Sends taken ahead from accounts' owner nodes, by account: in memory only.
+#[derive(Default)]
+pub struct Leases(Mutex<HashMap<BudgetKey, Lease>>);
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map_or(0, |leases| leases.len());
+        f.debug_struct("Leases").field("accounts", &held).finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Sends left to let through.
+    left: u32,
+    /// When the owner was last asked.
+    asked: Millis,
+}
+
+impl Leases {
+    /// Lets `units` through from a lease taken within [`LEASE_MS`]; otherwise says how many to
+    /// ask for beyond them: a few when the account asked within the last [`LEASE_MS`] (it is
+    /// sending fast), else none.
+    fn take(&self, key: BudgetKey, units: u32, chunk: u32, now: Millis) -> Result<(), u32> {
+        let mut leases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match leases.get_mut(&key) {
+            Some(lease) if now.saturating_sub(lease.asked) < LEASE_MS => {
+                if lease.left >= units {
+                    lease.left -= units;
+                    Ok(())
+                } else {
+                    Err(chunk)
+                }
+            }
+            _ => Err(0),
+        }
+    }
+
+    /// Keeps what the owner granted beyond what was asked for.
+    fn keep(&self, key: BudgetKey, left: u32, now: Millis) {
+        let mut leases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if leases.len() >= LEASES_MAX && !leases.contains_key(&key) {
+            leases.retain(|_, lease| now.saturating_sub(lease.asked) < LEASE_MS);
+            if leases.len() >= LEASES_MAX {
+                return;
+            }
+        }
+        leases.insert(key, Lease { left, asked: now });
+    }
+
+    /// Forgets leases past their time.
+    pub fn prune(&self, now: Millis) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, lease| now.saturating_sub(lease.asked) < LEASE_MS);
+    }
+}
 
 /// Which budget a charge draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,25 +140,43 @@ pub async fn take<S: Store>(
 ) -> Result<(), Millis> {
     if let Some(bus) = state.hub.bus() {
         if let Some(owner) = bus.owner(&key) {
-            if let Some(answer) = bus.ask_budget(owner, budget, key, units, now).await {
-                return answer;
+            let more = match budget {
+                Budget::Sends => {
+                    let chunk = (state.config.send_per_second / 10)
+                        .clamp(1, (state.config.send_burst / 4).max(1));
+                    match state.send_leases.take(key, units, chunk, now) {
+                        Ok(()) => return Ok(()),
+                        Err(more) => more,
+                    }
+                }
+                _ => 0,
+            };
+            if let Some(answer) = bus.ask_budget(owner, budget, key, units, more, now).await {
+                if budget == Budget::Sends {
+                    if let Ok(granted) = answer {
+                        state.send_leases.keep(key, granted, now);
+                    }
+                }
+                return answer.map(|_| ());
             }
         }
     }
-    take_here(state, budget, key, units, now)
+    take_here(state, budget, key, units, 0, now).map(|_| ())
 }
 
-/// Takes `units` from this node's copy of an account's `budget`.
+/// Takes `units` from this node's copy of an account's `budget`, and up to `more` beyond them
+/// for another node to let through ([`Leases`]; token buckets only); how many more it took.
 pub fn take_here<S: Store>(
     state: &Shared<S>,
     budget: Budget,
     key: BudgetKey,
     units: u32,
+    more: u32,
     now: Millis,
-) -> Result<(), Millis> {
+) -> Result<u32, Millis> {
     let config = &state.config;
     let per_hour = |n: u32| f64::from(n) / (HOUR as f64 / 1000.0);
-    match budget {
+    let taken = match budget {
         Budget::Discovery => take_budget(
             &state.lookup_budgets,
             key,
@@ -100,14 +193,44 @@ pub fn take_here<S: Store>(
             per_hour(config.key_claims_per_hour),
             now,
         ),
-        Budget::Sends => take_budget(
-            &state.send_budgets,
-            key,
-            units,
-            config.send_burst,
-            f64::from(config.send_per_second),
-            now,
-        ),
+        Budget::Sends => {
+            return take_budget_and_more(
+                &state.send_budgets,
+                key,
+                units,
+                more,
+                config.send_burst,
+                f64::from(config.send_per_second),
+                now,
+            )
+        }
         Budget::Links { record } => state.check_link(key, now, record),
+    };
+    taken.map(|()| 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_lets_through_only_what_the_owner_granted_and_only_for_a_second() {
+        let leases = Leases::default();
+        let key = BudgetKey::from_bytes([7; 32]);
+        // Never asked: ask for the send alone.
+        assert_eq!(leases.take(key, 1, 10, 1_000), Err(0));
+        leases.keep(key, 0, 1_000);
+        // Asked within the second: sending fast, ask for a few more.
+        assert_eq!(leases.take(key, 1, 10, 1_100), Err(10));
+        leases.keep(key, 3, 1_100);
+        for _ in 0..3 {
+            assert_eq!(leases.take(key, 1, 10, 1_200), Ok(()));
+        }
+        assert_eq!(leases.take(key, 1, 10, 1_200), Err(10));
+        // What is left after a second is not this node's any more.
+        leases.keep(key, 5, 2_000);
+        assert_eq!(leases.take(key, 1, 10, 2_000 + LEASE_MS), Err(0));
+        leases.prune(2_000 + LEASE_MS);
+        assert!(leases.0.lock().expect("not poisoned").is_empty());
     }
 }

@@ -661,21 +661,26 @@ impl Bus {
         budget: Budget,
         key: BudgetKey,
         units: u32,
+        more: u32,
         now: Millis,
-    ) -> Option<Result<(), Millis>> {
-        let mut body = BytesMut::with_capacity(1 + 1 + 32 + 4 + 8);
+    ) -> Option<Result<u32, Millis>> {
+        let mut body = BytesMut::with_capacity(1 + 1 + 32 + 4 + 8 + 4);
         body.put_u8(InboxKind::Budget as u8);
         body.put_u8(budget.to_byte());
         body.put_slice(&key.to_bytes());
         body.put_u32(units);
         body.put_u64(now);
+        body.put_u32(more);
         match self
             .client
             .request(self.subject_node(owner), body.freeze())
             .await
         {
             Ok(answer) => match answer.payload.split_first() {
-                Some((0, _)) => Some(Ok(())),
+                Some((0, granted)) => Some(Ok(granted
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_be_bytes))),
                 Some((1, wait)) => Some(Err(u64::from_be_bytes(wait.get(..8)?.try_into().ok()?))),
                 _ => None,
             },
@@ -937,16 +942,25 @@ async fn budget_question<S: Store>(
     ) else {
         return;
     };
+    // Sends taken ahead for the asking node (absent from an older node's question: none).
+    let more = body
+        .get(45..49)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes);
     let taken = crate::budget::take_here(
         state,
         budget,
         BudgetKey::from_bytes(key),
         u32::from_be_bytes(units),
+        more,
         u64::from_be_bytes(now),
     );
     let mut answer = BytesMut::with_capacity(9);
     match taken {
-        Ok(()) => answer.put_u8(0),
+        Ok(granted) => {
+            answer.put_u8(0);
+            answer.put_u32(granted);
+        }
         Err(wait) => {
             answer.put_u8(1);
             answer.put_u64(wait);

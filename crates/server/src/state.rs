@@ -45,6 +45,8 @@ pub struct State<S: Store> {
     pub abuse: AbuseLimits,
     pub lookup_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     pub send_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
+    /// Sends this node may let through without asking an account's owner node.
+    pub send_leases: crate::budget::Leases,
     pub claim_budgets: Mutex<HashMap<BudgetKey, TokenBucket>>,
     /// When each account linked a device, over the last day ([`State::links_per_day`]).
     pub links: Mutex<WindowTable<BudgetKey>>,
@@ -109,15 +111,35 @@ pub fn take_budget(
     per_second: f64,
     now: Millis,
 ) -> Result<(), Millis> {
+    take_budget_and_more(budgets, account, n, 0, capacity, per_second, now).map(|_| ())
+}
+
+/// [`take_budget`], then up to `more` tokens beyond `n` if the bucket has them (a lease for
+/// another node, [`crate::budget`]); how many more it took.
+pub fn take_budget_and_more(
+    budgets: &Mutex<HashMap<BudgetKey, TokenBucket>>,
+    account: BudgetKey,
+    n: u32,
+    more: u32,
+    capacity: u32,
+    per_second: f64,
+    now: Millis,
+) -> Result<u32, Millis> {
     let Ok(mut map) = budgets.lock() else {
         return Err(MINUTE);
     };
     if map.len() >= LIMITER_CAPACITY && !map.contains_key(&account) {
         map.retain(|_, bucket| !bucket.is_full(now));
     }
-    map.entry(account)
-        .or_insert_with(|| TokenBucket::new(capacity, per_second, now))
-        .try_take(n, now)
+    let bucket = map
+        .entry(account)
+        .or_insert_with(|| TokenBucket::new(capacity, per_second, now));
+    bucket.try_take(n, now)?;
+    Ok(if more > 0 {
+        bucket.take_up_to(more, now)
+    } else {
+        0
+    })
 }
 
 impl<S: Store> State<S> {
@@ -148,6 +170,7 @@ impl<S: Store> State<S> {
             resumption: Resumption::new(config_resume_seconds, crate::resume::WINDOW),
             held,
             send_budgets: Mutex::default(),
+            send_leases: crate::budget::Leases::default(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             openapi_json: std::sync::OnceLock::new(),
@@ -214,6 +237,7 @@ impl<S: Store> State<S> {
         if let Ok(mut refusals) = self.rekey_refusals.lock() {
             refusals.prune(REKEY_REFUSALS.period, now);
         }
+        self.send_leases.prune(now);
         for budgets in [
             &self.lookup_budgets,
             &self.send_budgets,

@@ -49,15 +49,22 @@ fn device(ctx: &Ctx, index: u32) -> anyhow::Result<[u8; 16]> {
 }
 
 /// The address of the node a connection goes to: user `index`'s node (so that a user's
-/// reconnect, with the resumption token its node issued, reaches that node again), or the nodes
-/// in turn.
+/// reconnect, with the resumption token its node issued, reaches that node again; both ends of a
+/// relay pair on one node with `pairs_on_one_node`), or the nodes in turn.
 fn node_addr(ctx: &Ctx, index: Option<u32>) -> std::net::SocketAddr {
     thread_local! {
         static OPENED: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
     }
     let nodes = ctx.endpoint.nodes.max(1);
     let k = match index {
-        Some(index) => u16::try_from(index % u32::from(nodes)).unwrap_or(0),
+        Some(index) => {
+            let spread = if ctx.endpoint.pairs_on_one_node {
+                index / 2
+            } else {
+                index
+            };
+            u16::try_from(spread % u32::from(nodes)).unwrap_or(0)
+        }
         None => OPENED.with(|opened| {
             let k = opened.get();
             opened.set(k.wrapping_add(1));

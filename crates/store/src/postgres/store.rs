@@ -571,6 +571,43 @@ impl PostgresStore {
             }
         };
         let mut conn = self.pool.get().await?;
+        let receipt_ends = receipt_expires_at(copy.sent_at, copy.expires_at);
+        // The usual case, no record yet, as one statement: one round trip and one commit. The
+        // record's insert decides as `decide` does (of two at once, one waits for the other and
+        // then inserts nothing); the receipt is written only with the record.
+        failpoint("store-transaction-before");
+        failpoint("store-sync-before");
+        let written = conn
+            .client()
+            .query_opt(
+                "WITH decided AS (
+                     INSERT INTO withdrawn (sender_device, msg_id, expires_at, delivered)
+                     VALUES ($1, $2, $3, true)
+                     ON CONFLICT (sender_device, msg_id) DO NOTHING RETURNING 1
+                 ), receipt AS (
+                     INSERT INTO receipts (device_id, msg_id, kind, expires_at)
+                     SELECT $1, $2, $4, $5 FROM decided
+                     WHERE $6 AND EXISTS (SELECT 1 FROM devices WHERE id = $1)
+                     ON CONFLICT (device_id, msg_id)
+                     DO UPDATE SET kind = EXCLUDED.kind, expires_at = EXCLUDED.expires_at
+                 )
+                 SELECT 1 FROM decided",
+                &[
+                    &copy.sender_device.as_bytes(),
+                    &copy.id.as_bytes(),
+                    &sql_millis(record_ends(copy.expires_at)),
+                    &(ReceiptKind::Delivered as i16),
+                    &sql_millis(receipt_ends),
+                    &shown,
+                ],
+            )
+            .await?;
+        failpoint("store-sync-after");
+        failpoint("store-transaction-after");
+        if written.is_some() {
+            return Ok(Acked::Confirmed { first: shown });
+        }
+        // A record exists: read what it says, as every other decision does.
         let txn = begin(conn.client()).await?;
         let answer = match decide(
             &txn,
