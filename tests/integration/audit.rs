@@ -15,8 +15,8 @@ use tidings_proto::frame::Frame;
 
 use crate::leaks::{leak_forms, text_forms, Needle, Needles};
 use crate::support::{
-    embedded_only, eventually, files_below, files_containing, number, patience, text,
-    CapturingRelay, Server, User, PATIENCE,
+    eventually, files_below, files_containing, number, patience, text, CapturingRelay, Server,
+    User, PATIENCE,
 };
 
 /// One device of the scenario: its profile, and the relay through which it reaches the server.
@@ -79,9 +79,6 @@ fn change_presence(alice: &Device, bob: &Device, dave: &Device) {
 
 #[test]
 fn p3_the_audit_finds_no_number_or_text_anywhere_but_a_registrants_own_registration() {
-    if embedded_only("the audit scans the embedded engine's data directory; PostgreSQL's data directory and WAL are not scanned yet") {
-        return;
-    }
     let server = Server::start(&[]);
     let alice = Device::register(&server, "alice", &number());
     let bob = Device::register(&server, "bob", &number());
@@ -182,16 +179,27 @@ fn p3_the_audit_finds_no_number_or_text_anywhere_but_a_registrants_own_registrat
         );
     }
 
-    // The scan of the data directory is not blind: it finds what the server does store.
+    // The scan of the data directory is not blind: it finds what the server does store (on
+    // PostgreSQL, in PostgreSQL's files).
+    let stored = server.stored_dirs();
     assert!(
-        !files_containing(&server.data_dir(), &alice_device).is_empty(),
+        stored
+            .iter()
+            .any(|dir| !files_containing(dir, &alice_device).is_empty()),
         "the scan of the data directory is blind"
     );
     let mut audit = Audit::default();
-    for (place, dir) in [
+    let mut places = vec![
         ("server data directory", server.data_dir()),
         ("server key directory", server.key_file().with_file_name("")),
-    ] {
+    ];
+    for postgres in stored.iter().skip(1) {
+        places.push((
+            "PostgreSQL's files (the database, WAL, catalogs)",
+            postgres.clone(),
+        ));
+    }
+    for (place, dir) in places {
         for file in files_below(&dir) {
             let bytes = std::fs::read(&file).unwrap_or_default();
             audit.scanned(place, "files", bytes.len());

@@ -3,8 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
 
 use base64::Engine as _;
 use sha1::Digest as _;
@@ -99,27 +101,22 @@ pub struct Needle {
     pub bytes: Vec<u8>,
 }
 
-/// Many needles searched for in one pass over a haystack (indexed by their first four bytes),
-/// so that scanning a data directory for hundreds of forms stays quick.
+/// Many needles searched for in one pass over a haystack (an Aho-Corasick automaton over all of
+/// them), so that scanning a data directory for hundreds of forms stays quick.
 #[derive(Debug, Default)]
 pub struct Needles {
     needles: Vec<Needle>,
-    by_prefix: HashMap<[u8; 4], Vec<usize>>,
+    /// Built at the first search after the last `add`.
+    automaton: OnceLock<AhoCorasick>,
 }
 
 impl Needles {
     /// Adds every form of `forms`, each described as `what` in that form. Every form must be at
     /// least four bytes long.
     pub fn add(&mut self, what: &str, forms: Vec<(String, Vec<u8>)>) {
+        self.automaton = OnceLock::new();
         for (form, bytes) in forms {
-            let prefix: [u8; 4] = bytes
-                .get(..4)
-                .and_then(|p| p.try_into().ok())
-                .expect("a needle of at least four bytes");
-            self.by_prefix
-                .entry(prefix)
-                .or_default()
-                .push(self.needles.len());
+            assert!(bytes.len() >= 4, "a needle of at least four bytes");
             self.needles.push(Needle {
                 what: what.to_string(),
                 form,
@@ -134,20 +131,13 @@ impl Needles {
 
     /// The needles `haystack` contains, each once, in the order they were added.
     pub fn found_in(&self, haystack: &[u8]) -> Vec<&Needle> {
+        let automaton = self.automaton.get_or_init(|| {
+            AhoCorasick::new(self.needles.iter().map(|needle| &needle.bytes))
+                .expect("an automaton of the needles")
+        });
         let mut found = vec![false; self.needles.len()];
-        for (at, window) in haystack.windows(4).enumerate() {
-            let Some(candidates) = window
-                .try_into()
-                .ok()
-                .and_then(|prefix: [u8; 4]| self.by_prefix.get(&prefix))
-            else {
-                continue;
-            };
-            for &index in candidates {
-                if !found[index] && haystack[at..].starts_with(&self.needles[index].bytes) {
-                    found[index] = true;
-                }
-            }
+        for hit in automaton.find_overlapping_iter(haystack) {
+            found[hit.pattern().as_usize()] = true;
         }
         self.needles
             .iter()

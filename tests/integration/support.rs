@@ -261,6 +261,42 @@ pub fn on_postgres() -> bool {
     std::env::var("TIDINGS_TEST_ENGINE").is_ok_and(|engine| engine == "postgres")
 }
 
+/// The directories of PostgreSQL's data directory that hold what a server on `database` stored:
+/// the database's own files (tables and indexes), the WAL every database writes through, and the
+/// cluster-wide catalogs; the privacy scans read them on a PostgreSQL run. They must be readable by
+/// the test (root, or the postgres user, on Debian).
+pub fn postgres_dirs(database: &TempDatabase) -> Vec<PathBuf> {
+    let (dir, oid): (String, u32) = block_on(async {
+        let client = admin().await;
+        let dir = client
+            .query_one("SHOW data_directory", &[])
+            .await
+            .expect("PostgreSQL's data directory (the test's role must be a superuser)")
+            .get(0);
+        let oid = client
+            .query_one(
+                "SELECT oid FROM pg_database WHERE datname = $1",
+                &[&database.name],
+            )
+            .await
+            .expect("the test database's oid")
+            .get(0);
+        (dir, oid)
+    });
+    let dir = PathBuf::from(dir);
+    assert!(
+        std::fs::read_dir(dir.join("pg_wal")).is_ok(),
+        "the privacy scans read PostgreSQL's files and cannot read {}: run the tests as root or \
+         as the postgres user",
+        dir.display()
+    );
+    vec![
+        dir.join("base").join(oid.to_string()),
+        dir.join("pg_wal"),
+        dir.join("global"),
+    ]
+}
+
 /// True, after saying so, when the run is on PostgreSQL and the calling test looks into the
 /// embedded engine's own files (`why` says which): such a test then returns at once. Every test
 /// runs on the embedded engine; the PostgreSQL pass lists the ones it leaves out this way.
@@ -292,6 +328,15 @@ pub struct Server {
 impl Server {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+    /// Every directory whose files hold what this server keeps: its data directory, and on a
+    /// PostgreSQL run PostgreSQL's data directory and WAL as well.
+    pub fn stored_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.data_dir()];
+        if let Some(database) = &self.database {
+            dirs.extend(postgres_dirs(database));
+        }
+        dirs
     }
     pub fn key_file(&self) -> PathBuf {
         self.dir.path().join("keys/server.key")
@@ -799,7 +844,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     files_below(dir)
         .into_iter()
         .filter(|path| {
-            std::fs::read(path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            std::fs::read(path).is_ok_and(|bytes| memchr::memmem::find(&bytes, needle).is_some())
         })
         .collect()
 }
