@@ -84,11 +84,12 @@ if ! "$venv/bin/python" -c 'import gsmmodem.pdu, smppy, smpp.pdu, schemathesis' 
 fi
 export TIDINGS_SMS_PYTHON="$PWD/$venv/bin/python"
 
+echo "== [${SECONDS} s] cargo test --workspace"
 cargo test --workspace "$@"
 
 # The OpenAPI document against the server it describes: a server of the build just tested, in a
 # temporary directory, on a free loopback port.
-echo "== schemathesis: the server answers as its OpenAPI document says"
+echo "== [${SECONDS} s] schemathesis: the server answers as its OpenAPI document says"
 scratch=$(mktemp -d)
 HOME="$scratch" target/debug/tidings server --listen 127.0.0.1:0 --metrics-listen off \
   --data-dir "$scratch/data" --key-file "$scratch/server.key" --outbox-dir "$scratch/outbox" \
