@@ -49,12 +49,15 @@ struct Lease {
     left: u32,
     /// When the owner was last asked.
     asked: Millis,
+    /// A question for more is under way: the sends meanwhile ask for themselves only, so that
+    /// a burst of sends takes one lease, not one each.
+    asking: bool,
 }
 
 impl Leases {
     /// Lets `units` through from a lease taken within [`LEASE_MS`]; otherwise says how many to
     /// ask for beyond them: a few when the account asked within the last [`LEASE_MS`] (it is
-    /// sending fast), else none.
+    /// sending fast) and no question for more is under way, else none.
     fn take(&self, key: BudgetKey, units: u32, chunk: u32, now: Millis) -> Result<(), u32> {
         let mut leases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         match leases.get_mut(&key) {
@@ -62,7 +65,10 @@ impl Leases {
                 if lease.left >= units {
                     lease.left -= units;
                     Ok(())
+                } else if lease.asking {
+                    Err(0)
                 } else {
+                    lease.asking = true;
                     Err(chunk)
                 }
             }
@@ -70,16 +76,40 @@ impl Leases {
         }
     }
 
-    /// Keeps what the owner granted beyond what was asked for.
-    fn keep(&self, key: BudgetKey, left: u32, now: Millis) {
+    /// Keeps what the owner granted beyond what was asked for (`more`: the question asked for
+    /// more, and is over).
+    fn keep(&self, key: BudgetKey, granted: u32, more: bool, now: Millis) {
         let mut leases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if leases.len() >= LEASES_MAX && !leases.contains_key(&key) {
+        if let Some(lease) = leases.get_mut(&key) {
+            if now.saturating_sub(lease.asked) < LEASE_MS {
+                lease.left = lease.left.saturating_add(granted);
+                lease.asked = now;
+            } else {
+                *lease = Lease {
+                    left: granted,
+                    asked: now,
+                    asking: false,
+                };
+            }
+            if more {
+                lease.asking = false;
+            }
+            return;
+        }
+        if leases.len() >= LEASES_MAX {
             leases.retain(|_, lease| now.saturating_sub(lease.asked) < LEASE_MS);
             if leases.len() >= LEASES_MAX {
                 return;
             }
         }
-        leases.insert(key, Lease { left, asked: now });
+        leases.insert(
+            key,
+            Lease {
+                left: granted,
+                asked: now,
+                asking: false,
+            },
+        );
     }
 
     /// Forgets leases past their time.
@@ -151,12 +181,15 @@ pub async fn take<S: Store>(
                 }
                 _ => 0,
             };
-            if let Some(answer) = bus.ask_budget(owner, budget, key, units, more, now).await {
-                if budget == Budget::Sends {
-                    if let Ok(granted) = answer {
-                        state.send_leases.keep(key, granted, now);
-                    }
-                }
+            let answer = bus.ask_budget(owner, budget, key, units, more, now).await;
+            if budget == Budget::Sends {
+                let granted = match answer {
+                    Some(Ok(granted)) => granted,
+                    _ => 0,
+                };
+                state.send_leases.keep(key, granted, more > 0, now);
+            }
+            if let Some(answer) = answer {
                 return answer.map(|_| ());
             }
         }
@@ -219,16 +252,21 @@ mod tests {
         let key = BudgetKey::from_bytes([7; 32]);
         // Never asked: ask for the send alone.
         assert_eq!(leases.take(key, 1, 10, 1_000), Err(0));
-        leases.keep(key, 0, 1_000);
-        // Asked within the second: sending fast, ask for a few more.
+        leases.keep(key, 0, false, 1_000);
+        // Asked within the second: sending fast, ask for a few more, once at a time.
         assert_eq!(leases.take(key, 1, 10, 1_100), Err(10));
-        leases.keep(key, 3, 1_100);
+        assert_eq!(leases.take(key, 1, 10, 1_100), Err(0), "one question for more");
+        leases.keep(key, 0, false, 1_100);
+        leases.keep(key, 3, true, 1_100);
         for _ in 0..3 {
             assert_eq!(leases.take(key, 1, 10, 1_200), Ok(()));
         }
         assert_eq!(leases.take(key, 1, 10, 1_200), Err(10));
+        // The owner did not answer: nothing granted, and the next send may ask again.
+        leases.keep(key, 0, true, 1_300);
+        assert_eq!(leases.take(key, 1, 10, 1_300), Err(10));
         // What is left after a second is not this node's any more.
-        leases.keep(key, 5, 2_000);
+        leases.keep(key, 5, true, 2_000);
         assert_eq!(leases.take(key, 1, 10, 2_000 + LEASE_MS), Err(0));
         leases.prune(2_000 + LEASE_MS);
         assert!(leases.0.lock().expect("not poisoned").is_empty());

@@ -129,6 +129,11 @@ pub struct ToStore {
     pub offers: Vec<(DeviceId, u64)>,
 }
 
+/// How long storing a held message waits for an acknowledgement of one of its copies that is
+/// being decided, at most, in steps of [`DECIDING_STEP_MS`] (a decision is one storage write).
+const DECIDING_WAIT_MS: u64 = 5_000;
+const DECIDING_STEP_MS: u64 = 5;
+
 /// The copies this node holds in memory.
 #[derive(Debug)]
 pub struct Held {
@@ -303,6 +308,17 @@ impl Held {
         settle_if_done(&mut inner, key)
     }
 
+    /// Whether a copy of the message is being decided (its acknowledgement's record is being
+    /// written).
+    pub fn deciding(&self, key: Key) -> bool {
+        self.inner().entries.get(&key).is_some_and(|entry| {
+            entry
+                .copies
+                .iter()
+                .any(|copy| copy.state == CopyState::Deciding)
+        })
+    }
+
     /// The message was decided withdrawn: its copies for the receiver are settled (the record
     /// decides them). True when the whole message is settled now.
     pub fn withdrawn(&self, key: Key) -> bool {
@@ -345,13 +361,20 @@ impl Held {
         (settled, due)
     }
 
-    /// Starts storing a held message's copies that are not settled yet, once per message (the
-    /// copies being decided count as decided). None when it is not held, is being stored, or
-    /// has nothing left to store.
-    pub fn start_storing(&self, key: Key) -> Option<ToStore> {
+    /// Starts storing a held message's copies that are not settled yet, once per message. None
+    /// when it is not held, is being stored, has nothing left to store, or (unless
+    /// `deciding_counts`, when the copies being decided count as decided) a copy's
+    /// acknowledgement is being decided.
+    pub fn start_storing(&self, key: Key, deciding_counts: bool) -> Option<ToStore> {
         let mut inner = self.inner();
         let entry = inner.entries.get_mut(&key)?;
-        if entry.storing {
+        if entry.storing
+            || (!deciding_counts
+                && entry
+                    .copies
+                    .iter()
+                    .any(|copy| copy.state == CopyState::Deciding))
+        {
             return None;
         }
         let mut copies = Vec::new();
@@ -468,8 +491,22 @@ pub fn settle<S: Store>(state: &Shared<S>, key: Key) {
 /// a copy could not be pushed or is to be set aside), then offers each again to the device's
 /// sessions that did not have it.
 pub async fn store_held<S: Store>(state: &Shared<S>, key: Key) {
-    let Some(ToStore { message, offers }) = state.held.start_storing(key) else {
-        return;
+    // A copy whose acknowledgement is being decided is decided first: the others stored before
+    // its record is durable, a crash between the two would leave a stored message and an
+    // acknowledged copy with neither a copy nor a record, which a withdraw of the rest could
+    // decide withdrawn while that device showed it. A decision that fails holds its copy again,
+    // and it is stored with the rest.
+    let mut waited = 0;
+    let ToStore { message, offers } = loop {
+        if let Some(to_store) = state.held.start_storing(key, waited >= DECIDING_WAIT_MS) {
+            break to_store;
+        }
+        if !state.held.deciding(key) {
+            // Not held, being stored, or nothing left to store.
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(DECIDING_STEP_MS)).await;
+        waited += DECIDING_STEP_MS;
     };
     let sent_at = message.sent_at;
     let copies = message.copies.clone();
@@ -583,10 +620,10 @@ mod tests {
         assert!(!held.decided(key, DeviceId([2; 16]), true));
         assert_eq!(held.due(99), (vec![], vec![]));
         assert_eq!(held.due(100), (vec![], vec![key]), "due, a copy to store");
-        let to_store = held.start_storing(key).expect("one copy left");
+        let to_store = held.start_storing(key, false).expect("one copy left");
         assert_eq!(to_store.message.copies.len(), 1);
         assert_eq!(to_store.message.decided, vec![DeviceId([2; 16])]);
-        assert!(held.start_storing(key).is_none(), "stored once");
+        assert!(held.start_storing(key, true).is_none(), "stored once");
         assert_eq!(held.for_ack(key, DeviceId([3; 16]), true), ForAck::Storing);
         assert!(held.stored(key, true));
         assert!(!held.is_held(key));
@@ -626,6 +663,29 @@ mod tests {
             "settled at the window's end"
         );
         assert!(!held.is_held(key));
+    }
+
+    #[test]
+    fn storing_waits_for_a_copy_being_decided_and_stores_it_if_its_decision_failed() {
+        let held = Held::new(100, 1 << 20);
+        let m = message(1, &[2, 3]);
+        let key = (m.sender_device, m.id);
+        assert!(held.hold(&m, &[DeviceId([2; 16]), DeviceId([3; 16])], 0, 0));
+        assert!(matches!(
+            held.for_ack(key, DeviceId([2; 16]), true),
+            ForAck::Held { .. }
+        ));
+        assert!(held.deciding(key));
+        assert!(
+            held.start_storing(key, false).is_none(),
+            "not while a copy's record is being written"
+        );
+        // Its decision failed: the copy is held again and stored with the other.
+        assert!(!held.decided(key, DeviceId([2; 16]), false));
+        assert!(!held.deciding(key));
+        let to_store = held.start_storing(key, false).expect("both copies");
+        assert_eq!(to_store.message.copies.len(), 2);
+        assert!(to_store.message.decided.is_empty());
     }
 
     #[test]
