@@ -255,7 +255,11 @@ mod tests {
         leases.keep(key, 0, false, 1_000);
         // Asked within the second: sending fast, ask for a few more, once at a time.
         assert_eq!(leases.take(key, 1, 10, 1_100), Err(10));
-        assert_eq!(leases.take(key, 1, 10, 1_100), Err(0), "one question for more");
+        assert_eq!(
+            leases.take(key, 1, 10, 1_100),
+            Err(0),
+            "one question for more"
+        );
         leases.keep(key, 0, false, 1_100);
         leases.keep(key, 3, true, 1_100);
         for _ in 0..3 {
