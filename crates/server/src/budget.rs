@@ -49,9 +49,10 @@ struct Lease {
     left: u32,
     /// When the owner was last asked.
     asked: Millis,
-    /// A question for more is under way: the sends meanwhile ask for themselves only, so that
-    /// a burst of sends takes one lease, not one each.
-    asking: bool,
+    /// When a question for more went out, while it is under way: the sends meanwhile ask for
+    /// themselves only, so that a burst of sends takes one lease, not one each. One unanswered
+    /// (it may still be taken at the owner) blocks another for [`LEASE_MS`].
+    asking: Option<Millis>,
 }
 
 impl Leases {
@@ -65,10 +66,13 @@ impl Leases {
                 if lease.left >= units {
                     lease.left -= units;
                     Ok(())
-                } else if lease.asking {
+                } else if lease
+                    .asking
+                    .is_some_and(|at| now.saturating_sub(at) < LEASE_MS)
+                {
                     Err(0)
                 } else {
-                    lease.asking = true;
+                    lease.asking = Some(now);
                     Err(chunk)
                 }
             }
@@ -77,7 +81,7 @@ impl Leases {
     }
 
     /// Keeps what the owner granted beyond what was asked for (`more`: the question asked for
-    /// more, and is over).
+    /// more, and was answered).
     fn keep(&self, key: BudgetKey, granted: u32, more: bool, now: Millis) {
         let mut leases = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(lease) = leases.get_mut(&key) {
@@ -88,11 +92,11 @@ impl Leases {
                 *lease = Lease {
                     left: granted,
                     asked: now,
-                    asking: false,
+                    asking: lease.asking,
                 };
             }
             if more {
-                lease.asking = false;
+                lease.asking = None;
             }
             return;
         }
@@ -107,7 +111,7 @@ impl Leases {
             Lease {
                 left: granted,
                 asked: now,
-                asking: false,
+                asking: None,
             },
         );
     }
@@ -187,7 +191,12 @@ pub async fn take<S: Store>(
                     Some(Ok(granted)) => granted,
                     _ => 0,
                 };
-                state.send_leases.keep(key, granted, more > 0, now);
+                // A question for more that went unanswered may still have been taken at the
+                // owner (it answers late): no other is asked until this lease's time is up, so
+                // that a slow owner loses the account at most one lease a second.
+                state
+                    .send_leases
+                    .keep(key, granted, more > 0 && answer.is_some(), now);
             }
             if let Some(answer) = answer {
                 return answer.map(|_| ());
@@ -266,9 +275,19 @@ mod tests {
             assert_eq!(leases.take(key, 1, 10, 1_200), Ok(()));
         }
         assert_eq!(leases.take(key, 1, 10, 1_200), Err(10));
-        // The owner did not answer: nothing granted, and the next send may ask again.
+        // The owner refused: nothing granted, and the next send may ask again.
         leases.keep(key, 0, true, 1_300);
         assert_eq!(leases.take(key, 1, 10, 1_300), Err(10));
+        // The owner did not answer (it may still take them): no more questions for more until
+        // the lease's time is up.
+        leases.keep(key, 0, false, 1_400);
+        assert_eq!(leases.take(key, 1, 10, 1_450), Err(0));
+        leases.keep(key, 0, false, 1_500);
+        assert_eq!(
+            leases.take(key, 1, 10, 1_300 + LEASE_MS),
+            Err(10),
+            "a second after the unanswered question"
+        );
         // What is left after a second is not this node's any more.
         leases.keep(key, 5, true, 2_000);
         assert_eq!(leases.take(key, 1, 10, 2_000 + LEASE_MS), Err(0));
