@@ -7,7 +7,9 @@
 #     SMPP tests run (tests/smsc/);
 #   - PostgreSQL, for the store's tests of its PostgreSQL engine (each in a schema of its own in
 #     the database TIDINGS_TEST_POSTGRES names, by default postgres://postgres@127.0.0.1:5432/test):
-#     installed, started and given the database `test` when that URL does not answer;
+#     installed, started and given the database `test` when that URL does not answer; it also
+#     holds, a database each, the test servers of the part of the suite run a second time on
+#     PostgreSQL and NATS at the end (TIDINGS_TEST_ENGINE=postgres);
 #   - nats-server, for the tests of several nodes sharing a bus (tests/integration/cluster.rs):
 #     started on the URL TIDINGS_TEST_NATS names (by default nats://127.0.0.1:4222) when nothing
 #     answers there;
@@ -86,6 +88,13 @@ export TIDINGS_SMS_PYTHON="$PWD/$venv/bin/python"
 
 echo "== [${SECONDS} s] cargo test --workspace"
 cargo test --workspace "$@"
+
+# A part of the PostgreSQL pass (every test server on PostgreSQL and NATS; the whole pass takes
+# about half an hour here, see README.md): deliver first and resends, which decide what each
+# engine must make durable, and the privacy scans, which read PostgreSQL's files too.
+echo "== [${SECONDS} s] PostgreSQL pass: deliver first, resends, privacy"
+TIDINGS_TEST_ENGINE=postgres cargo test --workspace -- \
+  deliver_first:: resend:: privacy:: audit::
 
 # The OpenAPI document against the server it describes: a server of the build just tested, in a
 # temporary directory, on a free loopback port.
