@@ -53,9 +53,13 @@ pub(super) fn restrict_file_modes(path: &Path) -> Result<()> {
         name.push(suffix);
         files.push(PathBuf::from(name));
     }
-    for file in files.iter().filter(|file| file.exists()) {
-        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| failed(file, e))?;
+    for file in &files {
+        match std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+            // Not there, or removed meanwhile by a connection of the same database closing (the
+            // last connection to close removes the log and the index).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(|e| failed(file, e))?,
+        }
     }
     Ok(())
 }
