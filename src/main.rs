@@ -133,7 +133,8 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
             run_server(server, &args).await
         }
         StoreEngine::Postgres { url } => {
-            let store = connect_postgres(&url, &config.store).await?;
+            let store =
+                connect_postgres(&url, &config.store, key_chain_file(&config.key_file)).await?;
             // Every commit is durable when it returns: there is no sync of the server's to
             // observe (crates/store/src/postgres/mod.rs).
             let server = tidings_server::Server::bind(config, move |_observer| Ok(store)).await?;
@@ -147,10 +148,17 @@ async fn serve(args: ServerArgs) -> anyhow::Result<ExitCode> {
 /// timeout (minutes).
 const POSTGRES_CONNECT_TIMEOUT_SECONDS: u32 = 10;
 
+/// The key chain file that seals the copies waiting in PostgreSQL: beside the key file, with the
+/// extension `chain` (`server.key` → `server.chain`). Like the key file, every node holds a copy.
+fn key_chain_file(key_file: &std::path::Path) -> std::path::PathBuf {
+    key_file.with_extension("chain")
+}
+
 /// Connects the PostgreSQL engine; the error names the database without the URL's password.
 async fn connect_postgres(
     url: &str,
     engine: &StoreEngine,
+    key_chain: std::path::PathBuf,
 ) -> anyhow::Result<tidings_store::postgres::PostgresStore> {
     let url = if url.contains("connect_timeout=") {
         url.to_string()
@@ -161,7 +169,7 @@ async fn connect_postgres(
     tracing::info!(store = %engine.describe(), "connecting to PostgreSQL");
     tidings_store::postgres::PostgresStore::connect(
         &url,
-        tidings_store::postgres::PostgresOptions::default(),
+        tidings_store::postgres::PostgresOptions::new(key_chain),
     )
     .await
     .map_err(|e| {

@@ -69,16 +69,19 @@ fn p1_an_unregistered_profile_opens_no_connection() {
     }
 }
 
+/// The files below any of `dirs` that hold `needle`.
+fn found_in(dirs: &[PathBuf], needle: &[u8]) -> Vec<PathBuf> {
+    dirs.iter()
+        .flat_map(|dir| files_containing(dir, needle))
+        .collect()
+}
+
 #[test]
 fn p3_p5_no_number_or_delivered_content_in_data_files_or_logs() {
     let server = Server::start(&[]);
     // On PostgreSQL, its data directory and WAL as well as the server's own directory.
     let dirs = server.stored_dirs();
-    let found = |needle: &[u8]| -> Vec<PathBuf> {
-        dirs.iter()
-            .flat_map(|dir| files_containing(dir, needle))
-            .collect()
-    };
+    let found = |needle: &[u8]| found_in(&dirs, needle);
     let (alice_number, bob_number, stranger) = (number(), number(), number());
     let alice = User::register(&alice_number, &server, &[]);
     let bob = User::register(&bob_number, &server, &[]);
@@ -122,6 +125,99 @@ fn p3_p5_no_number_or_delivered_content_in_data_files_or_logs() {
         }
     }
     assert!(!server.log().contains(secret), "message text in the log");
+}
+
+/// P5 for what a device is sent while it is away, on both engines: the copy's bytes as its
+/// sender made them (Olm ciphertext to everyone but its device) leave the server's files once it
+/// is delivered. SQLite zeroes the deleted row and truncates its WAL at the scrub; PostgreSQL
+/// keeps deleted rows' bytes in its tables and WAL, so there the copy is stored only sealed under
+/// the deployment's key chain, whose hourly keys are forgotten (docs/ARCHITECTURE.md, Deleted
+/// bytes on PostgreSQL): the bytes as sent never reach its files at all.
+#[test]
+fn p5_a_delivered_copy_leaves_no_bytes_as_sent_in_the_files() {
+    use tidings_proto::frame::{self, Kind};
+    let server = Server::start(&[]);
+    let dirs = server.stored_dirs();
+    let found = |needle: &[u8]| found_in(&dirs, needle);
+    let (alice_number, bob_number) = (number(), number());
+    let alice = User::register(&alice_number, &server, &[]);
+    let bob = User::register(&bob_number, &server, &[]);
+    let bob_device = tidings_proto::id::from_text(&bob.device_id()).expect("device id");
+    // What the copy's bytes are to the server: opaque. A marker no file holds by chance.
+    let marker = format!("copy-as-sent {}", crate::support::number());
+    let payload: Vec<u8> = marker.bytes().cycle().take(600).collect();
+    let id = vec![0x5e; 16];
+    crate::support::block_on(async {
+        let client = alice.client();
+        let mut session = client.session(false).await.expect("session");
+        let to_account = crate::support::account_of(&client, &mut session, &bob_number).await;
+        session
+            .send(Kind::Send(frame::Send {
+                id: id.clone(),
+                to_account,
+                mode: frame::SendMode::Queue as i32,
+                copies: vec![frame::Copy {
+                    device_id: bob_device.clone(),
+                    payload: payload.clone().into(),
+                }],
+                ..frame::Send::default()
+            }))
+            .await
+            .expect("send");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(PATIENCE);
+        loop {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::SendResult(result)) => {
+                    assert_eq!(result.outcome, frame::SendOutcome::Queued as i32);
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("the send was not answered"),
+            }
+        }
+    });
+    // The scan is not blind: it finds what the server does store, such as the device id.
+    assert!(!found(&bob_device).is_empty(), "the scan is blind");
+    if crate::support::on_postgres() {
+        assert!(
+            found(marker.as_bytes()).is_empty(),
+            "a waiting copy's bytes as sent are in {:?}",
+            found(marker.as_bytes())
+        );
+    }
+    crate::support::block_on(async {
+        let client = bob.client();
+        let mut session = client.session(true).await.expect("session");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(PATIENCE);
+        loop {
+            match session.recv(deadline).await.expect("recv") {
+                Some(Kind::Deliver(deliver)) if deliver.id == id => {
+                    assert_eq!(&deliver.payload[..], &payload[..], "the copy as sent");
+                    session
+                        .send(Kind::Ack(frame::Ack {
+                            sender_device: deliver.sender_device,
+                            id: deliver.id,
+                            ..frame::Ack::default()
+                        }))
+                        .await
+                        .expect("ack");
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("the copy was not delivered"),
+            }
+        }
+        // The acknowledgement is taken before the session ends.
+        let _ = session
+            .recv(tokio::time::Instant::now() + Duration::from_millis(500))
+            .await;
+    });
+    // Within the scrub interval (200 ms here) no file holds the copy as sent.
+    assert!(
+        eventually(patience(), || found(marker.as_bytes()).is_empty()),
+        "a delivered copy's bytes as sent are still in {:?}",
+        found(marker.as_bytes())
+    );
 }
 
 #[test]

@@ -422,6 +422,12 @@ impl Server {
             std::fs::create_dir_all(server.key_file().parent().expect("keys dir"))
                 .expect("keys dir");
             std::fs::copy(first.key_file(), server.key_file()).expect("copy the key file");
+            // And the key chain that seals waiting copies in PostgreSQL, beside it.
+            let chain = first.key_file().with_extension("chain");
+            if chain.exists() {
+                std::fs::copy(&chain, server.key_file().with_extension("chain"))
+                    .expect("copy the key chain file");
+            }
         }
         server.spawn();
         server

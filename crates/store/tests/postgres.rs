@@ -13,7 +13,7 @@ use tidings_proto::id::{DeviceId, MessageId};
 use tidings_store::postgres::{PostgresStore, SCHEMA_VERSION};
 use tidings_store::{
     AccountId, AckKind, Acked, Actor, Enqueued, HeldAck, IdentityKeys, NewMessage, Pseudonym,
-    QueueLimits, SignedKey, Store, DECISION_MARGIN,
+    QueueCursor, QueueLimits, SignedKey, Store, DECISION_MARGIN,
 };
 
 mod common;
@@ -960,6 +960,7 @@ async fn the_engine_decides_in_one_state_on_a_database_defaulting_to_serializabl
         let options = tidings_store::postgres::PostgresOptions {
             max_connections: 4,
             schema: Some(temp.schema.clone()),
+            key_chain: TempPostgres::key_chain(&temp.schema),
         };
         tidings_store::postgres::PostgresStore::connect(&url, options)
     };
@@ -989,4 +990,94 @@ async fn the_engine_decides_in_one_state_on_a_database_defaulting_to_serializabl
             other => panic!("message {round} ended in two states: {other:?}"),
         }
     }
+}
+
+/// A waiting copy's payload is stored sealed under the deployment's key chain, never as sent; a
+/// store with a copy of the chain reads it; one without the chain, or with another deployment's,
+/// is refused before it could seal a copy no other node reads.
+#[tokio::test]
+async fn waiting_copies_are_sealed_under_the_key_chain_every_node_shares() {
+    let temp = TempPostgres::open().await;
+    let store = temp.store();
+    let (alice, bob) = (DeviceId([1; 16]), DeviceId([2; 16]));
+    let alice_account = registered(store, 0xA1, alice).await;
+    let bob_account = registered(store, 0xB0, bob).await;
+    let payload = Bytes::from_static(b"an opaque copy as its sender made it, 5e1f");
+    let mut sent = message((alice, alice_account), 7, bob_account, &[bob]);
+    sent.copies = vec![(bob, payload.clone())];
+    let stored = store.enqueue(sent, QueueLimits::DEFAULT).await;
+    assert!(matches!(
+        stored.expect("enqueue"),
+        Enqueued::Stored | Enqueued::StoredShortened { .. }
+    ));
+    let client = raw(&temp.schema).await;
+    let row = client
+        .query_one("SELECT payload, sealed FROM copies", &[])
+        .await
+        .expect("the copy");
+    let (stored_bytes, sealed): (Vec<u8>, bool) = (row.get(0), row.get(1));
+    assert!(sealed);
+    assert!(
+        !stored_bytes
+            .windows(16)
+            .any(|w| payload.windows(16).any(|p| p == w)),
+        "the payload is stored as sent"
+    );
+    let check: Vec<u8> = client
+        .query_one("SELECT check_value FROM key_chain", &[])
+        .await
+        .expect("the chain's record")
+        .get(0);
+    let chain_file = TempPostgres::key_chain(&temp.schema);
+    let chain_text = std::fs::read(&chain_file).expect("the chain file");
+    assert!(
+        !chain_text
+            .windows(check.len())
+            .any(|w| w == check.as_slice()),
+        "the record is the key"
+    );
+    let pending = store
+        .pending(bob, QueueCursor::START, 10, 1)
+        .await
+        .expect("pending");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].payload, payload);
+
+    let connect = |key_chain: std::path::PathBuf| {
+        let options = tidings_store::postgres::PostgresOptions {
+            max_connections: 2,
+            schema: Some(temp.schema.clone()),
+            key_chain,
+        };
+        let base = postgres_url();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}application_name={}", temp.schema);
+        async move { PostgresStore::connect(&url, options).await }
+    };
+    let dir = chain_file.with_extension("others");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // No chain: refused, and no chain of its own is made.
+    let missing = dir.join("missing.chain");
+    let refused = connect(missing.clone()).await.expect_err("refused");
+    assert!(refused.to_string().contains("key chain"), "{refused}");
+    assert!(!missing.exists());
+    // Another deployment's chain: refused.
+    let foreign = dir.join("foreign.chain");
+    tidings_store::postgres::KeyChain::create(&foreign, 1).expect("another chain");
+    let refused = connect(foreign).await.expect_err("refused");
+    assert!(refused.to_string().contains("not the one"), "{refused}");
+    // A copy of the chain: reads what the first store sealed.
+    let copy = dir.join("copy.chain");
+    std::fs::copy(&chain_file, &copy).expect("copy");
+    let other_node = connect(copy)
+        .await
+        .expect("a node with a copy of the chain");
+    let pending = other_node
+        .pending(bob, QueueCursor::START, 10, 1)
+        .await
+        .expect("pending");
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].payload, payload);
+    drop(other_node);
+    let _ = std::fs::remove_dir_all(&dir);
 }

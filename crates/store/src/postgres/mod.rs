@@ -35,14 +35,20 @@
 //! Which waiting copies are strangers' (a hint of who is whose contact) is never written: each
 //! store holds it in memory, as the SQLite engine does, and forgets it when reopened.
 //!
+//! A waiting copy's payload is stored sealed under a key of the hour its message expires in,
+//! which every node forgets once that hour is over: PostgreSQL keeps deleted rows' bytes, so
+//! deleting is not enough (`seal`, crypto-shredding).
+//!
 //! # Layout
 //! - this file: [`PostgresStore`], its options, the connection pool and connecting;
 //! - `schema`: the versioned migrations, applied when the store connects;
 //! - `rows`: how domain values are stored in columns and read back;
+//! - `seal`: the key chain that seals waiting copies, and the hourly move that forgets its keys;
 //! - `store`: the `impl Store`.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -53,9 +59,14 @@ use crate::{Result, StoreError};
 
 mod rows;
 mod schema;
+mod seal;
 mod store;
 
 pub use schema::SCHEMA_VERSION;
+pub use seal::{KeyChain, EPOCH_MS as KEY_CHAIN_EPOCH_MS, GRACE_MS as KEY_CHAIN_GRACE_MS};
+
+/// How often a store checks whether its key chain is due to move on.
+const KEY_CHAIN_TICK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How to connect the engine.
 #[derive(Debug, Clone)]
@@ -66,13 +77,18 @@ pub struct PostgresOptions {
     /// search path: lets several stores share one database, as tests do. Letters, digits and `_`
     /// only.
     pub schema: Option<String>,
+    /// The key chain file (`seal`): read if it exists, made if neither it nor the database's
+    /// check of a chain does; every node of a deployment holds a copy of the same one.
+    pub key_chain: PathBuf,
 }
 
-impl Default for PostgresOptions {
-    fn default() -> Self {
+impl PostgresOptions {
+    /// The defaults, with the key chain file at `key_chain`.
+    pub fn new(key_chain: PathBuf) -> Self {
         Self {
             max_connections: 16,
             schema: None,
+            key_chain,
         }
     }
 }
@@ -84,6 +100,8 @@ pub struct PostgresStore {
     /// Queue positions of waiting messages sent by strangers of their receiver, held in memory
     /// only (see the module documentation).
     strangers: Arc<Mutex<HashSet<i64>>>,
+    /// Seals and opens the payloads of waiting copies.
+    chain: Arc<KeyChain>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -123,13 +141,31 @@ impl PostgresStore {
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(options.max_connections.max(1)),
         });
-        {
+        let chain = {
             let mut conn = pool.get().await?;
             schema::migrate(&mut conn.client().client).await?;
-        }
+            Arc::new(seal::attach(&conn.client().client, &options.key_chain, wall_clock()).await?)
+        };
+        // Every node moves its own copy of the chain on, whichever node runs the sweeps; the task
+        // ends with the last clone of the store.
+        let pool_ref = Arc::downgrade(&pool);
+        let moving = Arc::clone(&chain);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEY_CHAIN_TICK);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool_ref.upgrade() else {
+                    break;
+                };
+                if let Err(e) = seal::move_on(&pool, &moving, wall_clock()).await {
+                    tracing::error!(error = %e, "the key chain did not move on");
+                }
+            }
+        });
         Ok(Self {
             pool,
             strangers: Arc::default(),
+            chain,
         })
     }
 
@@ -162,6 +198,15 @@ impl PostgresStore {
         }
         Ok(())
     }
+}
+
+/// The system clock in milliseconds since 1970 (the key chain's hours follow it on every node).
+fn wall_clock() -> tidings_core::Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            tidings_core::Millis::try_from(d.as_millis()).unwrap_or(0)
+        })
 }
 
 /// Parameters of a statement, as tokio-postgres takes them.

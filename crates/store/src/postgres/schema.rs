@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 use crate::Result;
 
 /// The version connecting brings the schema to.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The advisory lock migrations run under (any constant the application uses for nothing else).
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e67_7301;
@@ -18,9 +18,10 @@ const MIGRATION_LOCK: i64 = 0x7469_6469_6e67_7301;
 /// The migrations, by version. Foreign keys are enforced: `ON DELETE CASCADE` takes a device's
 /// copies, receipts and keys with it, a message's copies, and an account's devices.
 /// Millisecond times are `bigint`; ids and keys `bytea`.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "
 CREATE SEQUENCE account_ids;
 CREATE TABLE accounts (
     id bigint PRIMARY KEY,
@@ -99,7 +100,23 @@ CREATE TABLE codes (
     sent_at bytea NOT NULL
 );
 ",
-)];
+    ),
+    // Copies stored from now on are sealed under the key chain (`seal`); those stored before
+    // are read as they are. The chain's record: its name, its hour and that hour's check value, no key.
+    (
+        2,
+        "
+ALTER TABLE copies ADD COLUMN sealed boolean NOT NULL DEFAULT false;
+ALTER TABLE copies ALTER COLUMN sealed SET DEFAULT true;
+CREATE TABLE key_chain (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    chain_id bytea NOT NULL,
+    epoch bigint NOT NULL,
+    check_value bytea NOT NULL
+);
+",
+    ),
+];
 
 /// Applies the migrations the database lacks.
 pub(super) async fn migrate(client: &mut Client) -> Result<()> {

@@ -20,6 +20,9 @@ use crate::{
     Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher, DECISION_MARGIN,
 };
 
+// The queue limits count a copy's bytes as sent: the statements subtract what sealing adds (49).
+const _: () = assert!(super::seal::SEAL_OVERHEAD == 49);
+
 /// Receipts one call of [`Store::receipts`] hands out at most (as the other engines do).
 const RECEIPTS_PER_READ: i64 = 1000;
 
@@ -175,7 +178,8 @@ async fn delivery_devices<C: Sql>(
                 (SELECT count(*) FROM copies c
                  WHERE c.device_id = d.id AND c.to_receiver AND c.seq = ANY($3))
              FROM devices d,
-             LATERAL (SELECT count(*) AS copies, coalesce(sum(length(c.payload)), 0) AS bytes
+             LATERAL (SELECT count(*) AS copies,
+                             coalesce(sum(length(c.payload) - CASE WHEN c.sealed THEN 49 ELSE 0 END), 0) AS bytes
                       FROM copies c JOIN messages m ON m.seq = c.seq
                       WHERE c.device_id = d.id AND m.sender_account = $2) s
              WHERE d.account_id = $1 ORDER BY d.added",
@@ -377,7 +381,7 @@ impl PostgresStore {
         };
         let sender_bytes = txn
             .query_one(
-                "SELECT coalesce(sum(length(c.payload)), 0)::bigint
+                "SELECT coalesce(sum(length(c.payload) - CASE WHEN c.sealed THEN 49 ELSE 0 END), 0)::bigint
                  FROM copies c JOIN messages m ON m.seq = c.seq WHERE m.sender_account = $1",
                 &[&sender.0],
             )
@@ -435,7 +439,13 @@ impl PostgresStore {
         )
         .await?;
         let devices: Vec<&[u8]> = copies.iter().map(|(d, _, _)| d.as_bytes()).collect();
-        let payloads: Vec<&[u8]> = copies.iter().map(|(_, p, _)| &p[..]).collect();
+        // Sealed under the key of the hour the message expires in (`seal`): what PostgreSQL
+        // keeps of a deleted copy cannot be read once that hour's key is forgotten.
+        let sealed = copies
+            .iter()
+            .map(|(d, p, _)| self.chain.seal(expires_at, d.as_bytes(), p))
+            .collect::<Result<Vec<_>>>()?;
+        let payloads: Vec<&[u8]> = sealed.iter().map(Vec::as_slice).collect();
         let to_receiver: Vec<bool> = copies.iter().map(|(_, _, r)| *r).collect();
         txn.execute(
             "INSERT INTO copies (device_id, seq, to_receiver, payload)
@@ -1241,7 +1251,7 @@ impl Store for PostgresStore {
         let rows = conn
             .client()
             .query(
-                "SELECT c.seq, m.sender_device, m.msg_id, m.sent_at, c.payload
+                "SELECT c.seq, m.sender_device, m.msg_id, m.sent_at, c.payload, c.sealed
                  FROM copies c JOIN messages m ON m.seq = c.seq
                  WHERE c.device_id = $1 AND c.seq > $2 AND m.expires_at > $3 AND NOT c.discarded
                  ORDER BY c.seq LIMIT $4",
@@ -1253,17 +1263,29 @@ impl Store for PostgresStore {
                 ],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Pending {
-                    cursor: QueueCursor::at(row.try_get(0)?),
-                    sender_device: rows::device_id(row, 1)?,
-                    id: rows::message_id(row, 2)?,
-                    sent_at: millis(row.try_get(3)?),
-                    payload: Bytes::from(row.try_get::<_, Vec<u8>>(4)?),
-                })
-            })
-            .collect()
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let stored: Vec<u8> = row.try_get(4)?;
+            let payload = if row.try_get(5)? {
+                let Some(payload) = self.chain.open(device.as_bytes(), &stored) else {
+                    // Its hour's key is forgotten (the message expired, and the sweep takes
+                    // it), or it was sealed under another chain: nothing to hand out.
+                    tracing::warn!("a waiting copy could not be opened under the key chain");
+                    continue;
+                };
+                payload
+            } else {
+                stored
+            };
+            pending.push(Pending {
+                cursor: QueueCursor::at(row.try_get(0)?),
+                sender_device: rows::device_id(row, 1)?,
+                id: rows::message_id(row, 2)?,
+                sent_at: millis(row.try_get(3)?),
+                payload: Bytes::from(payload),
+            });
+        }
+        Ok(pending)
     }
 
     async fn ack_as(

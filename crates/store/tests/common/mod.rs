@@ -41,10 +41,19 @@ impl TempPostgres {
         }
     }
 
+    /// The key chain file of the store in `schema` (every connection to it shares the file, as
+    /// nodes of one deployment hold copies of one chain).
+    pub fn key_chain(schema: &str) -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join("tidings-test-key-chains")
+            .join(format!("{schema}.chain"))
+    }
+
     pub async fn connect(schema: &str) -> PostgresStore {
         let options = PostgresOptions {
             max_connections: 4,
             schema: Some(schema.to_string()),
+            key_chain: Self::key_chain(schema),
         };
         // Its sessions carry the schema's name, so that dropping it can end them first.
         let base = postgres_url();
@@ -74,6 +83,7 @@ impl TempPostgres {
 impl Drop for TempPostgres {
     fn drop(&mut self) {
         drop(self.store.take());
+        let _ = std::fs::remove_file(Self::key_chain(&self.schema));
         let schema = self.schema.clone();
         // Dropped from inside a runtime too: a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
