@@ -339,3 +339,38 @@ fn a_bus_with_a_password_takes_only_nodes_that_give_it() {
     assert_eq!(status, 503, "{body}");
     assert!(!others[0].log().contains("bus-secret") && !others[0].log().contains(":wrong@"));
 }
+
+/// The registration limits and SMS budgets are one for the deployment: code requests from one
+/// address spread over three nodes get what one node would give them, and so do codes to many
+/// numbers against the SMS budget of all codes per hour. Each node keeping its own tables let
+/// three times as many through.
+#[test]
+fn registration_limits_spread_over_every_node_are_one() {
+    use crate::limits::request_code;
+    let (_database, nodes) = cluster_on(
+        &nats_url(),
+        3,
+        &["--codes-per-address", "3", "--codes-per-hour", "4"],
+    );
+    assert!(eventually(patience(), || nodes
+        .iter()
+        .all(|node| bus_nodes(node) == 2)));
+    let accepted = |from: &dyn Fn(usize) -> [u8; 4]| -> usize {
+        (0..9)
+            .filter(|i| {
+                let answer = request_code(&nodes[i % 3], from(*i), None, &number());
+                assert!(
+                    answer.status == 202 || answer.status == 429,
+                    "status {}",
+                    answer.status
+                );
+                answer.status == 202
+            })
+            .count()
+    };
+    // Nine requests from one address, three at each node: three in all.
+    assert_eq!(accepted(&|_| [127, 0, 0, 1]), 3);
+    // Nine from nine addresses: the budget of all codes has one left.
+    let others = |i: usize| [127, 0, 0, 11 + u8::try_from(i).expect("small")];
+    assert_eq!(accepted(&others), 1);
+}

@@ -16,15 +16,15 @@ use crate::support::{block_on, number, Server};
 
 /// One HTTP answer: status, JSON body and the `Retry-After` header, if any.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
+pub struct Answer {
+    pub status: u16,
     body: serde_json::Value,
     retry_after_header: Option<u64>,
 }
 
 /// Asks for a code for `number` from the loopback address `from`, optionally with an
 /// `X-Forwarded-For` header.
-fn request_code(
+pub fn request_code(
     server: &Server,
     from: [u8; 4],
     forwarded_for: Option<&str>,

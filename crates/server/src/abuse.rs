@@ -10,7 +10,12 @@
 //!   number prefix's (the number without its last 3 digits: a sequential sweep) per hour, one
 //!   country calling code's per hour, and all codes per hour. Premium-rate and shared-cost
 //!   numbers are refused outright. Numbers and prefixes are keys only as a keyed hash (HMAC under
-//!   a random key of this process).
+//!   a key derived from the key file's code key, the same on every node).
+//! - With several nodes, every limit here is kept by one node of the deployment, the *abuse
+//!   owner* (rendezvous hashing, as accounts' budgets: [`crate::bus::Bus::owner`]), which the
+//!   others ask over the bus ([`ask`]), carrying only the client's address or the number's keyed
+//!   hashes and country code: a client that spreads its requests over the nodes gets no more than
+//!   from one. Alone, with the bus down or the owner silent, a node answers from its own tables.
 //!
 //! When a budget trips, a counter by budget name goes up and a log line names the budget — never
 //! the number; at most one line per budget a minute, so that a flood of refused requests cannot
@@ -22,7 +27,6 @@ use std::sync::Mutex;
 
 use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
-use rand::RngCore as _;
 use sha2::Sha256;
 use tidings_core::limits::{AddressBlock, TokenBucket, Window, WindowTable};
 use tidings_core::{Millis, DAY, HOUR, MINUTE};
@@ -30,6 +34,7 @@ use tidings_proto::number::E164;
 
 use crate::config::ServerConfig;
 use crate::metrics::{Budget, Metrics};
+use crate::state::Shared;
 
 /// The period of the per-address registration limits.
 pub const ADDRESS_WINDOW: Millis = 5 * MINUTE;
@@ -58,6 +63,29 @@ pub enum Tripped {
 }
 
 impl Tripped {
+    const ALL: [Self; 7] = [
+        Self::Address,
+        Self::AddressBlock,
+        Self::NumberDaily,
+        Self::NumberPrefix,
+        Self::Country,
+        Self::Global,
+        Self::PremiumRate,
+    ];
+
+    /// The byte an answer over the bus carries.
+    fn to_byte(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|t| *t == self)
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(u8::MAX)
+    }
+
+    fn from_byte(byte: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(byte)).copied()
+    }
+
     /// The fixed word the metric and the log use.
     pub fn label(self) -> &'static str {
         match self {
@@ -107,8 +135,9 @@ struct Tables {
     codes: Option<TokenBucket>,
 }
 
-/// What [`AbuseLimits::take_sms_budgets`] took, to give back if the SMS is not sent after all.
-#[derive(Debug, Clone, Copy)]
+/// What [`AbuseLimits::take_sms`] took, to give back if the SMS is not sent after all:
+/// the number only as keyed hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
     number: [u8; 32],
     prefix: [u8; 32],
@@ -116,11 +145,31 @@ pub struct Taken {
     at: Millis,
 }
 
+impl Taken {
+    const BYTES: usize = 32 + 32 + 2 + 8;
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.number);
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(&self.country.to_be_bytes());
+        out.extend_from_slice(&self.at.to_be_bytes());
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        let bytes = bytes.get(..Self::BYTES)?;
+        Some(Self {
+            number: bytes[..32].try_into().ok()?,
+            prefix: bytes[32..64].try_into().ok()?,
+            country: u16::from_be_bytes(bytes[64..66].try_into().ok()?),
+            at: u64::from_be_bytes(bytes[66..74].try_into().ok()?),
+        })
+    }
+}
+
 impl AbuseLimits {
-    /// Empty limiters, each table holding at most `capacity` keys.
-    pub fn new(capacity: usize) -> Self {
-        let mut hash_key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut hash_key);
+    /// Empty limiters, each table holding at most `capacity` keys, hashing numbers under
+    /// `hash_key` (the same on every node of a deployment: [`crate::keys::ServerKeys`]).
+    pub fn new(capacity: usize, hash_key: [u8; 32]) -> Self {
         Self {
             hash_key,
             tables: Mutex::new(Tables {
@@ -188,16 +237,10 @@ impl AbuseLimits {
         Ok(())
     }
 
-    /// Takes one SMS from every budget the number counts against, or takes nothing and says
-    /// which budget is spent and for how long.
-    pub fn take_sms_budgets(
-        &self,
-        config: &ServerConfig,
-        number: &E164,
-        now: Millis,
-    ) -> Result<Taken, Refusal> {
+    /// What a code to `number` at `now` takes from the SMS budgets: its keys in them.
+    pub fn sms_keys(&self, number: &E164, now: Millis) -> Taken {
         let text = number.as_str();
-        let taken = Taken {
+        Taken {
             number: self.keyed_hash(b"number", text),
             prefix: self.keyed_hash(
                 b"prefix",
@@ -205,7 +248,13 @@ impl AbuseLimits {
             ),
             country: country_code(number),
             at: now,
-        };
+        }
+    }
+
+    /// Takes one SMS from every budget the number with these keys counts against, or takes
+    /// nothing and says which budget is spent and for how long.
+    fn take_sms(&self, config: &ServerConfig, taken: Taken) -> Result<(), Refusal> {
+        let now = taken.at;
         let daily = Window {
             max: config.sms_per_number_per_day,
             period: DAY,
@@ -257,10 +306,10 @@ impl AbuseLimits {
         }
         tables.sms_by_number.record(taken.number, daily, now);
         tables.codes_by_prefix.record(taken.prefix, hourly, now);
-        Ok(taken)
+        Ok(())
     }
 
-    /// Gives back what [`take_sms_budgets`](Self::take_sms_budgets) took, for an SMS the gateway
+    /// Gives back what [`take_sms`](Self::take_sms) took, for an SMS the gateway
     /// did not send.
     pub fn give_back(&self, taken: Taken) {
         let Ok(mut tables) = self.tables.lock() else {
@@ -313,6 +362,126 @@ impl AbuseLimits {
                 .retain(|_, bucket| !bucket.is_full(now));
         }
     }
+}
+
+/// What a node asks of the abuse owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    /// Count a request from `client` against its address blocks ([`AbuseLimits::check_address`]).
+    Address { limit: AddressLimit, client: IpAddr },
+    /// Take one SMS from every budget of the number with these keys.
+    Sms(Taken),
+    /// Give back what an SMS that was not sent took.
+    GiveBack(Taken),
+}
+
+impl Question {
+    /// The question as the bus carries it.
+    pub fn to_bytes(self, now: Millis) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 8 + 17 + Taken::BYTES);
+        match self {
+            Self::Address { limit, client } => {
+                out.push(match limit {
+                    AddressLimit::Codes => 1,
+                    AddressLimit::Verifies => 2,
+                });
+                out.extend_from_slice(&now.to_be_bytes());
+                let v6 = match client {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                out.extend_from_slice(&v6.octets());
+            }
+            Self::Sms(taken) | Self::GiveBack(taken) => {
+                out.push(if matches!(self, Self::Sms(_)) { 3 } else { 4 });
+                out.extend_from_slice(&now.to_be_bytes());
+                taken.put(&mut out);
+            }
+        }
+        out
+    }
+
+    /// A question and its time from the bus; `None` for anything malformed.
+    pub fn parse(bytes: &[u8]) -> Option<(Self, Millis)> {
+        let (&kind, rest) = bytes.split_first()?;
+        let now = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+        let rest = &rest[8..];
+        let question = match kind {
+            1 | 2 => {
+                let octets: [u8; 16] = rest.get(..16)?.try_into().ok()?;
+                let v6 = std::net::Ipv6Addr::from(octets);
+                let client = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+                let limit = if kind == 1 {
+                    AddressLimit::Codes
+                } else {
+                    AddressLimit::Verifies
+                };
+                Self::Address { limit, client }
+            }
+            3 => Self::Sms(Taken::parse(rest)?),
+            4 => Self::GiveBack(Taken::parse(rest)?),
+            _ => return None,
+        };
+        Some((question, now))
+    }
+}
+
+/// An answer as the bus carries it: `[0]`, or `[1]`, the limit and the wait.
+pub fn answer_to_bytes(answer: Result<(), Refusal>) -> Vec<u8> {
+    match answer {
+        Ok(()) => vec![0],
+        Err(refusal) => {
+            let mut out = vec![1, refusal.tripped.to_byte()];
+            out.extend_from_slice(&refusal.wait.to_be_bytes());
+            out
+        }
+    }
+}
+
+/// An answer from the bus; `None` for anything malformed.
+pub fn answer_from_bytes(bytes: &[u8]) -> Option<Result<(), Refusal>> {
+    match bytes.split_first()? {
+        (0, _) => Some(Ok(())),
+        (1, rest) => Some(Err(Refusal {
+            tripped: Tripped::from_byte(*rest.first()?)?,
+            wait: u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?),
+        })),
+        _ => None,
+    }
+}
+
+/// Answers `question` from this node's tables.
+pub fn answer_here(
+    limits: &AbuseLimits,
+    config: &ServerConfig,
+    question: Question,
+    now: Millis,
+) -> Result<(), Refusal> {
+    match question {
+        Question::Address { limit, client } => limits.check_address(config, limit, client, now),
+        Question::Sms(taken) => limits.take_sms(config, taken),
+        Question::GiveBack(taken) => {
+            limits.give_back(taken);
+            Ok(())
+        }
+    }
+}
+
+/// Answers `question` at the abuse owner (this node if it is the owner, alone, or cut off from
+/// it: see the module documentation).
+pub async fn ask<S: tidings_store::Store>(
+    state: &Shared<S>,
+    question: Question,
+    now: Millis,
+) -> Result<(), Refusal> {
+    if let Some(bus) = state.hub.bus() {
+        if let Some(owner) = bus.abuse_owner() {
+            if let Some(answer) = bus.ask_abuse(owner, question.to_bytes(now)).await {
+                return answer;
+            }
+        }
+    }
+    answer_here(&state.abuse, &state.config, question, now)
 }
 
 /// The number's country calling code (such as 49 for Germany).
@@ -440,10 +609,11 @@ mod tests {
             args.codes_per_prefix_per_hour = Some(2);
             args.codes_per_country_per_hour = Some(3);
         });
-        let limits = AbuseLimits::new(100);
+        let limits = AbuseLimits::new(100, [3; 32]);
         let take = |number: &str, now| {
             let number = E164::parse(number).expect("a valid number");
-            limits.take_sms_budgets(&config, &number, now)
+            let taken = limits.sms_keys(&number, now);
+            limits.take_sms(&config, taken).map(|()| taken)
         };
         assert_eq!(tripped(take("+4915112345001", 0)), None);
         assert_eq!(tripped(take("+4915112345001", 0)), None);
@@ -474,7 +644,7 @@ mod tests {
             args.codes_per_address = Some(2);
             args.codes_per_address_block = Some(3);
         });
-        let limits = AbuseLimits::new(100);
+        let limits = AbuseLimits::new(100, [3; 32]);
         let check = |ip: &str| {
             let ip = ip.parse().expect("an address");
             tripped(limits.check_address(&config, AddressLimit::Codes, ip, 0))
@@ -495,6 +665,43 @@ mod tests {
             None,
             "verification attempts are counted apart"
         );
+    }
+
+    #[test]
+    fn questions_and_answers_cross_the_bus_unchanged() {
+        let limits = AbuseLimits::new(100, [3; 32]);
+        let number = E164::parse("+4915112345001").expect("a valid number");
+        let taken = limits.sms_keys(&number, 77);
+        for question in [
+            Question::Address {
+                limit: AddressLimit::Codes,
+                client: "192.0.2.7".parse().expect("an address"),
+            },
+            Question::Address {
+                limit: AddressLimit::Verifies,
+                client: "2001:db8::1".parse().expect("an address"),
+            },
+            Question::Sms(taken),
+            Question::GiveBack(taken),
+        ] {
+            assert_eq!(
+                Question::parse(&question.to_bytes(99)),
+                Some((question, 99))
+            );
+        }
+        assert_eq!(Question::parse(&[3, 0, 0]), None);
+        for answer in [
+            Ok(()),
+            Err(Refusal {
+                tripped: Tripped::Global,
+                wait: 1234,
+            }),
+        ] {
+            assert_eq!(answer_from_bytes(&answer_to_bytes(answer)), Some(answer));
+        }
+        // Every node hashes a number alike (the key comes from the key file), so its budgets
+        // meet at the owner.
+        assert_eq!(AbuseLimits::new(5, [3; 32]).sms_keys(&number, 77), taken);
     }
 
     #[test]

@@ -114,6 +114,9 @@ enum InboxKind {
     /// A device's acknowledgement of a copy this node holds: decided here, answered with what it
     /// came to ([`HeldAnswer`]).
     HeldAck = 6,
+    /// A question for the registration limits this node keeps as the abuse owner
+    /// ([`crate::abuse::Question`]), answered as [`crate::abuse::answer_to_bytes`] says.
+    Abuse = 7,
 }
 
 /// What deciding an acknowledgement of a held copy came to, as the holding node answers.
@@ -624,6 +627,35 @@ impl Bus {
         self.owner_of(&key.to_bytes())
     }
 
+    /// The node that keeps the registration limits and SMS budgets ([`crate::abuse`]), if
+    /// another one does; none while the bus is down.
+    pub fn abuse_owner(&self) -> Option<u64> {
+        self.owner_of(b"tidings registration limits")
+    }
+
+    /// Asks `owner` a question of the registration limits; `None` when it did not answer in time
+    /// (or answered something malformed).
+    pub async fn ask_abuse(
+        &self,
+        owner: u64,
+        question: Vec<u8>,
+    ) -> Option<Result<(), crate::abuse::Refusal>> {
+        let mut body = Vec::with_capacity(1 + question.len());
+        body.push(InboxKind::Abuse as u8);
+        body.extend_from_slice(&question);
+        match self
+            .client
+            .request(self.subject_node(owner), body.into())
+            .await
+        {
+            Ok(answer) => crate::abuse::answer_from_bytes(&answer.payload),
+            Err(e) => {
+                tracing::debug!(error = %e, "the abuse owner did not answer: answered here");
+                None
+            }
+        }
+    }
+
     /// Whether this node runs the periodic job `job` over the shared store (expiry, pruning,
     /// scrubbing): the first node for it by rendezvous hashing, or every node while the bus is
     /// down (each run is a transaction of its own, so two nodes at once only repeat work).
@@ -810,6 +842,22 @@ async fn inbox_message<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
     };
     if kind == InboxKind::Budget as u8 {
         return budget_question(state, bus, rest, message.reply.clone()).await;
+    }
+    if kind == InboxKind::Abuse as u8 {
+        let (Some(reply), Some((question, now))) =
+            (message.reply.clone(), crate::abuse::Question::parse(rest))
+        else {
+            return;
+        };
+        let answer = crate::abuse::answer_here(&state.abuse, &state.config, question, now);
+        if let Err(e) = bus
+            .client
+            .publish(reply, crate::abuse::answer_to_bytes(answer).into())
+            .await
+        {
+            tracing::debug!(error = %e, "an abuse answer was not published");
+        }
+        return;
     }
     if kind == InboxKind::HeldAck as u8 {
         // Deciding may wait for a sync: not on the loop that reads the bus.

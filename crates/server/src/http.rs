@@ -166,7 +166,8 @@ async fn registrant_pseudonym<S: Store>(
 
 /// Counts a request against its client's address blocks (the peer, or the client a trusted proxy
 /// names); a 429 answer with the wait when a block is spent.
-fn check_address<S: Store>(
+/// At the abuse owner when there are several nodes ([`abuse::ask`]).
+async fn check_address<S: Store>(
     state: &Shared<S>,
     limit: AddressLimit,
     peer: &Peer,
@@ -174,22 +175,24 @@ fn check_address<S: Store>(
     now: tidings_core::Millis,
 ) -> Result<(), Refusal> {
     let client = abuse::client_address(&state.config.trusted_proxies, peer.0.ip(), headers);
-    state.abuse.check_address(&state.config, limit, client, now)
+    abuse::ask(state, abuse::Question::Address { limit, client }, now).await
 }
 
 /// Counts a verification or link attempt against its client's address blocks.
-fn check_attempt_address<S: Store>(
+async fn check_attempt_address<S: Store>(
     state: &Shared<S>,
     peer: &Peer,
     headers: &HeaderMap,
     now: tidings_core::Millis,
 ) -> Result<(), Response> {
-    check_address(state, AddressLimit::Verifies, peer, headers, now).map_err(|refusal| {
-        rate_limited(
-            refusal.wait,
-            "too many attempts from this address or its network",
-        )
-    })
+    check_address(state, AddressLimit::Verifies, peer, headers, now)
+        .await
+        .map_err(|refusal| {
+            rate_limited(
+                refusal.wait,
+                "too many attempts from this address or its network",
+            )
+        })
 }
 
 /// The answer to a code request that a limit or budget refused, counted and logged.
@@ -340,7 +343,7 @@ async fn request_code<S: Store>(
             now,
         ));
     }
-    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
+    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now).await {
         state
             .metrics
             .registrations
@@ -406,8 +409,9 @@ async fn request_code<S: Store>(
     }
     // The SMS budgets are taken only for a code that is about to be sent; a refused one gives
     // the number its allowance back.
-    let taken = match state.abuse.take_sms_budgets(&state.config, &number, now) {
-        Ok(taken) => taken,
+    let taken = state.abuse.sms_keys(&number, now);
+    match abuse::ask(&state, abuse::Question::Sms(taken), now).await {
+        Ok(()) => {}
         Err(refusal) => {
             withdraw_code(&state, pseudonym, now).await;
             state
@@ -424,7 +428,7 @@ async fn request_code<S: Store>(
     if let Err(e) = state.gateway.send(&number, &text).await {
         tracing::warn!(error = %e, "SMS gateway failed to send a code");
         withdraw_code(&state, pseudonym, now).await;
-        state.abuse.give_back(taken);
+        let _ = abuse::ask(&state, abuse::Question::GiveBack(taken), now).await;
         state
             .metrics
             .registrations
@@ -483,7 +487,7 @@ async fn verify<S: Store>(
             "the code is the 6 digits from the SMS",
         ));
     }
-    let checked = code_attempt(&state, &peer, &headers, &number, &request)?;
+    let checked = code_attempt(&state, &peer, &headers, &number, &request).await?;
     let (policy, presented, now) = (state.code_policy, checked.presented, checked.now);
     let attempt = state
         .store
@@ -571,7 +575,7 @@ impl SignedCode for InboundCompleteRequest {
 /// Checks, in this order, the device key's signature ([`signed_device_key`]) and the attempt
 /// budget of the client's address, then derives the number's pseudonym and the hash of the
 /// code to compare with the stored one; the error answer otherwise.
-fn code_attempt<S: Store>(
+async fn code_attempt<S: Store>(
     state: &Shared<S>,
     peer: &Peer,
     headers: &HeaderMap,
@@ -581,7 +585,7 @@ fn code_attempt<S: Store>(
     let (code, device_key, signature) = request.signed_code();
     let key_bytes = signed_device_key(number, code, device_key, signature)?;
     let now = now_ms();
-    check_attempt_address(state, peer, headers, now)?;
+    check_attempt_address(state, peer, headers, now).await?;
     let pseudonym = pseudonym_of(state, number)?;
     let presented = state.keys.code_hash(&pseudonym, code);
     Ok(CodeAttempt {
@@ -704,7 +708,7 @@ async fn declare_inbound<S: Store>(
     };
     let number = e164(&request.number)?;
     let now = now_ms();
-    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now) {
+    if let Err(refusal) = check_address(&state, AddressLimit::Codes, &peer, &headers, now).await {
         return Err(code_refused(&state, refusal, now));
     }
     let pseudonym = pseudonym_of(&state, &number)?;
@@ -788,7 +792,7 @@ async fn complete_inbound<S: Store>(
     if request.wait_seconds > MAX_INBOUND_WAIT {
         return Err(bad("wait_seconds is at most 25"));
     }
-    let attempt = code_attempt(&state, &peer, &headers, &number, &request)?;
+    let attempt = code_attempt(&state, &peer, &headers, &number, &request).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(request.wait_seconds);
     let completion = loop {
         // Interest is registered before the check, so an SMS that arrives between the two
@@ -910,7 +914,7 @@ async fn link<S: Store>(
         ));
     };
     let now = now_ms();
-    check_attempt_address(&state, &peer, &headers, now)?;
+    check_attempt_address(&state, &peer, &headers, now).await?;
     let pseudonym = registrant_pseudonym(&state, &number).await?;
     let unavailable = || {
         api_error(

@@ -231,6 +231,12 @@ impl ServerKeys {
         BudgetKey(self.keyed_hash(b"tidings-budget-v1", &[&pseudonym.0]))
     }
 
+    /// The key the registration limits hash numbers under ([`crate::abuse::AbuseLimits`]): the
+    /// same on every node, so that the limits of one number meet at one node.
+    pub fn abuse_hash_key(&self) -> [u8; 32] {
+        self.keyed_hash(b"tidings-abuse-hash-key-v1", &[])
+    }
+
     /// The MAC of a resumption token's body: HMAC-SHA256 under the resumption key.
     pub fn resume_mac(&self, body: &[u8]) -> [u8; 32] {
         resume_hmac(&self.resume_key, body)

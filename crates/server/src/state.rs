@@ -146,7 +146,7 @@ impl<S: Store> State<S> {
     /// The state of a server that has not started yet: no session, no limiter entry.
     pub fn new(config: ServerConfig, store: S, keys: ServerKeys, metrics: Arc<Metrics>) -> Self {
         let gateway = Gateway::new(config.gateway.clone(), config.sms_from.clone());
-        let abuse = AbuseLimits::new(config.limiter_capacity);
+        let abuse = AbuseLimits::new(config.limiter_capacity, keys.abuse_hash_key());
         let declarations = Declarations::new(config.code_policy.max_attempts);
         let config_resume_seconds = config.resume_token_seconds;
         let held = crate::held::Held::new(config.ack_window_ms, config.held_bytes);
