@@ -374,3 +374,29 @@ fn registration_limits_spread_over_every_node_are_one() {
     let others = |i: usize| [127, 0, 0, 11 + u8::try_from(i).expect("small")];
     assert_eq!(accepted(&others), 1);
 }
+
+/// Registration by own SMS holds whichever node each step reaches: the number declared at one
+/// node, its SMS handed in at another (where the operator's gateway calls), the registration
+/// completed at a third. Each node kept its own declarations, so the SMS found none.
+#[test]
+fn a_number_declared_at_one_node_is_proven_by_an_sms_at_another_and_completed_at_a_third() {
+    use crate::own_sms::{complete, declare, inbound_args, query_value, SERVICE};
+    let args = inbound_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_database, nodes) = cluster_on(&nats_url(), 3, &args);
+    assert!(eventually(patience(), || nodes
+        .iter()
+        .all(|node| bus_nodes(node) == 2)));
+    let n = number();
+    let (code, text) = declare(&nodes[0], &n);
+    let path = format!(
+        "/v1/sms/inbound?from={}&to={}&text={}",
+        query_value(&n),
+        query_value(SERVICE),
+        query_value(&text)
+    );
+    let (status, _) = crate::operations::get(nodes[1].metrics_port, &path);
+    assert_eq!(status, 200);
+    let (status, answer) = complete(&nodes[2], &n, &code);
+    assert_eq!(status, 200, "{answer}");
+}

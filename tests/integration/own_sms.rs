@@ -13,12 +13,12 @@ use crate::registration::post;
 use crate::support::{eventually, free_port, number, patience, Kannel, Server, User};
 
 /// The number users text, as the server is configured with it.
-const SERVICE: &str = "+4915199990000";
+pub const SERVICE: &str = "+4915199990000";
 /// A code no declaration was given (one in 2^40 that it is one's).
 const WRONG_CODE: &str = "00000000";
 
 /// The flags that turn registration by own SMS on.
-fn inbound_args() -> Vec<String> {
+pub fn inbound_args() -> Vec<String> {
     [
         "--inbound-registration",
         "true",
@@ -44,7 +44,7 @@ fn start_with_inbound(mut args: Vec<String>) -> Server {
 }
 
 /// Declares `number`: the answer's code and text.
-fn declare(server: &Server, number: &str) -> (String, String) {
+pub fn declare(server: &Server, number: &str) -> (String, String) {
     let (status, answer) = post(
         server,
         "/v1/registration/inbound",
@@ -57,7 +57,7 @@ fn declare(server: &Server, number: &str) -> (String, String) {
 }
 
 /// A completion signed by a fixed test key, answered at once.
-fn complete(server: &Server, number: &str, code: &str) -> (u16, serde_json::Value) {
+pub fn complete(server: &Server, number: &str, code: &str) -> (u16, serde_json::Value) {
     use ed25519_dalek::Signer as _;
     let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
     let public = key.verifying_key().to_bytes();
@@ -295,7 +295,7 @@ fn own_sms_through_a_modem() {
 }
 
 /// `+` and spaces as a query string needs them.
-fn query_value(text: &str) -> String {
+pub fn query_value(text: &str) -> String {
     text.replace('+', "%2B").replace(' ', "+")
 }
 

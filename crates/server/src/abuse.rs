@@ -476,7 +476,11 @@ pub async fn ask<S: tidings_store::Store>(
 ) -> Result<(), Refusal> {
     if let Some(bus) = state.hub.bus() {
         if let Some(owner) = bus.abuse_owner() {
-            if let Some(answer) = bus.ask_abuse(owner, question.to_bytes(now)).await {
+            if let Some(answer) = bus
+                .ask_owner(owner, crate::bus::Asking::Abuse, question.to_bytes(now))
+                .await
+                .and_then(|bytes| answer_from_bytes(&bytes))
+            {
                 return answer;
             }
         }

@@ -117,6 +117,18 @@ enum InboxKind {
     /// A question for the registration limits this node keeps as the abuse owner
     /// ([`crate::abuse::Question`]), answered as [`crate::abuse::answer_to_bytes`] says.
     Abuse = 7,
+    /// A question about a declaration this node keeps as its number's owner
+    /// ([`crate::inbound::Question`]), answered as [`crate::inbound::Answer`].
+    Declaration = 8,
+}
+
+/// What an owner node is asked about ([`Bus::ask_owner`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asking {
+    /// The registration limits and SMS budgets ([`crate::abuse`]).
+    Abuse,
+    /// A number's declaration ([`crate::inbound`]).
+    Declaration,
 }
 
 /// What deciding an acknowledgement of a held copy came to, as the holding node answers.
@@ -633,24 +645,29 @@ impl Bus {
         self.owner_of(b"tidings registration limits")
     }
 
-    /// Asks `owner` a question of the registration limits; `None` when it did not answer in time
-    /// (or answered something malformed).
-    pub async fn ask_abuse(
-        &self,
-        owner: u64,
-        question: Vec<u8>,
-    ) -> Option<Result<(), crate::abuse::Refusal>> {
+    /// The node that keeps the declaration (registration by own SMS) of the number with this
+    /// pseudonym ([`crate::inbound`]), if another one does; none while the bus is down.
+    pub fn declaration_owner(&self, pseudonym: &tidings_store::Pseudonym) -> Option<u64> {
+        self.owner_of(&[&b"tidings declaration "[..], &pseudonym.0].concat())
+    }
+
+    /// Asks `owner` a question of what it keeps as an owner; its answer, or `None` when it did
+    /// not answer in time.
+    pub async fn ask_owner(&self, owner: u64, asking: Asking, question: Vec<u8>) -> Option<Bytes> {
         let mut body = Vec::with_capacity(1 + question.len());
-        body.push(InboxKind::Abuse as u8);
+        body.push(match asking {
+            Asking::Abuse => InboxKind::Abuse,
+            Asking::Declaration => InboxKind::Declaration,
+        } as u8);
         body.extend_from_slice(&question);
         match self
             .client
             .request(self.subject_node(owner), body.into())
             .await
         {
-            Ok(answer) => crate::abuse::answer_from_bytes(&answer.payload),
+            Ok(answer) => Some(answer.payload),
             Err(e) => {
-                tracing::debug!(error = %e, "the abuse owner did not answer: answered here");
+                tracing::debug!(error = %e, "an owner did not answer: answered here");
                 None
             }
         }
@@ -850,14 +867,16 @@ async fn inbox_message<S: Store>(state: &Shared<S>, bus: &Bus, message: async_na
             return;
         };
         let answer = crate::abuse::answer_here(&state.abuse, &state.config, question, now);
-        if let Err(e) = bus
-            .client
-            .publish(reply, crate::abuse::answer_to_bytes(answer).into())
-            .await
-        {
-            tracing::debug!(error = %e, "an abuse answer was not published");
-        }
-        return;
+        return answer_owner_question(bus, reply, crate::abuse::answer_to_bytes(answer)).await;
+    }
+    if kind == InboxKind::Declaration as u8 {
+        let (Some(reply), Some(question)) =
+            (message.reply.clone(), crate::inbound::Question::parse(rest))
+        else {
+            return;
+        };
+        let answer = question.answer_here(&state.declarations);
+        return answer_owner_question(bus, reply, answer.to_bytes()).await;
     }
     if kind == InboxKind::HeldAck as u8 {
         // Deciding may wait for a sync: not on the loop that reads the bus.
@@ -971,6 +990,13 @@ async fn held_ack_question<S: Store>(
         .await
     {
         tracing::debug!(error = %e, "an acknowledgement's decision was not published");
+    }
+}
+
+/// Publishes an owner's answer to a question from another node.
+async fn answer_owner_question(bus: &Bus, reply: async_nats::Subject, answer: Vec<u8>) {
+    if let Err(e) = bus.client.publish(reply, answer.into()).await {
+        tracing::debug!(error = %e, "an owner's answer was not published");
     }
 }
 

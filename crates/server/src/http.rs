@@ -672,6 +672,8 @@ async fn register_device<S: Store>(
 
 /// The longest a completion waits for its SMS, in seconds.
 const MAX_INBOUND_WAIT: u64 = 25;
+/// How often a completion waiting for its SMS asks again when the SMS may reach another node.
+const INBOUND_POLL: Duration = Duration::from_millis(250);
 
 /// The answer when registration by own SMS is off.
 fn not_offered() -> Response {
@@ -714,9 +716,22 @@ async fn declare_inbound<S: Store>(
     let pseudonym = pseudonym_of(&state, &number)?;
     let code = inbound::new_code();
     let hash = state.keys.code_hash(&pseudonym, &code);
-    let outcome = state
-        .declarations
-        .declare(pseudonym, hash, offer.code_ttl, now);
+    let outcome = match inbound::ask(
+        &state,
+        inbound::Question {
+            asked: inbound::Asked::Declare {
+                ttl: offer.code_ttl,
+            },
+            pseudonym,
+            presented: hash,
+            now,
+        },
+    )
+    .await
+    {
+        inbound::Answer::Declared(outcome) => outcome,
+        _ => Err(Refused::Full),
+    };
     let label = match outcome {
         Ok(()) => "inbound_declared",
         Err(Refused::TooOften(_)) => "inbound_number_limited",
@@ -800,16 +815,29 @@ async fn complete_inbound<S: Store>(
         let arrival = state.declarations.arrival().notified();
         tokio::pin!(arrival);
         arrival.as_mut().enable();
-        let completion =
-            state
-                .declarations
-                .complete(&attempt.pseudonym, &attempt.presented, now_ms());
+        let question = inbound::Question {
+            asked: inbound::Asked::Complete,
+            pseudonym: attempt.pseudonym,
+            presented: attempt.presented,
+            now: now_ms(),
+        };
+        let completion = match inbound::ask(&state, question).await {
+            inbound::Answer::Completed(completion) => completion,
+            _ => Completion::NoDeclaration,
+        };
         if completion != Completion::Waiting || tokio::time::Instant::now() >= deadline {
             break completion;
         }
+        // An SMS that reaches another node wakes no one here: with a bus, ask again now and
+        // then.
+        let poll = if state.hub.bus().is_some() {
+            (tokio::time::Instant::now() + INBOUND_POLL).min(deadline)
+        } else {
+            deadline
+        };
         tokio::select! {
             () = &mut arrival => {}
-            () = tokio::time::sleep_until(deadline) => {}
+            () = tokio::time::sleep_until(poll) => {}
             () = state.shutdown.cancelled() => break completion,
         }
     };

@@ -10,6 +10,13 @@
 //! Codes are kept as keyed hashes (the caller's `code_hash`), never in clear. Everything here is
 //! in memory only and bounded ([`MAX_DECLARATIONS`], [`DECLARATIONS_PER_NUMBER`]); a restart
 //! forgets it, and the user declares again.
+//!
+//! With several nodes, a number's declaration is kept by one node, the number's *declaration
+//! owner* (rendezvous hashing over its pseudonym, [`crate::bus::Bus::declaration_owner`]): the
+//! declaration, the SMS (which reaches whichever node the operator's gateway calls) and the
+//! completion (at whichever node the client reaches) are each asked there over the bus
+//! ([`ask`]), carrying the pseudonym and the code's keyed hash only. Alone, with the bus down or
+//! the owner silent, a node answers from its own table.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -270,6 +277,177 @@ impl Declarations {
     }
 }
 
+/// What is asked of a number's declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// Record a declaration for `ttl`.
+    Declare { ttl: Millis },
+    /// An SMS from the number carried the code.
+    Hear,
+    /// The client presents the code.
+    Complete,
+}
+
+/// What a question about a declaration came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Declared(Result<(), Refused>),
+    Heard(Heard),
+    Completed(Completion),
+}
+
+/// One question, as it crosses the bus: what is asked, of which number's declaration, with
+/// which code's keyed hash, at what time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Question {
+    pub asked: Asked,
+    pub pseudonym: Pseudonym,
+    pub presented: [u8; 32],
+    pub now: Millis,
+}
+
+impl Question {
+    /// The question as the bus carries it: what (1 declare, 2 hear, 3 complete) ‖ pseudonym ‖
+    /// hash ‖ time ‖ for a declaration its lifetime.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 32 + 32 + 8 + 8);
+        out.push(match self.asked {
+            Asked::Declare { .. } => 1,
+            Asked::Hear => 2,
+            Asked::Complete => 3,
+        });
+        out.extend_from_slice(&self.pseudonym.0);
+        out.extend_from_slice(&self.presented);
+        out.extend_from_slice(&self.now.to_be_bytes());
+        if let Asked::Declare { ttl } = self.asked {
+            out.extend_from_slice(&ttl.to_be_bytes());
+        }
+        out
+    }
+
+    /// A question from the bus; `None` for anything malformed.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let (&kind, rest) = bytes.split_first()?;
+        let word = |at: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(rest.get(at..at + 8)?.try_into().ok()?))
+        };
+        let asked = match kind {
+            1 => Asked::Declare { ttl: word(72)? },
+            2 => Asked::Hear,
+            3 => Asked::Complete,
+            _ => return None,
+        };
+        Some(Self {
+            asked,
+            pseudonym: Pseudonym(rest.get(..32)?.try_into().ok()?),
+            presented: rest.get(32..64)?.try_into().ok()?,
+            now: word(64)?,
+        })
+    }
+
+    /// Answers the question from `declarations`, this node's table.
+    pub fn answer_here(self, declarations: &Declarations) -> Answer {
+        let (pseudonym, presented, now) = (self.pseudonym, &self.presented, self.now);
+        match self.asked {
+            Asked::Declare { ttl } => {
+                Answer::Declared(declarations.declare(pseudonym, *presented, ttl, now))
+            }
+            Asked::Hear => Answer::Heard(declarations.hear(&pseudonym, presented, now)),
+            Asked::Complete => Answer::Completed(declarations.complete(&pseudonym, presented, now)),
+        }
+    }
+}
+
+const HEARD: [Heard; 4] = [
+    Heard::Accepted,
+    Heard::Wrong,
+    Heard::NoDeclaration,
+    Heard::Spent,
+];
+
+impl Answer {
+    /// The answer as the bus carries it: one byte for the outcome, then a wait (declared too
+    /// often) or the attempts left (a wrong code).
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        match self {
+            Self::Declared(Ok(())) => out.push(0),
+            Self::Declared(Err(Refused::TooOften(wait))) => {
+                out.push(1);
+                out.extend_from_slice(&wait.to_be_bytes());
+            }
+            Self::Declared(Err(Refused::Full)) => out.push(2),
+            Self::Heard(heard) => {
+                out.push(
+                    HEARD
+                        .iter()
+                        .position(|h| *h == heard)
+                        .map_or(2, |i| i as u8),
+                );
+            }
+            Self::Completed(completion) => match completion {
+                Completion::Done => out.push(0),
+                Completion::Waiting => out.push(1),
+                Completion::Wrong { attempts_left } => {
+                    out.push(2);
+                    out.extend_from_slice(&attempts_left.to_be_bytes());
+                }
+                Completion::NoDeclaration => out.push(3),
+                Completion::Expired => out.push(4),
+                Completion::TooManyAttempts => out.push(5),
+            },
+        }
+        out
+    }
+
+    /// The answer to `asked` from the bus; `None` for anything malformed.
+    pub fn parse(asked: Asked, bytes: &[u8]) -> Option<Self> {
+        let (&code, rest) = bytes.split_first()?;
+        Some(match asked {
+            Asked::Declare { .. } => Self::Declared(match code {
+                0 => Ok(()),
+                1 => Err(Refused::TooOften(u64::from_be_bytes(
+                    rest.get(..8)?.try_into().ok()?,
+                ))),
+                2 => Err(Refused::Full),
+                _ => return None,
+            }),
+            Asked::Hear => Self::Heard(*HEARD.get(usize::from(code))?),
+            Asked::Complete => Self::Completed(match code {
+                0 => Completion::Done,
+                1 => Completion::Waiting,
+                2 => Completion::Wrong {
+                    attempts_left: u32::from_be_bytes(rest.get(..4)?.try_into().ok()?),
+                },
+                3 => Completion::NoDeclaration,
+                4 => Completion::Expired,
+                5 => Completion::TooManyAttempts,
+                _ => return None,
+            }),
+        })
+    }
+}
+
+/// Asks `question` of the number's declaration at its owner node (this node's table when it is
+/// the owner, alone, or cut off from it).
+pub async fn ask<S: tidings_store::Store>(
+    state: &crate::state::Shared<S>,
+    question: Question,
+) -> Answer {
+    if let Some(bus) = state.hub.bus() {
+        if let Some(owner) = bus.declaration_owner(&question.pseudonym) {
+            if let Some(answer) = bus
+                .ask_owner(owner, crate::bus::Asking::Declaration, question.to_bytes())
+                .await
+                .and_then(|bytes| Answer::parse(question.asked, &bytes))
+            {
+                return answer;
+            }
+        }
+    }
+    question.answer_here(&state.declarations)
+}
+
 fn prune_entries(entries: &mut HashMap<Pseudonym, Entry>, now: Millis) {
     entries.retain(|_, entry| {
         if entry
@@ -287,6 +465,46 @@ fn prune_entries(entries: &mut HashMap<Pseudonym, Entry>, now: Millis) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn questions_and_answers_cross_the_bus_unchanged() {
+        let pseudonym = Pseudonym([4; 32]);
+        for asked in [Asked::Declare { ttl: 45_000 }, Asked::Hear, Asked::Complete] {
+            let question = Question {
+                asked,
+                pseudonym,
+                presented: [9; 32],
+                now: 1_234,
+            };
+            assert_eq!(Question::parse(&question.to_bytes()), Some(question));
+        }
+        assert_eq!(Question::parse(&[1, 2, 3]), None);
+        let answers = [
+            (Asked::Declare { ttl: 1 }, Answer::Declared(Ok(()))),
+            (
+                Asked::Declare { ttl: 1 },
+                Answer::Declared(Err(Refused::TooOften(77))),
+            ),
+            (
+                Asked::Declare { ttl: 1 },
+                Answer::Declared(Err(Refused::Full)),
+            ),
+            (Asked::Hear, Answer::Heard(Heard::Accepted)),
+            (Asked::Hear, Answer::Heard(Heard::Spent)),
+            (Asked::Complete, Answer::Completed(Completion::Waiting)),
+            (
+                Asked::Complete,
+                Answer::Completed(Completion::Wrong { attempts_left: 3 }),
+            ),
+            (
+                Asked::Complete,
+                Answer::Completed(Completion::TooManyAttempts),
+            ),
+        ];
+        for (asked, answer) in answers {
+            assert_eq!(Answer::parse(asked, &answer.to_bytes()), Some(answer));
+        }
+    }
 
     const NUMBER: Pseudonym = Pseudonym([1; 32]);
     const OTHER: Pseudonym = Pseudonym([2; 32]);

@@ -34,8 +34,8 @@ const MODEM_POLL: Duration = Duration::from_secs(1);
 const MAX_FIELD: usize = 1024;
 
 /// Hands one SMS to the declaration of the number it came from, and counts the outcome.
-pub fn accept<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
-    let outcome = judge(state, sms);
+pub async fn accept<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
+    let outcome = judge(state, sms).await;
     state
         .metrics
         .registrations
@@ -45,7 +45,7 @@ pub fn accept<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
     outcome
 }
 
-fn judge<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
+async fn judge<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
     if state.config.inbound.is_none() {
         return "sms_not_offered";
     }
@@ -60,11 +60,17 @@ fn judge<S: Store>(state: &Shared<S>, sms: &Received) -> &'static str {
         return "sms_unknown_sender";
     };
     let hash = state.keys.code_hash(&pseudonym, &code);
-    match state.declarations.hear(&pseudonym, &hash, now_ms()) {
-        Heard::Accepted => "sms_accepted",
-        Heard::Wrong => "sms_wrong_code",
-        Heard::NoDeclaration => "sms_no_declaration",
-        Heard::Spent => "sms_spent",
+    let question = inbound::Question {
+        asked: inbound::Asked::Hear,
+        pseudonym,
+        presented: hash,
+        now: now_ms(),
+    };
+    match inbound::ask(state, question).await {
+        inbound::Answer::Heard(Heard::Accepted) => "sms_accepted",
+        inbound::Answer::Heard(Heard::Wrong) => "sms_wrong_code",
+        inbound::Answer::Heard(Heard::Spent) => "sms_spent",
+        _ => "sms_no_declaration",
     }
 }
 
@@ -102,7 +108,8 @@ async fn from_kannel<S: Store>(
             from: sms.from,
             text: sms.text,
         },
-    );
+    )
+    .await;
     (StatusCode::OK, "").into_response()
 }
 
@@ -132,7 +139,7 @@ pub fn spawn<S: Store>(state: &Shared<S>) {
                 Ok(received) => {
                     failing = false;
                     for sms in &received {
-                        accept(&state, sms);
+                        accept(&state, sms).await;
                     }
                 }
                 // Said once per outage: the gateway's error names its address, never a number.

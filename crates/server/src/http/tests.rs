@@ -298,7 +298,10 @@ async fn own_sms_requests_are_checked_and_a_waiting_completion_wakes_on_its_sms(
         from: number.into(),
         text,
     };
-    assert_eq!(crate::receiver::accept(&world.state, &sms), "sms_accepted");
+    assert_eq!(
+        crate::receiver::accept(&world.state, &sms).await,
+        "sms_accepted"
+    );
     assert_eq!(waiting.await.expect("the completion"), StatusCode::OK);
     let registered = world
         .state
