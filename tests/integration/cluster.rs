@@ -400,3 +400,43 @@ fn a_number_declared_at_one_node_is_proven_by_an_sms_at_another_and_completed_at
     let (status, answer) = complete(&nodes[2], &n, &code);
     assert_eq!(status, 200, "{answer}");
 }
+
+/// A receiver device's stranger pool is one whichever nodes the strangers reach: three strangers,
+/// each on its own node, fill the pool of six once. Each node counting only the strangers' copies
+/// its own store had stored let every node fill it anew.
+#[test]
+fn strangers_spread_over_every_node_fill_one_pool() {
+    use tidings_proto::frame::SendOutcome;
+    let (_database, nodes) = cluster_on(&nats_url(), 3, &["--stranger-pool-copies", "6"]);
+    assert!(eventually(patience(), || nodes
+        .iter()
+        .all(|node| bus_nodes(node) == 2)));
+    let victim_number = number();
+    let victim = User::register(&victim_number, &nodes[0], &[]);
+    let victim_device = victim.client().device();
+    let mut outcomes = Vec::new();
+    for node in &nodes {
+        let stranger = User::register(&number(), node, &[]);
+        outcomes.extend(crate::support::block_on(crate::queues::answers(
+            &stranger.client(),
+            &victim_number,
+            &[victim_device],
+            3,
+            100,
+        )));
+        // Told to the other nodes once stored: a stranger racing it on another node within a
+        // bus message's time could still slip one in.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let codes: Vec<i32> = outcomes.iter().map(|a| a.outcome).collect();
+    let queued = codes
+        .iter()
+        .filter(|c| **c == SendOutcome::Queued as i32)
+        .count();
+    assert_eq!(queued, 6, "{codes:?}");
+    assert!(
+        codes.iter().all(|c| *c == SendOutcome::Queued as i32
+            || *c == SendOutcome::RefusedStrangerPoolFull as i32),
+        "{codes:?}"
+    );
+}

@@ -32,7 +32,7 @@ async fn flood(
 }
 
 /// [`flood`], with the server's whole answer to each send.
-async fn answers(
+pub async fn answers(
     sender: &tidings_client::client::Client,
     to: &str,
     devices: &[DeviceId],

@@ -193,6 +193,8 @@ const DIRECTORY_DEVICES: usize = 4_000_000;
 /// Most other nodes the directory keeps.
 const DIRECTORY_NODES: usize = 1_024;
 
+/// Strangers' positions one message carries at most.
+const STRANGERS_PER_MESSAGE: usize = 4_096;
 /// Most held copies of other nodes this node tracks for their acknowledgements.
 const HELD_HERE: usize = 1_000_000;
 /// How long this node remembers which node holds a copy it was handed.
@@ -204,6 +206,8 @@ enum Outgoing {
     Directory(DirKind, Vec<DeviceId>),
     Inbox(u64, Bytes),
     SignOut(u8, Vec<DeviceId>),
+    /// Queue positions of strangers' messages this node's store stored.
+    Strangers(Vec<i64>),
 }
 
 /// The other nodes' devices, in memory only.
@@ -318,6 +322,10 @@ impl Bus {
         format!("{}.all", self.prefix)
     }
 
+    fn subject_strangers(&self) -> String {
+        format!("{}.strangers", self.prefix)
+    }
+
     fn subject_links(&self) -> String {
         format!("{}.links", self.prefix)
     }
@@ -328,6 +336,16 @@ impl Bus {
 
     fn queue(&self, message: Outgoing) -> bool {
         self.outgoing.try_send(message).is_ok()
+    }
+
+    /// Tells every other node's store of strangers' messages this node's store stored (who is a
+    /// stranger is never written, so each node counts the stranger pools from what it is told).
+    pub fn share_strangers(&self, positions: Vec<i64>) {
+        for chunk in positions.chunks(STRANGERS_PER_MESSAGE) {
+            if !self.queue(Outgoing::Strangers(chunk.to_vec())) {
+                tracing::debug!("strangers' positions could not be handed to the bus");
+            }
+        }
     }
 
     /// A device's first session on this node registered (`true`) or its last one ended.
@@ -506,6 +524,14 @@ impl Bus {
                     body.put_slice(&device.0);
                 }
                 (self.subject_all(), body.freeze())
+            }
+            Outgoing::Strangers(positions) => {
+                let mut body = BytesMut::with_capacity(8 + 8 * positions.len());
+                body.put_u64(self.node);
+                for position in &positions {
+                    body.put_i64(*position);
+                }
+                (self.subject_strangers(), body.freeze())
             }
         };
         if let Err(e) = self.client.publish(subject, body).await {
@@ -762,9 +788,10 @@ pub async fn run<S: Store>(state: Shared<S>, bus: Arc<Bus>) {
         let all = bus.client.subscribe(bus.subject_all()).await?;
         let inbox = bus.client.subscribe(bus.subject_node(bus.node)).await?;
         let links = bus.client.subscribe(bus.subject_links()).await?;
-        Ok::<_, async_nats::SubscribeError>((dir, all, inbox, links))
+        let strangers = bus.client.subscribe(bus.subject_strangers()).await?;
+        Ok::<_, async_nats::SubscribeError>((dir, all, inbox, links, strangers))
     };
-    let (mut dir, mut all, mut inbox, mut links) = match subscribed.await {
+    let (mut dir, mut all, mut inbox, mut links, mut strangers) = match subscribed.await {
         Ok(subscribers) => subscribers,
         Err(e) => {
             tracing::error!(error = %e, "cannot subscribe to the bus: this node serves only its own sessions");
@@ -799,6 +826,7 @@ pub async fn run<S: Store>(state: Shared<S>, bus: Arc<Bus>) {
             Some(message) = all.next() => signed_out(&state, &message.payload),
             Some(message) = inbox.next() => inbox_message(&state, &bus, message).await,
             Some(message) = links.next() => link_question(&state, &bus, message).await,
+            Some(message) = strangers.next() => strangers_elsewhere(&state, &bus, &message.payload),
             () = bus.reconnected.notified() => {
                 // Whatever was published while the bus was down may be lost: every list is
                 // asked for again, and every session reads its queue again.
@@ -833,6 +861,34 @@ pub async fn run<S: Store>(state: Shared<S>, bus: Arc<Bus>) {
     bus.publish(Outgoing::Directory(DirKind::Bye, Vec::new()))
         .await;
     let _ = bus.client.flush().await;
+}
+
+/// Tells the other nodes of the strangers' messages this node's store stored since the last
+/// time (after every write that may have stored one).
+pub fn share_new_strangers<S: Store>(state: &Shared<S>) {
+    let new = state.store.new_strangers();
+    if let Some(bus) = state.hub.bus() {
+        if !new.is_empty() {
+            bus.share_strangers(new);
+        }
+    }
+}
+
+/// Counts the strangers' messages another node's store stored in this node's store's pools.
+fn strangers_elsewhere<S: Store>(state: &Shared<S>, bus: &Bus, body: &[u8]) {
+    let Some(from) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return;
+    };
+    if u64::from_be_bytes(from) == bus.node {
+        return;
+    }
+    let positions: Vec<i64> = body[8..]
+        .chunks_exact(8)
+        .filter_map(|b| <[u8; 8]>::try_from(b).ok())
+        .map(i64::from_be_bytes)
+        .take(STRANGERS_PER_MESSAGE)
+        .collect();
+    state.store.strangers_elsewhere(&positions);
 }
 
 /// Signs out this node's sessions of the devices in a sign-out from another node.

@@ -515,6 +515,7 @@ pub async fn store_held<S: Store>(state: &Shared<S>, key: Key) {
         .store
         .enqueue(message, state.config.queue_limits)
         .await
+        .inspect(|_| crate::bus::share_new_strangers(state))
     {
         Ok(
             Enqueued::Stored

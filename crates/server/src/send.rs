@@ -506,6 +506,7 @@ async fn decide_and_enqueue<S: Store>(
         Ok(submitted) => submitted.durable().await,
         Err(e) => Err(e),
     };
+    crate::bus::share_new_strangers(state);
     let mut skipped = Vec::new();
     let mut shortened_to = None;
     match enqueued {

@@ -65,9 +65,6 @@ mod store;
 pub use schema::SCHEMA_VERSION;
 pub use seal::{KeyChain, EPOCH_MS as KEY_CHAIN_EPOCH_MS, GRACE_MS as KEY_CHAIN_GRACE_MS};
 
-/// How often a store checks whether its key chain is due to move on.
-const KEY_CHAIN_TICK: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// How to connect the engine.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
@@ -102,7 +99,17 @@ pub struct PostgresStore {
     strangers: Arc<Mutex<HashSet<i64>>>,
     /// Seals and opens the payloads of waiting copies.
     chain: Arc<KeyChain>,
+    /// Strangers' messages stored since the other nodes were last told ([`Store::new_strangers`]).
+    new_strangers: Arc<Mutex<Vec<i64>>>,
 }
+
+/// Positions of strangers' messages held for the other nodes at most: past it the oldest are
+/// dropped (the other nodes then count fewer strangers' copies than there are, as a node does
+/// after a restart).
+const NEW_STRANGERS_MAX: usize = 10_000;
+
+/// How often a store checks its key chain and forgets strangers' positions whose copies are gone.
+const UPKEEP_TICK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,12 +153,19 @@ impl PostgresStore {
             schema::migrate(&mut conn.client().client).await?;
             Arc::new(seal::attach(&conn.client().client, &options.key_chain, wall_clock()).await?)
         };
-        // Every node moves its own copy of the chain on, whichever node runs the sweeps; the task
-        // ends with the last clone of the store.
-        let pool_ref = Arc::downgrade(&pool);
-        let moving = Arc::clone(&chain);
+        let store = Self {
+            pool,
+            strangers: Arc::default(),
+            chain,
+            new_strangers: Arc::default(),
+        };
+        // Every node moves its own copy of the chain on, whichever node runs the sweeps, and
+        // forgets the strangers' positions whose copies another node deleted; the task ends with
+        // the last clone of the store.
+        let pool_ref = Arc::downgrade(&store.pool);
+        let (moving, strangers) = (Arc::clone(&store.chain), Arc::clone(&store.strangers));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(KEY_CHAIN_TICK);
+            let mut tick = tokio::time::interval(UPKEEP_TICK);
             loop {
                 tick.tick().await;
                 let Some(pool) = pool_ref.upgrade() else {
@@ -160,13 +174,12 @@ impl PostgresStore {
                 if let Err(e) = seal::move_on(&pool, &moving, wall_clock()).await {
                     tracing::error!(error = %e, "the key chain did not move on");
                 }
+                if let Err(e) = forget_gone_strangers(&pool, &strangers).await {
+                    tracing::warn!(error = %e, "strangers' positions were not checked");
+                }
             }
         });
-        Ok(Self {
-            pool,
-            strangers: Arc::default(),
-            chain,
-        })
+        Ok(store)
     }
 
     /// The stranger positions held, to pass to a statement.
@@ -178,13 +191,36 @@ impl PostgresStore {
         Ok(held.iter().copied().collect())
     }
 
-    /// Notes a stored message as a stranger's.
+    /// Notes a stored message as a stranger's, here and for the other nodes.
     fn note_stranger(&self, position: i64) -> Result<()> {
         self.strangers
             .lock()
             .map_err(|_| StoreError::engine("an earlier operation panicked"))?
             .insert(position);
+        let mut new = self
+            .new_strangers
+            .lock()
+            .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
+        if new.len() >= NEW_STRANGERS_MAX {
+            new.remove(0);
+        }
+        new.push(position);
         Ok(())
+    }
+
+    /// [`Store::new_strangers`].
+    fn take_new_strangers(&self) -> Vec<i64> {
+        self.new_strangers
+            .lock()
+            .map(|mut new| std::mem::take(&mut *new))
+            .unwrap_or_default()
+    }
+
+    /// [`Store::strangers_elsewhere`].
+    fn note_strangers_elsewhere(&self, positions: &[i64]) {
+        if let Ok(mut held) = self.strangers.lock() {
+            held.extend(positions.iter().copied());
+        }
     }
 
     /// Forgets positions of messages that are gone (a sweep calls it with what it deleted).
@@ -198,6 +234,39 @@ impl PostgresStore {
         }
         Ok(())
     }
+}
+
+/// Forgets the strangers' positions whose copies are gone (delivered, withdrawn or expired
+/// through another node's store, which forgot them there).
+async fn forget_gone_strangers(pool: &Pool, strangers: &Mutex<HashSet<i64>>) -> Result<()> {
+    let held: Vec<i64> = strangers
+        .lock()
+        .map_err(|_| StoreError::engine("an earlier operation panicked"))?
+        .iter()
+        .copied()
+        .collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    let mut conn = pool.get().await?;
+    let gone: Vec<i64> = conn
+        .client()
+        .query(
+            "SELECT p FROM unnest($1::bigint[]) AS p
+             WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.seq = p)",
+            &[&held],
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut held = strangers
+        .lock()
+        .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
+    for position in gone {
+        held.remove(&position);
+    }
+    Ok(())
 }
 
 /// The system clock in milliseconds since 1970 (the key chain's hours follow it on every node).

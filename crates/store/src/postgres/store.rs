@@ -1682,6 +1682,14 @@ impl Store for PostgresStore {
             .await?;
         Ok(())
     }
+
+    fn new_strangers(&self) -> Vec<i64> {
+        self.take_new_strangers()
+    }
+
+    fn strangers_elsewhere(&self, positions: &[i64]) {
+        self.note_strangers_elsewhere(positions);
+    }
 }
 
 /// Starts a transaction on `client`, at the failpoint the embedded engine's writer passes before
