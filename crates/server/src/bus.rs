@@ -215,8 +215,8 @@ enum Outgoing {
     Directory(DirKind, Vec<DeviceId>),
     Inbox(u64, Bytes),
     SignOut(u8, Vec<DeviceId>),
-    /// Queue positions of strangers' messages this node's store stored.
-    Strangers(Vec<i64>),
+    /// Queue positions of strangers' messages this node's store stored, with their receivers.
+    Strangers(Vec<(i64, AccountId)>),
 }
 
 /// The other nodes' devices, in memory only.
@@ -349,7 +349,7 @@ impl Bus {
 
     /// Tells every other node's store of strangers' messages this node's store stored (who is a
     /// stranger is never written, so each node counts the stranger pools from what it is told).
-    pub fn share_strangers(&self, positions: Vec<i64>) {
+    pub fn share_strangers(&self, positions: Vec<(i64, AccountId)>) {
         for chunk in positions.chunks(STRANGERS_PER_MESSAGE) {
             if !self.queue(Outgoing::Strangers(chunk.to_vec())) {
                 tracing::debug!("strangers' positions could not be handed to the bus");
@@ -535,10 +535,11 @@ impl Bus {
                 (self.subject_all(), body.freeze())
             }
             Outgoing::Strangers(positions) => {
-                let mut body = BytesMut::with_capacity(8 + 8 * positions.len());
+                let mut body = BytesMut::with_capacity(8 + 16 * positions.len());
                 body.put_u64(self.node);
-                for position in &positions {
+                for (position, receiver) in &positions {
                     body.put_i64(*position);
+                    body.put_i64(receiver.0);
                 }
                 (self.subject_strangers(), body.freeze())
             }

@@ -988,17 +988,18 @@ pub trait Store: Send + Sync + 'static {
     /// Makes deleted bytes unreadable in the data files (the bound on deletion latency).
     fn scrub(&self) -> impl Future<Output = Result<()>> + Send;
 
-    /// The queue positions of strangers' messages this store stored since the last call, for
+    /// The queue positions of strangers' messages this store stored since the last call (each
+    /// with its receiving account), for
     /// the stores of the other nodes over the same database ([`Store::strangers_elsewhere`]):
     /// which copies are strangers' is never written, so with several nodes each must be told to
     /// count them in the stranger pools. An engine one process owns has none to tell.
-    fn new_strangers(&self) -> Vec<i64> {
+    fn new_strangers(&self) -> Vec<(i64, AccountId)> {
         Vec::new()
     }
 
-    /// Counts the strangers' messages at these queue positions, stored by another node's store,
-    /// in the stranger pools from now on.
-    fn strangers_elsewhere(&self, positions: &[i64]) {
+    /// Counts the strangers' messages at these queue positions (each with its receiving
+    /// account), stored by another node's store, in the stranger pools from now on.
+    fn strangers_elsewhere(&self, positions: &[(i64, AccountId)]) {
         let _ = positions;
     }
 }

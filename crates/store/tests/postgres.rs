@@ -1081,3 +1081,118 @@ async fn waiting_copies_are_sealed_under_the_key_chain_every_node_shares() {
     drop(other_node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What each account has in each device's queue (`queue_usage`, which the limits read instead of
+/// counting the queue) stays what counting the copies gives, after every kind of insert and
+/// deletion: stored, acknowledged, withdrawn, expired, a device removed, an account deleted.
+#[tokio::test]
+async fn the_queue_usage_the_limits_read_is_what_the_copies_count() {
+    let temp = TempPostgres::open().await;
+    let store = temp.store();
+    let (alice, bob, bob_laptop, carol) = (
+        DeviceId([1; 16]),
+        DeviceId([2; 16]),
+        DeviceId([3; 16]),
+        DeviceId([4; 16]),
+    );
+    let alice_account = registered(store, 0xA1, alice).await;
+    let bob_account = registered(store, 0xB0, bob).await;
+    linked(
+        store,
+        Actor {
+            account: bob_account,
+            device: bob,
+        },
+        bob_laptop,
+        0xB1,
+    )
+    .await;
+    let carol_account = registered(store, 0xC0, carol).await;
+    let client = raw(&temp.schema).await;
+    let agree = |when: &'static str| {
+        let client = &client;
+        async move {
+            let kept: Vec<(Vec<u8>, i64, i64, i64)> = client
+                .query(
+                    "SELECT device_id, sender_account, copies, bytes FROM queue_usage
+                     ORDER BY device_id, sender_account",
+                    &[],
+                )
+                .await
+                .expect("usage")
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            let counted: Vec<(Vec<u8>, i64, i64, i64)> = client
+                .query(
+                    "SELECT c.device_id, m.sender_account, count(*)::bigint,
+                            sum(length(c.payload) - 49)::bigint
+                     FROM copies c JOIN messages m ON m.seq = c.seq
+                     GROUP BY c.device_id, m.sender_account ORDER BY 1, 2",
+                    &[],
+                )
+                .await
+                .expect("count")
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            assert_eq!(kept, counted, "{when}");
+            kept.len()
+        }
+    };
+    let to_bob = |sender: (DeviceId, AccountId), id: u8, expires_at| {
+        let mut sent = message(sender, id, bob_account, &[bob, bob_laptop]);
+        sent.expires_at = expires_at;
+        sent.copies = vec![
+            (bob, Bytes::from(vec![id; 10 + usize::from(id)])),
+            (bob_laptop, Bytes::from(vec![id; 5])),
+        ];
+        sent
+    };
+    for (sender, id, expires_at) in [
+        ((alice, alice_account), 1, 1_000_000),
+        ((alice, alice_account), 2, 1_000_000),
+        ((alice, alice_account), 3, 500),
+        ((carol, carol_account), 4, 1_000_000),
+        ((carol, carol_account), 5, 1_000_000),
+    ] {
+        let stored = store.enqueue(to_bob(sender, id, expires_at), QueueLimits::DEFAULT);
+        assert!(matches!(
+            stored.await.expect("enqueue"),
+            Enqueued::Stored | Enqueued::StoredShortened { .. }
+        ));
+    }
+    assert_eq!(agree("stored").await, 4);
+    store
+        .ack(bob, alice, MessageId([1; 16]))
+        .await
+        .expect("ack");
+    agree("acknowledged on one device").await;
+    store
+        .withdraw(alice, MessageId([2; 16]))
+        .await
+        .expect("withdraw");
+    agree("withdrawn").await;
+    store.expire(1_000, 100).await.expect("expire");
+    agree("expired").await;
+    store
+        .remove_device(
+            Actor {
+                account: bob_account,
+                device: bob,
+            },
+            bob_laptop,
+        )
+        .await
+        .expect("remove");
+    // Left: Carol's two messages on Bob's phone.
+    assert_eq!(agree("a device removed").await, 1);
+    store
+        .delete_account(Actor {
+            account: carol_account,
+            device: carol,
+        })
+        .await
+        .expect("delete");
+    assert_eq!(agree("an account deleted").await, 0);
+}

@@ -23,10 +23,10 @@ pub(super) fn strangers_elsewhere<S: Store>(state: &Shared<S>, bus: &Bus, body: 
     if u64::from_be_bytes(from) == bus.node {
         return;
     }
-    let positions: Vec<i64> = body[8..]
-        .chunks_exact(8)
-        .filter_map(|b| <[u8; 8]>::try_from(b).ok())
-        .map(i64::from_be_bytes)
+    let word = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(i64::from_be_bytes);
+    let positions: Vec<(i64, AccountId)> = body[8..]
+        .chunks_exact(16)
+        .filter_map(|b| Some((word(&b[..8])?, AccountId(word(&b[8..])?))))
         .take(STRANGERS_PER_MESSAGE)
         .collect();
     state.store.strangers_elsewhere(&positions);

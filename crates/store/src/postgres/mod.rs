@@ -46,7 +46,7 @@
 //! - `seal`: the key chain that seals waiting copies, and the hourly move that forgets its keys;
 //! - `store`: the `impl Store`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,7 @@ mod rows;
 mod schema;
 mod seal;
 mod store;
+mod strangers;
 
 pub use schema::SCHEMA_VERSION;
 pub use seal::{KeyChain, EPOCH_MS as KEY_CHAIN_EPOCH_MS, GRACE_MS as KEY_CHAIN_GRACE_MS};
@@ -96,17 +97,10 @@ pub struct PostgresStore {
     pool: Arc<Pool>,
     /// Queue positions of waiting messages sent by strangers of their receiver, held in memory
     /// only (see the module documentation).
-    strangers: Arc<Mutex<HashSet<i64>>>,
+    strangers: Arc<Mutex<strangers::Strangers>>,
     /// Seals and opens the payloads of waiting copies.
     chain: Arc<KeyChain>,
-    /// Strangers' messages stored since the other nodes were last told ([`Store::new_strangers`]).
-    new_strangers: Arc<Mutex<Vec<i64>>>,
 }
-
-/// Positions of strangers' messages held for the other nodes at most: past it the oldest are
-/// dropped (the other nodes then count fewer strangers' copies than there are, as a node does
-/// after a restart).
-const NEW_STRANGERS_MAX: usize = 10_000;
 
 /// How often a store checks its key chain and forgets strangers' positions whose copies are gone.
 const UPKEEP_TICK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -157,7 +151,6 @@ impl PostgresStore {
             pool,
             strangers: Arc::default(),
             chain,
-            new_strangers: Arc::default(),
         };
         // Every node moves its own copy of the chain on, whichever node runs the sweeps, and
         // forgets the strangers' positions whose copies another node deleted; the task ends with
@@ -174,7 +167,11 @@ impl PostgresStore {
                 if let Err(e) = seal::move_on(&pool, &moving, wall_clock()).await {
                     tracing::error!(error = %e, "the key chain did not move on");
                 }
-                if let Err(e) = forget_gone_strangers(&pool, &strangers).await {
+                let checked = match pool.get().await {
+                    Ok(mut conn) => forget_gone_strangers(conn.client(), &strangers).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = checked {
                     tracing::warn!(error = %e, "strangers' positions were not checked");
                 }
             }
@@ -182,75 +179,41 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// The stranger positions held, to pass to a statement.
-    fn stranger_positions(&self) -> Result<Vec<i64>> {
-        let held = self
-            .strangers
-            .lock()
-            .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
-        Ok(held.iter().copied().collect())
-    }
-
-    /// Notes a stored message as a stranger's, here and for the other nodes.
-    fn note_stranger(&self, position: i64) -> Result<()> {
+    /// The strangers' messages held.
+    fn strangers(&self) -> Result<std::sync::MutexGuard<'_, strangers::Strangers>> {
         self.strangers
             .lock()
-            .map_err(|_| StoreError::engine("an earlier operation panicked"))?
-            .insert(position);
-        let mut new = self
-            .new_strangers
-            .lock()
-            .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
-        if new.len() >= NEW_STRANGERS_MAX {
-            new.remove(0);
-        }
-        new.push(position);
+            .map_err(|_| StoreError::engine("an earlier operation panicked"))
+    }
+
+    /// Notes a stored message (to `receiver`) as a stranger's, here and for the other nodes.
+    fn note_stranger(&self, position: i64, receiver: i64) -> Result<()> {
+        self.strangers()?.note(position, receiver, true);
         Ok(())
-    }
-
-    /// [`Store::new_strangers`].
-    fn take_new_strangers(&self) -> Vec<i64> {
-        self.new_strangers
-            .lock()
-            .map(|mut new| std::mem::take(&mut *new))
-            .unwrap_or_default()
-    }
-
-    /// [`Store::strangers_elsewhere`].
-    fn note_strangers_elsewhere(&self, positions: &[i64]) {
-        if let Ok(mut held) = self.strangers.lock() {
-            held.extend(positions.iter().copied());
-        }
     }
 
     /// Forgets positions of messages that are gone (a sweep calls it with what it deleted).
     fn forget_strangers(&self, positions: &[i64]) -> Result<()> {
-        let mut held = self
-            .strangers
-            .lock()
-            .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
-        for position in positions {
-            held.remove(position);
-        }
+        self.strangers()?.forget(positions);
         Ok(())
     }
 }
 
-/// Forgets the strangers' positions whose copies are gone (delivered, withdrawn or expired
-/// through another node's store, which forgot them there).
-async fn forget_gone_strangers(pool: &Pool, strangers: &Mutex<HashSet<i64>>) -> Result<()> {
-    let held: Vec<i64> = strangers
+/// Forgets the strangers' positions whose messages are gone (delivered, withdrawn or expired
+/// through another node's store, or deleted with a device or an account); one noted after the
+/// read is left alone.
+async fn forget_gone_strangers<C: Sql>(
+    db: &C,
+    strangers: &Mutex<strangers::Strangers>,
+) -> Result<()> {
+    let held = strangers
         .lock()
         .map_err(|_| StoreError::engine("an earlier operation panicked"))?
-        .iter()
-        .copied()
-        .collect();
+        .all();
     if held.is_empty() {
         return Ok(());
     }
-    let mut conn = pool.get().await?;
-    let gone: Vec<i64> = conn
-        .client()
+    let gone: Vec<i64> = db
         .query(
             "SELECT p FROM unnest($1::bigint[]) AS p
              WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.seq = p)",
@@ -260,12 +223,10 @@ async fn forget_gone_strangers(pool: &Pool, strangers: &Mutex<HashSet<i64>>) -> 
         .iter()
         .map(|row| row.try_get(0))
         .collect::<std::result::Result<_, _>>()?;
-    let mut held = strangers
+    strangers
         .lock()
-        .map_err(|_| StoreError::engine("an earlier operation panicked"))?;
-    for position in gone {
-        held.remove(&position);
-    }
+        .map_err(|_| StoreError::engine("an earlier operation panicked"))?
+        .forget(&gone);
     Ok(())
 }
 

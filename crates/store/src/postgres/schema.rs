@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 use crate::Result;
 
 /// The version connecting brings the schema to.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The advisory lock migrations run under (any constant the application uses for nothing else).
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e67_7301;
@@ -114,6 +114,52 @@ CREATE TABLE key_chain (
     epoch bigint NOT NULL,
     check_value bytea NOT NULL
 );
+",
+    ),
+    // What each sending account has in each device's queue, kept by a trigger on every insert
+    // and delete of a copy (cascades included): a send reads its limits from a few rows instead
+    // of counting the queue, which made every send cost as much as the queue is long. A copy
+    // names its sending account itself, since a cascade from `messages` deletes it after its
+    // message. Bytes are counted as sent (what sealing adds, 49, left out).
+    (
+        3,
+        "
+ALTER TABLE copies ADD COLUMN sender_account bigint;
+UPDATE copies c SET sender_account = m.sender_account FROM messages m WHERE m.seq = c.seq;
+ALTER TABLE copies ALTER COLUMN sender_account SET NOT NULL;
+CREATE TABLE queue_usage (
+    device_id bytea NOT NULL,
+    sender_account bigint NOT NULL,
+    copies bigint NOT NULL,
+    bytes bigint NOT NULL,
+    PRIMARY KEY (device_id, sender_account)
+);
+CREATE INDEX queue_usage_by_sender ON queue_usage(sender_account);
+INSERT INTO queue_usage (device_id, sender_account, copies, bytes)
+    SELECT device_id, sender_account, count(*),
+           sum(length(payload) - CASE WHEN sealed THEN 49 ELSE 0 END)
+    FROM copies GROUP BY device_id, sender_account;
+CREATE FUNCTION count_queue_usage() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_usage (device_id, sender_account, copies, bytes)
+        VALUES (NEW.device_id, NEW.sender_account, 1,
+                length(NEW.payload) - CASE WHEN NEW.sealed THEN 49 ELSE 0 END)
+        ON CONFLICT (device_id, sender_account) DO UPDATE
+            SET copies = queue_usage.copies + 1, bytes = queue_usage.bytes + excluded.bytes;
+        RETURN NEW;
+    END IF;
+    UPDATE queue_usage
+        SET copies = copies - 1,
+            bytes = bytes - (length(OLD.payload) - CASE WHEN OLD.sealed THEN 49 ELSE 0 END)
+        WHERE device_id = OLD.device_id AND sender_account = OLD.sender_account;
+    DELETE FROM queue_usage
+        WHERE device_id = OLD.device_id AND sender_account = OLD.sender_account AND copies <= 0;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER copies_count_queue_usage AFTER INSERT OR DELETE ON copies
+    FOR EACH ROW EXECUTE FUNCTION count_queue_usage();
 ",
     ),
 ];

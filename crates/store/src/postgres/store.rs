@@ -20,7 +20,8 @@ use crate::{
     Registered, Rekeyed, Result, Route, SignedKey, Store, StoreError, Voucher, DECISION_MARGIN,
 };
 
-// The queue limits count a copy's bytes as sent: the statements subtract what sealing adds (49).
+// The queue limits count a copy's bytes as sent: `queue_usage` (schema version 3) subtracts what
+// sealing adds (49).
 const _: () = assert!(super::seal::SEAL_OVERHEAD == 49);
 
 /// Receipts one call of [`Store::receipts`] hands out at most (as the other engines do).
@@ -173,15 +174,13 @@ async fn delivery_devices<C: Sql>(
     let rows = db
         .query(
             "SELECT d.id, d.identity_key IS NOT NULL, d.contact_token_hash,
-                (SELECT count(*) FROM copies c WHERE c.device_id = d.id),
-                s.copies, s.bytes,
+                (SELECT coalesce(sum(u.copies), 0)::bigint FROM queue_usage u
+                 WHERE u.device_id = d.id),
+                coalesce(s.copies, 0), coalesce(s.bytes, 0),
                 (SELECT count(*) FROM copies c
                  WHERE c.device_id = d.id AND c.to_receiver AND c.seq = ANY($3))
-             FROM devices d,
-             LATERAL (SELECT count(*) AS copies,
-                             coalesce(sum(length(c.payload) - CASE WHEN c.sealed THEN 49 ELSE 0 END), 0) AS bytes
-                      FROM copies c JOIN messages m ON m.seq = c.seq
-                      WHERE c.device_id = d.id AND m.sender_account = $2) s
+             FROM devices d
+             LEFT JOIN queue_usage s ON s.device_id = d.id AND s.sender_account = $2
              WHERE d.account_id = $1 ORDER BY d.added",
             &[&account.0, &sender.0, &strangers],
         )
@@ -372,17 +371,17 @@ impl PostgresStore {
         if duplicate {
             return Ok(Enqueued::Duplicate);
         }
-        let strangers = self.stranger_positions()?;
+        let strangers = self.strangers()?.of(message.receiver.0);
         let receiver = delivery_devices(&txn, message.receiver, sender, &strangers).await?;
         let own = if sender == message.receiver {
             Vec::new()
         } else {
-            delivery_devices(&txn, sender, sender, &strangers).await?
+            let own_strangers = self.strangers()?.of(sender.0);
+            delivery_devices(&txn, sender, sender, &own_strangers).await?
         };
         let sender_bytes = txn
             .query_one(
-                "SELECT coalesce(sum(length(c.payload) - CASE WHEN c.sealed THEN 49 ELSE 0 END), 0)::bigint
-                 FROM copies c JOIN messages m ON m.seq = c.seq WHERE m.sender_account = $1",
+                "SELECT coalesce(sum(bytes), 0)::bigint FROM queue_usage WHERE sender_account = $1",
                 &[&sender.0],
             )
             .await?;
@@ -448,14 +447,15 @@ impl PostgresStore {
         let payloads: Vec<&[u8]> = sealed.iter().map(Vec::as_slice).collect();
         let to_receiver: Vec<bool> = copies.iter().map(|(_, _, r)| *r).collect();
         txn.execute(
-            "INSERT INTO copies (device_id, seq, to_receiver, payload)
-             SELECT d, $1, r, p FROM unnest($2::bytea[], $3::boolean[], $4::bytea[]) AS u(d, r, p)",
-            &[&position, &devices, &to_receiver, &payloads],
+            "INSERT INTO copies (device_id, seq, to_receiver, payload, sender_account)
+             SELECT d, $1, r, p, $5
+             FROM unnest($2::bytea[], $3::boolean[], $4::bytea[]) AS u(d, r, p)",
+            &[&position, &devices, &to_receiver, &payloads, &sender.0],
         )
         .await?;
         commit(txn).await?;
         if stranger {
-            self.note_stranger(position)?;
+            self.note_stranger(position, message.receiver.0)?;
         }
         Ok(Admission::stored(skipped, message.expires_at, expires_at))
     }
@@ -1457,21 +1457,8 @@ impl Store for PostgresStore {
         }
         commit(txn).await?;
         self.forget_strangers(&positions)?;
-        // Messages deleted with a device or an account leave their positions behind: the
-        // ones held before this read that are gone go now (one noted since is left alone).
-        let held = self.stranger_positions()?;
-        if !held.is_empty() {
-            let rows = conn
-                .client()
-                .query("SELECT seq FROM messages WHERE seq = ANY($1)", &[&held])
-                .await?;
-            let kept = rows
-                .iter()
-                .map(|row| row.try_get::<_, i64>(0))
-                .collect::<std::result::Result<std::collections::HashSet<i64>, _>>()?;
-            let gone: Vec<i64> = held.into_iter().filter(|p| !kept.contains(p)).collect();
-            self.forget_strangers(&gone)?;
-        }
+        // Messages deleted with a device or an account leave their positions behind.
+        super::forget_gone_strangers(conn.client(), &self.strangers).await?;
         Ok(receipts)
     }
 
@@ -1683,12 +1670,21 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn new_strangers(&self) -> Vec<i64> {
-        self.take_new_strangers()
+    fn new_strangers(&self) -> Vec<(i64, AccountId)> {
+        self.strangers()
+            .map(|mut strangers| strangers.take_new())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(position, receiver)| (position, AccountId(receiver)))
+            .collect()
     }
 
-    fn strangers_elsewhere(&self, positions: &[i64]) {
-        self.note_strangers_elsewhere(positions);
+    fn strangers_elsewhere(&self, positions: &[(i64, AccountId)]) {
+        if let Ok(mut strangers) = self.strangers() {
+            for (position, receiver) in positions {
+                strangers.note(*position, receiver.0, false);
+            }
+        }
     }
 }
 
