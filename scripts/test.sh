@@ -90,7 +90,7 @@ echo "== [${SECONDS} s] cargo test --workspace"
 cargo test --workspace "$@"
 
 # A part of the PostgreSQL pass (every test server on PostgreSQL and NATS; the whole pass takes
-# about half an hour here, see README.md): deliver first and resends, which decide what each
+# about 20 minutes here, see README.md): deliver first and resends, which decide what each
 # engine must make durable, and the privacy scans, which read PostgreSQL's files too.
 echo "== [${SECONDS} s] PostgreSQL pass: deliver first, resends, privacy"
 TIDINGS_TEST_ENGINE=postgres cargo test --workspace -- \
