@@ -134,6 +134,8 @@ enum InboxKind {
 /// What an owner node is asked about ([`Bus::ask_owner`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Asking {
+    /// An account's budget ([`crate::budget`]).
+    Budget,
     /// The registration limits and SMS budgets ([`crate::abuse`]).
     Abuse,
     /// A number's declaration ([`crate::inbound`]).
@@ -692,6 +694,7 @@ impl Bus {
     pub async fn ask_owner(&self, owner: u64, asking: Asking, question: Vec<u8>) -> Option<Bytes> {
         let mut body = Vec::with_capacity(1 + question.len());
         body.push(match asking {
+            Asking::Budget => InboxKind::Budget,
             Asking::Abuse => InboxKind::Abuse,
             Asking::Declaration => InboxKind::Declaration,
         } as u8);
@@ -749,30 +752,20 @@ impl Bus {
         more: u32,
         now: Millis,
     ) -> Option<Result<u32, Millis>> {
-        let mut body = BytesMut::with_capacity(1 + 1 + 32 + 4 + 8 + 4);
-        body.put_u8(InboxKind::Budget as u8);
+        let mut body = Vec::with_capacity(1 + 32 + 4 + 8 + 4);
         body.put_u8(budget.to_byte());
         body.put_slice(&key.to_bytes());
         body.put_u32(units);
         body.put_u64(now);
         body.put_u32(more);
-        match self
-            .client
-            .request(self.subject_node(owner), body.freeze())
-            .await
-        {
-            Ok(answer) => match answer.payload.split_first() {
-                Some((0, granted)) => Some(Ok(granted
-                    .get(..4)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map_or(0, u32::from_be_bytes))),
-                Some((1, wait)) => Some(Err(u64::from_be_bytes(wait.get(..8)?.try_into().ok()?))),
-                _ => None,
-            },
-            Err(e) => {
-                tracing::debug!(error = %e, "a budget's owner did not answer: charged here");
-                None
-            }
+        let answer = self.ask_owner(owner, Asking::Budget, body).await?;
+        match answer.split_first() {
+            Some((0, granted)) => Some(Ok(granted
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_be_bytes))),
+            Some((1, wait)) => Some(Err(u64::from_be_bytes(wait.get(..8)?.try_into().ok()?))),
+            _ => None,
         }
     }
 

@@ -234,7 +234,7 @@ async fn budget_question<S: Store>(
         more,
         u64::from_be_bytes(now),
     );
-    let mut answer = BytesMut::with_capacity(9);
+    let mut answer = Vec::with_capacity(9);
     match taken {
         Ok(granted) => {
             answer.put_u8(0);
@@ -245,9 +245,7 @@ async fn budget_question<S: Store>(
             answer.put_u64(wait);
         }
     }
-    if let Err(e) = bus.client.publish(reply, answer.freeze()).await {
-        tracing::debug!(error = %e, "a budget answer was not published");
-    }
+    answer_owner_question(bus, reply, answer).await;
 }
 
 /// Answers a presence question about a device this node serves.

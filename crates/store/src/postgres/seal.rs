@@ -101,10 +101,7 @@ impl Links {
             return Err(StoreError::engine("an expiry too far ahead to seal for"));
         }
         if !self.payload_keys.contains_key(&epoch) {
-            let mut link = Zeroizing::new(*self.key);
-            for _ in self.epoch..epoch {
-                link = next_link(&link);
-            }
+            let link = self.link_at(epoch);
             self.payload_keys.insert(epoch, keyed(&link, PAYLOAD_KEY));
         }
         // Inserted just above if it was missing.
@@ -115,14 +112,17 @@ impl Links {
 
     /// The check value of hour `epoch` (at or after the current link).
     fn check_at(&self, epoch: u64) -> Option<[u8; 32]> {
-        if epoch < self.epoch {
-            return None;
-        }
+        (epoch >= self.epoch).then(|| *keyed(&self.link_at(epoch), CHECK))
+    }
+
+    /// The link of hour `epoch`, derived forward from the current one (itself if `epoch` is not
+    /// after it).
+    fn link_at(&self, epoch: u64) -> Key {
         let mut link = Zeroizing::new(*self.key);
         for _ in self.epoch..epoch {
             link = next_link(&link);
         }
-        Some(*keyed(&link, CHECK))
+        link
     }
 }
 
@@ -270,10 +270,7 @@ impl KeyChain {
         if target <= links.epoch {
             return Ok(None);
         }
-        let mut key = Zeroizing::new(*links.key);
-        for _ in links.epoch..target {
-            key = next_link(&key);
-        }
+        let key = links.link_at(target);
         let file = OpenOptions::new()
             .write(true)
             .open(&self.path)
